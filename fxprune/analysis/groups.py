@@ -1,0 +1,162 @@
+"""The analysis driver: apply every node's rule, freeze what no rule explains, group channels, and
+work out which channels can be removed exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.utils import _pytree as pytree
+
+from fxprune.analysis.atoms import Atom
+from fxprune.analysis.rule import Facts, Op, Spaces
+from fxprune.analysis.table import RULES, target_name
+from fxprune.graph.shapes import TensorSpec, node_spec
+
+import fxprune.analysis.rules  # noqa: F401  (registers the rule table)
+
+__all__ = ["Analysis", "ChannelGraph", "ChannelGroup", "build"]
+
+
+@dataclass
+class ChannelGroup:
+    """Coupled channel spaces: channel k is removed from every member at once, or from none."""
+
+    id: int
+    size: int
+    spaces: list[tuple[str, int]]
+    frozen: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def __contains__(self, space: tuple[str, int]) -> bool:
+        return space in self.spaces
+
+
+@dataclass
+class ChannelGraph:
+    """Result of :func:`fxprune.analyze`: the channel groups of a graph."""
+
+    groups: list[ChannelGroup]
+
+    def group_of(self, node_name: str, dim: int) -> ChannelGroup | None:
+        """The group whose channels are those of ``(node_name, dim)`` (the group of a leaf space)."""
+        for g in self.groups:
+            if (node_name, dim) in g.spaces:
+                return g
+        return None
+
+    def __str__(self) -> str:
+        rows = [f"{'group':>5}  {'size':>6}  {'spaces':>6}  {'state':<8}  members / reason"]
+        for g in sorted(self.groups, key=lambda g: (-len(g.spaces), g.id)):
+            if g.size == 1:
+                continue
+            members = ", ".join(f"{n}:{d}" for n, d in g.spaces[:4]) + (f", … (+{len(g.spaces) - 4})" if len(g.spaces) > 4 else "")
+            state = "frozen" if g.frozen else "free"
+            rows.append(f"{g.id:>5}  {g.size:>6}  {len(g.spaces):>6}  {state:<8}  {members}")
+            if g.frozen:
+                rows.append(f"{'':>33}  why: {g.reasons[0]}" + (f" (+{len(g.reasons) - 1} more)" if len(g.reasons) > 1 else ""))
+        return "\n".join(rows)
+
+    __repr__ = __str__
+
+
+class Analysis:
+    """Spaces and facts of one graph, and the removal plan derived from them."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.gm = gm
+        self.spaces = Spaces(gm)
+        self.rules: dict[str, Any] = {}
+        self._couple()
+        self.spaces.atoms.settle()
+        self.facts = Facts(gm, self.spaces)
+        self._facts()
+
+    # ---- coupling -----------------------------------------------------------------------
+    def _couple(self) -> None:
+        sp, gm = self.spaces, self.gm
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                if isinstance(node_spec(node), TensorSpec):
+                    sp.freeze_all(node, f"model input '{node.name}'")
+                continue
+            if node.op == "get_attr":
+                continue
+            if node.op == "output":
+                for v in pytree.tree_leaves(node.args[0]):
+                    if isinstance(v, Node) and isinstance(sp.spec(v), TensorSpec):
+                        sp.freeze_all(v, f"model output '{v.name}'")
+                continue
+            op = Op(node, gm)
+            rule = RULES.lookup(node, gm)
+            operands = op.tensor_args()
+            outputs = [node] if isinstance(sp.spec(node), TensorSpec) else []
+            if rule is None:
+                reason = f"no channel rule for {op.describe()}"
+                for v in operands + outputs:
+                    sp.freeze_all(v, reason)
+                continue
+            self.rules[node.name] = rule
+            sp.touched, sp.meta = set(), set()
+            rule.couple(op, sp)
+            for v in operands + outputs:
+                if v.name in sp.meta:
+                    continue
+                for d in range(sp.rank(v)):
+                    if id(sp.of(v, d)) not in sp.touched:
+                        sp.freeze(v, d, f"dim {d} of '{v.name}' is not explained by the rule for {op.describe()}")
+
+    # ---- facts --------------------------------------------------------------------------
+    def _facts(self) -> None:
+        for node in self.gm.graph.nodes:
+            rule = self.rules.get(node.name)
+            if rule is None or not isinstance(node_spec(node), (TensorSpec, list)):
+                continue
+            res = rule.facts(Op(node, self.gm), self.facts)
+            if res is not None or self.facts.peek(node) is None:
+                self.facts.set(node, res)
+
+    # ---- removal plan -------------------------------------------------------------------
+    def removable(self) -> dict[int, torch.Tensor]:
+        """Per leaf atom (by id): the bool mask of channels to KEEP. Frozen leaves keep everything."""
+        atoms = self.spaces.atoms
+        ok: dict[int, torch.Tensor] = {}
+        for e in self.spaces.exits:
+            atoms.pull_back(self.spaces.of(e.value, e.dim), e.tolerates(self.facts).to(torch.bool), ok)
+        keep: dict[int, torch.Tensor] = {}
+        for leaf in atoms.leaves():
+            if leaf.frozen:
+                continue
+            rem = ok.get(id(leaf), torch.ones(leaf.size, dtype=torch.bool))
+            if bool(rem.all()):
+                rem = rem.clone()
+                rem[0] = False  # never remove a whole group: keep one channel
+            if rem.any():
+                keep[id(leaf)] = ~rem
+        return keep
+
+    def kept(self, v: Node, d: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
+        return self.spaces.atoms.kept_mask(self.spaces.of(v, d), keep)
+
+    # ---- report -------------------------------------------------------------------------
+    def channel_graph(self) -> ChannelGraph:
+        sp, atoms = self.spaces, self.spaces.atoms
+        names: dict[Any, list[str]] = {}
+        for n in self.gm.graph.nodes:
+            names.setdefault(sp.key(n) if n.op == "get_attr" else n.name, []).append(n.name)
+        members: dict[int, list[tuple[str, int]]] = {}
+        for (key, d), a in sp.spaces().items():
+            for leaf in atoms.leaves_of(a):
+                for name in names.get(key, [str(key)]):
+                    members.setdefault(id(leaf), []).append((name, d))
+        groups = []
+        for i, leaf in enumerate(atoms.leaves()):
+            if id(leaf) in members:
+                groups.append(ChannelGroup(i, leaf.size, members[id(leaf)], bool(leaf.frozen), list(leaf.frozen)))
+        return ChannelGraph(groups)
+
+
+def build(gm: GraphModule) -> Analysis:
+    return Analysis(gm)

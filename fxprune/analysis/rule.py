@@ -1,0 +1,304 @@
+"""What a channel rule sees and declares.
+
+A rule is an object with up to four methods, each given an :class:`Op` (one graph node):
+
+- ``couple(op, sp)``: relate channel spaces (``sp.unify``, ``sp.structure``), declare *exits* (uses that read
+  channels out of their group: contractions, normalizers, outputs) with a tolerance function, or freeze;
+- ``facts(op, fx)``: per-channel constants of the output, from the inputs' facts (default: evaluate the op
+  on NaN-filled inputs, for ops that propagate NaN; ``None`` otherwise);
+- ``rewrite(op, rw)``: adjust the op's non-tensor arguments (shapes, groups, scale) and fold constants of
+  removed channels into biases.
+
+Any operand or output dim a rule leaves unrelated is frozen by the driver: never removed, never wrong.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxprune.analysis.atoms import Atom, AtomSet
+from fxprune.graph.shapes import TensorSpec, node_spec
+
+__all__ = ["Op", "Spaces", "Facts", "DimFacts", "Rule", "Exit"]
+
+
+class Op:
+    """One node, with argument access that works for positional and keyword forms."""
+
+    def __init__(self, node: Node, gm: GraphModule) -> None:
+        self.node, self.gm, self.target = node, gm, node.target
+        self.module = gm.get_submodule(node.target) if node.op == "call_module" else None
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        if i < len(self.node.args):
+            return self.node.args[i]
+        return self.node.kwargs.get(name, default)
+
+    def has_arg(self, i: int, name: str) -> bool:
+        return i < len(self.node.args) or name in self.node.kwargs
+
+    def tensor_args(self) -> list[Node]:
+        return [a for a in self.node.all_input_nodes if isinstance(node_spec(a), TensorSpec)]
+
+    def describe(self) -> str:
+        from fxprune.analysis.table import target_name
+
+        t = type(self.module) if self.module is not None else self.target
+        return f"{target_name(t)} at node '{self.node.name}'"
+
+
+@dataclass
+class Exit:
+    """A use that reads channels of ``(value, dim)`` out of their group; ``tolerates(facts)`` says, per
+    channel, whether removing it leaves the use's result unchanged (possibly after folding)."""
+
+    value: Node
+    dim: int
+    tolerates: Callable[["Facts"], torch.Tensor]
+    by: str
+
+
+class Spaces:
+    """Maps (value, dim) to atoms. get_attr values are keyed by their tensor, so tied weights share atoms."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.gm = gm
+        self.atoms = AtomSet()
+        self._atoms: dict[tuple[Any, int], Atom] = {}
+        self.touched: set[int] = set()  # atoms related by the rule being applied
+        self.meta: set[str] = set()  # operands the rule being applied reads only for metadata
+        self.exits: list[Exit] = []
+        self.param_key: dict[str, str] = {}
+        seen: dict[int, str] = {}
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                t = _get_attr(gm, n.target)
+                key = seen.setdefault(id(t), n.target) if isinstance(t, torch.Tensor) else n.target
+                self.param_key[n.target] = key
+
+    def key(self, v: Node) -> Any:
+        return ("param", self.param_key[v.target]) if v.op == "get_attr" else v.name
+
+    def spec(self, v: Any) -> TensorSpec | None:
+        if not isinstance(v, Node):
+            return None
+        s = node_spec(v)
+        if v.op == "get_attr" and s is None:
+            t = _get_attr(self.gm, v.target)
+            s = TensorSpec(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None
+        return s if isinstance(s, TensorSpec) else None
+
+    def rank(self, v: Any) -> int:
+        s = self.spec(v)
+        return -1 if s is None else len(s.shape)
+
+    def of(self, v: Node, dim: int) -> Atom:
+        s = self.spec(v)
+        assert s is not None, f"{v} is not a tensor"
+        d = dim % len(s.shape)
+        k = (self.key(v), d)
+        a = self._atoms.get(k)
+        if a is None:
+            a = self._atoms[k] = self.atoms.new(s.shape[d])
+        return a
+
+    def has(self, v: Node, dim: int) -> bool:
+        """Whether some rule already gave ``(v, dim)`` a space."""
+        s = self.spec(v)
+        return s is not None and (self.key(v), dim % len(s.shape)) in self._atoms
+
+    def spaces(self) -> dict[tuple[Any, int], Atom]:
+        return self._atoms
+
+    def unify(self, a: Node, da: int, b: Node, db: int, why: str = "") -> None:
+        x, y = self.of(a, da), self.of(b, db)
+        self.touched.update((id(x), id(y)))
+        self.atoms.unify(x, y, why)
+
+    def structure(self, v: Node, d: int, kind: str, parts: list[tuple[Node, int]], why: str = "") -> None:
+        whole = self.of(v, d)
+        atoms = [self.of(p, pd) for p, pd in parts]
+        self.touched.add(id(whole))
+        self.touched.update(id(a) for a in atoms)
+        self.atoms.structure(whole, kind, atoms, why)  # type: ignore[arg-type]
+
+    def structure_atoms(self, whole: Atom, kind: str, parts: list[Atom], why: str = "") -> None:
+        self.touched.add(id(whole))
+        self.touched.update(id(a) for a in parts)
+        self.atoms.structure(whole, kind, parts, why)  # type: ignore[arg-type]
+
+    def meta_dim(self, v: Node, d: int) -> None:
+        """Declare that the op reads dim ``d`` of ``v`` only for its size (a broadcast dim of size 1)."""
+        self.touched.add(id(self.of(v, d)))
+
+    def meta_only(self, v: Node) -> None:
+        """Declare that the op reads ``v`` only for its dtype/device/size, never its channels."""
+        self.meta.add(v.name)
+
+    def fresh(self, size: int) -> Atom:
+        a = self.atoms.new(size)
+        self.touched.add(id(a))
+        return a
+
+    def freeze(self, v: Node, d: int, reason: str) -> None:
+        a = self.of(v, d)
+        self.touched.add(id(a))
+        self.atoms.freeze(a, reason)
+
+    def freeze_all(self, v: Node, reason: str) -> None:
+        for d in range(max(self.rank(v), 0)):
+            self.freeze(v, d, reason)
+
+    def exit(self, v: Node, d: int, tolerates: Callable[["Facts"], torch.Tensor], by: str) -> None:
+        a = self.of(v, d)
+        self.touched.add(id(a))
+        self.exits.append(Exit(v, d % self.rank(v), tolerates, by))
+
+
+@dataclass
+class DimFacts:
+    """Per channel of one dim: whether the slice at that channel is a known constant, and its value."""
+
+    known: torch.Tensor  # bool [size]
+    value: torch.Tensor  # float64 [size]
+
+    def zero(self) -> torch.Tensor:
+        return self.known & (self.value == 0)
+
+
+class Facts:
+    """Known-constant channels of every float value (None where nothing is known)."""
+
+    def __init__(self, gm: GraphModule, spaces: Spaces) -> None:
+        self.gm, self.sp = gm, spaces
+        self._facts: dict[Any, list[DimFacts] | None] = {}
+
+    def tensor(self, v: Node) -> torch.Tensor | None:
+        """The value of a get_attr node (float64) or None."""
+        if v.op != "get_attr":
+            return None
+        t = _get_attr(self.gm, v.target)
+        return t.detach().to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else None
+
+    def get(self, v: Any) -> list[DimFacts] | None:
+        if not isinstance(v, Node):
+            return None
+        k = self.sp.key(v)
+        if k not in self._facts:
+            t = self.tensor(v)
+            self._facts[k] = extract(t) if t is not None else None
+        return self._facts[k]
+
+    def dim(self, v: Any, d: int) -> DimFacts:
+        """Facts of one dim (all unknown when nothing is known)."""
+        f = self.get(v)
+        r = self.sp.rank(v)
+        if f is None or r <= 0:
+            size = self.sp.spec(v).shape[d] if r > 0 else 1
+            return DimFacts(torch.zeros(size, dtype=torch.bool), torch.zeros(size, dtype=torch.float64))
+        return f[d % r]
+
+    def peek(self, v: Node) -> list[DimFacts] | None:
+        """Facts already recorded for ``v`` (by the op that produced it), without computing any."""
+        return self._facts.get(self.sp.key(v))
+
+    def set(self, v: Node, facts: list[DimFacts] | None) -> None:
+        self._facts[self.sp.key(v)] = facts
+
+    def materialize(self, v: Any) -> Any:
+        """A float64 tensor of ``v``'s shape: known channels hold their constant, the rest NaN."""
+        if not isinstance(v, Node):
+            return v
+        t = self.tensor(v)
+        if t is not None:
+            return t
+        s = self.sp.spec(v)
+        if s is None or not s.is_float:
+            raise _NotFloat(v)
+        out = torch.full(s.shape, float("nan"), dtype=torch.float64)
+        f = self.get(v)
+        if f:
+            for d, df in enumerate(f):
+                if df.known.any():
+                    shape = [1] * len(s.shape)
+                    shape[d] = -1
+                    out = torch.where(df.known.view(shape), df.value.view(shape), out)
+        return out
+
+
+class _NotFloat(Exception):
+    pass
+
+
+def extract(t: torch.Tensor) -> list[DimFacts] | None:
+    """Per dim of ``t``: channels whose slice is one constant (NaN means unknown)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
+        return None
+    t = t.detach().to(torch.float64)
+    out = []
+    for d in range(t.dim()):
+        flat = t.movedim(d, 0).reshape(t.shape[d], -1)
+        hi, lo = flat.amax(dim=1), flat.amin(dim=1)
+        known = (hi == lo) & ~torch.isnan(hi) & ~torch.isnan(lo)
+        out.append(DimFacts(known, torch.where(known, hi, torch.zeros_like(hi))))
+    return out
+
+
+def _get_attr(gm: GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Rule:
+    """Base rule: relate nothing (everything the op touches gets frozen by the driver)."""
+
+    kind = "opaque"
+    nan_eval = False  # facts by evaluating the op on NaN-filled inputs
+
+    def couple(self, op: Op, sp: Spaces) -> None:  # pragma: no cover - overridden
+        pass
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        if not self.nan_eval:
+            return None
+        return nan_eval(op, fx)
+
+    def rewrite(self, op: Op, rw: Any) -> None:
+        pass
+
+
+def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[DimFacts] | None:
+    """Run the op on materialized inputs (known constants, NaN elsewhere) and read off constant channels."""
+    if not any(fx.get(a) for a in op.tensor_args()):
+        return None
+    try:
+        args = torch.fx.node.map_arg(op.node.args, fx.materialize)
+        kwargs = torch.fx.node.map_arg(op.node.kwargs, fx.materialize)
+    except _NotFloat:
+        return None
+    if fn is None:
+        fn = _callable(op)
+    with torch.no_grad():
+        out = fn(*args, **kwargs)
+    return extract(out) if isinstance(out, torch.Tensor) else None
+
+
+_F64_MODULES: dict[int, Any] = {}
+
+
+def _callable(op: Op) -> Callable[..., Any]:
+    if op.node.op == "call_method":
+        return lambda self, *a, **k: getattr(self, op.target)(*a, **k)
+    if op.module is not None:
+        import copy
+
+        m = _F64_MODULES.get(id(op.module))
+        if m is None or m[0] is not op.module:
+            m = _F64_MODULES[id(op.module)] = (op.module, copy.deepcopy(op.module).double().eval())
+        return m[1]
+    return op.target

@@ -1,0 +1,833 @@
+"""Channel rules for module-level (symbolic trace) and ATen-level (torch.export) graphs.
+
+One class per rule family; each family is registered for all its targets in one line at the bottom.
+Modules with parameters (nn.Linear, nn.ConvNd, ...) are lowered to their functional form before analysis
+(:mod:`fxprune.passes.lower`), so ``F.linear`` and ``aten.linear`` share one rule.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Node
+
+from fxprune.analysis.rule import DimFacts, Facts, Op, Rule, Spaces, extract, nan_eval
+from fxprune.analysis.table import RULES
+from fxprune.graph.shapes import TensorSpec, node_spec
+
+aten = torch.ops.aten
+
+__all__ = ["register"]
+
+
+def register(rule: Rule, *keys: Any) -> None:
+    """Register ``rule`` for every key (duplicates within the call are folded, across calls rejected)."""
+    unique: list[Any] = []
+    for k in keys:
+        if all(k is not u for u in unique):
+            unique.append(k)
+    RULES.register(rule, *unique)
+
+
+def _unknown(size: int) -> DimFacts:
+    return DimFacts(torch.zeros(size, dtype=torch.bool), torch.zeros(size, dtype=torch.float64))
+
+
+def _dims(dim: Any, rank: int) -> list[int]:
+    if dim is None:
+        return list(range(rank))
+    if isinstance(dim, int):
+        return [dim % rank]
+    return [d % rank for d in dim]
+
+
+def _shape(sp: Spaces, v: Any) -> tuple[int, ...]:
+    s = sp.spec(v)
+    return () if s is None else s.shape
+
+
+def _out_facts(op: Op, sp: Spaces, fill: dict[int, DimFacts]) -> list[DimFacts] | None:
+    shape = _shape(sp, op.node)
+    if not shape:
+        return None
+    return [fill.get(d, _unknown(n)) for d, n in enumerate(shape)]
+
+
+# ---------------------------------------------------------------------------------------------
+class Elementwise(Rule):
+    """Output channel k is a function of channel k of each operand (numpy broadcasting)."""
+
+    kind = "elementwise"
+    nan_eval = True
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        out = _shape(sp, op.node)
+        for a in op.tensor_args():
+            s = _shape(sp, a)
+            for j, n in enumerate(s):
+                i = j + len(out) - len(s)
+                if i >= 0 and n == out[i]:
+                    sp.unify(a, j, op.node, i, f"by {op.describe()}")
+                elif n == 1:
+                    sp.meta_dim(a, j)
+
+
+class Dropout(Elementwise):
+    """Identity in eval mode (or p == 0); random in training mode, so no facts then."""
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        if op.module is not None:
+            train, p = op.module.training, op.module.p
+        elif isinstance(op.target, torch._ops.OpOverloadPacket | torch._ops.OpOverload):
+            train, p = op.arg(2, "train"), op.arg(1, "p")
+        else:
+            train, p = op.arg(2, "training", True), op.arg(1, "p", 0.5)
+        return super().facts(op, fx) if (not train or p == 0) else None
+
+
+class Mul(Elementwise):
+    """Elementwise product: a channel that is exactly zero in one factor is zero in the product."""
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        out = nan_eval(op, fx)
+        shape = _shape(fx.sp, op.node)
+        if not shape:
+            return out
+        out = out or [_unknown(n) for n in shape]
+        for a in op.tensor_args():
+            s = _shape(fx.sp, a)
+            for j, n in enumerate(s):
+                i = j + len(shape) - len(s)
+                if i >= 0 and n == shape[i] and fx.get(a):
+                    z = fx.dim(a, j).zero()
+                    out[i] = DimFacts(out[i].known | z, torch.where(z, torch.zeros_like(out[i].value), out[i].value))
+        return out
+
+
+class Passive(Rule):
+    """Reads only dtype/device of its tensor operands (creation ops like new_ones, metadata asserts)."""
+
+    kind = "creation"
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        for a in op.tensor_args():
+            sp.meta_only(a)
+
+
+class AssertMetadata(Passive):
+    def couple(self, op: Op, sp: Spaces) -> None:
+        if op.arg(1, "size") is None and op.arg(2, "stride") is None:
+            super().couple(op, sp)
+
+
+class Output(Rule):
+    kind = "output"
+
+
+# ---------------------------------------------------------------------------------------------
+class Linear(Rule):
+    """y = x W^T + b (F.linear / aten.linear) and y = b + x W (aten.addmm, GPT-2's Conv1D)."""
+
+    kind = "producer/consumer"
+
+    def operands(self, op: Op) -> tuple[Node, Node, Node | None, int]:
+        """(x, weight, bias, weight's input dim)."""
+        if op.target is aten.addmm.default:
+            return op.arg(1, "mat1"), op.arg(2, "mat2"), op.arg(0, "self"), 0
+        return op.arg(0, "input"), op.arg(1, "weight"), op.arg(2, "bias"), 1
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, w, b, win = self.operands(op)
+        if op.target is aten.addmm.default and (op.arg(3, "beta", 1) != 1 or op.arg(4, "alpha", 1) != 1):
+            return  # scaled addmm: let the driver freeze it
+        y = op.node
+        r = sp.rank(x)
+        for d in range(r - 1):
+            sp.unify(x, d, y, d, f"by {op.describe()}")
+        sp.unify(x, r - 1, w, win, f"by {op.describe()}")
+        sp.unify(y, r - 1, w, 1 - win, f"by {op.describe()}")
+        if b is not None:
+            sp.unify(y, r - 1, b, sp.rank(b) - 1, f"by {op.describe()}")
+            for d in range(sp.rank(b) - 1):
+                sp.meta_dim(b, d)
+
+        def tolerates(fx: Facts) -> torch.Tensor:
+            return fx.dim(x, -1).known | fx.dim(w, win).zero()
+
+        sp.exit(x, r - 1, tolerates, op.describe())
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        x, w, b, win = self.operands(op)
+        W = fx.tensor(w)
+        if W is None:
+            return None
+        W = W if win == 1 else W.t()
+        xf = fx.dim(x, -1)
+        unknown_dep = (W.abs() @ (~xf.known).to(torch.float64)) > 0
+        value = W @ xf.value
+        if b is not None:
+            B = fx.tensor(b)
+            if B is None or B.dim() != 1:
+                return None
+            value = value + B
+        return _out_facts(op, fx.sp, {len(_shape(fx.sp, op.node)) - 1: DimFacts(~unknown_dep, torch.where(unknown_dep, 0.0, value))})
+
+    def rewrite(self, op: Op, rw: Any) -> None:
+        x, w, b, win = self.operands(op)
+        removed = ~rw.kept(x, -1)
+        xf = rw.facts.dim(x, -1)
+        fold = removed & xf.known & (xf.value != 0)
+        if not fold.any():
+            return
+        W = rw.facts.tensor(w)
+        W = W if win == 1 else W.t()
+        delta = W[:, fold] @ xf.value[fold]
+        rw.add_to_bias(op, b, 0 if op.target is aten.addmm.default else 2, "bias", delta, like=w)
+
+
+class Conv(Rule):
+    """N-d convolution, grouped and depthwise included: channels = groups x per-group channels."""
+
+    kind = "producer/consumer"
+
+    def operands(self, op: Op) -> dict[str, Any]:
+        if op.target is aten.convolution.default:
+            return dict(x=op.arg(0, "input"), w=op.arg(1, "weight"), b=op.arg(2, "bias"), stride=op.arg(3, "stride"),
+                        padding=op.arg(4, "padding"), dilation=op.arg(5, "dilation"), transposed=op.arg(6, "transposed"),
+                        groups=op.arg(8, "groups"), groups_pos=8)
+        return dict(x=op.arg(0, "input"), w=op.arg(1, "weight"), b=op.arg(2, "bias", None), stride=op.arg(3, "stride", 1),
+                    padding=op.arg(4, "padding", 0), dilation=op.arg(5, "dilation", 1), transposed=False,
+                    groups=op.arg(6, "groups", 1), groups_pos=6)
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        o = self.operands(op)
+        x, w, b, y, G = o["x"], o["w"], o["b"], op.node, o["groups"]
+        if o["transposed"] or not isinstance(G, int) or sp.rank(x) != sp.rank(w):
+            return  # transposed or unbatched conv: frozen by the driver
+        sp.unify(x, 0, y, 0, f"by {op.describe()}")
+        if b is not None:
+            sp.unify(y, 1, b, 0, f"by {op.describe()}")
+        sp.unify(y, 1, w, 0, f"by {op.describe()}")
+        if G == 1:
+            sp.unify(x, 1, w, 1, f"by {op.describe()}")
+        else:
+            g = sp.fresh(G)
+            per_out = sp.fresh(_shape(sp, w)[0] // G)
+            sp.structure_atoms(sp.of(x, 1), "prod", [g, sp.of(w, 1)], f"groups of {op.describe()}")
+            sp.structure_atoms(sp.of(y, 1), "prod", [g, per_out], f"groups of {op.describe()}")
+        padded = _padded(o["padding"])
+
+        def tolerates(fx: Facts) -> torch.Tensor:
+            W = fx.tensor(w)
+            cout, cin_g = W.shape[:2]
+            zero_col = (W.reshape(G, cout // G, cin_g, -1) == 0).all(dim=3).all(dim=1).reshape(-1)
+            xf = fx.dim(x, 1)
+            foldable = xf.known & ((xf.value == 0) | (not padded))
+            return zero_col | foldable
+
+        sp.exit(x, 1, tolerates, op.describe())
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        o = self.operands(op)
+        x, w, b, G = o["x"], o["w"], o["b"], o["groups"]
+        W = fx.tensor(w)
+        xf = fx.get(x)
+        if W is None or not xf or o["transposed"]:
+            return None
+        conv = _CONV[W.dim() - 2]
+        Bv = fx.tensor(b) if b is not None else None
+        xin = torch.nan_to_num(fx.materialize(x), nan=0.0)
+        args = dict(stride=o["stride"], padding=o["padding"], dilation=o["dilation"], groups=G)
+        with torch.no_grad():
+            val = conv(xin, W, Bv, **args)
+            unk = (~fx.dim(x, 1).known).to(torch.float64)
+            shape = [1] * xin.dim()
+            shape[1] = -1
+            dep = conv(unk.view(shape).expand_as(xin).contiguous(), W.abs(), None, **args)
+        facts = extract(val)
+        if facts is None:
+            return None
+        depends = dep.movedim(1, 0).reshape(dep.shape[1], -1).amax(dim=1) > 0
+        out = facts[1]
+        out = DimFacts(out.known & ~depends, torch.where(depends, 0.0, out.value))
+        return _out_facts(op, fx.sp, {1: out})
+
+    def rewrite(self, op: Op, rw: Any) -> None:
+        o = self.operands(op)
+        x, w, b, G = o["x"], o["w"], o["b"], o["groups"]
+        if G != 1:
+            kept_groups = rw.kept(op.node, 1).reshape(G, -1).any(dim=1)
+            rw.set_arg(op, o["groups_pos"], "groups", int(kept_groups.sum()))
+        removed = ~rw.kept(x, 1)
+        xf = rw.facts.dim(x, 1)
+        fold = removed & xf.known & (xf.value != 0)
+        if not fold.any():
+            return
+        W = rw.facts.tensor(w)
+        cout, cin_g = W.shape[:2]
+        taps = W.reshape(G, cout // G, cin_g, -1).sum(dim=3)  # [G, out/G, in/G]
+        c = torch.where(fold, xf.value, 0.0).reshape(G, cin_g)
+        delta = torch.einsum("goi,gi->go", taps, c).reshape(-1)
+        rw.add_to_bias(op, b, 2, "bias", delta, like=w)
+
+
+def _padded(padding: Any) -> bool:
+    if isinstance(padding, str):
+        return padding != "valid"
+    if isinstance(padding, int):
+        return padding != 0
+    return any(p != 0 for p in padding)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class Embedding(Rule):
+    """y[..., k] = W[idx, k]: output channels are the table's columns."""
+
+    kind = "producer"
+
+    def operands(self, op: Op) -> tuple[Node, Node]:
+        if op.node.op == "call_function" and isinstance(op.target, torch._ops.OpOverload):
+            return op.arg(0, "weight"), op.arg(1, "indices")
+        return op.arg(1, "weight"), op.arg(0, "input")
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        w, idx = self.operands(op)
+        r = sp.rank(op.node)
+        sp.unify(op.node, r - 1, w, 1, f"by {op.describe()}")
+        for d in range(r - 1):
+            sp.unify(op.node, d, idx, d, f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        w, _ = self.operands(op)
+        W = fx.get(w)
+        return None if not W else _out_facts(op, fx.sp, {sp_last(fx.sp, op.node): W[1]})
+
+
+def sp_last(sp: Spaces, v: Node) -> int:
+    return sp.rank(v) - 1
+
+
+class BatchNorm(Rule):
+    """Per-channel affine along dim 1 (eval mode); training-mode statistics are still per channel."""
+
+    kind = "elementwise"
+
+    def operands(self, op: Op) -> tuple[Node, list[Any], bool]:
+        t = op.target
+        if t is aten._native_batch_norm_legit_no_training.default:
+            return op.arg(0, "input"), [op.arg(i, n) for i, n in enumerate(["weight", "bias", "running_mean", "running_var"], 1)], False
+        if t is aten.batch_norm.default:
+            return op.arg(0, "input"), [op.arg(i, n) for i, n in enumerate(["weight", "bias", "running_mean", "running_var"], 1)], bool(op.arg(5, "training"))
+        return op.arg(0, "input"), [op.arg(1, "running_mean"), op.arg(2, "running_var"), op.arg(3, "weight"), op.arg(4, "bias")], bool(op.arg(5, "training", False))
+
+    def outputs(self, op: Op) -> list[Node]:
+        if op.target is aten._native_batch_norm_legit_no_training.default:
+            return [u for u in op.node.users if u.target is operator.getitem and u.args[1] == 0]
+        return [op.node]
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, params, _ = self.operands(op)
+        for y in self.outputs(op):
+            for d in range(sp.rank(x)):
+                sp.unify(x, d, y, d, f"by {op.describe()}")
+        for p in params:
+            if isinstance(p, Node):
+                sp.unify(x, 1, p, 0, f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        x, _, training = self.operands(op)
+        if training:
+            return None
+        outs = self.outputs(op)
+        res = nan_eval(op, fx)
+        if op.target is aten._native_batch_norm_legit_no_training.default:
+            return None  # facts live on the getitem user, computed by GetItem from the tuple
+        return res
+
+
+class TupleGetItem(Rule):
+    """``operator.getitem`` on a multi-output op: spaces and facts come from the producing op's rule."""
+
+    kind = "getitem"
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        for d in range(max(sp.rank(op.node), 0)):
+            if sp.has(op.node, d):  # related by the producing op's rule; otherwise frozen by the driver
+                sp.meta_dim(op.node, d)
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        src, i = op.node.args
+        if isinstance(src, Node) and src.target is aten._native_batch_norm_legit_no_training.default and i == 0:
+            try:
+                args = torch.fx.node.map_arg(src.args, fx.materialize)
+            except Exception:
+                return None
+            if not fx.get(src.args[0]):
+                return None
+            with torch.no_grad():
+                return extract(src.target(*args)[0])
+        return fx.peek(op.node)
+
+
+class Norm(Rule):
+    """LayerNorm / RMSNorm over trailing dims and GroupNorm over dim 1: they read every channel."""
+
+    kind = "normalizer"
+
+    def operands(self, op: Op) -> tuple[Node, list[int], Any, Any]:
+        """(x, normalized dims, weight, bias)."""
+        x = op.arg(0, "input")
+        r = len(node_spec(x).shape)
+        t = op.target
+        if t in (aten.group_norm.default, F.group_norm, aten.native_group_norm.default):
+            return x, [1], op.arg(2, "weight"), op.arg(3, "bias")
+        shape = op.arg(1, "normalized_shape")
+        nd = list(range(r - len(shape), r))
+        if t in (aten.rms_norm.default, getattr(F, "rms_norm", None)):
+            return x, nd, op.arg(2, "weight"), None
+        return x, nd, op.arg(2, "weight"), op.arg(3, "bias")
+
+    def outputs(self, op: Op) -> list[Node]:
+        if op.target in (aten.native_layer_norm.default, aten.native_group_norm.default):
+            return [u for u in op.node.users if u.target is operator.getitem and u.args[1] == 0]
+        return [op.node]
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, nd, w, b = self.operands(op)
+        r = sp.rank(x)
+        for y in self.outputs(op):
+            for d in range(r):
+                sp.unify(x, d, y, d, f"by {op.describe()}")
+        for p in (w, b):
+            if isinstance(p, Node):
+                for i, d in enumerate(nd if len(nd) == sp.rank(p) else [1]):
+                    sp.unify(x, d, p, i, f"by {op.describe()}")
+        for d in nd:
+            sp.exit(x, d, lambda fx, n=_shape(sp, x)[d]: torch.zeros(n, dtype=torch.bool), f"{op.describe()} (reads all channels)")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        x, nd, w, b = self.operands(op)
+        if op.target in (aten.native_layer_norm.default, aten.native_group_norm.default) or len(nd) != 1:
+            return None
+        W = fx.tensor(w) if isinstance(w, Node) else None
+        if W is None:
+            return None
+        B = fx.tensor(b) if isinstance(b, Node) else torch.zeros_like(W)
+        if B is None:
+            return None
+        z = W == 0
+        return _out_facts(op, fx.sp, {nd[0]: DimFacts(z, torch.where(z, B, 0.0))})
+
+
+class Reduce(Rule):
+    """mean/sum/amax/... over some dims: the reduced dims are read whole; the others pass through."""
+
+    kind = "reduction"
+    nan_eval = True
+
+    def __init__(self, zero_ok: bool = False, dim_pos: int = 1, keepdim_pos: int = 2) -> None:
+        self.zero_ok, self.dim_pos, self.keepdim_pos = zero_ok, dim_pos, keepdim_pos
+
+    def reduced(self, op: Op, sp: Spaces) -> tuple[Node, list[int], bool]:
+        x = op.arg(0, "input") if op.node.op != "call_method" else op.node.args[0]
+        dim = op.arg(self.dim_pos, "dim")
+        if op.module is not None:
+            dim = None
+        return x, _dims(dim, sp.rank(x)), bool(op.arg(self.keepdim_pos, "keepdim", False))
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, red, keep = self.reduced(op, sp)
+        j = 0
+        for d in range(sp.rank(x)):
+            if d in red:
+                zero_ok = self.zero_ok
+                sp.exit(x, d, (lambda fx, d=d: fx.dim(x, d).zero()) if zero_ok else
+                        (lambda fx, n=_shape(sp, x)[d]: torch.zeros(n, dtype=torch.bool)), f"{op.describe()} (reduces over it)")
+                if keep:
+                    j += 1
+                continue
+            sp.unify(x, d, op.node, j, f"by {op.describe()}")
+            j += 1
+
+
+class Softmax(Rule):
+    kind = "normalizer"
+    nan_eval = True
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x = op.node.args[0]
+        dim = op.arg(1, "dim") % sp.rank(x)
+        for d in range(sp.rank(x)):
+            if d == dim:
+                sp.exit(x, d, lambda fx, n=_shape(sp, x)[d]: torch.zeros(n, dtype=torch.bool), f"{op.describe()} (normalizes over it)")
+            else:
+                sp.unify(x, d, op.node, d, f"by {op.describe()}")
+
+
+class Pool(Rule):
+    """Pooling over the trailing ``n`` spatial dims: batch and channel dims pass through."""
+
+    kind = "elementwise"
+    nan_eval = True
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def outputs(self, op: Op) -> list[Node]:
+        if isinstance(node_spec(op.node), list):
+            return [u for u in op.node.users if u.target is operator.getitem and u.args[1] == 0]
+        return [op.node]
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x = op.node.args[0]
+        for y in self.outputs(op):
+            for d in range(sp.rank(x) - self.n):
+                sp.unify(x, d, y, d, f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        return None if isinstance(node_spec(op.node), list) else nan_eval(op, fx)
+
+
+# ---------------------------------------------------------------------------------------------
+class Reshape(Rule):
+    """view/reshape/flatten/unflatten/(un)squeeze: dims are matched by products of sizes; a dim split into
+    several (heads) becomes a product of atoms."""
+
+    kind = "reshape"
+    nan_eval = True
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x = op.node.args[0]
+        ins, outs = _shape(sp, x), _shape(sp, op.node)
+        for seg_in, seg_out in _segments(ins, outs):
+            why = f"by {op.describe()}"
+            if len(seg_in) == 1 and len(seg_out) == 1:
+                sp.unify(x, seg_in[0], op.node, seg_out[0], why)
+            elif len(seg_in) == 1:
+                sp.structure(x, seg_in[0], "prod", [(op.node, d) for d in seg_out], why)
+            elif len(seg_out) == 1:
+                sp.structure(op.node, seg_out[0], "prod", [(x, d) for d in seg_in], why)
+            else:
+                mid = sp.fresh(math.prod(ins[d] for d in seg_in))
+                sp.structure_atoms(mid, "prod", [sp.of(x, d) for d in seg_in], why)
+                sp.structure_atoms(mid, "prod", [sp.of(op.node, d) for d in seg_out], why)
+        for d, n in enumerate(ins):
+            if n == 1:
+                sp.meta_dim(x, d)
+
+    def rewrite(self, op: Op, rw: Any) -> None:
+        rw.resize_shape_arg(op)
+
+
+def _segments(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    a = [d for d, n in enumerate(ins) if n != 1]
+    b = [d for d, n in enumerate(outs) if n != 1]
+    segs: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        si, sj = [a[i]], [b[j]]
+        pi, pj = ins[a[i]], outs[b[j]]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(a):
+                si.append(a[i]); pi *= ins[a[i]]; i += 1
+            elif pj < pi and j < len(b):
+                sj.append(b[j]); pj *= outs[b[j]]; j += 1
+            else:
+                return segs
+        segs.append((si, sj))
+    return segs
+
+
+class Permute(Rule):
+    """permute/transpose/t/movedim: output dim i is input dim perm[i]."""
+
+    kind = "permute"
+    nan_eval = True
+
+    def perm(self, op: Op, r: int) -> list[int]:
+        name = op.target if isinstance(op.target, str) else getattr(op.target, "__name__", str(op.target))
+        name = str(name)
+        args = op.node.args[1:]
+        if "transpose" in name or "swapaxes" in name:
+            d0, d1 = args[0] % r, args[1] % r
+            p = list(range(r))
+            p[d0], p[d1] = p[d1], p[d0]
+            return p
+        if name.endswith("t") and not args:  # .t() / aten.t
+            return list(range(r))[::-1]
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        if not dims:
+            dims = op.node.kwargs.get("dims")
+        return [d % r for d in dims]
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x = op.node.args[0]
+        for i, j in enumerate(self.perm(op, sp.rank(x))):
+            sp.unify(x, j, op.node, i, f"by {op.describe()}")
+
+
+class Expand(Rule):
+    """expand/expand_as: broadcast dims of size 1; existing dims pass through."""
+
+    kind = "broadcast"
+    nan_eval = True
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x = op.node.args[0]
+        s, out = _shape(sp, x), _shape(sp, op.node)
+        for j, n in enumerate(s):
+            i = j + len(out) - len(s)
+            if n == out[i]:
+                sp.unify(x, j, op.node, i, f"by {op.describe()}")
+            else:
+                sp.meta_dim(x, j)
+        if op.target == "expand_as":
+            sp.meta_only(op.node.args[1])
+
+    def rewrite(self, op: Op, rw: Any) -> None:
+        if op.target != "expand_as":
+            rw.resize_shape_arg(op)
+
+
+class Cat(Rule):
+    """cat along dim d: the output's dim d is the concatenation of the inputs' dims d."""
+
+    kind = "concat"
+    nan_eval = True
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        parts = [t for t in op.arg(0, "tensors") if sp.rank(t) > 0]
+        r = sp.rank(op.node)
+        d = op.arg(1, "dim", 0) % r
+        for p in parts:
+            for e in range(r):
+                if e != d:
+                    sp.unify(p, e, op.node, e, f"by {op.describe()}")
+        sp.structure(op.node, d, "sum", [(p, d) for p in parts], f"by {op.describe()}")
+
+
+class Split(Rule):
+    """split/chunk along dim d into getitem outputs: the input's dim d is the concatenation of the parts."""
+
+    kind = "split"
+
+    def parts(self, op: Op, sp: Spaces) -> tuple[Node, int, list[int]]:
+        x = op.node.args[0]
+        t = op.target
+        spec = node_spec(op.node)
+        dim = op.arg(2, "dim", 0) if t not in ("chunk", torch.chunk, aten.chunk.default) else op.arg(2, "dim", 0)
+        dim = dim % sp.rank(x)
+        return x, dim, [s.shape[dim] for s in spec]
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, d, sizes = self.parts(op, sp)
+        users = {u.args[1]: u for u in op.node.users if u.target is operator.getitem}
+        if len(users) != len(op.node.users):
+            return  # used as a whole: frozen
+        pieces = []
+        for i, n in enumerate(sizes):
+            u = users.get(i)
+            if u is None:
+                pieces.append(sp.fresh(n))
+                continue
+            for e in range(sp.rank(x)):
+                if e != d:
+                    sp.unify(x, e, u, e, f"by {op.describe()}")
+            pieces.append(sp.of(u, d))
+        sp.structure_atoms(sp.of(x, d), "sum", pieces, f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        x, d, sizes = self.parts(op, fx.sp)
+        if not fx.get(x):
+            return None
+        parts = torch.split(fx.materialize(x), sizes, dim=d)
+        for u in op.node.users:
+            if u.target is operator.getitem:
+                fx.set(u, extract(parts[u.args[1]]))
+        return None
+
+    def rewrite(self, op: Op, rw: Any) -> None:
+        x, d, sizes = self.parts(op, rw.facts.sp)
+        kept = torch.split(rw.kept(x, d), sizes)
+        new = [int(k.sum()) for k in kept]
+        if new == sizes:
+            return
+        if isinstance(op.target, torch._ops.OpOverload):
+            rw.retarget(op, aten.split_with_sizes.default, (rw.new(x), new, d), {})
+        else:
+            rw.retarget(op, torch.split, (rw.new(x), new), {"dim": d})
+
+
+class Slice(Rule):
+    """aten.slice / aten.select / narrow: a full slice passes through; a partial one freezes its dim."""
+
+    kind = "index"
+    nan_eval = True
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x = op.node.args[0]
+        r = sp.rank(x)
+        d = op.arg(1, "dim", 0) % r
+        if op.target is aten.select.int:
+            sp.freeze(x, d, f"indexed by {op.describe()}")
+            for e in range(r):
+                if e != d:
+                    sp.unify(x, e, op.node, e - (e > d), f"by {op.describe()}")
+            return
+        n = _shape(sp, x)[d]
+        start, end, step = op.arg(2, "start", None), op.arg(3, "end", None), op.arg(4, "step", 1)
+        full = (start in (None, 0)) and (end is None or end >= n) and step == 1
+        for e in range(r):
+            if e != d or full:
+                sp.unify(x, e, op.node, e, f"by {op.describe()}")
+        if not full:
+            sp.freeze(x, d, f"sliced by {op.describe()}")
+
+
+class Matmul(Rule):
+    """a @ b: the contracted dims of a and b are one space; it leaves the group only where a factor is 0."""
+
+    kind = "contraction"
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        a, b = op.node.args[0], op.node.args[1]
+        ra, rb, ro = sp.rank(a), sp.rank(b), sp.rank(op.node)
+        if ra < 2 or rb < 2:
+            return
+        sp.unify(a, ra - 1, b, rb - 2, f"contracted by {op.describe()}")
+        sp.unify(a, ra - 2, op.node, ro - 2, f"by {op.describe()}")
+        sp.unify(b, rb - 1, op.node, ro - 1, f"by {op.describe()}")
+        for v, r in ((a, ra), (b, rb)):
+            s = _shape(sp, v)
+            for j in range(r - 2):
+                i = j + ro - r
+                if s[j] == _shape(sp, op.node)[i]:
+                    sp.unify(v, j, op.node, i, f"by {op.describe()}")
+                else:
+                    sp.meta_dim(v, j)
+        sp.exit(a, ra - 1, lambda fx: fx.dim(a, -1).zero() | fx.dim(b, -2).zero(), op.describe())
+
+
+class SDPA(Rule):
+    """scaled_dot_product_attention(q, k, v): q/k head_dim are contracted; v's head_dim is the output's."""
+
+    kind = "attention"
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        q, k, v = op.node.args[:3]
+        y = op.node
+        r = sp.rank(q)
+        if not (sp.rank(k) == sp.rank(v) == r >= 3):
+            return
+        why = f"by {op.describe()}"
+        sq, sk = _shape(sp, q), _shape(sp, k)
+        for d in range(r - 2):
+            sp.unify(q, d, y, d, why)
+            if sk[d] == sq[d]:
+                sp.unify(k, d, q, d, why)
+            sp.unify(k, d, v, d, why)
+        sp.unify(q, r - 2, y, r - 2, why)
+        sp.unify(k, r - 2, v, r - 2, why)
+        sp.unify(q, r - 1, k, r - 1, why)
+        sp.unify(v, r - 1, y, r - 1, why)
+        sp.exit(q, r - 1, lambda fx: fx.dim(q, -1).zero() | fx.dim(k, -1).zero(), op.describe())
+        mask = op.arg(3, "attn_mask")
+        if isinstance(mask, Node):
+            ms, ys = _shape(sp, mask), _shape(sp, y)[:-1] + (_shape(sp, k)[-2],)
+            for j, n in enumerate(ms):
+                i = j + len(ys) - len(ms)
+                if n == ys[i] and i < r - 2:
+                    sp.unify(mask, j, y, i, why)
+                elif n == ys[i] and i == r - 2:
+                    sp.unify(mask, j, q, r - 2, why)
+                elif n == ys[i]:
+                    sp.unify(mask, j, k, r - 2, why)
+                else:
+                    sp.meta_dim(mask, j)
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        if op.arg(4, "dropout_p", 0.0) != 0.0 or not fx.get(op.node.args[2]):
+            return None
+        return _out_facts(op, fx.sp, {sp_last(fx.sp, op.node): fx.dim(op.node.args[2], -1)})
+
+    def rewrite(self, op: Op, rw: Any) -> None:
+        q = op.node.args[0]
+        if bool(rw.kept(q, -1).all()) or op.arg(6, "scale") is not None:
+            return
+        rw.set_arg(op, 6, "scale", 1.0 / math.sqrt(_shape(rw.facts.sp, q)[-1]), kwarg_only=True)
+
+
+class Creation(Passive):
+    """Tensor creation from sizes (new_ones, zeros, full...): fresh dims, frozen by the driver."""
+
+
+# ---------------------------------------------------------------------------------------------
+_ELEMENTWISE_MODULES = [nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.ReLU6,
+                        nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.SELU, nn.CELU, nn.Tanhshrink]
+_UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "exp", "sqrt", "rsqrt", "erf", "clamp", "hardtanh",
+          "leaky_relu", "elu", "hardswish", "hardsigmoid", "mish", "softplus", "clone", "alias", "detach", "relu6",
+          "log", "sin", "cos", "square", "reciprocal", "sign", "_to_copy", "lift_fresh_copy", "contiguous", "clamp_min",
+          "clamp_max", "pow", "to", "relu_", "silu_", "gelu_", "hardtanh_", "type_as"]
+_BINARY = ["add", "sub", "div", "maximum", "minimum", "where", "rsub", "eq", "ne", "le", "lt", "ge", "gt",
+           "__and__", "__or__", "logical_and", "logical_or", "logical_not", "bitwise_not", "add_", "masked_fill"]
+
+
+def _aten(*names: str) -> list[Any]:
+    return [getattr(aten, n) for n in names if hasattr(aten, n)]
+
+
+def _torch(*names: str) -> list[Any]:
+    out = []
+    for n in names:
+        for ns in (torch, F):
+            if hasattr(ns, n) and callable(getattr(ns, n)):
+                out.append(getattr(ns, n))
+    return out
+
+
+register(Elementwise(), *_ELEMENTWISE_MODULES, *_aten(*_UNARY, *_BINARY), *_torch(*_UNARY, *_BINARY),
+         *[m for m in _UNARY + _BINARY + ["float", "double", "half", "bfloat16"] if m not in ("mul",)],
+         operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd, operator.pos)
+register(Mul(), aten.mul, torch.mul, "mul", "mul_", operator.mul, operator.imul)
+register(Dropout(), nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, aten.dropout)
+register(Linear(), F.linear, aten.linear, aten.addmm.default)
+register(Conv(), F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution.default)
+register(Embedding(), F.embedding, aten.embedding)
+register(BatchNorm(), F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+register(Norm(), F.layer_norm, F.group_norm, aten.layer_norm, aten.native_layer_norm, aten.group_norm,
+         aten.native_group_norm, aten.rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
+register(TupleGetItem(), operator.getitem)
+register(Reduce(), aten.mean.dim, aten.amax, aten.amin, aten.var.correction, aten.std.correction, aten.logsumexp,
+         torch.mean, torch.amax, torch.amin, torch.var, torch.std, torch.logsumexp, "mean", "amax", "amin", "var", "std")
+register(Reduce(zero_ok=True), aten.sum.dim_IntList, torch.sum, "sum")
+register(Softmax(), aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax, F.softmax, F.log_softmax,
+         torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax)
+register(Pool(1), F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, aten.max_pool1d,
+         aten.avg_pool1d, aten.adaptive_avg_pool1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
+register(Pool(2), F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, aten.max_pool2d,
+         aten.max_pool2d_with_indices, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d,
+         nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+register(Pool(3), F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, aten.max_pool3d, aten.avg_pool3d,
+         aten.adaptive_avg_pool3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d)
+register(Reshape(), aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
+         aten.unsqueeze, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
+         "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", nn.Flatten, nn.Unflatten)
+register(Permute(), aten.permute, aten.transpose, aten.t, torch.permute, torch.transpose, torch.t, torch.swapaxes,
+         "permute", "transpose", "t", "swapaxes")
+register(Expand(), aten.expand, "expand", "expand_as")
+register(Cat(), aten.cat, torch.cat, torch.concat, torch.concatenate)
+register(Split(), aten.split.Tensor, aten.split_with_sizes, torch.split, torch.chunk, "split", "chunk")
+register(Slice(), aten.slice.Tensor, aten.select.int)
+register(Matmul(), aten.matmul, aten.mm, aten.bmm, torch.matmul, torch.mm, torch.bmm, operator.matmul, "matmul", "bmm", "mm")
+register(SDPA(), aten.scaled_dot_product_attention, F.scaled_dot_product_attention)
+register(Creation(), aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty, aten.zeros_like, aten.ones_like,
+         aten.full_like, aten.empty_like, aten.arange, aten.zeros, aten.ones, aten.full, aten.empty, aten.scalar_tensor,
+         torch.zeros_like, torch.ones_like, torch.arange, "new_ones", "new_zeros", "new_full", "new_empty")
+register(AssertMetadata(), aten._assert_tensor_metadata.default)

@@ -1,0 +1,35 @@
+"""Typed errors raised by fxprune. Every error is an :class:`FxPruneError`."""
+from __future__ import annotations
+
+__all__ = [
+    "FxPruneError",
+    "CaptureError",
+    "InputError",
+    "MaskError",
+    "EquivalenceError",
+    "UnsupportedError",
+]
+
+
+class FxPruneError(Exception):
+    """Base class of every error fxprune raises on purpose."""
+
+
+class CaptureError(FxPruneError):
+    """The model could not be turned into an FX graph by any tracer that was tried."""
+
+
+class InputError(FxPruneError):
+    """The example inputs do not fit the model (wrong shape, dtype, count or type)."""
+
+
+class MaskError(FxPruneError):
+    """A mask request is invalid: sparsity out of range, wrong shape or dtype, unknown parameter."""
+
+
+class EquivalenceError(FxPruneError):
+    """A rewrite failed its own equivalence check; no model is returned."""
+
+
+class UnsupportedError(FxPruneError):
+    """The model holds something fxprune cannot process (NaN/Inf weights, unsupported dtype...)."""

@@ -1,0 +1,85 @@
+"""Build a new GraphModule from a graph and fresh attributes, sharing nothing with the old one."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule
+
+__all__ = ["rebuild", "get_attr", "new_graph_like"]
+
+
+def get_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _kind(gm: nn.Module, target: str) -> str:
+    owner_path, _, name = target.rpartition(".")
+    try:
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+    except AttributeError:
+        return "buffer"
+    if name in owner._parameters:
+        return "param"
+    if name in owner._buffers and name in getattr(owner, "_non_persistent_buffers_set", ()):
+        return "nonpersistent"
+    return "buffer"
+
+
+def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor]) -> GraphModule:
+    """A GraphModule running ``graph``; get_attr targets come from ``tensors`` (new values) or are copied
+    from ``old``; call_module targets are deep-copied from ``old``. The result shares no storage with ``old``."""
+    root = nn.Module()
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        path, _, name = node.target.rpartition(".")
+        owner = root
+        for part in path.split(".") if path else []:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        if hasattr(owner, name):
+            continue
+        if node.op == "call_module":
+            owner.add_module(name, copy.deepcopy(old.get_submodule(node.target)))
+            continue
+        src = get_attr(old, node.target) if node.target not in tensors else None
+        kind = _kind(old, node.target) if src is not None or _has(old, node.target) else "param"
+        value = tensors[node.target] if node.target in tensors else src
+        if not isinstance(value, torch.Tensor):
+            setattr(owner, name, copy.deepcopy(value))
+            continue
+        value = value.detach().clone()
+        if kind == "param":
+            requires_grad = getattr(src, "requires_grad", True) if src is not None else _requires_grad(old, node.target)
+            owner.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point()))
+        else:
+            owner.register_buffer(name, value, persistent=kind != "nonpersistent")
+    gm = GraphModule(root, graph, old.__class__.__name__ if isinstance(old, GraphModule) else "GraphModule")
+    gm.meta.update({k: v for k, v in old.meta.items()})
+    return gm
+
+
+def _has(gm: nn.Module, target: str) -> bool:
+    try:
+        get_attr(gm, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _requires_grad(gm: nn.Module, target: str) -> bool:
+    t = get_attr(gm, target) if _has(gm, target) else None
+    return bool(getattr(t, "requires_grad", True))
+
+
+def new_graph_like(old: Graph) -> Graph:
+    g = Graph()
+    g._codegen = copy.deepcopy(old._codegen)
+    return g

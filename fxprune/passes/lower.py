@@ -1,0 +1,112 @@
+"""``lower_modules``: call_module nodes of parameterized layers -> functional calls on get_attr parameters.
+
+After lowering, ``nn.Linear``, ``F.linear`` and ``aten.linear`` look alike to the analysis (one rule), and every
+parameter is a graph value with channel spaces of its own. Node names are kept (module ``downs.1`` stays node
+``downs_1``); parameters are shared with the input module, never copied or changed. A subclass that overrides
+``forward`` is left alone (the analysis then treats it as opaque).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+__all__ = ["lower_modules", "LOWERINGS"]
+
+# module type -> (functional, builder(module, x, param) -> (args, kwargs)); param(name) returns a get_attr node or None
+Lowering = Callable[[Any, Node, Callable[[str], Node | None]], tuple[tuple, dict]]
+LOWERINGS: dict[type, tuple[Callable[..., Any], Lowering]] = {}
+
+
+def lowering(*types: type, fn: Callable[..., Any]) -> Callable[[Lowering], Lowering]:
+    def deco(build: Lowering) -> Lowering:
+        for t in types:
+            if t in LOWERINGS:
+                raise ValueError(f"duplicate lowering for {t.__name__}")
+            LOWERINGS[t] = (fn, build)
+        return build
+
+    return deco
+
+
+@lowering(nn.Linear, fn=F.linear)
+def _linear(m: nn.Linear, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x, p("weight"), p("bias")), {}
+
+
+def _conv(m: nn.modules.conv._ConvNd, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x, p("weight"), p("bias"), m.stride, m.padding, m.dilation, m.groups), {}
+
+
+for _t, _f in ((nn.Conv1d, F.conv1d), (nn.Conv2d, F.conv2d), (nn.Conv3d, F.conv3d)):
+    lowering(_t, fn=_f)(_conv)
+
+
+@lowering(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, fn=F.batch_norm)
+def _bn(m: nn.modules.batchnorm._BatchNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    training = m.training or m.running_mean is None
+    return (x, p("running_mean"), p("running_var"), p("weight"), p("bias"), training, m.momentum or 0.0, m.eps), {}
+
+
+@lowering(nn.LayerNorm, fn=F.layer_norm)
+def _ln(m: nn.LayerNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x, tuple(m.normalized_shape), p("weight"), p("bias"), m.eps), {}
+
+
+@lowering(nn.GroupNorm, fn=F.group_norm)
+def _gn(m: nn.GroupNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x, m.num_groups, p("weight"), p("bias"), m.eps), {}
+
+
+@lowering(nn.Embedding, fn=F.embedding)
+def _emb(m: nn.Embedding, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x, p("weight")), {}
+
+
+if hasattr(nn, "RMSNorm"):
+
+    @lowering(nn.RMSNorm, fn=F.rms_norm)
+    def _rms(m: Any, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+        return (x, tuple(m.normalized_shape), p("weight"), m.eps), {}
+
+
+def _applies(m: nn.Module) -> tuple[Callable[..., Any], Lowering] | None:
+    entry = LOWERINGS.get(type(m))
+    if entry is None:
+        return None
+    if isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros":
+        return None
+    if isinstance(m, nn.Embedding) and (m.max_norm is not None):
+        return None
+    return entry
+
+
+def lower_modules(gm: GraphModule) -> GraphModule:
+    """A new GraphModule computing the same function with parameterized layers as functional calls."""
+    if not any(n.op == "call_module" and _applies(gm.get_submodule(n.target)) for n in gm.graph.nodes):
+        return gm
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    for n in gm.graph.nodes:
+        m = gm.get_submodule(n.target) if n.op == "call_module" else None
+        entry = _applies(m) if m is not None else None
+        if entry is None or len(n.args) != 1 or n.kwargs:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            continue
+        fn, build = entry
+
+        def param(name: str, prefix: str = n.target, base: str = n.name) -> Node | None:
+            if getattr(m, name, None) is None:
+                return None
+            return graph.create_node("get_attr", f"{prefix}.{name}", name=f"{base}_{name}")
+
+        args, kwargs = build(m, env[n.args[0]], param)
+        new = graph.create_node("call_function", fn, args, kwargs, name=n.name)
+        new.meta = dict(n.meta)
+        env[n] = new
+    out = GraphModule(gm, graph, gm.__class__.__name__)
+    out.meta.update(gm.meta)
+    return out

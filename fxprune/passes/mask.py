@@ -1,0 +1,158 @@
+"""``mask``: magnitude (or random) pruning that writes exact zeros, pure.
+
+The returned GraphModule records its masks in ``gm.meta["fxprune_masks"]`` (parameter name -> bool tensor,
+True = kept). To keep them applied while fine-tuning, call :func:`hold_masks` (a parametrization that
+multiplies each weight by its mask, so masked entries stay exactly zero under any optimizer, DDP included);
+:func:`bake_masks` removes the parametrizations again, leaving plain parameters with their zeros.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Iterable, Literal, Mapping
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torch.nn.utils import parametrize
+
+from fxprune.errors import MaskError
+
+__all__ = ["mask", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
+
+MASKS_KEY = "fxprune_masks"
+
+
+def _selected(gm: nn.Module, include: Iterable[str] | None, exclude: Iterable[str] | None) -> dict[str, torch.Tensor]:
+    inc, exc = list(include or ["*"]), list(exclude or [])
+    out = {}
+    for name, p in gm.named_parameters():
+        if p.dim() < 2 or not p.is_floating_point():
+            continue
+        if any(fnmatch.fnmatch(name, pat) for pat in inc) and not any(fnmatch.fnmatch(name, pat) for pat in exc):
+            out[name] = p
+    return out
+
+
+def _scores(params: Mapping[str, torch.Tensor], criterion: str, seed: int) -> dict[str, torch.Tensor]:
+    if criterion == "magnitude":
+        return {n: p.detach().abs().float() for n, p in params.items()}
+    if criterion == "random":
+        g = torch.Generator().manual_seed(seed)
+        return {n: torch.rand(p.shape, generator=g) * (p.detach() != 0) for n, p in params.items()}
+    raise MaskError(f"criterion must be 'magnitude' or 'random', got {criterion!r}")
+
+
+def _check_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    params = dict(gm.named_parameters())
+    out = {}
+    for name, m in masks.items():
+        if name not in params:
+            raise MaskError(f"mask given for '{name}', which is not a parameter of the model (parameters: {', '.join(list(params)[:5])}, ...)")
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            raise MaskError(f"mask for '{name}' must be a bool tensor (True = keep), got {getattr(m, 'dtype', type(m).__name__)}")
+        if tuple(m.shape) != tuple(params[name].shape):
+            raise MaskError(f"mask for '{name}' has shape {tuple(m.shape)}, the parameter has {tuple(params[name].shape)}")
+        out[name] = m
+    return out
+
+
+def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["global", "layer"] = "global",
+         criterion: Literal["magnitude", "random"] = "magnitude", include: Iterable[str] | None = None,
+         exclude: Iterable[str] | None = None, masks: Mapping[str, torch.Tensor] | None = None,
+         seed: int = 0) -> GraphModule:
+    """Zero the smallest weights (ndim >= 2, matching ``include``/``exclude`` globs) to reach ``sparsity``.
+
+    >>> import torch, fxprune as fp
+    >>> gm = fp.capture(torch.nn.Sequential(torch.nn.Linear(10, 10)), (torch.randn(1, 10),))
+    >>> float((fp.mask(gm, 0.7).get_parameter("0.weight") == 0).float().mean())
+    0.7
+    """
+    if masks is None:
+        if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
+            raise MaskError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        if scope not in ("global", "layer"):
+            raise MaskError(f"scope must be 'global' or 'layer', got {scope!r}")
+        params = _selected(gm, include, exclude)
+        if not params:
+            raise MaskError("no parameter matches: mask selects floating parameters with ndim >= 2 matching include/exclude")
+        scores = _scores(params, criterion, seed)
+        new_masks = {}
+        if scope == "layer":
+            for n, s in scores.items():
+                new_masks[n] = _keep_top(s.flatten(), sparsity).view(s.shape)
+        else:
+            flat = torch.cat([s.flatten() for s in scores.values()])
+            keep = _keep_top(flat, sparsity)
+            for (n, s), k in zip(scores.items(), torch.split(keep, [s.numel() for s in scores.values()])):
+                new_masks[n] = k.view(s.shape)
+    else:
+        new_masks = _check_masks(gm, masks)
+    out = copy.deepcopy(gm)
+    out.meta = dict(gm.meta)
+    old = dict(gm.meta.get(MASKS_KEY, {}))
+    with torch.no_grad():
+        for n, m in new_masks.items():
+            p = out.get_parameter(n)
+            if n in old:
+                m = m & old[n]
+            p.mul_(m.to(p.dtype))
+            old[n] = m
+    out.meta[MASKS_KEY] = old
+    return out
+
+
+def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    k = int(round(sparsity * scores.numel()))
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        keep[torch.topk(scores, k, largest=False, sorted=False).indices] = False
+    return keep
+
+
+class _Mask(nn.Module):
+    def __init__(self, m: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", m, persistent=False)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask.to(w.dtype)
+
+
+def hold_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Keep masks applied during fine-tuning (in place): every masked weight becomes ``w * mask``."""
+    masks = masks if masks is not None else getattr(gm, "meta", {}).get(MASKS_KEY, {})
+    for name, m in _check_masks(gm, masks).items():
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if not parametrize.is_parametrized(owner, leaf):
+            parametrize.register_parametrization(owner, leaf, _Mask(m.to(getattr(owner, leaf).device)))
+    return gm
+
+
+def bake_masks(gm: nn.Module) -> nn.Module:
+    """Remove the parametrizations added by :func:`hold_masks` (in place), keeping the masked values."""
+    for mod in list(gm.modules()):
+        if parametrize.is_parametrized(mod):
+            for leaf in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, leaf, leave_parametrized=True)
+    return gm
+
+
+def sparsity_schedule(step: int, total_steps: int, final: float, initial: float = 0.0,
+                      kind: Literal["cubic", "linear"] = "cubic") -> float:
+    """Sparsity at ``step`` of a gradual schedule (cubic = Zhu & Gupta's AGP).
+
+    >>> [round(sparsity_schedule(t, 4, 0.9), 3) for t in range(5)]
+    [0.0, 0.52, 0.787, 0.886, 0.9]
+    """
+    if not 0 <= initial <= final < 1:
+        raise MaskError(f"need 0 <= initial <= final < 1, got initial={initial}, final={final}")
+    if total_steps <= 0:
+        raise MaskError(f"total_steps must be positive, got {total_steps}")
+    t = min(max(step, 0), total_steps) / total_steps
+    if kind == "cubic":
+        return final + (initial - final) * (1 - t) ** 3
+    if kind == "linear":
+        return initial + (final - initial) * t
+    raise MaskError(f"kind must be 'cubic' or 'linear', got {kind!r}")

@@ -1,0 +1,224 @@
+"""``minimize``: the exact structural rewrite.
+
+Channels that no use can tell apart from a constant are deleted from every tensor of their group: rows of
+producers, columns of consumers, entries of per-channel parameters, sizes in reshapes. Constants of removed
+channels are folded into the consumers' biases where that is exact. The rewrite repeats to a fixed point
+(removing channels exposes new dead ones) and checks its own result: a failed check raises
+:class:`~fxprune.errors.EquivalenceError` and returns nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxprune.analysis.groups import Analysis
+from fxprune.analysis.rule import Facts, Op
+from fxprune.errors import EquivalenceError, InputError, UnsupportedError
+from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
+from fxprune.graph.rebuild import get_attr, new_graph_like, rebuild
+from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
+from fxprune.passes.lower import lower_modules
+
+__all__ = ["minimize", "MinimizeOptions", "check_finite"]
+
+
+@dataclass(frozen=True)
+class MinimizeOptions:
+    verify: bool = True
+    max_iterations: int = 32
+    rtol: float = 1e-4  # float32 self-check: max |a - b| <= rtol * max |a| (+ atol)
+    atol: float = 1e-6
+
+
+def check_finite(gm: torch.nn.Module) -> None:
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise UnsupportedError(f"parameter '{name}' holds NaN or Inf values: fix or re-initialize it before minimizing")
+
+
+class Rewriter:
+    """Copies a graph node by node, letting each rule adjust its node, then slices every parameter."""
+
+    def __init__(self, gm: GraphModule, an: Analysis, keep: dict[int, torch.Tensor]) -> None:
+        self.gm, self.an, self.keep = gm, an, keep
+        self.graph = new_graph_like(gm.graph)
+        self.env: dict[Node, Node] = {}
+        self.deltas: dict[str, torch.Tensor] = {}
+        self.created: dict[str, torch.Tensor] = {}
+
+    @property
+    def facts(self) -> Facts:
+        return self.an.facts
+
+    def kept(self, v: Node, d: int) -> torch.Tensor:
+        return self.an.kept(v, d % self.an.spaces.rank(v), self.keep)
+
+    def new(self, v: Any) -> Any:
+        return self.env[v] if isinstance(v, Node) else v
+
+    def set_arg(self, op: Op, pos: int, name: str, value: Any, kwarg_only: bool = False) -> None:
+        n = self.env[op.node]
+        if not kwarg_only and pos < len(n.args):
+            args = list(n.args)
+            args[pos] = value
+            n.args = tuple(args)
+        elif not kwarg_only and pos == len(n.args) and name not in n.kwargs:
+            n.args = tuple(n.args) + (value,)
+        else:
+            n.kwargs = {**n.kwargs, name: value}
+
+    def retarget(self, op: Op, target: Any, args: tuple, kwargs: dict) -> None:
+        n = self.env[op.node]
+        n.op, n.target, n.args, n.kwargs = "call_function", target, args, kwargs
+
+    def add_to_bias(self, op: Op, bias: Node | None, pos: int, name: str, delta: torch.Tensor, like: Node) -> None:
+        """Add ``delta`` (original channel indexing) to the op's bias, creating one if it has none."""
+        if isinstance(bias, Node) and bias.op == "get_attr":
+            key = bias.target
+            self.deltas[key] = self.deltas.get(key, 0) + delta
+            return
+        if bias is not None:
+            raise EquivalenceError(f"cannot fold a constant into the computed bias of {op.describe()}")
+        ref = get_attr(self.gm, like.target)
+        target = f"{op.node.name}_folded_bias"
+        out_dim = {True: 1, False: -1}[op.node.target is not None and "conv" in str(op.node.target)]
+        kept = self.kept(op.node, out_dim)
+        self.created[target] = delta.to(ref.dtype)[kept]
+        n = self.env[op.node]
+        with self.graph.inserting_before(n):
+            attr = self.graph.get_attr(target)
+        self.set_arg(op, pos, name, attr)
+
+    def resize_shape_arg(self, op: Op) -> None:
+        """Replace int sizes in a view/reshape/expand/unflatten size argument by the kept counts."""
+        n, node = self.env[op.node], op.node
+        rank = self.an.spaces.rank(node)
+        if op.target in ("view", "reshape", "expand") and not (len(node.args) == 2 and isinstance(node.args[1], (list, tuple))):
+            sizes, first, as_varargs = list(node.args[1:]), 0, True
+        else:
+            pos = 2 if "unflatten" in str(op.target) else 1
+            sizes = op.arg(pos, "sizes" if pos == 2 else ("size" if "expand" in str(op.target) else "shape"))
+            if not isinstance(sizes, (list, tuple)):
+                return
+            first = op.arg(1, "dim") % rank if pos == 2 else 0
+            sizes, as_varargs = list(sizes), False
+        new = list(sizes)
+        for i, s in enumerate(sizes):
+            d = first + i
+            if isinstance(s, int) and s != -1 and d < rank:
+                new[i] = int(self.kept(node, d).sum())
+        if new == sizes:
+            return
+        if as_varargs:
+            n.args = (n.args[0], *new)
+        else:
+            self.set_arg(op, 2 if "unflatten" in str(op.target) else 1, "sizes" if "unflatten" in str(op.target) else ("size" if "expand" in str(op.target) else "shape"), new)
+
+    def run(self) -> GraphModule:
+        for node in self.gm.graph.nodes:
+            self.env[node] = self.graph.node_copy(node, lambda a: self.env[a])
+            rule = self.an.rules.get(node.name)
+            if rule is not None:
+                rule.rewrite(Op(node, self.gm), self)
+        tensors: dict[str, torch.Tensor] = dict(self.created)
+        for node in self.gm.graph.nodes:
+            if node.op != "get_attr" or node.target in tensors:
+                continue
+            t = get_attr(self.gm, node.target)
+            if not isinstance(t, torch.Tensor):
+                continue
+            if node.target in self.deltas:
+                t = (t.detach().to(torch.float64) + self.deltas[node.target]).to(t.dtype)
+            for d in range(t.dim()):
+                k = self.kept(node, d)
+                if not bool(k.all()):
+                    t = t.index_select(d, k.nonzero().flatten())
+            tensors[node.target] = t
+        out = rebuild(self.gm, self.graph, tensors)
+        out.graph.lint()
+        annotate(out, placeholder_inputs(out))
+        return out
+
+
+def _prepare(gm: GraphModule, inputs: tuple[Any, ...] | None) -> GraphModule:
+    work = lower_modules(gm)
+    if work is gm:  # never annotate the caller's graph in place
+        work = GraphModule(gm, gm.graph, gm.__class__.__name__)
+        import copy
+
+        work.graph = copy.deepcopy(gm.graph)
+        work.meta.update(gm.meta)
+    if not is_annotated(work):
+        if inputs is None:
+            raise InputError("the graph has no shape annotations: pass example_inputs (or capture it with fp.capture)")
+        annotate(work, inputs)
+    return work
+
+
+def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, verify: bool = True,
+             options: MinimizeOptions | None = None) -> GraphModule:
+    """Delete every channel that provably does not affect the output; return a new, smaller GraphModule.
+
+    >>> import torch, fxprune as fp
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> with torch.no_grad(): net[0].weight[:5] = 0; net[0].bias[:5] = -1.0   # 5 dead neurons
+    >>> small = fp.minimize(fp.capture(net, (torch.randn(3, 4),)))
+    >>> tuple(small.get_parameter("0.weight").shape)
+    (3, 4)
+    """
+    opts = options or MinimizeOptions(verify=verify)
+    inputs = as_inputs(example_inputs) if example_inputs is not None else gm.meta.get(EXAMPLE_INPUTS_KEY)
+    check_finite(gm)
+    work = _prepare(gm, inputs)
+    for _ in range(opts.max_iterations):
+        an = Analysis(work)
+        keep = an.removable()
+        if not keep:
+            break
+        work = Rewriter(work, an, keep).run()
+    else:  # pragma: no cover - would need > max_iterations cascades
+        raise EquivalenceError(f"minimize did not reach a fixed point in {opts.max_iterations} iterations")
+    result = work if _owns(work, gm) else rebuild(work, work.graph, {})
+    if opts.verify:
+        if inputs is None:
+            inputs = tuple(_random_like(placeholder_inputs(result)))
+        _self_check(gm, result, inputs, opts)
+    return result
+
+
+def _owns(work: GraphModule, gm: GraphModule) -> bool:
+    """True when ``work`` shares no parameter storage with ``gm`` (it was rebuilt at least once)."""
+    mine = {t.data_ptr() for t in list(gm.parameters()) + list(gm.buffers()) if t.numel()}
+    return not any(t.data_ptr() in mine for t in list(work.parameters()) + list(work.buffers()) if t.numel())
+
+
+def _random_like(xs: list[Any]) -> list[Any]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(x.shape, generator=g, dtype=x.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs]
+
+
+def _self_check(ref: GraphModule, new: GraphModule, inputs: tuple[Any, ...], opts: MinimizeOptions) -> None:
+    from torch.utils import _pytree as pytree
+
+    with torch.no_grad():
+        a = [t for t in pytree.tree_leaves(ref(*inputs)) if isinstance(t, torch.Tensor)]
+        b = [t for t in pytree.tree_leaves(new(*inputs)) if isinstance(t, torch.Tensor)]
+    if len(a) != len(b):
+        raise EquivalenceError(f"minimize changed the number of outputs ({len(a)} -> {len(b)}); nothing returned")
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape:
+            raise EquivalenceError(f"minimize changed output {i}'s shape {tuple(x.shape)} -> {tuple(y.shape)}; nothing returned")
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                raise EquivalenceError(f"minimize changed integer output {i}; nothing returned")
+            continue
+        err = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+        scale = x.double().abs().max().item() if x.numel() else 0.0
+        if not err <= opts.rtol * scale + opts.atol:
+            raise EquivalenceError(
+                f"minimize's self-check failed on output {i}: max abs error {err:.3e} vs output scale {scale:.3e} "
+                f"(allowed {opts.rtol:g} relative). The rewrite is wrong; nothing was returned. Please report this "
+                "model; fp.analyze(gm) shows the groups involved.")

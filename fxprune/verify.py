@@ -1,0 +1,156 @@
+"""``verify``: numerical equivalence of two models, in float32 and float64, with size and FLOP counts."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxprune.errors import InputError
+from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
+
+__all__ = ["verify", "EquivalenceReport", "count_params", "to_float64", "EXACT_RTOL"]
+
+EXACT_RTOL = 1e-9  # float64 relative error that counts as exact
+FLOAT32_RTOL = 1e-4
+
+
+@dataclass
+class OutputError:
+    index: int
+    max_abs: dict[str, float]
+    max_rel: dict[str, float]
+
+
+@dataclass
+class EquivalenceReport:
+    """What :func:`verify` measured. ``ok`` is True when float64 relative error <= 1e-9 on every output."""
+
+    outputs: list[OutputError]
+    params: tuple[int, int]
+    flops: tuple[int, int]
+    n_inputs: int
+    rtol: float = EXACT_RTOL
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_rel(self) -> dict[str, float]:
+        return {k: max((o.max_rel[k] for o in self.outputs), default=0.0) for k in ("float32", "float64")}
+
+    @property
+    def ok(self) -> bool:
+        r = self.max_rel
+        return r["float64"] <= self.rtol and r["float32"] <= FLOAT32_RTOL
+
+    def __str__(self) -> str:
+        lines = [f"{'output':>6}  {'f32 max abs':>12}  {'f32 max rel':>12}  {'f64 max abs':>12}  {'f64 max rel':>12}"]
+        for o in self.outputs:
+            lines.append(f"{o.index:>6}  {o.max_abs['float32']:>12.3e}  {o.max_rel['float32']:>12.3e}  "
+                         f"{o.max_abs['float64']:>12.3e}  {o.max_rel['float64']:>12.3e}")
+        (pa, pb), (fa, fb) = self.params, self.flops
+        lines.append(f"params  {pa:,} -> {pb:,}  ({pa / max(pb, 1):.2f}x smaller)")
+        lines.append(f"FLOPs   {fa:,} -> {fb:,}  ({fa / max(fb, 1):.2f}x fewer)")
+        lines.append(f"{'EXACT' if self.ok else 'NOT EQUIVALENT'} (float64 rel <= {self.rtol:g}) on {self.n_inputs} inputs")
+        return "\n".join(lines + self.notes)
+
+    __repr__ = __str__
+
+
+def count_params(m: nn.Module) -> int:
+    """Parameters plus floating-point buffers (what a deployed model stores)."""
+    return sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers() if b.is_floating_point())
+
+
+def to_float64(m: nn.Module) -> nn.Module:
+    """A float64 copy of ``m``; in a GraphModule, float32 dtype constants in the graph become float64 too."""
+    out = copy.deepcopy(m).to(torch.float64)
+    if isinstance(out, GraphModule):
+        swap = lambda a: torch.float64 if a is torch.float32 else a  # noqa: E731
+        for n in out.graph.nodes:
+            n.args = pytree.tree_map(swap, n.args)
+            n.kwargs = pytree.tree_map(swap, n.kwargs)
+        out.recompile()
+    return out
+
+
+def _cast(xs: Sequence[Any], dtype: torch.dtype) -> tuple[Any, ...]:
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs)
+
+
+def _random_inputs(xs: Sequence[Any], g: torch.Generator) -> tuple[Any, ...]:
+    out = []
+    for x in xs:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            out.append(torch.randn(x.shape, generator=g, dtype=x.dtype))
+        elif isinstance(x, torch.Tensor) and x.dtype != torch.bool and x.numel():
+            lo, hi = int(x.min()), int(x.max())
+            out.append(torch.randint(lo, hi + 1, x.shape, generator=g, dtype=x.dtype))
+        else:
+            out.append(x)
+    return tuple(out)
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _flops(m: nn.Module, xs: tuple[Any, ...]) -> int:
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        m(*xs)
+    return int(counter.get_total_flops())
+
+
+def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = None, *, n_random: int = 2,
+           seed: int = 0, rtol: float = EXACT_RTOL) -> EquivalenceReport:
+    """Run ``a`` and ``b`` on the example inputs and ``n_random`` seeded random inputs of the same shapes and
+    dtypes, in float32 and float64, and report the max abs/relative error per output.
+
+    >>> import torch, fxprune as fp
+    >>> net = torch.nn.Linear(3, 2)
+    >>> fp.verify(net, net, (torch.randn(4, 3),)).ok
+    True
+    """
+    if example_inputs is None:
+        example_inputs = getattr(a, "meta", {}).get(EXAMPLE_INPUTS_KEY)
+    inputs = as_inputs(example_inputs)
+    g = torch.Generator().manual_seed(seed)
+    batches = [inputs] + [_random_inputs(inputs, g) for _ in range(n_random)]
+    errs: dict[int, OutputError] = {}
+    for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):
+        ma, mb = (to_float64(a), to_float64(b)) if dtype is torch.float64 else (a, b)
+        for xs in batches:
+            xs = _cast(xs, dtype)
+            with torch.no_grad():
+                try:
+                    ya, yb = _tensors(ma(*xs)), _tensors(mb(*xs))
+                except Exception as e:
+                    raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
+            if len(ya) != len(yb):
+                raise InputError(f"the models return different numbers of tensors ({len(ya)} vs {len(yb)})")
+            for i, (x, y) in enumerate(zip(ya, yb)):
+                o = errs.setdefault(i, OutputError(i, {"float32": 0.0, "float64": 0.0}, {"float32": 0.0, "float64": 0.0}))
+                if x.shape != y.shape:
+                    o.max_abs[name] = o.max_rel[name] = float("inf")
+                    continue
+                if not x.is_floating_point():
+                    bad = float(not torch.equal(x, y))
+                    o.max_abs[name], o.max_rel[name] = max(o.max_abs[name], bad), max(o.max_rel[name], bad)
+                    continue
+                err = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+                scale = x.double().abs().max().item() if x.numel() else 0.0
+                rel = err / scale if scale > 0 else err
+                o.max_abs[name] = max(o.max_abs[name], err)
+                o.max_rel[name] = max(o.max_rel[name], rel)
+    return EquivalenceReport(
+        outputs=[errs[i] for i in sorted(errs)],
+        params=(count_params(a), count_params(b)),
+        flops=(_flops(a, inputs), _flops(b, inputs)),
+        n_inputs=len(batches),
+        rtol=rtol,
+    )
