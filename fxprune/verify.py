@@ -69,12 +69,13 @@ def count_params(m: nn.Module) -> int:
 def to_float64(m: nn.Module) -> nn.Module:
     """A float64 copy of ``m``; in a GraphModule, float32 dtype constants in the graph become float64 too."""
     out = copy.deepcopy(m).to(torch.float64)
-    if isinstance(out, GraphModule):
-        swap = lambda a: torch.float64 if a is torch.float32 else a  # noqa: E731
-        for n in out.graph.nodes:
-            n.args = pytree.tree_map(swap, n.args)
-            n.kwargs = pytree.tree_map(swap, n.kwargs)
-        out.recompile()
+    swap = lambda a: torch.float64 if a is torch.float32 else a  # noqa: E731
+    for sub in out.modules():
+        if isinstance(sub, GraphModule):
+            for n in sub.graph.nodes:
+                n.args = pytree.tree_map(swap, n.args)
+                n.kwargs = pytree.tree_map(swap, n.kwargs)
+            sub.recompile()
     return out
 
 

@@ -76,7 +76,8 @@ class AtomSet:
         total = sum(p.size for p in parts) if kind == "sum" else _prod(p.size for p in parts)
         r = self.find(a)
         if total != r.size:
-            self.freeze(r, f"{kind} of sizes {[p.size for p in parts]} != {r.size} {why}".strip())
+            for x in (r, *parts):
+                self.freeze(x, f"{kind} of sizes {[p.size for p in parts]} != {r.size} {why}".strip())
             return
         if len(parts) == 1:
             self.unify(r, parts[0], why)
@@ -91,8 +92,10 @@ class AtomSet:
             for c, p in zip(list(r.children), parts):
                 self.unify(c, p, why)
             return
-        self.freeze(r, f"incompatible channel structures ({r.kind} {[self.find(c).size for c in r.children]} "
-                       f"vs {kind} {[self.find(p).size for p in parts]}) {why}".strip())
+        reason = (f"incompatible channel structures ({r.kind} {[self.find(c).size for c in r.children]} "
+                  f"vs {kind} {[self.find(p).size for p in parts]}) {why}").strip()
+        for a in (r, *parts):
+            self.freeze(a, reason)
 
     # ---- resolution -------------------------------------------------------------------------
     def settle(self) -> None:

@@ -106,7 +106,7 @@ class Analysis:
                     continue
                 for d in range(sp.rank(v)):
                     if id(sp.of(v, d)) not in sp.touched:
-                        sp.freeze(v, d, f"dim {d} of '{v.name}' is not explained by the rule for {op.describe()}")
+                        sp.freeze(v, d, f"dim {d} of '{v.name}' is not a channel dim of {op.describe()}")
 
     # ---- facts --------------------------------------------------------------------------
     def _facts(self) -> None:

@@ -212,8 +212,12 @@ class Conv(Rule):
         if b is not None:
             sp.unify(y, 1, b, 0, f"by {op.describe()}")
         sp.unify(y, 1, w, 0, f"by {op.describe()}")
+        cout, cin_g = _shape(sp, w)[:2]
         if G == 1:
             sp.unify(x, 1, w, 1, f"by {op.describe()}")
+        elif cin_g == 1 and cout == G:  # depthwise: channel k in -> channel k out
+            sp.unify(x, 1, y, 1, f"by {op.describe()}")
+            sp.meta_dim(w, 1)
         else:
             g = sp.fresh(G)
             per_out = sp.fresh(_shape(sp, w)[0] // G)
@@ -259,7 +263,9 @@ class Conv(Rule):
     def rewrite(self, op: Op, rw: Any) -> None:
         o = self.operands(op)
         x, w, b, G = o["x"], o["w"], o["b"], o["groups"]
-        if G != 1:
+        if G != 1 and _shape(rw.facts.sp, w)[1] == 1 and _shape(rw.facts.sp, w)[0] == G:
+            rw.set_arg(op, o["groups_pos"], "groups", int(rw.kept(op.node, 1).sum()))
+        elif G != 1:
             kept_groups = rw.kept(op.node, 1).reshape(G, -1).any(dim=1)
             rw.set_arg(op, o["groups_pos"], "groups", int(kept_groups.sum()))
         removed = ~rw.kept(x, 1)
