@@ -1,0 +1,29 @@
+# Set-up is self-contained: `make test` / `make demo` create .venv, install the local CPU torch first
+# (never let pip resolve another torch), then fxprune with its dev extra.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: test demo install clean ops
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/python examples/mask_minimize.py
+
+ops: $(STAMP)
+	$(BIN)/python scripts/list_aten_ops.py --write tests/data/aten_ops.txt
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
