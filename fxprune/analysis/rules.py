@@ -239,12 +239,14 @@ class Conv(Rule):
         o = self.operands(op)
         x, w, b, G = o["x"], o["w"], o["b"], o["groups"]
         W = fx.tensor(w)
-        xf = fx.get(x)
-        if W is None or not xf or o["transposed"]:
+        if W is None or o["transposed"] or not isinstance(G, int):
             return None
         conv = _CONV[W.dim() - 2]
         Bv = fx.tensor(b) if b is not None else None
-        xin = torch.nan_to_num(fx.materialize(x), nan=0.0)
+        try:
+            xin = torch.nan_to_num(fx.materialize(x), nan=0.0)
+        except Exception:  # not a float input
+            return None
         args = dict(stride=o["stride"], padding=o["padding"], dilation=o["dilation"], groups=G)
         with torch.no_grad():
             val = conv(xin, W, Bv, **args)
@@ -778,7 +780,7 @@ class Creation(Passive):
 _ELEMENTWISE_MODULES = [nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.ReLU6,
                         nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.SELU, nn.CELU, nn.Tanhshrink]
 _UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "exp", "sqrt", "rsqrt", "erf", "clamp", "hardtanh",
-          "leaky_relu", "elu", "hardswish", "hardsigmoid", "mish", "softplus", "clone", "alias", "detach", "relu6",
+          "leaky_relu", "elu", "hardswish", "hardsigmoid", "mish", "softplus", "clone", "alias", "detach", "detach_", "relu6",
           "log", "sin", "cos", "square", "reciprocal", "sign", "_to_copy", "lift_fresh_copy", "contiguous", "clamp_min",
           "clamp_max", "pow", "to", "relu_", "silu_", "gelu_", "hardtanh_", "type_as"]
 _BINARY = ["add", "sub", "div", "maximum", "minimum", "where", "rsub", "eq", "ne", "le", "lt", "ge", "gt",
@@ -829,7 +831,7 @@ register(Permute(), aten.permute, aten.transpose, aten.t, torch.permute, torch.t
          "permute", "transpose", "t", "swapaxes")
 register(Expand(), aten.expand, "expand", "expand_as")
 register(Cat(), aten.cat, torch.cat, torch.concat, torch.concatenate)
-register(Split(), aten.split.Tensor, aten.split_with_sizes, torch.split, torch.chunk, "split", "chunk")
+register(Split(), aten.split.Tensor, aten.split_with_sizes, aten.chunk, torch.split, torch.chunk, "split", "chunk")
 register(Slice(), aten.slice.Tensor, aten.select.int)
 register(Matmul(), aten.matmul, aten.mm, aten.bmm, torch.matmul, torch.mm, torch.bmm, operator.matmul, "matmul", "bmm", "mm")
 register(SDPA(), aten.scaled_dot_product_attention, F.scaled_dot_product_attention)

@@ -1,0 +1,161 @@
+"""Each rule's claim, checked against real execution.
+
+- coupling: if the analysis puts input dim d and output dim e in one group (identity), perturbing input channel k
+  along d changes the output only at channel k along e;
+- tolerance: where a use says it tolerates losing a channel, perturbing that channel leaves the use unchanged;
+- facts: a channel the analysis calls constant is that constant on random inputs.
+Both capture levels (symbolic -> functional, export -> ATen) are checked.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune as fp
+from fxprune.analysis.groups import Analysis
+from fxprune.passes.lower import lower_modules
+
+
+class Op(nn.Module):
+    def __init__(self, fn, *mods):
+        super().__init__()
+        self.fn, self.mods = fn, nn.ModuleList(mods)
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def _bn():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    return bn
+
+
+# name -> (module, input shape, [(input dim, output dim)] that must be coupled one-to-one)
+CASES = {
+    "relu": (Op(lambda s, x: torch.relu(x)), (2, 5), [(0, 0), (1, 1)]),
+    "gelu": (Op(lambda s, x: F.gelu(x)), (2, 5), [(1, 1)]),
+    "silu_module": (Op(lambda s, x: s.mods[0](x), nn.SiLU()), (2, 5), [(1, 1)]),
+    "add_broadcast_param": (Op(lambda s, x: x + s.mods[0].weight, nn.Linear(1, 5, bias=False)), (3, 5, 1), [(0, 0), (1, 1)]),
+    "mul": (Op(lambda s, x: x * x.sigmoid()), (3, 5), [(1, 1)]),
+    "batchnorm": (Op(lambda s, x: s.mods[0](x), _bn()), (2, 4, 3, 3), [(1, 1)]),
+    "depthwise_conv": (Op(lambda s, x: s.mods[0](x), nn.Conv2d(4, 4, 3, padding=1, groups=4)), (2, 4, 5, 5), [(1, 1)]),
+    "maxpool": (Op(lambda s, x: F.max_pool2d(x, 2)), (2, 4, 4, 4), [(1, 1)]),
+    "adaptive_avgpool": (Op(lambda s, x: F.adaptive_avg_pool2d(x, 1)), (2, 4, 4, 4), [(1, 1)]),
+    "permute": (Op(lambda s, x: x.permute(0, 2, 1)), (2, 3, 5), [(1, 2), (2, 1)]),
+    "transpose": (Op(lambda s, x: x.transpose(1, 2)), (2, 3, 5), [(1, 2), (2, 1)]),
+    "unsqueeze": (Op(lambda s, x: x.unsqueeze(1)), (2, 5), [(1, 2)]),
+    "layernorm_rows": (Op(lambda s, x: s.mods[0](x), nn.LayerNorm(5)), (3, 4, 5), [(0, 0), (1, 1)]),
+    "softmax_rows": (Op(lambda s, x: x.softmax(-1)), (3, 5), [(0, 0)]),
+    "mean_keep": (Op(lambda s, x: x.mean(dim=(2, 3))), (2, 4, 3, 3), [(1, 1)]),
+    "linear_rows": (Op(lambda s, x: s.mods[0](x), nn.Linear(5, 3)), (2, 4, 5), [(0, 0), (1, 1)]),
+    "matmul_rows": (Op(lambda s, x: x @ s.mods[0].weight.t(), nn.Linear(5, 3)), (2, 4, 5), [(0, 0), (1, 1)]),
+    "cat_other_dims": (Op(lambda s, x: torch.cat([x, x * 2], dim=1)), (2, 3, 5), [(0, 0), (2, 2)]),
+    "chunk_other_dims": (Op(lambda s, x: torch.chunk(x, 2, dim=-1)[1] * 1.0), (3, 4, 6), [(0, 0), (1, 1)]),
+}
+
+
+def _analysis(model, x, method):
+    gm = fp.capture(model.eval(), (x,), method=method)
+    return gm, Analysis(lower_modules(gm))
+
+
+def _io(gm):
+    nodes = list(gm.graph.nodes)
+    x = next(n for n in nodes if n.op == "placeholder")
+    out = next(n for n in nodes if n.op == "output")
+    leaves = torch.utils._pytree.tree_leaves(out.args[0])
+    return x, next(v for v in leaves if isinstance(v, torch.fx.Node))
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_coupling_claim_holds_numerically(name, method):
+    model, shape, pairs = CASES[name]
+    x = torch.randn(shape)
+    gm, an = _analysis(model, x, method)
+    xn, yn = _io(an.gm)
+    atoms = an.spaces.atoms
+    y = model(x)
+    for d, e in pairs:
+        assert atoms.find(an.spaces.of(xn, d)) is atoms.find(an.spaces.of(yn, e)), f"{name}: ({d}->{e}) not coupled"
+        for k in range(shape[d]):
+            x2 = x.clone()
+            x2.select(d, k).add_(torch.randn_like(x2.select(d, k)))
+            diff = (model(x2) - y).abs()
+            others = torch.cat([diff.narrow(e, 0, k).flatten(), diff.narrow(e, k + 1, diff.shape[e] - k - 1).flatten()])
+            assert others.max().item() == 0 if others.numel() else True, f"{name}: channel {k} leaked"
+
+
+def _tolerance(an, node_name, dim):
+    sp = an.spaces
+    for e in sp.exits:
+        if e.value.name == node_name and e.dim == dim:
+            return e.tolerates(an.facts)
+    raise AssertionError(f"no exit on {node_name}:{dim}")
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_contraction_tolerates_exactly_the_zero_columns(method):
+    lin = nn.Linear(6, 3)
+    conv = nn.Conv2d(6, 4, 3, padding=1)
+    with torch.no_grad():
+        lin.weight[:, [1, 4]] = 0
+        conv.weight[:, [2]] = 0
+    for mod, shape in ((lin, (2, 6)), (conv, (2, 6, 5, 5))):
+        model = Op(lambda s, x: s.mods[0](x), mod)
+        x = torch.randn(shape)
+        gm, an = _analysis(model, x, method)
+        xn, _ = _io(an.gm)
+        tol = _tolerance(an, xn.name, 1)
+        for k in range(6):
+            x2 = x.clone()
+            x2.select(1, k).add_(1.0)
+            unchanged = torch.equal(model(x2), model(x))
+            assert bool(tol[k]) == unchanged, f"{type(mod).__name__} channel {k}"
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_facts_match_execution(method):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.ln = nn.LayerNorm(6)
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            with torch.no_grad():
+                self.fc.weight[[0, 3]] = 0
+                self.fc.bias[0], self.fc.bias[3] = 0.7, -0.2
+                self.ln.weight[2] = 0
+                self.conv.weight[1] = 0
+                self.conv.bias[1] = 0.3
+
+        def forward(self, x, img):
+            h = F.gelu(self.fc(x))            # channels 0, 3 constant gelu(b)
+            g = h * torch.tensor([1.0, 1, 1, 1, 0, 1])  # channel 4 zero
+            n = self.ln(x @ torch.ones(4, 6))  # channel 2 == ln bias
+            c = self.conv(img)                # channel 1 == 0.3 everywhere
+            return h, g, n, c
+
+    net = Net().eval()
+    inputs = (torch.randn(3, 4), torch.randn(2, 2, 5, 5))
+    gm = fp.capture(net, inputs, method=method)
+    an = Analysis(lower_modules(gm))
+    out = next(n for n in an.gm.graph.nodes if n.op == "output").args[0]
+    expect = {0: {0, 3}, 1: {0, 3, 4}, 2: {2}, 3: {1}}
+    for _ in range(3):
+        values = net(torch.randn(3, 4), torch.randn(2, 2, 5, 5))
+        for i, dim in ((0, 1), (1, 1), (2, 1), (3, 1)):
+            f = an.facts.dim(out[i], dim)
+            assert set(f.known.nonzero().flatten().tolist()) >= expect[i], (i, f.known)
+            for k in f.known.nonzero().flatten().tolist():
+                torch.testing.assert_close(values[i].select(dim, k), torch.full_like(values[i].select(dim, k), f.value[k].item()))
+
+
+def test_padding_makes_nonzero_constants_position_dependent():
+    conv = nn.Conv2d(1, 1, 3, padding=1)
+    model = Op(lambda s, x: s.mods[0](x * 0 + 1.0), conv)
+    gm, an = _analysis(model, torch.randn(1, 1, 4, 4), "symbolic")
+    _, y = _io(an.gm)
+    assert not an.facts.dim(y, 1).known.any()
