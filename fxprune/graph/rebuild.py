@@ -33,8 +33,10 @@ def _kind(gm: nn.Module, target: str) -> str:
 
 def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor]) -> GraphModule:
     """A GraphModule running ``graph``; get_attr targets come from ``tensors`` (new values) or are copied
-    from ``old``; call_module targets are deep-copied from ``old``. The result shares no storage with ``old``."""
+    from ``old``; call_module targets are deep-copied from ``old``. The result shares no storage with ``old``.
+    Targets bound to one tensor (tied weights) stay bound to one parameter."""
     root = nn.Module()
+    made: dict[int, torch.Tensor] = {}
     for node in graph.nodes:
         if node.op not in ("get_attr", "call_module"):
             continue
@@ -55,12 +57,18 @@ def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor]) ->
         if not isinstance(value, torch.Tensor):
             setattr(owner, name, copy.deepcopy(value))
             continue
-        value = value.detach().clone()
-        if kind == "param":
+        if id(value) in made:
+            new = made[id(value)]
+        elif kind == "param":
             requires_grad = getattr(src, "requires_grad", True) if src is not None else _requires_grad(old, node.target)
-            owner.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point()))
+            new = nn.Parameter(value.detach().clone(), requires_grad=requires_grad and value.is_floating_point())
         else:
-            owner.register_buffer(name, value, persistent=kind != "nonpersistent")
+            new = value.detach().clone()
+        made[id(value)] = new
+        if isinstance(new, nn.Parameter):
+            owner.register_parameter(name, new)
+        else:
+            owner.register_buffer(name, new, persistent=kind != "nonpersistent")
     gm = GraphModule(root, graph, old.__class__.__name__ if isinstance(old, GraphModule) else "GraphModule")
     gm.meta.update({k: v for k, v in old.meta.items()})
     return gm

@@ -124,8 +124,13 @@ class Rewriter:
             if rule is not None:
                 rule.rewrite(Op(node, self.gm), self)
         tensors: dict[str, torch.Tensor] = dict(self.created)
+        by_key: dict[str, torch.Tensor] = {}  # tied targets share one tensor
         for node in self.gm.graph.nodes:
             if node.op != "get_attr" or node.target in tensors:
+                continue
+            key = self.an.spaces.param_key.get(node.target, node.target)
+            if key in by_key:
+                tensors[node.target] = by_key[key]
                 continue
             t = get_attr(self.gm, node.target)
             if not isinstance(t, torch.Tensor):
@@ -136,7 +141,7 @@ class Rewriter:
                 k = self.kept(node, d)
                 if not bool(k.all()):
                     t = t.index_select(d, k.nonzero().flatten())
-            tensors[node.target] = t
+            tensors[node.target] = by_key[key] = t
         out = rebuild(self.gm, self.graph, tensors)
         out.graph.lint()
         annotate(out, placeholder_inputs(out))

@@ -1,0 +1,219 @@
+import pytest
+import torch
+from torch import nn
+
+import fxprune as fp
+from fxprune.analysis import rules as R
+from conftest import n_params, snapshot
+from fxprune.zoo import build
+
+ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "leaky": nn.LeakyReLU}
+WIDTHS = [12, 24, 20, 5]
+
+
+def mlp(act: str) -> nn.Sequential:
+    layers = []
+    for i in range(len(WIDTHS) - 1):
+        layers.append(nn.Linear(WIDTHS[i], WIDTHS[i + 1]))
+        if i < len(WIDTHS) - 2:
+            layers.append(ACTS[act]())
+    return nn.Sequential(*layers).eval()
+
+
+def oracle_params(model: nn.Sequential) -> int:
+    """Hand-computed parameter count of the minimal MLP: drop hidden units whose row (over live inputs) is zero
+    (constant output, folded downstream) or whose column (over live outputs) is zero, to a fixed point."""
+    lins = [m for m in model if isinstance(m, nn.Linear)]
+    alive = [torch.ones(lin.out_features, dtype=torch.bool) for lin in lins[:-1]]
+    changed = True
+    while changed:
+        changed = False
+        for i, a in enumerate(alive):
+            live_in = torch.ones(lins[i].in_features, dtype=torch.bool) if i == 0 else alive[i - 1]
+            live_out = torch.ones(lins[i + 1].out_features, dtype=torch.bool) if i + 1 == len(alive) else alive[i + 1]
+            dead_row = (lins[i].weight[:, live_in] == 0).all(dim=1)
+            unread = (lins[i + 1].weight[live_out][:, :] == 0).all(dim=0)
+            new = a & ~dead_row & ~unread
+            if not new.any():
+                new = a.clone() if a.any() else new
+                new[:] = False
+                new[0] = True
+            if not torch.equal(new, a):
+                alive[i], changed = new, True
+    sizes = [WIDTHS[0]] + [int(a.sum()) for a in alive] + [WIDTHS[-1]]
+    return sum(sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(sizes) - 1))
+
+
+def plant_mlp(model: nn.Sequential, units=((0, [1, 4, 7]), (2, [0, 3]))) -> int:
+    """Zero rows and biases of hidden units; return how many parameters an exact minimizer removes."""
+    sizes = list(WIDTHS)
+    with torch.no_grad():
+        for idx, units_ in units:
+            model[idx].weight[units_] = 0
+            model[idx].bias[units_] = 0.0
+            sizes[idx // 2 + 1] -= len(units_)
+    kept = sum(sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(sizes) - 1))
+    return sum(p.numel() for p in model.parameters()) - kept
+
+
+def exact(a, b, inputs) -> bool:
+    rep = fp.verify(a, b, inputs)
+    return rep.ok and rep.max_rel["float64"] <= 1e-9
+
+
+def f64(model, inputs):
+    """The float64 version of a model and its inputs: exactness (<= 1e-9) is a float64 statement."""
+    return model.double(), tuple(x.double() if x.is_floating_point() else x for x in inputs)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_planted_dead_neurons_are_removed_exactly(act):
+    model, x = f64(mlp(act), (torch.randn(6, 12),))
+    removed = plant_mlp(model)
+    gm = fp.capture(model, x)
+    small = fp.minimize(gm)
+    assert n_params(small) == n_params(model) - removed
+    assert exact(gm, small, x)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "gelu"])
+def test_random_masks_match_the_oracle(act, sparsity):
+    model, x = f64(mlp(act), (torch.randn(6, 12),))
+    plant_mlp(model)
+    masked = fp.mask(fp.capture(model, x), sparsity, criterion="random", seed=3)
+    ref = mlp(act).double()
+    ref.load_state_dict({k: v for k, v in masked.state_dict().items()})
+    small = fp.minimize(masked)
+    assert n_params(small) == oracle_params(ref)
+    assert exact(masked, small, x)
+
+
+def _plant_cnn(m) -> int:
+    with torch.no_grad():
+        m.c1.weight[:3] = 0
+        m.c1.bias[:3] = 0  # dead, but BN makes them constant != 0 before a zero-padded 3x3 conv: NOT removable
+        m.b2.weight[:2] = 0
+        m.b2.bias[:2] = -1.0  # relu(-1) = 0
+        m.fc.weight[:, :16] = 0  # cat channel 0 (from b1) unread
+    return (16 + 1 + 16 * 10) + 2 * (16 * 9 + 1 + 16 * 10)
+
+
+def _plant_gated(m) -> int:
+    with torch.no_grad():
+        m.up.weight[32 + 1] = 0
+        m.up.bias[32 + 1] = 0  # value unit 1 = 0 -> product 0
+        m.up.weight[32 + 5] = 0
+        m.up.bias[32 + 5] = 0
+        m.up.weight[7] = 0
+        m.up.bias[7] = 0  # gate unit 7: silu(0) = 0
+    return 3 * (2 * 17 + 16)
+
+
+def _plant_residual(m) -> int:
+    with torch.no_grad():
+        for b in m.blocks:
+            b[0].weight[[2, 9]] = 0
+            b[0].bias[[2, 9]] = -0.5
+    return len(m.blocks) * 2 * (24 + 1 + 24)
+
+
+PLANTERS = {"cnn": _plant_cnn, "gated_mlp": _plant_gated, "residual_mlp": _plant_residual}
+
+
+@pytest.mark.parametrize("sparsity", [None, 0.5, 0.9])
+@pytest.mark.parametrize("name", list(PLANTERS))
+def test_planted_structure_in_model_kinds(name, sparsity):
+    model, x = f64(*build(name))
+    removed = PLANTERS[name](model)
+    gm = fp.capture(model, x)
+    src = gm if sparsity is None else fp.mask(gm, sparsity, criterion="random", seed=1)
+    small = fp.minimize(src)
+    if sparsity is None:
+        assert n_params(small) == n_params(model) - removed
+    else:
+        assert n_params(small) <= n_params(model) - removed
+    assert exact(src, small, x)
+
+
+def _hf_ffn(model, name):
+    """(list of (up weights, out dim), down weight, in dim) per block for planting dead FFN units."""
+    if name == "gpt2":
+        return [([(b.mlp.c_fc.weight, 1), (b.mlp.c_fc.bias, 0)], (b.mlp.c_proj.weight, 0)) for b in model.transformer.h]
+    if name == "vit":
+        return [([(l.mlp.fc1.weight, 0), (l.mlp.fc1.bias, 0)], (l.mlp.fc2.weight, 1)) for l in model.layers]
+    if name == "bert":
+        enc = model.encoder.layer
+        return [([(l.intermediate.dense.weight, 0), (l.intermediate.dense.bias, 0)], (l.output.dense.weight, 1)) for l in enc]
+    if name == "llama":
+        return [([(l.mlp.gate_proj.weight, 0)], (l.mlp.down_proj.weight, 1)) for l in model.model.layers]
+    if name == "convnext":
+        return [([(l.pwconv1.weight, 0), (l.pwconv1.bias, 0)], (l.pwconv2.weight, 1)) for s in model.encoder.stages for l in s.layers]
+    raise KeyError(name)
+
+
+def _removed_per_unit(model, name, ups, down):
+    (w, d), (dw, dd) = ups[0], down
+    per = w.shape[1 - d] + dw.shape[1 - dd] + (1 if len(ups) > 1 else 0)
+    if name == "llama":
+        layer = next(l for l in model.model.layers if l.mlp.gate_proj.weight is w)
+        per += layer.mlp.up_proj.weight.shape[1]
+    return per
+
+
+@pytest.mark.parametrize("sparsity", [None, 0.9])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit", "llama", "convnext"])
+def test_transformers_ffn_hidden_units(name, sparsity):
+    model, x = f64(*build(name))
+    removed = 0
+    with torch.no_grad():
+        for ups, down in _hf_ffn(model, name):
+            units = [0, 5, 6]
+            for t, d in ups:
+                t.index_fill_(d, torch.tensor(units), 0.0)
+            removed += len(units) * _removed_per_unit(model, name, ups, down)
+    gm = fp.capture(model, x)
+    src = gm if sparsity is None else fp.mask(gm, sparsity, criterion="random", seed=2,
+                                               include=["*mlp*", "*intermediate*", "*output.dense*", "*pwconv*", "*fc*"])
+    small = fp.minimize(src)
+    if sparsity is None:
+        assert n_params(small) == n_params(gm) - removed
+    else:
+        assert n_params(small) <= n_params(gm) - removed
+    assert exact(src, small, x)
+
+
+def test_idempotent_and_pure():
+    model, x = build("cnn")
+    _plant_cnn(model)
+    gm = fp.capture(model, x)
+    before_model, before_gm = snapshot(model), snapshot(gm)
+    masked = fp.mask(gm, 0.7)
+    assert snapshot(gm) == before_gm
+    before_masked = snapshot(masked)
+    once = fp.minimize(masked)
+    assert snapshot(masked) == before_masked and snapshot(model) == before_model
+    twice = fp.minimize(once)
+    assert {k: v.shape for k, v in once.state_dict().items()} == {k: v.shape for k, v in twice.state_dict().items()}
+    assert snapshot(once) == snapshot(twice)
+    with torch.no_grad():  # the result shares no storage with its input
+        next(iter(once.parameters())).add_(1.0)
+    assert snapshot(masked) == before_masked
+
+
+def test_sabotaged_rule_cannot_escape(monkeypatch):
+    model = mlp("sigmoid")  # dead units are the constant sigmoid(0) = 0.5: removal needs folding
+    plant_mlp(model)
+    gm = fp.capture(model, (torch.randn(6, 12),))
+    monkeypatch.setattr(R.Linear, "rewrite", lambda self, op, rw: None)
+    with pytest.raises(fp.EquivalenceError, match="nothing was returned"):
+        fp.minimize(gm)
+
+
+def test_nan_weights_are_refused():
+    model = mlp("relu")
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    gm = fp.capture(model, (torch.randn(2, 12),))
+    with pytest.raises(fp.UnsupportedError, match="NaN"):
+        fp.minimize(gm)
