@@ -65,8 +65,8 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
 
     >>> import torch, fxprune as fp
     >>> gm = fp.capture(torch.nn.Sequential(torch.nn.Linear(10, 10)), (torch.randn(1, 10),))
-    >>> float((fp.mask(gm, 0.7).get_parameter("0.weight") == 0).float().mean())
-    0.7
+    >>> int((fp.mask(gm, 0.7).get_parameter("0.weight") == 0).sum())
+    70
     """
     if masks is None:
         if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
