@@ -13,7 +13,9 @@ Any operand or output dim a rule leaves unrelated is frozen by the driver: never
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -288,17 +290,15 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[Di
     return extract(out) if isinstance(out, torch.Tensor) else None
 
 
-_F64_MODULES: dict[int, Any] = {}
+_F64_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
 
 
 def _callable(op: Op) -> Callable[..., Any]:
     if op.node.op == "call_method":
         return lambda self, *a, **k: getattr(self, op.target)(*a, **k)
     if op.module is not None:
-        import copy
-
-        m = _F64_MODULES.get(id(op.module))
-        if m is None or m[0] is not op.module:
-            m = _F64_MODULES[id(op.module)] = (op.module, copy.deepcopy(op.module).double().eval())
-        return m[1]
+        m = _F64_MODULES.get(op.module)
+        if m is None:
+            m = _F64_MODULES[op.module] = copy.deepcopy(op.module).double().eval()
+        return m
     return op.target

@@ -349,14 +349,10 @@ class BatchNorm(Rule):
                 sp.unify(x, 1, p, 0, f"by {op.describe()}")
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        x, _, training = self.operands(op)
-        if training:
-            return None
-        outs = self.outputs(op)
-        res = nan_eval(op, fx)
-        if op.target is aten._native_batch_norm_legit_no_training.default:
-            return None  # facts live on the getitem user, computed by GetItem from the tuple
-        return res
+        _, _, training = self.operands(op)
+        if training or op.target is aten._native_batch_norm_legit_no_training.default:
+            return None  # (tuple output: the getitem user computes its facts)
+        return nan_eval(op, fx)
 
 
 class TupleGetItem(Rule):

@@ -8,6 +8,7 @@ channels are folded into the consumers' biases where that is exact. The rewrite 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -151,10 +152,7 @@ class Rewriter:
 def _prepare(gm: GraphModule, inputs: tuple[Any, ...] | None) -> GraphModule:
     work = lower_modules(gm)
     if work is gm:  # never annotate the caller's graph in place
-        work = GraphModule(gm, gm.graph, gm.__class__.__name__)
-        import copy
-
-        work.graph = copy.deepcopy(gm.graph)
+        work = GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
         work.meta.update(gm.meta)
     if not is_annotated(work):
         if inputs is None:
