@@ -186,8 +186,12 @@ def test_transformers_ffn_hidden_units(name, sparsity):
 def test_idempotent_and_pure():
     model, x = build("cnn")
     _plant_cnn(model)
+    before_model = snapshot(model)
     gm = fp.capture(model, x)
-    before_model, before_gm = snapshot(model), snapshot(gm)
+    before_gm = snapshot(gm)
+    assert before_gm == before_model
+    fp.analyze(gm)
+    assert snapshot(gm) == before_gm
     masked = fp.mask(gm, 0.7)
     assert snapshot(gm) == before_gm
     before_masked = snapshot(masked)
