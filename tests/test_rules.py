@@ -45,6 +45,7 @@ CASES = {
     "adaptive_avgpool": (Op(lambda s, x: F.adaptive_avg_pool2d(x, 1)), (2, 4, 4, 4), [(1, 1)]),
     "permute": (Op(lambda s, x: x.permute(0, 2, 1)), (2, 3, 5), [(1, 2), (2, 1)]),
     "transpose": (Op(lambda s, x: x.transpose(1, 2)), (2, 3, 5), [(1, 2), (2, 1)]),
+    "t": (Op(lambda s, x: x.t()), (3, 5), [(0, 1), (1, 0)]),
     "unsqueeze": (Op(lambda s, x: x.unsqueeze(1)), (2, 5), [(1, 2)]),
     "layernorm_rows": (Op(lambda s, x: s.mods[0](x), nn.LayerNorm(5)), (3, 4, 5), [(0, 0), (1, 1)]),
     "softmax_rows": (Op(lambda s, x: x.softmax(-1)), (3, 5), [(0, 0)]),

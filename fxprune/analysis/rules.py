@@ -557,14 +557,14 @@ class Permute(Rule):
 
     def perm(self, op: Op, r: int) -> list[int]:
         name = op.target if isinstance(op.target, str) else getattr(op.target, "__name__", str(op.target))
-        name = str(name)
+        base = str(name).split(".")[0]
         args = op.node.args[1:]
-        if "transpose" in name or "swapaxes" in name:
+        if base in ("transpose", "swapaxes"):
             d0, d1 = args[0] % r, args[1] % r
             p = list(range(r))
             p[d0], p[d1] = p[d1], p[d0]
             return p
-        if name.endswith("t") and not args:  # .t() / aten.t
+        if base == "t":  # .t() / aten.t
             return list(range(r))[::-1]
         dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
         if not dims:
