@@ -39,7 +39,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.5, 0.9, 0.98])
     args = ap.parse_args()
-    print("fxprune demo: capture -> mask (per-layer magnitude) -> minimize -> verify (float64)")
+    print("fxprune demo (interim: the smallest end-to-end job, until the Squeeze-Release benchmark lands)")
+    print("capture -> mask (per-layer magnitude) -> minimize -> verify (float64)")
     print(f"{'model':<5} {'sparsity':>8} {'params':>10} {'after':>10} {'ratio':>8} {'FLOPs':>12} {'after':>12} {'f64 rel':>10}")
     for s in args.sparsity:
         run("mlp", *mlp(), s)
