@@ -118,6 +118,18 @@ def _plant_residual(m) -> int:
     return len(m.blocks) * 2 * (24 + 1 + 24)
 
 
+def check_planted(gm, x, removed, sparsity, **mask_kwargs):
+    """Minimize (after a random mask when ``sparsity``): planted units are all gone, and the result is exact.
+    Without a mask the count is exact; with one, further units may go too."""
+    src = gm if sparsity is None else fp.mask(gm, sparsity, criterion="random", **mask_kwargs)
+    small = fp.minimize(src)
+    if sparsity is None:
+        assert n_params(small) == n_params(gm) - removed
+    else:
+        assert n_params(small) <= n_params(gm) - removed
+    assert exact(src, small, x)
+
+
 PLANTERS = {"cnn": _plant_cnn, "gated_mlp": _plant_gated, "residual_mlp": _plant_residual}
 
 
@@ -126,14 +138,7 @@ PLANTERS = {"cnn": _plant_cnn, "gated_mlp": _plant_gated, "residual_mlp": _plant
 def test_planted_structure_in_model_kinds(name, sparsity):
     model, x = f64(*build(name))
     removed = PLANTERS[name](model)
-    gm = fp.capture(model, x)
-    src = gm if sparsity is None else fp.mask(gm, sparsity, criterion="random", seed=1)
-    small = fp.minimize(src)
-    if sparsity is None:
-        assert n_params(small) == n_params(model) - removed
-    else:
-        assert n_params(small) <= n_params(model) - removed
-    assert exact(src, small, x)
+    check_planted(fp.capture(model, x), x, removed, sparsity, seed=1)
 
 
 def _hf_ffn(model, name):
@@ -172,15 +177,8 @@ def test_transformers_ffn_hidden_units(name, sparsity):
             for t, d in ups:
                 t.index_fill_(d, torch.tensor(units), 0.0)
             removed += len(units) * _removed_per_unit(model, name, ups, down)
-    gm = fp.capture(model, x)
-    src = gm if sparsity is None else fp.mask(gm, sparsity, criterion="random", seed=2,
-                                               include=["*mlp*", "*intermediate*", "*output.dense*", "*pwconv*", "*fc*"])
-    small = fp.minimize(src)
-    if sparsity is None:
-        assert n_params(small) == n_params(gm) - removed
-    else:
-        assert n_params(small) <= n_params(gm) - removed
-    assert exact(src, small, x)
+    check_planted(fp.capture(model, x), x, removed, sparsity, seed=2,
+                  include=["*mlp*", "*intermediate*", "*output.dense*", "*pwconv*", "*fc*"])
 
 
 def test_idempotent_and_pure():
