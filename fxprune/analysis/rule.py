@@ -22,6 +22,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxprune.analysis.atoms import Atom, AtomSet
+from fxprune.graph.rebuild import get_attr
 from fxprune.graph.shapes import TensorSpec, node_spec
 
 __all__ = ["Op", "Spaces", "Facts", "DimFacts", "Rule", "Exit"]
@@ -77,7 +78,7 @@ class Spaces:
         seen: dict[int, str] = {}
         for n in gm.graph.nodes:
             if n.op == "get_attr":
-                t = _get_attr(gm, n.target)
+                t = get_attr(gm, n.target)
                 key = seen.setdefault(id(t), n.target) if isinstance(t, torch.Tensor) else n.target
                 self.param_key[n.target] = key
 
@@ -89,7 +90,7 @@ class Spaces:
             return None
         s = node_spec(v)
         if v.op == "get_attr" and s is None:
-            t = _get_attr(self.gm, v.target)
+            t = get_attr(self.gm, v.target)
             s = TensorSpec(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None
         return s if isinstance(s, TensorSpec) else None
 
@@ -182,7 +183,7 @@ class Facts:
         """The value of a get_attr node (float64) or None."""
         if v.op != "get_attr":
             return None
-        t = _get_attr(self.gm, v.target)
+        t = get_attr(self.gm, v.target)
         return t.detach().to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else None
 
     def get(self, v: Any) -> list[DimFacts] | None:
@@ -248,12 +249,6 @@ def extract(t: torch.Tensor) -> list[DimFacts] | None:
         out.append(DimFacts(known, torch.where(known, hi, torch.zeros_like(hi))))
     return out
 
-
-def _get_attr(gm: GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class Rule:
