@@ -10,10 +10,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["TRANSFORMERS", "build", "ResidualMLP", "SmallCNN", "GatedMLP"]
+__all__ = ["TRANSFORMERS", "STREAM_PARAMS", "plant_dead_stream", "build", "ResidualMLP", "SmallCNN", "GatedMLP"]
 
 
-def _hf(name: str, size: str = "tiny") -> tuple[nn.Module, tuple[Any, ...]]:
+def _hf(name: str, size: str = "tiny", head: bool = False) -> tuple[nn.Module, tuple[Any, ...]]:
     import transformers as tf
 
     tf.logging.set_verbosity_error()
@@ -29,18 +29,51 @@ def _hf(name: str, size: str = "tiny") -> tuple[nn.Module, tuple[Any, ...]]:
     if name == "bert":
         cfg = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                             max_position_embeddings=64)
-        return tf.BertModel(cfg).eval(), ids()
+        return (tf.BertForSequenceClassification if head else tf.BertModel)(cfg).eval(), ids()
     if name == "vit":
         cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
                            patch_size=4) if tiny else tf.ViTConfig()
-        return tf.ViTModel(cfg).eval(), (torch.randn(1, 3, cfg.image_size, cfg.image_size),)
+        return (tf.ViTForImageClassification if head else tf.ViTModel)(cfg).eval(), (torch.randn(1, 3, cfg.image_size, cfg.image_size),)
     if name == "convnext":
         cfg = tf.ConvNextConfig(num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, image_size=32) if tiny else tf.ConvNextConfig()
-        return tf.ConvNextModel(cfg).eval(), (torch.randn(1, 3, 32 if tiny else 224, 32 if tiny else 224),)
+        model = (tf.ConvNextForImageClassification if head else tf.ConvNextModel)(cfg).eval()
+        return model, (torch.randn(1, 3, 32 if tiny else 224, 32 if tiny else 224),)
     raise KeyError(name)
 
 
 TRANSFORMERS = ("convnext", "vit", "bert", "gpt2", "llama")
+
+# Where each transformers architecture's residual stream lives: (parameter-name pattern, dim along the stream).
+# Zeroing these at a channel makes it a dead stream channel: every writer writes a constant into it and every
+# norm's weight there is zero (so the norm writes its bias: a constant the readers fold).
+STREAM_PARAMS: dict[str, list[tuple[str, int]]] = {
+    "gpt2": [(r"wte\.weight", 1), (r"wpe\.weight", 1), (r"ln_[12f]\.weight", 0), (r"c_proj\.weight", 1), (r"c_proj\.bias", 0)],
+    "llama": [(r"embed_tokens\.weight", 1), (r"(input|post_attention)_layernorm\.weight", 0), (r"model\.norm\.weight", 0),
+              (r"(o_proj|down_proj)\.weight", 0)],
+    "vit": [(r"cls_token", 2), (r"position_embeddings", 2), (r"projection\.(weight|bias)", 0), (r"layernorm\w*\.weight", 0),
+            (r"(o_proj|fc2)\.(weight|bias)", 0)],
+    "bert": [(r"embeddings\.\w+_embeddings\.weight", 1), (r"LayerNorm\.weight", 0), (r"output\.dense\.(weight|bias)", 0)],
+    "convnext": [(r"patch_embeddings\.(weight|bias)", 0), (r"embeddings\.layernorm\.(weight|bias)", 0),
+                 (r"layers\.\d+\.layernorm\.weight", 0), (r"pwconv2\.(weight|bias)", 0), (r"downsampling_layer\.0\.weight", 0),
+                 (r"downsampling_layer\.1\.(weight|bias)", 0), (r"convnext\.layernorm\.weight", 0)],
+}
+
+
+def plant_dead_stream(model: nn.Module, name: str, channels: list[int]) -> list[str]:
+    """Make ``channels`` of every residual stream of a transformers model dead (see ``STREAM_PARAMS``); returns
+    the names of the parameters changed. The model's function changes; what matters is that the channels
+    then provably do not affect it."""
+    import re
+
+    changed = []
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            for pattern, dim in STREAM_PARAMS[name]:
+                if re.search(pattern, pname):
+                    p.index_fill_(dim, torch.tensor(channels), 0.0)
+                    changed.append(pname)
+                    break
+    return changed
 
 
 class ResidualMLP(nn.Module):
@@ -96,8 +129,9 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(h, 1))
 
 
-def build(name: str, size: str = "tiny", seed: int = 0) -> tuple[nn.Module, tuple[Any, ...]]:
-    """A reference model and example inputs: 'residual_mlp', 'gated_mlp', 'cnn' or a transformers name."""
+def build(name: str, size: str = "tiny", seed: int = 0, head: bool = False) -> tuple[nn.Module, tuple[Any, ...]]:
+    """A reference model and example inputs: 'residual_mlp', 'gated_mlp', 'cnn' or a transformers name
+    (``head=True``: BERT, ViT and ConvNeXt with a classification head, so the stream is not the output)."""
     torch.manual_seed(seed)
     if name == "residual_mlp":
         return ResidualMLP().eval(), (torch.randn(4, 12),)
@@ -105,4 +139,4 @@ def build(name: str, size: str = "tiny", seed: int = 0) -> tuple[nn.Module, tupl
         return GatedMLP().eval(), (torch.randn(4, 16),)
     if name == "cnn":
         return SmallCNN().eval(), (torch.randn(2, 3, 8, 8),)
-    return _hf(name, size)
+    return _hf(name, size, head)

@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from fxprune.analysis.atoms import Atom
-from fxprune.analysis.rule import Facts, Op, Spaces
+from fxprune.analysis.rule import GHOST_PREFIX, Facts, Op, Spaces
 from fxprune.analysis.table import RULES, target_name
 from fxprune.graph.shapes import TensorSpec, node_spec
 
@@ -83,6 +83,8 @@ class Analysis:
                     sp.freeze_all(node, f"model input '{node.name}'")
                 continue
             if node.op == "get_attr":
+                if str(node.target).startswith(GHOST_PREFIX):
+                    sp.freeze_all(node, "constant standing in for removed channels")
                 continue
             if node.op == "output":
                 for v in pytree.tree_leaves(node.args[0]):
@@ -117,6 +119,8 @@ class Analysis:
             res = rule.facts(Op(node, self.gm), self.facts)
             if res is not None or self.facts.peek(node) is None:
                 self.facts.set(node, res)
+            if rule.replayable and isinstance(node_spec(node), TensorSpec):
+                self.facts.derive_ghost(node)
 
     # ---- removal plan -------------------------------------------------------------------
     def removable(self) -> dict[int, torch.Tensor]:

@@ -25,7 +25,9 @@ from fxprune.analysis.atoms import Atom, AtomSet
 from fxprune.graph.rebuild import get_attr
 from fxprune.graph.shapes import TensorSpec, node_spec
 
-__all__ = ["Op", "Spaces", "Facts", "DimFacts", "Rule", "Exit"]
+__all__ = ["Op", "Spaces", "Facts", "DimFacts", "Rule", "Exit", "GHOST_PREFIX", "aligned_dim"]
+
+GHOST_PREFIX = "fxprune_ghost_"  # get_attr targets of constants that stand in for removed channels: frozen
 
 
 class Op:
@@ -178,6 +180,7 @@ class Facts:
     def __init__(self, gm: GraphModule, spaces: Spaces) -> None:
         self.gm, self.sp = gm, spaces
         self._facts: dict[Any, list[DimFacts] | None] = {}
+        self._ghost: dict[Any, list[torch.Tensor]] = {}
 
     def tensor(self, v: Node) -> torch.Tensor | None:
         """The value of a get_attr node (float64) or None."""
@@ -211,6 +214,26 @@ class Facts:
     def set(self, v: Node, facts: list[DimFacts] | None) -> None:
         self._facts[self.sp.key(v)] = facts
 
+    def ghost(self, v: Node, d: int) -> torch.Tensor:
+        """Channels of ``v`` at dim ``d`` whose values a rewrite can recompute without the channel itself:
+        known constants, or elementwise functions of ghost channels and of values broadcast along ``d``
+        (``(c - mean)**2`` in a hand-written LayerNorm). Bool mask."""
+        g = self._ghost.get(self.sp.key(v))
+        return g[d % len(g)] if g is not None else self.dim(v, d).known
+
+    def derive_ghost(self, node: Node) -> None:
+        """Record :meth:`ghost` masks of the output of an elementwise op, from its operands'."""
+        shape = self.sp.spec(node).shape
+        masks = []
+        for d, n in enumerate(shape):
+            m = torch.ones(n, dtype=torch.bool)
+            for a in node.all_input_nodes:
+                j = aligned_dim(self.sp, a, node, d)
+                if j is not None:
+                    m &= self.ghost(a, j)
+            masks.append(m | self.dim(node, d).known)
+        self._ghost[self.sp.key(node)] = masks
+
     def materialize(self, v: Any) -> Any:
         """A float64 tensor of ``v``'s shape: known channels hold their constant, the rest NaN."""
         if not isinstance(v, Node):
@@ -230,6 +253,18 @@ class Facts:
                     shape[d] = -1
                     out = torch.where(df.known.view(shape), df.value.view(shape), out)
         return out
+
+
+def aligned_dim(sp: Spaces, a: Node, out: Node, d: int) -> int | None:
+    """The dim of operand ``a`` that broadcasting aligns with dim ``d`` of ``out`` (None when ``a`` is not a
+    tensor, has no such dim, or is broadcast along it)."""
+    sa, so = sp.spec(a), sp.spec(out)
+    if sa is None or so is None:
+        return None
+    j = d - (len(so.shape) - len(sa.shape))
+    if j < 0 or (sa.shape[j] == 1 and so.shape[d] != 1):
+        return None
+    return j
 
 
 class _NotFloat(Exception):
@@ -256,6 +291,7 @@ class Rule:
 
     kind = "opaque"
     nan_eval = False  # facts by evaluating the op on NaN-filled inputs
+    replayable = False  # elementwise: channel k of the output is a function of channel k of the operands
 
     def couple(self, op: Op, sp: Spaces) -> None:  # pragma: no cover - overridden
         pass

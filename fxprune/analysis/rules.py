@@ -18,6 +18,7 @@ from torch.fx import Node
 from fxprune.analysis.rule import DimFacts, Facts, Op, Rule, Spaces, extract, nan_eval
 from fxprune.analysis.table import RULES
 from fxprune.graph.shapes import TensorSpec, node_spec
+from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
 
 aten = torch.ops.aten
 
@@ -63,6 +64,7 @@ class Elementwise(Rule):
 
     kind = "elementwise"
     nan_eval = True
+    replayable = True
 
     def couple(self, op: Op, sp: Spaces) -> None:
         out = _shape(sp, op.node)
@@ -78,6 +80,8 @@ class Elementwise(Rule):
 
 class Dropout(Elementwise):
     """Identity in eval mode (or p == 0); random in training mode, so no facts then."""
+
+    replayable = False
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         if op.module is not None:
@@ -380,9 +384,15 @@ class TupleGetItem(Rule):
 
 
 class Norm(Rule):
-    """LayerNorm / RMSNorm over trailing dims and GroupNorm over dim 1: they read every channel."""
+    """LayerNorm / RMSNorm over trailing dims and GroupNorm over dim 1: they read every channel.
+
+    A one-dim layer_norm or rms_norm tolerates removing channels that hold known constants: its rewrite turns
+    it into :func:`~fxprune.nn.compensated_layer_norm` (or the RMS one), which keeps the statistics of the full
+    stream. Multi-dim and group norms tolerate nothing."""
 
     kind = "normalizer"
+    _LAYER = (aten.layer_norm.default, F.layer_norm)
+    _RMS = (aten.rms_norm.default, getattr(F, "rms_norm", None))
 
     def operands(self, op: Op) -> tuple[Node, list[int], Any, Any]:
         """(x, normalized dims, weight, bias)."""
@@ -393,9 +403,12 @@ class Norm(Rule):
             return x, [1], op.arg(2, "weight"), op.arg(3, "bias")
         shape = op.arg(1, "normalized_shape")
         nd = list(range(r - len(shape), r))
-        if t in (aten.rms_norm.default, getattr(F, "rms_norm", None)):
+        if t in self._RMS:
             return x, nd, op.arg(2, "weight"), None
         return x, nd, op.arg(2, "weight"), op.arg(3, "bias")
+
+    def compensable(self, op: Op) -> bool:
+        return op.target in self._LAYER + self._RMS and len(self.operands(op)[1]) == 1
 
     def outputs(self, op: Op) -> list[Node]:
         if op.target in (aten.native_layer_norm.default, aten.native_group_norm.default):
@@ -412,6 +425,9 @@ class Norm(Rule):
             if isinstance(p, Node):
                 for i, d in enumerate(nd if len(nd) == sp.rank(p) else [1]):
                     sp.unify(x, d, p, i, f"by {op.describe()}")
+        if self.compensable(op):
+            sp.exit(x, nd[0], lambda fx: fx.dim(x, nd[0]).known, f"{op.describe()} (compensates constant channels)")
+            return
         for d in nd:
             sp.exit(x, d, lambda fx, n=_shape(sp, x)[d]: torch.zeros(n, dtype=torch.bool), f"{op.describe()} (reads all channels)")
 
@@ -428,15 +444,67 @@ class Norm(Rule):
         z = W == 0
         return _out_facts(op, fx.sp, {nd[0]: DimFacts(z, torch.where(z, B, 0.0))})
 
+    def removed_constants(self, op: Op, rw: Any) -> tuple[torch.Tensor, int] | None:
+        """The constants of the channels this rewrite removes from the normalized dim, and its current width."""
+        x = self.operands(op)[0]
+        removed = ~rw.kept(x, -1)
+        if not self.compensable(op) or not removed.any():
+            return None
+        return rw.facts.dim(x, -1).value[removed], _shape(rw.facts.sp, x)[-1]
+
+    def rewrite(self, op: Op, rw: Any) -> None:
+        got = self.removed_constants(op, rw)
+        if got is None:
+            return
+        c, full = got
+        x, _, w, b = self.operands(op)
+        if op.target in self._RMS:
+            eps = op.arg(3, "eps")
+            rw.retarget(op, compensated_rms_norm, (rw.new(x), rw.new(w), eps, full, float((c * c).sum())), {})
+        else:
+            eps = op.arg(4, "eps", 1e-5)
+            rw.retarget(op, compensated_layer_norm, (rw.new(x), rw.new(w), rw.new(b), eps, full, float(c.sum()),
+                                                     float((c * c).sum())), {})
+
+
+class CompensatedNorm(Norm):
+    """:func:`~fxprune.nn.compensated_layer_norm` / ``compensated_rms_norm``: removing more constant channels
+    adds their constants to the removed sums; the full width stays."""
+
+    def operands(self, op: Op) -> tuple[Node, list[int], Any, Any]:
+        x = op.arg(0, "input")
+        nd = [len(node_spec(x).shape) - 1]
+        if op.target is compensated_rms_norm:
+            return x, nd, op.arg(1, "weight"), None
+        return x, nd, op.arg(1, "weight"), op.arg(2, "bias")
+
+    def compensable(self, op: Op) -> bool:
+        return True
+
+    def rewrite(self, op: Op, rw: Any) -> None:
+        got = self.removed_constants(op, rw)
+        if got is None:
+            return
+        c = got[0]
+        if op.target is compensated_rms_norm:
+            rw.set_arg(op, 4, "removed_sq_sum", op.arg(4, "removed_sq_sum", 0.0) + float((c * c).sum()))
+        else:
+            rw.set_arg(op, 5, "removed_sum", op.arg(5, "removed_sum", 0.0) + float(c.sum()))
+            rw.set_arg(op, 6, "removed_sq_sum", op.arg(6, "removed_sq_sum", 0.0) + float((c * c).sum()))
+
 
 class Reduce(Rule):
-    """mean/sum/amax/... over some dims: the reduced dims are read whole; the others pass through."""
+    """mean/sum/amax/... over some dims: the reduced dims are read whole; the others pass through.
+
+    A sum or mean over one channel dim tolerates removing channels whose values are known functions of
+    constants (:meth:`Facts.ghost`): the rewrite adds their contribution back from a small constant
+    tensor, and a mean divides by the original width."""
 
     kind = "reduction"
     nan_eval = True
 
-    def __init__(self, zero_ok: bool = False, dim_pos: int = 1, keepdim_pos: int = 2) -> None:
-        self.zero_ok, self.dim_pos, self.keepdim_pos = zero_ok, dim_pos, keepdim_pos
+    def __init__(self, mode: str | None = None, dim_pos: int = 1, keepdim_pos: int = 2) -> None:
+        self.mode, self.dim_pos, self.keepdim_pos = mode, dim_pos, keepdim_pos
 
     def reduced(self, op: Op, sp: Spaces) -> tuple[Node, list[int], bool]:
         x = op.arg(0, "input") if op.node.op != "call_method" else op.node.args[0]
@@ -445,19 +513,36 @@ class Reduce(Rule):
             dim = None
         return x, _dims(dim, sp.rank(x)), bool(op.arg(self.keepdim_pos, "keepdim", False))
 
+    def compensable(self, op: Op, red: list[int]) -> bool:
+        return self.mode is not None and len(red) == 1 and op.node.kwargs.get("dtype") is None
+
     def couple(self, op: Op, sp: Spaces) -> None:
         x, red, keep = self.reduced(op, sp)
         j = 0
         for d in range(sp.rank(x)):
             if d in red:
-                zero_ok = self.zero_ok
-                sp.exit(x, d, (lambda fx, d=d: fx.dim(x, d).zero()) if zero_ok else
-                        (lambda fx, n=_shape(sp, x)[d]: torch.zeros(n, dtype=torch.bool)), f"{op.describe()} (reduces over it)")
+                if self.compensable(op, red):
+                    tol = lambda fx, d=d: fx.ghost(x, d)  # noqa: E731
+                elif self.mode == "sum":
+                    tol = lambda fx, d=d: fx.dim(x, d).zero()  # noqa: E731
+                else:
+                    tol = lambda fx, n=_shape(sp, x)[d]: torch.zeros(n, dtype=torch.bool)  # noqa: E731
+                sp.exit(x, d, tol, f"{op.describe()} (reduces over it)")
                 if keep:
                     j += 1
                 continue
             sp.unify(x, d, op.node, j, f"by {op.describe()}")
             j += 1
+
+    def rewrite(self, op: Op, rw: Any) -> None:
+        x, red, keep = self.reduced(op, rw.facts.sp)
+        if not self.compensable(op, red):
+            return
+        d = red[0]
+        removed = ~rw.kept(x, d)
+        if not removed.any() or (self.mode == "sum" and bool(rw.facts.dim(x, d).zero()[removed].all())):
+            return
+        rw.compensate_sum(op, x, d, removed, keep, mean=self.mode == "mean")
 
 
 class Softmax(Rule):
@@ -736,6 +821,8 @@ class SDPA(Rule):
             sp.unify(q, d, y, d, why)
             if sk[d] == sq[d]:
                 sp.unify(k, d, q, d, why)
+            elif sk[d] and sq[d] % sk[d] == 0:  # grouped-query heads: query head i reads kv head i // n_rep
+                sp.structure_atoms(sp.of(q, d), "prod", [sp.of(k, d), sp.fresh(sq[d] // sk[d])], why)
             sp.unify(k, d, v, d, why)
         sp.unify(q, r - 2, y, r - 2, why)
         sp.unify(k, r - 2, v, r - 2, why)
@@ -757,9 +844,17 @@ class SDPA(Rule):
                     sp.meta_dim(mask, j)
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        if op.arg(4, "dropout_p", 0.0) != 0.0 or not fx.get(op.node.args[2]):
+        """Each output row is a convex combination of v's rows: where v is constant along a head_dim channel,
+        or over a whole head (a batch dim), so is the output."""
+        v, y = op.node.args[2], op.node
+        if op.arg(4, "dropout_p", 0.0) != 0.0 or not fx.get(v):
             return None
-        return _out_facts(op, fx.sp, {sp_last(fx.sp, op.node): fx.dim(op.node.args[2], -1)})
+        r, sv, sy = fx.sp.rank(y), _shape(fx.sp, v), _shape(fx.sp, y)
+        fill = {r - 1: fx.dim(v, -1)}
+        for d in range(r - 2):
+            if sv[d] == sy[d]:
+                fill[d] = fx.dim(v, d)
+        return _out_facts(op, fx.sp, fill)
 
     def rewrite(self, op: Op, rw: Any) -> None:
         q = op.node.args[0]
@@ -805,12 +900,14 @@ register(Linear(), F.linear, aten.linear, aten.addmm.default)
 register(Conv(), F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution.default)
 register(Embedding(), F.embedding, aten.embedding)
 register(BatchNorm(), F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+register(CompensatedNorm(), compensated_layer_norm, compensated_rms_norm)
 register(Norm(), F.layer_norm, F.group_norm, aten.layer_norm, aten.native_layer_norm, aten.group_norm,
          aten.native_group_norm, aten.rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
 register(TupleGetItem(), operator.getitem)
-register(Reduce(), aten.mean.dim, aten.amax, aten.amin, aten.var.correction, aten.std.correction, aten.logsumexp,
-         torch.mean, torch.amax, torch.amin, torch.var, torch.std, torch.logsumexp, "mean", "amax", "amin", "var", "std")
-register(Reduce(zero_ok=True), aten.sum.dim_IntList, torch.sum, "sum")
+register(Reduce(), aten.amax, aten.amin, aten.var.correction, aten.std.correction, aten.logsumexp,
+         torch.amax, torch.amin, torch.var, torch.std, torch.logsumexp, "amax", "amin", "var", "std")
+register(Reduce("mean"), aten.mean.dim, torch.mean, "mean")
+register(Reduce("sum"), aten.sum.dim_IntList, torch.sum, "sum")
 register(Softmax(), aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax, F.softmax, F.log_softmax,
          torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax)
 register(Pool(1), F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, aten.max_pool1d,

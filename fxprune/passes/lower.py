@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
+
 __all__ = ["lower_modules", "LOWERINGS"]
 
 # module type -> (functional, builder(module, x, param) -> (args, kwargs)); param(name) returns a get_attr node or None
@@ -71,6 +73,16 @@ if hasattr(nn, "RMSNorm"):
     @lowering(nn.RMSNorm, fn=F.rms_norm)
     def _rms(m: Any, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
         return (x, tuple(m.normalized_shape), p("weight"), m.eps), {}
+
+
+@lowering(CompensatedLayerNorm, fn=compensated_layer_norm)
+def _cln(m: CompensatedLayerNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x, p("weight"), p("bias"), m.eps, m.full_size, m.removed_sum, m.removed_sq_sum), {}
+
+
+@lowering(CompensatedRMSNorm, fn=compensated_rms_norm)
+def _crms(m: CompensatedRMSNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x, p("weight"), m.eps, m.full_size, m.removed_sq_sum), {}
 
 
 def _applies(m: nn.Module) -> tuple[Callable[..., Any], Lowering] | None:

@@ -9,6 +9,7 @@ channels are folded into the consumers' biases where that is exact. The rewrite 
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -16,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxprune.analysis.groups import Analysis
-from fxprune.analysis.rule import Facts, Op
+from fxprune.analysis.rule import GHOST_PREFIX, Facts, Op, aligned_dim
 from fxprune.errors import EquivalenceError, InputError, UnsupportedError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
 from fxprune.graph.rebuild import get_attr, new_graph_like, rebuild
@@ -24,6 +25,8 @@ from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules
 
 __all__ = ["minimize", "MinimizeOptions", "check_finite"]
+
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,90 @@ class Rewriter:
         with self.graph.inserting_before(n):
             attr = self.graph.get_attr(target)
         self.set_arg(op, pos, name, attr)
+
+    def constant(self, prefix: str, value: torch.Tensor) -> Node:
+        """A get_attr node (inserted at the current point) holding a new tensor under a fresh target."""
+        taken = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"} | set(self.created)
+        i = 0
+        while f"{prefix}{i}" in taken:
+            i += 1
+        self.created[f"{prefix}{i}"] = value
+        return self.graph.get_attr(f"{prefix}{i}")
+
+    def compensate_sum(self, op: Op, x: Node, d: int, removed: torch.Tensor, keepdim: bool, mean: bool) -> None:
+        """Replace ``sum``/``mean`` of ``x`` over dim ``d`` by the sum over the kept channels plus the removed
+        channels' contribution, replayed from their constants (:meth:`Facts.ghost`); a mean divides by the
+        original width."""
+        n = self.env[op.node]
+        aten_level = isinstance(op.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+        if aten_level:
+            sum_, add, mul, div = aten.sum.dim_IntList, aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor
+        else:
+            sum_, add, mul, div = torch.sum, operator.add, operator.mul, operator.truediv
+
+        def reduce(v: Node) -> Node:
+            if aten_level:
+                return self.graph.call_function(sum_, (v, [d], keepdim))
+            return self.graph.call_function(sum_, (v, d), {"keepdim": keepdim})
+
+        with self.graph.inserting_before(n):
+            total = reduce(self.env[x])
+            ghost, counts = self._ghost(op, x, d, removed)
+            if ghost is not None:
+                if counts is not None:
+                    ghost = self.graph.call_function(mul, (ghost, counts))
+                total = self.graph.call_function(add, (total, reduce(ghost)))
+            if mean:
+                total = self.graph.call_function(div, (total, self.an.spaces.spec(x).shape[d]))
+        self.env[op.node] = total
+        self.graph.erase_node(n)
+
+    def _ghost(self, op: Op, x: Node, d: int, removed: torch.Tensor) -> tuple[Node | None, Node | None]:
+        """Nodes computing the removed channels of ``x`` (dim ``d``), one per distinct tuple of constants they
+        depend on, and the multiplicity of each (None when all are 1). (None, None) when they are all zero."""
+        fx, sp = self.facts, self.an.spaces
+        idx = removed.nonzero().flatten()
+        leaves: dict[Node, tuple[int, torch.Tensor]] = {}
+        replay: dict[Node, int] = {}
+        stack = [(x, d)]
+        while stack:
+            v, dv = stack.pop()
+            if v in leaves or v in replay:
+                continue
+            f = fx.dim(v, dv)
+            if bool(f.known[idx].all()):
+                leaves[v] = (dv, f.value[idx])
+                continue
+            if not bool(fx.ghost(v, dv)[idx].all()):  # pragma: no cover - the exit tolerated only ghosts
+                raise EquivalenceError(f"cannot recompute removed channels of '{v.name}' for {op.describe()}")
+            replay[v] = dv
+            stack.extend((a, j) for a in v.all_input_nodes if (j := aligned_dim(sp, a, v, dv)) is not None)
+        if x in leaves and not bool(leaves[x][1].any()):
+            return None, None
+        order = list(leaves)
+        table = torch.stack([leaves[v][1] for v in order], dim=1)
+        rows, counts = torch.unique(table, dim=0, return_counts=True)
+        emitted: dict[Node, Node] = {}
+        for i, v in enumerate(order):
+            dv, _ = leaves[v]
+            shape = [1] * sp.rank(v)
+            shape[dv] = rows.shape[0]
+            emitted[v] = self.constant(GHOST_PREFIX, rows[:, i].reshape(shape).to(sp.spec(v).dtype))
+        for v in self.gm.graph.nodes:  # topological order
+            if v not in replay:
+                continue
+
+            def sub(a: Node, v: Node = v) -> Node:
+                return emitted[a] if a in emitted and aligned_dim(sp, a, v, replay[v]) is not None else self.env[a]
+
+            emitted[v] = self.graph.create_node(v.op, v.target, torch.fx.node.map_arg(v.args, sub),
+                                                torch.fx.node.map_arg(v.kwargs, sub), name=f"{v.name}_ghost")
+        count_node = None
+        if bool((counts != 1).any()):
+            shape = [1] * sp.rank(x)
+            shape[d] = rows.shape[0]
+            count_node = self.constant(GHOST_PREFIX, counts.reshape(shape).to(sp.spec(x).dtype))
+        return emitted[x], count_node
 
     def resize_shape_arg(self, op: Op) -> None:
         """Replace int sizes in a view/reshape/expand/unflatten size argument by the kept counts."""

@@ -1,0 +1,166 @@
+"""LayerNorm and RMSNorm over the kept channels of a stream, with the statistics of the whole original stream.
+
+When channels of a normalized stream are removed, plain slicing is wrong: the mean and variance are then
+taken over fewer channels. If the removed channels held known constants ``c`` (zero, usually), the full
+statistics are still computable from the kept channels ``x_K``::
+
+    mean = (sum_K x + sum_R c) / D
+    var  = (sum_K (x - mean)^2 + sum_R (c - mean)^2) / D
+         = (sum_K (x - mean)^2 + S2 - 2 mean S1 + n_R mean^2) / D        (S1 = sum_R c, S2 = sum_R c^2)
+
+with ``D`` the original width and ``n_R = D - |K|``. The functions are plain torch code, so torch.export
+traces them into ATen ops; :func:`torch.fx.wrap` keeps them one call under symbolic tracing.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["compensated_layer_norm", "compensated_rms_norm", "CompensatedLayerNorm", "CompensatedRMSNorm"]
+
+
+def compensated_layer_norm(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                           full_size: int, removed_sum: float = 0.0, removed_sq_sum: float = 0.0) -> torch.Tensor:
+    """LayerNorm over the last dim of ``input`` as if ``full_size - input.shape[-1]`` removed channels with
+    constant values (sum ``removed_sum``, sum of squares ``removed_sq_sum``) were still there."""
+    n_removed = full_size - input.shape[-1]
+    mean = (input.sum(-1, keepdim=True) + removed_sum) / full_size
+    centered = input - mean
+    removed_var = removed_sq_sum - 2.0 * removed_sum * mean + n_removed * mean * mean
+    var = ((centered * centered).sum(-1, keepdim=True) + removed_var) / full_size
+    out = centered * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def compensated_rms_norm(input: torch.Tensor, weight: torch.Tensor | None, eps: float | None, full_size: int,
+                         removed_sq_sum: float = 0.0) -> torch.Tensor:
+    """RMSNorm over the last dim of ``input`` with the mean square of the full original stream."""
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    mean_sq = ((input * input).sum(-1, keepdim=True) + removed_sq_sum) / full_size
+    out = input * torch.rsqrt(mean_sq + eps)
+    return out * weight if weight is not None else out
+
+
+torch.fx.wrap("compensated_layer_norm")
+torch.fx.wrap("compensated_rms_norm")
+
+
+def _constants(keep: torch.Tensor, size: int, removed_values: torch.Tensor | None) -> torch.Tensor:
+    keep = torch.as_tensor(keep, dtype=torch.bool)
+    if keep.shape != (size,):
+        raise ValueError(f"keep must be a bool mask of shape ({size},), got {tuple(keep.shape)}")
+    if not keep.any():
+        raise ValueError("keep at least one channel")
+    n = int((~keep).sum())
+    values = torch.zeros(n, dtype=torch.float64) if removed_values is None else torch.as_tensor(removed_values, dtype=torch.float64).flatten()
+    if values.numel() != n:
+        raise ValueError(f"removed_values must hold one constant per removed channel ({n}), got {values.numel()}")
+    return values
+
+
+class CompensatedLayerNorm(nn.Module):
+    """LayerNorm of the kept channels of a stream whose other ``full_size - kept`` channels were removed while
+    holding known constants. With nothing removed it is ``nn.LayerNorm(kept)``.
+
+    >>> import torch
+    >>> ln = torch.nn.LayerNorm(6).double()
+    >>> x = torch.randn(2, 6, dtype=torch.float64); x[:, 4:] = 0.0      # channels 4, 5 are always zero
+    >>> keep = torch.tensor([True] * 4 + [False] * 2)
+    >>> small = CompensatedLayerNorm.from_layer_norm(ln).shrink(keep)
+    >>> small
+    CompensatedLayerNorm(4, full_size=6, removed_sum=0.0, removed_sq_sum=0.0, eps=1e-05)
+    >>> torch.allclose(small(x[:, :4]), ln(x)[:, :4], rtol=1e-12, atol=1e-12)
+    True
+    """
+
+    def __init__(self, kept: int, full_size: int | None = None, eps: float = 1e-5, removed_sum: float = 0.0,
+                 removed_sq_sum: float = 0.0, elementwise_affine: bool = True, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        full_size = kept if full_size is None else full_size
+        if not 0 < kept <= full_size:
+            raise ValueError(f"need 0 < kept <= full_size, got kept={kept}, full_size={full_size}")
+        self.kept, self.full_size, self.eps = int(kept), int(full_size), float(eps)
+        self.removed_sum, self.removed_sq_sum = float(removed_sum), float(removed_sq_sum)
+        self.weight = nn.Parameter(torch.ones(kept, device=device, dtype=dtype)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(kept, device=device, dtype=dtype)) if elementwise_affine and bias else None
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm) -> "CompensatedLayerNorm":
+        """The equivalent module of a one-dim ``nn.LayerNorm`` (parameters copied)."""
+        if len(ln.normalized_shape) != 1:
+            raise ValueError(f"only LayerNorm over one dim can be compensated, got normalized_shape={tuple(ln.normalized_shape)}")
+        return cls._copy(ln, ln.normalized_shape[0], ln.normalized_shape[0], ln.eps, 0.0, 0.0)
+
+    @classmethod
+    def _copy(cls, src: nn.Module, kept: int, full: int, eps: float, s1: float, s2: float,
+              keep: torch.Tensor | None = None) -> "CompensatedLayerNorm":
+        w, b = getattr(src, "weight", None), getattr(src, "bias", None)
+        out = cls(kept, full, eps, s1, s2, elementwise_affine=w is not None, bias=b is not None)
+        with torch.no_grad():
+            for name, p in (("weight", w), ("bias", b)):
+                if p is not None:
+                    setattr(out, name, nn.Parameter(p.detach()[keep].clone() if keep is not None else p.detach().clone(),
+                                                    requires_grad=p.requires_grad))
+        return out
+
+    def shrink(self, keep: torch.Tensor, removed_values: torch.Tensor | None = None) -> "CompensatedLayerNorm":
+        """A new module over the channels where ``keep`` is True; the others are known to hold
+        ``removed_values`` (zeros by default) in every input."""
+        c = _constants(keep, self.kept, removed_values)
+        return self._copy(self, int(torch.as_tensor(keep).sum()), self.full_size, self.eps,
+                          self.removed_sum + float(c.sum()), self.removed_sq_sum + float((c * c).sum()), torch.as_tensor(keep, dtype=torch.bool))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return compensated_layer_norm(input, self.weight, self.bias, self.eps, self.full_size, self.removed_sum, self.removed_sq_sum)
+
+    def extra_repr(self) -> str:
+        return (f"{self.kept}, full_size={self.full_size}, removed_sum={self.removed_sum!r}, "
+                f"removed_sq_sum={self.removed_sq_sum!r}, eps={self.eps!r}")
+
+
+class CompensatedRMSNorm(nn.Module):
+    """RMSNorm of the kept channels with the mean square of the full original stream (see
+    :class:`CompensatedLayerNorm`)."""
+
+    def __init__(self, kept: int, full_size: int | None = None, eps: float | None = None, removed_sq_sum: float = 0.0,
+                 elementwise_affine: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        full_size = kept if full_size is None else full_size
+        if not 0 < kept <= full_size:
+            raise ValueError(f"need 0 < kept <= full_size, got kept={kept}, full_size={full_size}")
+        self.kept, self.full_size, self.eps, self.removed_sq_sum = int(kept), int(full_size), eps, float(removed_sq_sum)
+        self.weight = nn.Parameter(torch.ones(kept, device=device, dtype=dtype)) if elementwise_affine else None
+
+    @classmethod
+    def from_rms_norm(cls, norm: nn.Module) -> "CompensatedRMSNorm":
+        """The equivalent module of a one-dim ``nn.RMSNorm`` (parameters copied)."""
+        shape = tuple(norm.normalized_shape)
+        if len(shape) != 1:
+            raise ValueError(f"only RMSNorm over one dim can be compensated, got normalized_shape={shape}")
+        return cls._copy(norm, shape[0], shape[0], norm.eps, 0.0)
+
+    @classmethod
+    def _copy(cls, src: nn.Module, kept: int, full: int, eps: float | None, s2: float, keep: torch.Tensor | None = None) -> "CompensatedRMSNorm":
+        w = getattr(src, "weight", None)
+        out = cls(kept, full, eps, s2, elementwise_affine=w is not None)
+        if w is not None:
+            out.weight = nn.Parameter(w.detach()[keep].clone() if keep is not None else w.detach().clone(), requires_grad=w.requires_grad)
+        return out
+
+    def shrink(self, keep: torch.Tensor, removed_values: torch.Tensor | None = None) -> "CompensatedRMSNorm":
+        """A new module over the channels where ``keep`` is True (the others hold ``removed_values``)."""
+        c = _constants(keep, self.kept, removed_values)
+        return self._copy(self, int(torch.as_tensor(keep).sum()), self.full_size, self.eps,
+                          self.removed_sq_sum + float((c * c).sum()), torch.as_tensor(keep, dtype=torch.bool))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return compensated_rms_norm(input, self.weight, self.eps, self.full_size, self.removed_sq_sum)
+
+    def extra_repr(self) -> str:
+        return f"{self.kept}, full_size={self.full_size}, removed_sq_sum={self.removed_sq_sum!r}, eps={self.eps!r}"
