@@ -25,9 +25,11 @@ from fxprune.analysis.atoms import Atom, AtomSet
 from fxprune.graph.rebuild import get_attr
 from fxprune.graph.shapes import TensorSpec, node_spec
 
-__all__ = ["Op", "Spaces", "Facts", "DimFacts", "Rule", "Exit", "GHOST_PREFIX", "aligned_dim"]
+__all__ = ["Op", "Spaces", "Facts", "DimFacts", "Rule", "Exit", "GHOST_PREFIX", "GHOST_SUM", "FULL_MEAN", "aligned_dim"]
 
 GHOST_PREFIX = "fxprune_ghost_"  # get_attr targets of constants that stand in for removed channels: frozen
+GHOST_SUM = "fxprune_ghost_sum"  # node meta: this add puts removed channels' contribution back into a sum
+FULL_MEAN = "fxprune_full_mean"  # node meta: this div turns a compensated sum over dim <value> into the full mean
 
 
 class Op:

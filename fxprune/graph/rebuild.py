@@ -31,10 +31,11 @@ def _kind(gm: nn.Module, target: str) -> str:
     return "buffer"
 
 
-def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor]) -> GraphModule:
+def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor], buffers: set[str] = frozenset()) -> GraphModule:
     """A GraphModule running ``graph``; get_attr targets come from ``tensors`` (new values) or are copied
     from ``old``; call_module targets are deep-copied from ``old``. The result shares no storage with ``old``.
-    Targets bound to one tensor (tied weights) stay bound to one parameter."""
+    Targets bound to one tensor (tied weights) stay bound to one parameter. New targets become parameters,
+    except those named in ``buffers``."""
     root = nn.Module()
     made: dict[int, torch.Tensor] = {}
     for node in graph.nodes:
@@ -53,6 +54,8 @@ def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor]) ->
             continue
         src = get_attr(old, node.target) if node.target not in tensors else None
         kind = _kind(old, node.target) if src is not None or _has(old, node.target) else "param"
+        if node.target in buffers:
+            kind = "buffer"
         value = tensors[node.target] if node.target in tensors else src
         if not isinstance(value, torch.Tensor):
             setattr(owner, name, copy.deepcopy(value))

@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxprune.analysis.groups import Analysis
-from fxprune.analysis.rule import GHOST_PREFIX, Facts, Op, aligned_dim
+from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, aligned_dim
 from fxprune.errors import EquivalenceError, InputError, UnsupportedError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
 from fxprune.graph.rebuild import get_attr, new_graph_like, rebuild
@@ -52,6 +52,7 @@ class Rewriter:
         self.env: dict[Node, Node] = {}
         self.deltas: dict[str, torch.Tensor] = {}
         self.created: dict[str, torch.Tensor] = {}
+        self.buffers: set[str] = set()  # created targets that are constants, not trainable
 
     @property
     def facts(self) -> Facts:
@@ -103,6 +104,7 @@ class Rewriter:
         while f"{prefix}{i}" in taken:
             i += 1
         self.created[f"{prefix}{i}"] = value
+        self.buffers.add(f"{prefix}{i}")
         return self.graph.get_attr(f"{prefix}{i}")
 
     def compensate_sum(self, op: Op, x: Node, d: int, removed: torch.Tensor, keepdim: bool, mean: bool) -> None:
@@ -128,8 +130,10 @@ class Rewriter:
                 if counts is not None:
                     ghost = self.graph.call_function(mul, (ghost, counts))
                 total = self.graph.call_function(add, (total, reduce(ghost)))
+                total.meta[GHOST_SUM] = True
             if mean:
                 total = self.graph.call_function(div, (total, self.an.spaces.spec(x).shape[d]))
+                total.meta[FULL_MEAN] = d
         self.env[op.node] = total
         self.graph.erase_node(n)
 
@@ -230,7 +234,7 @@ class Rewriter:
                 if not bool(k.all()):
                     t = t.index_select(d, k.nonzero().flatten())
             tensors[node.target] = by_key[key] = t
-        out = rebuild(self.gm, self.graph, tensors)
+        out = rebuild(self.gm, self.graph, tensors, self.buffers)
         out.graph.lint()
         annotate(out, placeholder_inputs(out))
         return out
