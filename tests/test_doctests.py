@@ -4,7 +4,8 @@ import importlib
 
 import pytest
 
-MODULES = ["fxprune.graph.capture", "fxprune.passes.mask", "fxprune.passes.minimize", "fxprune.verify"]
+MODULES = ["fxprune.graph.capture", "fxprune.passes.mask", "fxprune.passes.minimize", "fxprune.verify", "fxprune.nn.norm",
+           "fxprune.passes.compensate_layernorm"]
 
 
 @pytest.mark.parametrize("name", MODULES)
