@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 MODULES = ["fxprune.graph.capture", "fxprune.passes.mask", "fxprune.passes.minimize", "fxprune.verify", "fxprune.nn.norm",
-           "fxprune.passes.compensate_layernorm"]
+           "fxprune.passes.compensate_layernorm", "fxprune.passes.release"]
 
 
 @pytest.mark.parametrize("name", MODULES)
