@@ -9,16 +9,15 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
-import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from fxprune.errors import InputError
 from fxprune.graph.capture import as_inputs, capture
-from fxprune.passes.mask import bake_masks, hold_masks, mask, sparsity_schedule
+from fxprune.passes.mask import MASKS_KEY, bake_masks, hold_masks, mask, sparsity_schedule
 from fxprune.passes.minimize import minimize
 from fxprune.passes.release import release
 from fxprune.verify import _flops, count_params
@@ -92,7 +91,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     dense = dict(params=count_params(gm), flops=_flops(gm, inputs), accuracy=float(evaluate(gm)))
     say(f"dense: {dense['params']:,} params, accuracy {dense['accuracy']:.4f}")
     history: list[dict[str, Any]] = []
-    best, best_cycle = gm, None
+    best, best_cycle, best_params = gm, None, dense["params"]
     work = gm
     for c in range(cycles):
         t0 = time.perf_counter()
@@ -101,17 +100,17 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             s = sparsity_schedule(step, mask_steps, final)
             say(f"cycle {c + 1}/{cycles}: mask step {step}/{mask_steps} at sparsity {s:.3f}, fine-tuning")
             work = mask(work, s, scope=scope, include=include, exclude=exclude, seed=seed + c)
-            masks = work.meta.get("fxprune_masks")
+            masks = work.meta.get(MASKS_KEY)
             work = bake_masks(_call_train(train, hold_masks(work)))
-            work.meta["fxprune_masks"] = masks
+            work.meta[MASKS_KEY] = masks
         say(f"cycle {c + 1}/{cycles}: minimize")
         small = minimize(work, inputs, verify=verify)
         acc = float(evaluate(small))
         params = count_params(small)
         row = dict(cycle=c + 1, sparsity=final, params=params, flops=_flops(small, inputs), accuracy=acc,
                    compression=dense["params"] / params, seconds=0.0)
-        if acc >= dense["accuracy"] - tolerance and params < count_params(best):
-            best, best_cycle = copy.deepcopy(small), c + 1
+        if acc >= dense["accuracy"] - tolerance and params < best_params:
+            best, best_cycle, best_params = copy.deepcopy(small), c + 1, params
         if c + 1 < cycles:
             say(f"cycle {c + 1}/{cycles}: release and fine-tune")
             work = _call_train(train, release(small, release_scale, seed=seed + c).module)

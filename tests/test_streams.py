@@ -191,7 +191,7 @@ def test_hand_written_norms_are_compensated_at_the_reductions(method, bias):
 
 
 # ---- transformers streams ----------------------------------------------------------------------
-def _dims(name, table, p_name):
+def _dims(table, p_name):
     return [d for pattern, d in table if re.search(pattern, p_name)][:1]
 
 
@@ -204,7 +204,7 @@ def test_dead_stream_channels_leave_every_tensor_of_the_stream(name):
     assert exact(gm, small, x) <= 1e-9
     checked = 0
     for p_name, p in model.named_parameters():
-        for d in _dims(name, zoo.STREAM_PARAMS[name], p_name) + _dims(name, READERS[name], p_name):
+        for d in _dims(zoo.STREAM_PARAMS[name], p_name) + _dims(READERS[name], p_name):
             assert small.get_parameter(p_name).shape[d] == p.shape[d] - len(DEAD), p_name
             checked += 1
     assert checked >= 10

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -408,7 +408,16 @@ class Norm(Rule):
         return x, nd, op.arg(2, "weight"), op.arg(3, "bias")
 
     def compensable(self, op: Op) -> bool:
-        return op.target in self._LAYER + self._RMS and len(self.operands(op)[1]) == 1
+        return op.target in self._LAYER + self._RMS and len(op.arg(1, "normalized_shape")) == 1
+
+    def compensated(self, op: Op, new: Callable[[Any], Any], full: int, c: torch.Tensor) -> tuple[Callable[..., Any], tuple]:
+        """Target and args of the compensated call that replaces this one-dim norm once the channels holding the
+        constants ``c`` are gone from a stream of original width ``full`` (``new`` maps operands to the new graph)."""
+        x, w = op.arg(0, "input"), op.arg(2, "weight")
+        if op.target in self._RMS:
+            return compensated_rms_norm, (new(x), new(w), op.arg(3, "eps"), full, float((c * c).sum()))
+        return compensated_layer_norm, (new(x), new(w), new(op.arg(3, "bias")), op.arg(4, "eps", 1e-5), full,
+                                        float(c.sum()), float((c * c).sum()))
 
     def outputs(self, op: Op) -> list[Node]:
         if op.target in (aten.native_layer_norm.default, aten.native_group_norm.default):
@@ -457,14 +466,7 @@ class Norm(Rule):
         if got is None:
             return
         c, full = got
-        x, _, w, b = self.operands(op)
-        if op.target in self._RMS:
-            eps = op.arg(3, "eps")
-            rw.retarget(op, compensated_rms_norm, (rw.new(x), rw.new(w), eps, full, float((c * c).sum())), {})
-        else:
-            eps = op.arg(4, "eps", 1e-5)
-            rw.retarget(op, compensated_layer_norm, (rw.new(x), rw.new(w), rw.new(b), eps, full, float(c.sum()),
-                                                     float((c * c).sum())), {})
+        rw.retarget(op, *self.compensated(op, rw.new, full, c), {})
 
 
 class CompensatedNorm(Norm):

@@ -10,25 +10,17 @@ Multi-dim norms and GroupNorm are left as they are.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxprune.analysis.rule import FULL_MEAN, GHOST_SUM
+from fxprune.analysis.rule import FULL_MEAN, GHOST_SUM, Op
+from fxprune.analysis.rules import Norm
+from fxprune.analysis.table import RULES
 from fxprune.errors import InputError
 from fxprune.graph.rebuild import new_graph_like, rebuild
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
 
 __all__ = ["compensate_layernorm", "uncompensate"]
-
-aten = torch.ops.aten
-_LAYER = (F.layer_norm, aten.layer_norm.default)
-_RMS = tuple(t for t in (getattr(F, "rms_norm", None), getattr(aten, "rms_norm", None) and aten.rms_norm.default) if t)
-
-
-def _arg(n: Node, i: int, name: str, default=None):
-    return n.args[i] if i < len(n.args) else n.kwargs.get(name, default)
-
 
 def _module_replacement(m: nn.Module) -> nn.Module | None:
     if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1:
@@ -59,17 +51,11 @@ def compensate_layernorm(gm: GraphModule) -> GraphModule:
             if repl is not None:
                 swaps[n.target] = repl
             continue
-        if n.op != "call_function" or n.target not in _LAYER + _RMS:
-            continue
-        shape = _arg(n, 1, "normalized_shape")
-        if len(shape) != 1:
-            continue
-        x, w = env[n.args[0]], env.get(_arg(n, 2, "weight"), _arg(n, 2, "weight"))
-        if n.target in _LAYER:
-            b = env.get(_arg(n, 3, "bias"), _arg(n, 3, "bias"))
-            new.target, new.args, new.kwargs = compensated_layer_norm, (x, w, b, _arg(n, 4, "eps", 1e-5), shape[0], 0.0, 0.0), {}
-        else:
-            new.target, new.args, new.kwargs = compensated_rms_norm, (x, w, _arg(n, 3, "eps"), shape[0], 0.0), {}
+        rule, op = RULES.lookup(n, gm), Op(n, gm)
+        if n.op == "call_function" and type(rule) is Norm and rule.compensable(op):
+            remap = lambda a: env[a] if isinstance(a, Node) else a  # noqa: E731
+            new.target, new.args = rule.compensated(op, remap, op.arg(1, "normalized_shape")[0], torch.zeros(0))
+            new.kwargs = {}
     out = rebuild(gm, graph, {})
     for target, module in swaps.items():
         owner, _, name = target.rpartition(".")

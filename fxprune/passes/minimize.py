@@ -53,6 +53,7 @@ class Rewriter:
         self.deltas: dict[str, torch.Tensor] = {}
         self.created: dict[str, torch.Tensor] = {}
         self.buffers: set[str] = set()  # created targets that are constants, not trainable
+        self.attr_targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
 
     @property
     def facts(self) -> Facts:
@@ -99,9 +100,8 @@ class Rewriter:
 
     def constant(self, prefix: str, value: torch.Tensor) -> Node:
         """A get_attr node (inserted at the current point) holding a new tensor under a fresh target."""
-        taken = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"} | set(self.created)
         i = 0
-        while f"{prefix}{i}" in taken:
+        while f"{prefix}{i}" in self.attr_targets or f"{prefix}{i}" in self.created:
             i += 1
         self.created[f"{prefix}{i}"] = value
         self.buffers.add(f"{prefix}{i}")
@@ -168,21 +168,22 @@ class Rewriter:
             shape = [1] * sp.rank(v)
             shape[dv] = rows.shape[0]
             emitted[v] = self.constant(GHOST_PREFIX, rows[:, i].reshape(shape).to(sp.spec(v).dtype))
-        for v in self.gm.graph.nodes:  # topological order
-            if v not in replay:
-                continue
 
-            def sub(a: Node, v: Node = v) -> Node:
-                return emitted[a] if a in emitted and aligned_dim(sp, a, v, replay[v]) is not None else self.env[a]
+        def emit(v: Node) -> Node:  # operands first: the replayed chain is short, so is the recursion
+            if v not in emitted:
+                def sub(a: Node) -> Node:
+                    return emit(a) if aligned_dim(sp, a, v, replay[v]) is not None else self.env[a]
 
-            emitted[v] = self.graph.create_node(v.op, v.target, torch.fx.node.map_arg(v.args, sub),
-                                                torch.fx.node.map_arg(v.kwargs, sub), name=f"{v.name}_ghost")
+                emitted[v] = self.graph.create_node(v.op, v.target, torch.fx.node.map_arg(v.args, sub),
+                                                    torch.fx.node.map_arg(v.kwargs, sub), name=f"{v.name}_ghost")
+            return emitted[v]
+
         count_node = None
         if bool((counts != 1).any()):
             shape = [1] * sp.rank(x)
             shape[d] = rows.shape[0]
             count_node = self.constant(GHOST_PREFIX, counts.reshape(shape).to(sp.spec(x).dtype))
-        return emitted[x], count_node
+        return emit(x), count_node
 
     def resize_shape_arg(self, op: Op) -> None:
         """Replace int sizes in a view/reshape/expand/unflatten size argument by the kept counts."""
