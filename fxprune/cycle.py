@@ -1,7 +1,8 @@
 """``squeeze_release``: the Squeeze-Release cycle driver.
 
-Each cycle masks gradually (masks held while the user's ``train`` fine-tunes), minimizes exactly, and, unless it
-is the last cycle, releases the zeros left inside the kept tensors and fine-tunes again. Successive cycles find
+Each cycle masks gradually (masks held while the user's ``train`` fine-tunes), minimizes exactly, releases the
+zeros left inside the kept tensors and fine-tunes again. Both the minimized model and the released, fine-tuned one
+(same size) are candidates; the better one is the cycle's model. Successive cycles find
 structure a single pass cannot: the released capacity trains into a shape the next mask can cut along.
 """
 from __future__ import annotations
@@ -75,8 +76,10 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     parametrizations, so they stay applied) and may return the module. ``evaluate(module)`` returns an accuracy
     (higher is better). ``sparsity`` is each cycle's final mask sparsity of the current (already smaller) model:
     a number, one per cycle, or a function of the cycle index; within a cycle it is reached over ``mask_steps``
-    masking steps on a cubic schedule, each followed by ``train``. Returns the smallest minimized model whose
-    accuracy is within ``tolerance`` of the dense model's, and the per-cycle history.
+    masking steps on a cubic schedule, each followed by ``train``. After ``minimize``, the zeros left are
+    released and ``train`` runs again; the cycle's model is the more accurate of the minimized and the released
+    one (both have the same parameters). Returns the smallest cycle model whose accuracy is within ``tolerance``
+    of the dense model's (or the dense capture), and the per-cycle history.
     """
     if not isinstance(cycles, int) or cycles < 1:
         raise InputError(f"cycles must be a positive integer, got {cycles!r}")
@@ -105,16 +108,18 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             work.meta[MASKS_KEY] = masks
         say(f"cycle {c + 1}/{cycles}: minimize")
         small = minimize(work, inputs, verify=verify)
-        acc = float(evaluate(small))
         params = count_params(small)
+        acc_min = float(evaluate(small))
+        say(f"cycle {c + 1}/{cycles}: release and fine-tune")
+        work = _call_train(train, release(small, release_scale, seed=seed + c).module)
+        acc_rel = float(evaluate(work))  # same size: the released zeros trained again
+        acc, kept = (acc_rel, work) if acc_rel > acc_min else (acc_min, small)
         row = dict(cycle=c + 1, sparsity=final, params=params, flops=_flops(small, inputs), accuracy=acc,
-                   compression=dense["params"] / params, seconds=0.0)
+                   accuracy_minimized=acc_min, accuracy_released=acc_rel, compression=dense["params"] / params,
+                   seconds=time.perf_counter() - t0)
         if acc >= dense["accuracy"] - tolerance and params < best_params:
-            best, best_cycle, best_params = copy.deepcopy(small), c + 1, params
-        if c + 1 < cycles:
-            say(f"cycle {c + 1}/{cycles}: release and fine-tune")
-            work = _call_train(train, release(small, release_scale, seed=seed + c).module)
-        row["seconds"] = time.perf_counter() - t0
+            best, best_cycle, best_params = copy.deepcopy(kept), c + 1, params
         history.append(row)
-        say(f"cycle {c + 1}/{cycles}: {params:,} params ({row['compression']:.2f}x), accuracy {acc:.4f}")
+        say(f"cycle {c + 1}/{cycles}: {params:,} params ({row['compression']:.2f}x), accuracy {acc_min:.4f} "
+            f"minimized, {acc_rel:.4f} released and fine-tuned")
     return SqueezeReleaseResult(best, history, dense, best_cycle)

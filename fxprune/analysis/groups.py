@@ -72,7 +72,10 @@ class Analysis:
         self._couple()
         self.spaces.atoms.settle()
         self.facts = Facts(gm, self.spaces)
-        self._facts()
+        # Facts read weight values; a model on the meta device has none, so its analysis is the coupling alone.
+        self.on_meta = any(t.device.type == "meta" for t in list(gm.parameters()) + list(gm.buffers()))
+        if not self.on_meta:
+            self._facts()
 
     # ---- coupling -----------------------------------------------------------------------
     def _couple(self) -> None:

@@ -7,18 +7,20 @@ captured graph is checked to reproduce the model's output on the example inputs.
 """
 from __future__ import annotations
 
+import operator
 import traceback
 from typing import Any, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from fxprune.errors import CaptureError, InputError
+from fxprune.errors import CaptureError, InputError, UnsupportedError
 from fxprune.graph.shapes import annotate, is_annotated
 
-__all__ = ["capture", "as_inputs", "EXAMPLE_INPUTS_KEY"]
+__all__ = ["capture", "as_inputs", "check_weights", "EXAMPLE_INPUTS_KEY"]
 
 EXAMPLE_INPUTS_KEY = "fxprune_example_inputs"
 Method = Literal["auto", "symbolic", "export"]
@@ -35,6 +37,19 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, dict):
         raise InputError("example_inputs is a dict: pass positional inputs as a tuple (keyword inputs are not supported yet)")
     raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def check_weights(m: nn.Module, what: str) -> None:
+    """Raise :class:`UnsupportedError` unless every floating parameter and buffer of ``m`` holds real, finite
+    values: ``what`` (the pass) needs them. Analysis alone works on the meta device."""
+    for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+        if t.device.type == "meta":
+            raise UnsupportedError(
+                f"'{name}' is on the meta device (no values): {what} needs real weights. fp.capture and fp.analyze "
+                "work on meta models; materialize the weights first, e.g. model.to_empty(device='cpu') and "
+                "model.load_state_dict(...)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UnsupportedError(f"'{name}' holds NaN or Inf values: fix or re-initialize it before {what}")
 
 
 def _run(model: Any, inputs: tuple[Any, ...], what: str) -> Any:
@@ -55,18 +70,63 @@ def _same_outputs(a: Any, b: Any) -> bool:
     tb = [x for x in lb if isinstance(x, torch.Tensor)]
     if len(ta) != len(tb):
         return False
+    if any(x.device.type == "meta" for x in ta + tb):  # no values on the meta device: shapes only
+        return all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(ta, tb))
     return all(x.shape == y.shape and torch.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True) for x, y in zip(ta, tb))
+
+
+# Producers whose output is a fresh tensor (never a view of another value): an in-place op on such a value with
+# no other reader cannot be observed, so the symbolic graph computes the same thing as the model.
+_FRESH_MODULES = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+                  nn.RMSNorm, nn.Embedding)
+_FRESH_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, torch.add,
+                    torch.sub, torch.mul, torch.matmul, torch.cat, F.linear, F.conv1d, F.conv2d, F.conv3d,
+                    F.batch_norm, F.layer_norm, F.group_norm}
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def _mutates(gm: GraphModule, node: torch.fx.Node) -> bool:
+    """Whether ``node`` writes into its first argument."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True
+                or (name.endswith("_") and not name.endswith("__")))
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    return False
+
+
+def _check_inplace(gm: GraphModule) -> None:
+    """Symbolic tracing records an in-place op as a plain call and loses the mutation: readers of the mutated
+    value (or of its aliases) would see the old value in the graph. Accept only in-place ops on fresh values read
+    by nothing else (``conv -> bn -> ReLU(inplace=True)``); anything else is for torch.export, which functionalizes."""
+    for node in gm.graph.nodes:
+        if not _mutates(gm, node):
+            continue
+        src = node.args[0] if node.args else None
+        fresh = isinstance(src, torch.fx.Node) and (
+            (src.op == "call_module" and isinstance(gm.get_submodule(src.target), _FRESH_MODULES))
+            or (src.op == "call_function" and src.target in _FRESH_FUNCTIONS))
+        if not fresh or len(src.users) != 1:
+            what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            raise CaptureError(
+                f"in-place op '{what}' (node '{node.name}') writes into '{getattr(src, 'name', src)}', which is "
+                "read elsewhere or may alias another tensor; symbolic tracing cannot record that")
 
 
 def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any) -> GraphModule:
     gm = torch.fx.symbolic_trace(model)
+    _check_inplace(gm)
     try:
         annotate(gm, inputs)
     except Exception:  # fake propagation unsupported by some op: fall back to real shapes
         from torch.fx.passes.shape_prop import ShapeProp
 
         ShapeProp(gm).propagate(*inputs)
-    if not _same_outputs(reference, _run(gm, inputs, "the symbolically traced graph")):
+    if reference is not None and not _same_outputs(reference, _run(gm, inputs, "the symbolically traced graph")):
         raise RuntimeError("the symbolic trace does not reproduce the model's outputs (control flow baked in?)")
     return gm
 
@@ -74,7 +134,7 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any) -> Grap
 def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any) -> GraphModule:
     ep = torch.export.export(model, inputs, strict=False)
     gm = ep.module()
-    if not _same_outputs(reference, _run(gm, inputs, "the exported graph")):
+    if reference is not None and not _same_outputs(reference, _run(gm, inputs, "the exported graph")):
         raise RuntimeError("the exported graph does not reproduce the model's outputs")
     return gm
 
@@ -99,6 +159,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto") -> GraphMo
         return gm
     if isinstance(model, GraphModule):
         _run(model, inputs, "the GraphModule")
+        _check_inplace(model)
         if not is_annotated(model):
             annotate(model, inputs)
         model.meta[EXAMPLE_INPUTS_KEY] = inputs
@@ -106,7 +167,11 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto") -> GraphMo
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture takes an nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
 
-    reference = _run(model, inputs, "the model")
+    # A model on the meta device has shapes but no values: it is traced (fake tensors) but not run; its graph is
+    # good for analysis, and the passes that need weights say so.
+    on_meta = any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers()) + list(inputs)
+                  if isinstance(t, torch.Tensor))
+    reference = None if on_meta else _run(model, inputs, "the model")
     tracers = {"symbolic": _symbolic, "export": _export}
     order = ["symbolic", "export"] if method == "auto" else [method]
     failures: list[str] = []

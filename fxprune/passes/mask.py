@@ -17,6 +17,7 @@ from torch.fx import GraphModule
 from torch.nn.utils import parametrize
 
 from fxprune.errors import MaskError
+from fxprune.graph.capture import check_weights
 
 __all__ = ["mask", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
 
@@ -68,6 +69,7 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
     >>> int((fp.mask(gm, 0.7).get_parameter("0.weight") == 0).sum())
     70
     """
+    check_weights(gm, "mask")
     if masks is None:
         if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
             raise MaskError(f"sparsity must be a number in [0, 1), got {sparsity!r}")

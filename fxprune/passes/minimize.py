@@ -19,12 +19,12 @@ from torch.fx import GraphModule, Node
 from fxprune.analysis.groups import Analysis
 from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, aligned_dim
 from fxprune.errors import EquivalenceError, InputError, UnsupportedError
-from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
+from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, check_weights
 from fxprune.graph.rebuild import get_attr, new_graph_like, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules
 
-__all__ = ["minimize", "MinimizeOptions", "check_finite"]
+__all__ = ["minimize", "MinimizeOptions"]
 
 aten = torch.ops.aten
 
@@ -35,12 +35,6 @@ class MinimizeOptions:
     max_iterations: int = 32
     rtol: float = 1e-4  # float32 self-check: max |a - b| <= rtol * max |a| (+ atol)
     atol: float = 1e-6
-
-
-def check_finite(gm: torch.nn.Module) -> None:
-    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-            raise UnsupportedError(f"parameter '{name}' holds NaN or Inf values: fix or re-initialize it before minimizing")
 
 
 class Rewriter:
@@ -266,7 +260,7 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     """
     opts = options or MinimizeOptions(verify=verify)
     inputs = as_inputs(example_inputs) if example_inputs is not None else gm.meta.get(EXAMPLE_INPUTS_KEY)
-    check_finite(gm)
+    check_weights(gm, "minimize")
     work = _prepare(gm, inputs)
     for _ in range(opts.max_iterations):
         an = Analysis(work)
