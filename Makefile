@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/python examples/mask_minimize.py
+	$(BIN)/python benchmarks/squeeze_release.py --model fc --dataset digits --quick --plot squeeze_release.png
 
 ops: $(STAMP)
 	$(BIN)/python scripts/list_aten_ops.py --write tests/data/aten_ops.txt

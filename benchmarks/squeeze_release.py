@@ -19,7 +19,7 @@ validation split; the accuracies reported are on the test split.
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import math
 import sys
@@ -117,6 +117,18 @@ class ConvNeXtStyle(nn.Module):
         self.head_norm = nn.LayerNorm(dims[1])
         self.head = nn.Linear(dims[1], d_out)
 
+    def stream_slices(self) -> list[list[tuple[str, int]]]:
+        """Per residual stream: the (parameter, dim) slices that carry its channels. A stream channel goes only
+        when every writer leaves it constant and every reader ignores it, so the recipe's lasso groups them."""
+        def block(prefix: str) -> list[tuple[str, int]]:
+            return [(f"{prefix}.dwconv.weight", 0), (f"{prefix}.norm.weight", 0), (f"{prefix}.pwconv1.weight", 1),
+                    (f"{prefix}.pwconv2.weight", 0), (f"{prefix}.gamma", 0)]
+        s1 = [("stem.weight", 0), ("stem_norm.weight", 0), ("down_norm.weight", 0), ("down.weight", 1)]
+        s2 = [("down.weight", 0), ("head_norm.weight", 0), ("head.weight", 1)]
+        s1 += [sl for i in range(len(self.stage1)) for sl in block(f"stage1.{i}")]
+        s2 += [sl for i in range(len(self.stage2)) for sl in block(f"stage2.{i}")]
+        return [s1, s2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage1(self.stem_norm(self.stem(x)))
         x = self.stage2(self.down(self.down_norm(x)))
@@ -142,18 +154,26 @@ class Recipe:
     lr: float
     lasso: float  # group-lasso strength in the fine-tuning loss (the dense model trains without it)
     batch: int = 64
+    scale_tau: float = 0.0  # 1-D scales below this become exact zeros after each fine-tune (0: never)
 
 
 RECIPES = {
     ("fc", "digits"): Recipe(epochs=20, dense_epochs=60, lr=3e-3, lasso=1e-3),
     ("fc", "mnist1d"): Recipe(epochs=20, dense_epochs=60, lr=3e-3, lasso=1e-3),
-    ("convnext", "digits"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, lasso=1e-3),
-    ("convnext", "mnist1d"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, lasso=1e-3),
+    ("convnext", "digits"): Recipe(epochs=10, dense_epochs=40, lr=2e-3, lasso=1e-3, scale_tau=1e-2),
+    ("convnext", "mnist1d"): Recipe(epochs=10, dense_epochs=40, lr=2e-3, lasso=1e-3, scale_tau=1e-2),
 }
 
 
-def group_lasso(model: nn.Module) -> torch.Tensor:
-    """Sum of the L2 norms of the rows and columns of every weight, plus the L1 norm of every 1-D scale."""
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """``name``'s current value (through a held mask's parametrization when there is one)."""
+    mod, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(mod) if mod else model, attr)
+
+
+def group_lasso(model: nn.Module, streams: list[list[tuple[str, int]]]) -> torch.Tensor:
+    """Sum of the L2 norms of the rows and columns of every weight, of each residual-stream channel across all its
+    slices (``streams``), and the L1 norm of every 1-D scale (norm weights, layer scales; not biases)."""
     terms = []
     for name, p in model.named_parameters():
         if p.dim() >= 2:
@@ -163,12 +183,27 @@ def group_lasso(model: nn.Module) -> torch.Tensor:
                 terms.append(w.pow(2).sum((0, 2)).add(1e-12).sqrt().sum())
         elif p.dim() == 1 and not name.endswith("bias"):
             terms.append(p.abs().sum())
+    for slices in streams:
+        sq = sum(_tensor(model, n).pow(2).sum([d for d in range(_tensor(model, n).dim()) if d != dim])
+                 for n, dim in slices)
+        terms.append(sq.add(1e-12).sqrt().sum())
     return torch.stack(terms).sum()
 
 
+@torch.no_grad()
+def zero_small_scales(model: nn.Module, tau: float) -> None:
+    """Set 1-D scales (norm weights, layer scales) with magnitude below ``tau`` to exact zeros. The lasso drives
+    unneeded scales towards zero but Adam leaves them hovering there; a zero scale makes its channel constant."""
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and not name.endswith("bias"):
+            p[p.abs() < tau] = 0
+
+
 class Trainer:
-    def __init__(self, data: dict[str, torch.Tensor], sample: tuple[int, ...], recipe: Recipe, seed: int):
+    def __init__(self, data: dict[str, torch.Tensor], sample: tuple[int, ...], recipe: Recipe, seed: int,
+                 streams: list[list[tuple[str, int]]]):
         self.data, self.sample, self.recipe, self.seed, self.calls = data, sample, recipe, seed, 0
+        self.streams = streams
 
     def inputs(self, split: str) -> torch.Tensor:
         x = self.data[f"x_{split}"]
@@ -186,8 +221,10 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 lam = r.lasso if lasso is None else lasso
-                (loss + lam * group_lasso(model) if lam else loss).backward()
+                (loss + lam * group_lasso(model, self.streams) if lam else loss).backward()
                 opt.step()
+        if lam and r.scale_tau:
+            zero_small_scales(model, r.scale_tau)
         return model
 
     @torch.no_grad()
@@ -210,7 +247,7 @@ def one_shot(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Train
     return best
 
 
-def plot(path: str, result: fp.SqueezeReleaseResult, dense_test: float, tests: list[float], title: str) -> None:
+def plot(path: str, result: fp.SqueezeReleaseResult, dense_acc: float, accs: list[float], title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -221,8 +258,9 @@ def plot(path: str, result: fp.SqueezeReleaseResult, dense_test: float, tests: l
     ax.set_xlabel("cycle (0 = dense)")
     ax.set_ylabel("deployable parameters", color="C0")
     ax2 = ax.twinx()
-    ax2.plot(cyc, [100 * dense_test] + [100 * a for a in tests], "s--", color="C1")
-    ax2.set_ylabel("test accuracy (%)", color="C1")
+    ax2.plot(cyc, [100 * dense_acc] + [100 * a for a in accs], "s--", color="C1")
+    ax2.set_ylabel("validation accuracy (%)", color="C1")
+    ax.set_xticks(cyc)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -232,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["fc", "convnext"], default="fc")
     ap.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits")
-    ap.add_argument("--cycles", type=int, default=None, help="default: 8 (3 with --quick)")
+    ap.add_argument("--cycles", type=int, default=None, help="default: 6 (4 with --quick)")
     ap.add_argument("--sparsity", type=float, nargs="+", default=None,
                     help="final mask sparsity of each cycle (the last value repeats)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="accuracy budget below the dense model")
@@ -247,17 +285,16 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     recipe = RECIPES[(a.model, a.dataset)]
     if a.quick:
-        recipe = Recipe(epochs=max(5, recipe.epochs // 2), dense_epochs=recipe.dense_epochs // 2, lr=recipe.lr,
-                        lasso=recipe.lasso, batch=recipe.batch)
-    recipe = Recipe(epochs=a.epochs or recipe.epochs, dense_epochs=recipe.dense_epochs, lr=recipe.lr,
-                    lasso=recipe.lasso if a.lasso is None else a.lasso, batch=recipe.batch)
-    cycles = a.cycles or (3 if a.quick else 8)
-    sched = a.sparsity or [0.9, 0.8, 0.6, 0.5]
+        recipe = dataclasses.replace(recipe, epochs=max(5, recipe.epochs // 2), dense_epochs=recipe.dense_epochs // 2)
+    recipe = dataclasses.replace(recipe, epochs=a.epochs or recipe.epochs,
+                                 lasso=recipe.lasso if a.lasso is None else a.lasso)
+    cycles = a.cycles or (4 if a.quick else 6)
+    sched = a.sparsity or [0.9]
     sparsity = [sched[min(c, len(sched) - 1)] for c in range(cycles)]
 
     data = load(a.dataset, a.seed)
     model, sample = build(a.model, a.dataset)
-    trainer = Trainer(data, sample, recipe, a.seed)
+    trainer = Trainer(data, sample, recipe, a.seed, model.stream_slices() if hasattr(model, "stream_slices") else [])
     trainer.train(model, recipe.dense_epochs, lasso=None if a.dense_lasso else 0.0)
     example = (trainer.inputs("train")[:8],)
     acc_dense = trainer.accuracy(model)
@@ -266,8 +303,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = fp.squeeze_release(model, example, train=trainer.train, evaluate=trainer.accuracy, cycles=cycles,
                                 sparsity=sparsity, mask_steps=3, tolerance=a.tolerance, seed=a.seed,
                                 progress=True)
-    # the test accuracy of each cycle's model is recomputed from the history's params: the driver keeps only the
-    # best module, so record the test accuracy of the kept one and report the per-cycle validation accuracies.
     final_test = trainer.accuracy(result.module, "test")
     shot = one_shot(model, example, trainer, acc_dense - a.tolerance,
                     [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995])
@@ -280,12 +315,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'dense':<24}{result.dense['params']:>10,}  {1.0:>10.2f}x  {100 * dense_test:>7.2f}%")
     print(f"{'one-shot mask+minimize':<24}{shot['params']:>10,}  {result.dense['params'] / shot['params']:>10.2f}x  "
           f"{100 * shot['accuracy']:>7.2f}%   (sparsity {shot['sparsity']})")
+    one = result.history[0]
+    print(f"{'one cycle (= cycle 1)':<24}{one['params']:>10,}  {one['compression']:>10.2f}x  {'':>8}   "
+          f"(validation {100 * one['accuracy']:.2f}%)")
     print(f"{'squeeze-release':<24}{params_final:>10,}  {result.compression:>10.2f}x  {100 * final_test:>7.2f}%   "
           f"(cycle {result.best_cycle})")
     print(f"{'':<24}published: 39x (FC), 14.8x (ConvNeXt-Tiny); {seconds:.0f} s")
+    print("kept shapes: " + ", ".join(f"{n} {tuple(p.shape)}" for n, p in result.module.named_parameters()
+                                      if p.dim() >= 2))
     if a.plot:
-        tests = [h["accuracy"] for h in result.history]
-        plot(a.plot, result, acc_dense, tests, f"Squeeze-Release: {a.model} on {a.dataset} (validation accuracy)")
+        plot(a.plot, result, acc_dense, [h["accuracy"] for h in result.history],
+             f"Squeeze-Release: {a.model} on {a.dataset}")
+        print(f"wrote {a.plot}")
     out = dict(benchmark="squeeze_release", model=a.model, dataset=a.dataset, seed=a.seed, quick=a.quick,
                compression=round(result.compression, 3), accuracy_dense=dense_test, accuracy_final=final_test,
                params_dense=result.dense["params"], params_final=params_final, cycles=cycles,

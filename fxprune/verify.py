@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.errors import InputError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
+from fxprune.graph.exported import program_inputs
 
 __all__ = ["verify", "EquivalenceReport", "count_params", "to_float64", "to_dtype", "EXACT_RTOL"]
 
@@ -131,6 +132,9 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
     >>> fp.verify(net, net, (torch.randn(4, 3),)).ok
     True
     """
+    if example_inputs is None and isinstance(a, torch.export.ExportedProgram):
+        example_inputs = program_inputs(a)
+    a, b = (m.module() if isinstance(m, torch.export.ExportedProgram) else m for m in (a, b))
     if example_inputs is None:
         example_inputs = getattr(a, "meta", {}).get(EXAMPLE_INPUTS_KEY)
     notes = []

@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 MODULES = ["fxprune.graph.capture", "fxprune.passes.mask", "fxprune.passes.minimize", "fxprune.verify", "fxprune.nn.norm",
-           "fxprune.passes.compensate_layernorm", "fxprune.passes.release"]
+           "fxprune.passes.compensate_layernorm", "fxprune.passes.release", "fxprune.api"]
 
 
 @pytest.mark.parametrize("name", MODULES)

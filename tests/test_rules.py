@@ -160,3 +160,35 @@ def test_padding_makes_nonzero_constants_position_dependent():
     gm, an = _analysis(model, torch.randn(1, 1, 4, 4), "symbolic")
     _, y = _io(an.gm)
     assert not an.facts.dim(y, 1).known.any()
+
+
+class _ChannelsLast(torch.nn.Module):
+    """conv -> movedim to channels-last -> LayerNorm -> Linear -> movedim back (ConvNeXt's layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 1)
+        self.norm = torch.nn.LayerNorm(6)
+        self.lin = torch.nn.Linear(6, 5)
+        self.out = torch.nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        y = self.lin(self.norm(self.conv(x).movedim(1, -1)))
+        return self.out(torch.moveaxis(y, -1, 1))
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_movedim_couples_channels_like_a_permute(method):
+    import fxprune as fp
+
+    m = _ChannelsLast().double()
+    with torch.no_grad():
+        m.conv.weight[[1, 4]] = 0  # constant channels into the LayerNorm: compensated
+        m.lin.weight[:, [1, 4]] = 0  # and unread after it
+        m.lin.weight[3] = 0  # a dead Linear unit, read by the conv after moveaxis
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    gm = fp.capture(m, (x,), method=method)
+    small = fp.minimize(gm)
+    assert fp.verify(gm, small, (x,)).max_rel["float64"] <= 1e-9
+    shapes = {n: tuple(p.shape) for n, p in small.named_parameters()}
+    assert shapes["conv.weight"][0] == 4 and shapes["lin.weight"] == (4, 4) and shapes["out.weight"][1] == 4

@@ -653,6 +653,17 @@ class Permute(Rule):
             return p
         if base == "t":  # .t() / aten.t
             return list(range(r))[::-1]
+        if base in ("movedim", "moveaxis"):
+            kw = op.node.kwargs
+            src = args[0] if len(args) > 0 else kw.get("source")
+            dst = args[1] if len(args) > 1 else kw.get("destination")
+            src = [s % r for s in ([src] if isinstance(src, int) else src)]
+            dst = [d % r for d in ([dst] if isinstance(dst, int) else dst)]
+            p: list[int | None] = [None] * r
+            for s_, d_ in zip(src, dst):
+                p[d_] = s_
+            rest = iter(i for i in range(r) if i not in src)
+            return [i if i is not None else next(rest) for i in p]
         dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
         if not dims:
             dims = op.node.kwargs.get("dims")
@@ -922,8 +933,8 @@ register(Pool(3), F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, aten.max_po
 register(Reshape(), aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
          aten.unsqueeze, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
          "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", nn.Flatten, nn.Unflatten)
-register(Permute(), aten.permute, aten.transpose, aten.t, torch.permute, torch.transpose, torch.t, torch.swapaxes,
-         "permute", "transpose", "t", "swapaxes")
+register(Permute(), aten.permute, aten.transpose, aten.t, aten.movedim, aten.moveaxis, torch.permute, torch.transpose, torch.t,
+         torch.swapaxes, torch.movedim, torch.moveaxis, "permute", "transpose", "t", "swapaxes", "movedim", "moveaxis")
 register(Expand(), aten.expand, "expand", "expand_as")
 register(Cat(), aten.cat, torch.cat, torch.concat, torch.concatenate)
 register(Split(), aten.split.Tensor, aten.split_with_sizes, aten.chunk, torch.split, torch.chunk, "split", "chunk")

@@ -19,6 +19,7 @@ from fxprune.analysis.table import RULES
 from fxprune.errors import InputError
 from fxprune.graph.rebuild import new_graph_like, rebuild
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
+from fxprune.graph.exported import exported_io
 
 __all__ = ["compensate_layernorm", "uncompensate"]
 
@@ -30,6 +31,7 @@ def _module_replacement(m: nn.Module) -> nn.Module | None:
     return None
 
 
+@exported_io
 def compensate_layernorm(gm: GraphModule) -> GraphModule:
     """A new GraphModule in which every one-dim LayerNorm / RMSNorm is in compensated form (same function).
 

@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from fxprune.errors import MaskError
 from fxprune.graph.capture import check_weights
+from fxprune.graph.exported import exported_io
 
 __all__ = ["mask", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
 
@@ -58,6 +59,7 @@ def _check_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+@exported_io
 def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["global", "layer"] = "global",
          criterion: Literal["magnitude", "random"] = "magnitude", include: Iterable[str] | None = None,
          exclude: Iterable[str] | None = None, masks: Mapping[str, torch.Tensor] | None = None,

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 from fxprune.errors import InputError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, check_weights
 from fxprune.passes.mask import MASKS_KEY, bake_masks
+from fxprune.graph.exported import exported_io
 
 __all__ = ["release", "ReleaseReport", "Released"]
 
@@ -51,6 +52,7 @@ def _outputs(m: nn.Module, inputs: tuple[Any, ...]) -> torch.Tensor:
     return torch.cat([t.detach().double().flatten() for t in leaves])
 
 
+@exported_io
 def release(gm: GraphModule, scale: float = 0.01, *, seed: int = 0, calibration: Sequence[Any] | None = None,
             target: float | None = None, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> Released:
     """Replace the exact zeros of the kept weights by seeded noise; return ``(module, report)``.

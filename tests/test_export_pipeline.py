@@ -1,0 +1,168 @@
+"""ExportedProgram in/out for every pass, PassManager adapters, the command line, ONNX parity, fp.compile, and
+the snippets of docs/export-pipelines.md."""
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.fx.passes.infra.pass_manager import PassManager
+
+import fxprune as fp
+from conftest import snapshot
+from fxprune import zoo
+from fxprune.cli import main
+from fxprune.passes import CompensateLayerNormPass, MaskPass, MinimizePass, ReleasePass
+from fxprune.verify import count_params
+
+DOC = pathlib.Path(__file__).parent.parent / "docs" / "export-pipelines.md"
+
+
+def planted_mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    model, (x,) = zoo.build("residual_mlp")
+    model = model.double()
+    with torch.no_grad():
+        model.blocks[0][0].weight[::2] = 0  # dead hidden units
+    return model, (x.double(),)
+
+
+def program_is_consistent(ep: torch.export.ExportedProgram) -> None:
+    """Graph signature, state dict and node metadata agree, and the program survives save/load."""
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    for spec in ep.graph_signature.input_specs:
+        if spec.target is not None and spec.target in ep.state_dict:
+            val = placeholders[spec.arg.name].meta["val"]
+            assert tuple(val.shape) == tuple(ep.state_dict[spec.target].shape), spec.target
+    assert all("val" in n.meta for n in ep.graph.nodes if n.op in ("placeholder", "call_function"))
+
+
+@pytest.mark.parametrize("name", ["mask", "minimize", "compensate_layernorm", "release"])
+def test_every_pass_takes_and_returns_an_exported_program(name, tmp_path):
+    model, inputs = planted_mlp()
+    ep = torch.export.export(model, inputs, strict=False)
+    before = snapshot(ep.module())
+    run = {"mask": lambda p: fp.mask(p, 0.5), "minimize": fp.minimize, "compensate_layernorm": fp.compensate_layernorm,
+           "release": lambda p: fp.release(fp.mask(p, 0.5), 0.01, seed=0).module}[name]
+    out = run(ep)
+    assert isinstance(out, torch.export.ExportedProgram)
+    assert snapshot(ep.module()) == before  # the input program is untouched
+    program_is_consistent(out)
+    torch.export.save(out, tmp_path / "out.pt2")
+    back = torch.export.load(tmp_path / "out.pt2")
+    assert torch.equal(back.module()(*inputs), out.module()(*inputs))
+    if name == "minimize":
+        assert count_params(out.module()) < count_params(model)
+        assert fp.verify(ep, out).max_rel["float64"] <= 1e-9
+    if name == "compensate_layernorm":
+        assert fp.verify(ep, out).ok
+
+
+def test_release_on_a_program_returns_the_program_and_its_report():
+    model, inputs = planted_mlp()
+    ep = fp.mask(torch.export.export(model, inputs, strict=False), 0.5)
+    freed, report = fp.release(ep, 0.01, seed=0)
+    assert isinstance(freed, torch.export.ExportedProgram) and report.total > 0
+
+
+def test_program_without_usable_example_inputs_is_refused():
+    model, inputs = planted_mlp()
+    ep = torch.export.export(model, inputs, strict=False)
+    ep._example_inputs = None
+    with pytest.raises(fp.InputError, match="carries no example inputs"):
+        fp.minimize(ep)
+
+
+def test_pass_manager_adapters_report_honestly_and_check_what_they_return():
+    model, inputs = planted_mlp()
+    gm = fp.capture(model, inputs)
+    res = PassManager([MaskPass(0.5), MinimizePass(), CompensateLayerNormPass(), ReleasePass(0.01, seed=0)])(gm)
+    assert res.modified and res.graph_module is not gm
+    assert MinimizePass()(gm).modified  # the planted units go
+    dense = fp.capture(zoo.build("residual_mlp")[0], zoo.build("residual_mlp")[1])
+    assert not MinimizePass()(dense).modified  # nothing to remove: not modified, though lowered
+    assert not MaskPass(0.0)(dense).modified and MaskPass(0.5)(dense).modified
+    assert not CompensateLayerNormPass()(dense).modified
+
+    class Broken(MinimizePass):
+        def run(self, g):
+            out = super().run(g)
+            out.meta = {**out.meta, "fxprune_example_inputs": (torch.randn(2, 3),)}  # wrong width
+            return out
+
+    with pytest.raises(RuntimeError):
+        Broken()(gm)  # ensures() runs the module the pass returned
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def pt2(tmp_path):
+    model, inputs = planted_mlp()
+    path = tmp_path / "in.pt2"
+    torch.export.save(torch.export.export(model, inputs, strict=False), path)
+    return path
+
+
+def test_cli_minimize_then_verify_its_output(pt2, tmp_path, capsys):
+    out, report = tmp_path / "out.pt2", tmp_path / "report.json"
+    assert main(["minimize", str(pt2), "-o", str(out), "--report", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["params_after"] < rep["params_before"] and rep["ok"]
+    assert main(["verify", str(pt2), str(out)]) == 0
+    assert "EXACT" in capsys.readouterr().out
+    masked = tmp_path / "masked.pt2"
+    assert main(["minimize", str(pt2), "-o", str(masked), "--sparsity", "0.9"]) == 0
+    assert main(["verify", str(pt2), str(masked)]) == 1  # masking changed the function
+    assert "NOT EQUIVALENT" in capsys.readouterr().out
+
+
+def test_cli_inspect_and_demo(pt2, capsys):
+    assert main(["inspect", str(pt2)]) == 0
+    assert "frozen" in capsys.readouterr().out
+    assert main(["demo"]) == 0
+    assert "smaller" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, args, message", [
+    (None, ["inspect", "{missing}"], "no such file"),
+    (b"\x00garbage" * 50, ["inspect", "{file}"], "not a .pt2 archive"),
+    (b"PK\x03\x04" + b"\x00" * 100, ["verify", "{file}", "{file}"], "not a .pt2 archive"),
+])
+def test_cli_bad_files_exit_2_with_one_line(tmp_path, content, args, message):
+    f = tmp_path / "bad.pt2"
+    if content is not None:
+        f.write_bytes(content)
+    argv = [a.format(missing=tmp_path / "nope.pt2", file=f) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "fxprune.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_sparsity_exits_2(pt2, tmp_path, capsys):
+    assert main(["minimize", str(pt2), "-o", str(tmp_path / "o.pt2"), "--sparsity", "1.5"]) == 2
+    assert "sparsity must be a number in [0, 1)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the doc page
+
+
+def test_export_pipeline_doc_snippets_run(tmp_path, monkeypatch):
+    pytest.importorskip("transformers", reason="the doc's model comes from transformers (dev dependency)")
+    pytest.importorskip("onnxruntime", reason="the doc runs onnxruntime (dev dependency)")
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript (dev dependency)")
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert len(blocks) >= 6
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    for block in blocks:
+        exec(compile(block, str(DOC), "exec"), scope)
+    # the worked pipeline did what the page says: smaller, exact in float64, saved, ONNX written
+    assert count_params(scope["loaded"].module()) < count_params(scope["model"])
+    assert scope["report"].max_rel["float64"] <= 1e-9
+    assert (tmp_path / "vit_small.pt2").exists() and (tmp_path / "vit_small.onnx").exists()
