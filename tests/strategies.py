@@ -9,6 +9,7 @@ Vector layers (input ``(B, width)``):
                                          channels are zero rows (non-zero biases) in every writer
 Conv layers (input ``(B, C, S, S)``), followed by ("flatten",) or ("gap",) before vector layers:
   ("conv", out, k, depthwise) | ("act", name) | ("bn2d",) | ("rescv", hidden) | ("catcv", a, b) | ("pool", kind)
+  ("cnlast", out)   movedim to channels-last, LayerNorm, Linear, movedim back
 Mask specs, one per weight (ndim >= 2), in order of ``named_parameters``:
   ("none",) | ("unstructured", p) | ("rows", frac) | ("cols", frac) | ("rows+cols", frac)
 and for BatchNorm weights ("bnzero", frac): a zero scale makes a constant channel (its shift).
@@ -84,6 +85,17 @@ class Stream(nn.Module):
         return self.final(x)
 
 
+class ChannelsLast(nn.Module):
+    """ConvNeXt's layout: movedim to channels-last, LayerNorm, Linear, movedim back."""
+
+    def __init__(self, d: int, out: int):
+        super().__init__()
+        self.norm, self.lin = nn.LayerNorm(d), nn.Linear(d, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.norm(x.movedim(1, -1))).movedim(-1, 1)
+
+
 class Flatten(nn.Module):
     def __init__(self, gap: bool):
         super().__init__()
@@ -121,6 +133,8 @@ def _layer(spec: tuple, d: int, side: int) -> tuple[nn.Module, int, int]:
         return Residual(body), d, side
     if kind == "catcv":
         return Concat(nn.Conv2d(d, spec[1], 1), nn.Conv2d(d, spec[2], 3, padding=1)), spec[1] + spec[2], side
+    if kind == "cnlast":
+        return ChannelsLast(d, spec[1]), spec[1], side
     if kind == "pool":
         pool = nn.MaxPool2d(2) if spec[1] == "max" else nn.AvgPool2d(2)
         return pool, d, side // 2
@@ -217,7 +231,7 @@ def vector_layers(draw: Any, n: int) -> list[tuple]:
 def conv_layers(draw: Any, n: int, side: int) -> list[tuple]:
     out = []
     for _ in range(n):
-        kind = draw(st.sampled_from(["conv", "act", "bn2d", "rescv", "catcv", "pool"]))
+        kind = draw(st.sampled_from(["conv", "act", "bn2d", "rescv", "catcv", "cnlast", "pool"]))
         if kind == "conv":
             out.append(("conv", draw(widths), draw(st.sampled_from([1, 3])), draw(st.booleans())))
         elif kind == "act":
@@ -228,6 +242,8 @@ def conv_layers(draw: Any, n: int, side: int) -> list[tuple]:
             out.append(("rescv", draw(widths)))
         elif kind == "catcv":
             out.append(("catcv", draw(widths), draw(widths)))
+        elif kind == "cnlast":
+            out.append(("cnlast", draw(widths)))
         elif side >= 2:
             out.append(("pool", draw(st.sampled_from(["max", "avg"]))))
             side //= 2

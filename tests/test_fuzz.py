@@ -3,8 +3,8 @@
 For every generated case, at both graph levels: ``minimize`` is exact in float64 (relative error <= 1e-9), never
 adds parameters, is idempotent (a second run removes nothing and changes nothing) and leaves its input byte-equal.
 CI runs 300 symbolic cases and 50 torch.export cases; ``FXPRUNE_FUZZ_EXAMPLES=N`` runs N (and N // 6).
-Cases are derandomized: the same N cases every run, so a failure reproduces. Failures found are kept in
-``test_fuzz_regressions.py``.
+Cases are derandomized: the same N cases every run, so a failure reproduces. Every failure found is kept in
+``REGRESSIONS`` below, as the printed case, and runs on every test run.
 """
 from __future__ import annotations
 
@@ -41,6 +41,31 @@ def check_case(case: Case, method: str = "symbolic") -> None:
     assert snapshot(again) == snapshot(small), "a second minimize changed the weights"
 
 
+# Failures found, as cases (name: what was wrong). Found outside the fuzzer and reduced to cases here too:
+REGRESSIONS = {
+    # Tensor.movedim had no channel rule: ConvNeXt's channels-last LayerNorm froze its whole stream (no error,
+    # nothing removed); symbolic level only, export lowers it to aten.permute / aten.moveaxis.
+    "movedim_channels_last_stream": Case(layers=[("conv", 4, 1, False), ("cnlast", 5), ("gap",)], seed=0,
+                                         conv=(2, 4), masks=[("rows", 0.5), ("cols", 0.5), ("rows", 0.25)]),
+    # BatchNorm with a zero scale after a depthwise conv, then pooling and flatten: a constant channel through
+    # max pooling.
+    "bn_zero_scale_then_maxpool": Case(layers=[("conv", 3, 3, True), ("bn2d",), ("pool", "max"), ("flatten",)],
+                                       seed=11, conv=(3, 4), masks=[("none",), ("bnzero", 1.0), ("unstructured", 0.6)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_regressions(name: str, method: str) -> None:
+    check_case(REGRESSIONS[name], method)
+
+
+def test_movedim_regression_removes_channels() -> None:
+    model, x = build(REGRESSIONS["movedim_channels_last_stream"])
+    small = fp.minimize(fp.capture(model, (x,), method="symbolic"))
+    assert small.get_parameter("0.weight").shape[0] < model[0].weight.shape[0]  # a stream channel went
+
+
 @FUZZ
 @given(case=cases())
 def test_minimize_random_models_symbolic(case: Case) -> None:
@@ -60,7 +85,7 @@ def test_strategies_cover_every_layer_and_mask_kind() -> None:
         seen_layers |= {spec[0] for spec in case.layers}
         seen_masks |= {m[0] for m in case.masks}
     assert seen_layers >= {"linear", "act", "bn", "res", "cat", "gate", "stream", "conv", "bn2d", "rescv", "catcv",
-                           "pool", "flatten", "gap"}
+                           "cnlast", "pool", "flatten", "gap"}
     assert seen_masks >= {"none", "unstructured", "rows", "cols", "rows+cols", "bnzero"}
 
 
