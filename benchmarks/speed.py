@@ -1,0 +1,138 @@
+"""Pass speed against Torch-Pruning: remove the same dead MLP hidden units from ConvNeXt-Tiny, ViT-Base, GPT-2 small.
+
+    python benchmarks/speed.py                      # default configs, random weights, float64
+    python benchmarks/speed.py --size tiny --repeats 3
+
+Each model gets planted dead MLP hidden units (a quarter of each MLP's units: zero input rows; the MLP biases
+are drawn from N(0, 0.1), since transformers initializes them to 0 and trained ones are not). fxprune: ``capture`` + ``minimize`` (its default path, the
+self-check included). Torch-Pruning: build the ``DependencyGraph`` and prune the same units from every MLP.
+Both run in one process, alternating, ``--repeats`` times; the table shows medians, the ratio, the parameters
+each leaves and the float64 relative error each leaves against the original model (Torch-Pruning drops a dead
+unit's constant output ``act(bias)``; fxprune folds it into the next bias). Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import fxprune as fp
+from fxprune import zoo
+from fxprune.verify import count_params
+
+MLP_IN = {"convnext": "pwconv1", "vit": "mlp.fc1", "gpt2": "mlp.c_fc"}  # the first layer of each MLP
+
+
+def planted(name: str, size: str, frac: float = 0.25) -> tuple[nn.Module, tuple[Any, ...], dict[str, list[int]]]:
+    """The model in float64 with ``frac`` of every MLP's hidden units dead, and the dead indices per layer."""
+    model, inputs = zoo.build(name, size)
+    model = model.double().eval()
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    dead: dict[str, list[int]] = {}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for path, mod in model.named_modules():
+            if not path.endswith(MLP_IN[name]):
+                continue
+            mod.bias.normal_(0.0, 0.1, generator=g)  # transformers initializes biases to 0; trained ones are not
+            w = mod.weight
+            out_dim = 1 if name == "gpt2" else 0  # HF Conv1D stores (in, out)
+            n = w.shape[out_dim]
+            idx = sorted(torch.randperm(n, generator=g)[: int(frac * n)].tolist())
+            w.index_fill_(out_dim, torch.tensor(idx), 0.0)
+            dead[path] = idx
+    return model, inputs, dead
+
+
+def outputs(m: Any, inputs: tuple[Any, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        out = m(*inputs)
+    t = out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out[0])
+    return t.double()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def run_fxprune(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
+    return fp.minimize(fp.capture(model, inputs))
+
+
+def run_torch_pruning(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)  # Torch-Pruning prunes in place; fxprune is pure: copy for a like-for-like result
+    dg = tp.DependencyGraph().build_dependency(m, example_inputs=inputs[0] if len(inputs) == 1 else inputs,
+                                               verbose=False)
+    for path, idx in dead.items():
+        mod = m.get_submodule(path)
+        fn = tp.prune_linear_out_channels if isinstance(mod, nn.Linear) else tp.prune_conv_out_channels
+        group = dg.get_pruning_group(mod, fn, idxs=idx)
+        if dg.check_pruning_group(group):
+            group.prune()
+    return m
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=["tiny", "full"], default="full")
+    ap.add_argument("--models", nargs="+", default=["convnext", "vit", "gpt2"], choices=list(MLP_IN))
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args(argv)
+    rows = []
+    for name in a.models:
+        model, inputs, dead = planted(name, a.size)
+        ref = outputs(model, inputs)
+        tools: dict[str, Callable[..., nn.Module]] = {"fxprune": run_fxprune, "torch-pruning": run_torch_pruning}
+        times: dict[str, list[float]] = {k: [] for k in tools}
+        result: dict[str, Any] = {}
+        for _ in range(a.repeats):
+            for tool, fn in tools.items():  # alternating
+                t0 = time.perf_counter()
+                try:
+                    out = fn(model, inputs, dead)
+                except Exception as e:  # a tool that cannot handle the model: reported, not fatal
+                    result[tool] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+                    continue
+                times[tool].append(time.perf_counter() - t0)
+                result[tool] = out
+        row: dict[str, Any] = dict(model=name, size=a.size, params=count_params(model),
+                                   removable=sum(len(i) for i in dead.values()))
+        for tool in tools:
+            out = result[tool]
+            key = tool.replace("-", "_")
+            if isinstance(out, str):
+                row.update({f"{key}_error": out})
+                continue
+            row.update({f"{key}_s": statistics.median(times[tool]), f"{key}_params": count_params(out),
+                        f"{key}_f64_rel": rel_err(ref, outputs(out, inputs))})
+        if "fxprune_s" in row and "torch_pruning_s" in row:
+            row["ratio"] = row["fxprune_s"] / row["torch_pruning_s"]
+        rows.append(row)
+        print(f"[speed] {name}: done", file=sys.stderr, flush=True)
+
+    print(f"{'model':<9} {'params':>12} {'tool':<14} {'median s':>9} {'params left':>12} {'f64 rel err':>12}")
+    for r in rows:
+        for tool in ("fxprune", "torch_pruning"):
+            if f"{tool}_error" in r:
+                print(f"{r['model']:<9} {r['params']:>12,} {tool:<14} failed: {r[f'{tool}_error']}")
+                continue
+            print(f"{r['model']:<9} {r['params']:>12,} {tool:<14} {r[f'{tool}_s']:>9.2f} {r[f'{tool}_params']:>12,} "
+                  f"{r[f'{tool}_f64_rel']:>12.1e}")
+        if "ratio" in r:
+            print(f"{'':<9} {'':>12} {'fxprune / TP':<14} {r['ratio']:>8.2f}x")
+    out = dict(benchmark="speed", repeats=a.repeats, rows=rows)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
