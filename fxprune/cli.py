@@ -5,8 +5,9 @@
     fxprune inspect IN.pt2              # the channel groups: size, members, frozen and why
     fxprune demo                        # export, mask, minimize, verify an embedded CNN
 
-Files are read with ``torch.export.load`` only (a zip archive of a serialized graph and tensors; nothing is
-unpickled). Bad input (a missing file, a file that is not a .pt2 archive, a program that does not run on its
+Files are read with ``torch.export.load`` only, with every ``torch.load`` inside it held to
+``weights_only=True`` (torch.export.load would otherwise retry unsafe unpickling when the safe loader refuses a
+part of the archive): a crafted file cannot run code. Bad input (a missing file, a file that is not a .pt2 archive, a program that does not run on its
 own example inputs) exits with status 2 and a one-line message. Progress goes to stderr.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from fxprune.errors import FxPruneError
+from fxprune.graph.exported import load_program
 
 __all__ = ["main"]
 
@@ -43,7 +45,7 @@ def load(path: str) -> torch.export.ExportedProgram:
     if not zipfile.is_zipfile(path):
         raise CliError(f"{path}: not a .pt2 archive (expected a file written by torch.export.save)")
     try:
-        ep = torch.export.load(path)
+        ep = load_program(path)
     except Exception as e:
         raise CliError(f"{path}: torch.export.load could not read it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     if not isinstance(ep, torch.export.ExportedProgram):  # pragma: no cover - load always returns one

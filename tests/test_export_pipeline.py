@@ -144,6 +144,32 @@ def test_cli_bad_files_exit_2_with_one_line(tmp_path, content, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_cli_refuses_archives_that_would_run_code(pt2, tmp_path, monkeypatch):
+    """torch.export.load unpickles the sample inputs and retries with weights_only=False when the safe loader
+    refuses; fxprune holds every load inside it to weights_only=True."""
+    import io
+    import zipfile
+
+    evil = tmp_path / "evil.pt2"
+    buf = io.BytesIO()
+    torch.save(_RunsCode(), buf)
+    with zipfile.ZipFile(pt2) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.infolist():
+            data = buf.getvalue() if item.filename.endswith("sample_inputs/model.pt") else src.read(item)
+            dst.writestr(item, data)
+    monkeypatch.chdir(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "fxprune.cli", "inspect", str(evil)], capture_output=True, text=True)
+    assert not (tmp_path / "pwned").exists()
+    assert proc.returncode == 2 and "could not read it" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_cli_bad_sparsity_exits_2(pt2, tmp_path, capsys):
     assert main(["minimize", str(pt2), "-o", str(tmp_path / "o.pt2"), "--sparsity", "1.5"]) == 2
     assert "sparsity must be a number in [0, 1)" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from torch import nn
 
 from fxprune.errors import InputError
 
-__all__ = ["exported_io", "program_inputs", "to_program"]
+__all__ = ["exported_io", "program_inputs", "to_program", "load_program"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,6 +37,26 @@ def program_inputs(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:
 def to_program(module: nn.Module, inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
     """Export ``module`` (a pass's result) on ``inputs``."""
     return torch.export.export(module, inputs, strict=False)
+
+
+def load_program(path: str) -> torch.export.ExportedProgram:
+    """``torch.export.load`` with every ``torch.load`` it makes held to ``weights_only=True``.
+
+    ``torch.export.load`` unpickles parts of the archive (the sample inputs, constants) and, when the safe loader
+    refuses them, retries with ``weights_only=False``: a crafted file could run code. Here that retry is refused
+    too, so a file is read as tensors and plain containers only.
+    """
+    real_load = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    torch.load = weights_only_load  # type: ignore[assignment]
+    try:
+        return torch.export.load(path)
+    finally:
+        torch.load = real_load  # type: ignore[assignment]
 
 
 def exported_io(pass_fn: F) -> F:
