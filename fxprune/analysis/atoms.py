@@ -28,7 +28,7 @@ class Atom:
     parent: "Atom | None" = None
     kind: Kind | None = None
     children: list["Atom"] = field(default_factory=list)
-    frozen: list[str] = field(default_factory=list)
+    frozen: dict[str, None] = field(default_factory=dict)  # reasons, as an insertion-ordered set
 
     def __repr__(self) -> str:
         return f"Atom(size={self.size}, kind={self.kind}, frozen={bool(self.frozen)})"
@@ -54,9 +54,7 @@ class AtomSet:
         return root
 
     def freeze(self, a: Atom, reason: str) -> None:
-        r = self.find(a)
-        if reason not in r.frozen:
-            r.frozen.append(reason)
+        self.find(a).frozen.setdefault(reason)
 
     def unify(self, a: Atom, b: Atom, why: str = "") -> None:
         ra, rb = self.find(a), self.find(b)
@@ -67,7 +65,7 @@ class AtomSet:
             self.freeze(rb, f"size mismatch {ra.size} vs {rb.size} {why}".strip())
             return
         rb.parent = ra
-        ra.frozen.extend(r for r in rb.frozen if r not in ra.frozen)
+        ra.frozen.update(rb.frozen)
         if rb.kind is not None:
             self._merge_structure(ra, rb.kind, rb.children, why)
 
@@ -109,7 +107,7 @@ class AtomSet:
                     for c in r.children:
                         rc = self.find(c)
                         if not rc.frozen:
-                            rc.frozen.append(f"part of a frozen space ({r.frozen[0]})")
+                            rc.frozen.setdefault(f"part of a frozen space ({next(iter(r.frozen))})")
                             changed = True
 
     def leaves(self) -> list[Atom]:

@@ -78,6 +78,7 @@ class Spaces:
         self.touched: set[int] = set()  # atoms related by the rule being applied
         self.meta: set[str] = set()  # operands the rule being applied reads only for metadata
         self.exits: list[Exit] = []
+        self._specs: dict[Node, TensorSpec | None] = {}  # node_spec is read many times per node: once is enough
         self.param_key: dict[str, str] = {}
         seen: dict[int, str] = {}
         for n in gm.graph.nodes:
@@ -92,11 +93,16 @@ class Spaces:
     def spec(self, v: Any) -> TensorSpec | None:
         if not isinstance(v, Node):
             return None
+        try:
+            return self._specs[v]
+        except KeyError:
+            pass
         s = node_spec(v)
         if v.op == "get_attr" and s is None:
             t = get_attr(self.gm, v.target)
             s = TensorSpec(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None
-        return s if isinstance(s, TensorSpec) else None
+        s = self._specs[v] = s if isinstance(s, TensorSpec) else None
+        return s
 
     def rank(self, v: Any) -> int:
         s = self.spec(v)
