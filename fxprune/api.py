@@ -48,6 +48,7 @@ def compile(model: Any, example_inputs: Sequence[Any], *, sparsity: float | None
     >>> torch.allclose(fast(x), net(x))
     True
     """
-    small = minimize(mask(capture(model, example_inputs), sparsity) if sparsity is not None
-                     else capture(model, example_inputs))
-    return torch.compile(small, backend=backend, **compile_kwargs)
+    gm = capture(model, example_inputs)
+    if sparsity is not None:
+        gm = mask(gm, sparsity)
+    return torch.compile(minimize(gm), backend=backend, **compile_kwargs)

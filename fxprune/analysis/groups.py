@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 from fxprune.analysis.atoms import Atom
 from fxprune.analysis.rule import GHOST_PREFIX, Facts, Op, Spaces
 from fxprune.analysis.table import RULES, target_name
+from fxprune.graph.capture import on_meta
 from fxprune.graph.shapes import TensorSpec, node_spec
 
 import fxprune.analysis.rules  # noqa: F401  (registers the rule table)
@@ -73,8 +74,7 @@ class Analysis:
         self.spaces.atoms.settle()
         self.facts = Facts(gm, self.spaces)
         # Facts read weight values; a model on the meta device has none, so its analysis is the coupling alone.
-        self.on_meta = any(t.device.type == "meta" for t in list(gm.parameters()) + list(gm.buffers()))
-        if not self.on_meta:
+        if not on_meta(gm):
             self._facts()
 
     # ---- coupling -----------------------------------------------------------------------

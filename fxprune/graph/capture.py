@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 from fxprune.errors import CaptureError, InputError, UnsupportedError
 from fxprune.graph.shapes import annotate, is_annotated
 
-__all__ = ["capture", "as_inputs", "check_weights", "EXAMPLE_INPUTS_KEY"]
+__all__ = ["capture", "as_inputs", "check_weights", "on_meta", "EXAMPLE_INPUTS_KEY"]
 
 EXAMPLE_INPUTS_KEY = "fxprune_example_inputs"
 Method = Literal["auto", "symbolic", "export"]
@@ -37,6 +37,12 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, dict):
         raise InputError("example_inputs is a dict: pass positional inputs as a tuple (keyword inputs are not supported yet)")
     raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def on_meta(m: nn.Module, *extra: Any) -> bool:
+    """Whether a parameter or buffer of ``m`` (or a tensor among ``extra``) is on the meta device (no values)."""
+    tensors = list(m.parameters()) + list(m.buffers()) + [t for t in extra if isinstance(t, torch.Tensor)]
+    return any(t.device.type == "meta" for t in tensors)
 
 
 def check_weights(m: nn.Module, what: str) -> None:
@@ -169,9 +175,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto") -> GraphMo
 
     # A model on the meta device has shapes but no values: it is traced (fake tensors) but not run; its graph is
     # good for analysis, and the passes that need weights say so.
-    on_meta = any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers()) + list(inputs)
-                  if isinstance(t, torch.Tensor))
-    reference = None if on_meta else _run(model, inputs, "the model")
+    reference = None if on_meta(model, *inputs) else _run(model, inputs, "the model")
     tracers = {"symbolic": _symbolic, "export": _export}
     order = ["symbolic", "export"] if method == "auto" else [method]
     failures: list[str] = []
