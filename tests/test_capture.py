@@ -4,6 +4,7 @@ from torch import nn
 
 import fxprune as fp
 from fxprune.graph.shapes import TensorSpec, is_annotated, node_spec
+from fxprune.verify import count_params
 from fxprune.zoo import TRANSFORMERS, build
 
 
@@ -90,3 +91,40 @@ def test_transformers_need_export_and_reproduce_outputs(name):
     ref_t = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
     out_t = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     torch.testing.assert_close(out_t[0], ref_t[0])
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_the_checking_run_is_reused_only_while_nothing_changed(method):
+    """capture keeps the output of the run that checked the graph; minimize's self-check reuses it instead of
+    running the captured graph again, but only while code, tensor bytes, module modes and inputs are the same."""
+    from fxprune.graph.capture import graph_outputs
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).eval()
+    x = torch.randn(5, 4)
+    gm = fp.capture(net, (x,), method=method)
+    first = graph_outputs(gm, (x,))
+    assert graph_outputs(gm, (x,)) is first  # cached
+    assert graph_outputs(gm, (x.clone(),)) is first  # same bytes
+    assert graph_outputs(gm, (x + 1,)) is not first  # other inputs
+    weight = next(p for n, p in gm.named_parameters() if n.endswith("weight"))
+    weight.data[:5] = 0  # no version bump through .data: the bytes tell
+    changed = graph_outputs(gm, (x,))
+    assert changed is not first and not torch.equal(changed, first)
+    torch.testing.assert_close(changed, gm(x))
+    # a stale reference would make this minimize fail its self-check (or pass a wrong model)
+    small = fp.minimize(gm)
+    assert count_params(small) < count_params(gm)
+    torch.testing.assert_close(small(x), gm(x))
+
+
+def test_the_checking_run_is_not_reused_after_a_mode_change():
+    from fxprune.graph.capture import graph_outputs
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
+    with torch.no_grad():
+        net[1].running_mean.fill_(3.0)
+    x = torch.randn(5, 4)
+    gm = fp.capture(net, (x,), method="symbolic")
+    first = graph_outputs(gm, (x,))
+    gm.train()
+    assert not torch.allclose(graph_outputs(gm, (x,)), first)

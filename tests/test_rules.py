@@ -192,3 +192,58 @@ def test_movedim_couples_channels_like_a_permute(method):
     assert fp.verify(gm, small, (x,)).max_rel["float64"] <= 1e-9
     shapes = {n: tuple(p.shape) for n, p in small.named_parameters()}
     assert shapes["conv.weight"][0] == 4 and shapes["lin.weight"] == (4, 4) and shapes["out.weight"][1] == 4
+
+
+class _ConvAfterConstants(nn.Module):
+    """Input channels 0 and 1 constant (0 and 2.0), then a conv: output 0 reads only the constants, output 1 only
+    through taps that never land on real input when the map is small, output 2 has no weights, output 3 is live."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("keep", torch.tensor([0.0, 0, 1, 1]).view(1, 4, 1, 1))
+        self.register_buffer("const", torch.tensor([0.0, 2, 0, 0]).view(1, 4, 1, 1))
+        g = conv.groups
+        with torch.no_grad():
+            w = conv.weight  # (4, 4 // g, kh, kw)
+            w[0] = 0
+            w[0, : 2 // (g if g <= 2 else 1)] = 1.0  # reads input channels 0, 1 (group 0)
+            w[1] = 0
+            w[1, :, 0, 0] = 1.0  # the corner tap only
+            w[2] = 0
+
+    def forward(self, x):
+        return self.conv(x * self.keep + self.const)
+
+
+# (conv kwargs, input size, whether output 1's corner tap never touches real input)
+CONV_GEOMETRIES = [
+    (dict(kernel_size=7, padding=3), 2, True),
+    (dict(kernel_size=3, padding=1, stride=2), 5, False),
+    (dict(kernel_size=3, padding=0, dilation=2), 6, False),
+    (dict(kernel_size=3, padding="same"), 4, False),
+    (dict(kernel_size=5, padding=2, groups=2), 3, False),
+    (dict(kernel_size=5, padding=4, stride=3), 2, True),
+]
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("geometry", range(len(CONV_GEOMETRIES)))
+def test_conv_facts_are_sound_and_ignore_padding_only_taps(geometry, method):
+    kwargs, size, corner_is_padding = CONV_GEOMETRIES[geometry]
+    torch.manual_seed(geometry)
+    model = _ConvAfterConstants(nn.Conv2d(4, 4, **kwargs)).double().eval()
+    x = torch.randn(2, 4, size, size, dtype=torch.float64)
+    gm, an = _analysis(model, x, method)
+    _, y = _io(an.gm)
+    f = an.facts.dim(y, 1)
+    assert bool(f.known[2]) and not bool(f.known[3])
+    assert bool(f.known[1]) == corner_is_padding
+    out = model(x)
+    assert bool(f.known[0]) == bool((out[:, 0] == out[0, 0, 0, 0]).all())  # constant only where every position sums alike
+    for _ in range(3):
+        out = model(torch.randn_like(x))
+        for k in f.known.nonzero().flatten().tolist():
+            torch.testing.assert_close(out[:, k], torch.full_like(out[:, k], f.value[k].item()), rtol=1e-12, atol=1e-12)
+    small = fp.minimize(gm)
+    assert fp.verify(gm, small, (x,)).max_rel["float64"] <= 1e-9

@@ -314,8 +314,9 @@ class Rule:
 
 
 def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[DimFacts] | None:
-    """Run the op on materialized inputs (known constants, NaN elsewhere) and read off constant channels."""
-    if not any(fx.get(a) for a in op.tensor_args()):
+    """Run the op on materialized inputs (known constants, NaN elsewhere) and read off constant channels. Skipped
+    when no operand has a known channel (NaN in, NaN out: nothing to read off)."""
+    if not any(f is not None and any(bool(df.known.any()) for df in f) for f in map(fx.get, op.tensor_args())):
         return None
     try:
         args = torch.fx.node.map_arg(op.node.args, fx.materialize)

@@ -240,31 +240,48 @@ class Conv(Rule):
         sp.exit(x, 1, tolerates, op.describe())
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        """Output channel o is constant when no tap that ever lands on real input (not padding) weighs an unknown
+        input channel. Its value is bias + sum of known inputs x taps, read off channel-level sums when that is
+        the same at every position (no padding, or every contributing input is zero), else from a convolution of
+        the known constants."""
         o = self.operands(op)
         x, w, b, G = o["x"], o["w"], o["b"], o["groups"]
         W = fx.tensor(w)
         if W is None or o["transposed"] or not isinstance(G, int):
             return None
-        conv = _CONV[W.dim() - 2]
-        Bv = fx.tensor(b) if b is not None else None
-        try:
-            xin = torch.nan_to_num(fx.materialize(x), nan=0.0)
-        except Exception:  # not a float input
+        xs, ys = _shape(fx.sp, x), _shape(fx.sp, op.node)
+        if len(xs) != W.dim() or len(ys) != W.dim():
             return None
-        args = dict(stride=o["stride"], padding=o["padding"], dilation=o["dilation"], groups=G)
-        with torch.no_grad():
-            val = conv(xin, W, Bv, **args)
-            unk = (~fx.dim(x, 1).known).to(torch.float64)
-            shape = [1] * xin.dim()
-            shape[1] = -1
-            dep = conv(unk.view(shape).expand_as(xin).contiguous(), W.abs(), None, **args)
-        facts = extract(val)
-        if facts is None:
-            return None
-        depends = dep.movedim(1, 0).reshape(dep.shape[1], -1).amax(dim=1) > 0
-        out = facts[1]
-        out = DimFacts(out.known & ~depends, torch.where(depends, 0.0, out.value))
-        return _out_facts(op, fx.sp, {1: out})
+        cout, cin_g = W.shape[:2]
+        taps = _real_taps(W.shape[2:], xs[2:], ys[2:], o["stride"], o["padding"], o["dilation"])
+        Wr = (W * taps).reshape(G, cout // G, cin_g, -1)  # taps that never touch real input weigh nothing
+        touches = (Wr != 0).any(dim=3)  # [G, out/G, in/G]
+        xf = fx.dim(x, 1)
+        unknown = ~xf.known.reshape(G, 1, cin_g)
+        depends = (touches & unknown).any(dim=2).reshape(-1)
+        if bool(depends.all()):
+            return _out_facts(op, fx.sp, {1: _unknown(cout)})
+        c = torch.where(xf.known, xf.value, 0.0).reshape(G, 1, cin_g)
+        contributes = (touches & (c != 0)).any(dim=2).reshape(-1) & ~depends
+        if _padded(o["padding"]) and bool(contributes.any()):  # border positions see fewer taps: convolve
+            xin = torch.where(xf.known, xf.value, 0.0).reshape(1, -1, *[1] * (len(xs) - 2)).expand(1, -1, *xs[2:])
+            Bv = fx.tensor(b) if b is not None else None
+            with torch.no_grad():
+                val = _CONV[W.dim() - 2](xin, W, Bv, stride=o["stride"], padding=o["padding"], dilation=o["dilation"],
+                                         groups=G)
+            facts = extract(val)
+            if facts is None:
+                return None
+            f = facts[1]
+            known = f.known & ~depends
+            return _out_facts(op, fx.sp, {1: DimFacts(known, torch.where(known, f.value, 0.0))})
+        value = (Wr.sum(dim=3) * c).sum(dim=2).reshape(-1)
+        if b is not None:
+            B = fx.tensor(b)
+            if B is None or B.dim() != 1:
+                return None
+            value = value + B
+        return _out_facts(op, fx.sp, {1: DimFacts(~depends, torch.where(depends, 0.0, value))})
 
     def rewrite(self, op: Op, rw: Any) -> None:
         o = self.operands(op)
@@ -293,6 +310,33 @@ def _padded(padding: Any) -> bool:
     if isinstance(padding, int):
         return padding != 0
     return any(p != 0 for p in padding)
+
+
+def _real_taps(kernel: Any, in_size: Any, out_size: Any, stride: Any, padding: Any, dilation: Any) -> torch.Tensor:
+    """Float mask of kernel shape: 1 where a tap lands on real input (not padding) at some output position.
+    Padding it cannot read (a mode string other than valid/same) counts every tap as real."""
+    k = len(kernel)
+
+    def per_dim(v: Any) -> list[int]:
+        return list(v) * (k if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [v] * k
+
+    stride, dilation = per_dim(stride), per_dim(dilation)
+    if padding == "valid":
+        padding = [0] * k
+    elif padding == "same":
+        padding = [dilation[j] * (kernel[j] - 1) // 2 for j in range(k)]
+    elif isinstance(padding, str):
+        return torch.ones(kernel, dtype=torch.float64)
+    padding = per_dim(padding)
+    mask = torch.ones(kernel, dtype=torch.float64)
+    for j in range(k):
+        pos = (torch.arange(out_size[j])[:, None] * stride[j] - padding[j]
+               + torch.arange(kernel[j])[None, :] * dilation[j])
+        real = ((pos >= 0) & (pos < in_size[j])).any(dim=0).to(torch.float64)
+        shape = [1] * k
+        shape[j] = -1
+        mask = mask * real.view(shape)
+    return mask
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

