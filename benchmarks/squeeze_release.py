@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="fewer cycles and epochs (make demo)")
     ap.add_argument("--lasso", type=float, default=None, help="group-lasso strength (default: the recipe's)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per fine-tune call (default: the recipe's)")
+    ap.add_argument("--mask-steps", type=int, default=3, help="masking steps per cycle, each followed by fine-tuning")
     ap.add_argument("--dense-lasso", action="store_true", help="train the dense model with the group lasso too")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=None, help="write a PNG of params and accuracy per cycle")
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     dense_test = trainer.accuracy(model, "test")
 
     result = fp.squeeze_release(model, example, train=trainer.train, evaluate=trainer.accuracy, cycles=cycles,
-                                sparsity=sparsity, mask_steps=3, tolerance=a.tolerance, seed=a.seed,
+                                sparsity=sparsity, mask_steps=a.mask_steps, tolerance=a.tolerance, seed=a.seed,
                                 progress=True)
     final_test = trainer.accuracy(result.module, "test")
     shot = one_shot(model, example, trainer, acc_dense - a.tolerance,

@@ -94,7 +94,8 @@ def _cast(xs: Sequence[Any], dtype: torch.dtype) -> tuple[Any, ...]:
     return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs)
 
 
-def _random_inputs(xs: Sequence[Any], g: torch.Generator) -> tuple[Any, ...]:
+def random_inputs(xs: Sequence[Any], g: torch.Generator) -> tuple[Any, ...]:
+    """Inputs like ``xs`` drawn from ``g``: floats standard normal, integers within ``xs``' range."""
     out = []
     for x in xs:
         if isinstance(x, torch.Tensor) and x.is_floating_point():
@@ -145,7 +146,7 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
             notes.append(f"float32 parameters: float64 tolerance {ROUNDED_RTOL:g} (folded biases are rounded to float32)")
     inputs = as_inputs(example_inputs)
     g = torch.Generator().manual_seed(seed)
-    batches = [inputs] + [_random_inputs(inputs, g) for _ in range(n_random)]
+    batches = [inputs] + [random_inputs(inputs, g) for _ in range(n_random)]
     errs: dict[int, OutputError] = {}
     for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):
         ma, mb = to_dtype(a, dtype), to_dtype(b, dtype)

@@ -24,6 +24,7 @@ from fxprune.graph.rebuild import get_attr, new_graph_like, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules
 from fxprune.graph.exported import exported_io
+from fxprune.verify import random_inputs
 
 __all__ = ["minimize", "MinimizeOptions"]
 
@@ -275,7 +276,7 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     result = work if _owns(work, gm) else rebuild(work, work.graph, {})
     if opts.verify:
         if inputs is None:
-            inputs = tuple(_random_like(placeholder_inputs(result)))
+            inputs = random_inputs(placeholder_inputs(result), torch.Generator().manual_seed(0))
         _self_check(gm, result, inputs, opts)
     return result
 
@@ -284,11 +285,6 @@ def _owns(work: GraphModule, gm: GraphModule) -> bool:
     """True when ``work`` shares no parameter storage with ``gm`` (it was rebuilt at least once)."""
     mine = {t.data_ptr() for t in list(gm.parameters()) + list(gm.buffers()) if t.numel()}
     return not any(t.data_ptr() in mine for t in list(work.parameters()) + list(work.buffers()) if t.numel())
-
-
-def _random_like(xs: list[Any]) -> list[Any]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(x.shape, generator=g, dtype=x.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs]
 
 
 def _self_check(ref: GraphModule, new: GraphModule, inputs: tuple[Any, ...], opts: MinimizeOptions) -> None:
