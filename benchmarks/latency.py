@@ -1,22 +1,28 @@
-"""Deployed speedup: CPU latency and weight memory of the minimized model against the same masked model kept dense
+"""Deployed speedup: CPU latency and peak memory of the minimized model against the same masked model kept dense
 and against ``torch.nn.utils.prune``, at 50/80/90/95% sparsity.
 
     python benchmarks/latency.py                          # FC, ConvNeXt-Tiny, GPT-2 small (default configs)
     python benchmarks/latency.py --models fc --repeats 50
+    python benchmarks/latency.py --masks weights          # unstructured masks instead of whole units
 
-Masks: per-layer magnitude (each weight with ndim >= 2 at the same sparsity; a global threshold on random
-weights empties whole layers whose init scale is smallest, making the model constant), on random weights
-(untrained), so only rows and columns that happen to be all zero go: this measures what the rewrite gives for a given mask, not what training
-under masks gives (see docs/results.md for that). Latency: median of ``--repeats`` forwards after warm-up, the
-three variants alternating, float32, ``torch.set_num_threads`` left as is. Memory: bytes of parameters and
-floating buffers (torch.nn.utils.prune keeps the original weight and the mask besides: it is counted).
-Last line: one JSON object.
+Masks, on random (untrained) weights:
+- ``units`` (default): the given fraction of every MLP's hidden units, smallest L2 norm of their input weights,
+  zeroed whole (the structure Squeeze-Release training ends with); ``torch.nn.utils.prune.ln_structured`` on the
+  same units.
+- ``weights``: per-layer magnitude masks on every weight with ndim >= 2 (a global threshold on random weights
+  empties whole layers whose init scale is smallest, making the model constant); ``l1_unstructured``. Only rows
+  and columns that happen to be all zero go: the rewrite can remove little from such a mask.
+Latency: median of ``--repeats`` forwards after warm-up, the three variants alternating, float32,
+``torch.set_num_threads`` left as is. Memory: bytes of parameters and floating buffers (torch.nn.utils.prune keeps
+the original weight and the mask besides: counted), and peak = those + the most bytes the forward holds at once
+(allocation and free events of the torch profiler, ``profile_memory=True``). Last line: one JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import re
 import statistics
 import sys
 import time
@@ -42,17 +48,55 @@ def build(name: str) -> tuple[nn.Module, tuple[Any, ...]]:
     return zoo.build(name, "full")
 
 
+# The first layer of every MLP (the one whose output units a "units" mask removes) and its output dim.
+MLP_IN = {"fc": (r"^(0|2)\.weight$", 0), "convnext": (r"pwconv1\.weight$", 0), "vit": (r"intermediate\.dense\.weight$", 0),
+          "gpt2": (r"mlp\.c_fc\.weight$", 1)}
+
+
+def unit_masks(gm: nn.Module, name: str, sparsity: float) -> dict[str, torch.Tensor]:
+    """Bool masks (True = keep) zeroing the ``sparsity`` fraction of each MLP's units with the smallest L2 norm."""
+    pattern, dim = MLP_IN[name]
+    out = {}
+    for n, p in gm.named_parameters():
+        if re.search(pattern, n):
+            norms = p.detach().norm(dim=1 - dim)
+            drop = norms.argsort()[: int(round(sparsity * norms.numel()))]
+            keep = torch.ones(norms.numel(), dtype=torch.bool)
+            keep[drop] = False
+            out[n] = keep.unsqueeze(1 - dim).expand_as(p).clone()
+    return out
+
+
+def peak_bytes(f: Any, inputs: tuple[Any, ...]) -> int:
+    """Weight bytes + the most bytes one forward holds at once (torch profiler allocation and free events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        f(*inputs)
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return weight_bytes(f) + peak
+
+
 def weight_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())
                if t.is_floating_point() or t.dtype == torch.bool)
 
 
-def torch_prune(model: nn.Module, sparsity: float) -> nn.Module:
+def torch_prune(model: nn.Module, name: str, sparsity: float, kind: str) -> nn.Module:
     m = copy.deepcopy(model)
+    if kind == "units":
+        pattern, dim = MLP_IN[name]
+        for path, mod in m.named_modules():
+            if isinstance(getattr(mod, "weight", None), nn.Parameter) and re.search(pattern, f"{path}.weight"):
+                prune.ln_structured(mod, "weight", amount=sparsity, n=2, dim=dim)
+        return m
     params = [(mod, "weight") for mod in m.modules() if getattr(mod, "weight", None) is not None
               and isinstance(mod.weight, nn.Parameter) and mod.weight.dim() >= 2]
-    for mod, name in params:  # per layer, like fp.mask(..., scope="layer")
-        prune.l1_unstructured(mod, name, amount=sparsity)
+    for mod, w in params:  # per layer, like fp.mask(..., scope="layer")
+        prune.l1_unstructured(mod, w, amount=sparsity)
     return m
 
 
@@ -74,26 +118,31 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", nargs="+", default=["fc", "convnext", "gpt2"], choices=["fc", "convnext", "vit", "gpt2"])
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--masks", choices=["units", "weights"], default="units")
     a = ap.parse_args(argv)
     rows = []
     for name in a.models:
         model, inputs = build(name)
         gm = fp.capture(model, inputs)
         for s in a.sparsities:
-            masked = fp.mask(gm, s, scope="layer")
+            masked = fp.mask(gm, masks=unit_masks(gm, name, s)) if a.masks == "units" else fp.mask(gm, s, scope="layer")
             small = fp.minimize(masked)
-            tnp = torch_prune(model, s)
-            lat = latency({"masked": masked, "minimized": small, "torch_prune": tnp}, inputs, a.repeats)
-            rows.append(dict(model=name, sparsity=s, **{f"{k}_ms": 1e3 * v for k, v in lat.items()},
-                             masked_bytes=weight_bytes(masked), minimized_bytes=weight_bytes(small),
-                             torch_prune_bytes=weight_bytes(tnp), speedup=lat["masked"] / lat["minimized"]))
+            tnp = torch_prune(model, name, s, a.masks)
+            variants = {"masked": masked, "minimized": small, "torch_prune": tnp}
+            lat = latency(variants, inputs, a.repeats)
+            rows.append(dict(model=name, sparsity=s, masks=a.masks, **{f"{k}_ms": 1e3 * v for k, v in lat.items()},
+                             **{f"{k}_bytes": weight_bytes(v) for k, v in variants.items()},
+                             **{f"{k}_peak_bytes": peak_bytes(v, inputs) for k, v in variants.items()},
+                             speedup=lat["masked"] / lat["minimized"]))
             print(f"[latency] {name} at {s:.0%}", file=sys.stderr, flush=True)
-    print(f"{'model':<9} {'sparsity':>8} {'masked ms':>10} {'minimized ms':>13} {'nn.utils.prune ms':>18} {'speedup':>8} "
-          f"{'masked MB':>10} {'minimized MB':>13} {'prune MB':>9}")
+    print(f"masks: {a.masks}; MB = weights / peak (weights + most bytes held during the forward)")
+    print(f"{'model':<9} {'sparsity':>8} {'masked ms':>10} {'minimized ms':>13} {'prune ms':>9} {'speedup':>8} "
+          f"{'masked MB':>14} {'minimized MB':>14} {'prune MB':>14}")
     for r in rows:
+        mb = {k: f"{r[f'{k}_bytes'] / 1e6:.2f} / {r[f'{k}_peak_bytes'] / 1e6:.2f}" for k in ("masked", "minimized", "torch_prune")}
         print(f"{r['model']:<9} {r['sparsity']:>8.0%} {r['masked_ms']:>10.2f} {r['minimized_ms']:>13.2f} "
-              f"{r['torch_prune_ms']:>18.2f} {r['speedup']:>7.2f}x {r['masked_bytes'] / 1e6:>10.2f} "
-              f"{r['minimized_bytes'] / 1e6:>13.2f} {r['torch_prune_bytes'] / 1e6:>9.2f}")
+              f"{r['torch_prune_ms']:>9.2f} {r['speedup']:>7.2f}x {mb['masked']:>14} {mb['minimized']:>14} "
+              f"{mb['torch_prune']:>14}")
     out = dict(benchmark="latency", repeats=a.repeats, threads=torch.get_num_threads(), rows=rows)
     print(json.dumps(out))
     return out

@@ -6,8 +6,8 @@
 Each model gets planted dead MLP hidden units (a quarter of each MLP's units: zero input rows; the MLP biases
 are drawn from N(0, 0.1), since transformers initializes them to 0 and trained ones are not). fxprune: ``capture`` + ``minimize`` (its default path, the
 self-check included). Torch-Pruning: build the ``DependencyGraph`` and prune the same units from every MLP.
-Both run in one process, alternating, ``--repeats`` times; the table shows medians, the ratio, the parameters
-each leaves and the float64 relative error each leaves against the original model (Torch-Pruning drops a dead
+Both run in one process, alternating (with one plain no-grad forward of the model, the unit both times are also
+expressed in), ``--repeats`` times; the table shows medians, the ratio, the parameters each leaves and the float64 relative error each leaves against the original model (Torch-Pruning drops a dead
 unit's constant output ``act(bias)``; fxprune folds it into the next bias). Last line: one JSON object.
 """
 from __future__ import annotations
@@ -66,6 +66,12 @@ def run_fxprune(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[
     return fp.minimize(fp.capture(model, inputs))
 
 
+def run_forward(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
+    """One no-grad forward of the model: the unit the table expresses both tools' times in."""
+    outputs(model, inputs)
+    return model
+
+
 def run_torch_pruning(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
     import torch_pruning as tp
 
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in a.models:
         model, inputs, dead = planted(name, a.size)
         ref = outputs(model, inputs)
-        tools: dict[str, Callable[..., nn.Module]] = {"fxprune": run_fxprune, "torch-pruning": run_torch_pruning}
+        tools: dict[str, Callable[..., nn.Module]] = {"fxprune": run_fxprune, "torch-pruning": run_torch_pruning,
+                                                      "forward": run_forward}
         times: dict[str, list[float]] = {k: [] for k in tools}
         result: dict[str, Any] = {}
         for _ in range(a.repeats):
@@ -106,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result[tool] = out
         row: dict[str, Any] = dict(model=name, size=a.size, params=count_params(model),
                                    removable=sum(len(i) for i in dead.values()))
-        for tool in tools:
+        row["forward_s"] = statistics.median(times.pop("forward"))
+        for tool in ("fxprune", "torch-pruning"):
             out = result[tool]
             key = tool.replace("-", "_")
             if isinstance(out, str):
@@ -129,6 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r[f'{tool}_f64_rel']:>12.1e}")
         if "ratio" in r:
             print(f"{'':<9} {'':>12} {'fxprune / TP':<14} {r['ratio']:>8.2f}x")
+        print(f"{'':<9} {'':>12} {'one forward':<14} {r['forward_s']:>9.2f}   (fxprune = "
+              f"{r.get('fxprune_s', float('nan')) / r['forward_s']:.1f} forwards, Torch-Pruning = "
+              f"{r.get('torch_pruning_s', float('nan')) / r['forward_s']:.1f})")
     out = dict(benchmark="speed", repeats=a.repeats, rows=rows)
     print(json.dumps(out))
     return out

@@ -91,8 +91,11 @@ def _fingerprint(gm: GraphModule, inputs: tuple[Any, ...]) -> tuple[Any, ...] | 
             isinstance(x, torch.Tensor) and x.device.type == "meta" for x in inputs):
         return None
     modules = tuple((name, type(m).__name__, m.training, m.extra_repr()) for name, m in gm.named_modules())
-    return (gm.code, modules, tuple((n, _digest(t)) for n, t in tensors),
-            tuple(_digest(x) if isinstance(x, torch.Tensor) else (type(x), x) for x in inputs))
+    try:
+        return (gm.code, modules, tuple((n, _digest(t)) for n, t in tensors),
+                tuple(_digest(x) if isinstance(x, torch.Tensor) else (type(x), x) for x in inputs))
+    except (RuntimeError, TypeError):  # bytes not readable (sparse, quantized, ...): never reuse
+        return None
 
 
 def _attr(gm: GraphModule, target: str) -> Any:
