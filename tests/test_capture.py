@@ -128,3 +128,32 @@ def test_the_checking_run_is_not_reused_after_a_mode_change():
     first = graph_outputs(gm, (x,))
     gm.train()
     assert not torch.allclose(graph_outputs(gm, (x,)), first)
+
+
+@pytest.mark.parametrize("name", ["convnext", "gpt2"])
+def test_meta_annotation_matches_fake_propagation(name):
+    """annotate runs rewritten graphs on meta tensors (cheaper); the shapes and dtypes must be what fake
+    propagation gives, node for node."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fxprune.graph.shapes import annotate
+
+    model, inputs = build(name, "tiny")
+    gm = fp.capture(model, inputs, method="export")
+    annotate(gm, inputs)
+    meta = {n.name: node_spec(n) for n in gm.graph.nodes}
+    assert any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device.type == "meta" for n in gm.graph.nodes)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(x) for x in inputs])
+    fake = {n.name: node_spec(n) for n in gm.graph.nodes}
+    assert meta == fake
+    assert sum(isinstance(s, TensorSpec) for s in meta.values()) > 20
+
+
+def test_annotation_falls_back_to_fake_tensors_for_modules_with_weights():
+    from fxprune.graph.shapes import annotate
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
+    annotate(gm, (torch.randn(2, 4),))
+    assert node_spec(list(gm.graph.nodes)[1]) == TensorSpec((2, 3), torch.float32)
+    assert not any(getattr(n.meta.get("val"), "device", None) == torch.device("meta") for n in gm.graph.nodes)

@@ -87,6 +87,11 @@ class _MetaProp(Interpreter):
         t = super().get_attr(target, args, kwargs)
         return t.to("meta") if isinstance(t, torch.Tensor) else t
 
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if isinstance(kwargs.get("device"), (torch.device, str)):  # `.to(cpu)`, `arange(device=cpu)`: stay on meta
+            kwargs = {**kwargs, "device": torch.device("meta")}
+        return super().call_function(target, args, kwargs)
+
 
 def _calls_weighted_module(gm: GraphModule) -> bool:
     for n in gm.graph.nodes:
