@@ -12,7 +12,8 @@ Masks, on random (untrained) weights:
 - ``weights``: per-layer magnitude masks on every weight with ndim >= 2 (a global threshold on random weights
   empties whole layers whose init scale is smallest, making the model constant); ``l1_unstructured``. Only rows
   and columns that happen to be all zero go: the rewrite can remove little from such a mask.
-Latency: median of ``--repeats`` forwards after warm-up, the three variants alternating, float32,
+Latency: median of at least ``--repeats`` forwards (as many as fit in 3 s for fast models) after three warm-up
+calls, the three variants alternating, float32,
 ``torch.set_num_threads`` left as is. Memory: bytes of parameters and floating buffers (torch.nn.utils.prune keeps
 the original weight and the mask besides: counted), and peak = those + the most bytes the forward holds at once
 (allocation and free events of the torch profiler, ``profile_memory=True``). Last line: one JSON object.
@@ -100,12 +101,18 @@ def torch_prune(model: nn.Module, name: str, sparsity: float, kind: str) -> nn.M
     return m
 
 
-def latency(fns: dict[str, Any], inputs: tuple[Any, ...], repeats: int) -> dict[str, float]:
+def latency(fns: dict[str, Any], inputs: tuple[Any, ...], repeats: int, budget_s: float = 3.0) -> dict[str, float]:
+    """Median seconds per forward of each variant, alternating; at least ``repeats`` rounds, more for fast models
+    (as many as fit in ``budget_s``), after three warm-up calls each."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
+        t0 = time.perf_counter()
         for f in fns.values():
-            f(*inputs)  # warm-up
-        for _ in range(repeats):
+            for _ in range(3):
+                f(*inputs)  # warm-up
+        per_round = (time.perf_counter() - t0) / 3
+        rounds = max(repeats, min(2000, int(budget_s / max(per_round, 1e-9))))
+        for _ in range(rounds):
             for k, f in fns.items():
                 t0 = time.perf_counter()
                 f(*inputs)
