@@ -178,7 +178,7 @@ class GroupLasso:
     scales; not biases). The tensors are looked up once per fine-tuning call, read on every step."""
 
     def __init__(self, model: nn.Module, streams: list[list[tuple[str, int]]]):
-        self.params = [(name, p) for name, p in model.named_parameters()]
+        self.params = list(model.named_parameters())
         self.streams = [[(*_owner(model, n), dim) for n, dim in slices] for slices in streams]
 
     def __call__(self) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Shape and dtype annotation of FX nodes.
 
 Export graphs already carry ``node.meta["val"]`` (fake tensors); symbolically traced and rewritten graphs get it
-here by running the graph on meta tensors, or under a fake mode where that fails. :func:`node_spec` reads it back as plain
-``TensorSpec``\\ s so the analysis never touches fake tensors itself.
+here by running the graph on meta tensors, or under a fake mode where that fails. :func:`node_spec` reads it back
+as plain ``TensorSpec``\\ s so the analysis never touches fake tensors itself.
 """
 from __future__ import annotations
 
