@@ -261,10 +261,11 @@ class Conv(Rule):
         depends = (touches & unknown).any(dim=2).reshape(-1)
         if bool(depends.all()):
             return _out_facts(op, fx.sp, {1: _unknown(cout)})
-        c = torch.where(xf.known, xf.value, 0.0).reshape(G, 1, cin_g)
+        constants = torch.where(xf.known, xf.value, 0.0)  # known input channels' values, 0 elsewhere
+        c = constants.reshape(G, 1, cin_g)
         contributes = (touches & (c != 0)).any(dim=2).reshape(-1) & ~depends
         if _padded(o["padding"]) and bool(contributes.any()):  # border positions see fewer taps: convolve
-            xin = torch.where(xf.known, xf.value, 0.0).reshape(1, -1, *[1] * (len(xs) - 2)).expand(1, -1, *xs[2:])
+            xin = constants.reshape(1, -1, *[1] * (len(xs) - 2)).expand(1, -1, *xs[2:])
             Bv = fx.tensor(b) if b is not None else None
             with torch.no_grad():
                 val = _CONV[W.dim() - 2](xin, W, Bv, stride=o["stride"], padding=o["padding"], dilation=o["dilation"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import traceback
+import weakref
 import zlib
 from typing import Any, Literal, Sequence
 
@@ -19,12 +20,15 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from fxprune.errors import CaptureError, InputError, UnsupportedError
+from fxprune.graph.rebuild import get_attr
 from fxprune.graph.shapes import annotate, is_annotated
 
 __all__ = ["capture", "as_inputs", "check_weights", "on_meta", "graph_outputs", "EXAMPLE_INPUTS_KEY"]
 
 EXAMPLE_INPUTS_KEY = "fxprune_example_inputs"
-REFERENCE_KEY = "fxprune_reference"  # (fingerprint, outputs) of the graph run that checked the capture
+# Per captured GraphModule: (fingerprint, outputs) of the run that checked the capture. Keyed by the object, not
+# kept in gm.meta, so the modules passes derive from it (which copy meta) never carry a reference that cannot apply.
+_REFERENCES: "weakref.WeakKeyDictionary[GraphModule, tuple[Any, Any]]" = weakref.WeakKeyDictionary()
 Method = Literal["auto", "symbolic", "export"]
 
 
@@ -86,7 +90,7 @@ def _fingerprint(gm: GraphModule, inputs: tuple[Any, ...]) -> tuple[Any, ...] | 
                + list(gm.named_buffers(remove_duplicate=False))]
     held = {n for n, _ in tensors}
     tensors += [(n.target, t) for n in gm.graph.nodes if n.op == "get_attr" and n.target not in held
-                and isinstance(t := _attr(gm, n.target), torch.Tensor)]
+                and isinstance(t := get_attr(gm, n.target), torch.Tensor)]
     if any(t.device.type == "meta" for _, t in tensors) or any(
             isinstance(x, torch.Tensor) and x.device.type == "meta" for x in inputs):
         return None
@@ -98,27 +102,31 @@ def _fingerprint(gm: GraphModule, inputs: tuple[Any, ...]) -> tuple[Any, ...] | 
         return None
 
 
-def _attr(gm: GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 def _remember(gm: GraphModule, inputs: tuple[Any, ...], outputs: Any) -> None:
     key = _fingerprint(gm, inputs)
     if key is not None:
-        gm.meta[REFERENCE_KEY] = (key, outputs)
+        _REFERENCES[gm] = (key, outputs)
 
 
 def graph_outputs(gm: GraphModule, inputs: tuple[Any, ...]) -> Any:
     """``gm(*inputs)`` without gradients; the run that checked the capture is reused while nothing it depends on
     changed (code, tensor bytes, module modes, inputs: :func:`_fingerprint`), so a capture followed by a pass's
     self-check runs the captured graph once."""
-    cached = gm.meta.get(REFERENCE_KEY)
+    cached = _REFERENCES.get(gm)
     if cached is not None and cached[0] == _fingerprint(gm, inputs):
         return cached[1]
     return _run(gm, inputs, "the GraphModule")
+
+
+def _check_reproduces(gm: GraphModule, inputs: tuple[Any, ...], reference: Any, what: str, failure: str) -> None:
+    """Run ``gm`` (``what``) and raise ``RuntimeError(failure)`` unless it gives ``reference``; the run is kept for
+    :func:`graph_outputs`. Nothing to compare on the meta device (``reference`` is None)."""
+    if reference is None:
+        return
+    out = _run(gm, inputs, what)
+    if not _same_outputs(reference, out):
+        raise RuntimeError(failure)
+    _remember(gm, inputs, out)
 
 
 def _same_outputs(a: Any, b: Any) -> bool:
@@ -183,22 +191,16 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any) -> Grap
         from torch.fx.passes.shape_prop import ShapeProp
 
         ShapeProp(gm).propagate(*inputs)
-    if reference is not None:
-        out = _run(gm, inputs, "the symbolically traced graph")
-        if not _same_outputs(reference, out):
-            raise RuntimeError("the symbolic trace does not reproduce the model's outputs (control flow baked in?)")
-        _remember(gm, inputs, out)
+    _check_reproduces(gm, inputs, reference, "the symbolically traced graph",
+                      "the symbolic trace does not reproduce the model's outputs (control flow baked in?)")
     return gm
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any) -> GraphModule:
     ep = torch.export.export(model, inputs, strict=False)
     gm = ep.module()
-    if reference is not None:
-        out = _run(gm, inputs, "the exported graph")
-        if not _same_outputs(reference, out):
-            raise RuntimeError("the exported graph does not reproduce the model's outputs")
-        _remember(gm, inputs, out)
+    _check_reproduces(gm, inputs, reference, "the exported graph",
+                      "the exported graph does not reproduce the model's outputs")
     return gm
 
 
