@@ -35,6 +35,7 @@ from torch.nn.utils import prune
 
 import fxprune as fp
 from fxprune import zoo
+from planted import MLP, out_dim
 
 
 def fc_model() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -49,14 +50,16 @@ def build(name: str) -> tuple[nn.Module, tuple[Any, ...]]:
     return zoo.build(name, "full")
 
 
-# The first layer of every MLP (the one whose output units a "units" mask removes) and its output dim.
-MLP_IN = {"fc": (r"^(0|2)\.weight$", 0), "convnext": (r"pwconv1\.weight$", 0), "vit": (r"intermediate\.dense\.weight$", 0),
-          "gpt2": (r"mlp\.c_fc\.weight$", 1)}
+def _mlp_in(name: str) -> tuple[str, int]:
+    """A pattern for the weights whose output units a "units" mask removes, and their output dim."""
+    if name == "fc":
+        return r"^(0|2)\.weight$", 0
+    return re.escape(MLP[name][0]) + r"\.weight$", out_dim(name)
 
 
 def unit_masks(gm: nn.Module, name: str, sparsity: float) -> dict[str, torch.Tensor]:
     """Bool masks (True = keep) zeroing the ``sparsity`` fraction of each MLP's units with the smallest L2 norm."""
-    pattern, dim = MLP_IN[name]
+    pattern, dim = _mlp_in(name)
     out = {}
     for n, p in gm.named_parameters():
         if re.search(pattern, n):
@@ -89,7 +92,7 @@ def weight_bytes(m: nn.Module) -> int:
 def torch_prune(model: nn.Module, name: str, sparsity: float, kind: str) -> nn.Module:
     m = copy.deepcopy(model)
     if kind == "units":
-        pattern, dim = MLP_IN[name]
+        pattern, dim = _mlp_in(name)
         for path, mod in m.named_modules():
             if isinstance(getattr(mod, "weight", None), nn.Parameter) and re.search(pattern, f"{path}.weight"):
                 prune.ln_structured(mod, "weight", amount=sparsity, n=2, dim=dim)

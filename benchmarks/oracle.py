@@ -23,25 +23,14 @@ import torch
 from torch import nn
 
 import fxprune as fp
-from fxprune import zoo
 from fxprune.verify import count_params
-
-MLP = {"convnext": ("pwconv1", "pwconv2"), "vit": ("mlp.fc1", "mlp.fc2"), "gpt2": ("mlp.c_fc", "mlp.c_proj")}
-
+from planted import MLP, logits, out_dim, planted, rel_err
 
 def fc(widths: tuple[int, ...]) -> nn.Module:
     layers: list[nn.Module] = []
     for a, b in zip(widths[:-1], widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a - b).abs().max() / a.abs().max()).detach())
-
-
-def logits(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out[0])
 
 
 def planted_fc(dead: tuple[int, int] = (200, 60)) -> dict:
@@ -54,32 +43,20 @@ def planted_fc(dead: tuple[int, int] = (200, 60)) -> dict:
     x = torch.randn(16, 64, dtype=torch.float64)
     small = fp.minimize(fp.capture(model, (x,)))
     return dict(model="fc 64-300-100-10", removable=count_params(model) - oracle,
-                removed=count_params(model) - count_params(small), f64_rel=rel(model(x), small(x)))
+                removed=count_params(model) - count_params(small), f64_rel=rel_err(model(x), small(x)))
 
 
 def planted_transformer(name: str, size: str, frac: float = 0.25) -> dict:
-    model, inputs = zoo.build(name, size)
-    model = model.double().eval()
-    inputs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
-    g = torch.Generator().manual_seed(0)
+    model, inputs, dead = planted(name, size, frac)
     removable = 0
-    with torch.no_grad():
-        for path, mod in model.named_modules():
-            if not path.endswith(MLP[name][0]):
-                continue
-            out_dim = 1 if name == "gpt2" else 0  # HF Conv1D stores (in, out)
-            n = mod.weight.shape[out_dim]
-            idx = torch.randperm(n, generator=g)[: int(frac * n)]
-            mod.weight.index_fill_(out_dim, idx, 0.0)
-            mod.bias.normal_(0.0, 0.1, generator=g)
-            nxt = model.get_submodule(path[: -len(MLP[name][0])] + MLP[name][1])
-            d_in = mod.weight.shape[1 - out_dim]
-            d_out = nxt.weight.numel() // n
-            removable += len(idx) * (d_in + 1 + d_out)
+    for path, idx in dead.items():  # each dead unit frees its input row, its bias and its output column
+        w = model.get_submodule(path).weight
+        nxt = model.get_submodule(path[: -len(MLP[name][0])] + MLP[name][1])
+        removable += len(idx) * (w.shape[1 - out_dim(name)] + 1 + nxt.weight.numel() // w.shape[out_dim(name)])
     with torch.no_grad():
         ref = logits(model(*inputs))
         small = fp.minimize(fp.capture(model, inputs))
-        err = rel(ref, logits(small(*inputs)))
+        err = rel_err(ref, logits(small(*inputs)))
     return dict(model=f"{name} ({size}) MLP units", removable=removable,
                 removed=count_params(model) - count_params(small), f64_rel=err)
 

@@ -24,42 +24,12 @@ import torch
 from torch import nn
 
 import fxprune as fp
-from fxprune import zoo
 from fxprune.verify import count_params
-
-MLP_IN = {"convnext": "pwconv1", "vit": "mlp.fc1", "gpt2": "mlp.c_fc"}  # the first layer of each MLP
-
-
-def planted(name: str, size: str, frac: float = 0.25) -> tuple[nn.Module, tuple[Any, ...], dict[str, list[int]]]:
-    """The model in float64 with ``frac`` of every MLP's hidden units dead, and the dead indices per layer."""
-    model, inputs = zoo.build(name, size)
-    model = model.double().eval()
-    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
-    dead: dict[str, list[int]] = {}
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for path, mod in model.named_modules():
-            if not path.endswith(MLP_IN[name]):
-                continue
-            mod.bias.normal_(0.0, 0.1, generator=g)  # transformers initializes biases to 0; trained ones are not
-            w = mod.weight
-            out_dim = 1 if name == "gpt2" else 0  # HF Conv1D stores (in, out)
-            n = w.shape[out_dim]
-            idx = sorted(torch.randperm(n, generator=g)[: int(frac * n)].tolist())
-            w.index_fill_(out_dim, torch.tensor(idx), 0.0)
-            dead[path] = idx
-    return model, inputs, dead
-
+from planted import MLP, logits, planted, rel_err
 
 def outputs(m: Any, inputs: tuple[Any, ...]) -> torch.Tensor:
     with torch.no_grad():
-        out = m(*inputs)
-    t = out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out[0])
-    return t.double()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max())
+        return logits(m(*inputs)).double()
 
 
 def run_fxprune(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
@@ -90,7 +60,7 @@ def run_torch_pruning(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str,
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=["tiny", "full"], default="full")
-    ap.add_argument("--models", nargs="+", default=["convnext", "vit", "gpt2"], choices=list(MLP_IN))
+    ap.add_argument("--models", nargs="+", default=["convnext", "vit", "gpt2"], choices=list(MLP))
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     rows = []
