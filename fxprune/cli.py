@@ -56,8 +56,7 @@ def _minimize(a: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     _say(f"loading {a.input}")
-    ep = load(a.input)
-    prog = ep
+    prog = load(a.input)
     if a.sparsity is not None:
         _say(f"masking to sparsity {a.sparsity}")
         prog = fp.mask(prog, a.sparsity)
