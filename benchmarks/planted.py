@@ -10,7 +10,8 @@ from torch import nn
 from fxprune import zoo
 
 # The two layers of each model's MLP: the first's output units are the hidden units, the second reads them.
-MLP = {"convnext": ("pwconv1", "pwconv2"), "vit": ("mlp.fc1", "mlp.fc2"), "gpt2": ("mlp.c_fc", "mlp.c_proj")}
+MLP = {"convnext": ("pwconv1", "pwconv2"), "vit": ("mlp.fc1", "mlp.fc2"), "gpt2": ("mlp.c_fc", "mlp.c_proj"),
+       "bert": ("intermediate.dense", "output.dense"), "llama": ("mlp.up_proj", "mlp.down_proj")}
 
 
 def out_dim(name: str) -> int:
@@ -31,7 +32,8 @@ def planted(name: str, size: str, frac: float = 0.25) -> tuple[nn.Module, tuple[
         for path, mod in model.named_modules():
             if not path.endswith(MLP[name][0]):
                 continue
-            mod.bias.normal_(0.0, 0.1, generator=g)
+            if mod.bias is not None:
+                mod.bias.normal_(0.0, 0.1, generator=g)
             w = mod.weight
             n = w.shape[out_dim(name)]
             idx = sorted(torch.randperm(n, generator=g)[: int(frac * n)].tolist())

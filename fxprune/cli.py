@@ -1,13 +1,16 @@
 """The ``fxprune`` command: minimize, verify and inspect ``.pt2`` files (``torch.export.save`` archives).
 
-    fxprune minimize IN.pt2 -o OUT.pt2 [--sparsity S] [--report REPORT.json]
+    fxprune [--import MODULE] minimize IN.pt2 -o OUT.pt2 [--sparsity S] [--report REPORT.json]
+                                        # exit 1 and nothing written when the verification fails
     fxprune verify A.pt2 B.pt2          # exit 0: equivalent, 1: not (the error table says where)
     fxprune inspect IN.pt2              # the channel groups: size, members, frozen and why
     fxprune demo                        # export, mask, minimize, verify an embedded CNN
 
 Files are read with ``torch.export.load`` only, with every ``torch.load`` inside it held to
 ``weights_only=True`` (torch.export.load would otherwise retry unsafe unpickling when the safe loader refuses a
-part of the archive): a crafted file cannot run code. Bad input (a missing file, a file that is not a .pt2 archive, a program that does not run on its
+part of the archive): a crafted file cannot run code. Programs whose inputs or outputs are transformers' output
+classes load when transformers is installed; another package's pytree types need ``--import PACKAGE``. The
+input program's dynamic dims are kept in the output. Bad input (a missing file, a file that is not a .pt2 archive, a program that does not run on its
 own example inputs) exits with status 2 and a one-line message. Progress goes to stderr.
 """
 from __future__ import annotations
@@ -38,14 +41,16 @@ def _say(msg: str) -> None:
     print(f"[fxprune] {msg}", file=sys.stderr, flush=True)
 
 
-def load(path: str) -> torch.export.ExportedProgram:
+def load(path: str, imports: Sequence[str] = ()) -> torch.export.ExportedProgram:
     """``torch.export.load`` with the checks that turn bad files into one-line errors."""
     if not os.path.isfile(path):
         raise CliError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
         raise CliError(f"{path}: not a .pt2 archive (expected a file written by torch.export.save)")
     try:
-        ep = load_program(path)
+        ep = load_program(path, imports)
+    except FxPruneError as e:
+        raise CliError(f"{path}: {e}") from e
     except Exception as e:
         raise CliError(f"{path}: torch.export.load could not read it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     return ep
@@ -56,7 +61,7 @@ def _minimize(a: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     _say(f"loading {a.input}")
-    prog = load(a.input)
+    prog = load(a.input, a.imports)
     if a.sparsity is not None:
         _say(f"masking to sparsity {a.sparsity}")
         prog = fp.mask(prog, a.sparsity)
@@ -64,23 +69,28 @@ def _minimize(a: argparse.Namespace) -> int:
     small = fp.minimize(prog)
     _say("verifying")
     rep = fp.verify(prog, small)
-    _say(f"saving {a.output}")
-    torch.export.save(small, a.output)
-    before, after = rep.params
     print(rep)
-    report = dict(input=a.input, output=a.output, sparsity=a.sparsity, params_before=before, params_after=after,
-                  ratio=before / after, max_rel=rep.max_rel, ok=rep.ok, seconds=round(time.perf_counter() - t0, 3))
+    if rep.ok:
+        _say(f"saving {a.output}")
+        torch.export.save(small, a.output)
+    else:
+        _say(f"verification failed: {a.output} not written")
+    before, after = rep.params
+    report = dict(input=a.input, output=a.output if rep.ok else None, sparsity=a.sparsity, params_before=before,
+                  params_after=after, ratio=before / after, max_rel=rep.max_rel, ok=rep.ok,
+                  shapes=[dict(shapes=c.shapes, max_rel=c.max_rel) for c in rep.shapes],
+                  dynamic=str(small.range_constraints), seconds=round(time.perf_counter() - t0, 3))
     if a.report:
         with open(a.report, "w") as f:
             json.dump(report, f, indent=2)
         _say(f"report written to {a.report}")
-    return 0
+    return 0 if rep.ok else 1
 
 
 def _verify(a: argparse.Namespace) -> int:
     import fxprune as fp
 
-    ea, eb = load(a.a), load(a.b)
+    ea, eb = load(a.a, a.imports), load(a.b, a.imports)
     rep = fp.verify(ea, eb)
     print(rep)
     return 0 if rep.ok else 1
@@ -89,7 +99,7 @@ def _verify(a: argparse.Namespace) -> int:
 def _inspect(a: argparse.Namespace) -> int:
     import fxprune as fp
 
-    print(fp.analyze(load(a.input)))
+    print(fp.analyze(load(a.input, a.imports)))
     return 0
 
 
@@ -109,6 +119,8 @@ def _demo(a: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fxprune", description="Make pruned networks physically smaller, exactly.")
+    ap.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                    help="import MODULE first (a package whose pytree types the programs use); repeatable")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("minimize", help="remove every channel that cannot change the output")
     p.add_argument("input", help="a .pt2 file (torch.export.save)")

@@ -13,9 +13,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.errors import InputError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
+from fxprune.graph.dynamic import DYNAMIC_KEY, InputDims, batch_dims, from_graph, shape_str, shaped_inputs
 from fxprune.graph.exported import program_inputs
 
-__all__ = ["verify", "EquivalenceReport", "count_params", "to_float64", "to_dtype", "EXACT_RTOL"]
+__all__ = ["verify", "EquivalenceReport", "ShapeError", "count_params", "to_float64", "to_dtype", "EXACT_RTOL"]
 
 EXACT_RTOL = 1e-9  # float64 relative error that counts as exact (models with float64 parameters)
 ROUNDED_RTOL = 1e-6  # floor for float32 models: constants folded into float32 biases are rounded to float32
@@ -30,6 +31,14 @@ class OutputError:
 
 
 @dataclass
+class ShapeError:
+    """The largest float64 relative error over the outputs at one set of input shapes."""
+
+    shapes: str
+    max_rel: float
+
+
+@dataclass
 class EquivalenceReport:
     """What :func:`verify` measured. ``ok`` is True when float64 relative error <= 1e-9 on every output."""
 
@@ -39,6 +48,7 @@ class EquivalenceReport:
     n_inputs: int
     rtol: float = EXACT_RTOL
     notes: list[str] = field(default_factory=list)
+    shapes: list[ShapeError] = field(default_factory=list)  # every input shape checked, with its float64 error
 
     @property
     def max_rel(self) -> dict[str, float]:
@@ -47,7 +57,8 @@ class EquivalenceReport:
     @property
     def ok(self) -> bool:
         r = self.max_rel
-        return r["float64"] <= self.rtol and r["float32"] <= FLOAT32_RTOL
+        return (r["float64"] <= self.rtol and r["float32"] <= FLOAT32_RTOL
+                and all(sh.max_rel <= self.rtol for sh in self.shapes))
 
     def __str__(self) -> str:
         lines = [f"{'output':>6}  {'f32 max abs':>12}  {'f32 max rel':>12}  {'f64 max abs':>12}  {'f64 max rel':>12}"]
@@ -57,8 +68,10 @@ class EquivalenceReport:
         (pa, pb), (fa, fb) = self.params, self.flops
         lines.append(f"params  {pa:,} -> {pb:,}  ({pa / max(pb, 1):.2f}x smaller)")
         lines.append(f"FLOPs   {fa:,} -> {fb:,}  ({fa / max(fb, 1):.2f}x fewer)")
+        for sh in self.shapes:
+            lines.append(f"shapes ({sh.shapes}): f64 max rel {sh.max_rel:.3e}")
         verdict = ("EXACT" if self.rtol <= EXACT_RTOL else "EQUIVALENT") if self.ok else "NOT EQUIVALENT"
-        lines.append(f"{verdict} (float64 rel <= {self.rtol:g}) on {self.n_inputs} inputs")
+        lines.append(f"{verdict} (float64 rel <= {self.rtol:g}) on {self.n_inputs} inputs at {len(self.shapes)} input shapes")
         return "\n".join(lines + self.notes)
 
     __repr__ = __str__
@@ -135,6 +148,7 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
     """
     if example_inputs is None and isinstance(a, torch.export.ExportedProgram):
         example_inputs = program_inputs(a)
+    dims = _dims(a, b)
     a, b = (m.module() if isinstance(m, torch.export.ExportedProgram) else m for m in (a, b))
     if example_inputs is None:
         example_inputs = getattr(a, "meta", {}).get(EXAMPLE_INPUTS_KEY)
@@ -145,18 +159,36 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
         if not wide:
             notes.append(f"float32 parameters: float64 tolerance {ROUNDED_RTOL:g} (folded biases are rounded to float32)")
     inputs = as_inputs(example_inputs)
+    if dims is None:
+        dims = batch_dims(inputs)  # eager models: the batch dim, where the first model takes another batch size
     g = torch.Generator().manual_seed(seed)
     batches = [inputs] + [random_inputs(inputs, g) for _ in range(n_random)]
+    batches += [random_inputs(xs, g) for xs in shaped_inputs(dims, inputs)[1:]]
     errs: dict[int, OutputError] = {}
+    per_shape: dict[str, float] = {}
     for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):
         ma, mb = to_dtype(a, dtype), to_dtype(b, dtype)
-        for xs in batches:
+        for k, xs in enumerate(batches):
             xs = _cast(xs, dtype)
             with torch.no_grad():
                 try:
-                    ya, yb = _tensors(ma(*xs)), _tensors(mb(*xs))
+                    ya = _tensors(ma(*xs))
                 except Exception as e:
-                    raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
+                    if k <= n_random:
+                        raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
+                    continue  # a shape of the range that the first model itself does not take
+                try:
+                    yb = _tensors(mb(*xs))
+                except Exception as e:
+                    if k <= n_random:
+                        raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
+                    yb = None  # the second model fails where the first runs: not equivalent
+            key = shape_str(xs)
+            if yb is None:
+                per_shape[key] = float("inf")
+                for o in errs.values():
+                    o.max_abs[name] = o.max_rel[name] = float("inf")
+                continue
             if len(ya) != len(yb):
                 raise InputError(f"the models return different numbers of tensors ({len(ya)} vs {len(yb)})")
             for i, (x, y) in enumerate(zip(ya, yb)):
@@ -173,6 +205,8 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
                 rel = err / scale if scale > 0 else err
                 o.max_abs[name] = max(o.max_abs[name], err)
                 o.max_rel[name] = max(o.max_rel[name], rel)
+                if name == "float64":
+                    per_shape[key] = max(per_shape.get(key, 0.0), rel)
     return EquivalenceReport(
         outputs=[errs[i] for i in sorted(errs)],
         params=(count_params(a), count_params(b)),
@@ -180,4 +214,16 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
         n_inputs=len(batches),
         rtol=rtol,
         notes=notes,
+        shapes=[ShapeError(k, v) for k, v in per_shape.items()],
     )
+
+
+def _dims(a: Any, b: Any) -> InputDims | None:
+    """The dynamic input dims declared by ``a`` (or ``b``): a captured graph's, or an ExportedProgram's."""
+    for m in (a, b):
+        if isinstance(m, torch.export.ExportedProgram):
+            return from_graph(m.module(), m.range_constraints)
+        dims = getattr(m, "meta", {}).get(DYNAMIC_KEY) if isinstance(m, GraphModule) else None
+        if dims is not None:
+            return dims
+    return None

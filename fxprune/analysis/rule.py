@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 
 from fxprune.analysis.atoms import Atom, AtomSet
 from fxprune.graph.rebuild import get_attr
-from fxprune.graph.shapes import TensorSpec, node_spec
+from fxprune.graph.shapes import TensorSpec, hint, is_dynamic_scalar, node_spec
 
 __all__ = ["Op", "Spaces", "Facts", "DimFacts", "Rule", "Exit", "GHOST_PREFIX", "GHOST_SUM", "FULL_MEAN", "aligned_dim"]
 
@@ -116,6 +116,8 @@ class Spaces:
         a = self._atoms.get(k)
         if a is None:
             a = self._atoms[k] = self.atoms.new(s.shape[d])
+            if d in s.dynamic:  # its size varies with the inputs: a batch or sequence dim, never channels
+                self.atoms.freeze(a, f"dim {d} of '{v.name}' varies with the inputs' dynamic dims")
         return a
 
     def has(self, v: Node, dim: int) -> bool:
@@ -246,6 +248,8 @@ class Facts:
         """A float64 tensor of ``v``'s shape: known channels hold their constant, the rest NaN."""
         if not isinstance(v, Node):
             return v
+        if isinstance(v.meta.get("val"), (int, torch.SymInt)) and not isinstance(v.meta.get("val"), bool):
+            return hint(v.meta["val"])  # a size read off a tensor (sym_size): its example value
         t = self.tensor(v)
         if t is not None:
             return t
@@ -318,6 +322,8 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[Di
     when no operand has a known channel (NaN in, NaN out: nothing to read off)."""
     if not any(f is not None and any(bool(df.known.any()) for df in f) for f in map(fx.get, op.tensor_args())):
         return None
+    if any(is_dynamic_scalar(a) for a in (*op.node.args, *op.node.kwargs.values())):
+        return None  # arithmetic with a size that varies (x / seq_len): its value at the example is no fact
     try:
         args = torch.fx.node.map_arg(op.node.args, fx.materialize)
         kwargs = torch.fx.node.map_arg(op.node.kwargs, fx.materialize)

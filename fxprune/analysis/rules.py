@@ -51,6 +51,17 @@ def _shape(sp: Spaces, v: Any) -> tuple[int, ...]:
     return () if s is None else s.shape
 
 
+def _varies(sp: Spaces, v: Any, dims: Any) -> bool:
+    """Whether any of ``dims`` of ``v`` varies with the inputs' dynamic dims."""
+    s = sp.spec(v)
+    return s is not None and any(isinstance(d, int) and d % max(len(s.shape), 1) in s.dynamic for d in dims)
+
+
+def _zeros_only(facts: list[DimFacts] | None) -> list[DimFacts] | None:
+    """Only the zero facts: what a sum (or an average with padding) over a dim of varying size keeps at every size."""
+    return None if facts is None else [DimFacts(f.zero(), torch.zeros_like(f.value)) for f in facts]
+
+
 def _out_facts(op: Op, sp: Spaces, fill: dict[int, DimFacts]) -> list[DimFacts] | None:
     shape = _shape(sp, op.node)
     if not shape:
@@ -253,7 +264,11 @@ class Conv(Rule):
         if len(xs) != W.dim() or len(ys) != W.dim():
             return None
         cout, cin_g = W.shape[:2]
-        taps = _real_taps(W.shape[2:], xs[2:], ys[2:], o["stride"], o["padding"], o["dilation"])
+        # Spatial dims that vary with the inputs: which taps meet padding, and what border positions see, change
+        # with the size, so every tap counts and a constant that padding would make position-dependent is unknown.
+        dyn_spatial = any(d >= 2 for d in fx.sp.spec(x).dynamic)
+        taps = (torch.ones(W.shape[2:], dtype=W.dtype) if dyn_spatial else
+                _real_taps(W.shape[2:], xs[2:], ys[2:], o["stride"], o["padding"], o["dilation"]))
         Wr = (W * taps).reshape(G, cout // G, cin_g, -1)  # taps that never touch real input weigh nothing
         touches = (Wr != 0).any(dim=3)  # [G, out/G, in/G]
         xf = fx.dim(x, 1)
@@ -264,7 +279,9 @@ class Conv(Rule):
         constants = torch.where(xf.known, xf.value, 0.0)  # known input channels' values, 0 elsewhere
         c = constants.reshape(G, 1, cin_g)
         contributes = (touches & (c != 0)).any(dim=2).reshape(-1) & ~depends
-        if _padded(o["padding"]) and bool(contributes.any()):  # border positions see fewer taps: convolve
+        if dyn_spatial and _padded(o["padding"]):
+            depends = depends | contributes
+        elif _padded(o["padding"]) and bool(contributes.any()):  # border positions see fewer taps: convolve
             xin = constants.reshape(1, -1, *[1] * (len(xs) - 2)).expand(1, -1, *xs[2:])
             Bv = fx.tensor(b) if b is not None else None
             with torch.no_grad():
@@ -560,6 +577,18 @@ class Reduce(Rule):
             dim = None
         return x, _dims(dim, sp.rank(x)), bool(op.arg(self.keepdim_pos, "keepdim", False))
 
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        """Over a dim whose size varies, a constant's mean, max and min are that constant at every size and a sum
+        of zeros is zero; a sum of a non-zero constant (or its variance, logsumexp) depends on the size."""
+        x, red, _ = self.reduced(op, fx.sp)
+        out = nan_eval(op, fx)
+        if out is None or not _varies(fx.sp, x, red):
+            return out
+        name = str(getattr(op.target, "__name__", op.target))
+        if self.mode == "mean" or any(k in name for k in ("amax", "amin")):
+            return out
+        return _zeros_only(out) if self.mode == "sum" else None
+
     def compensable(self, op: Op, red: list[int]) -> bool:
         return self.mode is not None and len(red) == 1 and op.node.kwargs.get("dtype") is None
 
@@ -605,6 +634,12 @@ class Softmax(Rule):
             else:
                 sp.unify(x, d, op.node, d, f"by {op.describe()}")
 
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        x = op.node.args[0]
+        if _varies(fx.sp, x, [op.arg(1, "dim")]):
+            return None  # softmax of a constant over a dim of varying size is 1/size
+        return nan_eval(op, fx)
+
 
 class Pool(Rule):
     """Pooling over the trailing ``n`` spatial dims: batch and channel dims pass through."""
@@ -627,7 +662,12 @@ class Pool(Rule):
                 sp.unify(x, d, y, d, f"by {op.describe()}")
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        return None if isinstance(node_spec(op.node), list) else nan_eval(op, fx)
+        if isinstance(node_spec(op.node), list):
+            return None
+        out = nan_eval(op, fx)
+        x = op.node.args[0]
+        # spatial dims of varying size: where windows meet padding changes with the size; zero stays zero
+        return _zeros_only(out) if _varies(fx.sp, x, range(-self.n, 0)) else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -830,7 +870,9 @@ class Slice(Rule):
             return
         n = _shape(sp, x)[d]
         start, end, step = op.arg(2, "start", None), op.arg(3, "end", None), op.arg(4, "step", 1)
-        full = (start in (None, 0)) and (end is None or end >= n) and step == 1
+        # a bound read off a dynamic size (a Node) is not known to cover the dim: partial, the dim freezes
+        full = ((start is None or (isinstance(start, int) and start == 0)) and step == 1
+                and (end is None or (isinstance(end, int) and end >= n)))
         for e in range(r):
             if e != d or full:
                 sp.unify(x, e, op.node, e, f"by {op.describe()}")

@@ -7,6 +7,7 @@ captured graph is checked to reproduce the model's output on the example inputs.
 """
 from __future__ import annotations
 
+import copy
 import operator
 import traceback
 import weakref
@@ -21,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from fxprune.errors import CaptureError, InputError, UnsupportedError
 from fxprune.graph.rebuild import get_attr
+from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, from_graph, resize, static_dims
 from fxprune.graph.shapes import annotate, is_annotated
 
 __all__ = ["capture", "as_inputs", "check_weights", "on_meta", "graph_outputs", "EXAMPLE_INPUTS_KEY"]
@@ -30,6 +32,7 @@ EXAMPLE_INPUTS_KEY = "fxprune_example_inputs"
 # kept in gm.meta, so the modules passes derive from it (which copy meta) never carry a reference that cannot apply.
 _REFERENCES: "weakref.WeakKeyDictionary[GraphModule, tuple[Any, Any]]" = weakref.WeakKeyDictionary()
 Method = Literal["auto", "symbolic", "export"]
+BATCH = "batch"  # capture's default dynamic_shapes: the batch dim dynamic wherever the model allows it
 
 
 def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -140,6 +143,32 @@ def _same_outputs(a: Any, b: Any) -> bool:
     return all(x.shape == y.shape and torch.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True) for x, y in zip(ta, tb))
 
 
+def _is_batch(dynamic_shapes: Any) -> bool:
+    return isinstance(dynamic_shapes, str) and dynamic_shapes == BATCH
+
+
+def _annotated_copy(gm: GraphModule, inputs: tuple[Any, ...], dynamic_shapes: Any) -> GraphModule:
+    """A GraphModule running a copy of ``gm``'s graph (its tensors shared, never written), annotated, with its
+    inputs' dims: those of its placeholders' symbolic sizes when it came from torch.export, else a dynamic batch
+    where the graph runs at another batch size (or none, with ``dynamic_shapes=None``)."""
+    out = GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    out.meta.update(gm.meta)
+    symbolic = any(isinstance(getattr(n.meta.get("val"), "shape", None), torch.Size)
+                   and any(isinstance(s, torch.SymInt) for s in n.meta["val"].shape)
+                   for n in gm.graph.nodes if n.op == "placeholder")
+    if symbolic:
+        dims = from_graph(gm).at(inputs)
+    else:
+        dims = batch_dims(inputs) if _is_batch(dynamic_shapes) else static_dims(inputs)
+    try:
+        annotate(out, inputs, dims)
+    except Exception:
+        dims = static_dims(inputs)
+        annotate(out, inputs, dims)
+    out.meta[DYNAMIC_KEY] = dims
+    return out
+
+
 # Producers whose output is a fresh tensor (never a view of another value): an in-place op on such a value with
 # no other reader cannot be observed, so the symbolic graph computes the same thing as the model.
 _FRESH_MODULES = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -182,30 +211,78 @@ def _check_inplace(gm: GraphModule) -> None:
                 "read elsewhere or may alias another tensor; symbolic tracing cannot record that")
 
 
-def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any) -> GraphModule:
+def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any) -> GraphModule:
+    if not _is_batch(dynamic_shapes) and dynamic_shapes is not None:
+        raise CaptureError("dynamic_shapes is torch.export's spec: use method='export' (or 'auto') with it")
     gm = torch.fx.symbolic_trace(model)
     _check_inplace(gm)
+    dims = batch_dims(inputs) if _is_batch(dynamic_shapes) else static_dims(inputs)
     try:
-        annotate(gm, inputs)
-    except Exception:  # fake propagation unsupported by some op: fall back to real shapes
-        from torch.fx.passes.shape_prop import ShapeProp
+        annotate(gm, inputs, dims)
+    except Exception:  # the graph does not run at another batch size (a size in the code): static
+        dims = static_dims(inputs)
+        try:
+            annotate(gm, inputs, dims)
+        except Exception:  # fake propagation unsupported by some op: fall back to real shapes
+            from torch.fx.passes.shape_prop import ShapeProp
 
-        ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(*inputs)
+    gm.meta[DYNAMIC_KEY] = dims
     _check_reproduces(gm, inputs, reference, "the symbolically traced graph",
                       "the symbolic trace does not reproduce the model's outputs (control flow baked in?)")
     return gm
 
 
-def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any) -> GraphModule:
-    ep = torch.export.export(model, inputs, strict=False)
-    gm = ep.module()
+def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any) -> GraphModule:
+    if _is_batch(dynamic_shapes):
+        ep = _export_batch(model, inputs)
+    else:
+        ep = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    gm = _program_module(ep, inputs)
     _check_reproduces(gm, inputs, reference, "the exported graph",
                       "the exported graph does not reproduce the model's outputs")
     return gm
 
 
-def capture(model: Any, example_inputs: Any, method: Method = "auto") -> GraphModule:
+def _export_batch(model: nn.Module, inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
+    """Export with dim 0 of every tensor input as ``Dim.AUTO``: torch.export keeps it dynamic where the model
+    allows it. A batch of 1 would be specialized (torch.export's 0/1 rule), so the trace sees the example repeated
+    to a batch of 2; the program still runs at 1. If the model cannot take that, the example's batch is traced."""
+    spec = default_spec(inputs)
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if tensors and all(int(x.shape[0]) == 1 for x in tensors):
+        doubled = resize(inputs, [(2, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+                                  for x in inputs])
+        try:
+            return torch.export.export(model, doubled, dynamic_shapes=spec, strict=False)
+        except Exception:  # the model cannot take a batch of 2: export at the example
+            pass
+    return torch.export.export(model, inputs, dynamic_shapes=spec, strict=False)
+
+
+def _program_module(ep: torch.export.ExportedProgram, inputs: tuple[Any, ...]) -> GraphModule:
+    """``ep.module()`` annotated with plain example shapes, its inputs' dynamic dims in ``meta[DYNAMIC_KEY]``. The
+    program's nodes are never touched: node metadata is copied before it is rewritten, and its symbolic sizes are
+    read without guarding (reading a SymInt as an int would specialize the program's shape environment)."""
+    gm = ep.module()
+    for n in gm.graph.nodes:
+        n.meta = dict(n.meta)
+    dims = from_graph(gm, ep.range_constraints).at(inputs)
+    annotate(gm, inputs, dims)
+    gm.meta[DYNAMIC_KEY] = dims
+    return gm
+
+
+def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic_shapes: Any = BATCH) -> GraphModule:
     """Capture ``model`` as a GraphModule whose every node carries its shape and dtype.
+
+    ``dynamic_shapes`` is torch.export's spec (``Dim``, ``Dim.AUTO``/``Dim.DYNAMIC``, nested like the inputs) and
+    makes ``method="auto"`` use torch.export. By default (``"batch"``) dim 0 of every tensor input is dynamic
+    wherever the model allows it: ``Dim.AUTO`` for torch.export (which keeps it static where the model needs a
+    fixed size), and any batch size for a symbolically traced graph that runs at another one. ``None`` asks for
+    static shapes. The inputs' dims are kept in ``gm.meta["fxprune_input_dims"]``
+    (:class:`~fxprune.graph.dynamic.InputDims`): passes check their results at several shapes of that range and
+    an ``ExportedProgram`` result is exported with them again.
 
     >>> import torch, fxprune as fp
     >>> gm = fp.capture(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()), (torch.randn(2, 4),))
@@ -218,15 +295,15 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto") -> GraphMo
         raise CaptureError(f"method must be 'auto', 'symbolic' or 'export', got {method!r}")
     inputs = as_inputs(example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
-        gm = model.module()
+        gm = _program_module(model, inputs)
         _remember(gm, inputs, _run(gm, inputs, "the exported program"))
         gm.meta[EXAMPLE_INPUTS_KEY] = inputs
         return gm
     if isinstance(model, GraphModule):
         out = _run(model, inputs, "the GraphModule")
         _check_inplace(model)
-        if not is_annotated(model):
-            annotate(model, inputs)
+        if not is_annotated(model) or DYNAMIC_KEY not in model.meta:  # annotate a copy: never the caller's nodes
+            model = _annotated_copy(model, inputs, dynamic_shapes)
         _remember(model, inputs, out)
         model.meta[EXAMPLE_INPUTS_KEY] = inputs
         return model
@@ -237,11 +314,12 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto") -> GraphMo
     # good for analysis, and the passes that need weights say so.
     reference = None if on_meta(model, *inputs) else _run(model, inputs, "the model")
     tracers = {"symbolic": _symbolic, "export": _export}
-    order = ["symbolic", "export"] if method == "auto" else [method]
+    explicit = not _is_batch(dynamic_shapes) and dynamic_shapes is not None
+    order = (["export"] if explicit else ["symbolic", "export"]) if method == "auto" else [method]
     failures: list[str] = []
     for name in order:
         try:
-            gm = tracers[name](model, inputs, reference)
+            gm = tracers[name](model, inputs, reference, dynamic_shapes)
         except InputError:
             raise
         except Exception as e:

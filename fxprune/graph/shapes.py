@@ -7,7 +7,7 @@ as plain ``TensorSpec``\\ s so the analysis never touches fake tensors itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
@@ -15,7 +15,13 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-__all__ = ["TensorSpec", "annotate", "node_spec", "is_annotated", "placeholder_inputs"]
+if TYPE_CHECKING:
+    from fxprune.graph.dynamic import InputDims
+
+__all__ = ["TensorSpec", "annotate", "node_spec", "is_annotated", "placeholder_inputs", "hint", "is_dynamic_scalar",
+           "DYNAMIC_DIMS"]
+
+DYNAMIC_DIMS = "fxprune_dynamic"  # node meta: dims that vary with the inputs (True for an int that varies)
 
 
 @dataclass(frozen=True)
@@ -24,33 +30,60 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    dynamic: frozenset[int] = frozenset()  # dims whose size varies with the inputs' dynamic dims (never channels)
 
     @property
     def is_float(self) -> bool:
         return self.dtype.is_floating_point
 
 
-def _spec(val: Any) -> TensorSpec | None:
-    if isinstance(val, torch.Tensor):
-        try:
-            shape = tuple(int(s) for s in val.shape)
-        except (TypeError, RuntimeError):  # unbacked / symbolic sizes
-            return None
-        return TensorSpec(shape, val.dtype)
+def hint(s: Any) -> int | None:
+    """The example value of a size: an int as it is; a SymInt's hint, read without guarding on it (``int(s)``
+    would specialize the shape environment it belongs to, which an exported program shares); None if unbacked."""
+    if isinstance(s, int):
+        return int(s)
+    if isinstance(s, torch.SymInt):
+        expr = s.node.expr
+        if expr.is_number:
+            return int(expr)
+        h = s.node.hint
+        return None if h is None else int(h)
     return None
+
+
+def _spec(val: Any, dynamic: Any = None) -> TensorSpec | None:
+    if not isinstance(val, torch.Tensor):
+        return None
+    shape = tuple(hint(s) for s in val.shape)
+    if any(s is None for s in shape):  # unbacked sizes
+        return None
+    dyn = {d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and not s.node.expr.is_number}
+    if isinstance(dynamic, frozenset):
+        dyn |= dynamic
+    return TensorSpec(shape, val.dtype, frozenset(dyn))  # type: ignore[arg-type]
 
 
 def node_spec(node: Node) -> TensorSpec | list[TensorSpec | None] | None:
     """The annotated value of ``node``: a TensorSpec, a list of them (tuple outputs) or None."""
     val = node.meta.get("val", node.meta.get("example_value"))
+    dyn = node.meta.get(DYNAMIC_DIMS)
     if val is None and "tensor_meta" in node.meta:
         tm = node.meta["tensor_meta"]
         if isinstance(tm, (list, tuple)):
             return [TensorSpec(tuple(t.shape), t.dtype) if hasattr(t, "shape") else None for t in tm]
         return TensorSpec(tuple(tm.shape), tm.dtype)
     if isinstance(val, (list, tuple)):
-        return [_spec(v) for v in val]
-    return _spec(val)
+        dyns = dyn if isinstance(dyn, (list, tuple)) else [None] * len(val)
+        return [_spec(v, d) for v, d in zip(val, dyns)]
+    return _spec(val, dyn)
+
+
+def is_dynamic_scalar(v: Any) -> bool:
+    """Whether ``v`` is a graph node holding an int that varies with the inputs' dynamic dims (``sym_size``)."""
+    if not isinstance(v, Node):
+        return False
+    val = v.meta.get("val")
+    return v.meta.get(DYNAMIC_DIMS) is True or (isinstance(val, torch.SymInt) and not val.node.expr.is_number)
 
 
 def is_annotated(gm: GraphModule) -> bool:
@@ -67,7 +100,9 @@ def placeholder_inputs(gm: GraphModule) -> list[Any]:
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             s = node_spec(n)
-            out.append(torch.zeros(s.shape, dtype=s.dtype) if isinstance(s, TensorSpec) else n.meta.get("val"))
+            val = n.meta.get("val")
+            out.append(torch.zeros(s.shape, dtype=s.dtype) if isinstance(s, TensorSpec) else
+                       hint(val) if isinstance(val, torch.SymInt) else val)
     return out
 
 
@@ -102,17 +137,64 @@ def _calls_weighted_module(gm: GraphModule) -> bool:
     return False
 
 
-def annotate(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule:
+def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | None" = None) -> GraphModule:
     """Set ``node.meta["val"]`` on every node (in place): meta-device propagation of ``example_inputs``' shapes,
-    or fake propagation where an op has no meta kernel."""
+    or fake propagation where an op has no meta kernel.
+
+    With ``dims`` (the inputs' dynamic dims, :class:`~fxprune.graph.dynamic.InputDims`), the graph is also
+    propagated at another point of their range, and every node records in ``meta[DYNAMIC_DIMS]`` the dims whose
+    size changed (True for an int that changed): those dims vary with the inputs and are never channels."""
+    for n in gm.graph.nodes:
+        n.meta.pop(DYNAMIC_DIMS, None)
+    _propagate(gm, example_inputs)
+    if dims is None or not dims.dynamic:
+        return gm
+    points = [p for p in dims.check_points() if p != dims.hints]
+    if not points:
+        return gm
+    first = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
+    other = [torch.zeros(s, dtype=x.dtype) if isinstance(x, torch.Tensor) and s is not None else x
+             for x, s in zip(example_inputs, dims.sizes(points[-1]))]
+    try:
+        _propagate(gm, other)
+        second = {n: n.meta.get("val") for n in gm.graph.nodes}
+    finally:
+        for n in gm.graph.nodes:
+            if n in first:
+                n.meta["val"] = first[n]
+            else:
+                n.meta.pop("val", None)
+    for n, a in first.items():
+        dyn = _changed(a, second.get(n))
+        if dyn:
+            n.meta[DYNAMIC_DIMS] = dyn
+    return gm
+
+
+def _changed(a: Any, b: Any) -> Any:
+    """The dims of ``a`` whose size differs in ``b`` (a frozenset; a list of them for tuple values; True for an
+    int that differs; None when nothing differs)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.dim() != b.dim():
+            return frozenset(range(a.dim()))
+        d = frozenset(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y)
+        return d or None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        parts = [_changed(x, y) for x, y in zip(a, b)]
+        return [p if isinstance(p, frozenset) else None for p in parts] if any(p is not None for p in parts) else None
+    if isinstance(a, int) and not isinstance(a, bool) and isinstance(b, int):
+        return True if a != b else None
+    return None
+
+
+def _propagate(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
     if not _calls_weighted_module(gm):  # a module's own weights would meet meta inputs
         try:
             with torch.no_grad():
                 _MetaProp(gm).run(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs])
-            return gm
+            return
         except Exception:  # no meta kernel, a data-dependent op: fake tensors handle it
             pass
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     FakeTensorProp(gm, mode).propagate(*fake_inputs)
-    return gm

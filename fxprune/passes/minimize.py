@@ -19,16 +19,26 @@ from torch.fx import GraphModule, Node
 from fxprune.analysis.groups import Analysis
 from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, aligned_dim
 from fxprune.errors import EquivalenceError, InputError, UnsupportedError
-from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, check_weights, graph_outputs
+from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_weights, graph_outputs
+from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
 from fxprune.graph.rebuild import get_attr, new_graph_like, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules
 from fxprune.graph.exported import exported_io
 from fxprune.verify import random_inputs
 
-__all__ = ["minimize", "MinimizeOptions"]
+__all__ = ["minimize", "MinimizeOptions", "ShapeCheck", "CHECKS_KEY"]
 
 aten = torch.ops.aten
+CHECKS_KEY = "fxprune_checks"  # result meta: the self-check's ShapeChecks
+
+
+@dataclass(frozen=True)
+class ShapeCheck:
+    """One shape the self-check compared the result at, and the largest relative error over the outputs."""
+
+    shapes: str
+    max_rel: float
 
 
 @dataclass(frozen=True)
@@ -194,12 +204,13 @@ class Rewriter:
                 return
             first = op.arg(1, "dim") % rank if pos == 2 else 0
             sizes, as_varargs = list(sizes), False
-        new = list(sizes)
+        new = [self.new(s) for s in sizes]  # symbolic sizes (sym_size nodes) stay symbolic, in the new graph
+        changed = False
         for i, s in enumerate(sizes):
             d = first + i
-            if isinstance(s, int) and s != -1 and d < rank:
-                new[i] = int(self.kept(node, d).sum())
-        if new == sizes:
+            if isinstance(s, int) and s != -1 and d < rank and (k := int(self.kept(node, d).sum())) != s:
+                new[i], changed = k, True
+        if not changed:
             return
         if as_varargs:
             n.args = (n.args[0], *new)
@@ -233,7 +244,7 @@ class Rewriter:
             tensors[node.target] = by_key[key] = t
         out = rebuild(self.gm, self.graph, tensors, self.buffers)
         out.graph.lint()
-        annotate(out, placeholder_inputs(out))
+        annotate(out, placeholder_inputs(out), out.meta.get(DYNAMIC_KEY))
         return out
 
 
@@ -242,10 +253,10 @@ def _prepare(gm: GraphModule, inputs: tuple[Any, ...] | None) -> GraphModule:
     if work is gm:  # never annotate the caller's graph in place
         work = GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
         work.meta.update(gm.meta)
-    if not is_annotated(work):
+    if not is_annotated(work) or DYNAMIC_KEY not in work.meta:
         if inputs is None:
             raise InputError("the graph has no shape annotations: pass example_inputs (or capture it with fp.capture)")
-        annotate(work, inputs)
+        work = capture(work, inputs)
     return work
 
 
@@ -264,7 +275,7 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     opts = options or MinimizeOptions(verify=verify)
     inputs = as_inputs(example_inputs) if example_inputs is not None else gm.meta.get(EXAMPLE_INPUTS_KEY)
     check_weights(gm, "minimize")
-    work = _prepare(gm, inputs)
+    work = work_ref = _prepare(gm, inputs)
     for _ in range(opts.max_iterations):
         an = Analysis(work)
         keep = an.removable()
@@ -277,7 +288,7 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     if opts.verify:
         if inputs is None:
             inputs = random_inputs(placeholder_inputs(result), torch.Generator().manual_seed(0))
-        _self_check(gm, result, inputs, opts)
+        result.meta[CHECKS_KEY] = _self_check(gm, result, inputs, opts, work_ref.meta.get(DYNAMIC_KEY))
     return result
 
 
@@ -287,26 +298,50 @@ def _owns(work: GraphModule, gm: GraphModule) -> bool:
     return not any(t.data_ptr() in mine for t in list(work.parameters()) + list(work.buffers()) if t.numel())
 
 
-def _self_check(ref: GraphModule, new: GraphModule, inputs: tuple[Any, ...], opts: MinimizeOptions) -> None:
+def _self_check(ref: GraphModule, new: GraphModule, inputs: tuple[Any, ...], opts: MinimizeOptions,
+                dims: Any) -> list[ShapeCheck]:
+    """Compare ``new`` with ``ref`` at the example inputs and at the other check points of the inputs' dynamic
+    dims (their low and high ends: :meth:`InputDims.check_points`); raise :class:`EquivalenceError` at the first
+    shape where they differ. Shapes ``ref`` itself rejects are skipped. Returns what was checked."""
     from torch.utils import _pytree as pytree
 
-    a = [t for t in pytree.tree_leaves(graph_outputs(ref, inputs)) if isinstance(t, torch.Tensor)]
-    with torch.no_grad():
-        b = [t for t in pytree.tree_leaves(new(*inputs)) if isinstance(t, torch.Tensor)]
-    if len(a) != len(b):
-        raise EquivalenceError(f"minimize changed the number of outputs ({len(a)} -> {len(b)}); nothing returned")
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x.shape != y.shape:
-            raise EquivalenceError(f"minimize changed output {i}'s shape {tuple(x.shape)} -> {tuple(y.shape)}; nothing returned")
-        if not x.is_floating_point():
-            if not torch.equal(x, y):
-                raise EquivalenceError(f"minimize changed integer output {i}; nothing returned")
-            continue
-        err = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
-        scale = x.double().abs().max().item() if x.numel() else 0.0
-        rtol = max(opts.rtol, 16 * torch.finfo(x.dtype).eps)  # half precision rounds folded constants coarsely
-        if not err <= rtol * scale + opts.atol:
-            raise EquivalenceError(
-                f"minimize's self-check failed on output {i}: max abs error {err:.3e} vs output scale {scale:.3e} "
-                f"(allowed {rtol:g} relative). The rewrite is wrong; nothing was returned. Please report this "
-                "model; fp.analyze(gm) shows the groups involved.")
+    checked: list[ShapeCheck] = []
+    for xs in shaped_inputs(dims, inputs):
+        where = f"at input shapes ({shape_str(xs)})"
+        if xs is inputs:
+            out = graph_outputs(ref, inputs)
+        else:
+            try:
+                with torch.no_grad():
+                    out = ref(*xs)
+            except Exception:  # a shape the input graph itself does not take: nothing to compare
+                continue
+        a = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        try:
+            with torch.no_grad():
+                b = [t for t in pytree.tree_leaves(new(*xs)) if isinstance(t, torch.Tensor)]
+        except Exception as e:
+            raise EquivalenceError(f"minimize's result does not run {where}, where its input does: "
+                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; nothing returned") from e
+        if len(a) != len(b):
+            raise EquivalenceError(f"minimize changed the number of outputs ({len(a)} -> {len(b)}) {where}; nothing returned")
+        worst = 0.0
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x.shape != y.shape:
+                raise EquivalenceError(f"minimize changed output {i}'s shape {tuple(x.shape)} -> {tuple(y.shape)} {where}; "
+                                       "nothing returned")
+            if not x.is_floating_point():
+                if not torch.equal(x, y):
+                    raise EquivalenceError(f"minimize changed integer output {i} {where}; nothing returned")
+                continue
+            err = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+            scale = x.double().abs().max().item() if x.numel() else 0.0
+            rtol = max(opts.rtol, 16 * torch.finfo(x.dtype).eps)  # half precision rounds folded constants coarsely
+            if not err <= rtol * scale + opts.atol:
+                raise EquivalenceError(
+                    f"minimize's self-check failed on output {i} {where}: max abs error {err:.3e} vs output scale "
+                    f"{scale:.3e} (allowed {rtol:g} relative). The rewrite is wrong; nothing was returned. Please "
+                    "report this model; fp.analyze(gm) shows the groups involved.")
+            worst = max(worst, err / scale if scale > 0 else err)
+        checked.append(ShapeCheck(shape_str(xs), worst))
+    return checked
