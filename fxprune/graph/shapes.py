@@ -113,9 +113,7 @@ class _MetaProp(Interpreter):
 
     def run_node(self, n: Node) -> Any:
         out = super().run_node(n)
-        val = map_aggregate(out, lambda v: v if isinstance(v, (torch.Tensor, int, float, bool)) else None)
-        if val is not None:
-            n.meta["val"] = val
+        n.meta["val"] = map_aggregate(out, lambda v: v if isinstance(v, (torch.Tensor, int, float, bool)) else None)
         return out
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:

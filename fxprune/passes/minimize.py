@@ -256,7 +256,10 @@ def _prepare(gm: GraphModule, inputs: tuple[Any, ...] | None) -> GraphModule:
     if not is_annotated(work) or DYNAMIC_KEY not in work.meta:
         if inputs is None:
             raise InputError("the graph has no shape annotations: pass example_inputs (or capture it with fp.capture)")
-        work = capture(work, inputs)
+        if DYNAMIC_KEY in work.meta:
+            annotate(work, inputs, work.meta[DYNAMIC_KEY])
+        else:
+            work = capture(work, inputs)
     return work
 
 

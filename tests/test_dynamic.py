@@ -1,0 +1,241 @@
+"""Shape-general results: dynamic capture, passes that keep symbolic sizes, checks at several shapes, the input
+program left untouched, and ExportedProgram in -> out with the same dynamic dims."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.export import Dim
+
+import fxprune as fp
+from fxprune import zoo
+from fxprune.graph.dynamic import DYNAMIC_KEY, InputDims, resize
+from fxprune.passes.minimize import CHECKS_KEY
+from fxprune.verify import count_params
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+MLP = {"convnext": ("pwconv1", 0), "vit": ("mlp.fc1", 0), "gpt2": ("mlp.c_fc", 1), "bert": ("intermediate.dense", 0),
+       "llama": ("mlp.up_proj", 0)}
+TEXT = ("bert", "gpt2", "llama")
+
+
+def planted(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], int]:
+    """A tiny float64 transformers model with a quarter of every MLP's hidden units dead (zero input rows, a random
+    bias where the layer has one), its example inputs (batch 2; 16 tokens for text) and the parameters planted dead."""
+    model, (x,) = zoo.build(name)
+    model = model.double().eval()
+    layer, dim = MLP[name]
+    g = torch.Generator().manual_seed(0)
+    dead = 0
+    with torch.no_grad():
+        for path, mod in model.named_modules():
+            if path.endswith(layer):
+                n = mod.weight.shape[dim]
+                idx = torch.randperm(n, generator=g)[: n // 4]
+                mod.weight.index_fill_(dim, idx, 0.0)
+                dead += len(idx) * mod.weight.shape[1 - dim]
+                if mod.bias is not None:
+                    mod.bias.normal_(0.0, 0.1, generator=g)
+    x = torch.randint(0, 100, (2, 16)) if name in TEXT else torch.randn(2, *x.shape[1:], dtype=torch.float64)
+    return model, (x,), dead
+
+
+def at(x: torch.Tensor, batch: int, seq: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(batch * 100 + (seq or 0))
+    if x.dtype == torch.long:
+        return torch.randint(0, 100, (batch, seq or x.shape[1]), generator=g)
+    return torch.randn(batch, *x.shape[1:], generator=g, dtype=x.dtype)
+
+
+def logits(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out[0])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def shapes_of(name: str) -> list[tuple[int, int | None]]:
+    return [(1, 5), (5, 24), (5, 5), (1, 24)] if name in TEXT else [(1, None), (5, None)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convnext", "vit", "bert", "gpt2", "llama"])
+def test_minimized_program_is_exact_at_other_batch_sizes_and_sequence_lengths(name):
+    model, (x,), dead = planted(name)
+    ds = ({0: Dim("batch", min=1, max=16), 1: Dim("seq", min=2, max=32)},) if name in TEXT else ({0: Dim("batch", min=1, max=16)},)
+    ep = torch.export.export(model, (x,), dynamic_shapes=ds, strict=False)
+    small = fp.minimize(ep)
+    assert small.range_constraints.keys() and {str(k): (int(v.lower), int(v.upper)) for k, v in small.range_constraints.items()} \
+        == {str(k): (int(v.lower), int(v.upper)) for k, v in ep.range_constraints.items()}
+    assert count_params(ep.module()) - count_params(small.module()) >= dead
+    run = small.module()
+    for b, t in shapes_of(name):
+        xi = at(x, b, t)
+        with torch.no_grad():
+            assert rel(logits(model(xi)), logits(run(xi))) <= 1e-9, (b, t)
+
+
+@pytest.mark.parametrize("name", ["vit", "gpt2"])
+def test_default_capture_keeps_the_batch_dynamic_from_a_batch_of_one(name):
+    model, (x,), _ = planted(name)
+    x1 = x[:1]
+    gm = fp.capture(model, (x1,))  # no dynamic_shapes: the batch is dynamic where the model allows it
+    dims = gm.meta[DYNAMIC_KEY]
+    assert dims.dynamic and isinstance(dims.dims[0][0], str)
+    small = fp.minimize(gm)
+    checked = [c.shapes for c in small.meta[CHECKS_KEY]]
+    assert len(checked) >= 2 and checked[0].startswith("1x")
+    for b in (1, 3):
+        xi = at(x, b)
+        with torch.no_grad():
+            assert rel(logits(model(xi)), logits(small(xi))) <= 1e-9
+
+
+def test_static_shapes_on_request():
+    model, (x,), _ = planted("gpt2")
+    gm = fp.capture(model, (x,), dynamic_shapes=None)
+    assert not gm.meta[DYNAMIC_KEY].dynamic
+    with pytest.raises(Exception):
+        gm(at(x, 3))
+
+
+def test_explicit_torch_export_spec_is_passed_through():
+    model, (x,), _ = planted("gpt2")
+    gm = fp.capture(model, (x,), dynamic_shapes=({1: Dim("seq", min=2, max=40)},))
+    dims = gm.meta[DYNAMIC_KEY]
+    assert dims.dims[0][0] == 2 and isinstance(dims.dims[0][1], str)
+    assert list(dims.ranges.values()) == [(2, 40)]
+    small = fp.minimize(gm)
+    with torch.no_grad():
+        assert rel(logits(model(at(x, 2, 33))), logits(small(at(x, 2, 33)))) <= 1e-9
+
+
+def test_symbolic_graphs_check_other_batch_sizes():
+    model, (x,) = zoo.build("residual_mlp")
+    with torch.no_grad():
+        model.blocks[0][0].weight[::2] = 0
+    gm = fp.capture(model, (x,))
+    assert gm.meta.get("fxprune_capture_method") == "symbolic" and gm.meta[DYNAMIC_KEY].dynamic
+    small = fp.minimize(gm)
+    assert [c.shapes for c in small.meta[CHECKS_KEY]] == ["4x12", "1x12", "9x12"]
+    y = torch.randn(7, 12)
+    assert torch.allclose(model(y), small(y), atol=1e-6)
+
+
+def test_passes_never_touch_the_input_program_and_it_still_runs_at_other_shapes():
+    model, (x,), _ = planted("gpt2")
+    ds = ({0: Dim("batch", min=1, max=16), 1: Dim("seq", min=2, max=32)},)
+    ep = torch.export.export(model, (x,), dynamic_shapes=ds, strict=False)
+    before = {n.name: (str(n.meta.get("val").shape) if hasattr(n.meta.get("val"), "shape") else repr(n.meta.get("val")),
+                       str(getattr(n.meta.get("tensor_meta"), "shape", None))) for n in ep.graph.nodes}
+    ranges = dict(ep.range_constraints)
+    masked = fp.mask(ep, 0.5)
+    small = fp.minimize(masked)
+    fp.compensate_layernorm(ep)
+    fp.release(small)
+    after = {n.name: (str(n.meta.get("val").shape) if hasattr(n.meta.get("val"), "shape") else repr(n.meta.get("val")),
+                      str(getattr(n.meta.get("tensor_meta"), "shape", None))) for n in ep.graph.nodes}
+    assert after == before and dict(ep.range_constraints) == ranges
+    assert any("s" in v[0] for v in before.values())  # symbolic sizes were there to lose
+    with torch.no_grad():  # the original program still serves other shapes
+        assert rel(logits(model(at(x, 3, 7))), logits(ep.module()(at(x, 3, 7)))) <= 1e-12
+    for prog in (masked, small):
+        assert {str(k) for k in prog.range_constraints} == {str(k) for k in ranges}
+
+
+def test_state_dict_names_and_call_signature_survive():
+    model, (x,), _ = planted("vit")
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=16)},), strict=False)
+    small = fp.minimize(ep)
+    assert set(small.state_dict) == set(ep.state_dict)
+    assert type(small.module()(x)) is type(model(x))
+    assert small.call_spec.in_spec == ep.call_spec.in_spec
+
+
+def test_verify_reports_every_shape_and_fails_where_a_shape_differs():
+    model, (x,), _ = planted("gpt2")
+    ds = ({0: Dim("batch", min=1, max=16), 1: Dim("seq", min=2, max=32)},)
+    ep = torch.export.export(model, (x,), dynamic_shapes=ds, strict=False)
+    small = fp.minimize(ep)
+    rep = fp.verify(ep, small)
+    assert rep.ok and {s.shapes for s in rep.shapes} >= {"2x16", "1x1", "16x32"}
+    assert "shapes (16x32)" in str(rep)
+    static = torch.export.export(model, (x,), strict=False)  # right at the example, wrong shape elsewhere
+    bad = fp.verify(ep, static)
+    assert not bad.ok and any(s.max_rel == float("inf") for s in bad.shapes)
+
+
+def test_self_check_fails_closed_at_a_shape_other_than_the_example(monkeypatch):
+    """A rewrite that is exact at the example but not at another batch size must not come back."""
+    from fxprune.passes import minimize as mz
+
+    model, (x,) = zoo.build("residual_mlp")
+    with torch.no_grad():
+        model.blocks[0][0].weight[::2] = 0
+    gm = fp.capture(model, (x,))
+    real = mz.Rewriter.run
+
+    def batch_specific(self):
+        out = real(self)
+        out.register_buffer("skew", torch.zeros(x.shape[0], 1))  # broadcasts at the example batch only
+        node = [n for n in out.graph.nodes if n.op == "output"][0]
+        with out.graph.inserting_before(node):
+            skew = out.graph.get_attr("skew")
+            new = out.graph.call_function(torch.add, (node.args[0], skew))
+        node.args = (new,)
+        out.recompile()
+        return out
+
+    monkeypatch.setattr(mz.Rewriter, "run", batch_specific)
+    with pytest.raises(fp.EquivalenceError, match="input shapes"):
+        fp.minimize(gm)
+
+
+def test_sums_over_a_dynamic_dim_are_not_folded_as_constants():
+    """sum over the sequence of a constant channel grows with the length: never a fact to fold."""
+
+    class SeqSum(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).sum(1))
+
+    m = SeqSum().double()
+    with torch.no_grad():
+        m.a.weight[:3] = 0
+        m.a.bias[:3] = 0.5  # three constant channels: relu(0.5) = 0.5 at every position
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    small = fp.minimize(fp.capture(m, (x,), dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},)))
+    for t in (1, 9):
+        xi = torch.randn(3, t, 4, dtype=torch.float64)
+        assert rel(m(xi), small(xi)) <= 1e-12
+    assert count_params(small) == count_params(m)  # nothing folded: the sum's constant depends on the length
+
+
+def test_input_dims_check_points_and_resize():
+    dims = InputDims((("b", "t"), ("b",)), {"b": (1, 16), "t": (2, None)}, {"b": 2, "t": 8})
+    assert dims.check_points() == [{"b": 2, "t": 8}, {"b": 1, "t": 1}, {"b": 16, "t": 17}]
+    assert dims.sizes({"b": 3, "t": 4}) == [(3, 4), (3,)]
+    xs = resize((torch.arange(6).reshape(2, 3), torch.arange(2)), [(3, 5), (3,)])
+    assert xs[0].tolist() == [[0, 1, 2, 0, 1], [3, 4, 5, 3, 4], [0, 1, 2, 0, 1]] and xs[1].tolist() == [0, 1, 0]
+    spec = dims.export_spec()
+    assert spec[0][0] is spec[1][0] and spec[0][0].min == 1 and spec[0][0].max == 16
+
+
+def test_squeeze_release_trains_a_transformer_with_other_batch_sizes():
+    model, (x,), _ = planted("gpt2")
+    model = model.float()
+    seen = []
+
+    def train(m):
+        for b in (3, 1):
+            xi = at(x, b)  # the example has 2 sequences of 16 tokens
+            seen.append(tuple(logits(m(xi)).shape))
+
+    res = fp.squeeze_release(model, (x,), train=train, evaluate=lambda m: 1.0, cycles=1, sparsity=0.3, mask_steps=1,
+                             progress=False)
+    assert (3, 16, 100) in seen and (1, 16, 100) in seen
+    assert logits(res.module(at(x, 4))).shape == (4, 16, 100)
