@@ -1,0 +1,68 @@
+"""Deployment targets for minimized programs with dynamic dims, on CPU: ExecuTorch, AOTInductor, ONNX Runtime.
+Each runs the minimized program at two shapes and compares with the original eager model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.export import Dim
+
+import fxprune as fp
+from test_dynamic import at, logits, planted
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+
+TOL = 1e-4  # float32 programs; the compilers reorder float32 arithmetic
+
+
+def program(name: str) -> tuple[torch.nn.Module, torch.Tensor, tuple, torch.export.ExportedProgram]:
+    model, (x,), _ = planted(name)
+    model, x = model.float(), (x.float() if x.is_floating_point() else x)
+    ds = ({0: Dim("batch", min=1, max=8), 1: Dim("seq", min=2, max=32)},) if x.dtype == torch.long else \
+        ({0: Dim("batch", min=1, max=8)},)
+    ep = torch.export.export(model, (x,), dynamic_shapes=ds, strict=False)
+    return model, x, ds, ep
+
+
+def close(model: torch.nn.Module, xi: torch.Tensor, out: torch.Tensor) -> bool:
+    with torch.no_grad():
+        ref = logits(model(xi))
+    return out.shape == ref.shape and float((out - ref).abs().max() / ref.abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("name", ["convnext", "vit"])
+def test_executorch_runs_the_minimized_program_at_two_batch_sizes(name):
+    pytest.importorskip("executorch", reason="executorch is in the dev extra")
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    model, x, _, ep = program(name)
+    small = fp.minimize(ep)
+    pte = to_edge_transform_and_lower(small).to_executorch()
+    method = Runtime.get().load_program(pte.buffer).load_method("forward")
+    for b in (1, 5):
+        xi = at(x, b)
+        assert close(model, xi, method.execute([xi])[0]), b
+
+
+def test_aotinductor_compiles_the_minimized_program_and_the_untouched_original(tmp_path):
+    model, x, _, ep = program("gpt2")
+    small = fp.minimize(ep)
+    for prog, where in ((small, "small"), (ep, "original")):  # the original after a pass ran on it
+        path = torch._inductor.aoti_compile_and_package(prog, package_path=str(tmp_path / f"{where}.pt2"))
+        runner = torch._inductor.aoti_load_package(path)
+        for b, t in ((1, 5), (5, 24)):
+            xi = at(x, b, t)
+            assert close(model, xi, logits(runner(xi))), (where, b, t)
+
+
+def test_onnx_runtime_runs_the_minimized_program_with_dynamic_axes(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev extra")
+    model, x, ds, ep = program("gpt2")
+    small = fp.minimize(ep)
+    onnx_program = torch.onnx.export(small, (x,), dynamic_shapes=ds, dynamo=True)
+    onnx_program.save(str(tmp_path / "small.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "small.onnx"))
+    for b, t in ((1, 5), (5, 24)):
+        xi = at(x, b, t)
+        out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: xi.numpy()})[0])
+        assert close(model, xi, out), (b, t)
