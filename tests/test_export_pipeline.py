@@ -182,6 +182,7 @@ def test_export_pipeline_doc_snippets_run(tmp_path, monkeypatch):
     pytest.importorskip("transformers", reason="the doc's model comes from transformers (dev dependency)")
     pytest.importorskip("onnxruntime", reason="the doc runs onnxruntime (dev dependency)")
     pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript (dev dependency)")
+    pytest.importorskip("executorch", reason="the doc lowers to ExecuTorch (dev dependency)")
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
     assert len(blocks) >= 6
     monkeypatch.chdir(tmp_path)
