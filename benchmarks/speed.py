@@ -5,7 +5,8 @@
 
 Each model gets planted dead MLP hidden units (a quarter of each MLP's units: zero input rows; the MLP biases
 are drawn from N(0, 0.1), since transformers initializes them to 0 and trained ones are not). fxprune: ``capture`` + ``minimize`` (its default path, the
-self-check included). Torch-Pruning: build the ``DependencyGraph`` and prune the same units from every MLP.
+self-check included), with its default dynamic batch and with static shapes (``dynamic_shapes=None``) side by
+side: the cost of dynamic capture and of checking at batch 1 and a larger batch. Torch-Pruning: build the ``DependencyGraph`` and prune the same units from every MLP.
 Both run in one process, alternating (with one plain no-grad forward of the model, the unit both times are also
 expressed in), ``--repeats`` times; the table shows medians, the ratio, the parameters each leaves and the float64 relative error each leaves against the original model (Torch-Pruning drops a dead
 unit's constant output ``act(bias)``; fxprune folds it into the next bias). Last line: one JSON object.
@@ -33,7 +34,13 @@ def outputs(m: Any, inputs: tuple[Any, ...]) -> torch.Tensor:
 
 
 def run_fxprune(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
+    """The default path: dynamic batch capture, minimize checked at the example and at batch 1 and a larger one."""
     return fp.minimize(fp.capture(model, inputs))
+
+
+def run_fxprune_static(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
+    """Static shapes (``dynamic_shapes=None``): one export at the example's shapes, checked there only."""
+    return fp.minimize(fp.capture(model, inputs, dynamic_shapes=None))
 
 
 def run_forward(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
@@ -67,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in a.models:
         model, inputs, dead = planted(name, a.size)
         ref = outputs(model, inputs)
-        tools: dict[str, Callable[..., nn.Module]] = {"fxprune": run_fxprune, "torch-pruning": run_torch_pruning,
-                                                      "forward": run_forward}
+        tools: dict[str, Callable[..., nn.Module]] = {"fxprune": run_fxprune, "fxprune-static": run_fxprune_static,
+                                                      "torch-pruning": run_torch_pruning, "forward": run_forward}
         times: dict[str, list[float]] = {k: [] for k in tools}
         result: dict[str, Any] = {}
         for _ in range(a.repeats):
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         row: dict[str, Any] = dict(model=name, size=a.size, params=count_params(model),
                                    removable=sum(len(i) for i in dead.values()))
         row["forward_s"] = statistics.median(times.pop("forward"))
-        for tool in ("fxprune", "torch-pruning"):
+        for tool in ("fxprune", "fxprune-static", "torch-pruning"):
             out = result[tool]
             key = tool.replace("-", "_")
             if isinstance(out, str):
@@ -94,12 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{key}_f64_rel": rel_err(ref, outputs(out, inputs))})
         if "fxprune_s" in row and "torch_pruning_s" in row:
             row["ratio"] = row["fxprune_s"] / row["torch_pruning_s"]
+        if "fxprune_s" in row and "fxprune_static_s" in row:
+            row["dynamic_over_static"] = row["fxprune_s"] / row["fxprune_static_s"]
         rows.append(row)
         print(f"[speed] {name}: done", file=sys.stderr, flush=True)
 
     print(f"{'model':<9} {'params':>12} {'tool':<14} {'median s':>9} {'params left':>12} {'f64 rel err':>12}")
     for r in rows:
-        for tool in ("fxprune", "torch_pruning"):
+        for tool in ("fxprune", "fxprune_static", "torch_pruning"):
             if f"{tool}_error" in r:
                 print(f"{r['model']:<9} {r['params']:>12,} {tool:<14} failed: {r[f'{tool}_error']}")
                 continue
@@ -107,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r[f'{tool}_f64_rel']:>12.1e}")
         if "ratio" in r:
             print(f"{'':<9} {'':>12} {'fxprune / TP':<14} {r['ratio']:>8.2f}x")
+        if "dynamic_over_static" in r:
+            print(f"{'':<9} {'':>12} {'dyn / static':<14} {r['dynamic_over_static']:>8.2f}x")
         print(f"{'':<9} {'':>12} {'one forward':<14} {r['forward_s']:>9.2f}   (fxprune = "
               f"{r.get('fxprune_s', float('nan')) / r['forward_s']:.1f} forwards, Torch-Pruning = "
               f"{r.get('torch_pruning_s', float('nan')) / r['forward_s']:.1f})")
