@@ -160,13 +160,20 @@ def _annotated_copy(gm: GraphModule, inputs: tuple[Any, ...], dynamic_shapes: An
         dims = from_graph(gm).at(inputs)
     else:
         dims = batch_dims(inputs) if _is_batch(dynamic_shapes) else static_dims(inputs)
+    out.meta[DYNAMIC_KEY] = _annotate_or_static(out, inputs, dims)
+    return out
+
+
+def _annotate_or_static(gm: GraphModule, inputs: tuple[Any, ...], dims: Any) -> Any:
+    """Annotate ``gm`` with ``dims``; a graph that does not run at another point of their range (a size written in
+    its code) is annotated with static dims instead. Returns the dims used."""
     try:
-        annotate(out, inputs, dims)
+        annotate(gm, inputs, dims)
+        return dims
     except Exception:
         dims = static_dims(inputs)
-        annotate(out, inputs, dims)
-    out.meta[DYNAMIC_KEY] = dims
-    return out
+        annotate(gm, inputs, dims)
+        return dims
 
 
 # Producers whose output is a fresh tensor (never a view of another value): an in-place op on such a value with
@@ -218,15 +225,12 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic
     _check_inplace(gm)
     dims = batch_dims(inputs) if _is_batch(dynamic_shapes) else static_dims(inputs)
     try:
-        annotate(gm, inputs, dims)
-    except Exception:  # the graph does not run at another batch size (a size in the code): static
-        dims = static_dims(inputs)
-        try:
-            annotate(gm, inputs, dims)
-        except Exception:  # fake propagation unsupported by some op: fall back to real shapes
-            from torch.fx.passes.shape_prop import ShapeProp
+        dims = _annotate_or_static(gm, inputs, dims)
+    except Exception:  # fake propagation unsupported by some op: fall back to real shapes
+        from torch.fx.passes.shape_prop import ShapeProp
 
-            ShapeProp(gm).propagate(*inputs)
+        dims = static_dims(inputs)
+        ShapeProp(gm).propagate(*inputs)
     gm.meta[DYNAMIC_KEY] = dims
     _check_reproduces(gm, inputs, reference, "the symbolically traced graph",
                       "the symbolic trace does not reproduce the model's outputs (control flow baked in?)")
