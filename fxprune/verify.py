@@ -11,6 +11,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxprune.compare import EXACT_RTOL, compare, rtol_for, stored_rtol, tensors
 from fxprune.errors import InputError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, InputDims, batch_dims, from_graph, shape_str, shaped_inputs
@@ -18,9 +19,7 @@ from fxprune.graph.exported import program_inputs
 
 __all__ = ["verify", "EquivalenceReport", "ShapeError", "count_params", "to_float64", "to_dtype", "EXACT_RTOL"]
 
-EXACT_RTOL = 1e-9  # float64 relative error that counts as exact (models with float64 parameters)
-ROUNDED_RTOL = 1e-6  # floor for float32 models: constants folded into float32 biases are rounded to float32
-FLOAT32_RTOL = 1e-4
+FLOAT32_RTOL = rtol_for(torch.float32)
 
 
 @dataclass
@@ -121,10 +120,6 @@ def random_inputs(xs: Sequence[Any], g: torch.Generator) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
 def _flops(m: nn.Module, xs: tuple[Any, ...]) -> int:
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
@@ -137,9 +132,11 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
     """Run ``a`` and ``b`` on the example inputs and ``n_random`` seeded random inputs of the same shapes and
     dtypes, in float32 and float64, and report the max abs/relative error per output.
 
-    ``ok`` means float64 relative error <= ``rtol``: 1e-9 ("exact") when both models hold float64 parameters;
-    for float32 models the default is 1e-6, because a constant folded into a float32 bias is rounded to float32
-    (run the rewrite on ``model.double()`` to check exactness at 1e-9).
+    ``ok`` means float64 relative error <= ``rtol`` and float32 relative error <= 1e-4. The default ``rtol``
+    follows the lowest precision the models' parameters are stored in (:func:`fxprune.compare.stored_rtol`): 1e-9
+    ("exact") when both hold float64 parameters; 1e-6 for float32 ones, whose folded constants are rounded to
+    float32 (run the rewrite on ``model.double()`` to check exactness at 1e-9). Errors come from :func:`fxprune.compare.compare`,
+    the comparator capture's check and minimize's self-check use too.
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Linear(3, 2)
@@ -154,10 +151,11 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
         example_inputs = getattr(a, "meta", {}).get(EXAMPLE_INPUTS_KEY)
     notes = []
     if rtol is None:
-        wide = all(t.dtype == torch.float64 for m in (a, b) for t in m.state_dict().values() if t.is_floating_point())
-        rtol = EXACT_RTOL if wide else ROUNDED_RTOL
-        if not wide:
-            notes.append(f"float32 parameters: float64 tolerance {ROUNDED_RTOL:g} (folded biases are rounded to float32)")
+        dtypes = {t.dtype for m in (a, b) for t in m.state_dict().values() if t.is_floating_point()} - {torch.float64}
+        rtol = max((stored_rtol(d) for d in dtypes), default=EXACT_RTOL)
+        if dtypes:
+            notes.append(f"{', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))} parameters: float64 tolerance "
+                         f"{rtol:g} (constants folded into them are rounded to their precision)")
     inputs = as_inputs(example_inputs)
     if dims is None:
         dims = batch_dims(inputs)  # eager models: the batch dim, where the first model takes another batch size
@@ -172,13 +170,13 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
             xs = _cast(xs, dtype)
             with torch.no_grad():
                 try:
-                    ya = _tensors(ma(*xs))
+                    ya = tensors(ma(*xs))
                 except Exception as e:
                     if k <= n_random:
                         raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
                     continue  # a shape of the range that the first model itself does not take
                 try:
-                    yb = _tensors(mb(*xs))
+                    yb = tensors(mb(*xs))
                 except Exception as e:
                     if k <= n_random:
                         raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
@@ -189,24 +187,15 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
                 for o in errs.values():
                     o.max_abs[name] = o.max_rel[name] = float("inf")
                 continue
+            diffs = compare(ya, yb)
             if len(ya) != len(yb):
                 raise InputError(f"the models return different numbers of tensors ({len(ya)} vs {len(yb)})")
-            for i, (x, y) in enumerate(zip(ya, yb)):
-                o = errs.setdefault(i, OutputError(i, {"float32": 0.0, "float64": 0.0}, {"float32": 0.0, "float64": 0.0}))
-                if x.shape != y.shape:
-                    o.max_abs[name] = o.max_rel[name] = float("inf")
-                    continue
-                if not x.is_floating_point():
-                    bad = float(not torch.equal(x, y))
-                    o.max_abs[name], o.max_rel[name] = max(o.max_abs[name], bad), max(o.max_rel[name], bad)
-                    continue
-                err = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
-                scale = x.double().abs().max().item() if x.numel() else 0.0
-                rel = err / scale if scale > 0 else err
-                o.max_abs[name] = max(o.max_abs[name], err)
-                o.max_rel[name] = max(o.max_rel[name], rel)
+            for d in diffs:
+                o = errs.setdefault(d.index, OutputError(d.index, {"float32": 0.0, "float64": 0.0}, {"float32": 0.0, "float64": 0.0}))
+                o.max_abs[name] = max(o.max_abs[name], d.max_abs)
+                o.max_rel[name] = max(o.max_rel[name], d.max_rel)
                 if name == "float64":
-                    per_shape[key] = max(per_shape.get(key, 0.0), rel)
+                    per_shape[key] = max(per_shape.get(key, 0.0), d.max_rel)
     return EquivalenceReport(
         outputs=[errs[i] for i in sorted(errs)],
         params=(count_params(a), count_params(b)),

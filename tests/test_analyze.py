@@ -27,7 +27,11 @@ def test_gpt2_hidden_size_is_one_unfrozen_group_with_tied_head():
     attrs = {n.name: n.target for n in gm.graph.nodes if n.op == "get_attr"}
     targets = {attrs.get(name) for name, _ in g.spaces}
     assert "transformer.wpe.weight" in targets
-    assert "lm_head.weight" in targets or (emb, 1) in g.spaces  # tied: one tensor, one group
+    # the head is tied to the embedding: one tensor, so its weight's hidden dim is in the group too
+    head = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    head_weight = head.args[1]
+    assert gm.get_parameter(head_weight.target) is gm.get_parameter("transformer.wte.weight")
+    assert (head_weight.name, 1) in g.spaces
     for block in range(2):
         assert f"transformer.h.{block}.attn.c_attn.weight" in targets
         assert f"transformer.h.{block}.mlp.c_proj.bias" in targets

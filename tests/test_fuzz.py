@@ -1,7 +1,9 @@
 """Differential tests: random models and masks, minimized, checked against themselves.
 
-For every generated case, at both graph levels: ``minimize`` is exact in float64 (relative error <= 1e-9), never
-adds parameters, is idempotent (a second run removes nothing and changes nothing) and leaves its input byte-equal.
+For every generated case, at both graph levels: ``minimize`` is exact in float64 (relative error <= 1e-9), removes
+at least a planted tail's dead units (every case ends in ``Linear -> ReLU -> Linear`` with three hidden units that
+write constants: zero, a positive one to fold, a negative one ReLU zeroes), is idempotent (a second run removes
+nothing and changes nothing) and leaves its input byte-equal.
 CI runs 300 symbolic cases and 50 torch.export cases; ``FXPRUNE_FUZZ_EXAMPLES=N`` runs N (and N // 6).
 Cases are derandomized: the same N cases every run, so a failure reproduces. Every failure found is kept in
 ``REGRESSIONS`` below, as the printed case, and runs on every test run.
@@ -13,6 +15,7 @@ import os
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from torch import nn
 
 import fxprune as fp
 from conftest import snapshot
@@ -24,13 +27,29 @@ FUZZ = settings(max_examples=N, deadline=None, derandomize=True, database=None, 
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+TAIL_OUT, TAIL_HIDDEN, TAIL_DEAD = 3, 6, {0: 0.0, 1: 0.5, 2: -1.0}
+
+
+def with_planted_tail(model: nn.Module) -> tuple[nn.Module, int]:
+    """``model`` followed by Linear -> ReLU -> Linear whose hidden units 0-2 write constants (zero weight rows,
+    biases 0, 0.5 and -1): removing them is always exact. Returns the model and the parameters they hold."""
+    d = model[-1].out_features
+    first, second = nn.Linear(d, TAIL_HIDDEN).double(), nn.Linear(TAIL_HIDDEN, TAIL_OUT).double()
+    with torch.no_grad():
+        for k, b in TAIL_DEAD.items():
+            first.weight[k] = 0
+            first.bias[k] = b
+    return nn.Sequential(model, first, nn.ReLU(), second).eval(), len(TAIL_DEAD) * (d + 1 + TAIL_OUT)
+
+
 def check_case(case: Case, method: str = "symbolic") -> None:
     model, x = build(case)
+    model, planted = with_planted_tail(model)
     gm = fp.capture(model, (x,), method=method)
     before = snapshot(gm)
     small = fp.minimize(gm)
     assert snapshot(gm) == before, "minimize changed its input"
-    assert count_params(small) <= count_params(gm)
+    assert count_params(small) <= count_params(gm) - planted, "the planted dead units were not all removed"
     rep = fp.verify(gm, small, (x,))
     assert rep.max_rel["float64"] <= 1e-9, f"not exact:\n{rep}"
     with torch.no_grad():

@@ -3,7 +3,7 @@ import torch
 
 import fxprune as fp
 from fxprune.passes.mask import MASKS_KEY, bake_masks, hold_masks, sparsity_schedule
-from conftest import snapshot
+from conftest import n_params, snapshot
 from fxprune.zoo import build
 
 
@@ -87,8 +87,26 @@ def test_hold_masks_survives_training_then_bakes():
     for n, m in masked.meta[MASKS_KEY].items():
         p = baked.get_parameter(n)
         assert bool((p[~m] == 0).all()), n
+
+def test_held_row_masks_survive_training_and_minimize_removes_them():
+    """Rows masked through hold_masks stay zero through training; minimize then deletes exactly those units."""
+    gm, x = _gm()
+    hidden = gm.get_parameter("blocks.0.0.weight")  # (48, 24): block 0's hidden units
+    rows = torch.ones_like(hidden, dtype=torch.bool)
+    rows[:5] = False
+    held = hold_masks(fp.mask(gm, masks={"blocks.0.0.weight": rows}))
+    opt = torch.optim.SGD(held.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        held(*x).pow(2).sum().backward()
+        opt.step()
+    baked = bake_masks(held)
+    assert bool((baked.get_parameter("blocks.0.0.weight")[:5] == 0).all())
+    assert not bool((baked.get_parameter("blocks.0.0.bias")[:5] == gm.get_parameter("blocks.0.0.bias")[:5]).all())  # trained
     small = fp.minimize(baked, x)
-    assert sum(p.numel() for p in small.parameters()) <= sum(p.numel() for p in baked.parameters())
+    # five dead units: their weight rows and biases, and the next layer's columns (their constant is folded)
+    assert n_params(baked) - n_params(small) == 5 * 24 + 5 + 5 * 24
+    assert small.get_parameter("blocks.0.0.weight").shape == (43, 24)
 
 
 def test_schedules():

@@ -18,7 +18,7 @@ from fxprune.graph.shapes import TensorSpec, node_spec
 
 import fxprune.analysis.rules  # noqa: F401  (registers the rule table)
 
-__all__ = ["Analysis", "ChannelGraph", "ChannelGroup", "build"]
+__all__ = ["Analysis", "ChannelGraph", "ChannelGroup"]
 
 
 @dataclass
@@ -163,7 +163,3 @@ class Analysis:
             if id(leaf) in members:
                 groups.append(ChannelGroup(i, leaf.size, members[id(leaf)], bool(leaf.frozen), list(leaf.frozen)))
         return ChannelGraph(groups)
-
-
-def build(gm: GraphModule) -> Analysis:
-    return Analysis(gm)

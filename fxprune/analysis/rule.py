@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch.fx import GraphModule, Node
@@ -25,7 +25,8 @@ from fxprune.analysis.atoms import Atom, AtomSet
 from fxprune.graph.rebuild import get_attr
 from fxprune.graph.shapes import TensorSpec, hint, is_dynamic_scalar, node_spec
 
-__all__ = ["Op", "Spaces", "Facts", "DimFacts", "Rule", "Exit", "GHOST_PREFIX", "GHOST_SUM", "FULL_MEAN", "aligned_dim"]
+__all__ = ["Op", "Spaces", "Facts", "DimFacts", "Rule", "Exit", "Rewrite", "SizeArg", "GHOST_PREFIX", "GHOST_SUM",
+           "FULL_MEAN", "aligned_dim"]
 
 GHOST_PREFIX = "fxprune_ghost_"  # get_attr targets of constants that stand in for removed channels: frozen
 GHOST_SUM = "fxprune_ghost_sum"  # node meta: this add puts removed channels' contribution back into a sum
@@ -38,8 +39,28 @@ class Op:
     def __init__(self, node: Node, gm: GraphModule) -> None:
         self.node, self.gm, self.target = node, gm, node.target
         self.module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        self._normalized: dict[str, Any] | None | bool = False
+
+    @property
+    def normalized(self) -> dict[str, Any] | None:
+        """Every argument by its schema name (``torch.fx`` normalization against the op's schema or signature;
+        None where the target has none, e.g. tensor methods)."""
+        if self._normalized is False:
+            self._normalized = None
+            if self.node.op == "call_function":
+                try:
+                    pair = self.node.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)
+                except Exception:  # an overloaded function it cannot resolve without types
+                    pair = None
+                self._normalized = dict(pair.kwargs) if pair is not None else None
+        return self._normalized  # type: ignore[return-value]
 
     def arg(self, i: int, name: str, default: Any = None) -> Any:
+        """Argument ``name`` (position ``i`` in the call as written): by schema name where the op normalizes, else
+        positional, then keyword."""
+        norm = self.normalized
+        if norm is not None and name in norm:
+            return norm[name]
         if i < len(self.node.args):
             return self.node.args[i]
         return self.node.kwargs.get(name, default)
@@ -192,19 +213,26 @@ class Facts:
         self._facts: dict[Any, list[DimFacts] | None] = {}
         self._ghost: dict[Any, list[torch.Tensor]] = {}
 
-    def tensor(self, v: Node) -> torch.Tensor | None:
-        """The value of a get_attr node (float64) or None."""
+    def value(self, v: Node) -> torch.Tensor | None:
+        """The value of a floating get_attr node in float64, infinities included, or None."""
         if v.op != "get_attr":
             return None
         t = get_attr(self.gm, v.target)
         return t.detach().to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else None
+
+    def tensor(self, v: Node) -> torch.Tensor | None:
+        """The value of a get_attr node (float64), for rules that compute with it (matmuls, folds); None unless it
+        is floating and finite (a clamp bound or mask fill of -inf/+inf is still a constant for :meth:`get` and
+        for evaluation, but sums and products with it say nothing sound)."""
+        t = self.value(v)
+        return t if t is not None and bool(torch.isfinite(t).all()) else None
 
     def get(self, v: Any) -> list[DimFacts] | None:
         if not isinstance(v, Node):
             return None
         k = self.sp.key(v)
         if k not in self._facts:
-            t = self.tensor(v)
+            t = self.value(v)
             self._facts[k] = extract(t) if t is not None else None
         return self._facts[k]
 
@@ -244,19 +272,23 @@ class Facts:
             masks.append(m | self.dim(node, d).known)
         self._ghost[self.sp.key(node)] = masks
 
-    def materialize(self, v: Any) -> Any:
-        """A float64 tensor of ``v``'s shape: known channels hold their constant, the rest NaN."""
+    def materialize(self, v: Any, fill: torch.Generator | None = None) -> Any:
+        """A float64 tensor of ``v``'s shape: known channels hold their constant, the rest NaN (or, with ``fill``,
+        random values drawn from it)."""
         if not isinstance(v, Node):
             return v
         if isinstance(v.meta.get("val"), (int, torch.SymInt)) and not isinstance(v.meta.get("val"), bool):
             return hint(v.meta["val"])  # a size read off a tensor (sym_size): its example value
-        t = self.tensor(v)
+        t = self.value(v)
         if t is not None:
             return t
         s = self.sp.spec(v)
         if s is None or not s.is_float:
             raise _NotFloat(v)
-        out = torch.full(s.shape, float("nan"), dtype=torch.float64)
+        if fill is None:
+            out = torch.full(s.shape, float("nan"), dtype=torch.float64)
+        else:
+            out = torch.randn(s.shape, dtype=torch.float64, generator=fill) * 4
         f = self.get(v)
         if f:
             for d, df in enumerate(f):
@@ -284,7 +316,8 @@ class _NotFloat(Exception):
 
 
 def extract(t: torch.Tensor) -> list[DimFacts] | None:
-    """Per dim of ``t``: channels whose slice is one constant (NaN means unknown)."""
+    """Per dim of ``t``: channels whose slice is one finite constant (NaN means unknown; an infinite constant is
+    not recorded: arithmetic on it says nothing sound about a fold)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
         return None
     t = t.detach().to(torch.float64)
@@ -292,16 +325,57 @@ def extract(t: torch.Tensor) -> list[DimFacts] | None:
     for d in range(t.dim()):
         flat = t.movedim(d, 0).reshape(t.shape[d], -1)
         hi, lo = flat.amax(dim=1), flat.amin(dim=1)
-        known = (hi == lo) & ~torch.isnan(hi) & ~torch.isnan(lo)
+        known = (hi == lo) & torch.isfinite(hi)
         out.append(DimFacts(known, torch.where(known, hi, torch.zeros_like(hi))))
     return out
 
 
 
+@dataclass(frozen=True)
+class SizeArg:
+    """Where an op's target sizes live, for :meth:`Rewrite.resize_sizes`: the list argument at position ``pos``
+    (keyword ``name``) whose first entry sizes output dim ``first``; or, with ``varargs``, every positional
+    argument from ``pos`` on (``x.view(2, 3)``)."""
+
+    pos: int
+    name: str
+    first: int = 0
+    varargs: bool = False
+
+
+class Rewrite(Protocol):
+    """What a rule's ``rewrite`` may ask of the rewriter (:class:`fxprune.passes.minimize.Rewriter`). Rules say
+    what they mean (which argument holds the bias, which dim is the output channel, where the sizes are); the
+    rewriter never guesses from an op's name."""
+
+    facts: Facts
+
+    def kept(self, v: Node, d: int) -> torch.Tensor:
+        """Bool mask of the channels of ``(v, d)`` that stay."""
+
+    def new(self, v: Any) -> Any:
+        """``v``'s counterpart in the new graph (non-nodes as they are)."""
+
+    def set_arg(self, op: Op, pos: int, name: str, value: Any, kwarg_only: bool = False) -> None:
+        """Set the new node's argument (positional ``pos`` where it was given so, else keyword ``name``)."""
+
+    def retarget(self, op: Op, target: Any, args: tuple, kwargs: dict) -> None:
+        """Make the new node a call of ``target``."""
+
+    def add_to_bias(self, op: Op, bias: Node | None, pos: int, name: str, delta: torch.Tensor, out_dim: int) -> None:
+        """Add ``delta`` (indexed like the original output channels, dim ``out_dim`` of the op's output) to the
+        bias argument ``bias`` (a get_attr; None: create one at ``pos``/``name``)."""
+
+    def compensate_sum(self, op: Op, x: Node, d: int, removed: torch.Tensor, keepdim: bool, mean: bool) -> None:
+        """Replace a sum/mean of ``x`` over ``d`` by the kept channels' sum plus the removed ones' constants."""
+
+    def resize_sizes(self, op: Op, where: SizeArg) -> None:
+        """Replace the int sizes at ``where`` by the kept counts of the output dims they size."""
+
+
 class Rule:
     """Base rule: relate nothing (everything the op touches gets frozen by the driver)."""
 
-    kind = "opaque"
     nan_eval = False  # facts by evaluating the op on NaN-filled inputs
     replayable = False  # elementwise: channel k of the output is a function of channel k of the operands
 
@@ -313,13 +387,17 @@ class Rule:
             return None
         return nan_eval(op, fx)
 
-    def rewrite(self, op: Op, rw: Any) -> None:
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
         pass
 
 
 def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[DimFacts] | None:
     """Run the op on materialized inputs (known constants, NaN elsewhere) and read off constant channels. Skipped
-    when no operand has a known channel (NaN in, NaN out: nothing to read off)."""
+    when no operand has a known channel (NaN in, NaN out: nothing to read off).
+
+    An op may map NaN to a number (``sign``, ``nan_to_num``, ``fmax``...) and so make an unknown channel look
+    constant. Every constant read off is therefore confirmed by a second run with the unknown entries filled with
+    random values: a channel is known only where both runs give the same constant."""
     if not any(f is not None and any(bool(df.known.any()) for df in f) for f in map(fx.get, op.tensor_args())):
         return None
     if any(is_dynamic_scalar(a) for a in (*op.node.args, *op.node.kwargs.values())):
@@ -333,7 +411,17 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[Di
         fn = _callable(op)
     with torch.no_grad():
         out = fn(*args, **kwargs)
-    return extract(out) if isinstance(out, torch.Tensor) else None
+    facts = extract(out) if isinstance(out, torch.Tensor) else None
+    if not facts or not any(bool(f.known.any()) for f in facts):
+        return facts
+    g = torch.Generator().manual_seed(0)
+    fill = lambda v: fx.materialize(v, g)  # noqa: E731
+    with torch.no_grad():
+        again = extract(fn(*torch.fx.node.map_arg(op.node.args, fill), **torch.fx.node.map_arg(op.node.kwargs, fill)))
+    if again is None:
+        return None
+    return [DimFacts(f.known & a.known & (f.value == a.value), torch.where(f.known & a.known & (f.value == a.value), f.value, 0.0))
+            for f, a in zip(facts, again)]
 
 
 _F64_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from fxprune.analysis.rule import DimFacts, Facts, Op, Rule, Spaces, extract, nan_eval
+from fxprune.analysis.rule import DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, nan_eval
 from fxprune.analysis.table import RULES
 from fxprune.graph.shapes import TensorSpec, node_spec
 from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
@@ -73,7 +73,6 @@ def _out_facts(op: Op, sp: Spaces, fill: dict[int, DimFacts]) -> list[DimFacts] 
 class Elementwise(Rule):
     """Output channel k is a function of channel k of each operand (numpy broadcasting)."""
 
-    kind = "elementwise"
     nan_eval = True
     replayable = True
 
@@ -126,7 +125,6 @@ class Mul(Elementwise):
 class Passive(Rule):
     """Reads only dtype/device of its tensor operands (creation ops like new_ones, metadata asserts)."""
 
-    kind = "creation"
 
     def couple(self, op: Op, sp: Spaces) -> None:
         for a in op.tensor_args():
@@ -139,15 +137,11 @@ class AssertMetadata(Passive):
             super().couple(op, sp)
 
 
-class Output(Rule):
-    kind = "output"
-
 
 # ---------------------------------------------------------------------------------------------
 class Linear(Rule):
     """y = x W^T + b (F.linear / aten.linear) and y = b + x W (aten.addmm, GPT-2's Conv1D)."""
 
-    kind = "producer/consumer"
 
     def operands(self, op: Op) -> tuple[Node, Node, Node | None, int]:
         """(x, weight, bias, weight's input dim)."""
@@ -170,10 +164,13 @@ class Linear(Rule):
             for d in range(sp.rank(b) - 1):
                 sp.meta_dim(b, d)
 
-        def tolerates(fx: Facts) -> torch.Tensor:
-            return fx.dim(x, -1).known | fx.dim(w, win).zero()
+        foldable = _is_param(w) and (b is None or _is_param(b))
 
-        sp.exit(x, r - 1, tolerates, op.describe())
+        def tolerates(fx: Facts) -> torch.Tensor:
+            xf = fx.dim(x, -1)
+            return (xf.known if foldable else xf.zero()) | fx.dim(w, win).zero()
+
+        sp.exit(x, r - 1, tolerates, op.describe() + ("" if foldable else " (computed weight or bias: folds only zeros)"))
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         x, w, b, win = self.operands(op)
@@ -191,7 +188,7 @@ class Linear(Rule):
             value = value + B
         return _out_facts(op, fx.sp, {len(_shape(fx.sp, op.node)) - 1: DimFacts(~unknown_dep, torch.where(unknown_dep, 0.0, value))})
 
-    def rewrite(self, op: Op, rw: Any) -> None:
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
         x, w, b, win = self.operands(op)
         removed = ~rw.kept(x, -1)
         xf = rw.facts.dim(x, -1)
@@ -201,13 +198,12 @@ class Linear(Rule):
         W = rw.facts.tensor(w)
         W = W if win == 1 else W.t()
         delta = W[:, fold] @ xf.value[fold]
-        rw.add_to_bias(op, b, 0 if op.target is aten.addmm.default else 2, "bias", delta, like=w)
+        rw.add_to_bias(op, b, 0 if op.target is aten.addmm.default else 2, "bias", delta, out_dim=-1)
 
 
 class Conv(Rule):
     """N-d convolution, grouped and depthwise included: channels = groups x per-group channels."""
 
-    kind = "producer/consumer"
 
     def operands(self, op: Op) -> dict[str, Any]:
         if op.target is aten.convolution.default:
@@ -223,6 +219,11 @@ class Conv(Rule):
         x, w, b, y, G = o["x"], o["w"], o["b"], op.node, o["groups"]
         if o["transposed"] or not isinstance(G, int) or sp.rank(x) != sp.rank(w):
             return  # transposed or unbatched conv: frozen by the driver
+        if not _is_param(w):  # weight standardization (StdConv), weight norm...: nothing to slice
+            sp.freeze_all(w, f"the weight of {op.describe()} is computed in the forward, not a parameter: cannot slice it")
+            sp.freeze_all(x, f"reads {op.describe()}, whose weight is computed in the forward")
+            sp.freeze_all(op.node, f"written by {op.describe()}, whose weight is computed in the forward")
+            return
         sp.unify(x, 0, y, 0, f"by {op.describe()}")
         if b is not None:
             sp.unify(y, 1, b, 0, f"by {op.describe()}")
@@ -245,7 +246,7 @@ class Conv(Rule):
             cout, cin_g = W.shape[:2]
             zero_col = (W.reshape(G, cout // G, cin_g, -1) == 0).all(dim=3).all(dim=1).reshape(-1)
             xf = fx.dim(x, 1)
-            foldable = xf.known & ((xf.value == 0) | (not padded))
+            foldable = xf.known & ((xf.value == 0) | (not padded and (b is None or _is_param(b))))
             return zero_col | foldable
 
         sp.exit(x, 1, tolerates, op.describe())
@@ -301,7 +302,7 @@ class Conv(Rule):
             value = value + B
         return _out_facts(op, fx.sp, {1: DimFacts(~depends, torch.where(depends, 0.0, value))})
 
-    def rewrite(self, op: Op, rw: Any) -> None:
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
         o = self.operands(op)
         x, w, b, G = o["x"], o["w"], o["b"], o["groups"]
         if G != 1 and _shape(rw.facts.sp, w)[1] == 1 and _shape(rw.facts.sp, w)[0] == G:
@@ -319,7 +320,12 @@ class Conv(Rule):
         taps = W.reshape(G, cout // G, cin_g, -1).sum(dim=3)  # [G, out/G, in/G]
         c = torch.where(fold, xf.value, 0.0).reshape(G, cin_g)
         delta = torch.einsum("goi,gi->go", taps, c).reshape(-1)
-        rw.add_to_bias(op, b, 2, "bias", delta, like=w)
+        rw.add_to_bias(op, b, 2, "bias", delta, out_dim=1)
+
+
+def _is_param(v: Any) -> bool:
+    """Whether ``v`` is a tensor the rewrite can slice and add to: a parameter or buffer (get_attr)."""
+    return isinstance(v, Node) and v.op == "get_attr"
 
 
 def _padded(padding: Any) -> bool:
@@ -363,7 +369,6 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 class Embedding(Rule):
     """y[..., k] = W[idx, k]: output channels are the table's columns."""
 
-    kind = "producer"
 
     def operands(self, op: Op) -> tuple[Node, Node]:
         if op.node.op == "call_function" and isinstance(op.target, torch._ops.OpOverload):
@@ -390,7 +395,6 @@ def sp_last(sp: Spaces, v: Node) -> int:
 class BatchNorm(Rule):
     """Per-channel affine along dim 1 (eval mode); training-mode statistics are still per channel."""
 
-    kind = "elementwise"
 
     def operands(self, op: Op) -> tuple[Node, list[Any], bool]:
         t = op.target
@@ -424,7 +428,6 @@ class BatchNorm(Rule):
 class TupleGetItem(Rule):
     """``operator.getitem`` on a multi-output op: spaces and facts come from the producing op's rule."""
 
-    kind = "getitem"
 
     def couple(self, op: Op, sp: Spaces) -> None:
         for d in range(max(sp.rank(op.node), 0)):
@@ -452,7 +455,6 @@ class Norm(Rule):
     it into :func:`~fxprune.nn.compensated_layer_norm` (or the RMS one), which keeps the statistics of the full
     stream. Multi-dim and group norms tolerate nothing."""
 
-    kind = "normalizer"
     _LAYER = (aten.layer_norm.default, F.layer_norm)
     _RMS = (aten.rms_norm.default, getattr(F, "rms_norm", None))
 
@@ -523,7 +525,7 @@ class Norm(Rule):
             return None
         return rw.facts.dim(x, -1).value[removed], _shape(rw.facts.sp, x)[-1]
 
-    def rewrite(self, op: Op, rw: Any) -> None:
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
         got = self.removed_constants(op, rw)
         if got is None:
             return
@@ -545,7 +547,7 @@ class CompensatedNorm(Norm):
     def compensable(self, op: Op) -> bool:
         return True
 
-    def rewrite(self, op: Op, rw: Any) -> None:
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
         got = self.removed_constants(op, rw)
         if got is None:
             return
@@ -564,7 +566,6 @@ class Reduce(Rule):
     constants (:meth:`Facts.ghost`): the rewrite adds their contribution back from a small constant
     tensor, and a mean divides by the original width."""
 
-    kind = "reduction"
     nan_eval = True
 
     def __init__(self, mode: str | None = None, dim_pos: int = 1, keepdim_pos: int = 2) -> None:
@@ -610,7 +611,7 @@ class Reduce(Rule):
             sp.unify(x, d, op.node, j, f"by {op.describe()}")
             j += 1
 
-    def rewrite(self, op: Op, rw: Any) -> None:
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
         x, red, keep = self.reduced(op, rw.facts.sp)
         if not self.compensable(op, red):
             return
@@ -621,13 +622,23 @@ class Reduce(Rule):
         rw.compensate_sum(op, x, d, removed, keep, mean=self.mode == "mean")
 
 
+def legacy_softmax_dim(ndim: int) -> int:
+    """The dim softmax takes when called with ``dim=None`` (torch's deprecated implicit choice)."""
+    return 0 if ndim in (0, 1, 3) else 1
+
+
 class Softmax(Rule):
-    kind = "normalizer"
     nan_eval = True
+
+    @staticmethod
+    def dim(op: Op, sp: Spaces) -> int:
+        """The normalized dim (``dim=None``: the dim torch's legacy rule picks for the input's rank)."""
+        r, dim = sp.rank(op.node.args[0]), op.arg(1, "dim")
+        return (legacy_softmax_dim(r) if dim is None else dim) % r
 
     def couple(self, op: Op, sp: Spaces) -> None:
         x = op.node.args[0]
-        dim = op.arg(1, "dim") % sp.rank(x)
+        dim = self.dim(op, sp)
         for d in range(sp.rank(x)):
             if d == dim:
                 sp.exit(x, d, lambda fx, n=_shape(sp, x)[d]: torch.zeros(n, dtype=torch.bool), f"{op.describe()} (normalizes over it)")
@@ -636,7 +647,7 @@ class Softmax(Rule):
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         x = op.node.args[0]
-        if _varies(fx.sp, x, [op.arg(1, "dim")]):
+        if _varies(fx.sp, x, [self.dim(op, fx.sp)]):
             return None  # softmax of a constant over a dim of varying size is 1/size
         return nan_eval(op, fx)
 
@@ -644,7 +655,6 @@ class Softmax(Rule):
 class Pool(Rule):
     """Pooling over the trailing ``n`` spatial dims: batch and channel dims pass through."""
 
-    kind = "elementwise"
     nan_eval = True
 
     def __init__(self, n: int) -> None:
@@ -675,7 +685,6 @@ class Reshape(Rule):
     """view/reshape/flatten/unflatten/(un)squeeze: dims are matched by products of sizes; a dim split into
     several (heads) becomes a product of atoms."""
 
-    kind = "reshape"
     nan_eval = True
 
     def couple(self, op: Op, sp: Spaces) -> None:
@@ -697,8 +706,27 @@ class Reshape(Rule):
             if n == 1:
                 sp.meta_dim(x, d)
 
-    def rewrite(self, op: Op, rw: Any) -> None:
-        rw.resize_shape_arg(op)
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
+        where = _size_arg(op, rw.facts.sp)
+        if where is not None:
+            rw.resize_sizes(op, where)
+
+
+_UNFLATTEN = {aten.unflatten, torch.unflatten, "unflatten"}
+_SIZED = {aten.view, aten.reshape, aten._unsafe_view, aten.expand, torch.reshape, "view", "reshape", "expand"}
+
+
+def _size_arg(op: Op, sp: Spaces) -> SizeArg | None:
+    """Where a reshape/expand holds its target sizes (None for flatten/squeeze/unsqueeze: they hold none)."""
+    t = getattr(op.target, "overloadpacket", op.target)
+    if t in _UNFLATTEN:
+        return SizeArg(2, "sizes", first=op.arg(1, "dim") % sp.rank(op.node.args[0]))
+    if t not in _SIZED:
+        return None
+    name = "shape" if t in (aten.reshape, torch.reshape, "reshape") else "size"
+    if isinstance(t, str) and not (len(op.node.args) == 2 and isinstance(op.node.args[1], (list, tuple))):
+        return SizeArg(1, name, varargs=True)  # x.view(2, 3)
+    return SizeArg(1, name)
 
 
 def _segments(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -724,7 +752,6 @@ def _segments(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[in
 class Permute(Rule):
     """permute/transpose/t/movedim: output dim i is input dim perm[i]."""
 
-    kind = "permute"
     nan_eval = True
 
     def perm(self, op: Op, r: int) -> list[int]:
@@ -763,7 +790,6 @@ class Permute(Rule):
 class Expand(Rule):
     """expand/expand_as: broadcast dims of size 1; existing dims pass through."""
 
-    kind = "broadcast"
     nan_eval = True
 
     def couple(self, op: Op, sp: Spaces) -> None:
@@ -778,15 +804,15 @@ class Expand(Rule):
         if op.target == "expand_as":
             sp.meta_only(op.node.args[1])
 
-    def rewrite(self, op: Op, rw: Any) -> None:
-        if op.target != "expand_as":
-            rw.resize_shape_arg(op)
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
+        where = _size_arg(op, rw.facts.sp)
+        if where is not None:
+            rw.resize_sizes(op, where)
 
 
 class Cat(Rule):
     """cat along dim d: the output's dim d is the concatenation of the inputs' dims d."""
 
-    kind = "concat"
     nan_eval = True
 
     def couple(self, op: Op, sp: Spaces) -> None:
@@ -803,7 +829,6 @@ class Cat(Rule):
 class Split(Rule):
     """split/chunk along dim d into getitem outputs: the input's dim d is the concatenation of the parts."""
 
-    kind = "split"
 
     def parts(self, op: Op, sp: Spaces) -> tuple[Node, int, list[int]]:
         x = op.node.args[0]
@@ -840,7 +865,7 @@ class Split(Rule):
                 fx.set(u, extract(parts[u.args[1]]))
         return None
 
-    def rewrite(self, op: Op, rw: Any) -> None:
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
         x, d, sizes = self.parts(op, rw.facts.sp)
         kept = torch.split(rw.kept(x, d), sizes)
         new = [int(k.sum()) for k in kept]
@@ -855,7 +880,6 @@ class Split(Rule):
 class Slice(Rule):
     """aten.slice / aten.select / narrow: a full slice passes through; a partial one freezes its dim."""
 
-    kind = "index"
     nan_eval = True
 
     def couple(self, op: Op, sp: Spaces) -> None:
@@ -883,7 +907,6 @@ class Slice(Rule):
 class Matmul(Rule):
     """a @ b: the contracted dims of a and b are one space; it leaves the group only where a factor is 0."""
 
-    kind = "contraction"
 
     def couple(self, op: Op, sp: Spaces) -> None:
         a, b = op.node.args[0], op.node.args[1]
@@ -907,7 +930,6 @@ class Matmul(Rule):
 class SDPA(Rule):
     """scaled_dot_product_attention(q, k, v): q/k head_dim are contracted; v's head_dim is the output's."""
 
-    kind = "attention"
 
     def couple(self, op: Op, sp: Spaces) -> None:
         q, k, v = op.node.args[:3]
@@ -956,7 +978,7 @@ class SDPA(Rule):
                 fill[d] = fx.dim(v, d)
         return _out_facts(op, fx.sp, fill)
 
-    def rewrite(self, op: Op, rw: Any) -> None:
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
         q = op.node.args[0]
         if bool(rw.kept(q, -1).all()) or op.arg(6, "scale") is not None:
             return
@@ -1009,7 +1031,7 @@ register(Reduce(), aten.amax, aten.amin, aten.var.correction, aten.std.correctio
 register(Reduce("mean"), aten.mean.dim, torch.mean, "mean")
 register(Reduce("sum"), aten.sum.dim_IntList, torch.sum, "sum")
 register(Softmax(), aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax, F.softmax, F.log_softmax,
-         torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax)
+         torch.softmax, torch.log_softmax, "softmax", "log_softmax")
 register(Pool(1), F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, aten.max_pool1d,
          aten.avg_pool1d, aten.adaptive_avg_pool1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 register(Pool(2), F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, aten.max_pool2d,
@@ -1019,7 +1041,7 @@ register(Pool(3), F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, aten.max_po
          aten.adaptive_avg_pool3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d)
 register(Reshape(), aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
          aten.unsqueeze, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
-         "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", nn.Flatten, nn.Unflatten)
+         "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze")
 register(Permute(), aten.permute, aten.transpose, aten.t, aten.movedim, aten.moveaxis, torch.permute, torch.transpose, torch.t,
          torch.swapaxes, torch.movedim, torch.moveaxis, "permute", "transpose", "t", "swapaxes", "movedim", "moveaxis")
 register(Expand(), aten.expand, "expand", "expand_as")

@@ -20,8 +20,9 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from fxprune.compare import compare, first_failure, precision_of, rtol_for
 from fxprune.errors import CaptureError, InputError, UnsupportedError
-from fxprune.graph.rebuild import get_attr
+from fxprune.graph.rebuild import get_attr, graph_module
 from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, from_graph, resize, static_dims
 from fxprune.graph.shapes import annotate, is_annotated
 
@@ -55,16 +56,22 @@ def on_meta(m: nn.Module, *extra: Any) -> bool:
 
 
 def check_weights(m: nn.Module, what: str) -> None:
-    """Raise :class:`UnsupportedError` unless every floating parameter and buffer of ``m`` holds real, finite
-    values: ``what`` (the pass) needs them. Analysis alone works on the meta device."""
+    """Raise :class:`UnsupportedError` unless every floating parameter holds real, finite values and every buffer
+    real values without NaN: ``what`` (the pass) needs them. Buffers may hold infinities (clamp bounds, mask fill
+    values): the analysis treats them as constants it never folds. Analysis alone works on the meta device."""
+    params = {name for name, _ in m.named_parameters()}
     for name, t in list(m.named_parameters()) + list(m.named_buffers()):
         if t.device.type == "meta":
             raise UnsupportedError(
                 f"'{name}' is on the meta device (no values): {what} needs real weights. fp.capture and fp.analyze "
                 "work on meta models; materialize the weights first, e.g. model.to_empty(device='cpu') and "
                 "model.load_state_dict(...)")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point():
+            continue
+        if name in params and not bool(torch.isfinite(t).all()):
             raise UnsupportedError(f"'{name}' holds NaN or Inf values: fix or re-initialize it before {what}")
+        if bool(torch.isnan(t).any()):
+            raise UnsupportedError(f"buffer '{name}' holds NaN values: fix or re-initialize it before {what}")
 
 
 def _run(model: Any, inputs: tuple[Any, ...], what: str) -> Any:
@@ -127,20 +134,14 @@ def _check_reproduces(gm: GraphModule, inputs: tuple[Any, ...], reference: Any, 
     if reference is None:
         return
     out = _run(gm, inputs, what)
-    if not _same_outputs(reference, out):
+    if not _same_outputs(reference, out, gm):
         raise RuntimeError(failure)
     _remember(gm, inputs, out)
 
 
-def _same_outputs(a: Any, b: Any) -> bool:
-    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
-    ta = [x for x in la if isinstance(x, torch.Tensor)]
-    tb = [x for x in lb if isinstance(x, torch.Tensor)]
-    if len(ta) != len(tb):
-        return False
-    if any(x.device.type == "meta" for x in ta + tb):  # no values on the meta device: shapes only
-        return all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(ta, tb))
-    return all(x.shape == y.shape and torch.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True) for x, y in zip(ta, tb))
+def _same_outputs(a: Any, b: Any, gm: GraphModule) -> bool:
+    """Whether the graph's outputs ``b`` equal the model's ``a`` within the tolerance of ``gm``'s precision."""
+    return first_failure(compare(a, b), rtol_for(precision_of(gm))) is None
 
 
 def _is_batch(dynamic_shapes: Any) -> bool:
@@ -151,7 +152,7 @@ def _annotated_copy(gm: GraphModule, inputs: tuple[Any, ...], dynamic_shapes: An
     """A GraphModule running a copy of ``gm``'s graph (its tensors shared, never written), annotated, with its
     inputs' dims: those of its placeholders' symbolic sizes when it came from torch.export, else a dynamic batch
     where the graph runs at another batch size (or none, with ``dynamic_shapes=None``)."""
-    out = GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    out = graph_module(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
     out.meta.update(gm.meta)
     symbolic = any(isinstance(getattr(n.meta.get("val"), "shape", None), torch.Size)
                    and any(isinstance(s, torch.SymInt) for s in n.meta["val"].shape)
@@ -221,7 +222,9 @@ def _check_inplace(gm: GraphModule) -> None:
 def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any) -> GraphModule:
     if not _is_batch(dynamic_shapes) and dynamic_shapes is not None:
         raise CaptureError("dynamic_shapes is torch.export's spec: use method='export' (or 'auto') with it")
-    gm = torch.fx.symbolic_trace(model)
+    tracer = torch.fx.Tracer()
+    graph = tracer.trace(model)
+    gm = graph_module(tracer.root, graph, type(model).__name__)  # plain tensor attributes stay plain, not buffers
     _check_inplace(gm)
     dims = batch_dims(inputs) if _is_batch(dynamic_shapes) else static_dims(inputs)
     try:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
 
-__all__ = ["rebuild", "get_attr", "new_graph_like"]
+__all__ = ["rebuild", "get_attr", "new_graph_like", "graph_module"]
 
 
 def get_attr(gm: nn.Module, target: str) -> Any:
@@ -28,14 +28,17 @@ def _kind(gm: nn.Module, target: str) -> str:
         return "param"
     if name in owner._buffers and name in getattr(owner, "_non_persistent_buffers_set", ()):
         return "nonpersistent"
+    if name not in owner._buffers and isinstance(getattr(owner, name, None), torch.Tensor):
+        return "constant"  # a plain tensor attribute (torch.export's lifted constants): not state, stays so
     return "buffer"
 
 
 def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor], buffers: set[str] = frozenset()) -> GraphModule:
     """A GraphModule running ``graph``; get_attr targets come from ``tensors`` (new values) or are copied
     from ``old``; call_module targets are deep-copied from ``old``. The result shares no storage with ``old``.
-    Targets bound to one tensor (tied weights) stay bound to one parameter. New targets become parameters,
-    except those named in ``buffers``."""
+    Targets bound to one tensor (tied weights) stay bound to one parameter. Parameters, buffers and plain tensor
+    attributes (constants, not in the state dict) keep their kind. New targets become parameters, except those
+    named in ``buffers``."""
     root = nn.Module()
     made: dict[int, torch.Tensor] = {}
     for node in graph.nodes:
@@ -68,12 +71,34 @@ def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor], bu
         else:
             new = value.detach().clone()
         made[id(value)] = new
-        if isinstance(new, nn.Parameter):
+        if kind == "constant":
+            setattr(owner, name, new)
+        elif isinstance(new, nn.Parameter):
             owner.register_parameter(name, new)
         else:
             owner.register_buffer(name, new, persistent=kind != "nonpersistent")
-    gm = GraphModule(root, graph, old.__class__.__name__ if isinstance(old, GraphModule) else "GraphModule")
+    gm = graph_module(root, graph, old.__class__.__name__ if isinstance(old, GraphModule) else "GraphModule")
     gm.meta.update({k: v for k, v in old.meta.items()})
+    return gm
+
+
+def graph_module(root: nn.Module, graph: Graph, class_name: str = "GraphModule") -> GraphModule:
+    """``GraphModule(root, graph)``, except that get_attr targets that are plain tensor attributes of ``root`` (not
+    parameters or buffers: torch.export's lifted constants, caches a model builds) stay plain attributes.
+    GraphModule registers them as buffers, which would put them into the state dict and the parameter count."""
+    gm = GraphModule(root, graph, class_name)
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        path, _, name = node.target.rpartition(".")
+        try:
+            src, dst = root.get_submodule(path), gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if name in dst._buffers and name not in src._buffers and name not in src._parameters:
+            value = dst._buffers.pop(name)
+            dst._non_persistent_buffers_set.discard(name)
+            setattr(dst, name, value)
     return gm
 
 

@@ -1,7 +1,9 @@
 """``lower_modules``: call_module nodes of parameterized layers -> functional calls on get_attr parameters.
 
 After lowering, ``nn.Linear``, ``F.linear`` and ``aten.linear`` look alike to the analysis (one rule), and every
-parameter is a graph value with channel spaces of its own. Node names are kept (module ``downs.1`` stays node
+parameter is a graph value with channel spaces of its own. Modules whose forward reads a size or a dim from an
+attribute (``nn.Flatten``, ``nn.Unflatten``, ``nn.Softmax``...) are lowered too: the rewrite then changes the call's
+arguments, never leaving a module attribute stale. Node names are kept (module ``downs.1`` stays node
 ``downs_1``); parameters are shared with the input module, never copied or changed. A subclass that overrides
 ``forward`` is left alone (the analysis then treats it as opaque).
 """
@@ -14,12 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
+from fxprune.analysis.rules import legacy_softmax_dim
+from fxprune.graph.rebuild import graph_module
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
 
 __all__ = ["lower_modules", "LOWERINGS"]
 
-# module type -> (functional, builder(module, x, param) -> (args, kwargs)); param(name) returns a get_attr node or None
-Lowering = Callable[[Any, Node, Callable[[str], Node | None]], tuple[tuple, dict]]
+# module type -> (functional, builder(module, x, param) -> (args, kwargs), or None where the module cannot be lowered);
+# param(name) returns a get_attr node or None
+Lowering = Callable[[Any, Node, Callable[[str], Node | None]], "tuple[tuple, dict] | None"]
 LOWERINGS: dict[type, tuple[Callable[..., Any], Lowering]] = {}
 
 
@@ -66,6 +71,36 @@ def _gn(m: nn.GroupNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tupl
 @lowering(nn.Embedding, fn=F.embedding)
 def _emb(m: nn.Embedding, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
     return (x, p("weight")), {}
+
+
+@lowering(nn.Flatten, fn=torch.flatten)
+def _flatten(m: nn.Flatten, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x, m.start_dim, m.end_dim), {}
+
+
+@lowering(nn.Unflatten, fn=torch.unflatten)
+def _unflatten(m: nn.Unflatten, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x, m.dim, tuple(m.unflattened_size)), {}
+
+
+def _softmax_dim(m: Any, x: Node) -> int | None:
+    """The module's dim; for ``dim=None``, the dim torch's legacy rule picks (None when the rank is unknown)."""
+    if m.dim is not None:
+        return m.dim
+    val = x.meta.get("val", x.meta.get("tensor_meta"))
+    return None if val is None else legacy_softmax_dim(len(val.shape))
+
+
+@lowering(nn.Softmax, fn=F.softmax)
+def _softmax(m: nn.Softmax, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict] | None:
+    dim = _softmax_dim(m, x)
+    return None if dim is None else ((x,), {"dim": dim})
+
+
+@lowering(nn.LogSoftmax, fn=F.log_softmax)
+def _log_softmax(m: nn.LogSoftmax, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict] | None:
+    dim = _softmax_dim(m, x)
+    return None if dim is None else ((x,), {"dim": dim})
 
 
 if hasattr(nn, "RMSNorm"):
@@ -115,10 +150,14 @@ def lower_modules(gm: GraphModule) -> GraphModule:
                 return None
             return graph.create_node("get_attr", f"{prefix}.{name}", name=f"{base}_{name}")
 
-        args, kwargs = build(m, env[n.args[0]], param)
+        built = build(m, env[n.args[0]], param)
+        if built is None:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            continue
+        args, kwargs = built
         new = graph.create_node("call_function", fn, args, kwargs, name=n.name)
         new.meta = dict(n.meta)
         env[n] = new
-    out = GraphModule(gm, graph, gm.__class__.__name__)
+    out = graph_module(gm, graph, gm.__class__.__name__)
     out.meta.update(gm.meta)
     return out

@@ -17,11 +17,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxprune.analysis.groups import Analysis
-from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, aligned_dim
+from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, SizeArg, aligned_dim
+from fxprune.compare import compare, first_failure, precision_of, rtol_for
 from fxprune.errors import EquivalenceError, InputError, UnsupportedError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_weights, graph_outputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
-from fxprune.graph.rebuild import get_attr, new_graph_like, rebuild
+from fxprune.graph.rebuild import get_attr, graph_module, new_graph_like, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules
 from fxprune.graph.exported import exported_io
@@ -45,12 +46,12 @@ class ShapeCheck:
 class MinimizeOptions:
     verify: bool = True
     max_iterations: int = 32
-    rtol: float = 1e-4  # float32 self-check: max |a - b| <= rtol * max |a| (+ atol)
-    atol: float = 1e-6
+    rtol: float | None = None  # self-check: max |a - b| <= rtol * max |a|; None: the graph's precision's (compare.rtol_for)
 
 
 class Rewriter:
-    """Copies a graph node by node, letting each rule adjust its node, then slices every parameter."""
+    """Copies a graph node by node, letting each rule adjust its node, then slices every parameter. Implements
+    :class:`fxprune.analysis.rule.Rewrite`, the protocol rules rewrite through."""
 
     def __init__(self, gm: GraphModule, an: Analysis, keep: dict[int, torch.Tensor]) -> None:
         self.gm, self.an, self.keep = gm, an, keep
@@ -86,19 +87,16 @@ class Rewriter:
         n = self.env[op.node]
         n.op, n.target, n.args, n.kwargs = "call_function", target, args, kwargs
 
-    def add_to_bias(self, op: Op, bias: Node | None, pos: int, name: str, delta: torch.Tensor, like: Node) -> None:
+    def add_to_bias(self, op: Op, bias: Node | None, pos: int, name: str, delta: torch.Tensor, out_dim: int) -> None:
         """Add ``delta`` (original channel indexing) to the op's bias, creating one if it has none."""
         if isinstance(bias, Node) and bias.op == "get_attr":
             key = bias.target
             self.deltas[key] = self.deltas.get(key, 0) + delta
             return
-        if bias is not None:
+        if bias is not None:  # pragma: no cover - the rules tolerate folds into get_attr biases only
             raise EquivalenceError(f"cannot fold a constant into the computed bias of {op.describe()}")
-        ref = get_attr(self.gm, like.target)
         target = f"{op.node.name}_folded_bias"
-        out_dim = {True: 1, False: -1}[op.node.target is not None and "conv" in str(op.node.target)]
-        kept = self.kept(op.node, out_dim)
-        self.created[target] = delta.to(ref.dtype)[kept]
+        self.created[target] = delta.to(self.an.spaces.spec(op.node).dtype)[self.kept(op.node, out_dim)]
         n = self.env[op.node]
         with self.graph.inserting_before(n):
             attr = self.graph.get_attr(target)
@@ -191,31 +189,26 @@ class Rewriter:
             count_node = self.constant(GHOST_PREFIX, counts.reshape(shape).to(sp.spec(x).dtype))
         return emit(x), count_node
 
-    def resize_shape_arg(self, op: Op) -> None:
-        """Replace int sizes in a view/reshape/expand/unflatten size argument by the kept counts."""
+    def resize_sizes(self, op: Op, where: SizeArg) -> None:
+        """Replace the int sizes at ``where`` by the kept counts of the output dims they size; symbolic sizes
+        (sym_size nodes) stay symbolic, in the new graph."""
         n, node = self.env[op.node], op.node
         rank = self.an.spaces.rank(node)
-        if op.target in ("view", "reshape", "expand") and not (len(node.args) == 2 and isinstance(node.args[1], (list, tuple))):
-            sizes, first, as_varargs = list(node.args[1:]), 0, True
-        else:
-            pos = 2 if "unflatten" in str(op.target) else 1
-            sizes = op.arg(pos, "sizes" if pos == 2 else ("size" if "expand" in str(op.target) else "shape"))
-            if not isinstance(sizes, (list, tuple)):
-                return
-            first = op.arg(1, "dim") % rank if pos == 2 else 0
-            sizes, as_varargs = list(sizes), False
-        new = [self.new(s) for s in sizes]  # symbolic sizes (sym_size nodes) stay symbolic, in the new graph
+        sizes = list(node.args[where.pos:]) if where.varargs else op.arg(where.pos, where.name)
+        if not isinstance(sizes, (list, tuple)):
+            return
+        new = [self.new(s) for s in sizes]
         changed = False
         for i, s in enumerate(sizes):
-            d = first + i
+            d = where.first + i
             if isinstance(s, int) and s != -1 and d < rank and (k := int(self.kept(node, d).sum())) != s:
                 new[i], changed = k, True
         if not changed:
             return
-        if as_varargs:
-            n.args = (n.args[0], *new)
+        if where.varargs:
+            n.args = (*n.args[:where.pos], *new)
         else:
-            self.set_arg(op, 2 if "unflatten" in str(op.target) else 1, "sizes" if "unflatten" in str(op.target) else ("size" if "expand" in str(op.target) else "shape"), new)
+            self.set_arg(op, where.pos, where.name, new)
 
     def run(self) -> GraphModule:
         for node in self.gm.graph.nodes:
@@ -251,7 +244,7 @@ class Rewriter:
 def _prepare(gm: GraphModule, inputs: tuple[Any, ...] | None) -> GraphModule:
     work = lower_modules(gm)
     if work is gm:  # never annotate the caller's graph in place
-        work = GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+        work = graph_module(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
         work.meta.update(gm.meta)
     if not is_annotated(work) or DYNAMIC_KEY not in work.meta:
         if inputs is None:
@@ -306,8 +299,8 @@ def _self_check(ref: GraphModule, new: GraphModule, inputs: tuple[Any, ...], opt
     """Compare ``new`` with ``ref`` at the example inputs and at the other check points of the inputs' dynamic
     dims (their low and high ends: :meth:`InputDims.check_points`); raise :class:`EquivalenceError` at the first
     shape where they differ. Shapes ``ref`` itself rejects are skipped. Returns what was checked."""
-    from torch.utils import _pytree as pytree
-
+    precision = precision_of(ref)
+    rtol = opts.rtol if opts.rtol is not None else rtol_for(precision)
     checked: list[ShapeCheck] = []
     for xs in shaped_inputs(dims, inputs):
         where = f"at input shapes ({shape_str(xs)})"
@@ -319,32 +312,22 @@ def _self_check(ref: GraphModule, new: GraphModule, inputs: tuple[Any, ...], opt
                     out = ref(*xs)
             except Exception:  # a shape the input graph itself does not take: nothing to compare
                 continue
-        a = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         try:
             with torch.no_grad():
-                b = [t for t in pytree.tree_leaves(new(*xs)) if isinstance(t, torch.Tensor)]
+                got = new(*xs)
         except Exception as e:
             raise EquivalenceError(f"minimize's result does not run {where}, where its input does: "
                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; nothing returned") from e
-        if len(a) != len(b):
-            raise EquivalenceError(f"minimize changed the number of outputs ({len(a)} -> {len(b)}) {where}; nothing returned")
-        worst = 0.0
-        for i, (x, y) in enumerate(zip(a, b)):
-            if x.shape != y.shape:
-                raise EquivalenceError(f"minimize changed output {i}'s shape {tuple(x.shape)} -> {tuple(y.shape)} {where}; "
-                                       "nothing returned")
-            if not x.is_floating_point():
-                if not torch.equal(x, y):
-                    raise EquivalenceError(f"minimize changed integer output {i} {where}; nothing returned")
-                continue
-            err = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
-            scale = x.double().abs().max().item() if x.numel() else 0.0
-            rtol = max(opts.rtol, 16 * torch.finfo(x.dtype).eps)  # half precision rounds folded constants coarsely
-            if not err <= rtol * scale + opts.atol:
-                raise EquivalenceError(
-                    f"minimize's self-check failed on output {i} {where}: max abs error {err:.3e} vs output scale "
-                    f"{scale:.3e} (allowed {rtol:g} relative). The rewrite is wrong; nothing was returned. Please "
-                    "report this model; fp.analyze(gm) shows the groups involved.")
-            worst = max(worst, err / scale if scale > 0 else err)
+        diffs = compare(out, got)
+        bad = first_failure(diffs, rtol)
+        if bad is not None and bad.problem is not None:
+            raise EquivalenceError(f"minimize changed output {bad.index} {where} ({bad.problem}); nothing returned")
+        if bad is not None:
+            raise EquivalenceError(
+                f"minimize's self-check failed on output {bad.index} {where}: relative error {bad.max_rel:.3e} "
+                f"(max abs {bad.max_abs:.3e}; allowed {rtol:g}, the tolerance of {precision}, the lowest precision the "
+                "graph computes in). The rewrite is wrong; nothing was returned. Please report this model; "
+                "fp.analyze(gm) shows the groups involved.")
+        worst = max((d.max_rel for d in diffs), default=0.0)
         checked.append(ShapeCheck(shape_str(xs), worst))
     return checked

@@ -1,0 +1,94 @@
+"""The one comparator of model outputs: capture's check, minimize's self-check and ``verify`` all use it.
+
+Outputs are compared leaf by leaf (pytree); the error of one output is ``max |a - b| / max |a|`` (absolute where
+the reference is all zero), positions where both hold the same value (infinities included) or both NaN count as
+equal. The tolerance follows the lowest floating precision the reference computes in (:func:`precision_of`):
+float64 end to end is held to 1e-9; a graph that casts to float32 inside (transformers' RMSNorm does) to float32's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["OutputDiff", "compare", "rtol_for", "stored_rtol", "precision_of", "first_failure", "tensors", "EXACT_RTOL"]
+
+EXACT_RTOL = 1e-9  # float64 relative error that counts as exact
+_RTOL = {torch.float64: EXACT_RTOL, torch.float32: 1e-4}
+_ORDER = [torch.float64, torch.float32, torch.bfloat16, torch.float16]  # wider first; half precisions last
+
+
+def rtol_for(dtype: torch.dtype) -> float:
+    """Relative tolerance for results computed in ``dtype``: 1e-9 for float64, 1e-4 for float32, 16 ulps (of 1)
+    for half precisions (a constant folded into a half-precision bias rounds coarsely)."""
+    return _RTOL.get(dtype, 16 * torch.finfo(dtype).eps)
+
+
+def stored_rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance for a float64 run of a model whose values are stored in ``dtype``: the computation is
+    exact to 1e-9, the constants folded into ``dtype`` parameters are rounded to it (8 ulps: 1e-6 for float32)."""
+    return EXACT_RTOL if dtype == torch.float64 else 8 * torch.finfo(dtype).eps
+
+
+def precision_of(m: nn.Module) -> torch.dtype:
+    """The lowest floating precision ``m`` computes in: its floating parameters and buffers and, for a graph, every
+    floating value its nodes carry (``meta["val"]``). float64 when it holds nothing floating."""
+    from torch.fx import GraphModule
+
+    dtypes = {t.dtype for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()}
+    if isinstance(m, GraphModule):
+        for n in m.graph.nodes:
+            for v in pytree.tree_leaves(n.meta.get("val")):
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    dtypes.add(v.dtype)
+    return max(dtypes, key=lambda d: _ORDER.index(d) if d in _ORDER else len(_ORDER), default=torch.float64)
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """One output: its index, the largest absolute and relative error, and a structural problem (count, shape,
+    integer values) that makes the numbers meaningless (None when there is none)."""
+
+    index: int
+    max_abs: float
+    max_rel: float
+    problem: str | None = None
+
+    def ok(self, rtol: float) -> bool:
+        return self.problem is None and self.max_rel <= rtol
+
+
+def tensors(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def compare(a: Any, b: Any) -> list[OutputDiff]:
+    """Per tensor of the reference outputs ``a``, how far ``b``'s is from it."""
+    ta, tb = tensors(a), tensors(b)
+    if len(ta) != len(tb):
+        return [OutputDiff(0, float("inf"), float("inf"), f"{len(ta)} output tensors vs {len(tb)}")]
+    out = []
+    for i, (x, y) in enumerate(zip(ta, tb)):
+        if x.shape != y.shape:
+            out.append(OutputDiff(i, float("inf"), float("inf"), f"shape {tuple(x.shape)} vs {tuple(y.shape)}"))
+        elif not x.is_floating_point() or not y.is_floating_point():
+            same = torch.equal(x, y)
+            out.append(OutputDiff(i, 0.0 if same else float("inf"), 0.0 if same else float("inf"),
+                                  None if same else "integer values differ"))
+        elif x.numel() == 0 or x.device.type == "meta":
+            out.append(OutputDiff(i, 0.0, 0.0))
+        else:
+            xd, yd = x.detach().double(), y.detach().double()
+            equal = (xd == yd) | (torch.isnan(xd) & torch.isnan(yd))
+            err = torch.where(equal, 0.0, (xd - yd).abs()).max().item()
+            finite = xd[torch.isfinite(xd)]
+            scale = finite.abs().max().item() if finite.numel() else 0.0
+            out.append(OutputDiff(i, err, err / scale if scale > 0 else err))
+    return out
+
+
+def first_failure(diffs: list[OutputDiff], rtol: float) -> OutputDiff | None:
+    return next((d for d in diffs if not d.ok(rtol)), None)
