@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# torchvision's PyPI wheel is a CUDA build: installed outside site-packages (tests and benchmarks add the folder
+	# and stub its meta registrations), so that transformers, which imports torchvision when it finds it, never sees it
+	$(BIN)/pip install -q --no-deps --target $(VENV)/torchvision torchvision==0.28.0
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

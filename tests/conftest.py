@@ -1,9 +1,26 @@
+import os
+import sys
+import types
 import warnings
 
 import pytest
 import torch
 
 warnings.filterwarnings("ignore")
+
+# torchvision's PyPI wheel is a CUDA build whose C++ ops cannot load with the local CPU torch: its import fails while
+# registering meta kernels for them. Models work with that module replaced by an empty one, which must happen before
+# anything (transformers included) imports torchvision. `make install` puts torchvision in .venv/torchvision, outside
+# site-packages; tests that need it call `torchvision()`.
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+TORCHVISION_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, ".venv", "torchvision")
+
+
+def torchvision():
+    """The torchvision module (skips the test when it is not installed)."""
+    if os.path.isdir(TORCHVISION_DIR) and os.path.abspath(TORCHVISION_DIR) not in sys.path:
+        sys.path.append(os.path.abspath(TORCHVISION_DIR))
+    return pytest.importorskip("torchvision", reason="torchvision is not installed (make install puts it in .venv/torchvision)")
 
 
 def snapshot(m: torch.nn.Module) -> dict[str, bytes]:

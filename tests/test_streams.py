@@ -292,9 +292,11 @@ def test_grouped_query_attention_removes_whole_kv_groups_only():
     assert small.get_parameter("model.layers.0.self_attn.q_proj.weight").shape == (32, 32)
 
 
-def test_rotary_head_dim_is_frozen_with_a_reason():
+def test_rotary_head_dim_halves_are_one_group_of_pairs():
+    """Rotary embeddings pair head_dim channel i with i + d/2: the two halves of q/k head_dim and inv_freq are one
+    free group of d/2 channels (removal: tests/test_norms.py)."""
     model, x = zoo.build("llama")
     cg = fp.analyze(fp.capture(model, x))
-    head_dim = [g for g in cg.groups if g.size == 4 and any("q_proj_weight" in n for n, _ in g.spaces)]
-    assert head_dim and all(g.frozen for g in head_dim)
-    assert any("slice" in r for g in head_dim for r in g.reasons)
+    head_dim = [g for g in cg.groups if any("q_proj_weight" in n for n, _ in g.spaces) and g.size == 4]
+    assert len(head_dim) == 1 and not head_dim[0].frozen, head_dim
+    assert any("inv_freq" in n for n, _ in head_dim[0].spaces)

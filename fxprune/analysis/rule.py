@@ -26,7 +26,7 @@ from fxprune.graph.rebuild import get_attr
 from fxprune.graph.shapes import TensorSpec, hint, is_dynamic_scalar, node_spec
 
 __all__ = ["Op", "Spaces", "Facts", "DimFacts", "Rule", "Exit", "Rewrite", "SizeArg", "GHOST_PREFIX", "GHOST_SUM",
-           "FULL_MEAN", "aligned_dim"]
+           "FULL_MEAN", "aligned_dim", "is_constant"]
 
 GHOST_PREFIX = "fxprune_ghost_"  # get_attr targets of constants that stand in for removed channels: frozen
 GHOST_SUM = "fxprune_ghost_sum"  # node meta: this add puts removed channels' contribution back into a sum
@@ -214,9 +214,15 @@ class Facts:
         self._ghost: dict[Any, list[torch.Tensor]] = {}
 
     def value(self, v: Node) -> torch.Tensor | None:
-        """The value of a floating get_attr node in float64, infinities included, or None."""
-        if v.op != "get_attr":
+        """The value of a floating constant (:func:`is_constant`: a get_attr node, or a permute/transpose of one, as
+        decomposed linears read their weights) in float64, infinities included, or None."""
+        if not is_constant(v):
             return None
+        if v.op != "get_attr":
+            src = self.value(v.args[0])
+            if src is None:
+                return None
+            return v.target(src, *v.args[1:], **v.kwargs)
         t = get_attr(self.gm, v.target)
         return t.detach().to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else None
 
@@ -297,6 +303,20 @@ class Facts:
                     shape[d] = -1
                     out = torch.where(df.known.view(shape), df.value.view(shape), out)
         return out
+
+
+_VIEWS = {torch.ops.aten.permute.default, torch.ops.aten.t.default, torch.ops.aten.transpose.int,
+          torch.ops.aten.alias.default, torch.ops.aten.detach.default, torch.ops.aten.numpy_T.default}
+
+
+def is_constant(v: Any) -> bool:
+    """Whether ``v`` is a tensor the rewrite slices and adds to through parameters: a get_attr node, or a
+    permute/transpose/alias of one (``aten.addmm(b, x, permute(W))`` after decomposition)."""
+    if not isinstance(v, Node):
+        return False
+    if v.op == "get_attr":
+        return True
+    return v.op == "call_function" and v.target in _VIEWS and is_constant(v.args[0]) and len(v.users) == 1
 
 
 def aligned_dim(sp: Spaces, a: Node, out: Node, d: int) -> int | None:

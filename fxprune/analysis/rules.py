@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from fxprune.analysis.rule import DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, nan_eval
+from fxprune.analysis.rule import DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval
 from fxprune.analysis.table import RULES
 from fxprune.graph.shapes import TensorSpec, node_spec
-from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
+from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm, compensated_softmax
 
 aten = torch.ops.aten
 
@@ -164,7 +164,7 @@ class Linear(Rule):
             for d in range(sp.rank(b) - 1):
                 sp.meta_dim(b, d)
 
-        foldable = _is_param(w) and (b is None or _is_param(b))
+        foldable = _is_param(w) and (b is None or _is_attr(b))
 
         def tolerates(fx: Facts) -> torch.Tensor:
             xf = fx.dim(x, -1)
@@ -246,7 +246,7 @@ class Conv(Rule):
             cout, cin_g = W.shape[:2]
             zero_col = (W.reshape(G, cout // G, cin_g, -1) == 0).all(dim=3).all(dim=1).reshape(-1)
             xf = fx.dim(x, 1)
-            foldable = xf.known & ((xf.value == 0) | (not padded and (b is None or _is_param(b))))
+            foldable = xf.known & ((xf.value == 0) | (not padded and (b is None or _is_attr(b))))
             return zero_col | foldable
 
         sp.exit(x, 1, tolerates, op.describe())
@@ -324,7 +324,13 @@ class Conv(Rule):
 
 
 def _is_param(v: Any) -> bool:
-    """Whether ``v`` is a tensor the rewrite can slice and add to: a parameter or buffer (get_attr)."""
+    """Whether ``v`` is a tensor the rewrite can slice and add to: a parameter or buffer (get_attr), possibly
+    permuted (:func:`~fxprune.analysis.rule.is_constant`)."""
+    return is_constant(v)
+
+
+def _is_attr(v: Any) -> bool:
+    """Whether ``v`` is a get_attr node: a bias the rewrite can add a folded constant to."""
     return isinstance(v, Node) and v.op == "get_attr"
 
 
@@ -457,6 +463,7 @@ class Norm(Rule):
 
     _LAYER = (aten.layer_norm.default, F.layer_norm)
     _RMS = (aten.rms_norm.default, getattr(F, "rms_norm", None))
+    _GROUP = (aten.group_norm.default, F.group_norm)
 
     def operands(self, op: Op) -> tuple[Node, list[int], Any, Any]:
         """(x, normalized dims, weight, bias)."""
@@ -472,16 +479,22 @@ class Norm(Rule):
         return x, nd, op.arg(2, "weight"), op.arg(3, "bias")
 
     def compensable(self, op: Op) -> bool:
-        return op.target in self._LAYER + self._RMS and len(op.arg(1, "normalized_shape")) == 1
+        """A layer/RMS norm whose first normalized dim holds the channels; any further normalized dims (LayerNorm
+        over ``[C, L]``) are static and kept whole."""
+        if op.target not in self._LAYER + self._RMS:
+            return False
+        x, nd, _, _ = self.operands(op)
+        dynamic = node_spec(x).dynamic
+        return not any(d in dynamic for d in nd[1:])
 
-    def compensated(self, op: Op, new: Callable[[Any], Any], full: int, c: torch.Tensor) -> tuple[Callable[..., Any], tuple]:
-        """Target and args of the compensated call that replaces this one-dim norm once the channels holding the
-        constants ``c`` are gone from a stream of original width ``full`` (``new`` maps operands to the new graph)."""
+    def compensated(self, op: Op, new: Callable[[Any], Any], full: int, s1: float, s2: float, ndim: int) -> tuple[Callable[..., Any], tuple]:
+        """Target and args of the compensated call that replaces this norm once entries holding constants (sum
+        ``s1``, sum of squares ``s2``) are gone from normalized dims of ``full`` entries in all (``new`` maps
+        operands to the new graph)."""
         x, w = op.arg(0, "input"), op.arg(2, "weight")
         if op.target in self._RMS:
-            return compensated_rms_norm, (new(x), new(w), op.arg(3, "eps"), full, float((c * c).sum()))
-        return compensated_layer_norm, (new(x), new(w), new(op.arg(3, "bias")), op.arg(4, "eps", 1e-5), full,
-                                        float(c.sum()), float((c * c).sum()))
+            return compensated_rms_norm, (new(x), new(w), op.arg(3, "eps"), full, s2, ndim)
+        return compensated_layer_norm, (new(x), new(w), new(op.arg(3, "bias")), op.arg(4, "eps", 1e-5), full, s1, s2, ndim)
 
     def outputs(self, op: Op) -> list[Node]:
         if op.target in (aten.native_layer_norm.default, aten.native_group_norm.default):
@@ -498,14 +511,29 @@ class Norm(Rule):
             if isinstance(p, Node):
                 for i, d in enumerate(nd if len(nd) == sp.rank(p) else [1]):
                     sp.unify(x, d, p, i, f"by {op.describe()}")
+        if op.target in self._GROUP:
+            G, C = op.arg(1, "num_groups"), _shape(sp, x)[1]
+            if isinstance(G, int) and G > 1 and C % G == 0:
+                per = sp.fresh(C // G)
+                sp.atoms.freeze(per, f"{op.describe()} normalizes each group over its channels: only whole groups go")
+                sp.structure_atoms(sp.of(x, 1), "prod", [sp.fresh(G), per], f"groups of {op.describe()}")
+                # a group's statistics read only its own channels: removing whole groups leaves the others exact
+                sp.exit(x, 1, lambda fx, n=C: torch.ones(n, dtype=torch.bool), f"{op.describe()} (whole groups)")
+                return
         if self.compensable(op):
             sp.exit(x, nd[0], lambda fx: fx.dim(x, nd[0]).known, f"{op.describe()} (compensates constant channels)")
+            for d in nd[1:]:
+                sp.freeze(x, d, f"{op.describe()} normalizes over dim {d} too: it is kept whole")
             return
+        why = (f"{op.describe()} normalizes over {len(nd)} dims together: fxprune compensates one-dim layer/RMS norms "
+               "only" if len(nd) > 1 else f"{op.describe()} reads all channels (no compensation for this form)")
         for d in nd:
-            sp.exit(x, d, lambda fx, n=_shape(sp, x)[d]: torch.zeros(n, dtype=torch.bool), f"{op.describe()} (reads all channels)")
+            sp.freeze(x, d, why)
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         x, nd, w, b = self.operands(op)
+        if op.target in self._GROUP:
+            return nan_eval(op, fx)  # a group whose inputs are all constant normalizes to constants
         if op.target in (aten.native_layer_norm.default, aten.native_group_norm.default) or len(nd) != 1:
             return None
         W = fx.tensor(w) if isinstance(w, Node) else None
@@ -517,20 +545,31 @@ class Norm(Rule):
         z = W == 0
         return _out_facts(op, fx.sp, {nd[0]: DimFacts(z, torch.where(z, B, 0.0))})
 
-    def removed_constants(self, op: Op, rw: Any) -> tuple[torch.Tensor, int] | None:
-        """The constants of the channels this rewrite removes from the normalized dim, and its current width."""
-        x = self.operands(op)[0]
-        removed = ~rw.kept(x, -1)
+    def removed_constants(self, op: Op, rw: Rewrite) -> tuple[float, float, int] | None:
+        """Sum and sum of squares of the entries this rewrite removes from the normalized dims (constants of
+        the removed channels of the first normalized dim, repeated over the others), and those dims' current
+        element count; None when nothing is removed."""
+        x, nd, _, _ = self.operands(op)
+        removed = ~rw.kept(x, nd[0])
         if not self.compensable(op) or not removed.any():
             return None
-        return rw.facts.dim(x, -1).value[removed], _shape(rw.facts.sp, x)[-1]
+        shape = _shape(rw.facts.sp, x)
+        rest = math.prod(shape[d] for d in nd[1:])
+        c = rw.facts.dim(x, nd[0]).value[removed]
+        return rest * float(c.sum()), rest * float((c * c).sum()), math.prod(shape[d] for d in nd)
 
     def rewrite(self, op: Op, rw: Rewrite) -> None:
+        if op.target in self._GROUP:
+            G = op.arg(1, "num_groups")
+            kept = rw.kept(op.arg(0, "input"), 1)
+            if not bool(kept.all()):
+                rw.set_arg(op, 1, "num_groups", int(kept.reshape(G, -1).any(dim=1).sum()))
+            return
         got = self.removed_constants(op, rw)
         if got is None:
             return
-        c, full = got
-        rw.retarget(op, *self.compensated(op, rw.new, full, c), {})
+        s1, s2, full = got
+        rw.retarget(op, *self.compensated(op, rw.new, full, s1, s2, len(self.operands(op)[1])), {})
 
 
 class CompensatedNorm(Norm):
@@ -539,7 +578,8 @@ class CompensatedNorm(Norm):
 
     def operands(self, op: Op) -> tuple[Node, list[int], Any, Any]:
         x = op.arg(0, "input")
-        nd = [len(node_spec(x).shape) - 1]
+        r = len(node_spec(x).shape)
+        nd = list(range(r - op.arg(5 if op.target is compensated_rms_norm else 7, "ndim", 1), r))
         if op.target is compensated_rms_norm:
             return x, nd, op.arg(1, "weight"), None
         return x, nd, op.arg(1, "weight"), op.arg(2, "bias")
@@ -551,12 +591,12 @@ class CompensatedNorm(Norm):
         got = self.removed_constants(op, rw)
         if got is None:
             return
-        c = got[0]
+        s1, s2, _ = got
         if op.target is compensated_rms_norm:
-            rw.set_arg(op, 4, "removed_sq_sum", op.arg(4, "removed_sq_sum", 0.0) + float((c * c).sum()))
+            rw.set_arg(op, 4, "removed_sq_sum", op.arg(4, "removed_sq_sum", 0.0) + s2)
         else:
-            rw.set_arg(op, 5, "removed_sum", op.arg(5, "removed_sum", 0.0) + float(c.sum()))
-            rw.set_arg(op, 6, "removed_sq_sum", op.arg(6, "removed_sq_sum", 0.0) + float((c * c).sum()))
+            rw.set_arg(op, 5, "removed_sum", op.arg(5, "removed_sum", 0.0) + s1)
+            rw.set_arg(op, 6, "removed_sq_sum", op.arg(6, "removed_sq_sum", 0.0) + s2)
 
 
 class Reduce(Rule):
@@ -588,10 +628,16 @@ class Reduce(Rule):
         name = str(getattr(op.target, "__name__", op.target))
         if self.mode == "mean" or any(k in name for k in ("amax", "amin")):
             return out
-        return _zeros_only(out) if self.mode == "sum" else None
+        return _zeros_only(out) if self.mode in ("sum", "norm") else None
 
     def compensable(self, op: Op, red: list[int]) -> bool:
-        return self.mode is not None and len(red) == 1 and op.node.kwargs.get("dtype") is None
+        return self.mode in ("sum", "mean") and len(red) == 1 and op.node.kwargs.get("dtype") is None
+
+    @staticmethod
+    def positive_order(op: Op) -> bool:
+        """A p-norm with p > 0 (2 by default): zero entries add nothing to it."""
+        p = op.arg(1, "ord", None) if op.has_arg(1, "ord") or (op.normalized or {}).get("ord") is not None else op.arg(1, "p", None)
+        return p is None or p == "fro" or (isinstance(p, (int, float)) and p > 0)
 
     def couple(self, op: Op, sp: Spaces) -> None:
         x, red, keep = self.reduced(op, sp)
@@ -600,10 +646,15 @@ class Reduce(Rule):
             if d in red:
                 if self.compensable(op, red):
                     tol = lambda fx, d=d: fx.ghost(x, d)  # noqa: E731
-                elif self.mode == "sum":
-                    tol = lambda fx, d=d: fx.dim(x, d).zero()  # noqa: E731
+                elif self.mode == "sum" or (self.mode == "norm" and self.positive_order(op)):
+                    tol = lambda fx, d=d: fx.dim(x, d).zero()  # noqa: E731  (zeros add nothing)
                 else:
-                    tol = lambda fx, n=_shape(sp, x)[d]: torch.zeros(n, dtype=torch.bool)  # noqa: E731
+                    sp.freeze(x, d, f"{op.describe()} reduces over dim {d}: its result (a variance, a maximum...) "
+                                    "changes when channels go, and fxprune has no compensation for it")
+                    if keep:
+                        sp.freeze(op.node, j, f"reduced by {op.describe()}")
+                        j += 1
+                    continue
                 sp.exit(x, d, tol, f"{op.describe()} (reduces over it)")
                 if keep:
                     j += 1
@@ -628,7 +679,12 @@ def legacy_softmax_dim(ndim: int) -> int:
 
 
 class Softmax(Rule):
+    """softmax / log_softmax: other dims pass through; the normalized dim tolerates removing channels with known
+    constant logits: the rewrite becomes :func:`~fxprune.nn.compensated_softmax`, whose normalizer adds their
+    ``exp`` back (their own outputs must go unread downstream: they are not constant)."""
+
     nan_eval = True
+    _LOG = {aten._log_softmax, aten.log_softmax, F.log_softmax, torch.log_softmax, "log_softmax"}
 
     @staticmethod
     def dim(op: Op, sp: Spaces) -> int:
@@ -640,16 +696,32 @@ class Softmax(Rule):
         x = op.node.args[0]
         dim = self.dim(op, sp)
         for d in range(sp.rank(x)):
-            if d == dim:
-                sp.exit(x, d, lambda fx, n=_shape(sp, x)[d]: torch.zeros(n, dtype=torch.bool), f"{op.describe()} (normalizes over it)")
-            else:
-                sp.unify(x, d, op.node, d, f"by {op.describe()}")
+            sp.unify(x, d, op.node, d, f"by {op.describe()}")
+        if dim in sp.spec(x).dynamic:
+            sp.exit(x, dim, lambda fx, n=_shape(sp, x)[dim]: torch.zeros(n, dtype=torch.bool), f"{op.describe()} (normalizes over it)")
+        else:
+            sp.exit(x, dim, lambda fx: fx.dim(x, dim).known, f"{op.describe()} (compensates constant logits)")
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         x = op.node.args[0]
         if _varies(fx.sp, x, [self.dim(op, fx.sp)]):
             return None  # softmax of a constant over a dim of varying size is 1/size
         return nan_eval(op, fx)
+
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
+        x = op.node.args[0]
+        d = self.dim(op, rw.facts.sp)
+        removed = ~rw.kept(x, d)
+        if not removed.any():
+            return
+        c = rw.facts.dim(x, d).value[removed]
+        lse = float(torch.logsumexp(c, 0))
+        if op.target is compensated_softmax:
+            lse = float(torch.logaddexp(torch.tensor(op.arg(2, "removed_lse"), dtype=torch.float64), torch.tensor(lse)))
+            rw.set_arg(op, 2, "removed_lse", lse)
+            return
+        rw.retarget(op, compensated_softmax, (rw.new(x), d, lse, op.target in self._LOG or
+                                              getattr(op.target, "overloadpacket", None) in self._LOG), {})
 
 
 class Pool(Rule):
@@ -878,9 +950,23 @@ class Split(Rule):
 
 
 class Slice(Rule):
-    """aten.slice / aten.select / narrow: a full slice passes through; a partial one freezes its dim."""
+    """aten.slice / aten.select: a full slice passes through; a contiguous one with known bounds makes the sliced
+    dim the concatenation of what comes before, the slice and what comes after (so ``x[..., :d/2]`` and
+    ``x[..., d/2:]`` of rotary embeddings pair channel i with i + d/2); any other (a step, a bound read off a
+    dynamic size, select) freezes its dim."""
 
     nan_eval = True
+
+    @staticmethod
+    def bounds(op: Op, n: int) -> tuple[int, int] | None:
+        """(start, end) of a step-1 slice with int bounds, clamped into [0, n]; None otherwise."""
+        start, end, step = op.arg(2, "start", None), op.arg(3, "end", None), op.arg(4, "step", 1)
+        if step != 1 or not all(b is None or isinstance(b, int) for b in (start, end)):
+            return None
+        lo = 0 if start is None else (start + n if start < 0 else start)
+        hi = n if end is None else (end + n if end < 0 else end)
+        lo, hi = min(max(lo, 0), n), min(max(hi, 0), n)
+        return (lo, hi) if lo < hi else None
 
     def couple(self, op: Op, sp: Spaces) -> None:
         x = op.node.args[0]
@@ -893,15 +979,35 @@ class Slice(Rule):
                     sp.unify(x, e, op.node, e - (e > d), f"by {op.describe()}")
             return
         n = _shape(sp, x)[d]
-        start, end, step = op.arg(2, "start", None), op.arg(3, "end", None), op.arg(4, "step", 1)
         # a bound read off a dynamic size (a Node) is not known to cover the dim: partial, the dim freezes
-        full = ((start is None or (isinstance(start, int) and start == 0)) and step == 1
-                and (end is None or (isinstance(end, int) and end >= n)))
+        span = self.bounds(op, n) if d not in sp.spec(x).dynamic else None
         for e in range(r):
-            if e != d or full:
+            if e != d:
                 sp.unify(x, e, op.node, e, f"by {op.describe()}")
-        if not full:
+        why = f"by {op.describe()}"
+        if span == (0, n):
+            sp.unify(x, d, op.node, d, why)
+        elif span is None:
             sp.freeze(x, d, f"sliced by {op.describe()}")
+            sp.freeze(op.node, d, f"sliced by {op.describe()}")
+        else:
+            lo, hi = span
+            parts = ([sp.fresh(lo)] if lo else []) + [sp.of(op.node, d)] + ([sp.fresh(n - hi)] if hi < n else [])
+            sp.structure_atoms(sp.of(x, d), "sum", parts, why)
+
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
+        if op.target is aten.select.int:
+            return
+        x = op.node.args[0]
+        d = op.arg(1, "dim", 0) % rw.facts.sp.rank(x)
+        kept = rw.kept(x, d)
+        span = self.bounds(op, kept.numel())
+        if span is None or bool(kept.all()):
+            return
+        lo, hi = span
+        start = int(kept[:lo].sum())
+        rw.set_arg(op, 2, "start", start)
+        rw.set_arg(op, 3, "end", start + int(kept[lo:hi].sum()))
 
 
 class Matmul(Rule):
@@ -1015,7 +1121,7 @@ def _torch(*names: str) -> list[Any]:
 
 register(Elementwise(), *_ELEMENTWISE_MODULES, *_aten(*_UNARY, *_BINARY), *_torch(*_UNARY, *_BINARY),
          *[m for m in _UNARY + _BINARY + ["float", "double", "half", "bfloat16"] if m not in ("mul",)],
-         operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd, operator.pos)
+         operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd, operator.pos, operator.pow)
 register(Mul(), aten.mul, torch.mul, "mul", "mul_", operator.mul, operator.imul)
 register(Dropout(), nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, aten.dropout)
 register(Linear(), F.linear, aten.linear, aten.addmm.default)
@@ -1026,12 +1132,13 @@ register(CompensatedNorm(), compensated_layer_norm, compensated_rms_norm)
 register(Norm(), F.layer_norm, F.group_norm, aten.layer_norm, aten.native_layer_norm, aten.group_norm,
          aten.native_group_norm, aten.rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
 register(TupleGetItem(), operator.getitem)
-register(Reduce(), aten.amax, aten.amin, aten.var.correction, aten.std.correction, aten.logsumexp,
+register(Reduce(), aten.amax, aten.amin, aten.var, aten.std, aten.logsumexp,
          torch.amax, torch.amin, torch.var, torch.std, torch.logsumexp, "amax", "amin", "var", "std")
 register(Reduce("mean"), aten.mean.dim, torch.mean, "mean")
 register(Reduce("sum"), aten.sum.dim_IntList, torch.sum, "sum")
+register(Reduce("norm", dim_pos=2, keepdim_pos=3), aten.linalg_vector_norm, torch.linalg.vector_norm, torch.norm, "norm")
 register(Softmax(), aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax, F.softmax, F.log_softmax,
-         torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+         torch.softmax, torch.log_softmax, "softmax", "log_softmax", compensated_softmax)
 register(Pool(1), F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, aten.max_pool1d,
          aten.avg_pool1d, aten.adaptive_avg_pool1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 register(Pool(2), F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, aten.max_pool2d,

@@ -16,18 +16,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["compensated_layer_norm", "compensated_rms_norm", "CompensatedLayerNorm", "CompensatedRMSNorm"]
+__all__ = ["compensated_layer_norm", "compensated_rms_norm", "compensated_softmax", "CompensatedLayerNorm", "CompensatedRMSNorm"]
 
 
 def compensated_layer_norm(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                           full_size: int, removed_sum: float = 0.0, removed_sq_sum: float = 0.0) -> torch.Tensor:
-    """LayerNorm over the last dim of ``input`` as if ``full_size - input.shape[-1]`` removed channels with
-    constant values (sum ``removed_sum``, sum of squares ``removed_sq_sum``) were still there."""
-    n_removed = full_size - input.shape[-1]
-    mean = (input.sum(-1, keepdim=True) + removed_sum) / full_size
+                           full_size: int, removed_sum: float = 0.0, removed_sq_sum: float = 0.0,
+                           ndim: int = 1) -> torch.Tensor:
+    """LayerNorm over the last ``ndim`` dims of ``input`` as if ``full_size`` minus their element count removed
+    entries with constant values (sum ``removed_sum``, sum of squares ``removed_sq_sum``) were still there."""
+    dims = tuple(range(-ndim, 0))
+    kept = 1
+    for n in input.shape[-ndim:]:
+        kept = kept * n
+    n_removed = full_size - kept
+    mean = (input.sum(dims, keepdim=True) + removed_sum) / full_size
     centered = input - mean
     removed_var = removed_sq_sum - 2.0 * removed_sum * mean + n_removed * mean * mean
-    var = ((centered * centered).sum(-1, keepdim=True) + removed_var) / full_size
+    var = ((centered * centered).sum(dims, keepdim=True) + removed_var) / full_size
     out = centered * torch.rsqrt(var + eps)
     if weight is not None:
         out = out * weight
@@ -37,17 +42,25 @@ def compensated_layer_norm(input: torch.Tensor, weight: torch.Tensor | None, bia
 
 
 def compensated_rms_norm(input: torch.Tensor, weight: torch.Tensor | None, eps: float | None, full_size: int,
-                         removed_sq_sum: float = 0.0) -> torch.Tensor:
-    """RMSNorm over the last dim of ``input`` with the mean square of the full original stream."""
+                         removed_sq_sum: float = 0.0, ndim: int = 1) -> torch.Tensor:
+    """RMSNorm over the last ``ndim`` dims of ``input`` with the mean square of the full original stream."""
     if eps is None:
         eps = torch.finfo(input.dtype).eps
-    mean_sq = ((input * input).sum(-1, keepdim=True) + removed_sq_sum) / full_size
+    mean_sq = ((input * input).sum(tuple(range(-ndim, 0)), keepdim=True) + removed_sq_sum) / full_size
     out = input * torch.rsqrt(mean_sq + eps)
     return out * weight if weight is not None else out
 
 
+def compensated_softmax(input: torch.Tensor, dim: int, removed_lse: float, log: bool = False) -> torch.Tensor:
+    """Softmax (``log``: log-softmax) over ``dim`` of the kept channels, normalized as if removed channels whose
+    constant logits have log-sum-exp ``removed_lse`` were still there: ``exp(x - logaddexp(lse(x), removed_lse))``."""
+    lse = torch.logaddexp(torch.logsumexp(input, dim, keepdim=True), torch.full((), removed_lse, dtype=input.dtype))
+    return input - lse if log else torch.exp(input - lse)
+
+
 torch.fx.wrap("compensated_layer_norm")
 torch.fx.wrap("compensated_rms_norm")
+torch.fx.wrap("compensated_softmax")
 
 
 def _constants(keep: torch.Tensor, size: int, removed_values: torch.Tensor | None) -> torch.Tensor:

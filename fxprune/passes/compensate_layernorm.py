@@ -54,9 +54,9 @@ def compensate_layernorm(gm: GraphModule) -> GraphModule:
                 swaps[n.target] = repl
             continue
         rule, op = RULES.lookup(n, gm), Op(n, gm)
-        if n.op == "call_function" and type(rule) is Norm and rule.compensable(op):
+        if n.op == "call_function" and type(rule) is Norm and rule.compensable(op) and len(op.arg(1, "normalized_shape")) == 1:
             remap = lambda a: env[a] if isinstance(a, Node) else a  # noqa: E731
-            new.target, new.args = rule.compensated(op, remap, op.arg(1, "normalized_shape")[0], torch.zeros(0))
+            new.target, new.args = rule.compensated(op, remap, op.arg(1, "normalized_shape")[0], 0.0, 0.0, 1)
             new.kwargs = {}
     out = rebuild(gm, graph, {})
     for target, module in swaps.items():

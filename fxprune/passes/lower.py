@@ -9,6 +9,7 @@ arguments, never leaving a module attribute stale. Node names are kept (module `
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import torch
@@ -21,6 +22,8 @@ from fxprune.graph.rebuild import graph_module
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
 
 __all__ = ["lower_modules", "LOWERINGS"]
+
+aten = torch.ops.aten
 
 # module type -> (functional, builder(module, x, param) -> (args, kwargs), or None where the module cannot be lowered);
 # param(name) returns a get_attr node or None
@@ -131,13 +134,54 @@ def _applies(m: nn.Module) -> tuple[Callable[..., Any], Lowering] | None:
     return entry
 
 
+_GRAD_HOP = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+
+
+def _getitem_users(n: Node, only: int | None = None) -> bool:
+    return bool(n.users) and all(u.op == "call_function" and u.target is operator.getitem and (only is None or u.args[1] == only)
+                                 for u in n.users)
+
+
+def _inlinable(n: Node) -> bool:
+    """A ``wrap_with_set_grad_enabled`` region (torch.export records ``torch.no_grad()`` blocks, e.g. the rotary
+    tables of transformers models, as one) whose outputs are read by index."""
+    return _GRAD_HOP is not None and n.op == "call_function" and n.target is _GRAD_HOP and _getitem_users(n)
+
+
+def _native_layer_norm(n: Node) -> bool:
+    """``native_layer_norm`` read only for its normalized output: the same function as ``layer_norm``."""
+    return n.op == "call_function" and n.target is aten.native_layer_norm.default and _getitem_users(n, only=0)
+
+
+def _lowers(gm: GraphModule, n: Node) -> bool:
+    if n.op == "call_module":
+        return _applies(gm.get_submodule(n.target)) is not None
+    return _inlinable(n) or _native_layer_norm(n)
+
+
 def lower_modules(gm: GraphModule) -> GraphModule:
-    """A new GraphModule computing the same function with parameterized layers as functional calls."""
-    if not any(n.op == "call_module" and _applies(gm.get_submodule(n.target)) for n in gm.graph.nodes):
+    """A new GraphModule computing the same function with parameterized layers as functional calls; ``no_grad``
+    regions inlined (the values are the same; nothing in them needs a gradient: they read no parameter) and
+    ``native_layer_norm`` read for its output as ``layer_norm``."""
+    if not any(_lowers(gm, n) for n in gm.graph.nodes):
         return gm
     graph = Graph()
-    env: dict[Node, Node] = {}
+    env: dict[Node, Any] = {}
     for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(env.get(n.args[0]), tuple):
+            env[n] = env[n.args[0]][n.args[1]]  # an output of an inlined region or of a native_layer_norm
+            continue
+        if _inlinable(n):
+            env[n] = _inline(gm, graph, n, env)
+            continue
+        if _native_layer_norm(n):
+            new = graph.create_node("call_function", aten.layer_norm.default, torch.fx.node.map_arg(n.args, lambda a: env[a]),
+                                    name=n.name)
+            new.meta = {k: v for k, v in n.meta.items() if k != "val"}
+            if isinstance(n.meta.get("val"), (tuple, list)):
+                new.meta["val"] = n.meta["val"][0]
+            env[n] = (new,)
+            continue
         m = gm.get_submodule(n.target) if n.op == "call_module" else None
         entry = _applies(m) if m is not None else None
         if entry is None or len(n.args) != 1 or n.kwargs:
@@ -161,3 +205,24 @@ def lower_modules(gm: GraphModule) -> GraphModule:
     out = graph_module(gm, graph, gm.__class__.__name__)
     out.meta.update(gm.meta)
     return out
+
+
+def _inline(gm: GraphModule, graph: Graph, n: Node, env: dict[Node, Any]) -> tuple[Node, ...]:
+    """Copy the region's nodes into ``graph`` (its get_attr targets prefixed with the region's path); returns its
+    outputs."""
+    path = n.args[1].target
+    sub = gm.get_submodule(path)
+    operands = iter(env[a] if isinstance(a, Node) else a for a in n.args[2:])
+    local: dict[Node, Any] = {}
+    for sn in sub.graph.nodes:
+        if sn.op == "placeholder":
+            local[sn] = next(operands)
+        elif sn.op == "output":
+            outs = torch.fx.node.map_arg(sn.args[0], lambda a: local[a])
+            return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+        elif sn.op == "get_attr":
+            local[sn] = graph.create_node("get_attr", f"{path}.{sn.target}", name=f"{path}_{sn.name}")
+            local[sn].meta = dict(sn.meta)
+        else:
+            local[sn] = graph.node_copy(sn, lambda a: local[a])
+    raise AssertionError("a graph without an output node")  # pragma: no cover

@@ -1,0 +1,230 @@
+"""Normalizations computed from channel statistics, and rotary head_dim pairs: float64, both capture levels.
+
+Each form either removes the planted channels exactly (compared with the eager model, at the example's batch size
+and another) or keeps them with a frozen reason that names the op."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+import fxprune as fp
+from conftest import snapshot
+from fxprune.verify import count_params
+
+METHODS = ["symbolic", "export"]
+
+
+def check(model: nn.Module, x: torch.Tensor, method: str) -> tuple[nn.Module, list[str]]:
+    """Minimize ``model`` (float64); assert it is exact at two batch sizes and untouched; return the result and
+    the analysis' frozen reasons."""
+    model = model.double().eval()
+    x = x.double()
+    before = snapshot(model)
+    gm = fp.capture(model, (x,), method=method)
+    small = fp.minimize(gm)
+    assert snapshot(model) == before
+    for xs in (x, torch.randn(5, *x.shape[1:], dtype=torch.float64)):
+        with torch.no_grad():
+            a, b = model(xs), small(xs)
+        assert float((a - b).abs().max() / a.abs().max()) <= 1e-9
+    return small, [r for g in fp.analyze(gm).groups for r in g.reasons]
+
+
+class Around(nn.Module):
+    """Linear(4, 8) -> form -> Linear(8, 2); hidden units 0-2 write ``value`` and are unread by the second layer
+    (so only the form itself can keep them)."""
+
+    def __init__(self, form, value: float) -> None:
+        super().__init__()
+        self.a, self.b, self.form = nn.Linear(4, 8), nn.Linear(8, 2), form
+        with torch.no_grad():
+            self.a.weight[:3] = 0
+            self.a.bias[:3] = value
+            self.b.weight[:, :3] = 0
+
+    def forward(self, x):
+        return self.b(self.form(self.a(x)))
+
+
+def n_parameters(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+PLANTED = 3 * 4 + 3 + 3 * 2  # the three units' rows, biases and (zero) columns
+
+# form -> values of the planted units it lets go (the others must keep them, with a reason)
+FORMS = {
+    "l2_norm": (lambda h: h / h.norm(dim=-1, keepdim=True), {0.0}),
+    "vector_norm": (lambda h: h / torch.linalg.vector_norm(h, 2, dim=-1, keepdim=True), {0.0}),
+    "l2_norm_then_mean_over_channels": (lambda h: (h / torch.linalg.vector_norm(h, dim=-1, keepdim=True)).mean(-1, keepdim=True) + h, {0.0}),
+    "rms_by_hand": (lambda h: h * torch.rsqrt((h * h).mean(-1, keepdim=True) + 1e-6), {0.0, 0.7}),
+    "layer_norm_by_hand": (lambda h: (h - h.mean(-1, keepdim=True)) / torch.sqrt(((h - h.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True) + 1e-5), {0.0, 0.7}),
+    "softmax_over_channels": (lambda h: torch.softmax(h, dim=-1), {0.0, 0.7}),
+    "log_softmax_over_channels": (lambda h: F.log_softmax(h, dim=-1), {0.0, 0.7}),
+    "var": (lambda h: (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-5), set()),
+    "std": (lambda h: (h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-5), set()),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("value", [0.0, 0.7])
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_hand_written_norms(form, value, method):
+    fn, removable = FORMS[form]
+    model = Around(fn, value)
+    small, reasons = check(model, torch.randn(3, 4), method)
+    if value in removable:  # (a compensated sum may add a small constant buffer: parameters are what must go)
+        assert n_parameters(small) == n_parameters(model) - PLANTED and count_params(small) < count_params(model)
+    else:
+        assert count_params(small) == count_params(model)
+        if form in ("var", "std"):
+            assert any(f"reduces over dim 1" in r for r in reasons), reasons
+
+
+class Stream(nn.Module):
+    """A residual stream read by LayerNorms, with stream channels 1 and 4 dead (constant in every writer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.up, self.down, self.out = nn.Linear(4, 6), nn.Linear(6, 12), nn.Linear(12, 6), nn.Linear(6, 2)
+        self.n1, self.n2 = nn.LayerNorm(6), nn.LayerNorm(6)
+        with torch.no_grad():
+            for lin in (self.inp, self.down):
+                lin.weight[[1, 4]] = 0
+                lin.bias[[1, 4]] = 0
+            for n in (self.n1, self.n2):
+                n.weight.uniform_(0.5, 2)
+                n.bias.uniform_(-1, 1)
+                n.weight[[1, 4]] = 0
+                n.bias[[1, 4]] = 0
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.down(F.gelu(self.up(self.n1(h))))
+        return self.out(self.n2(h))
+
+
+def test_native_layer_norm_from_decomposed_programs():
+    """``ep.run_decompositions()`` (ExecuTorch's and Inductor's input) writes ``native_layer_norm``: compensated
+    like ``layer_norm``."""
+    model = Stream().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=16)},), strict=False)
+    decomposed = ep.run_decompositions()
+    assert any(n.target is torch.ops.aten.native_layer_norm.default for n in decomposed.graph.nodes)
+    plain, small = fp.minimize(ep), fp.minimize(decomposed)
+    assert count_params(small.module()) == count_params(plain.module()) < count_params(model)
+    for b in (1, 7):
+        xb = torch.randn(b, 4, dtype=torch.float64)
+        with torch.no_grad():
+            ref = model(xb)
+            out = small.module()(xb)
+            out = out[0] if isinstance(out, tuple) else out  # (run_decompositions returns the output in a tuple)
+            assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-9
+
+
+class MultiDimNorm(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv1d(3, 6, 1), nn.LayerNorm([6, 5]), nn.Conv1d(6, 2, 1)
+        with torch.no_grad():
+            self.a.weight[:2] = 0
+            self.a.bias[:2] = value
+            self.norm.weight.uniform_(0.5, 2)
+            self.norm.bias.uniform_(-1, 1)
+            self.norm.weight[:2] = 0
+            self.norm.bias[:2] = 0
+            self.b.weight[:, :2] = 0
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("value", [0.0, 0.7])
+def test_layer_norm_over_several_dims_is_compensated(method, value):
+    """LayerNorm([C, L]): channels of C holding constants go (their entries repeated over L count in the
+    statistics); L is kept whole."""
+    model = MultiDimNorm(value)
+    small, reasons = check(model, torch.randn(2, 3, 5), method)
+    assert count_params(small) == count_params(model) - 2 * (3 + 1) - 2 * 2 * 5 - 2 * 2  # conv rows, LN affine, columns
+    assert any("normalizes over dim 2 too" in r for r in reasons), reasons
+
+
+class Grouped(nn.Module):
+    """Conv -> GroupNorm(4 groups of 2) -> ReLU -> Conv: group 1 (channels 2, 3) dead and unread; channel 5 (half of
+    group 2) unread only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gn, self.b = nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.Conv2d(8, 2, 1)
+        with torch.no_grad():
+            self.a.weight[2:4] = 0
+            self.a.bias[2:4] = torch.tensor([0.5, -1.0])
+            self.b.weight[:, 2:4] = 0
+            self.b.weight[:, 5] = 0
+            self.gn.weight.uniform_(0.5, 2)
+            self.gn.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.gn(self.a(x))))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_group_norm_removes_whole_groups_only(method):
+    model = Grouped()
+    small, reasons = check(model, torch.randn(2, 3, 5, 5), method)
+    assert count_params(small) == count_params(model) - 2 * (3 + 1 + 2 + 2)  # conv rows + bias, GN affine, columns
+    gn_weight = [p for n, p in small.named_parameters() if n.startswith("gn")][0]
+    assert gn_weight.shape == (6,)
+    assert any("only whole groups go" in r for r in reasons)
+
+
+# ---------------------------------------------------------------------------------------------------- rotary
+def _llama(heads_with_pair: int = 4):
+    """Tiny Llama (4 query heads, 2 kv heads, head_dim 8) in float64 with the rotary pair (1, 5) dead in the query
+    projection of ``heads_with_pair`` heads of every layer."""
+    from fxprune import zoo
+
+    model, (ids,) = zoo.build("llama")
+    model = model.double().eval()
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            q = layer.self_attn.q_proj.weight
+            for h in range(heads_with_pair):
+                q[h * hd + 1] = 0
+                q[h * hd + 1 + hd // 2] = 0
+    return model, ids
+
+
+@pytest.mark.slow
+def test_rotary_head_dim_pairs_are_removed_across_heads_and_kv_groups():
+    """The pair (i, i + d/2) of every query head is zero: rotary mixes only within the pair, so q.k never reads it.
+    Removed from every query and key head (grouped-query sharing included) and from the inv_freq table."""
+    model, _ = _llama()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))  # a batch of 2: torch.export specializes a batch of 1
+    ep = torch.export.export(model, (ids,), dynamic_shapes=({0: Dim("batch", min=1, max=8), 1: Dim("seq", min=2, max=32)},),
+                             strict=False)
+    small = fp.minimize(ep).module()
+    cfg = model.config
+    hidden, layers, kv = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads
+    removed = layers * 2 * hidden * (cfg.num_attention_heads + kv) + 1  # q and k rows of the pair; one inv_freq entry
+    assert count_params(model) - count_params(small) == removed
+    assert small.get_buffer("model.rotary_emb.inv_freq").shape == (3,)
+    for b, t in ((1, 5), (3, 8), (4, 21)):
+        x = torch.randint(0, cfg.vocab_size, (b, t))
+        with torch.no_grad():
+            ref = model(x).logits
+            assert float((small(x)[0] - ref).abs().max() / ref.abs().max()) <= 1e-9, (b, t)
+
+
+@pytest.mark.slow
+def test_rotary_pair_dead_in_some_heads_only_stays():
+    """Heads keep one head_dim: a pair dead in three of four query heads is not removed."""
+    model, ids = _llama(heads_with_pair=3)
+    small = fp.minimize(fp.capture(model, (ids,)))
+    assert count_params(small) == count_params(model)
