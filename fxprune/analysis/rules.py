@@ -125,7 +125,6 @@ class Mul(Elementwise):
 class Passive(Rule):
     """Reads only dtype/device of its tensor operands (creation ops like new_ones, metadata asserts)."""
 
-
     def couple(self, op: Op, sp: Spaces) -> None:
         for a in op.tensor_args():
             sp.meta_only(a)
@@ -141,7 +140,6 @@ class AssertMetadata(Passive):
 # ---------------------------------------------------------------------------------------------
 class Linear(Rule):
     """y = x W^T + b (F.linear / aten.linear) and y = b + x W (aten.addmm, GPT-2's Conv1D)."""
-
 
     def operands(self, op: Op) -> tuple[Node, Node, Node | None, int]:
         """(x, weight, bias, weight's input dim)."""
@@ -203,7 +201,6 @@ class Linear(Rule):
 
 class Conv(Rule):
     """N-d convolution, grouped and depthwise included: channels = groups x per-group channels."""
-
 
     def operands(self, op: Op) -> dict[str, Any]:
         if op.target is aten.convolution.default:
@@ -375,7 +372,6 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 class Embedding(Rule):
     """y[..., k] = W[idx, k]: output channels are the table's columns."""
 
-
     def operands(self, op: Op) -> tuple[Node, Node]:
         if op.node.op == "call_function" and isinstance(op.target, torch._ops.OpOverload):
             return op.arg(0, "weight"), op.arg(1, "indices")
@@ -400,7 +396,6 @@ def sp_last(sp: Spaces, v: Node) -> int:
 
 class BatchNorm(Rule):
     """Per-channel affine along dim 1 (eval mode); training-mode statistics are still per channel."""
-
 
     def operands(self, op: Op) -> tuple[Node, list[Any], bool]:
         t = op.target
@@ -434,7 +429,6 @@ class BatchNorm(Rule):
 class TupleGetItem(Rule):
     """``operator.getitem`` on a multi-output op: spaces and facts come from the producing op's rule."""
 
-
     def couple(self, op: Op, sp: Spaces) -> None:
         for d in range(max(sp.rank(op.node), 0)):
             if sp.has(op.node, d):  # related by the producing op's rule; otherwise frozen by the driver
@@ -455,11 +449,12 @@ class TupleGetItem(Rule):
 
 
 class Norm(Rule):
-    """LayerNorm / RMSNorm over trailing dims and GroupNorm over dim 1: they read every channel.
+    """LayerNorm / RMSNorm over trailing dims and GroupNorm over dim 1: they read every channel they normalize.
 
-    A one-dim layer_norm or rms_norm tolerates removing channels that hold known constants: its rewrite turns
-    it into :func:`~fxprune.nn.compensated_layer_norm` (or the RMS one), which keeps the statistics of the full
-    stream. Multi-dim and group norms tolerate nothing."""
+    A layer_norm or rms_norm tolerates removing channels of its first normalized dim that hold known constants:
+    its rewrite turns it into :func:`~fxprune.nn.compensated_layer_norm` (or the RMS one), which keeps the
+    statistics of everything it normalized. group_norm tolerates removing whole groups (a group's statistics are
+    its own). native_group_norm tolerates nothing."""
 
     _LAYER = (aten.layer_norm.default, F.layer_norm)
     _RMS = (aten.rms_norm.default, getattr(F, "rms_norm", None))
@@ -525,8 +520,7 @@ class Norm(Rule):
             for d in nd[1:]:
                 sp.freeze(x, d, f"{op.describe()} normalizes over dim {d} too: it is kept whole")
             return
-        why = (f"{op.describe()} normalizes over {len(nd)} dims together: fxprune compensates one-dim layer/RMS norms "
-               "only" if len(nd) > 1 else f"{op.describe()} reads all channels (no compensation for this form)")
+        why = f"{op.describe()} reads every channel of the dims it normalizes (no compensation for this form)"
         for d in nd:
             sp.freeze(x, d, why)
 
@@ -636,7 +630,7 @@ class Reduce(Rule):
     @staticmethod
     def positive_order(op: Op) -> bool:
         """A p-norm with p > 0 (2 by default): zero entries add nothing to it."""
-        p = op.arg(1, "ord", None) if op.has_arg(1, "ord") or (op.normalized or {}).get("ord") is not None else op.arg(1, "p", None)
+        p = op.arg(1, "ord" if "ord" in (op.normalized or {}) else "p", None)
         return p is None or p == "fro" or (isinstance(p, (int, float)) and p > 0)
 
     def couple(self, op: Op, sp: Spaces) -> None:
@@ -901,7 +895,6 @@ class Cat(Rule):
 class Split(Rule):
     """split/chunk along dim d into getitem outputs: the input's dim d is the concatenation of the parts."""
 
-
     def parts(self, op: Op, sp: Spaces) -> tuple[Node, int, list[int]]:
         x = op.node.args[0]
         t = op.target
@@ -1013,7 +1006,6 @@ class Slice(Rule):
 class Matmul(Rule):
     """a @ b: the contracted dims of a and b are one space; it leaves the group only where a factor is 0."""
 
-
     def couple(self, op: Op, sp: Spaces) -> None:
         a, b = op.node.args[0], op.node.args[1]
         ra, rb, ro = sp.rank(a), sp.rank(b), sp.rank(op.node)
@@ -1035,7 +1027,6 @@ class Matmul(Rule):
 
 class SDPA(Rule):
     """scaled_dot_product_attention(q, k, v): q/k head_dim are contracted; v's head_dim is the output's."""
-
 
     def couple(self, op: Op, sp: Spaces) -> None:
         q, k, v = op.node.args[:3]
