@@ -25,6 +25,7 @@ from fxprune.errors import CaptureError, InputError, UnsupportedError
 from fxprune.graph.rebuild import get_attr, graph_module
 from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, from_graph, resize, static_dims
 from fxprune.graph.shapes import annotate, is_annotated
+from fxprune.interop.masks import unmasked
 
 __all__ = ["capture", "as_inputs", "check_weights", "on_meta", "graph_outputs", "EXAMPLE_INPUTS_KEY"]
 
@@ -306,6 +307,8 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
         _remember(gm, inputs, _run(gm, inputs, "the exported program"))
         gm.meta[EXAMPLE_INPUTS_KEY] = inputs
         return gm
+    if isinstance(model, nn.Module):
+        model = unmasked(model)  # masks held by prune hooks or parametrizations: read as the zeros they are (a copy)
     if isinstance(model, GraphModule):
         out = _run(model, inputs, "the GraphModule")
         _check_inplace(model)

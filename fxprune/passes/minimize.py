@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -28,7 +29,7 @@ from fxprune.passes.lower import lower_modules
 from fxprune.graph.exported import exported_io
 from fxprune.verify import random_inputs
 
-__all__ = ["minimize", "MinimizeOptions", "ShapeCheck", "CHECKS_KEY"]
+__all__ = ["minimize", "MinimizeOptions", "ShapeCheck", "NothingRemovedWarning", "CHECKS_KEY"]
 
 aten = torch.ops.aten
 CHECKS_KEY = "fxprune_checks"  # result meta: the self-check's ShapeChecks
@@ -272,10 +273,12 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     inputs = as_inputs(example_inputs) if example_inputs is not None else gm.meta.get(EXAMPLE_INPUTS_KEY)
     check_weights(gm, "minimize")
     work = work_ref = _prepare(gm, inputs)
-    for _ in range(opts.max_iterations):
+    for i in range(opts.max_iterations):
         an = Analysis(work)
         keep = an.removable()
         if not keep:
+            if i == 0:
+                _warn_opaque(an)
             break
         work = Rewriter(work, an, keep).run()
     else:  # pragma: no cover - would need > max_iterations cascades
@@ -286,6 +289,24 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
             inputs = random_inputs(placeholder_inputs(result), torch.Generator().manual_seed(0))
         result.meta[CHECKS_KEY] = _self_check(gm, result, inputs, opts, work_ref.meta.get(DYNAMIC_KEY))
     return result
+
+
+class NothingRemovedWarning(UserWarning):
+    """``minimize`` removed nothing while ops without a channel rule froze channels."""
+
+
+def _warn_opaque(an: Analysis) -> None:
+    """Say which ops without a channel rule froze channels when nothing could be removed."""
+    ops: dict[str, None] = {}
+    for leaf in an.spaces.atoms.leaves():
+        for reason in leaf.frozen:
+            if reason.startswith("no channel rule for "):
+                ops.setdefault(reason[len("no channel rule for "):])
+    if ops:
+        names = list(ops)
+        warnings.warn(f"minimize removed nothing; {len(names)} op(s) without a channel rule froze the channels they "
+                      f"touch: {'; '.join(names[:5])}{' ...' if len(names) > 5 else ''} (fp.analyze(gm) shows every "
+                      "group and why it is frozen)", NothingRemovedWarning, stacklevel=3)
 
 
 def _owns(work: GraphModule, gm: GraphModule) -> bool:
