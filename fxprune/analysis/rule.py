@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxprune.analysis.atoms import Atom, AtomSet
@@ -212,6 +213,7 @@ class Facts:
         self.gm, self.sp = gm, spaces
         self._facts: dict[Any, list[DimFacts] | None] = {}
         self._ghost: dict[Any, list[torch.Tensor]] = {}
+        self._finite: dict[Any, bool] = {}
 
     def value(self, v: Node) -> torch.Tensor | None:
         """The value of a floating constant (:func:`is_constant`: a get_attr node, or a permute/transpose of one, as
@@ -231,7 +233,16 @@ class Facts:
         is floating and finite (a clamp bound or mask fill of -inf/+inf is still a constant for :meth:`get` and
         for evaluation, but sums and products with it say nothing sound)."""
         t = self.value(v)
-        return t if t is not None and bool(torch.isfinite(t).all()) else None
+        if t is None:
+            return None
+        k = self.sp.key(v)
+        if k not in self._finite:  # rules ask for the same weight several times: check it once
+            base = v
+            while base.op != "get_attr":
+                base = base.args[0]
+            # parameters were checked finite by the pass (check_weights); only buffers may hold infinities
+            self._finite[k] = isinstance(get_attr(self.gm, base.target), nn.Parameter) or bool(torch.isfinite(t).all())
+        return t if self._finite[k] else None
 
     def get(self, v: Any) -> list[DimFacts] | None:
         if not isinstance(v, Node):
