@@ -1,12 +1,13 @@
 """fxprune: torch.fx passes that make pruned networks physically smaller, exactly."""
 from fxprune.api import analyze, capture, compile, mask, minimize, verify
 from fxprune.cycle import SqueezeReleaseResult, squeeze_release
+from fxprune.interop.module import minimize_module
 from fxprune.errors import CaptureError, EquivalenceError, FxPruneError, InputError, MaskError, UnsupportedError
 from fxprune.passes.compensate_layernorm import compensate_layernorm
 from fxprune.passes.mask import bake_masks, hold_masks, sparsity_schedule
 from fxprune.passes.release import ReleaseReport, release
 
-__all__ = ["capture", "analyze", "compile", "mask", "minimize", "verify", "compensate_layernorm", "release", "ReleaseReport", "squeeze_release",
+__all__ = ["capture", "analyze", "compile", "mask", "minimize", "minimize_module", "verify", "compensate_layernorm", "release", "ReleaseReport", "squeeze_release",
            "SqueezeReleaseResult", "hold_masks", "bake_masks", "sparsity_schedule",
            "FxPruneError", "CaptureError", "EquivalenceError",
            "InputError", "MaskError", "UnsupportedError"]

@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 MODULES = ["fxprune.graph.capture", "fxprune.passes.mask", "fxprune.passes.minimize", "fxprune.verify", "fxprune.nn.norm",
-           "fxprune.passes.compensate_layernorm", "fxprune.passes.release", "fxprune.api"]
+           "fxprune.passes.compensate_layernorm", "fxprune.passes.release", "fxprune.api", "fxprune.interop.module"]
 
 
 @pytest.mark.parametrize("name", MODULES)

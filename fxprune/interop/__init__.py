@@ -1,4 +1,4 @@
 """The boundary between the user's eager modules and fxprune's graphs: masks held outside the weights."""
 from fxprune.interop.masks import held_masks, unmasked
 
-__all__ = ["held_masks", "unmasked"]
+__all__ = ["held_masks", "unmasked"]  # (minimize_module: fxprune.interop.module, imported by fxprune itself)

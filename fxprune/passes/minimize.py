@@ -29,10 +29,11 @@ from fxprune.passes.lower import lower_modules
 from fxprune.graph.exported import exported_io
 from fxprune.verify import random_inputs
 
-__all__ = ["minimize", "MinimizeOptions", "ShapeCheck", "NothingRemovedWarning", "CHECKS_KEY"]
+__all__ = ["minimize", "MinimizeOptions", "ShapeCheck", "NothingRemovedWarning", "CHECKS_KEY", "KEPT_KEY"]
 
 aten = torch.ops.aten
 CHECKS_KEY = "fxprune_checks"  # result meta: the self-check's ShapeChecks
+KEPT_KEY = "fxprune_kept"  # result meta: {get_attr target: [None (all kept) or kept indices of the input's tensor, per dim]}
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,7 @@ class Rewriter:
             if rule is not None:
                 rule.rewrite(Op(node, self.gm), self)
         tensors: dict[str, torch.Tensor] = dict(self.created)
+        kept = {k: list(v) for k, v in self.gm.meta.get(KEPT_KEY, {}).items()}
         by_key: dict[str, torch.Tensor] = {}  # tied targets share one tensor
         for node in self.gm.graph.nodes:
             if node.op != "get_attr" or node.target in tensors:
@@ -231,12 +233,18 @@ class Rewriter:
                 continue
             if node.target in self.deltas:
                 t = (t.detach().to(torch.float64) + self.deltas[node.target]).to(t.dtype)
+            prev = kept.get(node.target)
             for d in range(t.dim()):
                 k = self.kept(node, d)
                 if not bool(k.all()):
-                    t = t.index_select(d, k.nonzero().flatten())
+                    idx = k.nonzero().flatten()
+                    t = t.index_select(d, idx)
+                    if prev is None:
+                        prev = kept[node.target] = [None] * t.dim()
+                    prev[d] = idx if prev[d] is None else prev[d][idx]  # indices into the original tensor
             tensors[node.target] = by_key[key] = t
         out = rebuild(self.gm, self.graph, tensors, self.buffers)
+        out.meta[KEPT_KEY] = kept
         out.graph.lint()
         annotate(out, placeholder_inputs(out), out.meta.get(DYNAMIC_KEY))
         return out
@@ -273,6 +281,7 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     inputs = as_inputs(example_inputs) if example_inputs is not None else gm.meta.get(EXAMPLE_INPUTS_KEY)
     check_weights(gm, "minimize")
     work = work_ref = _prepare(gm, inputs)
+    work.meta.pop(KEPT_KEY, None)  # (a previous minimize's: indices here are into this call's input)
     for i in range(opts.max_iterations):
         an = Analysis(work)
         keep = an.removable()

@@ -1,0 +1,277 @@
+"""``minimize_module``: the user's own model, smaller, with the same classes.
+
+The model is captured with torch.export (whose graphs keep the model's parameter names), minimized, and the
+result's tensors are written back into a copy of the model: every parameter and buffer gets its new shape and
+values (folded constants included), tied parameters stay tied, a bias is created where a constant was folded into
+a layer that had none, and the attributes the modules' forward code reads are updated (``in_features``,
+``out_channels``, ``normalized_shape``, ``num_features``, ``embedding_dim``, transformers' ``Conv1D.nf``...).
+The copy is then checked against the model at the example and at other batch sizes (fail-closed: a module whose
+forward reads a size it cannot update, e.g. attention head counts, makes the check fail and nothing is returned).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from fxprune.compare import compare, first_failure, precision_of, rtol_for
+from fxprune.errors import EquivalenceError, UnsupportedError
+from fxprune.graph.capture import as_inputs, capture
+from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
+from fxprune.graph.rebuild import get_attr
+from fxprune.interop.masks import unmasked
+from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
+
+__all__ = ["minimize_module", "SIZE_ATTRIBUTES"]
+
+
+def _linear(m: nn.Linear) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _conv(m: nn.modules.conv._ConvNd) -> None:
+    m.out_channels = m.weight.shape[0]
+    m.in_channels = m.weight.shape[1] * m.groups
+
+
+def _norm(m: nn.Module) -> None:
+    if getattr(m, "weight", None) is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+def _batch_norm(m: nn.modules.batchnorm._BatchNorm) -> None:
+    m.num_features = (m.weight if m.weight is not None else m.running_mean).shape[0]
+
+
+def _embedding(m: nn.Embedding) -> None:
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+def _group_norm(m: nn.GroupNorm) -> None:
+    if m.weight is not None:
+        m.num_channels = m.weight.shape[0]
+
+
+# module type -> updates the attributes its forward reads from its (new) tensors
+SIZE_ATTRIBUTES: dict[type, Callable[[Any], None]] = {
+    nn.Linear: _linear, nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv, nn.LayerNorm: _norm,
+    nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm, nn.Embedding: _embedding,
+    nn.GroupNorm: _group_norm,
+}
+if hasattr(nn, "RMSNorm"):
+    SIZE_ATTRIBUTES[nn.RMSNorm] = _norm
+
+
+def _gpt2_attention(m: nn.Module) -> None:
+    """transformers' GPT2Attention splits c_attn's output in three and reads heads of ``head_dim``."""
+    m.split_size = m.embed_dim = m.c_attn.nf // 3
+    m.num_heads = m.split_size // m.head_dim
+
+
+# transformers classes, by name (transformers is not imported here): class name -> attribute update
+BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
+    "Conv1D": lambda c: setattr(c, "nf", c.weight.shape[1]),  # GPT-2's Conv1D: weight is (in, out)
+    "GPT2Attention": _gpt2_attention,
+}
+
+
+def _updater(m: nn.Module) -> Callable[[Any], None] | None:
+    for cls in type(m).__mro__:
+        if cls in SIZE_ATTRIBUTES:
+            return SIZE_ATTRIBUTES[cls]
+    return BY_CLASS_NAME.get(type(m).__name__)
+
+
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (root.get_submodule(path) if path else root), leaf
+
+
+def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "batch",
+                    verify: bool = True, **options: Any) -> nn.Module:
+    """A copy of ``model`` (same classes, ``generate()``, hooks and all) with every channel removed that
+    :func:`fxprune.minimize` removes from its graph, checked against ``model`` (fail-closed).
+
+    >>> import torch, fxprune as fp
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> with torch.no_grad(): net[0].weight[:5] = 0; net[0].bias[:5] = -1.0
+    >>> small = fp.minimize_module(net, (torch.randn(3, 4),))
+    >>> small
+    Sequential(
+      (0): Linear(in_features=4, out_features=3, bias=True)
+      (1): ReLU()
+      (2): Linear(in_features=3, out_features=2, bias=True)
+    )
+    """
+    from fxprune.passes.minimize import KEPT_KEY, minimize
+
+    if not isinstance(model, nn.Module) or isinstance(model, torch.fx.GraphModule):
+        raise UnsupportedError(f"minimize_module takes the user's nn.Module, got {type(model).__name__} (for graphs "
+                               "use fp.minimize)")
+    inputs = as_inputs(example_inputs)
+    gm = capture(model, inputs, method="export", dynamic_shapes=dynamic_shapes)
+    small = minimize(gm, verify=verify, **options)
+    out = unmasked(model)
+    out = copy.deepcopy(out) if out is model else out
+    state = dict(small.named_parameters()) | dict(small.named_buffers())
+    ties: dict[int, list[str]] = {}
+    for name, t in list(out.named_parameters(remove_duplicate=False)) + list(out.named_buffers(remove_duplicate=False)):
+        ties.setdefault(id(t), []).append(name)
+    changed: set[str] = set()
+    for names in ties.values():
+        new = next((state[n] for n in names if n in state), None)
+        if new is None:
+            continue
+        old_owner, old_leaf = _owner(out, names[0])
+        old = getattr(old_owner, old_leaf)
+        if new.shape == old.shape and torch.equal(new, old.to(new.dtype)):
+            continue
+        value = nn.Parameter(new.detach().clone().to(old.dtype), requires_grad=old.requires_grad) \
+            if isinstance(old, nn.Parameter) else new.detach().clone().to(old.dtype)
+        for n in names:
+            owner, leaf = _owner(out, n)
+            if isinstance(value, nn.Parameter):
+                owner._parameters[leaf] = value
+            else:
+                owner._buffers[leaf] = value
+            changed.add(n.rpartition(".")[0])
+    changed |= _created_biases(small, out)
+    changed |= _compensated_norms(small, out)
+    # containers whose forward reads their children's sizes (attention head counts) are updated after them
+    changed |= {p for p, m in out.named_modules() if type(m).__name__ in BY_CLASS_NAME and
+                any(c.startswith(p + ".") for c in changed)}
+    stale = []
+    for path in sorted(changed, key=lambda p: -p.count(".")):
+        m = out.get_submodule(path)
+        update = _updater(m)
+        if update is not None:
+            update(m)
+        elif _is_rms_norm(m):
+            _compensate_rms_module(model, out, path, small.meta.get(KEPT_KEY, {}), inputs)
+        elif type(m).__module__.split(".")[0] != "fxprune":
+            stale.append(f"{path} ({type(m).__name__})")
+    if verify:
+        _check(model, out, inputs, gm.meta.get(DYNAMIC_KEY), stale, rtol_for(precision_of(gm)))
+    return out
+
+
+def _is_rms_norm(m: nn.Module) -> bool:
+    """A hand-written RMSNorm module (transformers' ``LlamaRMSNorm`` and kin): a 1-D weight and an epsilon."""
+    w = getattr(m, "weight", None)
+    return (type(m).__name__.endswith("RMSNorm") and isinstance(w, torch.Tensor) and w.dim() == 1
+            and isinstance(getattr(m, "variance_epsilon", getattr(m, "eps", None)), float))
+
+
+def _compensate_rms_module(model: nn.Module, out: nn.Module, path: str, kept: dict[str, list[Any]],
+                           inputs: tuple[Any, ...]) -> None:
+    """Replace the RMSNorm module at ``path`` of ``out``, whose stream lost channels, by a
+    :class:`~fxprune.nn.CompensatedRMSNorm` whose sum of squares adds the removed channels' constants. Those are
+    read off the original model's input to that module at the example (and must be constant there)."""
+    from fxprune.nn.norm import CompensatedRMSNorm
+
+    idx = (kept.get(f"{path}.weight") or [None])[0]
+    orig = model.get_submodule(path)
+    full = orig.weight.shape[0]
+    if idx is None:
+        raise UnsupportedError(f"no record of which channels of '{path}' were kept")
+    removed = torch.ones(full, dtype=torch.bool)
+    removed[idx] = False
+    seen: list[torch.Tensor] = []
+    handle = orig.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        handle.remove()
+    values = seen[0].reshape(-1, full)[:, removed].to(torch.float64)
+    if not bool((values == values[:1]).all()):  # pragma: no cover - minimize removed them as constants
+        raise EquivalenceError(f"the channels removed from the stream read by '{path}' are not constant")
+    new_mod = out.get_submodule(path)
+    eps = getattr(orig, "variance_epsilon", getattr(orig, "eps", None))
+    repl = CompensatedRMSNorm(int(idx.numel()), full, eps, float((values[0] ** 2).sum()), dtype=new_mod.weight.dtype)
+    repl.weight = nn.Parameter(new_mod.weight.detach().clone(), requires_grad=new_mod.weight.requires_grad)
+    parent, leaf = _owner(out, path)
+    setattr(parent, leaf, repl)
+
+
+def _module_path(node: torch.fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _created_biases(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
+    """Biases minimize created to fold a constant into a layer that had none: registered on that layer."""
+    done = set()
+    for n in small.graph.nodes:
+        if n.op != "get_attr" or not n.target.endswith("_folded_bias"):
+            continue
+        users = list(n.users)
+        path = _module_path(users[0]) if len(users) == 1 else None
+        layer = out.get_submodule(path) if path is not None else None
+        if layer is None or getattr(layer, "bias", "missing") is not None:
+            raise UnsupportedError(f"minimize folded a constant into a bias that no module of the model holds "
+                                   f"({n.target}); minimize the graph instead (fp.minimize)")
+        weight = layer.weight
+        layer.bias = nn.Parameter(get_attr(small, n.target).detach().clone().to(weight.dtype), requires_grad=weight.requires_grad)
+        done.add(path)
+    return done
+
+
+def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
+    """Norms minimize turned into compensated ones (stream channels removed): replaced by the modules."""
+    from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm
+
+    done = set()
+    for n in small.graph.nodes:
+        if n.target not in (compensated_layer_norm, compensated_rms_norm):
+            continue
+        path = _module_path(n)
+        if path is None:
+            raise UnsupportedError(f"minimize compensated a norm ({n.name}) that no module of the model is")
+        args = list(n.args)
+        ndim = args[7 if n.target is compensated_layer_norm else 5] if len(args) > (7 if n.target is compensated_layer_norm else 5) else 1
+        if ndim != 1:
+            raise UnsupportedError(f"the norm at '{path}' normalizes over {ndim} dims: no module form of its compensation yet")
+        old = out.get_submodule(path)
+        w = get_attr(small, args[1].target) if args[1] is not None else None
+        if n.target is compensated_layer_norm:
+            b = get_attr(small, args[2].target) if args[2] is not None else None
+            new = CompensatedLayerNorm(w.shape[0], args[4], args[3], args[5], args[6], elementwise_affine=w is not None,
+                                       bias=b is not None, dtype=w.dtype if w is not None else None)
+            if b is not None:
+                new.bias = nn.Parameter(b.detach().clone())
+        else:
+            new = CompensatedRMSNorm(w.shape[0], args[3], args[2], args[4], elementwise_affine=w is not None,
+                                     dtype=w.dtype if w is not None else None)
+        if w is not None:
+            new.weight = nn.Parameter(w.detach().clone())
+        parent, leaf = _owner(out, path)
+        setattr(parent, leaf, new)
+        done.add(path)
+    return done
+
+
+def _check(model: nn.Module, out: nn.Module, inputs: tuple[Any, ...], dims: Any, stale: list[str], rtol: float) -> None:
+    """Compare the copy with the model at the example and the ends of the inputs' dynamic range (``rtol``: the
+    tolerance of the lowest precision the model's graph computes in)."""
+    for xs in shaped_inputs(dims, inputs):
+        with torch.no_grad():
+            try:
+                ref = model(*xs)
+            except Exception:
+                continue
+            try:
+                got = out(*xs)
+            except Exception as e:
+                raise EquivalenceError(f"the minimized copy of {type(model).__name__} does not run at ({shape_str(xs)}): "
+                                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Modules whose "
+                                       f"sizes it could not update: {', '.join(stale) or 'none'}; use fp.minimize on "
+                                       "the graph instead") from e
+        bad = first_failure(compare(ref, got), rtol)
+        if bad is not None:
+            raise EquivalenceError(f"the minimized copy of {type(model).__name__} differs from it at ({shape_str(xs)}) "
+                                   f"on output {bad.index} ({bad.problem or f'relative error {bad.max_rel:.3e}'}). "
+                                   f"Modules whose sizes it could not update: {', '.join(stale) or 'none'}; nothing "
+                                   "returned (fp.minimize gives the graph)")

@@ -1,0 +1,135 @@
+"""``fp.minimize_module``: the user's own classes back, smaller, checked; generate() with the KV cache unchanged."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune as fp
+from conftest import snapshot, torchvision
+from fxprune import zoo
+from fxprune.verify import count_params
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from planted import logits, planted  # noqa: E402
+
+# relative tolerance per model: transformers' LlamaRMSNorm computes in float32 inside a float64 model
+TOL = {"gpt2": 1e-9, "llama": 1e-4, "vit": 1e-9, "convnext": 1e-9, "bert": 1e-9}
+
+
+def dead_heads(model: nn.Module, name: str) -> int:
+    """Make one attention head per layer dead (GPT-2: head 1's query, key and value; Llama: kv head 1 with its two
+    query heads); returns the parameters that hold."""
+    n = 0
+    with torch.no_grad():
+        if name == "gpt2":
+            for block in model.transformer.h:
+                w, b = block.attn.c_attn.weight, block.attn.c_attn.bias  # (32, 96): q | k | v, 4 heads of 8
+                for o in (0, 32, 64):
+                    w[:, o + 8:o + 16] = 0
+                b[64 + 8:64 + 16] = 0
+                n += 3 * 8 * 33 + 8 * 32  # c_attn columns and biases, c_proj rows
+        else:
+            for layer in model.model.layers:
+                a = layer.self_attn
+                a.q_proj.weight[16:32] = 0
+                a.k_proj.weight[8:16] = 0
+                a.v_proj.weight[8:16] = 0
+                n += 16 * 32 + 2 * 8 * 32 + 32 * 16
+    return n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_causal_lm_comes_back_as_itself_and_generates_the_same(name):
+    model, (ids,), dead = planted(name, "tiny")  # a quarter of every MLP's units dead
+    planted_params = count_params(model) - count_params(fp.minimize(fp.capture(model, (ids,))))
+    heads = dead_heads(model, name)
+    zoo.plant_dead_stream(model, name, [3, 7])  # two residual-stream channels dead
+    before = snapshot(model)
+    small = fp.minimize_module(model, (ids,))
+    assert snapshot(model) == before
+    assert type(small) is type(model)
+    assert count_params(model) - count_params(small) >= planted_params + heads
+    assert any("Compensated" in type(m).__name__ for m in small.modules())  # the stream's norms
+    for b, t in ((1, 8), (3, 8)):
+        x = torch.randint(0, 100, (b, t))
+        with torch.no_grad():
+            ref, got = logits(model(x)), logits(small(x))
+        assert float((ref - got).abs().max() / ref.abs().max()) <= TOL[name]
+    model.config.use_cache = small.config.use_cache = True
+    for prompt in (torch.randint(0, 100, (1, 5)), torch.randint(0, 100, (1, 11))):
+        kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        assert torch.equal(model.generate(prompt, **kw), small.generate(prompt, **kw))
+
+
+@pytest.mark.parametrize("name", ["vit", "convnext", "bert"])
+def test_encoders_come_back_as_themselves(name):
+    model, (x,), _ = planted(name, "tiny")
+    small = fp.minimize_module(model, (x,))
+    assert type(small) is type(model) and count_params(small) < count_params(model)
+    for xs in (x, torch.cat([x, x, x])):
+        with torch.no_grad():
+            ref, got = logits(model(xs)), logits(small(xs))
+        assert float((ref - got).abs().max() / ref.abs().max()) <= TOL[name]
+
+
+def test_torchvision_resnet_comes_back_as_itself():
+    torchvision()
+    from torchvision_zoo import bottlenecks, build, plant
+
+    model, (x,) = build("resnet18")
+    _, planted_params = plant(model, bottlenecks(model, (x,)))
+    small = fp.minimize_module(model, (x,))
+    assert type(small) is type(model)
+    assert count_params(model) - count_params(small) >= planted_params
+    conv = small.layer1[0].conv1
+    assert conv.out_channels == conv.weight.shape[0] < model.layer1[0].conv1.out_channels
+    for xs in (x, torch.randn(3, *x.shape[1:], dtype=x.dtype)):
+        with torch.no_grad():
+            ref = model(xs)
+            assert float((ref - small(xs)).abs().max() / ref.abs().max()) <= 1e-9
+
+
+class ReadsItsOwnSize(nn.Module):
+    """A forward that reshapes with a size no tensor tells: eager code cannot follow the removal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.half = nn.Linear(4, 8), nn.Linear(4, 2), 4
+        with torch.no_grad():
+            self.a.weight[[0, 4]] = 0
+            self.a.bias[[0, 4]] = 0
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).view(x.shape[0], 2, self.half)).sum(1)
+
+
+def test_a_size_eager_code_cannot_update_fails_closed():
+    model = ReadsItsOwnSize().double().eval()
+    with pytest.raises(fp.EquivalenceError, match="minimized copy of ReadsItsOwnSize"):
+        fp.minimize_module(model, (torch.randn(3, 4, dtype=torch.float64),))
+
+
+def test_constant_folded_into_a_layer_without_bias_creates_its_bias():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2, bias=False)).double().eval()
+    with torch.no_grad():
+        model[0].weight[:3] = 0
+        model[0].bias[:3] = 0.5
+    x = torch.randn(3, 4, dtype=torch.float64)
+    small = fp.minimize_module(model, (x,))
+    assert isinstance(small[2].bias, nn.Parameter) and small[2].in_features == 5
+    with torch.no_grad():
+        assert float((model(x) - small(x)).abs().max()) <= 1e-12
+
+
+@pytest.mark.slow
+def test_the_guides_example_runs():
+    """docs/guide.md, "From a pruned model to your smaller model": its code block runs and its asserts hold."""
+    text = (Path(__file__).parents[1] / "docs" / "guide.md").read_text()
+    section = text.split("## From a pruned model to your smaller model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/guide.md", "exec"), {})
