@@ -8,6 +8,7 @@ __all__ = [
     "MaskError",
     "EquivalenceError",
     "UnsupportedError",
+    "LoadError",
 ]
 
 
@@ -33,3 +34,7 @@ class EquivalenceError(FxPruneError):
 
 class UnsupportedError(FxPruneError):
     """The model holds something fxprune cannot process (NaN/Inf weights, unsupported dtype...)."""
+
+
+class LoadError(FxPruneError):
+    """A saved model cannot be loaded: a damaged or tampered file, or files that do not describe the model built."""

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["fxprune.graph.capture", "fxprune.passes.mask", "fxprune.passes.minimize", "fxprune.verify", "fxprune.nn.norm",
+MODULES = ["fxprune.interop.saving", "fxprune.graph.capture", "fxprune.passes.mask", "fxprune.passes.minimize", "fxprune.verify", "fxprune.nn.norm",
            "fxprune.passes.compensate_layernorm", "fxprune.passes.release", "fxprune.api", "fxprune.interop.module"]
 
 

@@ -1,0 +1,182 @@
+"""``save`` / ``load``: a smaller model of the user's own classes, without pickle.
+
+``save(module, directory)`` writes ``model.safetensors`` (every parameter and buffer; tied tensors once) and
+``manifest.json``: per module its class, the shapes of its tensors, the size attributes its forward reads and,
+where fxprune replaced a norm, the replacement and its arguments; the SHA-256 of the weights file.
+``load(directory, build)`` calls ``build()`` (the original architecture, e.g. ``lambda: GPT2LMHeadModel(config)``),
+makes its modules the recorded shapes, and loads the weights. Nothing is unpickled: safetensors holds raw tensors,
+the manifest is JSON, and only fxprune's own norm classes can be instantiated from it.
+
+transformers' ``save_pretrained``/``from_pretrained`` keep one size per config field for all layers (one
+``intermediate_size``, one head count), so a model whose layers lost different numbers of units does not fit a
+config; ``load`` rebuilds the architecture from the config and then shrinks each module to its own recorded shape.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fxprune.errors import LoadError
+from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm
+
+__all__ = ["save", "load", "FORMAT"]
+
+FORMAT = "fxprune-module/1"
+WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
+# the only classes a manifest may ask to construct (with these keyword arguments)
+_REPLACEMENTS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "CompensatedLayerNorm": (CompensatedLayerNorm, ("kept", "full_size", "eps", "removed_sum", "removed_sq_sum")),
+    "CompensatedRMSNorm": (CompensatedRMSNorm, ("kept", "full_size", "eps", "removed_sq_sum")),
+}
+_SIZES = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "num_embeddings",
+          "embedding_dim", "normalized_shape", "num_channels", "nf", "split_size", "embed_dim", "num_heads")
+
+
+def _qualname(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(module: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``module`` to ``directory`` as safetensors weights and a JSON manifest (see the module docstring).
+
+    >>> import tempfile, torch, fxprune as fp
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    >>> d = fp.save(net, tempfile.mkdtemp())
+    >>> back = fp.load(d, lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
+    >>> back[0]
+    Linear(in_features=4, out_features=3, bias=True)
+    """
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    ties: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    modules: dict[str, Any] = {}
+    for path, m in module.named_modules():
+        entry: dict[str, Any] = {"class": _qualname(m), "tensors": {}, "sizes": {}}
+        own = list(m._parameters.items()) + list(m._buffers.items())
+        for name, t in own:
+            full = f"{path}.{name}" if path else name
+            if t is None:
+                continue
+            entry["tensors"][name] = {"shape": list(t.shape), "parameter": isinstance(t, nn.Parameter),
+                                      "requires_grad": bool(t.requires_grad)}
+            if id(t) in seen:
+                ties[full] = seen[id(t)]
+            else:
+                seen[id(t)] = full
+                tensors[full] = t.detach().contiguous()
+        for attr in _SIZES:
+            v = getattr(m, attr, None)
+            if isinstance(v, (int, tuple)) and not isinstance(v, bool):
+                entry["sizes"][attr] = list(v) if isinstance(v, tuple) else v
+        if type(m).__name__ in _REPLACEMENTS and type(m).__module__.startswith("fxprune."):
+            _, fields = _REPLACEMENTS[type(m).__name__]
+            entry["replacement"] = {"class": type(m).__name__, "args": {f: getattr(m, f) for f in fields}}
+        modules[path] = entry
+    weights = out / WEIGHTS
+    tmp = weights.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, weights)
+    manifest = {"format": FORMAT, "class": _qualname(module), "modules": modules, "ties": ties,
+                "sha256": _sha256(weights)}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return out
+
+
+def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Module:
+    """The module :func:`save` wrote: ``build()`` makes the original architecture, its modules take the recorded
+    shapes (fxprune's norm replacements included), then the weights are loaded. Raises :class:`LoadError` when the
+    files are damaged or do not describe what ``build()`` makes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    src = Path(directory)
+    try:
+        manifest = json.loads((src / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{src / MANIFEST} is missing or not JSON ({e}): not a directory fp.save wrote") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LoadError(f"{src / MANIFEST} is not an fxprune manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                        f"expected {FORMAT!r})")
+    weights = src / WEIGHTS
+    if not weights.is_file() or _sha256(weights) != manifest.get("sha256"):
+        raise LoadError(f"{weights} does not match the manifest's SHA-256: the weights file is missing, damaged or "
+                        "was replaced; save the model again")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:  # pragma: no cover - the hash matched, the format should parse
+        raise LoadError(f"{weights} is not a safetensors file: {e}") from e
+    model = build()
+    if _qualname(model) != manifest["class"]:
+        raise LoadError(f"build() made a {_qualname(model)}, the manifest describes a {manifest['class']}: pass the "
+                        "builder of the model that was saved")
+    for path, entry in sorted(manifest["modules"].items(), key=lambda kv: kv[0].count(".")):
+        try:
+            m = model.get_submodule(path)
+        except AttributeError as e:
+            raise LoadError(f"the manifest has a module '{path}' that build()'s model lacks: a different "
+                            "architecture or config") from e
+        repl = entry.get("replacement")
+        if repl is not None:
+            cls, fields = _REPLACEMENTS.get(repl.get("class"), (None, ()))
+            if cls is None or set(repl.get("args", {})) != set(fields):
+                raise LoadError(f"module '{path}': unknown replacement {repl.get('class')!r} in the manifest")
+            m = cls(**repl["args"])
+            parent, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, m)
+        elif _qualname(m) != entry["class"]:
+            raise LoadError(f"module '{path}' is a {_qualname(m)} in build()'s model, a {entry['class']} in the "
+                            "manifest: a different architecture")
+        for name, spec in entry["tensors"].items():
+            if name not in m._parameters and name not in m._buffers and not (name == "bias" and hasattr(m, "bias")):
+                raise LoadError(f"module '{path}' has no tensor '{name}' in build()'s model: a different architecture")
+            full = f"{path}.{name}" if path else name
+            stored = state.get(full, state.get(manifest["ties"].get(full, ""), None))
+            old = getattr(m, name, None)
+            dtype = stored.dtype if stored is not None else (old.dtype if isinstance(old, torch.Tensor) else torch.get_default_dtype())
+            empty = torch.empty(spec["shape"], dtype=dtype)
+            if spec["parameter"]:
+                m._parameters[name] = nn.Parameter(empty, requires_grad=spec["requires_grad"])
+            else:
+                m._buffers[name] = empty
+        for attr, v in entry["sizes"].items():
+            setattr(m, attr, tuple(v) if isinstance(v, list) else v)
+    for full, first in manifest["ties"].items():
+        owner, _, leaf = full.rpartition(".")
+        fo, _, fl = first.rpartition(".")
+        src_mod = model.get_submodule(fo) if fo else model
+        dst_mod = model.get_submodule(owner) if owner else model
+        t = getattr(src_mod, fl)
+        (dst_mod._parameters if isinstance(t, nn.Parameter) else dst_mod._buffers)[leaf] = t
+    everything = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    expected = {k for k, _ in everything if k not in manifest["ties"]}  # non-persistent buffers (inv_freq) included
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
+        raise LoadError(f"the weights do not fit build()'s model (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for name, value in state.items():
+            owner, _, leaf = name.rpartition(".")
+            t = getattr(model.get_submodule(owner) if owner else model, leaf)
+            if t.shape != value.shape:
+                raise LoadError(f"'{name}' has shape {tuple(value.shape)} in the file, {tuple(t.shape)} in the model")
+            t.copy_(value)
+    return model

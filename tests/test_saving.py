@@ -1,0 +1,124 @@
+"""``fp.save`` / ``fp.load``: the smaller model of the user's own classes, safetensors + JSON, no pickle."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune as fp
+from fxprune import zoo
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from planted import logits, planted  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved_gpt2(tmp_path_factory):
+    """A planted GPT-2 (dead MLP units and stream channels), minimized as itself and saved."""
+    model, (ids,), _ = planted("gpt2", "tiny")
+    zoo.plant_dead_stream(model, "gpt2", [3, 7])
+    small = fp.minimize_module(model, (ids,))
+    d = fp.save(small, tmp_path_factory.mktemp("gpt2"))
+    return model, small, d
+
+
+BUILD = textwrap.dedent("""
+    import torch, transformers as tf, fxprune as fp
+    cfg = tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False)
+    model = fp.load({d!r}, lambda: tf.GPT2LMHeadModel(cfg).double().eval())
+    ids = torch.arange(24).reshape(3, 8) % 100
+    with torch.no_grad():
+        torch.save(model(ids).logits, {out!r})
+""")
+
+
+@pytest.mark.slow
+def test_round_trip_in_a_fresh_process(saved_gpt2, tmp_path):
+    model, small, d = saved_gpt2
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["format"] == "fxprune-module/1"
+    assert any(e.get("replacement", {}).get("class") == "CompensatedLayerNorm" for e in manifest["modules"].values())
+    out = tmp_path / "logits.pt"
+    proc = subprocess.run([sys.executable, "-c", BUILD.format(d=str(d), out=str(out))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = torch.arange(24).reshape(3, 8) % 100
+    with torch.no_grad():
+        assert torch.equal(torch.load(out), logits(small(ids)))
+        ref = logits(model(ids))
+    assert float((torch.load(out) - ref).abs().max() / ref.abs().max()) <= 1e-9
+
+
+def test_tied_weights_stay_tied(saved_gpt2):
+    import transformers as tf
+
+    _, small, d = saved_gpt2
+    back = fp.load(d, lambda: tf.GPT2LMHeadModel(small.config).double().eval())
+    assert back.lm_head.weight is back.transformer.wte.weight
+    assert back.transformer.wte.weight.shape == small.transformer.wte.weight.shape
+
+
+def test_a_tampered_weights_file_is_refused(saved_gpt2, tmp_path):
+    import shutil
+
+    import transformers as tf
+
+    _, small, d = saved_gpt2
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(fp.LoadError, match="SHA-256"):
+        fp.load(bad, lambda: tf.GPT2LMHeadModel(small.config))
+
+
+def test_a_manifest_that_does_not_fit_the_built_model_is_refused(saved_gpt2):
+    import transformers as tf
+
+    _, small, d = saved_gpt2
+    with pytest.raises(fp.LoadError, match="build\\(\\) made a"):
+        fp.load(d, lambda: nn.Linear(2, 2))
+    other = tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    with pytest.raises(fp.LoadError):
+        fp.load(d, lambda: tf.GPT2LMHeadModel(other))
+
+
+def test_not_an_fxprune_directory(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"format": "something else"}')
+    with pytest.raises(fp.LoadError, match="not an fxprune manifest"):
+        fp.load(tmp_path, lambda: nn.Linear(2, 2))
+    with pytest.raises(fp.LoadError, match="missing or not JSON"):
+        fp.load(tmp_path / "nowhere", lambda: nn.Linear(2, 2))
+
+
+def test_created_bias_and_cnn_round_trip(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4)).double().eval()
+    with torch.no_grad():
+        model[0].weight[:3] = 0
+        model[0].bias[:3] = 0.5
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    small = fp.minimize_module(model, (x,))
+    back = fp.load(fp.save(small, tmp_path), lambda: nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1, bias=False),
+                                                                    nn.BatchNorm2d(4)).double().eval())
+    assert back[2].bias is not None and back[2].in_channels == 5
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+
+
+@pytest.mark.slow
+def test_llama_round_trip_keeps_its_compensated_rms_norms(tmp_path):
+    import transformers as tf
+
+    model, (ids,), _ = planted("llama", "tiny")
+    zoo.plant_dead_stream(model, "llama", [3, 7])
+    small = fp.minimize_module(model, (ids,))
+    back = fp.load(fp.save(small, tmp_path), lambda: tf.LlamaForCausalLM(model.config).double().eval())
+    assert type(back.model.norm).__name__ == "CompensatedRMSNorm"
+    with torch.no_grad():
+        assert torch.equal(logits(back(ids)), logits(small(ids)))
