@@ -133,3 +133,30 @@ def test_the_guides_example_runs():
     section = text.split("## From a pruned model to your smaller model", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "docs/guide.md", "exec"), {})
+
+
+class Scale(nn.Module):
+    """A custom module fxprune has no size rule for: its forward reads ``self.width``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width, self.w = width, nn.Parameter(torch.rand(width) + 0.5)
+
+    def forward(self, x):
+        return x * self.w.view(1, self.width)
+
+
+def test_channels_of_a_module_it_cannot_update_stay_with_a_warning():
+    model = nn.Sequential(nn.Linear(4, 8), Scale(8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)).double().eval()
+    with torch.no_grad():
+        model[0].weight[:3] = 0  # dead units read by Scale: cannot go in eager code
+        model[0].bias[:3] = 0
+        model[3].weight[:2] = 0  # dead units elsewhere: go
+        model[3].bias[:2] = 0
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="'1'|kept every channel of 1"):
+        small = fp.minimize_module(model, (x,))
+    assert small[1].w.shape == (8,) and small[0].out_features == 8
+    assert small[3].out_features == 4 and small[5].in_features == 4
+    with torch.no_grad():
+        assert float((model(x) - small(x)).abs().max() / model(x).abs().max()) <= 1e-9

@@ -4,7 +4,7 @@ work out which channels can be removed exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch.fx import GraphModule, Node
@@ -66,8 +66,10 @@ class ChannelGraph:
 class Analysis:
     """Spaces and facts of one graph, and the removal plan derived from them."""
 
-    def __init__(self, gm: GraphModule) -> None:
+    def __init__(self, gm: GraphModule, keep: Mapping[str, str] | None = None) -> None:
+        """``keep``: parameter/buffer names whose channels must all stay, with the reason (frozen)."""
         self.gm = gm
+        self.keep = dict(keep or {})
         self.spaces = Spaces(gm)
         self.rules: dict[str, Any] = {}
         self._couple()
@@ -88,6 +90,8 @@ class Analysis:
             if node.op == "get_attr":
                 if str(node.target).startswith(GHOST_PREFIX):
                     sp.freeze_all(node, "constant standing in for removed channels")
+                elif node.target in self.keep and isinstance(sp.spec(node), TensorSpec):
+                    sp.freeze_all(node, self.keep[node.target])
                 continue
             if node.op == "output":
                 for v in pytree.tree_leaves(node.args[0]):

@@ -11,6 +11,7 @@ forward reads a size it cannot update, e.g. attention head counts, makes the che
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from fxprune.graph.rebuild import get_attr
 from fxprune.interop.masks import unmasked
 from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
 
-__all__ = ["minimize_module", "SIZE_ATTRIBUTES"]
+__all__ = ["minimize_module", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME"]
 
 
 def _linear(m: nn.Linear) -> None:
@@ -92,7 +93,13 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "batch",
                     verify: bool = True, **options: Any) -> nn.Module:
     """A copy of ``model`` (same classes, ``generate()``, hooks and all) with every channel removed that
-    :func:`fxprune.minimize` removes from its graph, checked against ``model`` (fail-closed).
+    :func:`fxprune.minimize` removes from its graph and eager code can follow, checked against ``model``.
+
+    A module whose tensors would change but whose size attributes fxprune does not know how to update (a class
+    without an entry in ``SIZE_ATTRIBUTES`` / ``BY_CLASS_NAME``) keeps its channels when the check fails: the
+    rewrite runs again with them frozen, and a warning names the modules. If the check still fails (a forward
+    that reads a size no module exposes), :class:`EquivalenceError` and nothing is returned. ``options`` are
+    :class:`~fxprune.passes.minimize.MinimizeOptions` fields (``max_iterations``, ``rtol``).
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -105,14 +112,50 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
       (2): Linear(in_features=3, out_features=2, bias=True)
     )
     """
-    from fxprune.passes.minimize import KEPT_KEY, minimize
+    from fxprune.passes.minimize import MinimizeOptions, minimize
 
     if not isinstance(model, nn.Module) or isinstance(model, torch.fx.GraphModule):
         raise UnsupportedError(f"minimize_module takes the user's nn.Module, got {type(model).__name__} (for graphs "
                                "use fp.minimize)")
     inputs = as_inputs(example_inputs)
     gm = capture(model, inputs, method="export", dynamic_shapes=dynamic_shapes)
-    small = minimize(gm, verify=verify, **options)
+    rtol = rtol_for(precision_of(gm))
+    keep: dict[str, str] = {}
+    while True:
+        small = minimize(gm, options=MinimizeOptions(verify=verify, keep=tuple(keep.items()), **options))
+        out, stale = _write_back(model, small, inputs)
+        if not verify:
+            return out
+        try:
+            _check(model, out, inputs, gm.meta.get(DYNAMIC_KEY), stale, rtol)
+        except EquivalenceError:
+            more = {}
+            for path in stale:  # freeze every tensor of the modules it could not update, and try again
+                m = model.get_submodule(path)
+                why = f"the forward of '{path}' ({type(m).__name__}) reads sizes fxprune cannot update in eager code"
+                for name, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                    if f"{path}.{name}" not in keep:
+                        more[f"{path}.{name}"] = why
+            if not more:
+                raise
+            keep.update(more)
+            continue
+        if keep:
+            warnings.warn(f"minimize_module kept every channel of {', '.join(sorted({k.rpartition('.')[0] for k in keep}))}: their forward "
+                          "reads sizes fxprune cannot update in eager code (fp.minimize on the graph removes them)",
+                          KeptChannelsWarning, stacklevel=2)
+        return out
+
+
+class KeptChannelsWarning(UserWarning):
+    """``minimize_module`` left channels of modules whose size attributes it cannot update."""
+
+
+def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` holding ``small``'s tensors and sizes; the paths of modules whose tensors changed but
+    whose size attributes could not be updated."""
+    from fxprune.passes.minimize import KEPT_KEY
+
     out = unmasked(model)
     out = copy.deepcopy(out) if out is model else out
     state = dict(small.named_parameters()) | dict(small.named_buffers())
@@ -136,7 +179,8 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
                 owner._parameters[leaf] = value
             else:
                 owner._buffers[leaf] = value
-            changed.add(n.rpartition(".")[0])
+            if new.shape != old.shape:
+                changed.add(n.rpartition(".")[0])
     changed |= _created_biases(small, out)
     changed |= _compensated_norms(small, out)
     # containers whose forward reads their children's sizes (attention head counts) are updated after them
@@ -151,10 +195,8 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
         elif _is_rms_norm(m):
             _compensate_rms_module(model, out, path, small.meta.get(KEPT_KEY, {}), inputs)
         elif type(m).__module__.split(".")[0] != "fxprune":
-            stale.append(f"{path} ({type(m).__name__})")
-    if verify:
-        _check(model, out, inputs, gm.meta.get(DYNAMIC_KEY), stale, rtol_for(precision_of(gm)))
-    return out
+            stale.append(path)
+    return out, stale
 
 
 def _is_rms_norm(m: nn.Module) -> bool:

@@ -49,6 +49,7 @@ class MinimizeOptions:
     verify: bool = True
     max_iterations: int = 32
     rtol: float | None = None  # self-check: max |a - b| <= rtol * max |a|; None: the graph's precision's (compare.rtol_for)
+    keep: tuple[tuple[str, str], ...] = ()  # (parameter or buffer name, reason): every channel of it stays
 
 
 class Rewriter:
@@ -283,7 +284,7 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     work = work_ref = _prepare(gm, inputs)
     work.meta.pop(KEPT_KEY, None)  # (a previous minimize's: indices here are into this call's input)
     for i in range(opts.max_iterations):
-        an = Analysis(work)
+        an = Analysis(work, dict(opts.keep))
         keep = an.removable()
         if not keep:
             if i == 0:
