@@ -5,8 +5,9 @@ result's tensors are written back into a copy of the model: every parameter and 
 values (folded constants included), tied parameters stay tied, a bias is created where a constant was folded into
 a layer that had none, and the attributes the modules' forward code reads are updated (``in_features``,
 ``out_channels``, ``normalized_shape``, ``num_features``, ``embedding_dim``, transformers' ``Conv1D.nf``...).
-The copy is then checked against the model at the example and at other batch sizes (fail-closed: a module whose
-forward reads a size it cannot update, e.g. attention head counts, makes the check fail and nothing is returned).
+The copy is then checked against the model at the example and at other batch sizes. Modules whose size
+attributes it cannot update keep their channels (the rewrite runs again with their tensors frozen, and a warning
+names them); a forward that reads a size no module exposes makes the check fail, and nothing is returned.
 """
 from __future__ import annotations
 
