@@ -74,19 +74,25 @@ def test_bad_explicit_masks():
         fp.mask(gm, 0.5, include=["zzz*"])
 
 
+def _train(held, x, lr: float, steps: int = 3):
+    """A few SGD steps on ``held`` (masks held by parametrizations); returns it."""
+    opt = torch.optim.SGD(held.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        held(*x).pow(2).sum().backward()
+        opt.step()
+    return held
+
+
 def test_hold_masks_survives_training_then_bakes():
     gm, x = _gm()
     masked = fp.mask(gm, 0.8)
     held = hold_masks(masked)
-    opt = torch.optim.SGD(held.parameters(), lr=1e-3)
-    for _ in range(3):
-        opt.zero_grad()
-        held(*x).pow(2).sum().backward()
-        opt.step()
-    baked = bake_masks(held)
+    baked = bake_masks(_train(held, x, lr=1e-3))
     for n, m in masked.meta[MASKS_KEY].items():
         p = baked.get_parameter(n)
         assert bool((p[~m] == 0).all()), n
+
 
 def test_held_row_masks_survive_training_and_minimize_removes_them():
     """Rows masked through hold_masks stay zero through training; minimize then deletes exactly those units."""
@@ -95,12 +101,7 @@ def test_held_row_masks_survive_training_and_minimize_removes_them():
     rows = torch.ones_like(hidden, dtype=torch.bool)
     rows[:5] = False
     held = hold_masks(fp.mask(gm, masks={"blocks.0.0.weight": rows}))
-    opt = torch.optim.SGD(held.parameters(), lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        held(*x).pow(2).sum().backward()
-        opt.step()
-    baked = bake_masks(held)
+    baked = bake_masks(_train(held, x, lr=1e-2))
     assert bool((baked.get_parameter("blocks.0.0.weight")[:5] == 0).all())
     assert not bool((baked.get_parameter("blocks.0.0.bias")[:5] == gm.get_parameter("blocks.0.0.bias")[:5]).all())  # trained
     small = fp.minimize(baked, x)

@@ -451,8 +451,11 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[Di
         again = extract(fn(*torch.fx.node.map_arg(op.node.args, fill), **torch.fx.node.map_arg(op.node.kwargs, fill)))
     if again is None:
         return None
-    return [DimFacts(f.known & a.known & (f.value == a.value), torch.where(f.known & a.known & (f.value == a.value), f.value, 0.0))
-            for f, a in zip(facts, again)]
+    out = []
+    for f, a in zip(facts, again):
+        known = f.known & a.known & (f.value == a.value)
+        out.append(DimFacts(known, torch.where(known, f.value, 0.0)))
+    return out
 
 
 _F64_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()

@@ -95,15 +95,12 @@ def _softmax_dim(m: Any, x: Node) -> int | None:
 
 
 @lowering(nn.Softmax, fn=F.softmax)
-def _softmax(m: nn.Softmax, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict] | None:
+def _softmax(m: nn.Softmax | nn.LogSoftmax, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict] | None:
     dim = _softmax_dim(m, x)
     return None if dim is None else ((x,), {"dim": dim})
 
 
-@lowering(nn.LogSoftmax, fn=F.log_softmax)
-def _log_softmax(m: nn.LogSoftmax, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict] | None:
-    dim = _softmax_dim(m, x)
-    return None if dim is None else ((x,), {"dim": dim})
+lowering(nn.LogSoftmax, fn=F.log_softmax)(_softmax)
 
 
 if hasattr(nn, "RMSNorm"):
