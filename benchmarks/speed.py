@@ -1,15 +1,20 @@
 """Pass speed against Torch-Pruning: remove the same dead MLP hidden units from ConvNeXt-Tiny, ViT-Base, GPT-2 small.
 
-    python benchmarks/speed.py                      # default configs, random weights, float64
-    python benchmarks/speed.py --size tiny --repeats 3
+    python benchmarks/speed.py                      # default configs, random weights, float64 and float32
+    python benchmarks/speed.py --size tiny --repeats 3 --dtypes float32
 
-Each model gets planted dead MLP hidden units (a quarter of each MLP's units: zero input rows; the MLP biases
-are drawn from N(0, 0.1), since transformers initializes them to 0 and trained ones are not). fxprune: ``capture`` + ``minimize`` (its default path, the
-self-check included), with its default dynamic batch and with static shapes (``dynamic_shapes=None``) side by
-side: the cost of dynamic capture and of checking at batch 1 and a larger batch. Torch-Pruning: build the ``DependencyGraph`` and prune the same units from every MLP.
-Both run in one process, alternating (with one plain no-grad forward of the model, the unit both times are also
-expressed in), ``--repeats`` times; the table shows medians, the ratio, the parameters each leaves and the float64 relative error each leaves against the original model (Torch-Pruning drops a dead
-unit's constant output ``act(bias)``; fxprune folds it into the next bias). Last line: one JSON object.
+Each model gets planted dead MLP hidden units (a quarter of each MLP's units: zero input rows; the MLP biases are
+drawn from N(0, 0.1), since transformers initializes them to 0 and trained ones are not). fxprune's default path
+is ``capture`` + ``minimize``: torch.export with a dynamic batch, the analysis and rewrite, and one end-to-end
+check of the result against the model at the example and at batch 1 and the next batch size. Beside it: the
+unchecked path (``verify=False``), static shapes (``dynamic_shapes=None``: checked at the example only), and
+Torch-Pruning (build the ``DependencyGraph``, prune the same units from every MLP). All run in one process,
+alternating (with one plain no-grad forward of the model: the unit the table also expresses times in),
+``--repeats`` times; the table shows medians, the ratio to Torch-Pruning, the parameters each leaves and the
+relative error each leaves against the original model (computed in the model's dtype) (Torch-Pruning drops a dead unit's constant output
+``act(bias)``; fxprune folds it into the next bias), and the default path's parts in forwards: capture (the
+model's reference forward and torch.export), analysis + rewrite (the unchecked ``minimize``), and the check (the
+default ``minimize`` less the unchecked one). Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -28,28 +33,46 @@ import fxprune as fp
 from fxprune.verify import count_params
 from planted import MLP, logits, planted, rel_err
 
+Parts = dict[str, float]
+
+
 def outputs(m: Any, inputs: tuple[Any, ...]) -> torch.Tensor:
     with torch.no_grad():
         return logits(m(*inputs)).double()
 
 
-def run_fxprune(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
-    """The default path: dynamic batch capture, minimize checked at the example and at batch 1 and a larger one."""
-    return fp.minimize(fp.capture(model, inputs))
+def _timed(parts: Parts, name: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    out = fn()
+    parts[name] = time.perf_counter() - t0
+    return out
 
 
-def run_fxprune_static(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
+def run_fxprune(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]], parts: Parts) -> nn.Module:
+    """The default path: dynamic batch capture, minimize checked end to end at the example, batch 1 and the next."""
+    gm = _timed(parts, "capture", lambda: fp.capture(model, inputs))
+    return _timed(parts, "minimize", lambda: fp.minimize(gm))
+
+
+def run_fxprune_unchecked(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]],
+                          parts: Parts) -> nn.Module:
+    """The default path without the check (``verify=False``)."""
+    gm = _timed(parts, "capture", lambda: fp.capture(model, inputs))
+    return _timed(parts, "minimize", lambda: fp.minimize(gm, verify=False))
+
+
+def run_fxprune_static(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]], parts: Parts) -> nn.Module:
     """Static shapes (``dynamic_shapes=None``): one export at the example's shapes, checked there only."""
     return fp.minimize(fp.capture(model, inputs, dynamic_shapes=None))
 
 
-def run_forward(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
+def run_forward(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]], parts: Parts) -> nn.Module:
     """One no-grad forward of the model: the unit the table expresses both tools' times in."""
     outputs(model, inputs)
     return model
 
 
-def run_torch_pruning(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]]) -> nn.Module:
+def run_torch_pruning(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]], parts: Parts) -> nn.Module:
     import torch_pruning as tp
 
     m = copy.deepcopy(model)  # Torch-Pruning prunes in place; fxprune is pure: copy for a like-for-like result
@@ -64,63 +87,83 @@ def run_torch_pruning(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str,
     return m
 
 
+TOOLS: dict[str, Callable[..., nn.Module]] = {
+    "fxprune": run_fxprune, "fxprune-unchecked": run_fxprune_unchecked, "fxprune-static": run_fxprune_static,
+    "torch-pruning": run_torch_pruning, "forward": run_forward}
+REPORTED = ("fxprune", "fxprune_unchecked", "fxprune_static", "torch_pruning")
+
+
+def measure(name: str, size: str, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
+    model, inputs, dead = planted(name, size)
+    model = model.to(dtype)
+    inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+    ref = outputs(model, inputs)
+    times: dict[str, list[float]] = {k: [] for k in TOOLS}
+    parts: dict[str, dict[str, list[float]]] = {k: {} for k in TOOLS}
+    result: dict[str, Any] = {}
+    for _ in range(repeats):
+        for tool, fn in TOOLS.items():  # alternating
+            got: Parts = {}
+            t0 = time.perf_counter()
+            try:
+                out = fn(model, inputs, dead, got)
+            except Exception as e:  # a tool that cannot handle the model: reported, not fatal
+                result[tool] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+                continue
+            times[tool].append(time.perf_counter() - t0)
+            for k, v in got.items():
+                parts[tool].setdefault(k, []).append(v)
+            result[tool] = out
+    row: dict[str, Any] = dict(model=name, size=size, dtype=str(dtype).replace("torch.", ""), params=count_params(model),
+                               removable=sum(len(i) for i in dead.values()))
+    row["forward_s"] = fwd = statistics.median(times.pop("forward"))
+    for tool in REPORTED:
+        out = result[tool.replace("_", "-")]
+        if isinstance(out, str):
+            row[f"{tool}_error"] = out
+            continue
+        row.update({f"{tool}_s": statistics.median(times[tool.replace("_", "-")]), f"{tool}_params": count_params(out),
+                    f"{tool}_rel": rel_err(ref, outputs(out, inputs))})
+    if "fxprune_s" in row and "torch_pruning_s" in row:
+        row["ratio"] = row["fxprune_s"] / row["torch_pruning_s"]
+        if "fxprune_unchecked_s" in row:
+            row["unchecked_ratio"] = row["fxprune_unchecked_s"] / row["torch_pruning_s"]
+    if "fxprune_s" in row and "fxprune_unchecked_s" in row:
+        cap = statistics.median(parts["fxprune"]["capture"])
+        rewrite = statistics.median(parts["fxprune-unchecked"]["minimize"])
+        check = statistics.median(parts["fxprune"]["minimize"]) - rewrite
+        row["parts_forwards"] = {"capture": cap / fwd, "analysis_rewrite": rewrite / fwd, "check": check / fwd}
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=["tiny", "full"], default="full")
     ap.add_argument("--models", nargs="+", default=["convnext", "vit", "gpt2"], choices=list(MLP))
+    ap.add_argument("--dtypes", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     rows = []
-    for name in a.models:
-        model, inputs, dead = planted(name, a.size)
-        ref = outputs(model, inputs)
-        tools: dict[str, Callable[..., nn.Module]] = {"fxprune": run_fxprune, "fxprune-static": run_fxprune_static,
-                                                      "torch-pruning": run_torch_pruning, "forward": run_forward}
-        times: dict[str, list[float]] = {k: [] for k in tools}
-        result: dict[str, Any] = {}
-        for _ in range(a.repeats):
-            for tool, fn in tools.items():  # alternating
-                t0 = time.perf_counter()
-                try:
-                    out = fn(model, inputs, dead)
-                except Exception as e:  # a tool that cannot handle the model: reported, not fatal
-                    result[tool] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-                    continue
-                times[tool].append(time.perf_counter() - t0)
-                result[tool] = out
-        row: dict[str, Any] = dict(model=name, size=a.size, params=count_params(model),
-                                   removable=sum(len(i) for i in dead.values()))
-        row["forward_s"] = statistics.median(times.pop("forward"))
-        for tool in ("fxprune", "fxprune-static", "torch-pruning"):
-            out = result[tool]
-            key = tool.replace("-", "_")
-            if isinstance(out, str):
-                row.update({f"{key}_error": out})
-                continue
-            row.update({f"{key}_s": statistics.median(times[tool]), f"{key}_params": count_params(out),
-                        f"{key}_f64_rel": rel_err(ref, outputs(out, inputs))})
-        if "fxprune_s" in row and "torch_pruning_s" in row:
-            row["ratio"] = row["fxprune_s"] / row["torch_pruning_s"]
-        if "fxprune_s" in row and "fxprune_static_s" in row:
-            row["dynamic_over_static"] = row["fxprune_s"] / row["fxprune_static_s"]
-        rows.append(row)
-        print(f"[speed] {name}: done", file=sys.stderr, flush=True)
+    for dt in a.dtypes:
+        for name in a.models:
+            rows.append(measure(name, a.size, getattr(torch, dt), a.repeats))
+            print(f"[speed] {name} {dt}: done", file=sys.stderr, flush=True)
 
-    print(f"{'model':<9} {'params':>12} {'tool':<14} {'median s':>9} {'params left':>12} {'f64 rel err':>12}")
+    print(f"{'model':<9} {'dtype':<8} {'params':>12} {'tool':<18} {'median s':>9} {'forwards':>9} {'params left':>12} "
+          f"{'rel err':>12}")
     for r in rows:
-        for tool in ("fxprune", "fxprune_static", "torch_pruning"):
+        for tool in REPORTED:
             if f"{tool}_error" in r:
-                print(f"{r['model']:<9} {r['params']:>12,} {tool:<14} failed: {r[f'{tool}_error']}")
+                print(f"{r['model']:<9} {r['dtype']:<8} {r['params']:>12,} {tool:<18} failed: {r[f'{tool}_error']}")
                 continue
-            print(f"{r['model']:<9} {r['params']:>12,} {tool:<14} {r[f'{tool}_s']:>9.2f} {r[f'{tool}_params']:>12,} "
-                  f"{r[f'{tool}_f64_rel']:>12.1e}")
+            print(f"{r['model']:<9} {r['dtype']:<8} {r['params']:>12,} {tool:<18} {r[f'{tool}_s']:>9.2f} "
+                  f"{r[f'{tool}_s'] / r['forward_s']:>9.1f} {r[f'{tool}_params']:>12,} {r[f'{tool}_rel']:>12.1e}")
         if "ratio" in r:
-            print(f"{'':<9} {'':>12} {'fxprune / TP':<14} {r['ratio']:>8.2f}x")
-        if "dynamic_over_static" in r:
-            print(f"{'':<9} {'':>12} {'dyn / static':<14} {r['dynamic_over_static']:>8.2f}x")
-        print(f"{'':<9} {'':>12} {'one forward':<14} {r['forward_s']:>9.2f}   (fxprune = "
-              f"{r.get('fxprune_s', float('nan')) / r['forward_s']:.1f} forwards, Torch-Pruning = "
-              f"{r.get('torch_pruning_s', float('nan')) / r['forward_s']:.1f})")
+            print(f"{'':<31} {'fxprune / TP':<18} {r['ratio']:>8.2f}x   (unchecked {r.get('unchecked_ratio', float('nan')):.2f}x)")
+        if "parts_forwards" in r:
+            p = r["parts_forwards"]
+            print(f"{'':<31} {'default, forwards':<18} capture {p['capture']:.1f} + analysis/rewrite "
+                  f"{p['analysis_rewrite']:.1f} + check {p['check']:.1f}   (one forward: {r['forward_s']:.3f} s)")
     out = dict(benchmark="speed", repeats=a.repeats, rows=rows)
     print(json.dumps(out))
     return out

@@ -94,40 +94,98 @@ def test_transformers_need_export_and_reproduce_outputs(name):
 
 
 @pytest.mark.parametrize("method", ["symbolic", "export"])
-def test_the_checking_run_is_reused_only_while_nothing_changed(method):
-    """capture keeps the output of the run that checked the graph; minimize's self-check reuses it instead of
-    running the captured graph again, but only while code, tensor bytes, module modes and inputs are the same."""
-    from fxprune.graph.capture import graph_outputs
+def test_the_models_outputs_are_reused_only_while_nothing_changed(method):
+    """capture records the model's outputs on the example; minimize's end-to-end check reuses them instead of
+    running the model again, but only while code, tensors (identity, storage, version), module modes and inputs
+    are the same. A write the version counters miss (``.data``) is caught by running the model again when the
+    check fails."""
+    from fxprune.graph.origin import reference_outputs
 
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).eval()
     x = torch.randn(5, 4)
     gm = fp.capture(net, (x,), method=method)
-    first = graph_outputs(gm, (x,))
-    assert graph_outputs(gm, (x,)) is first  # cached
-    assert graph_outputs(gm, (x.clone(),)) is first  # same bytes
-    assert graph_outputs(gm, (x + 1,)) is not first  # other inputs
+    first = reference_outputs(gm, (x,))
+    assert reference_outputs(gm, (x,)) is first  # recorded
+    assert reference_outputs(gm, (x.clone(),)) is first  # same values
+    assert reference_outputs(gm, (x + 1,)) is not first  # other inputs: the model runs
     weight = next(p for n, p in gm.named_parameters() if n.endswith("weight"))
-    weight.data[:5] = 0  # no version bump through .data: the bytes tell
-    changed = graph_outputs(gm, (x,))
-    assert changed is not first and not torch.equal(changed, first)
-    torch.testing.assert_close(changed, gm(x))
-    # a stale reference would make this minimize fail its self-check (or pass a wrong model)
-    small = fp.minimize(gm)
+    weight.data[2:5] = 0  # no version bump: the record looks valid, and is stale
+    assert reference_outputs(gm, (x,)) is first
+    small = fp.minimize(gm)  # the check fails against the stale record, runs the model again, and passes
     assert count_params(small) < count_params(gm)
     torch.testing.assert_close(small(x), gm(x))
+    with torch.no_grad():
+        weight[:2] = 0  # bumps the version counter: the record no longer applies
+    changed = reference_outputs(gm, (x,))
+    assert changed is not first and not torch.equal(changed, first)
+    torch.testing.assert_close(changed, gm(x))
 
 
-def test_the_checking_run_is_not_reused_after_a_mode_change():
-    from fxprune.graph.capture import graph_outputs
+def test_the_record_is_not_used_after_a_mode_change():
+    from fxprune.graph.origin import reference_outputs
 
     net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
     with torch.no_grad():
         net[1].running_mean.fill_(3.0)
     x = torch.randn(5, 4)
     gm = fp.capture(net, (x,), method="symbolic")
-    first = graph_outputs(gm, (x,))
+    first = reference_outputs(gm, (x,))
     gm.train()
-    assert not torch.allclose(graph_outputs(gm, (x,)), first)
+    assert not torch.allclose(reference_outputs(gm, (x,)), first)
+
+
+def _real_calls(m: nn.Module) -> list[int]:
+    """Batch sizes of ``m``'s forward calls on real tensors (torch.export's tracing calls it on fake ones)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    calls: list[int] = []
+    m.register_forward_pre_hook(lambda _, args: None if is_fake(args[0]) else calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_the_default_path_checks_once_end_to_end():
+    """capture (export) + minimize run the user's model at the example (once) and at the other check point, the
+    minimized graph at both, and the captured graph not at all."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].weight[:3] = 0
+    x = torch.randn(2, 4)
+    model_calls = _real_calls(net)
+    gm = fp.capture(net, (x,), method="export")
+    graph_calls = _real_calls(gm)
+    small = fp.minimize(gm)
+    assert count_params(small) == count_params(net) - 3 * 4 - 3 - 3 * 3
+    checked = [c.shapes for c in small.meta["fxprune_checks"]]
+    assert checked == ["2x4", "1x4", "3x4"]
+    assert sorted(model_calls) == [1, 2, 3] and graph_calls == []
+    gm = fp.capture(net, (x,), method="export", check=True)
+    assert _real_calls(gm) == [] and sorted(model_calls) == [1, 2, 2, 3]
+
+
+class ExportsDifferently(nn.Module):
+    """A model whose exported graph computes something else than its eager forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x).relu()
+        if torch.compiler.is_exporting():
+            h = h + 1
+        return self.out(h)
+
+
+def test_a_wrong_capture_is_blamed_on_the_capture():
+    m = ExportsDifferently()
+    with torch.no_grad():
+        m.fc.weight[:3] = 0
+    x = torch.randn(2, 4)
+    gm = fp.capture(m, (x,), method="export")  # not run: the first check is end to end
+    with pytest.raises(fp.CaptureError, match="captured graph does not reproduce ExportsDifferently"):
+        fp.minimize(gm)
+    with pytest.raises(fp.CaptureError, match="exported graph does not reproduce"):
+        fp.capture(m, (x,), method="export", check=True)
 
 
 @pytest.mark.parametrize("name", ["convnext", "gpt2"])

@@ -23,6 +23,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxprune.analysis.atoms import Atom, AtomSet
+from fxprune.analysis.scan import Scan, scan
 from fxprune.graph.rebuild import get_attr
 from fxprune.graph.shapes import TensorSpec, hint, is_dynamic_scalar, node_spec
 
@@ -216,42 +217,58 @@ class Facts:
         self._finite: dict[Any, bool] = {}
 
     def value(self, v: Node) -> torch.Tensor | None:
-        """The value of a floating constant (:func:`is_constant`: a get_attr node, or a permute/transpose of one, as
-        decomposed linears read their weights) in float64, infinities included, or None."""
+        """The floating constant ``v`` stands for (:func:`is_constant`: a get_attr node, or a permute/transpose of
+        one, as decomposed linears read their weights), in its own dtype and without a copy (a view of the
+        parameter: never write to it), infinities included; or None."""
         if not is_constant(v):
             return None
         if v.op != "get_attr":
             src = self.value(v.args[0])
-            if src is None:
-                return None
-            return v.target(src, *v.args[1:], **v.kwargs)
+            return None if src is None else v.target(src, *v.args[1:], **v.kwargs)
         t = get_attr(self.gm, v.target)
-        return t.detach().to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else None
+        return t.detach() if isinstance(t, torch.Tensor) and t.is_floating_point() else None
 
-    def tensor(self, v: Node) -> torch.Tensor | None:
-        """The value of a get_attr node (float64), for rules that compute with it (matmuls, folds); None unless it
-        is floating and finite (a clamp bound or mask fill of -inf/+inf is still a constant for :meth:`get` and
-        for evaluation, but sums and products with it say nothing sound)."""
-        t = self.value(v)
-        if t is None:
-            return None
+    def finite(self, v: Node) -> bool:
+        """Whether the constant ``v`` holds finite values only (parameters were checked by the pass:
+        ``check_weights``; buffers may hold infinities)."""
         k = self.sp.key(v)
-        if k not in self._finite:  # rules ask for the same weight several times: check it once
+        if k not in self._finite:  # rules ask about the same weight several times: answer once
             base = v
             while base.op != "get_attr":
                 base = base.args[0]
-            # parameters were checked finite by the pass (check_weights); only buffers may hold infinities
-            self._finite[k] = isinstance(get_attr(self.gm, base.target), nn.Parameter) or bool(torch.isfinite(t).all())
-        return t if self._finite[k] else None
+            t = get_attr(self.gm, base.target)
+            self._finite[k] = isinstance(t, nn.Parameter) or t.numel() == 0 or t.dim() == 0 or scan(t, keep=True).finite
+        return self._finite[k]
+
+    def tensor(self, v: Node) -> torch.Tensor | None:
+        """The value of a constant in float64 (a copy), for rules that compute with it (convolutions, norm
+        affines); None unless it is floating and finite (a clamp bound or mask fill of -inf/+inf is still a
+        constant for :meth:`get` and for evaluation, but sums and products with it say nothing sound). Rules that
+        read a large weight use :meth:`value` and convert only the slices they need."""
+        t = self.value(v)
+        if t is None or not self.finite(v):
+            return None
+        return t.to(torch.float64)
 
     def get(self, v: Any) -> list[DimFacts] | None:
         if not isinstance(v, Node):
             return None
         k = self.sp.key(v)
         if k not in self._facts:
-            t = self.value(v)
-            self._facts[k] = extract(t) if t is not None else None
+            self._facts[k] = self._constant_facts(v) if is_constant(v) else None
         return self._facts[k]
+
+    def _constant_facts(self, v: Node) -> list[DimFacts] | None:
+        """Facts of a constant from the scan of its tensor (:mod:`fxprune.analysis.scan`), permuted like ``v``."""
+        if v.op != "get_attr":
+            src = self.get(v.args[0])
+            if src is None:
+                return None
+            return [src[j] for j in _view_dims(v, len(src))]
+        t = get_attr(self.gm, v.target)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
+            return None
+        return _from_scan(scan(t, keep=True))
 
     def dim(self, v: Any, d: int) -> DimFacts:
         """Facts of one dim (all unknown when nothing is known)."""
@@ -298,14 +315,14 @@ class Facts:
             return hint(v.meta["val"])  # a size read off a tensor (sym_size): its example value
         t = self.value(v)
         if t is not None:
-            return t
+            return t.to(torch.float64)
         s = self.sp.spec(v)
         if s is None or not s.is_float:
             raise _NotFloat(v)
         if fill is None:
             out = torch.full(s.shape, float("nan"), dtype=torch.float64)
         else:
-            out = torch.randn(s.shape, dtype=torch.float64, generator=fill) * 4
+            out = torch.empty(s.shape, dtype=torch.float64).uniform_(-4.0, 4.0, generator=fill)
         f = self.get(v)
         if f:
             for d, df in enumerate(f):
@@ -351,15 +368,25 @@ def extract(t: torch.Tensor) -> list[DimFacts] | None:
     not recorded: arithmetic on it says nothing sound about a fold)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
         return None
-    t = t.detach().to(torch.float64)
-    out = []
-    for d in range(t.dim()):
-        flat = t.movedim(d, 0).reshape(t.shape[d], -1)
-        hi, lo = flat.amax(dim=1), flat.amin(dim=1)
-        known = (hi == lo) & torch.isfinite(hi)
-        out.append(DimFacts(known, torch.where(known, hi, torch.zeros_like(hi))))
-    return out
+    return _from_scan(scan(t))
 
+
+def _from_scan(s: Scan) -> list[DimFacts]:
+    return [DimFacts(*s.constant(d)) for d in range(len(s.lo))]
+
+
+def _view_dims(v: Node, rank: int) -> list[int]:
+    """For a view node of :data:`_VIEWS`: the source dim each of its dims is."""
+    dims = list(range(rank))
+    t = v.target
+    if t is torch.ops.aten.permute.default:
+        return [d % rank for d in v.args[1]]
+    if t in (torch.ops.aten.t.default, torch.ops.aten.numpy_T.default):
+        return dims[::-1]
+    if t is torch.ops.aten.transpose.int:
+        a, b = v.args[1] % rank, v.args[2] % rank
+        dims[a], dims[b] = dims[b], dims[a]
+    return dims
 
 
 @dataclass(frozen=True)

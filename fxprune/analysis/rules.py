@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
+from fxprune.analysis.scan import BLOCK_BYTES
 from fxprune.analysis.rule import DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval
 from fxprune.analysis.table import RULES
 from fxprune.graph.shapes import TensorSpec, node_spec
@@ -171,20 +172,33 @@ class Linear(Rule):
         sp.exit(x, r - 1, tolerates, op.describe() + ("" if foldable else " (computed weight or bias: folds only zeros)"))
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        """Output unit o is constant when its weights on every unknown input channel are zero; its value is the
+        bias plus its weights on the known channels times their constants. The weight is read in its own dtype,
+        and only the rows and columns that matter are converted to float64."""
         x, w, b, win = self.operands(op)
-        W = fx.tensor(w)
-        if W is None:
+        W = fx.value(w)
+        if W is None or not fx.finite(w):
             return None
-        W = W if win == 1 else W.t()
-        xf = fx.dim(x, -1)
-        unknown_dep = (W.abs() @ (~xf.known).to(torch.float64)) > 0
-        value = W @ xf.value
+        W = W if win == 1 else W.t()  # [out, in]
+        B = None
         if b is not None:
             B = fx.tensor(b)
             if B is None or B.dim() != 1:
                 return None
+        xf = fx.dim(x, -1)
+        if bool(xf.known.all()):
+            const = torch.ones(W.shape[0], dtype=torch.bool)
+        else:
+            const = fx.dim(w, 1 - win).zero()  # units whose weights are all zero
+            if bool(xf.known.any()):
+                const = const | ~_reads(W, (~xf.known).nonzero().flatten())
+        value = torch.zeros(W.shape[0], dtype=torch.float64)
+        rows, cols = const.nonzero().flatten(), (xf.known & (xf.value != 0)).nonzero().flatten()
+        if rows.numel() and cols.numel():
+            value[rows] = W.index_select(0, rows).index_select(1, cols).to(torch.float64) @ xf.value[cols]
+        if B is not None:
             value = value + B
-        return _out_facts(op, fx.sp, {len(_shape(fx.sp, op.node)) - 1: DimFacts(~unknown_dep, torch.where(unknown_dep, 0.0, value))})
+        return _out_facts(op, fx.sp, {len(_shape(fx.sp, op.node)) - 1: DimFacts(const, torch.where(const, value, 0.0))})
 
     def rewrite(self, op: Op, rw: Rewrite) -> None:
         x, w, b, win = self.operands(op)
@@ -193,10 +207,20 @@ class Linear(Rule):
         fold = removed & xf.known & (xf.value != 0)
         if not fold.any():
             return
-        W = rw.facts.tensor(w)
+        W = rw.facts.value(w)
         W = W if win == 1 else W.t()
-        delta = W[:, fold] @ xf.value[fold]
+        idx = fold.nonzero().flatten()
+        delta = W.index_select(1, idx).to(torch.float64) @ xf.value[idx]
         rw.add_to_bias(op, b, 0 if op.target is aten.addmm.default else 2, "bias", delta, out_dim=-1)
+
+
+def _reads(W: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Per row of ``W``: whether any of its entries in columns ``cols`` is nonzero (read in row blocks, so the
+    gathered columns never take more than a block of memory)."""
+    if W.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    step = max(1, BLOCK_BYTES // max(1, cols.numel() * W.element_size()))
+    return torch.cat([(W[i:i + step].index_select(1, cols) != 0).any(dim=1) for i in range(0, W.shape[0], step)])
 
 
 class Conv(Rule):

@@ -2,16 +2,15 @@
 
 ``method="auto"`` tries ``torch.fx.symbolic_trace`` (module-level graphs, readable node names) and falls
 back to ``torch.export.export(..., strict=False).module()`` (ATen-level graphs; works on nearly every
-model, HF transformers included). Either way every node ends annotated with ``meta["val"]`` and the
-captured graph is checked to reproduce the model's output on the example inputs.
+model, HF transformers included). Either way every node ends annotated with ``meta["val"]``. A symbolic trace
+is checked to reproduce the model's output on the example inputs here; an exported graph is checked end to end,
+through the result of the pass that uses it (:mod:`fxprune.graph.origin`).
 """
 from __future__ import annotations
 
 import copy
 import operator
 import traceback
-import weakref
-import zlib
 from typing import Any, Literal, Sequence
 
 import torch
@@ -20,19 +19,18 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from fxprune.analysis.scan import scan
 from fxprune.compare import compare, first_failure, precision_of, rtol_for
 from fxprune.errors import CaptureError, InputError, UnsupportedError
-from fxprune.graph.rebuild import get_attr, graph_module
+from fxprune.graph.rebuild import graph_module
+from fxprune.graph.origin import record, run
 from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, from_graph, resize, static_dims
 from fxprune.graph.shapes import annotate, is_annotated
 from fxprune.interop.masks import unmasked
 
-__all__ = ["capture", "as_inputs", "check_weights", "on_meta", "graph_outputs", "EXAMPLE_INPUTS_KEY"]
+__all__ = ["capture", "as_inputs", "check_weights", "on_meta", "EXAMPLE_INPUTS_KEY"]
 
 EXAMPLE_INPUTS_KEY = "fxprune_example_inputs"
-# Per captured GraphModule: (fingerprint, outputs) of the run that checked the capture. Keyed by the object, not
-# kept in gm.meta, so the modules passes derive from it (which copy meta) never carry a reference that cannot apply.
-_REFERENCES: "weakref.WeakKeyDictionary[GraphModule, tuple[Any, Any]]" = weakref.WeakKeyDictionary()
 Method = Literal["auto", "symbolic", "export"]
 BATCH = "batch"  # capture's default dynamic_shapes: the batch dim dynamic wherever the model allows it
 
@@ -67,77 +65,28 @@ def check_weights(m: nn.Module, what: str) -> None:
                 f"'{name}' is on the meta device (no values): {what} needs real weights. fp.capture and fp.analyze "
                 "work on meta models; materialize the weights first, e.g. model.to_empty(device='cpu') and "
                 "model.load_state_dict(...)")
-        if not t.is_floating_point():
+        if not t.is_floating_point() or t.numel() == 0:
             continue
-        if name in params and not bool(torch.isfinite(t).all()):
+        s = scan(t if t.dim() else t.reshape(1), keep=t.dim() > 0)  # one read, kept for the analysis
+        if name in params and not s.finite:
             raise UnsupportedError(f"'{name}' holds NaN or Inf values: fix or re-initialize it before {what}")
-        if bool(torch.isnan(t).any()):
+        if s.has_nan:
             raise UnsupportedError(f"buffer '{name}' holds NaN values: fix or re-initialize it before {what}")
 
 
 def _run(model: Any, inputs: tuple[Any, ...], what: str) -> Any:
-    try:
-        with torch.no_grad():
-            return model(*inputs)
-    except Exception as e:  # the model rejected the inputs
-        shapes = ", ".join(f"{tuple(x.shape)}:{x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
-        raise InputError(
-            f"{what} failed on the example inputs ({shapes}): {type(e).__name__}: {e}. "
-            "Pass inputs of the shapes and dtypes the model's forward expects."
-        ) from e
+    return run(model, inputs, what, "the example inputs")
 
 
-def _digest(t: torch.Tensor) -> tuple[Any, ...]:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return (tuple(t.shape), t.dtype, zlib.crc32(memoryview(flat.view(torch.uint8).numpy())))
-
-
-def _fingerprint(gm: GraphModule, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """Everything a GraphModule's output on ``inputs`` depends on: its code, the bytes of every tensor it holds,
-    its modules' modes and settings, the inputs. None when that cannot be read (meta tensors, other inputs)."""
-    if any(not isinstance(x, (torch.Tensor, int, float, bool, str, type(None))) for x in inputs):
-        return None
-    tensors = [(n, t) for n, t in list(gm.named_parameters(remove_duplicate=False))
-               + list(gm.named_buffers(remove_duplicate=False))]
-    held = {n for n, _ in tensors}
-    tensors += [(n.target, t) for n in gm.graph.nodes if n.op == "get_attr" and n.target not in held
-                and isinstance(t := get_attr(gm, n.target), torch.Tensor)]
-    if any(t.device.type == "meta" for _, t in tensors) or any(
-            isinstance(x, torch.Tensor) and x.device.type == "meta" for x in inputs):
-        return None
-    modules = tuple((name, type(m).__name__, m.training, m.extra_repr()) for name, m in gm.named_modules())
-    try:
-        return (gm.code, modules, tuple((n, _digest(t)) for n, t in tensors),
-                tuple(_digest(x) if isinstance(x, torch.Tensor) else (type(x), x) for x in inputs))
-    except (RuntimeError, TypeError):  # bytes not readable (sparse, quantized, ...): never reuse
-        return None
-
-
-def _remember(gm: GraphModule, inputs: tuple[Any, ...], outputs: Any) -> None:
-    key = _fingerprint(gm, inputs)
-    if key is not None:
-        _REFERENCES[gm] = (key, outputs)
-
-
-def graph_outputs(gm: GraphModule, inputs: tuple[Any, ...]) -> Any:
-    """``gm(*inputs)`` without gradients; the run that checked the capture is reused while nothing it depends on
-    changed (code, tensor bytes, module modes, inputs: :func:`_fingerprint`), so a capture followed by a pass's
-    self-check runs the captured graph once."""
-    cached = _REFERENCES.get(gm)
-    if cached is not None and cached[0] == _fingerprint(gm, inputs):
-        return cached[1]
-    return _run(gm, inputs, "the GraphModule")
-
-
-def _check_reproduces(gm: GraphModule, inputs: tuple[Any, ...], reference: Any, what: str, failure: str) -> None:
-    """Run ``gm`` (``what``) and raise ``RuntimeError(failure)`` unless it gives ``reference``; the run is kept for
-    :func:`graph_outputs`. Nothing to compare on the meta device (``reference`` is None)."""
+def _check_reproduces(gm: GraphModule, model: nn.Module, inputs: tuple[Any, ...], reference: Any, what: str,
+                      failure: str) -> None:
+    """Run ``gm`` (``what``) and raise ``RuntimeError(failure)`` unless it gives ``reference``, the model's outputs.
+    Nothing to compare on the meta device (``reference`` is None)."""
     if reference is None:
         return
-    out = _run(gm, inputs, what)
-    if not _same_outputs(reference, out, gm):
+    if not _same_outputs(reference, _run(gm, inputs, what), gm):
         raise RuntimeError(failure)
-    _remember(gm, inputs, out)
+    record(gm, model, inputs, reference, checked=True)
 
 
 def _same_outputs(a: Any, b: Any, gm: GraphModule) -> bool:
@@ -220,7 +169,10 @@ def _check_inplace(gm: GraphModule) -> None:
                 "read elsewhere or may alias another tensor; symbolic tracing cannot record that")
 
 
-def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any) -> GraphModule:
+def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any,
+              check: bool = True) -> GraphModule:
+    """Symbolic tracing, always checked against the model: a trace can bake in control flow, and ``method="auto"``
+    moves on to torch.export when the check fails."""
     if not _is_batch(dynamic_shapes) and dynamic_shapes is not None:
         raise CaptureError("dynamic_shapes is torch.export's spec: use method='export' (or 'auto') with it")
     tracer = torch.fx.Tracer()
@@ -236,19 +188,23 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic
         dims = static_dims(inputs)
         ShapeProp(gm).propagate(*inputs)
     gm.meta[DYNAMIC_KEY] = dims
-    _check_reproduces(gm, inputs, reference, "the symbolically traced graph",
+    _check_reproduces(gm, model, inputs, reference, "the symbolically traced graph",
                       "the symbolic trace does not reproduce the model's outputs (control flow baked in?)")
     return gm
 
 
-def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any) -> GraphModule:
+def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any,
+            check: bool = False) -> GraphModule:
     if _is_batch(dynamic_shapes):
         ep = _export_batch(model, inputs)
     else:
         ep = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     gm = _program_module(ep, inputs)
-    _check_reproduces(gm, inputs, reference, "the exported graph",
-                      "the exported graph does not reproduce the model's outputs")
+    if check:
+        _check_reproduces(gm, model, inputs, reference, "the exported graph",
+                          "the exported graph does not reproduce the model's outputs")
+    elif reference is not None:  # checked end to end by the first pass that checks its result (origin.py)
+        record(gm, model, inputs, reference, checked=False)
     return gm
 
 
@@ -281,7 +237,8 @@ def _program_module(ep: torch.export.ExportedProgram, inputs: tuple[Any, ...]) -
     return gm
 
 
-def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic_shapes: Any = BATCH) -> GraphModule:
+def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic_shapes: Any = BATCH,
+            check: bool = False) -> GraphModule:
     """Capture ``model`` as a GraphModule whose every node carries its shape and dtype.
 
     ``dynamic_shapes`` is torch.export's spec (``Dim``, ``Dim.AUTO``/``Dim.DYNAMIC``, nested like the inputs) and
@@ -291,6 +248,11 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
     static shapes. The inputs' dims are kept in ``gm.meta["fxprune_input_dims"]``
     (:class:`~fxprune.graph.dynamic.InputDims`): passes check their results at several shapes of that range and
     an ``ExportedProgram`` result is exported with them again.
+
+    What is checked: a symbolic trace is always run and compared with the model (it can bake in control flow, and
+    ``"auto"`` then moves on to torch.export). An exported graph is not run here: ``minimize`` compares its result
+    with the model end to end and runs the captured graph only when that fails, to say which step is at fault
+    (:mod:`fxprune.graph.origin`). ``check=True`` runs and compares the exported graph now (one forward).
 
     >>> import torch, fxprune as fp
     >>> gm = fp.capture(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()), (torch.randn(2, 4),))
@@ -304,7 +266,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
     inputs = as_inputs(example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
         gm = _program_module(model, inputs)
-        _remember(gm, inputs, _run(gm, inputs, "the exported program"))
+        record(gm, gm, inputs, _run(gm, inputs, "the exported program"), checked=True)
         gm.meta[EXAMPLE_INPUTS_KEY] = inputs
         return gm
     if isinstance(model, nn.Module):
@@ -314,7 +276,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
         _check_inplace(model)
         if not is_annotated(model) or DYNAMIC_KEY not in model.meta:  # annotate a copy: never the caller's nodes
             model = _annotated_copy(model, inputs, dynamic_shapes)
-        _remember(model, inputs, out)
+        record(model, model, inputs, out, checked=True)
         model.meta[EXAMPLE_INPUTS_KEY] = inputs
         return model
     if not isinstance(model, nn.Module):
@@ -329,7 +291,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
     failures: list[str] = []
     for name in order:
         try:
-            gm = tracers[name](model, inputs, reference, dynamic_shapes)
+            gm = tracers[name](model, inputs, reference, dynamic_shapes, check)
         except InputError:
             raise
         except Exception as e:

@@ -57,20 +57,17 @@ class InputDims:
 
     def check_points(self, budget: float = 8.0) -> list[dict[str, int]]:
         """Symbol values to check a rewrite at: the example's, every symbol at its low end (1 where the range
-        starts at 2: torch.export's 0/1 specialization is not a runtime guard), every symbol at its high end (its
-        upper bound when that keeps the inputs within ``budget`` times the example's size, else about twice the
-        example). Only distinct points."""
+        starts at 2: torch.export's 0/1 specialization is not a runtime guard), every symbol at its high end: its
+        upper bound when that keeps the inputs within ``budget`` times the example's size, else the next size
+        above the example (a size written into the graph shows at any other size, and this one costs least).
+        Only distinct points."""
         if not self.dynamic:
             return [dict(self.hints)]
         low = {s: max(1, lo - 1) if lo == 2 else max(lo, 1) for s, (lo, _) in self.ranges.items()}
         high = {}
         for s, (lo, hi) in self.ranges.items():
             h = self.hints[s]
-            big = max(2 * h + 1, h + 3)
-            if hi is not None and hi <= budget * max(h, 1):
-                big = hi
-            elif hi is not None:
-                big = min(big, hi)
+            big = hi if hi is not None and hi <= budget * max(h, 1) else h + 1
             high[s] = max(big, lo)
         points: list[dict[str, int]] = []
         for p in (dict(self.hints), low, high):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,12 +33,15 @@ def _kind(gm: nn.Module, target: str) -> str:
     return "buffer"
 
 
-def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor], buffers: set[str] = frozenset()) -> GraphModule:
-    """A GraphModule running ``graph``; get_attr targets come from ``tensors`` (new values) or are copied
-    from ``old``; call_module targets are deep-copied from ``old``. The result shares no storage with ``old``.
-    Targets bound to one tensor (tied weights) stay bound to one parameter. Parameters, buffers and plain tensor
-    attributes (constants, not in the state dict) keep their kind. New targets become parameters, except those
-    named in ``buffers``."""
+def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor], buffers: set[str] = frozenset(),
+            copy_if: Callable[[torch.Tensor], bool] | None = None) -> GraphModule:
+    """A GraphModule running ``graph``; get_attr targets come from ``tensors`` or from ``old``; call_module targets
+    are deep-copied from ``old``. A tensor of ``old`` (taken from it, or passed in ``tensors`` unchanged) is copied
+    where ``copy_if(tensor)`` says so (default: always, so the result shares no storage with ``old``) and shared,
+    the same object, elsewhere; any other tensor in ``tensors`` is a new value, owned by the caller, and is used as
+    it is. Targets bound to one tensor (tied weights) stay bound to one parameter. Parameters, buffers and plain
+    tensor attributes (constants, not in the state dict) keep their kind. New targets become parameters, except
+    those named in ``buffers``."""
     root = nn.Module()
     made: dict[int, torch.Tensor] = {}
     for node in graph.nodes:
@@ -63,13 +66,19 @@ def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor], bu
         if not isinstance(value, torch.Tensor):
             setattr(owner, name, copy.deepcopy(value))
             continue
+        mine = _has(old, node.target) and get_attr(old, node.target) is value  # else a new value from the caller
+        clone = mine and (copy_if is None or copy_if(value))
         if id(value) in made:
             new = made[id(value)]
         elif kind == "param":
             requires_grad = getattr(src, "requires_grad", True) if src is not None else _requires_grad(old, node.target)
-            new = nn.Parameter(value.detach().clone(), requires_grad=requires_grad and value.is_floating_point())
+            requires_grad = requires_grad and value.is_floating_point()
+            if not clone and isinstance(value, nn.Parameter) and value.requires_grad == requires_grad:
+                new = value
+            else:
+                new = nn.Parameter(value.detach().clone() if clone else value.detach(), requires_grad=requires_grad)
         else:
-            new = value.detach().clone()
+            new = value.detach().clone() if clone else value if mine else value.detach()
         made[id(value)] = new
         if kind == "constant":
             setattr(owner, name, new)

@@ -21,7 +21,8 @@ from fxprune.analysis.groups import Analysis
 from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, SizeArg, aligned_dim
 from fxprune.compare import compare, first_failure, precision_of, rtol_for
 from fxprune.errors import EquivalenceError, InputError, UnsupportedError
-from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_weights, graph_outputs
+from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_weights
+from fxprune.graph.origin import blame_capture, fresh_outputs, reference_outputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
 from fxprune.graph.rebuild import get_attr, graph_module, new_graph_like, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
@@ -29,7 +30,7 @@ from fxprune.passes.lower import lower_modules
 from fxprune.graph.exported import exported_io
 from fxprune.verify import random_inputs
 
-__all__ = ["minimize", "MinimizeOptions", "ShapeCheck", "NothingRemovedWarning", "CHECKS_KEY", "KEPT_KEY"]
+__all__ = ["minimize", "self_check", "MinimizeOptions", "ShapeCheck", "NothingRemovedWarning", "CHECKS_KEY", "KEPT_KEY"]
 
 aten = torch.ops.aten
 CHECKS_KEY = "fxprune_checks"  # result meta: the self-check's ShapeChecks
@@ -244,7 +245,7 @@ class Rewriter:
                         prev = kept[node.target] = [None] * t.dim()
                     prev[d] = idx if prev[d] is None else prev[d][idx]  # indices into the original tensor
             tensors[node.target] = by_key[key] = t
-        out = rebuild(self.gm, self.graph, tensors, self.buffers)
+        out = rebuild(self.gm, self.graph, tensors, self.buffers, copy_if=lambda t: False)  # see minimize: _detach
         out.meta[KEPT_KEY] = kept
         out.graph.lint()
         annotate(out, placeholder_inputs(out), out.meta.get(DYNAMIC_KEY))
@@ -283,21 +284,22 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     check_weights(gm, "minimize")
     work = work_ref = _prepare(gm, inputs)
     work.meta.pop(KEPT_KEY, None)  # (a previous minimize's: indices here are into this call's input)
-    for i in range(opts.max_iterations):
-        an = Analysis(work, dict(opts.keep))
-        keep = an.removable()
-        if not keep:
-            if i == 0:
-                _warn_opaque(an)
-            break
-        work = Rewriter(work, an, keep).run()
-    else:  # pragma: no cover - would need > max_iterations cascades
-        raise EquivalenceError(f"minimize did not reach a fixed point in {opts.max_iterations} iterations")
-    result = work if _owns(work, gm) else rebuild(work, work.graph, {})
+    with torch.no_grad():
+        for i in range(opts.max_iterations):
+            an = Analysis(work, dict(opts.keep))
+            keep = an.removable()
+            if not keep:
+                if i == 0:
+                    _warn_opaque(an)
+                break
+            work = Rewriter(work, an, keep).run()
+        else:  # pragma: no cover - would need > max_iterations cascades
+            raise EquivalenceError(f"minimize did not reach a fixed point in {opts.max_iterations} iterations")
+    result = _detach(work, gm)
     if opts.verify:
         if inputs is None:
             inputs = random_inputs(placeholder_inputs(result), torch.Generator().manual_seed(0))
-        result.meta[CHECKS_KEY] = _self_check(gm, result, inputs, opts, work_ref.meta.get(DYNAMIC_KEY))
+        result.meta[CHECKS_KEY] = self_check(gm, result, inputs, opts, work_ref.meta.get(DYNAMIC_KEY))
     return result
 
 
@@ -319,38 +321,61 @@ def _warn_opaque(an: Analysis) -> None:
                       "group and why it is frozen)", NothingRemovedWarning, stacklevel=3)
 
 
-def _owns(work: GraphModule, gm: GraphModule) -> bool:
-    """True when ``work`` shares no parameter storage with ``gm`` (it was rebuilt at least once)."""
-    mine = {t.data_ptr() for t in list(gm.parameters()) + list(gm.buffers()) if t.numel()}
-    return not any(t.data_ptr() in mine for t in list(work.parameters()) + list(work.buffers()) if t.numel())
+def _detach(work: GraphModule, gm: GraphModule) -> GraphModule:
+    """``work`` with a copy of every tensor it still shares with the input ``gm`` (and so with the user's model):
+    the rewrite shares unchanged tensors between its iterations, and copies each of them once, here."""
+    def storages(m: GraphModule) -> set[int]:
+        ts = list(m.parameters()) + list(m.buffers())
+        ts += [t for n in m.graph.nodes if n.op == "get_attr" and isinstance(t := get_attr(m, n.target), torch.Tensor)]
+        return {t.untyped_storage().data_ptr() for t in ts if t.numel()}
+
+    theirs = storages(gm)
+    if not theirs & storages(work):
+        return work
+    return rebuild(work, work.graph, {}, copy_if=lambda t: t.numel() > 0 and t.untyped_storage().data_ptr() in theirs)
 
 
-def _self_check(ref: GraphModule, new: GraphModule, inputs: tuple[Any, ...], opts: MinimizeOptions,
-                dims: Any) -> list[ShapeCheck]:
-    """Compare ``new`` with ``ref`` at the example inputs and at the other check points of the inputs' dynamic
-    dims (their low and high ends: :meth:`InputDims.check_points`); raise :class:`EquivalenceError` at the first
-    shape where they differ. Shapes ``ref`` itself rejects are skipped. Returns what was checked."""
+def self_check(ref: GraphModule, new: Any, inputs: tuple[Any, ...], opts: MinimizeOptions | None = None,
+               dims: Any = None) -> list[ShapeCheck]:
+    """Compare ``new`` with the model ``ref`` was captured from (end to end: :func:`reference_outputs`) at the
+    example inputs and at the other check points of the inputs' dynamic dims (their low and high ends:
+    :meth:`InputDims.check_points`); raise at the first shape where they differ: :class:`CaptureError` when the
+    captured graph itself already differs there (:func:`blame_capture`), else :class:`EquivalenceError`. Shapes
+    the model or the captured graph rejects are skipped. Returns what was checked."""
+    opts = opts or MinimizeOptions()
+    dims = dims if dims is not None else ref.meta.get(DYNAMIC_KEY)
     precision = precision_of(ref)
     rtol = opts.rtol if opts.rtol is not None else rtol_for(precision)
+
+    def same(a: Any, b: Any) -> bool:
+        return first_failure(compare(a, b), rtol) is None
+
     checked: list[ShapeCheck] = []
     for xs in shaped_inputs(dims, inputs):
         where = f"at input shapes ({shape_str(xs)})"
-        if xs is inputs:
-            out = graph_outputs(ref, inputs)
-        else:
-            try:
-                with torch.no_grad():
-                    out = ref(*xs)
-            except Exception:  # a shape the input graph itself does not take: nothing to compare
-                continue
+        try:
+            out = reference_outputs(ref, xs)
+        except InputError:
+            if xs is inputs:
+                raise
+            continue  # a shape the model does not take: nothing to compare
         try:
             with torch.no_grad():
                 got = new(*xs)
         except Exception as e:
+            if xs is not inputs and not _runs(ref, xs):
+                continue  # the captured graph's own range ends before this shape
+            blame_capture(ref, xs, out, same)
             raise EquivalenceError(f"minimize's result does not run {where}, where its input does: "
                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; nothing returned") from e
         diffs = compare(out, got)
         bad = first_failure(diffs, rtol)
+        if bad is not None:  # confirm with the model run now (a record made stale by a write it cannot see)
+            out = fresh_outputs(ref, xs)
+            diffs = compare(out, got)
+            bad = first_failure(diffs, rtol)
+        if bad is not None:
+            blame_capture(ref, xs, out, same)
         if bad is not None and bad.problem is not None:
             raise EquivalenceError(f"minimize changed output {bad.index} {where} ({bad.problem}); nothing returned")
         if bad is not None:
@@ -362,3 +387,12 @@ def _self_check(ref: GraphModule, new: GraphModule, inputs: tuple[Any, ...], opt
         worst = max((d.max_rel for d in diffs), default=0.0)
         checked.append(ShapeCheck(shape_str(xs), worst))
     return checked
+
+
+def _runs(gm: GraphModule, xs: tuple[Any, ...]) -> bool:
+    try:
+        with torch.no_grad():
+            gm(*xs)
+        return True
+    except Exception:
+        return False
