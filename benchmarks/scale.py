@@ -62,11 +62,11 @@ def build(name: str, dtype: Any, device: str) -> Any:
                 p.fill_(1.0)
             else:
                 p.uniform_(-0.02, 0.02, generator=g)
-        for mod in model.modules():  # rotary inv_freq: a non-persistent buffer, recomputed by the config
-            if hasattr(mod, "inv_freq") and hasattr(mod, "rope_init_fn"):
-                inv, _ = mod.rope_init_fn(mod.config, torch.device("cpu"))
-                mod.inv_freq = inv
-                mod.original_inv_freq = inv
+        for mod in model.modules():  # rotary inv_freq: a non-persistent buffer, computed from the config
+            if hasattr(mod, "inv_freq") and hasattr(mod, "compute_default_rope_parameters"):
+                inv, _ = mod.compute_default_rope_parameters(mod.config)
+                mod.inv_freq.copy_(inv)
+                mod.original_inv_freq.copy_(inv)
         plant(model, g)
     return model
 

@@ -81,13 +81,22 @@ def compare(a: Any, b: Any) -> list[OutputDiff]:
         elif x.numel() == 0 or x.device.type == "meta":
             out.append(OutputDiff(i, 0.0, 0.0))
         else:
-            xd, yd = x.detach().double(), y.detach().double()
-            equal = (xd == yd) | (torch.isnan(xd) & torch.isnan(yd))
-            err = torch.where(equal, 0.0, (xd - yd).abs()).max().item()
-            finite = xd[torch.isfinite(xd)]
-            scale = finite.abs().max().item() if finite.numel() else 0.0
+            xd, yd = _wide(x, y), _wide(y, x)
+            diff = (xd - yd).abs()
+            if bool(diff.isnan().any()):  # NaN where both are NaN, or equal infinities, is no difference
+                equal = (xd == yd) | (torch.isnan(xd) & torch.isnan(yd))
+                diff = torch.where(equal, 0.0, diff)
+            err = float(diff.max())
+            scale = float(xd.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())  # largest finite |reference|
             out.append(OutputDiff(i, err, err / scale if scale > 0 else err))
     return out
+
+
+def _wide(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``x`` in the wider of the two dtypes, at least float32 (a difference of two float32 values is exact in
+    float32 when they are close, and half types are widened exactly)."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, other.dtype), torch.float32)
+    return x.detach().to(dtype)
 
 
 def first_failure(diffs: list[OutputDiff], rtol: float) -> OutputDiff | None:
