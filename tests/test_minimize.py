@@ -5,6 +5,7 @@ from torch import nn
 import fxprune as fp
 from fxprune.analysis import rules as R
 from conftest import n_params, snapshot
+from fxprune.graph.rebuild import get_attr
 from fxprune.zoo import build
 
 ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "leaky": nn.LeakyReLU}
@@ -201,6 +202,31 @@ def test_idempotent_and_pure():
     with torch.no_grad():  # the result shares no storage with its input
         next(iter(once.parameters())).add_(1.0)
     assert snapshot(masked) == before_masked
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("dead", [True, False])
+def test_the_result_shares_no_storage_with_the_input(method, dead):
+    """Rewrite iterations share the tensors they do not change; every one of them is copied before minimize
+    returns, so training the result never writes into the user's model (nothing removed: all are copied)."""
+    model = mlp("relu")
+    if dead:
+        plant_mlp(model)
+    before = snapshot(model)
+    gm = fp.capture(model, (torch.randn(6, 12),), method=method)
+    small = fp.minimize(gm)
+    assert (n_params(small) < n_params(model)) == dead
+
+    def storages(m):
+        ts = list(m.parameters()) + list(m.buffers())
+        ts += [get_attr(m, n.target) for n in m.graph.nodes if n.op == "get_attr"] if isinstance(m, torch.fx.GraphModule) else []
+        return {t.untyped_storage().data_ptr() for t in ts if isinstance(t, torch.Tensor) and t.numel()}
+
+    assert not storages(small) & (storages(model) | storages(gm))
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(1.0)
+    assert snapshot(model) == before
 
 
 def test_sabotaged_rule_cannot_escape(monkeypatch):

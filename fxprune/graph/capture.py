@@ -9,6 +9,7 @@ through the result of the pass that uses it (:mod:`fxprune.graph.origin`).
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import traceback
 from typing import Any, Literal, Sequence
@@ -169,8 +170,7 @@ def _check_inplace(gm: GraphModule) -> None:
                 "read elsewhere or may alias another tensor; symbolic tracing cannot record that")
 
 
-def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any,
-              check: bool = True) -> GraphModule:
+def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any) -> GraphModule:
     """Symbolic tracing, always checked against the model: a trace can bake in control flow, and ``method="auto"``
     moves on to torch.export when the check fails."""
     if not _is_batch(dynamic_shapes) and dynamic_shapes is not None:
@@ -194,7 +194,7 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any,
-            check: bool = False) -> GraphModule:
+            check: bool) -> GraphModule:
     if _is_batch(dynamic_shapes):
         ep = _export_batch(model, inputs)
     else:
@@ -285,13 +285,13 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
     # A model on the meta device has shapes but no values: it is traced (fake tensors) but not run; its graph is
     # good for analysis, and the passes that need weights say so.
     reference = None if on_meta(model, *inputs) else _run(model, inputs, "the model")
-    tracers = {"symbolic": _symbolic, "export": _export}
+    tracers = {"symbolic": _symbolic, "export": functools.partial(_export, check=check)}
     explicit = not _is_batch(dynamic_shapes) and dynamic_shapes is not None
     order = (["export"] if explicit else ["symbolic", "export"]) if method == "auto" else [method]
     failures: list[str] = []
     for name in order:
         try:
-            gm = tracers[name](model, inputs, reference, dynamic_shapes, check)
+            gm = tracers[name](model, inputs, reference, dynamic_shapes)
         except InputError:
             raise
         except Exception as e:
