@@ -4,23 +4,34 @@ Each cycle masks gradually (masks held while the user's ``train`` fine-tunes), m
 zeros left inside the kept tensors and fine-tunes again. Both the minimized model and the released, fine-tuned one
 (same size) are candidates; the better one is the cycle's model. Successive cycles find
 structure a single pass cannot: the released capacity trains into a shape the next mask can cut along.
+
+With ``checkpoint_dir`` every complete cycle is written to disk (:mod:`fxprune.interop.checkpoint`) and
+``resume=True`` continues from the last one; under ``torch.distributed`` the ranks stay on rank 0's model
+(:mod:`fxprune.interop.distributed`). Every object that goes from one cycle to the next is rebuilt from the
+previous minimized graph and a recorded state (:func:`_rebuilt`), on the uninterrupted path as on the resumed one,
+so that both compute the same thing.
 """
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
+import torch
 from torch import nn
 from torch.fx import GraphModule
+from torch.nn.parallel import DistributedDataParallel
 
-from fxprune.errors import InputError
+from fxprune.errors import CheckpointError, InputError
 from fxprune.graph.capture import as_inputs, capture
-from fxprune.passes.mask import MASKS_KEY, bake_masks, hold_masks, mask, sparsity_schedule
+from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
+from fxprune.interop.distributed import Ranks
+from fxprune.passes.mask import MASKS_KEY, bake_masks, hold_masks, mask, prunable, sparsity_schedule
 from fxprune.passes.minimize import minimize
-from fxprune.passes.release import release
+from fxprune.passes.release import release as release_zeros
 from fxprune.verify import _flops, count_params
 
 __all__ = ["squeeze_release", "SqueezeReleaseResult"]
@@ -61,15 +72,54 @@ def _progress(progress: bool | Callable[[str], None]) -> Callable[[str], None]:
 
 def _call_train(train: Callable[[nn.Module], Any], m: nn.Module) -> nn.Module:
     out = train(m)
+    if isinstance(out, DistributedDataParallel):
+        out = out.module
     return out if isinstance(out, nn.Module) else m
+
+
+State = dict[str, torch.Tensor]
+
+
+def _state(m: nn.Module) -> State:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _modes(m: nn.Module) -> dict[str, bool]:
+    return {name: mod.training for name, mod in m.named_modules()}
+
+
+def _rebuilt(struct: GraphModule, state: State, modes: dict[str, bool],
+             masks: dict[str, torch.Tensor] | None = None) -> GraphModule:
+    """A copy of ``struct`` holding ``state``'s values, in ``modes``, with ``masks`` recorded (or none)."""
+    out = copy.deepcopy(struct)
+    out.meta = {k: v for k, v in struct.meta.items() if k != MASKS_KEY}
+    if masks:
+        out.meta[MASKS_KEY] = dict(masks)
+    have = out.state_dict()
+    if set(have) != set(state) or any(have[k].shape != state[k].shape for k in state):
+        raise CheckpointError("the recorded tensors do not fit the rebuilt graph (names or shapes differ): the "
+                              "checkpoint was written by another version of fxprune or for another model")
+    with torch.no_grad():
+        for k, v in state.items():
+            have[k].copy_(v)
+    for name, mod in out.named_modules():
+        if name in modes:
+            mod.training = modes[name]
+    return out
+
+
+def _settings(**kw: Any) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kw.items()}
 
 
 def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: Callable[[nn.Module], Any],
                     evaluate: Callable[[nn.Module], float], cycles: int = 3,
                     sparsity: float | Sequence[float] | Callable[[int], float] = 0.8, mask_steps: int = 4,
                     scope: Literal["global", "layer"] = "global", include: Sequence[str] | None = None,
-                    exclude: Sequence[str] | None = None, release_scale: float = 0.01, tolerance: float = 0.01,
-                    seed: int = 0, verify: bool = True, progress: bool | Callable[[str], None] = True) -> SqueezeReleaseResult:
+                    exclude: Sequence[str] | None = None, release_scale: float = 0.01, release: bool = True,
+                    tolerance: float = 0.01, seed: int = 0, verify: bool = True,
+                    progress: bool | Callable[[str], None] = True, checkpoint_dir: str | os.PathLike | None = None,
+                    resume: bool = False) -> SqueezeReleaseResult:
     """Run ``cycles`` of mask -> fine-tune -> minimize -> release -> fine-tune.
 
     ``train(module)`` fine-tunes in place (it may wrap the module in DistributedDataParallel; the masks are
@@ -78,8 +128,18 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     a number, one per cycle, or a function of the cycle index; within a cycle it is reached over ``mask_steps``
     masking steps on a cubic schedule, each followed by ``train``. After ``minimize``, the zeros left are
     released and ``train`` runs again; the cycle's model is the more accurate of the minimized and the released
-    one (both have the same parameters). Returns the smallest cycle model whose accuracy is within ``tolerance``
-    of the dense model's (or the dense capture), and the per-cycle history.
+    one (both have the same parameters). ``release=False`` is the ablation: the zeros left stay held at zero
+    during that fine-tune (same training, no released capacity). Returns the smallest cycle model whose accuracy
+    is within ``tolerance`` of the dense model's (or the dense capture), and the per-cycle history.
+
+    ``checkpoint_dir`` writes every complete cycle there (safetensors + JSON: the weights, the masks, the
+    history, every RNG state, the global torch RNG included); ``resume=True`` continues from the last complete
+    cycle (or starts, when the directory holds none) and ends with the same model, bit for bit, as an
+    uninterrupted run, provided ``train`` and ``evaluate`` draw randomness only from the global RNGs (torch,
+    Python, NumPy) or from state of their own that the caller restores. A checkpoint of another model, of other
+    settings, or a damaged one raises :class:`~fxprune.errors.CheckpointError`. Under ``torch.distributed`` the
+    ranks run the passes on rank 0's weights and decide on rank 0's accuracies
+    (:mod:`fxprune.interop.distributed`).
     """
     if not isinstance(cycles, int) or cycles < 1:
         raise InputError(f"cycles must be a positive integer, got {cycles!r}")
@@ -87,16 +147,46 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         raise InputError(f"mask_steps must be a positive integer, got {mask_steps!r}")
     if not callable(train) or not callable(evaluate):
         raise InputError("train and evaluate must be callables taking the module")
-    say = _progress(progress)
+    if resume and checkpoint_dir is None:
+        raise InputError("resume=True needs checkpoint_dir: the directory an earlier run wrote its cycles to")
+    ranks = Ranks()
+    say = _progress(progress) if ranks.rank == 0 else _progress(False)
     inputs = as_inputs(example_inputs)
     target = sparsity if callable(sparsity) else (lambda c: sparsity[c]) if isinstance(sparsity, Sequence) else (lambda c: sparsity)
     gm = capture(model, inputs)
-    dense = dict(params=count_params(gm), flops=_flops(gm, inputs), accuracy=float(evaluate(gm)))
+    settings = _settings(mask_steps=mask_steps, scope=scope, include=include, exclude=exclude,
+                         release_scale=release_scale, release=release, tolerance=tolerance, seed=seed)
+    ckpt = CycleCheckpoint(checkpoint_dir, ranks.rank, ranks.barrier) if checkpoint_dir is not None else None
+    dense, done = None, []
+    if ckpt is not None:
+        dense, done = _open(ckpt, gm, inputs, settings, ranks.world, resume)
+    if dense is None:
+        dense = dict(params=count_params(gm), flops=_flops(gm, inputs), accuracy=ranks.broadcast_float(float(evaluate(gm))))
+        if ckpt is not None:
+            ckpt.start(dict(fingerprint=fingerprint(gm.state_dict(), inputs), settings=settings, dense=dense,
+                            world=ranks.world))
     say(f"dense: {dense['params']:,} params, accuracy {dense['accuracy']:.4f}")
     history: list[dict[str, Any]] = []
     best, best_cycle, best_params = gm, None, dense["params"]
-    work = gm
-    for c in range(cycles):
+    struct, work = gm, gm
+    if done:  # rebuild the graphs of the complete cycles by re-running minimize on their recorded inputs
+        for j in done:
+            say(f"resume: rebuilding cycle {j}/{len(done)} from {checkpoint_dir}")
+            groups, st, rng = ckpt.read(j)
+            if st["row"]["sparsity"] != float(target(j - 1)):
+                raise CheckpointError(f"cycle {j} ran at sparsity {st['row']['sparsity']}, this call asks for "
+                                      f"{float(target(j - 1))}: resume with the same sparsity schedule")
+            pre = _rebuilt(struct, groups["pre"], st["pre_modes"], groups.get("mask", {}))
+            struct = ranks.run_all(lambda: minimize(pre, inputs, verify=verify and ranks.rank == 0), "minimize")
+            if {k: list(v.shape) for k, v in struct.state_dict().items()} != st["shapes"]:
+                raise CheckpointError(f"cycle {j} rebuilt to other shapes than the run recorded: the checkpoint "
+                                      "was written by another version of fxprune")
+            if "best" in groups:
+                best, best_cycle, best_params = _rebuilt(struct, groups["best"], st["best_modes"]), j, st["row"]["params"]
+            history.append(st["row"])
+        work = _rebuilt(struct, groups["work"], st["work_modes"])
+        set_rng_state(rng)
+    for c in range(len(done), cycles):
         t0 = time.perf_counter()
         final = float(target(c))
         for step in range(1, mask_steps + 1):
@@ -107,19 +197,66 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             work = bake_masks(_call_train(train, hold_masks(work)))
             work.meta[MASKS_KEY] = masks
         say(f"cycle {c + 1}/{cycles}: minimize")
-        small = minimize(work, inputs, verify=verify)
+        ranks.broadcast_module(work, f"cycle {c + 1}'s masked model")
+        pre_state, pre_modes, masks = _state(work), _modes(work), dict(work.meta.get(MASKS_KEY, {}))
+        pre = _rebuilt(struct, pre_state, pre_modes, masks)
+        struct = ranks.run_all(lambda: minimize(pre, inputs, verify=verify and ranks.rank == 0), "minimize")
+        ranks.broadcast_module(struct, f"cycle {c + 1}'s minimized model")
+        small_state, small_modes = _state(struct), _modes(struct)
+        small = _rebuilt(struct, small_state, small_modes)
         params = count_params(small)
-        acc_min = float(evaluate(small))
-        say(f"cycle {c + 1}/{cycles}: release and fine-tune")
-        work = _call_train(train, release(small, release_scale, seed=seed + c).module)
-        acc_rel = float(evaluate(work))  # same size: the released zeros trained again
-        acc, kept = (acc_rel, work) if acc_rel > acc_min else (acc_min, small)
+        acc_min = ranks.broadcast_float(float(evaluate(small)))
+        if release:
+            say(f"cycle {c + 1}/{cycles}: release and fine-tune")
+            work = _call_train(train, release_zeros(small, release_scale, seed=seed + c).module)
+        else:
+            say(f"cycle {c + 1}/{cycles}: fine-tune with the zeros held")
+            zeros = {n: p.detach() != 0 for n, p in prunable(small, include, exclude).items()}
+            work = bake_masks(_call_train(train, hold_masks(mask(small, masks=zeros))))
+        ranks.broadcast_module(work, f"cycle {c + 1}'s fine-tuned model")
+        acc_rel = ranks.broadcast_float(float(evaluate(work)))  # same size: the released zeros trained again
+        work_state, work_modes = _state(work), _modes(work)
+        work = _rebuilt(struct, work_state, work_modes)
+        acc, kept_state, kept_modes = ((acc_rel, work_state, work_modes) if acc_rel > acc_min
+                                       else (acc_min, small_state, small_modes))
         row = dict(cycle=c + 1, sparsity=final, params=params, flops=_flops(small, inputs), accuracy=acc,
                    accuracy_minimized=acc_min, accuracy_released=acc_rel, compression=dense["params"] / params,
                    seconds=time.perf_counter() - t0)
-        if acc >= dense["accuracy"] - tolerance and params < best_params:
-            best, best_cycle, best_params = copy.deepcopy(kept), c + 1, params
+        improved = acc >= dense["accuracy"] - tolerance and params < best_params
+        if improved:
+            best, best_cycle, best_params = _rebuilt(struct, kept_state, kept_modes), c + 1, params
         history.append(row)
         say(f"cycle {c + 1}/{cycles}: {params:,} params ({row['compression']:.2f}x), accuracy {acc_min:.4f} "
-            f"minimized, {acc_rel:.4f} released and fine-tuned")
+            f"minimized, {acc_rel:.4f} {'released' if release else 'held'} and fine-tuned")
+        if ckpt is not None:
+            tensors = {"pre": pre_state, "mask": masks, "work": work_state, **({"best": kept_state} if improved else {})}
+            ckpt.write(c + 1, tensors, dict(row=row, pre_modes=pre_modes, work_modes=work_modes,
+                                            best_modes=kept_modes if improved else None,
+                                            shapes={k: list(v.shape) for k, v in small_state.items()}))
     return SqueezeReleaseResult(best, history, dense, best_cycle)
+
+
+def _open(ckpt: CycleCheckpoint, gm: GraphModule, inputs: tuple[Any, ...], settings: dict[str, Any], world: int,
+          resume: bool) -> tuple[dict[str, Any] | None, list[int]]:
+    """The dense figures and the complete cycles of an existing checkpoint, after checking that it belongs to this
+    model, these settings and this number of ranks."""
+    info, done = ckpt.run_info(), ckpt.cycles()
+    if info is None and not done:
+        return None, []
+    if not resume:
+        raise CheckpointError(f"{ckpt.dir} already holds a squeeze_release checkpoint ({len(done)} cycles): pass "
+                              "resume=True to continue it, or an empty checkpoint_dir to start again")
+    if info is None:
+        raise CheckpointError(f"{ckpt.dir} has cycle directories but no run.json: the checkpoint is damaged")
+    if info.get("fingerprint") != fingerprint(gm.state_dict(), inputs):
+        raise CheckpointError(f"{ckpt.dir} was written for another model (its weights or example input shapes "
+                              "differ): pass the model and inputs of that run, or a new checkpoint_dir")
+    changed = sorted(k for k in settings if info.get("settings", {}).get(k) != settings[k])
+    if changed:
+        was = ", ".join(f"{k}={info.get('settings', {}).get(k)!r}" for k in changed)
+        raise CheckpointError(f"{ckpt.dir} was written with other settings ({was}): "
+                              "resume with the same settings (only cycles may grow)")
+    if info.get("world") != world:
+        raise CheckpointError(f"{ckpt.dir} was written by {info.get('world')} process(es), this job has {world}: "
+                              "resume with the same number of ranks")
+    return info["dense"], done

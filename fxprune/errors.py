@@ -9,6 +9,7 @@ __all__ = [
     "EquivalenceError",
     "UnsupportedError",
     "LoadError",
+    "CheckpointError",
 ]
 
 
@@ -38,3 +39,8 @@ class UnsupportedError(FxPruneError):
 
 class LoadError(FxPruneError):
     """A saved model cannot be loaded: a damaged or tampered file, or files that do not describe the model built."""
+
+
+class CheckpointError(LoadError):
+    """A cycle checkpoint cannot be resumed: a damaged file, a missing cycle, or one written for another model or
+    other settings."""

@@ -1,5 +1,10 @@
-"""Masks held by hold_masks stay applied when the user's train wraps the model in DistributedDataParallel."""
+"""Masks held by hold_masks stay applied when the user's train wraps the model in DistributedDataParallel, and
+squeeze_release under torchrun gives one process's result."""
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fxprune as fp
@@ -47,3 +53,30 @@ def test_masks_stay_applied_under_ddp(tmp_path):
         w = r0["state"][name]
         assert (w[~m] == 0).all(), name  # masked entries are still exact zeros
         assert (w[m] != 0).all(), name  # and the kept ones are weights
+
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "ddp_squeeze_release.py"
+
+
+def test_squeeze_release_under_torchrun_matches_one_process(tmp_path):
+    """examples/ddp_squeeze_release.py: 2 ranks (gloo) and 1 process with the same global batch give the same kept
+    shapes, history and, in float64, weights equal to rounding; every rank wrote its RNG states."""
+    pytest.importorskip("sklearn", reason="the example trains on scikit-learn's digits")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(EXAMPLE), "--out", str(tmp_path / "ddp.safetensors"), "--checkpoint-dir",
+                          str(tmp_path / "ck")], capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(EXAMPLE), "--out", str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "ddp.safetensors")), load_file(str(tmp_path / "one.safetensors"))
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-9
+    ha, hb = (json.loads((tmp_path / f"{n}.safetensors.json").read_text()) for n in ("ddp", "one"))
+    assert ha["world"] == 2 and hb["world"] == 1
+    assert [h["params"] for h in ha["history"]] == [h["params"] for h in hb["history"]]
+    assert ha["best_cycle"] == hb["best_cycle"] is not None
+    assert sum(v.numel() for v in a.values()) == ha["history"][ha["best_cycle"] - 1]["params"]  # smaller than dense
+    for cycle in (tmp_path / "ck").glob("cycle-*"):
+        assert sorted(p.name for p in cycle.glob("rng-rank*.json")) == ["rng-rank0.json", "rng-rank1.json"]

@@ -20,12 +20,13 @@ from fxprune.errors import MaskError
 from fxprune.graph.capture import check_weights
 from fxprune.graph.exported import exported_io
 
-__all__ = ["mask", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
+__all__ = ["mask", "prunable", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
 
 MASKS_KEY = "fxprune_masks"
 
 
-def _selected(gm: nn.Module, include: Iterable[str] | None, exclude: Iterable[str] | None) -> dict[str, torch.Tensor]:
+def prunable(gm: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The parameters ``mask`` may prune: floating, ndim >= 2, matching ``include`` and no ``exclude`` glob."""
     inc, exc = list(include or ["*"]), list(exclude or [])
     out = {}
     for name, p in gm.named_parameters():
@@ -77,7 +78,7 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
             raise MaskError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
         if scope not in ("global", "layer"):
             raise MaskError(f"scope must be 'global' or 'layer', got {scope!r}")
-        params = _selected(gm, include, exclude)
+        params = prunable(gm, include, exclude)
         if not params:
             raise MaskError("no parameter matches: mask selects floating parameters with ndim >= 2 matching include/exclude")
         scores = _scores(params, criterion, seed)
