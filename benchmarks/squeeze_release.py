@@ -3,11 +3,15 @@
     python benchmarks/squeeze_release.py --model fc --dataset digits
     python benchmarks/squeeze_release.py --model convnext --dataset mnist1d
     python benchmarks/squeeze_release.py --model fc --dataset digits --quick --plot results.png
+    python benchmarks/squeeze_release.py --model fc --dataset digits --baselines --seed 1 > fc-digits-1.json
+    python benchmarks/squeeze_release.py --summarize fc-digits-*.json
 
-Trains the dense model, runs ``fp.squeeze_release`` and, as the baseline, one-shot mask + minimize of the same
-dense model at a grid of sparsities (no cycles; the largest compression within the same accuracy budget). Prints
-a table and, as its LAST line, one JSON object. Data is generated offline (scikit-learn's digits, mnist1d's
-generator); every seed is fixed.
+Trains the dense model, runs ``fp.squeeze_release`` (c) and, with ``--baselines`` (or ``--method``), at the same
+training budget: (a) gradual magnitude pruning in one run, then minimize, and (b) the cycle without release (the
+zeros left after minimize held during the last fine-tune of each cycle). One-shot mask + minimize of the dense
+model at a grid of sparsities (no training) is always reported. Prints a table and, as its LAST line, one JSON
+object; ``--summarize`` reads such lines from several runs (seeds) and prints mean and spread. Data is generated
+offline (scikit-learn's digits, mnist1d's generator); every seed is fixed.
 
 The recipe (the user's side of the cycle, not part of fxprune): Adam, with a group-lasso term in the fine-tuning
 optimizer step, which shrinks whole rows and columns of every weight (and entries of 1-D scales: LayerNorm
@@ -42,12 +46,18 @@ def load(dataset: str, seed: int) -> dict[str, torch.Tensor]:
     if dataset == "digits":
         from sklearn.datasets import load_digits
         x, y = load_digits(return_X_y=True)
-        perm = np.random.default_rng(seed).permutation(len(x))
-        x, y = x[perm] / 16.0, y[perm]
-        n_tr, n_va = int(0.6 * len(x)), int(0.2 * len(x))
-        parts = dict(train=slice(0, n_tr), val=slice(n_tr, n_tr + n_va), test=slice(n_tr + n_va, None))
-        xs = {k: x[s] for k, s in parts.items()}
-        ys = {k: y[s] for k, s in parts.items()}
+        x = x / 16.0
+        rng = np.random.default_rng(seed)
+        idx: dict[str, list[np.ndarray]] = dict(train=[], val=[], test=[])
+        for label in range(10):  # stratified 60/20/20: every split has each digit in the dataset's proportion
+            members = rng.permutation(np.flatnonzero(y == label))
+            n_tr, n_va = round(0.6 * len(members)), round(0.2 * len(members))
+            idx["train"].append(members[:n_tr])
+            idx["val"].append(members[n_tr:n_tr + n_va])
+            idx["test"].append(members[n_tr + n_va:])
+        order = {k: rng.permutation(np.concatenate(v)) for k, v in idx.items()}
+        xs = {k: x[o] for k, o in order.items()}
+        ys = {k: y[o] for k, o in order.items()}
     elif dataset == "mnist1d":
         from mnist1d.data import get_dataset_args, make_dataset
         args = get_dataset_args()
@@ -159,9 +169,9 @@ class Recipe:
 
 
 RECIPES = {
-    ("fc", "digits"): Recipe(epochs=20, dense_epochs=60, lr=3e-3, lasso=1e-3),
+    ("fc", "digits"): Recipe(epochs=30, dense_epochs=60, lr=3e-3, lasso=1e-3),
     ("fc", "mnist1d"): Recipe(epochs=20, dense_epochs=60, lr=3e-3, lasso=1e-3),
-    ("convnext", "digits"): Recipe(epochs=10, dense_epochs=40, lr=2e-3, lasso=1e-3, scale_tau=1e-2, cycles=8),
+    ("convnext", "digits"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, lasso=1e-3, scale_tau=1e-2, cycles=10),
     ("convnext", "mnist1d"): Recipe(epochs=10, dense_epochs=40, lr=2e-3, lasso=1e-3, scale_tau=1e-2, cycles=8),
 }
 
@@ -257,6 +267,29 @@ def one_shot(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Train
     return best
 
 
+def gradual(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, budget: float, steps: int,
+            final: float) -> dict:
+    """Baseline (a): progressive magnitude pruning in one run. ``steps`` masking steps on a linear schedule to
+    ``final`` (global magnitude of the active weights; masked weights stay masked), each followed by one ``train``
+    call with the masks held (the same calls, epochs and group lasso as the cycle); after each, the masked model
+    is minimized and is a candidate: the smallest within ``budget`` on validation."""
+    gm = fp.capture(dense, example)
+    best = dict(params=count_params(gm), sparsity=0.0, step=0, accuracy=trainer.accuracy(gm, "test"))
+    work = gm
+    for k in range(1, steps + 1):
+        s = fp.sparsity_schedule(k, steps, final, kind="linear")
+        work = fp.mask(work, s)
+        masks = work.meta["fxprune_masks"]
+        work = fp.bake_masks(trainer.train(fp.hold_masks(work)))
+        work.meta["fxprune_masks"] = masks
+        small = fp.minimize(work, example)
+        val, params = trainer.accuracy(small), count_params(small)
+        print(f"[gradual] step {k}/{steps} sparsity {s:.3f}: {params:,} params, validation {val:.4f}", file=sys.stderr)
+        if val >= budget and params < best["params"]:
+            best = dict(params=params, sparsity=round(s, 4), step=k, accuracy=trainer.accuracy(small, "test"))
+    return best
+
+
 def plot(path: str, result: fp.SqueezeReleaseResult, dense_acc: float, accs: list[float], title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -276,11 +309,23 @@ def plot(path: str, result: fp.SqueezeReleaseResult, dense_acc: float, accs: lis
     fig.savefig(path, dpi=120)
 
 
+METHODS = {"squeeze-release": "(c) Squeeze-Release", "no-release": "(b) cycles without release",
+           "gradual": "(a) gradual magnitude pruning, one run"}
+
+
+def run_cycles(model: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, a: argparse.Namespace,
+               cycles: int, sparsity: list[float], release: bool) -> fp.SqueezeReleaseResult:
+    return fp.squeeze_release(model, example, train=trainer.train, evaluate=trainer.accuracy, cycles=cycles,
+                              sparsity=sparsity, mask_steps=a.mask_steps, tolerance=a.tolerance, seed=a.seed,
+                              release=release, progress=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["fc", "convnext"], default="fc")
     ap.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits")
-    ap.add_argument("--cycles", type=int, default=None, help="default: 6 for FC, 8 for ConvNeXt (4 with --quick)")
+    ap.add_argument("--cycles", type=int, default=None,
+                    help="default: the recipe's (6 FC, 10 ConvNeXt digits, 8 ConvNeXt MNIST-1D; 4 with --quick)")
     ap.add_argument("--sparsity", type=float, nargs="+", default=None,
                     help="final mask sparsity of each cycle (the last value repeats)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="accuracy budget below the dense model")
@@ -289,11 +334,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=None, help="epochs per fine-tune call (default: the recipe's)")
     ap.add_argument("--mask-steps", type=int, default=3, help="masking steps per cycle, each followed by fine-tuning")
     ap.add_argument("--dense-lasso", action="store_true", help="train the dense model with the group lasso too")
+    ap.add_argument("--method", choices=list(METHODS), nargs="+", default=["squeeze-release"],
+                    help="what to run on the dense model: squeeze-release (c), no-release (b: the cycle with the "
+                         "zeros held instead of released), gradual (a: progressive magnitude pruning in one run); "
+                         "all with the same train calls, epochs and group lasso")
+    ap.add_argument("--baselines", action="store_true", help="run all three methods (--method gradual no-release squeeze-release)")
+    ap.add_argument("--gradual-final", type=float, default=0.99, help="final sparsity of the gradual baseline's linear schedule")
+    ap.add_argument("--summarize", nargs="+", metavar="JSON", default=None,
+                    help="read the JSON lines of earlier runs (files) and print mean and spread over seeds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=None, help="write a PNG of params and accuracy per cycle")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: these small networks train faster on one, and runs reproduce bit for bit)")
     a = ap.parse_args(argv)
+    if a.summarize:
+        return summarize(a.summarize)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     t_start = time.perf_counter()
@@ -305,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     cycles = a.cycles or (4 if a.quick else recipe.cycles)
     sched = a.sparsity or [0.9]
     sparsity = [sched[min(c, len(sched) - 1)] for c in range(cycles)]
+    methods = ["gradual", "no-release", "squeeze-release"] if a.baselines else list(dict.fromkeys(a.method))
 
     data = load(a.dataset, a.seed)
     model, sample = build(a.model, a.dataset)
@@ -313,42 +369,97 @@ def main(argv: list[str] | None = None) -> dict:
     example = (trainer.inputs("train")[:8],)
     acc_dense = trainer.accuracy(model)
     dense_test = trainer.accuracy(model, "test")
+    params_dense = count_params(model)
 
-    result = fp.squeeze_release(model, example, train=trainer.train, evaluate=trainer.accuracy, cycles=cycles,
-                                sparsity=sparsity, mask_steps=a.mask_steps, tolerance=a.tolerance, seed=a.seed,
-                                progress=True)
-    final_test = trainer.accuracy(result.module, "test")
+    rows: dict[str, dict] = {}
+    result = None
+    for method in methods:
+        trainer.calls = 0  # each method draws the same training batches whatever ran before it
+        t0 = time.perf_counter()
+        if method == "gradual":
+            g = gradual(model, example, trainer, acc_dense - a.tolerance, cycles * (a.mask_steps + 1), a.gradual_final)
+            rows[method] = dict(params=g["params"], accuracy=g["accuracy"], picked=f"step {g['step']}, sparsity {g['sparsity']}")
+        else:
+            res = run_cycles(model, example, trainer, a, cycles, sparsity, release=method == "squeeze-release")
+            rows[method] = dict(params=count_params(res.module), accuracy=trainer.accuracy(res.module, "test"),
+                                picked=f"cycle {res.best_cycle}",
+                                history=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
+                                         for h in res.history])
+            if method == "squeeze-release":
+                result = res
+        rows[method].update(compression=round(params_dense / rows[method]["params"], 3),
+                            seconds=round(time.perf_counter() - t0, 1))
     shot = one_shot(model, example, trainer, acc_dense - a.tolerance,
                     [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995])
     seconds = time.perf_counter() - t_start
 
-    params_final = count_params(result.module)
-    print(f"\nSqueeze-Release, {a.model} on {a.dataset} (seed {a.seed}; accuracy column = validation)")
-    print(result.table())
-    print(f"\n{'':<24}{'params':>10}  {'compression':>11}  {'test acc':>8}")
-    print(f"{'dense':<24}{result.dense['params']:>10,}  {1.0:>10.2f}x  {100 * dense_test:>7.2f}%")
-    print(f"{'one-shot mask+minimize':<24}{shot['params']:>10,}  {result.dense['params'] / shot['params']:>10.2f}x  "
+    print(f"\n{a.model} on {a.dataset}, seed {a.seed}: {cycles} cycles x {a.mask_steps + 1} train calls of "
+          f"{recipe.epochs} epochs each (the gradual baseline: the same {cycles * (a.mask_steps + 1)} calls)")
+    if result is not None:
+        print("Squeeze-Release per cycle (accuracy column = validation):")
+        print(result.table())
+    print(f"\n{'':<40}{'params':>10}  {'compression':>11}  {'test acc':>8}")
+    print(f"{'dense':<40}{params_dense:>10,}  {1.0:>10.2f}x  {100 * dense_test:>7.2f}%")
+    print(f"{'one-shot mask+minimize (no training)':<40}{shot['params']:>10,}  {params_dense / shot['params']:>10.2f}x  "
           f"{100 * shot['accuracy']:>7.2f}%   (sparsity {shot['sparsity']})")
-    one = result.history[0]
-    print(f"{'one cycle (= cycle 1)':<24}{one['params']:>10,}  {one['compression']:>10.2f}x  {'':>8}   "
-          f"(validation {100 * one['accuracy']:.2f}%)")
-    print(f"{'squeeze-release':<24}{params_final:>10,}  {result.compression:>10.2f}x  {100 * final_test:>7.2f}%   "
-          f"(cycle {result.best_cycle})")
-    print(f"{'':<24}published: 39x (FC), 14.8x (ConvNeXt-Tiny); {seconds:.0f} s")
-    print("kept shapes: " + ", ".join(f"{n} {tuple(p.shape)}" for n, p in result.module.named_parameters()
-                                      if p.dim() >= 2))
-    if a.plot:
+    for method, r in rows.items():
+        print(f"{METHODS[method]:<40}{r['params']:>10,}  {r['compression']:>10.2f}x  {100 * r['accuracy']:>7.2f}%   "
+              f"({r['picked']}; {r['seconds']:.0f} s)")
+    print(f"{'':<40}published: 39x (FC), 14.8x (ConvNeXt-Tiny); {seconds:.0f} s")
+    if result is not None:
+        print("kept shapes: " + ", ".join(f"{n} {tuple(p.shape)}" for n, p in result.module.named_parameters()
+                                          if p.dim() >= 2))
+    if a.plot and result is not None:
         plot(a.plot, result, acc_dense, [h["accuracy"] for h in result.history],
              f"Squeeze-Release: {a.model} on {a.dataset}")
         print(f"wrote {a.plot}")
     out = dict(benchmark="squeeze_release", model=a.model, dataset=a.dataset, seed=a.seed, quick=a.quick,
-               compression=round(result.compression, 3), accuracy_dense=dense_test, accuracy_final=final_test,
-               params_dense=result.dense["params"], params_final=params_final, cycles=cycles,
-               best_cycle=result.best_cycle, one_shot_compression=round(result.dense["params"] / shot["params"], 3),
-               one_shot_accuracy=shot["accuracy"], one_shot_sparsity=shot["sparsity"],
-               val_accuracy_dense=acc_dense, history=[{k: (round(v, 4) if isinstance(v, float) else v)
-                                                        for k, v in h.items()} for h in result.history],
+               cycles=cycles, epochs=recipe.epochs, params_dense=params_dense, accuracy_dense=dense_test,
+               val_accuracy_dense=acc_dense, one_shot_compression=round(params_dense / shot["params"], 3),
+               one_shot_accuracy=shot["accuracy"], one_shot_sparsity=shot["sparsity"], methods=rows,
                seconds=round(seconds, 1))
+    if "squeeze-release" in rows:  # the headline fields, as before
+        c = rows["squeeze-release"]
+        out.update(compression=c["compression"], accuracy_final=c["accuracy"], params_final=c["params"],
+                   best_cycle=result.best_cycle)
+    print(json.dumps(out))
+    return out
+
+
+def summarize(paths: list[str]) -> dict:
+    """Mean and spread (min-max) over seeds of each (model, dataset, method) in the runs' JSON lines."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            lines = [ln for ln in f.read().splitlines() if ln.startswith("{")]
+        if not lines:
+            print(f"skipped {path}: no JSON line (a run still going, or one that failed)", file=sys.stderr)
+            continue
+        runs.append(json.loads(lines[-1]))
+    groups: dict[tuple[str, str, str], list[tuple[dict, dict]]] = {}
+    for r in runs:
+        for method, m in r["methods"].items():
+            groups.setdefault((r["model"], r["dataset"], method), []).append((r, m))
+    print("| model | data | method | seeds | compression mean (min-max) | test acc mean (min-max) | dense test acc mean | drop (pt) |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    table = []
+    for (model, dataset, method), rs in sorted(groups.items()):
+        comp = [m["compression"] for _, m in rs]
+        acc = [100 * m["accuracy"] for _, m in rs]
+        dense = [100 * r["accuracy_dense"] for r, _ in rs]
+        drop = float(np.mean(dense) - np.mean(acc))
+        seeds = ",".join(str(r["seed"]) for r, _ in rs)
+        print(f"| {model} | {dataset} | {METHODS[method]} | {seeds} | {np.mean(comp):.1f}x ({min(comp):.1f}-{max(comp):.1f}) | "
+              f"{np.mean(acc):.2f}% ({min(acc):.2f}-{max(acc):.2f}) | {np.mean(dense):.2f}% | {drop:+.2f} |")
+        table.append(dict(model=model, dataset=dataset, method=method, seeds=seeds, compression=float(np.mean(comp)),
+                          accuracy=float(np.mean(acc)), dense=float(np.mean(dense)), drop=drop))
+    print("\n| model | data | method | seed | compression | test acc | dense test acc | kept | seconds |")
+    print("|---|---|---|---:|---:|---:|---:|---|---:|")
+    for (model, dataset, method), rs in sorted(groups.items()):
+        for r, m in sorted(rs, key=lambda rm: rm[0]["seed"]):
+            print(f"| {model} | {dataset} | {method} | {r['seed']} | {m['compression']:.1f}x | {100 * m['accuracy']:.2f}% | "
+                  f"{100 * r['accuracy_dense']:.2f}% | {m['picked']} | {r['seconds']:.0f} |")
+    out = dict(benchmark="squeeze_release_summary", rows=table)
     print(json.dumps(out))
     return out
 
