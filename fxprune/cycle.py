@@ -166,6 +166,10 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             ckpt.start(dict(fingerprint=fingerprint(gm.state_dict(), inputs), settings=settings, dense=dense,
                             world=ranks.world))
     say(f"dense: {dense['params']:,} params, accuracy {dense['accuracy']:.4f}")
+
+    def minimized(pre: GraphModule) -> GraphModule:  # only rank 0 checks; a failure there stops every rank
+        return ranks.run_all(lambda: minimize(pre, inputs, verify=verify and ranks.rank == 0), "minimize")
+
     history: list[dict[str, Any]] = []
     best, best_cycle, best_params = gm, None, dense["params"]
     struct, work = gm, gm
@@ -177,7 +181,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                 raise CheckpointError(f"cycle {j} ran at sparsity {st['row']['sparsity']}, this call asks for "
                                       f"{float(target(j - 1))}: resume with the same sparsity schedule")
             pre = _rebuilt(struct, groups["pre"], st["pre_modes"], groups.get("mask", {}))
-            struct = ranks.run_all(lambda: minimize(pre, inputs, verify=verify and ranks.rank == 0), "minimize")
+            struct = minimized(pre)
             if {k: list(v.shape) for k, v in struct.state_dict().items()} != st["shapes"]:
                 raise CheckpointError(f"cycle {j} rebuilt to other shapes than the run recorded: the checkpoint "
                                       "was written by another version of fxprune")
@@ -200,7 +204,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         ranks.broadcast_module(work, f"cycle {c + 1}'s masked model")
         pre_state, pre_modes, masks = _state(work), _modes(work), dict(work.meta.get(MASKS_KEY, {}))
         pre = _rebuilt(struct, pre_state, pre_modes, masks)
-        struct = ranks.run_all(lambda: minimize(pre, inputs, verify=verify and ranks.rank == 0), "minimize")
+        struct = minimized(pre)
         ranks.broadcast_module(struct, f"cycle {c + 1}'s minimized model")
         small_state, small_modes = _state(struct), _modes(struct)
         small = _rebuilt(struct, small_state, small_modes)

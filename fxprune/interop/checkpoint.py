@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from fxprune.errors import CheckpointError
+from fxprune.interop.saving import file_sha256
 
 __all__ = ["CycleCheckpoint", "fingerprint", "rng_state", "set_rng_state", "FORMAT"]
 
@@ -81,14 +82,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         import numpy as np
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -153,7 +146,7 @@ class CycleCheckpoint:
         d = self.dir / f"cycle-{cycle:04d}"
         state = _json(d / STATE)
         path = d / TENSORS
-        if not isinstance(state, dict) or not path.is_file() or _sha256(path) != state.get("sha256"):
+        if not isinstance(state, dict) or not path.is_file() or file_sha256(path) != state.get("sha256"):
             raise CheckpointError(f"{path} does not match the SHA-256 in {d / STATE}: the checkpoint is damaged; "
                                   "resume from an intact copy or start again with a new checkpoint_dir")
         try:
@@ -183,7 +176,7 @@ class CycleCheckpoint:
     def write(self, cycle: int, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: dict[str, Any]) -> None:
         """Write cycle ``cycle`` to a temporary directory and rename it into place: a crash leaves the previous
         cycles as they were and no partial ``cycle-NNNN``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tmp = self.dir / f".cycle-{cycle:04d}.tmp"
         if self.rank == 0:
@@ -193,12 +186,11 @@ class CycleCheckpoint:
         self.barrier()
         _write(tmp / f"rng-rank{self.rank}.json", json.dumps(rng_state()).encode())
         if self.rank == 0:
-            flat = {f"{group}/{name}": t.detach().contiguous().clone()
-                    for group, ts in tensors.items() for name, t in ts.items()}
-            save_file(flat, str(tmp / TENSORS))
-            with open(tmp / TENSORS, "rb+") as f:
-                os.fsync(f.fileno())
-            _write(tmp / STATE, json.dumps(dict(state, sha256=_sha256(tmp / TENSORS)), indent=1).encode())
+            # cloned: groups may hold the same tensors (best is work when the released model is kept)
+            data = save({f"{group}/{name}": t.detach().contiguous().clone()
+                         for group, ts in tensors.items() for name, t in ts.items()})
+            _write(tmp / TENSORS, data)
+            _write(tmp / STATE, json.dumps(dict(state, sha256=hashlib.sha256(data).hexdigest()), indent=1).encode())
         self.barrier()
         if self.rank == 0:
             _fsync_dir(tmp)

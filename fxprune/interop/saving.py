@@ -42,7 +42,8 @@ def _qualname(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -95,7 +96,7 @@ def save(module: nn.Module, directory: str | os.PathLike) -> Path:
     save_file(tensors, str(tmp))
     os.replace(tmp, weights)
     manifest = {"format": FORMAT, "class": _qualname(module), "modules": modules, "ties": ties,
-                "sha256": _sha256(weights)}
+                "sha256": file_sha256(weights)}
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
@@ -118,7 +119,7 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
         raise LoadError(f"{src / MANIFEST} is not an fxprune manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                         f"expected {FORMAT!r})")
     weights = src / WEIGHTS
-    if not weights.is_file() or _sha256(weights) != manifest.get("sha256"):
+    if not weights.is_file() or file_sha256(weights) != manifest.get("sha256"):
         raise LoadError(f"{weights} does not match the manifest's SHA-256: the weights file is missing, damaged or "
                         "was replaced; save the model again")
     try:

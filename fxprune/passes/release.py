@@ -9,7 +9,6 @@ released positions train again.
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -20,7 +19,7 @@ from torch.utils import _pytree as pytree
 
 from fxprune.errors import InputError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, check_weights
-from fxprune.passes.mask import MASKS_KEY, bake_masks
+from fxprune.passes.mask import MASKS_KEY, bake_masks, prunable
 from fxprune.graph.exported import exported_io
 
 __all__ = ["release", "ReleaseReport", "Released"]
@@ -75,13 +74,9 @@ def release(gm: GraphModule, scale: float = 0.01, *, seed: int = 0, calibration:
     out = bake_masks(copy.deepcopy(gm))
     if isinstance(out, GraphModule):
         out.meta = {k: v for k, v in getattr(gm, "meta", {}).items() if k != MASKS_KEY}
-    inc, exc = list(include or ["*"]), list(exclude or [])
     g = torch.Generator().manual_seed(seed)
     noise: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for name, p in sorted(out.named_parameters(), key=lambda kv: kv[0]):
-        if p.dim() < 2 or not p.is_floating_point() or not any(fnmatch.fnmatch(name, i) for i in inc) \
-                or any(fnmatch.fnmatch(name, e) for e in exc):
-            continue
+    for name, p in sorted(prunable(out, include, exclude).items()):
         zero = p.detach() == 0
         alive = p.detach()[~zero]
         if not zero.any() or alive.numel() < 2:
