@@ -42,7 +42,7 @@ BUILD = textwrap.dedent("""
 def test_round_trip_in_a_fresh_process(saved_gpt2, tmp_path):
     model, small, d = saved_gpt2
     manifest = json.loads((d / "manifest.json").read_text())
-    assert manifest["format"] == "fxprune-module/1"
+    assert manifest["format"] == "fxprune-module/2" and list(manifest["shards"]) == ["model.safetensors"]
     assert any(e.get("replacement", {}).get("class") == "CompensatedLayerNorm" for e in manifest["modules"].values())
     out = tmp_path / "logits.pt"
     proc = subprocess.run([sys.executable, "-c", BUILD.format(d=str(d), out=str(out))], capture_output=True, text=True)
@@ -109,6 +109,39 @@ def test_created_bias_and_cnn_round_trip(tmp_path):
     assert back[2].bias is not None and back[2].in_channels == 5
     with torch.no_grad():
         assert torch.equal(back(x), small(x))
+
+
+def test_shards_round_trip_and_are_plain_safetensors(saved_gpt2, tmp_path):
+    """Weights above max_shard_bytes go to several files, each one safetensors can read; load reads them all."""
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    _, small, _ = saved_gpt2
+    d = fp.save(small, tmp_path / "sharded", max_shard_bytes=20_000)
+    files = sorted(p.name for p in d.glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    stored = {k: v for f in files for k, v in load_file(str(d / f)).items()}
+    state = small.state_dict()
+    assert set(stored) == set(state) - {"lm_head.weight"}  # tied to wte: stored once
+    assert all(torch.equal(stored[k], state[k]) for k in stored)
+    back = fp.load(d, lambda: tf.GPT2LMHeadModel(small.config).double().eval())
+    ids = torch.arange(24).reshape(3, 8) % 100
+    with torch.no_grad():
+        assert torch.equal(logits(back(ids)), logits(small(ids)))
+    (d / files[1]).write_bytes((d / files[1]).read_bytes()[:-8])  # one shard truncated
+    with pytest.raises(fp.LoadError, match="SHA-256"):
+        fp.load(d, lambda: tf.GPT2LMHeadModel(small.config).double().eval())
+
+
+def test_format_1_directories_still_load(tmp_path):
+    """A directory written before shards (format 1: one file, its hash at the top of the manifest) loads."""
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    d = fp.save(net, tmp_path)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["format"], manifest["sha256"] = "fxprune-module/1", manifest.pop("shards")["model.safetensors"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    back = fp.load(d, lambda: nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), net.state_dict().values()))
 
 
 LLAMA = textwrap.dedent("""

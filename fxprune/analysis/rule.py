@@ -24,6 +24,7 @@ from torch.fx import GraphModule, Node
 
 from fxprune.analysis.atoms import Atom, AtomSet
 from fxprune.analysis.scan import Scan, scan
+from fxprune.analysis import lazy
 from fxprune.graph.rebuild import get_attr
 from fxprune.graph.shapes import TensorSpec, hint, is_dynamic_scalar, node_spec
 
@@ -225,8 +226,8 @@ class Facts:
         if v.op != "get_attr":
             src = self.value(v.args[0])
             return None if src is None else v.target(src, *v.args[1:], **v.kwargs)
-        t = get_attr(self.gm, v.target)
-        return t.detach() if isinstance(t, torch.Tensor) and t.is_floating_point() else None
+        t = lazy.value(get_attr(self.gm, v.target))  # a weight left on disk (the streamed path): read now
+        return t.detach() if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta else None
 
     def finite(self, v: Node) -> bool:
         """Whether the constant ``v`` holds finite values only (parameters were checked by the pass:
@@ -237,7 +238,10 @@ class Facts:
             while base.op != "get_attr":
                 base = base.args[0]
             t = get_attr(self.gm, base.target)
-            self._finite[k] = isinstance(t, nn.Parameter) or t.numel() == 0 or t.dim() == 0 or scan(t, keep=True).finite
+            if t.is_meta and not lazy.is_lazy(t):
+                self._finite[k] = False  # no values anywhere: nothing is known about it
+            else:
+                self._finite[k] = isinstance(t, nn.Parameter) or t.numel() == 0 or t.dim() == 0 or scan(t, keep=True).finite
         return self._finite[k]
 
     def tensor(self, v: Node) -> torch.Tensor | None:
@@ -268,6 +272,8 @@ class Facts:
         t = get_attr(self.gm, v.target)
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
             return None
+        if t.is_meta and not lazy.is_lazy(t):
+            return None  # no values anywhere (a constant of a graph captured on meta)
         return _from_scan(scan(t, keep=True))
 
     def dim(self, v: Any, d: int) -> DimFacts:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fxprune.analysis import lazy
+
 __all__ = ["Scan", "scan", "BLOCK_BYTES"]
 
 BLOCK_BYTES = 1 << 20  # bytes of one block: about the size of a core's L2 cache
@@ -47,12 +49,12 @@ _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (version, Scan)
 def scan(t: torch.Tensor, keep: bool = False) -> Scan:
     """The :class:`Scan` of a floating tensor with at least one dim and one element. ``keep``: remember it for
     this tensor object while its version counter stays the same (parameters and buffers)."""
-    version = _version(t) if keep else None
+    version = _version(t) if keep or lazy.is_lazy(t) else None
     if version is not None:
         hit = _CACHE.get(t)
         if hit is not None and hit[0] == version:
             return hit[1]
-    data = t.detach()
+    data = lazy.value(t).detach()  # a weight left on disk (the streamed path) is read here, once
     if data.dim() == 1:
         v = data.to(torch.float64)
         out = Scan((v,), (v,))

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from fxprune.analysis.scan import scan
 from fxprune.compare import compare, first_failure, precision_of, rtol_for
 from fxprune.errors import CaptureError, InputError, UnsupportedError
+from fxprune.analysis import lazy
 from fxprune.graph.rebuild import graph_module
 from fxprune.graph.origin import record, run
 from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, from_graph, resize, static_dims
@@ -50,9 +51,10 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
 
 
 def on_meta(m: nn.Module, *extra: Any) -> bool:
-    """Whether a parameter or buffer of ``m`` (or a tensor among ``extra``) is on the meta device (no values)."""
+    """Whether a parameter or buffer of ``m`` (or a tensor among ``extra``) is on the meta device with no values
+    (not bound to a reader: :mod:`fxprune.analysis.lazy`)."""
     tensors = list(m.parameters()) + list(m.buffers()) + [t for t in extra if isinstance(t, torch.Tensor)]
-    return any(t.device.type == "meta" for t in tensors)
+    return any(t.device.type == "meta" and not lazy.is_lazy(t) for t in tensors)
 
 
 def check_weights(m: nn.Module, what: str) -> None:
@@ -61,14 +63,14 @@ def check_weights(m: nn.Module, what: str) -> None:
     values): the analysis treats them as constants it never folds. Analysis alone works on the meta device."""
     params = {name for name, _ in m.named_parameters()}
     for name, t in list(m.named_parameters()) + list(m.named_buffers()):
-        if t.device.type == "meta":
+        if t.device.type == "meta" and not lazy.is_lazy(t):
             raise UnsupportedError(
                 f"'{name}' is on the meta device (no values): {what} needs real weights. fp.capture and fp.analyze "
                 "work on meta models; materialize the weights first, e.g. model.to_empty(device='cpu') and "
                 "model.load_state_dict(...)")
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        s = scan(t if t.dim() else t.reshape(1), keep=t.dim() > 0)  # one read, kept for the analysis
+        s = scan(t, keep=True) if t.dim() else scan(lazy.value(t).reshape(1))  # one read, kept for the analysis
         if name in params and not s.finite:
             raise UnsupportedError(f"'{name}' holds NaN or Inf values: fix or re-initialize it before {what}")
         if s.has_nan:

@@ -23,11 +23,14 @@ import torch
 from torch import nn
 
 from fxprune.errors import LoadError
+from fxprune.interop import shards
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm
 
-__all__ = ["save", "load", "FORMAT"]
+__all__ = ["save", "load", "write_module", "file_sha256", "FORMAT", "SHARD_BYTES"]
 
-FORMAT = "fxprune-module/1"
+FORMAT = "fxprune-module/2"  # 2: weights in one or more shards; 1 (read too): one file
+_READS = ("fxprune-module/1", FORMAT)
+SHARD_BYTES = 2 << 30  # weights per safetensors file
 WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
 # the only classes a manifest may ask to construct (with these keyword arguments)
 _REPLACEMENTS: dict[str, tuple[type, tuple[str, ...]]] = {
@@ -51,8 +54,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(module: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``module`` to ``directory`` as safetensors weights and a JSON manifest (see the module docstring).
+def save(module: nn.Module, directory: str | os.PathLike, *, max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write ``module`` to ``directory`` as safetensors weights and a JSON manifest (see the module docstring);
+    weights above ``max_shard_bytes`` are split into several files.
 
     >>> import tempfile, torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
@@ -61,8 +65,14 @@ def save(module: nn.Module, directory: str | os.PathLike) -> Path:
     >>> back[0]
     Linear(in_features=4, out_features=3, bias=True)
     """
-    from safetensors.torch import save_file
+    return write_module(module, directory, lambda name, t: t.detach(), max_shard_bytes)
 
+
+def write_module(module: nn.Module, directory: str | os.PathLike, fetch: Callable[[str, torch.Tensor], torch.Tensor],
+                 max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """:func:`save`, with the value of each tensor given by ``fetch(name, tensor)`` when its shard is written (the
+    module's tensors may be on the meta device: only their shapes and dtypes are read here). At most one tensor
+    is held at a time."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -82,7 +92,7 @@ def save(module: nn.Module, directory: str | os.PathLike) -> Path:
                 ties[full] = seen[id(t)]
             else:
                 seen[id(t)] = full
-                tensors[full] = t.detach().contiguous()
+                tensors[full] = t
         for attr in _SIZES:
             v = getattr(m, attr, None)
             if isinstance(v, (int, tuple)) and not isinstance(v, bool):
@@ -91,12 +101,24 @@ def save(module: nn.Module, directory: str | os.PathLike) -> Path:
             _, fields = _REPLACEMENTS[type(m).__name__]
             entry["replacement"] = {"class": type(m).__name__, "args": {f: getattr(m, f) for f in fields}}
         modules[path] = entry
-    weights = out / WEIGHTS
-    tmp = weights.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, weights)
-    manifest = {"format": FORMAT, "class": _qualname(module), "modules": modules, "ties": ties,
-                "sha256": file_sha256(weights)}
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    n = len(groups)
+    files = [WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    hashes = {}
+    for fname, names in zip(files, groups):
+        tmp = out / (fname + ".tmp")
+        specs = [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in names]
+        hashes[fname] = shards.write(tmp, specs, lambda k: fetch(k, tensors[k]))
+        os.replace(tmp, out / fname)
+    manifest = {"format": FORMAT, "class": _qualname(module), "modules": modules, "ties": ties, "shards": hashes}
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
@@ -105,27 +127,28 @@ def save(module: nn.Module, directory: str | os.PathLike) -> Path:
 
 def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Module:
     """The module :func:`save` wrote: ``build()`` makes the original architecture, its modules take the recorded
-    shapes (fxprune's norm replacements included), then the weights are loaded. Raises :class:`LoadError` when the
-    files are damaged or do not describe what ``build()`` makes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    shapes (fxprune's norm replacements included), then the weights are loaded, one tensor at a time. Raises
+    :class:`LoadError` when the files are damaged or do not describe what ``build()`` makes."""
     src = Path(directory)
     try:
         manifest = json.loads((src / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise LoadError(f"{src / MANIFEST} is missing or not JSON ({e}): not a directory fp.save wrote") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in _READS:
         raise LoadError(f"{src / MANIFEST} is not an fxprune manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                        f"expected {FORMAT!r})")
-    weights = src / WEIGHTS
-    if not weights.is_file() or file_sha256(weights) != manifest.get("sha256"):
-        raise LoadError(f"{weights} does not match the manifest's SHA-256: the weights file is missing, damaged or "
-                        "was replaced; save the model again")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:  # pragma: no cover - the hash matched, the format should parse
-        raise LoadError(f"{weights} is not a safetensors file: {e}") from e
+                        f"expected one of {_READS})")
+    # format 1: one weights file and its hash; format 2: {file: hash} of the shards
+    hashes = manifest.get("shards") if manifest["format"] == FORMAT else {WEIGHTS: manifest.get("sha256")}
+    if not isinstance(hashes, dict) or not hashes:
+        raise LoadError(f"{src / MANIFEST} names no weights file: save the model again")
+    state: dict[str, shards.Reader] = {}
+    for fname, digest in hashes.items():
+        weights = src / str(fname)
+        if Path(str(fname)).name != fname or not weights.is_file() or file_sha256(weights) != digest:
+            raise LoadError(f"{weights} does not match the manifest's SHA-256: the weights file is missing, damaged "
+                            "or was replaced; save the model again")
+        reader = shards.Reader(weights)
+        state.update({k: reader for k in reader.keys()})
     model = build()
     if _qualname(model) != manifest["class"]:
         raise LoadError(f"build() made a {_qualname(model)}, the manifest describes a {manifest['class']}: pass the "
@@ -151,9 +174,9 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
             if name not in m._parameters and name not in m._buffers and not (name == "bias" and hasattr(m, "bias")):
                 raise LoadError(f"module '{path}' has no tensor '{name}' in build()'s model: a different architecture")
             full = f"{path}.{name}" if path else name
-            stored = state.get(full, state.get(manifest["ties"].get(full, ""), None))
+            stored = full if full in state else manifest["ties"].get(full)
             old = getattr(m, name, None)
-            dtype = stored.dtype if stored is not None else (old.dtype if isinstance(old, torch.Tensor) else torch.get_default_dtype())
+            dtype = state[stored].spec(stored)[0] if stored in state else (old.dtype if isinstance(old, torch.Tensor) else torch.get_default_dtype())
             empty = torch.empty(spec["shape"], dtype=dtype)
             if spec["parameter"]:
                 m._parameters[name] = nn.Parameter(empty, requires_grad=spec["requires_grad"])
@@ -174,10 +197,11 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
         missing, extra = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
         raise LoadError(f"the weights do not fit build()'s model (missing {missing}, unexpected {extra})")
     with torch.no_grad():
-        for name, value in state.items():
+        for name, reader in state.items():
             owner, _, leaf = name.rpartition(".")
             t = getattr(model.get_submodule(owner) if owner else model, leaf)
-            if t.shape != value.shape:
-                raise LoadError(f"'{name}' has shape {tuple(value.shape)} in the file, {tuple(t.shape)} in the model")
-            t.copy_(value)
+            shape = reader.spec(name)[1]
+            if tuple(t.shape) != shape:
+                raise LoadError(f"'{name}' has shape {shape} in the file, {tuple(t.shape)} in the model")
+            t.copy_(reader.read(name))
     return model

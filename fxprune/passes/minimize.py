@@ -24,6 +24,7 @@ from fxprune.errors import EquivalenceError, InputError, UnsupportedError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_weights
 from fxprune.graph.origin import blame_capture, fresh_outputs, reference_outputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
+from fxprune.analysis import lazy
 from fxprune.graph.rebuild import get_attr, graph_module, new_graph_like, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules
@@ -233,17 +234,18 @@ class Rewriter:
             t = get_attr(self.gm, node.target)
             if not isinstance(t, torch.Tensor):
                 continue
-            if node.target in self.deltas:
-                t = (t.detach().to(torch.float64) + self.deltas[node.target]).to(t.dtype)
             prev = kept.get(node.target)
+            idxs: list[torch.Tensor | None] = [None] * t.dim()
             for d in range(t.dim()):
                 k = self.kept(node, d)
                 if not bool(k.all()):
-                    idx = k.nonzero().flatten()
-                    t = t.index_select(d, idx)
+                    idxs[d] = idx = k.nonzero().flatten()
                     if prev is None:
                         prev = kept[node.target] = [None] * t.dim()
                     prev[d] = idx if prev[d] is None else prev[d][idx]  # indices into the original tensor
+            delta = self.deltas.get(node.target)
+            if delta is not None or any(i is not None for i in idxs):
+                t = lazy.select(t, delta, idxs)  # a weight left on disk records the step instead (streamed path)
             tensors[node.target] = by_key[key] = t
         out = rebuild(self.gm, self.graph, tensors, self.buffers, copy_if=lambda t: False)  # see minimize: _detach
         out.meta[KEPT_KEY] = kept
@@ -327,7 +329,7 @@ def _detach(work: GraphModule, gm: GraphModule) -> GraphModule:
     def storages(m: GraphModule) -> set[int]:
         ts = list(m.parameters()) + list(m.buffers())
         ts += [t for n in m.graph.nodes if n.op == "get_attr" and isinstance(t := get_attr(m, n.target), torch.Tensor)]
-        return {t.untyped_storage().data_ptr() for t in ts if t.numel()}
+        return {t.untyped_storage().data_ptr() for t in ts if t.numel() and not t.is_meta}  # meta: no storage
 
     theirs = storages(gm)
     if not theirs & storages(work):
