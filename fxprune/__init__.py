@@ -3,12 +3,13 @@ from fxprune.api import analyze, capture, compile, mask, minimize, verify
 from fxprune.cycle import SqueezeReleaseResult, squeeze_release
 from fxprune.interop.module import minimize_module
 from fxprune.interop.saving import load, save
+from fxprune.interop.stream import StreamedResult, minimize_checkpoint
 from fxprune.errors import CaptureError, CheckpointError, EquivalenceError, FxPruneError, InputError, LoadError, MaskError, UnsupportedError
 from fxprune.passes.compensate_layernorm import compensate_layernorm
 from fxprune.passes.mask import bake_masks, hold_masks, sparsity_schedule
 from fxprune.passes.release import ReleaseReport, release
 
-__all__ = ["capture", "analyze", "compile", "mask", "minimize", "minimize_module", "verify", "compensate_layernorm", "release", "ReleaseReport", "squeeze_release",
+__all__ = ["capture", "analyze", "compile", "mask", "minimize", "minimize_module", "minimize_checkpoint", "StreamedResult", "verify", "compensate_layernorm", "release", "ReleaseReport", "squeeze_release",
            "SqueezeReleaseResult", "hold_masks", "bake_masks", "sparsity_schedule",
            "FxPruneError", "CaptureError", "EquivalenceError",
            "InputError", "MaskError", "UnsupportedError", "LoadError", "CheckpointError", "save", "load"]

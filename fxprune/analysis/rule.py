@@ -467,8 +467,8 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[Di
     if any(is_dynamic_scalar(a) for a in (*op.node.args, *op.node.kwargs.values())):
         return None  # arithmetic with a size that varies (x / seq_len): its value at the example is no fact
     try:
-        args = torch.fx.node.map_arg(op.node.args, fx.materialize)
-        kwargs = torch.fx.node.map_arg(op.node.kwargs, fx.materialize)
+        args = _on_cpu(torch.fx.node.map_arg(op.node.args, fx.materialize))
+        kwargs = _on_cpu(torch.fx.node.map_arg(op.node.kwargs, fx.materialize))
     except _NotFloat:
         return None
     if fn is None:
@@ -481,7 +481,8 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[Di
     g = torch.Generator().manual_seed(0)
     fill = lambda v: fx.materialize(v, g)  # noqa: E731
     with torch.no_grad():
-        again = extract(fn(*torch.fx.node.map_arg(op.node.args, fill), **torch.fx.node.map_arg(op.node.kwargs, fill)))
+        again = extract(fn(*_on_cpu(torch.fx.node.map_arg(op.node.args, fill)),
+                           **_on_cpu(torch.fx.node.map_arg(op.node.kwargs, fill))))
     if again is None:
         return None
     out = []
@@ -489,6 +490,13 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[Di
         known = f.known & a.known & (f.value == a.value)
         out.append(DimFacts(known, torch.where(known, f.value, 0.0)))
     return out
+
+
+def _on_cpu(args: Any) -> Any:
+    """``args`` with the meta device replaced by the CPU (a graph captured on meta, its weights streamed in,
+    moves values "to meta"; the materialized values live on the CPU)."""
+    return torch.fx.node.map_aggregate(
+        args, lambda a: torch.device("cpu") if isinstance(a, torch.device) and a.type == "meta" else a)
 
 
 _F64_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()

@@ -172,7 +172,7 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
             continue
         old_owner, old_leaf = _owner(out, names[0])
         old = getattr(old_owner, old_leaf)
-        if new.shape == old.shape and torch.equal(new, old.to(new.dtype)):
+        if new.shape == old.shape and not new.is_meta and torch.equal(new, old.to(new.dtype)):
             continue
         value = nn.Parameter(new.detach().clone().to(old.dtype), requires_grad=old.requires_grad) \
             if isinstance(old, nn.Parameter) else new.detach().clone().to(old.dtype)
