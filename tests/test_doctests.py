@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 MODULES = ["fxprune.interop.saving", "fxprune.graph.capture", "fxprune.passes.mask", "fxprune.passes.minimize", "fxprune.verify", "fxprune.nn.norm",
-           "fxprune.passes.compensate_layernorm", "fxprune.passes.release", "fxprune.api", "fxprune.interop.module"]
+           "fxprune.passes.compensate_layernorm", "fxprune.passes.release", "fxprune.api", "fxprune.interop.module", "fxprune.interop.stream"]
 
 
 @pytest.mark.parametrize("name", MODULES)

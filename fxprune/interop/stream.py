@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from fxprune.analysis import lazy
@@ -60,6 +61,17 @@ class StreamedResult:
     bytes_read: int = 0  # weight bytes read from the checkpoint, all steps together
 
 
+class _EmptyOnMeta(TorchFunctionMode):
+    """``torch.empty`` without a device makes a meta tensor: layers allocate their weights that way, so no memory
+    is taken for them (buffers are made by arange/zeros/ones and stay real)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Every parameter registered inside the block goes to the meta device (buffers stay where they are made)."""
@@ -72,7 +84,8 @@ def _parameters_on_meta() -> Iterator[None]:
 
     nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
     try:
-        yield
+        with _EmptyOnMeta():
+            yield
     finally:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
@@ -122,10 +135,14 @@ def _build(build: Callable[[], nn.Module], reader: shards.Reader) -> tuple[nn.Mo
         raise UnsupportedError(f"build() returned a {type(model).__name__}, not an nn.Module")
     model.eval()
     keys = _keys(model, reader)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name in keys:
-                b.copy_(reader.read(keys[name]))
+    for path, m in model.named_modules():
+        for name, b in list(m._buffers.items()):
+            full = f"{path}.{name}" if path else name
+            if b is not None and full in keys:
+                m._buffers[name] = reader.read(keys[full]).to(b.dtype)
+            elif b is not None and b.is_meta:
+                raise UnsupportedError(f"buffer '{full}' has no values: build() made it with torch.empty and the "
+                                       "checkpoint does not hold it")
     return model, keys
 
 
@@ -168,7 +185,7 @@ def minimize_checkpoint(build: Callable[[], nn.Module], checkpoint: str | Any, e
     >>> r.params, fp.load(r.directory, build)[0]
     ((58, 23), Linear(in_features=4, out_features=3, bias=True))
     """
-    from fxprune.passes.minimize import MinimizeOptions, minimize
+    from fxprune.passes.minimize import KEPT_KEY, MinimizeOptions, minimize
 
     reader = shards.Reader(checkpoint)
     out_dir = Path(directory)
@@ -215,7 +232,7 @@ def minimize_checkpoint(build: Callable[[], nn.Module], checkpoint: str | Any, e
     checks: list[BlockCheck] = []
     if verify:
         try:
-            checks = _check(model, keys, reader, out, out_dir, inputs, gm.meta.get(DYNAMIC_KEY))
+            checks = _check(model, keys, reader, out, out_dir, inputs, gm.meta.get(DYNAMIC_KEY), small.meta.get(KEPT_KEY, {}))
         except BaseException:
             shutil.rmtree(out_dir, ignore_errors=True)
             raise
@@ -272,13 +289,31 @@ def _run(model: nn.Module, read: Callable[[str], torch.Tensor], xs: tuple[Any, .
     return seen, out
 
 
+def _streams(model: nn.Module, kept: dict[str, list[Any]]) -> dict[tuple[int, int], torch.Tensor]:
+    """(original width, kept width) -> the kept channels, for every width some tensor lost channels from in one
+    way only: a residual stream's channels (every tensor of the stream keeps the same ones)."""
+    seen: dict[tuple[int, int], set[tuple[int, ...]]] = {}
+    for name, per_dim in kept.items():
+        try:
+            shape = _tensor(model, name).shape
+        except AttributeError:
+            continue
+        for d, idx in enumerate(per_dim):
+            if idx is not None:
+                seen.setdefault((shape[d], len(idx)), set()).add(tuple(int(i) for i in idx))
+    return {k: torch.tensor(next(iter(v))) for k, v in seen.items() if len(v) == 1}
+
+
 def _check(model: nn.Module, keys: dict[str, str], reader: shards.Reader, out: nn.Module, out_dir: Path,
-           inputs: tuple[Any, ...], dims: Any) -> list[BlockCheck]:
-    """Compare ``out`` (read from ``out_dir``) with ``model`` (read from the checkpoint), block by block."""
+           inputs: tuple[Any, ...], dims: Any, kept: dict[str, list[Any]]) -> list[BlockCheck]:
+    """Compare ``out`` (read from ``out_dir``) with ``model`` (read from the checkpoint), block by block; a block
+    output whose stream lost channels is compared on the kept ones (the others are constants the next block's
+    compensated norm accounts for, and the final outputs are compared whole)."""
     written = shards.Reader(out_dir)
     ties = {n: names[0] for names in _aliases(out).values() for n in names}
     dtypes = {n: t.dtype for n, t in model.named_parameters(remove_duplicate=False)}
     rtol = rtol_for(precision_of(model))
+    streams = _streams(model, kept)
     checks = []
     for xs in shaped_inputs(dims, inputs):
         where = f"at input shapes ({shape_str(xs)})"
@@ -286,6 +321,8 @@ def _check(model: nn.Module, keys: dict[str, str], reader: shards.Reader, out: n
         got_blocks, got = _run(out, lambda n: written.read(n if n in written.entries else ties[n]), xs)
         worst = []
         for i, (a, b) in enumerate(zip(ref_blocks, got_blocks)):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() and a.shape[-1] != b.shape[-1]:
+                a = a[..., streams[(a.shape[-1], b.shape[-1])]]  # a block writing a stream that lost channels
             bad = first_failure(diffs := compare(a, b), rtol)
             if bad is not None:
                 raise EquivalenceError(f"block {i}'s output differs {where} (relative error {bad.max_rel:.3e}, allowed "
