@@ -41,7 +41,7 @@ from fxprune.interop import shards
 from fxprune.interop.module import _is_rms_norm, _write_back
 from fxprune.interop.saving import MANIFEST, SHARD_BYTES, write_module
 
-__all__ = ["minimize_checkpoint", "StreamedResult", "BlockCheck"]
+__all__ = ["minimize_checkpoint", "forward_streamed", "StreamedResult", "BlockCheck"]
 
 
 @dataclass(frozen=True)
@@ -271,13 +271,24 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def _run(model: nn.Module, read: Callable[[str], torch.Tensor], xs: tuple[Any, ...]) -> tuple[list[Any], Any]:
+def forward_streamed(build: Callable[[], nn.Module], checkpoint: str | Any, inputs: Sequence[Any], **kwargs: Any) -> Any:
+    """``build()``'s model called on ``inputs`` (and keyword arguments ``kwargs``) with the weights of
+    ``checkpoint``, each module's read when it is called and dropped when it returns: the outputs of a model
+    that does not fit in memory (for example to compare with a minimized one)."""
+    reader = shards.Reader(checkpoint)
+    model, keys = _build(build, reader)
+    dtypes = {n: t.dtype for n, t in model.named_parameters(remove_duplicate=False)}
+    return _run(model, lambda n: reader.read(keys[n]).to(dtypes[n]), as_inputs(inputs), kwargs)[1]
+
+
+def _run(model: nn.Module, read: Callable[[str], torch.Tensor], xs: tuple[Any, ...],
+         kwargs: dict[str, Any] | None = None) -> tuple[list[Any], Any]:
     """The outputs of each block and of the model, its weights streamed in."""
     seen: list[Any] = []
     hooks = [b.register_forward_hook(lambda mod, a, r: seen.append(pytree.tree_leaves(r)[0])) for b in _blocks(model)]
     try:
         with _streamed(model, read), torch.no_grad():
-            out = model(*xs)
+            out = model(*xs, **(kwargs or {}))
     except RuntimeError as e:
         if "meta" in str(e):
             raise UnsupportedError(f"{type(model).__name__}'s forward reads a parameter outside the module that owns "
