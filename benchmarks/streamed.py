@@ -1,12 +1,12 @@
 """Streamed minimize: a Llama-style checkpoint larger than the memory cap of the process that minimizes it.
 
-    python benchmarks/streamed.py                         # 3B float32 (12.1 GB of weights) under a 6 GB cap
+    python benchmarks/streamed.py                         # 3B float32 (10.5 GiB of weights) under a 6 GiB cap
     python benchmarks/streamed.py --config 1B --cap-gb 3
 
 1. The checkpoint is written tensor by tensor into ``--workdir`` (kept for the next run): the configs and weights
    of ``scale.py`` (uniform +-0.02, norms 1), a quarter of every MLP's hidden units dead (zero rows of
    ``gate_proj`` and ``up_proj``) and one key/value group per layer (zero columns of ``o_proj``).
-2. ``fp.minimize_checkpoint`` runs in a subprocess whose address space (``RLIMIT_AS``) is capped at ``--cap-gb``,
+2. ``fp.minimize_checkpoint`` runs in a subprocess whose address space (``RLIMIT_AS``) is capped at ``--cap-gb`` GiB,
    set after a tiny model went through the same path (imports done). glibc keeps freed blocks in its heap unless
    told otherwise, so the subprocess runs with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_ARENA_MAX=1``. Its own check
    compares every block's output at the example (batch 1, 32 tokens) and at batch 2. Then it tries to allocate
@@ -174,11 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
     row.update(compare_loaded(a.config, a.dtype, ckpt, out))
     gb = 2**30
     w = row["weights_bytes"]
-    print(f"{a.config} {a.dtype}: {row['params'][0]:,} -> {row['params'][1]:,} parameters; weights {w / gb:.2f} GB; "
-          f"cap {row['cap_bytes'] / gb:.1f} GB ({row['cap_bytes'] / w:.2f}x the weights; allocating the weights' "
+    print(f"{a.config} {a.dtype}: {row['params'][0]:,} -> {row['params'][1]:,} parameters; weights {w / gb:.2f} GiB; "
+          f"cap {row['cap_bytes'] / gb:.1f} GiB ({row['cap_bytes'] / w:.2f}x the weights; allocating the weights' "
           f"bytes under it {'worked' if row['whole_weights_allocatable'] else 'failed'})")
     print(f"minimize_checkpoint {row['seconds']:.0f} s, read {row['bytes_read'] / w:.1f}x the weights, peak RSS "
-          f"{row['peak_rss_bytes'] / gb:.2f} GB ({row['peak_rss_bytes'] / w:.2f}x the weights)")
+          f"{row['peak_rss_bytes'] / gb:.2f} GiB ({row['peak_rss_bytes'] / w:.2f}x the weights)")
     for c in row["checks"]:
         print(f"  its check at {c['shapes']}: worst block rel {c['worst_block']:.2e}, outputs rel {c['outputs']:.2e}")
     print(f"fp.load: {row['loaded_params']:,} parameters; vs the original streamed at 2x16 tokens: worst block rel "

@@ -162,9 +162,8 @@ def _capture_on_meta(model: nn.Module, inputs: tuple[Any, ...], dynamic_shapes: 
             model.get_submodule(path)._buffers[name] = b
     for name, _ in list(gm.named_buffers()):
         owner, _, leaf = name.rpartition(".")
-        path = owner
-        if (path, leaf) in real:
-            gm.get_submodule(owner)._buffers[leaf] = real[(path, leaf)]
+        if (owner, leaf) in real:
+            gm.get_submodule(owner)._buffers[leaf] = real[(owner, leaf)]
     return gm
 
 
@@ -227,7 +226,11 @@ def minimize_checkpoint(build: Callable[[], nn.Module], checkpoint: str | Any, e
                 src = next(produced[n] for n in _aliases(out)[id(t)] if n in produced)
             return lazy.value(src).to(t.dtype)
 
-        write_module(out, out_dir, fetch, max_shard_bytes)
+        try:
+            write_module(out, out_dir, fetch, max_shard_bytes)
+        except BaseException:
+            shutil.rmtree(out_dir, ignore_errors=True)  # nothing half-written stays behind
+            raise
     after = sum(p.numel() for p in out.parameters())
     checks: list[BlockCheck] = []
     if verify:
