@@ -166,6 +166,7 @@ class Recipe:
     batch: int = 64
     scale_tau: float = 0.0  # 1-D scales below this become exact zeros after each fine-tune (0: never)
     cycles: int = 6
+    release_scale: float = 0.01  # fp.squeeze_release's release_scale: noise std over the std of each weight's nonzeros
 
 
 RECIPES = {
@@ -317,7 +318,7 @@ def run_cycles(model: nn.Module, example: tuple[torch.Tensor, ...], trainer: Tra
                cycles: int, sparsity: list[float], release: bool) -> fp.SqueezeReleaseResult:
     return fp.squeeze_release(model, example, train=trainer.train, evaluate=trainer.accuracy, cycles=cycles,
                               sparsity=sparsity, mask_steps=a.mask_steps, tolerance=a.tolerance, seed=a.seed,
-                              release=release, progress=True)
+                              release=release, release_scale=a.release_scale, progress=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="fewer cycles and epochs (make demo)")
     ap.add_argument("--lasso", type=float, default=None, help="group-lasso strength (default: the recipe's)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per fine-tune call (default: the recipe's)")
+    ap.add_argument("--release-scale", type=float, default=None, help="release noise scale (default: the recipe's)")
     ap.add_argument("--mask-steps", type=int, default=3, help="masking steps per cycle, each followed by fine-tuning")
     ap.add_argument("--dense-lasso", action="store_true", help="train the dense model with the group lasso too")
     ap.add_argument("--method", choices=list(METHODS), nargs="+", default=["squeeze-release"],
@@ -358,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = dataclasses.replace(recipe, epochs=a.epochs or recipe.epochs,
                                  lasso=recipe.lasso if a.lasso is None else a.lasso)
     cycles = a.cycles or (4 if a.quick else recipe.cycles)
+    a.release_scale = recipe.release_scale if a.release_scale is None else a.release_scale
     sched = a.sparsity or [0.9]
     sparsity = [sched[min(c, len(sched) - 1)] for c in range(cycles)]
     methods = ["gradual", "no-release", "squeeze-release"] if a.baselines else list(dict.fromkeys(a.method))

@@ -61,8 +61,8 @@ def test_streamed_result_equals_minimize_module(name, tmp_path):
 
 
 def test_rms_norms_keep_their_streams(tmp_path):
-    """A Llama whose stream has dead channels: the streamed path keeps them (RMSNorm compensation needs
-    activations) and says why through the result's exactness, not a crash."""
+    """A Llama whose stream also has dead channels: the streamed path keeps the stream whole (its RMSNorm
+    compensation needs activations), still removes the dead MLP units, and the result is exact."""
     model, (ids,), _ = planted("llama", "tiny")
     zoo.plant_dead_stream(model, "llama", [3, 7])
     ckpt = write_checkpoint(model, tmp_path / "model.safetensors")
