@@ -38,6 +38,8 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     baked = fp.bake_masks(held)
     state = {n: p.detach().clone() for n, p in baked.named_parameters()}
     torch.save({"state": state, "masks": masks}, f"{out}.{rank}")
+    del ddp, opt  # DDP's reducer holds the process group: release it first, then leave together
+    dist.barrier()
     dist.destroy_process_group()
 
 
