@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from fxprune.errors import CheckpointError
+from fxprune.interop import shards
 from fxprune.interop.saving import file_sha256
 
 __all__ = ["CycleCheckpoint", "fingerprint", "rng_state", "set_rng_state", "FORMAT"]
@@ -176,8 +177,6 @@ class CycleCheckpoint:
     def write(self, cycle: int, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: dict[str, Any]) -> None:
         """Write cycle ``cycle`` to a temporary directory and rename it into place: a crash leaves the previous
         cycles as they were and no partial ``cycle-NNNN``."""
-        from safetensors.torch import save
-
         tmp = self.dir / f".cycle-{cycle:04d}.tmp"
         if self.rank == 0:
             if tmp.exists():
@@ -186,11 +185,9 @@ class CycleCheckpoint:
         self.barrier()
         _write(tmp / f"rng-rank{self.rank}.json", json.dumps(rng_state()).encode())
         if self.rank == 0:
-            # cloned: groups may hold the same tensors (best is work when the released model is kept)
-            data = save({f"{group}/{name}": t.detach().contiguous().clone()
-                         for group, ts in tensors.items() for name, t in ts.items()})
-            _write(tmp / TENSORS, data)
-            _write(tmp / STATE, json.dumps(dict(state, sha256=hashlib.sha256(data).hexdigest()), indent=1).encode())
+            flat = {f"{group}/{name}": t for group, ts in tensors.items() for name, t in ts.items()}
+            digest = shards.write(tmp / TENSORS, [(k, t.dtype, tuple(t.shape)) for k, t in flat.items()], flat.__getitem__)
+            _write(tmp / STATE, json.dumps(dict(state, sha256=digest), indent=1).encode())
         self.barrier()
         if self.rank == 0:
             _fsync_dir(tmp)
