@@ -84,15 +84,14 @@ def vm_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
 
 
-def child(name: str, dtype_name: str, checkpoint: str, out: str, cap_gb: float) -> dict[str, Any]:
-    """Runs in the capped subprocess."""
+def warm_up(dtype: Any) -> None:
+    """A tiny Llama through the whole streamed path, so that every import is done before a cap is set."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import fxprune as fp
 
-    dtype = getattr(torch, dtype_name)
     tiny = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                        num_key_value_heads=1, use_cache=False)
     warm = tempfile.mkdtemp()
@@ -100,6 +99,17 @@ def child(name: str, dtype_name: str, checkpoint: str, out: str, cap_gb: float) 
     save_file({k: v.detach().clone() for k, v in m.state_dict().items()}, f"{warm}/t.safetensors")
     fp.minimize_checkpoint(lambda: LlamaForCausalLM(tiny).to(dtype), f"{warm}/t.safetensors",
                            (torch.zeros(1, 8, dtype=torch.long),), f"{warm}/out")
+
+
+def child(name: str, dtype_name: str, checkpoint: str, out: str, cap_gb: float) -> dict[str, Any]:
+    """Runs in the capped subprocess."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import fxprune as fp
+
+    dtype = getattr(torch, dtype_name)
+    warm_up(dtype)
     base = vm_bytes()
     cap = int(cap_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))

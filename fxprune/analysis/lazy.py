@@ -21,7 +21,7 @@ import torch
 
 from fxprune.errors import LoadError
 
-__all__ = ["binding", "bind", "is_lazy", "value", "select"]
+__all__ = ["binding", "bind", "is_lazy", "unbound", "value", "select"]
 
 Step = tuple["torch.Tensor | None", tuple["torch.Tensor | None", ...]]  # (float64 delta or None, kept indices per dim)
 
@@ -74,6 +74,11 @@ def bind(t: torch.Tensor, read: Callable[[str], torch.Tensor], key: str) -> None
 def is_lazy(t: object) -> bool:
     """Whether ``t`` is a bound meta tensor (or a tensor derived from one)."""
     return _recipe(t) is not None  # type: ignore[arg-type]
+
+
+def unbound(t: torch.Tensor) -> bool:
+    """Whether ``t`` is on the meta device with no reader behind it: no values anywhere."""
+    return t.device.type == "meta" and not is_lazy(t)
 
 
 def value(t: torch.Tensor) -> torch.Tensor:

@@ -238,7 +238,7 @@ class Facts:
             while base.op != "get_attr":
                 base = base.args[0]
             t = get_attr(self.gm, base.target)
-            if t.is_meta and not lazy.is_lazy(t):
+            if lazy.unbound(t):
                 self._finite[k] = False  # no values anywhere: nothing is known about it
             else:
                 self._finite[k] = isinstance(t, nn.Parameter) or t.numel() == 0 or t.dim() == 0 or scan(t, keep=True).finite
@@ -272,7 +272,7 @@ class Facts:
         t = get_attr(self.gm, v.target)
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
             return None
-        if t.is_meta and not lazy.is_lazy(t):
+        if lazy.unbound(t):
             return None  # no values anywhere (a constant of a graph captured on meta)
         return _from_scan(scan(t, keep=True))
 

@@ -54,7 +54,7 @@ def on_meta(m: nn.Module, *extra: Any) -> bool:
     """Whether a parameter or buffer of ``m`` (or a tensor among ``extra``) is on the meta device with no values
     (not bound to a reader: :mod:`fxprune.analysis.lazy`)."""
     tensors = list(m.parameters()) + list(m.buffers()) + [t for t in extra if isinstance(t, torch.Tensor)]
-    return any(t.device.type == "meta" and not lazy.is_lazy(t) for t in tensors)
+    return any(lazy.unbound(t) for t in tensors)
 
 
 def check_weights(m: nn.Module, what: str) -> None:
@@ -63,7 +63,7 @@ def check_weights(m: nn.Module, what: str) -> None:
     values): the analysis treats them as constants it never folds. Analysis alone works on the meta device."""
     params = {name for name, _ in m.named_parameters()}
     for name, t in list(m.named_parameters()) + list(m.named_buffers()):
-        if t.device.type == "meta" and not lazy.is_lazy(t):
+        if lazy.unbound(t):
             raise UnsupportedError(
                 f"'{name}' is on the meta device (no values): {what} needs real weights. fp.capture and fp.analyze "
                 "work on meta models; materialize the weights first, e.g. model.to_empty(device='cpu') and "

@@ -154,6 +154,14 @@ class KeptChannelsWarning(UserWarning):
     """``minimize_module`` left channels of modules whose size attributes it cannot update."""
 
 
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Per parameter or buffer object, every name it has (tied weights have several)."""
+    out: dict[int, list[str]] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        out.setdefault(id(t), []).append(name)
+    return out
+
+
 def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` holding ``small``'s tensors and sizes; the paths of modules whose tensors changed but
     whose size attributes could not be updated."""
@@ -162,11 +170,8 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     out = unmasked(model)
     out = copy.deepcopy(out) if out is model else out
     state = dict(small.named_parameters()) | dict(small.named_buffers())
-    ties: dict[int, list[str]] = {}
-    for name, t in list(out.named_parameters(remove_duplicate=False)) + list(out.named_buffers(remove_duplicate=False)):
-        ties.setdefault(id(t), []).append(name)
     changed: set[str] = set()
-    for names in ties.values():
+    for names in _aliases(out).values():
         new = next((state[n] for n in names if n in state), None)
         if new is None:
             continue

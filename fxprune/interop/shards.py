@@ -100,7 +100,7 @@ def _header(f: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
             begin, end = (int(x) for x in e["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
             raise LoadError(f"{f}: entry '{name}' is not a safetensors tensor entry ({err!r})") from err
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes or begin < 0 or base + end > size:
             raise LoadError(f"{f}: tensor '{name}' does not fit the file (offsets {begin}-{end}, {nbytes} bytes "
                             f"expected, file {size} bytes): truncated or damaged")
@@ -116,7 +116,7 @@ def write(path: str | os.PathLike, specs: Iterable[tuple[str, torch.dtype, tuple
     header: dict[str, dict[str, object]] = {}
     offset = 0
     for name, dtype, shape in specs:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

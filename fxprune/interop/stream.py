@@ -38,7 +38,8 @@ from fxprune.errors import EquivalenceError, LoadError, UnsupportedError
 from fxprune.graph.capture import as_inputs, capture
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
 from fxprune.interop import shards
-from fxprune.interop.module import _is_rms_norm, _write_back
+from fxprune.graph.rebuild import get_attr
+from fxprune.interop.module import _aliases, _is_rms_norm, _write_back
 from fxprune.interop.saving import MANIFEST, SHARD_BYTES, write_module
 
 __all__ = ["minimize_checkpoint", "forward_streamed", "StreamedResult", "BlockCheck"]
@@ -90,14 +91,6 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def _aliases(model: nn.Module) -> dict[int, list[str]]:
-    """Per parameter or buffer object, every name it has (tied weights have several)."""
-    out: dict[int, list[str]] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        out.setdefault(id(t), []).append(name)
-    return out
-
-
 def _keys(model: nn.Module, reader: shards.Reader) -> dict[str, str]:
     """Model name -> checkpoint key for every parameter (a tied one may be stored under any of its names); raises
     :class:`LoadError` naming what is missing or shaped differently."""
@@ -112,7 +105,7 @@ def _keys(model: nn.Module, reader: shards.Reader) -> dict[str, str]:
                 missing.append(names[0])
             continue
         shape = reader.spec(key)[1]
-        obj = _tensor(model, names[0])
+        obj = get_attr(model, names[0])
         if shape != tuple(obj.shape):
             wrong.append(f"{key}: {shape} in the checkpoint, {tuple(obj.shape)} in the model")
         keys.update({n: key for n in names})
@@ -123,27 +116,30 @@ def _keys(model: nn.Module, reader: shards.Reader) -> dict[str, str]:
     return keys
 
 
-def _tensor(root: nn.Module, name: str) -> torch.Tensor:
-    owner, _, leaf = name.rpartition(".")
-    return getattr(root.get_submodule(owner) if owner else root, leaf)
-
-
-def _build(build: Callable[[], nn.Module], reader: shards.Reader) -> tuple[nn.Module, dict[str, str]]:
+def _build(build: Callable[[], nn.Module], reader: shards.Reader) -> tuple[nn.Module, Callable[[str], torch.Tensor]]:
+    """``build()``'s model with parameters on meta and buffers loaded, and ``read(name)``: the checkpoint's tensor
+    for the model's parameter or buffer ``name``, in the model's dtype."""
     with _parameters_on_meta():
         model = build()
     if not isinstance(model, nn.Module):
         raise UnsupportedError(f"build() returned a {type(model).__name__}, not an nn.Module")
     model.eval()
     keys = _keys(model, reader)
+    dtypes = {n: t.dtype for n, t in list(model.named_parameters(remove_duplicate=False)) +
+              list(model.named_buffers(remove_duplicate=False))}
+
+    def read(name: str) -> torch.Tensor:
+        return reader.read(keys[name]).to(dtypes[name])
+
     for path, m in model.named_modules():
         for name, b in list(m._buffers.items()):
             full = f"{path}.{name}" if path else name
             if b is not None and full in keys:
-                m._buffers[name] = reader.read(keys[full]).to(b.dtype)
+                m._buffers[name] = read(full)
             elif b is not None and b.is_meta:
                 raise UnsupportedError(f"buffer '{full}' has no values: build() made it with torch.empty and the "
                                        "checkpoint does not hold it")
-    return model, keys
+    return model, read
 
 
 def _capture_on_meta(model: nn.Module, inputs: tuple[Any, ...], dynamic_shapes: Any) -> torch.fx.GraphModule:
@@ -191,21 +187,16 @@ def minimize_checkpoint(build: Callable[[], nn.Module], checkpoint: str | Any, e
     if (out_dir / MANIFEST).exists() or (out_dir.exists() and any(out_dir.iterdir())):
         raise UnsupportedError(f"{out_dir} is not empty: minimize_checkpoint writes a new directory")
     inputs = as_inputs(example_inputs)
-    model, keys = _build(build, reader)
+    model, read = _build(build, reader)
     before = sum(p.numel() for p in model.parameters())
     gm = _capture_on_meta(model, inputs, dynamic_shapes)
     keep = {f"{path}.weight": f"'{path}' is an RMSNorm: its compensation needs the model's activations, which the "
             "streamed path does not compute (fp.minimize_module does)"
             for path, m in model.named_modules() if _is_rms_norm(m)}
 
-    def read_as(dtype: torch.dtype) -> Callable[[str], torch.Tensor]:
-        return lambda key: reader.read(key).to(dtype)
-
     with lazy.binding():
-        for name, p in gm.named_parameters():
-            if name not in keys:
-                raise LoadError(f"the captured graph has a parameter '{name}' that is not in the checkpoint")
-            lazy.bind(p, read_as(p.dtype), keys[name])
+        for name, p in gm.named_parameters():  # export keeps the model's names; _build checked they are all stored
+            lazy.bind(p, read, name)
         while True:
             small = minimize(gm, options=MinimizeOptions(verify=False, keep=tuple(keep.items()), **options))
             out, stale = _write_back(model, small, inputs)
@@ -235,7 +226,7 @@ def minimize_checkpoint(build: Callable[[], nn.Module], checkpoint: str | Any, e
     checks: list[BlockCheck] = []
     if verify:
         try:
-            checks = _check(model, keys, reader, out, out_dir, inputs, gm.meta.get(DYNAMIC_KEY), small.meta.get(KEPT_KEY, {}))
+            checks = _check(model, read, out, out_dir, inputs, gm.meta.get(DYNAMIC_KEY), small.meta.get(KEPT_KEY, {}))
         except BaseException:
             shutil.rmtree(out_dir, ignore_errors=True)
             raise
@@ -278,10 +269,8 @@ def forward_streamed(build: Callable[[], nn.Module], checkpoint: str | Any, inpu
     """``build()``'s model called on ``inputs`` (and keyword arguments ``kwargs``) with the weights of
     ``checkpoint``, each module's read when it is called and dropped when it returns: the outputs of a model
     that does not fit in memory (for example to compare with a minimized one)."""
-    reader = shards.Reader(checkpoint)
-    model, keys = _build(build, reader)
-    dtypes = {n: t.dtype for n, t in model.named_parameters(remove_duplicate=False)}
-    return _run(model, lambda n: reader.read(keys[n]).to(dtypes[n]), as_inputs(inputs), kwargs)[1]
+    model, read = _build(build, shards.Reader(checkpoint))
+    return _run(model, read, as_inputs(inputs), kwargs)[1]
 
 
 def _run(model: nn.Module, read: Callable[[str], torch.Tensor], xs: tuple[Any, ...],
@@ -309,7 +298,7 @@ def _streams(model: nn.Module, kept: dict[str, list[Any]]) -> dict[tuple[int, in
     seen: dict[tuple[int, int], set[tuple[int, ...]]] = {}
     for name, per_dim in kept.items():
         try:
-            shape = _tensor(model, name).shape
+            shape = get_attr(model, name).shape
         except AttributeError:
             continue
         for d, idx in enumerate(per_dim):
@@ -318,20 +307,19 @@ def _streams(model: nn.Module, kept: dict[str, list[Any]]) -> dict[tuple[int, in
     return {k: torch.tensor(next(iter(v))) for k, v in seen.items() if len(v) == 1}
 
 
-def _check(model: nn.Module, keys: dict[str, str], reader: shards.Reader, out: nn.Module, out_dir: Path,
+def _check(model: nn.Module, read: Callable[[str], torch.Tensor], out: nn.Module, out_dir: Path,
            inputs: tuple[Any, ...], dims: Any, kept: dict[str, list[Any]]) -> list[BlockCheck]:
     """Compare ``out`` (read from ``out_dir``) with ``model`` (read from the checkpoint), block by block; a block
     output whose stream lost channels is compared on the kept ones (the others are constants the next block's
     compensated norm accounts for, and the final outputs are compared whole)."""
     written = shards.Reader(out_dir)
     ties = {n: names[0] for names in _aliases(out).values() for n in names}
-    dtypes = {n: t.dtype for n, t in model.named_parameters(remove_duplicate=False)}
     rtol = rtol_for(precision_of(model))
     streams = _streams(model, kept)
     checks = []
     for xs in shaped_inputs(dims, inputs):
         where = f"at input shapes ({shape_str(xs)})"
-        ref_blocks, ref = _run(model, lambda n: reader.read(keys[n]).to(dtypes[n]), xs)
+        ref_blocks, ref = _run(model, read, xs)
         got_blocks, got = _run(out, lambda n: written.read(n if n in written.entries else ties[n]), xs)
         worst = []
         for i, (a, b) in enumerate(zip(ref_blocks, got_blocks)):

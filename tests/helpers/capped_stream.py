@@ -8,30 +8,21 @@ import json
 import os
 import resource
 import sys
-import tempfile
+from pathlib import Path
 
 import torch
 import transformers as tf
-from safetensors.torch import save_file
 
 import fxprune as fp
 
-
-def vm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+from streamed import vm_bytes, warm_up  # noqa: E402
 
 
 def main() -> None:
     config, checkpoint, out, headroom = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
     cfg = tf.LlamaConfig(**config)
-    tiny = tf.LlamaConfig(**{**config, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                             "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 64})
-    warm = tempfile.mkdtemp()
-    m = tf.LlamaForCausalLM(tiny)
-    save_file({k: v.detach().clone() for k, v in m.state_dict().items()}, f"{warm}/t.safetensors")
-    fp.minimize_checkpoint(lambda: tf.LlamaForCausalLM(tiny), f"{warm}/t.safetensors", (torch.zeros(2, 8, dtype=torch.long),),
-                           f"{warm}/out")
+    warm_up(torch.float32)
     weights = os.path.getsize(checkpoint)
     cap = vm_bytes() + int(headroom * weights)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
