@@ -2,12 +2,14 @@
 MLP layer names ``latency.py`` masks whole units of."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
 from fxprune import zoo
+from fxprune.graph.dynamic import DYNAMIC_KEY, shaped_inputs
 
 # The two layers of each model's MLP: the first's output units are the hidden units, the second reads them.
 MLP = {"convnext": ("pwconv1", "pwconv2"), "vit": ("mlp.fc1", "mlp.fc2"), "gpt2": ("mlp.c_fc", "mlp.c_proj"),
@@ -49,3 +51,15 @@ def logits(out: Any) -> torch.Tensor:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs().max() / a.abs().max()).detach())
+
+
+def check_forwards(model: nn.Module, result: Any, inputs: tuple[Any, ...]) -> float:
+    """Seconds of the forwards ``minimize``'s default check runs, which no faster analysis removes: the result at
+    every check shape, the model at every one but the example (its outputs there come with ``capture``)."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for k, xs in enumerate(shaped_inputs(result.meta[DYNAMIC_KEY], inputs)):
+            result(*xs)
+            if k:
+                model(*xs)
+    return time.perf_counter() - t0

@@ -14,7 +14,10 @@ alternating (with one plain no-grad forward of the model: the unit the table als
 relative error each leaves against the original model (computed in the model's dtype) (Torch-Pruning drops a dead unit's constant output
 ``act(bias)``; fxprune folds it into the next bias), and the default path's parts in forwards: capture (the
 model's reference forward and torch.export), analysis + rewrite (the unchecked ``minimize``), and the check (the
-default ``minimize`` less the unchecked one). Last line: one JSON object.
+default ``minimize`` less the unchecked one). The floor line is what the default path cannot go below
+whatever its own analysis costs: torch.export alone (called as ``capture`` calls it) plus the forwards its check
+runs (the result at each check shape, the model at each but the example), and that sum over Torch-Pruning's time.
+Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -28,10 +31,12 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
 import fxprune as fp
+from fxprune.graph.capture import _export_batch
 from fxprune.verify import count_params
-from planted import MLP, logits, planted, rel_err
+from planted import MLP, check_forwards, logits, planted, rel_err
 
 Parts = dict[str, float]
 
@@ -72,6 +77,12 @@ def run_forward(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[
     return model
 
 
+def run_export(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]], parts: Parts) -> nn.Module:
+    """torch.export alone, called as ``fp.capture`` calls it (dynamic batch): part of the floor below."""
+    _export_batch(model, inputs)
+    return model
+
+
 def run_torch_pruning(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]], parts: Parts) -> nn.Module:
     import torch_pruning as tp
 
@@ -89,7 +100,7 @@ def run_torch_pruning(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str,
 
 TOOLS: dict[str, Callable[..., nn.Module]] = {
     "fxprune": run_fxprune, "fxprune-unchecked": run_fxprune_unchecked, "fxprune-static": run_fxprune_static,
-    "torch-pruning": run_torch_pruning, "forward": run_forward}
+    "torch-pruning": run_torch_pruning, "forward": run_forward, "export": run_export}
 REPORTED = ("fxprune", "fxprune_unchecked", "fxprune_static", "torch_pruning")
 
 
@@ -114,6 +125,8 @@ def measure(name: str, size: str, dtype: torch.dtype, repeats: int) -> dict[str,
             for k, v in got.items():
                 parts[tool].setdefault(k, []).append(v)
             result[tool] = out
+        if isinstance(result.get("fxprune"), GraphModule):
+            times.setdefault("check-forwards", []).append(check_forwards(model, result["fxprune"], inputs))
     row: dict[str, Any] = dict(model=name, size=size, dtype=str(dtype).replace("torch.", ""), params=count_params(model),
                                removable=sum(len(i) for i in dead.values()))
     row["forward_s"] = fwd = statistics.median(times.pop("forward"))
@@ -128,6 +141,12 @@ def measure(name: str, size: str, dtype: torch.dtype, repeats: int) -> dict[str,
         row["ratio"] = row["fxprune_s"] / row["torch_pruning_s"]
         if "fxprune_unchecked_s" in row:
             row["unchecked_ratio"] = row["fxprune_unchecked_s"] / row["torch_pruning_s"]
+    if times["export"] and times.get("check-forwards"):
+        row["floor_s"] = statistics.median(times["export"]) + statistics.median(times["check-forwards"])
+        row["floor_parts_forwards"] = {"export": statistics.median(times["export"]) / fwd,
+                                       "check_forwards": statistics.median(times["check-forwards"]) / fwd}
+        if "torch_pruning_s" in row:
+            row["floor_ratio"] = row["floor_s"] / row["torch_pruning_s"]
     if "fxprune_s" in row and "fxprune_unchecked_s" in row:
         cap = statistics.median(parts["fxprune"]["capture"])
         rewrite = statistics.median(parts["fxprune-unchecked"]["minimize"])
@@ -164,6 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
             p = r["parts_forwards"]
             print(f"{'':<31} {'default, forwards':<18} capture {p['capture']:.1f} + analysis/rewrite "
                   f"{p['analysis_rewrite']:.1f} + check {p['check']:.1f}   (one forward: {r['forward_s']:.3f} s)")
+        if "floor_s" in r:
+            f = r["floor_parts_forwards"]
+            ratio = f"   = {r['floor_ratio']:.2f}x TP" if "floor_ratio" in r else ""
+            print(f"{'':<31} {'floor, forwards':<18} torch.export {f['export']:.1f} + the check's forwards "
+                  f"{f['check_forwards']:.1f} = {r['floor_s'] / r['forward_s']:.1f}{ratio}")
     out = dict(benchmark="speed", repeats=a.repeats, rows=rows)
     print(json.dumps(out))
     return out
