@@ -4,6 +4,7 @@
     python benchmarks/squeeze_release.py --model convnext --dataset mnist1d
     python benchmarks/squeeze_release.py --model fc --dataset digits --quick --plot results.png
     python benchmarks/squeeze_release.py --model fc --dataset digits --baselines --seed 1 > fc-digits-1.json
+    python benchmarks/squeeze_release.py --model fc --dataset digits --baselines --folds 4 --seed 0  # cross-validated
     python benchmarks/squeeze_release.py --summarize fc-digits-*.json
 
 Trains the dense model, runs ``fp.squeeze_release`` (c) and, with ``--baselines`` (or ``--method``), at the same
@@ -17,8 +18,9 @@ The recipe (the user's side of the cycle, not part of fxprune): Adam, with a gro
 optimizer step, which shrinks whole rows and columns of every weight (and entries of 1-D scales: LayerNorm
 weights, layer scales) towards zero and sets the ones below the threshold to exact zeros. Exact zeros in a row are
 a dead unit, in a column an unread input, in a stream's norm weight and layer scales a constant stream channel:
-all structure that ``minimize`` removes exactly. Selection (the cycle's tolerance, the one-shot grid) uses a
-validation split; the accuracies reported are on the test split.
+all structure that ``minimize`` removes exactly. Selection (the cycle's tolerance, the gradual steps, the one-shot
+grid) uses a validation split, or with ``--folds K`` the mean over K cross-validation folds (every method then runs
+K times and the K models picked are reported as means); the accuracies reported are on the test split.
 """
 from __future__ import annotations
 
@@ -41,21 +43,17 @@ from fxprune.verify import count_params
 # ----------------------------------------------------------------------------------------------------- data
 
 
-def load(dataset: str, seed: int) -> dict[str, torch.Tensor]:
-    """Train / validation / test splits as float32 tensors, inputs standardized with the train statistics."""
+def load(dataset: str, seed: int, folds: int = 1, fold: int = 0) -> dict[str, torch.Tensor]:
+    """Train / validation / test splits as float32 tensors, inputs standardized with the train statistics.
+
+    ``folds=1``: the seed's fixed split (digits: stratified 60/20/20; MNIST-1D: its 4,000 training samples less
+    the first 800 for validation, and its 1,000 test samples). ``folds=K``: the same test split; the rest (the
+    pool) cut into K parts (stratified for digits), part ``fold`` for validation and the others for training."""
     if dataset == "digits":
         from sklearn.datasets import load_digits
         x, y = load_digits(return_X_y=True)
         x = x / 16.0
-        rng = np.random.default_rng(seed)
-        idx: dict[str, list[np.ndarray]] = dict(train=[], val=[], test=[])
-        for label in range(10):  # stratified 60/20/20: every split has each digit in the dataset's proportion
-            members = rng.permutation(np.flatnonzero(y == label))
-            n_tr, n_va = round(0.6 * len(members)), round(0.2 * len(members))
-            idx["train"].append(members[:n_tr])
-            idx["val"].append(members[n_tr:n_tr + n_va])
-            idx["test"].append(members[n_tr + n_va:])
-        order = {k: rng.permutation(np.concatenate(v)) for k, v in idx.items()}
+        order = digits_indices(y, seed, folds, fold)
         xs = {k: x[o] for k, o in order.items()}
         ys = {k: y[o] for k, o in order.items()}
     elif dataset == "mnist1d":
@@ -63,9 +61,11 @@ def load(dataset: str, seed: int) -> dict[str, torch.Tensor]:
         args = get_dataset_args()
         args.seed = seed
         d = make_dataset(args)
-        n_va = len(d["x"]) // 5
-        xs = dict(train=d["x"][n_va:], val=d["x"][:n_va], test=d["x_test"])
-        ys = dict(train=d["y"][n_va:], val=d["y"][:n_va], test=d["y_test"])
+        parts = np.array_split(np.arange(len(d["x"])), 5 if folds == 1 else folds)  # (generated in random order)
+        va = parts[fold]
+        tr = np.concatenate([q for i, q in enumerate(parts) if i != fold])
+        xs = dict(train=d["x"][tr], val=d["x"][va], test=d["x_test"])
+        ys = dict(train=d["y"][tr], val=d["y"][va], test=d["y_test"])
     else:
         raise SystemExit(f"unknown dataset {dataset!r} (digits | mnist1d)")
     mu, sd = xs["train"].mean(0), xs["train"].std(0) + 1e-6
@@ -74,6 +74,25 @@ def load(dataset: str, seed: int) -> dict[str, torch.Tensor]:
         out[f"x_{k}"] = torch.tensor((xs[k] - mu) / sd, dtype=torch.float32)
         out[f"y_{k}"] = torch.tensor(ys[k], dtype=torch.long)
     return out
+
+
+
+def digits_indices(y: np.ndarray, seed: int, folds: int = 1, fold: int = 0) -> dict[str, np.ndarray]:
+    """The digits' indices per split (see :func:`load`), each split in a seeded random order."""
+    rng = np.random.default_rng(seed)
+    idx: dict[str, list[np.ndarray]] = dict(train=[], val=[], test=[])
+    for label in range(10):  # stratified 60/20/20: every split has each digit in the dataset's proportion
+        members = rng.permutation(np.flatnonzero(y == label))
+        n_tr, n_va = round(0.6 * len(members)), round(0.2 * len(members))
+        if folds == 1:
+            idx["train"].append(members[:n_tr])
+            idx["val"].append(members[n_tr:n_tr + n_va])
+        else:
+            parts = np.array_split(members[:n_tr + n_va], folds)
+            idx["train"].append(np.concatenate([q for i, q in enumerate(parts) if i != fold]))
+            idx["val"].append(parts[fold])
+        idx["test"].append(members[n_tr + n_va:])
+    return {k: rng.permutation(np.concatenate(v)) for k, v in idx.items()}
 
 # --------------------------------------------------------------------------------------------------- models
 
@@ -256,26 +275,29 @@ class Trainer:
 # ------------------------------------------------------------------------------------------------------ run
 
 
-def one_shot(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, budget: float,
-             grid: list[float]) -> dict:
-    """Mask the dense model once at each sparsity of ``grid`` and minimize; the smallest within ``budget``."""
+Curve = list[dict]  # the candidates of one method on one split: index 0 the dense model; params, val, test, label
+
+
+def one_shot(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, grid: list[float]) -> Curve:
+    """Mask the dense model once at each sparsity of ``grid`` and minimize (no training): one candidate each."""
     gm = fp.capture(dense, example)
-    best = dict(params=count_params(gm), sparsity=0.0, accuracy=trainer.accuracy(gm, "test"))
+    curve = [dict(params=count_params(gm), val=trainer.accuracy(dense), test=trainer.accuracy(dense, "test"),
+                  label="sparsity 0.0")]
     for s in grid:
         small = fp.minimize(fp.mask(gm, s), example)
-        if trainer.accuracy(small) >= budget and count_params(small) < best["params"]:
-            best = dict(params=count_params(small), sparsity=s, accuracy=trainer.accuracy(small, "test"))
-    return best
+        curve.append(dict(params=count_params(small), val=trainer.accuracy(small), test=trainer.accuracy(small, "test"),
+                          label=f"sparsity {s}"))
+    return curve
 
 
-def gradual(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, budget: float, steps: int,
-            final: float) -> dict:
+def gradual(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, steps: int, final: float) -> Curve:
     """Baseline (a): progressive magnitude pruning in one run. ``steps`` masking steps on a linear schedule to
     ``final`` (global magnitude of the active weights; masked weights stay masked), each followed by one ``train``
     call with the masks held (the same calls, epochs and group lasso as the cycle); after each, the masked model
-    is minimized and is a candidate: the smallest within ``budget`` on validation."""
+    is minimized and is a candidate."""
     gm = fp.capture(dense, example)
-    best = dict(params=count_params(gm), sparsity=0.0, step=0, accuracy=trainer.accuracy(gm, "test"))
+    curve = [dict(params=count_params(gm), val=trainer.accuracy(dense), test=trainer.accuracy(dense, "test"),
+                  label="step 0, sparsity 0.0")]
     work = gm
     for k in range(1, steps + 1):
         s = fp.sparsity_schedule(k, steps, final, kind="linear")
@@ -286,8 +308,47 @@ def gradual(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Traine
         small = fp.minimize(work, example)
         val, params = trainer.accuracy(small), count_params(small)
         print(f"[gradual] step {k}/{steps} sparsity {s:.3f}: {params:,} params, validation {val:.4f}", file=sys.stderr)
-        if val >= budget and params < best["params"]:
-            best = dict(params=params, sparsity=round(s, 4), step=k, accuracy=trainer.accuracy(small, "test"))
+        curve.append(dict(params=params, val=val, test=trainer.accuracy(small, "test"),
+                          label=f"step {k}, sparsity {round(s, 4)}"))
+    return curve
+
+
+class Logged:
+    """``evaluate`` for ``fp.squeeze_release``: validation accuracy, and the test accuracy of every model it is
+    called on recorded beside it (the test split is never what the cycle decides on)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.calls = trainer, []
+
+    def __call__(self, model: nn.Module) -> float:
+        val = self.trainer.accuracy(model)
+        self.calls.append((val, self.trainer.accuracy(model, "test")))
+        return val
+
+
+def cycle_curve(res: fp.SqueezeReleaseResult, log: Logged) -> Curve:
+    """One candidate per cycle: the model the cycle kept (the more accurate on validation of the minimized and the
+    fine-tuned one; ``evaluate`` ran on the dense model, then on those two per cycle)."""
+    (val, test), curve = log.calls[0], []
+    curve.append(dict(params=res.dense["params"], val=val, test=test, label="dense"))
+    for c, h in enumerate(res.history):
+        minimized, tuned = log.calls[1 + 2 * c], log.calls[2 + 2 * c]
+        val, test = tuned if tuned[0] > minimized[0] else minimized
+        assert val == h["accuracy"], "evaluate's calls out of step with the cycles"
+        curve.append(dict(params=h["params"], val=val, test=test, label=f"cycle {h['cycle']}"))
+    return curve
+
+
+def select(curves: list[Curve], tolerance: float) -> int:
+    """The accuracy rule, over one split or the K folds of cross-validation: the candidate index with the fewest
+    parameters (mean over the splits) among those whose mean validation accuracy is within ``tolerance`` of the
+    dense model's; 0 (dense) when none is. On one split it is ``fp.squeeze_release``'s own choice."""
+    n = min(len(c) for c in curves)
+    mean = lambda key, j: float(np.mean([c[j][key] for c in curves]))  # noqa: E731
+    budget, best = mean("val", 0) - tolerance, 0
+    for j in range(1, n):
+        if mean("val", j) >= budget and mean("params", j) < mean("params", best):
+            best = j
     return best
 
 
@@ -314,11 +375,37 @@ METHODS = {"squeeze-release": "(c) Squeeze-Release", "no-release": "(b) cycles w
            "gradual": "(a) gradual magnitude pruning, one run"}
 
 
-def run_cycles(model: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, a: argparse.Namespace,
-               cycles: int, sparsity: list[float], release: bool) -> fp.SqueezeReleaseResult:
-    return fp.squeeze_release(model, example, train=trainer.train, evaluate=trainer.accuracy, cycles=cycles,
+def run_cycles(model: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, evaluate: Logged,
+               a: argparse.Namespace, cycles: int, sparsity: list[float], release: bool) -> fp.SqueezeReleaseResult:
+    return fp.squeeze_release(model, example, train=trainer.train, evaluate=evaluate, cycles=cycles,
                               sparsity=sparsity, mask_steps=a.mask_steps, tolerance=a.tolerance, seed=a.seed,
                               release=release, release_scale=a.release_scale, progress=True)
+
+
+GRID = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]  # the one-shot baseline's sparsities
+
+
+def run_split(a: argparse.Namespace, recipe: Recipe, cycles: int, sparsity: list[float], methods: list[str],
+              data: dict[str, torch.Tensor]) -> dict:
+    """Train the dense model on one split and run every method and the one-shot grid from it: their candidates."""
+    torch.manual_seed(a.seed)  # every split starts from the same initial weights
+    model, sample = build(a.model, a.dataset)
+    trainer = Trainer(data, sample, recipe, a.seed, model.stream_slices() if hasattr(model, "stream_slices") else [])
+    trainer.train(model, recipe.dense_epochs, lasso=None if a.dense_lasso else 0.0)
+    example = (trainer.inputs("train")[:8],)
+    out: dict = dict(params_dense=count_params(model), curves={}, seconds={}, results={})
+    for method in methods:
+        trainer.calls = 0  # each method draws the same training batches whatever ran before it
+        t0 = time.perf_counter()
+        if method == "gradual":
+            out["curves"][method] = gradual(model, example, trainer, cycles * (a.mask_steps + 1), a.gradual_final)
+        else:
+            log = Logged(trainer)
+            res = run_cycles(model, example, trainer, log, a, cycles, sparsity, release=method == "squeeze-release")
+            out["curves"][method], out["results"][method] = cycle_curve(res, log), res
+        out["seconds"][method] = time.perf_counter() - t0
+    out["curves"]["one-shot"] = one_shot(model, example, trainer, GRID)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -330,6 +417,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sparsity", type=float, nargs="+", default=None,
                     help="final mask sparsity of each cycle (the last value repeats)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="accuracy budget below the dense model")
+    ap.add_argument("--folds", type=int, default=1,
+                    help="K > 1: K-fold cross-validation of the selection: the split's training and validation data "
+                         "pooled and cut into K folds; every method runs K times (one fold for validation each), the "
+                         "accuracy rule reads the mean validation curve, and the K models it picks are reported "
+                         "(mean). 1: the seed's fixed split")
     ap.add_argument("--quick", action="store_true", help="fewer cycles and epochs (make demo)")
     ap.add_argument("--lasso", type=float, default=None, help="group-lasso strength (default: the recipe's)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per fine-tune call (default: the recipe's)")
@@ -351,8 +443,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if a.summarize:
         return summarize(a.summarize)
+    if a.folds < 1:
+        raise SystemExit(f"--folds must be at least 1, got {a.folds}")
     torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
     t_start = time.perf_counter()
     recipe = RECIPES[(a.model, a.dataset)]
     if a.quick:
@@ -365,46 +458,46 @@ def main(argv: list[str] | None = None) -> dict:
     sparsity = [sched[min(c, len(sched) - 1)] for c in range(cycles)]
     methods = ["gradual", "no-release", "squeeze-release"] if a.baselines else list(dict.fromkeys(a.method))
 
-    data = load(a.dataset, a.seed)
-    model, sample = build(a.model, a.dataset)
-    trainer = Trainer(data, sample, recipe, a.seed, model.stream_slices() if hasattr(model, "stream_slices") else [])
-    trainer.train(model, recipe.dense_epochs, lasso=None if a.dense_lasso else 0.0)
-    example = (trainer.inputs("train")[:8],)
-    acc_dense = trainer.accuracy(model)
-    dense_test = trainer.accuracy(model, "test")
-    params_dense = count_params(model)
-
+    splits = []
+    for k in range(a.folds):
+        if a.folds > 1:
+            print(f"[folds] fold {k + 1}/{a.folds}", file=sys.stderr, flush=True)
+        splits.append(run_split(a, recipe, cycles, sparsity, methods, load(a.dataset, a.seed, a.folds, k)))
+    params_dense = splits[0]["params_dense"]
+    dense_test = float(np.mean([sp["curves"]["one-shot"][0]["test"] for sp in splits]))
+    dense_val = float(np.mean([sp["curves"]["one-shot"][0]["val"] for sp in splits]))
     rows: dict[str, dict] = {}
-    result = None
-    for method in methods:
-        trainer.calls = 0  # each method draws the same training batches whatever ran before it
-        t0 = time.perf_counter()
-        if method == "gradual":
-            g = gradual(model, example, trainer, acc_dense - a.tolerance, cycles * (a.mask_steps + 1), a.gradual_final)
-            rows[method] = dict(params=g["params"], accuracy=g["accuracy"], picked=f"step {g['step']}, sparsity {g['sparsity']}")
-        else:
-            res = run_cycles(model, example, trainer, a, cycles, sparsity, release=method == "squeeze-release")
-            rows[method] = dict(params=count_params(res.module), accuracy=trainer.accuracy(res.module, "test"),
-                                picked=f"cycle {res.best_cycle}",
-                                history=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
-                                         for h in res.history])
-            if method == "squeeze-release":
-                result = res
-        rows[method].update(compression=round(params_dense / rows[method]["params"], 3),
-                            seconds=round(time.perf_counter() - t0, 1))
-    shot = one_shot(model, example, trainer, acc_dense - a.tolerance,
-                    [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995])
+    for method in methods + ["one-shot"]:
+        curves = [sp["curves"][method] for sp in splits]
+        j = select(curves, a.tolerance)
+        picked = [c[j] for c in curves]
+        rows[method] = dict(params=round(float(np.mean([p["params"] for p in picked]))),
+                            compression=round(float(np.mean([params_dense / p["params"] for p in picked])), 3),
+                            accuracy=float(np.mean([p["test"] for p in picked])), picked=picked[0]["label"],
+                            seconds=round(sum(sp["seconds"].get(method, 0.0) for sp in splits), 1))
+        if a.folds > 1:
+            rows[method]["folds"] = [dict(params=p["params"], compression=round(params_dense / p["params"], 3),
+                                          test=p["test"], dense_test=c[0]["test"]) for p, c in zip(picked, curves)]
+        res = splits[0]["results"].get(method)
+        if a.folds == 1 and res is not None:
+            rows[method]["history"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
+                                       for h in res.history]
+    shot = rows.pop("one-shot")
+    result = splits[0]["results"].get("squeeze-release") if a.folds == 1 else None
+    if result is not None:
+        assert rows["squeeze-release"]["picked"] == (f"cycle {result.best_cycle}" if result.best_cycle else "dense")
     seconds = time.perf_counter() - t_start
 
-    print(f"\n{a.model} on {a.dataset}, seed {a.seed}: {cycles} cycles x {a.mask_steps + 1} train calls of "
+    split = "the fixed split" if a.folds == 1 else f"{a.folds}-fold cross-validation (means over the folds' models)"
+    print(f"\n{a.model} on {a.dataset}, seed {a.seed}, {split}: {cycles} cycles x {a.mask_steps + 1} train calls of "
           f"{recipe.epochs} epochs each (the gradual baseline: the same {cycles * (a.mask_steps + 1)} calls)")
     if result is not None:
         print("Squeeze-Release per cycle (accuracy column = validation):")
         print(result.table())
     print(f"\n{'':<40}{'params':>10}  {'compression':>11}  {'test acc':>8}")
     print(f"{'dense':<40}{params_dense:>10,}  {1.0:>10.2f}x  {100 * dense_test:>7.2f}%")
-    print(f"{'one-shot mask+minimize (no training)':<40}{shot['params']:>10,}  {params_dense / shot['params']:>10.2f}x  "
-          f"{100 * shot['accuracy']:>7.2f}%   (sparsity {shot['sparsity']})")
+    print(f"{'one-shot mask+minimize (no training)':<40}{shot['params']:>10,}  {shot['compression']:>10.2f}x  "
+          f"{100 * shot['accuracy']:>7.2f}%   ({shot['picked']})")
     for method, r in rows.items():
         print(f"{METHODS[method]:<40}{r['params']:>10,}  {r['compression']:>10.2f}x  {100 * r['accuracy']:>7.2f}%   "
               f"({r['picked']}; {r['seconds']:.0f} s)")
@@ -413,18 +506,18 @@ def main(argv: list[str] | None = None) -> dict:
         print("kept shapes: " + ", ".join(f"{n} {tuple(p.shape)}" for n, p in result.module.named_parameters()
                                           if p.dim() >= 2))
     if a.plot and result is not None:
-        plot(a.plot, result, acc_dense, [h["accuracy"] for h in result.history],
+        plot(a.plot, result, dense_val, [h["accuracy"] for h in result.history],
              f"Squeeze-Release: {a.model} on {a.dataset}")
         print(f"wrote {a.plot}")
     out = dict(benchmark="squeeze_release", model=a.model, dataset=a.dataset, seed=a.seed, quick=a.quick,
-               cycles=cycles, epochs=recipe.epochs, params_dense=params_dense, accuracy_dense=dense_test,
-               val_accuracy_dense=acc_dense, one_shot_compression=round(params_dense / shot["params"], 3),
-               one_shot_accuracy=shot["accuracy"], one_shot_sparsity=shot["sparsity"], methods=rows,
+               folds=a.folds, cycles=cycles, epochs=recipe.epochs, params_dense=params_dense, accuracy_dense=dense_test,
+               val_accuracy_dense=dense_val, one_shot_compression=shot["compression"],
+               one_shot_accuracy=shot["accuracy"], one_shot_sparsity=float(shot["picked"].split()[-1]), methods=rows,
                seconds=round(seconds, 1))
     if "squeeze-release" in rows:  # the headline fields, as before
         c = rows["squeeze-release"]
         out.update(compression=c["compression"], accuracy_final=c["accuracy"], params_final=c["params"],
-                   best_cycle=result.best_cycle)
+                   best_cycle=result.best_cycle if result is not None else c["picked"])
     print(json.dumps(out))
     return out
 

@@ -1,0 +1,56 @@
+"""benchmarks/squeeze_release.py's accuracy rule and its cross-validation folds: the selection never sees the test
+split, the folds cut the same pool, and on one split the rule is ``fp.squeeze_release``'s own choice."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+pytest.importorskip("sklearn", reason="the digits data come from scikit-learn")
+import squeeze_release as sr  # noqa: E402
+
+
+def test_folds_cut_one_pool_and_keep_the_test_split():
+    from sklearn.datasets import load_digits
+
+    _, y = load_digits(return_X_y=True)
+    fixed = sr.digits_indices(y, 3)
+    folds = [sr.digits_indices(y, 3, folds=4, fold=k) for k in range(4)]
+    pool = set(fixed["train"]) | set(fixed["val"])
+    vals = [set(f["val"]) for f in folds]
+    assert set().union(*vals) == pool and sum(map(len, vals)) == len(pool)  # the folds' validation parts cut the pool
+    for f in folds:
+        assert set(f["test"]) == set(fixed["test"])  # the same test images
+        assert set(f["train"]) | set(f["val"]) == pool and not set(f["train"]) & set(f["val"])
+        assert min(torch.bincount(torch.tensor(y[f["val"]]), minlength=10).tolist()) >= 8  # stratified
+    data = sr.load("digits", 3, folds=4, fold=1)
+    assert len(data["x_val"]) == len(folds[1]["val"]) and len(data["x_test"]) == len(fixed["test"])
+
+
+def test_mnist1d_fold_split_matches_the_fixed_split():
+    pytest.importorskip("mnist1d", reason="MNIST-1D's generator")
+    fixed = sr.load("mnist1d", 0)
+    first = sr.load("mnist1d", 0, folds=5, fold=0)  # five folds, the first for validation: the fixed split
+    for k in fixed:
+        assert torch.equal(fixed[k], first[k]), k
+
+
+def cand(params: int, val: float, test: float = 0.0) -> dict:
+    return dict(params=params, val=val, test=test, label="")
+
+
+def test_select_takes_the_smallest_within_the_mean_budget():
+    # one split: dense 0.95; candidates within 0.01 at 500 and 300 params, one below the budget at 100
+    one = [cand(1000, 0.95), cand(500, 0.945), cand(100, 0.90), cand(300, 0.941)]
+    assert sr.select([one], 0.01) == 3
+    assert sr.select([one], 0.001) == 0  # none within: the dense model
+    # two folds: candidate 2 fails on the mean (0.90 and 0.96 -> 0.93 < 0.94) though one fold alone passes
+    other = [cand(1000, 0.95), cand(480, 0.95), cand(120, 0.96), cand(700, 0.95)]
+    assert sr.select([one, other], 0.01) == 1  # candidate 3's mean params (500) are not below candidate 1's (490)
+    assert sr.select([one, other], 0.06) == 2
+    # the test accuracies never move the choice
+    shuffled = [[dict(c, test=t) for c, t in zip(one, (0.1, 0.9, 0.99, 0.0))]]
+    assert sr.select(shuffled, 0.01) == sr.select([one], 0.01)
