@@ -76,7 +76,6 @@ def load(dataset: str, seed: int, folds: int = 1, fold: int = 0) -> dict[str, to
     return out
 
 
-
 def digits_indices(y: np.ndarray, seed: int, folds: int = 1, fold: int = 0) -> dict[str, np.ndarray]:
     """The digits' indices per split (see :func:`load`), each split in a seeded random order."""
     rng = np.random.default_rng(seed)
