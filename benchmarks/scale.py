@@ -46,11 +46,18 @@ def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
 
 
+def config(name: str) -> Any:
+    """The transformers config of ``CONFIGS[name]``: vocabulary 32,000, no KV cache."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, max_position_embeddings=2048, use_cache=False, **CONFIGS[name])
+
+
 def build(name: str, dtype: Any, device: str) -> Any:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, use_cache=False, **CONFIGS[name])
+    cfg = config(name)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(dtype)
     model.eval()
@@ -59,7 +66,7 @@ def build(name: str, dtype: Any, device: str) -> Any:
     model = model.to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for pname, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
             else:

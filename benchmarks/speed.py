@@ -142,9 +142,9 @@ def measure(name: str, size: str, dtype: torch.dtype, repeats: int) -> dict[str,
         if "fxprune_unchecked_s" in row:
             row["unchecked_ratio"] = row["fxprune_unchecked_s"] / row["torch_pruning_s"]
     if times["export"] and times.get("check-forwards"):
-        row["floor_s"] = statistics.median(times["export"]) + statistics.median(times["check-forwards"])
-        row["floor_parts_forwards"] = {"export": statistics.median(times["export"]) / fwd,
-                                       "check_forwards": statistics.median(times["check-forwards"]) / fwd}
+        export, check = statistics.median(times["export"]), statistics.median(times["check-forwards"])
+        row["floor_s"] = export + check
+        row["floor_parts_forwards"] = {"export": export / fwd, "check_forwards": check / fwd}
         if "torch_pruning_s" in row:
             row["floor_ratio"] = row["floor_s"] / row["torch_pruning_s"]
     if "fxprune_s" in row and "fxprune_unchecked_s" in row:

@@ -277,15 +277,17 @@ class Trainer:
 Curve = list[dict]  # the candidates of one method on one split: index 0 the dense model; params, val, test, label
 
 
+def candidate(model: nn.Module, trainer: Trainer, label: str) -> dict:
+    return dict(params=count_params(model), val=trainer.accuracy(model), test=trainer.accuracy(model, "test"),
+                label=label)
+
+
 def one_shot(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, grid: list[float]) -> Curve:
     """Mask the dense model once at each sparsity of ``grid`` and minimize (no training): one candidate each."""
     gm = fp.capture(dense, example)
-    curve = [dict(params=count_params(gm), val=trainer.accuracy(dense), test=trainer.accuracy(dense, "test"),
-                  label="sparsity 0.0")]
+    curve = [candidate(dense, trainer, "sparsity 0.0")]
     for s in grid:
-        small = fp.minimize(fp.mask(gm, s), example)
-        curve.append(dict(params=count_params(small), val=trainer.accuracy(small), test=trainer.accuracy(small, "test"),
-                          label=f"sparsity {s}"))
+        curve.append(candidate(fp.minimize(fp.mask(gm, s), example), trainer, f"sparsity {s}"))
     return curve
 
 
@@ -294,21 +296,17 @@ def gradual(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Traine
     ``final`` (global magnitude of the active weights; masked weights stay masked), each followed by one ``train``
     call with the masks held (the same calls, epochs and group lasso as the cycle); after each, the masked model
     is minimized and is a candidate."""
-    gm = fp.capture(dense, example)
-    curve = [dict(params=count_params(gm), val=trainer.accuracy(dense), test=trainer.accuracy(dense, "test"),
-                  label="step 0, sparsity 0.0")]
-    work = gm
+    work = fp.capture(dense, example)
+    curve = [candidate(dense, trainer, "step 0, sparsity 0.0")]
     for k in range(1, steps + 1):
         s = fp.sparsity_schedule(k, steps, final, kind="linear")
         work = fp.mask(work, s)
         masks = work.meta["fxprune_masks"]
         work = fp.bake_masks(trainer.train(fp.hold_masks(work)))
         work.meta["fxprune_masks"] = masks
-        small = fp.minimize(work, example)
-        val, params = trainer.accuracy(small), count_params(small)
-        print(f"[gradual] step {k}/{steps} sparsity {s:.3f}: {params:,} params, validation {val:.4f}", file=sys.stderr)
-        curve.append(dict(params=params, val=val, test=trainer.accuracy(small, "test"),
-                          label=f"step {k}, sparsity {round(s, 4)}"))
+        curve.append(candidate(fp.minimize(work, example), trainer, f"step {k}, sparsity {round(s, 4)}"))
+        print(f"[gradual] step {k}/{steps} sparsity {s:.3f}: {curve[-1]['params']:,} params, validation "
+              f"{curve[-1]['val']:.4f}", file=sys.stderr)
     return curve
 
 
@@ -466,9 +464,10 @@ def main(argv: list[str] | None = None) -> dict:
     dense_test = float(np.mean([sp["curves"]["one-shot"][0]["test"] for sp in splits]))
     dense_val = float(np.mean([sp["curves"]["one-shot"][0]["val"] for sp in splits]))
     rows: dict[str, dict] = {}
+    picks: dict[str, int] = {}
     for method in methods + ["one-shot"]:
         curves = [sp["curves"][method] for sp in splits]
-        j = select(curves, a.tolerance)
+        j = picks[method] = select(curves, a.tolerance)
         picked = [c[j] for c in curves]
         rows[method] = dict(params=round(float(np.mean([p["params"] for p in picked]))),
                             compression=round(float(np.mean([params_dense / p["params"] for p in picked])), 3),
@@ -511,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = dict(benchmark="squeeze_release", model=a.model, dataset=a.dataset, seed=a.seed, quick=a.quick,
                folds=a.folds, cycles=cycles, epochs=recipe.epochs, params_dense=params_dense, accuracy_dense=dense_test,
                val_accuracy_dense=dense_val, one_shot_compression=shot["compression"],
-               one_shot_accuracy=shot["accuracy"], one_shot_sparsity=float(shot["picked"].split()[-1]), methods=rows,
+               one_shot_accuracy=shot["accuracy"], one_shot_sparsity=([0.0] + GRID)[picks["one-shot"]], methods=rows,
                seconds=round(seconds, 1))
     if "squeeze-release" in rows:  # the headline fields, as before
         c = rows["squeeze-release"]

@@ -32,15 +32,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import CONFIGS  # noqa: E402
+from scale import CONFIGS, config  # noqa: E402
 
 SEQ = 32
-
-
-def config(name: str) -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=32000, max_position_embeddings=2048, use_cache=False, **CONFIGS[name])
 
 
 def write_checkpoint(name: str, dtype_name: str, directory: Path) -> int:
