@@ -185,14 +185,22 @@ class Recipe:
     scale_tau: float = 0.0  # 1-D scales below this become exact zeros after each fine-tune (0: never)
     cycles: int = 6
     release_scale: float = 0.01  # fp.squeeze_release's release_scale: noise std over the std of each weight's nonzeros
+    schedule: str = "constant"  # learning rate within each `train` call: constant, or cosine decay to 0 over its steps
+    stream_lasso: float = 1.0  # weight of the residual-stream groups in the group lasso, relative to the rows/columns
+    distill: float = 0.0  # fine-tuning loss: (1 - distill) x cross-entropy + distill x KL to the dense model (T = 4)
 
 
 RECIPES = {
     ("fc", "digits"): Recipe(epochs=30, dense_epochs=60, lr=3e-3, lasso=1e-3),
     ("fc", "mnist1d"): Recipe(epochs=20, dense_epochs=60, lr=3e-3, lasso=1e-3),
-    ("convnext", "digits"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, lasso=1e-3, scale_tau=1e-2, cycles=10),
-    ("convnext", "mnist1d"): Recipe(epochs=10, dense_epochs=40, lr=2e-3, lasso=1e-3, scale_tau=1e-2, cycles=8),
+    ("convnext", "digits"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, lasso=5e-4, scale_tau=1e-2, cycles=10,
+                                   schedule="cosine"),
+    ("convnext", "mnist1d"): Recipe(epochs=10, dense_epochs=40, lr=2e-3, lasso=2e-3, scale_tau=1e-2, cycles=10,
+                                    schedule="cosine"),
 }
+
+
+T = 4.0  # distillation temperature
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -206,9 +214,10 @@ class GroupLasso:
     slices (``streams``: (tensor name, channel dim)), and the L1 norm of every 1-D scale (norm weights, layer
     scales; not biases). The tensors are looked up once per fine-tuning call, read on every step."""
 
-    def __init__(self, model: nn.Module, streams: list[list[tuple[str, int]]]):
+    def __init__(self, model: nn.Module, streams: list[list[tuple[str, int]]], stream_weight: float = 1.0):
         self.params = list(model.named_parameters())
         self.streams = [[(*_owner(model, n), dim) for n, dim in slices] for slices in streams]
+        self.stream_weight = stream_weight
 
     def __call__(self) -> torch.Tensor:
         terms = []
@@ -223,7 +232,7 @@ class GroupLasso:
         for slices in self.streams:
             sq = sum(t.pow(2).sum([d for d in range(t.dim()) if d != dim])
                      for t, dim in ((getattr(mod, attr), dim) for mod, attr, dim in slices))
-            terms.append(sq.add(1e-12).sqrt().sum())
+            terms.append(self.stream_weight * sq.add(1e-12).sqrt().sum())
         return torch.stack(terms).sum()
 
 
@@ -240,6 +249,7 @@ class Trainer:
     def __init__(self, data: dict[str, torch.Tensor], sample: tuple[int, ...], recipe: Recipe, seed: int,
                  streams: list[list[tuple[str, int]]]):
         self.data, self.sample, self.recipe, self.seed, self.calls = data, sample, recipe, seed, 0
+        self.teacher: torch.Tensor | None = None  # the dense model's logits on the training split (distillation)
         self.streams = streams
 
     def inputs(self, split: str) -> torch.Tensor:
@@ -253,15 +263,25 @@ class Trainer:
         x, y = self.inputs("train"), self.data["y_train"]
         # foreach: the same updates, bit for bit, with less per-tensor overhead
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=r.lr, foreach=True)
-        penalty = GroupLasso(model, self.streams)
+        penalty = GroupLasso(model, self.streams, r.stream_lasso)
+        epochs = epochs or r.epochs
+        steps = epochs * math.ceil(len(x) / r.batch)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if r.schedule == "cosine" else None
+        lam = r.lasso if lasso is None else lasso
         model.train()
-        for _ in range(epochs or r.epochs):
+        for _ in range(epochs):
             for idx in torch.randperm(len(x), generator=g).split(r.batch):
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                lam = r.lasso if lasso is None else lasso
+                out = model(x[idx])
+                loss = F.cross_entropy(out, y[idx])
+                if r.distill and self.teacher is not None:
+                    kl = F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(self.teacher[idx] / T, -1),
+                                  log_target=True, reduction="batchmean")
+                    loss = (1 - r.distill) * loss + r.distill * T * T * kl
                 (loss + lam * penalty() if lam else loss).backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
         if lam and r.scale_tau:
             zero_small_scales(model, r.scale_tau)
         return model
@@ -389,6 +409,9 @@ def run_split(a: argparse.Namespace, recipe: Recipe, cycles: int, sparsity: list
     model, sample = build(a.model, a.dataset)
     trainer = Trainer(data, sample, recipe, a.seed, model.stream_slices() if hasattr(model, "stream_slices") else [])
     trainer.train(model, recipe.dense_epochs, lasso=None if a.dense_lasso else 0.0)
+    if recipe.distill:
+        with torch.no_grad():
+            trainer.teacher = model.eval()(trainer.inputs("train"))
     example = (trainer.inputs("train")[:8],)
     out: dict = dict(params_dense=count_params(model), curves={}, seconds={}, results={})
     for method in methods:
@@ -410,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", choices=["fc", "convnext"], default="fc")
     ap.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits")
     ap.add_argument("--cycles", type=int, default=None,
-                    help="default: the recipe's (6 FC, 10 ConvNeXt digits, 8 ConvNeXt MNIST-1D; 4 with --quick)")
+                    help="default: the recipe's (6 FC, 10 ConvNeXt; 4 with --quick)")
     ap.add_argument("--sparsity", type=float, nargs="+", default=None,
                     help="final mask sparsity of each cycle (the last value repeats)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="accuracy budget below the dense model")
@@ -423,6 +446,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lasso", type=float, default=None, help="group-lasso strength (default: the recipe's)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per fine-tune call (default: the recipe's)")
     ap.add_argument("--release-scale", type=float, default=None, help="release noise scale (default: the recipe's)")
+    ap.add_argument("--schedule", choices=["constant", "cosine"], default=None,
+                    help="learning rate within each train call (default: the recipe's)")
+    ap.add_argument("--distill", type=float, default=None,
+                    help="weight of distillation from the dense model in the fine-tuning loss (default: the recipe's)")
+    ap.add_argument("--stream-lasso", type=float, default=None,
+                    help="weight of the residual-stream groups in the group lasso (default: the recipe's)")
     ap.add_argument("--mask-steps", type=int, default=3, help="masking steps per cycle, each followed by fine-tuning")
     ap.add_argument("--dense-lasso", action="store_true", help="train the dense model with the group lasso too")
     ap.add_argument("--method", choices=list(METHODS), nargs="+", default=["squeeze-release"],
@@ -448,7 +477,10 @@ def main(argv: list[str] | None = None) -> dict:
     if a.quick:
         recipe = dataclasses.replace(recipe, epochs=max(5, recipe.epochs // 2), dense_epochs=recipe.dense_epochs // 2)
     recipe = dataclasses.replace(recipe, epochs=a.epochs or recipe.epochs,
-                                 lasso=recipe.lasso if a.lasso is None else a.lasso)
+                                 lasso=recipe.lasso if a.lasso is None else a.lasso,
+                                 schedule=a.schedule or recipe.schedule,
+                                 stream_lasso=recipe.stream_lasso if a.stream_lasso is None else a.stream_lasso,
+                                 distill=recipe.distill if a.distill is None else a.distill)
     cycles = a.cycles or (4 if a.quick else recipe.cycles)
     a.release_scale = recipe.release_scale if a.release_scale is None else a.release_scale
     sched = a.sparsity or [0.9]

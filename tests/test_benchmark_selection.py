@@ -54,3 +54,37 @@ def test_select_takes_the_smallest_within_the_mean_budget():
     # the test accuracies never move the choice
     shuffled = [[dict(c, test=t) for c, t in zip(one, (0.1, 0.9, 0.99, 0.0))]]
     assert sr.select(shuffled, 0.01) == sr.select([one], 0.01)
+
+
+def test_cosine_schedule_and_stream_weight():
+    """The recipe's two knobs: ``schedule="cosine"`` decays the learning rate to zero over one ``train`` call (a
+    constant schedule does not), and ``stream_lasso`` scales only the residual-stream groups of the penalty."""
+    torch.manual_seed(0)
+    model, sample = sr.build("convnext", "mnist1d")
+    data = {f"{k}_{s}": v for s in ("train", "val", "test") for k, v in
+            (("x", torch.randn(16, 40)), ("y", torch.randint(0, 10, (16,))))}
+    seen = []
+    for schedule in ("constant", "cosine"):
+        recipe = sr.Recipe(epochs=2, dense_epochs=1, lr=1e-3, lasso=1e-3, batch=8, schedule=schedule)
+        trainer = sr.Trainer(data, sample, recipe, seed=0, streams=model.stream_slices())
+        opt_lrs = []
+        real_step = torch.optim.Adam.step
+
+        def step(self, *args, **kwargs):
+            opt_lrs.append(self.param_groups[0]["lr"])
+            return real_step(self, *args, **kwargs)
+
+        torch.optim.Adam.step = step
+        try:
+            trainer.train(sr.build("convnext", "mnist1d")[0])
+        finally:
+            torch.optim.Adam.step = real_step
+        seen.append(opt_lrs)
+    constant, cosine = seen
+    assert len(constant) == len(cosine) == 4 and set(constant) == {1e-3}
+    assert cosine[0] == 1e-3 and all(a > b for a, b in zip(cosine, cosine[1:])) and cosine[-1] < 2e-4
+    plain = sr.GroupLasso(model, model.stream_slices())()
+    without = sr.GroupLasso(model, [])()
+    tripled = sr.GroupLasso(model, model.stream_slices(), stream_weight=3.0)()
+    assert plain > without
+    torch.testing.assert_close(tripled - without, 3 * (plain - without))
