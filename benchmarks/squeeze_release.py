@@ -191,7 +191,7 @@ class Recipe:
 
 
 RECIPES = {
-    ("fc", "digits"): Recipe(epochs=30, dense_epochs=60, lr=3e-3, lasso=1e-3),
+    ("fc", "digits"): Recipe(epochs=30, dense_epochs=60, lr=3e-3, lasso=8e-3, distill=0.5),
     ("fc", "mnist1d"): Recipe(epochs=20, dense_epochs=60, lr=3e-3, lasso=1e-3),
     ("convnext", "digits"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, lasso=5e-4, scale_tau=1e-2, cycles=10,
                                    schedule="cosine"),
