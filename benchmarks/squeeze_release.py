@@ -186,7 +186,6 @@ class Recipe:
     cycles: int = 6
     release_scale: float = 0.01  # fp.squeeze_release's release_scale: noise std over the std of each weight's nonzeros
     schedule: str = "constant"  # learning rate within each `train` call: constant, or cosine decay to 0 over its steps
-    stream_lasso: float = 1.0  # weight of the residual-stream groups in the group lasso, relative to the rows/columns
     distill: float = 0.0  # fine-tuning loss: (1 - distill) x cross-entropy + distill x KL to the dense model (T = 4)
 
 
@@ -214,10 +213,9 @@ class GroupLasso:
     slices (``streams``: (tensor name, channel dim)), and the L1 norm of every 1-D scale (norm weights, layer
     scales; not biases). The tensors are looked up once per fine-tuning call, read on every step."""
 
-    def __init__(self, model: nn.Module, streams: list[list[tuple[str, int]]], stream_weight: float = 1.0):
+    def __init__(self, model: nn.Module, streams: list[list[tuple[str, int]]]):
         self.params = list(model.named_parameters())
         self.streams = [[(*_owner(model, n), dim) for n, dim in slices] for slices in streams]
-        self.stream_weight = stream_weight
 
     def __call__(self) -> torch.Tensor:
         terms = []
@@ -232,7 +230,7 @@ class GroupLasso:
         for slices in self.streams:
             sq = sum(t.pow(2).sum([d for d in range(t.dim()) if d != dim])
                      for t, dim in ((getattr(mod, attr), dim) for mod, attr, dim in slices))
-            terms.append(self.stream_weight * sq.add(1e-12).sqrt().sum())
+            terms.append(sq.add(1e-12).sqrt().sum())
         return torch.stack(terms).sum()
 
 
@@ -264,7 +262,7 @@ class Trainer:
         x, y = self.inputs("train"), self.data["y_train"]
         # foreach: the same updates, bit for bit, with less per-tensor overhead
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=r.lr, foreach=True)
-        penalty = GroupLasso(model, self.streams, r.stream_lasso)
+        penalty = GroupLasso(model, self.streams)
         epochs = epochs or r.epochs
         steps = epochs * math.ceil(len(x) / r.batch)
         cosine = (schedule or r.schedule) == "cosine"
@@ -454,8 +452,6 @@ def main(argv: list[str] | None = None) -> dict:
                     help="learning rate within each train call (default: the recipe's)")
     ap.add_argument("--distill", type=float, default=None,
                     help="weight of distillation from the dense model in the fine-tuning loss (default: the recipe's)")
-    ap.add_argument("--stream-lasso", type=float, default=None,
-                    help="weight of the residual-stream groups in the group lasso (default: the recipe's)")
     ap.add_argument("--mask-steps", type=int, default=3, help="masking steps per cycle, each followed by fine-tuning")
     ap.add_argument("--dense-lasso", action="store_true", help="train the dense model with the group lasso too")
     ap.add_argument("--method", choices=list(METHODS), nargs="+", default=["squeeze-release"],
@@ -483,7 +479,6 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = dataclasses.replace(recipe, epochs=a.epochs or recipe.epochs,
                                  lasso=recipe.lasso if a.lasso is None else a.lasso,
                                  schedule=a.schedule or recipe.schedule,
-                                 stream_lasso=recipe.stream_lasso if a.stream_lasso is None else a.stream_lasso,
                                  distill=recipe.distill if a.distill is None else a.distill)
     cycles = a.cycles or (4 if a.quick else recipe.cycles)
     a.release_scale = recipe.release_scale if a.release_scale is None else a.release_scale

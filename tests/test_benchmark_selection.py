@@ -56,35 +56,54 @@ def test_select_takes_the_smallest_within_the_mean_budget():
     assert sr.select(shuffled, 0.01) == sr.select([one], 0.01)
 
 
-def test_cosine_schedule_and_stream_weight():
-    """The recipe's two knobs: ``schedule="cosine"`` decays the learning rate to zero over one ``train`` call (a
-    constant schedule does not), and ``stream_lasso`` scales only the residual-stream groups of the penalty."""
+
+def tiny(distill: float = 0.0, schedule: str = "constant") -> tuple[sr.Trainer, torch.nn.Module]:
+    """A ConvNeXt-style MNIST-1D model and a trainer on 16 random samples (two batches of 8 per epoch)."""
     torch.manual_seed(0)
     model, sample = sr.build("convnext", "mnist1d")
     data = {f"{k}_{s}": v for s in ("train", "val", "test") for k, v in
             (("x", torch.randn(16, 40)), ("y", torch.randint(0, 10, (16,))))}
-    seen = []
-    for schedule in ("constant", "cosine"):
-        recipe = sr.Recipe(epochs=2, dense_epochs=1, lr=1e-3, lasso=1e-3, batch=8, schedule=schedule)
-        trainer = sr.Trainer(data, sample, recipe, seed=0, streams=model.stream_slices())
-        opt_lrs = []
-        real_step = torch.optim.Adam.step
+    recipe = sr.Recipe(epochs=2, dense_epochs=1, lr=1e-3, lasso=1e-3, batch=8, schedule=schedule, distill=distill)
+    return sr.Trainer(data, sample, recipe, seed=0, streams=model.stream_slices()), model
 
-        def step(self, *args, **kwargs):
-            opt_lrs.append(self.param_groups[0]["lr"])
-            return real_step(self, *args, **kwargs)
 
-        torch.optim.Adam.step = step
-        try:
-            trainer.train(sr.build("convnext", "mnist1d")[0])
-        finally:
-            torch.optim.Adam.step = real_step
-        seen.append(opt_lrs)
-    constant, cosine = seen
-    assert len(constant) == len(cosine) == 4 and set(constant) == {1e-3}
-    assert cosine[0] == 1e-3 and all(a > b for a, b in zip(cosine, cosine[1:])) and cosine[-1] < 2e-4
-    plain = sr.GroupLasso(model, model.stream_slices())()
-    without = sr.GroupLasso(model, [])()
-    tripled = sr.GroupLasso(model, model.stream_slices(), stream_weight=3.0)()
-    assert plain > without
-    torch.testing.assert_close(tripled - without, 3 * (plain - without))
+def learning_rates(trainer: sr.Trainer, model: torch.nn.Module, **kw) -> list[float]:
+    """The learning rate of every optimizer step of one ``train`` call."""
+    seen, real_step = [], torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    torch.optim.Adam.step = step
+    try:
+        trainer.train(model, **kw)
+    finally:
+        torch.optim.Adam.step = real_step
+    return seen
+
+
+def test_cosine_schedule_decays_within_a_call_and_never_for_the_dense_model():
+    trainer, model = tiny(schedule="cosine")
+    cosine = learning_rates(trainer, model)
+    assert len(cosine) == 4 and cosine[0] == 1e-3 and cosine[-1] < 2e-4
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+    assert set(learning_rates(trainer, model, schedule="constant")) == {1e-3}  # how run_split trains the dense model
+    trainer, model = tiny(schedule="constant")
+    assert set(learning_rates(trainer, model)) == {1e-3}
+
+
+
+def test_distillation_pulls_towards_the_teacher_logits():
+    # a teacher that disagrees with the labels: trained on it alone (distill=1), the model ends closer to it than
+    # trained on the labels alone (distill=0); the lasso is off
+    def kl_to_teacher(distill: float) -> float:
+        trainer, model = tiny(distill=distill)
+        trainer.teacher = torch.randn(16, 10, generator=torch.Generator().manual_seed(1)) * 3
+        trainer.train(model, epochs=30, lasso=0.0)
+        with torch.no_grad():
+            out = model.eval()(trainer.inputs("train"))
+        return float(torch.nn.functional.kl_div(out.log_softmax(-1), trainer.teacher.log_softmax(-1), log_target=True,
+                                                reduction="batchmean"))
+
+    assert kl_to_teacher(1.0) < 0.5 * kl_to_teacher(0.0)
