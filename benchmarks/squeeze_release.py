@@ -539,8 +539,8 @@ def main(argv: list[str] | None = None) -> dict:
              f"Squeeze-Release: {a.model} on {a.dataset}")
         print(f"wrote {a.plot}")
     out = dict(benchmark="squeeze_release", model=a.model, dataset=a.dataset, seed=a.seed, quick=a.quick,
-               folds=a.folds, cycles=cycles, epochs=recipe.epochs, params_dense=params_dense, accuracy_dense=dense_test,
-               val_accuracy_dense=dense_val, one_shot_compression=shot["compression"],
+               folds=a.folds, cycles=cycles, epochs=recipe.epochs, recipe=dataclasses.asdict(recipe),
+               params_dense=params_dense, accuracy_dense=dense_test, val_accuracy_dense=dense_val, one_shot_compression=shot["compression"],
                one_shot_accuracy=shot["accuracy"], one_shot_sparsity=([0.0] + GRID)[picks["one-shot"]], methods=rows,
                seconds=round(seconds, 1))
     if "squeeze-release" in rows:  # the headline fields, as before
