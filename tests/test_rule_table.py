@@ -34,14 +34,19 @@ def test_every_listed_aten_op_has_a_rule_or_is_opaque_by_design():
 
 
 @pytest.mark.slow
-def test_op_list_is_current():
+def test_op_list_covers_every_emitted_op():
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     from list_aten_ops import export_ops
 
-    current = sorted({op for c in export_ops().values() for op in c})
-    assert current == DATA.read_text().splitlines(), "run `make ops` to refresh tests/data/aten_ops.txt"
+    # an op the reference models emit that is not in the list has never been reviewed for a channel rule; an op in
+    # the list that a newer transformers no longer emits is harmless (transformers 5.24 dropped
+    # wrap_with_set_grad_enabled), so only the first fails
+    current = {op for c in export_ops().values() for op in c}
+    unseen = sorted(current - set(DATA.read_text().splitlines()))
+    assert not unseen, (f"the reference models now emit {unseen}, which tests/data/aten_ops.txt does not list: run "
+                        "`make ops`, and give each a channel rule or register it as opaque")
 
 
 def test_duplicate_registration_rejected():
