@@ -15,12 +15,15 @@ object; ``--summarize`` reads such lines from several runs (seeds) and prints me
 offline (scikit-learn's digits, mnist1d's generator); every seed is fixed.
 
 The recipe (the user's side of the cycle, not part of fxprune): Adam, with a group-lasso term in the fine-tuning
-optimizer step, which shrinks whole rows and columns of every weight (and entries of 1-D scales: LayerNorm
-weights, layer scales) towards zero and sets the ones below the threshold to exact zeros. Exact zeros in a row are
-a dead unit, in a column an unread input, in a stream's norm weight and layer scales a constant stream channel:
-all structure that ``minimize`` removes exactly. Selection (the cycle's tolerance, the gradual steps, the one-shot
-grid) uses a validation split, or with ``--folds K`` the mean over K cross-validation folds (every method then runs
-K times and the K models picked are reported as means); the accuracies reported are on the test split.
+optimizer step, which shrinks whole rows and columns of every weight (and entries of 1-D scales: LayerNorm weights,
+layer scales) towards zero and sets the ones below the threshold to exact zeros. Exact zeros in a row are a dead
+unit, in a column an unread input, in a stream's norm weight and layer scales a constant stream channel: all
+structure that ``minimize`` removes exactly. Per (model, dataset) ``RECIPES`` also sets the learning rate's
+schedule within a call (cosine decay for ConvNeXt) and a distillation term towards the dense model's logits (FC
+digits); the dense model itself always trains at a constant learning rate without either. Selection (the cycle's
+tolerance, the gradual steps, the one-shot grid) uses a validation split, or with ``--folds K`` the mean over K
+cross-validation folds (every method then runs K times and the K models picked are reported as means); the
+accuracies reported are on the test split.
 """
 from __future__ import annotations
 
@@ -540,8 +543,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {a.plot}")
     out = dict(benchmark="squeeze_release", model=a.model, dataset=a.dataset, seed=a.seed, quick=a.quick,
                folds=a.folds, cycles=cycles, epochs=recipe.epochs, recipe=dataclasses.asdict(recipe),
-               params_dense=params_dense, accuracy_dense=dense_test, val_accuracy_dense=dense_val, one_shot_compression=shot["compression"],
-               one_shot_accuracy=shot["accuracy"], one_shot_sparsity=([0.0] + GRID)[picks["one-shot"]], methods=rows,
+               params_dense=params_dense, accuracy_dense=dense_test, val_accuracy_dense=dense_val,
+               one_shot_compression=shot["compression"], one_shot_accuracy=shot["accuracy"],
+               one_shot_sparsity=([0.0] + GRID)[picks["one-shot"]], methods=rows,
                seconds=round(seconds, 1))
     if "squeeze-release" in rows:  # the headline fields, as before
         c = rows["squeeze-release"]
