@@ -56,7 +56,6 @@ def test_select_takes_the_smallest_within_the_mean_budget():
     assert sr.select(shuffled, 0.01) == sr.select([one], 0.01)
 
 
-
 def tiny(distill: float = 0.0, schedule: str = "constant") -> tuple[sr.Trainer, torch.nn.Module]:
     """A ConvNeXt-style MNIST-1D model and a trainer on 16 random samples (two batches of 8 per epoch)."""
     torch.manual_seed(0)
@@ -91,7 +90,6 @@ def test_cosine_schedule_decays_within_a_call_and_never_for_the_dense_model():
     assert set(learning_rates(trainer, model, schedule="constant")) == {1e-3}  # how run_split trains the dense model
     trainer, model = tiny(schedule="constant")
     assert set(learning_rates(trainer, model)) == {1e-3}
-
 
 
 def test_distillation_pulls_towards_the_teacher_logits():
