@@ -348,14 +348,16 @@ class Logged:
 
 def cycle_curve(res: fp.SqueezeReleaseResult, log: Logged) -> Curve:
     """One candidate per cycle: the model the cycle kept (the more accurate on validation of the minimized and the
-    fine-tuned one; ``evaluate`` ran on the dense model, then on those two per cycle)."""
+    fine-tuned one; ``evaluate`` ran on the dense model, then on those two per cycle). Each cycle's entry also
+    records both models' (validation, test) accuracies as ``minimized`` and ``tuned``."""
     (val, test), curve = log.calls[0], []
     curve.append(dict(params=res.dense["params"], val=val, test=test, label="dense"))
     for c, h in enumerate(res.history):
         minimized, tuned = log.calls[1 + 2 * c], log.calls[2 + 2 * c]
         val, test = tuned if tuned[0] > minimized[0] else minimized
         assert val == h["accuracy"], "evaluate's calls out of step with the cycles"
-        curve.append(dict(params=h["params"], val=val, test=test, label=f"cycle {h['cycle']}"))
+        curve.append(dict(params=h["params"], val=val, test=test, label=f"cycle {h['cycle']}",
+                          minimized=list(minimized), tuned=list(tuned)))
     return curve
 
 
@@ -507,6 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
                             compression=round(float(np.mean([params_dense / p["params"] for p in picked])), 3),
                             accuracy=float(np.mean([p["test"] for p in picked])), picked=picked[0]["label"],
                             seconds=round(sum(sp["seconds"].get(method, 0.0) for sp in splits), 1))
+        rows[method]["curves"] = curves  # every candidate of every split: what the rule chose from
         if a.folds > 1:
             rows[method]["folds"] = [dict(params=p["params"], compression=round(params_dense / p["params"], 3),
                                           test=p["test"], dense_test=c[0]["test"]) for p, c in zip(picked, curves)]
