@@ -20,7 +20,7 @@ layer scales) towards zero and sets the ones below the threshold to exact zeros.
 unit, in a column an unread input, in a stream's norm weight and layer scales a constant stream channel: all
 structure that ``minimize`` removes exactly. Per (model, dataset) ``RECIPES`` also sets the learning rate's
 schedule within a call (cosine decay for ConvNeXt) and a distillation term towards the dense model's logits (FC
-digits); the dense model itself always trains at a constant learning rate without either. Selection (the cycle's
+and ConvNeXt digits); the dense model itself always trains at a constant learning rate without either. Selection (the cycle's
 tolerance, the gradual steps, the one-shot grid) uses a validation split, or with ``--folds K`` the mean over K
 cross-validation folds (every method then runs K times and the K models picked are reported as means); the
 accuracies reported are on the test split.
@@ -195,8 +195,8 @@ class Recipe:
 RECIPES = {
     ("fc", "digits"): Recipe(epochs=30, dense_epochs=60, lr=3e-3, lasso=8e-3, distill=0.5),
     ("fc", "mnist1d"): Recipe(epochs=20, dense_epochs=60, lr=3e-3, lasso=1e-3),
-    ("convnext", "digits"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, lasso=5e-4, scale_tau=1e-2, cycles=10,
-                                   schedule="cosine"),
+    ("convnext", "digits"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, lasso=4e-3, scale_tau=1e-2, cycles=10,
+                                   schedule="cosine", distill=0.5),
     ("convnext", "mnist1d"): Recipe(epochs=10, dense_epochs=40, lr=2e-3, lasso=2e-3, scale_tau=1e-2, cycles=10,
                                     schedule="cosine"),
 }
