@@ -591,9 +591,47 @@ def summarize(paths: list[str]) -> dict:
         for r, m in sorted(rs, key=lambda rm: rm[0]["seed"]):
             print(f"| {model} | {dataset} | {method} | {r['seed']} | {m['compression']:.1f}x | {100 * m['accuracy']:.2f}% | "
                   f"{100 * r['accuracy_dense']:.2f}% | {m['picked']} | {r['seconds']:.0f} |")
-    out = dict(benchmark="squeeze_release_summary", rows=table)
+    kept_tuned = tuned_rows(groups)
+    out = dict(benchmark="squeeze_release_summary", rows=table, kept_tuned=kept_tuned)
     print(json.dumps(out))
     return out
+
+
+def tuned_curve(curve: Curve) -> Curve:
+    """A cycle method's candidates with each cycle's fine-tuned model in place of the kept one (the more accurate
+    on validation of the minimized and the fine-tuned model)."""
+    return [c if "tuned" not in c else dict(c, val=c["tuned"][0], test=c["tuned"][1]) for c in curve]
+
+
+def tuned_rows(groups: dict[tuple[str, str, str], list[tuple[dict, dict]]], tolerance: float = 0.01) -> list[dict]:
+    """The accuracy rule re-applied to the recorded candidates with every cycle's fine-tuned model kept: a check
+    of how much choosing per cycle on validation, and then again across cycles, costs on test."""
+    rows = []
+    for (model, dataset, method), rs in sorted(groups.items()):
+        rs = [(r, m) for r, m in rs if "curves" in m and any("tuned" in c for cv in m["curves"] for c in cv)]
+        if not rs:
+            continue
+        comp, drop = {}, {}
+        for key, transform in (("kept", lambda c: c), ("tuned", tuned_curve)):
+            comp[key], drop[key] = [], []
+            for r, m in rs:
+                curves = [transform(cv) for cv in m["curves"]]
+                j = select(curves, tolerance)
+                if key == "kept":
+                    assert curves[0][j]["label"] == m["picked"], "the recorded pick is not the rule's"
+                comp[key].append(float(np.mean([r["params_dense"] / cv[j]["params"] for cv in curves])))
+                drop[key].append(100 * float(np.mean([cv[0]["test"] - cv[j]["test"] for cv in curves])))
+        rows.append(dict(model=model, dataset=dataset, method=method, seeds=",".join(str(r["seed"]) for r, _ in rs),
+                         **{f"{k}_{q}": float(np.mean(v[k])) for q, v in (("compression", comp), ("drop", drop))
+                            for k in v}))
+    if rows:
+        print("\nThe same rule with each cycle's fine-tuned model kept instead of the better of the two on validation:")
+        print("| model | data | method | seeds | compression, kept | drop, kept (pt) | compression, fine-tuned | drop, fine-tuned (pt) |")
+        print("|---|---|---|---|---:|---:|---:|---:|")
+        for w in rows:
+            print(f"| {w['model']} | {w['dataset']} | {METHODS[w['method']]} | {w['seeds']} | {w['kept_compression']:.1f}x | "
+                  f"{w['kept_drop']:+.2f} | {w['tuned_compression']:.1f}x | {w['tuned_drop']:+.2f} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -56,6 +56,24 @@ def test_select_takes_the_smallest_within_the_mean_budget():
     assert sr.select(shuffled, 0.01) == sr.select([one], 0.01)
 
 
+def test_tuned_rows_reapply_the_rule_with_each_cycles_fine_tuned_model():
+    # cycle 1 kept its minimized model (0.95 on validation); its fine-tuned one (0.93) is outside the budget, so with
+    # the fine-tuned models kept the rule picks cycle 2 (its fine-tuned model was the one kept anyway)
+    curve = [dict(cand(1000, 0.95, 0.97), label="dense"),
+             dict(cand(100, 0.95, 0.90), label="cycle 1", minimized=[0.95, 0.90], tuned=[0.93, 0.96]),
+             dict(cand(200, 0.945, 0.96), label="cycle 2", minimized=[0.90, 0.80], tuned=[0.945, 0.96])]
+    run = dict(seed=0, params_dense=1000)
+    groups = {("convnext", "digits", "squeeze-release"): [(run, dict(curves=[curve], picked="cycle 1"))]}
+    [row] = sr.tuned_rows(groups)
+    assert row["kept_compression"] == pytest.approx(10.0) and row["kept_drop"] == pytest.approx(7.0)
+    assert row["tuned_compression"] == pytest.approx(5.0) and row["tuned_drop"] == pytest.approx(1.0)
+    assert sr.tuned_curve(curve)[1]["val"] == 0.93 and curve[1]["val"] == 0.95  # a copy: the record is unchanged
+    bad = {k: [(run, dict(curves=[curve], picked="cycle 2"))] for k in groups}
+    with pytest.raises(AssertionError, match="recorded pick"):
+        sr.tuned_rows(bad)  # a file whose pick the rule does not reproduce (another tolerance) is refused
+    assert sr.tuned_rows({k: [(run, dict(picked="cycle 1"))] for k in groups}) == []  # older files: no curves
+
+
 def tiny(distill: float = 0.0, schedule: str = "constant") -> tuple[sr.Trainer, torch.nn.Module]:
     """A ConvNeXt-style MNIST-1D model and a trainer on 16 random samples (two batches of 8 per epoch)."""
     torch.manual_seed(0)
