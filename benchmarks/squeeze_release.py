@@ -20,10 +20,12 @@ layer scales) towards zero and sets the ones below the threshold to exact zeros.
 unit, in a column an unread input, in a stream's norm weight and layer scales a constant stream channel: all
 structure that ``minimize`` removes exactly. Per (model, dataset) ``RECIPES`` also sets the learning rate's
 schedule within a call (cosine decay for ConvNeXt) and a distillation term towards the dense model's logits (FC
-and ConvNeXt digits); the dense model itself always trains at a constant learning rate without either. Selection (the cycle's
-tolerance, the gradual steps, the one-shot grid) uses a validation split, or with ``--folds K`` the mean over K
-cross-validation folds (every method then runs K times and the K models picked are reported as means); the
-accuracies reported are on the test split.
+and ConvNeXt digits); the dense model itself always trains at a constant learning rate without either. Selection
+(the cycle's tolerance, the gradual steps, the one-shot grid) uses a validation split, or with ``--folds K`` the
+mean over K cross-validation folds (every method then runs K times and the K models picked are reported as means);
+the accuracies reported are on the test split. Every candidate is recorded in the JSON line, and ``--summarize``
+also re-applies the rule with each cycle's fine-tuned model kept (instead of the better of the minimized and the
+fine-tuned one on validation).
 """
 from __future__ import annotations
 
@@ -617,8 +619,9 @@ def tuned_rows(groups: dict[tuple[str, str, str], list[tuple[dict, dict]]], tole
             for r, m in rs:
                 curves = [transform(cv) for cv in m["curves"]]
                 j = select(curves, tolerance)
-                if key == "kept":
-                    assert curves[0][j]["label"] == m["picked"], "the recorded pick is not the rule's"
+                if key == "kept" and curves[0][j]["label"] != m["picked"]:
+                    raise ValueError(f"seed {r['seed']}, {method}: the recorded pick ({m['picked']}) is not the rule's "
+                                     f"at tolerance {tolerance} ({curves[0][j]['label']}): a run with another --tolerance?")
                 comp[key].append(float(np.mean([r["params_dense"] / cv[j]["params"] for cv in curves])))
                 drop[key].append(100 * float(np.mean([cv[0]["test"] - cv[j]["test"] for cv in curves])))
         rows.append(dict(model=model, dataset=dataset, method=method, seeds=",".join(str(r["seed"]) for r, _ in rs),

@@ -69,7 +69,7 @@ def test_tuned_rows_reapply_the_rule_with_each_cycles_fine_tuned_model():
     assert row["tuned_compression"] == pytest.approx(5.0) and row["tuned_drop"] == pytest.approx(1.0)
     assert sr.tuned_curve(curve)[1]["val"] == 0.93 and curve[1]["val"] == 0.95  # a copy: the record is unchanged
     bad = {k: [(run, dict(curves=[curve], picked="cycle 2"))] for k in groups}
-    with pytest.raises(AssertionError, match="recorded pick"):
+    with pytest.raises(ValueError, match="recorded pick"):
         sr.tuned_rows(bad)  # a file whose pick the rule does not reproduce (another tolerance) is refused
     assert sr.tuned_rows({k: [(run, dict(picked="cycle 1"))] for k in groups}) == []  # older files: no curves
 
