@@ -608,25 +608,27 @@ def tuned_curve(curve: Curve) -> Curve:
 def tuned_rows(groups: dict[tuple[str, str, str], list[tuple[dict, dict]]], tolerance: float = 0.01) -> list[dict]:
     """The accuracy rule re-applied to the recorded candidates with every cycle's fine-tuned model kept: a check
     of how much choosing per cycle on validation, and then again across cycles, costs on test."""
+    def figures(r: dict, curves: list[Curve], j: int) -> tuple[float, float]:  # mean compression, test drop (pt)
+        return (float(np.mean([r["params_dense"] / cv[j]["params"] for cv in curves])),
+                100 * float(np.mean([cv[0]["test"] - cv[j]["test"] for cv in curves])))
+
     rows = []
     for (model, dataset, method), rs in sorted(groups.items()):
         rs = [(r, m) for r, m in rs if "curves" in m and any("tuned" in c for cv in m["curves"] for c in cv)]
         if not rs:
             continue
-        comp, drop = {}, {}
-        for key, transform in (("kept", lambda c: c), ("tuned", tuned_curve)):
-            comp[key], drop[key] = [], []
-            for r, m in rs:
-                curves = [transform(cv) for cv in m["curves"]]
-                j = select(curves, tolerance)
-                if key == "kept" and curves[0][j]["label"] != m["picked"]:
-                    raise ValueError(f"seed {r['seed']}, {method}: the recorded pick ({m['picked']}) is not the rule's "
-                                     f"at tolerance {tolerance} ({curves[0][j]['label']}): a run with another --tolerance?")
-                comp[key].append(float(np.mean([r["params_dense"] / cv[j]["params"] for cv in curves])))
-                drop[key].append(100 * float(np.mean([cv[0]["test"] - cv[j]["test"] for cv in curves])))
+        per_run = []
+        for r, m in rs:
+            j = select(m["curves"], tolerance)
+            if m["curves"][0][j]["label"] != m["picked"]:
+                raise ValueError(f"seed {r['seed']}, {method}: the recorded pick ({m['picked']}) is not the rule's "
+                                 f"at tolerance {tolerance} ({m['curves'][0][j]['label']}): a run with another --tolerance?")
+            tuned = [tuned_curve(cv) for cv in m["curves"]]
+            per_run.append(figures(r, m["curves"], j) + figures(r, tuned, select(tuned, tolerance)))
+        kept_compression, kept_drop, tuned_compression, tuned_drop = (float(np.mean(col)) for col in zip(*per_run))
         rows.append(dict(model=model, dataset=dataset, method=method, seeds=",".join(str(r["seed"]) for r, _ in rs),
-                         **{f"{k}_{q}": float(np.mean(v[k])) for q, v in (("compression", comp), ("drop", drop))
-                            for k in v}))
+                         kept_compression=kept_compression, kept_drop=kept_drop, tuned_compression=tuned_compression,
+                         tuned_drop=tuned_drop))
     if rows:
         print("\nThe same rule with each cycle's fine-tuned model kept instead of the better of the two on validation:")
         print("| model | data | method | seeds | compression, kept | drop, kept (pt) | compression, fine-tuned | drop, fine-tuned (pt) |")
