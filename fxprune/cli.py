@@ -8,7 +8,9 @@
 
 Files are read with ``torch.export.load`` only, with every ``torch.load`` inside it held to
 ``weights_only=True`` (torch.export.load would otherwise retry unsafe unpickling when the safe loader refuses a
-part of the archive): a crafted file cannot run code. Programs whose inputs or outputs are transformers' output
+part of the archive), after :func:`~fxprune.graph.exported.check_archive` has refused every entry that only a full
+unpickler could read (opaque and custom-object constants, compiled code, payloads the weights-only unpickler
+refuses): a crafted file cannot run code. Programs whose inputs or outputs are transformers' output
 classes load when transformers is installed; another package's pytree types need ``--import PACKAGE``. The
 input program's dynamic dims are kept in the output. Bad input (a missing file, a file that is not a .pt2 archive, a program that does not run on its
 own example inputs) exits with status 2 and a one-line message. Progress goes to stderr.

@@ -167,7 +167,7 @@ def test_cli_refuses_archives_that_would_run_code(pt2, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "fxprune.cli", "inspect", str(evil)], capture_output=True, text=True)
     assert not (tmp_path / "pwned").exists()
-    assert proc.returncode == 2 and "could not read it" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "refused" in proc.stderr and "sample_inputs" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_bad_sparsity_exits_2(pt2, tmp_path, capsys):

@@ -12,8 +12,10 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import io
 import logging
 import json
+import re
 import threading
 import zipfile
 from typing import Any, Callable, Sequence, TypeVar
@@ -21,9 +23,9 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from torch import nn
 
-from fxprune.errors import InputError
+from fxprune.errors import InputError, LoadError
 
-__all__ = ["exported_io", "program_inputs", "to_program", "load_program"]
+__all__ = ["exported_io", "program_inputs", "to_program", "load_program", "check_archive"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,7 +100,11 @@ def load_program(path: str, imports: Sequence[str] = ()) -> torch.export.Exporte
     classes) needs those types registered: the module that defines a type named in the file is imported when its
     package is in ``TRUSTED_PYTREE_PACKAGES`` or in ``imports`` (modules the caller names, imported first);
     otherwise :class:`InputError` names the type and the package to import.
+
+    The archive is read first as what it is, a zip of JSON configs and payloads (:func:`check_archive`): a payload
+    that only a full unpickler could read raises :class:`~fxprune.errors.LoadError` before anything is deserialized.
     """
+    check_archive(path)
     for name in imports:
         try:
             importlib.import_module(name)
@@ -118,6 +124,70 @@ def load_program(path: str, imports: Sequence[str] = ()) -> torch.export.Exporte
         except ImportError as e:
             raise InputError(f"the program uses the pytree type {type_name}, and importing {module} failed: {e}") from e
     return _read(path)
+
+
+# Prefixes of the constants' payload files in a .pt2 archive (torch/export/pt2_archive/constants.py) and how
+# torch.export.load reads each: tensors with torch.load (held to weights_only here), the two object kinds with
+# unpicklers that run whatever the bytes name.
+_TENSOR_PREFIX, _SCRIPT_OBJECT_PREFIX, _OPAQUE_OBJECT_PREFIX = "tensor_", "custom_obj_", "opaque_obj_"
+_UNSAFE = {_SCRIPT_OBJECT_PREFIX: "a TorchScript custom object, which torch.export.load reads with "
+                                  "torch._C._pickle_load_obj",
+           _OPAQUE_OBJECT_PREFIX: "an opaque object, which torch.export.load reads with pickle.loads"}
+
+
+def check_archive(path: str) -> None:
+    """Refuse a ``.pt2`` archive that holds anything ``torch.export.load`` would deserialize other than through the
+    weights-only unpickler, before any of it is deserialized; raises :class:`~fxprune.errors.LoadError` naming the
+    entry.
+
+    Read as zip entries and JSON only: the constants and weights configs (each payload's kind), every pickled
+    payload (sample inputs, pickled weights and tensor constants, legacy weight and constant files), tried with
+    ``torch.load(weights_only=True)``, and compiled code (an AOTInductor package, which loading would run).
+    """
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise LoadError(f"not a .pt2 archive ({e})") from e
+    with z:
+        names = z.namelist()
+        root = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ""
+        entries = {n[len(root):]: n for n in names if n.startswith(root)}
+
+        def refuse(entry: str, what: str) -> LoadError:
+            return LoadError(f"refused before reading it: entry '{entries.get(entry, entry)}' is {what}; a crafted "
+                             "file could run code that way, and fxprune reads tensors and plain containers only")
+
+        def pickled(entry: str, what: str) -> None:
+            try:
+                torch.load(io.BytesIO(z.read(entries[entry])), weights_only=True)
+            except Exception as e:
+                raise refuse(entry, f"{what} that the weights-only unpickler refuses ({type(e).__name__})") from e
+
+        for entry in entries:
+            if entry.startswith("data/aotinductor/"):
+                raise refuse(entry, "AOTInductor compiled code, which torch.export.load loads and runs")
+        for entry in sorted(entries):
+            if entry.startswith("data/sample_inputs/") and entry.endswith(".pt"):
+                pickled(entry, "pickled sample inputs")
+            elif re.fullmatch(r"data/(weights|constants)/[^/]+\.pt", entry):
+                pickled(entry, "a legacy pickled weights or constants file")
+            elif re.fullmatch(r"data/(weights|constants)/[^/]+_(weights|constants)_config\.json", entry):
+                directory = entry.rsplit("/", 1)[0] + "/"
+                try:
+                    config = json.loads(z.read(entries[entry])).get("config", {})
+                    items = [(str(fqn), str(meta["path_name"]), bool(meta.get("use_pickle"))) for fqn, meta in config.items()]
+                except (ValueError, AttributeError, KeyError, TypeError) as e:
+                    raise LoadError(f"entry '{entries[entry]}' is not a payload config ({e}): the archive is damaged") from e
+                for fqn, file, use_pickle in items:
+                    payload = directory + file
+                    if directory == "data/constants/" and not file.startswith(_TENSOR_PREFIX):
+                        kind = next((v for k, v in _UNSAFE.items() if file.startswith(k)), "a constant of unknown kind")
+                        raise refuse(payload, f"constant '{fqn}': {kind}")
+                    if use_pickle:
+                        if payload not in entries:
+                            raise LoadError(f"entry '{root}{payload}' named by '{entries[entry]}' is missing: the "
+                                            "archive is damaged")
+                        pickled(payload, f"'{fqn}', a pickled tensor")
 
 
 def _unregistered_types(path: str) -> set[str]:
