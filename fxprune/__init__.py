@@ -1,6 +1,7 @@
 """fxprune: torch.fx passes that make pruned networks physically smaller, exactly."""
 from fxprune.api import analyze, capture, compile, mask, minimize, verify
 from fxprune.cycle import SqueezeReleaseResult, squeeze_release
+from fxprune.interop.lasso import GroupLasso, group_lasso
 from fxprune.interop.module import minimize_module
 from fxprune.interop.saving import load, save
 from fxprune.interop.stream import StreamedResult, minimize_checkpoint
@@ -10,7 +11,7 @@ from fxprune.passes.mask import bake_masks, hold_masks, sparsity_schedule
 from fxprune.passes.release import ReleaseReport, release
 
 __all__ = ["capture", "analyze", "compile", "mask", "minimize", "minimize_module", "minimize_checkpoint", "StreamedResult", "verify", "compensate_layernorm", "release", "ReleaseReport", "squeeze_release",
-           "SqueezeReleaseResult", "hold_masks", "bake_masks", "sparsity_schedule",
+           "SqueezeReleaseResult", "GroupLasso", "group_lasso", "hold_masks", "bake_masks", "sparsity_schedule",
            "FxPruneError", "CaptureError", "EquivalenceError",
            "InputError", "MaskError", "UnsupportedError", "LoadError", "CheckpointError", "save", "load"]
 __version__ = "0.1.0"

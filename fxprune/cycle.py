@@ -1,14 +1,19 @@
-"""``squeeze_release``: the Squeeze-Release cycle driver.
+"""``squeeze_release``: the Squeeze-Release cycle driver, on the user's own model.
 
-Each cycle masks gradually (masks held while the user's ``train`` fine-tunes), minimizes exactly, releases the
-zeros left inside the kept tensors and fine-tunes again. Both the minimized model and the released, fine-tuned one
-(same size) are candidates; the better one is the cycle's model. Successive cycles find
-structure a single pass cannot: the released capacity trains into a shape the next mask can cut along.
+Each cycle masks gradually (masks held as parametrizations while the user's ``train`` fine-tunes), minimizes
+exactly, releases the zeros left inside the kept tensors and fine-tunes again. ``train`` and ``evaluate`` get a copy
+of the user's own model, its classes and all (``.train()``/``.eval()``, BatchNorm and dropout, ``.logits``,
+``generate()``...); the minimize step is :func:`~fxprune.minimize_module` (checked, fail-closed), so the model kept
+is the user's class, smaller. A model that cannot be kept as its own class (torch.export cannot capture it, or its
+write-back is unsupported) goes the graph path instead, with a warning that says why. Throughout every ``train``
+call, fxprune's group lasso (:class:`~fxprune.interop.lasso.GroupLasso`, built from the model's own channel groups)
+takes a proximal step after each optimizer step, so that whole groups become exact zeros that ``minimize`` removes.
 
-With ``checkpoint_dir`` every complete cycle is written to disk (:mod:`fxprune.interop.checkpoint`) and
+Both the minimized model and the released, fine-tuned one (same size) are candidates; the better one is the cycle's
+model. With ``checkpoint_dir`` every complete cycle is written to disk (:mod:`fxprune.interop.checkpoint`) and
 ``resume=True`` continues from the last one; under ``torch.distributed`` the ranks stay on rank 0's model
 (:mod:`fxprune.interop.distributed`). Every object that goes from one cycle to the next is rebuilt from the
-previous minimized graph and a recorded state (:func:`_rebuilt`), on the uninterrupted path as on the resumed one,
+previous minimized model and a recorded state (:func:`_rebuilt`), on the uninterrupted path as on the resumed one,
 so that both compute the same thing.
 """
 from __future__ import annotations
@@ -17,6 +22,7 @@ import copy
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -25,24 +31,32 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.nn.parallel import DistributedDataParallel
 
-from fxprune.errors import CheckpointError, InputError
+from fxprune.errors import CaptureError, CheckpointError, InputError, UnsupportedError
 from fxprune.graph.capture import as_inputs, capture
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
 from fxprune.interop.distributed import Ranks
-from fxprune.passes.mask import MASKS_KEY, bake_masks, hold_masks, mask, prunable, sparsity_schedule
+from fxprune.interop.lasso import DEFAULT_STRENGTH, GroupLasso
+from fxprune.interop.masks import unmasked
+from fxprune.interop.module import minimize_module
+from fxprune.passes.mask import apply_masks, bake_masks, hold_masks, magnitude_masks, prunable, sparsity_schedule
 from fxprune.passes.minimize import minimize
 from fxprune.passes.release import release as release_zeros
 from fxprune.verify import _flops, count_params
 
-__all__ = ["squeeze_release", "SqueezeReleaseResult"]
+__all__ = ["squeeze_release", "SqueezeReleaseResult", "GraphPathWarning"]
+
+
+class GraphPathWarning(UserWarning):
+    """``squeeze_release`` could not keep the model as its own class and went on with its graph."""
 
 
 @dataclass
 class SqueezeReleaseResult:
-    """The model kept (the smallest whose accuracy is within ``tolerance`` of the dense model's, or the dense
-    model itself when no cycle got there) and one history row per cycle."""
+    """The model kept (the smallest whose accuracy is within ``tolerance`` of the dense model's, or a copy of the
+    dense model itself when no cycle got there; an instance of the user's class unless the run warned that it went
+    the graph path) and one history row per cycle."""
 
-    module: GraphModule
+    module: nn.Module
     history: list[dict[str, Any]]
     dense: dict[str, Any]
     best_cycle: int | None
@@ -88,24 +102,32 @@ def _modes(m: nn.Module) -> dict[str, bool]:
     return {name: mod.training for name, mod in m.named_modules()}
 
 
-def _rebuilt(struct: GraphModule, state: State, modes: dict[str, bool],
-             masks: dict[str, torch.Tensor] | None = None) -> GraphModule:
-    """A copy of ``struct`` holding ``state``'s values, in ``modes``, with ``masks`` recorded (or none)."""
+def _rebuilt(struct: nn.Module, state: State, modes: dict[str, bool]) -> nn.Module:
+    """A copy of ``struct`` holding ``state``'s values, in ``modes`` (by module name; others in eval mode)."""
     out = copy.deepcopy(struct)
-    out.meta = {k: v for k, v in struct.meta.items() if k != MASKS_KEY}
-    if masks:
-        out.meta[MASKS_KEY] = dict(masks)
     have = out.state_dict()
     if set(have) != set(state) or any(have[k].shape != state[k].shape for k in state):
-        raise CheckpointError("the recorded tensors do not fit the rebuilt graph (names or shapes differ): the "
+        raise CheckpointError("the recorded tensors do not fit the rebuilt model (names or shapes differ): the "
                               "checkpoint was written by another version of fxprune or for another model")
     with torch.no_grad():
         for k, v in state.items():
             have[k].copy_(v)
     for name, mod in out.named_modules():
-        if name in modes:
-            mod.training = modes[name]
+        mod.training = modes.get(name, False)
     return out
+
+
+def _trained(train: Callable[[nn.Module], Any], m: nn.Module, masks: dict[str, torch.Tensor] | None,
+             lasso: GroupLasso | None) -> nn.Module:
+    """``train`` on ``m`` with ``masks`` held as parametrizations and the group lasso's proximal step attached to
+    every optimizer step; the trained model with plain parameters (masked entries exact zeros)."""
+    held = hold_masks(m, masks) if masks else m
+    if lasso is None:
+        out = _call_train(train, held)
+    else:
+        with lasso.attach(held):
+            out = _call_train(train, held)
+    return bake_masks(out) if masks else out
 
 
 def _settings(**kw: Any) -> dict[str, Any]:
@@ -117,19 +139,23 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                     sparsity: float | Sequence[float] | Callable[[int], float] = 0.8, mask_steps: int = 4,
                     scope: Literal["global", "layer"] = "global", include: Sequence[str] | None = None,
                     exclude: Sequence[str] | None = None, release_scale: float = 0.01, release: bool = True,
-                    tolerance: float = 0.01, seed: int = 0, verify: bool = True,
+                    lasso: float = DEFAULT_STRENGTH, tolerance: float = 0.01, seed: int = 0, verify: bool = True,
                     progress: bool | Callable[[str], None] = True, checkpoint_dir: str | os.PathLike | None = None,
                     resume: bool = False) -> SqueezeReleaseResult:
-    """Run ``cycles`` of mask -> fine-tune -> minimize -> release -> fine-tune.
+    """Run ``cycles`` of mask -> fine-tune -> minimize -> release -> fine-tune on a copy of ``model``.
 
-    ``train(module)`` fine-tunes in place (it may wrap the module in DistributedDataParallel; the masks are
-    parametrizations, so they stay applied) and may return the module. ``evaluate(module)`` returns an accuracy
+    ``train(module)`` fine-tunes in place, with any optimizer and loop (it may wrap the module in
+    DistributedDataParallel, or hand it to transformers' ``Trainer``; the masks are parametrizations, so they stay
+    applied) and may return the module. ``module`` is a copy of ``model``'s own classes. ``evaluate(module)`` returns an accuracy
     (higher is better). ``sparsity`` is each cycle's final mask sparsity of the current (already smaller) model:
     a number, one per cycle, or a function of the cycle index; within a cycle it is reached over ``mask_steps``
     masking steps on a cubic schedule, each followed by ``train``. After ``minimize``, the zeros left are
     released and ``train`` runs again; the cycle's model is the more accurate of the minimized and the released
     one (both have the same parameters). ``release=False`` is the ablation: the zeros left stay held at zero
-    during that fine-tune (same training, no released capacity). Returns the smallest cycle model whose accuracy
+    during that fine-tune (same training, no released capacity). ``lasso`` is the strength of the group lasso over
+    fxprune's channel groups (:class:`~fxprune.interop.lasso.GroupLasso`; its proximal step runs after every
+    optimizer step inside ``train``, with that step's learning rate; 0 turns it off); ``exclude`` globs are
+    neither masked nor regularized. Returns the smallest cycle model whose accuracy
     is within ``tolerance`` of the dense model's (or the dense capture), and the per-cycle history.
 
     ``checkpoint_dir`` writes every complete cycle there (safetensors + JSON: the weights, the masks, the
@@ -153,35 +179,53 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     say = _progress(progress) if ranks.rank == 0 else _progress(False)
     inputs = as_inputs(example_inputs)
     target = sparsity if callable(sparsity) else (lambda c: sparsity[c]) if isinstance(sparsity, Sequence) else (lambda c: sparsity)
-    gm = capture(model, inputs)
+    if not isinstance(lasso, (int, float)) or isinstance(lasso, bool) or lasso < 0:
+        raise InputError(f"lasso must be a non-negative number (0 turns the group lasso off), got {lasso!r}")
+    base = unmasked(model)
+    base = copy.deepcopy(base) if base is model else base
+    graph_path = isinstance(base, GraphModule)
     settings = _settings(mask_steps=mask_steps, scope=scope, include=include, exclude=exclude,
-                         release_scale=release_scale, release=release, tolerance=tolerance, seed=seed)
+                         release_scale=release_scale, release=release, tolerance=tolerance, seed=seed, lasso=lasso)
     ckpt = CycleCheckpoint(checkpoint_dir, ranks.rank, ranks.barrier) if checkpoint_dir is not None else None
     dense, done = None, []
     if ckpt is not None:
-        dense, done = _open(ckpt, gm, inputs, settings, ranks.world, resume)
+        dense, done = _open(ckpt, base, inputs, settings, ranks.world, resume)
     if dense is None:
-        dense = dict(params=count_params(gm), flops=_flops(gm, inputs), accuracy=ranks.broadcast_float(float(evaluate(gm))))
+        dense = dict(params=count_params(base), flops=_flops(base, inputs),
+                     accuracy=ranks.broadcast_float(float(evaluate(copy.deepcopy(base)))))
         if ckpt is not None:
-            ckpt.start(dict(fingerprint=fingerprint(gm.state_dict(), inputs), settings=settings, dense=dense,
+            ckpt.start(dict(fingerprint=fingerprint(base.state_dict(), inputs), settings=settings, dense=dense,
                             world=ranks.world))
     say(f"dense: {dense['params']:,} params, accuracy {dense['accuracy']:.4f}")
 
-    def minimized(pre: GraphModule) -> GraphModule:  # only rank 0 checks; a failure there stops every rank
-        return ranks.run_all(lambda: minimize(pre, inputs, verify=verify and ranks.rank == 0), "minimize")
+    def minimized(pre: nn.Module) -> nn.Module:  # only rank 0 checks; a failure there stops every rank
+        nonlocal graph_path
+        check = verify and ranks.rank == 0
+        pre = copy.deepcopy(pre).eval()  # the deployed function: dropout off, BatchNorm on its running statistics
+        if not graph_path:
+            try:
+                return ranks.run_all(lambda: minimize_module(pre, inputs, verify=check), "minimize")
+            except (CaptureError, UnsupportedError) as e:
+                graph_path = True
+                warnings.warn(f"squeeze_release could not keep {type(pre).__name__} as its own class "
+                              f"({str(e).splitlines()[0]}); it goes on with the captured graph, and train/evaluate "
+                              "receive GraphModules from here on", GraphPathWarning, stacklevel=3)
+        return ranks.run_all(lambda: minimize(capture(pre, inputs), inputs, verify=check), "minimize")
+
+    def regularizer(m: nn.Module) -> GroupLasso | None:
+        return GroupLasso(m, inputs, strength=lasso, exclude=exclude) if lasso else None
 
     history: list[dict[str, Any]] = []
-    best, best_cycle, best_params = gm, None, dense["params"]
-    struct, work = gm, gm
-    if done:  # rebuild the graphs of the complete cycles by re-running minimize on their recorded inputs
+    best, best_cycle, best_params = base, None, dense["params"]
+    struct, work = base, base
+    if done:  # rebuild the models of the complete cycles by re-running minimize on their recorded inputs
         for j in done:
             say(f"resume: rebuilding cycle {j}/{len(done)} from {checkpoint_dir}")
             groups, st, rng = ckpt.read(j)
             if st["row"]["sparsity"] != float(target(j - 1)):
                 raise CheckpointError(f"cycle {j} ran at sparsity {st['row']['sparsity']}, this call asks for "
                                       f"{float(target(j - 1))}: resume with the same sparsity schedule")
-            pre = _rebuilt(struct, groups["pre"], st["pre_modes"], groups.get("mask", {}))
-            struct = minimized(pre)
+            struct = minimized(_rebuilt(struct, groups["pre"], st["pre_modes"]))
             if {k: list(v.shape) for k, v in struct.state_dict().items()} != st["shapes"]:
                 raise CheckpointError(f"cycle {j} rebuilt to other shapes than the run recorded: the checkpoint "
                                       "was written by another version of fxprune")
@@ -193,33 +237,36 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     for c in range(len(done), cycles):
         t0 = time.perf_counter()
         final = float(target(c))
+        reg = regularizer(work)
+        masks: dict[str, torch.Tensor] = {}
         for step in range(1, mask_steps + 1):
             s = sparsity_schedule(step, mask_steps, final)
             say(f"cycle {c + 1}/{cycles}: mask step {step}/{mask_steps} at sparsity {s:.3f}, fine-tuning")
-            work = mask(work, s, scope=scope, include=include, exclude=exclude, seed=seed + c)
-            masks = work.meta.get(MASKS_KEY)
-            work = bake_masks(_call_train(train, hold_masks(work)))
-            work.meta[MASKS_KEY] = masks
+            work = _rebuilt(work, _state(work), _modes(work))
+            masks = apply_masks(work, magnitude_masks(work, s, scope=scope, include=include, exclude=exclude,
+                                                      seed=seed + c), masks)
+            work = _trained(train, work, masks, reg)
         say(f"cycle {c + 1}/{cycles}: minimize")
         ranks.broadcast_module(work, f"cycle {c + 1}'s masked model")
-        pre_state, pre_modes, masks = _state(work), _modes(work), dict(work.meta.get(MASKS_KEY, {}))
-        pre = _rebuilt(struct, pre_state, pre_modes, masks)
-        struct = minimized(pre)
+        pre_state, pre_modes = _state(work), _modes(work)
+        struct = minimized(_rebuilt(struct, pre_state, pre_modes))
         ranks.broadcast_module(struct, f"cycle {c + 1}'s minimized model")
-        small_state, small_modes = _state(struct), _modes(struct)
+        small_state = _state(struct)
+        small_modes = {name: pre_modes.get(name, False) for name, _ in struct.named_modules()}
         small = _rebuilt(struct, small_state, small_modes)
         params = count_params(small)
-        acc_min = ranks.broadcast_float(float(evaluate(small)))
+        acc_min = ranks.broadcast_float(float(evaluate(_rebuilt(struct, small_state, small_modes))))
+        reg = regularizer(small)
         if release:
             say(f"cycle {c + 1}/{cycles}: release and fine-tune")
-            work = _call_train(train, release_zeros(small, release_scale, seed=seed + c).module)
+            work = _trained(train, release_zeros(small, release_scale, seed=seed + c).module, None, reg)
         else:
             say(f"cycle {c + 1}/{cycles}: fine-tune with the zeros held")
             zeros = {n: p.detach() != 0 for n, p in prunable(small, include, exclude).items()}
-            work = bake_masks(_call_train(train, hold_masks(mask(small, masks=zeros))))
+            work = _trained(train, small, zeros, reg)
         ranks.broadcast_module(work, f"cycle {c + 1}'s fine-tuned model")
-        acc_rel = ranks.broadcast_float(float(evaluate(work)))  # same size: the released zeros trained again
         work_state, work_modes = _state(work), _modes(work)
+        acc_rel = ranks.broadcast_float(float(evaluate(_rebuilt(struct, work_state, work_modes))))
         work = _rebuilt(struct, work_state, work_modes)
         acc, kept_state, kept_modes = ((acc_rel, work_state, work_modes) if acc_rel > acc_min
                                        else (acc_min, small_state, small_modes))
@@ -240,7 +287,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     return SqueezeReleaseResult(best, history, dense, best_cycle)
 
 
-def _open(ckpt: CycleCheckpoint, gm: GraphModule, inputs: tuple[Any, ...], settings: dict[str, Any], world: int,
+def _open(ckpt: CycleCheckpoint, gm: nn.Module, inputs: tuple[Any, ...], settings: dict[str, Any], world: int,
           resume: bool) -> tuple[dict[str, Any] | None, list[int]]:
     """The dense figures and the complete cycles of an existing checkpoint, after checking that it belongs to this
     model, these settings and this number of ranks."""

@@ -20,7 +20,7 @@ from fxprune.errors import MaskError
 from fxprune.graph.capture import check_weights
 from fxprune.graph.exported import exported_io
 
-__all__ = ["mask", "prunable", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
+__all__ = ["mask", "magnitude_masks", "apply_masks", "prunable", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
 
 MASKS_KEY = "fxprune_masks"
 
@@ -73,37 +73,45 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
     70
     """
     check_weights(gm, "mask")
-    if masks is None:
-        if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
-            raise MaskError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-        if scope not in ("global", "layer"):
-            raise MaskError(f"scope must be 'global' or 'layer', got {scope!r}")
-        params = prunable(gm, include, exclude)
-        if not params:
-            raise MaskError("no parameter matches: mask selects floating parameters with ndim >= 2 matching include/exclude")
-        scores = _scores(params, criterion, seed)
-        new_masks = {}
-        if scope == "layer":
-            for n, s in scores.items():
-                new_masks[n] = _keep_top(s.flatten(), sparsity).view(s.shape)
-        else:
-            flat = torch.cat([s.flatten() for s in scores.values()])
-            keep = _keep_top(flat, sparsity)
-            for (n, s), k in zip(scores.items(), torch.split(keep, [s.numel() for s in scores.values()])):
-                new_masks[n] = k.view(s.shape)
-    else:
-        new_masks = _check_masks(gm, masks)
+    new_masks = magnitude_masks(gm, sparsity, scope=scope, criterion=criterion, include=include, exclude=exclude,
+                                seed=seed) if masks is None else _check_masks(gm, masks)
     out = copy.deepcopy(gm)
     out.meta = dict(gm.meta)
-    old = dict(gm.meta.get(MASKS_KEY, {}))
+    out.meta[MASKS_KEY] = apply_masks(out, new_masks, gm.meta.get(MASKS_KEY, {}))
+    return out
+
+
+def magnitude_masks(model: nn.Module, sparsity: float, *, scope: Literal["global", "layer"] = "global",
+                    criterion: Literal["magnitude", "random"] = "magnitude", include: Iterable[str] | None = None,
+                    exclude: Iterable[str] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The masks :func:`mask` writes (parameter name -> bool, True = kept), for any module: the graph pass and the
+    cycle's masking of the user's own model both draw them here."""
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
+        raise MaskError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if scope not in ("global", "layer"):
+        raise MaskError(f"scope must be 'global' or 'layer', got {scope!r}")
+    params = prunable(model, include, exclude)
+    if not params:
+        raise MaskError("no parameter matches: mask selects floating parameters with ndim >= 2 matching include/exclude")
+    scores = _scores(params, criterion, seed)
+    if scope == "layer":
+        return {n: _keep_top(s.flatten(), sparsity).view(s.shape) for n, s in scores.items()}
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    keep = _keep_top(flat, sparsity)
+    return {n: k.view(s.shape) for (n, s), k in zip(scores.items(), torch.split(keep, [s.numel() for s in scores.values()]))}
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
+                previous: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Zero ``model``'s parameters where ``masks`` (ANDed with ``previous``) say so, in place; the combined masks."""
+    out = dict(previous or {})
     with torch.no_grad():
-        for n, m in new_masks.items():
-            p = out.get_parameter(n)
-            if n in old:
-                m = m & old[n]
+        for n, m in masks.items():
+            p = model.get_parameter(n)
+            if n in out:
+                m = m & out[n]
             p.mul_(m.to(p.dtype))
-            old[n] = m
-    out.meta[MASKS_KEY] = old
+            out[n] = m
     return out
 
 
@@ -136,11 +144,13 @@ def hold_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -
 
 
 def bake_masks(gm: nn.Module) -> nn.Module:
-    """Remove the parametrizations added by :func:`hold_masks` (in place), keeping the masked values."""
+    """Remove the parametrizations added by :func:`hold_masks` (in place), keeping the masked values. Other
+    parametrizations (weight norm, orthogonal, a user's own) stay."""
     for mod in list(gm.modules()):
         if parametrize.is_parametrized(mod):
             for leaf in list(mod.parametrizations.keys()):
-                parametrize.remove_parametrizations(mod, leaf, leave_parametrized=True)
+                if all(isinstance(p, _Mask) for p in mod.parametrizations[leaf]):
+                    parametrize.remove_parametrizations(mod, leaf, leave_parametrized=True)
     return gm
 
 

@@ -3,8 +3,8 @@
     python tests/helpers/cycle_run.py CHECKPOINT_DIR OUT.safetensors [--resume] [--kill-at N] [--model fc|export]
 
 Training draws its batches and its noise from the global torch, Python and NumPy RNGs, so a resumed run is
-bit-exact only if every one of them is restored. (No ``train()``/``eval()`` calls: a graph captured by torch.export
-refuses them, and these models have no dropout or batch norm.) ``--kill-at N`` sends SIGKILL to this process at the N-th
+bit-exact only if every one of them is restored. The loop calls ``.train()`` and ``.eval()`` as users' loops do:
+``train``/``evaluate`` get copies of the model's own class, whichever tracer analyses it. ``--kill-at N`` sends SIGKILL to this process at the N-th
 ``train`` call (no cleanup, like a preempted job). The kept model's tensors and the history go to OUT.
 """
 from __future__ import annotations
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         if calls[0] == a.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        m.train()
         for _ in range(3):
             for idx in torch.randperm(len(x)).split(16):  # global torch RNG
                 noise = random.gauss(0, 1e-3) + float(np.random.normal(0, 1e-3))  # global Python and NumPy RNGs
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     @torch.no_grad()
     def evaluate(m: nn.Module) -> float:
+        m.eval()
         return float((m(x).argmax(1) == y).float().mean())
 
     model = build(a.model)
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     history = [{k: v for k, v in h.items() if k != "seconds"} for h in res.history]
     with open(a.out + ".json", "w") as f:
         json.dump(dict(history=history, best_cycle=res.best_cycle, calls=calls[0],
-                       rng=float(torch.rand(1)), code=res.module.code), f)
+                       rng=float(torch.rand(1)), code=str(res.module), cls=type(res.module).__name__), f)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,285 @@
+"""``GroupLasso``: structure-inducing training from fxprune's own channel groups.
+
+``minimize`` removes a channel only when it is exactly dead or unread in *every* member of its group (producer rows
+and biases, consumer columns, per-channel parameters such as norm weights and layer scales, every tensor of a
+residual stream, whole heads). The regularizer is built from those groups (:func:`fxprune.analyze` on a capture of
+the model), so that what it pushes to zero is what ``minimize`` can take out; nothing is listed by hand.
+
+For channel ``g`` of a free group, ``w_g`` is the vector of every parameter entry that channel ``g`` owns, ``n_g``
+its length. The penalty is ``R(w) = sum_g sqrt(n_g) * ||w_g||_2`` (Yuan and Lin's group lasso). Its proximal step
+with step size ``t = lr * strength``,
+
+    w_g  <-  w_g * max(0, 1 - t * sqrt(n_g) / ||w_g||),
+
+sets a group to **exact zeros** once its norm falls under ``t * sqrt(n_g)``, which is what makes the structure
+removable. An entry in two groups (a weight entry is in its row's group and its column's) is scaled by both
+factors, each computed from the norms before the step. :meth:`GroupLasso.attach` runs that step after every
+``optimizer.step()`` of an optimizer that holds the model's parameters (``lr`` read from the optimizer's param
+group), so a training loop needs no change; :meth:`GroupLasso.penalty` gives ``R`` for a loss of your own and
+:meth:`GroupLasso.regularize` adds ``strength * dR/dw`` to the gradients (Torch-Pruning's ``regularize`` style;
+neither of those two leaves exact zeros by itself). With Adam-type optimizers, whose steps move every coordinate by
+about ``lr``, ``strength`` reads as a fraction of that step: a group whose gradient does not push back more
+consistently than that shrinks to zero.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from fxprune.errors import InputError
+
+__all__ = ["GroupLasso", "group_lasso", "DEFAULT_STRENGTH"]
+
+DEFAULT_STRENGTH = 0.1  # fxprune.squeeze_release's default ``lasso``
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """Dim ``dim`` of parameter ``name``: position i belongs to group channel ``channel[i]`` (-1: none)."""
+
+    name: str
+    dim: int
+    channel: torch.Tensor
+
+
+def _leaf_maps(atoms: Any, a: Any) -> dict[int, torch.Tensor] | None:
+    """Per leaf atom (by id) under ``a``: the leaf channel each index of ``a`` maps to (-1 where none). None when a
+    leaf appears twice under ``a`` (no group can then be read off it)."""
+    r = atoms.find(a)
+    if r.kind is None:
+        return {id(r): torch.arange(r.size)}
+    kids = [(atoms.find(c).size, _leaf_maps(atoms, c)) for c in r.children]
+    if any(m is None for _, m in kids):
+        return None
+    out: dict[int, torch.Tensor] = {}
+    if r.kind == "sum":
+        offset = 0
+        for size, m in kids:
+            for leaf, idx in m.items():
+                if leaf in out:
+                    return None
+                out[leaf] = torch.full((r.size,), -1, dtype=torch.long)
+                out[leaf][offset:offset + size] = idx
+            offset += size
+        return out
+    sizes = [s for s, _ in kids]
+    pos = torch.arange(r.size)
+    stride = r.size
+    for size, m in kids:
+        stride //= size
+        part = (pos // stride) % size
+        for leaf, idx in m.items():
+            if leaf in out:
+                return None
+            out[leaf] = torch.where(idx[part] >= 0, idx[part], -1)
+    assert stride == 1, sizes
+    return out
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor | None:
+    """Parameter ``name`` of ``model``, read through a mask parametrization (its ``original``) where one is held."""
+    path, _, leaf = name.rpartition(".")
+    try:
+        owner = model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+    if parametrize.is_parametrized(owner, leaf):
+        return owner.parametrizations[leaf].original
+    t = owner._parameters.get(leaf)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+class GroupLasso:
+    """The group lasso over the free channel groups fxprune finds in ``model`` (see the module docstring).
+
+    ``exclude``: parameter-name globs whose slices are left out (never shrunk). Frozen groups (model inputs and
+    outputs, ops without a rule) are never regularized.
+
+    >>> import torch, fxprune as fp
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> reg = fp.GroupLasso(net, (torch.randn(3, 4),))
+    >>> reg.channels   # the 8 hidden units: row and bias of layer 0, column of layer 2
+    8
+    >>> with torch.no_grad(): net[0].weight[:3] *= 1e-4; net[0].bias[:3] = 0; net[2].weight[:, :3] *= 1e-4
+    >>> reg.step(net, lr=0.1)     # the three small units become exact zeros
+    3
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, strength: float = DEFAULT_STRENGTH,
+                 exclude: Sequence[str] | None = None) -> None:
+        import fnmatch
+
+        from fxprune.analysis.groups import Analysis
+        from fxprune.graph.capture import as_inputs, capture
+        from fxprune.graph.shapes import TensorSpec
+        from fxprune.interop.masks import unmasked
+        from fxprune.passes.lower import lower_modules
+
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength < 0:
+            raise InputError(f"strength must be a non-negative number, got {strength!r}")
+        self.strength = float(strength)
+        plain = unmasked(model)
+        modes = {name: m.training for name, m in plain.named_modules()}
+        try:  # the groups of the deployed function (dropout off); building draws no randomness from the global RNGs
+            plain.eval()
+            with torch.random.fork_rng(devices=[]):
+                gm = lower_modules(capture(plain, as_inputs(example_inputs), dynamic_shapes=None))
+        finally:
+            for name, m in plain.named_modules():
+                m.training = modes[name]
+        an = Analysis(gm)
+        sp, atoms = an.spaces, an.spaces.atoms
+        names = {n for n, _ in plain.named_parameters()}
+        offsets: dict[int, int] = {}
+        total = 0
+        for leaf in atoms.leaves():
+            if not leaf.frozen and leaf.size > 1:
+                offsets[id(leaf)] = total
+                total += leaf.size
+        slices: list[_Slice] = []
+        seen: set[tuple[str, int]] = set()
+        for node in gm.graph.nodes:
+            if node.op != "get_attr" or node.target not in names or not isinstance(sp.spec(node), TensorSpec):
+                continue
+            if any(fnmatch.fnmatch(node.target, pat) for pat in (exclude or [])):
+                continue
+            for d in range(sp.rank(node)):
+                if (sp.param_key[node.target], d) in seen or not sp.has(node, d):
+                    continue
+                seen.add((sp.param_key[node.target], d))
+                maps = _leaf_maps(atoms, sp.of(node, d))
+                if maps is None:
+                    continue
+                channel = torch.full((sp.of(node, d).size,), -1, dtype=torch.long)
+                for leaf, idx in maps.items():
+                    if leaf in offsets:
+                        hit = idx >= 0
+                        channel[hit] = idx[hit] + offsets[leaf]
+                if bool((channel >= 0).any()):
+                    slices.append(_Slice(sp.param_key[node.target], d, channel))
+        self.slices = slices
+        self.channels = total
+        sizes = torch.zeros(total, dtype=torch.float64)
+        shapes = {n: p.shape for n, p in plain.named_parameters()}
+        for s in slices:
+            per = shapes[s.name].numel() // shapes[s.name][s.dim]
+            hit = s.channel >= 0
+            sizes.index_add_(0, s.channel[hit], torch.full((int(hit.sum()),), float(per), dtype=torch.float64))
+        self.sizes = sizes  # n_g: entries per group channel
+
+    # ---- reading ---------------------------------------------------------------------------------------------
+    def _bound(self, model: nn.Module) -> list[tuple[_Slice, torch.Tensor]]:
+        out = []
+        for s in self.slices:
+            t = _tensor(model, s.name)
+            if t is None:
+                raise InputError(f"'{s.name}' is not a parameter of {type(model).__name__}: pass the model the "
+                                 "GroupLasso was built from (or a copy of it)")
+            if t.shape[s.dim] != s.channel.numel():
+                raise InputError(f"'{s.name}' has {t.shape[s.dim]} entries in dim {s.dim}, the GroupLasso was built "
+                                 f"for {s.channel.numel()}: build it again for the changed model")
+            out.append((s, t))
+        return out
+
+    def _squares(self, bound: list[tuple[_Slice, torch.Tensor]], detach: bool) -> torch.Tensor:
+        sq = None
+        for s, t in bound:
+            v = t.detach() if detach else t
+            dims = [d for d in range(v.dim()) if d != s.dim]
+            per = v.pow(2).sum(dims) if dims else v.pow(2)
+            hit = s.channel >= 0
+            part = torch.zeros(self.channels, dtype=per.dtype, device=per.device).index_add(
+                0, s.channel[hit].to(per.device), per[hit.to(per.device)])
+            sq = part if sq is None else sq + part.to(sq.dtype)
+        if sq is None:
+            return torch.zeros(self.channels)
+        return sq
+
+    def norms(self, model: nn.Module) -> torch.Tensor:
+        """``||w_g||`` per group channel (no gradient)."""
+        return self._squares(self._bound(model), detach=True).sqrt()
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """``sum_g sqrt(n_g) ||w_g||``, differentiable (a term for a loss of your own: ``loss + lam * penalty``)."""
+        sq = self._squares(self._bound(model), detach=False)
+        return (sq.add(1e-12).sqrt() * self.sizes.to(sq).sqrt()).sum()
+
+    def regularize(self, model: nn.Module) -> None:
+        """Add ``strength * dR/dw`` to the parameters' gradients (call after ``backward()``, before the optimizer
+        step). Shrinks groups; exact zeros need :meth:`step`."""
+        bound = self._bound(model)
+        params = [t for _, t in bound]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(self.penalty(model), params, allow_unused=True)
+        for t, g in zip(params, grads):
+            if g is None:
+                continue
+            if t.grad is None:
+                t.grad = self.strength * g
+            else:
+                t.grad.add_(g, alpha=self.strength)
+
+    # ---- the proximal step -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, model: nn.Module, lr: float | dict[int, float]) -> int:
+        """The proximal step with step size ``lr * strength`` (``lr``: a number, or per parameter ``id``); returns
+        how many group channels are exact zeros after it."""
+        bound = self._bound(model)
+        if not bound or self.strength == 0:
+            return 0
+        sq = self._squares(bound, detach=True).to(torch.float64)
+        if isinstance(lr, dict):
+            rates = torch.zeros(self.channels, dtype=torch.float64)
+            for s, t in bound:
+                hit = s.channel >= 0
+                r = torch.full((int(hit.sum()),), float(lr.get(id(t), 0.0)), dtype=torch.float64)
+                rates.scatter_reduce_(0, s.channel[hit], r, reduce="amax")
+        else:
+            rates = torch.full((self.channels,), float(lr), dtype=torch.float64)
+        norm = sq.sqrt()
+        shrink = rates * self.strength * self.sizes.sqrt()
+        factor = torch.where(norm > shrink, 1 - shrink / norm.clamp_min(1e-300), torch.zeros_like(norm))
+        for s, t in bound:
+            f = torch.ones(s.channel.numel(), dtype=torch.float64)
+            hit = s.channel >= 0
+            f[hit] = factor[s.channel[hit]]
+            shape = [1] * t.dim()
+            shape[s.dim] = -1
+            t.mul_(f.to(t.dtype).to(t.device).view(shape))
+        return int((factor == 0).sum())
+
+    @contextlib.contextmanager
+    def attach(self, model: nn.Module) -> Iterator["GroupLasso"]:
+        """While open: after every ``optimizer.step()`` of an optimizer holding parameters of ``model``, run
+        :meth:`step` with each parameter's learning rate from the optimizer (any optimizer, any loop,
+        DistributedDataParallel included: the step reads only the weights, equal on every rank)."""
+        if self.strength == 0:
+            yield self
+            return
+        ids = {id(t) for _, t in self._bound(model)}
+        ref = weakref.ref(model)
+
+        def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"] if id(p) in ids}
+            m = ref()
+            if lrs and m is not None:
+                self.step(m, lrs)
+
+        handle = register_optimizer_step_post_hook(after)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+
+def group_lasso(model: nn.Module, example_inputs: Sequence[Any]) -> torch.Tensor:
+    """``sum_g sqrt(n_g) ||w_g||`` over fxprune's free channel groups of ``model``, differentiable: a penalty to add
+    to a loss (build a :class:`GroupLasso` once instead when calling it every step)."""
+    return GroupLasso(model, example_inputs).penalty(model)
