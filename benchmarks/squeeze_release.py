@@ -14,13 +14,14 @@ model at a grid of sparsities (no training) is always reported. Prints a table a
 object; ``--summarize`` reads such lines from several runs (seeds) and prints mean and spread. Data is generated
 offline (scikit-learn's digits, mnist1d's generator); every seed is fixed.
 
-The recipe (the user's side of the cycle, not part of fxprune): Adam, with a group-lasso term in the fine-tuning
-optimizer step, which shrinks whole rows and columns of every weight (and entries of 1-D scales: LayerNorm weights,
-layer scales) towards zero and sets the ones below the threshold to exact zeros. Exact zeros in a row are a dead
-unit, in a column an unread input, in a stream's norm weight and layer scales a constant stream channel: all
-structure that ``minimize`` removes exactly. Per (model, dataset) ``RECIPES`` also sets the learning rate's
-schedule within a call (cosine decay for ConvNeXt) and a distillation term towards the dense model's logits (FC
-and ConvNeXt digits); the dense model itself always trains at a constant learning rate without either. Selection
+The recipe is the user's side of the cycle only: Adam and cross-entropy in an ordinary loop (``.train()``, then
+``.eval()`` to evaluate), per (model, dataset) ``RECIPES`` the epochs, the learning rate, its schedule within a call
+(cosine decay for ConvNeXt) and a distillation term towards the dense model's logits (FC and ConvNeXt digits). The
+structure ``minimize`` removes comes from fxprune itself: ``fp.squeeze_release``'s group lasso over the model's own
+channel groups (``fp.GroupLasso``: an exact-zero proximal step after every optimizer step), at the strength a recipe
+names (``lasso``; the library's default where it names none). The gradual baseline (a) trains with the same group
+lasso attached. The dense model always trains at a constant learning rate, with neither regularizer nor
+distillation. Selection
 (the cycle's tolerance, the gradual steps, the one-shot grid) uses a validation split, or with ``--folds K`` the
 mean over K cross-validation folds (every method then runs K times and the K models picked are reported as means);
 the accuracies reported are on the test split. Every candidate is recorded in the JSON line, and ``--summarize``
@@ -150,18 +151,6 @@ class ConvNeXtStyle(nn.Module):
         self.head_norm = nn.LayerNorm(dims[1])
         self.head = nn.Linear(dims[1], d_out)
 
-    def stream_slices(self) -> list[list[tuple[str, int]]]:
-        """Per residual stream: the (parameter, dim) slices that carry its channels. A stream channel goes only
-        when every writer leaves it constant and every reader ignores it, so the recipe's lasso groups them."""
-        def block(prefix: str) -> list[tuple[str, int]]:
-            return [(f"{prefix}.dwconv.weight", 0), (f"{prefix}.norm.weight", 0), (f"{prefix}.pwconv1.weight", 1),
-                    (f"{prefix}.pwconv2.weight", 0), (f"{prefix}.gamma", 0)]
-        s1 = [("stem.weight", 0), ("stem_norm.weight", 0), ("down_norm.weight", 0), ("down.weight", 1)]
-        s2 = [("down.weight", 0), ("head_norm.weight", 0), ("head.weight", 1)]
-        s1 += [sl for i in range(len(self.stage1)) for sl in block(f"stage1.{i}")]
-        s2 += [sl for i in range(len(self.stage2)) for sl in block(f"stage2.{i}")]
-        return [s1, s2]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage1(self.stem_norm(self.stem(x)))
         x = self.stage2(self.down(self.down_norm(x)))
@@ -185,9 +174,8 @@ class Recipe:
     epochs: int  # per `train` call (each mask step and each release fine-tune)
     dense_epochs: int
     lr: float
-    lasso: float  # group-lasso strength in the fine-tuning loss (the dense model trains without it)
+    lasso: float = fp.interop.lasso.DEFAULT_STRENGTH  # fp.squeeze_release's lasso (the dense model trains without it)
     batch: int = 64
-    scale_tau: float = 0.0  # 1-D scales below this become exact zeros after each fine-tune (0: never)
     cycles: int = 6
     release_scale: float = 0.01  # fp.squeeze_release's release_scale: noise std over the std of each weight's nonzeros
     schedule: str = "constant"  # learning rate within each `train` call: constant, or cosine decay to 0 over its steps
@@ -195,84 +183,36 @@ class Recipe:
 
 
 RECIPES = {
-    ("fc", "digits"): Recipe(epochs=30, dense_epochs=60, lr=3e-3, lasso=8e-3, distill=0.5),
-    ("fc", "mnist1d"): Recipe(epochs=20, dense_epochs=60, lr=3e-3, lasso=1e-3),
-    ("convnext", "digits"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, lasso=4e-3, scale_tau=1e-2, cycles=10,
-                                   schedule="cosine", distill=0.5),
-    ("convnext", "mnist1d"): Recipe(epochs=10, dense_epochs=40, lr=2e-3, lasso=2e-3, scale_tau=1e-2, cycles=10,
-                                    schedule="cosine"),
+    ("fc", "digits"): Recipe(epochs=30, dense_epochs=60, lr=3e-3, distill=0.5),
+    ("fc", "mnist1d"): Recipe(epochs=20, dense_epochs=60, lr=3e-3),
+    ("convnext", "digits"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, cycles=10, schedule="cosine", distill=0.5),
+    ("convnext", "mnist1d"): Recipe(epochs=10, dense_epochs=40, lr=2e-3, cycles=10, schedule="cosine"),
 }
 
 
 T = 4.0  # distillation temperature
 
 
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The module holding tensor ``name`` and its attribute (read through a held mask's parametrization)."""
-    mod, _, attr = name.rpartition(".")
-    return (model.get_submodule(mod) if mod else model), attr
-
-
-class GroupLasso:
-    """Sum of the L2 norms of the rows and columns of every weight, of each residual-stream channel across all its
-    slices (``streams``: (tensor name, channel dim)), and the L1 norm of every 1-D scale (norm weights, layer
-    scales; not biases). The tensors are looked up once per fine-tuning call, read on every step."""
-
-    def __init__(self, model: nn.Module, streams: list[list[tuple[str, int]]]):
-        self.params = list(model.named_parameters())
-        self.streams = [[(*_owner(model, n), dim) for n, dim in slices] for slices in streams]
-
-    def __call__(self) -> torch.Tensor:
-        terms = []
-        for name, p in self.params:
-            if p.dim() >= 2:
-                w = p.flatten(2) if p.dim() > 2 else p.unsqueeze(-1)  # (out, in, taps)
-                terms.append(w.pow(2).sum((1, 2)).add(1e-12).sqrt().sum())
-                if w.shape[1] > 1:
-                    terms.append(w.pow(2).sum((0, 2)).add(1e-12).sqrt().sum())
-            elif p.dim() == 1 and not name.endswith("bias"):
-                terms.append(p.abs().sum())
-        for slices in self.streams:
-            sq = sum(t.pow(2).sum([d for d in range(t.dim()) if d != dim])
-                     for t, dim in ((getattr(mod, attr), dim) for mod, attr, dim in slices))
-            terms.append(sq.add(1e-12).sqrt().sum())
-        return torch.stack(terms).sum()
-
-
-@torch.no_grad()
-def zero_small_scales(model: nn.Module, tau: float) -> None:
-    """Set 1-D scales (norm weights, layer scales) with magnitude below ``tau`` to exact zeros. The lasso drives
-    unneeded scales towards zero but Adam leaves them hovering there; a zero scale makes its channel constant."""
-    for name, p in model.named_parameters():
-        if p.dim() == 1 and not name.endswith("bias"):
-            p[p.abs() < tau] = 0
-
-
 class Trainer:
-    def __init__(self, data: dict[str, torch.Tensor], sample: tuple[int, ...], recipe: Recipe, seed: int,
-                 streams: list[list[tuple[str, int]]]):
+    def __init__(self, data: dict[str, torch.Tensor], sample: tuple[int, ...], recipe: Recipe, seed: int):
         self.data, self.sample, self.recipe, self.seed, self.calls = data, sample, recipe, seed, 0
         self.teacher: torch.Tensor | None = None  # the dense model's logits on the training split (distillation)
-        self.streams = streams
 
     def inputs(self, split: str) -> torch.Tensor:
         x = self.data[f"x_{split}"]
         return x.reshape(len(x), *self.sample)
 
-    def train(self, model: nn.Module, epochs: int | None = None, lasso: float | None = None,
-              schedule: str | None = None) -> nn.Module:
+    def train(self, model: nn.Module, epochs: int | None = None, schedule: str | None = None) -> nn.Module:
         r = self.recipe
         self.calls += 1
         g = torch.Generator().manual_seed(self.seed * 1000 + self.calls)
         x, y = self.inputs("train"), self.data["y_train"]
         # foreach: the same updates, bit for bit, with less per-tensor overhead
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=r.lr, foreach=True)
-        penalty = GroupLasso(model, self.streams)
         epochs = epochs or r.epochs
         steps = epochs * math.ceil(len(x) / r.batch)
         cosine = (schedule or r.schedule) == "cosine"
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
-        lam = r.lasso if lasso is None else lasso
         model.train()
         for _ in range(epochs):
             for idx in torch.randperm(len(x), generator=g).split(r.batch):
@@ -283,12 +223,10 @@ class Trainer:
                     kl = F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(self.teacher[idx] / T, -1),
                                   log_target=True, reduction="batchmean")
                     loss = (1 - r.distill) * loss + r.distill * T * T * kl
-                (loss + lam * penalty() if lam else loss).backward()
+                loss.backward()
                 opt.step()
                 if sched is not None:
                     sched.step()
-        if lam and r.scale_tau:
-            zero_small_scales(model, r.scale_tau)
         return model
 
     @torch.no_grad()
@@ -319,15 +257,17 @@ def one_shot(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Train
 def gradual(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, steps: int, final: float) -> Curve:
     """Baseline (a): progressive magnitude pruning in one run. ``steps`` masking steps on a linear schedule to
     ``final`` (global magnitude of the active weights; masked weights stay masked), each followed by one ``train``
-    call with the masks held (the same calls, epochs and group lasso as the cycle); after each, the masked model
-    is minimized and is a candidate."""
+    call with the masks held and fxprune's group lasso attached (the same calls, epochs and strength as the cycle);
+    after each, the masked model is minimized and is a candidate."""
     work = fp.capture(dense, example)
     curve = [candidate(dense, trainer, "step 0, sparsity 0.0")]
     for k in range(1, steps + 1):
         s = fp.sparsity_schedule(k, steps, final, kind="linear")
         work = fp.mask(work, s)
         masks = work.meta["fxprune_masks"]
-        work = fp.bake_masks(trainer.train(fp.hold_masks(work)))
+        held = fp.hold_masks(work)
+        with fp.GroupLasso(held, example, strength=trainer.recipe.lasso).attach(held):
+            work = fp.bake_masks(trainer.train(held))
         work.meta["fxprune_masks"] = masks
         curve.append(candidate(fp.minimize(work, example), trainer, f"step {k}, sparsity {round(s, 4)}"))
         print(f"[gradual] step {k}/{steps} sparsity {s:.3f}: {curve[-1]['params']:,} params, validation "
@@ -403,7 +343,8 @@ def run_cycles(model: nn.Module, example: tuple[torch.Tensor, ...], trainer: Tra
                a: argparse.Namespace, cycles: int, sparsity: list[float], release: bool) -> fp.SqueezeReleaseResult:
     return fp.squeeze_release(model, example, train=trainer.train, evaluate=evaluate, cycles=cycles,
                               sparsity=sparsity, mask_steps=a.mask_steps, tolerance=a.tolerance, seed=a.seed,
-                              release=release, release_scale=a.release_scale, progress=True)
+                              release=release, release_scale=a.release_scale, lasso=trainer.recipe.lasso,
+                              progress=True)
 
 
 GRID = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]  # the one-shot baseline's sparsities
@@ -414,10 +355,14 @@ def run_split(a: argparse.Namespace, recipe: Recipe, cycles: int, sparsity: list
     """Train the dense model on one split and run every method and the one-shot grid from it: their candidates."""
     torch.manual_seed(a.seed)  # every split starts from the same initial weights
     model, sample = build(a.model, a.dataset)
-    trainer = Trainer(data, sample, recipe, a.seed, model.stream_slices() if hasattr(model, "stream_slices") else [])
+    trainer = Trainer(data, sample, recipe, a.seed)
     # the dense model: a constant learning rate whatever the fine-tuning schedule, so that a recipe change never
     # moves the reference the accuracy rule and the reported drop are measured against
-    trainer.train(model, recipe.dense_epochs, lasso=None if a.dense_lasso else 0.0, schedule="constant")
+    if a.dense_lasso:
+        with fp.GroupLasso(model, (trainer.inputs("train")[:8],), strength=recipe.lasso).attach(model):
+            trainer.train(model, recipe.dense_epochs, schedule="constant")
+    else:
+        trainer.train(model, recipe.dense_epochs, schedule="constant")
     if recipe.distill:
         with torch.no_grad():
             trainer.teacher = model.eval()(trainer.inputs("train"))
@@ -452,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "accuracy rule reads the mean validation curve, and the K models it picks are reported "
                          "(mean). 1: the seed's fixed split")
     ap.add_argument("--quick", action="store_true", help="fewer cycles and epochs (make demo)")
-    ap.add_argument("--lasso", type=float, default=None, help="group-lasso strength (default: the recipe's)")
+    ap.add_argument("--lasso", type=float, default=None, help="strength of fxprune's group lasso, fp.squeeze_release(lasso=...) (default: the recipe's; 0: off)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per fine-tune call (default: the recipe's)")
     ap.add_argument("--release-scale", type=float, default=None, help="release noise scale (default: the recipe's)")
     ap.add_argument("--schedule", choices=["constant", "cosine"], default=None,

@@ -80,8 +80,8 @@ def tiny(distill: float = 0.0, schedule: str = "constant") -> tuple[sr.Trainer, 
     model, sample = sr.build("convnext", "mnist1d")
     data = {f"{k}_{s}": v for s in ("train", "val", "test") for k, v in
             (("x", torch.randn(16, 40)), ("y", torch.randint(0, 10, (16,))))}
-    recipe = sr.Recipe(epochs=2, dense_epochs=1, lr=1e-3, lasso=1e-3, batch=8, schedule=schedule, distill=distill)
-    return sr.Trainer(data, sample, recipe, seed=0, streams=model.stream_slices()), model
+    recipe = sr.Recipe(epochs=2, dense_epochs=1, lr=1e-3, batch=8, schedule=schedule, distill=distill)
+    return sr.Trainer(data, sample, recipe, seed=0), model
 
 
 def learning_rates(trainer: sr.Trainer, model: torch.nn.Module, **kw) -> list[float]:
@@ -112,11 +112,11 @@ def test_cosine_schedule_decays_within_a_call_and_never_for_the_dense_model():
 
 def test_distillation_pulls_towards_the_teacher_logits():
     # a teacher that disagrees with the labels: trained on it alone (distill=1), the model ends closer to it than
-    # trained on the labels alone (distill=0); the lasso is off
+    # trained on the labels alone (distill=0); no group lasso is attached
     def kl_to_teacher(distill: float) -> float:
         trainer, model = tiny(distill=distill)
         trainer.teacher = torch.randn(16, 10, generator=torch.Generator().manual_seed(1)) * 3
-        trainer.train(model, epochs=30, lasso=0.0)
+        trainer.train(model, epochs=30)
         with torch.no_grad():
             out = model.eval()(trainer.inputs("train"))
         return float(torch.nn.functional.kl_div(out.log_softmax(-1), trainer.teacher.log_softmax(-1), log_target=True,

@@ -6,20 +6,23 @@ residual stream, whole heads). The regularizer is built from those groups (:func
 the model), so that what it pushes to zero is what ``minimize`` can take out; nothing is listed by hand.
 
 For channel ``g`` of a free group, ``w_g`` is the vector of every parameter entry that channel ``g`` owns, ``n_g``
-its length. The penalty is ``R(w) = sum_g sqrt(n_g) * ||w_g||_2`` (Yuan and Lin's group lasso). Its proximal step
-with step size ``t = lr * strength``,
+its length. The penalty is Yuan and Lin's group lasso
 
-    w_g  <-  w_g * max(0, 1 - t * sqrt(n_g) / ||w_g||),
+    R(w) = sum_g sqrt(n_g) * ||w_g||_2,      dR/dw_i = sum over the groups g of i of  sqrt(n_g) * w_i / ||w_g||,
 
-sets a group to **exact zeros** once its norm falls under ``t * sqrt(n_g)``, which is what makes the structure
-removable. An entry in two groups (a weight entry is in its row's group and its column's) is scaled by both
-factors, each computed from the norms before the step. :meth:`GroupLasso.attach` runs that step after every
-``optimizer.step()`` of an optimizer that holds the model's parameters (``lr`` read from the optimizer's param
-group), so a training loop needs no change; :meth:`GroupLasso.penalty` gives ``R`` for a loss of your own and
-:meth:`GroupLasso.regularize` adds ``strength * dR/dw`` to the gradients (Torch-Pruning's ``regularize`` style;
-neither of those two leaves exact zeros by itself). With Adam-type optimizers, whose steps move every coordinate by
-about ``lr``, ``strength`` reads as a fraction of that step: a group whose gradient does not push back more
-consistently than that shrinks to zero.
+whose gradient is of order 1 on an entry of typical size in its group, whatever the group's size. Training adds
+``strength * dR/dw`` to the gradients before each optimizer step (Torch-Pruning's ``regularize``); under Adam-type
+optimizers, which scale each coordinate's step by its own gradient history, that pulls every entry of a group the
+loss does not defend towards zero at about ``lr`` per step, large norm weights and small conv weights alike. A
+gradient never lands on zero, so after each optimizer step the **exact-zero step** sets every group whose root mean
+square has fallen to the optimizer's step size, ``||w_g|| <= threshold * lr * sqrt(n_g)`` (the scale at which Adam
+leaves a weight oscillating about zero), to exact zeros, and keeps the groups it zeroed at zero for the rest of that
+training (as HESSO holds its redundant groups). Exact zeros are what ``minimize`` removes.
+
+:meth:`GroupLasso.attach` installs both around every ``optimizer.step()`` of an optimizer that holds the model's
+parameters (``lr`` read from the optimizer's param group), so a training loop needs no change. For a loop of your
+own: :meth:`GroupLasso.penalty` (``R``, differentiable, for a loss term), :meth:`GroupLasso.regularize` (after
+``backward()``) and :meth:`GroupLasso.step` (after ``optimizer.step()``).
 """
 from __future__ import annotations
 
@@ -31,13 +34,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from fxprune.errors import InputError
 
 __all__ = ["GroupLasso", "group_lasso", "DEFAULT_STRENGTH"]
 
-DEFAULT_STRENGTH = 0.1  # fxprune.squeeze_release's default ``lasso``
+DEFAULT_STRENGTH = 1e-3  # fxprune.squeeze_release's default ``lasso``
 
 
 @dataclass(frozen=True)
@@ -108,12 +111,12 @@ class GroupLasso:
     >>> reg.channels   # the 8 hidden units: row and bias of layer 0, column of layer 2
     8
     >>> with torch.no_grad(): net[0].weight[:3] *= 1e-4; net[0].bias[:3] = 0; net[2].weight[:, :3] *= 1e-4
-    >>> reg.step(net, lr=0.1)     # the three small units become exact zeros
+    >>> reg.step(net, lr=1e-3)     # the three units at the scale of a step become exact zeros
     3
     """
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, strength: float = DEFAULT_STRENGTH,
-                 exclude: Sequence[str] | None = None) -> None:
+                 threshold: float = 1.0, exclude: Sequence[str] | None = None) -> None:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis
@@ -124,7 +127,9 @@ class GroupLasso:
 
         if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength < 0:
             raise InputError(f"strength must be a non-negative number, got {strength!r}")
-        self.strength = float(strength)
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold < 0:
+            raise InputError(f"threshold must be a non-negative number, got {threshold!r}")
+        self.strength, self.threshold = float(strength), float(threshold)
         plain = unmasked(model)
         modes = {name: m.training for name, m in plain.named_modules()}
         try:  # the groups of the deployed function (dropout off); building draws no randomness from the global RNGs
@@ -211,30 +216,39 @@ class GroupLasso:
         sq = self._squares(self._bound(model), detach=False)
         return (sq.add(1e-12).sqrt() * self.sizes.to(sq).sqrt()).sum()
 
-    def regularize(self, model: nn.Module) -> None:
-        """Add ``strength * dR/dw`` to the parameters' gradients (call after ``backward()``, before the optimizer
-        step). Shrinks groups; exact zeros need :meth:`step`."""
-        bound = self._bound(model)
-        params = [t for _, t in bound]
-        with torch.enable_grad():
-            grads = torch.autograd.grad(self.penalty(model), params, allow_unused=True)
-        for t, g in zip(params, grads):
-            if g is None:
-                continue
-            if t.grad is None:
-                t.grad = self.strength * g
-            else:
-                t.grad.add_(g, alpha=self.strength)
+    def _coefficients(self, bound: list[tuple[_Slice, torch.Tensor]]) -> torch.Tensor:
+        """``sqrt(n_g) / ||w_g||`` per group channel (0 for a zero group)."""
+        norm = self._squares(bound, detach=True).to(torch.float64).sqrt()
+        return torch.where(norm > 0, self.sizes.sqrt() / norm.clamp_min(1e-300), torch.zeros_like(norm))
 
-    # ---- the proximal step -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, model: nn.Module, lr: float | dict[int, float]) -> int:
-        """The proximal step with step size ``lr * strength`` (``lr``: a number, or per parameter ``id``); returns
-        how many group channels are exact zeros after it."""
+    def regularize(self, model: nn.Module) -> None:
+        """Add ``strength * dR/dw`` to the parameters' gradients (after ``backward()``, before the optimizer step;
+        a parameter without a gradient gets one). Shrinks groups; exact zeros come from :meth:`step`."""
         bound = self._bound(model)
         if not bound or self.strength == 0:
+            return
+        coef = self._coefficients(bound)
+        for s, t in bound:
+            c = torch.zeros(s.channel.numel(), dtype=torch.float64)
+            hit = s.channel >= 0
+            c[hit] = coef[s.channel[hit]]
+            shape = [1] * t.dim()
+            shape[s.dim] = -1
+            g = t.detach() * c.to(t.dtype).to(t.device).view(shape) * self.strength
+            if t.grad is None:
+                t.grad = g
+            else:
+                t.grad.add_(g)
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, lr: float | dict[int, float], hold: set[int] | None = None) -> int:
+        """The exact-zero step: set to zero every group channel with ``||w_g|| <= threshold * lr * sqrt(n_g)``
+        (``lr``: a number, or per parameter ``id``), and those in ``hold`` (which gains the new ones); returns how
+        many group channels are exact zeros after it."""
+        bound = self._bound(model)
+        if not bound:
             return 0
-        sq = self._squares(bound, detach=True).to(torch.float64)
         if isinstance(lr, dict):
             rates = torch.zeros(self.channels, dtype=torch.float64)
             for s, t in bound:
@@ -243,40 +257,56 @@ class GroupLasso:
                 rates.scatter_reduce_(0, s.channel[hit], r, reduce="amax")
         else:
             rates = torch.full((self.channels,), float(lr), dtype=torch.float64)
-        norm = sq.sqrt()
-        shrink = rates * self.strength * self.sizes.sqrt()
-        factor = torch.where(norm > shrink, 1 - shrink / norm.clamp_min(1e-300), torch.zeros_like(norm))
+        norm = self._squares(bound, detach=True).to(torch.float64).sqrt()
+        zero = norm <= rates * self.threshold * self.sizes.sqrt()
+        if hold is not None:
+            if hold:
+                zero[torch.tensor(sorted(hold))] = True
+            hold.update(int(i) for i in zero.nonzero().flatten())
+        if not bool(zero.any()):
+            return 0
         for s, t in bound:
-            f = torch.ones(s.channel.numel(), dtype=torch.float64)
             hit = s.channel >= 0
-            f[hit] = factor[s.channel[hit]]
-            shape = [1] * t.dim()
-            shape[s.dim] = -1
-            t.mul_(f.to(t.dtype).to(t.device).view(shape))
-        return int((factor == 0).sum())
+            keep = torch.ones(s.channel.numel(), dtype=torch.bool)
+            keep[hit] = ~zero[s.channel[hit]]
+            if not bool(keep.all()):
+                shape = [1] * t.dim()
+                shape[s.dim] = -1
+                t.mul_(keep.to(t.dtype).to(t.device).view(shape))
+        return int(zero.sum())
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module) -> Iterator["GroupLasso"]:
-        """While open: after every ``optimizer.step()`` of an optimizer holding parameters of ``model``, run
-        :meth:`step` with each parameter's learning rate from the optimizer (any optimizer, any loop,
-        DistributedDataParallel included: the step reads only the weights, equal on every rank)."""
+        """While open: before every ``optimizer.step()`` of an optimizer holding parameters of ``model``,
+        :meth:`regularize`; after it, :meth:`step` with each parameter's learning rate from the optimizer, the groups
+        zeroed so far held at zero. Any optimizer and loop, DistributedDataParallel included (both read only the
+        weights and the reduced gradients, equal on every rank)."""
         if self.strength == 0:
             yield self
             return
         ids = {id(t) for _, t in self._bound(model)}
         ref = weakref.ref(model)
+        held: set[int] = set()
+
+        def ours(optimizer: torch.optim.Optimizer) -> dict[int, float]:
+            return {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"] if id(p) in ids}
+
+        def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            m = ref()
+            if m is not None and ours(optimizer):
+                self.regularize(m)
 
         def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"] if id(p) in ids}
-            m = ref()
+            lrs, m = ours(optimizer), ref()
             if lrs and m is not None:
-                self.step(m, lrs)
+                self.step(m, lrs, held)
 
-        handle = register_optimizer_step_post_hook(after)
+        handles = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
         try:
             yield self
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
 
 
 def group_lasso(model: nn.Module, example_inputs: Sequence[Any]) -> torch.Tensor:

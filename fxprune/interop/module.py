@@ -171,6 +171,7 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     out = copy.deepcopy(out) if out is model else out
     state = dict(small.named_parameters()) | dict(small.named_buffers())
     changed: set[str] = set()
+    shrunk: dict[str, set[int]] = {}  # module path -> the sizes its tensors had along the dims that changed
     for names in _aliases(out).values():
         new = next((state[n] for n in names if n in state), None)
         if new is None:
@@ -189,6 +190,8 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
                 owner._buffers[leaf] = value
             if new.shape != old.shape:
                 changed.add(n.rpartition(".")[0])
+                shrunk.setdefault(n.rpartition(".")[0], set()).update(
+                    int(a) for a, b in zip(old.shape, new.shape) if a != b and a > 1)
     changed |= _created_biases(small, out)
     changed |= _compensated_norms(small, out)
     # containers whose forward reads their children's sizes (attention head counts) are updated after them
@@ -203,6 +206,16 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
         elif _is_rms_norm(m):
             _compensate_rms_module(model, out, path, small.meta.get(KEPT_KEY, {}), inputs)
         elif type(m).__module__.split(".")[0] != "fxprune":
+            stale.append(path)
+    # the module that calls a changed one and keeps one of its old sizes, or a divisor of one, as an integer
+    # attribute of its own (an attention's ``head_dim`` or ``all_head_size``) may read it in its forward: the changed
+    # child is a suspect too, frozen only if the check fails
+    for path, sizes in shrunk.items():
+        parent = out.get_submodule(path.rpartition(".")[0])
+        if type(parent).__name__ in BY_CLASS_NAME or _updater(parent) is not None or path in stale:
+            continue
+        if any(type(v) is int and v > 1 and any(n % v == 0 for n in sizes)
+               for key, v in vars(parent).items() if not key.startswith("_")):
             stale.append(path)
     return out, stale
 

@@ -1,0 +1,156 @@
+"""fp.squeeze_release on the user's own model with an ordinary loop (``.train()``, AdamW, ``.eval()`` to evaluate):
+a CNN with BatchNorm and residual blocks, and a transformers ViT. ``train``/``evaluate`` get the user's class,
+BatchNorm's running statistics move in every fine-tuning call, the kept model is the user's class and smaller; a
+class that cannot be kept goes the graph path with a warning."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune as fp
+from fxprune.cycle import GraphPathWarning
+from fxprune.verify import count_params
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, c: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(Residual(c), Residual(c))
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.head(self.drop(x.mean((2, 3))))
+
+
+def _data(n: int = 96, shape=(1, 8, 8), classes: int = 4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, *shape, generator=g)
+    y = (x.flatten(1)[:, :classes].argmax(1))
+    return x, y
+
+
+class Loop:
+    """An ordinary loop: ``.train()``, AdamW, cross-entropy; ``.eval()`` to evaluate. Records per call what it saw."""
+
+    def __init__(self, x, y, logits=lambda out: out, epochs: int = 3, lr: float = 3e-3) -> None:
+        self.x, self.y, self.logits, self.epochs, self.lr = x, y, logits, epochs, lr
+        self.seen: list[type] = []
+        self.bn_moved: list[bool] = []
+
+    def train(self, m: nn.Module) -> None:
+        self.seen.append(type(m))
+        stats = {n: b.clone() for n, b in m.named_buffers() if n.endswith("running_mean")}
+        opt = torch.optim.AdamW(m.parameters(), lr=self.lr)
+        m.train()
+        for _ in range(self.epochs):
+            for idx in torch.randperm(len(self.x)).split(32):
+                opt.zero_grad()
+                F.cross_entropy(self.logits(m(self.x[idx])), self.y[idx]).backward()
+                opt.step()
+        if stats:
+            now = dict(m.named_buffers())
+            self.bn_moved.append(all(not torch.equal(now[n], v) for n, v in stats.items()))
+
+    @torch.no_grad()
+    def evaluate(self, m: nn.Module) -> float:
+        self.seen.append(type(m))
+        m.eval()
+        return float((self.logits(m(self.x)).argmax(-1) == self.y).float().mean())
+
+
+def test_cnn_with_batchnorm_and_an_ordinary_loop():
+    torch.manual_seed(0)
+    model, (x, y) = SmallResNet(), _data()
+    loop = Loop(x, y, epochs=10, lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=2, mask_steps=2,
+                             sparsity=0.7, tolerance=1.0, progress=False)
+    assert all(issubclass(t, SmallResNet) for t in loop.seen)  # the user's class (a parametrized subclass in train)
+    assert len(loop.bn_moved) == 2 * (2 + 1) and all(loop.bn_moved)  # every fine-tuning call updated BatchNorm
+    assert type(res.module) is SmallResNet and res.best_cycle is not None
+    assert count_params(res.module) < res.dense["params"]
+    assert res.history[-1]["params"] < res.history[0]["params"] or res.history[0]["compression"] > 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched
+    # the kept model still trains as its class does: BatchNorm in train mode moves its statistics
+    kept = res.module
+    mean = kept.bn.running_mean.clone()
+    kept.train()
+    kept(x[:16])
+    assert not torch.equal(kept.bn.running_mean, mean)
+
+
+def test_group_lasso_makes_the_default_cycle_remove_structure():
+    """The same loop and defaults with the group lasso off removes (almost) nothing; on, whole channels go."""
+    def run(lasso):
+        torch.manual_seed(0)
+        model, (x, y) = SmallResNet(), _data()
+        loop = Loop(x, y, epochs=10, lr=1e-2)
+        return fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=2, mask_steps=2,
+                                  tolerance=1.0, lasso=lasso, progress=False)
+    off, on = run(0.0), run(fp.interop.lasso.DEFAULT_STRENGTH)
+    assert on.history[-1]["params"] < 0.9 * off.history[-1]["params"]
+
+
+def test_vit_from_transformers_with_an_ordinary_loop():
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=4, hidden_dropout_prob=0.1)
+    torch.manual_seed(0)
+    model, (x, y) = transformers.ViTForImageClassification(cfg), _data()
+    loop = Loop(x, y, logits=lambda out: out.logits, epochs=10, lr=1e-2)
+    with warnings.catch_warnings():  # its attention reads head_dim: those channels stay (KeptChannelsWarning)
+        warnings.simplefilter("ignore", fp.interop.module.KeptChannelsWarning)
+        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=2, mask_steps=1,
+                                 sparsity=0.6, tolerance=1.0, progress=False)
+    assert all(issubclass(t, transformers.ViTForImageClassification) for t in loop.seen)
+    assert type(res.module) is transformers.ViTForImageClassification
+    assert count_params(res.module) < res.dense["params"]
+    kept = res.module.eval()
+    with torch.no_grad():
+        out = kept(x[:5])  # another batch size than the example's
+    assert out.logits.shape == (5, 4)
+    kept.train()  # mode switches work on what comes back
+
+
+def test_a_class_that_cannot_be_kept_goes_the_graph_path_with_a_warning(monkeypatch):
+    import fxprune.cycle as cycle
+
+    def refuse(*args, **kwargs):
+        raise fp.UnsupportedError("minimize folded a constant into a bias that no module of the model holds")
+
+    monkeypatch.setattr(cycle, "minimize_module", refuse)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    x = torch.randn(32, 6)
+    y = x[:, :3].argmax(1)
+    loop = Loop(x, y)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=1, mask_steps=1,
+                                 tolerance=1.0, progress=False)
+    msgs = [str(w.message) for w in seen if issubclass(w.category, GraphPathWarning)]
+    assert len(msgs) == 1 and "no module of the model holds" in msgs[0]
+    assert isinstance(res.module, torch.fx.GraphModule) or res.best_cycle is None
+
+
+def test_bad_lasso_strength():
+    model = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(fp.InputError, match="lasso"):
+        fp.squeeze_release(model, (torch.randn(2, 4),), train=lambda m: None, evaluate=lambda m: 0.0, lasso=-1)

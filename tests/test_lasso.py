@@ -1,0 +1,147 @@
+"""fp.GroupLasso: groups read off fxprune's own analysis (the hand-written residual-stream lists of the old benchmark
+found with nothing listed), an exact-zero proximal step that leaves what minimize removes, attached to any
+optimizer through its step, pure to build."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune as fp
+from fxprune.errors import InputError
+from fxprune.verify import count_params
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import squeeze_release as sr  # noqa: E402
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_groups_are_the_hidden_units_and_the_model_io_is_frozen():
+    net, x = mlp(), torch.randn(4, 6)
+    reg = fp.GroupLasso(net, (x,))
+    assert reg.channels == 10 + 8
+    dims = {(s.name, s.dim) for s in reg.slices}
+    assert dims == {("0.weight", 0), ("0.bias", 0), ("2.weight", 1), ("2.weight", 0), ("2.bias", 0), ("4.weight", 1)}
+    # entries per group: unit k of layer 0 owns its row (6) and bias (1) and column k of layer 2 (8)
+    assert reg.sizes[:10].tolist() == [15.0] * 10 and reg.sizes[10:].tolist() == [14.0] * 8
+
+
+def _stream_slices(model: sr.ConvNeXtStyle) -> list[list[tuple[str, int]]]:
+    """The benchmark's former hand-written list of every (parameter, dim) carrying each residual stream."""
+    def block(prefix: str) -> list[tuple[str, int]]:
+        return [(f"{prefix}.dwconv.weight", 0), (f"{prefix}.norm.weight", 0), (f"{prefix}.pwconv1.weight", 1),
+                (f"{prefix}.pwconv2.weight", 0), (f"{prefix}.gamma", 0)]
+    s1 = [("stem.weight", 0), ("stem_norm.weight", 0), ("down_norm.weight", 0), ("down.weight", 1)]
+    s2 = [("down.weight", 0), ("head_norm.weight", 0), ("head.weight", 1)]
+    s1 += [sl for i in range(len(model.stage1)) for sl in block(f"stage1.{i}")]
+    s2 += [sl for i in range(len(model.stage2)) for sl in block(f"stage2.{i}")]
+    return [s1, s2]
+
+
+def test_convnext_streams_are_found_with_nothing_listed():
+    torch.manual_seed(0)
+    model = sr.ConvNeXtStyle(2)
+    reg = fp.GroupLasso(model, (torch.randn(2, 1, 8, 8),))
+    by = {(s.name, s.dim): s.channel for s in reg.slices}
+    for stream in _stream_slices(model):
+        first = by[stream[0]]
+        assert (first >= 0).all()
+        for sl in stream:  # every slice of the stream maps channel k to the same group channel
+            assert torch.equal(by[sl], first), sl
+    # the MLP units of each block: pwconv1 rows and bias, pwconv2 columns, one group each
+    assert torch.equal(by[("stage1.0.pwconv1.weight", 0)], by[("stage1.0.pwconv2.weight", 1)])
+    assert reg.channels == 2 * 32 + 2 * 128 + 64 + 2 * 256 - 32  # streams (32, 64) + 4 MLPs; the stem stream once
+
+
+def test_step_leaves_exact_zeros_that_minimize_removes():
+    net, x = mlp(), torch.randn(5, 6)
+    with torch.no_grad():  # three units of layer 0 and two of layer 2 made small (the scale of a step), not zero
+        net[0].weight[:3] *= 1e-3; net[0].bias[:3] *= 1e-3; net[2].weight[:, :3] *= 1e-3
+        net[2].weight[:2] *= 1e-3; net[2].bias[:2] *= 1e-3; net[4].weight[:, :2] *= 1e-3
+    before = count_params(net)
+    reg = fp.GroupLasso(net, (x,))
+    assert int((reg.norms(net) == 0).sum()) == 0
+    kept = net[0].weight[3:].clone()
+    assert reg.step(net, lr=1e-3) == 5 and int((reg.norms(net) == 0).sum()) == 5
+    assert bool((net[0].weight[:3] == 0).all()) and bool((net[4].weight[:, :2] == 0).all())
+    assert torch.equal(net[0].weight[3:], kept)  # the others are untouched
+    small = fp.minimize_module(net, (x,))
+    assert count_params(small) == before - 3 * (6 + 1 + 8) - 2 * (7 + 1 + 3)  # rows, biases, columns (of 10 - 3)
+    assert torch.allclose(small(x), net(x), atol=1e-6)
+    assert fp.GroupLasso(net, (x,), threshold=0.0).step(net, lr=1.0) == 5  # threshold 0: only exact zeros
+
+
+def test_attach_acts_on_the_models_optimizer_only_holds_what_it_zeroed_and_detaches():
+    net, other, x = mlp(), mlp(), torch.randn(5, 6)
+    reg = fp.GroupLasso(net, (x,), threshold=1e9)  # every group is under the threshold: one step zeroes them all
+    opt, opt_other = torch.optim.SGD(net.parameters(), lr=0.1), torch.optim.SGD(other.parameters(), lr=0.1)
+    with reg.attach(net):
+        ref = {k: v.clone() for k, v in other.state_dict().items()}
+        opt_other.zero_grad(); other(x).sum().backward()
+        grads = {n: p.grad.clone() for n, p in other.named_parameters()}
+        opt_other.step()
+        for n, p in other.named_parameters():  # another model's optimizer: a plain SGD step, nothing added
+            assert torch.allclose(p, ref[n] - 0.1 * grads[n])
+        opt.zero_grad(); net(x).sum().backward(); opt.step()
+        assert int((reg.norms(net) == 0).sum()) == reg.channels
+        reg.threshold = 0.0  # from here on nothing new is under it, yet what was zeroed stays zero
+        for _ in range(3):
+            opt.zero_grad(); net(x).pow(2).sum().backward(); opt.step()
+        assert int((reg.norms(net) == 0).sum()) == reg.channels
+    fresh = mlp()
+    opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    opt.zero_grad(); fresh(x).sum().backward(); opt.step()
+    assert int((reg.norms(fresh) == 0).sum()) == 0  # the hooks are gone
+
+
+def test_held_masks_and_penalty_and_regularize():
+    net, x = mlp(), torch.randn(5, 6)
+    reg = fp.GroupLasso(net, (x,), strength=0.5)
+    masked = fp.hold_masks(net, {"0.weight": torch.rand(10, 6) > 0.5})  # read through the parametrization
+    p = reg.penalty(masked)
+    assert p.requires_grad and float(p) > 0
+    expected = sum((reg.sizes[g].sqrt() * reg.norms(masked)[g]) for g in range(reg.channels))
+    assert abs(float(p) - float(expected)) < 1e-4 * float(p)
+    net2 = mlp()
+    params = [net2[0].weight, net2[0].bias, net2[2].weight, net2[2].bias, net2[4].weight]
+    auto = torch.autograd.grad(reg.penalty(net2), params)
+    net2.zero_grad()
+    reg.regularize(net2)  # strength * dR/dw, in closed form
+    for t, g in zip(params, auto):
+        assert torch.allclose(t.grad, 0.5 * g, rtol=1e-4, atol=1e-7)
+    assert net2[4].bias.grad is None  # the output layer's bias is in no free group
+
+
+def test_building_is_pure_and_draws_no_randomness():
+    net, x = mlp(), torch.randn(5, 6)
+    net.train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    fp.GroupLasso(net, (x,))
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items()) and net.training
+
+
+def test_bad_arguments():
+    net, x = mlp(), torch.randn(5, 6)
+    with pytest.raises(InputError, match="strength"):
+        fp.GroupLasso(net, (x,), strength=-1)
+    with pytest.raises(InputError, match="threshold"):
+        fp.GroupLasso(net, (x,), threshold="big")
+    reg = fp.GroupLasso(net, (x,))
+    with pytest.raises(InputError, match="built"):
+        reg.norms(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    assert fp.GroupLasso(net, (x,), exclude=["2.*"]).channels == 18  # excluded slices: fewer members, same groups
+    assert {s.name for s in fp.GroupLasso(net, (x,), exclude=["2.*"]).slices} == {"0.weight", "0.bias", "4.weight"}
+
+
+def test_group_lasso_function_matches_the_object():
+    net, x = mlp(), torch.randn(5, 6)
+    assert torch.allclose(fp.group_lasso(net, (x,)), fp.GroupLasso(net, (x,)).penalty(net))
