@@ -31,6 +31,7 @@ fine-tuned one on validation).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune as fp
+from fxprune.passes.mask import apply_masks, magnitude_masks
 from fxprune.verify import count_params
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -157,6 +159,48 @@ class ConvNeXtStyle(nn.Module):
         return self.head(self.head_norm(x.flatten(2).mean(-1)))
 
 
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv-BN-ReLU-conv-BN plus the identity, ReLU."""
+
+    def __init__(self, conv: type[nn.Module], bn: type[nn.Module], c: int):
+        super().__init__()
+        self.conv1, self.bn1 = conv(c, c, 3, padding=1, bias=False), bn(c)
+        self.conv2, self.bn2 = conv(c, c, 3, padding=1, bias=False), bn(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ResNetStyle(nn.Module):
+    """An untuned network: a ResNet with BatchNorm (stem, two stages of two basic blocks, a strided conv between
+    them, global average pool, linear head). No recipe was tuned on it: it runs with the untuned recipe."""
+
+    def __init__(self, spatial_dims: int, dims: tuple[int, int] = (32, 64), d_out: int = 10):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d}[spatial_dims]
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[spatial_dims]
+        self.stem, self.stem_bn = conv(1, dims[0], 3, padding=1, bias=False), bn(dims[0])
+        self.stage1 = nn.Sequential(BasicBlock(conv, bn, dims[0]), BasicBlock(conv, bn, dims[0]))
+        self.down, self.down_bn = conv(dims[0], dims[1], 2, stride=2, bias=False), bn(dims[1])
+        self.stage2 = nn.Sequential(BasicBlock(conv, bn, dims[1]), BasicBlock(conv, bn, dims[1]))
+        self.head = nn.Linear(dims[1], d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage1(F.relu(self.stem_bn(self.stem(x))))
+        x = self.stage2(F.relu(self.down_bn(self.down(x))))
+        return self.head(x.flatten(2).mean(-1))
+
+
+def vit(sample: tuple[int, ...]) -> nn.Module:
+    """An untuned network: transformers' ViTForImageClassification (random weights from a config), patches of 2x2
+    on the 8x8 digits, 4 layers of width 64 with 4 heads. Its output is an ``ImageClassifierOutput`` (``.logits``)."""
+    import transformers
+
+    cfg = transformers.ViTConfig(image_size=sample[-1], patch_size=2, num_channels=1, hidden_size=64,
+                                 num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, num_labels=10)
+    return transformers.ViTForImageClassification(cfg)
+
+
 def build(model: str, dataset: str) -> tuple[nn.Module, tuple[int, ...]]:
     """The model and the shape of one input sample."""
     sample = {"digits": (8, 8), "mnist1d": (40,)}[dataset]
@@ -164,7 +208,18 @@ def build(model: str, dataset: str) -> tuple[nn.Module, tuple[int, ...]]:
         return fc(math.prod(sample)), (math.prod(sample),)
     if model == "convnext":
         return ConvNeXtStyle(len(sample)), (1, *sample)
-    raise SystemExit(f"unknown model {model!r} (fc | convnext)")
+    if model == "resnet":
+        return ResNetStyle(len(sample)), (1, *sample)
+    if model == "vit":
+        if dataset != "digits":
+            raise SystemExit("--model vit runs on images: --dataset digits")
+        return vit(sample), (1, *sample)
+    raise SystemExit(f"unknown model {model!r} (fc | convnext | resnet | vit)")
+
+
+def logits(out) -> torch.Tensor:
+    """A model's output as logits: the tensor itself, or transformers' ``.logits``."""
+    return getattr(out, "logits", out)
 
 # --------------------------------------------------------------------------------------------------- recipe
 
@@ -188,6 +243,7 @@ RECIPES = {
     ("convnext", "digits"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, cycles=10, schedule="cosine", distill=0.5),
     ("convnext", "mnist1d"): Recipe(epochs=10, dense_epochs=40, lr=2e-3, cycles=10, schedule="cosine"),
 }
+UNTUNED = Recipe(epochs=15, dense_epochs=40, lr=2e-3)  # resnet, vit: an ordinary loop, nothing tuned, default lasso
 
 
 T = 4.0  # distillation temperature
@@ -217,7 +273,7 @@ class Trainer:
         for _ in range(epochs):
             for idx in torch.randperm(len(x), generator=g).split(r.batch):
                 opt.zero_grad(set_to_none=True)
-                out = model(x[idx])
+                out = logits(model(x[idx]))
                 loss = F.cross_entropy(out, y[idx])
                 if r.distill and self.teacher is not None:
                     kl = F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(self.teacher[idx] / T, -1),
@@ -232,7 +288,7 @@ class Trainer:
     @torch.no_grad()
     def accuracy(self, model: nn.Module, split: str = "val") -> float:
         model.eval()
-        return float((model(self.inputs(split)).argmax(-1) == self.data[f"y_{split}"]).float().mean())
+        return float((logits(model(self.inputs(split))).argmax(-1) == self.data[f"y_{split}"]).float().mean())
 
 # ------------------------------------------------------------------------------------------------------ run
 
@@ -247,29 +303,30 @@ def candidate(model: nn.Module, trainer: Trainer, label: str) -> dict:
 
 def one_shot(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, grid: list[float]) -> Curve:
     """Mask the dense model once at each sparsity of ``grid`` and minimize (no training): one candidate each."""
-    gm = fp.capture(dense, example)
     curve = [candidate(dense, trainer, "sparsity 0.0")]
     for s in grid:
-        curve.append(candidate(fp.minimize(fp.mask(gm, s), example), trainer, f"sparsity {s}"))
+        m = copy.deepcopy(dense).eval()
+        apply_masks(m, magnitude_masks(m, s))
+        curve.append(candidate(fp.minimize_module(m, example), trainer, f"sparsity {s}"))
     return curve
 
 
 def gradual(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, steps: int, final: float) -> Curve:
-    """Baseline (a): progressive magnitude pruning in one run. ``steps`` masking steps on a linear schedule to
-    ``final`` (global magnitude of the active weights; masked weights stay masked), each followed by one ``train``
-    call with the masks held and fxprune's group lasso attached (the same calls, epochs and strength as the cycle);
-    after each, the masked model is minimized and is a candidate."""
-    work = fp.capture(dense, example)
+    """Baseline (a): progressive magnitude pruning in one run, on a copy of the user's model. ``steps`` masking
+    steps on a linear schedule to ``final`` (global magnitude of the active weights; masked weights stay masked),
+    each followed by one ``train`` call with the masks held and fxprune's group lasso attached (the same calls,
+    epochs and strength as the cycle); after each, the masked model is minimized and is a candidate."""
+    work = copy.deepcopy(dense)
     curve = [candidate(dense, trainer, "step 0, sparsity 0.0")]
+    masks: dict[str, torch.Tensor] = {}
     for k in range(1, steps + 1):
         s = fp.sparsity_schedule(k, steps, final, kind="linear")
-        work = fp.mask(work, s)
-        masks = work.meta["fxprune_masks"]
-        held = fp.hold_masks(work)
+        masks = apply_masks(work, magnitude_masks(work, s), masks)
+        held = fp.hold_masks(work, masks)
         with fp.GroupLasso(held, example, strength=trainer.recipe.lasso).attach(held):
             work = fp.bake_masks(trainer.train(held))
-        work.meta["fxprune_masks"] = masks
-        curve.append(candidate(fp.minimize(work, example), trainer, f"step {k}, sparsity {round(s, 4)}"))
+        curve.append(candidate(fp.minimize_module(copy.deepcopy(work).eval(), example), trainer,
+                               f"step {k}, sparsity {round(s, 4)}"))
         print(f"[gradual] step {k}/{steps} sparsity {s:.3f}: {curve[-1]['params']:,} params, validation "
               f"{curve[-1]['val']:.4f}", file=sys.stderr)
     return curve
@@ -365,7 +422,7 @@ def run_split(a: argparse.Namespace, recipe: Recipe, cycles: int, sparsity: list
         trainer.train(model, recipe.dense_epochs, schedule="constant")
     if recipe.distill:
         with torch.no_grad():
-            trainer.teacher = model.eval()(trainer.inputs("train"))
+            trainer.teacher = logits(model.eval()(trainer.inputs("train")))
     example = (trainer.inputs("train")[:8],)
     out: dict = dict(params_dense=count_params(model), curves={}, seconds={}, results={})
     for method in methods:
@@ -384,7 +441,8 @@ def run_split(a: argparse.Namespace, recipe: Recipe, cycles: int, sparsity: list
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=["fc", "convnext"], default="fc")
+    ap.add_argument("--model", choices=["fc", "convnext", "resnet", "vit"], default="fc",
+                    help="resnet and vit: networks no recipe was tuned on (the untuned recipe, the cycle's defaults)")
     ap.add_argument("--dataset", choices=["digits", "mnist1d"], default="digits")
     ap.add_argument("--cycles", type=int, default=None,
                     help="default: the recipe's (6 FC, 10 ConvNeXt; 4 with --quick)")
@@ -425,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--folds must be at least 1, got {a.folds}")
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    recipe = RECIPES[(a.model, a.dataset)]
+    recipe = RECIPES.get((a.model, a.dataset), UNTUNED)
     if a.quick:
         recipe = dataclasses.replace(recipe, epochs=max(5, recipe.epochs // 2), dense_epochs=recipe.dense_epochs // 2)
     recipe = dataclasses.replace(recipe, epochs=a.epochs or recipe.epochs,

@@ -123,3 +123,14 @@ def test_distillation_pulls_towards_the_teacher_logits():
                                                 reduction="batchmean"))
 
     assert kl_to_teacher(1.0) < 0.5 * kl_to_teacher(0.0)
+
+
+def test_the_benchmark_holds_no_regularizer_or_parameter_list_of_its_own():
+    """The structure comes from fp.squeeze_release's group lasso: the script keeps only the user's side of a recipe."""
+    import inspect
+
+    src = inspect.getsource(sr)
+    for gone in ("class GroupLasso", "def stream_slices", "def zero_small_scales", "scale_tau", "penalty()"):
+        assert gone not in src, gone
+    assert "lasso=trainer.recipe.lasso" in src  # the cycle gets the recipe's strength (the library default)
+    assert sr.Recipe(epochs=1, dense_epochs=1, lr=1e-3).lasso == sr.fp.interop.lasso.DEFAULT_STRENGTH
