@@ -108,9 +108,31 @@ class ReadsItsOwnSize(nn.Module):
         return self.b(torch.relu(self.a(x)).view(x.shape[0], 2, self.half)).sum(1)
 
 
-def test_a_size_eager_code_cannot_update_fails_closed():
+HALF = 4
+
+
+class ReadsAGlobalSize(ReadsItsOwnSize):
+    """The same reshape with a size read from a module-level constant: nothing in the model tells it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.half
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).view(x.shape[0], 2, HALF)).sum(1)
+
+
+def test_a_size_its_caller_keeps_as_an_attribute_keeps_those_channels_with_a_warning():
     model = ReadsItsOwnSize().double().eval()
-    with pytest.raises(fp.EquivalenceError, match="minimized copy of ReadsItsOwnSize"):
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="a"):
+        small = fp.minimize_module(model, (x,))
+    assert small.a.out_features == 8 and torch.allclose(small(x), model(x), rtol=0, atol=1e-12)
+
+
+def test_a_size_eager_code_cannot_update_fails_closed():
+    model = ReadsAGlobalSize().double().eval()
+    with pytest.raises(fp.EquivalenceError, match="minimized copy of ReadsAGlobalSize"):
         fp.minimize_module(model, (torch.randn(3, 4, dtype=torch.float64),))
 
 
