@@ -107,15 +107,22 @@ def test_held_masks_and_penalty_and_regularize():
     masked = fp.hold_masks(net, {"0.weight": torch.rand(10, 6) > 0.5})  # read through the parametrization
     p = reg.penalty(masked)
     assert p.requires_grad and float(p) > 0
-    expected = sum((reg.sizes[g].sqrt() * reg.norms(masked)[g]) for g in range(reg.channels))
+    scale = {n: t[t != 0].pow(2).mean().sqrt() for n, t in (("0.weight", masked[0].weight), ("0.bias", masked[0].bias),
+             ("2.weight", masked[2].weight), ("2.bias", masked[2].bias), ("4.weight", masked[4].weight))}
+    u0 = torch.cat([masked[0].weight / scale["0.weight"], (masked[0].bias / scale["0.bias"])[:, None],
+                    (masked[2].weight / scale["2.weight"]).T], 1)  # the 10 units of layer 0: row, bias, column
+    u1 = torch.cat([masked[2].weight / scale["2.weight"], (masked[2].bias / scale["2.bias"])[:, None],
+                    (masked[4].weight / scale["4.weight"]).T], 1)
+    expected = (u0.norm(dim=1) * 15 ** 0.5).sum() + (u1.norm(dim=1) * 14 ** 0.5).sum()  # R over relative entries
     assert abs(float(p) - float(expected)) < 1e-4 * float(p)
     net2 = mlp()
     params = [net2[0].weight, net2[0].bias, net2[2].weight, net2[2].bias, net2[4].weight]
     auto = torch.autograd.grad(reg.penalty(net2), params)
     net2.zero_grad()
-    reg.regularize(net2)  # strength * dR/dw, in closed form
+    reg.regularize(net2)  # strength * dR/du = strength * s_t * dR/dw, in closed form
     for t, g in zip(params, auto):
-        assert torch.allclose(t.grad, 0.5 * g, rtol=1e-4, atol=1e-7)
+        s_t = t.detach().pow(2).mean().sqrt()
+        assert torch.allclose(t.grad, 0.5 * s_t * g, rtol=1e-4, atol=1e-7)
     assert net2[4].bias.grad is None  # the output layer's bias is in no free group
 
 

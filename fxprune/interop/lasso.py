@@ -6,12 +6,16 @@ residual stream, whole heads). The regularizer is built from those groups (:func
 the model), so that what it pushes to zero is what ``minimize`` can take out; nothing is listed by hand.
 
 For channel ``g`` of a free group, ``w_g`` is the vector of every parameter entry that channel ``g`` owns, ``n_g``
-its length. The penalty is Yuan and Lin's group lasso
+its length. A group mixes tensors of very different scales (a BatchNorm or LayerNorm weight near 1 beside conv
+weights near 0.05), so each entry is measured against its own tensor: ``u = w / s_t``, with ``s_t`` the root mean
+square of the nonzero entries of the tensor ``t`` it belongs to (a constant, not differentiated). The penalty is
+Yuan and Lin's group lasso over those relative entries,
 
-    R(w) = sum_g sqrt(n_g) * ||w_g||_2,      dR/dw_i = sum over the groups g of i of  sqrt(n_g) * w_i / ||w_g||,
+    R = sum_g sqrt(n_g) * ||u_g||_2,      dR/du_i = sum over the groups g of i of  sqrt(n_g) * u_i / ||u_g||,
 
-whose gradient is of order 1 on an entry of typical size in its group, whatever the group's size. Training adds
-``strength * dR/dw`` to the gradients before each optimizer step (Torch-Pruning's ``regularize``); under Adam-type
+which is of order 1 on an entry of typical size in its group, whatever the group's size and the tensor's scale.
+Training adds ``strength * dR/du`` to the gradients before each optimizer step (a group-lasso gradient
+preconditioned by each tensor's scale, in the spirit of Torch-Pruning's ``regularize``); under Adam-type
 optimizers, which scale each coordinate's step by its own gradient history, that pulls every entry of a group the
 loss does not defend towards zero at about ``lr`` per step, large norm weights and small conv weights alike. A
 gradient never lands on zero, so after each optimizer step the **exact-zero step** sets every group whose root mean
@@ -86,17 +90,18 @@ def _leaf_maps(atoms: Any, a: Any) -> dict[int, torch.Tensor] | None:
     return out
 
 
-def _tensor(model: nn.Module, name: str) -> torch.Tensor | None:
-    """Parameter ``name`` of ``model``, read through a mask parametrization (its ``original``) where one is held."""
+def _tensor(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Parameter ``name`` of ``model`` and its value: through a mask parametrization, its ``original`` (what the
+    optimizer updates) and the masked value the forward sees."""
     path, _, leaf = name.rpartition(".")
     try:
         owner = model.get_submodule(path) if path else model
     except AttributeError:
         return None
     if parametrize.is_parametrized(owner, leaf):
-        return owner.parametrizations[leaf].original
+        return owner.parametrizations[leaf].original, getattr(owner, leaf)
     t = owner._parameters.get(leaf)
-    return t if isinstance(t, torch.Tensor) else None
+    return (t, t) if isinstance(t, torch.Tensor) else None
 
 
 class GroupLasso:
@@ -180,23 +185,36 @@ class GroupLasso:
         self.sizes = sizes  # n_g: entries per group channel
 
     # ---- reading ---------------------------------------------------------------------------------------------
-    def _bound(self, model: nn.Module) -> list[tuple[_Slice, torch.Tensor]]:
+    def _bound(self, model: nn.Module) -> list[tuple[_Slice, torch.Tensor, torch.Tensor]]:
+        """Per slice: the parameter the optimizer updates and the value the forward reads (masked, where held)."""
         out = []
         for s in self.slices:
-            t = _tensor(model, s.name)
-            if t is None:
+            pair = _tensor(model, s.name)
+            if pair is None:
                 raise InputError(f"'{s.name}' is not a parameter of {type(model).__name__}: pass the model the "
                                  "GroupLasso was built from (or a copy of it)")
+            t, v = pair
             if t.shape[s.dim] != s.channel.numel():
                 raise InputError(f"'{s.name}' has {t.shape[s.dim]} entries in dim {s.dim}, the GroupLasso was built "
                                  f"for {s.channel.numel()}: build it again for the changed model")
-            out.append((s, t))
+            out.append((s, t, v))
         return out
 
-    def _squares(self, bound: list[tuple[_Slice, torch.Tensor]], detach: bool) -> torch.Tensor:
+    @staticmethod
+    def _scale(t: torch.Tensor) -> torch.Tensor:
+        """The root mean square of ``t``'s nonzero entries (1 when it has none), no gradient."""
+        v = t.detach()
+        n = int(torch.count_nonzero(v))
+        return v.pow(2).sum().div(n).sqrt() if n else torch.ones((), dtype=v.dtype, device=v.device)
+
+    def _squares(self, bound: list[tuple[_Slice, torch.Tensor, torch.Tensor]], detach: bool,
+                 relative: bool = False) -> torch.Tensor:
+        """``||w_g||^2`` per group channel, or with ``relative`` ``||u_g||^2`` (each tensor over its own scale)."""
         sq = None
-        for s, t in bound:
-            v = t.detach() if detach else t
+        for s, _, value in bound:
+            v = value.detach() if detach else value
+            if relative:
+                v = v / self._scale(value)
             dims = [d for d in range(v.dim()) if d != s.dim]
             per = v.pow(2).sum(dims) if dims else v.pow(2)
             hit = s.channel >= 0
@@ -212,30 +230,33 @@ class GroupLasso:
         return self._squares(self._bound(model), detach=True).sqrt()
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
-        """``sum_g sqrt(n_g) ||w_g||``, differentiable (a term for a loss of your own: ``loss + lam * penalty``)."""
-        sq = self._squares(self._bound(model), detach=False)
+        """``R = sum_g sqrt(n_g) ||u_g||``, differentiable (a term for a loss of your own: ``loss + lam * penalty``;
+        its gradient is :meth:`regularize`'s over ``s_t``)."""
+        sq = self._squares(self._bound(model), detach=False, relative=True)
         return (sq.add(1e-12).sqrt() * self.sizes.to(sq).sqrt()).sum()
 
-    def _coefficients(self, bound: list[tuple[_Slice, torch.Tensor]]) -> torch.Tensor:
-        """``sqrt(n_g) / ||w_g||`` per group channel (0 for a zero group)."""
-        norm = self._squares(bound, detach=True).to(torch.float64).sqrt()
+    def _coefficients(self, bound: list[tuple[_Slice, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``sqrt(n_g) / ||u_g||`` per group channel (0 for a zero group)."""
+        norm = self._squares(bound, detach=True, relative=True).to(torch.float64).sqrt()
         return torch.where(norm > 0, self.sizes.sqrt() / norm.clamp_min(1e-300), torch.zeros_like(norm))
 
     @torch.no_grad()
     def regularize(self, model: nn.Module) -> None:
-        """Add ``strength * dR/dw`` to the parameters' gradients (after ``backward()``, before the optimizer step;
-        a parameter without a gradient gets one). Shrinks groups; exact zeros come from :meth:`step`."""
+        """Add ``strength * dR/du`` (``= strength * s_t * dR/dw``) to the parameters' gradients (after ``backward()``,
+        before the optimizer step; a parameter without a gradient gets one). Shrinks groups; exact zeros come from
+        :meth:`step`."""
         bound = self._bound(model)
         if not bound or self.strength == 0:
             return
         coef = self._coefficients(bound)
-        for s, t in bound:
+        for s, t, value in bound:
             c = torch.zeros(s.channel.numel(), dtype=torch.float64)
             hit = s.channel >= 0
             c[hit] = coef[s.channel[hit]]
             shape = [1] * t.dim()
             shape[s.dim] = -1
-            g = t.detach() * c.to(t.dtype).to(t.device).view(shape) * self.strength
+            v = value.detach()
+            g = v * c.to(v.dtype).to(v.device).view(shape) * (self.strength / self._scale(v))
             if t.grad is None:
                 t.grad = g
             else:
@@ -251,7 +272,7 @@ class GroupLasso:
             return 0
         if isinstance(lr, dict):
             rates = torch.zeros(self.channels, dtype=torch.float64)
-            for s, t in bound:
+            for s, t, _ in bound:
                 hit = s.channel >= 0
                 r = torch.full((int(hit.sum()),), float(lr.get(id(t), 0.0)), dtype=torch.float64)
                 rates.scatter_reduce_(0, s.channel[hit], r, reduce="amax")
@@ -265,7 +286,7 @@ class GroupLasso:
             hold.update(int(i) for i in zero.nonzero().flatten())
         if not bool(zero.any()):
             return 0
-        for s, t in bound:
+        for s, t, _ in bound:
             hit = s.channel >= 0
             keep = torch.ones(s.channel.numel(), dtype=torch.bool)
             keep[hit] = ~zero[s.channel[hit]]
@@ -284,7 +305,7 @@ class GroupLasso:
         if self.strength == 0:
             yield self
             return
-        ids = {id(t) for _, t in self._bound(model)}
+        ids = {id(t) for _, t, _ in self._bound(model)}
         ref = weakref.ref(model)
         held: set[int] = set()
 
