@@ -18,10 +18,12 @@ Training adds ``strength * dR/du`` to the gradients before each optimizer step (
 preconditioned by each tensor's scale, in the spirit of Torch-Pruning's ``regularize``); under Adam-type
 optimizers, which scale each coordinate's step by its own gradient history, that pulls every entry of a group the
 loss does not defend towards zero at about ``lr`` per step, large norm weights and small conv weights alike. A
-gradient never lands on zero, so after each optimizer step the **exact-zero step** sets every group whose root mean
-square has fallen to the optimizer's step size, ``||w_g|| <= threshold * lr * sqrt(n_g)`` (the scale at which Adam
-leaves a weight oscillating about zero), to exact zeros, and keeps the groups it zeroed at zero for the rest of that
-training (as HESSO holds its redundant groups). Exact zeros are what ``minimize`` removes.
+gradient never lands on zero, so after each optimizer step the **exact-zero step** sets to exact zeros every slice
+of a group member (a row, a column, a norm weight's entry) and every whole group whose root mean square has fallen
+to the optimizer's step size, ``threshold * lr`` (the scale at which Adam leaves a weight oscillating about zero),
+and keeps what it zeroed at zero for the rest of that training (as HESSO holds its redundant groups). A zero
+producer row or norm weight makes its channel constant there, a zero column leaves it unread: ``minimize`` removes
+the channel once every member of its group is so (constants folded), exactly.
 
 :meth:`GroupLasso.attach` installs both around every ``optimizer.step()`` of an optimizer that holds the model's
 parameters (``lr`` read from the optimizer's param group), so a training loop needs no change. For a loop of your
@@ -121,7 +123,7 @@ class GroupLasso:
     """
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, strength: float = DEFAULT_STRENGTH,
-                 threshold: float = 1.0, exclude: Sequence[str] | None = None) -> None:
+                 threshold: float = 2.0, exclude: Sequence[str] | None = None) -> None:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis
@@ -263,38 +265,40 @@ class GroupLasso:
                 t.grad.add_(g)
 
     @torch.no_grad()
-    def step(self, model: nn.Module, lr: float | dict[int, float], hold: set[int] | None = None) -> int:
-        """The exact-zero step: set to zero every group channel with ``||w_g|| <= threshold * lr * sqrt(n_g)``
-        (``lr``: a number, or per parameter ``id``), and those in ``hold`` (which gains the new ones); returns how
-        many group channels are exact zeros after it."""
+    def step(self, model: nn.Module, lr: float | dict[int, float], hold: dict[int, torch.Tensor] | None = None) -> int:
+        """The exact-zero step. Every slice of a group member (a row, a column, a norm weight's entry...) whose
+        root mean square is at most ``threshold * lr`` becomes exact zeros, and so does every group channel with
+        ``||w_g|| <= threshold * lr * sqrt(n_g)`` (``lr``: a number, or per parameter ``id``). With ``hold`` (per
+        slice index, the positions zeroed so far; updated), what was zeroed before stays zero. A zero slice makes its
+        channel constant (a producer row) or unread (a consumer column) in that member; ``minimize`` removes the
+        channel once that holds for its whole group. Returns how many group channels are exact zeros after it."""
         bound = self._bound(model)
         if not bound:
             return 0
-        if isinstance(lr, dict):
-            rates = torch.zeros(self.channels, dtype=torch.float64)
-            for s, t, _ in bound:
-                hit = s.channel >= 0
-                r = torch.full((int(hit.sum()),), float(lr.get(id(t), 0.0)), dtype=torch.float64)
-                rates.scatter_reduce_(0, s.channel[hit], r, reduce="amax")
-        else:
-            rates = torch.full((self.channels,), float(lr), dtype=torch.float64)
-        norm = self._squares(bound, detach=True).to(torch.float64).sqrt()
-        zero = norm <= rates * self.threshold * self.sizes.sqrt()
-        if hold is not None:
-            if hold:
-                zero[torch.tensor(sorted(hold))] = True
-            hold.update(int(i) for i in zero.nonzero().flatten())
-        if not bool(zero.any()):
-            return 0
+        rate = {id(t): float(lr.get(id(t), 0.0)) if isinstance(lr, dict) else float(lr) for _, t, _ in bound}
+        rates = torch.zeros(self.channels, dtype=torch.float64)
         for s, t, _ in bound:
             hit = s.channel >= 0
-            keep = torch.ones(s.channel.numel(), dtype=torch.bool)
-            keep[hit] = ~zero[s.channel[hit]]
-            if not bool(keep.all()):
+            rates.scatter_reduce_(0, s.channel[hit], torch.full((int(hit.sum()),), rate[id(t)], dtype=torch.float64),
+                                  reduce="amax")
+        norm = self._squares(bound, detach=True).to(torch.float64).sqrt()
+        whole = norm <= rates * self.threshold * self.sizes.sqrt()
+        for i, (s, t, v) in enumerate(bound):
+            hit = s.channel >= 0
+            dims = [d for d in range(v.dim()) if d != s.dim]
+            x = v.detach().to(torch.float64)
+            rms = (x.pow(2).mean(dims) if dims else x.pow(2)).sqrt().cpu()
+            zero = hit & (rms <= rate[id(t)] * self.threshold)
+            zero[hit] |= whole[s.channel[hit]]
+            if hold is not None:
+                if i in hold:
+                    zero |= hold[i]
+                hold[i] = zero
+            if bool(zero.any()):
                 shape = [1] * t.dim()
                 shape[s.dim] = -1
-                t.mul_(keep.to(t.dtype).to(t.device).view(shape))
-        return int(zero.sum())
+                t.mul_((~zero).to(t.dtype).to(t.device).view(shape))
+        return int((self._squares(self._bound(model), detach=True) == 0).sum())
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module) -> Iterator["GroupLasso"]:
@@ -307,7 +311,7 @@ class GroupLasso:
             return
         ids = {id(t) for _, t, _ in self._bound(model)}
         ref = weakref.ref(model)
-        held: set[int] = set()
+        held: dict[int, torch.Tensor] = {}
 
         def ours(optimizer: torch.optim.Optimizer) -> dict[int, float]:
             return {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"] if id(p) in ids}

@@ -123,14 +123,15 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
         # one end-to-end check: the copy against the model; the graph is checked only to say which step failed
         opts = MinimizeOptions(verify=False, keep=tuple(keep.items()), **options)
         small = minimize(gm, options=opts)
-        out, stale = _write_back(model, small, inputs)
+        suspects: list[str] = []
+        out, stale = _write_back(model, small, inputs, suspects)
         if not verify:
             return out
         try:
             self_check(gm, out, inputs, opts)
         except EquivalenceError as e:
             more = {}
-            for path in stale:  # freeze every tensor of the modules it could not update, and try again
+            for path in stale + suspects:  # freeze every tensor of the modules it could not update, and try again
                 m = model.get_submodule(path)
                 why = f"the forward of '{path}' ({type(m).__name__}) reads sizes fxprune cannot update in eager code"
                 for name, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
@@ -162,9 +163,11 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
     return out
 
 
-def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any, ...]) -> tuple[nn.Module, list[str]]:
+def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any, ...],
+                suspects: list[str] | None = None) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` holding ``small``'s tensors and sizes; the paths of modules whose tensors changed but
-    whose size attributes could not be updated."""
+    whose size attributes could not be updated. ``suspects`` (when given) gains the paths of changed modules whose
+    caller keeps one of their old sizes as an attribute (it may read it in its forward)."""
     from fxprune.passes.minimize import KEPT_KEY
 
     out = unmasked(model)
@@ -210,13 +213,13 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     # the module that calls a changed one and keeps one of its old sizes, or a divisor of one, as an integer
     # attribute of its own (an attention's ``head_dim`` or ``all_head_size``) may read it in its forward: the changed
     # child is a suspect too, frozen only if the check fails
-    for path, sizes in shrunk.items():
+    for path, sizes in shrunk.items() if suspects is not None else ():
         parent = out.get_submodule(path.rpartition(".")[0])
         if type(parent).__name__ in BY_CLASS_NAME or _updater(parent) is not None or path in stale:
             continue
         if any(type(v) is int and v > 1 and any(n % v == 0 for n in sizes)
                for key, v in vars(parent).items() if not key.startswith("_")):
-            stale.append(path)
+            suspects.append(path)
     return out, stale
 
 
