@@ -182,3 +182,41 @@ def test_channels_of_a_module_it_cannot_update_stay_with_a_warning():
     assert small[3].out_features == 4 and small[5].in_features == 4
     with torch.no_grad():
         assert float((model(x) - small(x)).abs().max() / model(x).abs().max()) <= 1e-9
+
+
+class ChannelsFirstNorm(nn.LayerNorm):
+    """A LayerNorm subclass with a forward of its own, as ConvNeXt-style models write them."""
+
+    def forward(self, x):
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class DepthwiseStream(nn.Module):
+    """A stream through a depthwise conv and a channels-first LayerNorm, with a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(1, 8, 2, stride=2), ChannelsFirstNorm(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.norm(self.stem(x))
+        x = x + self.dw(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_depthwise_groups_and_a_layer_norm_subclass_follow_a_removed_stream_channel():
+    torch.manual_seed(0)
+    model = DepthwiseStream().double().eval()
+    with torch.no_grad():  # stream channels 2 and 5 are zero in every tensor that carries them
+        for t in (model.stem.weight, model.stem.bias, model.norm.weight, model.norm.bias, model.dw.weight, model.dw.bias):
+            t[[2, 5]] = 0
+        model.head.weight[:, [2, 5]] = 0
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    small = fp.minimize_module(model, (x,))
+    assert small.dw.groups == small.dw.in_channels == small.dw.out_channels == 6  # groups updated with the channels
+    assert isinstance(small.norm, ChannelsFirstNorm) and small.norm.weight.shape == (6,)  # its own class, compensated
+    for xi in (x, torch.randn(5, 1, 12, 12, dtype=torch.float64)):  # another batch and image size too
+        with torch.no_grad():
+            assert float((small(xi) - model(xi)).abs().max()) <= 1e-12

@@ -32,7 +32,12 @@ def _linear(m: nn.Linear) -> None:
 
 
 def _conv(m: nn.modules.conv._ConvNd) -> None:
-    m.out_channels = m.weight.shape[0]
+    """Grouped and depthwise convs lose whole groups: ``groups`` follows the kept output channels."""
+    out = m.weight.shape[0]
+    per_group = m.out_channels // m.groups  # the attributes still hold the old sizes
+    if m.groups > 1 and out % per_group == 0:
+        m.groups = out // per_group
+    m.out_channels = out
     m.in_channels = m.weight.shape[1] * m.groups
 
 
@@ -285,6 +290,31 @@ def _created_biases(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
     return done
 
 
+class _CompensatedLayerNormBase(nn.LayerNorm):
+    """``nn.LayerNorm`` whose forward is :func:`~fxprune.nn.norm.compensated_layer_norm` (statistics of the full
+    stream): the base a LayerNorm subclass with its own forward reaches through ``super().forward``."""
+
+    full_size: int
+    removed_sum: float
+    removed_sq_sum: float
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return compensated_layer_norm(input, self.weight, self.bias, self.eps, self.full_size, self.removed_sum,
+                                      self.removed_sq_sum)
+
+
+_COMPENSATED_SUBCLASSES: dict[type, type] = {}
+
+
+def _compensated_subclass(cls: type) -> type:
+    """``cls`` (a LayerNorm subclass) with :class:`_CompensatedLayerNormBase` after it in the MRO: its own forward
+    runs, and its ``super().forward`` is the compensated one. ``isinstance(m, cls)`` still holds."""
+    if cls not in _COMPENSATED_SUBCLASSES:
+        _COMPENSATED_SUBCLASSES[cls] = type(cls.__name__, (cls, _CompensatedLayerNormBase),
+                                            {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _COMPENSATED_SUBCLASSES[cls]
+
+
 def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
     """Norms minimize turned into compensated ones (stream channels removed): replaced by the modules."""
     from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm
@@ -302,6 +332,19 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
             raise UnsupportedError(f"the norm at '{path}' normalizes over {ndim} dims: no module form of its compensation yet")
         old = out.get_submodule(path)
         w = get_attr(small, args[1].target) if args[1] is not None else None
+        if (n.target is compensated_layer_norm and isinstance(old, nn.LayerNorm) and w is not None
+                and type(old).forward is not nn.LayerNorm.forward):
+            # a LayerNorm subclass with a forward of its own (channels-first norms call super().forward on a moved
+            # view): the module keeps its class, and the LayerNorm its forward reaches becomes the compensated one
+            b = get_attr(small, args[2].target) if args[2] is not None else None
+            old.__class__ = _compensated_subclass(type(old))
+            old.full_size, old.removed_sum, old.removed_sq_sum = int(args[4]), float(args[5]), float(args[6])
+            old.eps, old.normalized_shape = float(args[3]), tuple(w.shape)
+            old.weight = nn.Parameter(w.detach().clone(), requires_grad=old.weight.requires_grad)
+            if b is not None:
+                old.bias = nn.Parameter(b.detach().clone(), requires_grad=old.bias.requires_grad)
+            done.add(path)
+            continue
         if n.target is compensated_layer_norm:
             b = get_attr(small, args[2].target) if args[2] is not None else None
             new = CompensatedLayerNorm(w.shape[0], args[4], args[3], args[5], args[6], elementwise_affine=w is not None,
