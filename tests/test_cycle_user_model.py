@@ -154,3 +154,36 @@ def test_bad_lasso_strength():
     model = nn.Sequential(nn.Linear(4, 2))
     with pytest.raises(fp.InputError, match="lasso"):
         fp.squeeze_release(model, (torch.randn(2, 4),), train=lambda m: None, evaluate=lambda m: 0.0, lasso=-1)
+
+
+def test_transformers_trainer_as_the_training_loop(tmp_path):
+    """transformers' Trainer builds its own optimizer and calls .train() first thing: the group lasso reaches it
+    through the optimizer's step, and the kept model is the user's class."""
+    transformers = pytest.importorskip("transformers", reason="the model and the Trainer come from transformers")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (dev dependency)")
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=4)
+    torch.manual_seed(0)
+    model, (x, y) = transformers.ViTForImageClassification(cfg), _data()
+    rows = [{"pixel_values": xi, "labels": yi} for xi, yi in zip(x, y)]
+    steps: list[int] = []
+
+    def train(m):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=8, per_device_train_batch_size=32,
+                                              learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                                              logging_strategy="no", disable_tqdm=True)
+        trainer = transformers.Trainer(model=m, args=args, train_dataset=rows)
+        steps.append(trainer.train().global_step)
+
+    @torch.no_grad()
+    def evaluate(m):
+        m.eval()
+        return float((m(x).logits.argmax(-1) == y).float().mean())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fp.squeeze_release(model, (x[:8],), train=train, evaluate=evaluate, cycles=1, mask_steps=1,
+                                 sparsity=0.6, tolerance=1.0, progress=False)
+    assert steps and all(s > 0 for s in steps)
+    assert type(res.module) is transformers.ViTForImageClassification
+    assert count_params(res.module) < res.dense["params"]
