@@ -121,3 +121,18 @@ def test_schedules():
         sparsity_schedule(1, 0, 0.5)
     with pytest.raises(fp.MaskError):
         sparsity_schedule(1, 10, 1.2)
+
+
+def test_bake_masks_removes_only_the_mask_parametrizations():
+    """A user's own parametrization (weight norm here) survives bake_masks; only fxprune's masks are baked in."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    parametrizations.weight_norm(net[2])
+    hold_masks(net, {"0.weight": torch.rand(6, 4) > 0.5})
+    assert parametrize.is_parametrized(net[0], "weight") and parametrize.is_parametrized(net[2], "weight")
+    x = torch.randn(3, 4)
+    before = net(x)
+    bake_masks(net)
+    assert not parametrize.is_parametrized(net[0]) and parametrize.is_parametrized(net[2], "weight")
+    assert torch.allclose(net(x), before)
