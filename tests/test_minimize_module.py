@@ -220,3 +220,26 @@ def test_depthwise_groups_and_a_layer_norm_subclass_follow_a_removed_stream_chan
     for xi in (x, torch.randn(5, 1, 12, 12, dtype=torch.float64)):  # another batch and image size too
         with torch.no_grad():
             assert float((small(xi) - model(xi)).abs().max()) <= 1e-12
+
+
+def test_vit_stream_channel_goes_while_its_attention_reads_head_dim():
+    """transformers' ViTAttention reshapes q/k/v with its own ``head_dim``: a removal of head_dim channels would be
+    frozen (only those output dims), but a dead residual-stream channel, which q/k/v read as input, still goes."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=4)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(cfg).double().eval()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    reg = fp.GroupLasso(model, (x,))
+    stream = max(range(reg.channels), key=lambda c: sum(int((s.channel == c).sum()) for s in reg.slices))
+    with torch.no_grad():  # that channel is exact zeros in every tensor of its group
+        for s, t, _ in reg._bound(model):
+            hit = (s.channel == stream).nonzero().flatten()
+            if len(hit):
+                t.index_fill_(s.dim, hit, 0.0)
+    small = fp.minimize_module(model, (x,))
+    assert type(small) is type(model) and small.vit.layers[0].attention.q_proj.in_features == 31
+    for xi in (x, torch.randn(7, 1, 8, 8, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((small(xi).logits - model(xi).logits).abs().max()) <= 1e-10

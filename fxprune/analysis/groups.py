@@ -67,7 +67,8 @@ class Analysis:
     """Spaces and facts of one graph, and the removal plan derived from them."""
 
     def __init__(self, gm: GraphModule, keep: Mapping[str, str] | None = None) -> None:
-        """``keep``: parameter/buffer names whose channels must all stay, with the reason (frozen)."""
+        """``keep``: parameter/buffer names whose channels must all stay, with the reason (frozen); a key
+        ``"name:dim"`` freezes that dim only."""
         self.gm = gm
         self.keep = dict(keep or {})
         self.spaces = Spaces(gm)
@@ -93,6 +94,10 @@ class Analysis:
                     sp.freeze_all(node, "constant standing in for removed channels")
                 elif node.target in self.keep and isinstance(sp.spec(node), TensorSpec):
                     sp.freeze_all(node, self.keep[node.target])
+                elif isinstance(sp.spec(node), TensorSpec):  # "name:dim": that dim only
+                    for d in range(sp.rank(node)):
+                        if f"{node.target}:{d}" in self.keep:
+                            sp.freeze(node, d, self.keep[f"{node.target}:{d}"])
                 continue
             if node.op == "output":
                 for v in pytree.tree_leaves(node.args[0]):

@@ -136,7 +136,9 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
             self_check(gm, out, inputs, opts)
         except EquivalenceError as e:
             more = {}
-            for path in stale + suspects:  # freeze every tensor of the modules it could not update, and try again
+            more.update({k: "its caller may reshape it with a size it keeps as an attribute" for k in suspects
+                         if k not in keep})
+            for path in stale:  # freeze every tensor of the modules it could not update, and try again
                 m = model.get_submodule(path)
                 why = f"the forward of '{path}' ({type(m).__name__}) reads sizes fxprune cannot update in eager code"
                 for name, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
@@ -150,8 +152,12 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
             keep.update(more)
             continue
         if keep:
-            warnings.warn(f"minimize_module kept every channel of {', '.join(sorted({k.rpartition('.')[0] for k in keep}))}: their forward "
-                          "reads sizes fxprune cannot update in eager code (fp.minimize on the graph removes them)",
+            whole = sorted({k.rpartition('.')[0] for k in keep if ":" not in k})
+            outputs = sorted({k.rpartition('.')[0] for k in keep if ":" in k} - set(whole))
+            what = ", ".join(([f"every channel of {', '.join(whole)}"] if whole else [])
+                             + ([f"the output channels of {', '.join(outputs)}"] if outputs else []))
+            warnings.warn(f"minimize_module kept {what}: their forward (or their caller's) reads sizes fxprune "
+                          "cannot update in eager code (fp.minimize on the graph removes them)",
                           KeptChannelsWarning, stacklevel=2)
         return out
 
@@ -179,7 +185,7 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     out = copy.deepcopy(out) if out is model else out
     state = dict(small.named_parameters()) | dict(small.named_buffers())
     changed: set[str] = set()
-    shrunk: dict[str, set[int]] = {}  # module path -> the sizes its tensors had along the dims that changed
+    shrunk: dict[str, list[tuple[list[str], int, int]]] = {}  # module path -> (tensor names, dim, old size) changed
     for names in _aliases(out).values():
         new = next((state[n] for n in names if n in state), None)
         if new is None:
@@ -198,8 +204,8 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
                 owner._buffers[leaf] = value
             if new.shape != old.shape:
                 changed.add(n.rpartition(".")[0])
-                shrunk.setdefault(n.rpartition(".")[0], set()).update(
-                    int(a) for a, b in zip(old.shape, new.shape) if a != b and a > 1)
+                shrunk.setdefault(n.rpartition(".")[0], []).extend(
+                    (names, d, int(a)) for d, (a, b) in enumerate(zip(old.shape, new.shape)) if a != b and a > 1)
     changed |= _created_biases(small, out)
     changed |= _compensated_norms(small, out)
     # containers whose forward reads their children's sizes (attention head counts) are updated after them
@@ -215,16 +221,19 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
             _compensate_rms_module(model, out, path, small.meta.get(KEPT_KEY, {}), inputs)
         elif type(m).__module__.split(".")[0] != "fxprune":
             stale.append(path)
-    # the module that calls a changed one and keeps one of its old sizes, or a divisor of one, as an integer
-    # attribute of its own (an attention's ``head_dim`` or ``all_head_size``) may read it in its forward: the changed
-    # child is a suspect too, frozen only if the check fails
-    for path, sizes in shrunk.items() if suspects is not None else ():
+    # the module that calls a changed one and keeps an integer attribute that divides the old size of the child's
+    # output channels (an attention's ``head_dim`` or ``all_head_size``) may reshape that output with it: those
+    # output dims are suspects ("name:dim"), frozen only if the check fails. Input dims are the caller's own input.
+    for path, dims in shrunk.items() if suspects is not None else ():
         parent = out.get_submodule(path.rpartition(".")[0])
         if type(parent).__name__ in BY_CLASS_NAME or _updater(parent) is not None or path in stale:
             continue
-        if any(type(v) is int and v > 1 and any(n % v == 0 for n in sizes)
-               for key, v in vars(parent).items() if not key.startswith("_")):
-            suspects.append(path)
+        sizes = [v for key, v in vars(parent).items() if not key.startswith("_") and type(v) is int and v > 1]
+        child = out.get_submodule(path)
+        for names, d, size in dims:
+            output = d == 0 if isinstance(child, (nn.Linear, nn.modules.conv._ConvNd)) else True
+            if output and any(size % v == 0 for v in sizes):
+                suspects.extend(f"{n}:{d}" for n in names)
     return out, stale
 
 
