@@ -238,8 +238,14 @@ def test_vit_stream_channel_goes_while_its_attention_reads_head_dim():
             hit = (s.channel == stream).nonzero().flatten()
             if len(hit):
                 t.index_fill_(s.dim, hit, 0.0)
-    small = fp.minimize_module(model, (x,))
+        att = model.vit.layers[0].attention  # and head_dim channel 0 of both heads is dead in q and k
+        for lin in (att.q_proj, att.k_proj):
+            lin.weight[[0, 16]] = 0
+            lin.bias[[0, 16]] = 0
+    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="output channels of"):
+        small = fp.minimize_module(model, (x,))
     assert type(small) is type(model) and small.vit.layers[0].attention.q_proj.in_features == 31
+    assert small.vit.layers[0].attention.q_proj.out_features == 32  # the head_dim channel stayed
     for xi in (x, torch.randn(7, 1, 8, 8, dtype=torch.float64)):
         with torch.no_grad():
             assert float((small(xi).logits - model(xi).logits).abs().max()) <= 1e-10

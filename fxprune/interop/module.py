@@ -124,42 +124,117 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
     inputs = as_inputs(example_inputs)
     gm = capture(model, inputs, method="export", dynamic_shapes=dynamic_shapes)
     keep: dict[str, str] = {}
-    while True:
+
+    def attempt(frozen: dict[str, str]) -> tuple[nn.Module, list[str], list[str], Any, EquivalenceError | None]:
         # one end-to-end check: the copy against the model; the graph is checked only to say which step failed
-        opts = MinimizeOptions(verify=False, keep=tuple(keep.items()), **options)
+        opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), **options)
         small = minimize(gm, options=opts)
         suspects: list[str] = []
         out, stale = _write_back(model, small, inputs, suspects)
         if not verify:
-            return out
+            return out, stale, suspects, small, None
         try:
             self_check(gm, out, inputs, opts)
         except EquivalenceError as e:
-            more = {}
-            more.update({k: "its caller may reshape it with a size it keeps as an attribute" for k in suspects
-                         if k not in keep})
-            for path in stale:  # freeze every tensor of the modules it could not update, and try again
-                m = model.get_submodule(path)
-                why = f"the forward of '{path}' ({type(m).__name__}) reads sizes fxprune cannot update in eager code"
-                for name, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-                    if f"{path}.{name}" not in keep:
-                        more[f"{path}.{name}"] = why
-            if not more:
-                self_check(gm, small, inputs, opts)  # raises if the capture or the graph rewrite is at fault
-                raise EquivalenceError(f"the minimized copy of {type(model).__name__} differs from it: {e} Modules whose "
-                                       f"sizes it could not update: {', '.join(stale) or 'none'}; fp.minimize gives "
-                                       "the graph, which is right") from e
-            keep.update(more)
-            continue
-        if keep:
-            whole = sorted({k.rpartition('.')[0] for k in keep if ":" not in k})
-            outputs = sorted({k.rpartition('.')[0] for k in keep if ":" in k} - set(whole))
-            what = ", ".join(([f"every channel of {', '.join(whole)}"] if whole else [])
-                             + ([f"the output channels of {', '.join(outputs)}"] if outputs else []))
-            warnings.warn(f"minimize_module kept {what}: their forward (or their caller's) reads sizes fxprune "
-                          "cannot update in eager code (fp.minimize on the graph removes them)",
-                          KeptChannelsWarning, stacklevel=2)
-        return out
+            return out, stale, suspects, (small, opts), e
+        return out, stale, suspects, small, None
+
+    while True:
+        out, stale, suspects, small, e = attempt(keep)
+        if e is None:
+            if keep:
+                out, keep = _thaw(attempt, out, keep, model)
+            break
+        small, opts = small
+        more = _to_freeze(model, out, inputs, stale, suspects, keep)
+        if not more:
+            self_check(gm, small, inputs, opts)  # raises if the capture or the graph rewrite is at fault
+            raise EquivalenceError(f"the minimized copy of {type(model).__name__} differs from it: {e} Modules whose "
+                                   f"sizes it could not update: {', '.join(stale) or 'none'}; fp.minimize gives "
+                                   "the graph, which is right") from e
+        keep.update(more)
+    if keep:
+        whole = sorted({k.rpartition('.')[0] for k in keep if ":" not in k})
+        outputs = sorted({k.rpartition('.')[0] for k in keep if ":" in k} - set(whole))
+        what = ", ".join(([f"every channel of {', '.join(whole)}"] if whole else [])
+                         + ([f"the output channels of {', '.join(outputs)}"] if outputs else []))
+        warnings.warn(f"minimize_module kept {what}: their forward (or their caller's) reads sizes fxprune "
+                      "cannot update in eager code (fp.minimize on the graph removes them)",
+                      KeptChannelsWarning, stacklevel=2)
+    return out
+
+
+def _thaw(attempt: Callable[[dict[str, str]], Any], out: nn.Module, keep: dict[str, str],
+          model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+    """After a passing check with suspects frozen, give back what the copy does not need frozen: the suspects are
+    grouped by the child's name under its caller's class (``ViTAttention.o_proj``: every layer alike), and each
+    group is tried unfrozen once (at most 4 more rewrites); a group whose check passes stays unfrozen."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for k in keep:
+        if ":" in k:
+            child = k.rpartition(":")[0].rpartition(".")[0]
+            parent = child.rpartition(".")[0]
+            groups.setdefault((type(model.get_submodule(parent)).__name__, child.rpartition(".")[2]), []).append(k)
+    if len(groups) < 2:
+        return out, keep
+    for key in sorted(groups)[:4]:
+        trial = {k: v for k, v in keep.items() if k not in groups[key]}
+        new, _, _, _, e = attempt(trial)
+        if e is None:
+            out, keep = new, trial
+    return out, keep
+
+
+def _to_freeze(model: nn.Module, out: nn.Module, inputs: tuple[Any, ...], stale: list[str], suspects: list[str],
+               keep: dict[str, str]) -> dict[str, str]:
+    """What to freeze after a failed check, as few as it can: when the copy raises, the suspects and stale modules
+    under the module that was running (or its caller) and every module of the same class (each layer of a model
+    fails alike); otherwise, or when that names nothing new, every suspect first, then every stale module."""
+    def stale_tensors(paths: list[str]) -> dict[str, str]:
+        found = {}
+        for path in paths:  # every tensor of the modules it could not update
+            m = model.get_submodule(path)
+            why = f"the forward of '{path}' ({type(m).__name__}) reads sizes fxprune cannot update in eager code"
+            for name, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                if f"{path}.{name}" not in keep:
+                    found[f"{path}.{name}"] = why
+        return found
+
+    why = "its caller may reshape it with a size it keeps as an attribute"
+    running = _raising_modules(out, inputs)
+    if running:
+        classes = {type(m) for m in running}
+        of_class = lambda path: type(out.get_submodule(path)) in classes  # noqa: E731
+        near = {k: why for k in suspects if k not in keep and of_class(k.rpartition(":")[0].rpartition(".")[0].rpartition(".")[0])}
+        near |= stale_tensors([p for p in stale if of_class(p) or of_class(p.rpartition(".")[0])])
+        if near:
+            return near
+    first = {k: why for k in suspects if k not in keep}
+    return first or stale_tensors(stale)
+
+
+def _raising_modules(out: nn.Module, inputs: tuple[Any, ...]) -> list[nn.Module]:
+    """The innermost module running when ``out`` raised on ``inputs``, and its caller (none when it runs)."""
+    stack: list[nn.Module] = []
+    handles = []
+    def enter(mod: nn.Module, args: Any) -> None:
+        stack.append(mod)
+
+    def leave(mod: nn.Module, args: Any, result: Any) -> None:
+        stack.pop()
+
+    for m in out.modules():
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            out(*inputs)
+    except Exception:
+        return stack[-2:]
+    finally:
+        for h in handles:
+            h.remove()
+    return []
 
 
 class KeptChannelsWarning(UserWarning):
