@@ -76,11 +76,16 @@ def test_step_leaves_exact_zeros_that_minimize_removes():
     assert count_params(small) == before - 3 * (6 + 1 + 8) - 2 * (7 + 1 + 3)  # rows, biases, columns (of 10 - 3)
     assert torch.allclose(small(x), net(x), atol=1e-6)
     assert fp.GroupLasso(net, (x,), threshold=0.0).step(net, lr=1.0) == 5  # threshold 0: only exact zeros
+    shrunk = mlp()
+    with torch.no_grad():  # a whole tensor shrunk alike (what a normalization after it would not notice)
+        shrunk[0].weight.mul_(1e-6); shrunk[0].bias.mul_(1e-6)
+    fp.GroupLasso(shrunk, (x,)).step(shrunk, lr=1e-3)
+    assert int(torch.count_nonzero(shrunk[0].weight)) == 60  # small in absolute terms, not against its own tensor
 
 
 def test_attach_acts_on_the_models_optimizer_only_holds_what_it_zeroed_and_detaches():
     net, other, x = mlp(), mlp(), torch.randn(5, 6)
-    reg = fp.GroupLasso(net, (x,), threshold=1e9)  # every group is under the threshold: one step zeroes them all
+    reg = fp.GroupLasso(net, (x,), threshold=1e9, relative=1e9)  # every group under both: one step zeroes them all
     opt, opt_other = torch.optim.SGD(net.parameters(), lr=0.1), torch.optim.SGD(other.parameters(), lr=0.1)
     with reg.attach(net):
         ref = {k: v.clone() for k, v in other.state_dict().items()}
@@ -91,7 +96,7 @@ def test_attach_acts_on_the_models_optimizer_only_holds_what_it_zeroed_and_detac
             assert torch.allclose(p, ref[n] - 0.1 * grads[n])
         opt.zero_grad(); net(x).sum().backward(); opt.step()
         assert int((reg.norms(net) == 0).sum()) == reg.channels
-        reg.threshold = 0.0  # from here on nothing new is under it, yet what was zeroed stays zero
+        reg.threshold = reg.relative = 0.0  # from here on nothing new is under them, yet what was zeroed stays zero
         for _ in range(3):
             opt.zero_grad(); net(x).pow(2).sum().backward(); opt.step()
         assert int((reg.norms(net) == 0).sum()) == reg.channels
@@ -142,6 +147,8 @@ def test_bad_arguments():
         fp.GroupLasso(net, (x,), strength=-1)
     with pytest.raises(InputError, match="threshold"):
         fp.GroupLasso(net, (x,), threshold="big")
+    with pytest.raises(InputError, match="relative"):
+        fp.GroupLasso(net, (x,), relative=-0.1)
     reg = fp.GroupLasso(net, (x,))
     with pytest.raises(InputError, match="built"):
         reg.norms(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))

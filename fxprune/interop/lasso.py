@@ -21,7 +21,9 @@ loss does not defend towards zero at about ``lr`` per step, large norm weights a
 gradient never lands on zero, so after each optimizer step the **exact-zero step** sets to exact zeros every slice
 of a group member (a row, a column, a norm weight's entry) and every whole group whose root mean square has fallen
 to the optimizer's step size, ``threshold * lr`` (the scale at which Adam leaves a weight oscillating about zero),
-and keeps what it zeroed at zero for the rest of that training (as HESSO holds its redundant groups). A zero
+and to a ``relative`` fraction of its own tensor's scale ``s_t`` (so that a tensor whose scale a normalization
+ignores, shrinking as a whole, is never zeroed for it), and keeps what it zeroed at zero for the rest of that
+training (as HESSO holds its redundant groups). A zero
 producer row or norm weight makes its channel constant there, a zero column leaves it unread: ``minimize`` removes
 the channel once every member of its group is so (constants folded), exactly.
 
@@ -47,6 +49,7 @@ from fxprune.errors import InputError
 __all__ = ["GroupLasso", "group_lasso", "DEFAULT_STRENGTH"]
 
 DEFAULT_STRENGTH = 1e-3  # fxprune.squeeze_release's default ``lasso``
+RELATIVE = 0.1  # the exact-zero step takes only slices and groups this small against their own tensors' scale
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class GroupLasso:
     """
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, strength: float = DEFAULT_STRENGTH,
-                 threshold: float = 2.0, exclude: Sequence[str] | None = None) -> None:
+                 threshold: float = 2.0, relative: float = RELATIVE, exclude: Sequence[str] | None = None) -> None:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis
@@ -134,9 +137,10 @@ class GroupLasso:
 
         if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength < 0:
             raise InputError(f"strength must be a non-negative number, got {strength!r}")
-        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold < 0:
-            raise InputError(f"threshold must be a non-negative number, got {threshold!r}")
-        self.strength, self.threshold = float(strength), float(threshold)
+        for name, v in (("threshold", threshold), ("relative", relative)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise InputError(f"{name} must be a non-negative number, got {v!r}")
+        self.strength, self.threshold, self.relative = float(strength), float(threshold), float(relative)
         plain = unmasked(model)
         modes = {name: m.training for name, m in plain.named_modules()}
         try:  # the groups of the deployed function (dropout off); building draws no randomness from the global RNGs
@@ -251,6 +255,7 @@ class GroupLasso:
         if not bound or self.strength == 0:
             return
         coef = self._coefficients(bound)
+        pull: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for s, t, value in bound:
             c = torch.zeros(s.channel.numel(), dtype=torch.float64)
             hit = s.channel >= 0
@@ -258,7 +263,11 @@ class GroupLasso:
             shape = [1] * t.dim()
             shape[s.dim] = -1
             v = value.detach()
-            g = v * c.to(v.dtype).to(v.device).view(shape) * (self.strength / self._scale(v))
+            g = v * c.to(v.dtype).to(v.device).view(shape)
+            prev = pull.get(id(t))
+            pull[id(t)] = (t, v, g if prev is None else prev[2] + g)
+        for t, v, g in pull.values():
+            g = g * (self.strength / self._scale(v))
             if t.grad is None:
                 t.grad = g
             else:
@@ -282,13 +291,15 @@ class GroupLasso:
             rates.scatter_reduce_(0, s.channel[hit], torch.full((int(hit.sum()),), rate[id(t)], dtype=torch.float64),
                                   reduce="amax")
         norm = self._squares(bound, detach=True).to(torch.float64).sqrt()
-        whole = norm <= rates * self.threshold * self.sizes.sqrt()
+        rel = self._squares(bound, detach=True, relative=True).to(torch.float64).sqrt()
+        whole = (norm <= rates * self.threshold * self.sizes.sqrt()) & (rel <= self.relative * self.sizes.sqrt())
         for i, (s, t, v) in enumerate(bound):
             hit = s.channel >= 0
             dims = [d for d in range(v.dim()) if d != s.dim]
             x = v.detach().to(torch.float64)
             rms = (x.pow(2).mean(dims) if dims else x.pow(2)).sqrt().cpu()
-            zero = hit & (rms <= rate[id(t)] * self.threshold)
+            small = (rms <= rate[id(t)] * self.threshold) & (rms <= self.relative * float(self._scale(v)))
+            zero = hit & small
             zero[hit] |= whole[s.channel[hit]]
             if hold is not None:
                 if i in hold:
