@@ -101,7 +101,10 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
 
     A module whose tensors would change but whose size attributes fxprune does not know how to update (a class
     without an entry in ``SIZE_ATTRIBUTES`` / ``BY_CLASS_NAME``) keeps its channels when the check fails: the
-    rewrite runs again with them frozen, and a warning names the modules. If the check still fails (a forward
+    rewrite runs again with them frozen, and a warning names the modules. So do the output channels of a layer
+    whose caller keeps a divisor of their old count as an attribute (an attention's ``head_dim``), frozen first
+    where the copy raised (that module's class), then given back group by group where the check passes without
+    them. If the check still fails (a forward
     that reads a size no module exposes), :class:`EquivalenceError` and nothing is returned. ``options`` are
     :class:`~fxprune.passes.minimize.MinimizeOptions` fields (``max_iterations``, ``rtol``).
 
