@@ -201,7 +201,9 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     def minimized(pre: nn.Module) -> nn.Module:  # only rank 0 checks; a failure there stops every rank
         nonlocal graph_path
         check = verify and ranks.rank == 0
-        pre = copy.deepcopy(pre).eval()  # the deployed function: dropout off, BatchNorm on its running statistics
+        pre = copy.deepcopy(pre)
+        for m in pre.modules():  # the deployed function: dropout off, BatchNorm on its running statistics (set
+            m.training = False   # directly: the module torch.export returns refuses .eval())
         if not graph_path:
             try:
                 return ranks.run_all(lambda: minimize_module(pre, inputs, verify=check), "minimize")

@@ -144,7 +144,8 @@ class GroupLasso:
         plain = unmasked(model)
         modes = {name: m.training for name, m in plain.named_modules()}
         try:  # the groups of the deployed function (dropout off); building draws no randomness from the global RNGs
-            plain.eval()
+            for m in plain.modules():  # set directly: the module torch.export returns refuses .eval()
+                m.training = False
             with torch.random.fork_rng(devices=[]):
                 gm = lower_modules(capture(plain, as_inputs(example_inputs), dynamic_shapes=None))
         finally:
