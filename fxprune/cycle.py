@@ -206,7 +206,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             m.training = False   # directly: the module torch.export returns refuses .eval())
         if not graph_path:
             try:
-                return ranks.run_all(lambda: minimize_module(pre, inputs, verify=check), "minimize")
+                # every rank checks here: what the check freezes decides the shapes, which the ranks must share
+                return ranks.run_all(lambda: minimize_module(pre, inputs, verify=verify), "minimize")
             except (CaptureError, UnsupportedError) as e:
                 graph_path = True
                 warnings.warn(f"squeeze_release could not keep {type(pre).__name__} as its own class "
