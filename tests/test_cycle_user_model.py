@@ -191,3 +191,33 @@ def test_transformers_trainer_as_the_training_loop(tmp_path, monkeypatch):
     assert len(steps) == 2 and all(s > 0 for s in steps)
     assert len(calls) == sum(steps)  # the group lasso acted on every step of the Trainer's own optimizer
     assert type(res.module) is transformers.ViTForImageClassification and res.history[0]["params"] <= res.dense["params"]
+
+
+def test_gpt2_as_loaded_with_the_cache_on_and_an_ordinary_loop():
+    """transformers' causal LM with its default config (use_cache=True) and a loop calling .train()/.eval(): the
+    cycle keeps the user's class, smaller, with its cache flag."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64,
+                                                                  n_positions=32))
+    ids = torch.randint(0, 64, (16, 12))
+
+    def train(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        m.train()
+        for _ in range(5):
+            opt.zero_grad()
+            m(ids, labels=ids).loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def evaluate(m):
+        m.eval()
+        return -float(m(ids, labels=ids).loss)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fp.squeeze_release(model, (ids[:2],), train=train, evaluate=evaluate, cycles=1, mask_steps=1,
+                                 tolerance=10.0, progress=False)
+    assert type(res.module) is transformers.GPT2LMHeadModel and res.module.config.use_cache
+    assert count_params(res.module) < res.dense["params"] and model.config.use_cache

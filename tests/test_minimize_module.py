@@ -249,3 +249,34 @@ def test_vit_stream_channel_goes_while_its_attention_reads_head_dim():
     for xi in (x, torch.randn(7, 1, 8, 8, dtype=torch.float64)):
         with torch.no_grad():
             assert float((small(xi).logits - model(xi).logits).abs().max()) <= 1e-10
+
+
+def test_gpt2_as_loaded_with_the_cache_on_keeps_its_class_cache_and_generate():
+    """A causal LM as from_pretrained gives it (use_cache=True): captured with the cache off, its head_dim channels
+    (which GPT2Attention's reshape cannot follow) stay while dead MLP units go, and the copy keeps use_cache and
+    greedy generate() with the KV cache equal to the original's, at two prompt lengths."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    assert model.config.use_cache
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight[:, :40] = 0  # 40 of 128 MLP units dead (Conv1D weight is (in, out))
+            block.mlp.c_fc.bias[:40] = -5.0
+        att = model.transformer.h[0].attn.c_attn  # head_dim channel 0 of both heads dead in q and k
+        for col in (0, 16, 32, 48):
+            att.weight[:, col] = 0
+            att.bias[col] = 0
+    ids = torch.randint(0, 64, (2, 10))
+    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="output channels of"):
+        small = fp.minimize_module(model, (ids,))
+    assert type(small) is type(model) and small.config.use_cache and model.config.use_cache
+    assert small.transformer.h[0].mlp.c_fc.nf == 88 and small.transformer.h[0].attn.c_attn.nf == 96
+    for n in (10, 17):
+        x = torch.randint(0, 64, (3, n))
+        with torch.no_grad():
+            assert float((small(x).logits - model(x).logits).abs().max()) <= 1e-10
+        a = model.generate(x[:1], max_new_tokens=12, do_sample=False, pad_token_id=0)
+        b = small.generate(x[:1], max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(a, b)

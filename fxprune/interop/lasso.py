@@ -133,6 +133,7 @@ class GroupLasso:
         from fxprune.graph.capture import as_inputs, capture
         from fxprune.graph.shapes import TensorSpec
         from fxprune.interop.masks import unmasked
+        from fxprune.interop.module import cache_off
         from fxprune.passes.lower import lower_modules
 
         if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength < 0:
@@ -146,7 +147,7 @@ class GroupLasso:
         try:  # the groups of the deployed function (dropout off); building draws no randomness from the global RNGs
             for m in plain.modules():  # set directly: the module torch.export returns refuses .eval()
                 m.training = False
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), cache_off(plain):
                 gm = lower_modules(capture(plain, as_inputs(example_inputs), dynamic_shapes=None))
         finally:
             for name, m in plain.named_modules():

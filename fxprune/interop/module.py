@@ -11,9 +11,10 @@ names them); a forward that reads a size no module exposes makes the check fail,
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from fxprune.graph.rebuild import get_attr
 from fxprune.interop.masks import unmasked
 from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
 
-__all__ = ["minimize_module", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME"]
+__all__ = ["minimize_module", "cache_off", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME"]
 
 
 def _linear(m: nn.Linear) -> None:
@@ -94,6 +95,25 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(path) if path else root), leaf
 
 
+@contextlib.contextmanager
+def cache_off(model: nn.Module) -> Iterator[dict[str, bool]]:
+    """While open, every ``config.use_cache`` of ``model``'s modules (transformers' causal LMs as loaded) is False:
+    torch.export cannot return their KV caches, and the channels do not depend on it. Yields the flags it turned
+    off (module path -> value) and restores them after."""
+    changed: dict[str, bool] = {}
+    for path, m in model.named_modules():
+        cfg = getattr(m, "config", None)
+        if getattr(cfg, "use_cache", False) is True and not any(cfg is getattr(model.get_submodule(p), "config", None)
+                                                                for p in changed):
+            changed[path] = True
+            cfg.use_cache = False
+    try:
+        yield changed
+    finally:
+        for path in changed:
+            model.get_submodule(path).config.use_cache = True
+
+
 def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "batch",
                     verify: bool = True, **options: Any) -> nn.Module:
     """A copy of ``model`` (same classes, ``generate()``, hooks and all) with every channel removed that
@@ -106,7 +126,8 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
     where the copy raised (that module's class), then given back group by group where the check passes without
     them. If the check still fails (a forward
     that reads a size no module exposes), :class:`EquivalenceError` and nothing is returned. ``options`` are
-    :class:`~fxprune.passes.minimize.MinimizeOptions` fields (``max_iterations``, ``rtol``).
+    :class:`~fxprune.passes.minimize.MinimizeOptions` fields (``max_iterations``, ``rtol``). The analysis, the
+    rewrite and the check run with the KV cache off (:func:`cache_off`); the copy keeps the user's ``use_cache``.
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -119,11 +140,21 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
       (2): Linear(in_features=3, out_features=2, bias=True)
     )
     """
-    from fxprune.passes.minimize import MinimizeOptions, minimize, self_check
-
     if not isinstance(model, nn.Module) or isinstance(model, torch.fx.GraphModule):
         raise UnsupportedError(f"minimize_module takes the user's nn.Module, got {type(model).__name__} (for graphs "
                                "use fp.minimize)")
+    with cache_off(model) as changed:
+        out = _minimize_module(model, example_inputs, dynamic_shapes=dynamic_shapes, verify=verify, **options)
+    for path in changed:
+        out.get_submodule(path).config.use_cache = True
+    return out
+
+
+def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "batch",
+                     verify: bool = True, **options: Any) -> nn.Module:
+    """The body of :func:`minimize_module`, with the cache already off."""
+    from fxprune.passes.minimize import MinimizeOptions, minimize, self_check
+
     inputs = as_inputs(example_inputs)
     gm = capture(model, inputs, method="export", dynamic_shapes=dynamic_shapes)
     keep: dict[str, str] = {}
@@ -163,24 +194,27 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
                          + ([f"the output channels of {', '.join(outputs)}"] if outputs else []))
         warnings.warn(f"minimize_module kept {what}: their forward (or their caller's) reads sizes fxprune "
                       "cannot update in eager code (fp.minimize on the graph removes them)",
-                      KeptChannelsWarning, stacklevel=2)
+                      KeptChannelsWarning, stacklevel=3)
     return out
 
 
 def _thaw(attempt: Callable[[dict[str, str]], Any], out: nn.Module, keep: dict[str, str],
           model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
     """After a passing check with suspects frozen, give back what the copy does not need frozen: the suspects are
-    grouped by the child's name under its caller's class (``ViTAttention.o_proj``: every layer alike), and each
-    group is tried unfrozen once (at most 4 more rewrites); a group whose check passes stays unfrozen."""
+    grouped by the child's name, tensor and dim under its caller's class (``ViTAttention.o_proj.weight:0``: every
+    layer alike), and each group is tried unfrozen once (at most 8 more rewrites); a group whose check passes stays
+    unfrozen."""
     groups: dict[tuple[str, str], list[str]] = {}
     for k in keep:
         if ":" in k:
             child = k.rpartition(":")[0].rpartition(".")[0]
             parent = child.rpartition(".")[0]
-            groups.setdefault((type(model.get_submodule(parent)).__name__, child.rpartition(".")[2]), []).append(k)
+            tensor = k.rpartition(".")[2]  # "weight:0": each tensor and dim of the child apart
+            groups.setdefault((type(model.get_submodule(parent)).__name__, child.rpartition(".")[2], tensor),
+                              []).append(k)
     if len(groups) < 2:
         return out, keep
-    for key in sorted(groups)[:4]:
+    for key in sorted(groups)[:8]:
         trial = {k: v for k, v in keep.items() if k not in groups[key]}
         new, _, _, _, e = attempt(trial)
         if e is None:
@@ -304,7 +338,7 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     # output dims are suspects ("name:dim"), frozen only if the check fails. Input dims are the caller's own input.
     for path, dims in shrunk.items() if suspects is not None else ():
         parent = out.get_submodule(path.rpartition(".")[0])
-        if type(parent).__name__ in BY_CLASS_NAME or _updater(parent) is not None or path in stale:
+        if path in stale:
             continue
         sizes = [v for key, v in vars(parent).items() if not key.startswith("_") and type(v) is int and v > 1]
         child = out.get_submodule(path)
