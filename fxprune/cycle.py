@@ -7,7 +7,8 @@ of the user's own model, its classes and all (``.train()``/``.eval()``, BatchNor
 is the user's class, smaller. A model that cannot be kept as its own class (torch.export cannot capture it, or its
 write-back is unsupported) goes the graph path instead, with a warning that says why. Throughout every ``train``
 call, fxprune's group lasso (:class:`~fxprune.interop.lasso.GroupLasso`, built from the model's own channel groups)
-takes a proximal step after each optimizer step, so that whole groups become exact zeros that ``minimize`` removes.
+adds its gradient before each optimizer step and sets what has shrunk to exact zeros after it, so that whole groups
+become structure ``minimize`` removes.
 
 Both the minimized model and the released, fine-tuned one (same size) are candidates; the better one is the cycle's
 model. With ``checkpoint_dir`` every complete cycle is written to disk (:mod:`fxprune.interop.checkpoint`) and
@@ -119,8 +120,8 @@ def _rebuilt(struct: nn.Module, state: State, modes: dict[str, bool]) -> nn.Modu
 
 def _trained(train: Callable[[nn.Module], Any], m: nn.Module, masks: dict[str, torch.Tensor] | None,
              lasso: GroupLasso | None) -> nn.Module:
-    """``train`` on ``m`` with ``masks`` held as parametrizations and the group lasso's proximal step attached to
-    every optimizer step; the trained model with plain parameters (masked entries exact zeros)."""
+    """``train`` on ``m`` with ``masks`` held as parametrizations and the group lasso attached to every optimizer
+    step; the trained model with plain parameters (masked entries exact zeros)."""
     held = hold_masks(m, masks) if masks else m
     if lasso is None:
         out = _call_train(train, held)
@@ -153,8 +154,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     released and ``train`` runs again; the cycle's model is the more accurate of the minimized and the released
     one (both have the same parameters). ``release=False`` is the ablation: the zeros left stay held at zero
     during that fine-tune (same training, no released capacity). ``lasso`` is the strength of the group lasso over
-    fxprune's channel groups (:class:`~fxprune.interop.lasso.GroupLasso`; its proximal step runs after every
-    optimizer step inside ``train``, with that step's learning rate; 0 turns it off); ``exclude`` globs are
+    fxprune's channel groups (:class:`~fxprune.interop.lasso.GroupLasso`; it acts around every optimizer step
+    inside ``train``, with that step's learning rate; 0 turns it off); ``exclude`` globs are
     neither masked nor regularized. Returns the smallest cycle model whose accuracy
     is within ``tolerance`` of the dense model's (or the dense capture), and the per-cycle history.
 
@@ -198,7 +199,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                             world=ranks.world))
     say(f"dense: {dense['params']:,} params, accuracy {dense['accuracy']:.4f}")
 
-    def minimized(pre: nn.Module) -> nn.Module:  # only rank 0 checks; a failure there stops every rank
+    def minimized(pre: nn.Module) -> nn.Module:  # a failure on one rank stops every rank
         nonlocal graph_path
         check = verify and ranks.rank == 0
         pre = copy.deepcopy(pre)

@@ -278,8 +278,9 @@ class GroupLasso:
     @torch.no_grad()
     def step(self, model: nn.Module, lr: float | dict[int, float], hold: dict[int, torch.Tensor] | None = None) -> int:
         """The exact-zero step. Every slice of a group member (a row, a column, a norm weight's entry...) whose
-        root mean square is at most ``threshold * lr`` becomes exact zeros, and so does every group channel with
-        ``||w_g|| <= threshold * lr * sqrt(n_g)`` (``lr``: a number, or per parameter ``id``). With ``hold`` (per
+        root mean square is at most ``threshold * lr`` and at most ``relative * s_t`` becomes exact zeros, and so
+        does every group channel with ``||w_g|| <= threshold * lr * sqrt(n_g)`` and ``||u_g|| <= relative *
+        sqrt(n_g)`` (``lr``: a number, or per parameter ``id``). With ``hold`` (per
         slice index, the positions zeroed so far; updated), what was zeroed before stays zero. A zero slice makes its
         channel constant (a producer row) or unread (a consumer column) in that member; ``minimize`` removes the
         channel once that holds for its whole group. Returns how many group channels are exact zeros after it."""
@@ -348,6 +349,6 @@ class GroupLasso:
 
 
 def group_lasso(model: nn.Module, example_inputs: Sequence[Any]) -> torch.Tensor:
-    """``sum_g sqrt(n_g) ||w_g||`` over fxprune's free channel groups of ``model``, differentiable: a penalty to add
+    """``R = sum_g sqrt(n_g) ||u_g||`` over fxprune's free channel groups of ``model``, differentiable: a penalty to add
     to a loss (build a :class:`GroupLasso` once instead when calling it every step)."""
     return GroupLasso(model, example_inputs).penalty(model)
