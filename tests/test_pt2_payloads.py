@@ -81,20 +81,21 @@ def _config_entry(name: str, key: str, path_name: str, use_pickle: bool):
     return change
 
 
+# kind -> (config, entry, directory, payload file, how the payload is pickled)
+CONFIG_PAYLOADS = {
+    "opaque object": ("constants", "shift", "constants", "opaque_obj_0", _payload),
+    "custom object": ("constants", "shift", "constants", "custom_obj_0", _payload),
+    "pickled constant": ("constants", "shift", "constants", "tensor_9", _torch_payload),
+    "pickled weight": ("weights", "lin.weight", "weights", "weight_9", _torch_payload),
+}
+
+
 def _plant(kind: str, archive: pathlib.Path, tmp: pathlib.Path, marker: pathlib.Path) -> pathlib.Path:
     root = archive.stem
-    if kind == "opaque object":
-        cfg = _config_entry("model_constants_config.json", "shift", "opaque_obj_0", True)
-        file, body = f"{root}/data/constants/opaque_obj_0", _payload(marker)
-    elif kind == "custom object":
-        cfg = _config_entry("model_constants_config.json", "shift", "custom_obj_0", True)
-        file, body = f"{root}/data/constants/custom_obj_0", _payload(marker)
-    elif kind == "pickled constant":
-        cfg = _config_entry("model_constants_config.json", "shift", "tensor_9", True)
-        file, body = f"{root}/data/constants/tensor_9", _torch_payload(marker)
-    elif kind == "pickled weight":
-        cfg = _config_entry("model_weights_config.json", "lin.weight", "weight_9", True)
-        file, body = f"{root}/data/weights/weight_9", _torch_payload(marker)
+    if kind in CONFIG_PAYLOADS:  # a config entry pointed at a planted payload file
+        config, key, directory, name, pickler = CONFIG_PAYLOADS[kind]
+        cfg = _config_entry(f"model_{config}_config.json", key, name, True)
+        file, body = f"{root}/data/{directory}/{name}", pickler(marker)
     elif kind == "sample inputs":
         def cfg(filename, data, extra):
             return _torch_payload(marker) if filename.endswith("sample_inputs/model.pt") else data
