@@ -34,6 +34,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import inspect
 import math
 import sys
 import time
@@ -235,6 +236,8 @@ class Recipe:
     release_scale: float = 0.01  # fp.squeeze_release's release_scale: noise std over the std of each weight's nonzeros
     schedule: str = "constant"  # learning rate within each `train` call: constant, or cosine decay to 0 over its steps
     distill: float = 0.0  # fine-tuning loss: (1 - distill) x cross-entropy + distill x KL to the dense model (T = 4)
+    sparsity: float | None = 0.9  # fp.squeeze_release's sparsity per cycle (None: its default)
+    mask_steps: int | None = 3  # fp.squeeze_release's mask_steps (None: its default)
 
 
 RECIPES = {
@@ -243,7 +246,9 @@ RECIPES = {
     ("convnext", "digits"): Recipe(epochs=15, dense_epochs=40, lr=2e-3, cycles=10, schedule="cosine", distill=0.5),
     ("convnext", "mnist1d"): Recipe(epochs=10, dense_epochs=40, lr=2e-3, cycles=10, schedule="cosine"),
 }
-UNTUNED = Recipe(epochs=15, dense_epochs=40, lr=2e-3)  # resnet, vit: an ordinary loop, nothing tuned, default lasso
+# resnet, vit: an ordinary loop, nothing tuned; fp.squeeze_release's defaults (sparsity, mask_steps, lasso, backoff)
+UNTUNED = Recipe(epochs=15, dense_epochs=40, lr=2e-3, sparsity=None, mask_steps=None)
+CYCLE_DEFAULTS = {k: v.default for k, v in inspect.signature(fp.squeeze_release).parameters.items()}
 
 
 T = 4.0  # distillation temperature
@@ -401,7 +406,7 @@ def run_cycles(model: nn.Module, example: tuple[torch.Tensor, ...], trainer: Tra
     return fp.squeeze_release(model, example, train=trainer.train, evaluate=evaluate, cycles=cycles,
                               sparsity=sparsity, mask_steps=a.mask_steps, tolerance=a.tolerance, seed=a.seed,
                               release=release, release_scale=a.release_scale, lasso=trainer.recipe.lasso,
-                              progress=True)
+                              backoff=not a.no_backoff, progress=True)
 
 
 GRID = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]  # the one-shot baseline's sparsities
@@ -447,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cycles", type=int, default=None,
                     help="default: the recipe's (6 FC, 10 ConvNeXt; 4 with --quick)")
     ap.add_argument("--sparsity", type=float, nargs="+", default=None,
-                    help="final mask sparsity of each cycle (the last value repeats)")
+                    help="final mask sparsity of each cycle, the last value repeating (default: the recipe's)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="accuracy budget below the dense model")
     ap.add_argument("--folds", type=int, default=1,
                     help="K > 1: K-fold cross-validation of the selection: the split's training and validation data "
@@ -462,7 +467,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="learning rate within each train call (default: the recipe's)")
     ap.add_argument("--distill", type=float, default=None,
                     help="weight of distillation from the dense model in the fine-tuning loss (default: the recipe's)")
-    ap.add_argument("--mask-steps", type=int, default=3, help="masking steps per cycle, each followed by fine-tuning")
+    ap.add_argument("--mask-steps", type=int, default=None,
+                    help="masking steps per cycle, each followed by fine-tuning (default: the recipe's)")
+    ap.add_argument("--no-backoff", action="store_true",
+                    help="fp.squeeze_release(backoff=False): every cycle builds on the one before, even one outside the tolerance")
     ap.add_argument("--dense-lasso", action="store_true", help="train the dense model with the group lasso too")
     ap.add_argument("--method", choices=list(METHODS), nargs="+", default=["squeeze-release"],
                     help="what to run on the dense model: squeeze-release (c), no-release (b: the cycle with the "
@@ -492,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  distill=recipe.distill if a.distill is None else a.distill)
     cycles = a.cycles or (4 if a.quick else recipe.cycles)
     a.release_scale = recipe.release_scale if a.release_scale is None else a.release_scale
-    sched = a.sparsity or [0.9]
+    a.mask_steps = a.mask_steps or recipe.mask_steps or CYCLE_DEFAULTS["mask_steps"]
+    sched = a.sparsity or [recipe.sparsity or CYCLE_DEFAULTS["sparsity"]]
     sparsity = [sched[min(c, len(sched) - 1)] for c in range(cycles)]
     methods = ["gradual", "no-release", "squeeze-release"] if a.baselines else list(dict.fromkeys(a.method))
 
@@ -551,6 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {a.plot}")
     out = dict(benchmark="squeeze_release", model=a.model, dataset=a.dataset, seed=a.seed, quick=a.quick,
                folds=a.folds, cycles=cycles, epochs=recipe.epochs, recipe=dataclasses.asdict(recipe),
+               backoff=not a.no_backoff, mask_steps=a.mask_steps, sparsity=sparsity,
                params_dense=params_dense, accuracy_dense=dense_test, val_accuracy_dense=dense_val,
                one_shot_compression=shot["compression"], one_shot_accuracy=shot["accuracy"],
                one_shot_sparsity=([0.0] + GRID)[picks["one-shot"]], methods=rows,

@@ -140,7 +140,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                     sparsity: float | Sequence[float] | Callable[[int], float] = 0.8, mask_steps: int = 4,
                     scope: Literal["global", "layer"] = "global", include: Sequence[str] | None = None,
                     exclude: Sequence[str] | None = None, release_scale: float = 0.01, release: bool = True,
-                    lasso: float = DEFAULT_STRENGTH, tolerance: float = 0.01, seed: int = 0, verify: bool = True,
+                    lasso: float = DEFAULT_STRENGTH, tolerance: float = 0.01, backoff: bool = True, seed: int = 0,
+                    verify: bool = True,
                     progress: bool | Callable[[str], None] = True, checkpoint_dir: str | os.PathLike | None = None,
                     resume: bool = False) -> SqueezeReleaseResult:
     """Run ``cycles`` of mask -> fine-tune -> minimize -> release -> fine-tune on a copy of ``model``.
@@ -158,6 +159,14 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     inside ``train``, with that step's learning rate; 0 turns it off); ``exclude`` globs are
     neither masked nor regularized. Returns the smallest cycle model whose accuracy
     is within ``tolerance`` of the dense model's (or the dense capture), and the per-cycle history.
+
+    ``backoff=True``: a cycle whose model falls outside ``tolerance`` is not built on. The next cycle starts again
+    from the best model so far (the dense one if none) with half the step: the kept fraction of its mask
+    square-rooted (sparsity ``s`` becomes ``1 - (1 - s) ** 0.5``) and the lasso strength halved
+    (:func:`stepped`). Like a trust region, every failed cycle halves the step once more and every passing one
+    doubles it back, up to the schedule's. The history records the step (``step``, the halvings in force), the
+    sparsity and strength used, and whether the cycle passed (``passed``). ``backoff=False``: every cycle builds
+    on the one before, at the schedule's sparsity and the full strength.
 
     ``checkpoint_dir`` writes every complete cycle there (safetensors + JSON: the weights, the masks, the
     history, every RNG state, the global torch RNG included); ``resume=True`` continues from the last complete
@@ -186,7 +195,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     base = copy.deepcopy(base) if base is model else base
     graph_path = isinstance(base, GraphModule)
     settings = _settings(mask_steps=mask_steps, scope=scope, include=include, exclude=exclude,
-                         release_scale=release_scale, release=release, tolerance=tolerance, seed=seed, lasso=lasso)
+                         release_scale=release_scale, release=release, tolerance=tolerance, seed=seed, lasso=lasso,
+                         backoff=backoff)
     ckpt = CycleCheckpoint(checkpoint_dir, ranks.rank, ranks.barrier) if checkpoint_dir is not None else None
     dense, done = None, []
     if ckpt is not None:
@@ -216,18 +226,16 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                               "receive GraphModules from here on", GraphPathWarning, stacklevel=3)
         return ranks.run_all(lambda: minimize(capture(pre, inputs), inputs, verify=check), "minimize")
 
-    def regularizer(m: nn.Module) -> GroupLasso | None:
-        return GroupLasso(m, inputs, strength=lasso, exclude=exclude) if lasso else None
-
     history: list[dict[str, Any]] = []
     best, best_cycle, best_params = base, None, dense["params"]
+    best_struct, level = base, 0  # the structure the best model has; the step's halvings so far (backoff)
     struct, work = base, base
     if done:  # rebuild the models of the complete cycles by re-running minimize on their recorded inputs
         for j in done:
             say(f"resume: rebuilding cycle {j}/{len(done)} from {checkpoint_dir}")
             groups, st, rng = ckpt.read(j)
-            if st["row"]["sparsity"] != float(target(j - 1)):
-                raise CheckpointError(f"cycle {j} ran at sparsity {st['row']['sparsity']}, this call asks for "
+            if st["row"]["target"] != float(target(j - 1)):
+                raise CheckpointError(f"cycle {j} ran at sparsity {st['row']['target']}, this call asks for "
                                       f"{float(target(j - 1))}: resume with the same sparsity schedule")
             struct = minimized(_rebuilt(struct, groups["pre"], st["pre_modes"]))
             if {k: list(v.shape) for k, v in struct.state_dict().items()} != st["shapes"]:
@@ -235,13 +243,17 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                                       "was written by another version of fxprune")
             if "best" in groups:
                 best, best_cycle, best_params = _rebuilt(struct, groups["best"], st["best_modes"]), j, st["row"]["params"]
+                best_struct = struct
             history.append(st["row"])
+            if backoff and not st["row"]["passed"]:  # the next cycle started from the best model
+                struct = best_struct
+            level = _next_level(level, st["row"]["passed"], backoff)
         work = _rebuilt(struct, groups["work"], st["work_modes"])
         set_rng_state(rng)
     for c in range(len(done), cycles):
         t0 = time.perf_counter()
-        final = float(target(c))
-        reg = regularizer(work)
+        final, strength = stepped(float(target(c)), lasso, level)
+        reg = GroupLasso(work, inputs, strength=strength, exclude=exclude) if strength else None
         masks: dict[str, torch.Tensor] = {}
         for step in range(1, mask_steps + 1):
             s = sparsity_schedule(step, mask_steps, final)
@@ -260,7 +272,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         small = _rebuilt(struct, small_state, small_modes)
         params = count_params(small)
         acc_min = ranks.broadcast_float(float(evaluate(_rebuilt(struct, small_state, small_modes))))
-        reg = regularizer(small)
+        reg = GroupLasso(small, inputs, strength=strength, exclude=exclude) if strength else None
         if release:
             say(f"cycle {c + 1}/{cycles}: release and fine-tune")
             work = _trained(train, release_zeros(small, release_scale, seed=seed + c).module, None, reg)
@@ -274,21 +286,44 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         work = _rebuilt(struct, work_state, work_modes)
         acc, kept_state, kept_modes = ((acc_rel, work_state, work_modes) if acc_rel > acc_min
                                        else (acc_min, small_state, small_modes))
-        row = dict(cycle=c + 1, sparsity=final, params=params, flops=_flops(small, inputs), accuracy=acc,
-                   accuracy_minimized=acc_min, accuracy_released=acc_rel, compression=dense["params"] / params,
-                   seconds=time.perf_counter() - t0)
-        improved = acc >= dense["accuracy"] - tolerance and params < best_params
+        passed = acc >= dense["accuracy"] - tolerance
+        row = dict(cycle=c + 1, target=float(target(c)), sparsity=final, lasso=strength, step=level, params=params,
+                   flops=_flops(small, inputs), accuracy=acc, accuracy_minimized=acc_min, accuracy_released=acc_rel,
+                   compression=dense["params"] / params, passed=passed, seconds=time.perf_counter() - t0)
+        improved = passed and params < best_params
         if improved:
             best, best_cycle, best_params = _rebuilt(struct, kept_state, kept_modes), c + 1, params
+            best_struct = struct
         history.append(row)
         say(f"cycle {c + 1}/{cycles}: {params:,} params ({row['compression']:.2f}x), accuracy {acc_min:.4f} "
             f"minimized, {acc_rel:.4f} {'released' if release else 'held'} and fine-tuned")
-        if ckpt is not None:
+        if backoff and not passed:  # start again from the best model, with half the step
+            say(f"cycle {c + 1}/{cycles}: outside the tolerance; the next cycle starts from "
+                f"{'the dense model' if best_cycle is None else f'cycle {best_cycle}'} with half the step")
+            struct = best_struct
+            work_state, work_modes = _state(best), _modes(best)
+            work = _rebuilt(struct, work_state, work_modes)
+        level = _next_level(level, passed, backoff)
+        if ckpt is not None:  # "work": what the next cycle starts from
             tensors = {"pre": pre_state, "mask": masks, "work": work_state, **({"best": kept_state} if improved else {})}
             ckpt.write(c + 1, tensors, dict(row=row, pre_modes=pre_modes, work_modes=work_modes,
                                             best_modes=kept_modes if improved else None,
                                             shapes={k: list(v.shape) for k, v in small_state.items()}))
     return SqueezeReleaseResult(best, history, dense, best_cycle)
+
+
+def _next_level(level: int, passed: bool, backoff: bool) -> int:
+    """The halvings of the step for the next cycle: one more after a failed cycle, one fewer after a passing one."""
+    if not backoff:
+        return 0
+    return level + 1 if not passed else max(0, level - 1)
+
+
+def stepped(sparsity: float, lasso: float, level: int) -> tuple[float, float]:
+    """A cycle's mask sparsity and lasso strength after ``level`` halvings of the step (``squeeze_release``'s
+    backoff): the kept fraction ``1 - sparsity`` raised to ``0.5 ** level``, the strength times ``0.5 ** level``."""
+    half = 0.5 ** level
+    return 1.0 - (1.0 - sparsity) ** half, lasso * half
 
 
 def _open(ckpt: CycleCheckpoint, gm: nn.Module, inputs: tuple[Any, ...], settings: dict[str, Any], world: int,

@@ -193,3 +193,23 @@ def test_export_pipeline_doc_snippets_run(tmp_path, monkeypatch):
     assert count_params(scope["loaded"].module()) < count_params(scope["model"])
     assert scope["report"].max_rel["float64"] <= 1e-9
     assert (tmp_path / "vit_small.pt2").exists() and (tmp_path / "vit_small.onnx").exists()
+
+
+def test_the_input_guards_of_an_exported_module_freeze_nothing():
+    """``ExportedProgram.module()`` calls ``_guards_fn`` on the inputs: a dead unit behind it is still removed, with
+    no warning that blames the guards."""
+    import warnings
+
+    from fxprune.passes.minimize import NothingRemovedWarning
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[1], model[0].bias[1] = 0.0, -1.0  # unit 1 is dead
+    x = torch.randn(2, 3)
+    gm = torch.export.export(model, (x,), strict=False).module()
+    assert any(n.target == "_guards_fn" for n in gm.graph.nodes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NothingRemovedWarning)
+        out = fp.minimize(gm, (x,))
+    assert count_params(out) == count_params(model) - 3 - 1 - 2  # its row, bias and column
+    assert "GuardsFn" not in str(fp.analyze(gm))

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.export._unlift import GuardsFn
 from torch.fx import Node
 
 from fxprune.analysis.scan import BLOCK_BYTES
@@ -134,6 +135,15 @@ class Passive(Rule):
 class AssertMetadata(Passive):
     def couple(self, op: Op, sp: Spaces) -> None:
         if op.arg(1, "size") is None and op.arg(2, "stride") is None:
+            super().couple(op, sp)
+
+
+class InputGuards(Passive):
+    """The shape guards ``ExportedProgram.module()`` runs on the graph's inputs (``_guards_fn``, no output): inputs
+    keep their shapes, so guards on placeholders alone see no change; a guard on anything else freezes it."""
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        if all(a.op == "placeholder" for a in op.tensor_args()):
             super().couple(op, sp)
 
 
@@ -1176,3 +1186,4 @@ register(Creation(), aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empt
          aten.full_like, aten.empty_like, aten.arange, aten.zeros, aten.ones, aten.full, aten.empty, aten.scalar_tensor,
          torch.zeros_like, torch.ones_like, torch.arange, "new_ones", "new_zeros", "new_full", "new_empty")
 register(AssertMetadata(), aten._assert_tensor_metadata.default)
+register(InputGuards(), GuardsFn)
