@@ -164,7 +164,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     from the best model so far (the dense one if none) with half the step: the kept fraction of its mask
     square-rooted (sparsity ``s`` becomes ``1 - (1 - s) ** 0.5``) and the lasso strength halved
     (:func:`stepped`). Like a trust region, every failed cycle halves the step once more and every passing one
-    doubles it back, up to the schedule's. The history records the step (``step``, the halvings in force), the
+    doubles it back, up to the schedule's; a passing cycle that removed nothing doubles the lasso strength
+    instead (the sparsity stays the schedule's; at most four times the strength). The history records the step (``step``, the halvings in force), the
     sparsity and strength used, and whether the cycle passed (``passed``). ``backoff=False``: every cycle builds
     on the one before, at the schedule's sparsity and the full strength.
 
@@ -247,11 +248,11 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             history.append(st["row"])
             if backoff and not st["row"]["passed"]:  # the next cycle started from the best model
                 struct = best_struct
-            level = _next_level(level, st["row"]["passed"], backoff)
+            level = _next_level(level, st["row"], backoff)
         work = _rebuilt(struct, groups["work"], st["work_modes"])
         set_rng_state(rng)
     for c in range(len(done), cycles):
-        t0 = time.perf_counter()
+        t0, start_params = time.perf_counter(), count_params(work)
         final, strength = stepped(float(target(c)), lasso, level)
         reg = GroupLasso(work, inputs, strength=strength, exclude=exclude) if strength else None
         masks: dict[str, torch.Tensor] = {}
@@ -289,7 +290,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         passed = acc >= dense["accuracy"] - tolerance
         row = dict(cycle=c + 1, target=float(target(c)), sparsity=final, lasso=strength, step=level, params=params,
                    flops=_flops(small, inputs), accuracy=acc, accuracy_minimized=acc_min, accuracy_released=acc_rel,
-                   compression=dense["params"] / params, passed=passed, seconds=time.perf_counter() - t0)
+                   compression=dense["params"] / params, passed=passed, start_params=start_params,
+                   seconds=time.perf_counter() - t0)
         improved = passed and params < best_params
         if improved:
             best, best_cycle, best_params = _rebuilt(struct, kept_state, kept_modes), c + 1, params
@@ -303,7 +305,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             struct = best_struct
             work_state, work_modes = _state(best), _modes(best)
             work = _rebuilt(struct, work_state, work_modes)
-        level = _next_level(level, passed, backoff)
+        level = _next_level(level, row, backoff)
         if ckpt is not None:  # "work": what the next cycle starts from
             tensors = {"pre": pre_state, "mask": masks, "work": work_state, **({"best": kept_state} if improved else {})}
             ckpt.write(c + 1, tensors, dict(row=row, pre_modes=pre_modes, work_modes=work_modes,
@@ -312,16 +314,29 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     return SqueezeReleaseResult(best, history, dense, best_cycle)
 
 
-def _next_level(level: int, passed: bool, backoff: bool) -> int:
-    """The halvings of the step for the next cycle: one more after a failed cycle, one fewer after a passing one."""
+def _next_level(level: int, row: dict[str, Any], backoff: bool) -> int:
+    """The step's halvings for the cycle after ``row``'s: one more after a failed cycle; after a passing one, one
+    fewer when it removed nothing (down to ``-MAX_DOUBLINGS``: the strength doubled that often), else one fewer down to 0 (the
+    schedule's step)."""
     if not backoff:
         return 0
-    return level + 1 if not passed else max(0, level - 1)
+    if not row["passed"]:
+        return level + 1
+    if row["params"] >= row["start_params"]:
+        return max(-MAX_DOUBLINGS, level - 1)
+    return max(0, level - 1) if level > 0 else level
+
+
+MAX_DOUBLINGS = 2
 
 
 def stepped(sparsity: float, lasso: float, level: int) -> tuple[float, float]:
-    """A cycle's mask sparsity and lasso strength after ``level`` halvings of the step (``squeeze_release``'s
-    backoff): the kept fraction ``1 - sparsity`` raised to ``0.5 ** level``, the strength times ``0.5 ** level``."""
+    """A cycle's mask sparsity and lasso strength at step ``level`` (``squeeze_release``'s backoff): ``level > 0``
+    halvings raise the kept fraction ``1 - sparsity`` to ``0.5 ** level`` and multiply the strength by
+    ``0.5 ** level``; ``level < 0`` (a stalled run) keeps the sparsity and multiplies the strength by
+    ``2 ** -level``."""
+    if level < 0:
+        return sparsity, lasso * 2.0 ** -level
     half = 0.5 ** level
     return 1.0 - (1.0 - sparsity) ** half, lasso * half
 

@@ -1,6 +1,7 @@
 """squeeze_release(backoff=True), the default: a cycle whose model falls outside the tolerance is not built on; the
 next cycle starts again from the best model so far with half the step (the mask's kept fraction square-rooted, the
-lasso strength halved), and a resumed run does the same."""
+lasso strength halved); a passing cycle doubles it back, and one that removed nothing doubles the lasso strength; a
+resumed run does the same."""
 from __future__ import annotations
 
 import sys
@@ -48,6 +49,8 @@ def _run(backoff: bool, passes, cycles: int = 3, sparsity: float = 0.9, epochs: 
 
 def test_stepped_halves_the_step():
     assert stepped(0.9, 1e-3, 0) == (0.9, 1e-3)
+    assert stepped(0.9, 1e-3, -1) == (0.9, pytest.approx(2e-3))
+    assert stepped(0.9, 1e-3, -2) == (0.9, pytest.approx(4e-3))
     s, lam = stepped(0.9, 1e-3, 1)
     assert s == pytest.approx(1 - 0.1 ** 0.5) and lam == pytest.approx(5e-4)
     s, lam = stepped(0.9, 1e-3, 2)
@@ -85,6 +88,15 @@ def test_a_passing_cycle_is_built_on_and_a_later_failure_returns_to_it():
     assert sizes[2] == cut and sizes[4] == cut  # cycles 2 and 3 start from cycle 1's model
     assert res.history[2]["step"] == 1
     assert count_params(res.module) == cut
+
+
+def test_a_passing_cycle_that_removed_nothing_doubles_the_lasso_strength():
+    res, _, _ = _run(True, passes=lambda p: True, sparsity=0.1, exclude=["0.*", "2.*"])  # the last layer only
+    assert res.history[0]["params"] == DENSE
+    assert [h["step"] for h in res.history[:2]] == [0, -1]
+    assert res.history[1]["sparsity"] == 0.1
+    assert res.history[1]["lasso"] == pytest.approx(2 * fp.interop.lasso.DEFAULT_STRENGTH)
+    assert all(h["step"] >= -2 for h in res.history)
 
 
 def test_resume_after_failed_cycles_gives_the_same_model(tmp_path):

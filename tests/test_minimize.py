@@ -245,3 +245,45 @@ def test_nan_weights_are_refused():
     gm = fp.capture(model, (torch.randn(2, 12),))
     with pytest.raises(fp.UnsupportedError, match="NaN"):
         fp.minimize(gm)
+
+
+class SharedLayer(nn.Module):
+    """One Linear read at two call sites whose dead channel carries a different constant at each (relu(1), tanh(2))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.shared = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.shared(torch.relu(self.a(x))) + self.shared(torch.tanh(self.b(x)))
+
+
+def _shared_layer():
+    torch.manual_seed(0)
+    m = SharedLayer().double()
+    with torch.no_grad():
+        m.a.weight[2], m.a.bias[2] = 0.0, 1.0
+        m.b.weight[2], m.b.bias[2] = 0.0, 2.0
+    return m
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_layer_read_at_two_sites_folds_each_sites_constants_into_its_own_bias(verify):
+    m = _shared_layer()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out = fp.minimize(torch.fx.symbolic_trace(m), (x,), verify=verify)
+    for xs in (x, torch.randn(9, 4, dtype=torch.float64)):
+        torch.testing.assert_close(out(xs), m(xs), rtol=1e-12, atol=1e-12)
+    # channel 2 goes from a, b and the shared columns (5 + 5 + 3); the shared bias (3) becomes one per site (2 x 3)
+    assert n_params(out) == n_params(m) - 13 - 3 + 6
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_the_shared_layer_in_its_own_class_keeps_the_channels_with_a_reason():
+    m = _shared_layer()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="several call sites"):
+        out = fp.minimize_module(m, (x,))
+    assert type(out) is SharedLayer
+    torch.testing.assert_close(out(x), m(x), rtol=1e-12, atol=1e-12)

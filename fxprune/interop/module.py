@@ -150,10 +150,14 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
     return out
 
 
+SHARED_REASON = ("a layer applied at several call sites folds other constants at each, and its class holds one "
+                 "bias")
+
+
 def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "batch",
                      verify: bool = True, **options: Any) -> nn.Module:
     """The body of :func:`minimize_module`, with the cache already off."""
-    from fxprune.passes.minimize import MinimizeOptions, minimize, self_check
+    from fxprune.passes.minimize import SITE_BIASES_KEY, MinimizeOptions, minimize, self_check
 
     inputs = as_inputs(example_inputs)
     gm = capture(model, inputs, method="export", dynamic_shapes=dynamic_shapes)
@@ -161,8 +165,14 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
 
     def attempt(frozen: dict[str, str]) -> tuple[nn.Module, list[str], list[str], Any, EquivalenceError | None]:
         # one end-to-end check: the copy against the model; the graph is checked only to say which step failed
-        opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), **options)
-        small = minimize(gm, options=opts)
+        while True:  # a layer applied at several sites cannot hold a bias per site: keep its channels
+            opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), **options)
+            small = minimize(gm, options=opts)
+            shared = {f"{bias.rpartition('.')[0]}.weight" if bias.endswith(".bias") else bias: SHARED_REASON
+                      for bias in small.meta.get(SITE_BIASES_KEY, {}).values()}
+            if not shared.keys() - frozen.keys():
+                break
+            frozen.update(shared)  # the caller's dict: the kept layers are reported with the others
         suspects: list[str] = []
         out, stale = _write_back(model, small, inputs, suspects)
         if not verify:
@@ -192,8 +202,11 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         outputs = sorted({k.rpartition('.')[0] for k in keep if ":" in k} - set(whole))
         what = ", ".join(([f"every channel of {', '.join(whole)}"] if whole else [])
                          + ([f"the output channels of {', '.join(outputs)}"] if outputs else []))
-        warnings.warn(f"minimize_module kept {what}: their forward (or their caller's) reads sizes fxprune "
-                      "cannot update in eager code (fp.minimize on the graph removes them)",
+        why = ("their forward (or their caller's) reads sizes fxprune cannot update in eager code"
+               if any(r != SHARED_REASON for r in keep.values()) else "")
+        if any(r == SHARED_REASON for r in keep.values()):
+            why = "; ".join(filter(None, [why, SHARED_REASON]))
+        warnings.warn(f"minimize_module kept {what}: {why} (fp.minimize on the graph removes them)",
                       KeptChannelsWarning, stacklevel=3)
     return out
 

@@ -35,6 +35,7 @@ __all__ = ["minimize", "self_check", "MinimizeOptions", "ShapeCheck", "NothingRe
 
 aten = torch.ops.aten
 CHECKS_KEY = "fxprune_checks"  # result meta: the self-check's ShapeChecks
+SITE_BIASES_KEY = "fxprune_site_biases"  # result meta: {bias minimize gave one call site of a shared layer: the shared bias}
 KEPT_KEY = "fxprune_kept"  # result meta: {get_attr target: [None (all kept) or kept indices of the input's tensor, per dim]}
 
 
@@ -66,6 +67,8 @@ class Rewriter:
         self.created: dict[str, torch.Tensor] = {}
         self.buffers: set[str] = set()  # created targets that are constants, not trainable
         self.attr_targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        self.sites: dict[str, tuple[Node, torch.Tensor]] = {}  # per-site biases of shared layers: (bias, delta)
+        self._readers: dict[str, set[Node]] | None = None
 
     @property
     def facts(self) -> Facts:
@@ -96,7 +99,19 @@ class Rewriter:
         """Add ``delta`` (original channel indexing) to the op's bias, creating one if it has none."""
         if isinstance(bias, Node) and bias.op == "get_attr":
             key = bias.target
-            self.deltas[key] = self.deltas.get(key, 0) + delta
+            if self.readers(key) <= {op.node}:
+                self.deltas[key] = self.deltas.get(key, 0) + delta
+                return
+            # a bias read at other sites too (a layer applied more than once): the constants folded here are this
+            # site's alone, so this site gets a bias of its own and the others keep theirs
+            site = f"{op.node.name}_site_bias"
+            if site in self.sites:
+                self.sites[site] = (bias, self.sites[site][1] + delta)
+                return
+            self.sites[site] = (bias, delta)
+            with self.graph.inserting_before(self.env[op.node]):
+                attr = self.graph.get_attr(site)
+            self.set_arg(op, pos, name, attr)
             return
         if bias is not None:  # pragma: no cover - the rules tolerate folds into get_attr biases only
             raise EquivalenceError(f"cannot fold a constant into the computed bias of {op.describe()}")
@@ -106,6 +121,25 @@ class Rewriter:
         with self.graph.inserting_before(n):
             attr = self.graph.get_attr(target)
         self.set_arg(op, pos, name, attr)
+
+    def readers(self, target: str) -> set[Node]:
+        """The nodes that read the tensor at ``target`` (through any get_attr of it or of a tensor tied to it)."""
+        if self._readers is None:
+            self._readers = {}
+            for n in self.gm.graph.nodes:
+                if n.op == "get_attr":
+                    key = self.an.spaces.param_key.get(n.target, n.target)
+                    self._readers.setdefault(key, set()).update(n.users)
+        return self._readers.get(self.an.spaces.param_key.get(target, target), set())
+
+    def kept_indices(self, node: Node, t: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per dim of the tensor ``t`` at ``node``: the kept indices, or None where every index is kept."""
+        out: list[torch.Tensor | None] = [None] * t.dim()
+        for d in range(t.dim()):
+            k = self.kept(node, d)
+            if not bool(k.all()):
+                out[d] = k.nonzero().flatten()
+        return out
 
     def constant(self, prefix: str, value: torch.Tensor) -> Node:
         """A get_attr node (inserted at the current point) holding a new tensor under a fresh target."""
@@ -221,6 +255,14 @@ class Rewriter:
             rule = self.an.rules.get(node.name)
             if rule is not None:
                 rule.rewrite(Op(node, self.gm), self)
+        erased: set[Node] = set()
+        for site, (bias, delta) in self.sites.items():
+            t = get_attr(self.gm, bias.target)
+            self.created[site] = lazy.select(t, delta, self.kept_indices(bias, t))
+            copy_ = self.env[bias]
+            if copy_.graph is self.graph and not copy_.users and copy_ not in erased:  # every site has its own now
+                self.graph.erase_node(copy_)
+                erased.add(copy_)
         tensors: dict[str, torch.Tensor] = dict(self.created)
         kept = {k: list(v) for k, v in self.gm.meta.get(KEPT_KEY, {}).items()}
         by_key: dict[str, torch.Tensor] = {}  # tied targets share one tensor
@@ -235,11 +277,9 @@ class Rewriter:
             if not isinstance(t, torch.Tensor):
                 continue
             prev = kept.get(node.target)
-            idxs: list[torch.Tensor | None] = [None] * t.dim()
-            for d in range(t.dim()):
-                k = self.kept(node, d)
-                if not bool(k.all()):
-                    idxs[d] = idx = k.nonzero().flatten()
+            idxs = self.kept_indices(node, t)
+            for d, idx in enumerate(idxs):
+                if idx is not None:
                     if prev is None:
                         prev = kept[node.target] = [None] * t.dim()
                     prev[d] = idx if prev[d] is None else prev[d][idx]  # indices into the original tensor
@@ -249,6 +289,7 @@ class Rewriter:
             tensors[node.target] = by_key[key] = t
         out = rebuild(self.gm, self.graph, tensors, self.buffers, copy_if=lambda t: False)  # see minimize: _detach
         out.meta[KEPT_KEY] = kept
+        out.meta[SITE_BIASES_KEY] = {site: bias.target for site, (bias, _) in self.sites.items()}
         out.graph.lint()
         annotate(out, placeholder_inputs(out), out.meta.get(DYNAMIC_KEY))
         return out
