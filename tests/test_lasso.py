@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxprune as fp
@@ -159,3 +160,35 @@ def test_bad_arguments():
 def test_group_lasso_function_matches_the_object():
     net, x = mlp(), torch.randn(5, 6)
     assert torch.allclose(fp.group_lasso(net, (x,)), fp.GroupLasso(net, (x,)).penalty(net))
+
+
+class _ConvBN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(1, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_the_pull_on_a_weight_before_batchnorm_keeps_its_scale_and_biases_are_not_zeroed_alone():
+    torch.manual_seed(0)
+    m, x = _ConvBN(), torch.randn(16, 1, 6, 6)
+    reg = fp.GroupLasso(m, (x[:4],))
+    assert reg.normalized == {"conv.weight"}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    reg.regularize(m)
+    # before BatchNorm: no component along the weight itself (no shrinking as a whole); elsewhere it shrinks
+    assert abs(float((m.conv.weight.grad * m.conv.weight).sum())) < 1e-4 * float(m.conv.weight.grad.norm() * m.conv.weight.norm())
+    assert float((m.head.weight.grad * m.head.weight).sum()) > 0
+    # BatchNorm's biases start at zero; the exact-zero step must not pin them there
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    with reg.attach(m):
+        m.train()
+        for _ in range(5):
+            opt.zero_grad()
+            F.cross_entropy(m(x), torch.arange(16) % 3).backward()
+            opt.step()
+    assert bool((m.bn.bias != 0).all())

@@ -19,7 +19,9 @@ preconditioned by each tensor's scale, in the spirit of Torch-Pruning's ``regula
 optimizers, which scale each coordinate's step by its own gradient history, that pulls every entry of a group the
 loss does not defend towards zero at about ``lr`` per step, large norm weights and small conv weights alike. A
 gradient never lands on zero, so after each optimizer step the **exact-zero step** sets to exact zeros every slice
-of a group member (a row, a column, a norm weight's entry) and every whole group whose root mean square has fallen
+of a group member (a row, a column, a norm weight's entry; a bias only with its whole group: a zero bias alone
+makes nothing constant or unread, and biases that start at zero, BatchNorm's, would be held there) and every whole
+group whose root mean square has fallen
 to the optimizer's step size, ``threshold * lr`` (the scale at which Adam leaves a weight oscillating about zero),
 and to a ``relative`` fraction of its own tensor's scale ``s_t`` (so that a tensor whose scale a normalization
 ignores, shrinking as a whole, is never zeroed for it), and keeps what it zeroed at zero for the rest of that
@@ -59,6 +61,7 @@ class _Slice:
     name: str
     dim: int
     channel: torch.Tensor
+    bias: bool = False  # a bias (added, never multiplied): zero alone it makes nothing constant or unread
 
 
 def _leaf_maps(atoms: Any, a: Any) -> dict[int, torch.Tensor] | None:
@@ -93,6 +96,24 @@ def _leaf_maps(atoms: Any, a: Any) -> dict[int, torch.Tensor] | None:
             out[leaf] = torch.where(idx[part] >= 0, idx[part], -1)
     assert stride == 1, sizes
     return out
+
+
+def _is_batch_norm(n: Any) -> bool:
+    import torch.nn.functional as F
+
+    return n.op == "call_function" and (n.target is F.batch_norm or "batch_norm" in str(n.target)) and bool(n.args)
+
+
+def _layer_weights(n: Any) -> list[Any]:
+    """The weight get_attr of a linear or convolution node ``n`` (empty for anything else)."""
+    import torch.nn.functional as F
+
+    if getattr(n, "op", None) != "call_function" or len(n.args) < 2:
+        return []
+    layer = n.target in (F.linear, F.conv1d, F.conv2d, F.conv3d) or any(
+        k in str(n.target) for k in ("aten.linear", "aten.conv", "aten.convolution"))
+    w = n.args[1]
+    return [w] if layer and getattr(w, "op", None) == "get_attr" else []
 
 
 def _tensor(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -181,9 +202,14 @@ class GroupLasso:
                         hit = idx >= 0
                         channel[hit] = idx[hit] + offsets[leaf]
                 if bool((channel >= 0).any()):
-                    slices.append(_Slice(sp.param_key[node.target], d, channel))
+                    key = sp.param_key[node.target]
+                    slices.append(_Slice(key, d, channel, bias=key.rpartition(".")[2] == "bias"))
         self.slices = slices
         self.channels = total
+        # weights whose output goes straight into a BatchNorm: scale-invariant in training, so a pull that shrinks
+        # them as a whole costs the loss nothing and leaves the running statistics behind the batch statistics
+        self.normalized = {sp.param_key[w.target] for n in gm.graph.nodes if _is_batch_norm(n)
+                           for w in _layer_weights(n.args[0]) if w.target in names}
         sizes = torch.zeros(total, dtype=torch.float64)
         shapes = {n: p.shape for n, p in plain.named_parameters()}
         for s in slices:
@@ -268,8 +294,11 @@ class GroupLasso:
             g = v * c.to(v.dtype).to(v.device).view(shape)
             prev = pull.get(id(t))
             pull[id(t)] = (t, v, g if prev is None else prev[2] + g)
+        normalized = {id(t) for s, t, _ in bound if s.name in self.normalized}
         for t, v, g in pull.values():
             g = g * (self.strength / self._scale(v))
+            if id(t) in normalized:  # keep the tensor's overall scale: only the pull between its groups is left
+                g = g - (g * v).sum() / v.pow(2).sum().clamp_min(1e-30) * v
             if t.grad is None:
                 t.grad = g
             else:
@@ -277,9 +306,9 @@ class GroupLasso:
 
     @torch.no_grad()
     def step(self, model: nn.Module, lr: float | dict[int, float], hold: dict[int, torch.Tensor] | None = None) -> int:
-        """The exact-zero step. Every slice of a group member (a row, a column, a norm weight's entry...) whose
-        root mean square is at most ``threshold * lr`` and at most ``relative * s_t`` becomes exact zeros, and so
-        does every group channel with ``||w_g|| <= threshold * lr * sqrt(n_g)`` and ``||u_g|| <= relative *
+        """The exact-zero step. Every slice of a group member (a row, a column, a norm weight's entry...; not a
+        bias's entry, which zero alone makes nothing constant or unread) whose root mean square is at most
+        ``threshold * lr`` and at most ``relative * s_t`` becomes exact zeros, and so does every group channel with ``||w_g|| <= threshold * lr * sqrt(n_g)`` and ``||u_g|| <= relative *
         sqrt(n_g)`` (``lr``: a number, or per parameter ``id``). With ``hold`` (per
         slice index, the positions zeroed so far; updated), what was zeroed before stays zero. A zero slice makes its
         channel constant (a producer row) or unread (a consumer column) in that member; ``minimize`` removes the
@@ -302,7 +331,7 @@ class GroupLasso:
             x = v.detach().to(torch.float64)
             rms = (x.pow(2).mean(dims) if dims else x.pow(2)).sqrt().cpu()
             small = (rms <= rate[id(t)] * self.threshold) & (rms <= self.relative * float(self._scale(v)))
-            zero = hit & small
+            zero = hit & small & (not s.bias)
             zero[hit] |= whole[s.channel[hit]]
             if hold is not None:
                 if i in hold:
