@@ -213,3 +213,30 @@ def test_the_input_guards_of_an_exported_module_freeze_nothing():
         out = fp.minimize(gm, (x,))
     assert count_params(out) == count_params(model) - 3 - 1 - 2  # its row, bias and column
     assert "GuardsFn" not in str(fp.analyze(gm))
+
+
+def test_a_weight_read_through_dot_T_is_followed():
+    """Falcon's MLP computes ``x @ w.T`` (``aten.numpy_T`` in an exported graph): ``.T`` has a channel rule, so
+    the hidden units form a free group (it froze them: no rule). Removing them needs ``matmul`` to read the
+    transposed weight's values, which it does not yet: the result stays exact and whole."""
+
+    class DotT(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.b1 = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(6))
+            self.w2 = torch.nn.Parameter(torch.randn(3, 6))
+
+        def forward(self, x):
+            return torch.relu(x @ self.w1.T + self.b1) @ self.w2.T
+
+    m = DotT().double()
+    with torch.no_grad():
+        m.w1[2], m.b1[2] = 0.0, -1.0  # unit 2 is dead
+    x = torch.randn(5, 4, dtype=torch.float64)
+    gm = torch.export.export(m, (x,), strict=False).module()
+    assert any("numpy_T" in str(n.target) for n in gm.graph.nodes)
+    hidden = fp.analyze(gm).group_of("w1", 0)
+    assert hidden is not None and not hidden.frozen and ("numpy_t_1", 0) in hidden
+    out = fp.minimize(gm, (x,))
+    assert count_params(out) == count_params(m)  # nothing removed yet (see above)
+    torch.testing.assert_close(out(x), m(x), rtol=1e-12, atol=1e-12)  # (exported with a static batch: its guards)

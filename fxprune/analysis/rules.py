@@ -850,7 +850,7 @@ def _segments(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[in
 
 
 class Permute(Rule):
-    """permute/transpose/t/movedim: output dim i is input dim perm[i]."""
+    """permute/transpose/t/.T/movedim: output dim i is input dim perm[i]."""
 
     nan_eval = True
 
@@ -863,7 +863,7 @@ class Permute(Rule):
             p = list(range(r))
             p[d0], p[d1] = p[d1], p[d0]
             return p
-        if base == "t":  # .t() / aten.t
+        if base in ("t", "numpy_T"):  # .t() / aten.t; .T (aten.numpy_T: every dim reversed)
             return list(range(r))[::-1]
         if base in ("movedim", "moveaxis"):
             kw = op.node.kwargs
@@ -1174,7 +1174,7 @@ register(Pool(3), F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, aten.max_po
 register(Reshape(), aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
          aten.unsqueeze, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
          "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze")
-register(Permute(), aten.permute, aten.transpose, aten.t, aten.movedim, aten.moveaxis, torch.permute, torch.transpose, torch.t,
+register(Permute(), aten.permute, aten.transpose, aten.t, aten.numpy_T, aten.movedim, aten.moveaxis, torch.permute, torch.transpose, torch.t,
          torch.swapaxes, torch.movedim, torch.moveaxis, "permute", "transpose", "t", "swapaxes", "movedim", "moveaxis")
 register(Expand(), aten.expand, "expand", "expand_as")
 register(Cat(), aten.cat, torch.cat, torch.concat, torch.concatenate)
