@@ -234,7 +234,8 @@ def test_vit_stream_channel_goes_while_its_attention_reads_head_dim():
     reg = fp.GroupLasso(model, (x,))
     stream = max(range(reg.channels), key=lambda c: sum(int((s.channel == c).sum()) for s in reg.slices))
     with torch.no_grad():  # that channel is exact zeros in every tensor of its group
-        for s, t, _ in reg._bound(model):
+        for m in reg._members(model):
+            s, t = m.slice, m.param
             hit = (s.channel == stream).nonzero().flatten()
             if len(hit):
                 t.index_fill_(s.dim, hit, 0.0)

@@ -37,11 +37,12 @@ own: :meth:`GroupLasso.penalty` (``R``, differentiable, for a loss term), :meth:
 from __future__ import annotations
 
 import contextlib
-import weakref
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -62,6 +63,65 @@ class _Slice:
     dim: int
     channel: torch.Tensor
     bias: bool = False  # a bias (added, never multiplied): zero alone it makes nothing constant or unread
+
+    @functools.cached_property
+    def hit(self) -> torch.Tensor:
+        """Positions that belong to a group channel."""
+        return self.channel >= 0
+
+    @functools.cached_property
+    def channels(self) -> torch.Tensor:
+        """The group channel of each position in :attr:`hit`."""
+        return self.channel[self.hit]
+
+    @functools.cached_property
+    def safe(self) -> torch.Tensor:
+        """``channel`` with -1 read as 0 (for gathers masked by :attr:`hit`)."""
+        return self.channel.clamp_min(0)
+
+
+@dataclass(frozen=True)
+class _Member:
+    """A slice resolved on one model: the parameter the optimizer updates and where the forward reads its value
+    (through a mask parametrization, ``original`` times the mask)."""
+
+    slice: _Slice
+    param: torch.Tensor
+    owner: nn.Module
+    leaf: str
+    masked: bool
+
+    def value(self) -> torch.Tensor:
+        return getattr(self.owner, self.leaf) if self.masked else self.param
+
+
+class _Reading:
+    """One pass over the members' current values (no gradient): per slice, each position's sum of squares (float64);
+    per parameter, its value and its scale ``s_t`` (the root mean square of its nonzero entries; 1 when none)."""
+
+    def __init__(self, members: list[_Member]) -> None:
+        self.values: dict[int, torch.Tensor] = {}
+        self.scales: dict[int, torch.Tensor] = {}
+        self.squares: list[torch.Tensor] = []
+        for m in members:
+            key = id(m.param)
+            if key not in self.values:
+                self.values[key] = m.value().detach()
+            v = self.values[key]
+            dims = [d for d in range(v.dim()) if d != m.slice.dim]
+            per = v.pow(2).sum(dims, dtype=torch.float64) if dims else v.pow(2).to(torch.float64)
+            self.squares.append(per.cpu())
+            if key not in self.scales:
+                n = int(torch.count_nonzero(v))
+                self.scales[key] = per.sum().div(n).sqrt().cpu() if n else torch.ones((), dtype=torch.float64)
+
+    def sums(self, members: list[_Member], channels: int, relative: bool = False) -> torch.Tensor:
+        """``||w_g||^2`` per group channel, or with ``relative`` ``||u_g||^2`` (each tensor over its own scale)."""
+        out = torch.zeros(channels, dtype=torch.float64)
+        for m, per in zip(members, self.squares):
+            part = per[m.slice.hit]
+            out.index_add_(0, m.slice.channels, part / self.scales[id(m.param)].pow(2) if relative else part)
+        return out
 
 
 def _leaf_maps(atoms: Any, a: Any) -> dict[int, torch.Tensor] | None:
@@ -98,36 +158,45 @@ def _leaf_maps(atoms: Any, a: Any) -> dict[int, torch.Tensor] | None:
     return out
 
 
-def _is_batch_norm(n: Any) -> bool:
-    import torch.nn.functional as F
+def _targets(*names: str) -> set[Any]:
+    """The overloads (but the ``out=`` ones) of the aten ops ``names`` that this torch has."""
+    ops = [getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n)]
+    return {getattr(op, o) for op in ops for o in op.overloads() if not o.endswith("out")}
 
-    return n.op == "call_function" and (n.target is F.batch_norm or "batch_norm" in str(n.target)) and bool(n.args)
+
+# Where a weight's output goes straight into a BatchNorm: the functional and aten forms of the normalization (after
+# lower_modules) and of the layers whose weight it follows.
+_BATCH_NORMS: set[Any] = {F.batch_norm} | _targets(
+    "batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
+    "_batch_norm_with_update", "_batch_norm_no_update")
+_LAYERS: set[Any] = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                     F.conv_transpose3d} | _targets("linear", "conv1d", "conv2d", "conv3d", "convolution",
+                                                     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+
+
+def _is_batch_norm(n: Any) -> bool:
+    return n.op == "call_function" and n.target in _BATCH_NORMS and bool(n.args)
 
 
 def _layer_weights(n: Any) -> list[Any]:
     """The weight get_attr of a linear or convolution node ``n`` (empty for anything else)."""
-    import torch.nn.functional as F
-
-    if getattr(n, "op", None) != "call_function" or len(n.args) < 2:
+    if getattr(n, "op", None) != "call_function" or n.target not in _LAYERS or len(n.args) < 2:
         return []
-    layer = n.target in (F.linear, F.conv1d, F.conv2d, F.conv3d) or any(
-        k in str(n.target) for k in ("aten.linear", "aten.conv", "aten.convolution"))
     w = n.args[1]
-    return [w] if layer and getattr(w, "op", None) == "get_attr" else []
+    return [w] if getattr(w, "op", None) == "get_attr" else []
 
 
-def _tensor(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Parameter ``name`` of ``model`` and its value: through a mask parametrization, its ``original`` (what the
-    optimizer updates) and the masked value the forward sees."""
-    path, _, leaf = name.rpartition(".")
+def _member(model: nn.Module, s: _Slice) -> _Member | None:
+    """Slice ``s`` resolved on ``model`` (None where ``model`` has no such parameter)."""
+    path, _, leaf = s.name.rpartition(".")
     try:
         owner = model.get_submodule(path) if path else model
     except AttributeError:
         return None
     if parametrize.is_parametrized(owner, leaf):
-        return owner.parametrizations[leaf].original, getattr(owner, leaf)
+        return _Member(s, owner.parametrizations[leaf].original, owner, leaf, True)
     t = owner._parameters.get(leaf)
-    return (t, t) if isinstance(t, torch.Tensor) else None
+    return _Member(s, t, owner, leaf, False) if isinstance(t, torch.Tensor) else None
 
 
 class GroupLasso:
@@ -219,85 +288,72 @@ class GroupLasso:
         self.sizes = sizes  # n_g: entries per group channel
 
     # ---- reading ---------------------------------------------------------------------------------------------
-    def _bound(self, model: nn.Module) -> list[tuple[_Slice, torch.Tensor, torch.Tensor]]:
-        """Per slice: the parameter the optimizer updates and the value the forward reads (masked, where held)."""
+    def _members(self, model: nn.Module) -> list[_Member]:
+        """Every slice resolved on ``model`` (checked against what the GroupLasso was built for)."""
         out = []
         for s in self.slices:
-            pair = _tensor(model, s.name)
-            if pair is None:
+            m = _member(model, s)
+            if m is None:
                 raise InputError(f"'{s.name}' is not a parameter of {type(model).__name__}: pass the model the "
                                  "GroupLasso was built from (or a copy of it)")
-            t, v = pair
-            if t.shape[s.dim] != s.channel.numel():
-                raise InputError(f"'{s.name}' has {t.shape[s.dim]} entries in dim {s.dim}, the GroupLasso was built "
-                                 f"for {s.channel.numel()}: build it again for the changed model")
-            out.append((s, t, v))
+            if m.param.shape[s.dim] != s.channel.numel():
+                raise InputError(f"'{s.name}' has {m.param.shape[s.dim]} entries in dim {s.dim}, the GroupLasso was "
+                                 f"built for {s.channel.numel()}: build it again for the changed model")
+            out.append(m)
         return out
-
-    @staticmethod
-    def _scale(t: torch.Tensor) -> torch.Tensor:
-        """The root mean square of ``t``'s nonzero entries (1 when it has none), no gradient."""
-        v = t.detach()
-        n = int(torch.count_nonzero(v))
-        return v.pow(2).sum().div(n).sqrt() if n else torch.ones((), dtype=v.dtype, device=v.device)
-
-    def _squares(self, bound: list[tuple[_Slice, torch.Tensor, torch.Tensor]], detach: bool,
-                 relative: bool = False) -> torch.Tensor:
-        """``||w_g||^2`` per group channel, or with ``relative`` ``||u_g||^2`` (each tensor over its own scale)."""
-        sq = None
-        for s, _, value in bound:
-            v = value.detach() if detach else value
-            if relative:
-                v = v / self._scale(value)
-            dims = [d for d in range(v.dim()) if d != s.dim]
-            per = v.pow(2).sum(dims) if dims else v.pow(2)
-            hit = s.channel >= 0
-            part = torch.zeros(self.channels, dtype=per.dtype, device=per.device).index_add(
-                0, s.channel[hit].to(per.device), per[hit.to(per.device)])
-            sq = part if sq is None else sq + part.to(sq.dtype)
-        if sq is None:
-            return torch.zeros(self.channels)
-        return sq
 
     def norms(self, model: nn.Module) -> torch.Tensor:
         """``||w_g||`` per group channel (no gradient)."""
-        return self._squares(self._bound(model), detach=True).sqrt()
+        members = self._members(model)
+        return _Reading(members).sums(members, self.channels).sqrt()
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """``R = sum_g sqrt(n_g) ||u_g||``, differentiable (a term for a loss of your own: ``loss + lam * penalty``;
         its gradient is :meth:`regularize`'s over ``s_t``)."""
-        sq = self._squares(self._bound(model), detach=False, relative=True)
+        members = self._members(model)
+        scales = _Reading(members).scales
+        sq = None
+        for m in members:
+            v = m.value()
+            u = v / scales[id(m.param)].to(v)
+            dims = [d for d in range(v.dim()) if d != m.slice.dim]
+            per = u.pow(2).sum(dims) if dims else u.pow(2)
+            if sq is None:
+                sq = torch.zeros(self.channels, dtype=per.dtype, device=per.device)
+            sq = sq.index_add(0, m.slice.channels.to(per.device), per[m.slice.hit.to(per.device)].to(sq.dtype))
+        if sq is None:
+            return torch.zeros(())
         return (sq.add(1e-12).sqrt() * self.sizes.to(sq).sqrt()).sum()
-
-    def _coefficients(self, bound: list[tuple[_Slice, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """``sqrt(n_g) / ||u_g||`` per group channel (0 for a zero group)."""
-        norm = self._squares(bound, detach=True, relative=True).to(torch.float64).sqrt()
-        return torch.where(norm > 0, self.sizes.sqrt() / norm.clamp_min(1e-300), torch.zeros_like(norm))
 
     @torch.no_grad()
     def regularize(self, model: nn.Module) -> None:
         """Add ``strength * dR/du`` (``= strength * s_t * dR/dw``) to the parameters' gradients (after ``backward()``,
         before the optimizer step; a parameter without a gradient gets one). Shrinks groups; exact zeros come from
         :meth:`step`."""
-        bound = self._bound(model)
-        if not bound or self.strength == 0:
+        self._regularize(self._members(model))
+
+    @torch.no_grad()
+    def _regularize(self, members: list[_Member]) -> None:
+        if not members or self.strength == 0:
             return
-        coef = self._coefficients(bound)
-        pull: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for s, t, value in bound:
-            c = torch.zeros(s.channel.numel(), dtype=torch.float64)
-            hit = s.channel >= 0
-            c[hit] = coef[s.channel[hit]]
+        r = _Reading(members)
+        norm = r.sums(members, self.channels, relative=True).sqrt()
+        coef = torch.where(norm > 0, self.sizes.sqrt() / norm.clamp_min(1e-300), torch.zeros_like(norm))
+        pull: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for m in members:
+            t, s = m.param, m.slice
+            v = r.values[id(t)]
             shape = [1] * t.dim()
             shape[s.dim] = -1
-            v = value.detach()
+            c = torch.where(s.hit, coef[s.safe], 0.0)
             g = v * c.to(v.dtype).to(v.device).view(shape)
             prev = pull.get(id(t))
-            pull[id(t)] = (t, v, g if prev is None else prev[2] + g)
-        normalized = {id(t) for s, t, _ in bound if s.name in self.normalized}
-        for t, v, g in pull.values():
-            g = g * (self.strength / self._scale(v))
-            if id(t) in normalized:  # keep the tensor's overall scale: only the pull between its groups is left
+            pull[id(t)] = (t, g if prev is None else prev[1] + g)
+        normalized = {id(m.param) for m in members if m.slice.name in self.normalized}
+        for key, (t, g) in pull.items():
+            v = r.values[key]
+            g = g * (self.strength / r.scales[key]).to(g)
+            if key in normalized:  # keep the tensor's overall scale: only the pull between its groups is left
                 g = g - (g * v).sum() / v.pow(2).sum().clamp_min(1e-30) * v
             if t.grad is None:
                 t.grad = g
@@ -308,31 +364,38 @@ class GroupLasso:
     def step(self, model: nn.Module, lr: float | dict[int, float], hold: dict[int, torch.Tensor] | None = None) -> int:
         """The exact-zero step. Every slice of a group member (a row, a column, a norm weight's entry...; not a
         bias's entry, which zero alone makes nothing constant or unread) whose root mean square is at most
-        ``threshold * lr`` and at most ``relative * s_t`` becomes exact zeros, and so does every group channel with ``||w_g|| <= threshold * lr * sqrt(n_g)`` and ``||u_g|| <= relative *
-        sqrt(n_g)`` (``lr``: a number, or per parameter ``id``). With ``hold`` (per
-        slice index, the positions zeroed so far; updated), what was zeroed before stays zero. A zero slice makes its
-        channel constant (a producer row) or unread (a consumer column) in that member; ``minimize`` removes the
-        channel once that holds for its whole group. Returns how many group channels are exact zeros after it."""
-        bound = self._bound(model)
-        if not bound:
-            return 0
-        rate = {id(t): float(lr.get(id(t), 0.0)) if isinstance(lr, dict) else float(lr) for _, t, _ in bound}
-        rates = torch.zeros(self.channels, dtype=torch.float64)
-        for s, t, _ in bound:
-            hit = s.channel >= 0
-            rates.scatter_reduce_(0, s.channel[hit], torch.full((int(hit.sum()),), rate[id(t)], dtype=torch.float64),
-                                  reduce="amax")
-        norm = self._squares(bound, detach=True).to(torch.float64).sqrt()
-        rel = self._squares(bound, detach=True, relative=True).to(torch.float64).sqrt()
-        whole = (norm <= rates * self.threshold * self.sizes.sqrt()) & (rel <= self.relative * self.sizes.sqrt())
-        for i, (s, t, v) in enumerate(bound):
-            hit = s.channel >= 0
-            dims = [d for d in range(v.dim()) if d != s.dim]
-            x = v.detach().to(torch.float64)
-            rms = (x.pow(2).mean(dims) if dims else x.pow(2)).sqrt().cpu()
-            small = (rms <= rate[id(t)] * self.threshold) & (rms <= self.relative * float(self._scale(v)))
-            zero = hit & small & (not s.bias)
-            zero[hit] |= whole[s.channel[hit]]
+        ``threshold * lr`` and at most ``relative * s_t`` becomes exact zeros, and so does every group channel with
+        ``||w_g|| <= threshold * lr * sqrt(n_g)`` and ``||u_g|| <= relative * sqrt(n_g)`` (``lr``: a number, or per
+        parameter ``id``). With ``hold`` (per slice index, the positions zeroed so far; updated), what was zeroed
+        before stays zero. A zero slice makes its channel constant (a producer row) or unread (a consumer column) in
+        that member; ``minimize`` removes the channel once that holds for its whole group. Returns how many group
+        channels are exact zeros after it."""
+        members = self._members(model)
+        self._step(members, lr, hold)
+        return int((_Reading(members).sums(members, self.channels) == 0).sum()) if members else 0
+
+    @torch.no_grad()
+    def _step(self, members: list[_Member], lr: float | dict[int, float], hold: dict[int, torch.Tensor] | None) -> None:
+        if not members:
+            return
+        rate = {id(m.param): float(lr.get(id(m.param), 0.0)) if isinstance(lr, dict) else float(lr) for m in members}
+        if len(set(rate.values())) == 1:
+            rates = torch.full((self.channels,), next(iter(rate.values())), dtype=torch.float64)
+        else:
+            rates = torch.zeros(self.channels, dtype=torch.float64)
+            for m in members:
+                rates.scatter_reduce_(0, m.slice.channels, torch.full((m.slice.channels.numel(),), rate[id(m.param)],
+                                                                       dtype=torch.float64), reduce="amax")
+        r = _Reading(members)
+        root = self.sizes.sqrt()
+        whole = ((r.sums(members, self.channels).sqrt() <= rates * self.threshold * root)
+                 & (r.sums(members, self.channels, relative=True).sqrt() <= self.relative * root))
+        for i, (m, per) in enumerate(zip(members, r.squares)):
+            t, s = m.param, m.slice
+            rms = per.div(t.numel() // max(t.shape[s.dim], 1)).sqrt()
+            zero = s.hit & whole[s.safe]
+            if not s.bias:
+                zero |= s.hit & (rms <= rate[id(t)] * self.threshold) & (rms <= self.relative * r.scales[id(t)])
             if hold is not None:
                 if i in hold:
                     zero |= hold[i]
@@ -341,7 +404,6 @@ class GroupLasso:
                 shape = [1] * t.dim()
                 shape[s.dim] = -1
                 t.mul_((~zero).to(t.dtype).to(t.device).view(shape))
-        return int((self._squares(self._bound(model), detach=True) == 0).sum())
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module) -> Iterator["GroupLasso"]:
@@ -352,22 +414,21 @@ class GroupLasso:
         if self.strength == 0:
             yield self
             return
-        ids = {id(t) for _, t, _ in self._bound(model)}
-        ref = weakref.ref(model)
+        members = self._members(model)  # resolved once: the same parameters for the whole training
+        ids = {id(m.param) for m in members}
         held: dict[int, torch.Tensor] = {}
 
         def ours(optimizer: torch.optim.Optimizer) -> dict[int, float]:
             return {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"] if id(p) in ids}
 
         def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            m = ref()
-            if m is not None and ours(optimizer):
-                self.regularize(m)
+            if ours(optimizer):
+                self._regularize(members)
 
         def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            lrs, m = ours(optimizer), ref()
-            if lrs and m is not None:
-                self.step(m, lrs, held)
+            lrs = ours(optimizer)
+            if lrs:
+                self._step(members, lrs, held)
 
         handles = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
         try:
