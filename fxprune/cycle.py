@@ -5,7 +5,9 @@ exactly, releases the zeros left inside the kept tensors and fine-tunes again. `
 of the user's own model, its classes and all (``.train()``/``.eval()``, BatchNorm and dropout, ``.logits``,
 ``generate()``...); the minimize step is :func:`~fxprune.minimize_module` (checked, fail-closed), so the model kept
 is the user's class, smaller. A model that cannot be kept as its own class (torch.export cannot capture it, or its
-write-back is unsupported) goes the graph path instead, with a warning that says why. Throughout every ``train``
+write-back is unsupported) goes the graph path instead, with a warning that says why; there the eval-mode
+BatchNorm and dropout calls of each minimized graph become modules again (:func:`~fxprune.passes.modes.trainable`), so
+that ``.train()`` trains them as it trains the user's model. Throughout every ``train``
 call, fxprune's group lasso (:class:`~fxprune.interop.lasso.GroupLasso`, built from the model's own channel groups)
 adds its gradient before each optimizer step and sets what has shrunk to exact zeros after it, so that whole groups
 become structure ``minimize`` removes.
@@ -41,6 +43,7 @@ from fxprune.interop.masks import unmasked
 from fxprune.interop.module import minimize_module
 from fxprune.passes.mask import apply_masks, bake_masks, hold_masks, magnitude_masks, prunable, sparsity_schedule
 from fxprune.passes.minimize import minimize
+from fxprune.passes.modes import trainable
 from fxprune.passes.release import release as release_zeros
 from fxprune.verify import _flops, count_params
 
@@ -225,7 +228,13 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                 warnings.warn(f"squeeze_release could not keep {type(pre).__name__} as its own class "
                               f"({str(e).splitlines()[0]}); it goes on with the captured graph, and train/evaluate "
                               "receive GraphModules from here on", GraphPathWarning, stacklevel=3)
-        return ranks.run_all(lambda: minimize(capture(pre, inputs), inputs, verify=check), "minimize")
+        gm = ranks.run_all(lambda: minimize(capture(pre, inputs), inputs, verify=check), "minimize")
+        out, baked = trainable(gm, inputs if check else None)  # BatchNorm and dropout switch with .train() again
+        if baked:
+            warnings.warn(f"squeeze_release: {len(baked)} BatchNorm/dropout call(s) of the graph keep the eval mode "
+                          f"they were captured in ({', '.join(baked[:4])}): train/evaluate run them as in eval mode",
+                          GraphPathWarning, stacklevel=3)
+        return out
 
     history: list[dict[str, Any]] = []
     best, best_cycle, best_params = base, None, dense["params"]

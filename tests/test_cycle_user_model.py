@@ -130,6 +130,7 @@ def test_vit_from_transformers_with_an_ordinary_loop():
 
 
 def test_a_class_that_cannot_be_kept_goes_the_graph_path_with_a_warning(monkeypatch):
+    """The graph path keeps training semantics: BatchNorm and dropout are modules in every graph the cycle trains."""
     import fxprune.cycle as cycle
 
     def refuse(*args, **kwargs):
@@ -137,17 +138,26 @@ def test_a_class_that_cannot_be_kept_goes_the_graph_path_with_a_warning(monkeypa
 
     monkeypatch.setattr(cycle, "minimize_module", refuse)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
-    x = torch.randn(32, 6)
-    y = x[:, :3].argmax(1)
-    loop = Loop(x, y)
+    model, (x, y) = SmallResNet(), _data()
+    loop = Loop(x, y, epochs=10, lr=1e-2)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=1, mask_steps=1,
-                                 tolerance=1.0, progress=False)
+        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=2, mask_steps=2,
+                                 sparsity=0.7, tolerance=1.0, progress=False)
     msgs = [str(w.message) for w in seen if issubclass(w.category, GraphPathWarning)]
     assert len(msgs) == 1 and "no module of the model holds" in msgs[0]
-    assert isinstance(res.module, torch.fx.GraphModule) or res.best_cycle is None
+    graphs = [t for t in loop.seen if issubclass(t, torch.fx.GraphModule)]
+    assert graphs and len(loop.bn_moved) == 2 * (2 + 1) and all(loop.bn_moved)  # BatchNorm trained on every call
+    kept = res.module
+    assert isinstance(kept, torch.fx.GraphModule) and res.best_cycle is not None
+    assert count_params(kept) < res.dense["params"]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in kept.modules()) == 5
+    assert any(isinstance(m, nn.Dropout) for m in kept.modules())
+    bn = next(m for m in kept.modules() if isinstance(m, nn.BatchNorm2d))
+    mean = bn.running_mean.clone()
+    kept.train()
+    kept(x[:16])
+    assert not torch.equal(bn.running_mean, mean)
 
 
 def test_bad_lasso_strength():
