@@ -281,3 +281,68 @@ def test_gpt2_as_loaded_with_the_cache_on_keeps_its_class_cache_and_generate():
         a = model.generate(x[:1], max_new_tokens=12, do_sample=False, pad_token_id=0)
         b = small.generate(x[:1], max_new_tokens=12, do_sample=False, pad_token_id=0)
         assert torch.equal(a, b)
+
+
+TEXT_ENCODERS = {  # name -> config fields of a tiny one (the rest: transformers' defaults, as users load them)
+    "BertModel": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    "AlbertModel": dict(hidden_size=32, embedding_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64),
+    "DistilBertModel": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+    "ElectraModel": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    "DebertaV2Model": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_ENCODERS))
+def test_text_encoders_come_back_accepting_every_sequence_length(name):
+    """Their position_ids / token_type_ids buffers are sliced by the sequence length: an index table, not a
+    channel. Minimized at 12 tokens, the model runs and is equal at 7 and 17 (it was cut to 13 positions)."""
+    transformers = pytest.importorskip("transformers", reason="the models come from transformers (dev dependency)")
+    cfg = getattr(transformers, name.replace("Model", "Config"))(vocab_size=100, max_position_embeddings=64,
+                                                                 **TEXT_ENCODERS[name])
+    torch.manual_seed(0)
+    model = getattr(transformers, name)(cfg).double().eval()
+    dead = 0
+    with torch.no_grad():  # 5 dead units in every MLP's first layer
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.out_features == 64:
+                m.weight[:5] = 0
+                m.bias[:5] = 0
+                dead += 1
+    small = fp.minimize_module(model, (torch.randint(0, 100, (2, 12)),))
+    assert type(small) is type(model) and count_params(model) - count_params(small) >= dead * 5 * (2 * 32 + 1)
+    buffers = dict(model.named_buffers())
+    for n, b in small.named_buffers():  # every index table whole
+        if not b.is_floating_point():
+            assert b.shape == buffers[n].shape, n
+    for length in (12, 7, 17):
+        x = torch.randint(0, 100, (3, length))
+        with torch.no_grad():
+            ref, got = model(x).last_hidden_state, small(x).last_hidden_state
+        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-9, length
+
+
+class _SlicedPositions(nn.Module):
+    """A learned position table read up to the input's length (``pos[:, :T]``), then an MLP with dead units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 32, 8))
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x + self.pos[:, : x.shape[1]])))
+
+
+def test_a_parameter_sliced_by_the_input_length_keeps_every_row():
+    torch.manual_seed(0)
+    model = _SlicedPositions().double()
+    with torch.no_grad():
+        model.fc1.weight[:6] = 0
+        model.fc1.bias[:6] = -1.0
+    small = fp.minimize_module(model, (torch.randn(2, 10, 8, dtype=torch.float64),))
+    assert small.pos.shape == (1, 32, 8) and small.fc1.out_features == 10
+    for length in (10, 3, 32):
+        x = torch.randn(2, length, 8, dtype=torch.float64)
+        with torch.no_grad():
+            assert torch.allclose(small(x), model(x), rtol=1e-12, atol=1e-12)

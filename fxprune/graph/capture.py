@@ -35,6 +35,7 @@ __all__ = ["capture", "as_inputs", "check_weights", "on_meta", "EXAMPLE_INPUTS_K
 EXAMPLE_INPUTS_KEY = "fxprune_example_inputs"
 Method = Literal["auto", "symbolic", "export"]
 BATCH = "batch"  # capture's default dynamic_shapes: the batch dim dynamic wherever the model allows it
+EVERY = "every"  # every dim of every tensor input dynamic wherever the model allows it (minimize_module's default)
 
 
 def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -197,8 +198,8 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any,
             check: bool) -> GraphModule:
-    if _is_batch(dynamic_shapes):
-        ep = _export_batch(model, inputs)
+    if _is_batch(dynamic_shapes) or _is_every(dynamic_shapes):
+        ep = _export_batch(model, inputs, every=_is_every(dynamic_shapes))
     else:
         ep = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     gm = _program_module(ep, inputs)
@@ -210,11 +211,16 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_s
     return gm
 
 
-def _export_batch(model: nn.Module, inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
-    """Export with dim 0 of every tensor input as ``Dim.AUTO``: torch.export keeps it dynamic where the model
-    allows it. A batch of 1 would be specialized (torch.export's 0/1 rule), so the trace sees the example repeated
-    to a batch of 2; the program still runs at 1. If the model cannot take that, the example's batch is traced."""
-    spec = default_spec(inputs)
+def _is_every(dynamic_shapes: Any) -> bool:
+    return isinstance(dynamic_shapes, str) and dynamic_shapes == EVERY
+
+
+def _export_batch(model: nn.Module, inputs: tuple[Any, ...], every: bool = False) -> torch.export.ExportedProgram:
+    """Export with dim 0 (``every``: every dim) of every tensor input as ``Dim.AUTO``: torch.export keeps it dynamic
+    where the model allows it. A batch of 1 would be specialized (torch.export's 0/1 rule), so the trace sees the
+    example repeated to a batch of 2; the program still runs at 1. If the model cannot take that, the example's
+    batch is traced."""
+    spec = default_spec(inputs, every=every)
     tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
     if tensors and all(int(x.shape[0]) == 1 for x in tensors):
         doubled = resize(inputs, [(2, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
@@ -246,8 +252,9 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
     ``dynamic_shapes`` is torch.export's spec (``Dim``, ``Dim.AUTO``/``Dim.DYNAMIC``, nested like the inputs) and
     makes ``method="auto"`` use torch.export. By default (``"batch"``) dim 0 of every tensor input is dynamic
     wherever the model allows it: ``Dim.AUTO`` for torch.export (which keeps it static where the model needs a
-    fixed size), and any batch size for a symbolically traced graph that runs at another one. ``None`` asks for
-    static shapes. The inputs' dims are kept in ``gm.meta["fxprune_input_dims"]``
+    fixed size), and any batch size for a symbolically traced graph that runs at another one. ``"every"``: every
+    dim of every tensor input ``Dim.AUTO`` (torch.export only; what the model's eager code accepts: sequence
+    lengths, image sizes). ``None`` asks for static shapes. The inputs' dims are kept in ``gm.meta["fxprune_input_dims"]``
     (:class:`~fxprune.graph.dynamic.InputDims`): passes check their results at several shapes of that range and
     an ``ExportedProgram`` result is exported with them again.
 

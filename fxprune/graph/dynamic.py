@@ -199,11 +199,13 @@ def static_dims(inputs: Sequence[Any]) -> InputDims:
     return InputDims(tuple(tuple(int(s) for s in x.shape) if isinstance(x, torch.Tensor) else None for x in inputs), {}, {})
 
 
-def default_spec(inputs: Sequence[Any]) -> tuple[Any, ...]:
-    """fxprune's default ``dynamic_shapes`` for torch.export: ``Dim.AUTO`` on dim 0 of every tensor input with at
-    least one dim, so torch.export keeps the batch dynamic wherever the model allows it and makes it static
-    where the model needs a fixed size."""
-    return tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+def default_spec(inputs: Sequence[Any], every: bool = False) -> tuple[Any, ...]:
+    """fxprune's default ``dynamic_shapes`` for torch.export: ``Dim.AUTO`` on dim 0 (``every``: on every dim) of
+    every tensor input with at least one dim, so torch.export keeps the batch (and, with ``every``, the sequence
+    length, the image size...) dynamic wherever the model allows it and makes it static where the model needs a
+    fixed size."""
+    return tuple({d: torch.export.Dim.AUTO for d in range(x.dim() if every else 1)}
+                 if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
 
 
 def resize(inputs: Sequence[Any], shapes: Sequence[tuple[int, ...] | None]) -> tuple[Any, ...]:

@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from fxprune.errors import EquivalenceError, UnsupportedError
-from fxprune.graph.capture import as_inputs, capture
+from fxprune.errors import CaptureError, EquivalenceError, UnsupportedError
+from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture
 from fxprune.graph.rebuild import get_attr
 from fxprune.interop.masks import unmasked
 from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
@@ -114,7 +114,7 @@ def cache_off(model: nn.Module) -> Iterator[dict[str, bool]]:
             model.get_submodule(path).config.use_cache = True
 
 
-def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "batch",
+def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "every",
                     verify: bool = True, **options: Any) -> nn.Module:
     """A copy of ``model`` (same classes, ``generate()``, hooks and all) with every channel removed that
     :func:`fxprune.minimize` removes from its graph and eager code can follow, checked against ``model``.
@@ -128,6 +128,10 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
     that reads a size no module exposes), :class:`EquivalenceError` and nothing is returned. ``options`` are
     :class:`~fxprune.passes.minimize.MinimizeOptions` fields (``max_iterations``, ``rtol``). The analysis, the
     rewrite and the check run with the KV cache off (:func:`cache_off`); the copy keeps the user's ``use_cache``.
+    ``dynamic_shapes``: by default (``"every"``) every dim of every tensor input is captured dynamic where the
+    model allows it, so that what the class accepts (other sequence lengths, image sizes) is analysed and checked,
+    and a buffer indexed by a length (``position_ids``) is never cut to the example's; a model torch.export cannot
+    capture so is captured with the batch dynamic (``"batch"``) instead; or torch.export's spec.
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -154,13 +158,18 @@ SHARED_REASON = ("a layer applied at several call sites folds other constants at
                  "bias")
 
 
-def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "batch",
+def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "every",
                      verify: bool = True, **options: Any) -> nn.Module:
     """The body of :func:`minimize_module`, with the cache already off."""
     from fxprune.passes.minimize import SITE_BIASES_KEY, MinimizeOptions, minimize, self_check
 
     inputs = as_inputs(example_inputs)
-    gm = capture(model, inputs, method="export", dynamic_shapes=dynamic_shapes)
+    try:  # every dim the model's code lets vary stays dynamic: an index table sliced by a length is no channel
+        gm = capture(model, inputs, method="export", dynamic_shapes=dynamic_shapes)
+    except CaptureError:
+        if dynamic_shapes != EVERY:
+            raise
+        gm = capture(model, inputs, method="export", dynamic_shapes=BATCH)
     keep: dict[str, str] = {}
 
     def attempt(frozen: dict[str, str]) -> tuple[nn.Module, list[str], list[str], Any, EquivalenceError | None]:
