@@ -18,7 +18,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from fxprune.analysis.rules import legacy_softmax_dim
-from fxprune.graph.rebuild import graph_module
+from fxprune.graph.rebuild import graph_module, new_graph_like
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
 
 __all__ = ["lower_modules", "LOWERINGS"]
@@ -150,19 +150,35 @@ def _native_layer_norm(n: Node) -> bool:
     return n.op == "call_function" and n.target is aten.native_layer_norm.default and _getitem_users(n, only=0)
 
 
+_TRANSPOSES = {aten.numpy_T.default, aten.t.default}
+
+
+def _transposed_weight(n: Node) -> Node | None:
+    """The 2-D get_attr ``w`` of ``matmul(x, w.T)`` (``x @ self.weight.T``: Falcon's linear layers); None otherwise."""
+    if n.op != "call_function" or n.target is not aten.matmul.default or len(n.args) != 2 or n.kwargs:
+        return None
+    t = n.args[1]
+    if not (isinstance(t, Node) and t.op == "call_function" and t.target in _TRANSPOSES and len(t.args) == 1):
+        return None
+    w = t.args[0]
+    val = w.meta.get("val") if isinstance(w, Node) else None
+    return w if isinstance(w, Node) and w.op == "get_attr" and getattr(val, "ndim", None) == 2 else None
+
+
 def _lowers(gm: GraphModule, n: Node) -> bool:
     if n.op == "call_module":
         return _applies(gm.get_submodule(n.target)) is not None
-    return _inlinable(n) or _native_layer_norm(n)
+    return _inlinable(n) or _native_layer_norm(n) or _transposed_weight(n) is not None
 
 
 def lower_modules(gm: GraphModule) -> GraphModule:
     """A new GraphModule computing the same function with parameterized layers as functional calls; ``no_grad``
-    regions inlined (the values are the same; nothing in them needs a gradient: they read no parameter) and
-    ``native_layer_norm`` read for its output as ``layer_norm``."""
+    regions inlined (the values are the same; nothing in them needs a gradient: they read no parameter),
+    ``native_layer_norm`` read for its output as ``layer_norm`` and ``matmul(x, w.T)`` of a 2-D weight as
+    ``linear(x, w)``."""
     if not any(_lowers(gm, n) for n in gm.graph.nodes):
         return gm
-    graph = Graph()
+    graph = new_graph_like(gm.graph)  # keeps the codegen: an exported graph takes and returns its pytree
     env: dict[Node, Any] = {}
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is operator.getitem and isinstance(env.get(n.args[0]), tuple):
@@ -178,6 +194,12 @@ def lower_modules(gm: GraphModule) -> GraphModule:
             if isinstance(n.meta.get("val"), (tuple, list)):
                 new.meta["val"] = n.meta["val"][0]
             env[n] = (new,)
+            continue
+        w = _transposed_weight(n)
+        if w is not None:  # x @ w.T is linear(x, w): the analysis then reads w's rows as the layer's units
+            new = graph.create_node("call_function", aten.linear.default, (env[n.args[0]], env[w]), name=n.name)
+            new.meta = dict(n.meta)
+            env[n] = new
             continue
         m = gm.get_submodule(n.target) if n.op == "call_module" else None
         entry = _applies(m) if m is not None else None
@@ -199,6 +221,9 @@ def lower_modules(gm: GraphModule) -> GraphModule:
         new = graph.create_node("call_function", fn, args, kwargs, name=n.name)
         new.meta = dict(n.meta)
         env[n] = new
+    for n in reversed(list(graph.nodes)):  # transposes only the lowered matmuls read
+        if n.op == "call_function" and n.target in _TRANSPOSES and not n.users:
+            graph.erase_node(n)
     out = graph_module(gm, graph, gm.__class__.__name__)
     out.meta.update(gm.meta)
     return out
