@@ -346,3 +346,54 @@ def test_a_parameter_sliced_by_the_input_length_keeps_every_row():
         x = torch.randn(2, length, 8, dtype=torch.float64)
         with torch.no_grad():
             assert torch.allclose(small(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+CAUSAL_LMS = {  # name -> (config class, model class, config fields of a tiny one; use_cache stays the default, on)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=2, head_dim=8)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=8)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
+                                                  bos_token_id=1)),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(intermediate_size=None, max_position_embeddings=None)),
+    "bart": ("BartConfig", "BartForConditionalGeneration", dict(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, hidden_size=None, intermediate_size=None, num_hidden_layers=None,
+        num_attention_heads=None)),
+}
+_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+             max_position_embeddings=64)
+_FIRST_MLP = ("up_proj", "gate_up_proj", "dense_h_to_4h", "fc1")  # the first MLP layer's name in each family
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CAUSAL_LMS))
+def test_causal_lms_as_loaded_come_back_as_themselves_and_generate_the_same(name):
+    """Default configs (``use_cache=True``, as ``from_pretrained`` gives): the class back with its cache flag,
+    smaller by the planted units, equal in float64 at other lengths, 12 greedy tokens equal for two prompts."""
+    transformers = pytest.importorskip("transformers", reason="the models come from transformers (dev dependency)")
+    cfg_name, model_name, fields = CAUSAL_LMS[name]
+    kw = {k: v for k, v in {**_TINY, **fields}.items() if v is not None}
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kw)).double().eval()
+    assert model.config.use_cache
+    planted = 0
+    with torch.no_grad():  # 5 dead units in every MLP (rows of its first layer; Phi-3's fused gate_up: gate rows)
+        for path, m in model.named_modules():
+            if isinstance(m, nn.Linear) and path.rpartition(".")[2] in _FIRST_MLP:
+                m.weight[:5] = 0
+                if m.bias is not None:
+                    m.bias[:5] = 0
+                planted += 1
+    assert planted
+    small = fp.minimize_module(model, (torch.randint(3, 100, (2, 12)),))
+    assert type(small) is type(model) and small.config.use_cache
+    assert count_params(model) - count_params(small) >= planted * 5 * 2 * 32 // (2 if name == "phi3" else 1)
+    for length in (12, 7, 17):
+        x = torch.randint(3, 100, (3, length))
+        with torch.no_grad():
+            ref, got = model(x).logits, small(x).logits
+        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-9, length
+    for prompt in (torch.randint(3, 100, (1, 5)), torch.randint(3, 100, (1, 11))):
+        kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert torch.equal(model.generate(prompt, **kw), small.generate(prompt, **kw))
