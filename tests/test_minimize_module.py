@@ -397,3 +397,33 @@ def test_causal_lms_as_loaded_come_back_as_themselves_and_generate_the_same(name
     for prompt in (torch.randint(3, 100, (1, 5)), torch.randint(3, 100, (1, 11))):
         kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert torch.equal(model.generate(prompt, **kw), small.generate(prompt, **kw))
+
+
+def test_gemma_norms_scaling_by_one_plus_weight_are_compensated_in_the_class():
+    """Gemma's RMSNorm scales by ``1 + weight``: the compensated norm keeps that offset, so dead stream channels go
+    in the class as they do in the graph (they stayed, frozen after a failed check, when it assumed ``weight``)."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8, vocab_size=100, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.GemmaForCausalLM(cfg).double().eval()
+    with torch.no_grad():  # stream channels 3 and 7 dead: embedding columns and the rows written into the stream
+        for name, p in model.named_parameters():
+            if name.endswith("embed_tokens.weight"):
+                p[:, [3, 7]] = 0
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p[[3, 7]] = 0
+            elif "norm" in name:
+                p.normal_(0, 0.3)
+    ids = torch.randint(3, 100, (2, 12))
+    small = fp.minimize_module(model, (ids,))
+    norms = [m for m in small.modules() if isinstance(m, fp.nn.CompensatedRMSNorm)]
+    assert type(small) is type(model) and norms and all(m.offset == 1.0 and m.kept == 30 for m in norms)
+    assert small.model.embed_tokens.weight.shape == (100, 30)
+    for x in (ids, torch.randint(3, 100, (3, 7))):
+        with torch.no_grad():
+            ref, got = model(x).logits, small(x).logits
+        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-4  # Gemma's norms compute in float32
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    prompt = torch.randint(3, 100, (1, 6))
+    assert torch.equal(model.generate(prompt, **kw), small.generate(prompt, **kw))

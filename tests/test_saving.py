@@ -165,3 +165,27 @@ def test_llama_round_trip_in_a_fresh_process_keeps_its_compensated_rms_norms(tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     with torch.no_grad():
         assert torch.equal(torch.load(out), logits(small(torch.arange(24).reshape(3, 8) % 100)))
+
+
+class _Normed(nn.Module):
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.lin, self.norm = nn.Linear(4, 6), norm
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
+
+
+def test_a_compensated_rms_norm_keeps_its_offset_and_older_manifests_without_it_load(tmp_path):
+    torch.manual_seed(0)
+    net = _Normed(fp.nn.CompensatedRMSNorm(6, 8, 1e-6, 0.5, offset=1.0))
+    with torch.no_grad():
+        net.norm.weight.normal_()
+    x = torch.randn(3, 4)
+    d = fp.save(net, tmp_path / "m")
+    back = fp.load(d, lambda: _Normed(nn.RMSNorm(6)))
+    assert back.norm.offset == 1.0 and torch.equal(back(x), net(x))
+    manifest = json.loads((d / "manifest.json").read_text())  # as written before the offset existed
+    del manifest["modules"]["norm"]["replacement"]["args"]["offset"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    assert fp.load(d, lambda: _Normed(nn.RMSNorm(6))).norm.offset == 0.0

@@ -404,10 +404,25 @@ def _compensate_rms_module(model: nn.Module, out: nn.Module, path: str, kept: di
         raise EquivalenceError(f"the channels removed from the stream read by '{path}' are not constant")
     new_mod = out.get_submodule(path)
     eps = getattr(orig, "variance_epsilon", getattr(orig, "eps", None))
-    repl = CompensatedRMSNorm(int(idx.numel()), full, eps, float((values[0] ** 2).sum()), dtype=new_mod.weight.dtype)
+    repl = CompensatedRMSNorm(int(idx.numel()), full, eps, float((values[0] ** 2).sum()), dtype=new_mod.weight.dtype,
+                              offset=_rms_offset(orig, eps))
     repl.weight = nn.Parameter(new_mod.weight.detach().clone(), requires_grad=new_mod.weight.requires_grad)
     parent, leaf = _owner(out, path)
     setattr(parent, leaf, repl)
+
+
+def _rms_offset(norm: nn.Module, eps: float | None) -> float:
+    """What a hand-written RMSNorm scales by, read off the module itself on a probe: ``weight`` (offset 0, Llama's)
+    or ``1 + weight`` (offset 1, Gemma's). Anything else raises :class:`UnsupportedError` (its channels stay)."""
+    w = norm.weight.detach().to(torch.float64)
+    x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        got = norm(x.to(norm.weight.dtype)).to(torch.float64)
+    base = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + (eps if eps is not None else torch.finfo(x.dtype).eps))
+    for offset in (0.0, 1.0):
+        if torch.allclose(got, base * (offset + w), rtol=1e-4, atol=1e-6):
+            return offset
+    raise UnsupportedError(f"{type(norm).__name__} scales its normalized input by neither its weight nor 1 + weight")
 
 
 def _module_path(node: torch.fx.Node) -> str | None:

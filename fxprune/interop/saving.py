@@ -35,8 +35,9 @@ WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
 # the only classes a manifest may ask to construct (with these keyword arguments)
 _REPLACEMENTS: dict[str, tuple[type, tuple[str, ...]]] = {
     "CompensatedLayerNorm": (CompensatedLayerNorm, ("kept", "full_size", "eps", "removed_sum", "removed_sq_sum")),
-    "CompensatedRMSNorm": (CompensatedRMSNorm, ("kept", "full_size", "eps", "removed_sq_sum")),
+    "CompensatedRMSNorm": (CompensatedRMSNorm, ("kept", "full_size", "eps", "removed_sq_sum", "offset")),
 }
+_OPTIONAL = {"offset"}  # replacement arguments a manifest may lack (added since format 2 was written)
 _SIZES = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "num_embeddings",
           "embedding_dim", "normalized_shape", "num_channels", "nf", "split_size", "embed_dim", "num_heads")
 
@@ -162,7 +163,8 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
         repl = entry.get("replacement")
         if repl is not None:
             cls, fields = _REPLACEMENTS.get(repl.get("class"), (None, ()))
-            if cls is None or set(repl.get("args", {})) != set(fields):
+            args = set(repl.get("args", {}))  # files written before "offset" existed lack it (its default: 0)
+            if cls is None or not args <= set(fields) or set(fields) - args - _OPTIONAL:
                 raise LoadError(f"module '{path}': unknown replacement {repl.get('class')!r} in the manifest")
             m = cls(**repl["args"])
             parent, _, leaf = path.rpartition(".")

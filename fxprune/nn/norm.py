@@ -42,13 +42,16 @@ def compensated_layer_norm(input: torch.Tensor, weight: torch.Tensor | None, bia
 
 
 def compensated_rms_norm(input: torch.Tensor, weight: torch.Tensor | None, eps: float | None, full_size: int,
-                         removed_sq_sum: float = 0.0, ndim: int = 1) -> torch.Tensor:
-    """RMSNorm over the last ``ndim`` dims of ``input`` with the mean square of the full original stream."""
+                         removed_sq_sum: float = 0.0, ndim: int = 1, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm over the last ``ndim`` dims of ``input`` with the mean square of the full original stream, scaled by
+    ``offset + weight`` (``offset=1``: Gemma's norms, whose weight is stored as the scale less one)."""
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     mean_sq = ((input * input).sum(tuple(range(-ndim, 0)), keepdim=True) + removed_sq_sum) / full_size
     out = input * torch.rsqrt(mean_sq + eps)
-    return out * weight if weight is not None else out
+    if weight is None:
+        return out
+    return out * (offset + weight) if offset else out * weight
 
 
 def compensated_softmax(input: torch.Tensor, dim: int, removed_lse: float, log: bool = False) -> torch.Tensor:
@@ -142,12 +145,14 @@ class CompensatedRMSNorm(nn.Module):
     :class:`CompensatedLayerNorm`)."""
 
     def __init__(self, kept: int, full_size: int | None = None, eps: float | None = None, removed_sq_sum: float = 0.0,
-                 elementwise_affine: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 elementwise_affine: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 offset: float = 0.0) -> None:
         super().__init__()
         full_size = kept if full_size is None else full_size
         if not 0 < kept <= full_size:
             raise ValueError(f"need 0 < kept <= full_size, got kept={kept}, full_size={full_size}")
         self.kept, self.full_size, self.eps, self.removed_sq_sum = int(kept), int(full_size), eps, float(removed_sq_sum)
+        self.offset = float(offset)  # the scale is offset + weight (1.0: Gemma's norms)
         self.weight = nn.Parameter(torch.ones(kept, device=device, dtype=dtype)) if elementwise_affine else None
 
     @classmethod
@@ -161,7 +166,7 @@ class CompensatedRMSNorm(nn.Module):
     @classmethod
     def _copy(cls, src: nn.Module, kept: int, full: int, eps: float | None, s2: float, keep: torch.Tensor | None = None) -> "CompensatedRMSNorm":
         w = getattr(src, "weight", None)
-        out = cls(kept, full, eps, s2, elementwise_affine=w is not None)
+        out = cls(kept, full, eps, s2, elementwise_affine=w is not None, offset=getattr(src, "offset", 0.0))
         if w is not None:
             out.weight = nn.Parameter(w.detach()[keep].clone() if keep is not None else w.detach().clone(), requires_grad=w.requires_grad)
         return out
@@ -173,7 +178,9 @@ class CompensatedRMSNorm(nn.Module):
                           self.removed_sq_sum + float((c * c).sum()), torch.as_tensor(keep, dtype=torch.bool))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return compensated_rms_norm(input, self.weight, self.eps, self.full_size, self.removed_sq_sum)
+        return compensated_rms_norm(input, self.weight, self.eps, self.full_size, self.removed_sq_sum,
+                                    offset=self.offset)
 
     def extra_repr(self) -> str:
-        return f"{self.kept}, full_size={self.full_size}, removed_sq_sum={self.removed_sq_sum!r}, eps={self.eps!r}"
+        offset = f", offset={self.offset!r}" if self.offset else ""
+        return f"{self.kept}, full_size={self.full_size}, removed_sq_sum={self.removed_sq_sum!r}, eps={self.eps!r}{offset}"
