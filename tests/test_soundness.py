@@ -345,3 +345,33 @@ def test_one_comparator():
     assert compare((a,), (a, a))[0].problem is not None
     assert compare(torch.ones(2, 3), torch.ones(3, 2))[0].problem.startswith("shape")
     assert not compare(torch.tensor([1, 2]), torch.tensor([1, 3]))[0].ok(1.0)
+
+
+class SoftmaxWithDtype(nn.Module):
+    """A softmax computing in float64 inside a float32 model (``dtype=``), read by a float64 layer."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form, self.a, self.b = form, nn.Linear(4, 6), nn.Linear(6, 3).double()
+        dead_rows(self.a, [2, 3], 0.5)  # constant logits
+        with torch.no_grad():
+            self.b.weight[:, [2, 3]] = 0  # their probabilities unread
+
+    def forward(self, x):
+        h = self.a(x)
+        h = F.softmax(h, -1, dtype=torch.float64) if self.form == "F" else torch.softmax(h, -1, dtype=torch.float64)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("form", ["F", "torch"])
+def test_the_compensated_softmax_keeps_the_dtype_it_computes_in(method, form):
+    """The rewrite to compensated_softmax dropped ``dtype=``: the float64 layer after it then read float32."""
+    torch.manual_seed(0)
+    model, x = SoftmaxWithDtype(form), torch.randn(5, 4)
+    small = fp.minimize(fp.capture(model, (x,), method=method), (x,))
+    assert count_params(small) == count_params(model) - 2 * 4 - 2 - 2 * 3
+    with torch.no_grad():
+        got, want = small(x), model(x)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-6, atol=1e-7)

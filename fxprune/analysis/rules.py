@@ -749,7 +749,19 @@ class Softmax(Rule):
             rw.set_arg(op, 2, "removed_lse", lse)
             return
         rw.retarget(op, compensated_softmax, (rw.new(x), d, lse, op.target in self._LOG or
-                                              getattr(op.target, "overloadpacket", None) in self._LOG), {})
+                                              getattr(op.target, "overloadpacket", None) in self._LOG),
+                    {"dtype": self.out_dtype(op, rw.facts.sp)})
+
+    @staticmethod
+    def out_dtype(op: Op, sp: Spaces) -> torch.dtype | None:
+        """The dtype the call computes in when it differs from its input's: ``dtype=`` (positional after ``dim``;
+        ``F.softmax`` has ``_stacklevel`` between them), or aten's ``half_to_float``."""
+        args, kwargs, t = op.node.args, op.node.kwargs, op.target
+        if getattr(t, "overloadpacket", None) in (aten._softmax, aten._log_softmax):
+            half = args[2] if len(args) > 2 else kwargs.get("half_to_float", False)
+            return torch.float32 if half else None
+        at = 3 if t in (F.softmax, F.log_softmax) else 2
+        return kwargs.get("dtype", args[at] if len(args) > at else None)
 
 
 class Pool(Rule):

@@ -54,9 +54,13 @@ def compensated_rms_norm(input: torch.Tensor, weight: torch.Tensor | None, eps: 
     return out * (offset + weight) if offset else out * weight
 
 
-def compensated_softmax(input: torch.Tensor, dim: int, removed_lse: float, log: bool = False) -> torch.Tensor:
+def compensated_softmax(input: torch.Tensor, dim: int, removed_lse: float, log: bool = False,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
     """Softmax (``log``: log-softmax) over ``dim`` of the kept channels, normalized as if removed channels whose
-    constant logits have log-sum-exp ``removed_lse`` were still there: ``exp(x - logaddexp(lse(x), removed_lse))``."""
+    constant logits have log-sum-exp ``removed_lse`` were still there: ``exp(x - logaddexp(lse(x), removed_lse))``.
+    ``dtype``: computed in and returned as that dtype (softmax's ``dtype=``, aten's ``half_to_float``)."""
+    if dtype is not None:
+        input = input.to(dtype)
     lse = torch.logaddexp(torch.logsumexp(input, dim, keepdim=True), torch.full((), removed_lse, dtype=input.dtype))
     return input - lse if log else torch.exp(input - lse)
 
