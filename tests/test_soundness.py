@@ -375,3 +375,25 @@ def test_the_compensated_softmax_keeps_the_dtype_it_computes_in(method, form):
         got, want = small(x), model(x)
     got = got[0] if isinstance(got, (tuple, list)) else got
     assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_lowered_embedding_keeps_its_padding_row_out_of_training(method):
+    """Lowering dropped Embedding's padding_idx: the forward was the same, but training moved the padding row."""
+
+    class Emb(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 6, padding_idx=0), nn.Linear(6, 2)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    torch.manual_seed(0)
+    model, ids = Emb(), torch.tensor([[0, 3, 4], [5, 0, 1]])
+    low = lower_modules(fp.capture(model, (ids,), method=method))
+    low(ids).sum().backward()
+    grads = {n: p.grad for n, p in low.named_parameters() if p.grad is not None and p.dim() == 2 and p.shape[0] == 10}
+    assert len(grads) == 1
+    grad = next(iter(grads.values()))
+    assert torch.equal(grad[0], torch.zeros(6)) and bool(grad[3].abs().sum() > 0)

@@ -73,7 +73,10 @@ def _gn(m: nn.GroupNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tupl
 
 @lowering(nn.Embedding, fn=F.embedding)
 def _emb(m: nn.Embedding, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
-    return (x, p("weight")), {}
+    # padding_idx and the gradient flags change training only (the padding row gets no gradient): kept all the same
+    extra = {k: v for k, v in (("padding_idx", m.padding_idx), ("scale_grad_by_freq", m.scale_grad_by_freq),
+                               ("sparse", m.sparse)) if v is not None and v is not False}
+    return (x, p("weight")), extra
 
 
 @lowering(nn.Flatten, fn=torch.flatten)
