@@ -228,3 +228,18 @@ def test_rotary_pair_dead_in_some_heads_only_stays():
     model, ids = _llama(heads_with_pair=3)
     small = fp.minimize(fp.capture(model, (ids,)))
     assert count_params(small) == count_params(model)
+
+
+def test_compensate_layernorm_checks_its_own_result(monkeypatch):
+    """A compensated norm that computed something else would come back unchecked: now EquivalenceError."""
+    from fxprune.nn.norm import CompensatedLayerNorm
+
+    net, x = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)), torch.randn(3, 4)
+    gm = fp.capture(net, (x,))
+    assert isinstance(fp.compensate_layernorm(gm).get_submodule("1"), CompensatedLayerNorm)
+    wrong = CompensatedLayerNorm.from_layer_norm
+    monkeypatch.setattr(CompensatedLayerNorm, "from_layer_norm",
+                        staticmethod(lambda m: (lambda c: (setattr(c, "eps", 1.0), c)[1])(wrong(m))))
+    with pytest.raises(fp.EquivalenceError):
+        fp.compensate_layernorm(gm)
+    assert isinstance(fp.compensate_layernorm(gm, verify=False).get_submodule("1"), CompensatedLayerNorm)

@@ -17,6 +17,7 @@ from fxprune.analysis.rule import FULL_MEAN, GHOST_SUM, Op
 from fxprune.analysis.rules import Norm
 from fxprune.analysis.table import RULES
 from fxprune.errors import InputError
+from fxprune.graph.capture import EXAMPLE_INPUTS_KEY
 from fxprune.graph.rebuild import new_graph_like, rebuild
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
 from fxprune.graph.exported import exported_io
@@ -32,8 +33,13 @@ def _module_replacement(m: nn.Module) -> nn.Module | None:
 
 
 @exported_io
-def compensate_layernorm(gm: GraphModule) -> GraphModule:
+def compensate_layernorm(gm: GraphModule, *, verify: bool = True) -> GraphModule:
     """A new GraphModule in which every one-dim LayerNorm / RMSNorm is in compensated form (same function).
+
+    With ``verify`` (the default) the result is checked as ``minimize``'s is, against the model ``gm`` was
+    captured from, at the example inputs ``fp.capture`` recorded and the other check points of their dynamic
+    dims: :class:`~fxprune.errors.EquivalenceError` rather than a wrong graph. A graph with no recorded example
+    inputs is not run.
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6))
@@ -63,6 +69,12 @@ def compensate_layernorm(gm: GraphModule) -> GraphModule:
         owner, _, name = target.rpartition(".")
         out.get_submodule(owner).add_module(name, module)
     out.recompile()
+    inputs = gm.meta.get(EXAMPLE_INPUTS_KEY)
+    if verify and (swaps or any(n.target in (compensated_layer_norm, compensated_rms_norm) for n in graph.nodes)) \
+            and inputs is not None:
+        from fxprune.passes.minimize import self_check  # the one end-to-end check every rewrite runs
+
+        self_check(gm, out, inputs)
     return out
 
 
