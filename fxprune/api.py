@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.fx import GraphModule
 
+from fxprune.analysis.scan import fresh
 from fxprune.analysis.groups import Analysis, ChannelGraph
 from fxprune.errors import InputError
 from fxprune.graph.capture import capture
@@ -27,6 +28,7 @@ def analyze(gm: GraphModule) -> ChannelGraph:
         raise InputError(f"analyze takes a GraphModule from fp.capture, got {type(gm).__name__}")
     if not is_annotated(gm):
         raise InputError("the graph has no shape annotations: capture it with fp.capture(model, example_inputs)")
+    fresh()  # read the weights as they are now
     return Analysis(lower_modules(gm)).channel_graph()
 
 

@@ -397,3 +397,17 @@ def test_a_lowered_embedding_keeps_its_padding_row_out_of_training(method):
     assert len(grads) == 1
     grad = next(iter(grads.values()))
     assert torch.equal(grad[0], torch.zeros(6)) and bool(grad[3].abs().sum() > 0)
+
+
+def test_a_write_through_data_is_seen_by_the_next_pass():
+    """Kept weight scans were keyed on the version counter, which ``weight.data[...] = ...`` does not move: the
+    next analysis saw the old zeros and planned to remove units that now live (minimize refused its result)."""
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), torch.randn(3, 4)
+    dead_rows(net[0], [0, 1], -1.0)
+    gm = fp.capture(net, (x,))
+    assert count_params(fp.minimize(gm, (x,))) == count_params(net) - 2 * (4 + 1 + 2)
+    net[0].weight.data[:2] = 1.0  # the units live again, through .data
+    net[0].bias.data[:2] = 0.5
+    gm = fp.capture(net, (x,))
+    assert count_params(fp.minimize(gm, (x,))) == count_params(net)

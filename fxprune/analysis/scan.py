@@ -16,7 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fxprune.analysis import lazy
 
-__all__ = ["Scan", "scan", "BLOCK_BYTES"]
+__all__ = ["Scan", "scan", "fresh", "BLOCK_BYTES"]
 
 BLOCK_BYTES = 1 << 20  # bytes of one block: about the size of a core's L2 cache
 
@@ -44,13 +44,23 @@ class Scan:
 
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (version, Scan); tensors compare by identity
+_GENERATION = [0]  # kept scans of tensors in memory hold within one generation (one pass or analysis)
+
+
+def fresh() -> None:
+    """Start a new generation: the next scans of tensors in memory read them again. Each pass and ``fp.analyze``
+    starts one, since a write through ``.data`` (``weight.data[:3] = 0``) moves no version counter. Weights left
+    on disk (the streamed path) cannot change and stay kept."""
+    _GENERATION[0] += 1
 
 
 def scan(t: torch.Tensor, keep: bool = False) -> Scan:
     """The :class:`Scan` of a floating tensor with at least one dim and one element. ``keep``: remember it for
-    this tensor object while its version counter stays the same (parameters and buffers)."""
+    this tensor object while its version counter stays the same, within this generation (:func:`fresh`) for a
+    tensor in memory (parameters and buffers)."""
     version = _version(t) if keep or lazy.is_lazy(t) else None
     if version is not None:
+        version = (version, None if lazy.is_lazy(t) else _GENERATION[0], t.data_ptr() if not lazy.is_lazy(t) else 0)
         hit = _CACHE.get(t)
         if hit is not None and hit[0] == version:
             return hit[1]

@@ -20,7 +20,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from fxprune.analysis.scan import scan
+from fxprune.analysis.scan import fresh, scan
 from fxprune.compare import compare, first_failure, precision_of, rtol_for
 from fxprune.errors import CaptureError, InputError, UnsupportedError
 from fxprune.analysis import lazy
@@ -62,6 +62,7 @@ def check_weights(m: nn.Module, what: str) -> None:
     """Raise :class:`UnsupportedError` unless every floating parameter holds real, finite values and every buffer
     real values without NaN: ``what`` (the pass) needs them. Buffers may hold infinities (clamp bounds, mask fill
     values): the analysis treats them as constants it never folds. Analysis alone works on the meta device."""
+    fresh()  # this pass reads its weights again (writes through .data move no version counter)
     params = {name for name, _ in m.named_parameters()}
     for name, t in list(m.named_parameters()) + list(m.named_buffers()):
         if lazy.unbound(t):
