@@ -60,7 +60,7 @@ def scan(t: torch.Tensor, keep: bool = False) -> Scan:
     tensor in memory (parameters and buffers)."""
     version = _version(t) if keep or lazy.is_lazy(t) else None
     if version is not None:
-        version = (version, None if lazy.is_lazy(t) else _GENERATION[0], t.data_ptr() if not lazy.is_lazy(t) else 0)
+        version = (version, None, 0) if lazy.is_lazy(t) else (version, _GENERATION[0], t.data_ptr())
         hit = _CACHE.get(t)
         if hit is not None and hit[0] == version:
             return hit[1]

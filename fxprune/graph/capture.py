@@ -199,8 +199,9 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any,
             check: bool) -> GraphModule:
-    if _is_batch(dynamic_shapes) or _is_every(dynamic_shapes):
-        ep = _export_batch(model, inputs, every=_is_every(dynamic_shapes))
+    every = _is_every(dynamic_shapes)
+    if every or _is_batch(dynamic_shapes):
+        ep = _export_batch(model, inputs, every=every)
     else:
         ep = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
     gm = _program_module(ep, inputs)

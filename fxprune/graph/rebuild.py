@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
 
-__all__ = ["rebuild", "get_attr", "new_graph_like", "graph_module"]
+__all__ = ["rebuild", "get_attr", "has_attr", "attr_owner", "new_graph_like", "graph_module"]
 
 
 def get_attr(gm: nn.Module, target: str) -> Any:
@@ -16,6 +16,21 @@ def get_attr(gm: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def has_attr(gm: nn.Module, target: str) -> bool:
+    """Whether the dotted ``target`` resolves on ``gm``."""
+    try:
+        get_attr(gm, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def attr_owner(root: nn.Module, target: str) -> tuple[nn.Module, str]:
+    """The module holding the dotted ``target`` of ``root``, and the attribute's name in it."""
+    path, _, leaf = target.rpartition(".")
+    return (root.get_submodule(path) if path else root), leaf
 
 
 def _kind(gm: nn.Module, target: str) -> str:
@@ -59,14 +74,14 @@ def rebuild(old: GraphModule, graph: Graph, tensors: dict[str, torch.Tensor], bu
             owner.add_module(name, copy.deepcopy(old.get_submodule(node.target)))
             continue
         src = get_attr(old, node.target) if node.target not in tensors else None
-        kind = _kind(old, node.target) if src is not None or _has(old, node.target) else "param"
+        kind = _kind(old, node.target) if src is not None or has_attr(old, node.target) else "param"
         if node.target in buffers:
             kind = "buffer"
         value = tensors[node.target] if node.target in tensors else src
         if not isinstance(value, torch.Tensor):
             setattr(owner, name, copy.deepcopy(value))
             continue
-        mine = _has(old, node.target) and get_attr(old, node.target) is value  # else a new value from the caller
+        mine = has_attr(old, node.target) and get_attr(old, node.target) is value  # else a new value from the caller
         clone = mine and (copy_if is None or copy_if(value))
         if id(value) in made:
             new = made[id(value)]
@@ -111,16 +126,8 @@ def graph_module(root: nn.Module, graph: Graph, class_name: str = "GraphModule")
     return gm
 
 
-def _has(gm: nn.Module, target: str) -> bool:
-    try:
-        get_attr(gm, target)
-        return True
-    except AttributeError:
-        return False
-
-
 def _requires_grad(gm: nn.Module, target: str) -> bool:
-    t = get_attr(gm, target) if _has(gm, target) else None
+    t = get_attr(gm, target) if has_attr(gm, target) else None
     return bool(getattr(t, "requires_grad", True))
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from fxprune.errors import CaptureError, EquivalenceError, UnsupportedError
 from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture
-from fxprune.graph.rebuild import get_attr
+from fxprune.graph.rebuild import attr_owner, get_attr
 from fxprune.interop.masks import unmasked
 from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
 
@@ -88,11 +88,6 @@ def _updater(m: nn.Module) -> Callable[[Any], None] | None:
         if cls in SIZE_ATTRIBUTES:
             return SIZE_ATTRIBUTES[cls]
     return BY_CLASS_NAME.get(type(m).__name__)
-
-
-def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, leaf = name.rpartition(".")
-    return (root.get_submodule(path) if path else root), leaf
 
 
 @contextlib.contextmanager
@@ -324,14 +319,14 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
         new = next((state[n] for n in names if n in state), None)
         if new is None:
             continue
-        old_owner, old_leaf = _owner(out, names[0])
+        old_owner, old_leaf = attr_owner(out, names[0])
         old = getattr(old_owner, old_leaf)
         if new.shape == old.shape and not new.is_meta and torch.equal(new, old.to(new.dtype)):
             continue
         value = nn.Parameter(new.detach().clone().to(old.dtype), requires_grad=old.requires_grad) \
             if isinstance(old, nn.Parameter) else new.detach().clone().to(old.dtype)
         for n in names:
-            owner, leaf = _owner(out, n)
+            owner, leaf = attr_owner(out, n)
             if isinstance(value, nn.Parameter):
                 owner._parameters[leaf] = value
             else:
@@ -407,7 +402,7 @@ def _compensate_rms_module(model: nn.Module, out: nn.Module, path: str, kept: di
     repl = CompensatedRMSNorm(int(idx.numel()), full, eps, float((values[0] ** 2).sum()), dtype=new_mod.weight.dtype,
                               offset=_rms_offset(orig, eps))
     repl.weight = nn.Parameter(new_mod.weight.detach().clone(), requires_grad=new_mod.weight.requires_grad)
-    parent, leaf = _owner(out, path)
+    parent, leaf = attr_owner(out, path)
     setattr(parent, leaf, repl)
 
 
@@ -514,7 +509,7 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
                                      dtype=w.dtype if w is not None else None)
         if w is not None:
             new.weight = nn.Parameter(w.detach().clone())
-        parent, leaf = _owner(out, path)
+        parent, leaf = attr_owner(out, path)
         setattr(parent, leaf, new)
         done.add(path)
     return done

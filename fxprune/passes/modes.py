@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 
 from fxprune.compare import compare, first_failure, rtol_for
 from fxprune.errors import EquivalenceError
-from fxprune.graph.rebuild import get_attr
+from fxprune.graph.rebuild import attr_owner, get_attr, has_attr
 
 __all__ = ["trainable", "SWITCHES"]
 
@@ -66,11 +66,6 @@ def _free_name(gm: GraphModule, base: str) -> str:
     return name
 
 
-def _owner(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
-    path, _, leaf = target.rpartition(".")
-    return (gm.get_submodule(path) if path else gm), leaf
-
-
 def _batch_norm(gm: GraphModule, a: dict[str, Any], readers: dict[str, int]) -> tuple[nn.Module, str] | None:
     """The BatchNorm module for a call with arguments ``a``, its tensors moved into it from ``gm``, and the path to
     put it at (where its tensors' own container was, when nothing else is left in it); None where it must stay."""
@@ -91,7 +86,7 @@ def _batch_norm(gm: GraphModule, a: dict[str, Any], readers: dict[str, int]) -> 
     for name, target in moves.items():
         if target is None:
             continue
-        owner, leaf = _owner(gm, target)
+        owner, leaf = attr_owner(gm, target)
         value = getattr(owner, leaf)
         delattr(owner, leaf)
         if name in ("weight", "bias"):
@@ -104,16 +99,8 @@ def _batch_norm(gm: GraphModule, a: dict[str, Any], readers: dict[str, int]) -> 
     return bn, path if path and empty else _free_name(gm, path.replace(".", "_") or "batch_norm")
 
 
-def _resolves(gm: nn.Module, target: str) -> bool:
-    try:
-        get_attr(gm, target)
-        return True
-    except AttributeError:
-        return False
-
-
 def _has_tensor(gm: nn.Module, target: str) -> bool:
-    return _resolves(gm, target) and isinstance(get_attr(gm, target), torch.Tensor)
+    return has_attr(gm, target) and isinstance(get_attr(gm, target), torch.Tensor)
 
 
 def _baked(kind: str, a: dict[str, Any]) -> bool:
@@ -147,7 +134,7 @@ def trainable(gm: GraphModule, example_inputs: Sequence[Any] | None = None) -> t
         module, path = made
         path = path or _free_name(out, node.name)
         if path in dict(out.named_modules()):
-            parent, leaf = _owner(out, path)
+            parent, leaf = attr_owner(out, path)
             setattr(parent, leaf, module)
         else:
             out.add_submodule(path, module)
@@ -160,7 +147,7 @@ def trainable(gm: GraphModule, example_inputs: Sequence[Any] | None = None) -> t
             if isinstance(t, Node) and not t.users:
                 graph.erase_node(t)
     for n in list(graph.nodes):  # reads of moved tensors nothing uses (torch.export reads num_batches_tracked)
-        if n.op == "get_attr" and not n.users and not _resolves(out, n.target):
+        if n.op == "get_attr" and not n.users and not has_attr(out, n.target):
             graph.erase_node(n)
     out.recompile()
     if example_inputs is not None:
