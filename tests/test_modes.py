@@ -108,3 +108,22 @@ def test_a_wrong_rewrite_is_refused(monkeypatch):
     monkeypatch.setitem(modes._BATCH_NORMS, 4, lambda *a, **k: nn.BatchNorm2d(*a, **{**k, "eps": 1.0}))
     with pytest.raises(EquivalenceError, match="eval mode"):
         trainable(gm, (x,))
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_exact_in_float64_at_other_batch_sizes(method):
+    """In eval mode the graph with its modes as modules is the same function, float64, at batches 6, 1 and 9."""
+    torch.manual_seed(0)
+    model, x = Net().double().eval(), torch.randn(6, 1, 5, 5, dtype=torch.float64)
+    with torch.no_grad():  # statistics away from their initial values
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    out, _ = trainable(minimize(capture(model, (x,), method=method), (x,)), (x,))
+    out.eval()
+    with torch.no_grad():
+        for xi in (x, torch.randn(1, 1, 5, 5, dtype=torch.float64), torch.randn(9, 1, 5, 5, dtype=torch.float64)):
+            got, want = out(xi), model(xi)
+            got = got[0] if isinstance(got, (tuple, list)) else got
+            assert float((got - want).abs().max() / want.abs().max()) <= 1e-12
