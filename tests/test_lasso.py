@@ -192,3 +192,18 @@ def test_the_pull_on_a_weight_before_batchnorm_keeps_its_scale_and_biases_are_no
             F.cross_entropy(m(x), torch.arange(16) % 3).backward()
             opt.step()
     assert bool((m.bn.bias != 0).all())
+
+
+def test_a_bias_entry_goes_alone_only_once_its_channels_weight_entries_are_zero():
+    net, x = mlp(), torch.randn(5, 6)
+    with torch.no_grad():
+        net[0].weight[0] = 0.0; net[0].bias[0] = 1e-6  # unit 0: row already zero, bias small -> the bias goes
+        net[0].bias[1] = 1e-6                           # unit 1: row alive, bias small -> the bias stays
+        net[0].weight[2] = 0.0; net[0].bias[2] = 0.5    # unit 2: row zero, bias large -> the bias stays
+    fp.GroupLasso(net, (x,)).step(net, lr=1e-3)
+    assert float(net[0].bias[0]) == 0.0
+    assert float(net[0].bias[1]) != 0.0 and float(net[0].bias[2]) == 0.5
+    with torch.no_grad():  # a row that this very step zeroes takes its small bias with it
+        net[2].weight[4] *= 1e-6; net[2].bias[4] = 1e-6
+    fp.GroupLasso(net, (x,)).step(net, lr=1e-3)
+    assert bool((net[2].weight[4] == 0).all()) and float(net[2].bias[4]) == 0.0

@@ -19,9 +19,9 @@ preconditioned by each tensor's scale, in the spirit of Torch-Pruning's ``regula
 optimizers, which scale each coordinate's step by its own gradient history, that pulls every entry of a group the
 loss does not defend towards zero at about ``lr`` per step, large norm weights and small conv weights alike. A
 gradient never lands on zero, so after each optimizer step the **exact-zero step** sets to exact zeros every slice
-of a group member (a row, a column, a norm weight's entry; a bias only with its whole group: a zero bias alone
-makes nothing constant or unread, and biases that start at zero, BatchNorm's, would be held there) and every whole
-group whose root mean square has fallen
+of a group member (a row, a column, a norm weight's entry; a bias entry only once the same module's weight entries
+of its channel are zero: a zero bias alone makes nothing constant or unread, and biases that start at zero,
+BatchNorm's, would be held there) and every whole group whose root mean square has fallen
 to the optimizer's step size, ``threshold * lr`` (the scale at which Adam leaves a weight oscillating about zero),
 and to a ``relative`` fraction of its own tensor's scale ``s_t`` (so that a tensor whose scale a normalization
 ignores, shrinking as a whole, is never zeroed for it), and keeps what it zeroed at zero for the rest of that
@@ -362,8 +362,9 @@ class GroupLasso:
 
     @torch.no_grad()
     def step(self, model: nn.Module, lr: float | dict[int, float], hold: dict[int, torch.Tensor] | None = None) -> int:
-        """The exact-zero step. Every slice of a group member (a row, a column, a norm weight's entry...; not a
-        bias's entry, which zero alone makes nothing constant or unread) whose root mean square is at most
+        """The exact-zero step. Every slice of a group member (a row, a column, a norm weight's entry...; a bias's
+        entry only once the same module's weight entries of its channel are zero, since a zero bias alone makes
+        nothing constant or unread) whose root mean square is at most
         ``threshold * lr`` and at most ``relative * s_t`` becomes exact zeros, and so does every group channel with
         ``||w_g|| <= threshold * lr * sqrt(n_g)`` and ``||u_g|| <= relative * sqrt(n_g)`` (``lr``: a number, or per
         parameter ``id``). With ``hold`` (per slice index, the positions zeroed so far; updated), what was zeroed
@@ -390,16 +391,33 @@ class GroupLasso:
         root = self.sizes.sqrt()
         whole = ((r.sums(members, self.channels).sqrt() <= rates * self.threshold * root)
                  & (r.sums(members, self.channels, relative=True).sqrt() <= self.relative * root))
-        for i, (m, per) in enumerate(zip(members, r.squares)):
+        # per module, the group channels whose weight entries there are all zero after this step: its bias entry
+        # for such a channel may go alone (the channel is then constant in that member, or unread)
+        dead: dict[int, torch.Tensor] = {}
+        order = sorted(range(len(members)), key=lambda i: members[i].slice.bias)  # weights first
+        for i in order:
+            m, per = members[i], r.squares[i]
             t, s = m.param, m.slice
             rms = per.div(t.numel() // max(t.shape[s.dim], 1)).sqrt()
             zero = s.hit & whole[s.safe]
-            if not s.bias:
-                zero |= s.hit & (rms <= rate[id(t)] * self.threshold) & (rms <= self.relative * r.scales[id(t)])
+            small = s.hit & (rms <= rate[id(t)] * self.threshold) & (rms <= self.relative * r.scales[id(t)])
+            if s.bias:
+                gone = dead.get(id(m.owner))
+                if gone is not None:
+                    zero |= small & gone[s.safe]
+            else:
+                zero |= small
             if hold is not None:
                 if i in hold:
                     zero |= hold[i]
                 hold[i] = zero
+            if not s.bias:
+                total = torch.zeros(self.channels, dtype=torch.long)
+                alive = torch.zeros(self.channels, dtype=torch.long)
+                total.index_add_(0, s.channels, torch.ones_like(s.channels))
+                alive.index_add_(0, s.channels, ((~zero[s.hit]) & (per[s.hit] > 0)).long())
+                mine = (total > 0) & (alive == 0)
+                dead[id(m.owner)] = mine if id(m.owner) not in dead else dead[id(m.owner)] | mine
             if bool(zero.any()):
                 shape = [1] * t.dim()
                 shape[s.dim] = -1
