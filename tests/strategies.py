@@ -5,11 +5,16 @@ prints as something that can be pasted into a regression test and rebuilt with :
 
 Vector layers (input ``(B, width)``):
   ("linear", out) | ("act", name) | ("bn",) | ("res", hidden, act) | ("cat", a, b) | ("gate", hidden)
-  ("stream", norm, width, depth, dead)   in-projection, pre-norm residual blocks, final norm; ``dead`` stream
-                                         channels are zero rows (non-zero biases) in every writer
+  ("stream", norm, width, depth, dead)   in-projection, pre-norm residual blocks, final norm (LayerNorm with or
+                                         without affine or bias, RMSNorm); ``dead`` stream channels are zero rows
+                                         (non-zero biases) in every writer
+  ("shared", act1, act2)   one Linear read at two call sites: lin(act1(x)) + lin(act2(x)) (a constant input channel
+                           folds to a different constant at each site)
+  ("inplace", hidden)      Linear, then in-place relu_, mul_ and add_ on its output
 Conv layers (input ``(B, C, S, S)``), followed by ("flatten",) or ("gap",) before vector layers:
   ("conv", out, k, depthwise) | ("act", name) | ("bn2d",) | ("rescv", hidden) | ("catcv", a, b) | ("pool", kind)
   ("cnlast", out)   movedim to channels-last, LayerNorm, Linear, movedim back
+  ("gn", groups)    GroupNorm (affine) over the channels: 1 group, or 0 for one group per channel
 Mask specs, one per weight (ndim >= 2), in order of ``named_parameters``:
   ("none",) | ("unstructured", p) | ("rows", frac) | ("cols", frac) | ("rows+cols", frac)
 and for BatchNorm weights ("bnzero", frac): a zero scale makes a constant channel (its shift).
@@ -66,12 +71,42 @@ class Gate(nn.Module):
         return a * torch.sigmoid(b)
 
 
+class Shared(nn.Module):
+    """One Linear read at two call sites (a head applied twice, a layer shared across depth)."""
+
+    def __init__(self, d: int, act1: str, act2: str):
+        super().__init__()
+        self.lin, self.act1, self.act2 = nn.Linear(d, d), ACTS[act1](), ACTS[act2]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.act1(x)) + self.lin(self.act2(x))
+
+
+class InPlace(nn.Module):
+    """A Linear whose output is changed in place (relu_, mul_, add_)."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.lin = nn.Linear(d, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        h.relu_()
+        h.mul_(2.0)
+        h.add_(0.5)
+        return h
+
+
+NORMS = {"layernorm": lambda w: nn.LayerNorm(w), "layernorm_noaffine": lambda w: nn.LayerNorm(w, elementwise_affine=False),
+         "layernorm_nobias": lambda w: nn.LayerNorm(w, bias=False), "rmsnorm": lambda w: nn.RMSNorm(w, eps=1e-6)}
+
+
 class Stream(nn.Module):
     """In-projection to a residual stream, pre-norm MLP blocks, final norm."""
 
     def __init__(self, d: int, norm: str, width: int, depth: int):
         super().__init__()
-        make = (lambda: nn.LayerNorm(width)) if norm == "layernorm" else (lambda: nn.RMSNorm(width, eps=1e-6))
+        make = lambda: NORMS[norm](width)  # noqa: E731
         self.proj = nn.Linear(d, width)
         self.norms = nn.ModuleList(make() for _ in range(depth))
         self.up = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(depth))
@@ -122,6 +157,12 @@ def _layer(spec: tuple, d: int, side: int) -> tuple[nn.Module, int, int]:
         return Gate(d, spec[1]), spec[1], side
     if kind == "stream":
         return Stream(d, spec[1], spec[2], spec[3]), spec[2], side
+    if kind == "shared":
+        return Shared(d, spec[1], spec[2]), d, side
+    if kind == "inplace":
+        return InPlace(d, spec[1]), spec[1], side
+    if kind == "gn":
+        return nn.GroupNorm(spec[1] or d, d), d, side
     if kind == "conv":
         out, k, depthwise = spec[1:]
         out = d if depthwise else out
@@ -162,7 +203,8 @@ def _apply_mask(name: str, p: torch.Tensor, spec: tuple, g: torch.Generator) -> 
 
 def mask_targets(model: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
     """(name, parameter, is_batchnorm_scale) for every parameter a mask spec applies to, in order."""
-    bn = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    bn = {f"{n}.weight" for n, m in model.named_modules()
+          if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))}
     return [(n, p, n in bn) for n, p in model.named_parameters() if p.dim() >= 2 or n in bn]
 
 
@@ -206,7 +248,7 @@ acts = st.sampled_from(sorted(ACTS))
 def vector_layers(draw: Any, n: int) -> list[tuple]:
     out = []
     for _ in range(n):
-        kind = draw(st.sampled_from(["linear", "act", "bn", "res", "cat", "gate", "stream"]))
+        kind = draw(st.sampled_from(["linear", "act", "bn", "res", "cat", "gate", "stream", "shared", "inplace"]))
         if kind == "linear":
             out.append(("linear", draw(widths)))
         elif kind == "act":
@@ -219,10 +261,14 @@ def vector_layers(draw: Any, n: int) -> list[tuple]:
             out.append(("cat", draw(widths), draw(widths)))
         elif kind == "gate":
             out.append(("gate", draw(widths)))
+        elif kind == "shared":
+            out.append(("shared", draw(acts), draw(acts)))
+        elif kind == "inplace":
+            out.append(("inplace", draw(widths)))
         else:
             w = draw(st.integers(2, 6))
             dead = draw(st.lists(st.integers(0, w - 1), max_size=w - 1, unique=True))
-            out.append(("stream", draw(st.sampled_from(["layernorm", "rmsnorm"])), w, draw(st.integers(1, 2)),
+            out.append(("stream", draw(st.sampled_from(sorted(NORMS))), w, draw(st.integers(1, 2)),
                         tuple(sorted(dead))))
     return out
 
@@ -231,7 +277,7 @@ def vector_layers(draw: Any, n: int) -> list[tuple]:
 def conv_layers(draw: Any, n: int, side: int) -> list[tuple]:
     out = []
     for _ in range(n):
-        kind = draw(st.sampled_from(["conv", "act", "bn2d", "rescv", "catcv", "cnlast", "pool"]))
+        kind = draw(st.sampled_from(["conv", "act", "bn2d", "rescv", "catcv", "cnlast", "pool", "gn"]))
         if kind == "conv":
             out.append(("conv", draw(widths), draw(st.sampled_from([1, 3])), draw(st.booleans())))
         elif kind == "act":
@@ -244,6 +290,8 @@ def conv_layers(draw: Any, n: int, side: int) -> list[tuple]:
             out.append(("catcv", draw(widths), draw(widths)))
         elif kind == "cnlast":
             out.append(("cnlast", draw(widths)))
+        elif kind == "gn":
+            out.append(("gn", draw(st.sampled_from([0, 1]))))  # groups that divide any channel count
         elif side >= 2:
             out.append(("pool", draw(st.sampled_from(["max", "avg"]))))
             side //= 2

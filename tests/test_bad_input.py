@@ -124,7 +124,22 @@ def test_shared_submodule_called_twice_is_exact(method):
 
 
 class InplaceRead(nn.Module):
-    """``relu_`` mutates ``y``, which is read again: the symbolic graph cannot represent that."""
+    """``relu_`` mutates ``y`` after a view of it was taken: the view sees the write, the symbolic graph cannot
+    represent that."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        head = y[:, 4:]
+        y.relu_()
+        return self.b(y) + head
+
+
+class InplaceThenRead(nn.Module):
+    """In-place ops on a fresh value, which is read after them (``h.relu_(); h.mul_(2); return lin(h)``)."""
 
     def __init__(self):
         super().__init__()
@@ -133,7 +148,11 @@ class InplaceRead(nn.Module):
     def forward(self, x):
         y = self.a(x)
         y.relu_()
-        return self.b(y)
+        y.mul_(2.0)
+        y += 0.25
+        out = self.b(y)
+        out.relu_()
+        return out
 
 
 class InplaceChain(nn.Module):
@@ -165,6 +184,20 @@ def test_inplace_op_on_a_value_read_again():
     assert gm.meta["fxprune_capture_method"] == "export"
     small = fp.minimize(gm)
     assert torch.allclose(small(x), m(x), rtol=1e-12, atol=1e-12) and count_params(small) < count_params(m)
+
+
+def test_inplace_ops_read_after_them_are_captured_symbolically_as_the_value_they_leave():
+    m, x = _planted(InplaceThenRead()), torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        m.b.weight[:, 5] = 0  # and a unit nothing reads
+    gm = fp.capture(m, (x,), method="symbolic")  # checked against the model by capture itself
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_method"]
+    assert targets.count("relu_") == 2 and "mul_" in targets
+    small = fp.minimize(gm)
+    assert count_params(small) == count_params(m) - 2 * (8 + 1 + 4)
+    for b in (3, 7):
+        x = torch.randn(b, 8, dtype=torch.float64)
+        assert torch.allclose(small(x), m(x), rtol=1e-12, atol=1e-12)
 
 
 def test_inplace_op_nobody_else_reads_stays_symbolic():

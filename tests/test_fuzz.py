@@ -103,8 +103,10 @@ def test_strategies_cover_every_layer_and_mask_kind() -> None:
     for case in _sample(400):
         seen_layers |= {spec[0] for spec in case.layers}
         seen_masks |= {m[0] for m in case.masks}
-    assert seen_layers >= {"linear", "act", "bn", "res", "cat", "gate", "stream", "conv", "bn2d", "rescv", "catcv",
-                           "cnlast", "pool", "flatten", "gap"}
+    assert seen_layers >= {"linear", "act", "bn", "res", "cat", "gate", "stream", "shared", "inplace", "conv", "bn2d",
+                           "rescv", "catcv", "cnlast", "pool", "flatten", "gap", "gn"}
+    norms = {spec[1] for case in _sample(400) for spec in case.layers if spec[0] == "stream"}
+    assert norms == {"layernorm", "layernorm_noaffine", "layernorm_nobias", "rmsnorm"}
     assert seen_masks >= {"none", "unstructured", "rows", "cols", "rows+cols", "bnzero"}
 
 

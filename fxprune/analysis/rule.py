@@ -467,8 +467,7 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[Di
     if any(is_dynamic_scalar(a) for a in (*op.node.args, *op.node.kwargs.values())):
         return None  # arithmetic with a size that varies (x / seq_len): its value at the example is no fact
     try:
-        args = _on_cpu(torch.fx.node.map_arg(op.node.args, fx.materialize))
-        kwargs = _on_cpu(torch.fx.node.map_arg(op.node.kwargs, fx.materialize))
+        args, kwargs = _operands(op, fx.materialize)
     except _NotFloat:
         return None
     if fn is None:
@@ -479,10 +478,9 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[Di
     if not facts or not any(bool(f.known.any()) for f in facts):
         return facts
     g = torch.Generator().manual_seed(0)
-    fill = lambda v: fx.materialize(v, g)  # noqa: E731
     with torch.no_grad():
-        again = extract(fn(*_on_cpu(torch.fx.node.map_arg(op.node.args, fill)),
-                           **_on_cpu(torch.fx.node.map_arg(op.node.kwargs, fill))))
+        args, kwargs = _operands(op, lambda v: fx.materialize(v, g))
+        again = extract(fn(*args, **kwargs))
     if again is None:
         return None
     out = []
@@ -492,11 +490,27 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[Di
     return out
 
 
-def _on_cpu(args: Any) -> Any:
-    """``args`` with the meta device replaced by the CPU (a graph captured on meta, its weights streamed in,
-    moves values "to meta"; the materialized values live on the CPU)."""
-    return torch.fx.node.map_aggregate(
-        args, lambda a: torch.device("cpu") if isinstance(a, torch.device) and a.type == "meta" else a)
+def _operands(op: Op, get: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """The op's args and kwargs with nodes materialized by ``get`` and the meta device replaced by the CPU (a graph
+    captured on meta, its weights streamed in, moves values "to meta"; the materialized values live on the CPU).
+    Tensors an in-place op would write into are copies: a materialized weight is the weight itself."""
+    writes = _writes(op)
+
+    def fix(a: Any) -> Any:
+        if isinstance(a, torch.device) and a.type == "meta":
+            return torch.device("cpu")
+        return a.clone() if writes and isinstance(a, torch.Tensor) else a
+
+    return tuple(torch.fx.node.map_aggregate(torch.fx.node.map_arg(x, get), fix) for x in (op.node.args, op.node.kwargs))
+
+
+def _writes(op: Op) -> bool:
+    """Whether the op writes into an operand (``relu_``, ``aten.mul_``, ``inplace=True``, ``ReLU(inplace=True)``)."""
+    t = getattr(op.target, "overloadpacket", op.target)
+    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    return ((name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv")
+            or op.node.kwargs.get("inplace") is True
+            or getattr(op.module, "inplace", False) is True)
 
 
 _F64_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()

@@ -1159,7 +1159,7 @@ def _torch(*names: str) -> list[Any]:
 register(Elementwise(), *_ELEMENTWISE_MODULES, *_aten(*_UNARY, *_BINARY), *_torch(*_UNARY, *_BINARY),
          *[m for m in _UNARY + _BINARY + ["float", "double", "half", "bfloat16"] if m not in ("mul",)],
          operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd, operator.pos, operator.pow)
-register(Mul(), aten.mul, torch.mul, "mul", "mul_", operator.mul, operator.imul)
+register(Mul(), aten.mul, aten.mul_, torch.mul, "mul", "mul_", operator.mul, operator.imul)
 register(Dropout(), nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, aten.dropout)
 register(Linear(), F.linear, aten.linear, aten.addmm.default)
 register(Conv(), F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution.default)

@@ -156,22 +156,39 @@ def _mutates(gm: GraphModule, node: torch.fx.Node) -> bool:
     return False
 
 
-def _check_inplace(gm: GraphModule) -> None:
+def _check_inplace(gm: GraphModule, rewrite: bool = True) -> None:
     """Symbolic tracing records an in-place op as a plain call and loses the mutation: readers of the mutated
-    value (or of its aliases) would see the old value in the graph. Accept only in-place ops on fresh values read
-    by nothing else (``conv -> bn -> ReLU(inplace=True)``); anything else is for torch.export, which functionalizes."""
-    for node in gm.graph.nodes:
+    value (or of its aliases) would see the old value in the graph. Accept in-place ops on fresh values (and on the
+    results of accepted in-place ops) that nothing read before the op: later readers are made to read the op's
+    result, which is the mutated value (``h = lin(x); h.relu_(); h.mul_(2); return h``; ``conv -> bn ->
+    ReLU(inplace=True)``; with ``rewrite=False``, for a graph that is not ours to change, only those read by
+    nothing else). Anything else is for torch.export, which functionalizes."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    mutated: set[torch.fx.Node] = set()  # results of accepted in-place ops: fresh values too
+    changed = False
+    for node in list(gm.graph.nodes):
         if not _mutates(gm, node):
             continue
         src = node.args[0] if node.args else None
         fresh = isinstance(src, torch.fx.Node) and (
-            (src.op == "call_module" and isinstance(gm.get_submodule(src.target), _FRESH_MODULES))
+            src in mutated
+            or (src.op == "call_module" and isinstance(gm.get_submodule(src.target), _FRESH_MODULES))
             or (src.op == "call_function" and src.target in _FRESH_FUNCTIONS))
+        returns_it = node.target is not operator.setitem  # the op's result is the value it wrote into
+        others = [u for u in src.users if u is not node] if fresh else []
+        if rewrite and returns_it and others and all(order[u] > order[node] for u in others):
+            for u in others:  # they read the value after the write: now the op's result
+                u.replace_input_with(src, node)
+            changed = True
+        if fresh and returns_it and len(src.users) == 1:
+            mutated.add(node)
         if not fresh or len(src.users) != 1:
             what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             raise CaptureError(
                 f"in-place op '{what}' (node '{node.name}') writes into '{getattr(src, 'name', src)}', which is "
                 "read elsewhere or may alias another tensor; symbolic tracing cannot record that")
+    if changed:
+        gm.recompile()
 
 
 def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any) -> GraphModule:
@@ -284,7 +301,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
         model = unmasked(model)  # masks held by prune hooks or parametrizations: read as the zeros they are (a copy)
     if isinstance(model, GraphModule):
         out = _run(model, inputs, "the GraphModule")
-        _check_inplace(model)
+        _check_inplace(model, rewrite=False)
         if not is_annotated(model) or DYNAMIC_KEY not in model.meta:  # annotate a copy: never the caller's nodes
             model = _annotated_copy(model, inputs, dynamic_shapes)
         record(model, model, inputs, out, checked=True)
