@@ -18,7 +18,7 @@ from fxprune.graph.shapes import TensorSpec, node_spec
 
 import fxprune.analysis.rules  # noqa: F401  (registers the rule table)
 
-__all__ = ["Analysis", "ChannelGraph", "ChannelGroup"]
+__all__ = ["Analysis", "ChannelGraph", "ChannelGroup", "ParamSlice", "param_slices"]
 
 
 @dataclass
@@ -173,3 +173,82 @@ class Analysis:
             if id(leaf) in members:
                 groups.append(ChannelGroup(i, leaf.size, members[id(leaf)], bool(leaf.frozen), list(leaf.frozen)))
         return ChannelGraph(groups)
+
+
+# ---- parameters by group channel ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamSlice:
+    """Dim ``dim`` of parameter ``name``: position i belongs to group channel ``channel[i]`` (-1: none). Group
+    channels number the channels of every free group (``leaves``: each group's first channel and size)."""
+
+    name: str
+    dim: int
+    channel: torch.Tensor
+
+
+def _leaf_maps(atoms: Any, a: Atom) -> dict[int, torch.Tensor] | None:
+    """Per leaf atom (by id) under ``a``: the leaf channel each index of ``a`` maps to (-1 where none). None when a
+    leaf appears twice under ``a`` (no group can then be read off it)."""
+    r = atoms.find(a)
+    if r.kind is None:
+        return {id(r): torch.arange(r.size)}
+    kids = [(atoms.find(c).size, _leaf_maps(atoms, c)) for c in r.children]
+    if any(m is None for _, m in kids):
+        return None
+    out: dict[int, torch.Tensor] = {}
+    if r.kind == "sum":
+        offset = 0
+        for size, m in kids:
+            for leaf, idx in m.items():
+                if leaf in out:
+                    return None
+                out[leaf] = torch.full((r.size,), -1, dtype=torch.long)
+                out[leaf][offset:offset + size] = idx
+            offset += size
+        return out
+    pos = torch.arange(r.size)
+    stride = r.size
+    for size, m in kids:
+        stride //= size
+        part = (pos // stride) % size
+        for leaf, idx in m.items():
+            if leaf in out:
+                return None
+            out[leaf] = torch.where(idx[part] >= 0, idx[part], -1)
+    return out
+
+
+def param_slices(an: Analysis, names: set[str]) -> tuple[list[ParamSlice], list[tuple[int, int]]]:
+    """Every dim of the parameters ``names`` (get_attr targets of ``an.gm``) that holds channels of a free group
+    (size > 1), as :class:`ParamSlice` over one numbering of those groups' channels; and per group its first
+    channel and size. Tied parameters appear once (under their first name)."""
+    sp, atoms = an.spaces, an.spaces.atoms
+    offsets: dict[int, int] = {}
+    leaves: list[tuple[int, int]] = []
+    total = 0
+    for leaf in atoms.leaves():
+        if not leaf.frozen and leaf.size > 1:
+            offsets[id(leaf)] = total
+            leaves.append((total, leaf.size))
+            total += leaf.size
+    out: list[ParamSlice] = []
+    seen: set[tuple[str, int]] = set()
+    for node in an.gm.graph.nodes:
+        if node.op != "get_attr" or node.target not in names or not isinstance(sp.spec(node), TensorSpec):
+            continue
+        for d in range(sp.rank(node)):
+            key = sp.param_key[node.target]
+            if (key, d) in seen or not sp.has(node, d):
+                continue
+            seen.add((key, d))
+            maps = _leaf_maps(atoms, sp.of(node, d))
+            if maps is None:
+                continue
+            channel = torch.full((sp.of(node, d).size,), -1, dtype=torch.long)
+            for leaf, idx in maps.items():
+                if leaf in offsets:
+                    hit = idx >= 0
+                    channel[hit] = idx[hit] + offsets[leaf]
+            if bool((channel >= 0).any()):
+                out.append(ParamSlice(key, d, channel))
+    return out, leaves

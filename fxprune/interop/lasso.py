@@ -124,40 +124,6 @@ class _Reading:
         return out
 
 
-def _leaf_maps(atoms: Any, a: Any) -> dict[int, torch.Tensor] | None:
-    """Per leaf atom (by id) under ``a``: the leaf channel each index of ``a`` maps to (-1 where none). None when a
-    leaf appears twice under ``a`` (no group can then be read off it)."""
-    r = atoms.find(a)
-    if r.kind is None:
-        return {id(r): torch.arange(r.size)}
-    kids = [(atoms.find(c).size, _leaf_maps(atoms, c)) for c in r.children]
-    if any(m is None for _, m in kids):
-        return None
-    out: dict[int, torch.Tensor] = {}
-    if r.kind == "sum":
-        offset = 0
-        for size, m in kids:
-            for leaf, idx in m.items():
-                if leaf in out:
-                    return None
-                out[leaf] = torch.full((r.size,), -1, dtype=torch.long)
-                out[leaf][offset:offset + size] = idx
-            offset += size
-        return out
-    sizes = [s for s, _ in kids]
-    pos = torch.arange(r.size)
-    stride = r.size
-    for size, m in kids:
-        stride //= size
-        part = (pos // stride) % size
-        for leaf, idx in m.items():
-            if leaf in out:
-                return None
-            out[leaf] = torch.where(idx[part] >= 0, idx[part], -1)
-    assert stride == 1, sizes
-    return out
-
-
 def _targets(*names: str) -> set[Any]:
     """The overloads (but the ``out=`` ones) of the aten ops ``names`` that this torch has."""
     ops = [getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n)]
@@ -219,7 +185,7 @@ class GroupLasso:
                  threshold: float = 2.0, relative: float = RELATIVE, exclude: Sequence[str] | None = None) -> None:
         import fnmatch
 
-        from fxprune.analysis.groups import Analysis
+        from fxprune.analysis.groups import Analysis, param_slices
         from fxprune.graph.capture import as_inputs, capture
         from fxprune.graph.shapes import TensorSpec
         from fxprune.interop.masks import unmasked
@@ -243,36 +209,12 @@ class GroupLasso:
             for name, m in plain.named_modules():
                 m.training = modes[name]
         an = Analysis(gm)
-        sp, atoms = an.spaces, an.spaces.atoms
-        names = {n for n, _ in plain.named_parameters()}
-        offsets: dict[int, int] = {}
-        total = 0
-        for leaf in atoms.leaves():
-            if not leaf.frozen and leaf.size > 1:
-                offsets[id(leaf)] = total
-                total += leaf.size
-        slices: list[_Slice] = []
-        seen: set[tuple[str, int]] = set()
-        for node in gm.graph.nodes:
-            if node.op != "get_attr" or node.target not in names or not isinstance(sp.spec(node), TensorSpec):
-                continue
-            if any(fnmatch.fnmatch(node.target, pat) for pat in (exclude or [])):
-                continue
-            for d in range(sp.rank(node)):
-                if (sp.param_key[node.target], d) in seen or not sp.has(node, d):
-                    continue
-                seen.add((sp.param_key[node.target], d))
-                maps = _leaf_maps(atoms, sp.of(node, d))
-                if maps is None:
-                    continue
-                channel = torch.full((sp.of(node, d).size,), -1, dtype=torch.long)
-                for leaf, idx in maps.items():
-                    if leaf in offsets:
-                        hit = idx >= 0
-                        channel[hit] = idx[hit] + offsets[leaf]
-                if bool((channel >= 0).any()):
-                    key = sp.param_key[node.target]
-                    slices.append(_Slice(key, d, channel, bias=key.rpartition(".")[2] == "bias"))
+        sp = an.spaces
+        names = {n for n, _ in plain.named_parameters()
+                 if not any(fnmatch.fnmatch(n, pat) for pat in (exclude or []))}
+        found, leaves = param_slices(an, names)
+        total = sum(size for _, size in leaves)
+        slices = [_Slice(s.name, s.dim, s.channel, bias=s.name.rpartition(".")[2] == "bias") for s in found]
         self.slices = slices
         self.channels = total
         # weights whose output goes straight into a BatchNorm: scale-invariant in training, so a pull that shrinks

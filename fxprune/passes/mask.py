@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
+import warnings
 from typing import Iterable, Literal, Mapping
 
 import torch
@@ -20,9 +22,10 @@ from fxprune.errors import MaskError
 from fxprune.graph.capture import check_weights
 from fxprune.graph.exported import exported_io
 
-__all__ = ["mask", "magnitude_masks", "apply_masks", "prunable", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
+__all__ = ["mask", "magnitude_masks", "group_masks", "TargetNotReachedWarning", "apply_masks", "prunable", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
 
 MASKS_KEY = "fxprune_masks"
+REACHED_KEY = "fxprune_mask_reached"  # structure="groups": the fraction of the parameters minimize will remove
 
 
 def prunable(gm: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -64,8 +67,14 @@ def _check_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, 
 def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["global", "layer"] = "global",
          criterion: Literal["magnitude", "random"] = "magnitude", include: Iterable[str] | None = None,
          exclude: Iterable[str] | None = None, masks: Mapping[str, torch.Tensor] | None = None,
-         seed: int = 0) -> GraphModule:
+         seed: int = 0, structure: Literal["weights", "groups"] = "weights", max_fraction: float = 0.9) -> GraphModule:
     """Zero the smallest weights (ndim >= 2, matching ``include``/``exclude`` globs) to reach ``sparsity``.
+
+    ``structure="groups"``: zero whole channels of the free channel groups :func:`fxprune.analyze` finds instead
+    (every slice of every member: producer rows and biases, consumer columns, norm weights, every tensor of a
+    residual stream), so that ``minimize`` removes them; ``sparsity`` is then the fraction of the model's
+    parameters that ``minimize`` will remove (see :func:`group_masks`; the fraction reached is in
+    ``gm.meta["fxprune_mask_reached"]``).
 
     >>> import torch, fxprune as fp
     >>> gm = fp.capture(torch.nn.Sequential(torch.nn.Linear(10, 10)), (torch.randn(1, 10),))
@@ -73,12 +82,113 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
     70
     """
     check_weights(gm, "mask")
-    new_masks = magnitude_masks(gm, sparsity, scope=scope, criterion=criterion, include=include, exclude=exclude,
-                                seed=seed) if masks is None else _check_masks(gm, masks)
+    reached = None
+    if masks is not None:
+        new_masks = _check_masks(gm, masks)
+    elif structure == "groups":
+        new_masks, reached = group_masks(gm, sparsity, include=include, exclude=exclude, max_fraction=max_fraction)
+    elif structure == "weights":
+        new_masks = magnitude_masks(gm, sparsity, scope=scope, criterion=criterion, include=include, exclude=exclude,
+                                    seed=seed)
+    else:
+        raise MaskError(f"structure must be 'weights' or 'groups', got {structure!r}")
     out = copy.deepcopy(gm)
     out.meta = dict(gm.meta)
     out.meta[MASKS_KEY] = apply_masks(out, new_masks, gm.meta.get(MASKS_KEY, {}))
+    if reached is not None:
+        out.meta[REACHED_KEY] = reached
     return out
+
+
+def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | None = None,
+                exclude: Iterable[str] | None = None, max_fraction: float = 0.9) -> tuple[dict[str, torch.Tensor], float]:
+    """Masks that zero whole channels of ``gm``'s free channel groups, so that ``minimize`` removes ``sparsity`` of
+    its parameters; returns them and the fraction they remove.
+
+    Importance of channel ``c`` of a group: the root mean square of its entries over every slice of every member,
+    each entry measured against its own tensor (``w / s_t``, ``s_t`` the root mean square of the tensor's nonzero
+    entries, so a norm weight near 1 and a conv weight near 0.05 count alike). Channels are ranked globally, least
+    important first, and taken while the parameters their removal frees (counted exactly: a weight loses rows and
+    columns of several groups at once) stay under the target; the one that would cross it is taken when that lands
+    closer to the target than stopping short. At most ``max_fraction`` of a group's channels
+    (and never all of them) go. Frozen groups (model inputs and outputs, ops without a rule) and groups with a
+    member outside ``include`` / in ``exclude`` are never touched."""
+    from fxprune.analysis.groups import Analysis, param_slices
+    from fxprune.passes.lower import lower_modules
+
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
+        raise MaskError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if not isinstance(max_fraction, (int, float)) or isinstance(max_fraction, bool) or not 0 <= max_fraction <= 1:
+        raise MaskError(f"max_fraction must be a number in [0, 1], got {max_fraction!r}")
+    params = dict(gm.named_parameters())
+    slices, leaves = param_slices(Analysis(lower_modules(gm)), set(params))
+    total = sum(size for _, size in leaves)
+    inc, exc = list(include or ["*"]), list(exclude or [])
+    allowed = torch.ones(total, dtype=torch.bool)
+    squares = torch.zeros(total, dtype=torch.float64)
+    counts = torch.zeros(total, dtype=torch.float64)
+    for sl in slices:
+        hit = sl.channel >= 0
+        if not any(fnmatch.fnmatch(sl.name, p) for p in inc) or any(fnmatch.fnmatch(sl.name, p) for p in exc):
+            allowed[sl.channel[hit]] = False
+            continue
+        w = params[sl.name].detach().to(torch.float64)
+        nz = w[w != 0]
+        scale = nz.pow(2).mean().sqrt() if nz.numel() else torch.ones((), dtype=torch.float64)
+        dims = [d for d in range(w.dim()) if d != sl.dim]
+        per = (w / scale).pow(2).sum(dims) if dims else (w / scale).pow(2)
+        squares.index_add_(0, sl.channel[hit], per[hit])
+        counts.index_add_(0, sl.channel[hit], torch.full((int(hit.sum()),), float(w.numel() // w.shape[sl.dim]),
+                                                         dtype=torch.float64))
+    importance = (squares / counts.clamp_min(1)).sqrt()
+    cap = torch.zeros(total, dtype=torch.long)  # per channel: how many of its group's channels may go
+    group = torch.zeros(total, dtype=torch.long)
+    for i, (first, size) in enumerate(leaves):
+        cap[first:first + size] = min(int(max_fraction * size), size - 1)
+        group[first:first + size] = i
+    kept = {name: list(p.shape) for name, p in params.items()}
+    by_channel: dict[int, list[tuple[str, int, int]]] = {}  # channel -> (param, dim, positions)
+    for sl in slices:
+        ch, n = torch.unique(sl.channel[sl.channel >= 0], return_counts=True)
+        for c, k in zip(ch.tolist(), n.tolist()):
+            by_channel.setdefault(c, []).append((sl.name, sl.dim, k))
+    everything = sum(p.numel() for p in params.values())
+    target = sparsity * everything
+    removed, taken = 0, torch.zeros(len(leaves), dtype=torch.long)
+    gone = torch.zeros(total, dtype=torch.bool)
+    for c in torch.argsort(importance, stable=True).tolist():
+        if removed >= target:
+            break
+        if not allowed[c] or taken[group[c]] >= cap[c] or c not in by_channel:
+            continue
+        after = {name: list(kept[name]) for name, _, _ in by_channel[c]}
+        for name, d, k in by_channel[c]:
+            after[name][d] -= k
+        delta = sum(math.prod(kept[n]) - math.prod(a) for n, a in after.items())
+        if removed + delta > target and removed + delta - target > target - removed:
+            break  # the closer of the two to the target
+        kept.update(after)
+        removed += delta
+        taken[group[c]] += 1
+        gone[c] = True
+    out: dict[str, torch.Tensor] = {}
+    for sl in slices:
+        drop = (sl.channel >= 0) & gone[sl.channel.clamp_min(0)]
+        if bool(drop.any()):
+            shape = [1] * params[sl.name].dim()
+            shape[sl.dim] = -1
+            m = (~drop).view(shape).expand_as(params[sl.name])
+            out[sl.name] = m if sl.name not in out else out[sl.name] & m
+    reached = removed / max(everything, 1)
+    if reached < sparsity - 0.01:
+        warnings.warn(f"the structured mask removes {reached:.1%} of the parameters, short of the {sparsity:.1%} asked: "
+                      f"the others are in frozen groups (fp.analyze shows why), excluded, or past max_fraction="
+                      f"{max_fraction} of their group", TargetNotReachedWarning, stacklevel=3)
+    return {n: m.contiguous() for n, m in out.items()}, reached
+
+
+class TargetNotReachedWarning(UserWarning):
+    """A structured mask removes less than the sparsity asked (frozen groups, exclusions, the per-group cap)."""
 
 
 def magnitude_masks(model: nn.Module, sparsity: float, *, scope: Literal["global", "layer"] = "global",

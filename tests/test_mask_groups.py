@@ -1,0 +1,88 @@
+"""``fp.mask(..., structure="groups")``: whole channels of fxprune's own groups, ranked by importance, to a target
+fraction of the parameters that ``minimize`` then removes exactly; frozen and excluded groups untouched."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune as fp
+from conftest import snapshot
+from fxprune.errors import MaskError
+from fxprune.passes.mask import REACHED_KEY, TargetNotReachedWarning
+from fxprune.verify import count_params
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import squeeze_release as sr  # noqa: E402
+
+
+def _models():
+    torch.manual_seed(0)
+    yield "mlp", nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5)), \
+        torch.randn(7, 20)
+    yield "convnext", sr.ConvNeXtStyle(2), torch.randn(4, 1, 8, 8)
+    yield "resnet_bn", sr.ResNetStyle(2).eval(), torch.randn(4, 1, 8, 8)
+
+
+@pytest.mark.parametrize("name,model,x", list(_models()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("sparsity", [0.3, 0.6])
+def test_minimize_removes_the_fraction_the_structured_mask_aims_at(name, model, x, sparsity):
+    model, x = model.double(), x.double()
+    gm = fp.capture(model, (x,))
+    before = snapshot(gm)
+    masked = fp.mask(gm, sparsity, structure="groups")
+    assert snapshot(gm) == before
+    small = fp.minimize(masked)  # checks itself (EquivalenceError otherwise)
+    removed = 1 - count_params(small) / count_params(gm)
+    assert abs(removed - sparsity) <= 0.01, (removed, sparsity)
+    assert abs(masked.meta[REACHED_KEY] - removed) <= 0.002  # the count it reports is the one minimize gets
+    for b in (1, 6):  # the masked model's function, at other batch sizes too
+        xb = torch.randn(b, *x.shape[1:], dtype=torch.float64)
+        assert torch.allclose(small(xb), masked(xb), rtol=1e-9, atol=1e-12)
+
+
+def test_least_important_channels_go_first_and_exclusions_hold():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 10), nn.ReLU(), nn.Linear(10, 3)).double()
+    with torch.no_grad():
+        net[0].weight[[2, 7]] *= 1e-3  # units 2 and 7: small rows, biases and columns
+        net[0].bias[[2, 7]] *= 1e-3
+        net[2].weight[:, [2, 7]] *= 1e-3
+    x = torch.randn(4, 8, dtype=torch.float64)
+    gm = fp.capture(net, (x,))
+    one_unit = (8 + 1 + 3) / count_params(gm)
+    masked = fp.mask(gm, 2 * one_unit, structure="groups")
+    assert torch.equal((masked.get_parameter("0.weight") == 0).all(1).nonzero().flatten(), torch.tensor([2, 7]))
+    assert bool((masked.get_parameter("0.bias")[[2, 7]] == 0).all())
+    with pytest.warns(TargetNotReachedWarning, match="short of"):
+        untouched = fp.mask(gm, 0.5, structure="groups", exclude=["2.*"])
+    assert all(torch.equal(p, gm.get_parameter(n)) for n, p in untouched.named_parameters())
+    with pytest.warns(TargetNotReachedWarning):  # at most half of the hidden units may go
+        capped = fp.mask(gm, 0.9, structure="groups", max_fraction=0.5)
+    assert int((capped.get_parameter("0.weight") == 0).all(1).sum()) == 5
+
+
+def test_structured_mask_on_an_exported_program_and_a_transformer_stream():
+    pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    torch.manual_seed(0)
+    model = sr.vit((8, 8)).double().eval()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    ep = torch.export.export(model, (x,), strict=False)
+    masked = fp.mask(ep, 0.4, structure="groups")
+    assert isinstance(masked, torch.export.ExportedProgram)
+    small = fp.minimize(masked)
+    n = lambda p: sum(t.numel() for t in p.state_dict.values())  # noqa: E731
+    assert abs(1 - n(small) / n(ep) - 0.4) <= 0.01
+    hidden = small.state_dict["vit.layernorm.weight"].numel()
+    assert hidden < 64  # residual-stream channels went too
+
+
+@pytest.mark.parametrize("bad", [dict(structure="rows"), dict(structure="groups", max_fraction=1.5),
+                                 dict(structure="groups", max_fraction="x"), dict(structure="groups", sparsity=1.0)])
+def test_bad_structured_arguments(bad):
+    gm = fp.capture(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), (torch.randn(2, 4),))
+    with pytest.raises(MaskError):
+        fp.mask(gm, **{"sparsity": 0.3, **bad})
