@@ -65,10 +65,10 @@ def _minimize(a: argparse.Namespace) -> int:
     _say(f"loading {a.input}")
     prog = load(a.input, a.imports)
     if a.sparsity is not None:
-        _say(f"masking to sparsity {a.sparsity}")
-        prog = fp.mask(prog, a.sparsity)
-    _say("minimizing (with its self-check)")
-    small = fp.minimize(prog)
+        _say(f"masking to sparsity {a.sparsity}" + (" (whole channels)" if a.structure == "groups" else ""))
+        prog = fp.mask(prog, a.sparsity, structure=a.structure)
+    _say("minimizing (with its self-check)" + (f", widths rounded up to multiples of {a.round_to}" if a.round_to > 1 else ""))
+    small = fp.minimize(prog, round_to=a.round_to)
     _say("verifying")
     rep = fp.verify(prog, small)
     print(rep)
@@ -128,6 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="a .pt2 file (torch.export.save)")
     p.add_argument("-o", "--output", required=True, help="where to write the minimized .pt2")
     p.add_argument("--sparsity", type=float, default=None, help="magnitude-mask to this sparsity first")
+    p.add_argument("--structure", choices=["weights", "groups"], default="weights",
+                   help="with --sparsity: single weights, or whole channels of fxprune's groups (sparsity is then "
+                        "the fraction of parameters minimize removes)")
+    p.add_argument("--round-to", type=int, default=1, metavar="K",
+                   help="keep a multiple of K channels in every group that loses channels (8 or 16 for blocked CPU kernels)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.set_defaults(run=_minimize)
     p = sub.add_parser("verify", help="check two programs compute the same function")

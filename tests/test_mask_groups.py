@@ -86,3 +86,60 @@ def test_bad_structured_arguments(bad):
     gm = fp.capture(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), (torch.randn(2, 4),))
     with pytest.raises(MaskError):
         fp.mask(gm, **{"sparsity": 0.3, **bad})
+
+
+def _widths(m) -> set[int]:
+    return {n for p in m.parameters() for n in p.shape}
+
+
+@pytest.mark.parametrize("k", [8, 16])
+def test_round_to_keeps_multiples_of_k_in_every_group_that_shrinks(k):
+    torch.manual_seed(0)
+    model = sr.ConvNeXtStyle(2).double()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    gm = fp.capture(model, (x,))
+    masked = fp.mask(gm, 0.5, structure="groups")
+    plain, rounded = fp.minimize(masked), fp.minimize(masked, round_to=k)
+    original = _widths(gm)
+    assert any(w % k for w in _widths(plain) - original)  # without it, odd widths
+    assert all(w % k == 0 for w in _widths(rounded) - original), _widths(rounded) - original
+    assert count_params(plain) < count_params(rounded) < count_params(gm)
+    for b in (1, 5):
+        xb = torch.randn(b, 1, 8, 8, dtype=torch.float64)
+        assert torch.allclose(rounded(xb), masked(xb), rtol=1e-9, atol=1e-12)
+
+
+def test_round_to_in_the_users_class_and_bad_values():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 3)).double()
+    with torch.no_grad():
+        net[0].weight[:11] = 0
+        net[0].bias[:11] = -1.0  # 11 dead units: 29 stay, 32 with round_to=8
+    x = torch.randn(4, 6, dtype=torch.float64)
+    small = fp.minimize_module(net, (x,), round_to=8)
+    assert type(small) is nn.Sequential and small[0].out_features == 32
+    assert torch.allclose(small(x), net(x), rtol=1e-12, atol=1e-12)
+    gm = fp.capture(net, (x,))
+    assert fp.minimize(gm, round_to=64).get_parameter("0.weight").shape[0] == 40  # more than there are: all stay
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(fp.errors.InputError, match="round_to"):
+            fp.minimize(gm, round_to=bad)
+    with pytest.raises(fp.errors.InputError, match="inside options"):
+        fp.minimize(gm, round_to=8, options=fp.passes.minimize.MinimizeOptions())
+
+
+def test_cli_structured_mask_and_round_to(tmp_path):
+    from fxprune.cli import main
+
+    torch.manual_seed(0)
+    model = sr.ConvNeXtStyle(2).eval()
+    ep = torch.export.export(model, (torch.randn(2, 1, 8, 8),), strict=False)
+    src, out = tmp_path / "m.pt2", tmp_path / "small.pt2"
+    torch.export.save(ep, src)
+    assert main(["minimize", str(src), "-o", str(out), "--sparsity", "0.5", "--structure", "groups",
+                 "--round-to", "8"]) == 0
+    small = torch.export.load(out)
+    widths = {n for t in small.state_dict.values() for n in t.shape} - {n for t in ep.state_dict.values() for n in t.shape}
+    assert widths and all(w % 8 == 0 for w in widths)
+    n = lambda p: sum(t.numel() for t in p.state_dict.values())  # noqa: E731
+    assert n(small) < 0.6 * n(ep)

@@ -53,6 +53,7 @@ class MinimizeOptions:
     max_iterations: int = 32
     rtol: float | None = None  # self-check: max |a - b| <= rtol * max |a|; None: the graph's precision's (compare.rtol_for)
     keep: tuple[tuple[str, str], ...] = ()  # (parameter or buffer name, reason): every channel of it stays
+    round_to: int = 1  # every group that loses channels keeps a multiple of this many (or all of them)
 
 
 class Rewriter:
@@ -312,8 +313,14 @@ def _prepare(gm: GraphModule, inputs: tuple[Any, ...] | None) -> GraphModule:
 
 @exported_io
 def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, verify: bool = True,
-             options: MinimizeOptions | None = None) -> GraphModule:
+             round_to: int = 1, options: MinimizeOptions | None = None) -> GraphModule:
     """Delete every channel that provably does not affect the output; return a new, smaller GraphModule.
+
+    ``round_to=k``: every channel group that loses channels keeps a multiple of ``k`` of them (or all of them),
+    by keeping some that could go (the lowest-numbered first), so that the widths the kernels see are multiples
+    of ``k`` (the blocks of 8 or 16 channels XNNPACK, oneDNN and onnxruntime's NCHWc kernels work in). A width
+    that is a sum of groups (a concatenation, a fused q/k/v) or a product (heads x head dim) is then a multiple of
+    ``k`` too; groups that lose nothing keep their width as it is. Pass it in ``options`` when giving ``options``.
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -322,7 +329,14 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     >>> tuple(small.get_parameter("0.weight").shape)
     (3, 4)
     """
-    opts = options or MinimizeOptions(verify=verify)
+    if options is not None and (verify is not True or round_to != 1):
+        raise InputError("give verify and round_to inside options (MinimizeOptions(verify=..., round_to=...)), or "
+                         "drop options")
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise InputError(f"round_to must be a positive integer, got {round_to!r}")
+    opts = options or MinimizeOptions(verify=verify, round_to=round_to)
+    if not isinstance(opts.round_to, int) or isinstance(opts.round_to, bool) or opts.round_to < 1:
+        raise InputError(f"round_to must be a positive integer, got {opts.round_to!r}")
     inputs = as_inputs(example_inputs) if example_inputs is not None else gm.meta.get(EXAMPLE_INPUTS_KEY)
     check_weights(gm, "minimize")
     work = work_ref = _prepare(gm, inputs)
@@ -330,7 +344,7 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     with torch.no_grad():
         for i in range(opts.max_iterations):
             an = Analysis(work, dict(opts.keep))
-            keep = an.removable()
+            keep = rounded(an.removable(), opts.round_to)
             if not keep:
                 if i == 0:
                     _warn_opaque(an)
@@ -344,6 +358,21 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
             inputs = random_inputs(placeholder_inputs(result), torch.Generator().manual_seed(0))
         result.meta[CHECKS_KEY] = self_check(gm, result, inputs, opts, work_ref.meta.get(DYNAMIC_KEY))
     return result
+
+
+def rounded(keep: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
+    """``keep`` (per group, the channels to keep) with each group's kept count raised to a multiple of ``k`` (or to
+    all of its channels) by keeping removable channels, lowest-numbered first; groups left whole are dropped."""
+    if k == 1:
+        return keep
+    out = {}
+    for key, m in keep.items():
+        target = min(-(-int(m.sum()) // k) * k, m.numel())
+        m = m.clone()
+        m[(~m).nonzero().flatten()[:target - int(m.sum())]] = True
+        if not bool(m.all()):
+            out[key] = m
+    return out
 
 
 class NothingRemovedWarning(UserWarning):
