@@ -427,3 +427,40 @@ def test_gemma_norms_scaling_by_one_plus_weight_are_compensated_in_the_class():
     kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
     prompt = torch.randint(3, 100, (1, 6))
     assert torch.equal(model.generate(prompt, **kw), small.generate(prompt, **kw))
+
+
+@pytest.mark.slow
+def test_mamba_as_loaded_loses_its_unread_inner_channels_in_the_graph_and_in_its_class():
+    """Mamba (its cache on, as loaded): the SSM state starts as ``torch.zeros`` of the inner width, the depthwise
+    convolution reads ``conv1d.weight.squeeze(1)`` unsqueezed again, per-step outputs are stacked. Inner channels
+    nothing reads (out_proj and x_proj columns zero) go in the graph and in the class, exact at other lengths,
+    generate() unchanged; the mixer's ``intermediate_size`` follows."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=100, expand=2,
+                                   conv_kernel=4)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(cfg).double().eval()
+    assert model.config.use_cache
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.out_proj.weight[:, :5] = 0
+            layer.mixer.x_proj.weight[:, :5] = 0
+    ids = torch.randint(3, 100, (2, 12))
+    per_channel = 2 * 32 + 4 + 1 + 8 + 1 + 2 + 1 + 32 + 18  # in_proj x and gate rows, conv, A_log, D, dt_proj, out_proj, x_proj
+    before = snapshot(model)
+    small = fp.minimize_module(model, (ids,))
+    assert snapshot(model) == before
+    assert type(small) is type(model) and small.config.use_cache
+    assert count_params(model) - count_params(small) == 2 * 5 * per_channel
+    assert all(layer.mixer.intermediate_size == 59 for layer in small.backbone.layers)
+    for length in (12, 7, 17):
+        x = torch.randint(3, 100, (3, length))
+        with torch.no_grad():
+            ref, got = model(x).logits, small(x).logits
+        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-9, length
+    for prompt in (torch.randint(3, 100, (1, 5)), torch.randint(3, 100, (1, 11))):
+        kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert torch.equal(model.generate(prompt, **kw), small.generate(prompt, **kw))
+    with fp.interop.module.cache_off(model):
+        gm = fp.capture(model, (ids,))
+    assert count_params(gm) - count_params(fp.minimize(gm)) == 2 * 5 * per_channel

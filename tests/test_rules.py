@@ -247,3 +247,40 @@ def test_conv_facts_are_sound_and_ignore_padding_only_taps(geometry, method):
             torch.testing.assert_close(out[:, k], torch.full_like(out[:, k], f.value[k].item()), rtol=1e-12, atol=1e-12)
     small = fp.minimize(gm)
     assert fp.verify(gm, small, (x,)).max_rel["float64"] <= 1e-9
+
+
+class _Scan(nn.Module):
+    """Mamba's shape in small: a depthwise conv whose weight is read through squeeze/unsqueeze, a state that starts
+    at ``torch.zeros`` of the channel width, per-step outputs stacked, a size read off a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.dw, self.out = nn.Linear(4, 6), nn.Conv1d(6, 6, 3, groups=6, padding=2), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.inp(x).transpose(1, 2)
+        h = F.conv1d(h, self.dw.weight.squeeze(1).unsqueeze(1), self.dw.bias, padding=2, groups=h.shape[1])
+        h = h[..., :x.shape[1]]
+        s = torch.zeros(x.shape[0], h.shape[1], dtype=x.dtype)
+        outs = []
+        for t in range(h.shape[-1]):
+            s = 0.5 * s + h[:, :, t]
+            outs.append(s)
+        return self.out(torch.stack(outs, dim=1))
+
+
+def test_unread_channels_of_a_depthwise_scan_go():
+    """The depthwise conv's channel k feeds only its own output channel k: no exit on its input, so channels
+    nothing downstream reads go although their inputs are not constant (they stayed: the conv asked for constant
+    inputs); the zeros state and the stack follow the kept width."""
+    torch.manual_seed(0)
+    m = _Scan().double()
+    with torch.no_grad():
+        m.out.weight[:, :2] = 0
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    gm = fp.capture(m, (x,), method="export")
+    small = fp.minimize(gm)
+    assert sum(p.numel() for p in gm.parameters()) - sum(p.numel() for p in small.parameters()) == 2 * (4 + 1 + 3 + 1 + 3)
+    for b in (1, 7):
+        xb = torch.randn(b, 5, 4, dtype=torch.float64)
+        assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)

@@ -268,7 +268,9 @@ class Facts:
             src = self.get(v.args[0])
             if src is None:
                 return None
-            return [src[j] for j in _view_dims(v, len(src))]
+            return [src[j] if j is not None else DimFacts(torch.zeros(1, dtype=torch.bool),
+                                                             torch.zeros(1, dtype=torch.float64))
+                    for j in _view_dims(v, len(src))]
         t = get_attr(self.gm, v.target)
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
             return None
@@ -340,7 +342,8 @@ class Facts:
 
 
 _VIEWS = {torch.ops.aten.permute.default, torch.ops.aten.t.default, torch.ops.aten.transpose.int,
-          torch.ops.aten.alias.default, torch.ops.aten.detach.default, torch.ops.aten.numpy_T.default}
+          torch.ops.aten.alias.default, torch.ops.aten.detach.default, torch.ops.aten.numpy_T.default,
+          torch.ops.aten.squeeze.dim, torch.ops.aten.unsqueeze.default}
 
 
 def is_constant(v: Any) -> bool:
@@ -381,10 +384,17 @@ def _from_scan(s: Scan) -> list[DimFacts]:
     return [DimFacts(*s.constant(d)) for d in range(len(s.lo))]
 
 
-def _view_dims(v: Node, rank: int) -> list[int]:
-    """For a view node of :data:`_VIEWS`: the source dim each of its dims is."""
-    dims = list(range(rank))
+def _view_dims(v: Node, rank: int) -> list[int | None]:
+    """For a view node of :data:`_VIEWS` of a tensor of rank ``rank``: the source dim each of its dims is (None
+    for a size-1 dim ``unsqueeze`` inserts)."""
+    dims: list[int | None] = list(range(rank))
     t = v.target
+    if t is torch.ops.aten.unsqueeze.default:
+        d = v.args[1] % (rank + 1)
+        return dims[:d] + [None] + dims[d:]
+    if t is torch.ops.aten.squeeze.dim:
+        d = v.args[1] % rank if rank else 0
+        return dims[:d] + dims[d + 1:] if rank and _size_one(v.args[0], d) else dims
     if t is torch.ops.aten.permute.default:
         return [d % rank for d in v.args[1]]
     if t in (torch.ops.aten.t.default, torch.ops.aten.numpy_T.default):
@@ -393,6 +403,12 @@ def _view_dims(v: Node, rank: int) -> list[int]:
         a, b = v.args[1] % rank, v.args[2] % rank
         dims[a], dims[b] = dims[b], dims[a]
     return dims
+
+
+def _size_one(v: Node, d: int) -> bool:
+    """Whether dim ``d`` of ``v`` has size 1 (squeeze drops only those)."""
+    val = v.meta.get("val")
+    return val is not None and len(val.shape) > d and val.shape[d] == 1
 
 
 @dataclass(frozen=True)

@@ -262,9 +262,10 @@ class Conv(Rule):
         cout, cin_g = _shape(sp, w)[:2]
         if G == 1:
             sp.unify(x, 1, w, 1, f"by {op.describe()}")
-        elif cin_g == 1 and cout == G:  # depthwise: channel k in -> channel k out
+        elif cin_g == 1 and cout == G:  # depthwise: channel k in -> channel k out, one group: no exit
             sp.unify(x, 1, y, 1, f"by {op.describe()}")
             sp.meta_dim(w, 1)
+            return
         else:
             g = sp.fresh(G)
             per_out = sp.fresh(_shape(sp, w)[0] // G)
@@ -938,6 +939,24 @@ class Cat(Rule):
         sp.structure(op.node, d, "sum", [(p, d) for p in parts], f"by {op.describe()}")
 
 
+class Stack(Rule):
+    """stack along a new dim d: every other dim of the output is that dim of each input; the new one is fresh (one
+    index per input)."""
+
+    nan_eval = True
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        parts = list(op.arg(0, "tensors"))
+        r = sp.rank(op.node)
+        d = op.arg(1, "dim", 0) % r
+        for p in parts:
+            if sp.rank(p) != r - 1:
+                return  # frozen by the driver
+            for e in range(r - 1):
+                sp.unify(p, e, op.node, e if e < d else e + 1, f"by {op.describe()}")
+        sp.meta_dim(op.node, d)
+
+
 class Split(Rule):
     """split/chunk along dim d into getitem outputs: the input's dim d is the concatenation of the parts."""
 
@@ -1132,6 +1151,58 @@ class Creation(Passive):
     """Tensor creation from sizes (new_ones, zeros, full...): fresh dims, frozen by the driver."""
 
 
+class SymSize(Rule):
+    """``aten.sym_size.int(x, d)``: reads the size of dim ``d`` of ``x`` (frozen: a size that changed would change
+    what it computes) and nothing else of ``x``."""
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, d = op.node.args[0], op.node.args[1]
+        r = sp.rank(x)
+        if not isinstance(d, int) or r <= 0:
+            return
+        for e in range(r):
+            if e == d % r:
+                sp.freeze(x, e, f"its size is read by {op.describe()}")
+            else:
+                sp.meta_dim(x, e)
+
+
+class Filled(Passive):
+    """A tensor of one value everywhere, from a list of sizes (``aten.zeros``/``ones``/``full``/``empty`` and their
+    ``new_*`` forms): every channel holds the same, so any dim may lose channels, the sizes following (a state that
+    starts at zeros, as a recurrent scan's does). Sizes that are not plain ints or symbols keep it frozen."""
+
+    def _sizes(self, op: Op) -> SizeArg | None:
+        t = getattr(op.target, "overloadpacket", op.target)
+        pos = 1 if t in (aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty) else 0
+        sizes = op.arg(pos, "size")
+        if not isinstance(sizes, (list, tuple)) or not all(isinstance(s, (int, Node)) for s in sizes):
+            return None
+        return SizeArg(pos, "size")
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        super().couple(op, sp)
+        if self._sizes(op) is not None:
+            for d in range(sp.rank(op.node)):
+                sp.meta_dim(op.node, d)
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        t = getattr(op.target, "overloadpacket", op.target)
+        value = {aten.zeros: 0.0, aten.new_zeros: 0.0, aten.ones: 1.0, aten.new_ones: 1.0}.get(t)
+        if t in (aten.full, aten.new_full):
+            value = op.arg(2 if t is aten.new_full else 1, "fill_value")
+        shape = _shape(fx.sp, op.node)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not shape or not math.isfinite(value):
+            return None
+        return [DimFacts(torch.ones(n, dtype=torch.bool), torch.full((n,), float(value), dtype=torch.float64))
+                for n in shape]
+
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
+        where = self._sizes(op)
+        if where is not None:
+            rw.resize_sizes(op, where)
+
+
 # ---------------------------------------------------------------------------------------------
 _ELEMENTWISE_MODULES = [nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.ReLU6,
                         nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.SELU, nn.CELU, nn.Tanhshrink]
@@ -1190,12 +1261,15 @@ register(Permute(), aten.permute, aten.transpose, aten.t, aten.numpy_T, aten.mov
          torch.swapaxes, torch.movedim, torch.moveaxis, "permute", "transpose", "t", "swapaxes", "movedim", "moveaxis")
 register(Expand(), aten.expand, "expand", "expand_as")
 register(Cat(), aten.cat, torch.cat, torch.concat, torch.concatenate)
+register(Stack(), aten.stack, torch.stack)
 register(Split(), aten.split.Tensor, aten.split_with_sizes, aten.chunk, torch.split, torch.chunk, "split", "chunk")
 register(Slice(), aten.slice.Tensor, aten.select.int)
 register(Matmul(), aten.matmul, aten.mm, aten.bmm, torch.matmul, torch.mm, torch.bmm, operator.matmul, "matmul", "bmm", "mm")
 register(SDPA(), aten.scaled_dot_product_attention, F.scaled_dot_product_attention)
-register(Creation(), aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty, aten.zeros_like, aten.ones_like,
-         aten.full_like, aten.empty_like, aten.arange, aten.zeros, aten.ones, aten.full, aten.empty, aten.scalar_tensor,
+register(Creation(), aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.arange, aten.scalar_tensor,
          torch.zeros_like, torch.ones_like, torch.arange, "new_ones", "new_zeros", "new_full", "new_empty")
+register(Filled(), aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty, aten.zeros, aten.ones, aten.full,
+         aten.empty)
 register(AssertMetadata(), aten._assert_tensor_metadata.default)
+register(SymSize(), aten.sym_size.int)
 register(InputGuards(), GuardsFn)

@@ -80,6 +80,9 @@ def _gpt2_attention(m: nn.Module) -> None:
 BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     "Conv1D": lambda c: setattr(c, "nf", c.weight.shape[1]),  # GPT-2's Conv1D: weight is (in, out)
     "GPT2Attention": _gpt2_attention,
+    # transformers' Mamba mixers: the inner width their depthwise convolution carries
+    "MambaMixer": lambda m: setattr(m, "intermediate_size", m.conv1d.out_channels),
+    "FalconMambaMixer": lambda m: setattr(m, "intermediate_size", m.conv1d.out_channels),
 }
 
 
