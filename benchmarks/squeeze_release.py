@@ -406,7 +406,7 @@ def run_cycles(model: nn.Module, example: tuple[torch.Tensor, ...], trainer: Tra
     return fp.squeeze_release(model, example, train=trainer.train, evaluate=evaluate, cycles=cycles,
                               sparsity=sparsity, mask_steps=a.mask_steps, tolerance=a.tolerance, seed=a.seed,
                               release=release, release_scale=a.release_scale, lasso=trainer.recipe.lasso,
-                              backoff=not a.no_backoff, progress=True)
+                              backoff=not a.no_backoff, structure=a.structure, progress=True)
 
 
 GRID = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]  # the one-shot baseline's sparsities
@@ -469,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="weight of distillation from the dense model in the fine-tuning loss (default: the recipe's)")
     ap.add_argument("--mask-steps", type=int, default=None,
                     help="masking steps per cycle, each followed by fine-tuning (default: the recipe's)")
+    ap.add_argument("--structure", choices=["weights", "groups"], default="weights",
+                    help="the cycle's masks: single weights (default) or whole channels of fxprune's groups")
     ap.add_argument("--no-backoff", action="store_true",
                     help="fp.squeeze_release(backoff=False): every cycle builds on the one before, even one outside the tolerance")
     ap.add_argument("--dense-lasso", action="store_true", help="train the dense model with the group lasso too")

@@ -40,8 +40,9 @@ from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_sta
 from fxprune.interop.distributed import Ranks
 from fxprune.interop.lasso import DEFAULT_STRENGTH, GroupLasso
 from fxprune.interop.masks import unmasked
-from fxprune.interop.module import minimize_module
-from fxprune.passes.mask import apply_masks, bake_masks, hold_masks, magnitude_masks, prunable, sparsity_schedule
+from fxprune.interop.module import cache_off, minimize_module
+from fxprune.passes.mask import (TargetNotReachedWarning, apply_masks, bake_masks, group_masks, hold_masks,
+                                 magnitude_masks, prunable, sparsity_schedule)
 from fxprune.passes.minimize import minimize
 from fxprune.passes.modes import trainable
 from fxprune.passes.release import release as release_zeros
@@ -138,11 +139,28 @@ def _settings(**kw: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kw.items()}
 
 
+def _group_masks(work: nn.Module, inputs: tuple[Any, ...], sparsity: float, include: Sequence[str] | None,
+                 exclude: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """Structured masks of ``work`` (whole channels of its groups), read off a capture of it in eval mode."""
+    modes = {name: m.training for name, m in work.named_modules()}
+    try:
+        for m in work.modules():  # set directly: the module torch.export returns refuses .eval()
+            m.training = False
+        with torch.random.fork_rng(devices=[]), cache_off(work), warnings.catch_warnings():
+            warnings.simplefilter("ignore", TargetNotReachedWarning)  # the cycle reports what it reached
+            gm = capture(work, inputs, dynamic_shapes=None)
+            return group_masks(gm, sparsity, include=include, exclude=exclude)[0]
+    finally:
+        for name, m in work.named_modules():
+            m.training = modes[name]
+
+
 def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: Callable[[nn.Module], Any],
                     evaluate: Callable[[nn.Module], float], cycles: int = 3,
                     sparsity: float | Sequence[float] | Callable[[int], float] = 0.8, mask_steps: int = 4,
                     scope: Literal["global", "layer"] = "global", include: Sequence[str] | None = None,
-                    exclude: Sequence[str] | None = None, release_scale: float = 0.01, release: bool = True,
+                    exclude: Sequence[str] | None = None, structure: Literal["weights", "groups"] = "weights",
+                    release_scale: float = 0.01, release: bool = True,
                     lasso: float = DEFAULT_STRENGTH, tolerance: float = 0.01, backoff: bool = True, seed: int = 0,
                     verify: bool = True,
                     progress: bool | Callable[[str], None] = True, checkpoint_dir: str | os.PathLike | None = None,
@@ -160,7 +178,9 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     during that fine-tune (same training, no released capacity). ``lasso`` is the strength of the group lasso over
     fxprune's channel groups (:class:`~fxprune.interop.lasso.GroupLasso`; it acts around every optimizer step
     inside ``train``, with that step's learning rate; 0 turns it off); ``exclude`` globs are
-    neither masked nor regularized. Returns the smallest cycle model whose accuracy
+    neither masked nor regularized. ``structure="groups"`` masks whole channels of fxprune's groups instead of
+    single weights (:func:`~fxprune.passes.mask.group_masks`: the mask step's sparsity is then the fraction of the
+    model's parameters that minimize removes). Returns the smallest cycle model whose accuracy
     is within ``tolerance`` of the dense model's (or the dense capture), and the per-cycle history.
 
     ``backoff=True``: a cycle whose model falls outside ``tolerance`` is not built on. The next cycle starts again
@@ -187,6 +207,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         raise InputError(f"mask_steps must be a positive integer, got {mask_steps!r}")
     if not callable(train) or not callable(evaluate):
         raise InputError("train and evaluate must be callables taking the module")
+    if structure not in ("weights", "groups"):
+        raise InputError(f"structure must be 'weights' or 'groups', got {structure!r}")
     if resume and checkpoint_dir is None:
         raise InputError("resume=True needs checkpoint_dir: the directory an earlier run wrote its cycles to")
     ranks = Ranks()
@@ -200,7 +222,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     graph_path = isinstance(base, GraphModule)
     settings = _settings(mask_steps=mask_steps, scope=scope, include=include, exclude=exclude,
                          release_scale=release_scale, release=release, tolerance=tolerance, seed=seed, lasso=lasso,
-                         backoff=backoff)
+                         backoff=backoff, **({"structure": structure} if structure != "weights" else {}))
     ckpt = CycleCheckpoint(checkpoint_dir, ranks.rank, ranks.barrier) if checkpoint_dir is not None else None
     dense, done = None, []
     if ckpt is not None:
@@ -269,8 +291,9 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             s = sparsity_schedule(step, mask_steps, final)
             say(f"cycle {c + 1}/{cycles}: mask step {step}/{mask_steps} at sparsity {s:.3f}, fine-tuning")
             work = _rebuilt(work, _state(work), _modes(work))
-            masks = apply_masks(work, magnitude_masks(work, s, scope=scope, include=include, exclude=exclude,
-                                                      seed=seed + c), masks)
+            step_masks = (_group_masks(work, inputs, s, include, exclude) if structure == "groups" else
+                          magnitude_masks(work, s, scope=scope, include=include, exclude=exclude, seed=seed + c))
+            masks = apply_masks(work, step_masks, masks)
             work = _trained(train, work, masks, reg)
         say(f"cycle {c + 1}/{cycles}: minimize")
         ranks.broadcast_module(work, f"cycle {c + 1}'s masked model")
