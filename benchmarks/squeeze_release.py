@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {a.plot}")
     out = dict(benchmark="squeeze_release", model=a.model, dataset=a.dataset, seed=a.seed, quick=a.quick,
                folds=a.folds, cycles=cycles, epochs=recipe.epochs, recipe=dataclasses.asdict(recipe),
-               backoff=not a.no_backoff, mask_steps=a.mask_steps, sparsity=sparsity,
+               backoff=not a.no_backoff, structure=a.structure, mask_steps=a.mask_steps, sparsity=sparsity,
                params_dense=params_dense, accuracy_dense=dense_test, val_accuracy_dense=dense_val,
                one_shot_compression=shot["compression"], one_shot_accuracy=shot["accuracy"],
                one_shot_sparsity=([0.0] + GRID)[picks["one-shot"]], methods=rows,
