@@ -22,6 +22,7 @@ speedup over the masked model, the FLOP reduction and their quotient (efficiency
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -95,7 +96,8 @@ def onnxruntime(m: nn.Module, inputs: tuple[Any, ...], threads: int) -> Runner:
     import onnxruntime as ort
 
     path = os.path.join(tempfile.mkdtemp(), "m.onnx")
-    torch.onnx.export(m, inputs, path, dynamo=True, external_data=False)
+    with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines: not the table
+        torch.onnx.export(m, inputs, path, dynamo=True, external_data=False)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
