@@ -6,7 +6,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from fxprune.analysis.scan import fresh
+from fxprune.graph.scan import fresh
 from fxprune.analysis.groups import Analysis, ChannelGraph
 from fxprune.errors import InputError
 from fxprune.graph.capture import capture

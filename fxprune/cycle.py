@@ -39,7 +39,7 @@ from fxprune.graph.capture import as_inputs, capture
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
 from fxprune.interop.distributed import Ranks
 from fxprune.interop.lasso import DEFAULT_STRENGTH, GroupLasso
-from fxprune.interop.masks import unmasked
+from fxprune.graph.masks import unmasked
 from fxprune.interop.module import cache_off, minimize_module
 from fxprune.passes.mask import (TargetNotReachedWarning, apply_masks, bake_masks, group_masks, hold_masks,
                                  magnitude_masks, prunable, sparsity_schedule)

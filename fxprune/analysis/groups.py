@@ -77,7 +77,7 @@ class Analysis:
         self.spaces.atoms.settle()
         self.facts = Facts(gm, self.spaces)
         # Facts read weight values; a model on the meta device has none, so its analysis is the coupling alone
-        # (unless its weights are bound to a reader: the streamed path, fxprune.analysis.lazy).
+        # (unless its weights are bound to a reader: the streamed path, fxprune.graph.lazy).
         if not on_meta(gm):
             self._facts()
 

@@ -23,8 +23,8 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxprune.analysis.atoms import Atom, AtomSet
-from fxprune.analysis.scan import Scan, scan
-from fxprune.analysis import lazy
+from fxprune.graph.scan import Scan, scan
+from fxprune.graph import lazy
 from fxprune.graph.rebuild import get_attr
 from fxprune.graph.shapes import TensorSpec, hint, is_dynamic_scalar, node_spec
 
@@ -263,7 +263,7 @@ class Facts:
         return self._facts[k]
 
     def _constant_facts(self, v: Node) -> list[DimFacts] | None:
-        """Facts of a constant from the scan of its tensor (:mod:`fxprune.analysis.scan`), permuted like ``v``."""
+        """Facts of a constant from the scan of its tensor (:mod:`fxprune.graph.scan`), permuted like ``v``."""
         if v.op != "get_attr":
             src = self.get(v.args[0])
             if src is None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.export._unlift import GuardsFn
 from torch.fx import Node
 
-from fxprune.analysis.scan import BLOCK_BYTES
+from fxprune.graph.scan import BLOCK_BYTES
 from fxprune.analysis.rule import DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval
 from fxprune.analysis.table import RULES
 from fxprune.graph.shapes import TensorSpec, node_spec

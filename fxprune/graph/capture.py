@@ -20,15 +20,15 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from fxprune.analysis.scan import fresh, scan
+from fxprune.graph.scan import fresh, scan
 from fxprune.compare import compare, first_failure, precision_of, rtol_for
 from fxprune.errors import CaptureError, InputError, UnsupportedError
-from fxprune.analysis import lazy
+from fxprune.graph import lazy
 from fxprune.graph.rebuild import graph_module
 from fxprune.graph.origin import record, run
 from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, from_graph, resize, static_dims
 from fxprune.graph.shapes import annotate, is_annotated
-from fxprune.interop.masks import unmasked
+from fxprune.graph.masks import unmasked
 
 __all__ = ["capture", "as_inputs", "check_weights", "on_meta", "EXAMPLE_INPUTS_KEY"]
 
@@ -53,7 +53,7 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
 
 def on_meta(m: nn.Module, *extra: Any) -> bool:
     """Whether a parameter or buffer of ``m`` (or a tensor among ``extra``) is on the meta device with no values
-    (not bound to a reader: :mod:`fxprune.analysis.lazy`)."""
+    (not bound to a reader: :mod:`fxprune.graph.lazy`)."""
     tensors = list(m.parameters()) + list(m.buffers()) + [t for t in extra if isinstance(t, torch.Tensor)]
     return any(lazy.unbound(t) for t in tensors)
 

@@ -188,7 +188,7 @@ class GroupLasso:
         from fxprune.analysis.groups import Analysis, param_slices
         from fxprune.graph.capture import as_inputs, capture
         from fxprune.graph.shapes import TensorSpec
-        from fxprune.interop.masks import unmasked
+        from fxprune.graph.masks import unmasked
         from fxprune.interop.module import cache_off
         from fxprune.passes.lower import lower_modules
 

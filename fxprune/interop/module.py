@@ -22,7 +22,7 @@ from torch import nn
 from fxprune.errors import CaptureError, EquivalenceError, UnsupportedError
 from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture
 from fxprune.graph.rebuild import attr_owner, get_attr
-from fxprune.interop.masks import unmasked
+from fxprune.graph.masks import unmasked
 from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
 
 __all__ = ["minimize_module", "cache_off", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME"]

@@ -6,7 +6,7 @@ No step holds all the weights:
    small, and some, like rotary frequencies, are computed in ``__init__`` and are in no checkpoint); persistent
    buffers found in the checkpoint are loaded.
 2. The model is captured with torch.export on the meta device. Each parameter of the graph is then *bound* to
-   its tensor in the checkpoint (:mod:`fxprune.analysis.lazy`): the analysis reads weights one tensor at a time,
+   its tensor in the checkpoint (:mod:`fxprune.graph.lazy`): the analysis reads weights one tensor at a time,
    when it needs their facts, and ``minimize`` records how each one is sliced instead of slicing it.
 3. The result is written back into the meta model (the user's classes, as :func:`~fxprune.minimize_module`
    does), and :func:`~fxprune.interop.saving.write_module` writes it shard by shard: each tensor is read from the
@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from fxprune.analysis import lazy
+from fxprune.graph import lazy
 from fxprune.compare import compare, first_failure, precision_of, rtol_for
 from fxprune.errors import EquivalenceError, LoadError, UnsupportedError
 from fxprune.graph.capture import as_inputs, capture

@@ -24,7 +24,7 @@ from fxprune.errors import EquivalenceError, InputError, UnsupportedError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_weights
 from fxprune.graph.origin import blame_capture, fresh_outputs, reference_outputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
-from fxprune.analysis import lazy
+from fxprune.graph import lazy
 from fxprune.graph.rebuild import get_attr, graph_module, new_graph_like, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules

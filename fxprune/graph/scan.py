@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fxprune.analysis import lazy
+from fxprune.graph import lazy
 
 __all__ = ["Scan", "scan", "fresh", "BLOCK_BYTES"]
 

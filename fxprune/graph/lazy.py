@@ -67,7 +67,7 @@ def _recipe(t: torch.Tensor) -> Recipe | None:
 def bind(t: torch.Tensor, read: Callable[[str], torch.Tensor], key: str) -> None:
     """Make the meta tensor ``t`` stand for ``read(key)`` (inside :func:`binding`)."""
     if not _RECIPES:
-        raise RuntimeError("fxprune.analysis.lazy.bind outside a binding() block")
+        raise RuntimeError("fxprune.graph.lazy.bind outside a binding() block")
     _RECIPES[-1][_key(t)] = Recipe(read, key, (), _layout(t), tuple(t.shape), t)
 
 
