@@ -92,7 +92,7 @@ def _widths(m) -> set[int]:
     return {n for p in m.parameters() for n in p.shape}
 
 
-@pytest.mark.parametrize("k", [8, 16])
+@pytest.mark.parametrize("k", [8, 16, 32])
 def test_round_to_keeps_multiples_of_k_in_every_group_that_shrinks(k):
     torch.manual_seed(0)
     model = sr.ConvNeXtStyle(2).double()
@@ -103,10 +103,28 @@ def test_round_to_keeps_multiples_of_k_in_every_group_that_shrinks(k):
     original = _widths(gm)
     assert any(w % k for w in _widths(plain) - original)  # without it, odd widths
     assert all(w % k == 0 for w in _widths(rounded) - original), _widths(rounded) - original
-    assert count_params(plain) < count_params(rounded) < count_params(gm)
+    assert count_params(plain) < count_params(rounded) <= count_params(gm)
     for b in (1, 5):
         xb = torch.randn(b, 1, 8, 8, dtype=torch.float64)
         assert torch.allclose(rounded(xb), masked(xb), rtol=1e-9, atol=1e-12)
+    report = rounded.meta["fxprune_rounded"]  # per group: where, its width, kept before and after rounding
+    assert report and all(r["kept"] <= r["rounded"] <= r["width"] for r in report)
+    assert all(r["rounded"] % k == 0 or r["rounded"] == r["width"] for r in report)
+    assert any(r["kept"] < r["rounded"] for r in report) and all(":" in r["group"] for r in report)
+
+
+@pytest.mark.parametrize("k", [8, 16, 32])
+def test_structured_masks_take_round_to(k):
+    torch.manual_seed(0)
+    model = sr.ConvNeXtStyle(2).double()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    gm = fp.capture(model, (x,))
+    masked = fp.mask(gm, 0.4, structure="groups", round_to=k)
+    small = fp.minimize(masked)  # no rounding here: the mask already left multiples of k
+    changed = _widths(small) - _widths(gm)
+    assert all(w % k == 0 for w in changed), changed
+    removed = 1 - count_params(small) / count_params(gm)
+    assert abs(removed - masked.meta[REACHED_KEY]) <= 0.002 and removed > 0.2
 
 
 def test_round_to_in_the_users_class_and_bad_values():

@@ -67,14 +67,15 @@ def _check_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, 
 def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["global", "layer"] = "global",
          criterion: Literal["magnitude", "random"] = "magnitude", include: Iterable[str] | None = None,
          exclude: Iterable[str] | None = None, masks: Mapping[str, torch.Tensor] | None = None,
-         seed: int = 0, structure: Literal["weights", "groups"] = "weights", max_fraction: float = 0.9) -> GraphModule:
+         seed: int = 0, structure: Literal["weights", "groups"] = "weights", max_fraction: float = 0.9,
+         round_to: int = 1) -> GraphModule:
     """Zero the smallest weights (ndim >= 2, matching ``include``/``exclude`` globs) to reach ``sparsity``.
 
     ``structure="groups"``: zero whole channels of the free channel groups :func:`fxprune.analyze` finds instead
     (every slice of every member: producer rows and biases, consumer columns, norm weights, every tensor of a
     residual stream), so that ``minimize`` removes them; ``sparsity`` is then the fraction of the model's
-    parameters that ``minimize`` will remove (see :func:`group_masks`; the fraction reached is in
-    ``gm.meta["fxprune_mask_reached"]``).
+    parameters that ``minimize`` will remove (see :func:`group_masks`, and its ``round_to``; the fraction reached
+    is in ``gm.meta["fxprune_mask_reached"]``).
 
     >>> import torch, fxprune as fp
     >>> gm = fp.capture(torch.nn.Sequential(torch.nn.Linear(10, 10)), (torch.randn(1, 10),))
@@ -86,7 +87,8 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
     if masks is not None:
         new_masks = _check_masks(gm, masks)
     elif structure == "groups":
-        new_masks, reached = group_masks(gm, sparsity, include=include, exclude=exclude, max_fraction=max_fraction)
+        new_masks, reached = group_masks(gm, sparsity, include=include, exclude=exclude, max_fraction=max_fraction,
+                                         round_to=round_to)
     elif structure == "weights":
         new_masks = magnitude_masks(gm, sparsity, scope=scope, criterion=criterion, include=include, exclude=exclude,
                                     seed=seed)
@@ -101,7 +103,8 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
 
 
 def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | None = None,
-                exclude: Iterable[str] | None = None, max_fraction: float = 0.9) -> tuple[dict[str, torch.Tensor], float]:
+                exclude: Iterable[str] | None = None, max_fraction: float = 0.9,
+                round_to: int = 1) -> tuple[dict[str, torch.Tensor], float]:
     """Masks that zero whole channels of ``gm``'s free channel groups, so that ``minimize`` removes ``sparsity`` of
     its parameters; returns them and the fraction they remove.
 
@@ -112,7 +115,9 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
     columns of several groups at once) stay under the target; the one that would cross it is taken when that lands
     closer to the target than stopping short. At most ``max_fraction`` of a group's channels
     (and never all of them) go. Frozen groups (model inputs and outputs, ops without a rule) and groups with a
-    member outside ``include`` / in ``exclude`` are never touched."""
+    member outside ``include`` / in ``exclude`` are never touched. ``round_to=k``: every group that loses channels
+    keeps a multiple of ``k`` of them (its channels are masked ``k`` at a time, the least important of those chosen),
+    so that ``minimize`` leaves widths the kernels' blocks divide."""
     from fxprune.analysis.groups import Analysis, param_slices
     from fxprune.passes.lower import lower_modules
 
@@ -120,6 +125,8 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
         raise MaskError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if not isinstance(max_fraction, (int, float)) or isinstance(max_fraction, bool) or not 0 <= max_fraction <= 1:
         raise MaskError(f"max_fraction must be a number in [0, 1], got {max_fraction!r}")
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise MaskError(f"round_to must be a positive integer, got {round_to!r}")
     params = dict(gm.named_parameters())
     slices, leaves = param_slices(Analysis(lower_modules(gm)), set(params))
     total = sum(size for _, size in leaves)
@@ -156,21 +163,31 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
     target = sparsity * everything
     removed, taken = 0, torch.zeros(len(leaves), dtype=torch.long)
     gone = torch.zeros(total, dtype=torch.bool)
+    pending: dict[int, list[int]] = {}  # per group, channels chosen but not yet masked (round_to: masked k at a time)
     for c in torch.argsort(importance, stable=True).tolist():
         if removed >= target:
             break
-        if not allowed[c] or taken[group[c]] >= cap[c] or c not in by_channel:
+        g = int(group[c])
+        if not allowed[c] or taken[g] + len(pending.get(g, [])) >= cap[c] or c not in by_channel:
             continue
-        after = {name: list(kept[name]) for name, _, _ in by_channel[c]}
-        for name, d, k in by_channel[c]:
-            after[name][d] -= k
+        batch = pending.setdefault(g, []) + [c]
+        size, now = leaves[g][1], leaves[g][1] - int(taken[g])
+        lower = (now - 1) // round_to * round_to  # the next width down that is a multiple of round_to
+        if lower < 1 or now - len(batch) > lower:
+            pending[g] = batch if lower >= 1 else pending[g]
+            continue
+        after: dict[str, list[int]] = {}
+        for ch in batch:
+            for name, d, k in by_channel[ch]:
+                after.setdefault(name, list(kept[name]))[d] -= k
         delta = sum(math.prod(kept[n]) - math.prod(a) for n, a in after.items())
         if removed + delta > target and removed + delta - target > target - removed:
             break  # the closer of the two to the target
         kept.update(after)
         removed += delta
-        taken[group[c]] += 1
-        gone[c] = True
+        taken[g] += len(batch)
+        gone[batch] = True
+        pending[g] = []
     out: dict[str, torch.Tensor] = {}
     for sl in slices:
         drop = (sl.channel >= 0) & gone[sl.channel.clamp_min(0)]

@@ -36,6 +36,7 @@ __all__ = ["minimize", "self_check", "MinimizeOptions", "ShapeCheck", "NothingRe
 aten = torch.ops.aten
 CHECKS_KEY = "fxprune_checks"  # result meta: the self-check's ShapeChecks
 SITE_BIASES_KEY = "fxprune_site_biases"  # result meta: {bias minimize gave one call site of a shared layer: the shared bias}
+ROUNDED_KEY = "fxprune_rounded"  # result meta with round_to > 1: per group, its width and the widths kept before/after
 KEPT_KEY = "fxprune_kept"  # result meta: {get_attr target: [None (all kept) or kept indices of the input's tensor, per dim]}
 
 
@@ -341,10 +342,14 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     check_weights(gm, "minimize")
     work = work_ref = _prepare(gm, inputs)
     work.meta.pop(KEPT_KEY, None)  # (a previous minimize's: indices here are into this call's input)
+    widths: list[dict[str, Any]] = []
     with torch.no_grad():
         for i in range(opts.max_iterations):
             an = Analysis(work, dict(opts.keep))
-            keep = rounded(an.removable(), opts.round_to)
+            removable = an.removable()
+            keep = rounded(removable, opts.round_to)
+            if opts.round_to > 1:
+                widths += _widths(an, removable, keep, i == 0)
             if not keep:
                 if i == 0:
                     _warn_opaque(an)
@@ -353,11 +358,30 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
         else:  # pragma: no cover - would need > max_iterations cascades
             raise EquivalenceError(f"minimize did not reach a fixed point in {opts.max_iterations} iterations")
     result = _detach(work, gm)
+    if opts.round_to > 1:
+        result.meta[ROUNDED_KEY] = widths
     if opts.verify:
         if inputs is None:
             inputs = random_inputs(placeholder_inputs(result), torch.Generator().manual_seed(0))
         result.meta[CHECKS_KEY] = self_check(gm, result, inputs, opts, work_ref.meta.get(DYNAMIC_KEY))
     return result
+
+
+def _widths(an: Analysis, removable: dict[int, torch.Tensor], keep: dict[int, torch.Tensor],
+            first: bool) -> list[dict[str, Any]]:
+    """Per group that loses channels: a parameter dim that holds it, its width, and the widths kept before and after
+    rounding."""
+    names: dict[int, str] = {}
+    for (key, d), a in an.spaces.spaces().items():
+        if isinstance(key, tuple) and key[0] == "param":
+            for leaf in an.spaces.atoms.leaves_of(a):
+                names.setdefault(id(leaf), f"{key[1]}:{d}")
+    out = []
+    for k, m in removable.items():
+        after = int(keep[k].sum()) if k in keep else m.numel()
+        if after < m.numel() or first:  # later rounds find the channels rounding kept removable again: no news
+            out.append(dict(group=names.get(k, "?"), width=m.numel(), kept=int(m.sum()), rounded=after))
+    return out
 
 
 def rounded(keep: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
