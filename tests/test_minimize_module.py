@@ -464,3 +464,28 @@ def test_mamba_as_loaded_loses_its_unread_inner_channels_in_the_graph_and_in_its
     with fp.interop.module.cache_off(model):
         gm = fp.capture(model, (ids,))
     assert count_params(gm) - count_params(fp.minimize(gm)) == 2 * 5 * per_channel
+
+
+def test_pvt_v2_mlp_units_nothing_reads_go_through_its_depthwise_conv():
+    """PVTv2's MLP is fc1 -> reshape to an image -> depthwise conv -> fc2: hidden units fc2 never reads go although
+    fc1 still writes them (the depthwise conv maps channel k to channel k only; it kept them before), in the class,
+    exact at another image size."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.PvtV2Config(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                   hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                   mlp_ratios=[2, 2], num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.PvtV2ForImageClassification(cfg).double().eval()
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name.endswith("mlp.dense2"):
+                m.weight[:, :3] = 0
+    small = fp.minimize_module(model, (torch.randn(2, 3, 32, 32, dtype=torch.float64),))
+    assert type(small) is type(model)
+    # per unit: its dense1 row and bias, its depthwise filter (3x3) and bias, its dense2 column
+    assert count_params(model) - count_params(small) == 3 * (16 + 1 + 9 + 1 + 16) + 3 * (32 + 1 + 9 + 1 + 32)
+    for side in (32, 48):
+        x = torch.randn(3, 3, side, side, dtype=torch.float64)
+        with torch.no_grad():
+            ref, got = model(x).logits, small(x).logits
+        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-9
