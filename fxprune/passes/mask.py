@@ -74,8 +74,10 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
     ``structure="groups"``: zero whole channels of the free channel groups :func:`fxprune.analyze` finds instead
     (every slice of every member: producer rows and biases, consumer columns, norm weights, every tensor of a
     residual stream), so that ``minimize`` removes them; ``sparsity`` is then the fraction of the model's
-    parameters that ``minimize`` will remove (see :func:`group_masks`, and its ``round_to``; the fraction reached
-    is in ``gm.meta["fxprune_mask_reached"]``).
+    parameters that ``minimize`` will remove (see :func:`group_masks`, and its ``round_to``); it is aimed by running
+    ``minimize`` on the masked copy (unchecked, up to three times: channels that go only because others did, a key
+    channel whose query channel was masked, are counted), and the fraction ``minimize`` removes is in
+    ``gm.meta["fxprune_mask_reached"]``.
 
     >>> import torch, fxprune as fp
     >>> gm = fp.capture(torch.nn.Sequential(torch.nn.Linear(10, 10)), (torch.randn(1, 10),))
@@ -87,8 +89,8 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
     if masks is not None:
         new_masks = _check_masks(gm, masks)
     elif structure == "groups":
-        new_masks, reached = group_masks(gm, sparsity, include=include, exclude=exclude, max_fraction=max_fraction,
-                                         round_to=round_to)
+        new_masks, reached = _to_target(gm, sparsity, include=include, exclude=exclude, max_fraction=max_fraction,
+                                        round_to=round_to)
     elif structure == "weights":
         new_masks = magnitude_masks(gm, sparsity, scope=scope, criterion=criterion, include=include, exclude=exclude,
                                     seed=seed)
@@ -100,6 +102,41 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
     if reached is not None:
         out.meta[REACHED_KEY] = reached
     return out
+
+
+def _to_target(gm: GraphModule, sparsity: float, **kw: object) -> tuple[dict[str, torch.Tensor], float]:
+    """:func:`group_masks` aimed so that what ``minimize`` removes from the masked graph, counted by running it
+    (unchecked, on a copy), lands on ``sparsity``: its count misses channels that go only because others did (a
+    query channel masked leaves its key channel unread). Up to three aims, each corrected by the last miss; the
+    closest is kept, with the fraction ``minimize`` removes."""
+    from fxprune.passes.minimize import MinimizeOptions, minimize
+
+    total = sum(p.numel() for p in gm.parameters())
+    aim, best = sparsity, None
+    for _ in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            masks, _ = group_masks(gm, aim, **kw)  # type: ignore[arg-type]
+            trial = copy.deepcopy(gm)
+            trial.meta = dict(gm.meta)
+            apply_masks(trial, masks)
+            small = minimize(trial, options=MinimizeOptions(verify=False))
+        reached = 1 - sum(p.numel() for p in small.parameters()) / max(total, 1)
+        if best is None or abs(reached - sparsity) < abs(best[1] - sparsity):
+            best = (masks, reached)
+        if abs(reached - sparsity) <= 0.005 or not 0 < aim - (reached - sparsity) < 1:
+            break
+        aim -= reached - sparsity
+    masks, reached = best
+    _warn_short(reached, sparsity, kw.get("max_fraction", 0.9), stacklevel=5)
+    return masks, reached
+
+
+def _warn_short(reached: float, sparsity: float, max_fraction: object, stacklevel: int) -> None:
+    if reached < sparsity - 0.01:
+        warnings.warn(f"the structured mask removes {reached:.1%} of the parameters, short of the {sparsity:.1%} asked: "
+                      f"the others are in frozen groups (fp.analyze shows why), excluded, or past max_fraction="
+                      f"{max_fraction} of their group", TargetNotReachedWarning, stacklevel=stacklevel)
 
 
 def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | None = None,
@@ -197,10 +234,7 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
             m = (~drop).view(shape).expand_as(params[sl.name])
             out[sl.name] = m if sl.name not in out else out[sl.name] & m
     reached = removed / max(everything, 1)
-    if reached < sparsity - 0.01:
-        warnings.warn(f"the structured mask removes {reached:.1%} of the parameters, short of the {sparsity:.1%} asked: "
-                      f"the others are in frozen groups (fp.analyze shows why), excluded, or past max_fraction="
-                      f"{max_fraction} of their group", TargetNotReachedWarning, stacklevel=3)
+    _warn_short(reached, sparsity, max_fraction, stacklevel=4)
     return {n: m.contiguous() for n, m in out.items()}, reached
 
 
