@@ -40,7 +40,7 @@ from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_sta
 from fxprune.interop.distributed import Ranks
 from fxprune.interop.lasso import DEFAULT_STRENGTH, GroupLasso
 from fxprune.graph.masks import unmasked
-from fxprune.interop.module import cache_off, minimize_module
+from fxprune.interop.module import eval_capture, minimize_module
 from fxprune.passes.mask import (TargetNotReachedWarning, apply_masks, bake_masks, group_masks, hold_masks,
                                  magnitude_masks, prunable, sparsity_schedule)
 from fxprune.passes.minimize import minimize
@@ -142,17 +142,9 @@ def _settings(**kw: Any) -> dict[str, Any]:
 def _group_masks(work: nn.Module, inputs: tuple[Any, ...], sparsity: float, include: Sequence[str] | None,
                  exclude: Sequence[str] | None) -> dict[str, torch.Tensor]:
     """Structured masks of ``work`` (whole channels of its groups), read off a capture of it in eval mode."""
-    modes = {name: m.training for name, m in work.named_modules()}
-    try:
-        for m in work.modules():  # set directly: the module torch.export returns refuses .eval()
-            m.training = False
-        with torch.random.fork_rng(devices=[]), cache_off(work), warnings.catch_warnings():
-            warnings.simplefilter("ignore", TargetNotReachedWarning)  # the cycle reports what it reached
-            gm = capture(work, inputs, dynamic_shapes=None)
-            return group_masks(gm, sparsity, include=include, exclude=exclude)[0]
-    finally:
-        for name, m in work.named_modules():
-            m.training = modes[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TargetNotReachedWarning)  # the cycle reports what it reached
+        return group_masks(eval_capture(work, inputs), sparsity, include=include, exclude=exclude)[0]
 
 
 def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: Callable[[nn.Module], Any],

@@ -186,10 +186,8 @@ class GroupLasso:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis, param_slices
-        from fxprune.graph.capture import as_inputs, capture
-        from fxprune.graph.shapes import TensorSpec
         from fxprune.graph.masks import unmasked
-        from fxprune.interop.module import cache_off
+        from fxprune.interop.module import eval_capture
         from fxprune.passes.lower import lower_modules
 
         if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength < 0:
@@ -199,15 +197,7 @@ class GroupLasso:
                 raise InputError(f"{name} must be a non-negative number, got {v!r}")
         self.strength, self.threshold, self.relative = float(strength), float(threshold), float(relative)
         plain = unmasked(model)
-        modes = {name: m.training for name, m in plain.named_modules()}
-        try:  # the groups of the deployed function (dropout off); building draws no randomness from the global RNGs
-            for m in plain.modules():  # set directly: the module torch.export returns refuses .eval()
-                m.training = False
-            with torch.random.fork_rng(devices=[]), cache_off(plain):
-                gm = lower_modules(capture(plain, as_inputs(example_inputs), dynamic_shapes=None))
-        finally:
-            for name, m in plain.named_modules():
-                m.training = modes[name]
+        gm = lower_modules(eval_capture(plain, example_inputs))  # the groups of the deployed function (dropout off)
         an = Analysis(gm)
         sp = an.spaces
         names = {n for n, _ in plain.named_parameters()

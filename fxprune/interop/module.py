@@ -25,7 +25,7 @@ from fxprune.graph.rebuild import attr_owner, get_attr
 from fxprune.graph.masks import unmasked
 from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
 
-__all__ = ["minimize_module", "cache_off", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME"]
+__all__ = ["minimize_module", "cache_off", "eval_capture", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME"]
 
 
 def _linear(m: nn.Linear) -> None:
@@ -110,6 +110,21 @@ def cache_off(model: nn.Module) -> Iterator[dict[str, bool]]:
     finally:
         for path in changed:
             model.get_submodule(path).config.use_cache = True
+
+
+def eval_capture(model: nn.Module, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
+    """A static-shape capture of ``model`` as deployed: every module in eval mode (set directly: the module
+    torch.export returns refuses ``.eval()``) and the KV cache off, drawing no randomness from the global RNGs;
+    ``model``'s modes are restored afterwards. What the group lasso and the structured masks read groups off."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    try:
+        for m in model.modules():
+            m.training = False
+        with torch.random.fork_rng(devices=[]), cache_off(model):
+            return capture(model, as_inputs(example_inputs), dynamic_shapes=None)
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes[name]
 
 
 def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "every",

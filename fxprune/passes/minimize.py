@@ -333,8 +333,6 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     if options is not None and (verify is not True or round_to != 1):
         raise InputError("give verify and round_to inside options (MinimizeOptions(verify=..., round_to=...)), or "
                          "drop options")
-    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
-        raise InputError(f"round_to must be a positive integer, got {round_to!r}")
     opts = options or MinimizeOptions(verify=verify, round_to=round_to)
     if not isinstance(opts.round_to, int) or isinstance(opts.round_to, bool) or opts.round_to < 1:
         raise InputError(f"round_to must be a positive integer, got {opts.round_to!r}")
