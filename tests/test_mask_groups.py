@@ -88,18 +88,31 @@ def test_bad_structured_arguments(bad):
         fp.mask(gm, **{"sparsity": 0.3, **bad})
 
 
+def _convnext() -> torch.fx.GraphModule:
+    """The ConvNeXt-style network of the benchmark, float64, captured."""
+    torch.manual_seed(0)
+    return fp.capture(sr.ConvNeXtStyle(2).double(), (torch.randn(4, 1, 8, 8, dtype=torch.float64),))
+
+
+def _graph_state(gm) -> tuple[str, dict[str, str]]:
+    """The graph's code and every node's meta (values as their shapes and dtypes): what a pure pass leaves alone."""
+    def show(v):
+        return f"{tuple(v.shape)}:{v.dtype}" if isinstance(v, torch.Tensor) else repr(v)
+    return gm.code, {n.name: repr({k: show(v) for k, v in sorted(n.meta.items())}) for n in gm.graph.nodes}
+
+
 def _widths(m) -> set[int]:
     return {n for p in m.parameters() for n in p.shape}
 
 
 @pytest.mark.parametrize("k", [8, 16, 32])
 def test_round_to_keeps_multiples_of_k_in_every_group_that_shrinks(k):
-    torch.manual_seed(0)
-    model = sr.ConvNeXtStyle(2).double()
-    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
-    gm = fp.capture(model, (x,))
+    gm = _convnext()
+    before = _graph_state(gm), snapshot(gm)
     masked = fp.mask(gm, 0.5, structure="groups")
+    pre = _graph_state(masked), snapshot(masked)
     plain, rounded = fp.minimize(masked), fp.minimize(masked, round_to=k)
+    assert (_graph_state(gm), snapshot(gm)) == before and (_graph_state(masked), snapshot(masked)) == pre
     original = _widths(gm)
     assert any(w % k for w in _widths(plain) - original)  # without it, odd widths
     assert all(w % k == 0 for w in _widths(rounded) - original), _widths(rounded) - original
@@ -115,10 +128,7 @@ def test_round_to_keeps_multiples_of_k_in_every_group_that_shrinks(k):
 
 @pytest.mark.parametrize("k", [8, 16, 32])
 def test_structured_masks_take_round_to(k):
-    torch.manual_seed(0)
-    model = sr.ConvNeXtStyle(2).double()
-    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
-    gm = fp.capture(model, (x,))
+    gm = _convnext()
     masked = fp.mask(gm, 0.4, structure="groups", round_to=k)
     small = fp.minimize(masked)  # no rounding here: the mask already left multiples of k
     changed = _widths(small) - _widths(gm)

@@ -366,6 +366,19 @@ _TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 _FIRST_MLP = ("up_proj", "gate_up_proj", "dense_h_to_4h", "fc1")  # the first MLP layer's name in each family
 
 
+def assert_same_lm(model: nn.Module, small: nn.Module) -> None:
+    """Equal logits in float64 at the example's length (12 tokens) and at 7 and 17, and 12 greedy tokens from
+    ``generate()`` (the KV cache on) equal for prompts of 5 and 11 tokens."""
+    for length in (12, 7, 17):
+        x = torch.randint(3, 100, (3, length))
+        with torch.no_grad():
+            ref, got = model(x).logits, small(x).logits
+        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-9, length
+    for prompt in (torch.randint(3, 100, (1, 5)), torch.randint(3, 100, (1, 11))):
+        kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert torch.equal(model.generate(prompt, **kw), small.generate(prompt, **kw))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CAUSAL_LMS))
 def test_causal_lms_as_loaded_come_back_as_themselves_and_generate_the_same(name):
@@ -389,14 +402,7 @@ def test_causal_lms_as_loaded_come_back_as_themselves_and_generate_the_same(name
     small = fp.minimize_module(model, (torch.randint(3, 100, (2, 12)),))
     assert type(small) is type(model) and small.config.use_cache
     assert count_params(model) - count_params(small) >= planted * 5 * 2 * 32 // (2 if name == "phi3" else 1)
-    for length in (12, 7, 17):
-        x = torch.randint(3, 100, (3, length))
-        with torch.no_grad():
-            ref, got = model(x).logits, small(x).logits
-        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-9, length
-    for prompt in (torch.randint(3, 100, (1, 5)), torch.randint(3, 100, (1, 11))):
-        kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
-        assert torch.equal(model.generate(prompt, **kw), small.generate(prompt, **kw))
+    assert_same_lm(model, small)
 
 
 def test_gemma_norms_scaling_by_one_plus_weight_are_compensated_in_the_class():
@@ -453,14 +459,7 @@ def test_mamba_as_loaded_loses_its_unread_inner_channels_in_the_graph_and_in_its
     assert type(small) is type(model) and small.config.use_cache
     assert count_params(model) - count_params(small) == 2 * 5 * per_channel
     assert all(layer.mixer.intermediate_size == 59 for layer in small.backbone.layers)
-    for length in (12, 7, 17):
-        x = torch.randint(3, 100, (3, length))
-        with torch.no_grad():
-            ref, got = model(x).logits, small(x).logits
-        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-9, length
-    for prompt in (torch.randint(3, 100, (1, 5)), torch.randint(3, 100, (1, 11))):
-        kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
-        assert torch.equal(model.generate(prompt, **kw), small.generate(prompt, **kw))
+    assert_same_lm(model, small)
     with fp.interop.module.cache_off(model):
         gm = fp.capture(model, (ids,))
     assert count_params(gm) - count_params(fp.minimize(gm)) == 2 * 5 * per_channel
