@@ -284,3 +284,33 @@ def test_unread_channels_of_a_depthwise_scan_go():
     for b in (1, 7):
         xb = torch.randn(b, 5, 4, dtype=torch.float64)
         assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)
+
+
+class _TensorSplit(nn.Module):
+    """``torch.tensor_split`` on the channel dim: once into two halves, once at the end (an empty second piece, as
+    transformers' Mamba splits its time dim)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.a, self.b = nn.Linear(4, 6), nn.Linear(2, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        left, right = torch.tensor_split(h, [2], dim=1)
+        whole, empty = torch.tensor_split(right, [right.shape[1]], dim=1)
+        return self.a(left) + self.b(whole) + empty.sum()
+
+
+def test_tensor_split_pieces_lose_channels_an_empty_piece_included():
+    torch.manual_seed(0)
+    m = _TensorSplit().double()
+    with torch.no_grad():
+        m.a.weight[:, 0] = 0  # channel 0 of the left piece unread
+        m.b.weight[:, 1] = 0  # channel 3 of h (1 of the right piece) unread
+    x = torch.randn(3, 4, dtype=torch.float64)
+    gm = fp.capture(m, (x,), method="export")
+    small = fp.minimize(gm)
+    assert sum(p.numel() for p in gm.parameters()) - sum(p.numel() for p in small.parameters()) == 2 * (4 + 1 + 3)
+    for b in (1, 6):
+        xb = torch.randn(b, 4, dtype=torch.float64)
+        assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)

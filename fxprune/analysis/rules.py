@@ -973,16 +973,20 @@ class Split(Rule):
         users = {u.args[1]: u for u in op.node.users if u.target is operator.getitem}
         if len(users) != len(op.node.users):
             return  # used as a whole: frozen
-        pieces = []
-        for i, n in enumerate(sizes):
-            u = users.get(i)
-            if u is None:
-                pieces.append(sp.fresh(n))
-                continue
+        for u in users.values():
             for e in range(sp.rank(x)):
                 if e != d:
                     sp.unify(x, e, u, e, f"by {op.describe()}")
-            pieces.append(sp.of(u, d))
+        # an empty piece (a tensor_split at the end of the dim) holds no part of it
+        whole = [(n, users.get(i)) for i, n in enumerate(sizes) if n > 0]
+        if len(whole) == 1:  # the one non-empty piece is the whole dim
+            n, u = whole[0]
+            if u is None:
+                sp.meta_dim(x, d)
+            else:
+                sp.unify(x, d, u, d, f"by {op.describe()}")
+            return
+        pieces = [sp.fresh(n) if u is None else sp.of(u, d) for n, u in whole]
         sp.structure_atoms(sp.of(x, d), "sum", pieces, f"by {op.describe()}")
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
@@ -1262,7 +1266,8 @@ register(Permute(), aten.permute, aten.transpose, aten.t, aten.numpy_T, aten.mov
 register(Expand(), aten.expand, "expand", "expand_as")
 register(Cat(), aten.cat, torch.cat, torch.concat, torch.concatenate)
 register(Stack(), aten.stack, torch.stack)
-register(Split(), aten.split.Tensor, aten.split_with_sizes, aten.chunk, torch.split, torch.chunk, "split", "chunk")
+register(Split(), aten.split.Tensor, aten.split_with_sizes, aten.chunk, aten.tensor_split.indices, torch.split, torch.chunk,
+         "split", "chunk")
 register(Slice(), aten.slice.Tensor, aten.select.int)
 register(Matmul(), aten.matmul, aten.mm, aten.bmm, torch.matmul, torch.mm, torch.bmm, operator.matmul, "matmul", "bmm", "mm")
 register(SDPA(), aten.scaled_dot_product_attention, F.scaled_dot_product_attention)
