@@ -189,3 +189,22 @@ def test_the_target_counts_channels_that_go_only_because_others_did():
     assert abs(removed - 0.3) <= 0.01 and abs(masked.meta[REACHED_KEY] - removed) <= 1e-9
     x = torch.randint(0, 100, (3, 9))
     assert torch.allclose(small(x).logits, masked(x).logits, rtol=1e-9, atol=1e-12)
+
+
+def test_round_to_keeps_back_channels_that_fold_nothing_first():
+    """Rounding keeps back removable channels whose removal folds no constant (relu of a negative bias: zero) before
+    those that fold one (relu of a positive bias), so the rounded model folds fewer constants into biases."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    with torch.no_grad():
+        net[0].weight[:6] = 0
+        net[0].bias[:3] = 0.5  # units 0-2: constant 0.5, folded into the next bias when removed
+        net[0].bias[3:6] = -1.0  # units 3-5: zero, nothing to fold
+    x = torch.randn(4, 6, dtype=torch.float64)
+    gm = fp.capture(net, (x,))
+    small = fp.minimize(gm, round_to=4)  # 10 stay, rounded up to 12: two of the six removable units come back
+    kept = small.get_parameter("0.bias")
+    assert kept.shape == (12,) and int((kept == -1.0).sum()) == 2 and int((kept == 0.5).sum()) == 0
+    for b in (1, 5):
+        xb = torch.randn(b, 6, dtype=torch.float64)
+        assert torch.allclose(small(xb), net(xb), rtol=1e-12, atol=1e-12)

@@ -154,6 +154,15 @@ class Analysis:
                 keep[id(leaf)] = ~rem
         return keep
 
+    def fold_free(self) -> dict[int, torch.Tensor]:
+        """Per leaf atom (by id): the channels that reach no exit as a known nonzero constant, so that removing them
+        folds nothing into a bias (what width rounding keeps back first)."""
+        out: dict[int, torch.Tensor] = {}
+        for e in self.spaces.exits:
+            f = self.facts.dim(e.value, e.dim)
+            self.spaces.atoms.pull_back(self.spaces.of(e.value, e.dim), ~(f.known & (f.value != 0)), out)
+        return out
+
     def kept(self, v: Node, d: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
         return self.spaces.atoms.kept_mask(self.spaces.of(v, d), keep)
 

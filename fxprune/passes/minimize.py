@@ -318,10 +318,11 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     """Delete every channel that provably does not affect the output; return a new, smaller GraphModule.
 
     ``round_to=k``: every channel group that loses channels keeps a multiple of ``k`` of them (or all of them),
-    by keeping some that could go (the lowest-numbered first), so that the widths the kernels see are multiples
-    of ``k`` (the blocks of 8 or 16 channels XNNPACK, oneDNN and onnxruntime's NCHWc kernels work in). A width
-    that is a sum of groups (a concatenation, a fused q/k/v) or a product (heads x head dim) is then a multiple of
-    ``k`` too; groups that lose nothing keep their width as it is. Pass it in ``options`` when giving ``options``.
+    by keeping some that could go (first those whose removal folds no constant into a bias, then the
+    lowest-numbered), so that the widths the kernels see are multiples of ``k`` (the blocks of 8 or 16 channels
+    XNNPACK, oneDNN and onnxruntime's NCHWc kernels work in). A width that is a sum of groups (a concatenation, a
+    fused q/k/v) or a product (heads x head dim) is then a multiple of ``k`` too; groups that lose nothing keep
+    their width as it is. Pass it in ``options`` when giving ``options``.
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -345,7 +346,7 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
         for i in range(opts.max_iterations):
             an = Analysis(work, dict(opts.keep))
             removable = an.removable()
-            keep = rounded(removable, opts.round_to)
+            keep = rounded(removable, opts.round_to, an.fold_free() if opts.round_to > 1 else {})
             if opts.round_to > 1:
                 widths += _widths(an, removable, keep, i == 0)
             if not keep:
@@ -382,16 +383,21 @@ def _widths(an: Analysis, removable: dict[int, torch.Tensor], keep: dict[int, to
     return out
 
 
-def rounded(keep: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
+def rounded(keep: dict[int, torch.Tensor], k: int, fold_free: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
     """``keep`` (per group, the channels to keep) with each group's kept count raised to a multiple of ``k`` (or to
-    all of its channels) by keeping removable channels, lowest-numbered first; groups left whole are dropped."""
+    all of its channels) by keeping removable channels: first those ``fold_free`` marks (their removal would fold
+    no constant into a bias, so keeping them changes nothing else), then the others, lowest-numbered first within
+    each (every channel of a group holds the same slices, so each saves as much); groups left whole are dropped."""
     if k == 1:
         return keep
     out = {}
     for key, m in keep.items():
         target = min(-(-int(m.sum()) // k) * k, m.numel())
+        free = (fold_free or {}).get(key, torch.zeros_like(m))
+        order = (~m).nonzero().flatten()
+        order = order[torch.argsort((~free[order]).to(torch.int8), stable=True)]  # fold-free first, in index order
         m = m.clone()
-        m[(~m).nonzero().flatten()[:target - int(m.sum())]] = True
+        m[order[:target - int(m.sum())]] = True
         if not bool(m.all()):
             out[key] = m
     return out
