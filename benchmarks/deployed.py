@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import fxprune as fp
-from fxprune.verify import _flops
+from fxprune.verify import count_flops
 from latency import build, unit_masks
 
 Runner = Callable[[], Any]
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
             variants = {"masked": masked, "minimized": fp.minimize(masked)}
             for k in a.round_to:
                 variants[f"round_to={k}"] = fp.minimize(masked, round_to=k)
-            flops = {v: _flops(m, inputs) for v, m in variants.items()}
+            flops = {v: count_flops(m, inputs) for v, m in variants.items()}
             for backend in a.backends:
                 try:
                     runners = {v: BACKENDS[backend](m, inputs, a.threads) for v, m in variants.items()}

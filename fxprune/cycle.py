@@ -46,7 +46,7 @@ from fxprune.passes.mask import (TargetNotReachedWarning, apply_masks, bake_mask
 from fxprune.passes.minimize import minimize
 from fxprune.passes.modes import trainable
 from fxprune.passes.release import release as release_zeros
-from fxprune.verify import _flops, count_params
+from fxprune.verify import count_flops, count_params
 
 __all__ = ["squeeze_release", "SqueezeReleaseResult", "GraphPathWarning"]
 
@@ -220,7 +220,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     if ckpt is not None:
         dense, done = _open(ckpt, base, inputs, settings, ranks.world, resume)
     if dense is None:
-        dense = dict(params=count_params(base), flops=_flops(base, inputs),
+        dense = dict(params=count_params(base), flops=count_flops(base, inputs),
                      accuracy=ranks.broadcast_float(float(evaluate(copy.deepcopy(base)))))
         if ckpt is not None:
             ckpt.start(dict(fingerprint=fingerprint(base.state_dict(), inputs), settings=settings, dense=dense,
@@ -313,7 +313,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                                        else (acc_min, small_state, small_modes))
         passed = acc >= dense["accuracy"] - tolerance
         row = dict(cycle=c + 1, target=float(target(c)), sparsity=final, lasso=strength, step=level, params=params,
-                   flops=_flops(small, inputs), accuracy=acc, accuracy_minimized=acc_min, accuracy_released=acc_rel,
+                   flops=count_flops(small, inputs), accuracy=acc, accuracy_minimized=acc_min, accuracy_released=acc_rel,
                    compression=dense["params"] / params, passed=passed, start_params=start_params,
                    seconds=time.perf_counter() - t0)
         improved = passed and params < best_params

@@ -17,7 +17,7 @@ from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, InputDims, batch_dims, from_graph, shape_str, shaped_inputs
 from fxprune.graph.exported import program_inputs
 
-__all__ = ["verify", "EquivalenceReport", "ShapeError", "count_params", "to_float64", "to_dtype", "EXACT_RTOL"]
+__all__ = ["verify", "EquivalenceReport", "ShapeError", "count_params", "count_flops", "to_float64", "to_dtype", "EXACT_RTOL"]
 
 FLOAT32_RTOL = rtol_for(torch.float32)
 
@@ -120,7 +120,9 @@ def random_inputs(xs: Sequence[Any], g: torch.Generator) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _flops(m: nn.Module, xs: tuple[Any, ...]) -> int:
+def count_flops(m: nn.Module, xs: tuple[Any, ...]) -> int:
+    """FLOPs of one forward of ``m`` on ``xs``, as ``torch.utils.flop_counter.FlopCounterMode`` counts them
+    (matmuls, convolutions, attention)."""
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         m(*xs)
@@ -199,7 +201,7 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
     return EquivalenceReport(
         outputs=[errs[i] for i in sorted(errs)],
         params=(count_params(a), count_params(b)),
-        flops=(_flops(a, inputs), _flops(b, inputs)),
+        flops=(count_flops(a, inputs), count_flops(b, inputs)),
         n_inputs=len(batches),
         rtol=rtol,
         notes=notes,

@@ -208,3 +208,73 @@ def test_round_to_keeps_back_channels_that_fold_nothing_first():
     for b in (1, 5):
         xb = torch.randn(b, 6, dtype=torch.float64)
         assert torch.allclose(small(xb), net(xb), rtol=1e-12, atol=1e-12)
+
+
+def test_flops_target_reaches_the_fraction_of_flops_minimize_removes():
+    from fxprune.verify import count_flops
+
+    gm = _convnext()
+    x = gm.meta["fxprune_example_inputs"]
+    masked = fp.mask(gm, 0.4, structure="groups", target="flops")
+    small = fp.minimize(masked)
+    flops = 1 - count_flops(small, x) / count_flops(gm, x)
+    params = 1 - count_params(small) / count_params(gm)
+    assert abs(flops - 0.4) <= 0.01 and abs(masked.meta[REACHED_KEY] - flops) <= 1e-9
+    assert abs(params - 0.4) > 0.01  # a different target from the parameters' (the stem and head weigh apart)
+    xb = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    assert torch.allclose(small(xb), masked(xb), rtol=1e-9, atol=1e-12)
+
+
+def _taylor_net():
+    """Units 2 and 7: the largest weights, but the loss reads output 0 only, and their output-0 weights are zero."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 10), nn.ReLU(), nn.Linear(10, 3)).double()
+    with torch.no_grad():
+        net[0].weight[[2, 7]] *= 10
+        net[2].weight[1:, [2, 7]] *= 10
+        net[2].weight[0, [2, 7]] = 0
+    x = torch.randn(16, 8, dtype=torch.float64)
+    return fp.capture(net, (x,)), x
+
+
+def test_taylor_importance_ranks_by_the_loss_not_the_size():
+    gm, x = _taylor_net()
+    before = {n: p.clone() for n, p in gm.named_parameters()}
+    one_unit = (8 + 1 + 3) / count_params(gm)
+    loss = lambda out: out[:, 0].sum()  # noqa: E731
+    taylor = fp.mask(gm, 2 * one_unit, structure="groups", criterion="taylor", calibration=(x,), loss=loss)
+    gone = lambda m: (m.get_parameter("0.weight") == 0).all(1).nonzero().flatten().tolist()  # noqa: E731
+    assert gone(taylor) == [2, 7]
+    assert set(gone(fp.mask(gm, 2 * one_unit, structure="groups"))) & {2, 7} == set()  # magnitude keeps them
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in gm.named_parameters())  # pure, no .grad left
+    # single weights, |w * dL/dw|: the 38 that do not move the loss (outputs 1 and 2's, units 2 and 7's) go first
+    weights = fp.mask(gm, 38 / 110, criterion="taylor", calibration=(x,), loss=loss)
+    assert bool((weights.get_parameter("2.weight")[1:] == 0).all())
+    assert bool((weights.get_parameter("0.weight")[[2, 7]] == 0).all())
+    assert not bool((fp.mask(gm, 38 / 110).get_parameter("0.weight")[[2, 7]] == 0).any())
+    for bad in (dict(criterion="taylor"), dict(criterion="taylor", calibration=(x,), loss=lambda out: out),
+                dict(criterion="l3"), dict(target="macs"), dict(target="flops", structure="weights")):
+        with pytest.raises(MaskError):
+            fp.mask(gm, 0.2, **{"structure": "groups", **bad})
+
+
+def test_attention_heads_and_head_dim_channels_go_whole():
+    """ViT: the structured mask zeroes q/k/v rows only as whole heads or as one head-dim channel across every head
+    (the groups the analysis finds), never a lone (head, channel) pair."""
+    pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    torch.manual_seed(0)
+    model = sr.vit((8, 8)).double().eval()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    gm = fp.capture(model, (x,))
+    masked = fp.mask(gm, 0.5, structure="groups")
+    heads = model.config.num_attention_heads
+    zeroed = 0
+    for name, p in masked.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            dead = (p == 0).all(1).view(heads, -1)
+            whole = dead.all(1, keepdim=True) | dead.all(0, keepdim=True)
+            assert bool((dead == whole).all()), name
+            zeroed += int(dead.sum())
+    assert zeroed > 0
+    small = fp.minimize(masked)
+    assert torch.allclose(small(x).logits, masked(x).logits, rtol=1e-9, atol=1e-12)

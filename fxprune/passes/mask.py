@@ -11,7 +11,7 @@ import copy
 import fnmatch
 import math
 import warnings
-from typing import Iterable, Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from fxprune.errors import MaskError
 from fxprune.graph.capture import check_weights
 from fxprune.graph.exported import exported_io
 
-__all__ = ["mask", "magnitude_masks", "group_masks", "TargetNotReachedWarning", "apply_masks", "prunable", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
+__all__ = ["mask", "magnitude_masks", "group_masks", "taylor_gradients", "flop_costs", "TargetNotReachedWarning", "apply_masks", "prunable", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
 
 MASKS_KEY = "fxprune_masks"
 REACHED_KEY = "fxprune_mask_reached"  # structure="groups": the fraction of the parameters minimize will remove
@@ -40,13 +40,78 @@ def prunable(gm: nn.Module, include: Iterable[str] | None = None, exclude: Itera
     return out
 
 
-def _scores(params: Mapping[str, torch.Tensor], criterion: str, seed: int) -> dict[str, torch.Tensor]:
-    if criterion == "magnitude":
+Criterion = Literal["magnitude", "l1", "taylor", "random"]
+CRITERIA = ("magnitude", "l1", "taylor", "random")
+
+
+def _scores(params: Mapping[str, torch.Tensor], criterion: str, seed: int,
+            grads: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    if criterion in ("magnitude", "l1"):  # one weight: its L1 and L2 magnitude rank alike
         return {n: p.detach().abs().float() for n, p in params.items()}
+    if criterion == "taylor":
+        return {n: (p.detach() * grads[n]).abs().float() for n, p in params.items()}  # type: ignore[index]
     if criterion == "random":
         g = torch.Generator().manual_seed(seed)
         return {n: torch.rand(p.shape, generator=g) * (p.detach() != 0) for n, p in params.items()}
-    raise MaskError(f"criterion must be 'magnitude' or 'random', got {criterion!r}")
+    raise MaskError(f"criterion must be one of {', '.join(map(repr, CRITERIA))}, got {criterion!r}")
+
+
+def taylor_gradients(model: nn.Module, calibration: object, loss: Callable[[object], torch.Tensor] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """The gradient of ``loss(model(*calibration))`` (default: half the sum of squares of the model's floating
+    outputs) with respect to every parameter of ``model``, computed on a copy (``model`` and its ``.grad`` are left
+    alone): what the first-order Taylor criterion weighs each weight by."""
+    if calibration is None:
+        raise MaskError("criterion='taylor' needs calibration=(inputs, ...): a batch the model accepts, to take the "
+                        "loss's gradient on (and loss=callable(output) -> scalar for your task's loss)")
+    xs = calibration if isinstance(calibration, (tuple, list)) else (calibration,)
+    work = copy.deepcopy(model)
+    params = dict(work.named_parameters())
+    for p in params.values():
+        p.requires_grad_(p.is_floating_point())
+        p.grad = None
+    with torch.enable_grad():
+        out = work(*xs)
+        value = loss(out) if loss is not None else sum(
+            0.5 * t.pow(2).sum() for t in torch.utils._pytree.tree_leaves(out)
+            if isinstance(t, torch.Tensor) and t.is_floating_point())
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
+            raise MaskError("the Taylor loss must be a scalar tensor that depends on the model's parameters, got "
+                            f"{type(value).__name__}")
+        value.backward()
+    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach() for n, p in params.items()}
+
+
+def flop_costs(gm: nn.Module, inputs: tuple[object, ...]) -> dict[str, float]:
+    """FLOPs per entry of each parameter of ``gm`` on one forward of ``inputs``: every op ``FlopCounterMode``
+    counts (matmuls, convolutions, attention) charges its FLOPs to the weights among its operands (parameters or
+    views of them with two dims or more; a bias added in the same op is not charged), spread over their entries.
+    Parameters no counted op reads cost nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    registry = FlopCounterMode(display=False).flop_registry
+    owner: dict[int, str] = {}
+    for name, p in gm.named_parameters():
+        owner.setdefault(p.untyped_storage().data_ptr(), name)
+    costs = dict.fromkeys(owner.values(), 0.0)
+    numel = {name: p.numel() for name, p in gm.named_parameters()}
+
+    class Charge(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            count = registry.get(func._overloadpacket)
+            if count is not None:
+                names = {owner[t.untyped_storage().data_ptr()] for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                         if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.untyped_storage().data_ptr() in owner}
+                for name in names:
+                    costs[name] += count(*args, **kwargs, out_val=out) / numel[name] / len(names)
+            return out
+
+    with torch.no_grad(), Charge():
+        gm(*inputs)
+    return costs
 
 
 def _check_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,11 +130,16 @@ def _check_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, 
 
 @exported_io
 def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["global", "layer"] = "global",
-         criterion: Literal["magnitude", "random"] = "magnitude", include: Iterable[str] | None = None,
+         criterion: Criterion = "magnitude", include: Iterable[str] | None = None,
          exclude: Iterable[str] | None = None, masks: Mapping[str, torch.Tensor] | None = None,
          seed: int = 0, structure: Literal["weights", "groups"] = "weights", max_fraction: float = 0.9,
-         round_to: int = 1) -> GraphModule:
+         round_to: int = 1, target: Literal["params", "flops"] = "params", calibration: object = None,
+         loss: Callable[[object], torch.Tensor] | None = None) -> GraphModule:
     """Zero the smallest weights (ndim >= 2, matching ``include``/``exclude`` globs) to reach ``sparsity``.
+
+    ``criterion``: ``"magnitude"`` (default; ``"l1"`` ranks single weights alike), ``"random"`` (seeded), or
+    ``"taylor"``: ``|w * dL/dw|`` with ``L = loss(gm(*calibration))`` (``calibration``: a batch of inputs, required;
+    ``loss``: default half the sum of squares of the outputs; pass your task's loss), see :func:`taylor_gradients`.
 
     ``structure="groups"``: zero whole channels of the free channel groups :func:`fxprune.analyze` finds instead
     (every slice of every member: producer rows and biases, consumer columns, norm weights, every tensor of a
@@ -77,7 +147,8 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
     parameters that ``minimize`` will remove (see :func:`group_masks`, and its ``round_to``); it is aimed by running
     ``minimize`` on the masked copy (unchecked, up to three times: channels that go only because others did, a key
     channel whose query channel was masked, are counted), and the fraction ``minimize`` removes is in
-    ``gm.meta["fxprune_mask_reached"]``.
+    ``gm.meta["fxprune_mask_reached"]``. ``target="flops"``: ``sparsity`` is the fraction of the forward's FLOPs
+    (``torch.utils.flop_counter.FlopCounterMode`` on the example inputs) that ``minimize`` will remove instead.
 
     >>> import torch, fxprune as fp
     >>> gm = fp.capture(torch.nn.Sequential(torch.nn.Linear(10, 10)), (torch.randn(1, 10),))
@@ -88,14 +159,21 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
     reached = None
     if masks is not None:
         new_masks = _check_masks(gm, masks)
-    elif structure == "groups":
-        new_masks, reached = _to_target(gm, sparsity, include=include, exclude=exclude, max_fraction=max_fraction,
-                                        round_to=round_to)
-    elif structure == "weights":
-        new_masks = magnitude_masks(gm, sparsity, scope=scope, criterion=criterion, include=include, exclude=exclude,
-                                    seed=seed)
     else:
-        raise MaskError(f"structure must be 'weights' or 'groups', got {structure!r}")
+        if criterion not in CRITERIA:
+            raise MaskError(f"criterion must be one of {', '.join(map(repr, CRITERIA))}, got {criterion!r}")
+        if target not in ("params", "flops") or (target == "flops" and structure != "groups"):
+            raise MaskError(f"target must be 'params' or (with structure='groups') 'flops', got {target!r}")
+        grads = taylor_gradients(gm, calibration, loss) if criterion == "taylor" else None
+        if structure == "groups":
+            new_masks, reached = _to_target(gm, sparsity, target, include=include, exclude=exclude,
+                                            max_fraction=max_fraction, round_to=round_to, criterion=criterion,
+                                            grads=grads, seed=seed)
+        elif structure == "weights":
+            new_masks = magnitude_masks(gm, sparsity, scope=scope, criterion=criterion, include=include,
+                                        exclude=exclude, seed=seed, grads=grads)
+        else:
+            raise MaskError(f"structure must be 'weights' or 'groups', got {structure!r}")
     out = copy.deepcopy(gm)
     out.meta = dict(gm.meta)
     out.meta[MASKS_KEY] = apply_masks(out, new_masks, gm.meta.get(MASKS_KEY, {}))
@@ -104,14 +182,24 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
     return out
 
 
-def _to_target(gm: GraphModule, sparsity: float, **kw: object) -> tuple[dict[str, torch.Tensor], float]:
-    """:func:`group_masks` aimed so that what ``minimize`` removes from the masked graph, counted by running it
-    (unchecked, on a copy), lands on ``sparsity``: its count misses channels that go only because others did (a
-    query channel masked leaves its key channel unread). Up to three aims, each corrected by the last miss; the
-    closest is kept, with the fraction ``minimize`` removes."""
+def _to_target(gm: GraphModule, sparsity: float, target: str, **kw: object) -> tuple[dict[str, torch.Tensor], float]:
+    """:func:`group_masks` aimed so that what ``minimize`` removes from the masked graph (parameters, or with
+    ``target="flops"`` the forward's FLOPs on the example inputs), counted by running it (unchecked, on a copy),
+    lands on ``sparsity``: the masks' own count misses channels that go only because others did (a query channel
+    masked leaves its key channel unread) and FLOPs no weight carries (attention's products). Up to three aims, each
+    corrected by the last miss; the closest is kept, with the fraction ``minimize`` removes."""
+    from fxprune.graph.capture import EXAMPLE_INPUTS_KEY
+    from fxprune.graph.shapes import placeholder_inputs
     from fxprune.passes.minimize import MinimizeOptions, minimize
+    from fxprune.verify import count_flops, random_inputs
 
-    total = sum(p.numel() for p in gm.parameters())
+    if target == "flops":
+        inputs = gm.meta.get(EXAMPLE_INPUTS_KEY) or random_inputs(placeholder_inputs(gm), torch.Generator().manual_seed(0))
+        size = lambda m: count_flops(m, inputs)  # noqa: E731
+        kw["costs"] = flop_costs(gm, inputs)
+    else:
+        size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    total = size(gm)
     aim, best = sparsity, None
     for _ in range(3):
         with warnings.catch_warnings():
@@ -121,7 +209,7 @@ def _to_target(gm: GraphModule, sparsity: float, **kw: object) -> tuple[dict[str
             trial.meta = dict(gm.meta)
             apply_masks(trial, masks)
             small = minimize(trial, options=MinimizeOptions(verify=False))
-        reached = 1 - sum(p.numel() for p in small.parameters()) / max(total, 1)
+        reached = 1 - size(small) / max(total, 1)
         if best is None or abs(reached - sparsity) < abs(best[1] - sparsity):
             best = (masks, reached)
         if abs(reached - sparsity) <= 0.005 or not 0 < aim - (reached - sparsity) < 1:
@@ -140,17 +228,22 @@ def _warn_short(reached: float, sparsity: float, max_fraction: object, stackleve
 
 
 def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | None = None,
-                exclude: Iterable[str] | None = None, max_fraction: float = 0.9,
-                round_to: int = 1) -> tuple[dict[str, torch.Tensor], float]:
+                exclude: Iterable[str] | None = None, max_fraction: float = 0.9, round_to: int = 1,
+                criterion: Criterion = "magnitude", grads: Mapping[str, torch.Tensor] | None = None,
+                costs: Mapping[str, float] | None = None, seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
     """Masks that zero whole channels of ``gm``'s free channel groups, so that ``minimize`` removes ``sparsity`` of
     its parameters; returns them and the fraction they remove.
 
-    Importance of channel ``c`` of a group: the root mean square of its entries over every slice of every member,
-    each entry measured against its own tensor (``w / s_t``, ``s_t`` the root mean square of the tensor's nonzero
-    entries, so a norm weight near 1 and a conv weight near 0.05 count alike). Channels are ranked globally, least
-    important first, and taken while the parameters their removal frees (counted exactly: a weight loses rows and
-    columns of several groups at once) stay under the target; the one that would cross it is taken when that lands
-    closer to the target than stopping short. At most ``max_fraction`` of a group's channels
+    Importance of channel ``c`` of a group, over every entry of every slice of every member that holds it:
+    ``criterion="magnitude"`` (L2), the root mean square of those entries, each measured against its own tensor
+    (``w / s_t``, ``s_t`` the root mean square of the tensor's nonzero entries, so a norm weight near 1 and a conv
+    weight near 0.05 count alike); ``"l1"``, their mean absolute value, each against the tensor's mean absolute
+    nonzero entry; ``"taylor"``, ``(sum of w * dL/dw)**2`` over the entries, the square of the first-order change
+    in the loss when the whole channel is zeroed (``grads``: :func:`taylor_gradients`); ``"random"``, a seeded
+    random order. Channels are ranked globally, least important first, and taken while what their removal frees
+    stays under the target: parameters (counted exactly: a weight loses rows and columns of several groups at once),
+    or with ``costs`` (:func:`flop_costs`) each entry weighed by its FLOPs; the one that would cross the target is
+    taken when that lands closer to it than stopping short. At most ``max_fraction`` of a group's channels
     (and never all of them) go. Frozen groups (model inputs and outputs, ops without a rule) and groups with a
     member outside ``include`` / in ``exclude`` are never touched. ``round_to=k``: every group that loses channels
     keeps a multiple of ``k`` of them (its channels are masked ``k`` at a time, the least important of those chosen),
@@ -164,6 +257,10 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
         raise MaskError(f"max_fraction must be a number in [0, 1], got {max_fraction!r}")
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
         raise MaskError(f"round_to must be a positive integer, got {round_to!r}")
+    if criterion not in CRITERIA:
+        raise MaskError(f"criterion must be one of {', '.join(map(repr, CRITERIA))}, got {criterion!r}")
+    if criterion == "taylor" and grads is None:
+        raise MaskError("criterion='taylor' needs the gradients (taylor_gradients(gm, calibration))")
     params = dict(gm.named_parameters())
     slices, leaves = param_slices(Analysis(lower_modules(gm)), set(params))
     total = sum(size for _, size in leaves)
@@ -177,14 +274,24 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
             allowed[sl.channel[hit]] = False
             continue
         w = params[sl.name].detach().to(torch.float64)
-        nz = w[w != 0]
-        scale = nz.pow(2).mean().sqrt() if nz.numel() else torch.ones((), dtype=torch.float64)
         dims = [d for d in range(w.dim()) if d != sl.dim]
-        per = (w / scale).pow(2).sum(dims) if dims else (w / scale).pow(2)
+        if criterion == "taylor":
+            entry = w * grads[sl.name].to(torch.float64)  # type: ignore[index]
+        else:
+            nz = w[w != 0].abs()
+            scale = (nz.pow(2).mean().sqrt() if criterion != "l1" else nz.mean()) if nz.numel() else 1.0
+            entry = (w / scale).pow(2) if criterion != "l1" else (w / scale).abs()
+        per = entry.sum(dims) if dims else entry
         squares.index_add_(0, sl.channel[hit], per[hit])
         counts.index_add_(0, sl.channel[hit], torch.full((int(hit.sum()),), float(w.numel() // w.shape[sl.dim]),
                                                          dtype=torch.float64))
-    importance = (squares / counts.clamp_min(1)).sqrt()
+    if criterion == "taylor":
+        importance = squares.pow(2)
+    elif criterion == "random":
+        importance = torch.rand(total, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    else:
+        importance = squares / counts.clamp_min(1)
+        importance = importance.sqrt() if criterion == "magnitude" else importance
     cap = torch.zeros(total, dtype=torch.long)  # per channel: how many of its group's channels may go
     group = torch.zeros(total, dtype=torch.long)
     for i, (first, size) in enumerate(leaves):
@@ -196,7 +303,8 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
         ch, n = torch.unique(sl.channel[sl.channel >= 0], return_counts=True)
         for c, k in zip(ch.tolist(), n.tolist()):
             by_channel.setdefault(c, []).append((sl.name, sl.dim, k))
-    everything = sum(p.numel() for p in params.values())
+    cost = (lambda n: 1.0) if costs is None else (lambda n: costs.get(n, 0.0))  # noqa: E731
+    everything = sum(cost(n) * p.numel() for n, p in params.items())
     target = sparsity * everything
     removed, taken = 0, torch.zeros(len(leaves), dtype=torch.long)
     gone = torch.zeros(total, dtype=torch.bool)
@@ -217,7 +325,7 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
         for ch in batch:
             for name, d, k in by_channel[ch]:
                 after.setdefault(name, list(kept[name]))[d] -= k
-        delta = sum(math.prod(kept[n]) - math.prod(a) for n, a in after.items())
+        delta = sum(cost(n) * (math.prod(kept[n]) - math.prod(a)) for n, a in after.items())
         if removed + delta > target and removed + delta - target > target - removed:
             break  # the closer of the two to the target
         kept.update(after)
@@ -243,8 +351,9 @@ class TargetNotReachedWarning(UserWarning):
 
 
 def magnitude_masks(model: nn.Module, sparsity: float, *, scope: Literal["global", "layer"] = "global",
-                    criterion: Literal["magnitude", "random"] = "magnitude", include: Iterable[str] | None = None,
-                    exclude: Iterable[str] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+                    criterion: Criterion = "magnitude", include: Iterable[str] | None = None,
+                    exclude: Iterable[str] | None = None, seed: int = 0,
+                    grads: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The masks :func:`mask` writes (parameter name -> bool, True = kept), for any module: the graph pass and the
     cycle's masking of the user's own model both draw them here."""
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
@@ -254,7 +363,9 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, scope: Literal["global
     params = prunable(model, include, exclude)
     if not params:
         raise MaskError("no parameter matches: mask selects floating parameters with ndim >= 2 matching include/exclude")
-    scores = _scores(params, criterion, seed)
+    if criterion == "taylor" and grads is None:
+        raise MaskError("criterion='taylor' needs the gradients (taylor_gradients(model, calibration))")
+    scores = _scores(params, criterion, seed, grads)
     if scope == "layer":
         return {n: _keep_top(s.flatten(), sparsity).view(s.shape) for n, s in scores.items()}
     flat = torch.cat([s.flatten() for s in scores.values()])
