@@ -66,7 +66,7 @@ def _minimize(a: argparse.Namespace) -> int:
     prog = load(a.input, a.imports)
     if a.sparsity is not None:
         _say(f"masking to sparsity {a.sparsity}" + (" (whole channels)" if a.structure == "groups" else ""))
-        prog = fp.mask(prog, a.sparsity, structure=a.structure)
+        prog = fp.mask(prog, a.sparsity, structure=a.structure, **({"target": a.target} if a.structure == "groups" else {}))
     _say("minimizing (with its self-check)" + (f", widths rounded up to multiples of {a.round_to}" if a.round_to > 1 else ""))
     small = fp.minimize(prog, round_to=a.round_to)
     _say("verifying")
@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", choices=["weights", "groups"], default="weights",
                    help="with --sparsity: single weights, or whole channels of fxprune's groups (sparsity is then "
                         "the fraction of parameters minimize removes)")
+    p.add_argument("--target", choices=["params", "flops"], default="params",
+                   help="with --structure groups: sparsity is the fraction of the parameters, or of the FLOPs, removed")
     p.add_argument("--round-to", type=int, default=1, metavar="K",
                    help="keep a multiple of K channels in every group that loses channels (8 or 16 for blocked CPU kernels)")
     p.add_argument("--report", default=None, help="write a JSON report here")

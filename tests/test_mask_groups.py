@@ -171,6 +171,10 @@ def test_cli_structured_mask_and_round_to(tmp_path):
     assert widths and all(w % 8 == 0 for w in widths)
     n = lambda p: sum(t.numel() for t in p.state_dict.values())  # noqa: E731
     assert n(small) < 0.6 * n(ep)
+    flops = tmp_path / "flops.pt2"
+    assert main(["minimize", str(src), "-o", str(flops), "--sparsity", "0.5", "--structure", "groups",
+                 "--target", "flops"]) == 0
+    assert n(torch.export.load(flops)) != n(small)  # another target, another model
 
 
 def test_the_target_counts_channels_that_go_only_because_others_did():
