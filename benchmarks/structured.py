@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import fxprune as fp
-from fxprune.verify import count_flops, count_params
+from fxprune.verify import count_flops
 from torchvision_zoo import build as zoo_build
 
 MODELS = ["resnet50", "convnext_tiny", "mobilenet_v2", "vit_b_16", "llama"]
@@ -46,6 +46,8 @@ def build(name: str) -> tuple[nn.Module, tuple[Any, ...], tuple[Any, ...]]:
     """The float64 model, its example inputs and inputs of another batch size (and length)."""
     if name != "llama":
         model, x = zoo_build(name)
+        if name == "vit_b_16":
+            torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initializes it
         side = x[0].shape[-1]
         return model, x, (torch.randn(3, 3, side, side, dtype=torch.float64),)
     import transformers
@@ -61,6 +63,11 @@ def build(name: str) -> tuple[nn.Module, tuple[Any, ...], tuple[Any, ...]]:
                 p.uniform_(0.5, 1.5)
     g = torch.Generator().manual_seed(1)
     return model, (torch.randint(0, 1000, (2, 64), generator=g),), (torch.randint(0, 1000, (3, 37), generator=g),)
+
+
+def count_params(m: nn.Module) -> int:
+    """Parameters (what the structured mask's sparsity counts; BatchNorm's running statistics are not in it)."""
+    return sum(p.numel() for p in m.parameters())
 
 
 def logits(out: Any) -> torch.Tensor:
