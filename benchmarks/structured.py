@@ -15,6 +15,8 @@ captured graph (capture itself, once per model, in the JSON's ``capture_s``; Lla
 per-layer ratio, the settings of its own examples for each model: classifier ignored; ViT's class token and
 position embedding as unwrapped parameters and its heads; Llama's heads, ``prune_num_heads``), ``round_to=k``,
 the ratio bisected (8 steps) to the parameter count fxprune reached; the time is one ``step()`` at that ratio.
+A tool that has not finished a row in ``--limit`` seconds (default 900) fails it; Torch-Pruning is then not run
+again on that model.
 Each tool's result is compared in float64 with its own *masked* model, the original with exactly the channels that
 tool removed zeroed (every producer of each removed channel: conv/linear rows and biases, norm scales and shifts,
 embedding columns, unwrapped parameters), on the example input and on one of another batch size (and for Llama
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import signal
 import sys
 import time
 import traceback
@@ -179,12 +182,21 @@ def run_torch_pruning(name: str, model: nn.Module, x: tuple[Any, ...], k: int, p
                 err=rel(masked, small, inputs))
 
 
-def guarded(f: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def guarded(f: Callable[[], dict[str, Any]], limit: int) -> dict[str, Any]:
+    """``f()``, or why it failed: its exception, or ``limit`` seconds passed (an alarm stops it)."""
+    def stop(*_: Any) -> None:
+        raise TimeoutError(f"did not finish in {limit} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(limit)
     try:
         return f()
     except Exception as e:  # noqa: BLE001 - what a tool cannot do is a cell of the table
         print(traceback.format_exc()[-1500:], file=sys.stderr)
         return dict(failed=f"{type(e).__name__}: {str(e).splitlines()[0][:140] if str(e) else ''}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -193,9 +205,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--no-torch-pruning", action="store_true")
+    ap.add_argument("--limit", type=int, default=900, help="seconds per tool and row before it counts as failed")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
+    tp_failed: dict[str, str] = {}
     for name in a.models:
         model, x, other = build(name)
         inputs = [x, other]
@@ -207,9 +221,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for k in a.round_to:
                 row: dict[str, Any] = dict(model=name, sparsity=s, round_to=k, params=before, flops=flops,
                                            capture_s=capture_s)
-                row["fxprune"] = fx = guarded(lambda: run_fxprune(gm, s, k, inputs))
-                if not a.no_torch_pruning and "params" in fx:
-                    row["torch_pruning"] = guarded(lambda: run_torch_pruning(name, model, x, k, fx["params"], inputs))
+                row["fxprune"] = fx = guarded(lambda: run_fxprune(gm, s, k, inputs), a.limit)
+                if not a.no_torch_pruning and "params" in fx and name not in tp_failed:
+                    row["torch_pruning"] = tpr = guarded(
+                        lambda: run_torch_pruning(name, model, x, k, fx["params"], inputs), a.limit)
+                    if "did not finish" in tpr.get("failed", ""):
+                        tp_failed[name] = tpr["failed"]  # not tried again at the other targets
+                elif name in tp_failed:
+                    row["torch_pruning"] = dict(failed=tp_failed[name] + " (at the first target; not run again)")
                 rows.append(row)
                 print(f"[structured] {name} {s:.0%} round_to={k}: done", file=sys.stderr, flush=True)
     print(f"{'model':<14} {'target':>6} {'k':>3} | {'tool':<13} {'params':>7} {'FLOPs':>7} {'time s':>7} "
