@@ -71,13 +71,15 @@ class SqueezeReleaseResult:
         return self.dense["params"] / count_params(self.module)
 
     def table(self) -> str:
-        rows = [f"{'cycle':>5}  {'sparsity':>8}  {'params':>10}  {'compression':>11}  {'FLOPs':>13}  {'accuracy':>8}",
+        rows = [f"{'cycle':>5}  {'sparsity':>8}  {'params':>10}  {'compression':>11}  {'FLOPs':>13}  {'accuracy':>8}  "
+                f"{'fxprune share':>13}",
                 f"{'dense':>5}  {'':>8}  {self.dense['params']:>10,}  {1.0:>10.2f}x  {self.dense['flops']:>13,}  "
                 f"{self.dense['accuracy']:>8.4f}"]
         for h in self.history:
             mark = " *" if h["cycle"] == self.best_cycle else ""
+            share = f"{h['fxprune_seconds'] / h['seconds']:>13.1%}" if h.get("seconds") and "fxprune_seconds" in h else ""
             rows.append(f"{h['cycle']:>5}  {h['sparsity']:>8.3f}  {h['params']:>10,}  {h['compression']:>10.2f}x  "
-                        f"{h['flops']:>13,}  {h['accuracy']:>8.4f}{mark}")
+                        f"{h['flops']:>13,}  {h['accuracy']:>8.4f}  {share}{mark}")
         return "\n".join(rows)
 
 
@@ -87,6 +89,20 @@ def _progress(progress: bool | Callable[[str], None]) -> Callable[[str], None]:
     if progress:
         return lambda msg: print(f"[fxprune] {msg}", file=sys.stderr, flush=True)
     return lambda msg: None
+
+
+class _Clocked:
+    """A user's ``train`` or ``evaluate``, with the seconds spent in it summed (the rest of a cycle is fxprune's)."""
+
+    def __init__(self, f: Callable[[nn.Module], Any]) -> None:
+        self.f, self.seconds = f, 0.0
+
+    def __call__(self, m: nn.Module) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.f(m)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 def _call_train(train: Callable[[nn.Module], Any], m: nn.Module) -> nn.Module:
@@ -205,6 +221,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         raise InputError("resume=True needs checkpoint_dir: the directory an earlier run wrote its cycles to")
     ranks = Ranks()
     say = _progress(progress) if ranks.rank == 0 else _progress(False)
+    train, evaluate = _Clocked(train), _Clocked(evaluate)  # the seconds spent in the user's code, per cycle
     inputs = as_inputs(example_inputs)
     target = sparsity if callable(sparsity) else (lambda c: sparsity[c]) if isinstance(sparsity, Sequence) else (lambda c: sparsity)
     if not isinstance(lasso, (int, float)) or isinstance(lasso, bool) or lasso < 0:
@@ -276,8 +293,10 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         set_rng_state(rng)
     for c in range(len(done), cycles):
         t0, start_params = time.perf_counter(), count_params(work)
+        user0 = train.seconds + evaluate.seconds
         final, strength = stepped(float(target(c)), lasso, level)
         reg = GroupLasso(work, inputs, strength=strength, exclude=exclude) if strength else None
+        lasso_s = 0.0
         masks: dict[str, torch.Tensor] = {}
         for step in range(1, mask_steps + 1):
             s = sparsity_schedule(step, mask_steps, final)
@@ -297,6 +316,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         small = _rebuilt(struct, small_state, small_modes)
         params = count_params(small)
         acc_min = ranks.broadcast_float(float(evaluate(_rebuilt(struct, small_state, small_modes))))
+        lasso_s += reg.seconds if reg is not None else 0.0
         reg = GroupLasso(small, inputs, strength=strength, exclude=exclude) if strength else None
         if release:
             say(f"cycle {c + 1}/{cycles}: release and fine-tune")
@@ -312,10 +332,13 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         acc, kept_state, kept_modes = ((acc_rel, work_state, work_modes) if acc_rel > acc_min
                                        else (acc_min, small_state, small_modes))
         passed = acc >= dense["accuracy"] - tolerance
+        lasso_s += reg.seconds if reg is not None else 0.0
+        seconds = time.perf_counter() - t0
+        user_s = train.seconds + evaluate.seconds - user0 - lasso_s  # the lasso's hooks run inside train
         row = dict(cycle=c + 1, target=float(target(c)), sparsity=final, lasso=strength, step=level, params=params,
                    flops=count_flops(small, inputs), accuracy=acc, accuracy_minimized=acc_min, accuracy_released=acc_rel,
                    compression=dense["params"] / params, passed=passed, start_params=start_params,
-                   seconds=time.perf_counter() - t0)
+                   seconds=seconds, user_seconds=user_s, fxprune_seconds=seconds - user_s)
         improved = passed and params < best_params
         if improved:
             best, best_cycle, best_params = _rebuilt(struct, kept_state, kept_modes), c + 1, params

@@ -96,6 +96,29 @@ def test_cnn_with_batchnorm_and_an_ordinary_loop():
     assert not torch.equal(kept.bn.running_mean, mean)
 
 
+def test_history_splits_each_cycles_seconds_between_fxprune_and_the_users_code():
+    import time
+
+    torch.manual_seed(0)
+    model, (x, y) = SmallResNet(), _data()
+    loop = Loop(x, y, epochs=1)
+
+    def train(m):  # 0.2 s of the user's own on top of the loop
+        time.sleep(0.2)
+        loop.train(m)
+
+    def evaluate(m):
+        time.sleep(0.1)
+        return loop.evaluate(m)
+
+    res = fp.squeeze_release(model, (x[:8],), train=train, evaluate=evaluate, cycles=1, mask_steps=2, sparsity=0.5,
+                             tolerance=1.0, progress=False)
+    row = res.history[0]  # 3 train calls (2 mask steps, 1 after release) and 2 evaluations: 0.8 s asleep at least
+    assert row["user_seconds"] >= 0.8 and 0 < row["fxprune_seconds"] < row["seconds"]
+    assert abs(row["user_seconds"] + row["fxprune_seconds"] - row["seconds"]) <= 1e-9
+    assert "fxprune share" in res.table()
+
+
 def test_group_lasso_makes_the_default_cycle_remove_structure():
     """The same loop and defaults with the group lasso off removes (almost) nothing; on, whole channels go."""
     def run(lasso):

@@ -37,6 +37,7 @@ own: :meth:`GroupLasso.penalty` (``R``, differentiable, for a loss term), :meth:
 from __future__ import annotations
 
 import contextlib
+import time
 import functools
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -196,6 +197,7 @@ class GroupLasso:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise InputError(f"{name} must be a non-negative number, got {v!r}")
         self.strength, self.threshold, self.relative = float(strength), float(threshold), float(relative)
+        self.seconds = 0.0  # spent in the optimizer-step hooks of attach() (the cycle's share of training time)
         plain = unmasked(model)
         gm = lower_modules(eval_capture(plain, example_inputs))  # the groups of the deployed function (dropout off)
         an = Analysis(gm)
@@ -372,13 +374,17 @@ class GroupLasso:
             return {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"] if id(p) in ids}
 
         def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            t0 = time.perf_counter()
             if ours(optimizer):
                 self._regularize(members)
+            self.seconds += time.perf_counter() - t0
 
         def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            t0 = time.perf_counter()
             lrs = ours(optimizer)
             if lrs:
                 self._step(members, lrs, held)
+            self.seconds += time.perf_counter() - t0
 
         handles = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
         try:
