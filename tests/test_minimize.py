@@ -287,3 +287,29 @@ def test_the_shared_layer_in_its_own_class_keeps_the_channels_with_a_reason():
         out = fp.minimize_module(m, (x,))
     assert type(out) is SharedLayer
     torch.testing.assert_close(out(x), m(x), rtol=1e-12, atol=1e-12)
+
+
+def test_subnormal_floats_are_counted_and_flushed_on_request():
+    """A dead unit whose constant is subnormal (relu of a tiny positive bias) folds a subnormal into the next bias:
+    minimize reports it; MinimizeOptions(flush_subnormals=True) zeroes it, and its check says how far that moved."""
+    from fxprune.passes.minimize import SUBNORMALS_KEY, MinimizeOptions
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        net[0].weight[0] = 0
+        net[0].bias[0] = 1e-39  # float32 subnormal: relu keeps it, the next layer folds w * 1e-39 into its bias
+        net[2].weight[:, 0] = 1.0
+        net[2].bias.zero_()
+    x = torch.randn(3, 4)
+    gm = fp.capture(net, (x,))
+    before = {n: p.clone() for n, p in gm.named_parameters()}
+    small = fp.minimize(gm)
+    report = small.meta[SUBNORMALS_KEY]
+    assert report["2.bias"]["count"] == 2 and not report["2.bias"]["flushed"]
+    assert 0 < report["2.bias"]["max_abs"] < torch.finfo(torch.float32).tiny
+    flushed = fp.minimize(gm, options=MinimizeOptions(flush_subnormals=True))
+    assert flushed.meta[SUBNORMALS_KEY]["2.bias"]["flushed"] and bool((flushed.get_parameter("2.bias") == 0).all())
+    assert all(torch.equal(p, before[n]) for n, p in gm.named_parameters())  # the input keeps its values
+    assert torch.allclose(flushed(x), net(x), rtol=0, atol=1e-30)
+    assert fp.minimize(fp.capture(net.double(), (x.double(),))).meta[SUBNORMALS_KEY] == {}  # normal in float64

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxprune.analysis.groups import Analysis
@@ -37,6 +38,7 @@ aten = torch.ops.aten
 CHECKS_KEY = "fxprune_checks"  # result meta: the self-check's ShapeChecks
 SITE_BIASES_KEY = "fxprune_site_biases"  # result meta: {bias minimize gave one call site of a shared layer: the shared bias}
 ROUNDED_KEY = "fxprune_rounded"  # result meta with round_to > 1: per group, its width and the widths kept before/after
+SUBNORMALS_KEY = "fxprune_subnormals"  # result meta: {tensor: subnormal floats in it} (and what flushing them moved)
 KEPT_KEY = "fxprune_kept"  # result meta: {get_attr target: [None (all kept) or kept indices of the input's tensor, per dim]}
 
 
@@ -55,6 +57,7 @@ class MinimizeOptions:
     rtol: float | None = None  # self-check: max |a - b| <= rtol * max |a|; None: the graph's precision's (compare.rtol_for)
     keep: tuple[tuple[str, str], ...] = ()  # (parameter or buffer name, reason): every channel of it stays
     round_to: int = 1  # every group that loses channels keeps a multiple of this many (or all of them)
+    flush_subnormals: bool = False  # zero the result's subnormal floats (not exact: the report says how far)
 
 
 class Rewriter:
@@ -357,6 +360,7 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
         else:  # pragma: no cover - would need > max_iterations cascades
             raise EquivalenceError(f"minimize did not reach a fixed point in {opts.max_iterations} iterations")
     result = _detach(work, gm)
+    result.meta[SUBNORMALS_KEY] = subnormals(result, opts.flush_subnormals)
     if opts.round_to > 1:
         result.meta[ROUNDED_KEY] = widths
     if opts.verify:
@@ -364,6 +368,28 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
             inputs = random_inputs(placeholder_inputs(result), torch.Generator().manual_seed(0))
         result.meta[CHECKS_KEY] = self_check(gm, result, inputs, opts, work_ref.meta.get(DYNAMIC_KEY))
     return result
+
+
+def subnormals(m: nn.Module, flush: bool = False) -> dict[str, dict[str, Any]]:
+    """Per floating parameter or buffer of ``m`` that holds subnormal values (nonzero, smaller in magnitude than the
+    dtype's smallest normal number: folded constants can land there, and CPUs without flush-to-zero compute with
+    them tens of times slower): how many, and the largest. ``flush=True`` sets them to zero in place
+    (``"flushed": True``): the function moves by at most those values times what reads them."""
+    out: dict[str, dict[str, Any]] = {}
+    tensors = dict(m.named_parameters())
+    tensors.update(m.named_buffers())
+    for name, t in tensors.items():
+        if not t.is_floating_point() or t.is_meta:
+            continue
+        tiny = torch.finfo(t.dtype).tiny
+        sub = (t != 0) & (t.abs() < tiny)
+        n = int(sub.sum())
+        if n:
+            out[name] = dict(count=n, max_abs=float(t.detach()[sub].abs().max()), flushed=flush)
+            if flush:
+                with torch.no_grad():
+                    t.masked_fill_(sub, 0.0)
+    return out
 
 
 def _widths(an: Analysis, removable: dict[int, torch.Tensor], keep: dict[int, torch.Tensor],
