@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                              resume=a.resume)
     from safetensors.torch import save_file
     save_file({k: v.contiguous().clone() for k, v in res.module.state_dict().items()}, a.out)
-    history = [{k: v for k, v in h.items() if k != "seconds"} for h in res.history]
+    history = [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in res.history]
     with open(a.out + ".json", "w") as f:
         json.dump(dict(history=history, best_cycle=res.best_cycle, calls=calls[0],
                        rng=float(torch.rand(1)), code=str(res.module), cls=type(res.module).__name__), f)
