@@ -338,7 +338,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         row = dict(cycle=c + 1, target=float(target(c)), sparsity=final, lasso=strength, step=level, params=params,
                    flops=count_flops(small, inputs), accuracy=acc, accuracy_minimized=acc_min, accuracy_released=acc_rel,
                    compression=dense["params"] / params, passed=passed, start_params=start_params,
-                   seconds=seconds, user_seconds=user_s, fxprune_seconds=seconds - user_s)
+                   seconds=seconds, user_seconds=user_s, fxprune_seconds=seconds - user_s, lasso_seconds=lasso_s)
         improved = passed and params < best_params
         if improved:
             best, best_cycle, best_params = _rebuilt(struct, kept_state, kept_modes), c + 1, params

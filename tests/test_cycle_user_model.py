@@ -116,6 +116,7 @@ def test_history_splits_each_cycles_seconds_between_fxprune_and_the_users_code()
     row = res.history[0]  # 3 train calls (2 mask steps, 1 after release) and 2 evaluations: 0.8 s asleep at least
     assert row["user_seconds"] >= 0.8 and 0 < row["fxprune_seconds"] < row["seconds"]
     assert abs(row["user_seconds"] + row["fxprune_seconds"] - row["seconds"]) <= 1e-9
+    assert 0 < row["lasso_seconds"] < row["fxprune_seconds"]  # the lasso's optimizer hooks ran, inside train
     assert "fxprune share" in res.table()
 
 
