@@ -282,3 +282,27 @@ def test_attention_heads_and_head_dim_channels_go_whole():
     assert zeroed > 0
     small = fp.minimize(masked)
     assert torch.allclose(small(x).logits, masked(x).logits, rtol=1e-9, atol=1e-12)
+
+
+def test_structured_masks_written_into_the_users_model_then_minimize_module():
+    """The guide's path for the user's own class: the masks a structured mask records are keyed by the model's
+    parameter names; written into a copy of the model, minimize_module gives the class back, smaller, exact; the
+    attention's head-dim channels, which the class's code reads as sizes, stay (with a warning)."""
+    import copy
+
+    from fxprune.passes.mask import MASKS_KEY, apply_masks
+
+    pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    torch.manual_seed(0)
+    model = sr.vit((8, 8)).double().eval()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    masked = fp.mask(fp.capture(model, (x,)), 0.4, structure="groups")
+    mine = copy.deepcopy(model)
+    apply_masks(mine, masked.meta[MASKS_KEY])
+    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="q_proj"):  # head dims: the class reads them
+        small = fp.minimize_module(mine, (x,))
+    assert type(small) is type(model)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert 0.2 < 1 - n(small) / n(model) < 1 - n(fp.minimize(masked)) / n(model)  # less than the graph's 40%
+    with torch.no_grad():
+        assert torch.allclose(small(x).logits, mine(x).logits, rtol=1e-9, atol=1e-12)
