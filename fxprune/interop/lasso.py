@@ -118,11 +118,17 @@ class _Reading:
 
     def sums(self, members: list[_Member], channels: int, relative: bool = False) -> torch.Tensor:
         """``||w_g||^2`` per group channel, or with ``relative`` ``||u_g||^2`` (each tensor over its own scale)."""
+        return self.both(members, channels)[1 if relative else 0]
+
+    def both(self, members: list[_Member], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``||w_g||^2`` and ``||u_g||^2`` per group channel, in one pass over the members."""
         out = torch.zeros(channels, dtype=torch.float64)
+        rel = torch.zeros(channels, dtype=torch.float64)
         for m, per in zip(members, self.squares):
             part = per[m.slice.hit]
-            out.index_add_(0, m.slice.channels, part / self.scales[id(m.param)].pow(2) if relative else part)
-        return out
+            out.index_add_(0, m.slice.channels, part)
+            rel.index_add_(0, m.slice.channels, part / self.scales[id(m.param)].pow(2))
+        return out, rel
 
 
 def _targets(*names: str) -> set[Any]:
@@ -198,6 +204,7 @@ class GroupLasso:
                 raise InputError(f"{name} must be a non-negative number, got {v!r}")
         self.strength, self.threshold, self.relative = float(strength), float(threshold), float(relative)
         self.seconds = 0.0  # spent in the optimizer-step hooks of attach() (the cycle's share of training time)
+        self._totals: dict[int, torch.Tensor] = {}  # per slice (by id): its positions per group channel
         plain = unmasked(model)
         gm = lower_modules(eval_capture(plain, example_inputs))  # the groups of the deployed function (dropout off)
         an = Analysis(gm)
@@ -323,8 +330,8 @@ class GroupLasso:
                                                                        dtype=torch.float64), reduce="amax")
         r = _Reading(members)
         root = self.sizes.sqrt()
-        whole = ((r.sums(members, self.channels).sqrt() <= rates * self.threshold * root)
-                 & (r.sums(members, self.channels, relative=True).sqrt() <= self.relative * root))
+        w2, u2 = r.both(members, self.channels)
+        whole = (w2.sqrt() <= rates * self.threshold * root) & (u2.sqrt() <= self.relative * root)
         # per module, the group channels whose weight entries there are all zero after this step: its bias entry
         # for such a channel may go alone (the channel is then constant in that member, or unread)
         dead: dict[int, torch.Tensor] = {}
@@ -346,9 +353,11 @@ class GroupLasso:
                     zero |= hold[i]
                 hold[i] = zero
             if not s.bias:
-                total = torch.zeros(self.channels, dtype=torch.long)
+                total = self._totals.get(id(s))
+                if total is None:  # per group channel, how many of this slice's positions hold it (fixed)
+                    total = self._totals[id(s)] = torch.zeros(self.channels, dtype=torch.long).index_add_(
+                        0, s.channels, torch.ones_like(s.channels))
                 alive = torch.zeros(self.channels, dtype=torch.long)
-                total.index_add_(0, s.channels, torch.ones_like(s.channels))
                 alive.index_add_(0, s.channels, ((~zero[s.hit]) & (per[s.hit] > 0)).long())
                 mine = (total > 0) & (alive == 0)
                 dead[id(m.owner)] = mine if id(m.owner) not in dead else dead[id(m.owner)] | mine
