@@ -306,3 +306,14 @@ def test_structured_masks_written_into_the_users_model_then_minimize_module():
     assert 0.2 < 1 - n(small) / n(model) < 1 - n(fp.minimize(masked)) / n(model)  # less than the graph's 40%
     with torch.no_grad():
         assert torch.allclose(small(x).logits, mine(x).logits, rtol=1e-9, atol=1e-12)
+
+
+def test_the_guides_structured_example_runs():
+    """docs/guide.md, "Structured pruning to a target": its code block runs on a model and input given to it."""
+    text = (Path(__file__).parents[1] / "docs" / "guide.md").read_text()
+    code = text.split("## Structured pruning to a target", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    scope = {"model": sr.ConvNeXtStyle(2), "x": torch.randn(4, 1, 8, 8)}
+    exec(compile(code, "docs/guide.md", "exec"), scope)
+    small, gm = scope["small"], scope["gm"]
+    assert 0.45 < 1 - count_params(small) / count_params(gm) < 0.55
