@@ -37,8 +37,8 @@ own: :meth:`GroupLasso.penalty` (``R``, differentiable, for a loss term), :meth:
 from __future__ import annotations
 
 import contextlib
-import time
 import functools
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -118,7 +118,11 @@ class _Reading:
 
     def sums(self, members: list[_Member], channels: int, relative: bool = False) -> torch.Tensor:
         """``||w_g||^2`` per group channel, or with ``relative`` ``||u_g||^2`` (each tensor over its own scale)."""
-        return self.both(members, channels)[1 if relative else 0]
+        out = torch.zeros(channels, dtype=torch.float64)
+        for m, per in zip(members, self.squares):
+            part = per[m.slice.hit]
+            out.index_add_(0, m.slice.channels, part / self.scales[id(m.param)].pow(2) if relative else part)
+        return out
 
     def both(self, members: list[_Member], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``||w_g||^2`` and ``||u_g||^2`` per group channel, in one pass over the members."""

@@ -160,8 +160,6 @@ def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["glob
     if masks is not None:
         new_masks = _check_masks(gm, masks)
     else:
-        if criterion not in CRITERIA:
-            raise MaskError(f"criterion must be one of {', '.join(map(repr, CRITERIA))}, got {criterion!r}")
         if target not in ("params", "flops") or (target == "flops" and structure != "groups"):
             raise MaskError(f"target must be 'params' or (with structure='groups') 'flops', got {target!r}")
         grads = taylor_gradients(gm, calibration, loss) if criterion == "taylor" else None
