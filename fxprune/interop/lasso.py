@@ -97,42 +97,75 @@ class _Member:
 
 
 class _Reading:
-    """One pass over the members' current values (no gradient): per slice, each position's sum of squares (float64);
-    per parameter, its value and its scale ``s_t`` (the root mean square of its nonzero entries; 1 when none)."""
+    """One pass over the members' current values (no gradient), laid end to end as its :class:`_Plan` says: ``P``, each
+    position's sum of squares (float64, every slice one after another); per parameter, its value and its scale
+    ``s_t`` (the root mean square of its nonzero entries; 1 when none)."""
 
-    def __init__(self, members: list[_Member]) -> None:
-        self.values: dict[int, torch.Tensor] = {}
-        self.scales: dict[int, torch.Tensor] = {}
-        self.squares: list[torch.Tensor] = []
+    def __init__(self, plan: "_Plan") -> None:
+        self.values = [m.value().detach() for m in plan.firsts]
+        squares = [v.pow(2) for v in self.values]
+        pers = [squares[p].sum(d, dtype=torch.float64) if d else squares[p].to(torch.float64)
+                for p, d in zip(plan.param_of, plan.dims)]
+        counts = torch.stack([torch.count_nonzero(v) for v in self.values]).tolist()
+        self.scale = torch.stack([pers[i].sum().div(n).sqrt().cpu() if n else torch.ones((), dtype=torch.float64)
+                                  for i, n in zip(plan.first_member, counts)])
+        self.squares = torch.cat([q.cpu() for q in pers])
+        self.scale_at = self.scale[plan.param_pos]  # s_t of every position
+
+    def sums(self, plan: "_Plan", relative: bool = False) -> torch.Tensor:
+        """``||w_g||^2`` per group channel, or with ``relative`` ``||u_g||^2`` (each tensor over its own scale); one
+        slot more at the end, where positions of no group channel go."""
+        part = self.squares / self.scale_at.pow(2) if relative else self.squares
+        return torch.zeros(plan.channels + 1, dtype=torch.float64).index_add_(0, plan.channel, part)
+
+
+class _Plan:
+    """The members' positions laid end to end, built once per set of members, so that a step reads and writes every
+    slice with a few whole-vector ops (an index_add per group sum, a gather per group coefficient) instead of a
+    dozen per slice. ``channel[i]``: the group channel of position ``i`` (``channels`` where none)."""
+
+    def __init__(self, members: list[_Member], channels: int) -> None:
+        self.members, self.channels = members, channels
+        firsts: dict[int, int] = {}
+        for i, m in enumerate(members):
+            firsts.setdefault(id(m.param), i)
+        self.first_member = list(firsts.values())
+        self.firsts = [members[i] for i in self.first_member]
+        index = {key: k for k, key in enumerate(firsts)}
+        self.param_of = [index[id(m.param)] for m in members]
+        self.dims = [[d for d in range(m.param.dim()) if d != m.slice.dim] for m in members]
+        self.views = []
         for m in members:
-            key = id(m.param)
-            if key not in self.values:
-                self.values[key] = m.value().detach()
-            v = self.values[key]
-            dims = [d for d in range(v.dim()) if d != m.slice.dim]
-            per = v.pow(2).sum(dims, dtype=torch.float64) if dims else v.pow(2).to(torch.float64)
-            self.squares.append(per.cpu())
-            if key not in self.scales:
-                n = int(torch.count_nonzero(v))
-                self.scales[key] = per.sum().div(n).sqrt().cpu() if n else torch.ones((), dtype=torch.float64)
-
-    def sums(self, members: list[_Member], channels: int, relative: bool = False) -> torch.Tensor:
-        """``||w_g||^2`` per group channel, or with ``relative`` ``||u_g||^2`` (each tensor over its own scale)."""
-        out = torch.zeros(channels, dtype=torch.float64)
-        for m, per in zip(members, self.squares):
-            part = per[m.slice.hit]
-            out.index_add_(0, m.slice.channels, part / self.scales[id(m.param)].pow(2) if relative else part)
-        return out
-
-    def both(self, members: list[_Member], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``||w_g||^2`` and ``||u_g||^2`` per group channel, in one pass over the members."""
-        out = torch.zeros(channels, dtype=torch.float64)
-        rel = torch.zeros(channels, dtype=torch.float64)
-        for m, per in zip(members, self.squares):
-            part = per[m.slice.hit]
-            out.index_add_(0, m.slice.channels, part)
-            rel.index_add_(0, m.slice.channels, part / self.scales[id(m.param)].pow(2))
-        return out, rel
+            shape = [1] * m.param.dim()
+            shape[m.slice.dim] = -1
+            self.views.append(shape)
+        lengths = [m.slice.channel.numel() for m in members]
+        self.offsets = [sum(lengths[:i]) for i in range(len(members))]
+        self.lengths = lengths
+        member_pos = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(lengths, dtype=torch.long))
+        raw = torch.cat([m.slice.channel for m in members]) if members else torch.zeros(0, dtype=torch.long)
+        self.hit = raw >= 0
+        self.channel = torch.where(self.hit, raw, channels)
+        self.param_pos = torch.tensor(self.param_of, dtype=torch.long)[member_pos]
+        self.entries = torch.tensor([m.param.numel() // max(m.param.shape[m.slice.dim], 1) for m in members],
+                                    dtype=torch.float64)[member_pos]  # entries a position's slice holds
+        self.bias = torch.tensor([m.slice.bias for m in members], dtype=torch.bool)[member_pos]
+        # the bias rule: per (weight member, group channel) its positions; per (module, group channel) those keys
+        owners: dict[int, int] = {}
+        owner_of = torch.tensor([owners.setdefault(id(m.owner), len(owners)) for m in members], dtype=torch.long)
+        width = channels + 1
+        weight = self.hit & ~self.bias
+        self.weight_pos = weight.nonzero().squeeze(1)
+        keys, self.weight_key = torch.unique(member_pos[weight] * width + self.channel[weight], return_inverse=True)
+        self.keys = keys.numel()
+        key_owner = owner_of[keys // width] * width + keys % width
+        bias = self.hit & self.bias
+        self.bias_pos = bias.nonzero().squeeze(1)
+        bias_owner = owner_of[member_pos[bias]] * width + self.channel[bias]
+        _, where = torch.unique(torch.cat([key_owner, bias_owner]), return_inverse=True)
+        self.key_slot, self.bias_slot = where[:len(key_owner)], where[len(key_owner):]
+        self.slots = int(where.max()) + 1 if where.numel() else 0
+        self.member_pos = member_pos
 
 
 def _targets(*names: str) -> set[Any]:
@@ -249,18 +282,18 @@ class GroupLasso:
 
     def norms(self, model: nn.Module) -> torch.Tensor:
         """``||w_g||`` per group channel (no gradient)."""
-        members = self._members(model)
-        return _Reading(members).sums(members, self.channels).sqrt()
+        plan = _Plan(self._members(model), self.channels)
+        return _Reading(plan).sums(plan)[:-1].sqrt()
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """``R = sum_g sqrt(n_g) ||u_g||``, differentiable (a term for a loss of your own: ``loss + lam * penalty``;
         its gradient is :meth:`regularize`'s over ``s_t``)."""
-        members = self._members(model)
-        scales = _Reading(members).scales
+        plan = _Plan(self._members(model), self.channels)
+        scales = _Reading(plan).scale
         sq = None
-        for m in members:
+        for m, p in zip(plan.members, plan.param_of):
             v = m.value()
-            u = v / scales[id(m.param)].to(v)
+            u = v / scales[p].to(v)
             dims = [d for d in range(v.dim()) if d != m.slice.dim]
             per = u.pow(2).sum(dims) if dims else u.pow(2)
             if sq is None:
@@ -275,30 +308,26 @@ class GroupLasso:
         """Add ``strength * dR/du`` (``= strength * s_t * dR/dw``) to the parameters' gradients (after ``backward()``,
         before the optimizer step; a parameter without a gradient gets one). Shrinks groups; exact zeros come from
         :meth:`step`."""
-        self._regularize(self._members(model))
+        self._regularize(_Plan(self._members(model), self.channels))
 
     @torch.no_grad()
-    def _regularize(self, members: list[_Member]) -> None:
-        if not members or self.strength == 0:
+    def _regularize(self, plan: _Plan) -> None:
+        if not plan.members or self.strength == 0:
             return
-        r = _Reading(members)
-        norm = r.sums(members, self.channels, relative=True).sqrt()
+        r = _Reading(plan)
+        norm = r.sums(plan, relative=True)[:-1].sqrt()
         coef = torch.where(norm > 0, self.sizes.sqrt() / norm.clamp_min(1e-300), torch.zeros_like(norm))
-        pull: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for m in members:
-            t, s = m.param, m.slice
-            v = r.values[id(t)]
-            shape = [1] * t.dim()
-            shape[s.dim] = -1
-            c = torch.where(s.hit, coef[s.safe], 0.0)
-            g = v * c.to(v.dtype).to(v.device).view(shape)
-            prev = pull.get(id(t))
-            pull[id(t)] = (t, g if prev is None else prev[1] + g)
-        normalized = {id(m.param) for m in members if m.slice.name in self.normalized}
-        for key, (t, g) in pull.items():
-            v = r.values[key]
-            g = g * (self.strength / r.scales[key]).to(g)
-            if key in normalized:  # keep the tensor's overall scale: only the pull between its groups is left
+        at = torch.cat([coef, coef.new_zeros(1)])[plan.channel]  # each position's coefficient (0: no group)
+        pull: list[torch.Tensor | None] = [None] * len(plan.firsts)
+        for p, o, n, shape in zip(plan.param_of, plan.offsets, plan.lengths, plan.views):
+            v = r.values[p]
+            g = v * at[o:o + n].to(v.dtype).to(v.device).view(shape)
+            pull[p] = g if pull[p] is None else pull[p] + g
+        for p, (m, g) in enumerate(zip(plan.firsts, pull)):
+            t, v = m.param, r.values[p]
+            g = g * (self.strength / r.scale[p]).to(g)
+            if m.slice.name in self.normalized:  # (every slice of a parameter has its name)
+                # keep the tensor's overall scale: only the pull between its groups is left
                 g = g - (g * v).sum() / v.pow(2).sum().clamp_min(1e-30) * v
             if t.grad is None:
                 t.grad = g
@@ -306,69 +335,53 @@ class GroupLasso:
                 t.grad.add_(g)
 
     @torch.no_grad()
-    def step(self, model: nn.Module, lr: float | dict[int, float], hold: dict[int, torch.Tensor] | None = None) -> int:
+    def step(self, model: nn.Module, lr: float | dict[int, float], hold: dict[str, torch.Tensor] | None = None) -> int:
         """The exact-zero step. Every slice of a group member (a row, a column, a norm weight's entry...; a bias's
         entry only once the same module's weight entries of its channel are zero, since a zero bias alone makes
         nothing constant or unread) whose root mean square is at most
         ``threshold * lr`` and at most ``relative * s_t`` becomes exact zeros, and so does every group channel with
         ``||w_g|| <= threshold * lr * sqrt(n_g)`` and ``||u_g|| <= relative * sqrt(n_g)`` (``lr``: a number, or per
-        parameter ``id``). With ``hold`` (per slice index, the positions zeroed so far; updated), what was zeroed
-        before stays zero. A zero slice makes its channel constant (a producer row) or unread (a consumer column) in
-        that member; ``minimize`` removes the channel once that holds for its whole group. Returns how many group
-        channels are exact zeros after it."""
-        members = self._members(model)
-        self._step(members, lr, hold)
-        return int((_Reading(members).sums(members, self.channels) == 0).sum()) if members else 0
+        parameter ``id``). With ``hold`` (a dict the step keeps what it zeroed in; pass the same one each step), what
+        was zeroed before stays zero. A zero slice makes its channel constant (a producer row) or unread (a consumer
+        column) in that member; ``minimize`` removes the channel once that holds for its whole group. Returns how many
+        group channels are exact zeros after it."""
+        plan = _Plan(self._members(model), self.channels)
+        self._step(plan, lr, hold)
+        return int((_Reading(plan).sums(plan)[:-1] == 0).sum()) if plan.members else 0
 
     @torch.no_grad()
-    def _step(self, members: list[_Member], lr: float | dict[int, float], hold: dict[int, torch.Tensor] | None) -> None:
-        if not members:
+    def _step(self, plan: _Plan, lr: float | dict[int, float], hold: dict[str, torch.Tensor] | None) -> None:
+        if not plan.members:
             return
-        rate = {id(m.param): float(lr.get(id(m.param), 0.0)) if isinstance(lr, dict) else float(lr) for m in members}
-        if len(set(rate.values())) == 1:
-            rates = torch.full((self.channels,), next(iter(rate.values())), dtype=torch.float64)
+        rate = [float(lr.get(id(m.param), 0.0)) if isinstance(lr, dict) else float(lr) for m in plan.firsts]
+        rate_at = torch.tensor(rate, dtype=torch.float64)[plan.param_pos]
+        if len(set(rate)) == 1:
+            rates = torch.full((self.channels + 1,), rate[0], dtype=torch.float64)
         else:
-            rates = torch.zeros(self.channels, dtype=torch.float64)
-            for m in members:
-                rates.scatter_reduce_(0, m.slice.channels, torch.full((m.slice.channels.numel(),), rate[id(m.param)],
-                                                                       dtype=torch.float64), reduce="amax")
-        r = _Reading(members)
-        root = self.sizes.sqrt()
-        w2, u2 = r.both(members, self.channels)
+            rates = torch.zeros(self.channels + 1, dtype=torch.float64).scatter_reduce_(0, plan.channel, rate_at,
+                                                                                        reduce="amax")
+        r = _Reading(plan)
+        root = torch.cat([self.sizes.sqrt(), torch.zeros(1, dtype=torch.float64)])
+        w2, u2 = r.sums(plan), r.sums(plan, relative=True)
         whole = (w2.sqrt() <= rates * self.threshold * root) & (u2.sqrt() <= self.relative * root)
+        rms = r.squares.div(plan.entries).sqrt()
+        small = plan.hit & (rms <= rate_at * self.threshold) & (rms <= self.relative * r.scale_at)
+        zero = (plan.hit & whole[plan.channel]) | (small & ~plan.bias)
+        if hold is not None and "zero" in hold:
+            zero |= hold["zero"]
         # per module, the group channels whose weight entries there are all zero after this step: its bias entry
         # for such a channel may go alone (the channel is then constant in that member, or unread)
-        dead: dict[int, torch.Tensor] = {}
-        order = sorted(range(len(members)), key=lambda i: members[i].slice.bias)  # weights first
-        for i in order:
-            m, per = members[i], r.squares[i]
-            t, s = m.param, m.slice
-            rms = per.div(t.numel() // max(t.shape[s.dim], 1)).sqrt()
-            zero = s.hit & whole[s.safe]
-            small = s.hit & (rms <= rate[id(t)] * self.threshold) & (rms <= self.relative * r.scales[id(t)])
-            if s.bias:
-                gone = dead.get(id(m.owner))
-                if gone is not None:
-                    zero |= small & gone[s.safe]
-            else:
-                zero |= small
-            if hold is not None:
-                if i in hold:
-                    zero |= hold[i]
-                hold[i] = zero
-            if not s.bias:
-                total = self._totals.get(id(s))
-                if total is None:  # per group channel, how many of this slice's positions hold it (fixed)
-                    total = self._totals[id(s)] = torch.zeros(self.channels, dtype=torch.long).index_add_(
-                        0, s.channels, torch.ones_like(s.channels))
-                alive = torch.zeros(self.channels, dtype=torch.long)
-                alive.index_add_(0, s.channels, ((~zero[s.hit]) & (per[s.hit] > 0)).long())
-                mine = (total > 0) & (alive == 0)
-                dead[id(m.owner)] = mine if id(m.owner) not in dead else dead[id(m.owner)] | mine
-            if bool(zero.any()):
-                shape = [1] * t.dim()
-                shape[s.dim] = -1
-                t.mul_((~zero).to(t.dtype).to(t.device).view(shape))
+        alive = ((~zero) & (r.squares > 0))[plan.weight_pos].long()
+        gone = torch.zeros(plan.keys, dtype=torch.long).index_add_(0, plan.weight_key, alive) == 0
+        dead = torch.zeros(plan.slots, dtype=torch.long).index_add_(0, plan.key_slot, gone.long()) > 0
+        zero[plan.bias_pos] |= small[plan.bias_pos] & dead[plan.bias_slot]
+        if hold is not None:
+            hold["zero"] = zero
+        hits = torch.zeros(len(plan.members), dtype=torch.long).index_add_(0, plan.member_pos, zero.long()).tolist()
+        for m, o, n, shape, k in zip(plan.members, plan.offsets, plan.lengths, plan.views, hits):
+            if k:
+                t = m.param
+                t.mul_((~zero[o:o + n]).to(t.dtype).to(t.device).view(shape))
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module) -> Iterator["GroupLasso"]:
@@ -379,9 +392,9 @@ class GroupLasso:
         if self.strength == 0:
             yield self
             return
-        members = self._members(model)  # resolved once: the same parameters for the whole training
-        ids = {id(m.param) for m in members}
-        held: dict[int, torch.Tensor] = {}
+        plan = _Plan(self._members(model), self.channels)  # resolved once: the same parameters for the whole training
+        ids = {id(m.param) for m in plan.members}
+        held: dict[str, torch.Tensor] = {}
 
         def ours(optimizer: torch.optim.Optimizer) -> dict[int, float]:
             return {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"] if id(p) in ids}
@@ -389,14 +402,14 @@ class GroupLasso:
         def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             t0 = time.perf_counter()
             if ours(optimizer):
-                self._regularize(members)
+                self._regularize(plan)
             self.seconds += time.perf_counter() - t0
 
         def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             t0 = time.perf_counter()
             lrs = ours(optimizer)
             if lrs:
-                self._step(members, lrs, held)
+                self._step(plan, lrs, held)
             self.seconds += time.perf_counter() - t0
 
         handles = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
