@@ -18,6 +18,10 @@ Backends (float32, batch of one, ``--threads`` intra-op threads everywhere): ``e
 (export, compile and session set-up are not timed), then timed alternating, ``--repeats`` rounds after
 ``--warmup`` calls each; the table gives the median, the spread (interquartile range over the median), the
 speedup over the masked model, the FLOP reduction and their quotient (efficiency). Last line: one JSON object.
+
+Each (model, sparsity, backend) runs in a child process of its own (``--in-process`` to run them here), so that a
+runtime that crashes natively (ExecuTorch's ``libexecutorch.so`` segfaulted on ConvNeXt-Tiny variants) becomes a row
+that says so instead of ending the run.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -151,6 +157,22 @@ def spread(v: list[float]) -> float:
     return (q[2] - q[0]) / statistics.median(v)
 
 
+def isolated(name: str, s: float, backend: str, a: argparse.Namespace) -> list[dict]:
+    """The rows of one (model, sparsity, backend), measured by a child process; a child that dies (a native crash,
+    a runtime's abort) gives one skipped row with its exit status and last message."""
+    argv = [sys.executable, __file__, "--in-process", "--models", name, "--sparsities", str(s), "--backends", backend,
+            "--masks", a.masks, "--threads", str(a.threads), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
+            "--round-to", *map(str, a.round_to)]
+    p = subprocess.run(argv, capture_output=True, text=True)
+    sys.stderr.write(p.stderr)
+    lines = p.stdout.strip().splitlines()
+    if p.returncode == 0 and lines:
+        return json.loads(lines[-1])["rows"]
+    died = f"signal {signal.Signals(-p.returncode).name}" if p.returncode < 0 else f"exit status {p.returncode}"
+    last = (p.stderr.strip().splitlines() or [""])[-1][:160]
+    return [dict(model=name, sparsity=s, backend=backend, skipped=f"the child process died ({died}) {last}".strip())]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["convnext", "vit"], choices=["convnext", "vit", "gpt2", "resnet50"])
@@ -161,9 +183,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--in-process", action="store_true", help="measure here, not in a child process per backend")
     a = ap.parse_args(argv)
     rows = []
-    for name in a.models:
+    for name in a.models if not a.in_process else []:
+        for s in a.sparsities:
+            for backend in a.backends:
+                got = isolated(name, s, backend, a)
+                rows += got
+                if "skipped" in got[0]:
+                    print(f"[deployed] {name} {s:.0%} {backend}: {got[0]['skipped']}", file=sys.stderr, flush=True)
+    for name in a.models if a.in_process else []:
         model, inputs = model_and_inputs(name)
         gm = fp.capture(model, inputs)
         for s in a.sparsities:
