@@ -106,9 +106,9 @@ class _Reading:
         squares = [v.pow(2) for v in self.values]
         pers = [squares[p].sum(d, dtype=torch.float64) if d else squares[p].to(torch.float64)
                 for p, d in zip(plan.param_of, plan.dims)]
-        counts = torch.stack([torch.count_nonzero(v) for v in self.values]).tolist()
-        self.scale = torch.stack([pers[i].sum().div(n).sqrt().cpu() if n else torch.ones((), dtype=torch.float64)
-                                  for i, n in zip(plan.first_member, counts)])
+        counts = torch.stack([torch.count_nonzero(v).cpu() for v in self.values])
+        totals = torch.stack([pers[i].sum().cpu() for i in plan.first_member])
+        self.scale = torch.where(counts > 0, totals.div(counts).sqrt(), 1.0)
         self.squares = torch.cat([q.cpu() for q in pers])
         self.scale_at = self.scale[plan.param_pos]  # s_t of every position
 
@@ -234,6 +234,8 @@ class GroupLasso:
         from fxprune.interop.module import eval_capture
         from fxprune.passes.lower import lower_modules
 
+        if not isinstance(model, nn.Module):
+            raise InputError(f"GroupLasso takes the model to be trained (an nn.Module), got {type(model).__name__}")
         if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength < 0:
             raise InputError(f"strength must be a non-negative number, got {strength!r}")
         for name, v in (("threshold", threshold), ("relative", relative)):
@@ -318,21 +320,28 @@ class GroupLasso:
         norm = r.sums(plan, relative=True)[:-1].sqrt()
         coef = torch.where(norm > 0, self.sizes.sqrt() / norm.clamp_min(1e-300), torch.zeros_like(norm))
         at = torch.cat([coef, coef.new_zeros(1)])[plan.channel]  # each position's coefficient (0: no group)
+        cast = {(v.dtype, v.device): at.to(v.dtype).to(v.device) for v in r.values}
+        values = [r.values[p] for p in plan.param_of]
+        pulls = torch._foreach_mul(values, [cast[v.dtype, v.device][o:o + n].view(shape) for v, o, n, shape
+                                            in zip(values, plan.offsets, plan.lengths, plan.views)])
         pull: list[torch.Tensor | None] = [None] * len(plan.firsts)
-        for p, o, n, shape in zip(plan.param_of, plan.offsets, plan.lengths, plan.views):
-            v = r.values[p]
-            g = v * at[o:o + n].to(v.dtype).to(v.device).view(shape)
+        for p, g in zip(plan.param_of, pulls):
             pull[p] = g if pull[p] is None else pull[p] + g
-        for p, (m, g) in enumerate(zip(plan.firsts, pull)):
-            t, v = m.param, r.values[p]
-            g = g * (self.strength / r.scale[p]).to(g)
+        torch._foreach_mul_(pull, (self.strength / r.scale).tolist())
+        for p, m in enumerate(plan.firsts):
             if m.slice.name in self.normalized:  # (every slice of a parameter has its name)
                 # keep the tensor's overall scale: only the pull between its groups is left
-                g = g - (g * v).sum() / v.pow(2).sum().clamp_min(1e-30) * v
-            if t.grad is None:
-                t.grad = g
+                g, v = pull[p], r.values[p]
+                pull[p] = g - (g * v).sum() / v.pow(2).sum().clamp_min(1e-30) * v
+        grads, adds = [], []
+        for m, g in zip(plan.firsts, pull):
+            if m.param.grad is None:
+                m.param.grad = g
             else:
-                t.grad.add_(g)
+                grads.append(m.param.grad)
+                adds.append(g)
+        if grads:
+            torch._foreach_add_(grads, adds)
 
     @torch.no_grad()
     def step(self, model: nn.Module, lr: float | dict[int, float], hold: dict[str, torch.Tensor] | None = None) -> int:
@@ -378,10 +387,13 @@ class GroupLasso:
         if hold is not None:
             hold["zero"] = zero
         hits = torch.zeros(len(plan.members), dtype=torch.long).index_add_(0, plan.member_pos, zero.long()).tolist()
-        for m, o, n, shape, k in zip(plan.members, plan.offsets, plan.lengths, plan.views, hits):
-            if k:
-                t = m.param
-                t.mul_((~zero[o:o + n]).to(t.dtype).to(t.device).view(shape))
+        keep = ~zero
+        cast = {(m.param.dtype, m.param.device): keep.to(m.param.dtype).to(m.param.device) for m in plan.firsts}
+        hit = [i for i, k in enumerate(hits) if k]
+        if hit:  # (a parameter appears once per dim: no two in-place products on one tensor share a shape)
+            torch._foreach_mul_([plan.members[i].param for i in hit],
+                                [cast[plan.members[i].param.dtype, plan.members[i].param.device]
+                                 [plan.offsets[i]:plan.offsets[i] + plan.lengths[i]].view(plan.views[i]) for i in hit])
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module) -> Iterator["GroupLasso"]:
