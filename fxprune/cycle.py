@@ -223,6 +223,13 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     say = _progress(progress) if ranks.rank == 0 else _progress(False)
     train, evaluate = _Clocked(train), _Clocked(evaluate)  # the seconds spent in the user's code, per cycle
     inputs = as_inputs(example_inputs)
+    given = [] if callable(sparsity) else list(sparsity) if isinstance(sparsity, Sequence) else [sparsity]
+    for s in given:
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 <= s < 1:
+            raise InputError(f"sparsity must be a number in [0, 1) (or one per cycle, or a function of the cycle), "
+                             f"got {s!r}")
+    if isinstance(sparsity, Sequence) and len(given) < cycles:
+        raise InputError(f"sparsity gives {len(given)} values for {cycles} cycles: give one per cycle")
     target = sparsity if callable(sparsity) else (lambda c: sparsity[c]) if isinstance(sparsity, Sequence) else (lambda c: sparsity)
     if not isinstance(lasso, (int, float)) or isinstance(lasso, bool) or lasso < 0:
         raise InputError(f"lasso must be a non-negative number (0 turns the group lasso off), got {lasso!r}")

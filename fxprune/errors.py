@@ -22,11 +22,13 @@ class CaptureError(FxPruneError):
 
 
 class InputError(FxPruneError):
-    """The example inputs do not fit the model (wrong shape, dtype, count or type)."""
+    """A bad argument: example inputs that do not fit the model (wrong shape, dtype, count or type), an object of
+    the wrong kind where a model is expected, an option out of its range."""
 
 
-class MaskError(FxPruneError):
-    """A mask request is invalid: sparsity out of range, wrong shape or dtype, unknown parameter."""
+class MaskError(InputError):
+    """A mask request is invalid: sparsity out of range, wrong shape or dtype, unknown parameter (a bad argument,
+    so also an :class:`InputError`)."""
 
 
 class EquivalenceError(FxPruneError):

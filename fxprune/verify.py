@@ -145,6 +145,12 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
     >>> fp.verify(net, net, (torch.randn(4, 3),)).ok
     True
     """
+    for what, m in (("a", a), ("b", b)):
+        if not isinstance(m, (nn.Module, torch.export.ExportedProgram)):
+            raise InputError(f"verify compares two models: {what} is a {type(m).__name__}, not an nn.Module or "
+                             "ExportedProgram")
+    if not isinstance(n_random, int) or isinstance(n_random, bool) or n_random < 0:
+        raise InputError(f"n_random must be a non-negative integer, got {n_random!r}")
     if example_inputs is None and isinstance(a, torch.export.ExportedProgram):
         example_inputs = program_inputs(a)
     dims = _dims(a, b)

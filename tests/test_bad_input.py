@@ -276,3 +276,36 @@ def test_squeeze_release_is_deterministic():
         return snapshot(res.module)
 
     assert run() == run()
+
+
+def _net_and_graph():
+    net = mlp()
+    x = (torch.randn(3, 8),)
+    return net, x, fp.capture(net, x)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda net, x, gm: fp.capture("model", x), "capture takes an nn.Module, GraphModule or ExportedProgram, got str"),
+    (lambda net, x, gm: fp.minimize("model"), "minimize takes a GraphModule .* got str"),
+    (lambda net, x, gm: fp.mask(None, 0.5), "mask takes a GraphModule .* got NoneType"),
+    (lambda net, x, gm: fp.release([gm]), "release takes a GraphModule .* got list"),
+    (lambda net, x, gm: fp.compensate_layernorm("m"), "compensate_layernorm takes a GraphModule"),
+    (lambda net, x, gm: fp.minimize_module(gm, x), "minimize_module takes the user's nn.Module, got a GraphModule"),
+    (lambda net, x, gm: fp.verify("m", gm, x), "verify compares two models: a is a str"),
+    (lambda net, x, gm: fp.verify(gm, gm, x, n_random=-1), "n_random must be a non-negative integer, got -1"),
+    (lambda net, x, gm: fp.GroupLasso({"w": 1}, x), "GroupLasso takes the model to be trained"),
+    (lambda net, x, gm: fp.save("model", "/nonexistent"), "save writes an nn.Module, got str"),
+    (lambda net, x, gm: fp.squeeze_release(net, x, train=lambda m: m, evaluate=lambda m: 1.0, sparsity=1.5),
+     r"sparsity must be a number in \[0, 1\)"),
+    (lambda net, x, gm: fp.squeeze_release(net, x, train=lambda m: m, evaluate=lambda m: 1.0, cycles=3,
+                                           sparsity=[0.5, 0.5]), "sparsity gives 2 values for 3 cycles"),
+    (lambda net, x, gm: fp.mask(gm, 1.0), r"sparsity must be a number in \[0, 1\)"),  # a MaskError is an InputError
+])
+def test_a_bad_argument_raises_input_error_everywhere(call, match):
+    net, x, gm = _net_and_graph()
+    with pytest.raises(fp.InputError, match=match):
+        call(net, x, gm)
+
+
+def test_mask_errors_are_input_errors():
+    assert issubclass(fp.MaskError, fp.InputError)

@@ -308,7 +308,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
         model.meta[EXAMPLE_INPUTS_KEY] = inputs
         return model
     if not isinstance(model, nn.Module):
-        raise CaptureError(f"capture takes an nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
+        raise InputError(f"capture takes an nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
 
     # A model on the meta device has shapes but no values: it is traced (fake tensors) but not run; its graph is
     # good for analysis, and the passes that need weights say so.

@@ -234,6 +234,9 @@ def exported_io(pass_fn: F) -> F:
 
     @functools.wraps(pass_fn)
     def run(gm: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(gm, (nn.Module, torch.export.ExportedProgram)):
+            raise InputError(f"{pass_fn.__name__} takes a GraphModule (from fp.capture) or an ExportedProgram, got "
+                             f"{type(gm).__name__}")
         if not isinstance(gm, torch.export.ExportedProgram):
             return pass_fn(gm, *args, **kwargs)
         from fxprune.graph.capture import capture

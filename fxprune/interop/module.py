@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from fxprune.errors import CaptureError, EquivalenceError, UnsupportedError
+from fxprune.errors import CaptureError, EquivalenceError, InputError, UnsupportedError
 from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture
 from fxprune.graph.rebuild import attr_owner, get_attr
 from fxprune.graph.masks import unmasked
@@ -158,8 +158,8 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
     )
     """
     if not isinstance(model, nn.Module) or isinstance(model, torch.fx.GraphModule):
-        raise UnsupportedError(f"minimize_module takes the user's nn.Module, got {type(model).__name__} (for graphs "
-                               "use fp.minimize)")
+        got = "a GraphModule" if isinstance(model, torch.fx.GraphModule) else type(model).__name__
+        raise InputError(f"minimize_module takes the user's nn.Module, got {got} (for graphs use fp.minimize)")
     with cache_off(model) as changed:
         out = _minimize_module(model, example_inputs, dynamic_shapes=dynamic_shapes, verify=verify, **options)
     for path in changed:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fxprune.errors import LoadError
+from fxprune.errors import InputError, LoadError
 from fxprune.interop import shards
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm
 
@@ -66,6 +66,8 @@ def save(module: nn.Module, directory: str | os.PathLike, *, max_shard_bytes: in
     >>> back[0]
     Linear(in_features=4, out_features=3, bias=True)
     """
+    if not isinstance(module, nn.Module):
+        raise InputError(f"save writes an nn.Module, got {type(module).__name__}")
     return write_module(module, directory, lambda name, t: t.detach(), max_shard_bytes)
 
 

@@ -62,8 +62,6 @@ def release(gm: GraphModule, scale: float = 0.01, *, seed: int = 0, calibration:
     >>> rep.total, int((freed.get_parameter("weight") == 0).sum())
     (16, 0)
     """
-    if not isinstance(gm, nn.Module):
-        raise InputError(f"release takes a GraphModule (from fp.minimize or fp.capture), got {type(gm).__name__}")
     if not (isinstance(scale, (int, float)) and scale >= 0):
         raise InputError(f"scale must be a non-negative number, got {scale!r}")
     if target is not None and calibration is None:
