@@ -19,6 +19,12 @@ Backends (float32, batch of one, ``--threads`` intra-op threads everywhere): ``e
 ``--warmup`` calls each; the table gives the median, the spread (interquartile range over the median), the
 speedup over the masked model, the FLOP reduction and their quotient (efficiency). Last line: one JSON object.
 
+Subnormal floats (``fxprune.passes.minimize.subnormals``: nonzero values below the dtype's smallest normal number,
+which folded constants can leave and which some CPUs compute with many times slower) are counted in every variant
+(column ``subn.``). ``--plant-subnormals F`` adds two variants that show what they would cost in each runtime: the
+minimized model with a fraction ``F`` of every weight's entries set to +-1e-39 (``subnormal``; a stress case, not a
+result of minimize), and the same with them flushed to zero (``flushed``).
+
 Each (model, sparsity, backend) runs in a child process of its own (``--in-process`` to run them here), so that a
 runtime that crashes natively (ExecuTorch's ``libexecutorch.so`` segfaulted on ConvNeXt-Tiny variants) becomes a row
 that says so instead of ending the run.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -41,6 +48,7 @@ import torch
 from torch import nn
 
 import fxprune as fp
+from fxprune.passes.minimize import subnormals
 from fxprune.verify import count_flops
 from latency import build, unit_masks
 
@@ -86,6 +94,22 @@ def masked_model(gm: nn.Module, name: str, sparsity: float, kind: str) -> nn.Mod
     if kind == "groups":
         return fp.mask(gm, sparsity, structure="groups")
     return fp.mask(gm, masks=channel_masks(gm, sparsity) if name == "resnet50" else unit_masks(gm, name, sparsity))
+
+
+def planted_subnormals(m: nn.Module, fraction: float) -> nn.Module:
+    """A copy of ``m`` with ``fraction`` of the entries of every weight (dim >= 2) set to +-1e-39 (seeded)."""
+    out = copy.deepcopy(m)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if p.dim() >= 2 and p.dtype == torch.float32:
+                hit = torch.rand(p.shape, generator=g) < fraction
+                p[hit] = torch.where(p[hit] < 0, -1e-39, 1e-39)
+    return out
+
+
+def subnormal_count(m: nn.Module) -> int:
+    return sum(r["count"] for r in subnormals(m).values())
 
 
 # ---------------------------------------------------------------------------------------------------- backends
@@ -162,7 +186,7 @@ def isolated(name: str, s: float, backend: str, a: argparse.Namespace) -> list[d
     a runtime's abort) gives one skipped row with its exit status and last message."""
     argv = [sys.executable, __file__, "--in-process", "--models", name, "--sparsities", str(s), "--backends", backend,
             "--masks", a.masks, "--threads", str(a.threads), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
-            "--round-to", *map(str, a.round_to)]
+            "--round-to", *map(str, a.round_to), "--plant-subnormals", str(a.plant_subnormals)]
     p = subprocess.run(argv, capture_output=True, text=True)
     sys.stderr.write(p.stderr)
     lines = p.stdout.strip().splitlines()
@@ -183,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--plant-subnormals", type=float, default=0.0, metavar="F",
+                    help="add the minimized model with F of its weights' entries subnormal, and flushed")
     ap.add_argument("--in-process", action="store_true", help="measure here, not in a child process per backend")
     a = ap.parse_args(argv)
     rows = []
@@ -201,6 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
             variants = {"masked": masked, "minimized": fp.minimize(masked)}
             for k in a.round_to:
                 variants[f"round_to={k}"] = fp.minimize(masked, round_to=k)
+            if a.plant_subnormals:
+                variants["subnormal"] = planted_subnormals(variants["minimized"], a.plant_subnormals)
+                variants["flushed"] = copy.deepcopy(variants["subnormal"])
+                subnormals(variants["flushed"], flush=True)
+            counts = {v: subnormal_count(m) for v, m in variants.items()}
             flops = {v: count_flops(m, inputs) for v, m in variants.items()}
             for backend in a.backends:
                 try:
@@ -216,19 +247,20 @@ def main(argv: list[str] | None = None) -> dict:
                     med = statistics.median(t)
                     rows.append(dict(model=name, sparsity=s, backend=backend, variant=v, ms=1e3 * med,
                                      spread=spread(t), speedup=base / med, flop_reduction=flops["masked"] / flops[v],
-                                     efficiency=(base / med) / (flops["masked"] / flops[v])))
+                                     efficiency=(base / med) / (flops["masked"] / flops[v]), subnormals=counts[v]))
                 print(f"[deployed] {name} {s:.0%} {backend}: done", file=sys.stderr, flush=True)
     print(f"masks {a.masks}; threads {a.threads}, batch 1, float32, median of {a.repeats} alternating calls after "
           f"{a.warmup} warm-up")
     print(f"{'model':<9} {'masked':>6} {'backend':<12} {'variant':<12} {'ms':>9} {'spread':>7} {'speedup':>8} "
-          f"{'FLOPs/':>7} {'effic.':>7}")
+          f"{'FLOPs/':>7} {'effic.':>7} {'subn.':>8}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['model']:<9} {r['sparsity']:>6.0%} {r['backend']:<12} skipped: {r['skipped']}")
             continue
         print(f"{r['model']:<9} {r['sparsity']:>6.0%} {r['backend']:<12} {r['variant']:<12} {r['ms']:>9.3f} "
-              f"{r['spread']:>6.1%} {r['speedup']:>7.2f}x {r['flop_reduction']:>6.2f}x {r['efficiency']:>7.2f}")
-    out = dict(benchmark="deployed", masks=a.masks, threads=a.threads, repeats=a.repeats, warmup=a.warmup, rows=rows)
+              f"{r['spread']:>6.1%} {r['speedup']:>7.2f}x {r['flop_reduction']:>6.2f}x {r['efficiency']:>7.2f} "
+              f"{r.get('subnormals', 0):>8,}")
+    out = dict(benchmark="deployed", masks=a.masks, plant_subnormals=a.plant_subnormals, threads=a.threads, repeats=a.repeats, warmup=a.warmup, rows=rows)
     print(json.dumps(out))
     return out
 
