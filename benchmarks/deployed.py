@@ -155,8 +155,14 @@ def executorch(m: nn.Module, inputs: tuple[Any, ...], threads: int) -> Runner:
 
     ep = torch.export.export(m, inputs, strict=False)
     pte = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
-    method = Runtime.get().load_program(pte.buffer).load_method("forward")
-    return lambda: method.execute(list(inputs))
+    buffer = pte.buffer
+    program = Runtime.get().load_program(buffer)  # held with the buffer for as long as the method runs
+    method = program.load_method("forward")
+
+    def run() -> Any:
+        assert program is not None and buffer is not None
+        return method.execute(list(inputs))
+    return run
 
 
 BACKENDS = {"eager": eager, "onnxruntime": onnxruntime, "aoti": aoti, "executorch": executorch}

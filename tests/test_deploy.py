@@ -38,7 +38,9 @@ def test_executorch_runs_the_minimized_program_at_two_batch_sizes(name):
     model, x, _, ep = program(name)
     small = fp.minimize(ep)
     pte = to_edge_transform_and_lower(small).to_executorch()
-    method = Runtime.get().load_program(pte.buffer).load_method("forward")
+    buffer = pte.buffer
+    prog = Runtime.get().load_program(buffer)  # the program (and its buffer) must outlive the method: freed first, the
+    method = prog.load_method("forward")       # method runs on released memory (a segfault on larger models)
     for b in (1, 5):
         xi = at(x, b)
         assert close(model, xi, method.execute([xi])[0]), b
