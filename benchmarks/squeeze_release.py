@@ -327,9 +327,9 @@ def gradual(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Traine
     for k in range(1, steps + 1):
         s = fp.sparsity_schedule(k, steps, final, kind="linear")
         masks = apply_masks(work, magnitude_masks(work, s), masks)
-        held = fp.hold_masks(work, masks)
+        held = fp.hold_masks_(work, masks)
         with fp.GroupLasso(held, example, strength=trainer.recipe.lasso).attach(held):
-            work = fp.bake_masks(trainer.train(held))
+            work = fp.bake_masks_(trainer.train(held))
         curve.append(candidate(fp.minimize_module(copy.deepcopy(work).eval(), example), trainer,
                                f"step {k}, sparsity {round(s, 4)}"))
         print(f"[gradual] step {k}/{steps} sparsity {s:.3f}: {curve[-1]['params']:,} params, validation "

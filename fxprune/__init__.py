@@ -7,11 +7,11 @@ from fxprune.interop.saving import load, save
 from fxprune.interop.stream import StreamedResult, minimize_checkpoint
 from fxprune.errors import CaptureError, CheckpointError, EquivalenceError, FxPruneError, InputError, LoadError, MaskError, UnsupportedError
 from fxprune.passes.compensate_layernorm import compensate_layernorm
-from fxprune.passes.mask import bake_masks, hold_masks, sparsity_schedule
+from fxprune.passes.mask import bake_masks, bake_masks_, hold_masks, hold_masks_, sparsity_schedule
 from fxprune.passes.release import ReleaseReport, release
 
 __all__ = ["capture", "analyze", "compile", "mask", "minimize", "minimize_module", "minimize_checkpoint", "StreamedResult", "verify", "compensate_layernorm", "release", "ReleaseReport", "squeeze_release",
-           "SqueezeReleaseResult", "GroupLasso", "group_lasso", "hold_masks", "bake_masks", "sparsity_schedule",
+           "SqueezeReleaseResult", "GroupLasso", "group_lasso", "hold_masks_", "bake_masks_", "hold_masks", "bake_masks", "sparsity_schedule",
            "FxPruneError", "CaptureError", "EquivalenceError",
            "InputError", "MaskError", "UnsupportedError", "LoadError", "CheckpointError", "save", "load"]
 __version__ = "0.1.0"

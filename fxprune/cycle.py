@@ -41,7 +41,7 @@ from fxprune.interop.distributed import Ranks
 from fxprune.interop.lasso import DEFAULT_STRENGTH, GroupLasso
 from fxprune.graph.masks import unmasked
 from fxprune.interop.module import eval_capture, minimize_module
-from fxprune.passes.mask import (TargetNotReachedWarning, apply_masks, bake_masks, group_masks, hold_masks,
+from fxprune.passes.mask import (TargetNotReachedWarning, apply_masks, bake_masks_, group_masks, hold_masks_,
                                  magnitude_masks, prunable, sparsity_schedule)
 from fxprune.passes.minimize import minimize
 from fxprune.passes.modes import trainable
@@ -142,13 +142,13 @@ def _trained(train: Callable[[nn.Module], Any], m: nn.Module, masks: dict[str, t
              lasso: GroupLasso | None) -> nn.Module:
     """``train`` on ``m`` with ``masks`` held as parametrizations and the group lasso attached to every optimizer
     step; the trained model with plain parameters (masked entries exact zeros)."""
-    held = hold_masks(m, masks) if masks else m
+    held = hold_masks_(m, masks) if masks else m
     if lasso is None:
         out = _call_train(train, held)
     else:
         with lasso.attach(held):
             out = _call_train(train, held)
-    return bake_masks(out) if masks else out
+    return bake_masks_(out) if masks else out
 
 
 def _settings(**kw: Any) -> dict[str, Any]:

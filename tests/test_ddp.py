@@ -1,4 +1,4 @@
-"""Masks held by hold_masks stay applied when the user's train wraps the model in DistributedDataParallel, and
+"""Masks held by hold_masks_ stay applied when the user's train wraps the model in DistributedDataParallel, and
 squeeze_release under torchrun gives one process's result."""
 import json
 import os
@@ -26,7 +26,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     gm = fp.mask(fp.capture(net, (torch.randn(4, 6),)), 0.75, scope="layer")
     masks = gm.meta["fxprune_masks"]
-    held = fp.hold_masks(gm)
+    held = fp.hold_masks_(gm)
     ddp = DDP(held)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
     g = torch.Generator().manual_seed(100 + rank)  # different data per rank
@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         opt.zero_grad()
         F.cross_entropy(ddp(x), y).backward()
         opt.step()
-    baked = fp.bake_masks(held)
+    baked = fp.bake_masks_(held)
     state = {n: p.detach().clone() for n, p in baked.named_parameters()}
     torch.save({"state": state, "masks": masks}, f"{out}.{rank}")
     del ddp, opt  # DDP's reducer holds the process group: release it first, then leave together

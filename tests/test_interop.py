@@ -1,4 +1,4 @@
-"""Masks held outside the weights (torch.nn.utils.prune hooks, torch.ao.pruning sparsifiers, fxprune's hold_masks)
+"""Masks held outside the weights (torch.nn.utils.prune hooks, torch.ao.pruning sparsifiers, fxprune's hold_masks_)
 are read as the zeros they are: the same result as the zeros written into the weights, the user's model untouched."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize, prune
 import fxprune as fp
 from conftest import snapshot
 from fxprune.interop import held_masks
-from fxprune.passes.mask import hold_masks
+from fxprune.passes.mask import hold_masks_
 from fxprune.passes.minimize import NothingRemovedWarning
 
 METHODS = ["symbolic", "export"]
@@ -54,7 +54,7 @@ def by_sparsifier(m: nn.Module) -> dict[str, torch.Tensor]:
 def by_hold_masks(m: nn.Module) -> dict[str, torch.Tensor]:
     mask = torch.ones(32, 12, dtype=torch.bool)
     mask[:10] = False
-    hold_masks(m, {"0.weight": mask})
+    hold_masks_(m, {"0.weight": mask})
     return {"0.weight": mask}
 
 
@@ -65,7 +65,7 @@ def _state(m: nn.Module) -> dict:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("source", [by_prune, by_sparsifier, by_hold_masks], ids=["prune", "sparsifier", "hold_masks"])
+@pytest.mark.parametrize("source", [by_prune, by_sparsifier, by_hold_masks], ids=["prune", "sparsifier", "hold_masks_"])
 def test_held_masks_minimize_like_written_zeros(source, method):
     model = net()
     masks = source(model)

@@ -110,7 +110,7 @@ def test_attach_acts_on_the_models_optimizer_only_holds_what_it_zeroed_and_detac
 def test_held_masks_and_penalty_and_regularize():
     net, x = mlp(), torch.randn(5, 6)
     reg = fp.GroupLasso(net, (x,), strength=0.5)
-    masked = fp.hold_masks(net, {"0.weight": torch.rand(10, 6) > 0.5})  # read through the parametrization
+    masked = fp.hold_masks_(net, {"0.weight": torch.rand(10, 6) > 0.5})  # read through the parametrization
     p = reg.penalty(masked)
     assert p.requires_grad and float(p) > 0
     scale = {n: t[t != 0].pow(2).mean().sqrt() for n, t in (("0.weight", masked[0].weight), ("0.bias", masked[0].bias),

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fxprune as fp
-from fxprune.passes.mask import MASKS_KEY, bake_masks, hold_masks, sparsity_schedule
+from fxprune.passes.mask import MASKS_KEY, bake_masks_, hold_masks_, sparsity_schedule
 from conftest import n_params, snapshot
 from fxprune.zoo import build
 
@@ -87,21 +87,33 @@ def _train(held, x, lr: float, steps: int = 3):
 def test_hold_masks_survives_training_then_bakes():
     gm, x = _gm()
     masked = fp.mask(gm, 0.8)
-    held = hold_masks(masked)
-    baked = bake_masks(_train(held, x, lr=1e-3))
+    held = hold_masks_(masked)
+    baked = bake_masks_(_train(held, x, lr=1e-3))
     for n, m in masked.meta[MASKS_KEY].items():
         p = baked.get_parameter(n)
         assert bool((p[~m] == 0).all()), n
 
 
+def test_the_in_place_mask_holders_say_so_in_their_names():
+    """hold_masks_ / bake_masks_ change the module they are given (and return it); the old names still work, with a
+    DeprecationWarning that names the new one."""
+    gm, x = _gm()
+    masked = fp.mask(gm, 0.5)
+    assert hold_masks_(masked) is masked and bake_masks_(masked) is masked
+    with pytest.warns(DeprecationWarning, match="hold_masks_"):
+        assert fp.hold_masks(masked) is masked
+    with pytest.warns(DeprecationWarning, match="bake_masks_"):
+        assert fp.bake_masks(masked) is masked
+
+
 def test_held_row_masks_survive_training_and_minimize_removes_them():
-    """Rows masked through hold_masks stay zero through training; minimize then deletes exactly those units."""
+    """Rows masked through hold_masks_ stay zero through training; minimize then deletes exactly those units."""
     gm, x = _gm()
     hidden = gm.get_parameter("blocks.0.0.weight")  # (48, 24): block 0's hidden units
     rows = torch.ones_like(hidden, dtype=torch.bool)
     rows[:5] = False
-    held = hold_masks(fp.mask(gm, masks={"blocks.0.0.weight": rows}))
-    baked = bake_masks(_train(held, x, lr=1e-2))
+    held = hold_masks_(fp.mask(gm, masks={"blocks.0.0.weight": rows}))
+    baked = bake_masks_(_train(held, x, lr=1e-2))
     assert bool((baked.get_parameter("blocks.0.0.weight")[:5] == 0).all())
     assert not bool((baked.get_parameter("blocks.0.0.bias")[:5] == gm.get_parameter("blocks.0.0.bias")[:5]).all())  # trained
     small = fp.minimize(baked, x)
@@ -124,15 +136,15 @@ def test_schedules():
 
 
 def test_bake_masks_removes_only_the_mask_parametrizations():
-    """A user's own parametrization (weight norm here) survives bake_masks; only fxprune's masks are baked in."""
+    """A user's own parametrization (weight norm here) survives bake_masks_; only fxprune's masks are baked in."""
     from torch.nn.utils import parametrizations, parametrize
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
     parametrizations.weight_norm(net[2])
-    hold_masks(net, {"0.weight": torch.rand(6, 4) > 0.5})
+    hold_masks_(net, {"0.weight": torch.rand(6, 4) > 0.5})
     assert parametrize.is_parametrized(net[0], "weight") and parametrize.is_parametrized(net[2], "weight")
     x = torch.randn(3, 4)
     before = net(x)
-    bake_masks(net)
+    bake_masks_(net)
     assert not parametrize.is_parametrized(net[0]) and parametrize.is_parametrized(net[2], "weight")
     assert torch.allclose(net(x), before)

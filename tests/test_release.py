@@ -69,7 +69,7 @@ def test_release_after_minimize_and_bad_arguments():
 
 def test_held_masks_survive_release_input():
     gm, x = _masked()
-    held = fp.hold_masks(fp.mask(gm, 0.8, scope="layer"))
+    held = fp.hold_masks_(fp.mask(gm, 0.8, scope="layer"))
     freed, rep = fp.release(held)
     assert rep.total > 0 and not any("parametrizations" in n for n, _ in freed.named_parameters())
 

@@ -2,7 +2,7 @@
 
 Pruning tools keep masks beside the weights: ``torch.nn.utils.prune`` as a forward pre-hook that recomputes
 ``weight = weight_orig * weight_mask``; ``torch.ao.pruning`` sparsifiers (before ``squash_mask``) and fxprune's
-own :func:`~fxprune.passes.mask.hold_masks` as parametrizations whose forward is ``original * mask``. The
+own :func:`~fxprune.passes.mask.hold_masks_` as parametrizations whose forward is ``original * mask``. The
 analysis reads parameters, so :func:`unmasked` gives it a copy of the model in which each such weight is a plain
 parameter holding ``weight * mask``: the same function, the zeros visible, trainable as before. The user's model
 is never touched. A parametrization that is not a mask (weight norm, orthogonal...) stays: it is traced as the

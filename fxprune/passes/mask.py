@@ -1,9 +1,9 @@
 """``mask``: magnitude (or random) pruning that writes exact zeros, pure.
 
 The returned GraphModule records its masks in ``gm.meta["fxprune_masks"]`` (parameter name -> bool tensor,
-True = kept). To keep them applied while fine-tuning, call :func:`hold_masks` (a parametrization that
+True = kept). To keep them applied while fine-tuning, call :func:`hold_masks_` (a parametrization that
 multiplies each weight by its mask, so masked entries stay exactly zero under any optimizer, DDP included);
-:func:`bake_masks` removes the parametrizations again, leaving plain parameters with their zeros.
+:func:`bake_masks_` removes the parametrizations again, leaving plain parameters with their zeros.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from fxprune.errors import MaskError
 from fxprune.graph.capture import check_weights
 from fxprune.graph.exported import exported_io
 
-__all__ = ["mask", "magnitude_masks", "group_masks", "taylor_gradients", "flop_costs", "TargetNotReachedWarning", "apply_masks", "prunable", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
+__all__ = ["mask", "magnitude_masks", "group_masks", "taylor_gradients", "flop_costs", "TargetNotReachedWarning", "apply_masks", "prunable", "hold_masks_", "bake_masks_", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
 
 MASKS_KEY = "fxprune_masks"
 REACHED_KEY = "fxprune_mask_reached"  # structure="groups": the fraction of the parameters minimize will remove
@@ -402,8 +402,9 @@ class _Mask(nn.Module):
         return w * self.mask.to(w.dtype)
 
 
-def hold_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
-    """Keep masks applied during fine-tuning (in place): every masked weight becomes ``w * mask``."""
+def hold_masks_(gm: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Keep masks applied during fine-tuning, **in place** (the trailing underscore, as in ``Tensor.mul_``): every
+    masked weight of ``gm`` becomes the parametrization ``w * mask``; returns ``gm``."""
     masks = masks if masks is not None else getattr(gm, "meta", {}).get(MASKS_KEY, {})
     for name, m in _check_masks(gm, masks).items():
         owner_path, _, leaf = name.rpartition(".")
@@ -413,15 +414,27 @@ def hold_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -
     return gm
 
 
-def bake_masks(gm: nn.Module) -> nn.Module:
-    """Remove the parametrizations added by :func:`hold_masks` (in place), keeping the masked values. Other
-    parametrizations (weight norm, orthogonal, a user's own) stay."""
+def bake_masks_(gm: nn.Module) -> nn.Module:
+    """Remove the parametrizations added by :func:`hold_masks_`, **in place**, keeping the masked values; returns
+    ``gm``. Other parametrizations (weight norm, orthogonal, a user's own) stay."""
     for mod in list(gm.modules()):
         if parametrize.is_parametrized(mod):
             for leaf in list(mod.parametrizations.keys()):
                 if all(isinstance(p, _Mask) for p in mod.parametrizations[leaf]):
                     parametrize.remove_parametrizations(mod, leaf, leave_parametrized=True)
     return gm
+
+
+def hold_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Deprecated name of :func:`hold_masks_` (it works in place)."""
+    warnings.warn("fxprune.hold_masks is now hold_masks_ (it works in place)", DeprecationWarning, stacklevel=2)
+    return hold_masks_(gm, masks)
+
+
+def bake_masks(gm: nn.Module) -> nn.Module:
+    """Deprecated name of :func:`bake_masks_` (it works in place)."""
+    warnings.warn("fxprune.bake_masks is now bake_masks_ (it works in place)", DeprecationWarning, stacklevel=2)
+    return bake_masks_(gm)
 
 
 def sparsity_schedule(step: int, total_steps: int, final: float, initial: float = 0.0,

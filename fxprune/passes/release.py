@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 
 from fxprune.errors import InputError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, check_weights
-from fxprune.passes.mask import MASKS_KEY, bake_masks, prunable
+from fxprune.passes.mask import MASKS_KEY, bake_masks_, prunable
 from fxprune.graph.exported import exported_io
 
 __all__ = ["release", "ReleaseReport", "Released"]
@@ -69,7 +69,7 @@ def release(gm: GraphModule, scale: float = 0.01, *, seed: int = 0, calibration:
     if target is not None and not target > 0:
         raise InputError(f"target must be a positive relative output change, got {target!r}")
     check_weights(gm, "release")
-    out = bake_masks(copy.deepcopy(gm))
+    out = bake_masks_(copy.deepcopy(gm))
     if isinstance(out, GraphModule):
         out.meta = {k: v for k, v in getattr(gm, "meta", {}).items() if k != MASKS_KEY}
     g = torch.Generator().manual_seed(seed)
