@@ -34,9 +34,8 @@ def attr_owner(root: nn.Module, target: str) -> tuple[nn.Module, str]:
 
 
 def _kind(gm: nn.Module, target: str) -> str:
-    owner_path, _, name = target.rpartition(".")
     try:
-        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner, name = attr_owner(gm, target)
     except AttributeError:
         return "buffer"
     if name in owner._parameters:

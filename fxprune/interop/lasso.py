@@ -49,6 +49,7 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from fxprune.errors import InputError
+from fxprune.graph.rebuild import attr_owner
 
 __all__ = ["GroupLasso", "group_lasso", "DEFAULT_STRENGTH"]
 
@@ -198,9 +199,8 @@ def _layer_weights(n: Any) -> list[Any]:
 
 def _member(model: nn.Module, s: _Slice) -> _Member | None:
     """Slice ``s`` resolved on ``model`` (None where ``model`` has no such parameter)."""
-    path, _, leaf = s.name.rpartition(".")
     try:
-        owner = model.get_submodule(path) if path else model
+        owner, leaf = attr_owner(model, s.name)
     except AttributeError:
         return None
     if parametrize.is_parametrized(owner, leaf):

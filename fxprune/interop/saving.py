@@ -25,6 +25,7 @@ from torch import nn
 from fxprune.errors import InputError, LoadError
 from fxprune.interop import shards
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm
+from fxprune.graph.rebuild import attr_owner
 
 __all__ = ["save", "load", "write_module", "file_sha256", "FORMAT", "SHARD_BYTES"]
 
@@ -169,8 +170,7 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
             if cls is None or not args <= set(fields) or set(fields) - args - _OPTIONAL:
                 raise LoadError(f"module '{path}': unknown replacement {repl.get('class')!r} in the manifest")
             m = cls(**repl["args"])
-            parent, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, m)
+            setattr(*attr_owner(model, path), m)
         elif _qualname(m) != entry["class"]:
             raise LoadError(f"module '{path}' is a {_qualname(m)} in build()'s model, a {entry['class']} in the "
                             "manifest: a different architecture")
@@ -202,8 +202,7 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
         raise LoadError(f"the weights do not fit build()'s model (missing {missing}, unexpected {extra})")
     with torch.no_grad():
         for name, reader in state.items():
-            owner, _, leaf = name.rpartition(".")
-            t = getattr(model.get_submodule(owner) if owner else model, leaf)
+            t = getattr(*attr_owner(model, name))
             shape = reader.spec(name)[1]
             if tuple(t.shape) != shape:
                 raise LoadError(f"'{name}' has shape {shape} in the file, {tuple(t.shape)} in the model")

@@ -21,6 +21,7 @@ from fxprune.graph.capture import EXAMPLE_INPUTS_KEY
 from fxprune.graph.rebuild import new_graph_like, rebuild
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
 from fxprune.graph.exported import exported_io
+from fxprune.graph.rebuild import attr_owner
 
 __all__ = ["compensate_layernorm", "uncompensate"]
 
@@ -66,8 +67,8 @@ def compensate_layernorm(gm: GraphModule, *, verify: bool = True) -> GraphModule
             new.kwargs = {}
     out = rebuild(gm, graph, {})
     for target, module in swaps.items():
-        owner, _, name = target.rpartition(".")
-        out.get_submodule(owner).add_module(name, module)
+        owner, name = attr_owner(out, target)
+        owner.add_module(name, module)
     out.recompile()
     inputs = gm.meta.get(EXAMPLE_INPUTS_KEY)
     if verify and (swaps or any(n.target in (compensated_layer_norm, compensated_rms_norm) for n in graph.nodes)) \

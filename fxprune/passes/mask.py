@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from fxprune.errors import MaskError
 from fxprune.graph.capture import check_weights
 from fxprune.graph.exported import exported_io
+from fxprune.graph.rebuild import attr_owner
 
 __all__ = ["mask", "magnitude_masks", "group_masks", "taylor_gradients", "flop_costs", "TargetNotReachedWarning", "apply_masks", "prunable", "hold_masks_", "bake_masks_", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
 
@@ -407,8 +408,7 @@ def hold_masks_(gm: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) 
     masked weight of ``gm`` becomes the parametrization ``w * mask``; returns ``gm``."""
     masks = masks if masks is not None else getattr(gm, "meta", {}).get(MASKS_KEY, {})
     for name, m in _check_masks(gm, masks).items():
-        owner_path, _, leaf = name.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner, leaf = attr_owner(gm, name)
         if not parametrize.is_parametrized(owner, leaf):
             parametrize.register_parametrization(owner, leaf, _Mask(m.to(getattr(owner, leaf).device)))
     return gm
