@@ -313,3 +313,20 @@ def test_subnormal_floats_are_counted_and_flushed_on_request():
     assert all(torch.equal(p, before[n]) for n, p in gm.named_parameters())  # the input keeps its values
     assert torch.allclose(flushed(x), net(x), rtol=0, atol=1e-30)
     assert fp.minimize(fp.capture(net.double(), (x.double(),))).meta[SUBNORMALS_KEY] == {}  # normal in float64
+
+
+def test_subnormals_are_read_only_in_the_tensors_minimize_writes():
+    """A subnormal the user's model already holds in a tensor minimize leaves unchanged is not minimize's: neither
+    reported nor flushed (the scan reads only the tensors the rewrite wrote)."""
+    from fxprune.passes.minimize import SUBNORMALS_KEY, MinimizeOptions
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.ReLU(), nn.Linear(2, 3))
+    with torch.no_grad():
+        net[0].weight[0] = 0
+        net[0].bias[0] = -1.0  # a dead unit: layers 0 and 2 are rewritten
+        net[4].weight[0, 0] = 1e-39  # the last layer is not touched
+    x = torch.randn(3, 4)
+    small = fp.minimize(fp.capture(net, (x,)), options=MinimizeOptions(flush_subnormals=True))
+    assert small.get_parameter("0.weight").shape == (5, 4) and small.meta[SUBNORMALS_KEY] == {}
+    assert small.get_parameter("4.weight")[0, 0] == net[4].weight[0, 0] != 0

@@ -359,8 +359,11 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
             work = Rewriter(work, an, keep).run()
         else:  # pragma: no cover - would need > max_iterations cascades
             raise EquivalenceError(f"minimize did not reach a fixed point in {opts.max_iterations} iterations")
+    theirs = _storages(gm)
+    written = {n for n, t in [*work.named_parameters(), *work.named_buffers()]
+               if t.numel() and not t.is_meta and t.untyped_storage().data_ptr() not in theirs}
     result = _detach(work, gm)
-    result.meta[SUBNORMALS_KEY] = subnormals(result, opts.flush_subnormals)
+    result.meta[SUBNORMALS_KEY] = subnormals(result, opts.flush_subnormals, written)
     if opts.round_to > 1:
         result.meta[ROUNDED_KEY] = widths
     if opts.verify:
@@ -370,15 +373,18 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     return result
 
 
-def subnormals(m: nn.Module, flush: bool = False) -> dict[str, dict[str, Any]]:
+def subnormals(m: nn.Module, flush: bool = False, names: set[str] | None = None) -> dict[str, dict[str, Any]]:
     """Per floating parameter or buffer of ``m`` that holds subnormal values (nonzero, smaller in magnitude than the
     dtype's smallest normal number: folded constants can land there, and CPUs without flush-to-zero compute with
     them tens of times slower): how many, and the largest. ``flush=True`` sets them to zero in place
-    (``"flushed": True``): the function moves by at most those values times what reads them."""
+    (``"flushed": True``): the function moves by at most those values times what reads them. ``names``: only those
+    tensors (``minimize`` reads the ones it wrote, not the unchanged ones it copied from its input)."""
     out: dict[str, dict[str, Any]] = {}
     tensors = dict(m.named_parameters())
     tensors.update(m.named_buffers())
     for name, t in tensors.items():
+        if names is not None and name not in names:
+            continue
         if not t.is_floating_point() or t.is_meta:
             continue
         tiny = torch.finfo(t.dtype).tiny
@@ -447,16 +453,18 @@ def _warn_opaque(an: Analysis) -> None:
                       "group and why it is frozen)", NothingRemovedWarning, stacklevel=3)
 
 
+def _storages(m: GraphModule) -> set[int]:
+    """The storages of every tensor ``m`` holds or reads through a get_attr (meta tensors have none)."""
+    ts = list(m.parameters()) + list(m.buffers())
+    ts += [t for n in m.graph.nodes if n.op == "get_attr" and isinstance(t := get_attr(m, n.target), torch.Tensor)]
+    return {t.untyped_storage().data_ptr() for t in ts if t.numel() and not t.is_meta}
+
+
 def _detach(work: GraphModule, gm: GraphModule) -> GraphModule:
     """``work`` with a copy of every tensor it still shares with the input ``gm`` (and so with the user's model):
     the rewrite shares unchanged tensors between its iterations, and copies each of them once, here."""
-    def storages(m: GraphModule) -> set[int]:
-        ts = list(m.parameters()) + list(m.buffers())
-        ts += [t for n in m.graph.nodes if n.op == "get_attr" and isinstance(t := get_attr(m, n.target), torch.Tensor)]
-        return {t.untyped_storage().data_ptr() for t in ts if t.numel() and not t.is_meta}  # meta: no storage
-
-    theirs = storages(gm)
-    if not theirs & storages(work):
+    theirs = _storages(gm)
+    if not theirs & _storages(work):
         return work
     return rebuild(work, work.graph, {}, copy_if=lambda t: t.numel() > 0 and t.untyped_storage().data_ptr() in theirs)
 
