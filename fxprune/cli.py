@@ -66,7 +66,7 @@ def _minimize(a: argparse.Namespace) -> int:
     prog = load(a.input, a.imports)
     if a.sparsity is not None:
         _say(f"masking to sparsity {a.sparsity}" + (" (whole channels)" if a.structure == "groups" else ""))
-        prog = fp.mask(prog, a.sparsity, structure=a.structure, **({"target": a.target} if a.structure == "groups" else {}))
+        prog = fp.mask(prog, a.sparsity, structure=a.structure, target=a.target)
     _say("minimizing (with its self-check)" + (f", widths rounded up to multiples of {a.round_to}" if a.round_to > 1 else ""))
     small = fp.minimize(prog, round_to=a.round_to)
     _say("verifying")

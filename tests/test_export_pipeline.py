@@ -175,6 +175,12 @@ def test_cli_bad_sparsity_exits_2(pt2, tmp_path, capsys):
     assert "sparsity must be a number in [0, 1)" in capsys.readouterr().err
 
 
+def test_cli_target_flops_without_groups_exits_2(pt2, tmp_path, capsys):
+    """--target is passed on, not dropped: FLOPs are a target only for whole channels (--structure groups)."""
+    assert main(["minimize", str(pt2), "-o", str(tmp_path / "o.pt2"), "--sparsity", "0.5", "--target", "flops"]) == 2
+    assert "target must be 'params' or (with structure='groups') 'flops'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ the doc page
 
 
