@@ -286,6 +286,38 @@ def test_unread_channels_of_a_depthwise_scan_go():
         assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)
 
 
+class _GatingUnit(nn.Module):
+    """gMLP's spatial gating unit (timm's ``SpatialGatingUnit``): fc1's units split in halves u and v; v normalized
+    over its channels and mixed along the tokens; out = u * v; fc2 reads out."""
+
+    def __init__(self, d: int = 16, h: int = 32, seq: int = 8) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.proj, self.fc2 = nn.Linear(d, h), nn.LayerNorm(h // 2), nn.Linear(seq, seq), nn.Linear(h // 2, d)
+
+    def forward(self, x):
+        u, v = F.gelu(self.fc1(x)).chunk(2, dim=-1)
+        v = self.proj(self.norm(v).transpose(-1, -2)).transpose(-1, -2)
+        return x + self.fc2(u * v)
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_gating_unit_pairs_of_dead_units_go_a_lone_dead_u_unit_stays(method):
+    """Units 0 and 1 are dead in both halves (u_j = 0 and v_j's LayerNorm input 0): the pairs go, v's norm
+    compensated. Unit 2 is dead in u only: u_2 * v_2 = 0, so fc2's column 2 reads nothing, but v_2 feeds the norm's
+    statistics: the channel stays (going would need a gather after the norm; #31). Exact at other batch sizes."""
+    torch.manual_seed(0)
+    m = _GatingUnit().double()
+    with torch.no_grad():
+        m.fc1.weight[[0, 1, 2, 16, 17]] = 0
+        m.fc1.bias[[0, 1, 2, 16, 17]] = 0
+    x = torch.randn(2, 8, 16, dtype=torch.float64)
+    small = fp.minimize(fp.capture(m, (x,), method=method))
+    assert small.get_parameter("fc1.weight").shape == (28, 16) and small.get_parameter("fc2.weight").shape == (16, 14)
+    for b in (1, 3):
+        xb = torch.randn(b, 8, 16, dtype=torch.float64)
+        assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)
+
+
 class _TensorSplit(nn.Module):
     """``torch.tensor_split`` on the channel dim: once into two halves, once at the end (an empty second piece, as
     transformers' Mamba splits its time dim)."""
