@@ -207,3 +207,21 @@ def test_a_bias_entry_goes_alone_only_once_its_channels_weight_entries_are_zero(
         net[2].weight[4] *= 1e-6; net[2].bias[4] = 1e-6
     fp.GroupLasso(net, (x,)).step(net, lr=1e-3)
     assert bool((net[2].weight[4] == 0).all()) and float(net[2].bias[4]) == 0.0
+
+
+def test_a_model_without_free_groups_has_nothing_to_regularize():
+    """A lone Linear: its input and output channels are the model's own (frozen), so no group is free; every method
+    works and does nothing (no error from an empty reading)."""
+    net = torch.nn.Linear(4, 2)
+    x = (torch.randn(3, 4),)
+    reg = fp.GroupLasso(net, x)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    assert reg.channels == 0 and reg.norms(net).numel() == 0 and float(reg.penalty(net)) == 0.0
+    assert reg.step(net, lr=1e-3) == 0
+    reg.regularize(net)
+    assert all(p.grad is None for p in net.parameters())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with reg.attach(net):
+        net(*x).sum().backward()
+        opt.step()
+    assert not torch.equal(net.weight, before["weight"])  # the optimizer's step went through

@@ -107,6 +107,10 @@ class _Reading:
         squares = [v.pow(2) for v in self.values]
         pers = [squares[p].sum(d, dtype=torch.float64) if d else squares[p].to(torch.float64)
                 for p, d in zip(plan.param_of, plan.dims)]
+        if not pers:  # a model without free groups: nothing to read
+            self.scale = self.squares = torch.zeros(0, dtype=torch.float64)
+            self.scale_at = self.scale
+            return
         counts = torch.stack([torch.count_nonzero(v).cpu() for v in self.values])
         totals = torch.stack([pers[i].sum().cpu() for i in plan.first_member])
         self.scale = torch.where(counts > 0, totals.div(counts).sqrt(), 1.0)
