@@ -407,6 +407,7 @@ def run_cycles(model: nn.Module, example: tuple[torch.Tensor, ...], trainer: Tra
     return fp.squeeze_release(model, example, train=trainer.train, evaluate=evaluate, cycles=cycles,
                               sparsity=sparsity, mask_steps=a.mask_steps, tolerance=a.tolerance, seed=a.seed,
                               release=release, release_scale=a.release_scale, lasso=trainer.recipe.lasso,
+                              lasso_every=a.lasso_every,
                               backoff=not a.no_backoff, structure=a.structure, progress=True)
 
 
@@ -462,6 +463,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "(mean). 1: the seed's fixed split")
     ap.add_argument("--quick", action="store_true", help="fewer cycles and epochs (make demo)")
     ap.add_argument("--lasso", type=float, default=None, help="strength of fxprune's group lasso, fp.squeeze_release(lasso=...) (default: the recipe's; 0: off)")
+    ap.add_argument("--lasso-every", type=int, default=1, metavar="K",
+                    help="fp.squeeze_release(lasso_every=K): the cycle's group lasso reads the weights every K optimizer steps (the baselines keep 1)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per fine-tune call (default: the recipe's)")
     ap.add_argument("--release-scale", type=float, default=None, help="release noise scale (default: the recipe's)")
     ap.add_argument("--schedule", choices=["constant", "cosine"], default=None,

@@ -169,7 +169,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                     scope: Literal["global", "layer"] = "global", include: Sequence[str] | None = None,
                     exclude: Sequence[str] | None = None, structure: Literal["weights", "groups"] = "weights",
                     release_scale: float = 0.01, release: bool = True,
-                    lasso: float = DEFAULT_STRENGTH, tolerance: float = 0.01, backoff: bool = True, seed: int = 0,
+                    lasso: float = DEFAULT_STRENGTH, lasso_every: int = 1, tolerance: float = 0.01, backoff: bool = True, seed: int = 0,
                     verify: bool = True,
                     progress: bool | Callable[[str], None] = True, checkpoint_dir: str | os.PathLike | None = None,
                     resume: bool = False) -> SqueezeReleaseResult:
@@ -185,7 +185,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     one (both have the same parameters). ``release=False`` is the ablation: the zeros left stay held at zero
     during that fine-tune (same training, no released capacity). ``lasso`` is the strength of the group lasso over
     fxprune's channel groups (:class:`~fxprune.interop.lasso.GroupLasso`; it acts around every optimizer step
-    inside ``train``, with that step's learning rate; 0 turns it off); ``exclude`` globs are
+    inside ``train``, with that step's learning rate; 0 turns it off); ``lasso_every=k`` reads the weights for it
+    every k optimizer steps only (``GroupLasso(every=k)``: cheaper hooks, zeros held in between); ``exclude`` globs are
     neither masked nor regularized. ``structure="groups"`` masks whole channels of fxprune's groups instead of
     single weights (:func:`~fxprune.passes.mask.group_masks`: the mask step's sparsity is then the fraction of the
     model's parameters that minimize removes). Returns the smallest cycle model whose accuracy
@@ -231,6 +232,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     if isinstance(sparsity, Sequence) and len(given) < cycles:
         raise InputError(f"sparsity gives {len(given)} values for {cycles} cycles: give one per cycle")
     target = sparsity if callable(sparsity) else (lambda c: sparsity[c]) if isinstance(sparsity, Sequence) else (lambda c: sparsity)
+    if not isinstance(lasso_every, int) or isinstance(lasso_every, bool) or lasso_every < 1:
+        raise InputError(f"lasso_every must be a positive integer, got {lasso_every!r}")
     if not isinstance(lasso, (int, float)) or isinstance(lasso, bool) or lasso < 0:
         raise InputError(f"lasso must be a non-negative number (0 turns the group lasso off), got {lasso!r}")
     base = unmasked(model)
@@ -238,7 +241,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     graph_path = isinstance(base, GraphModule)
     settings = _settings(mask_steps=mask_steps, scope=scope, include=include, exclude=exclude,
                          release_scale=release_scale, release=release, tolerance=tolerance, seed=seed, lasso=lasso,
-                         backoff=backoff, **({"structure": structure} if structure != "weights" else {}))
+                         backoff=backoff, **({"structure": structure} if structure != "weights" else {}),
+                         **({"lasso_every": lasso_every} if lasso_every != 1 else {}))
     ckpt = CycleCheckpoint(checkpoint_dir, ranks.rank, ranks.barrier) if checkpoint_dir is not None else None
     dense, done = None, []
     if ckpt is not None:
@@ -302,7 +306,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         t0, start_params = time.perf_counter(), count_params(work)
         user0 = train.seconds + evaluate.seconds
         final, strength = stepped(float(target(c)), lasso, level)
-        reg = GroupLasso(work, inputs, strength=strength, exclude=exclude) if strength else None
+        reg = GroupLasso(work, inputs, strength=strength, exclude=exclude, every=lasso_every) if strength else None
         lasso_s = 0.0
         masks: dict[str, torch.Tensor] = {}
         for step in range(1, mask_steps + 1):
@@ -324,7 +328,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         params = count_params(small)
         acc_min = ranks.broadcast_float(float(evaluate(_rebuilt(struct, small_state, small_modes))))
         lasso_s += reg.seconds if reg is not None else 0.0
-        reg = GroupLasso(small, inputs, strength=strength, exclude=exclude) if strength else None
+        reg = GroupLasso(small, inputs, strength=strength, exclude=exclude, every=lasso_every) if strength else None
         if release:
             say(f"cycle {c + 1}/{cycles}: release and fine-tune")
             work = _trained(train, release_zeros(small, release_scale, seed=seed + c).module, None, reg)

@@ -299,6 +299,8 @@ def _net_and_graph():
      r"sparsity must be a number in \[0, 1\)"),
     (lambda net, x, gm: fp.squeeze_release(net, x, train=lambda m: m, evaluate=lambda m: 1.0, cycles=3,
                                            sparsity=[0.5, 0.5]), "sparsity gives 2 values for 3 cycles"),
+    (lambda net, x, gm: fp.squeeze_release(net, x, train=lambda m: m, evaluate=lambda m: 1.0, lasso_every=0),
+     "lasso_every must be a positive integer, got 0"),
     (lambda net, x, gm: fp.mask(gm, 1.0), r"sparsity must be a number in \[0, 1\)"),  # a MaskError is an InputError
 ])
 def test_a_bad_argument_raises_input_error_everywhere(call, match):

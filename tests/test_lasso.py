@@ -225,3 +225,28 @@ def test_a_model_without_free_groups_has_nothing_to_regularize():
         net(*x).sum().backward()
         opt.step()
     assert not torch.equal(net.weight, before["weight"])  # the optimizer's step went through
+
+
+def test_every_k_steps_reads_less_often_and_holds_zeros_in_between():
+    """every=4: the exact-zero step runs at optimizer steps 0, 4, 8...; between them, what it zeroed is zeroed again
+    after each step although the loss's gradient moves it (tanh'(0) = 1); new zeros wait for the next reading."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        net[0].weight[:3] *= 1e-5; net[0].bias[:3] = 0; net[2].weight[:, :3] *= 1e-5
+    reg = fp.GroupLasso(net, (x,), every=4)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    zero_counts = []
+    with reg.attach(net):
+        for step in range(6):
+            if step == 2:  # a fourth unit at the scale of a step: not zeroed before the reading at step 4
+                with torch.no_grad():
+                    net[0].weight[3] *= 1e-5; net[0].bias[3] = 0; net[2].weight[:, 3] *= 1e-5
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+            zero_counts.append(int((reg.norms(net) == 0).sum()))
+    assert zero_counts == [3, 3, 3, 3, 4, 4]
+    with pytest.raises(fp.InputError, match="every must be a positive integer"):
+        fp.GroupLasso(net, (x,), every=0)

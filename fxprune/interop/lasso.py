@@ -217,7 +217,9 @@ class GroupLasso:
     """The group lasso over the free channel groups fxprune finds in ``model`` (see the module docstring).
 
     ``exclude``: parameter-name globs whose slices are left out (never shrunk). Frozen groups (model inputs and
-    outputs, ops without a rule) are never regularized.
+    outputs, ops without a rule) are never regularized. ``every``: inside :meth:`attach`, read the weights (group
+    norms, scales, the exact-zero decisions) every ``every`` optimizer steps instead of every step: the hooks cost
+    about ``1/every`` as much; new zeros come up to ``every - 1`` steps later.
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -230,7 +232,8 @@ class GroupLasso:
     """
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, strength: float = DEFAULT_STRENGTH,
-                 threshold: float = 2.0, relative: float = RELATIVE, exclude: Sequence[str] | None = None) -> None:
+                 threshold: float = 2.0, relative: float = RELATIVE, exclude: Sequence[str] | None = None,
+                 every: int = 1) -> None:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis, param_slices
@@ -245,7 +248,10 @@ class GroupLasso:
         for name, v in (("threshold", threshold), ("relative", relative)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise InputError(f"{name} must be a non-negative number, got {v!r}")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise InputError(f"every must be a positive integer, got {every!r}")
         self.strength, self.threshold, self.relative = float(strength), float(threshold), float(relative)
+        self.every = every
         self.seconds = 0.0  # spent in the optimizer-step hooks of attach() (the cycle's share of training time)
         self._totals: dict[int, torch.Tensor] = {}  # per slice (by id): its positions per group channel
         plain = unmasked(model)
@@ -317,25 +323,35 @@ class GroupLasso:
         self._regularize(_Plan(self._members(model), self.channels))
 
     @torch.no_grad()
-    def _regularize(self, plan: _Plan) -> None:
+    def _regularize(self, plan: _Plan, coefficients: dict[str, Any] | None = None) -> None:
+        """The pull; with ``coefficients`` (a dict), the per-position coefficients and per-parameter factors are
+        taken from it when it holds them and computed (and stored in it) when it is empty."""
         if not plan.members or self.strength == 0:
             return
-        r = _Reading(plan)
-        norm = r.sums(plan, relative=True)[:-1].sqrt()
-        coef = torch.where(norm > 0, self.sizes.sqrt() / norm.clamp_min(1e-300), torch.zeros_like(norm))
-        at = torch.cat([coef, coef.new_zeros(1)])[plan.channel]  # each position's coefficient (0: no group)
-        cast = {(v.dtype, v.device): at.to(v.dtype).to(v.device) for v in r.values}
-        values = [r.values[p] for p in plan.param_of]
-        pulls = torch._foreach_mul(values, [cast[v.dtype, v.device][o:o + n].view(shape) for v, o, n, shape
-                                            in zip(values, plan.offsets, plan.lengths, plan.views)])
+        if coefficients:
+            values = [m.value().detach() for m in plan.firsts]
+            cast, factors = coefficients["cast"], coefficients["factors"]
+        else:
+            r = _Reading(plan)
+            values = r.values
+            norm = r.sums(plan, relative=True)[:-1].sqrt()
+            coef = torch.where(norm > 0, self.sizes.sqrt() / norm.clamp_min(1e-300), torch.zeros_like(norm))
+            at = torch.cat([coef, coef.new_zeros(1)])[plan.channel]  # each position's coefficient (0: no group)
+            cast = {(v.dtype, v.device): at.to(v.dtype).to(v.device) for v in values}
+            factors = (self.strength / r.scale).tolist()
+            if coefficients is not None:
+                coefficients.update(cast=cast, factors=factors)
+        each = [values[p] for p in plan.param_of]
+        pulls = torch._foreach_mul(each, [cast[v.dtype, v.device][o:o + n].view(shape) for v, o, n, shape
+                                          in zip(each, plan.offsets, plan.lengths, plan.views)])
         pull: list[torch.Tensor | None] = [None] * len(plan.firsts)
         for p, g in zip(plan.param_of, pulls):
             pull[p] = g if pull[p] is None else pull[p] + g
-        torch._foreach_mul_(pull, (self.strength / r.scale).tolist())
+        torch._foreach_mul_(pull, factors)
         for p, m in enumerate(plan.firsts):
             if m.slice.name in self.normalized:  # (every slice of a parameter has its name)
                 # keep the tensor's overall scale: only the pull between its groups is left
-                g, v = pull[p], r.values[p]
+                g, v = pull[p], values[p]
                 pull[p] = g - (g * v).sum() / v.pow(2).sum().clamp_min(1e-30) * v
         grads, adds = [], []
         for m, g in zip(plan.firsts, pull):
@@ -394,23 +410,39 @@ class GroupLasso:
         keep = ~zero
         cast = {(m.param.dtype, m.param.device): keep.to(m.param.dtype).to(m.param.device) for m in plan.firsts}
         hit = [i for i, k in enumerate(hits) if k]
+        writes = ([plan.members[i].param for i in hit],
+                  [cast[plan.members[i].param.dtype, plan.members[i].param.device]
+                   [plan.offsets[i]:plan.offsets[i] + plan.lengths[i]].view(plan.views[i]) for i in hit])
         if hit:  # (a parameter appears once per dim: no two in-place products on one tensor share a shape)
-            torch._foreach_mul_([plan.members[i].param for i in hit],
-                                [cast[plan.members[i].param.dtype, plan.members[i].param.device]
-                                 [plan.offsets[i]:plan.offsets[i] + plan.lengths[i]].view(plan.views[i]) for i in hit])
+            torch._foreach_mul_(*writes)
+        if hold is not None:
+            hold["writes"] = writes  # type: ignore[assignment]
+
+    @staticmethod
+    @torch.no_grad()
+    def _hold(hold: dict[str, Any]) -> None:
+        """Zero again what the last exact-zero step zeroed (one in-place product per slice that has zeros)."""
+        params, keeps = hold.get("writes", ([], []))
+        if params:
+            torch._foreach_mul_(params, keeps)
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module) -> Iterator["GroupLasso"]:
         """While open: before every ``optimizer.step()`` of an optimizer holding parameters of ``model``,
         :meth:`regularize`; after it, :meth:`step` with each parameter's learning rate from the optimizer, the groups
         zeroed so far held at zero. Any optimizer and loop, DistributedDataParallel included (both read only the
-        weights and the reduced gradients, equal on every rank)."""
+        weights and the reduced gradients, equal on every rank). With ``every=k`` (the constructor's), the weights
+        are read, the pull's coefficients computed and the exact-zero step taken on every k-th optimizer step only;
+        in between the pull uses the last coefficients (on the current weights) and what was zeroed is zeroed again
+        after each step, so held zeros stay exact zeros. ``every=1`` (the default) reads at every step."""
         if self.strength == 0:
             yield self
             return
         plan = _Plan(self._members(model), self.channels)  # resolved once: the same parameters for the whole training
         ids = {id(m.param) for m in plan.members}
-        held: dict[str, torch.Tensor] = {}
+        held: dict[str, Any] = {}
+        coefficients: dict[str, Any] = {}
+        steps = [0]  # optimizer steps taken on our parameters
 
         def ours(optimizer: torch.optim.Optimizer) -> dict[int, float]:
             return {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"] if id(p) in ids}
@@ -418,14 +450,20 @@ class GroupLasso:
         def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             t0 = time.perf_counter()
             if ours(optimizer):
-                self._regularize(plan)
+                if steps[0] % self.every == 0:
+                    coefficients.clear()
+                self._regularize(plan, coefficients if self.every > 1 else None)
             self.seconds += time.perf_counter() - t0
 
         def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             t0 = time.perf_counter()
             lrs = ours(optimizer)
             if lrs:
-                self._step(plan, lrs, held)
+                if steps[0] % self.every == 0:
+                    self._step(plan, lrs, held)
+                else:
+                    self._hold(held)
+                steps[0] += 1
             self.seconds += time.perf_counter() - t0
 
         handles = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
