@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -145,7 +146,7 @@ class _Plan:
             shape[m.slice.dim] = -1
             self.views.append(shape)
         lengths = [m.slice.channel.numel() for m in members]
-        self.offsets = [sum(lengths[:i]) for i in range(len(members))]
+        self.offsets = list(itertools.accumulate(lengths, initial=0))[:-1]
         self.lengths = lengths
         member_pos = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(lengths, dtype=torch.long))
         raw = torch.cat([m.slice.channel for m in members]) if members else torch.zeros(0, dtype=torch.long)
@@ -303,10 +304,9 @@ class GroupLasso:
         plan = _Plan(self._members(model), self.channels)
         scales = _Reading(plan).scale
         sq = None
-        for m, p in zip(plan.members, plan.param_of):
+        for m, p, dims in zip(plan.members, plan.param_of, plan.dims):
             v = m.value()
             u = v / scales[p].to(v)
-            dims = [d for d in range(v.dim()) if d != m.slice.dim]
             per = u.pow(2).sum(dims) if dims else u.pow(2)
             if sq is None:
                 sq = torch.zeros(self.channels, dtype=per.dtype, device=per.device)
@@ -364,7 +364,7 @@ class GroupLasso:
             torch._foreach_add_(grads, adds)
 
     @torch.no_grad()
-    def step(self, model: nn.Module, lr: float | dict[int, float], hold: dict[str, torch.Tensor] | None = None) -> int:
+    def step(self, model: nn.Module, lr: float | dict[int, float], hold: dict[str, Any] | None = None) -> int:
         """The exact-zero step. Every slice of a group member (a row, a column, a norm weight's entry...; a bias's
         entry only once the same module's weight entries of its channel are zero, since a zero bias alone makes
         nothing constant or unread) whose root mean square is at most
@@ -379,7 +379,7 @@ class GroupLasso:
         return int((_Reading(plan).sums(plan)[:-1] == 0).sum()) if plan.members else 0
 
     @torch.no_grad()
-    def _step(self, plan: _Plan, lr: float | dict[int, float], hold: dict[str, torch.Tensor] | None) -> None:
+    def _step(self, plan: _Plan, lr: float | dict[int, float], hold: dict[str, Any] | None) -> None:
         if not plan.members:
             return
         rate = [float(lr.get(id(m.param), 0.0)) if isinstance(lr, dict) else float(lr) for m in plan.firsts]
@@ -416,7 +416,7 @@ class GroupLasso:
         if hit:  # (a parameter appears once per dim: no two in-place products on one tensor share a shape)
             torch._foreach_mul_(*writes)
         if hold is not None:
-            hold["writes"] = writes  # type: ignore[assignment]
+            hold["writes"] = writes
 
     @staticmethod
     @torch.no_grad()

@@ -362,7 +362,7 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
     theirs = _storages(gm)
     written = {n for n, t in [*work.named_parameters(), *work.named_buffers()]
                if t.numel() and not t.is_meta and t.untyped_storage().data_ptr() not in theirs}
-    result = _detach(work, gm)
+    result = _detach(work, theirs)
     result.meta[SUBNORMALS_KEY] = subnormals(result, opts.flush_subnormals, written)
     if opts.round_to > 1:
         result.meta[ROUNDED_KEY] = widths
@@ -460,10 +460,10 @@ def _storages(m: GraphModule) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in ts if t.numel() and not t.is_meta}
 
 
-def _detach(work: GraphModule, gm: GraphModule) -> GraphModule:
-    """``work`` with a copy of every tensor it still shares with the input ``gm`` (and so with the user's model):
-    the rewrite shares unchanged tensors between its iterations, and copies each of them once, here."""
-    theirs = _storages(gm)
+def _detach(work: GraphModule, theirs: set[int]) -> GraphModule:
+    """``work`` with a copy of every tensor it still shares with the input (whose storages are ``theirs``, and so
+    with the user's model): the rewrite shares unchanged tensors between its iterations, and copies each of them
+    once, here."""
     if not theirs & _storages(work):
         return work
     return rebuild(work, work.graph, {}, copy_if=lambda t: t.numel() > 0 and t.untyped_storage().data_ptr() in theirs)
