@@ -26,8 +26,8 @@ minimized model with a fraction ``F`` of every weight's entries set to +-1e-39 (
 result of minimize), and the same with them flushed to zero (``flushed``).
 
 Each (model, sparsity, backend) runs in a child process of its own (``--in-process`` to run them here), so that a
-runtime that crashes natively (ExecuTorch's ``libexecutorch.so`` segfaulted on ConvNeXt-Tiny variants) becomes a row
-that says so instead of ending the run.
+runtime that crashes natively (a segfault in a runtime's library) becomes a row that says so instead of ending the
+run.
 """
 from __future__ import annotations
 
@@ -187,13 +187,12 @@ def spread(v: list[float]) -> float:
     return (q[2] - q[0]) / statistics.median(v)
 
 
-def isolated(name: str, s: float, backend: str, a: argparse.Namespace) -> list[dict]:
-    """The rows of one (model, sparsity, backend), measured by a child process; a child that dies (a native crash,
+def isolated(name: str, s: float, backend: str, argv: list[str]) -> list[dict]:
+    """The rows of one (model, sparsity, backend), measured by a child process given this run's options ``argv``
+    (the later ``--models``, ``--sparsities`` and ``--backends`` override them); a child that dies (a native crash,
     a runtime's abort) gives one skipped row with its exit status and last message."""
-    argv = [sys.executable, __file__, "--in-process", "--models", name, "--sparsities", str(s), "--backends", backend,
-            "--masks", a.masks, "--threads", str(a.threads), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
-            "--round-to", *map(str, a.round_to), "--plant-subnormals", str(a.plant_subnormals)]
-    p = subprocess.run(argv, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, __file__, *argv, "--in-process", "--models", name, "--sparsities", str(s),
+                        "--backends", backend], capture_output=True, text=True)
     sys.stderr.write(p.stderr)
     lines = p.stdout.strip().splitlines()
     if p.returncode == 0 and lines:
@@ -216,12 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--plant-subnormals", type=float, default=0.0, metavar="F",
                     help="add the minimized model with F of its weights' entries subnormal, and flushed")
     ap.add_argument("--in-process", action="store_true", help="measure here, not in a child process per backend")
+    argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
     rows = []
     for name in a.models if not a.in_process else []:
         for s in a.sparsities:
             for backend in a.backends:
-                got = isolated(name, s, backend, a)
+                got = isolated(name, s, backend, argv)
                 rows += got
                 if "skipped" in got[0]:
                     print(f"[deployed] {name} {s:.0%} {backend}: {got[0]['skipped']}", file=sys.stderr, flush=True)
