@@ -1,4 +1,6 @@
-"""The one comparator of model outputs: capture's check, minimize's self-check and ``verify`` all use it.
+"""The one comparator of model outputs and the one checking driver: capture's check, the trainable-modes check,
+minimize's self-check, the streamed block-by-block check and ``verify`` all run through :func:`check` and
+:func:`compare`.
 
 Outputs are compared leaf by leaf (pytree); the error of one output is ``max |a - b| / max |a|`` (absolute where
 the reference is all zero), positions where both hold the same value (infinities included) or both NaN count as
@@ -8,13 +10,13 @@ float64 end to end is held to 1e-9; a graph that casts to float32 inside (transf
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["OutputDiff", "compare", "rtol_for", "stored_rtol", "precision_of", "first_failure", "tensors", "EXACT_RTOL"]
+__all__ = ["Point", "check", "OutputDiff", "compare", "rtol_for", "stored_rtol", "precision_of", "first_failure", "tensors", "EXACT_RTOL"]
 
 EXACT_RTOL = 1e-9  # float64 relative error that counts as exact
 _RTOL = {torch.float64: EXACT_RTOL, torch.float32: 1e-4}
@@ -101,3 +103,51 @@ def _wide(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def first_failure(diffs: list[OutputDiff], rtol: float) -> OutputDiff | None:
     return next((d for d in diffs if not d.ok(rtol)), None)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One input point of a check: its position in the points, the inputs, the reference's outputs, and either the
+    candidate's outputs and what the comparison found (``diffs``), or what the candidate raised (``error``)."""
+
+    index: int
+    inputs: tuple[Any, ...]
+    expected: Any
+    got: Any = None
+    diffs: Any = None
+    error: Exception | None = None
+
+    def failure(self, rtol: float) -> OutputDiff | None:
+        """The first output outside ``rtol`` (``diffs`` from :func:`compare`), or None."""
+        return first_failure(self.diffs, rtol)
+
+    def worst(self) -> float:
+        return max((d.max_rel for d in self.diffs), default=0.0)
+
+
+def check(reference: Callable[[tuple[Any, ...]], Any], candidate: Callable[[tuple[Any, ...]], Any],
+          points: Iterable[tuple[Any, ...]], *, required: int = 1,
+          skip: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+          diff: Callable[[Any, Any], Any] = compare) -> Iterator[Point]:
+    """The one checking driver: at each input point, the ``reference``'s outputs and the ``candidate``'s (both run
+    without gradients on the inputs tuple), compared by ``diff``; yields a :class:`Point` per point checked, and
+    the caller decides what a difference means (raise with its message, record, carry on).
+
+    A point where the reference raises ``skip`` is one it does not take: skipped, unless it is one of the first
+    ``required`` points (the example), where the error propagates. What the candidate raises is yielded
+    (``Point.error``), never swallowed."""
+    for k, xs in enumerate(points):
+        try:
+            with torch.no_grad():
+                expected = reference(xs)
+        except skip:
+            if k < required:
+                raise
+            continue
+        try:
+            with torch.no_grad():
+                got = candidate(xs)
+        except Exception as e:  # noqa: BLE001 (yielded to the caller, which decides)
+            yield Point(k, xs, expected, error=e)
+            continue
+        yield Point(k, xs, expected, got, diff(expected, got))

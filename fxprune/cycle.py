@@ -34,7 +34,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.nn.parallel import DistributedDataParallel
 
-from fxprune.errors import CaptureError, CheckpointError, InputError, UnsupportedError
+from fxprune.errors import CaptureError, CheckpointError, InputError, UnsupportedError, require
 from fxprune.graph.capture import as_inputs, capture
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
 from fxprune.interop.distributed import Ranks
@@ -210,10 +210,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     ranks run the passes on rank 0's weights and decide on rank 0's accuracies
     (:mod:`fxprune.interop.distributed`).
     """
-    if not isinstance(cycles, int) or cycles < 1:
-        raise InputError(f"cycles must be a positive integer, got {cycles!r}")
-    if not isinstance(mask_steps, int) or mask_steps < 1:
-        raise InputError(f"mask_steps must be a positive integer, got {mask_steps!r}")
+    require("cycles", cycles, "positive integer")
+    require("mask_steps", mask_steps, "positive integer")
     if not callable(train) or not callable(evaluate):
         raise InputError("train and evaluate must be callables taking the module")
     if structure not in ("weights", "groups"):
@@ -226,16 +224,12 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     inputs = as_inputs(example_inputs)
     given = [] if callable(sparsity) else list(sparsity) if isinstance(sparsity, Sequence) else [sparsity]
     for s in given:
-        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 <= s < 1:
-            raise InputError(f"sparsity must be a number in [0, 1) (or one per cycle, or a function of the cycle), "
-                             f"got {s!r}")
+        require("sparsity", s, "number in [0, 1)", note=" (or one per cycle, or a function of the cycle)")
     if isinstance(sparsity, Sequence) and len(given) < cycles:
         raise InputError(f"sparsity gives {len(given)} values for {cycles} cycles: give one per cycle")
     target = sparsity if callable(sparsity) else (lambda c: sparsity[c]) if isinstance(sparsity, Sequence) else (lambda c: sparsity)
-    if not isinstance(lasso_every, int) or isinstance(lasso_every, bool) or lasso_every < 1:
-        raise InputError(f"lasso_every must be a positive integer, got {lasso_every!r}")
-    if not isinstance(lasso, (int, float)) or isinstance(lasso, bool) or lasso < 0:
-        raise InputError(f"lasso must be a non-negative number (0 turns the group lasso off), got {lasso!r}")
+    require("lasso_every", lasso_every, "positive integer")
+    require("lasso", lasso, "non-negative number", note=" (0 turns the group lasso off)")
     base = unmasked(model)
     base = copy.deepcopy(base) if base is model else base
     graph_path = isinstance(base, GraphModule)

@@ -1,6 +1,8 @@
 """Typed errors raised by fxprune. Every error is an :class:`FxPruneError`."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 __all__ = [
     "FxPruneError",
     "CaptureError",
@@ -10,6 +12,7 @@ __all__ = [
     "UnsupportedError",
     "LoadError",
     "CheckpointError",
+    "require",
 ]
 
 
@@ -46,3 +49,21 @@ class LoadError(FxPruneError):
 class CheckpointError(LoadError):
     """A cycle checkpoint cannot be resumed: a damaged file, a missing cycle, or one written for another model or
     other settings."""
+
+
+# What an option may be: its types and its range, by the words the error message uses.
+_KINDS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool]]] = {
+    "positive integer": ((int,), lambda v: v >= 1),
+    "non-negative integer": ((int,), lambda v: v >= 0),
+    "non-negative number": ((int, float), lambda v: v >= 0),
+    "number in [0, 1)": ((int, float), lambda v: 0 <= v < 1),
+    "number in [0, 1]": ((int, float), lambda v: 0 <= v <= 1),
+}
+
+
+def require(name: str, value: Any, kind: str, *, error: type[InputError] = InputError, note: str = "") -> None:
+    """Raise ``error`` ("``name`` must be a ``kind````note``, got ``value``") unless ``value`` is a ``kind`` (one of
+    ``_KINDS``; booleans are never numbers): the one check of every numeric option."""
+    types, ok = _KINDS[kind]
+    if not isinstance(value, types) or isinstance(value, bool) or not ok(value):
+        raise error(f"{name} must be a {kind}{note}, got {value!r}")

@@ -11,8 +11,8 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxprune.compare import EXACT_RTOL, compare, rtol_for, stored_rtol, tensors
-from fxprune.errors import InputError
+from fxprune.compare import EXACT_RTOL, check, rtol_for, stored_rtol, tensors
+from fxprune.errors import InputError, require
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, InputDims, batch_dims, from_graph, shape_str, shaped_inputs
 from fxprune.graph.exported import program_inputs
@@ -149,8 +149,7 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
         if not isinstance(m, (nn.Module, torch.export.ExportedProgram)):
             raise InputError(f"verify compares two models: {what} is a {type(m).__name__}, not an nn.Module or "
                              "ExportedProgram")
-    if not isinstance(n_random, int) or isinstance(n_random, bool) or n_random < 0:
-        raise InputError(f"n_random must be a non-negative integer, got {n_random!r}")
+    require("n_random", n_random, "non-negative integer")
     if example_inputs is None and isinstance(a, torch.export.ExportedProgram):
         example_inputs = program_inputs(a)
     dims = _dims(a, b)
@@ -174,31 +173,29 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
     per_shape: dict[str, float] = {}
     for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):
         ma, mb = to_dtype(a, dtype), to_dtype(b, dtype)
-        for k, xs in enumerate(batches):
-            xs = _cast(xs, dtype)
-            with torch.no_grad():
-                try:
-                    ya = tensors(ma(*xs))
-                except Exception as e:
-                    if k <= n_random:
-                        raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
-                    continue  # a shape of the range that the first model itself does not take
-                try:
-                    yb = tensors(mb(*xs))
-                except Exception as e:
-                    if k <= n_random:
-                        raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
-                    yb = None  # the second model fails where the first runs: not equivalent
-            key = shape_str(xs)
-            if yb is None:
-                per_shape[key] = float("inf")
+
+        def reference(xs: tuple[Any, ...], ma: nn.Module = ma) -> list[torch.Tensor]:
+            try:
+                return tensors(ma(*xs))
+            except Exception as e:
+                raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
+
+        # the example and the random inputs must run; a later shape of the range the first model does not take is
+        # skipped
+        for p in check(reference, lambda xs, mb=mb: tensors(mb(*xs)), [_cast(xs, dtype) for xs in batches],
+                       required=n_random + 1, skip=InputError):
+            key = shape_str(p.inputs)
+            if p.error is not None:
+                if p.index <= n_random:
+                    e = p.error
+                    raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
+                per_shape[key] = float("inf")  # the second model fails where the first runs: not equivalent
                 for o in errs.values():
                     o.max_abs[name] = o.max_rel[name] = float("inf")
                 continue
-            diffs = compare(ya, yb)
-            if len(ya) != len(yb):
-                raise InputError(f"the models return different numbers of tensors ({len(ya)} vs {len(yb)})")
-            for d in diffs:
+            if len(p.expected) != len(p.got):
+                raise InputError(f"the models return different numbers of tensors ({len(p.expected)} vs {len(p.got)})")
+            for d in p.diffs:
                 o = errs.setdefault(d.index, OutputError(d.index, {"float32": 0.0, "float64": 0.0}, {"float32": 0.0, "float64": 0.0}))
                 o.max_abs[name] = max(o.max_abs[name], d.max_abs)
                 o.max_rel[name] = max(o.max_rel[name], d.max_rel)

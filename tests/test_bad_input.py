@@ -2,6 +2,8 @@
 to do, or works exactly. One test per row of docs/errors.md; determinism of the whole pipeline at the end."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -311,3 +313,22 @@ def test_a_bad_argument_raises_input_error_everywhere(call, match):
 
 def test_mask_errors_are_input_errors():
     assert issubclass(fp.MaskError, fp.InputError)
+
+
+@pytest.mark.parametrize("kind,good,bad", [
+    ("positive integer", [1, 7], [0, -1, 1.0, True, "2"]),
+    ("non-negative integer", [0, 3], [-1, 0.5, False]),
+    ("non-negative number", [0, 0.5, 2], [-1e-9, True, None]),
+    ("number in [0, 1)", [0, 0.99], [1, 1.0, -0.1, False]),
+    ("number in [0, 1]", [0, 1], [1.01, -0.1, True]),
+])
+def test_every_numeric_option_is_checked_by_one_rule(kind, good, bad):
+    from fxprune.errors import require
+
+    for v in good:
+        require("opt", v, kind)
+    for v in bad:
+        with pytest.raises(fp.InputError, match=rf"opt must be a {re.escape(kind)} \(note\), got {re.escape(repr(v))}"):
+            require("opt", v, kind, note=" (note)")
+    with pytest.raises(fp.MaskError):
+        require("opt", bad[0], kind, error=fp.MaskError)

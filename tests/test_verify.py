@@ -33,3 +33,31 @@ def test_minimized_model_report_counts_smaller():
     small = fp.minimize(masked)
     rep = fp.verify(masked, small)
     assert rep.ok and rep.params[1] < rep.params[0] and rep.flops[1] <= rep.flops[0]
+
+
+def test_the_checking_driver_skips_shapes_the_reference_refuses_and_yields_what_the_candidate_raises():
+    import pytest
+
+    from fxprune.compare import check
+    from fxprune.errors import InputError
+
+    def reference(xs):
+        if xs[0].shape[0] == 3:
+            raise InputError("the model does not take a batch of 3")
+        return xs[0] * 2
+
+    def candidate(xs):
+        if xs[0].shape[0] == 4:
+            raise RuntimeError("the candidate fails at 4")
+        return xs[0] * 2 + (xs[0].shape[0] == 5)
+
+    points = [(torch.ones(n, 2),) for n in (2, 3, 4, 5)]
+    got = list(check(reference, candidate, points, skip=InputError))
+    assert [p.index for p in got] == [0, 2, 3]  # 3: the reference refuses it, skipped
+    assert got[0].failure(1e-9) is None and got[0].worst() == 0.0
+    assert isinstance(got[1].error, RuntimeError) and got[1].diffs is None
+    assert got[2].failure(1e-9).max_abs == 1.0
+    with pytest.raises(InputError):  # within the required points the reference's error propagates
+        list(check(reference, candidate, points, required=2, skip=InputError))
+    with pytest.raises(ZeroDivisionError):  # an error that is not `skip` is never swallowed
+        list(check(lambda xs: 1 / 0, candidate, points, required=0, skip=InputError))

@@ -12,7 +12,7 @@ import copy
 import functools
 import operator
 import traceback
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from fxprune.graph.scan import fresh, scan
-from fxprune.compare import compare, first_failure, precision_of, rtol_for
+from fxprune.compare import check, precision_of, rtol_for
 from fxprune.errors import CaptureError, InputError, UnsupportedError
 from fxprune.graph import lazy
 from fxprune.graph.rebuild import graph_module
@@ -85,18 +85,16 @@ def _run(model: Any, inputs: tuple[Any, ...], what: str) -> Any:
 
 def _check_reproduces(gm: GraphModule, model: nn.Module, inputs: tuple[Any, ...], reference: Any, what: str,
                       failure: str) -> None:
-    """Run ``gm`` (``what``) and raise ``RuntimeError(failure)`` unless it gives ``reference``, the model's outputs.
-    Nothing to compare on the meta device (``reference`` is None)."""
+    """Run ``gm`` (``what``) and raise ``RuntimeError(failure)`` unless it gives ``reference``, the model's outputs,
+    within the tolerance of ``gm``'s precision. Nothing to compare on the meta device (``reference`` is None)."""
     if reference is None:
         return
-    if not _same_outputs(reference, _run(gm, inputs, what), gm):
+    p = next(check(lambda xs: reference, lambda xs: _run(gm, xs, what), [inputs]))
+    if p.error is not None:
+        raise p.error
+    if p.failure(rtol_for(precision_of(gm))) is not None:
         raise RuntimeError(failure)
     record(gm, model, inputs, reference, checked=True)
-
-
-def _same_outputs(a: Any, b: Any, gm: GraphModule) -> bool:
-    """Whether the graph's outputs ``b`` equal the model's ``a`` within the tolerance of ``gm``'s precision."""
-    return first_failure(compare(a, b), rtol_for(precision_of(gm))) is None
 
 
 def _is_batch(dynamic_shapes: Any) -> bool:

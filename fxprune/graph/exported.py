@@ -21,13 +21,17 @@ import zipfile
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
+from torch.fx import GraphModule
 from torch import nn
 
 from fxprune.errors import InputError, LoadError
 
-__all__ = ["exported_io", "program_inputs", "to_program", "load_program", "check_archive"]
+__all__ = ["exported_io", "program_inputs", "to_program", "load_program", "check_archive", "Program"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+# What an ``exported_io`` pass takes and gives back: a GraphModule gives a GraphModule, an ExportedProgram an
+# ExportedProgram.
+Program = TypeVar("Program", GraphModule, torch.export.ExportedProgram)
 
 
 def program_inputs(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:

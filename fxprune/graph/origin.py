@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from fxprune.compare import check
 from fxprune.errors import CaptureError, InputError
 from fxprune.graph.rebuild import get_attr
 
@@ -127,13 +128,12 @@ def blame_capture(gm: GraphModule, inputs: tuple[Any, ...], expected: Any, same:
     o = _ORIGINS.get(gm)
     if o is None or o.model is gm:
         return
-    try:
-        with torch.no_grad():
-            out = gm(*inputs)
-    except Exception as e:
+    p = next(check(lambda xs: expected, lambda xs: gm(*xs), [inputs], diff=same))
+    if p.error is not None:
+        e = p.error
         raise CaptureError(f"the captured graph does not run on inputs the model takes: {type(e).__name__}: {e}; "
                            "the capture is at fault, not the pass") from e
-    if not same(expected, out):
+    if not p.diffs:
         raise CaptureError(f"the captured graph does not reproduce {type(o.model).__name__}'s outputs on these inputs: "
                            "the capture is at fault, not the pass (pass an ExportedProgram you exported yourself, or "
                            "try the other capture method)")

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from fxprune.errors import InputError
+from fxprune.errors import InputError, require
 from fxprune.graph.rebuild import attr_owner
 
 __all__ = ["GroupLasso", "group_lasso", "DEFAULT_STRENGTH"]
@@ -244,13 +244,9 @@ class GroupLasso:
 
         if not isinstance(model, nn.Module):
             raise InputError(f"GroupLasso takes the model to be trained (an nn.Module), got {type(model).__name__}")
-        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength < 0:
-            raise InputError(f"strength must be a non-negative number, got {strength!r}")
-        for name, v in (("threshold", threshold), ("relative", relative)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise InputError(f"{name} must be a non-negative number, got {v!r}")
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise InputError(f"every must be a positive integer, got {every!r}")
+        for name, v in (("strength", strength), ("threshold", threshold), ("relative", relative)):
+            require(name, v, "non-negative number")
+        require("every", every, "positive integer")
         self.strength, self.threshold, self.relative = float(strength), float(threshold), float(relative)
         self.every = every
         self.seconds = 0.0  # spent in the optimizer-step hooks of attach() (the cycle's share of training time)

@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from fxprune.graph import lazy
-from fxprune.compare import compare, first_failure, precision_of, rtol_for
+from fxprune.compare import OutputDiff, check, compare, first_failure, precision_of, rtol_for
 from fxprune.errors import EquivalenceError, LoadError, UnsupportedError
 from fxprune.graph.capture import as_inputs, capture
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
@@ -316,26 +316,35 @@ def _check(model: nn.Module, read: Callable[[str], torch.Tensor], out: nn.Module
     ties = {n: names[0] for names in _aliases(out).values() for n in names}
     rtol = rtol_for(precision_of(model))
     streams = _streams(model, kept)
-    checks = []
-    for xs in shaped_inputs(dims, inputs):
-        where = f"at input shapes ({shape_str(xs)})"
-        ref_blocks, ref = _run(model, read, xs)
-        got_blocks, got = _run(out, lambda n: written.read(n if n in written.entries else ties[n]), xs)
-        worst = []
-        for i, (a, b) in enumerate(zip(ref_blocks, got_blocks)):
+
+    def blockwise(ref: tuple[list[Any], Any], got: tuple[list[Any], Any]) -> tuple[list[list[OutputDiff]], list[OutputDiff]]:
+        blocks = []
+        for a, b in zip(ref[0], got[0]):
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() and a.shape[-1] != b.shape[-1]:
                 a = a[..., streams[(a.shape[-1], b.shape[-1])]]  # a block writing a stream that lost channels
-            bad = first_failure(diffs := compare(a, b), rtol)
+            blocks.append(compare(a, b))
+        return blocks, compare(ref[1], got[1])
+
+    checks, points = [], shaped_inputs(dims, inputs)
+    for p in check(lambda xs: _run(model, read, xs),
+                   lambda xs: _run(out, lambda n: written.read(n if n in written.entries else ties[n]), xs),
+                   points, required=len(points), diff=blockwise):  # every point runs on both
+        if p.error is not None:
+            raise p.error
+        where = f"at input shapes ({shape_str(p.inputs)})"
+        blocks, diffs = p.diffs
+        worst = []
+        for i, block in enumerate(blocks):
+            bad = first_failure(block, rtol)
             if bad is not None:
                 raise EquivalenceError(f"block {i}'s output differs {where} (relative error {bad.max_rel:.3e}, allowed "
                                        f"{rtol:g}); the result was removed. Please report this model.")
-            worst.append(max((d.max_rel for d in diffs), default=0.0))
-        diffs = compare(ref, got)
+            worst.append(max((d.max_rel for d in block), default=0.0))
         bad = first_failure(diffs, rtol)
-        if bad is not None or len(ref_blocks) != len(got_blocks):
+        if bad is not None or len(p.expected[0]) != len(p.got[0]):
             what = "its blocks ran a different number of times" if bad is None else \
                 bad.problem or f"relative error {bad.max_rel:.3e}, allowed {rtol:g}"
             raise EquivalenceError(f"the outputs differ {where} ({what}); the result was removed. Please report "
                                    "this model.")
-        checks.append(BlockCheck(shape_str(xs), tuple(worst), max((d.max_rel for d in diffs), default=0.0)))
+        checks.append(BlockCheck(shape_str(p.inputs), tuple(worst), max((d.max_rel for d in diffs), default=0.0)))
     return checks

@@ -20,7 +20,7 @@ from fxprune.errors import InputError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY
 from fxprune.graph.rebuild import new_graph_like, rebuild
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
-from fxprune.graph.exported import exported_io
+from fxprune.graph.exported import Program, exported_io
 from fxprune.graph.rebuild import attr_owner
 
 __all__ = ["compensate_layernorm", "uncompensate"]
@@ -34,7 +34,7 @@ def _module_replacement(m: nn.Module) -> nn.Module | None:
 
 
 @exported_io
-def compensate_layernorm(gm: GraphModule, *, verify: bool = True) -> GraphModule:
+def compensate_layernorm(gm: Program, *, verify: bool = True) -> Program:
     """A new GraphModule in which every one-dim LayerNorm / RMSNorm is in compensated form (same function).
 
     With ``verify`` (the default) the result is checked as ``minimize``'s is, against the model ``gm`` was

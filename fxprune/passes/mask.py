@@ -18,9 +18,9 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.nn.utils import parametrize
 
-from fxprune.errors import MaskError
+from fxprune.errors import MaskError, require
 from fxprune.graph.capture import check_weights
-from fxprune.graph.exported import exported_io
+from fxprune.graph.exported import Program, exported_io
 from fxprune.graph.rebuild import attr_owner
 
 __all__ = ["mask", "magnitude_masks", "group_masks", "taylor_gradients", "flop_costs", "TargetNotReachedWarning", "apply_masks", "prunable", "hold_masks_", "bake_masks_", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
@@ -137,12 +137,12 @@ def _check_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, 
 
 
 @exported_io
-def mask(gm: GraphModule, sparsity: float | None = None, *, scope: Literal["global", "layer"] = "global",
+def mask(gm: Program, sparsity: float | None = None, *, scope: Literal["global", "layer"] = "global",
          criterion: Criterion = "magnitude", include: Iterable[str] | None = None,
          exclude: Iterable[str] | None = None, masks: Mapping[str, torch.Tensor] | None = None,
          seed: int = 0, structure: Literal["weights", "groups"] = "weights", max_fraction: float = 0.9,
          round_to: int = 1, target: Literal["params", "flops"] = "params", calibration: object = None,
-         loss: Callable[[object], torch.Tensor] | None = None) -> GraphModule:
+         loss: Callable[[object], torch.Tensor] | None = None) -> Program:
     """Zero the smallest weights (ndim >= 2, matching ``include``/``exclude`` globs) to reach ``sparsity``.
 
     ``criterion``: ``"magnitude"`` (default; ``"l1"`` ranks single weights alike), ``"random"`` (seeded), or
@@ -257,12 +257,9 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
     from fxprune.analysis.groups import Analysis, param_slices
     from fxprune.passes.lower import lower_modules
 
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
-        raise MaskError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if not isinstance(max_fraction, (int, float)) or isinstance(max_fraction, bool) or not 0 <= max_fraction <= 1:
-        raise MaskError(f"max_fraction must be a number in [0, 1], got {max_fraction!r}")
-    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
-        raise MaskError(f"round_to must be a positive integer, got {round_to!r}")
+    require("sparsity", sparsity, "number in [0, 1)", error=MaskError)
+    require("max_fraction", max_fraction, "number in [0, 1]", error=MaskError)
+    require("round_to", round_to, "positive integer", error=MaskError)
     _check_criterion(criterion, grads)
     params = dict(gm.named_parameters())
     slices, leaves = param_slices(Analysis(lower_modules(gm)), set(params))
@@ -359,8 +356,7 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, scope: Literal["global
                     grads: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The masks :func:`mask` writes (parameter name -> bool, True = kept), for any module: the graph pass and the
     cycle's masking of the user's own model both draw them here."""
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity < 1:
-        raise MaskError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    require("sparsity", sparsity, "number in [0, 1)", error=MaskError)
     if scope not in ("global", "layer"):
         raise MaskError(f"scope must be 'global' or 'layer', got {scope!r}")
     params = prunable(model, include, exclude)

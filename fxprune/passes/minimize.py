@@ -20,8 +20,8 @@ from torch.fx import GraphModule, Node
 
 from fxprune.analysis.groups import Analysis
 from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, SizeArg, aligned_dim
-from fxprune.compare import compare, first_failure, precision_of, rtol_for
-from fxprune.errors import EquivalenceError, InputError, UnsupportedError
+from fxprune.compare import check, compare, first_failure, precision_of, rtol_for
+from fxprune.errors import EquivalenceError, InputError, require
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_weights
 from fxprune.graph.origin import blame_capture, fresh_outputs, reference_outputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
@@ -29,7 +29,7 @@ from fxprune.graph import lazy
 from fxprune.graph.rebuild import get_attr, graph_module, new_graph_like, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules
-from fxprune.graph.exported import exported_io
+from fxprune.graph.exported import Program, exported_io
 from fxprune.verify import random_inputs
 
 __all__ = ["minimize", "self_check", "MinimizeOptions", "ShapeCheck", "NothingRemovedWarning", "CHECKS_KEY", "KEPT_KEY"]
@@ -316,8 +316,8 @@ def _prepare(gm: GraphModule, inputs: tuple[Any, ...] | None) -> GraphModule:
 
 
 @exported_io
-def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, verify: bool = True,
-             round_to: int = 1, options: MinimizeOptions | None = None) -> GraphModule:
+def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify: bool = True,
+             round_to: int = 1, options: MinimizeOptions | None = None) -> Program:
     """Delete every channel that provably does not affect the output; return a new, smaller GraphModule.
 
     ``round_to=k``: every channel group that loses channels keeps a multiple of ``k`` of them (or all of them),
@@ -338,8 +338,7 @@ def minimize(gm: GraphModule, example_inputs: Sequence[Any] | None = None, *, ve
         raise InputError("give verify and round_to inside options (MinimizeOptions(verify=..., round_to=...)), or "
                          "drop options")
     opts = options or MinimizeOptions(verify=verify, round_to=round_to)
-    if not isinstance(opts.round_to, int) or isinstance(opts.round_to, bool) or opts.round_to < 1:
-        raise InputError(f"round_to must be a positive integer, got {opts.round_to!r}")
+    require("round_to", opts.round_to, "positive integer")
     inputs = as_inputs(example_inputs) if example_inputs is not None else gm.meta.get(EXAMPLE_INPUTS_KEY)
     check_weights(gm, "minimize")
     work = work_ref = _prepare(gm, inputs)
@@ -485,28 +484,21 @@ def self_check(ref: GraphModule, new: Any, inputs: tuple[Any, ...], opts: Minimi
         return first_failure(compare(a, b), rtol) is None
 
     checked: list[ShapeCheck] = []
-    for xs in shaped_inputs(dims, inputs):
+    for p in check(lambda xs: reference_outputs(ref, xs), lambda xs: new(*xs), shaped_inputs(dims, inputs),
+                   skip=InputError):  # a shape the model does not take: nothing to compare
+        xs, out = p.inputs, p.expected
         where = f"at input shapes ({shape_str(xs)})"
-        try:
-            out = reference_outputs(ref, xs)
-        except InputError:
-            if xs is inputs:
-                raise
-            continue  # a shape the model does not take: nothing to compare
-        try:
-            with torch.no_grad():
-                got = new(*xs)
-        except Exception as e:
-            if xs is not inputs and not _runs(ref, xs):
+        if p.error is not None:
+            e = p.error
+            if p.index and not _runs(ref, xs):
                 continue  # the captured graph's own range ends before this shape
             blame_capture(ref, xs, out, same)
             raise EquivalenceError(f"minimize's result does not run {where}, where its input does: "
                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; nothing returned") from e
-        diffs = compare(out, got)
-        bad = first_failure(diffs, rtol)
+        diffs, bad = p.diffs, p.failure(rtol)
         if bad is not None:  # confirm with the model run now (a record made stale by a write it cannot see)
             out = fresh_outputs(ref, xs)
-            diffs = compare(out, got)
+            diffs = compare(out, p.got)
             bad = first_failure(diffs, rtol)
         if bad is not None:
             blame_capture(ref, xs, out, same)

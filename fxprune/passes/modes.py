@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxprune.compare import compare, first_failure, rtol_for
+from fxprune.compare import check, rtol_for
 from fxprune.errors import EquivalenceError
 from fxprune.graph.rebuild import attr_owner, get_attr, has_attr
 
@@ -160,13 +160,14 @@ def _check(gm: GraphModule, out: GraphModule, example_inputs: Sequence[Any]) -> 
     for m in out.modules():
         m.training = False
     try:
-        with torch.no_grad():
-            want, got = gm(*example_inputs), out(*example_inputs)
+        p = next(check(lambda xs: gm(*xs), lambda xs: out(*xs), [tuple(example_inputs)]))
     finally:
         for name, m in out.named_modules():
             m.training = modes.get(name, False)
+    if p.error is not None:
+        raise p.error
     dtype = next((t.dtype for t in out.state_dict().values() if t.is_floating_point()), torch.float32)
-    bad = first_failure(compare(want, got), rtol_for(dtype))
+    bad = p.failure(rtol_for(dtype))
     if bad is not None:
         raise EquivalenceError(f"trainable: the graph with its modes as modules differs from the input in eval mode "
                                f"(output {bad.index}: relative error {bad.max_rel:.3g})")

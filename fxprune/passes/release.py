@@ -14,13 +14,14 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from fxprune.errors import InputError
+from fxprune.errors import InputError, require
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, check_weights
 from fxprune.passes.mask import MASKS_KEY, bake_masks_, prunable
-from fxprune.graph.exported import exported_io
+from fxprune.graph.exported import Program, exported_io
 
 __all__ = ["release", "ReleaseReport", "Released"]
 
@@ -41,7 +42,7 @@ class ReleaseReport:
 
 
 class Released(NamedTuple):
-    module: GraphModule
+    module: GraphModule | ExportedProgram  # the kind of object release was given
     report: ReleaseReport
 
 
@@ -52,7 +53,7 @@ def _outputs(m: nn.Module, inputs: tuple[Any, ...]) -> torch.Tensor:
 
 
 @exported_io
-def release(gm: GraphModule, scale: float = 0.01, *, seed: int = 0, calibration: Sequence[Any] | None = None,
+def release(gm: Program, scale: float = 0.01, *, seed: int = 0, calibration: Sequence[Any] | None = None,
             target: float | None = None, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> Released:
     """Replace the exact zeros of the kept weights by seeded noise; return ``(module, report)``.
 
@@ -62,8 +63,7 @@ def release(gm: GraphModule, scale: float = 0.01, *, seed: int = 0, calibration:
     >>> rep.total, int((freed.get_parameter("weight") == 0).sum())
     (16, 0)
     """
-    if not (isinstance(scale, (int, float)) and scale >= 0):
-        raise InputError(f"scale must be a non-negative number, got {scale!r}")
+    require("scale", scale, "non-negative number")
     if target is not None and calibration is None:
         raise InputError("target needs calibration inputs: pass calibration=(x, ...)")
     if target is not None and not target > 0:
