@@ -239,3 +239,26 @@ def test_squeeze_release_trains_a_transformer_with_other_batch_sizes():
                              progress=False)
     assert (3, 16, 100) in seen and (1, 16, 100) in seen
     assert logits(res.module(at(x, 4))).shape == (4, 16, 100)
+
+
+@pytest.mark.parametrize("name", ["vit", "convnext"])
+def test_layer_norm_shape_rule_annotates_as_its_meta_kernel_does(name, monkeypatch):
+    """Annotation skips LayerNorm's slow Python meta kernel (``graph/shapes.py:_SHAPE_RULES``): every node's shape,
+    dtype and dynamic dims are the same as with the kernel, at a dynamic batch and sequence/image size."""
+    from fxprune.graph import shapes
+    from fxprune.graph.shapes import DYNAMIC_DIMS, annotate, node_spec
+    from fxprune.passes.lower import lower_modules
+
+    model, inputs = zoo.build(name)
+    gm = lower_modules(fp.capture(model, inputs, dynamic_shapes="every" if name == "vit" else "batch"))
+    assert any(n.target is torch.ops.aten.layer_norm.default for n in gm.graph.nodes)
+
+    def specs() -> dict[str, tuple]:
+        annotate(gm, inputs, gm.meta[DYNAMIC_KEY])
+        return {n.name: (node_spec(n), n.meta.get(DYNAMIC_DIMS)) for n in gm.graph.nodes}
+
+    fast = specs()
+    monkeypatch.setattr(shapes, "_SHAPE_RULES", {})
+    slow = specs()
+    assert fast == slow
+    assert any(d for _, d in fast.values())  # the dynamic dims were compared too

@@ -7,7 +7,7 @@ as plain ``TensorSpec``\\ s so the analysis never touches fake tensors itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
@@ -123,7 +123,18 @@ class _MetaProp(Interpreter):
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if isinstance(kwargs.get("device"), (torch.device, str)):  # `.to(cpu)`, `arange(device=cpu)`: stay on meta
             kwargs = {**kwargs, "device": torch.device("meta")}
+        shape_of = _SHAPE_RULES.get(target)
+        if shape_of is not None and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
+            return shape_of(*args, **kwargs)
         return super().call_function(target, args, kwargs)
+
+
+# Ops whose meta kernel is a slow Python decomposition, by the shape and dtype of their output. LayerNorm's
+# (``torch._refs.native_layer_norm``, which also computes the statistics' shapes) took half of annotating
+# ConvNeXt-Tiny's graph; its output is a fresh contiguous tensor shaped and typed as the input.
+_SHAPE_RULES: dict[Any, Callable[..., torch.Tensor]] = {
+    torch.ops.aten.layer_norm.default: lambda x, *a, **k: torch.empty_like(x, memory_format=torch.contiguous_format),
+}
 
 
 def _calls_weighted_module(gm: GraphModule) -> bool:
