@@ -22,7 +22,7 @@ from torch.fx import GraphModule
 
 from fxprune.compare import check
 from fxprune.errors import CaptureError, InputError
-from fxprune.graph.rebuild import get_attr
+from fxprune.graph.rebuild import get_attr, named_tensors
 
 __all__ = ["record", "reference_outputs", "fresh_outputs", "blame_capture", "run"]
 
@@ -57,7 +57,7 @@ def run(model: Any, inputs: tuple[Any, ...], what: str, where: str = "the inputs
 def _state(m: nn.Module) -> tuple[Any, ...] | None:
     """What a module's output depends on besides its inputs, read without touching tensor data: code, tensors
     (identity, storage, version counter, shape, dtype), modules' modes and settings. None when unreadable."""
-    tensors = list(m.named_parameters(remove_duplicate=False)) + list(m.named_buffers(remove_duplicate=False))
+    tensors = named_tensors(m)
     if isinstance(m, GraphModule):
         held = {n for n, _ in tensors}
         tensors += [(n.target, t) for n in m.graph.nodes if n.op == "get_attr" and n.target not in held

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
 
-__all__ = ["rebuild", "get_attr", "has_attr", "attr_owner", "new_graph_like", "graph_module"]
+__all__ = ["rebuild", "get_attr", "has_attr", "attr_owner", "named_tensors", "tied_names", "new_graph_like",
+           "graph_module"]
 
 
 def get_attr(gm: nn.Module, target: str) -> Any:
@@ -31,6 +32,20 @@ def attr_owner(root: nn.Module, target: str) -> tuple[nn.Module, str]:
     """The module holding the dotted ``target`` of ``root``, and the attribute's name in it."""
     path, _, leaf = target.rpartition(".")
     return (root.get_submodule(path) if path else root), leaf
+
+
+def named_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of ``m`` under every name it has (a tied tensor once per name)."""
+    return list(m.named_parameters(remove_duplicate=False)) + list(m.named_buffers(remove_duplicate=False))
+
+
+def tied_names(m: nn.Module) -> dict[int, list[str]]:
+    """Per parameter or buffer object (by ``id``), every name it has in ``m``: tied weights have several. The one
+    tied-tensor detection of the eager side (a graph's ties are ``Spaces.param_key``)."""
+    out: dict[int, list[str]] = {}
+    for name, t in named_tensors(m):
+        out.setdefault(id(t), []).append(name)
+    return out
 
 
 def _kind(gm: nn.Module, target: str) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 
 from fxprune.errors import CaptureError, EquivalenceError, InputError, UnsupportedError
 from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture
-from fxprune.graph.rebuild import attr_owner, get_attr
+from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
 from fxprune.graph.masks import unmasked
 from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
 
@@ -313,14 +313,6 @@ class KeptChannelsWarning(UserWarning):
     """``minimize_module`` left channels of modules whose size attributes it cannot update."""
 
 
-def _aliases(model: nn.Module) -> dict[int, list[str]]:
-    """Per parameter or buffer object, every name it has (tied weights have several)."""
-    out: dict[int, list[str]] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        out.setdefault(id(t), []).append(name)
-    return out
-
-
 def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any, ...],
                 suspects: list[str] | None = None) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` holding ``small``'s tensors and sizes; the paths of modules whose tensors changed but
@@ -333,7 +325,7 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     state = dict(small.named_parameters()) | dict(small.named_buffers())
     changed: set[str] = set()
     shrunk: dict[str, list[tuple[list[str], int, int]]] = {}  # module path -> (tensor names, dim, old size) changed
-    for names in _aliases(out).values():
+    for names in tied_names(out).values():
         new = next((state[n] for n in names if n in state), None)
         if new is None:
             continue

@@ -25,7 +25,7 @@ from torch import nn
 from fxprune.errors import InputError, LoadError
 from fxprune.interop import shards
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm
-from fxprune.graph.rebuild import attr_owner
+from fxprune.graph.rebuild import attr_owner, named_tensors
 
 __all__ = ["save", "load", "write_module", "file_sha256", "FORMAT", "SHARD_BYTES"]
 
@@ -195,7 +195,7 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
         dst_mod = model.get_submodule(owner) if owner else model
         t = getattr(src_mod, fl)
         (dst_mod._parameters if isinstance(t, nn.Parameter) else dst_mod._buffers)[leaf] = t
-    everything = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    everything = named_tensors(model)
     expected = {k for k, _ in everything if k not in manifest["ties"]}  # non-persistent buffers (inv_freq) included
     if set(state) != expected:
         missing, extra = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]

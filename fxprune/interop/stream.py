@@ -37,9 +37,9 @@ from fxprune.compare import OutputDiff, check, compare, first_failure, precision
 from fxprune.errors import EquivalenceError, LoadError, UnsupportedError
 from fxprune.graph.capture import as_inputs, capture
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
+from fxprune.graph.rebuild import get_attr, named_tensors, tied_names
 from fxprune.interop import shards
-from fxprune.graph.rebuild import get_attr
-from fxprune.interop.module import _aliases, _is_rms_norm, _write_back
+from fxprune.interop.module import _is_rms_norm, _write_back
 from fxprune.interop.saving import MANIFEST, SHARD_BYTES, write_module
 
 __all__ = ["minimize_checkpoint", "forward_streamed", "StreamedResult", "BlockCheck"]
@@ -98,7 +98,7 @@ def _keys(model: nn.Module, reader: shards.Reader) -> dict[str, str]:
     keys: dict[str, str] = {}
     missing, wrong = [], []
     params = {id(p) for p in model.parameters()}
-    for ident, names in _aliases(model).items():
+    for ident, names in tied_names(model).items():
         key = next((n for n in names if n in stored), None)
         if key is None:
             if ident in params:  # a buffer missing from the checkpoint keeps the value build() gave it
@@ -125,8 +125,7 @@ def _build(build: Callable[[], nn.Module], reader: shards.Reader) -> tuple[nn.Mo
         raise UnsupportedError(f"build() returned a {type(model).__name__}, not an nn.Module")
     model.eval()
     keys = _keys(model, reader)
-    dtypes = {n: t.dtype for n, t in list(model.named_parameters(remove_duplicate=False)) +
-              list(model.named_buffers(remove_duplicate=False))}
+    dtypes = {n: t.dtype for n, t in named_tensors(model)}
 
     def read(name: str) -> torch.Tensor:
         return reader.read(keys[name]).to(dtypes[name])
@@ -206,15 +205,14 @@ def minimize_checkpoint(build: Callable[[], nn.Module], checkpoint: str | Any, e
                 m = model.get_submodule(path)
                 for name, _ in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
                     keep[f"{path}.{name}"] = f"the forward of '{path}' reads sizes fxprune cannot update"
-        produced = {n: t for n, t in list(small.named_parameters(remove_duplicate=False)) +
-                    list(small.named_buffers(remove_duplicate=False))}
+        produced = dict(named_tensors(small))
 
         def fetch(name: str, t: torch.Tensor) -> torch.Tensor:
             if not t.is_meta:
                 return t.detach()
             src = produced.get(name)
             if src is None:  # a tied name: any alias the graph kept
-                src = next(produced[n] for n in _aliases(out)[id(t)] if n in produced)
+                src = next(produced[n] for n in tied_names(out)[id(t)] if n in produced)
             return lazy.value(src).to(t.dtype)
 
         try:
@@ -313,7 +311,7 @@ def _check(model: nn.Module, read: Callable[[str], torch.Tensor], out: nn.Module
     output whose stream lost channels is compared on the kept ones (the others are constants the next block's
     compensated norm accounts for, and the final outputs are compared whole)."""
     written = shards.Reader(out_dir)
-    ties = {n: names[0] for names in _aliases(out).values() for n in names}
+    ties = {n: names[0] for names in tied_names(out).values() for n in names}
     rtol = rtol_for(precision_of(model))
     streams = _streams(model, kept)
 
