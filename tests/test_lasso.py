@@ -250,3 +250,43 @@ def test_every_k_steps_reads_less_often_and_holds_zeros_in_between():
     assert zero_counts == [3, 3, 3, 3, 4, 4]
     with pytest.raises(fp.InputError, match="every must be a positive integer"):
         fp.GroupLasso(net, (x,), every=0)
+
+
+class _PreNorm(nn.Module):
+    """A residual stream of 8 channels written by ``inp``, read through a LayerNorm by a block and by the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm1, self.block = nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 8)
+        self.norm2, self.head = nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.block(self.norm1(h))
+        return self.head(self.norm2(h))
+
+
+@pytest.mark.parametrize("statistics_only", [True, False])
+def test_a_stream_channel_only_the_norms_statistics_read_goes_whole(statistics_only):
+    torch.manual_seed(0)
+    net, x = _PreNorm().double(), torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        net.norm1.weight[:2] = 0
+        net.norm2.weight[:2] = 0  # channels 0 and 1: no norm output carries them any more
+        net.norm1.weight[2] = 0  # channel 2: the head's norm still carries it
+    before = count_params(net)
+    written = net.inp.weight[:3].clone()
+    reg = fp.GroupLasso(net, (x,), statistics_only=statistics_only, threshold=0.0)  # (no slice is small)
+    zeroed = reg.step(net, lr=1e-3)
+    if not statistics_only:
+        assert zeroed == 0 and torch.equal(net.inp.weight[:3], written)  # the writers are left to the pull
+        return
+    assert zeroed == 2
+    for t in (net.inp.weight[:2], net.inp.bias[:2], net.block.weight[:2], net.block.weight[:, :2], net.block.bias[:2],
+              net.norm1.bias[:2], net.norm2.bias[:2], net.head.weight[:, :2]):
+        assert bool((t == 0).all())
+    assert torch.equal(net.inp.weight[2], written[2])  # channel 2 stays
+    small = fp.minimize_module(net, (x,))
+    assert count_params(small) < before
+    assert small.inp.out_features == 6
+    assert torch.allclose(small(x), net(x), rtol=0, atol=1e-12)  # exact: the zeroed channels are constant zeros

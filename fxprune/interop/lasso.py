@@ -29,6 +29,13 @@ training (as HESSO holds its redundant groups). A zero
 producer row or norm weight makes its channel constant there, a zero column leaves it unread: ``minimize`` removes
 the channel once every member of its group is so (constants folded), exactly.
 
+A group channel whose every LayerNorm / RMSNorm weight entry is zero is carried by none of those norms' outputs,
+only by their statistics (the mean and variance over all channels), and a transformer's loss defends such a
+residual-stream channel through them: the pull alone does not bring its writers to zero (measured on a ViT,
+``docs/results.md``), and ``CompensatedLayerNorm`` makes a removal exact only for a constant channel. The exact-zero
+step therefore zeroes all of such a channel, writers included (``statistics_only=True``, the default). That is not a
+small step, since the statistics change; inside the cycle its accuracy rule judges it like a masking step.
+
 :meth:`GroupLasso.attach` installs both around every ``optimizer.step()`` of an optimizer that holds the model's
 parameters (``lr`` read from the optimizer's param group), so a training loop needs no change. For a loop of your
 own: :meth:`GroupLasso.penalty` (``R``, differentiable, for a loss term), :meth:`GroupLasso.regularize` (after
@@ -66,6 +73,7 @@ class _Slice:
     dim: int
     channel: torch.Tensor
     bias: bool = False  # a bias (added, never multiplied): zero alone it makes nothing constant or unread
+    gate: bool = False  # a LayerNorm's or RMSNorm's weight: what of a channel the norm's output carries
 
     @functools.cached_property
     def hit(self) -> torch.Tensor:
@@ -156,6 +164,9 @@ class _Plan:
         self.entries = torch.tensor([m.param.numel() // max(m.param.shape[m.slice.dim], 1) for m in members],
                                     dtype=torch.float64)[member_pos]  # entries a position's slice holds
         self.bias = torch.tensor([m.slice.bias for m in members], dtype=torch.bool)[member_pos]
+        self.gate = self.hit & torch.tensor([m.slice.gate for m in members], dtype=torch.bool)[member_pos]
+        self.gates = torch.zeros(channels + 1, dtype=torch.long).index_add_(0, self.channel, self.gate.long())
+        self.gates[-1] = 0  # (the slot of positions in no group)
         # the bias rule: per (weight member, group channel) its positions; per (module, group channel) those keys
         owners: dict[int, int] = {}
         owner_of = torch.tensor([owners.setdefault(id(m.owner), len(owners)) for m in members], dtype=torch.long)
@@ -202,6 +213,12 @@ def _layer_weights(n: Any) -> list[Any]:
     return [w] if getattr(w, "op", None) == "get_attr" else []
 
 
+def _is_norm(m: nn.Module) -> bool:
+    """A normalization over the channels (its statistics mix them): LayerNorm, RMSNorm, and the classes models
+    write for them (``LlamaRMSNorm``, ``ConvNextLayerNorm``...), recognized by name."""
+    return isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
 def _member(model: nn.Module, s: _Slice) -> _Member | None:
     """Slice ``s`` resolved on ``model`` (None where ``model`` has no such parameter)."""
     try:
@@ -220,7 +237,9 @@ class GroupLasso:
     ``exclude``: parameter-name globs whose slices are left out (never shrunk). Frozen groups (model inputs and
     outputs, ops without a rule) are never regularized. ``every``: inside :meth:`attach`, read the weights (group
     norms, scales, the exact-zero decisions) every ``every`` optimizer steps instead of every step: the hooks cost
-    about ``1/every`` as much; new zeros come up to ``every - 1`` steps later.
+    about ``1/every`` as much; new zeros come up to ``every - 1`` steps later. ``statistics_only``: zero every slice of
+    a group channel once all its LayerNorm / RMSNorm weight entries are zero (see the module docstring); ``False``
+    leaves such channels to the pull.
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -234,7 +253,7 @@ class GroupLasso:
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, strength: float = DEFAULT_STRENGTH,
                  threshold: float = 2.0, relative: float = RELATIVE, exclude: Sequence[str] | None = None,
-                 every: int = 1) -> None:
+                 every: int = 1, statistics_only: bool = True) -> None:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis, param_slices
@@ -248,7 +267,7 @@ class GroupLasso:
             require(name, v, "non-negative number")
         require("every", every, "positive integer")
         self.strength, self.threshold, self.relative = float(strength), float(threshold), float(relative)
-        self.every = every
+        self.every, self.statistics_only = every, bool(statistics_only)
         self.seconds = 0.0  # spent in the optimizer-step hooks of attach() (the cycle's share of training time)
         self._totals: dict[int, torch.Tensor] = {}  # per slice (by id): its positions per group channel
         plain = unmasked(model)
@@ -259,7 +278,9 @@ class GroupLasso:
                  if not any(fnmatch.fnmatch(n, pat) for pat in (exclude or []))}
         found, leaves = param_slices(an, names)
         total = sum(size for _, size in leaves)
-        slices = [_Slice(s.name, s.dim, s.channel, bias=s.name.rpartition(".")[2] == "bias") for s in found]
+        gates = {f"{path}.weight" if path else "weight" for path, m in plain.named_modules() if _is_norm(m)}
+        slices = [_Slice(s.name, s.dim, s.channel, bias=s.name.rpartition(".")[2] == "bias", gate=s.name in gates)
+                  for s in found]
         self.slices = slices
         self.channels = total
         # weights whose output goes straight into a BatchNorm: scale-invariant in training, so a pull that shrinks
@@ -366,7 +387,8 @@ class GroupLasso:
         nothing constant or unread) whose root mean square is at most
         ``threshold * lr`` and at most ``relative * s_t`` becomes exact zeros, and so does every group channel with
         ``||w_g|| <= threshold * lr * sqrt(n_g)`` and ``||u_g|| <= relative * sqrt(n_g)`` (``lr``: a number, or per
-        parameter ``id``). With ``hold`` (a dict the step keeps what it zeroed in; pass the same one each step), what
+        parameter ``id``), and every group channel whose LayerNorm / RMSNorm weight entries are all zero
+        (``statistics_only``). With ``hold`` (a dict the step keeps what it zeroed in; pass the same one each step), what
         was zeroed before stays zero. A zero slice makes its channel constant (a producer row) or unread (a consumer
         column) in that member; ``minimize`` removes the channel once that holds for its whole group. Returns how many
         group channels are exact zeros after it."""
@@ -394,6 +416,9 @@ class GroupLasso:
         zero = (plan.hit & whole[plan.channel]) | (small & ~plan.bias)
         if hold is not None and "zero" in hold:
             zero |= hold["zero"]
+        if self.statistics_only and plan.gates.any():  # channels only the norms' statistics still read: all of it
+            alive = torch.zeros_like(plan.gates).index_add_(0, plan.channel, (plan.gate & ~zero & (r.squares > 0)).long())
+            zero |= plan.hit & ((plan.gates > 0) & (alive == 0))[plan.channel]
         # per module, the group channels whose weight entries there are all zero after this step: its bias entry
         # for such a channel may go alone (the channel is then constant in that member, or unread)
         alive = ((~zero) & (r.squares > 0))[plan.weight_pos].long()
