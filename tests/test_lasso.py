@@ -290,3 +290,36 @@ def test_a_stream_channel_only_the_norms_statistics_read_goes_whole(statistics_o
     assert count_params(small) < before
     assert small.inp.out_features == 6
     assert torch.allclose(small(x), net(x), rtol=0, atol=1e-12)  # exact: the zeroed channels are constant zeros
+
+
+class _OffsetRMSNorm(nn.Module):
+    """Gemma's form: ``x / rms(x) * (1 + weight)``, weight initialized to zero (a zero weight keeps the channel)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.zeros(d)), 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+_OffsetRMSNorm.__name__ = "GemmaRMSNorm"
+
+
+class _Normed(nn.Module):
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(4, 8), norm, nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+@pytest.mark.parametrize("norm", [_OffsetRMSNorm(8), nn.LayerNorm(8, elementwise_affine=False)], ids=["1+w", "no weight"])
+def test_norms_whose_zero_weight_does_not_drop_the_channel_turn_the_statistics_rule_off(norm):
+    net, x = _Normed(norm), torch.randn(3, 4)
+    written = net.a.weight.clone()
+    reg = fp.GroupLasso(net, (x,), threshold=0.0)
+    assert not reg.statistics_only and not any(s.gate for s in reg.slices)
+    reg.step(net, lr=1e-3)  # (Gemma's weights start at zero: the rule would have zeroed every channel)
+    assert torch.equal(net.a.weight, written)

@@ -34,7 +34,10 @@ only by their statistics (the mean and variance over all channels), and a transf
 residual-stream channel through them: the pull alone does not bring its writers to zero (measured on a ViT,
 ``docs/results.md``), and ``CompensatedLayerNorm`` makes a removal exact only for a constant channel. The exact-zero
 step therefore zeroes all of such a channel, writers included (``statistics_only=True``, the default). That is not a
-small step, since the statistics change; inside the cycle its accuracy rule judges it like a masking step.
+small step, since the statistics change; inside the cycle its accuracy rule judges it like a masking step. The
+rule is on only where every normalization of the model is one whose zero weight entry drops its channel from the
+output (``nn.LayerNorm``, ``nn.RMSNorm``, and hand-written ``...LayerNorm`` / ``...RMSNorm`` classes a probe
+confirms): a norm without a weight, a group norm or Gemma's ``1 + weight`` turns it off (:func:`_gates`).
 
 :meth:`GroupLasso.attach` installs both around every ``optimizer.step()`` of an optimizer that holds the model's
 parameters (``lr`` read from the optimizer's param group), so a training loop needs no change. For a loop of your
@@ -213,10 +216,54 @@ def _layer_weights(n: Any) -> list[Any]:
     return [w] if getattr(w, "op", None) == "get_attr" else []
 
 
-def _is_norm(m: nn.Module) -> bool:
-    """A normalization over the channels (its statistics mix them): LayerNorm, RMSNorm, and the classes models
-    write for them (``LlamaRMSNorm``, ``ConvNextLayerNorm``...), recognized by name."""
-    return isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
+# Normalizations as the lowered graph calls them (weight: argument 2 of each).
+_NORM_CALLS: set[Any] = {F.layer_norm, F.group_norm, F.rms_norm} | _targets(
+    "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm", "native_group_norm")
+
+
+def _gates(model: nn.Module, gm: Any) -> set[str] | None:
+    """The names of the norm weights whose zero entry leaves that channel out of the norm's output (its "gates"):
+    every ``nn.LayerNorm`` / ``nn.RMSNorm``, and the classes models write for them (``LlamaRMSNorm``,
+    ``ConvNextLayerNorm``...: by name) when a probe shows their output is zero with a zero weight (not Gemma's
+    ``1 + weight``). None when some normalization of the model is none of those (a norm without a weight, a group
+    norm, a class the probe rejects, one called on a tensor not held as a recognized weight): a channel's norm
+    weights being zero then does not say that no norm output carries it."""
+    gates: set[str] = set()
+    for path, m in model.named_modules():
+        named = type(m).__name__.endswith(("LayerNorm", "RMSNorm", "GroupNorm"))
+        if not (isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or named):
+            continue
+        w = getattr(m, "weight", None)
+        direct = isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or (named and not isinstance(m, nn.GroupNorm)
+                                                               and _zero_weight_zero_output(m))
+        if not direct or not isinstance(w, torch.Tensor) or w.dim() != 1:
+            return None
+        gates.add(f"{path}.weight" if path else "weight")
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _NORM_CALLS:
+            w = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
+            if getattr(w, "op", None) != "get_attr" or w.target not in gates:
+                return None
+    return gates
+
+
+def _zero_weight_zero_output(m: nn.Module) -> bool:
+    """Whether a copy of the norm ``m`` with its weight (and bias) zeroed gives zeros on a probe of its width."""
+    import copy
+
+    probe = copy.deepcopy(m)
+    w = getattr(probe, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        return False
+    with torch.no_grad():
+        w.zero_()
+        if isinstance(getattr(probe, "bias", None), torch.Tensor):
+            probe.bias.zero_()
+        try:
+            out = probe(torch.randn(2, 3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.dtype))
+        except Exception:  # (a norm over another layout: not recognized)
+            return False
+    return isinstance(out, torch.Tensor) and bool((out == 0).all())
 
 
 def _member(model: nn.Module, s: _Slice) -> _Member | None:
@@ -278,7 +325,9 @@ class GroupLasso:
                  if not any(fnmatch.fnmatch(n, pat) for pat in (exclude or []))}
         found, leaves = param_slices(an, names)
         total = sum(size for _, size in leaves)
-        gates = {f"{path}.weight" if path else "weight" for path, m in plain.named_modules() if _is_norm(m)}
+        gates = _gates(plain, gm)
+        self.statistics_only = self.statistics_only and gates is not None
+        gates = gates or set()
         slices = [_Slice(s.name, s.dim, s.channel, bias=s.name.rpartition(".")[2] == "bias", gate=s.name in gates)
                   for s in found]
         self.slices = slices
