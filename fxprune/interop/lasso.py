@@ -47,6 +47,7 @@ own: :meth:`GroupLasso.penalty` (``R``, differentiable, for a loss term), :meth:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import time
@@ -249,8 +250,6 @@ def _gates(model: nn.Module, gm: Any) -> set[str] | None:
 
 def _zero_weight_zero_output(m: nn.Module) -> bool:
     """Whether a copy of the norm ``m`` with its weight (and bias) zeroed gives zeros on a probe of its width."""
-    import copy
-
     probe = copy.deepcopy(m)
     w = getattr(probe, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 1:
