@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["Point", "check", "OutputDiff", "compare", "rtol_for", "stored_rtol", "precision_of", "first_failure", "tensors", "EXACT_RTOL"]
+__all__ = ["Point", "check", "OutputDiff", "compare", "rtol_for", "stored_rtol", "precision_of", "first_failure", "worst", "tensors", "EXACT_RTOL"]
 
 EXACT_RTOL = 1e-9  # float64 relative error that counts as exact
 _RTOL = {torch.float64: EXACT_RTOL, torch.float32: 1e-4}
@@ -105,6 +105,11 @@ def first_failure(diffs: list[OutputDiff], rtol: float) -> OutputDiff | None:
     return next((d for d in diffs if not d.ok(rtol)), None)
 
 
+def worst(diffs: list[OutputDiff]) -> float:
+    """The largest relative error of ``diffs`` (0 when there are none)."""
+    return max((d.max_rel for d in diffs), default=0.0)
+
+
 @dataclass(frozen=True)
 class Point:
     """One input point of a check: its position in the points, the inputs, the reference's outputs, and either the
@@ -122,7 +127,7 @@ class Point:
         return first_failure(self.diffs, rtol)
 
     def worst(self) -> float:
-        return max((d.max_rel for d in self.diffs), default=0.0)
+        return worst(self.diffs)
 
 
 def check(reference: Callable[[tuple[Any, ...]], Any], candidate: Callable[[tuple[Any, ...]], Any],

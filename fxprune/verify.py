@@ -178,7 +178,7 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
             try:
                 return tensors(ma(*xs))
             except Exception as e:
-                raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
+                raise _cannot_run(e) from e
 
         # the example and the random inputs must run; a later shape of the range the first model does not take is
         # skipped
@@ -187,8 +187,7 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
             key = shape_str(p.inputs)
             if p.error is not None:
                 if p.index <= n_random:
-                    e = p.error
-                    raise InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}") from e
+                    raise _cannot_run(p.error) from p.error
                 per_shape[key] = float("inf")  # the second model fails where the first runs: not equivalent
                 for o in errs.values():
                     o.max_abs[name] = o.max_rel[name] = float("inf")
@@ -210,6 +209,10 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
         notes=notes,
         shapes=[ShapeError(k, v) for k, v in per_shape.items()],
     )
+
+
+def _cannot_run(e: Exception) -> InputError:
+    return InputError(f"verify could not run the models on the inputs: {type(e).__name__}: {e}")
 
 
 def _dims(a: Any, b: Any) -> InputDims | None:

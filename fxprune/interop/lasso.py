@@ -170,7 +170,6 @@ class _Plan:
         self.bias = torch.tensor([m.slice.bias for m in members], dtype=torch.bool)[member_pos]
         self.gate = self.hit & torch.tensor([m.slice.gate for m in members], dtype=torch.bool)[member_pos]
         self.gates = torch.zeros(channels + 1, dtype=torch.long).index_add_(0, self.channel, self.gate.long())
-        self.gates[-1] = 0  # (the slot of positions in no group)
         # the bias rule: per (weight member, group channel) its positions; per (module, group channel) those keys
         owners: dict[int, int] = {}
         owner_of = torch.tensor([owners.setdefault(id(m.owner), len(owners)) for m in members], dtype=torch.long)
@@ -465,8 +464,8 @@ class GroupLasso:
         if hold is not None and "zero" in hold:
             zero |= hold["zero"]
         if self.statistics_only and plan.gates.any():  # channels only the norms' statistics still read: all of it
-            alive = torch.zeros_like(plan.gates).index_add_(0, plan.channel, (plan.gate & ~zero & (r.squares > 0)).long())
-            zero |= plan.hit & ((plan.gates > 0) & (alive == 0))[plan.channel]
+            carried = torch.zeros_like(plan.gates).index_add_(0, plan.channel, (plan.gate & ~zero & (r.squares > 0)).long())
+            zero |= plan.hit & ((plan.gates > 0) & (carried == 0))[plan.channel]
         # per module, the group channels whose weight entries there are all zero after this step: its bias entry
         # for such a channel may go alone (the channel is then constant in that member, or unread)
         alive = ((~zero) & (r.squares > 0))[plan.weight_pos].long()

@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from fxprune.graph import lazy
-from fxprune.compare import OutputDiff, check, compare, first_failure, precision_of, rtol_for
+from fxprune.compare import OutputDiff, check, compare, first_failure, precision_of, rtol_for, worst
 from fxprune.errors import EquivalenceError, LoadError, UnsupportedError
 from fxprune.graph.capture import as_inputs, capture
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
@@ -331,18 +331,18 @@ def _check(model: nn.Module, read: Callable[[str], torch.Tensor], out: nn.Module
             raise p.error
         where = f"at input shapes ({shape_str(p.inputs)})"
         blocks, diffs = p.diffs
-        worst = []
+        worsts = []
         for i, block in enumerate(blocks):
             bad = first_failure(block, rtol)
             if bad is not None:
                 raise EquivalenceError(f"block {i}'s output differs {where} (relative error {bad.max_rel:.3e}, allowed "
                                        f"{rtol:g}); the result was removed. Please report this model.")
-            worst.append(max((d.max_rel for d in block), default=0.0))
+            worsts.append(worst(block))
         bad = first_failure(diffs, rtol)
         if bad is not None or len(p.expected[0]) != len(p.got[0]):
             what = "its blocks ran a different number of times" if bad is None else \
                 bad.problem or f"relative error {bad.max_rel:.3e}, allowed {rtol:g}"
             raise EquivalenceError(f"the outputs differ {where} ({what}); the result was removed. Please report "
                                    "this model.")
-        checks.append(BlockCheck(shape_str(p.inputs), tuple(worst), max((d.max_rel for d in diffs), default=0.0)))
+        checks.append(BlockCheck(shape_str(p.inputs), tuple(worsts), worst(diffs)))
     return checks

@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 from fxprune.analysis.groups import Analysis
 from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, SizeArg, aligned_dim
-from fxprune.compare import check, compare, first_failure, precision_of, rtol_for
+from fxprune.compare import check, compare, first_failure, precision_of, rtol_for, worst
 from fxprune.errors import EquivalenceError, InputError, require
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_weights
 from fxprune.graph.origin import blame_capture, fresh_outputs, reference_outputs
@@ -510,8 +510,7 @@ def self_check(ref: GraphModule, new: Any, inputs: tuple[Any, ...], opts: Minimi
                 f"(max abs {bad.max_abs:.3e}; allowed {rtol:g}, the tolerance of {precision}, the lowest precision the "
                 "graph computes in). The rewrite is wrong; nothing was returned. Please report this model; "
                 "fp.analyze(gm) shows the groups involved.")
-        worst = max((d.max_rel for d in diffs), default=0.0)
-        checked.append(ShapeCheck(shape_str(xs), worst))
+        checked.append(ShapeCheck(shape_str(xs), worst(diffs)))
     return checked
 
 
