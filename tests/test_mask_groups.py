@@ -3,6 +3,7 @@ fraction of the parameters that ``minimize`` then removes exactly; frozen and ex
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -287,7 +288,8 @@ def test_attention_heads_and_head_dim_channels_go_whole():
 def test_structured_masks_written_into_the_users_model_then_minimize_module():
     """The guide's path for the user's own class: the masks a structured mask records are keyed by the model's
     parameter names; written into a copy of the model, minimize_module gives the class back, smaller, exact; the
-    attention's head-dim channels, which the class's code reads as sizes, stay (with a warning)."""
+    attention's head-dim channels go too, q, k and v keeping one head width (the widest of them), so the class
+    loses a little less than the graph (37% against 40% here, measured)."""
     import copy
 
     from fxprune.passes.mask import MASKS_KEY, apply_masks
@@ -299,11 +301,12 @@ def test_structured_masks_written_into_the_users_model_then_minimize_module():
     masked = fp.mask(fp.capture(model, (x,)), 0.4, structure="groups")
     mine = copy.deepcopy(model)
     apply_masks(mine, masked.meta[MASKS_KEY])
-    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="q_proj"):  # head dims: the class reads them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
         small = fp.minimize_module(mine, (x,))
-    assert type(small) is type(model)
+    assert type(small) is type(model) and small.vit.layers[0].attention.head_dim < 16
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert 0.2 < 1 - n(small) / n(model) < 1 - n(fp.minimize(masked)) / n(model)  # less than the graph's 40%
+    assert 0.35 < 1 - n(small) / n(model) < 1 - n(fp.minimize(masked)) / n(model)  # a little less than the graph's
     with torch.no_grad():
         assert torch.allclose(small(x).logits, mine(x).logits, rtol=1e-9, atol=1e-12)
 

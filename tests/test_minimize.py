@@ -330,3 +330,44 @@ def test_subnormals_are_read_only_in_the_tensors_minimize_writes():
     small = fp.minimize(fp.capture(net, (x,)), options=MinimizeOptions(flush_subnormals=True))
     assert small.get_parameter("0.weight").shape == (5, 4) and small.meta[SUBNORMALS_KEY] == {}
     assert small.get_parameter("4.weight")[0, 0] == net[4].weight[0, 0] != 0
+
+
+class _Heads(nn.Module):
+    """Attention with 3 heads of 4, q/k/v apart, reshaped by sizes read off the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(6, 12), nn.Linear(6, 12), nn.Linear(6, 12), nn.Linear(12, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, 3, 4).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, 12))
+
+
+def test_equal_heads_keeps_one_head_width_for_q_k_and_v():
+    """MinimizeOptions(equal_heads=...): q/k lose head_dim channel 1 of every head, v channels 2 and 3; with the
+    option all three keep 3 per head (the widest), without it q/k keep 3 and v 2. Exact either way; the layout of
+    each named dim is recorded; a key that is not 'name:dim' is refused."""
+    from fxprune.passes.minimize import HEADS_KEY, MinimizeOptions
+    torch.manual_seed(0)
+    net = _Heads().double()
+    with torch.no_grad():
+        for h in range(3):
+            net.q.weight[4 * h + 1] = 0
+            net.q.bias[4 * h + 1] = 0
+            net.v.weight[[4 * h + 2, 4 * h + 3]] = 0
+            net.v.bias[[4 * h + 2, 4 * h + 3]] = 0
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    gm = fp.capture(net, (x,), method="export", dynamic_shapes="every")
+    plain = fp.minimize(gm)
+    assert plain.get_parameter("q.weight").shape[0] == 9 and plain.get_parameter("v.weight").shape[0] == 6
+    opts = MinimizeOptions(equal_heads=(("q.weight:0", "k.weight:0", "v.weight:0", "o.weight:0"),))
+    even = fp.minimize(gm, options=opts)
+    assert [even.get_parameter(f"{n}.weight").shape[0] for n in "qkv"] == [9, 9, 9]
+    assert even.meta[HEADS_KEY] == {"q.weight:0": [(3, 4)], "k.weight:0": [(3, 4)], "v.weight:0": [(3, 4)]}
+    for xi in (x, torch.randn(4, 7, 6, dtype=torch.float64)):
+        assert float((even(xi) - net(xi)).abs().max()) <= 1e-12
+    with pytest.raises(fp.InputError, match="name:dim"):
+        fp.minimize(gm, options=MinimizeOptions(equal_heads=(("q.weight",),)))

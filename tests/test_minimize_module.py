@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -222,9 +224,10 @@ def test_depthwise_groups_and_a_layer_norm_subclass_follow_a_removed_stream_chan
             assert float((small(xi) - model(xi)).abs().max()) <= 1e-12
 
 
-def test_vit_stream_channel_goes_while_its_attention_reads_head_dim():
-    """transformers' ViTAttention reshapes q/k/v with its own ``head_dim``: a removal of head_dim channels would be
-    frozen (only those output dims), but a dead residual-stream channel, which q/k/v read as input, still goes."""
+def test_vit_stream_channel_goes_and_narrower_heads_are_written_back():
+    """transformers' ViTAttention reshapes q/k/v with its own ``head_dim`` and scales by a ``scaling`` it computed
+    from it: where head_dim channels go from q/k and from v, q, k and v keep one width (the widest), ``head_dim``
+    becomes it and ``scaling`` stays; a dead residual-stream channel, which q/k/v read as input, goes too."""
     transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
     cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=2, intermediate_size=64, num_labels=4)
@@ -239,23 +242,83 @@ def test_vit_stream_channel_goes_while_its_attention_reads_head_dim():
             hit = (s.channel == stream).nonzero().flatten()
             if len(hit):
                 t.index_fill_(s.dim, hit, 0.0)
-        att = model.vit.layers[0].attention  # and head_dim channel 0 of both heads is dead in q and k
-        for lin in (att.q_proj, att.k_proj):
-            lin.weight[[0, 16]] = 0
-            lin.bias[[0, 16]] = 0
-    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="output channels of"):
+        att = model.vit.layers[0].attention  # head_dim channels 0-1 of both heads dead in q, channel 2 in v
+        for lin, rows in ((att.q_proj, [0, 1, 16, 17]), (att.v_proj, [2, 18])):
+            lin.weight[rows] = 0
+            lin.bias[rows] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
         small = fp.minimize_module(model, (x,))
-    assert type(small) is type(model) and small.vit.layers[0].attention.q_proj.in_features == 31
-    assert small.vit.layers[0].attention.q_proj.out_features == 32  # the head_dim channel stayed
+    att, was = small.vit.layers[0].attention, model.vit.layers[0].attention
+    assert type(small) is type(model) and att.q_proj.in_features == 31
+    # q/k lost two per head, v one: all three keep 15 per head (v's widest), and head_dim says so
+    assert (att.q_proj.out_features, att.k_proj.out_features, att.v_proj.out_features) == (30, 30, 30)
+    assert att.o_proj.in_features == 30 and att.head_dim == 15 and att.scaling == was.scaling == 16 ** -0.5
+    assert small.vit.layers[1].attention.head_dim == 16  # the other layer lost none
     for xi in (x, torch.randn(7, 1, 8, 8, dtype=torch.float64)):
         with torch.no_grad():
             assert float((small(xi).logits - model(xi).logits).abs().max()) <= 1e-10
 
 
+def test_whole_heads_and_head_dims_go_from_bert_and_vit_classes():
+    """A whole head (its q, k and v rows) and head_dim channels go together: the head count attributes follow
+    (``num_attention_heads``, ``all_head_size``); the copy is exact at other batch sizes and lengths and saves and
+    loads with its narrower heads."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                                          num_attention_heads=4, intermediate_size=64))
+    bert = bert.double().eval()
+    with torch.no_grad():
+        for layer in bert.encoder.layer:
+            a = layer.attention.self
+            for lin in (a.query, a.key, a.value):  # head 2 whole
+                lin.weight[16:24] = 0
+                lin.bias[16:24] = 0
+            for h in range(4):  # head_dim channel 3 of every head in k, channel 5 in v
+                for lin, d in ((a.key, 3), (a.value, 5)):
+                    lin.weight[h * 8 + d] = 0
+                    lin.bias[h * 8 + d] = 0
+    ids = torch.randint(0, 50, (2, 12))
+    small = fp.minimize_module(bert, (ids,))
+    a = small.encoder.layer[0].attention.self
+    assert (a.num_attention_heads, a.attention_head_size, a.all_head_size) == (3, 7, 21)
+    assert a.query.out_features == a.value.out_features == 21 and small.encoder.layer[0].attention.output.dense.in_features == 21
+    back = fp.load(fp.save(small, tempfile.mkdtemp()),
+                   lambda: transformers.BertModel(bert.config).double().eval())
+    for n in (12, 5, 19):
+        x = torch.randint(0, 50, (3, n))
+        with torch.no_grad():
+            want = bert(x).last_hidden_state
+            assert float((small(x).last_hidden_state - want).abs().max()) <= 1e-10
+            assert float((back(x).last_hidden_state - want).abs().max()) <= 1e-10
+
+
+def test_rope_attention_keeps_its_heads_with_a_warning():
+    """Llama's rotary embedding is built for the config's head_dim: narrower v heads cannot be written back (q/k
+    keep theirs), so the check fails and v's head channels stay, with the warning."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64)).double().eval()
+    with torch.no_grad():
+        for h in range(4):
+            model.model.layers[0].self_attn.v_proj.weight[h * 8 + 4:h * 8 + 8] = 0
+    ids = torch.randint(0, 50, (2, 9))
+    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="v_proj"):
+        small = fp.minimize_module(model, (ids,))
+    assert small.model.layers[0].self_attn.v_proj.out_features == 32 and small.model.layers[0].self_attn.head_dim == 8
+    with torch.no_grad():
+        x = torch.randint(0, 50, (3, 14))
+        assert float((small(x).logits - model(x).logits).abs().max()) <= 1e-10
+
+
 def test_gpt2_as_loaded_with_the_cache_on_keeps_its_class_cache_and_generate():
-    """A causal LM as from_pretrained gives it (use_cache=True): captured with the cache off, its head_dim channels
-    (which GPT2Attention's reshape cannot follow) stay while dead MLP units go, and the copy keeps use_cache and
-    greedy generate() with the KV cache equal to the original's, at two prompt lengths."""
+    """A causal LM as from_pretrained gives it (use_cache=True): captured with the cache off, dead MLP units and a
+    head_dim channel dead in q and v go (GPT2Attention's fused c_attn narrows, ``head_dim`` follows, ``scaling``
+    stays), and the copy keeps use_cache and greedy generate() with the KV cache equal to the original's, at two
+    prompt lengths."""
     transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
     cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64)
     torch.manual_seed(0)
@@ -265,15 +328,15 @@ def test_gpt2_as_loaded_with_the_cache_on_keeps_its_class_cache_and_generate():
         for block in model.transformer.h:
             block.mlp.c_fc.weight[:, :40] = 0  # 40 of 128 MLP units dead (Conv1D weight is (in, out))
             block.mlp.c_fc.bias[:40] = -5.0
-        att = model.transformer.h[0].attn.c_attn  # head_dim channel 0 of both heads dead in q and k
-        for col in (0, 16, 32, 48):
+        att = model.transformer.h[0].attn.c_attn  # head_dim channel 0 of both heads dead in q and in v
+        for col in (0, 16, 64, 80):
             att.weight[:, col] = 0
             att.bias[col] = 0
     ids = torch.randint(0, 64, (2, 10))
-    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="output channels of"):
-        small = fp.minimize_module(model, (ids,))
+    small = fp.minimize_module(model, (ids,))
     assert type(small) is type(model) and small.config.use_cache and model.config.use_cache
-    assert small.transformer.h[0].mlp.c_fc.nf == 88 and small.transformer.h[0].attn.c_attn.nf == 96
+    assert small.transformer.h[0].mlp.c_fc.nf == 88 and small.transformer.h[0].attn.c_attn.nf == 90
+    assert small.transformer.h[0].attn.head_dim == 15 and small.transformer.h[0].attn.scaling == 16 ** -0.5
     for n in (10, 17):
         x = torch.randint(0, 64, (3, n))
         with torch.no_grad():

@@ -166,6 +166,23 @@ class Analysis:
     def kept(self, v: Node, d: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
         return self.spaces.atoms.kept_mask(self.spaces.of(v, d), keep)
 
+    def heads(self, target: str, dim: int) -> list[tuple[int, Atom]] | None:
+        """Dim ``dim`` of tensor ``target`` as heads x head dim: per part (one part, or each part of a concatenation
+        such as a fused q/k/v), the number of heads and the head-dim group (the product's last factor, a group
+        shared by every head). None where the dim is not such a product (or the tensor is not in the graph)."""
+        atoms = self.spaces.atoms
+        a = self.spaces.spaces().get((("param", self.spaces.param_key.get(target, target)), dim))
+        if a is None:
+            return None
+        root = atoms.find(a)
+        out = []
+        for part in [atoms.find(c) for c in root.children] if root.kind == "sum" else [root]:
+            last = atoms.find(part.children[-1]) if part.kind == "prod" and len(part.children) > 1 else None
+            if last is None or last.kind is not None:
+                return None
+            out.append((part.size // last.size, last))
+        return out
+
     # ---- report -------------------------------------------------------------------------
     def channel_graph(self) -> ChannelGraph:
         sp, atoms = self.spaces, self.spaces.atoms

@@ -86,6 +86,59 @@ BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
 }
 
 
+# an attention's head width and head count, as attention classes name them (ViT, BERT, GPT-2... in transformers)
+HEAD_WIDTH = ("head_dim", "attention_head_size")
+HEAD_COUNT = ("num_heads", "num_attention_heads")
+
+
+def _head_sets(model: nn.Module) -> tuple[tuple[str, ...], ...]:
+    """Per module that keeps a head width (``head_dim``): the output dims of its children's weights (q, k, v;
+    the others are not heads x head dim, which minimize sees), to keep one head width for all of them."""
+    sets = []
+    for path, m in model.named_modules():
+        if not any(type(getattr(m, a, None)) is int for a in HEAD_WIDTH):
+            continue
+        dims = [f"{path}.{name}.weight:{1 if type(c).__name__ == 'Conv1D' else 0}".lstrip(".")
+                for name, c in m.named_children() if isinstance(getattr(c, "weight", None), torch.Tensor)]
+        if dims:
+            sets.append(tuple(dims))
+    return tuple(sets)
+
+
+def _set_heads(m: nn.Module, path: str, kept: dict[str, list[Any]], layout: dict[str, list[tuple[int, int]]]) -> bool:
+    """Give an attention module whose q/k/v lost head-dim channels (or whole heads) its new head width and count,
+    read off the kept indices of its children's head-structured dims (each part: heads x head dim); False where
+    none changed or they disagree (then the check decides, and the channels stay if it fails). The scaling the
+    module computed from its old width is left as it is: the scores must not change."""
+    found = set()
+    for key, parts in layout.items():
+        name, _, dim = key.rpartition(":")
+        if name.rpartition(".")[0].rpartition(".")[0] != path:
+            continue
+        idx = (kept.get(name) or [None] * (int(dim) + 1))[int(dim)]
+        start = 0
+        for heads, width in parts:
+            if idx is None:
+                found.add((heads, width))
+            else:
+                mine = idx[(idx >= start) & (idx < start + heads * width)] - start
+                n = len(torch.unique(mine // width))
+                found.add((n, len(mine) // n) if n else (0, 0))
+            start += heads * width
+    if len(found) != 1 or next(iter(found))[1] == 0:
+        return False
+    heads, width = next(iter(found))
+    for a in HEAD_WIDTH:
+        if type(getattr(m, a, None)) is int:
+            setattr(m, a, width)
+    for a in HEAD_COUNT:
+        if type(getattr(m, a, None)) is int:
+            setattr(m, a, heads)
+    if type(getattr(m, "all_head_size", None)) is int:
+        m.all_head_size = heads * width
+    return True
+
+
 def _updater(m: nn.Module) -> Callable[[Any], None] | None:
     for cls in type(m).__mro__:
         if cls in SIZE_ATTRIBUTES:
@@ -135,9 +188,11 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
     A module whose tensors would change but whose size attributes fxprune does not know how to update (a class
     without an entry in ``SIZE_ATTRIBUTES`` / ``BY_CLASS_NAME``) keeps its channels when the check fails: the
     rewrite runs again with them frozen, and a warning names the modules. So do the output channels of a layer
-    whose caller keeps a divisor of their old count as an attribute (an attention's ``head_dim``), frozen first
-    where the copy raised (that module's class), then given back group by group where the check passes without
-    them. If the check still fails (a forward
+    whose caller keeps a divisor of their old count as an attribute and reads it in a way fxprune cannot follow,
+    frozen first where the copy raised (that module's class), then given back group by group where the check
+    passes without them. An attention that keeps its head width as an attribute (``head_dim``,
+    ``attention_head_size``) gets one width for q, k and v (the widest they keep) and its new width and head count
+    written back; its ``scaling`` stays. If the check still fails (a forward
     that reads a size no module exposes), :class:`EquivalenceError` and nothing is returned. ``options`` are
     :class:`~fxprune.passes.minimize.MinimizeOptions` fields (``max_iterations``, ``rtol``). The analysis, the
     rewrite and the check run with the KV cache off (:func:`cache_off`); the copy keeps the user's ``use_cache``.
@@ -184,11 +239,12 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
             raise
         gm = capture(model, inputs, method="export", dynamic_shapes=BATCH)
     keep: dict[str, str] = {}
+    heads = _head_sets(model)
 
     def attempt(frozen: dict[str, str]) -> tuple[nn.Module, list[str], list[str], Any, EquivalenceError | None]:
         # one end-to-end check: the copy against the model; the graph is checked only to say which step failed
         while True:  # a layer applied at several sites cannot hold a bias per site: keep its channels
-            opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), **options)
+            opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), equal_heads=heads, **options)
             small = minimize(gm, options=opts)
             shared = {f"{bias.rpartition('.')[0]}.weight" if bias.endswith(".bias") else bias: SHARED_REASON
                       for bias in small.meta.get(SITE_BIASES_KEY, {}).values()}
@@ -318,7 +374,7 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     """A copy of ``model`` holding ``small``'s tensors and sizes; the paths of modules whose tensors changed but
     whose size attributes could not be updated. ``suspects`` (when given) gains the paths of changed modules whose
     caller keeps one of their old sizes as an attribute (it may read it in its forward)."""
-    from fxprune.passes.minimize import KEPT_KEY
+    from fxprune.passes.minimize import HEADS_KEY, KEPT_KEY
 
     out = unmasked(model)
     out = copy.deepcopy(out) if out is model else out
@@ -347,6 +403,10 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
                     (names, d, int(a)) for d, (a, b) in enumerate(zip(old.shape, new.shape)) if a != b and a > 1)
     changed |= _created_biases(small, out)
     changed |= _compensated_norms(small, out)
+    # attention modules whose heads narrowed get their head width and count first (GPT-2's updater reads them)
+    narrowed = {p for p, m in out.named_modules() if any(c.startswith(p + ".") for c in changed)
+                and _set_heads(m, p, small.meta.get(KEPT_KEY, {}), small.meta.get(HEADS_KEY, {}))}
+    changed |= narrowed
     # containers whose forward reads their children's sizes (attention head counts) are updated after them
     changed |= {p for p, m in out.named_modules() if type(m).__name__ in BY_CLASS_NAME and
                 any(c.startswith(p + ".") for c in changed)}
@@ -356,6 +416,8 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
         update = _updater(m)
         if update is not None:
             update(m)
+        elif path in narrowed:
+            pass
         elif _is_rms_norm(m):
             _compensate_rms_module(model, out, path, small.meta.get(KEPT_KEY, {}), inputs)
         elif type(m).__module__.split(".")[0] != "fxprune":

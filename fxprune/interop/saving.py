@@ -40,7 +40,8 @@ _REPLACEMENTS: dict[str, tuple[type, tuple[str, ...]]] = {
 }
 _OPTIONAL = {"offset"}  # replacement arguments a manifest may lack (added since format 2 was written)
 _SIZES = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "num_embeddings",
-          "embedding_dim", "normalized_shape", "num_channels", "nf", "split_size", "embed_dim", "num_heads")
+          "embedding_dim", "normalized_shape", "num_channels", "nf", "split_size", "embed_dim", "num_heads",
+          "head_dim", "attention_head_size", "all_head_size", "num_attention_heads")
 
 
 def _qualname(obj: Any) -> str:

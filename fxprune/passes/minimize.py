@@ -40,6 +40,7 @@ SITE_BIASES_KEY = "fxprune_site_biases"  # result meta: {bias minimize gave one 
 ROUNDED_KEY = "fxprune_rounded"  # result meta with round_to > 1: per group, its width and the widths kept before/after
 SUBNORMALS_KEY = "fxprune_subnormals"  # result meta: {tensor: subnormal floats in it} (and what flushing them moved)
 KEPT_KEY = "fxprune_kept"  # result meta: {get_attr target: [None (all kept) or kept indices of the input's tensor, per dim]}
+HEADS_KEY = "fxprune_heads"  # result meta with equal_heads: {"tensor:dim": [(heads, head dim) per part] of the input}
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class MinimizeOptions:
     keep: tuple[tuple[str, str], ...] = ()  # (parameter or buffer name, reason): every channel of it stays
     round_to: int = 1  # every group that loses channels keeps a multiple of this many (or all of them)
     flush_subnormals: bool = False  # zero the result's subnormal floats (not exact: the report says how far)
+    # sets of "tensor:dim" holding heads x head dim (q, k, v of one attention): in each set every head-dim group
+    # keeps as many channels as the widest of them (a class that reshapes q, k and v with one head width)
+    equal_heads: tuple[tuple[str, ...], ...] = ()
 
 
 class Rewriter:
@@ -344,11 +348,21 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
     work = work_ref = _prepare(gm, inputs)
     work.meta.pop(KEPT_KEY, None)  # (a previous minimize's: indices here are into this call's input)
     widths: list[dict[str, Any]] = []
+    layout: dict[str, list[tuple[int, int]]] = {}
+    bad = [k for ks in opts.equal_heads for k in ks if not k.rpartition(":")[2].isdigit()]
+    if bad:
+        raise InputError(f"equal_heads names tensor dims as 'name:dim', got {bad[0]!r}")
     with torch.no_grad():
         for i in range(opts.max_iterations):
             an = Analysis(work, dict(opts.keep))
             removable = an.removable()
-            keep = rounded(removable, opts.round_to, an.fold_free() if opts.round_to > 1 else {})
+            free = an.fold_free() if opts.round_to > 1 or opts.equal_heads else {}
+            keep = rounded(removable, opts.round_to, free)
+            if opts.equal_heads:
+                keep = equal_heads(an, keep, opts.equal_heads, free)
+                if i == 0:
+                    layout = {k: [(h, leaf.size) for h, leaf in an.heads(*_tensor_dim(k)) or ()]
+                              for ks in opts.equal_heads for k in ks}
             if opts.round_to > 1:
                 widths += _widths(an, removable, keep, i == 0)
             if not keep:
@@ -365,6 +379,8 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
     result.meta[SUBNORMALS_KEY] = subnormals(result, opts.flush_subnormals, written)
     if opts.round_to > 1:
         result.meta[ROUNDED_KEY] = widths
+    if opts.equal_heads:
+        result.meta[HEADS_KEY] = {k: v for k, v in layout.items() if v}
     if opts.verify:
         if inputs is None:
             inputs = random_inputs(placeholder_inputs(result), torch.Generator().manual_seed(0))
@@ -423,15 +439,46 @@ def rounded(keep: dict[int, torch.Tensor], k: int, fold_free: dict[int, torch.Te
         return keep
     out = {}
     for key, m in keep.items():
-        target = min(-(-int(m.sum()) // k) * k, m.numel())
-        free = (fold_free or {}).get(key, torch.zeros_like(m))
-        order = (~m).nonzero().flatten()
-        order = order[torch.argsort((~free[order]).to(torch.int8), stable=True)]  # fold-free first, in index order
-        m = m.clone()
-        m[order[:target - int(m.sum())]] = True
+        m = _widened(m, min(-(-int(m.sum()) // k) * k, m.numel()), (fold_free or {}).get(key))
         if not bool(m.all()):
             out[key] = m
     return out
+
+
+def equal_heads(an: Analysis, keep: dict[int, torch.Tensor], sets: Sequence[Sequence[str]],
+                fold_free: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``keep`` with, in each set of ``"tensor:dim"`` (:attr:`MinimizeOptions.equal_heads`), every head-dim group
+    (:meth:`Analysis.heads`) keeping as many channels as the one that keeps most, by keeping removable channels as
+    :func:`rounded` does. A set whose head dims differ in size, or that holds no heads, is left as it is."""
+    out = dict(keep)
+    for names in sets:
+        leaves = {id(leaf): leaf for k in names for _, leaf in an.heads(*_tensor_dim(k)) or ()}
+        if len({leaf.size for leaf in leaves.values()}) != 1:
+            continue
+        width = max(int(out[g].sum()) if g in out else leaf.size for g, leaf in leaves.items())
+        for g in leaves.keys() & out.keys():
+            m = _widened(out[g], width, fold_free.get(g))
+            if bool(m.all()):
+                del out[g]
+            else:
+                out[g] = m
+    return out
+
+
+def _widened(m: torch.Tensor, target: int, free: torch.Tensor | None) -> torch.Tensor:
+    """Kept-mask ``m`` with removable channels kept until ``target`` are: first those ``free`` marks (their removal
+    would fold no constant into a bias, so keeping them changes nothing else), lowest-numbered first."""
+    free = torch.zeros_like(m) if free is None else free
+    order = (~m).nonzero().flatten()
+    order = order[torch.argsort((~free[order]).to(torch.int8), stable=True)]  # fold-free first, in index order
+    m = m.clone()
+    m[order[:target - int(m.sum())]] = True
+    return m
+
+
+def _tensor_dim(key: str) -> tuple[str, int]:
+    name, _, dim = key.rpartition(":")
+    return name, int(dim)
 
 
 class NothingRemovedWarning(UserWarning):
