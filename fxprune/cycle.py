@@ -325,7 +325,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         reg = GroupLasso(small, inputs, strength=strength, exclude=exclude, every=lasso_every) if strength else None
         if release:
             say(f"cycle {c + 1}/{cycles}: release and fine-tune")
-            work = _trained(train, release_zeros(small, release_scale, seed=seed + c).module, None, reg)
+            work = _trained(train, release_zeros(small, release_scale, seed=seed + c), None, reg)
         else:
             say(f"cycle {c + 1}/{cycles}: fine-tune with the zeros held")
             zeros = {n: p.detach() != 0 for n, p in prunable(small, include, exclude).items()}

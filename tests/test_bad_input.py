@@ -246,7 +246,7 @@ def _pipeline(seed: int) -> dict[str, bytes]:
     x = torch.randn(5, 12)
     gm = fp.mask(fp.capture(net, (x,)), 0.9, criterion="random", seed=seed)
     small = fp.minimize(gm)
-    freed, _ = fp.release(small, 0.05, seed=seed, calibration=(x,), target=0.01)
+    freed = fp.release(small, 0.05, seed=seed, calibration=(x,), target=0.01)
     return snapshot(freed)
 
 

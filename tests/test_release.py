@@ -18,7 +18,8 @@ def _masked(sparsity=0.7):
 def test_release_fills_only_the_zeros_and_is_pure():
     gm, x = _masked()
     before = snapshot(gm)
-    freed, rep = fp.release(gm, scale=0.05, seed=3)
+    freed = fp.release(gm, scale=0.05, seed=3)
+    rep = fp.ReleaseReport.of(freed)
     assert snapshot(gm) == before
     assert "fxprune_masks" not in freed.meta and "fxprune_masks" in gm.meta
     total = 0
@@ -39,7 +40,7 @@ def test_release_fills_only_the_zeros_and_is_pure():
 
 def test_release_is_deterministic_per_seed():
     gm, _ = _masked()
-    a, b, c = fp.release(gm, seed=1).module, fp.release(gm, seed=1).module, fp.release(gm, seed=2).module
+    a, b, c = fp.release(gm, seed=1), fp.release(gm, seed=1), fp.release(gm, seed=2)
     assert snapshot(a) == snapshot(b)
     assert snapshot(a) != snapshot(c)
 
@@ -47,7 +48,8 @@ def test_release_is_deterministic_per_seed():
 @pytest.mark.parametrize("target", [0.01, 0.1])
 def test_release_calibrates_to_a_target_output_change(target):
     gm, x = _masked()
-    freed, rep = fp.release(gm, calibration=(x,), target=target)
+    freed = fp.release(gm, calibration=(x,), target=target)
+    rep = fp.ReleaseReport.of(freed)
     with torch.no_grad():
         a, b = gm(x), freed(x)
     assert (b - a).norm() / a.norm() == pytest.approx(target, rel=0.05)
@@ -57,7 +59,8 @@ def test_release_calibrates_to_a_target_output_change(target):
 def test_release_after_minimize_and_bad_arguments():
     gm, x = _masked(0.9)
     small = fp.minimize(gm)
-    freed, rep = fp.release(small)
+    freed = fp.release(small)
+    rep = fp.ReleaseReport.of(freed)
     assert {k: v.shape for k, v in freed.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
     with pytest.raises(fp.InputError, match="calibration"):
         fp.release(small, target=0.1)
@@ -70,7 +73,8 @@ def test_release_after_minimize_and_bad_arguments():
 def test_held_masks_survive_release_input():
     gm, x = _masked()
     held = fp.hold_masks_(fp.mask(gm, 0.8, scope="layer"))
-    freed, rep = fp.release(held)
+    freed = fp.release(held)
+    rep = fp.ReleaseReport.of(freed)
     assert rep.total > 0 and not any("parametrizations" in n for n, _ in freed.named_parameters())
 
 
@@ -155,3 +159,27 @@ def test_squeeze_release_without_release_holds_the_zeros_left(release):
         assert all(zeros == 0 for zeros, _ in post)
     else:
         assert all(zeros > 0 and kept for zeros, kept in post)
+
+
+def test_release_returns_the_kind_it_was_given_and_the_tuple_api_is_deprecated():
+    """release returns a GraphModule for a GraphModule (report: ReleaseReport.of); the old tuple API still works
+    on it with a DeprecationWarning (unpacking, .module, .report) and on no other GraphModule; the user's own
+    class stays exactly its class; something release did not return has no report (InputError)."""
+    gm, x = _masked()
+    freed = fp.release(gm, seed=0)
+    assert isinstance(freed, torch.fx.GraphModule) and fp.ReleaseReport.of(freed).total > 0
+    with pytest.warns(DeprecationWarning, match="ReleaseReport.of"):
+        module, rep = freed
+    assert module is freed and rep is fp.ReleaseReport.of(freed)
+    with pytest.warns(DeprecationWarning):
+        assert freed.module is freed and freed.report is rep
+    with pytest.raises(TypeError):
+        iter(gm)  # the input's class is its own: untouched
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        net[0].weight[:, :3] = 0
+    mine = fp.release(net, seed=0)
+    assert type(mine) is nn.Sequential and fp.ReleaseReport.of(mine).released == {"0.weight": 48}
+    with pytest.raises(fp.InputError, match="did not come from fp.release"):
+        fp.ReleaseReport.of(net)

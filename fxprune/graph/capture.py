@@ -33,6 +33,7 @@ from fxprune.graph.masks import unmasked
 __all__ = ["capture", "as_inputs", "check_weights", "on_meta", "EXAMPLE_INPUTS_KEY"]
 
 EXAMPLE_INPUTS_KEY = "fxprune_example_inputs"
+CAPTURE_METHOD_KEY = "fxprune_capture_method"  # gm.meta: "symbolic_trace" or "export", the capture that worked
 Method = Literal["auto", "symbolic", "export"]
 BATCH = "batch"  # capture's default dynamic_shapes: the batch dim dynamic wherever the model allows it
 EVERY = "every"  # every dim of every tensor input dynamic wherever the model allows it (minimize_module's default)
@@ -325,7 +326,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
             failures.append(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno})")
             continue
         gm.meta[EXAMPLE_INPUTS_KEY] = inputs
-        gm.meta["fxprune_capture_method"] = name
+        gm.meta[CAPTURE_METHOD_KEY] = name
         return gm
     hint = (
         "try method='export' (torch.export handles control flow on shapes and HF models)"

@@ -233,24 +233,27 @@ def _unregistered_types(path: str) -> set[str]:
 
 
 def exported_io(pass_fn: F) -> F:
-    """Let ``pass_fn(gm, ...)`` also take an ``ExportedProgram`` and return one (a ``(module, report)`` result
-    returns ``(program, report)``)."""
+    """Let ``pass_fn(gm, ...)`` also take an ``ExportedProgram`` and return one; the ``fxprune_*`` meta entries
+    of the pass's result (its reports) go into the program's ``graph_module.meta``."""
 
     @functools.wraps(pass_fn)
     def run(gm: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(gm, (nn.Module, torch.export.ExportedProgram)):
-            raise InputError(f"{pass_fn.__name__} takes a GraphModule (from fp.capture) or an ExportedProgram, got "
+            raise InputError(f"{pass_fn.__name__.lstrip('_')} takes a GraphModule (from fp.capture) or an ExportedProgram, got "
                              f"{type(gm).__name__}")
         if not isinstance(gm, torch.export.ExportedProgram):
             return pass_fn(gm, *args, **kwargs)
-        from fxprune.graph.capture import capture
+        from fxprune.graph.capture import CAPTURE_METHOD_KEY, EXAMPLE_INPUTS_KEY, capture
+        from fxprune.graph.dynamic import DYNAMIC_KEY
 
         inputs = program_inputs(gm)
         out = pass_fn(capture(gm, inputs), *args, **kwargs)
-        if isinstance(out, nn.Module):
-            return to_program(out, inputs)
-        if isinstance(out, tuple) and out and isinstance(out[0], nn.Module):  # (module, report) named tuples
-            return type(out)(to_program(out[0], inputs), *out[1:])
-        raise TypeError(f"{pass_fn.__name__} returned {type(out).__name__}, not a module")  # pragma: no cover
+        if not isinstance(out, nn.Module):  # pragma: no cover
+            raise TypeError(f"{pass_fn.__name__} returned {type(out).__name__}, not a module")
+        program = to_program(out, inputs)
+        capture_keys = (EXAMPLE_INPUTS_KEY, DYNAMIC_KEY, CAPTURE_METHOD_KEY)  # the graph's own, not reports
+        program.graph_module.meta.update({k: v for k, v in getattr(out, "meta", {}).items()
+                                          if k.startswith("fxprune_") and k not in capture_keys})
+        return program
 
     return run  # type: ignore[return-value]

@@ -24,7 +24,7 @@ from fxprune.graph.capture import EXAMPLE_INPUTS_KEY
 from fxprune.passes.compensate_layernorm import compensate_layernorm
 from fxprune.passes.mask import mask
 from fxprune.passes.minimize import minimize
-from fxprune.passes.release import release
+from fxprune.passes.release import ReleaseReport, release
 
 __all__ = ["MaskPass", "MinimizePass", "CompensateLayerNormPass", "ReleasePass"]
 
@@ -107,5 +107,6 @@ class ReleasePass(_FxPrunePass):
         self.scale, self.kwargs, self.report = scale, kwargs, None
 
     def run(self, gm: GraphModule) -> GraphModule:
-        out, self.report = release(gm, self.scale, **self.kwargs)
+        out = release(gm, self.scale, **self.kwargs)
+        self.report = ReleaseReport.of(out)
         return out
