@@ -411,3 +411,22 @@ def test_a_write_through_data_is_seen_by_the_next_pass():
     net[0].bias.data[:2] = 0.5
     gm = fp.capture(net, (x,))
     assert count_params(fp.minimize(gm, (x,))) == count_params(net)
+
+
+def test_the_float64_copy_of_a_module_follows_writes_to_its_tensors():
+    """The float64 copy an op's facts are evaluated with (``rule._callable``) is kept per module: a write through
+    ``.data`` (no version counter moves) is seen once a new pass starts (``scan.fresh``), an in-place write at once."""
+    from fxprune.analysis import rule
+    from fxprune.graph import scan
+
+    net = nn.Sequential(nn.PReLU(init=0.25))
+    gm = torch.fx.symbolic_trace(net)
+    op = rule.Op(next(n for n in gm.graph.nodes if n.op == "call_module"), gm)
+    x = -torch.ones(2, dtype=torch.float64)
+    assert torch.equal(rule._callable(op)(x), x * 0.25)
+    net[0].weight.data.fill_(0.5)  # no version counter moves
+    scan.fresh()
+    assert torch.equal(rule._callable(op)(x), x * 0.5)
+    with torch.no_grad():
+        net[0].weight.fill_(0.75)  # moves the version counter: seen within the generation
+    assert torch.equal(rule._callable(op)(x), x * 0.75)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxprune.analysis.atoms import Atom, AtomSet
-from fxprune.graph.scan import Scan, scan
+from fxprune.graph.scan import Scan, generation, scan
 from fxprune.graph import lazy
 from fxprune.graph.rebuild import get_attr
 from fxprune.graph.shapes import TensorSpec, hint, is_dynamic_scalar, node_spec
@@ -529,15 +529,29 @@ def _writes(op: Op) -> bool:
             or getattr(op.module, "inplace", False) is True)
 
 
-_F64_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+# a module's float64 eval-mode copy, keyed on the generation (fxprune.graph.scan.fresh: every pass and analysis
+# starts one, so a write through ``.data``, which moves no version counter, is seen by the next) and the versions
+# of the tensors it was copied from (an in-place write within a generation): on either change it is made again
+_F64_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[Any, ...], torch.nn.Module]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _versions(m: torch.nn.Module) -> tuple[Any, ...] | None:
+    try:
+        return (generation(), *((id(t), t._version) for t in [*m.parameters(), *m.buffers()]))
+    except RuntimeError:  # inference tensors have no version counter: never cached
+        return None
 
 
 def _callable(op: Op) -> Callable[..., Any]:
     if op.node.op == "call_method":
         return lambda self, *a, **k: getattr(self, op.target)(*a, **k)
     if op.module is not None:
-        m = _F64_MODULES.get(op.module)
-        if m is None:
-            m = _F64_MODULES[op.module] = copy.deepcopy(op.module).double().eval()
-        return m
+        versions = _versions(op.module)
+        hit = _F64_MODULES.get(op.module)
+        if hit is None or versions is None or hit[0] != versions:
+            hit = (versions, copy.deepcopy(op.module).double().eval())
+            if versions is not None:
+                _F64_MODULES[op.module] = hit
+        return hit[1]
     return op.target

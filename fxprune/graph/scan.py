@@ -54,6 +54,12 @@ def fresh() -> None:
     _GENERATION[0] += 1
 
 
+def generation() -> int:
+    """The current generation (:func:`fresh`): what a cache of values read from tensors in memory keys on, with
+    their version counters."""
+    return _GENERATION[0]
+
+
 def scan(t: torch.Tensor, keep: bool = False) -> Scan:
     """The :class:`Scan` of a floating tensor with at least one dim and one element. ``keep``: remember it for
     this tensor object while its version counter stays the same, within this generation (:func:`fresh`) for a

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -73,22 +75,29 @@ class _EmptyOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_BUILDING = threading.local()  # set on the thread that builds a model under _parameters_on_meta
+
+
+def _to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+    """torch's parameter-registration hook: on the building thread only, a new parameter goes to the meta device."""
+    if getattr(_BUILDING, "active", False) and param is not None and param.device.type != "meta":
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    return None
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside the block goes to the meta device (buffers stay where they are made)."""
-    register = nn.Module.register_parameter
-
-    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(self, name, param)
-        if param is not None and param.device.type != "meta":
-            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    """Every parameter registered inside the block, on this thread, goes to the meta device (buffers stay where
+    they are made): torch's global parameter-registration hook, which passes other threads' parameters through,
+    held only for the block (no method of nn.Module is replaced)."""
+    handle = register_module_parameter_registration_hook(_to_meta)
+    _BUILDING.active = True
     try:
         with _EmptyOnMeta():
             yield
     finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
+        _BUILDING.active = False
+        handle.remove()
 
 
 def _keys(model: nn.Module, reader: shards.Reader) -> dict[str, str]:
