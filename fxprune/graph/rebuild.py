@@ -6,10 +6,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.fx import Graph, GraphModule
+from torch.fx import Graph, GraphModule, Node
 
 __all__ = ["rebuild", "get_attr", "has_attr", "attr_owner", "named_tensors", "tied_names", "new_graph_like",
-           "graph_module"]
+           "GraphCopy", "graph_module"]
 
 
 def get_attr(gm: nn.Module, target: str) -> Any:
@@ -149,3 +149,23 @@ def new_graph_like(old: Graph) -> Graph:
     g = Graph()
     g._codegen = copy.deepcopy(old._codegen)
     return g
+
+
+class GraphCopy:
+    """The one way a pass copies a graph: a new graph with ``old``'s codegen (an exported graph keeps taking and
+    returning its pytree), filled node by node in order; ``env`` maps each old node to its value in the new graph
+    (a node, or a tuple of nodes for a region inlined whole). What a pass does differently for a node, it does
+    around :meth:`copy` or instead of it."""
+
+    def __init__(self, old: Graph) -> None:
+        self.graph = new_graph_like(old)
+        self.env: dict[Node, Any] = {}
+
+    def copy(self, n: Node) -> Node:
+        """``n`` copied as it is, its arguments read from ``env``; recorded there."""
+        new = self.env[n] = self.graph.node_copy(n, self.env.__getitem__)
+        return new
+
+    def arg(self, a: Any) -> Any:
+        """An argument (nested lists and tuples of nodes and constants) with every node read from ``env``."""
+        return torch.fx.node.map_arg(a, self.env.__getitem__)

@@ -9,16 +9,15 @@ Multi-dim norms and GroupNorm are left as they are.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from fxprune.analysis.rule import FULL_MEAN, GHOST_SUM, Op
 from fxprune.analysis.rules import Norm
 from fxprune.analysis.table import RULES
 from fxprune.errors import InputError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY
-from fxprune.graph.rebuild import new_graph_like, rebuild
+from fxprune.graph.rebuild import GraphCopy, rebuild
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
 from fxprune.graph.exported import Program, exported_io
 from fxprune.graph.rebuild import attr_owner
@@ -50,11 +49,11 @@ def compensate_layernorm(gm: Program, *, verify: bool = True) -> Program:
     """
     if not isinstance(gm, GraphModule):
         raise InputError(f"compensate_layernorm takes a GraphModule (from fp.capture), got {type(gm).__name__}")
-    graph = new_graph_like(gm.graph)
-    env: dict[Node, Node] = {}
+    copy_ = GraphCopy(gm.graph)
+    graph = copy_.graph
     swaps: dict[str, nn.Module] = {}
     for n in gm.graph.nodes:
-        new = env[n] = graph.node_copy(n, lambda a: env[a])
+        new = copy_.copy(n)
         if n.op == "call_module":
             repl = _module_replacement(gm.get_submodule(n.target))
             if repl is not None:
@@ -62,8 +61,7 @@ def compensate_layernorm(gm: Program, *, verify: bool = True) -> Program:
             continue
         rule, op = RULES.lookup(n, gm), Op(n, gm)
         if n.op == "call_function" and type(rule) is Norm and rule.compensable(op) and len(op.arg(1, "normalized_shape")) == 1:
-            remap = lambda a: env[a] if isinstance(a, Node) else a  # noqa: E731
-            new.target, new.args = rule.compensated(op, remap, op.arg(1, "normalized_shape")[0], 0.0, 0.0, 1)
+            new.target, new.args = rule.compensated(op, copy_.arg, op.arg(1, "normalized_shape")[0], 0.0, 0.0, 1)
             new.kwargs = {}
     out = rebuild(gm, graph, {})
     for target, module in swaps.items():
@@ -83,13 +81,13 @@ def uncompensate(gm: GraphModule) -> GraphModule:
     """What plain slicing would compute: a copy of ``gm`` whose compensated norms use the statistics of the
     kept channels only (as if the removed channels had never existed). For demonstrating the error
     compensation avoids; never part of a pipeline."""
-    graph = new_graph_like(gm.graph)
-    env: dict[Node, Node] = {}
+    copy_ = GraphCopy(gm.graph)
+    graph, env = copy_.graph, copy_.env
     for n in gm.graph.nodes:
         if n.meta.get(GHOST_SUM):  # sum over kept + removed channels -> sum over kept
             env[n] = env[n.args[0]]
             continue
-        new = env[n] = graph.node_copy(n, lambda a: env[a])
+        new = copy_.copy(n)
         if FULL_MEAN in n.meta:  # (sum) / full width -> (sum over kept) / kept width
             kept_sum = n.args[0].args[0] if n.args[0].meta.get(GHOST_SUM) else n.args[0]
             new.args = (new.args[0], kept_sum.args[0].meta["val"].shape[n.meta[FULL_MEAN]])

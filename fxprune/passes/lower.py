@@ -18,7 +18,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from fxprune.analysis.rules import legacy_softmax_dim
-from fxprune.graph.rebuild import graph_module, new_graph_like
+from fxprune.graph.rebuild import GraphCopy, graph_module
 from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
 
 __all__ = ["lower_modules", "LOWERINGS"]
@@ -181,8 +181,8 @@ def lower_modules(gm: GraphModule) -> GraphModule:
     ``linear(x, w)``."""
     if not any(_lowers(gm, n) for n in gm.graph.nodes):
         return gm
-    graph = new_graph_like(gm.graph)  # keeps the codegen: an exported graph takes and returns its pytree
-    env: dict[Node, Any] = {}
+    copy_ = GraphCopy(gm.graph)
+    graph, env = copy_.graph, copy_.env
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is operator.getitem and isinstance(env.get(n.args[0]), tuple):
             env[n] = env[n.args[0]][n.args[1]]  # an output of an inlined region or of a native_layer_norm
@@ -191,8 +191,7 @@ def lower_modules(gm: GraphModule) -> GraphModule:
             env[n] = _inline(gm, graph, n, env)
             continue
         if _native_layer_norm(n):
-            new = graph.create_node("call_function", aten.layer_norm.default, torch.fx.node.map_arg(n.args, lambda a: env[a]),
-                                    name=n.name)
+            new = graph.create_node("call_function", aten.layer_norm.default, copy_.arg(n.args), name=n.name)
             new.meta = {k: v for k, v in n.meta.items() if k != "val"}
             if isinstance(n.meta.get("val"), (tuple, list)):
                 new.meta["val"] = n.meta["val"][0]
@@ -207,7 +206,7 @@ def lower_modules(gm: GraphModule) -> GraphModule:
         m = gm.get_submodule(n.target) if n.op == "call_module" else None
         entry = _applies(m) if m is not None else None
         if entry is None or len(n.args) != 1 or n.kwargs:
-            env[n] = graph.node_copy(n, lambda a: env[a])
+            copy_.copy(n)
             continue
         fn, build = entry
 
@@ -218,7 +217,7 @@ def lower_modules(gm: GraphModule) -> GraphModule:
 
         built = build(m, env[n.args[0]], param)
         if built is None:
-            env[n] = graph.node_copy(n, lambda a: env[a])
+            copy_.copy(n)
             continue
         args, kwargs = built
         new = graph.create_node("call_function", fn, args, kwargs, name=n.name)

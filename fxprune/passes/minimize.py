@@ -26,7 +26,7 @@ from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_
 from fxprune.graph.origin import blame_capture, fresh_outputs, reference_outputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
 from fxprune.graph import lazy
-from fxprune.graph.rebuild import get_attr, graph_module, new_graph_like, rebuild
+from fxprune.graph.rebuild import GraphCopy, get_attr, graph_module, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules
 from fxprune.graph.exported import Program, exported_io
@@ -70,8 +70,8 @@ class Rewriter:
 
     def __init__(self, gm: GraphModule, an: Analysis, keep: dict[int, torch.Tensor]) -> None:
         self.gm, self.an, self.keep = gm, an, keep
-        self.graph = new_graph_like(gm.graph)
-        self.env: dict[Node, Node] = {}
+        self.copy = GraphCopy(gm.graph)
+        self.graph, self.env = self.copy.graph, self.copy.env
         self.deltas: dict[str, torch.Tensor] = {}
         self.created: dict[str, torch.Tensor] = {}
         self.buffers: set[str] = set()  # created targets that are constants, not trainable
@@ -260,7 +260,7 @@ class Rewriter:
 
     def run(self) -> GraphModule:
         for node in self.gm.graph.nodes:
-            self.env[node] = self.graph.node_copy(node, lambda a: self.env[a])
+            self.copy.copy(node)
             rule = self.an.rules.get(node.name)
             if rule is not None:
                 rule.rewrite(Op(node, self.gm), self)
