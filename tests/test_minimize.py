@@ -371,3 +371,26 @@ def test_equal_heads_keeps_one_head_width_for_q_k_and_v():
         assert float((even(xi) - net(xi)).abs().max()) <= 1e-12
     with pytest.raises(fp.InputError, match="name:dim"):
         fp.minimize(gm, options=MinimizeOptions(equal_heads=(("q.weight",),)))
+
+
+def test_equal_heads_holds_when_one_head_is_left():
+    """Two of three heads dead whole: the round after they go reshapes into one head, which no product shows (its
+    size-1 dim is skipped); the head-dim groups still keep one width (q/k lose channel 1, v channels 2-3: all keep
+    3), where the later round used to narrow v alone."""
+    from fxprune.passes.minimize import MinimizeOptions
+    torch.manual_seed(0)
+    net = _Heads().double()
+    with torch.no_grad():
+        for lin in (net.q, net.k, net.v):
+            lin.weight[4:12] = 0
+            lin.bias[4:12] = 0
+        net.q.weight[1] = 0
+        net.q.bias[1] = 0
+        net.v.weight[[2, 3]] = 0
+        net.v.bias[[2, 3]] = 0
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    gm = fp.capture(net, (x,), method="export", dynamic_shapes="every")
+    even = fp.minimize(gm, options=MinimizeOptions(equal_heads=(("q.weight:0", "k.weight:0", "v.weight:0"),)))
+    assert [even.get_parameter(f"{n}.weight").shape[0] for n in "qkv"] == [3, 3, 3]
+    for xi in (x, torch.randn(4, 7, 6, dtype=torch.float64)):
+        assert float((even(xi) - net(xi)).abs().max()) <= 1e-12

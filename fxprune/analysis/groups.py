@@ -166,10 +166,12 @@ class Analysis:
     def kept(self, v: Node, d: int, keep: dict[int, torch.Tensor]) -> torch.Tensor:
         return self.spaces.atoms.kept_mask(self.spaces.of(v, d), keep)
 
-    def heads(self, target: str, dim: int) -> list[tuple[int, Atom]] | None:
+    def heads(self, target: str, dim: int, single: bool = False) -> list[tuple[int, Atom]] | None:
         """Dim ``dim`` of tensor ``target`` as heads x head dim: per part (one part, or each part of a concatenation
         such as a fused q/k/v), the number of heads and the head-dim group (the product's last factor, a group
-        shared by every head). None where the dim is not such a product (or the tensor is not in the graph)."""
+        shared by every head). None where the dim is not such a product (or the tensor is not in the graph).
+        ``single``: a part without structure is one head (a reshape into one head is no product: its size-1 dim
+        is skipped), for a dim known to hold heads."""
         atoms = self.spaces.atoms
         a = self.spaces.spaces().get((("param", self.spaces.param_key.get(target, target)), dim))
         if a is None:
@@ -178,6 +180,8 @@ class Analysis:
         out = []
         for part in [atoms.find(c) for c in root.children] if root.kind == "sum" else [root]:
             last = atoms.find(part.children[-1]) if part.kind == "prod" and len(part.children) > 1 else None
+            if last is None and single and part.kind is None:
+                last = part
             if last is None or last.kind is not None:
                 return None
             out.append((part.size // last.size, last))

@@ -359,10 +359,10 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
             free = an.fold_free() if opts.round_to > 1 or opts.equal_heads else {}
             keep = rounded(removable, opts.round_to, free)
             if opts.equal_heads:
-                keep = equal_heads(an, keep, opts.equal_heads, free)
                 if i == 0:
                     layout = {k: [(h, leaf.size) for h, leaf in an.heads(*_tensor_dim(k)) or ()]
                               for ks in opts.equal_heads for k in ks}
+                keep = equal_heads(an, keep, opts.equal_heads, free, {k for k, v in layout.items() if v})
             if opts.round_to > 1:
                 widths += _widths(an, removable, keep, i == 0)
             if not keep:
@@ -446,13 +446,14 @@ def rounded(keep: dict[int, torch.Tensor], k: int, fold_free: dict[int, torch.Te
 
 
 def equal_heads(an: Analysis, keep: dict[int, torch.Tensor], sets: Sequence[Sequence[str]],
-                fold_free: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+                fold_free: dict[int, torch.Tensor], known: set[str] = frozenset()) -> dict[int, torch.Tensor]:
     """``keep`` with, in each set of ``"tensor:dim"`` (:attr:`MinimizeOptions.equal_heads`), every head-dim group
     (:meth:`Analysis.heads`) keeping as many channels as the one that keeps most, by keeping removable channels as
-    :func:`rounded` does. A set whose head dims differ in size, or that holds no heads, is left as it is."""
+    :func:`rounded` does. A set whose head dims differ in size, or that holds no heads, is left as it is.
+    ``known``: dims found to hold heads in the first round, read as one head where a later round left one."""
     out = dict(keep)
     for names in sets:
-        leaves = {id(leaf): leaf for k in names for _, leaf in an.heads(*_tensor_dim(k)) or ()}
+        leaves = {id(leaf): leaf for k in names for _, leaf in an.heads(*_tensor_dim(k), single=k in known) or ()}
         if len({leaf.size for leaf in leaves.values()}) != 1:
             continue
         width = max(int(out[g].sum()) if g in out else leaf.size for g, leaf in leaves.items())
