@@ -363,14 +363,14 @@ def test_equal_heads_keeps_one_head_width_for_q_k_and_v():
     gm = fp.capture(net, (x,), method="export", dynamic_shapes="every")
     plain = fp.minimize(gm)
     assert plain.get_parameter("q.weight").shape[0] == 9 and plain.get_parameter("v.weight").shape[0] == 6
-    opts = MinimizeOptions(equal_heads=(("q.weight:0", "k.weight:0", "v.weight:0", "o.weight:0"),))
+    opts = MinimizeOptions(equal_heads=((4, ("q.weight:0", "k.weight:0", "v.weight:0", "o.weight:0")),))
     even = fp.minimize(gm, options=opts)
     assert [even.get_parameter(f"{n}.weight").shape[0] for n in "qkv"] == [9, 9, 9]
     assert even.meta[HEADS_KEY] == {"q.weight:0": [(3, 4)], "k.weight:0": [(3, 4)], "v.weight:0": [(3, 4)]}
     for xi in (x, torch.randn(4, 7, 6, dtype=torch.float64)):
         assert float((even(xi) - net(xi)).abs().max()) <= 1e-12
     with pytest.raises(fp.InputError, match="name:dim"):
-        fp.minimize(gm, options=MinimizeOptions(equal_heads=(("q.weight",),)))
+        fp.minimize(gm, options=MinimizeOptions(equal_heads=((4, ("q.weight",)),)))
 
 
 def test_equal_heads_holds_when_one_head_is_left():
@@ -390,7 +390,7 @@ def test_equal_heads_holds_when_one_head_is_left():
         net.v.bias[[2, 3]] = 0
     x = torch.randn(2, 5, 6, dtype=torch.float64)
     gm = fp.capture(net, (x,), method="export", dynamic_shapes="every")
-    even = fp.minimize(gm, options=MinimizeOptions(equal_heads=(("q.weight:0", "k.weight:0", "v.weight:0"),)))
+    even = fp.minimize(gm, options=MinimizeOptions(equal_heads=((4, ("q.weight:0", "k.weight:0", "v.weight:0")),)))
     assert [even.get_parameter(f"{n}.weight").shape[0] for n in "qkv"] == [3, 3, 3]
     for xi in (x, torch.randn(4, 7, 6, dtype=torch.float64)):
         assert float((even(xi) - net(xi)).abs().max()) <= 1e-12

@@ -551,3 +551,36 @@ def test_pvt_v2_mlp_units_nothing_reads_go_through_its_depthwise_conv():
         with torch.no_grad():
             ref, got = model(x).logits, small(x).logits
         assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-9
+
+
+def test_a_class_left_with_one_head_narrows_again_in_the_next_cycle():
+    """The cycle minimizes its own output again: a ViT whose attention came back with one head (no heads x head
+    dim product in its graph any more) still gets one width for q, k and v (was: q/k narrowed alone, the class
+    refused it and every head channel stayed, with a warning)."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4, intermediate_size=32, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(cfg).double().eval()
+    att = model.vit.layers[0].attention
+    with torch.no_grad():
+        for lin in (att.q_proj, att.k_proj, att.v_proj):  # heads 1-3 whole
+            lin.weight[8:] = 0
+            lin.bias[8:] = 0
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    once = fp.minimize_module(model, (x,))
+    assert once.vit.layers[0].attention.num_attention_heads == 1 and once.vit.layers[0].attention.head_dim == 8
+    att = once.vit.layers[0].attention
+    with torch.no_grad():  # now q/k lose head_dim channels 0-2, v channel 5
+        att.q_proj.weight[:3] = 0
+        att.q_proj.bias[:3] = 0
+        att.v_proj.weight[5] = 0
+        att.v_proj.bias[5] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
+        twice = fp.minimize_module(once, (x,))
+    att = twice.vit.layers[0].attention
+    assert (att.q_proj.out_features, att.k_proj.out_features, att.v_proj.out_features, att.head_dim) == (7, 7, 7, 7)
+    for xi in (x, torch.randn(5, 1, 8, 8, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((twice(xi).logits - once(xi).logits).abs().max()) <= 1e-10

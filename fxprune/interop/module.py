@@ -91,17 +91,19 @@ HEAD_WIDTH = ("head_dim", "attention_head_size")
 HEAD_COUNT = ("num_heads", "num_attention_heads")
 
 
-def _head_sets(model: nn.Module) -> tuple[tuple[str, ...], ...]:
-    """Per module that keeps a head width (``head_dim``): the output dims of its children's weights (q, k, v;
-    the others are not heads x head dim, which minimize sees), to keep one head width for all of them."""
+def _head_sets(model: nn.Module) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    """Per module that keeps a head width (``head_dim``): that width and the output dims of its children's weights
+    (q, k, v; minimize leaves out the others, whose dims hold no heads of that width), to keep one head width for
+    all of them."""
     sets = []
     for path, m in model.named_modules():
-        if not any(type(getattr(m, a, None)) is int for a in HEAD_WIDTH):
+        width = next((getattr(m, a) for a in HEAD_WIDTH if type(getattr(m, a, None)) is int), None)
+        if width is None:
             continue
         dims = [f"{path}.{name}.weight:{1 if type(c).__name__ == 'Conv1D' else 0}".lstrip(".")
                 for name, c in m.named_children() if isinstance(getattr(c, "weight", None), torch.Tensor)]
         if dims:
-            sets.append(tuple(dims))
+            sets.append((width, tuple(dims)))
     return tuple(sets)
 
 

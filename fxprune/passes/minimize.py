@@ -59,9 +59,10 @@ class MinimizeOptions:
     keep: tuple[tuple[str, str], ...] = ()  # (parameter or buffer name, reason): every channel of it stays
     round_to: int = 1  # every group that loses channels keeps a multiple of this many (or all of them)
     flush_subnormals: bool = False  # zero the result's subnormal floats (not exact: the report says how far)
-    # sets of "tensor:dim" holding heads x head dim (q, k, v of one attention): in each set every head-dim group
-    # keeps as many channels as the widest of them (a class that reshapes q, k and v with one head width)
-    equal_heads: tuple[tuple[str, ...], ...] = ()
+    # per attention, (its head width, the "tensor:dim"s that may hold its heads, q/k/v): in each set the dims that
+    # hold heads of that width (heads x head dim, or one head) keep one head width, the widest of them (a class
+    # that reshapes q, k and v with one head width); dims of another width (an output projection) are left out
+    equal_heads: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
 
 class Rewriter:
@@ -349,9 +350,10 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
     work.meta.pop(KEPT_KEY, None)  # (a previous minimize's: indices here are into this call's input)
     widths: list[dict[str, Any]] = []
     layout: dict[str, list[tuple[int, int]]] = {}
-    bad = [k for ks in opts.equal_heads for k in ks if not k.rpartition(":")[2].isdigit()]
+    bad = [repr(e) for e in opts.equal_heads if not (isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], int)
+                                                    and all(k.rpartition(":")[2].isdigit() for k in e[1]))]
     if bad:
-        raise InputError(f"equal_heads names tensor dims as 'name:dim', got {bad[0]!r}")
+        raise InputError(f"equal_heads takes (head width, ('name:dim', ...)) per attention, got {bad[0]}")
     with torch.no_grad():
         for i in range(opts.max_iterations):
             an = Analysis(work, dict(opts.keep))
@@ -359,10 +361,12 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
             free = an.fold_free() if opts.round_to > 1 or opts.equal_heads else {}
             keep = rounded(removable, opts.round_to, free)
             if opts.equal_heads:
-                if i == 0:
-                    layout = {k: [(h, leaf.size) for h, leaf in an.heads(*_tensor_dim(k)) or ()]
-                              for ks in opts.equal_heads for k in ks}
-                keep = equal_heads(an, keep, opts.equal_heads, free, {k for k, v in layout.items() if v})
+                if i == 0:  # the dims that hold heads of their attention's width (one head: no product)
+                    layout = {k: [(h, leaf.size) for h, leaf in parts]
+                              for width, ks in opts.equal_heads for k in ks
+                              for parts in [an.heads(*_tensor_dim(k), single=True) or []]
+                              if parts and all(leaf.size == width for _, leaf in parts)}
+                keep = equal_heads(an, keep, [ks for _, ks in opts.equal_heads], free, set(layout))
             if opts.round_to > 1:
                 widths += _widths(an, removable, keep, i == 0)
             if not keep:
@@ -380,7 +384,7 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
     if opts.round_to > 1:
         result.meta[ROUNDED_KEY] = widths
     if opts.equal_heads:
-        result.meta[HEADS_KEY] = {k: v for k, v in layout.items() if v}
+        result.meta[HEADS_KEY] = layout
     if opts.verify:
         if inputs is None:
             inputs = random_inputs(placeholder_inputs(result), torch.Generator().manual_seed(0))
@@ -446,14 +450,15 @@ def rounded(keep: dict[int, torch.Tensor], k: int, fold_free: dict[int, torch.Te
 
 
 def equal_heads(an: Analysis, keep: dict[int, torch.Tensor], sets: Sequence[Sequence[str]],
-                fold_free: dict[int, torch.Tensor], known: set[str] = frozenset()) -> dict[int, torch.Tensor]:
+                fold_free: dict[int, torch.Tensor], known: set[str]) -> dict[int, torch.Tensor]:
     """``keep`` with, in each set of ``"tensor:dim"`` (:attr:`MinimizeOptions.equal_heads`), every head-dim group
-    (:meth:`Analysis.heads`) keeping as many channels as the one that keeps most, by keeping removable channels as
-    :func:`rounded` does. A set whose head dims differ in size, or that holds no heads, is left as it is.
-    ``known``: dims found to hold heads in the first round, read as one head where a later round left one."""
+    (:meth:`Analysis.heads`) of the ``known`` dims (found to hold heads in the first round; one head where a round
+    leaves one) keeping as many channels as the one that keeps most, by keeping removable channels as
+    :func:`rounded` does. A set whose head dims differ in size is left as it is."""
     out = dict(keep)
     for names in sets:
-        leaves = {id(leaf): leaf for k in names for _, leaf in an.heads(*_tensor_dim(k), single=k in known) or ()}
+        leaves = {id(leaf): leaf for k in names if k in known
+                  for _, leaf in an.heads(*_tensor_dim(k), single=True) or ()}
         if len({leaf.size for leaf in leaves.values()}) != 1:
             continue
         width = max(int(out[g].sum()) if g in out else leaf.size for g, leaf in leaves.items())
