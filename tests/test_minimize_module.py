@@ -584,3 +584,46 @@ def test_a_class_left_with_one_head_narrows_again_in_the_next_cycle():
     for xi in (x, torch.randn(5, 1, 8, 8, dtype=torch.float64)):
         with torch.no_grad():
             assert float((twice(xi).logits - once(xi).logits).abs().max()) <= 1e-10
+
+
+class _PreNorm(nn.Module):
+    def __init__(self, norm: type = nn.LayerNorm) -> None:
+        super().__init__()
+        self.inp, self.norm, self.out = nn.Linear(4, 8), norm(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.inp(x)))
+
+
+def _constant_stream_channel(net: _PreNorm, c: int, value: float) -> None:
+    """Channel ``c`` of the stream holds ``value`` everywhere and the norm's output there is its bias alone."""
+    with torch.no_grad():
+        net.inp.weight[c] = 0
+        net.inp.bias[c] = value
+        net.norm.weight[c] = 0
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
+def test_a_norm_compensated_by_an_earlier_call_gains_the_next_removed_constants(norm):
+    """The cycle minimizes its own output again: a norm that an earlier call made a CompensatedLayerNorm or
+    CompensatedRMSNorm (torch.export traces through its forward) and whose stream loses another channel holding a
+    nonzero constant gets that constant into its removed sums (was: its sums stayed and nothing was returned, or
+    in the cycle the check froze channels elsewhere)."""
+    torch.manual_seed(0)
+    net = _PreNorm(norm).double().eval()
+    _constant_stream_channel(net, 0, 1.5)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    once = fp.minimize_module(net, (x,))
+    assert type(once.norm).__name__ == f"Compensated{norm.__name__}" and once.norm.kept == 7
+    with torch.no_grad():  # channel 3 of the 7 left: the original's channel 4
+        once.inp.weight[3] = 0
+        once.inp.bias[3] = -2.0
+        once.norm.weight[3] = 0
+    twice = fp.minimize_module(once, (x,))
+    got = twice.norm
+    assert (got.kept, got.full_size, got.weight.shape[0]) == (6, 8, 6)
+    assert got.removed_sq_sum == pytest.approx(1.5 ** 2 + 2.0 ** 2)
+    assert getattr(got, "removed_sum", -0.5) == pytest.approx(1.5 - 2.0)
+    for xi in (x, torch.randn(9, 4, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((twice(xi) - once(xi)).abs().max()) <= 1e-12

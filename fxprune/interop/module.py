@@ -404,7 +404,8 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
                 shrunk.setdefault(n.rpartition(".")[0], []).extend(
                     (names, d, int(a)) for d, (a, b) in enumerate(zip(old.shape, new.shape)) if a != b and a > 1)
     changed |= _created_biases(small, out)
-    changed |= _compensated_norms(small, out)
+    compensated = _compensated_norms(small, out)  # norms made compensated now, from the graph's arguments
+    changed |= compensated
     # attention modules whose heads narrowed get their head width and count first (GPT-2's updater reads them)
     narrowed = {p for p, m in out.named_modules() if any(c.startswith(p + ".") for c in changed)
                 and _set_heads(m, p, small.meta.get(KEPT_KEY, {}), small.meta.get(HEADS_KEY, {}))}
@@ -414,9 +415,14 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
                 any(c.startswith(p + ".") for c in changed)}
     stale = []
     for path in sorted(changed, key=lambda p: -p.count(".")):
+        if path in compensated:
+            continue
         m = out.get_submodule(path)
         update = _updater(m)
-        if update is not None:
+        if hasattr(m, "full_size") and hasattr(m, "removed_sq_sum"):  # a norm fxprune compensated before
+            if not _recompensate(model, out, path, small.meta.get(KEPT_KEY, {}), inputs):
+                stale.append(path)
+        elif update is not None:
             update(m)
         elif path in narrowed:
             pass
@@ -455,10 +461,24 @@ def _compensate_rms_module(model: nn.Module, out: nn.Module, path: str, kept: di
     from fxprune.nn.norm import CompensatedRMSNorm
 
     idx = (kept.get(f"{path}.weight") or [None])[0]
-    orig = model.get_submodule(path)
-    full = orig.weight.shape[0]
     if idx is None:
         raise UnsupportedError(f"no record of which channels of '{path}' were kept")
+    orig = model.get_submodule(path)
+    values = _removed_constants(model, path, idx, inputs)
+    new_mod = out.get_submodule(path)
+    eps = getattr(orig, "variance_epsilon", getattr(orig, "eps", None))
+    repl = CompensatedRMSNorm(int(idx.numel()), orig.weight.shape[0], eps, float((values ** 2).sum()),
+                              dtype=new_mod.weight.dtype, offset=_rms_offset(orig, eps))
+    repl.weight = nn.Parameter(new_mod.weight.detach().clone(), requires_grad=new_mod.weight.requires_grad)
+    parent, leaf = attr_owner(out, path)
+    setattr(parent, leaf, repl)
+
+
+def _removed_constants(model: nn.Module, path: str, idx: torch.Tensor, inputs: tuple[Any, ...]) -> torch.Tensor:
+    """The constants the channels of the norm at ``path`` that ``idx`` does not keep hold in the original model
+    (read off its input to that module at the example; they must be constant there), in float64."""
+    orig = model.get_submodule(path)
+    full = orig.weight.shape[0]
     removed = torch.ones(full, dtype=torch.bool)
     removed[idx] = False
     seen: list[torch.Tensor] = []
@@ -471,13 +491,28 @@ def _compensate_rms_module(model: nn.Module, out: nn.Module, path: str, kept: di
     values = seen[0].reshape(-1, full)[:, removed].to(torch.float64)
     if not bool((values == values[:1]).all()):  # pragma: no cover - minimize removed them as constants
         raise EquivalenceError(f"the channels removed from the stream read by '{path}' are not constant")
-    new_mod = out.get_submodule(path)
-    eps = getattr(orig, "variance_epsilon", getattr(orig, "eps", None))
-    repl = CompensatedRMSNorm(int(idx.numel()), full, eps, float((values[0] ** 2).sum()), dtype=new_mod.weight.dtype,
-                              offset=_rms_offset(orig, eps))
-    repl.weight = nn.Parameter(new_mod.weight.detach().clone(), requires_grad=new_mod.weight.requires_grad)
-    parent, leaf = attr_owner(out, path)
-    setattr(parent, leaf, repl)
+    return values[0]
+
+
+def _recompensate(model: nn.Module, out: nn.Module, path: str, kept: dict[str, list[Any]],
+                  inputs: tuple[Any, ...]) -> bool:
+    """A norm fxprune compensated in an earlier call (the cycle minimizes its own output again) whose stream lost
+    more channels: its removed sums gain what the newly removed channels hold (torch.export traces through its
+    forward, so the graph's rewrite of those sums cannot be written back as the module's arguments). False where
+    the kept channels are not on record (a norm without weight): then its channels stay."""
+    idx = (kept.get(f"{path}.weight") or [None])[0]
+    if idx is None or getattr(model.get_submodule(path), "weight", None) is None:
+        return False
+    values = _removed_constants(model, path, idx, inputs)
+    norm = out.get_submodule(path)
+    norm.removed_sq_sum = float(norm.removed_sq_sum) + float((values ** 2).sum())
+    if hasattr(norm, "removed_sum"):
+        norm.removed_sum = float(norm.removed_sum) + float(values.sum())
+    if hasattr(norm, "kept"):
+        norm.kept = int(idx.numel())
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (int(idx.numel()),)
+    return True
 
 
 def _rms_offset(norm: nn.Module, eps: float | None) -> float:
