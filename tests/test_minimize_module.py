@@ -627,3 +627,37 @@ def test_a_norm_compensated_by_an_earlier_call_gains_the_next_removed_constants(
     for xi in (x, torch.randn(9, 4, dtype=torch.float64)):
         with torch.no_grad():
             assert float((twice(xi) - once(xi)).abs().max()) <= 1e-12
+
+
+def test_a_channels_first_norm_compensated_before_gains_the_next_removed_constants():
+    """ConvNeXt's channels-first LayerNorm (a subclass whose forward moves dim 1 last), compensated by an earlier
+    call, reads the next removed channels' constants at dim 1 of its input (it crashed the cycle: the constants
+    were read as if channels were last)."""
+    import squeeze_release as sr
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.norm, self.out = nn.Conv2d(2, 8, 1), sr.ChannelsLastNorm(8), nn.Conv2d(8, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.norm(self.inp(x)))
+
+    net = Net().double().eval()
+    with torch.no_grad():
+        net.inp.weight[0] = 0
+        net.inp.bias[0] = 1.5
+        net.norm.weight[0] = 0
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    once = fp.minimize_module(net, (x,))
+    with torch.no_grad():
+        once.inp.weight[3] = 0
+        once.inp.bias[3] = -2.0
+        once.norm.weight[3] = 0
+    twice = fp.minimize_module(once, (x,))
+    assert type(twice.norm) is type(once.norm) and twice.norm.weight.shape[0] == 6
+    assert twice.norm.removed_sum == pytest.approx(-0.5) and twice.norm.removed_sq_sum == pytest.approx(6.25)
+    for xi in (x, torch.randn(3, 2, 5, 4, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((twice(xi) - once(xi)).abs().max()) <= 1e-12

@@ -427,7 +427,10 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
         elif path in narrowed:
             pass
         elif _is_rms_norm(m):
-            _compensate_rms_module(model, out, path, small.meta.get(KEPT_KEY, {}), inputs)
+            try:
+                _compensate_rms_module(model, out, path, small.meta.get(KEPT_KEY, {}), inputs)
+            except UnsupportedError:  # (a scale it cannot read, channels it cannot find): its channels stay
+                stale.append(path)
         elif type(m).__module__.split(".")[0] != "fxprune":
             stale.append(path)
     # the module that calls a changed one and keeps an integer attribute that divides the old size of the child's
@@ -476,7 +479,8 @@ def _compensate_rms_module(model: nn.Module, out: nn.Module, path: str, kept: di
 
 def _removed_constants(model: nn.Module, path: str, idx: torch.Tensor, inputs: tuple[Any, ...]) -> torch.Tensor:
     """The constants the channels of the norm at ``path`` that ``idx`` does not keep hold in the original model
-    (read off its input to that module at the example; they must be constant there), in float64."""
+    (read off its input to that module at the example, channels last, or at dim 1 for a channels-first norm), in
+    float64. Raises :class:`UnsupportedError` where they are not constant there or no dim holds the channels."""
     orig = model.get_submodule(path)
     full = orig.weight.shape[0]
     removed = torch.ones(full, dtype=torch.bool)
@@ -488,9 +492,13 @@ def _removed_constants(model: nn.Module, path: str, idx: torch.Tensor, inputs: t
             model(*inputs)
     finally:
         handle.remove()
-    values = seen[0].reshape(-1, full)[:, removed].to(torch.float64)
-    if not bool((values == values[:1]).all()):  # pragma: no cover - minimize removed them as constants
-        raise EquivalenceError(f"the channels removed from the stream read by '{path}' are not constant")
+    x = seen[0]
+    dim = -1 if x.shape[-1] == full else 1 if x.dim() > 2 and x.shape[1] == full else None
+    if dim is None:
+        raise UnsupportedError(f"no dim of the input of '{path}' ({tuple(x.shape)}) holds its {full} channels")
+    values = x.movedim(dim, -1).reshape(-1, full)[:, removed].to(torch.float64)
+    if not bool((values == values[:1]).all()):
+        raise UnsupportedError(f"the channels removed from the stream read by '{path}' are not constant")
     return values[0]
 
 
@@ -503,7 +511,10 @@ def _recompensate(model: nn.Module, out: nn.Module, path: str, kept: dict[str, l
     idx = (kept.get(f"{path}.weight") or [None])[0]
     if idx is None or getattr(model.get_submodule(path), "weight", None) is None:
         return False
-    values = _removed_constants(model, path, idx, inputs)
+    try:
+        values = _removed_constants(model, path, idx, inputs)
+    except UnsupportedError:
+        return False
     norm = out.get_submodule(path)
     norm.removed_sq_sum = float(norm.removed_sq_sum) + float((values ** 2).sum())
     if hasattr(norm, "removed_sum"):
