@@ -364,7 +364,9 @@ def test_equal_heads_keeps_one_head_width_for_q_k_and_v():
     plain = fp.minimize(gm)
     assert plain.get_parameter("q.weight").shape[0] == 9 and plain.get_parameter("v.weight").shape[0] == 6
     opts = MinimizeOptions(equal_heads=((4, ("q.weight:0", "k.weight:0", "v.weight:0", "o.weight:0")),))
+    before, meta = snapshot(gm), [(n.name, dict(n.meta)) for n in gm.graph.nodes]
     even = fp.minimize(gm, options=opts)
+    assert snapshot(gm) == before and [(n.name, dict(n.meta)) for n in gm.graph.nodes] == meta  # the input is untouched
     assert [even.get_parameter(f"{n}.weight").shape[0] for n in "qkv"] == [9, 9, 9]
     assert even.meta[HEADS_KEY] == {"q.weight:0": [(3, 4)], "k.weight:0": [(3, 4)], "v.weight:0": [(3, 4)]}
     for xi in (x, torch.randn(4, 7, 6, dtype=torch.float64)):

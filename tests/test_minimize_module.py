@@ -280,7 +280,9 @@ def test_whole_heads_and_head_dims_go_from_bert_and_vit_classes():
                     lin.weight[h * 8 + d] = 0
                     lin.bias[h * 8 + d] = 0
     ids = torch.randint(0, 50, (2, 12))
+    before = snapshot(bert)
     small = fp.minimize_module(bert, (ids,))
+    assert snapshot(bert) == before and bert.encoder.layer[0].attention.self.attention_head_size == 8  # untouched
     a = small.encoder.layer[0].attention.self
     assert (a.num_attention_heads, a.attention_head_size, a.all_head_size) == (3, 7, 21)
     assert a.query.out_features == a.value.out_features == 21 and small.encoder.layer[0].attention.output.dense.in_features == 21
@@ -619,7 +621,9 @@ def test_a_norm_compensated_by_an_earlier_call_gains_the_next_removed_constants(
         once.inp.weight[3] = 0
         once.inp.bias[3] = -2.0
         once.norm.weight[3] = 0
+    before = snapshot(once)
     twice = fp.minimize_module(once, (x,))
+    assert snapshot(once) == before and once.norm.removed_sq_sum == 1.5 ** 2  # the input is untouched
     got = twice.norm
     assert (got.kept, got.full_size, got.weight.shape[0]) == (6, 8, 6)
     assert got.removed_sq_sum == pytest.approx(1.5 ** 2 + 2.0 ** 2)
