@@ -62,6 +62,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from fxprune.errors import InputError, require
 from fxprune.graph.rebuild import attr_owner
+from fxprune.passes.mask import HeldMask
 
 __all__ = ["GroupLasso", "group_lasso", "DEFAULT_STRENGTH"]
 
@@ -105,6 +106,7 @@ class _Member:
     owner: nn.Module
     leaf: str
     masked: bool
+    mask: torch.Tensor | None = None  # a lone fxprune mask parametrization's 0/1 mask: the value is ``param * mask``
 
     def value(self) -> torch.Tensor:
         return getattr(self.owner, self.leaf) if self.masked else self.param
@@ -116,18 +118,21 @@ class _Reading:
     ``s_t`` (the root mean square of its nonzero entries; 1 when none)."""
 
     def __init__(self, plan: "_Plan") -> None:
-        self.values = [m.value().detach() for m in plan.firsts]
-        squares = [v.pow(2) for v in self.values]
-        pers = [squares[p].sum(d, dtype=torch.float64) if d else squares[p].to(torch.float64)
-                for p, d in zip(plan.param_of, plan.dims)]
-        if not pers:  # a model without free groups: nothing to read
+        self.values = plan.values()
+        if not plan.members:  # a model without free groups: nothing to read
             self.scale = self.squares = torch.zeros(0, dtype=torch.float64)
             self.scale_at = self.scale
             return
-        counts = torch.stack([torch.count_nonzero(v).cpu() for v in self.values])
-        totals = torch.stack([pers[i].sum().cpu() for i in plan.first_member])
+        squares = torch._foreach_pow(self.values, 2)
+        pers = [squares[p].sum(d, dtype=torch.float64) if d else squares[p].to(torch.float64)
+                for p, d in zip(plan.param_of, plan.dims)]
+        counts = torch.stack([torch.count_nonzero(v) for v in self.values])
+        totals = torch.stack([pers[i].sum() for i in plan.first_member])
+        squares_at = torch.cat(pers)
+        if not plan.cpu:
+            counts, totals, squares_at = counts.cpu(), totals.cpu(), squares_at.cpu()
         self.scale = torch.where(counts > 0, totals.div(counts).sqrt(), 1.0)
-        self.squares = torch.cat([q.cpu() for q in pers])
+        self.squares = squares_at
         self.scale_at = self.scale[plan.param_pos]  # s_t of every position
 
     def sums(self, plan: "_Plan", relative: bool = False) -> torch.Tensor:
@@ -149,6 +154,9 @@ class _Plan:
             firsts.setdefault(id(m.param), i)
         self.first_member = list(firsts.values())
         self.firsts = [members[i] for i in self.first_member]
+        self.cpu = all(m.param.device.type == "cpu" for m in self.firsts)
+        self._direct = [m for m in self.firsts if m.mask is not None]  # values computed here (param * mask)
+        self._rates: tuple[Any, ...] | None = None  # the learning rates the step's tensors below were built for
         index = {key: k for k, key in enumerate(firsts)}
         self.param_of = [index[id(m.param)] for m in members]
         self.dims = [[d for d in range(m.param.dim()) if d != m.slice.dim] for m in members]
@@ -186,6 +194,32 @@ class _Plan:
         self.key_slot, self.bias_slot = where[:len(key_owner)], where[len(key_owner):]
         self.slots = int(where.max()) + 1 if where.numel() else 0
         self.member_pos = member_pos
+
+    def values(self) -> list[torch.Tensor]:
+        """Every parameter's current value as the forward reads it, detached: ``original * mask`` for one held by an
+        fxprune mask parametrization (its forward, as one op for all of them), the parametrized value for any other."""
+        if self._direct:
+            products = iter(torch._foreach_mul([m.param.detach() for m in self._direct],
+                                               [m.mask.to(m.param.dtype) for m in self._direct]))
+        return [next(products) if m.mask is not None else m.value().detach() for m in self.firsts]
+
+    def rates(self, rate: list[float], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per position and per group channel (the largest of its members'), the learning rate of ``rate`` (one per
+        parameter); rebuilt only when the rates change."""
+        key = tuple(rate)
+        if self._rates is None or self._rates[0] != key:
+            rate_at = torch.tensor(rate, dtype=torch.float64)[self.param_pos]
+            if len(set(rate)) == 1:
+                rates = torch.full((channels + 1,), rate[0], dtype=torch.float64)
+            else:
+                rates = torch.zeros(channels + 1, dtype=torch.float64).scatter_reduce_(0, self.channel, rate_at,
+                                                                                       reduce="amax")
+            self._rates = (key, rate_at, rates)
+        return self._rates[1], self._rates[2]
+
+    def pieces(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` (one entry per position) cut into one view per member, shaped to broadcast along its dim."""
+        return [piece.view(shape) for piece, shape in zip(flat.split(self.lengths), self.views)]
 
 
 def _targets(*names: str) -> set[Any]:
@@ -271,7 +305,9 @@ def _member(model: nn.Module, s: _Slice) -> _Member | None:
     except AttributeError:
         return None
     if parametrize.is_parametrized(owner, leaf):
-        return _Member(s, owner.parametrizations[leaf].original, owner, leaf, True)
+        chain = owner.parametrizations[leaf]
+        mask = getattr(chain[0], "mask", None) if len(chain) == 1 and isinstance(chain[0], HeldMask) else None
+        return _Member(s, chain.original, owner, leaf, True, mask)
     t = owner._parameters.get(leaf)
     return _Member(s, t, owner, leaf, False) if isinstance(t, torch.Tensor) else None
 
@@ -341,6 +377,7 @@ class GroupLasso:
             hit = s.channel >= 0
             sizes.index_add_(0, s.channel[hit], torch.full((int(hit.sum()),), float(per), dtype=torch.float64))
         self.sizes = sizes  # n_g: entries per group channel
+        self._root = torch.cat([sizes.sqrt(), torch.zeros(1, dtype=torch.float64)])  # sqrt(n_g); 0 for no group
 
     # ---- reading ---------------------------------------------------------------------------------------------
     def _members(self, model: nn.Module) -> list[_Member]:
@@ -388,35 +425,35 @@ class GroupLasso:
 
     @torch.no_grad()
     def _regularize(self, plan: _Plan, coefficients: dict[str, Any] | None = None) -> None:
-        """The pull; with ``coefficients`` (a dict), the per-position coefficients and per-parameter factors are
-        taken from it when it holds them and computed (and stored in it) when it is empty."""
+        """The pull. With ``coefficients`` (a dict): when it is empty, the pull as without it, and it stores each
+        parameter's pull per unit of its value (full-shape, the mask and a BatchNorm follower's scale-keeping term
+        folded in); when it holds them, the pull is those times the current values, one op for every parameter."""
         if not plan.members or self.strength == 0:
             return
         if coefficients:
-            values = [m.value().detach() for m in plan.firsts]
-            cast, factors = coefficients["cast"], coefficients["factors"]
-        else:
-            r = _Reading(plan)
-            values = r.values
-            norm = r.sums(plan, relative=True)[:-1].sqrt()
-            coef = torch.where(norm > 0, self.sizes.sqrt() / norm.clamp_min(1e-300), torch.zeros_like(norm))
-            at = torch.cat([coef, coef.new_zeros(1)])[plan.channel]  # each position's coefficient (0: no group)
-            cast = {(v.dtype, v.device): at.to(v.dtype).to(v.device) for v in values}
-            factors = (self.strength / r.scale).tolist()
-            if coefficients is not None:
-                coefficients.update(cast=cast, factors=factors)
+            self._pull_with(plan, coefficients)
+            return
+        r = _Reading(plan)
+        values = r.values
+        norm = r.sums(plan, relative=True)[:-1].sqrt()
+        coef = torch.where(norm > 0, self._root[:-1] / norm.clamp_min(1e-300), torch.zeros_like(norm))
+        at = torch.cat([coef, coef.new_zeros(1)])[plan.channel]  # each position's coefficient (0: no group)
+        cast = {(dtype, device): plan.pieces(at.to(dtype).to(device))
+                for dtype, device in {(v.dtype, v.device) for v in values}}
+        factors = (self.strength / r.scale).tolist()
         each = [values[p] for p in plan.param_of]
-        pulls = torch._foreach_mul(each, [cast[v.dtype, v.device][o:o + n].view(shape) for v, o, n, shape
-                                          in zip(each, plan.offsets, plan.lengths, plan.views)])
+        pulls = torch._foreach_mul(each, [cast[v.dtype, v.device][i] for i, v in enumerate(each)])
         pull: list[torch.Tensor | None] = [None] * len(plan.firsts)
         for p, g in zip(plan.param_of, pulls):
             pull[p] = g if pull[p] is None else pull[p] + g
         torch._foreach_mul_(pull, factors)
+        kept: dict[int, torch.Tensor] = {}  # per BatchNorm follower, the scale-keeping term's factor
         for p, m in enumerate(plan.firsts):
             if m.slice.name in self.normalized:  # (every slice of a parameter has its name)
                 # keep the tensor's overall scale: only the pull between its groups is left
                 g, v = pull[p], values[p]
-                pull[p] = g - (g * v).sum() / v.pow(2).sum().clamp_min(1e-30) * v
+                kept[p] = (g * v).sum() / v.pow(2).sum().clamp_min(1e-30)
+                pull[p] = g - kept[p] * v
         grads, adds = [], []
         for m, g in zip(plan.firsts, pull):
             if m.param.grad is None:
@@ -426,6 +463,41 @@ class GroupLasso:
                 adds.append(g)
         if grads:
             torch._foreach_add_(grads, adds)
+        if coefficients is not None:
+            full = [torch.zeros_like(v) for v in values]
+            for p, piece in zip(plan.param_of, (cast[v.dtype, v.device][i] for i, v in enumerate(each))):
+                full[p].add_(piece)
+            torch._foreach_mul_(full, factors)
+            for p, m in enumerate(plan.firsts):
+                if m.mask is not None:  # (multiplied with the parameter itself, not its masked value)
+                    full[p].mul_(m.mask.to(full[p].dtype))
+            coefficients["full"] = full
+            coefficients["kept"] = list(kept)
+
+    @staticmethod
+    def _pull_with(plan: _Plan, coefficients: dict[str, Any]) -> None:
+        """Add ``full * value`` to each parameter's gradient (``full``: :meth:`_regularize`'s stored coefficients),
+        one op for every parameter; a BatchNorm follower's pull keeps its scale on the current value, as at a
+        reading."""
+        full, kept = coefficients["full"], coefficients["kept"]
+        factors = [m.param.detach() if m.mask is not None or not m.masked else m.value().detach() for m in plan.firsts]
+        grads = [m.param.grad for m in plan.firsts]
+        if any(g is None for g in grads):
+            for m in plan.firsts:
+                if m.param.grad is None:
+                    m.param.grad = torch.zeros_like(m.param)
+            grads = [m.param.grad for m in plan.firsts]
+        if not kept:
+            torch._foreach_addcmul_(grads, factors, full)
+            return
+        plain = [p for p in range(len(full)) if p not in set(kept)]
+        if plain:
+            torch._foreach_addcmul_([grads[p] for p in plain], [factors[p] for p in plain], [full[p] for p in plain])
+        for p in kept:
+            m = plan.firsts[p]
+            v = m.value().detach() if m.masked else factors[p]
+            g = full[p] * factors[p]
+            grads[p].add_(g - (g * v).sum() / v.pow(2).sum().clamp_min(1e-30) * v)
 
     @torch.no_grad()
     def step(self, model: nn.Module, lr: float | dict[int, float], hold: dict[str, Any] | None = None) -> int:
@@ -444,18 +516,16 @@ class GroupLasso:
         return int((_Reading(plan).sums(plan)[:-1] == 0).sum()) if plan.members else 0
 
     @torch.no_grad()
-    def _step(self, plan: _Plan, lr: float | dict[int, float], hold: dict[str, Any] | None) -> None:
+    def _step(self, plan: _Plan, lr: float | dict[int, float] | list[float], hold: dict[str, Any] | None) -> None:
         if not plan.members:
             return
-        rate = [float(lr.get(id(m.param), 0.0)) if isinstance(lr, dict) else float(lr) for m in plan.firsts]
-        rate_at = torch.tensor(rate, dtype=torch.float64)[plan.param_pos]
-        if len(set(rate)) == 1:
-            rates = torch.full((self.channels + 1,), rate[0], dtype=torch.float64)
+        if isinstance(lr, list):  # (attach: one per parameter already)
+            rate = lr
         else:
-            rates = torch.zeros(self.channels + 1, dtype=torch.float64).scatter_reduce_(0, plan.channel, rate_at,
-                                                                                        reduce="amax")
+            rate = [float(lr.get(id(m.param), 0.0)) if isinstance(lr, dict) else float(lr) for m in plan.firsts]
+        rate_at, rates = plan.rates(rate, self.channels)
         r = _Reading(plan)
-        root = torch.cat([self.sizes.sqrt(), torch.zeros(1, dtype=torch.float64)])
+        root = self._root
         w2, u2 = r.sums(plan), r.sums(plan, relative=True)
         whole = (w2.sqrt() <= rates * self.threshold * root) & (u2.sqrt() <= self.relative * root)
         rms = r.squares.div(plan.entries).sqrt()
@@ -476,11 +546,11 @@ class GroupLasso:
             hold["zero"] = zero
         hits = torch.zeros(len(plan.members), dtype=torch.long).index_add_(0, plan.member_pos, zero.long()).tolist()
         keep = ~zero
-        cast = {(m.param.dtype, m.param.device): keep.to(m.param.dtype).to(m.param.device) for m in plan.firsts}
         hit = [i for i, k in enumerate(hits) if k]
+        kinds = {(plan.members[i].param.dtype, plan.members[i].param.device) for i in hit}
+        cast = {(dtype, device): plan.pieces(keep.to(dtype).to(device)) for dtype, device in kinds}
         writes = ([plan.members[i].param for i in hit],
-                  [cast[plan.members[i].param.dtype, plan.members[i].param.device]
-                   [plan.offsets[i]:plan.offsets[i] + plan.lengths[i]].view(plan.views[i]) for i in hit])
+                  [cast[plan.members[i].param.dtype, plan.members[i].param.device][i] for i in hit])
         if hit:  # (a parameter appears once per dim: no two in-place products on one tensor share a shape)
             torch._foreach_mul_(*writes)
         if hold is not None:
@@ -511,13 +581,23 @@ class GroupLasso:
         held: dict[str, Any] = {}
         coefficients: dict[str, Any] = {}
         steps = [0]  # optimizer steps taken on our parameters
+        where: dict[int, tuple[Any, list[int | None]]] = {}  # per optimizer: its groups' layout, each parameter's group
 
-        def ours(optimizer: torch.optim.Optimizer) -> dict[int, float]:
-            return {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"] if id(p) in ids}
+        def ours(optimizer: torch.optim.Optimizer) -> list[float] | None:
+            """Each parameter's learning rate in ``optimizer`` (0 for one it does not hold); None when it holds none."""
+            groups = optimizer.param_groups
+            layout = tuple((id(g["params"]), len(g["params"])) for g in groups)
+            if id(optimizer) not in where or where[id(optimizer)][0] != layout:
+                at = {id(p): i for i, g in enumerate(groups) for p in g["params"] if id(p) in ids}
+                where[id(optimizer)] = (layout, [at.get(id(m.param)) for m in plan.firsts])
+            index = where[id(optimizer)][1]
+            if all(i is None for i in index):
+                return None
+            return [0.0 if i is None else float(groups[i]["lr"]) for i in index]
 
         def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             t0 = time.perf_counter()
-            if ours(optimizer):
+            if ours(optimizer) is not None:
                 if steps[0] % self.every == 0:
                     coefficients.clear()
                 self._regularize(plan, coefficients if self.every > 1 else None)
@@ -526,7 +606,7 @@ class GroupLasso:
         def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             t0 = time.perf_counter()
             lrs = ours(optimizer)
-            if lrs:
+            if lrs is not None:
                 if steps[0] % self.every == 0:
                     self._step(plan, lrs, held)
                 else:

@@ -393,7 +393,9 @@ def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep
 
 
-class _Mask(nn.Module):
+class HeldMask(nn.Module):
+    """The parametrization :func:`hold_masks_` installs: the weight the forward reads is ``original * mask``."""
+
     def __init__(self, m: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", m, persistent=False)
@@ -409,7 +411,7 @@ def hold_masks_(gm: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) 
     for name, m in _check_masks(gm, masks).items():
         owner, leaf = attr_owner(gm, name)
         if not parametrize.is_parametrized(owner, leaf):
-            parametrize.register_parametrization(owner, leaf, _Mask(m.to(getattr(owner, leaf).device)))
+            parametrize.register_parametrization(owner, leaf, HeldMask(m.to(getattr(owner, leaf).device)))
     return gm
 
 
@@ -419,7 +421,7 @@ def bake_masks_(gm: nn.Module) -> nn.Module:
     for mod in list(gm.modules()):
         if parametrize.is_parametrized(mod):
             for leaf in list(mod.parametrizations.keys()):
-                if all(isinstance(p, _Mask) for p in mod.parametrizations[leaf]):
+                if all(isinstance(p, HeldMask) for p in mod.parametrizations[leaf]):
                     parametrize.remove_parametrizations(mod, leaf, leave_parametrized=True)
     return gm
 
