@@ -317,11 +317,12 @@ def one_shot(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Train
     return curve
 
 
-def gradual(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, steps: int, final: float) -> Curve:
+def gradual(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Trainer, steps: int, final: float,
+            every: int) -> Curve:
     """Baseline (a): progressive magnitude pruning in one run, on a copy of the user's model. ``steps`` masking
     steps on a linear schedule to ``final`` (global magnitude of the active weights; masked weights stay masked),
     each followed by one ``train`` call with the masks held and fxprune's group lasso attached (the same calls,
-    epochs and strength as the cycle); after each, the masked model is minimized and is a candidate."""
+    epochs, strength and reading interval as the cycle); after each, the masked model is minimized and is a candidate."""
     work = copy.deepcopy(dense)
     curve = [candidate(dense, trainer, "step 0, sparsity 0.0")]
     masks: dict[str, torch.Tensor] = {}
@@ -329,7 +330,7 @@ def gradual(dense: nn.Module, example: tuple[torch.Tensor, ...], trainer: Traine
         s = fp.sparsity_schedule(k, steps, final, kind="linear")
         masks = apply_masks(work, magnitude_masks(work, s), masks)
         held = fp.hold_masks_(work, masks)
-        with fp.GroupLasso(held, example, strength=trainer.recipe.lasso).attach(held):
+        with fp.GroupLasso(held, example, strength=trainer.recipe.lasso, every=every).attach(held):
             work = fp.bake_masks_(trainer.train(held))
         curve.append(candidate(fp.minimize_module(copy.deepcopy(work).eval(), example), trainer,
                                f"step {k}, sparsity {round(s, 4)}"))
@@ -436,7 +437,8 @@ def run_split(a: argparse.Namespace, recipe: Recipe, cycles: int, sparsity: list
         trainer.calls = 0  # each method draws the same training batches whatever ran before it
         t0 = time.perf_counter()
         if method == "gradual":
-            out["curves"][method] = gradual(model, example, trainer, cycles * (a.mask_steps + 1), a.gradual_final)
+            out["curves"][method] = gradual(model, example, trainer, cycles * (a.mask_steps + 1), a.gradual_final,
+                                            a.lasso_every)
         else:
             log = Logged(trainer)
             res = run_cycles(model, example, trainer, log, a, cycles, sparsity, release=method == "squeeze-release")
@@ -463,8 +465,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "(mean). 1: the seed's fixed split")
     ap.add_argument("--quick", action="store_true", help="fewer cycles and epochs (make demo)")
     ap.add_argument("--lasso", type=float, default=None, help="strength of fxprune's group lasso, fp.squeeze_release(lasso=...) (default: the recipe's; 0: off)")
-    ap.add_argument("--lasso-every", type=int, default=1, metavar="K",
-                    help="fp.squeeze_release(lasso_every=K): the cycle's group lasso reads the weights every K optimizer steps (the baselines keep 1)")
+    ap.add_argument("--lasso-every", type=int, default=None, metavar="K",
+                    help="fp.squeeze_release(lasso_every=K): the group lasso reads the weights every K optimizer steps, "
+                         "the cycle's and the gradual baseline's (default: the library's)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per fine-tune call (default: the recipe's)")
     ap.add_argument("--release-scale", type=float, default=None, help="release noise scale (default: the recipe's)")
     ap.add_argument("--schedule", choices=["constant", "cosine"], default=None,
@@ -507,6 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
     cycles = a.cycles or (4 if a.quick else recipe.cycles)
     a.release_scale = recipe.release_scale if a.release_scale is None else a.release_scale
     a.mask_steps = a.mask_steps or recipe.mask_steps or CYCLE_DEFAULTS["mask_steps"]
+    a.lasso_every = a.lasso_every or CYCLE_DEFAULTS["lasso_every"]
     sched = a.sparsity or [recipe.sparsity or CYCLE_DEFAULTS["sparsity"]]
     sparsity = [sched[min(c, len(sched) - 1)] for c in range(cycles)]
     methods = ["gradual", "no-release", "squeeze-release"] if a.baselines else list(dict.fromkeys(a.method))
@@ -567,6 +571,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = dict(benchmark="squeeze_release", model=a.model, dataset=a.dataset, seed=a.seed, quick=a.quick,
                folds=a.folds, cycles=cycles, epochs=recipe.epochs, recipe=dataclasses.asdict(recipe),
                backoff=not a.no_backoff, structure=a.structure, mask_steps=a.mask_steps, sparsity=sparsity,
+               lasso_every=a.lasso_every,
                params_dense=params_dense, accuracy_dense=dense_test, val_accuracy_dense=dense_val,
                one_shot_compression=shot["compression"], one_shot_accuracy=shot["accuracy"],
                one_shot_sparsity=([0.0] + GRID)[picks["one-shot"]], methods=rows,

@@ -38,7 +38,7 @@ from fxprune.errors import CaptureError, CheckpointError, InputError, Unsupporte
 from fxprune.graph.capture import as_inputs, capture
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
 from fxprune.interop.distributed import Ranks
-from fxprune.interop.lasso import DEFAULT_STRENGTH, GroupLasso
+from fxprune.interop.lasso import DEFAULT_EVERY, DEFAULT_STRENGTH, GroupLasso
 from fxprune.graph.masks import unmasked
 from fxprune.interop.module import eval_capture, minimize_module
 from fxprune.passes.mask import (TargetNotReachedWarning, apply_masks, bake_masks_, group_masks, hold_masks_,
@@ -169,7 +169,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                     scope: Literal["global", "layer"] = "global", include: Sequence[str] | None = None,
                     exclude: Sequence[str] | None = None, structure: Literal["weights", "groups"] = "weights",
                     release_scale: float = 0.01, release: bool = True,
-                    lasso: float = DEFAULT_STRENGTH, lasso_every: int = 1, tolerance: float = 0.01, backoff: bool = True, seed: int = 0,
+                    lasso: float = DEFAULT_STRENGTH, lasso_every: int = DEFAULT_EVERY, tolerance: float = 0.01, backoff: bool = True, seed: int = 0,
                     verify: bool = True,
                     progress: bool | Callable[[str], None] = True, checkpoint_dir: str | os.PathLike | None = None,
                     resume: bool = False) -> SqueezeReleaseResult:

@@ -217,8 +217,8 @@ def test_transformers_trainer_as_the_training_loop(tmp_path, monkeypatch):
         return float((m(x).logits.argmax(-1) == y).float().mean())
 
     calls = []
-    real = fp.GroupLasso._regularize  # what the optimizer's step pre-hook runs
-    monkeypatch.setattr(fp.GroupLasso, "_regularize", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    real = fp.GroupLasso._pull_with  # what the optimizer's step pre-hook runs
+    monkeypatch.setattr(fp.GroupLasso, "_pull_with", staticmethod(lambda *a: (calls.append(1), real(*a))[1]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = fp.squeeze_release(model, (x[:8],), train=train, evaluate=evaluate, cycles=1, mask_steps=1,

@@ -64,9 +64,10 @@ from fxprune.errors import InputError, require
 from fxprune.graph.rebuild import attr_owner
 from fxprune.passes.mask import HeldMask
 
-__all__ = ["GroupLasso", "group_lasso", "DEFAULT_STRENGTH"]
+__all__ = ["GroupLasso", "group_lasso", "DEFAULT_STRENGTH", "DEFAULT_EVERY"]
 
 DEFAULT_STRENGTH = 1e-3  # fxprune.squeeze_release's default ``lasso``
+DEFAULT_EVERY = 16  # optimizer steps per reading of the weights (GroupLasso(every=...), squeeze_release(lasso_every=...))
 RELATIVE = 0.1  # the exact-zero step takes only slices and groups this small against their own tensors' scale
 
 
@@ -135,10 +136,11 @@ class _Reading:
         self.squares = squares_at
         self.scale_at = self.scale[plan.param_pos]  # s_t of every position
 
-    def sums(self, plan: "_Plan", relative: bool = False) -> torch.Tensor:
+    def sums(self, plan: "_Plan", relative: bool = False, keep: torch.Tensor | None = None) -> torch.Tensor:
         """``||w_g||^2`` per group channel, or with ``relative`` ``||u_g||^2`` (each tensor over its own scale); one
-        slot more at the end, where positions of no group channel go."""
-        part = self.squares / self.scale_at.pow(2) if relative else self.squares
+        slot more at the end, where positions of no group channel go. ``keep``: only those positions count."""
+        squares = self.squares if keep is None else self.squares * keep
+        part = squares / self.scale_at.pow(2) if relative else squares
         return torch.zeros(plan.channels + 1, dtype=torch.float64).index_add_(0, plan.channel, part)
 
 
@@ -334,7 +336,7 @@ class GroupLasso:
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, strength: float = DEFAULT_STRENGTH,
                  threshold: float = 2.0, relative: float = RELATIVE, exclude: Sequence[str] | None = None,
-                 every: int = 1, statistics_only: bool = True) -> None:
+                 every: int = DEFAULT_EVERY, statistics_only: bool = True) -> None:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis, param_slices
@@ -424,75 +426,42 @@ class GroupLasso:
         self._regularize(_Plan(self._members(model), self.channels))
 
     @torch.no_grad()
-    def _regularize(self, plan: _Plan, coefficients: dict[str, Any] | None = None) -> None:
-        """The pull. With ``coefficients`` (a dict): when it is empty, the pull as without it, and it stores each
-        parameter's pull per unit of its value (full-shape, the mask and a BatchNorm follower's scale-keeping term
-        folded in); when it holds them, the pull is those times the current values, one op for every parameter."""
-        if not plan.members or self.strength == 0:
-            return
-        if coefficients:
-            self._pull_with(plan, coefficients)
-            return
-        r = _Reading(plan)
-        values = r.values
-        norm = r.sums(plan, relative=True)[:-1].sqrt()
+    def _regularize(self, plan: _Plan) -> None:
+        if plan.members and self.strength != 0:
+            self._pull_with(plan, self._coefficients(plan, _Reading(plan)))
+
+    def _coefficients(self, plan: _Plan, r: _Reading, keep: torch.Tensor | None = None) -> dict[str, Any]:
+        """The pull per unit of value, from the reading ``r``: per parameter a full-shape tensor (``strength / s_t``
+        times the sum of its slices' ``sqrt(n_g) / ||u_g||``, its mask folded in), and which parameters feed a
+        BatchNorm. ``keep``: positions the exact-zero step has just zeroed (False) count as zero."""
+        norm = r.sums(plan, relative=True, keep=keep)[:-1].sqrt()
         coef = torch.where(norm > 0, self._root[:-1] / norm.clamp_min(1e-300), torch.zeros_like(norm))
         at = torch.cat([coef, coef.new_zeros(1)])[plan.channel]  # each position's coefficient (0: no group)
-        cast = {(dtype, device): plan.pieces(at.to(dtype).to(device))
-                for dtype, device in {(v.dtype, v.device) for v in values}}
-        factors = (self.strength / r.scale).tolist()
-        each = [values[p] for p in plan.param_of]
-        pulls = torch._foreach_mul(each, [cast[v.dtype, v.device][i] for i, v in enumerate(each)])
-        pull: list[torch.Tensor | None] = [None] * len(plan.firsts)
-        for p, g in zip(plan.param_of, pulls):
-            pull[p] = g if pull[p] is None else pull[p] + g
-        torch._foreach_mul_(pull, factors)
-        kept: dict[int, torch.Tensor] = {}  # per BatchNorm follower, the scale-keeping term's factor
+        kinds = {(m.param.dtype, m.param.device) for m in plan.firsts}
+        cast = {(dtype, device): plan.pieces(at.to(dtype).to(device)) for dtype, device in kinds}
+        full = [torch.zeros_like(m.param) for m in plan.firsts]
+        for i, (p, m) in enumerate(zip(plan.param_of, plan.members)):
+            full[p].add_(cast[m.param.dtype, m.param.device][i])
+        torch._foreach_mul_(full, (self.strength / r.scale).tolist())
         for p, m in enumerate(plan.firsts):
-            if m.slice.name in self.normalized:  # (every slice of a parameter has its name)
-                # keep the tensor's overall scale: only the pull between its groups is left
-                g, v = pull[p], values[p]
-                kept[p] = (g * v).sum() / v.pow(2).sum().clamp_min(1e-30)
-                pull[p] = g - kept[p] * v
-        grads, adds = [], []
-        for m, g in zip(plan.firsts, pull):
-            if m.param.grad is None:
-                m.param.grad = g
-            else:
-                grads.append(m.param.grad)
-                adds.append(g)
-        if grads:
-            torch._foreach_add_(grads, adds)
-        if coefficients is not None:
-            full = [torch.zeros_like(v) for v in values]
-            for p, piece in zip(plan.param_of, (cast[v.dtype, v.device][i] for i, v in enumerate(each))):
-                full[p].add_(piece)
-            torch._foreach_mul_(full, factors)
-            for p, m in enumerate(plan.firsts):
-                if m.mask is not None:  # (multiplied with the parameter itself, not its masked value)
-                    full[p].mul_(m.mask.to(full[p].dtype))
-            coefficients["full"] = full
-            coefficients["kept"] = list(kept)
+            if m.mask is not None:  # (multiplied with the parameter itself, not its masked value)
+                full[p].mul_(m.mask.to(full[p].dtype))
+        return {"full": full, "kept": [p for p, m in enumerate(plan.firsts) if m.slice.name in self.normalized]}
 
     @staticmethod
     def _pull_with(plan: _Plan, coefficients: dict[str, Any]) -> None:
-        """Add ``full * value`` to each parameter's gradient (``full``: :meth:`_regularize`'s stored coefficients),
-        one op for every parameter; a BatchNorm follower's pull keeps its scale on the current value, as at a
-        reading."""
+        """Add the pull, :meth:`_coefficients`' ``full`` times each parameter's current value, to its gradient (one op
+        for every parameter; a parameter without a gradient gets one). A weight that feeds a BatchNorm keeps its
+        overall scale: only the part of its pull across its groups is added (projected off its current value)."""
         full, kept = coefficients["full"], coefficients["kept"]
         factors = [m.param.detach() if m.mask is not None or not m.masked else m.value().detach() for m in plan.firsts]
-        grads = [m.param.grad for m in plan.firsts]
-        if any(g is None for g in grads):
+        if any(m.param.grad is None for m in plan.firsts):
             for m in plan.firsts:
                 if m.param.grad is None:
                     m.param.grad = torch.zeros_like(m.param)
-            grads = [m.param.grad for m in plan.firsts]
-        if not kept:
-            torch._foreach_addcmul_(grads, factors, full)
-            return
-        plain = [p for p in range(len(full)) if p not in set(kept)]
-        if plain:
-            torch._foreach_addcmul_([grads[p] for p in plain], [factors[p] for p in plain], [full[p] for p in plain])
+        grads = [m.param.grad for m in plan.firsts]
+        plain = [p for p in range(len(full)) if p not in kept] if kept else range(len(full))
+        torch._foreach_addcmul_([grads[p] for p in plain], [factors[p] for p in plain], [full[p] for p in plain])
         for p in kept:
             m = plan.firsts[p]
             v = m.value().detach() if m.masked else factors[p]
@@ -516,7 +485,10 @@ class GroupLasso:
         return int((_Reading(plan).sums(plan)[:-1] == 0).sum()) if plan.members else 0
 
     @torch.no_grad()
-    def _step(self, plan: _Plan, lr: float | dict[int, float] | list[float], hold: dict[str, Any] | None) -> None:
+    def _step(self, plan: _Plan, lr: float | dict[int, float] | list[float], hold: dict[str, Any] | None,
+              coefficients: dict[str, Any] | None = None) -> None:
+        """:meth:`step`; with ``coefficients`` (a dict), the pull's coefficients for the next steps go into it, read
+        from the same pass over the weights."""
         if not plan.members:
             return
         if isinstance(lr, list):  # (attach: one per parameter already)
@@ -555,6 +527,8 @@ class GroupLasso:
             torch._foreach_mul_(*writes)
         if hold is not None:
             hold["writes"] = writes
+        if coefficients is not None and self.strength != 0:
+            coefficients.update(self._coefficients(plan, r, keep))
 
     @staticmethod
     @torch.no_grad()
@@ -597,10 +571,10 @@ class GroupLasso:
 
         def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             t0 = time.perf_counter()
-            if ours(optimizer) is not None:
-                if steps[0] % self.every == 0:
-                    coefficients.clear()
-                self._regularize(plan, coefficients if self.every > 1 else None)
+            if ours(optimizer) is not None and plan.members:
+                if not coefficients:  # (the first step: nothing read yet)
+                    coefficients.update(self._coefficients(plan, _Reading(plan)))
+                self._pull_with(plan, coefficients)
             self.seconds += time.perf_counter() - t0
 
         def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -608,7 +582,7 @@ class GroupLasso:
             lrs = ours(optimizer)
             if lrs is not None:
                 if steps[0] % self.every == 0:
-                    self._step(plan, lrs, held)
+                    self._step(plan, lrs, held, coefficients)
                 else:
                     self._hold(held)
                 steps[0] += 1
