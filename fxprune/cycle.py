@@ -186,7 +186,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     during that fine-tune (same training, no released capacity). ``lasso`` is the strength of the group lasso over
     fxprune's channel groups (:class:`~fxprune.interop.lasso.GroupLasso`; it acts around every optimizer step
     inside ``train``, with that step's learning rate; 0 turns it off); ``lasso_every=k`` reads the weights for it
-    every k optimizer steps only (``GroupLasso(every=k)``: cheaper hooks, zeros held in between); ``exclude`` globs are
+    every k optimizer steps (default 16; ``GroupLasso(every=k)``: zeros held in between, 1 reads at every step); ``exclude`` globs are
     neither masked nor regularized. ``structure="groups"`` masks whole channels of fxprune's groups instead of
     single weights (:func:`~fxprune.passes.mask.group_masks`: the mask step's sparsity is then the fraction of the
     model's parameters that minimize removes). Returns the smallest cycle model whose accuracy

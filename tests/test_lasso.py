@@ -252,6 +252,30 @@ def test_every_k_steps_reads_less_often_and_holds_zeros_in_between():
         fp.GroupLasso(net, (x,), every=0)
 
 
+@pytest.mark.parametrize("every", [1, 4])
+def test_the_pull_between_readings_is_the_last_readings_coefficients_times_the_current_weights(every):
+    """With no loss gradient, SGD's step is the pull alone: each weight shrinks by ``1 - lr * c`` with ``c`` (per
+    entry) from the last reading. So with every=4 the ratio new/old is the same on steps 1-4 and changes after the
+    next reading; with every=1 it changes at every step (the group norms shrink)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    reg = fp.GroupLasso(net, (x,), every=every, strength=1.0)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+    ratios = []
+    with reg.attach(net):
+        for _ in range(6):
+            before = net[0].weight.detach().clone()
+            opt.zero_grad()
+            (0 * net(x).sum()).backward()
+            opt.step()
+            ratios.append(net[0].weight.detach() / before)
+    assert all(bool((r < 1).all()) for r in ratios)  # the pull shrinks every entry
+    same = [torch.allclose(ratios[i], ratios[i + 1], rtol=0, atol=1e-12) for i in range(5)]
+    # every=4: step 0 pulls with a first reading before it; readings after steps 0 and 4 serve steps 1-4 and 5-8
+    assert same == ([False, True, True, True, False] if every == 4 else [False] * 5)
+
+
 class _PreNorm(nn.Module):
     """A residual stream of 8 channels written by ``inp``, read through a LayerNorm by a block and by the head."""
 

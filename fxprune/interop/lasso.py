@@ -14,11 +14,12 @@ Yuan and Lin's group lasso over those relative entries,
     R = sum_g sqrt(n_g) * ||u_g||_2,      dR/du_i = sum over the groups g of i of  sqrt(n_g) * u_i / ||u_g||,
 
 which is of order 1 on an entry of typical size in its group, whatever the group's size and the tensor's scale.
-Training adds ``strength * dR/du`` to the gradients before each optimizer step (a group-lasso gradient
+Training adds ``strength * dR/du`` to the gradients before each optimizer step (``||u_g||`` and ``s_t`` as of the
+last reading of the weights, below; a group-lasso gradient
 preconditioned by each tensor's scale, in the spirit of Torch-Pruning's ``regularize``); under Adam-type
 optimizers, which scale each coordinate's step by its own gradient history, that pulls every entry of a group the
 loss does not defend towards zero at about ``lr`` per step, large norm weights and small conv weights alike. A
-gradient never lands on zero, so after each optimizer step the **exact-zero step** sets to exact zeros every slice
+gradient never lands on zero, so after each reading the **exact-zero step** sets to exact zeros every slice
 of a group member (a row, a column, a norm weight's entry; a bias entry only once the same module's weight entries
 of its channel are zero: a zero bias alone makes nothing constant or unread, and biases that start at zero,
 BatchNorm's, would be held there) and every whole group whose root mean square has fallen
@@ -40,7 +41,11 @@ output (``nn.LayerNorm``, ``nn.RMSNorm``, and hand-written ``...LayerNorm`` / ``
 confirms): a norm without a weight, a group norm or Gemma's ``1 + weight`` turns it off (:func:`_gates`).
 
 :meth:`GroupLasso.attach` installs both around every ``optimizer.step()`` of an optimizer that holds the model's
-parameters (``lr`` read from the optimizer's param group), so a training loop needs no change. For a loop of your
+parameters (``lr`` read from the optimizer's param group), so a training loop needs no change. It reads the weights
+after every ``every``-th step only (default 16: a reading is a few dozen small tensor ops per sliced tensor, as
+long as a small network's whole training step): that one pass takes the exact-zero step and stores the pull's
+coefficients as one full-shape tensor per parameter; the pull before each step is those times the current weights
+(one op for all), and what was zeroed is zeroed again after every step (one op). For a loop of your
 own: :meth:`GroupLasso.penalty` (``R``, differentiable, for a loss term), :meth:`GroupLasso.regularize` (after
 ``backward()``) and :meth:`GroupLasso.step` (after ``optimizer.step()``).
 """
@@ -319,8 +324,8 @@ class GroupLasso:
 
     ``exclude``: parameter-name globs whose slices are left out (never shrunk). Frozen groups (model inputs and
     outputs, ops without a rule) are never regularized. ``every``: inside :meth:`attach`, read the weights (group
-    norms, scales, the exact-zero decisions) every ``every`` optimizer steps instead of every step: the hooks cost
-    about ``1/every`` as much; new zeros come up to ``every - 1`` steps later. ``statistics_only``: zero every slice of
+    norms, scales, the exact-zero decisions) every ``every`` optimizer steps (default 16; 1: every step); new zeros
+    come up to ``every - 1`` steps later. ``statistics_only``: zero every slice of
     a group channel once all its LayerNorm / RMSNorm weight entries are zero (see the module docstring); ``False``
     leaves such channels to the pull.
 
@@ -540,13 +545,12 @@ class GroupLasso:
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module) -> Iterator["GroupLasso"]:
-        """While open: before every ``optimizer.step()`` of an optimizer holding parameters of ``model``,
-        :meth:`regularize`; after it, :meth:`step` with each parameter's learning rate from the optimizer, the groups
-        zeroed so far held at zero. Any optimizer and loop, DistributedDataParallel included (both read only the
-        weights and the reduced gradients, equal on every rank). With ``every=k`` (the constructor's), the weights
-        are read, the pull's coefficients computed and the exact-zero step taken on every k-th optimizer step only;
-        in between the pull uses the last coefficients (on the current weights) and what was zeroed is zeroed again
-        after each step, so held zeros stay exact zeros. ``every=1`` (the default) reads at every step."""
+        """While open: before every ``optimizer.step()`` of an optimizer holding parameters of ``model``, the pull
+        (:meth:`regularize`'s); after every ``every``-th (the constructor's; default 16), :meth:`step` with each
+        parameter's learning rate from the optimizer, whose pass over the weights also refreshes the pull's
+        coefficients; after every other step, what was zeroed is zeroed again, so held zeros stay exact zeros. Any
+        optimizer and loop, DistributedDataParallel included (both read only the weights and the reduced gradients,
+        equal on every rank). ``every=1`` reads after every step."""
         if self.strength == 0:
             yield self
             return
