@@ -457,6 +457,7 @@ class Rule:
     """Base rule: relate nothing (everything the op touches gets frozen by the driver)."""
 
     nan_eval = False  # facts by evaluating the op on NaN-filled inputs
+    sizes = False  # its int operands are target sizes (a reshape's, an expand's): a size that varies is no arithmetic
     replayable = False  # elementwise: channel k of the output is a function of channel k of the operands
 
     def couple(self, op: Op, sp: Spaces) -> None:  # pragma: no cover - overridden
@@ -465,22 +466,23 @@ class Rule:
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         if not self.nan_eval:
             return None
-        return nan_eval(op, fx)
+        return nan_eval(op, fx, sizes=self.sizes)
 
     def rewrite(self, op: Op, rw: Rewrite) -> None:
         pass
 
 
-def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None) -> list[DimFacts] | None:
+def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None, sizes: bool = False) -> list[DimFacts] | None:
     """Run the op on materialized inputs (known constants, NaN elsewhere) and read off constant channels. Skipped
     when no operand has a known channel (NaN in, NaN out: nothing to read off).
 
     An op may map NaN to a number (``sign``, ``nan_to_num``, ``fmax``...) and so make an unknown channel look
     constant. Every constant read off is therefore confirmed by a second run with the unknown entries filled with
-    random values: a channel is known only where both runs give the same constant."""
+    random values: a channel is known only where both runs give the same constant. ``sizes``: the op's int operands
+    are target sizes (a reshape's), so one that varies with the inputs is no reason to skip."""
     if not any(f is not None and any(bool(df.known.any()) for df in f) for f in map(fx.get, op.tensor_args())):
         return None
-    if any(is_dynamic_scalar(a) for a in (*op.node.args, *op.node.kwargs.values())):
+    if not sizes and any(is_dynamic_scalar(a) for a in (*op.node.args, *op.node.kwargs.values())):
         return None  # arithmetic with a size that varies (x / seq_len): its value at the example is no fact
     try:
         args, kwargs = _operands(op, fx.materialize)

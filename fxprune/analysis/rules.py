@@ -799,6 +799,7 @@ class Reshape(Rule):
     several (heads) becomes a product of atoms."""
 
     nan_eval = True
+    sizes = True
 
     def couple(self, op: Op, sp: Spaces) -> None:
         x = op.node.args[0]
@@ -904,6 +905,7 @@ class Expand(Rule):
     """expand/expand_as: broadcast dims of size 1; existing dims pass through."""
 
     nan_eval = True
+    sizes = True
 
     def couple(self, op: Op, sp: Spaces) -> None:
         x = op.node.args[0]
@@ -1171,6 +1173,32 @@ class SymSize(Rule):
                 sp.meta_dim(x, e)
 
 
+class ShapeRead(Rule):
+    """A symbolic trace's size reads: ``x.shape`` (``getattr``) and ``x.size()`` / ``x.size(d)``: the dims whose
+    size is read (``x.shape[d]``, ``x.size(d)``; every dim when the whole shape escapes) are frozen, like
+    ``sym_size``; nothing else of ``x`` is read. Any other attribute read (``x.T``, ``x.dtype``) relates nothing
+    (frozen)."""
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x = op.node.args[0] if op.node.args else None
+        r = sp.rank(x) if isinstance(x, Node) else -1
+        if r <= 0:
+            return
+        if op.node.op == "call_function":  # getattr(x, name)
+            if len(op.node.args) != 2 or op.node.args[1] != "shape":
+                return
+            read = {u.args[1] % r if u.target is operator.getitem and isinstance(u.args[1], int) else None
+                    for u in op.node.users}
+        else:  # x.size(d) / x.size()
+            d = op.arg(1, "dim")
+            read = {d % r if isinstance(d, int) else None}
+        for e in range(r):
+            if None in read or e in read:
+                sp.freeze(x, e, f"its size is read by {op.describe()}")
+            else:
+                sp.meta_dim(x, e)
+
+
 class Filled(Passive):
     """A tensor of one value everywhere, from a list of sizes (``aten.zeros``/``ones``/``full``/``empty`` and their
     ``new_*`` forms): every channel holds the same, so any dim may lose channels, the sizes following (a state that
@@ -1277,4 +1305,5 @@ register(Filled(), aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty,
          aten.empty)
 register(AssertMetadata(), aten._assert_tensor_metadata.default)
 register(SymSize(), aten.sym_size.int)
+register(ShapeRead(), getattr, "size")
 register(InputGuards(), GuardsFn)

@@ -26,8 +26,8 @@ from fxprune.errors import CaptureError, InputError, UnsupportedError
 from fxprune.graph import lazy
 from fxprune.graph.rebuild import graph_module
 from fxprune.graph.origin import record, run
-from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, from_graph, resize, static_dims
-from fxprune.graph.shapes import annotate, is_annotated
+from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, every_dims, from_graph, resize, static_dims
+from fxprune.graph.shapes import annotate, is_annotated, runs_at
 from fxprune.graph.masks import unmasked
 
 __all__ = ["capture", "as_inputs", "check_weights", "on_meta", "EXAMPLE_INPUTS_KEY"]
@@ -193,13 +193,16 @@ def _check_inplace(gm: GraphModule, rewrite: bool = True) -> None:
 def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any) -> GraphModule:
     """Symbolic tracing, always checked against the model: a trace can bake in control flow, and ``method="auto"``
     moves on to torch.export when the check fails."""
-    if not _is_batch(dynamic_shapes) and dynamic_shapes is not None:
+    if not (_is_batch(dynamic_shapes) or _is_every(dynamic_shapes)) and dynamic_shapes is not None:
         raise CaptureError("dynamic_shapes is torch.export's spec: use method='export' (or 'auto') with it")
     tracer = torch.fx.Tracer()
     graph = tracer.trace(model)
     gm = graph_module(tracer.root, graph, type(model).__name__)  # plain tensor attributes stay plain, not buffers
     _check_inplace(gm)
-    dims = batch_dims(inputs) if _is_batch(dynamic_shapes) else static_dims(inputs)
+    if _is_every(dynamic_shapes):
+        dims = _every(gm, inputs)
+    else:
+        dims = batch_dims(inputs) if _is_batch(dynamic_shapes) else static_dims(inputs)
     try:
         dims = _annotate_or_static(gm, inputs, dims)
     except Exception:  # fake propagation unsupported by some op: fall back to real shapes
@@ -211,6 +214,16 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic
     _check_reproduces(gm, model, inputs, reference, "the symbolically traced graph",
                       "the symbolic trace does not reproduce the model's outputs (control flow baked in?)")
     return gm
+
+
+def _every(gm: GraphModule, inputs: tuple[Any, ...]) -> Any:
+    """The dims of a symbolic trace that may vary: of :func:`every_dims`' symbols (each length shared by the
+    inputs), those at whose next value (the example's + 1) the graph's shapes still propagate, one at a time; what
+    the model's code fixes (a Linear's input width, a conv's channels) fails there and stays static."""
+    dims = every_dims(inputs)
+    free = [s for s in dims.ranges
+            if runs_at(gm, resize(inputs, dims.only([s]).sizes({s: dims.hints[s] + 1})))]
+    return dims.only(free)
 
 
 def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_shapes: Any,
@@ -271,8 +284,9 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
     makes ``method="auto"`` use torch.export. By default (``"batch"``) dim 0 of every tensor input is dynamic
     wherever the model allows it: ``Dim.AUTO`` for torch.export (which keeps it static where the model needs a
     fixed size), and any batch size for a symbolically traced graph that runs at another one. ``"every"``: every
-    dim of every tensor input ``Dim.AUTO`` (torch.export only; what the model's eager code accepts: sequence
-    lengths, image sizes). ``None`` asks for static shapes. The inputs' dims are kept in ``gm.meta["fxprune_input_dims"]``
+    dim of every tensor input, where the model accepts other sizes (sequence lengths, image sizes): ``Dim.AUTO``
+    for torch.export; for a symbolic trace, each length the inputs share at which the graph's shapes still
+    propagate one above the example's. ``None`` asks for static shapes. The inputs' dims are kept in ``gm.meta["fxprune_input_dims"]``
     (:class:`~fxprune.graph.dynamic.InputDims`): passes check their results at several shapes of that range and
     an ``ExportedProgram`` result is exported with them again.
 
@@ -313,7 +327,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
     # good for analysis, and the passes that need weights say so.
     reference = None if on_meta(model, *inputs) else _run(model, inputs, "the model")
     tracers = {"symbolic": _symbolic, "export": functools.partial(_export, check=check)}
-    explicit = not _is_batch(dynamic_shapes) and dynamic_shapes is not None
+    explicit = not (_is_batch(dynamic_shapes) or _is_every(dynamic_shapes)) and dynamic_shapes is not None
     order = (["export"] if explicit else ["symbolic", "export"]) if method == "auto" else [method]
     failures: list[str] = []
     for name in order:

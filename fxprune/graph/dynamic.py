@@ -18,8 +18,8 @@ import sympy
 import torch
 from torch.fx import GraphModule
 
-__all__ = ["InputDims", "DYNAMIC_KEY", "from_graph", "batch_dims", "static_dims", "resize", "default_spec", "shape_str",
-           "shaped_inputs"]
+__all__ = ["InputDims", "DYNAMIC_KEY", "from_graph", "batch_dims", "every_dims", "static_dims", "resize", "default_spec",
+           "shape_str", "shaped_inputs"]
 
 DYNAMIC_KEY = "fxprune_input_dims"
 INT_OO = None  # no upper bound
@@ -50,6 +50,14 @@ class InputDims:
                 if isinstance(d, str) and d in hints:
                     hints[d] = int(n)
         return InputDims(self.dims, self.ranges, hints)
+
+    def only(self, symbols: Sequence[str]) -> "InputDims":
+        """These dims with every symbol but ``symbols`` fixed at its example value."""
+        keep = set(symbols)
+        dims = tuple(None if ds is None else tuple(d if not isinstance(d, str) or d in keep else _eval(d, self.hints)
+                                                   for d in ds) for ds in self.dims)
+        return InputDims(dims, {s: r for s, r in self.ranges.items() if s in keep},
+                         {s: h for s, h in self.hints.items() if s in keep})
 
     def sizes(self, values: dict[str, int]) -> list[tuple[int, ...] | None]:
         """The input shapes at the symbol values ``values``."""
@@ -193,6 +201,20 @@ def batch_dims(inputs: Sequence[Any]) -> InputDims:
                  tuple(["batch" if i == 0 and x.dim() > 0 and int(x.shape[0]) == b else int(s) for i, s in enumerate(x.shape)])
                  for x in inputs)
     return InputDims(dims, {"batch": (1, INT_OO)}, {"batch": b})
+
+
+def every_dims(inputs: Sequence[Any]) -> InputDims:
+    """Every dim of every tensor input dynamic in [1, inf): one symbol per (dim index, example size), so that inputs
+    that share a length (ids and their mask) vary together. What a symbolic trace is probed with
+    (:meth:`InputDims.only` keeps the symbols the graph runs at another value of)."""
+    names: dict[tuple[int, int], str] = {}
+    dims: list[tuple[Size, ...] | None] = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor):
+            dims.append(None)
+            continue
+        dims.append(tuple(names.setdefault((d, int(n)), f"e{len(names)}") for d, n in enumerate(x.shape)))
+    return InputDims(tuple(dims), {s: (1, INT_OO) for s in names.values()}, {s: n for (_, n), s in names.items()})
 
 
 def static_dims(inputs: Sequence[Any]) -> InputDims:

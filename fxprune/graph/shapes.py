@@ -6,6 +6,7 @@ as plain ``TensorSpec``\\ s so the analysis never touches fake tensors itself.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -18,8 +19,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 if TYPE_CHECKING:
     from fxprune.graph.dynamic import InputDims
 
-__all__ = ["TensorSpec", "annotate", "node_spec", "is_annotated", "placeholder_inputs", "hint", "is_dynamic_scalar",
-           "DYNAMIC_DIMS"]
+__all__ = ["TensorSpec", "annotate", "runs_at", "node_spec", "is_annotated", "placeholder_inputs", "hint",
+           "is_dynamic_scalar", "DYNAMIC_DIMS"]
 
 DYNAMIC_DIMS = "fxprune_dynamic"  # node meta: dims that vary with the inputs (True for an int that varies)
 
@@ -178,6 +179,21 @@ def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | 
         if dyn:
             n.meta[DYNAMIC_DIMS] = dyn
     return gm
+
+
+def runs_at(gm: GraphModule, inputs: Sequence[Any]) -> bool:
+    """Whether the graph's shapes propagate at ``inputs`` (meta or fake tensors: no values). Leaves the nodes'
+    ``meta["val"]`` at whatever it reached: annotate afterwards."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")  # logs the failing op's traceback as an error
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        _propagate(gm, inputs)
+        return True
+    except Exception:
+        return False
+    finally:
+        log.setLevel(level)
 
 
 def _changed(a: Any, b: Any) -> Any:

@@ -235,7 +235,7 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
 
     inputs = as_inputs(example_inputs)
     try:  # every dim the model's code lets vary stays dynamic: an index table sliced by a length is no channel
-        gm = capture(model, inputs, method="export", dynamic_shapes=dynamic_shapes)
+        gm = capture(model, inputs, dynamic_shapes=dynamic_shapes)  # (a symbolic trace first: cheaper than export)
     except CaptureError:
         if dynamic_shapes != EVERY:
             raise
