@@ -276,6 +276,24 @@ def test_the_pull_between_readings_is_the_last_readings_coefficients_times_the_c
     assert same == ([False, True, True, True, False] if every == 4 else [False] * 5)
 
 
+def test_entries_whose_squares_underflow_leave_the_pull_finite():
+    """A float32 tensor whose nonzero entries are ~1e-25 has squares that underflow to 0: its scale is taken as 1
+    (was 0: the pull's factor strength / s_t was infinite and the next step wrote NaN into the weights)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x = torch.randn(16, 4)
+    reg = fp.GroupLasso(net, (x,), every=2)
+    with torch.no_grad():
+        net[0].weight.fill_(1e-25)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    with reg.attach(net):
+        for _ in range(4):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
 class _PreNorm(nn.Module):
     """A residual stream of 8 channels written by ``inp``, read through a LayerNorm by a block and by the head."""
 

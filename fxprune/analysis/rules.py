@@ -1173,19 +1173,27 @@ class SymSize(Rule):
                 sp.meta_dim(x, e)
 
 
-class ShapeRead(Rule):
-    """A symbolic trace's size reads: ``x.shape`` (``getattr``) and ``x.size()`` / ``x.size(d)``: the dims whose
-    size is read (``x.shape[d]``, ``x.size(d)``; every dim when the whole shape escapes) are frozen, like
-    ``sym_size``; nothing else of ``x`` is read. Any other attribute read (``x.T``, ``x.dtype``) relates nothing
-    (frozen)."""
+class Attribute(Rule):
+    """A symbolic trace's tensor attributes and size reads. ``x.T`` / ``x.mT`` (``getattr``): every dim reversed /
+    the last two swapped, as ``permute``. ``x.shape`` and ``x.size()`` / ``x.size(d)``: the dims whose size is
+    read (``x.shape[d]``, ``x.size(d)``; every dim when the whole shape escapes) are frozen, like ``sym_size``;
+    nothing else of ``x`` is read. Any other attribute (``x.dtype``, ``x.real``) relates nothing (frozen)."""
+
+    nan_eval = True
 
     def couple(self, op: Op, sp: Spaces) -> None:
         x = op.node.args[0] if op.node.args else None
         r = sp.rank(x) if isinstance(x, Node) else -1
         if r <= 0:
             return
-        if op.node.op == "call_function":  # getattr(x, name)
-            if len(op.node.args) != 2 or op.node.args[1] != "shape":
+        attr = op.node.args[1] if op.node.op == "call_function" and len(op.node.args) == 2 else None
+        if attr in ("T", "mT") and (attr == "T" or r >= 2):
+            perm = list(range(r))[::-1] if attr == "T" else [*range(r - 2), r - 1, r - 2]
+            for i, j in enumerate(perm):
+                sp.unify(x, j, op.node, i, f"by {op.describe()}")
+            return
+        if op.node.op == "call_function":
+            if attr != "shape":
                 return
             read = {u.args[1] % r if u.target is operator.getitem and isinstance(u.args[1], int) else None
                     for u in op.node.users}
@@ -1305,5 +1313,5 @@ register(Filled(), aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty,
          aten.empty)
 register(AssertMetadata(), aten._assert_tensor_metadata.default)
 register(SymSize(), aten.sym_size.int)
-register(ShapeRead(), getattr, "size")
+register(Attribute(), getattr, "size")
 register(InputGuards(), GuardsFn)

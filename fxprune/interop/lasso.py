@@ -121,7 +121,7 @@ class _Member:
 class _Reading:
     """One pass over the members' current values (no gradient), laid end to end as its :class:`_Plan` says: ``P``, each
     position's sum of squares (float64, every slice one after another); per parameter, its value and its scale
-    ``s_t`` (the root mean square of its nonzero entries; 1 when none)."""
+    ``s_t`` (the root mean square of its nonzero entries; 1 when none, or when all their squares underflow)."""
 
     def __init__(self, plan: "_Plan") -> None:
         self.values = plan.values()
@@ -137,7 +137,8 @@ class _Reading:
         squares_at = torch.cat(pers)
         if not plan.cpu:
             counts, totals, squares_at = counts.cpu(), totals.cpu(), squares_at.cpu()
-        self.scale = torch.where(counts > 0, totals.div(counts).sqrt(), 1.0)
+        # (entries so small that their squares underflow count as none: a scale of 0 would divide by zero)
+        self.scale = torch.where((counts > 0) & (totals > 0), totals.div(counts).sqrt(), 1.0)
         self.squares = squares_at
         self.scale_at = self.scale[plan.param_pos]  # s_t of every position
 

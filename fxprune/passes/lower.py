@@ -153,15 +153,27 @@ def _native_layer_norm(n: Node) -> bool:
     return n.op == "call_function" and n.target is aten.native_layer_norm.default and _getitem_users(n, only=0)
 
 
-_TRANSPOSES = {aten.numpy_T.default, aten.t.default}
+_TRANSPOSES = {aten.numpy_T.default, aten.t.default, torch.t}
+_MATMULS = {aten.matmul.default, operator.matmul, torch.matmul}
+
+
+def _is_transpose(t: Any) -> bool:
+    """``w.T`` / ``w.t()`` of an exported graph (``aten.numpy_T``, ``aten.t``) or of a symbolic trace (``getattr(w,
+    'T')``, ``torch.t``, the method ``t``)."""
+    if not isinstance(t, Node):
+        return False
+    if t.op == "call_function" and t.target is getattr:
+        return len(t.args) == 2 and t.args[1] == "T" and not t.kwargs
+    return ((t.op == "call_function" and t.target in _TRANSPOSES) or (t.op == "call_method" and t.target == "t")) \
+        and len(t.args) == 1 and not t.kwargs
 
 
 def _transposed_weight(n: Node) -> Node | None:
     """The 2-D get_attr ``w`` of ``matmul(x, w.T)`` (``x @ self.weight.T``: Falcon's linear layers); None otherwise."""
-    if n.op != "call_function" or n.target is not aten.matmul.default or len(n.args) != 2 or n.kwargs:
+    if n.op != "call_function" or n.target not in _MATMULS or len(n.args) != 2 or n.kwargs:
         return None
     t = n.args[1]
-    if not (isinstance(t, Node) and t.op == "call_function" and t.target in _TRANSPOSES and len(t.args) == 1):
+    if not _is_transpose(t):
         return None
     w = t.args[0]
     val = w.meta.get("val") if isinstance(w, Node) else None
