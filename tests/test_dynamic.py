@@ -262,3 +262,37 @@ def test_layer_norm_shape_rule_annotates_as_its_meta_kernel_does(name, monkeypat
     slow = specs()
     assert fast == slow
     assert any(d for _, d in fast.values())  # the dynamic dims were compared too
+
+
+class _PooledCNN(torch.nn.Module):
+    """A conv net whose head pools over the image: any image size, fixed channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_every_dim_of_a_symbolic_trace_that_the_model_lets_vary_is_dynamic():
+    """dynamic_shapes='every' on a symbolically traceable model: batch, height and width vary (the graph runs at
+    other sizes), the channels and a Linear's input width stay static; minimize_module takes that path (no
+    torch.export) and its result is equal at an image size and a batch the example did not have."""
+    torch.manual_seed(0)
+    cnn = _PooledCNN().double().eval()
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    gm = fp.capture(cnn, (x,), dynamic_shapes="every")
+    assert gm.meta["fxprune_capture_method"] == "symbolic"
+    dims = gm.meta[DYNAMIC_KEY]
+    assert [isinstance(d, str) for d in dims.dims[0]] == [True, False, True, True]
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).double()
+    assert [isinstance(d, str) for d in fp.capture(mlp, (torch.randn(3, 4, dtype=torch.float64),),
+                                                    dynamic_shapes="every").meta[DYNAMIC_KEY].dims[0]] == [True, False]
+    with torch.no_grad():
+        cnn.conv.weight[:3] = 0
+        cnn.conv.bias[:3] = -1.0  # three dead channels
+    small = fp.minimize_module(cnn, (x,))
+    assert type(small) is _PooledCNN and small.conv.out_channels == 5 and small.fc.in_features == 5
+    for xi in (x, torch.randn(1, 3, 9, 4, dtype=torch.float64)):
+        torch.testing.assert_close(small(xi), cnn(xi), rtol=1e-12, atol=1e-12)
