@@ -208,10 +208,14 @@ def test_meta_annotation_matches_fake_propagation(name):
     assert sum(isinstance(s, TensorSpec) for s in meta.values()) > 20
 
 
-def test_annotation_falls_back_to_fake_tensors_for_modules_with_weights():
+def test_annotation_runs_modules_with_weights_on_the_meta_device_and_leaves_their_weights():
     from fxprune.graph.shapes import annotate
 
-    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    gm = torch.fx.symbolic_trace(net)
     annotate(gm, (torch.randn(2, 4),))
     assert node_spec(list(gm.graph.nodes)[1]) == TensorSpec((2, 3), torch.float32)
-    assert not any(getattr(n.meta.get("val"), "device", None) == torch.device("meta") for n in gm.graph.nodes)
+    assert all(n.meta["val"].device == torch.device("meta") for n in gm.graph.nodes if n.op != "output")
+    after = net.state_dict()  # the module's own tensors: back in place, on the CPU, unchanged (BatchNorm's too)
+    assert all(after[k].device.type == "cpu" and torch.equal(after[k], v) for k, v in before.items())

@@ -121,6 +121,15 @@ class _MetaProp(Interpreter):
         t = super().get_attr(target, args, kwargs)
         return t.to("meta") if isinstance(t, torch.Tensor) else t
 
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        """A module of a symbolic trace, run with its own tensors on the meta device (swapped in for the call by
+        ``functional_call``, which puts the module's own back)."""
+        m = self.fetch_attr(target)
+        tensors = {**dict(m.named_parameters()), **dict(m.named_buffers())}
+        if not tensors:
+            return super().call_module(target, args, kwargs)
+        return torch.func.functional_call(m, {k: v.to("meta") for k, v in tensors.items()}, args, kwargs)
+
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if isinstance(kwargs.get("device"), (torch.device, str)):  # `.to(cpu)`, `arange(device=cpu)`: stay on meta
             kwargs = {**kwargs, "device": torch.device("meta")}
@@ -136,15 +145,6 @@ class _MetaProp(Interpreter):
 _SHAPE_RULES: dict[Any, Callable[..., torch.Tensor]] = {
     torch.ops.aten.layer_norm.default: lambda x, *a, **k: torch.empty_like(x, memory_format=torch.contiguous_format),
 }
-
-
-def _calls_weighted_module(gm: GraphModule) -> bool:
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            m = gm.get_submodule(n.target)
-            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
-                return True
-    return False
 
 
 def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | None" = None) -> GraphModule:
@@ -213,13 +213,12 @@ def _changed(a: Any, b: Any) -> Any:
 
 
 def _propagate(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
-    if not _calls_weighted_module(gm):  # a module's own weights would meet meta inputs
-        try:
-            with torch.no_grad():
-                _MetaProp(gm).run(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs])
-            return
-        except Exception:  # no meta kernel, a data-dependent op: fake tensors handle it
-            pass
+    try:
+        with torch.no_grad():
+            _MetaProp(gm).run(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs])
+        return
+    except Exception:  # no meta kernel, a data-dependent op: fake tensors handle it
+        pass
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     FakeTensorProp(gm, mode).propagate(*fake_inputs)
