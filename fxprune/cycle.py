@@ -26,6 +26,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -296,11 +297,26 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             level = _next_level(level, st["row"], backoff)
         work = _rebuilt(struct, groups["work"], st["work_modes"])
         set_rng_state(rng)
+    lassos: dict[int, tuple[Any, GroupLasso]] = {}  # per structure (its module, weakly): its groups, read once
+
+    def lasso_for(structure: nn.Module, m: nn.Module, strength: float) -> GroupLasso | None:
+        """The group lasso for ``m`` (a model of ``structure``) at ``strength``: the groups are the structure's
+        (what its graph couples; the weights do not enter), so a structure's is built once, at its first use."""
+        if not strength:
+            return None
+        ref, reg = lassos.get(id(structure), (None, None))
+        if reg is None or ref() is not structure:
+            reg = GroupLasso(m, inputs, strength=strength, exclude=exclude, every=lasso_every)
+            lassos[id(structure)] = (weakref.ref(structure), reg)
+        reg = copy.copy(reg)
+        reg.strength, reg.seconds = strength, 0.0
+        return reg
+
     for c in range(len(done), cycles):
         t0, start_params = time.perf_counter(), count_params(work)
         user0 = train.seconds + evaluate.seconds
         final, strength = stepped(float(target(c)), lasso, level)
-        reg = GroupLasso(work, inputs, strength=strength, exclude=exclude, every=lasso_every) if strength else None
+        reg = lasso_for(struct, work, strength)
         lasso_s = 0.0
         masks: dict[str, torch.Tensor] = {}
         for step in range(1, mask_steps + 1):
@@ -322,7 +338,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         params = count_params(small)
         acc_min = ranks.broadcast_float(float(evaluate(_rebuilt(struct, small_state, small_modes))))
         lasso_s += reg.seconds if reg is not None else 0.0
-        reg = GroupLasso(small, inputs, strength=strength, exclude=exclude, every=lasso_every) if strength else None
+        reg = lasso_for(struct, small, strength)
         if release:
             say(f"cycle {c + 1}/{cycles}: release and fine-tune")
             work = _trained(train, release_zeros(small, release_scale, seed=seed + c), None, reg)

@@ -108,3 +108,27 @@ def test_resume_after_failed_cycles_gives_the_same_model(tmp_path):
     assert rows(resumed) == rows(whole) and sizes[0] == dense  # cycle 3 started from the dense model
     with pytest.raises(fp.CheckpointError, match="backoff"):
         _run(False, passes=lambda p: True, checkpoint_dir=tmp_path / "ck", resume=True)
+
+
+def test_each_structure_reads_its_groups_once_and_every_use_gets_its_cycles_strength(monkeypatch):
+    """The groups are the structure's: the cycle builds one GroupLasso per model structure (the dense one, each
+    minimized one), not one per train phase, and each phase trains with its cycle's strength (halved after the
+    failed cycle 1; cycles 1 and 2 start from the dense structure, whose groups are read once)."""
+    built, used = [], []
+    real_init, real_attach = fp.GroupLasso.__init__, fp.GroupLasso.attach
+
+    def init(self, *a, **k):
+        built.append(1)
+        real_init(self, *a, **k)
+
+    def attach(self, model):
+        used.append(self.strength)
+        return real_attach(self, model)
+
+    monkeypatch.setattr(fp.GroupLasso, "__init__", init)
+    monkeypatch.setattr(fp.GroupLasso, "attach", attach)
+    res, _, _ = _run(True, passes=lambda p: p == DENSE, cycles=2)
+    assert [h["passed"] for h in res.history] == [False, False]
+    assert len(built) == 3  # dense, cycle 1's minimized, cycle 2's minimized (was 4: one per phase)
+    strength = fp.interop.lasso.DEFAULT_STRENGTH
+    assert used == [pytest.approx(v) for v in (strength, strength, strength / 2, strength / 2)]

@@ -358,7 +358,6 @@ class GroupLasso:
         self.strength, self.threshold, self.relative = float(strength), float(threshold), float(relative)
         self.every, self.statistics_only = every, bool(statistics_only)
         self.seconds = 0.0  # spent in the optimizer-step hooks of attach() (the cycle's share of training time)
-        self._totals: dict[int, torch.Tensor] = {}  # per slice (by id): its positions per group channel
         plain = unmasked(model)
         gm = lower_modules(eval_capture(plain, example_inputs))  # the groups of the deployed function (dropout off)
         an = Analysis(gm)
