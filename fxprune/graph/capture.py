@@ -218,9 +218,12 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic
 
 def _every(gm: GraphModule, inputs: tuple[Any, ...]) -> Any:
     """The dims of a symbolic trace that may vary: of :func:`every_dims`' symbols (each length shared by the
-    inputs), those at whose next value (the example's + 1) the graph's shapes still propagate, one at a time; what
-    the model's code fixes (a Linear's input width, a conv's channels) fails there and stays static."""
+    inputs), those at whose next value (the example's + 1) the graph's shapes still propagate: all at once, else
+    one at a time; what the model's code fixes (a Linear's input width, a conv's channels) fails there and stays
+    static."""
     dims = every_dims(inputs)
+    if runs_at(gm, resize(inputs, dims.sizes({s: h + 1 for s, h in dims.hints.items()}))):
+        return dims
     free = [s for s in dims.ranges
             if runs_at(gm, resize(inputs, dims.only([s]).sizes({s: dims.hints[s] + 1})))]
     return dims.only(free)

@@ -204,16 +204,18 @@ def batch_dims(inputs: Sequence[Any]) -> InputDims:
 
 
 def every_dims(inputs: Sequence[Any]) -> InputDims:
-    """Every dim of every tensor input dynamic in [1, inf): one symbol per (dim index, example size), so that inputs
-    that share a length (ids and their mask) vary together. What a symbolic trace is probed with
-    (:meth:`InputDims.only` keeps the symbols the graph runs at another value of)."""
+    """Every dim of every tensor input dynamic in [1, inf) but those of size 1 after dim 0 (a broadcast or a single
+    channel, as torch.export's 0/1 rule has it): one symbol per (dim index, example size), so that inputs that
+    share a length (ids and their mask) vary together. What a symbolic trace is probed with (:meth:`InputDims.only`
+    keeps the symbols the graph runs at another value of)."""
     names: dict[tuple[int, int], str] = {}
     dims: list[tuple[Size, ...] | None] = []
     for x in inputs:
         if not isinstance(x, torch.Tensor):
             dims.append(None)
             continue
-        dims.append(tuple(names.setdefault((d, int(n)), f"e{len(names)}") for d, n in enumerate(x.shape)))
+        dims.append(tuple(int(n) if n == 1 and d > 0 else names.setdefault((d, int(n)), f"e{len(names)}")
+                          for d, n in enumerate(x.shape)))
     return InputDims(tuple(dims), {s: (1, INT_OO) for s in names.values()}, {s: n for (_, n), s in names.items()})
 
 

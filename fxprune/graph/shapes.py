@@ -6,11 +6,14 @@ as plain ``TensorSpec``\\ s so the analysis never touches fake tensors itself.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
+from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -122,13 +125,9 @@ class _MetaProp(Interpreter):
         return t.to("meta") if isinstance(t, torch.Tensor) else t
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        """A module of a symbolic trace, run with its own tensors on the meta device (swapped in for the call by
-        ``functional_call``, which puts the module's own back)."""
-        m = self.fetch_attr(target)
-        tensors = {**dict(m.named_parameters()), **dict(m.named_buffers())}
-        if not tensors:
-            return super().call_module(target, args, kwargs)
-        return torch.func.functional_call(m, {k: v.to("meta") for k, v in tensors.items()}, args, kwargs)
+        """A module of a symbolic trace (a ``torch.nn`` leaf), run as a copy whose tensors are on the meta device
+        (no data copied; the module itself is never run or changed)."""
+        return _on_meta(self.fetch_attr(target))(*args, **kwargs)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if isinstance(kwargs.get("device"), (torch.device, str)):  # `.to(cpu)`, `arange(device=cpu)`: stay on meta
@@ -137,6 +136,27 @@ class _MetaProp(Interpreter):
         if shape_of is not None and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
             return shape_of(*args, **kwargs)
         return super().call_function(target, args, kwargs)
+
+
+_META_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _on_meta(m: nn.Module) -> nn.Module:
+    """A copy of ``m`` with every parameter and buffer on the meta device, kept while ``m`` lives and its tensors
+    keep their shapes and dtypes (shape propagation runs a graph several times)."""
+    tensors = [*m.named_parameters(), *m.named_buffers()]
+    if not tensors:
+        return m
+    key = tuple((name, tuple(t.shape), t.dtype) for name, t in tensors)
+    hit = _META_COPIES.get(m)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    memo = {id(t): nn.Parameter(t.to("meta"), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
+            else t.to("meta") for _, t in tensors}
+    out = copy.deepcopy(m, memo)
+    _META_COPIES[m] = (key, out)
+    return out
+
 
 
 # Ops whose meta kernel is a slow Python decomposition, by the shape and dtype of their output. LayerNorm's
