@@ -576,6 +576,9 @@ class _CompensatedLayerNormBase(nn.LayerNorm):
                                       self.removed_sq_sum)
 
 
+torch.fx.wrap("compensated_layer_norm")  # (one call in a symbolic trace of a model holding such a norm, as in
+#  fxprune.nn.norm: a symbolic trace cannot iterate over the input's shape)
+
 _COMPENSATED_SUBCLASSES: dict[type, type] = {}
 
 
