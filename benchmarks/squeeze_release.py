@@ -18,7 +18,7 @@ The recipe is the user's side of the cycle only: Adam and cross-entropy in an or
 ``.eval()`` to evaluate), per (model, dataset) ``RECIPES`` the epochs, the learning rate, its schedule within a call
 (cosine decay for ConvNeXt) and a distillation term towards the dense model's logits (FC and ConvNeXt digits). The
 structure ``minimize`` removes comes from fxprune itself: ``fp.squeeze_release``'s group lasso over the model's own
-channel groups (``fp.GroupLasso``: an exact-zero proximal step after every optimizer step), at the strength a recipe
+channel groups (``fp.GroupLasso``: an exact-zero proximal step after every 16th optimizer step), at the strength a recipe
 names (``lasso``; the library's default where it names none). The gradual baseline (a) trains with the same group
 lasso attached. The dense model always trains at a constant learning rate, with neither regularizer nor
 distillation. Selection
