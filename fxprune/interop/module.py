@@ -584,7 +584,10 @@ _COMPENSATED_SUBCLASSES: dict[type, type] = {}
 
 def _compensated_subclass(cls: type) -> type:
     """``cls`` (a LayerNorm subclass) with :class:`_CompensatedLayerNormBase` after it in the MRO: its own forward
-    runs, and its ``super().forward`` is the compensated one. ``isinstance(m, cls)`` still holds."""
+    runs, and its ``super().forward`` is the compensated one. ``isinstance(m, cls)`` still holds. A class that is
+    one already (a norm an earlier call compensated, met again in a symbolic trace) is its own."""
+    if issubclass(cls, _CompensatedLayerNormBase):
+        return cls
     if cls not in _COMPENSATED_SUBCLASSES:
         _COMPENSATED_SUBCLASSES[cls] = type(cls.__name__, (cls, _CompensatedLayerNormBase),
                                             {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
