@@ -219,3 +219,18 @@ def test_annotation_runs_modules_with_weights_on_the_meta_device_and_leaves_thei
     assert all(n.meta["val"].device == torch.device("meta") for n in gm.graph.nodes if n.op != "output")
     after = net.state_dict()  # the module's own tensors: back in place, on the CPU, unchanged (BatchNorm's too)
     assert all(after[k].device.type == "cpu" and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_annotation_follows_a_layers_changed_attributes():
+    """The meta copy of a layer annotation runs is kept per layer; a changed stride (or groups, or a new weight
+    shape) is a new copy, so the shapes follow."""
+    from fxprune.graph.shapes import annotate
+
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1))
+    gm = torch.fx.symbolic_trace(net)
+    x = torch.randn(1, 4, 5, 5)
+    annotate(gm, (x,))
+    assert node_spec(list(gm.graph.nodes)[1]).shape == (1, 4, 5, 5)
+    net[0].stride = (2, 2)
+    annotate(gm, (x,))
+    assert node_spec(list(gm.graph.nodes)[1]).shape == (1, 4, 3, 3)

@@ -143,11 +143,13 @@ _META_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, nn.Module]]" = we
 
 def _on_meta(m: nn.Module) -> nn.Module:
     """A copy of ``m`` with every parameter and buffer on the meta device, kept while ``m`` lives and its tensors
-    keep their shapes and dtypes (shape propagation runs a graph several times)."""
+    keep their shapes and dtypes and its plain attributes (``groups``, ``stride``, ``eps``...) their values (shape
+    propagation runs a graph several times)."""
     tensors = [*m.named_parameters(), *m.named_buffers()]
     if not tensors:
         return m
-    key = tuple((name, tuple(t.shape), t.dtype) for name, t in tensors)
+    plain = tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, tuple))))
+    key = (tuple((name, tuple(t.shape), t.dtype) for name, t in tensors), plain)
     hit = _META_COPIES.get(m)
     if hit is not None and hit[0] == key:
         return hit[1]
