@@ -1166,11 +1166,17 @@ class SymSize(Rule):
         r = sp.rank(x)
         if not isinstance(d, int) or r <= 0:
             return
-        for e in range(r):
-            if e == d % r:
-                sp.freeze(x, e, f"its size is read by {op.describe()}")
-            else:
-                sp.meta_dim(x, e)
+        _read_sizes(op, sp, x, r, {d % r})
+
+
+def _read_sizes(op: Op, sp: Spaces, x: Node, r: int, read: set[int | None]) -> None:
+    """The dims of ``x`` (rank ``r``) whose size ``op`` reads (every dim when ``read`` holds None) are frozen; ``op``
+    reads the others as metadata only."""
+    for e in range(r):
+        if None in read or e in read:
+            sp.freeze(x, e, f"its size is read by {op.describe()}")
+        else:
+            sp.meta_dim(x, e)
 
 
 class Attribute(Rule):
@@ -1200,11 +1206,7 @@ class Attribute(Rule):
         else:  # x.size(d) / x.size()
             d = op.arg(1, "dim")
             read = {d % r if isinstance(d, int) else None}
-        for e in range(r):
-            if None in read or e in read:
-                sp.freeze(x, e, f"its size is read by {op.describe()}")
-            else:
-                sp.meta_dim(x, e)
+        _read_sizes(op, sp, x, r, read)
 
 
 class Filled(Passive):

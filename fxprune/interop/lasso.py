@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -174,7 +173,6 @@ class _Plan:
             shape[m.slice.dim] = -1
             self.views.append(shape)
         lengths = [m.slice.channel.numel() for m in members]
-        self.offsets = list(itertools.accumulate(lengths, initial=0))[:-1]
         self.lengths = lengths
         member_pos = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(lengths, dtype=torch.long))
         raw = torch.cat([m.slice.channel for m in members]) if members else torch.zeros(0, dtype=torch.long)
@@ -451,21 +449,20 @@ class GroupLasso:
         for p, m in enumerate(plan.firsts):
             if m.mask is not None:  # (multiplied with the parameter itself, not its masked value)
                 full[p].mul_(m.mask.to(full[p].dtype))
-        return {"full": full, "kept": [p for p, m in enumerate(plan.firsts) if m.slice.name in self.normalized]}
+        kept = [p for p, m in enumerate(plan.firsts) if m.slice.name in self.normalized]
+        return {"full": full, "kept": kept, "plain": [p for p in range(len(full)) if p not in kept]}
 
     @staticmethod
     def _pull_with(plan: _Plan, coefficients: dict[str, Any]) -> None:
         """Add the pull, :meth:`_coefficients`' ``full`` times each parameter's current value, to its gradient (one op
         for every parameter; a parameter without a gradient gets one). A weight that feeds a BatchNorm keeps its
         overall scale: only the part of its pull across its groups is added (projected off its current value)."""
-        full, kept = coefficients["full"], coefficients["kept"]
+        full, kept, plain = coefficients["full"], coefficients["kept"], coefficients["plain"]
         factors = [m.param.detach() if m.mask is not None or not m.masked else m.value().detach() for m in plan.firsts]
-        if any(m.param.grad is None for m in plan.firsts):
-            for m in plan.firsts:
-                if m.param.grad is None:
-                    m.param.grad = torch.zeros_like(m.param)
+        for m in plan.firsts:
+            if m.param.grad is None:
+                m.param.grad = torch.zeros_like(m.param)
         grads = [m.param.grad for m in plan.firsts]
-        plain = [p for p in range(len(full)) if p not in kept] if kept else range(len(full))
         torch._foreach_addcmul_([grads[p] for p in plain], [factors[p] for p in plain], [full[p] for p in plain])
         for p in kept:
             m = plan.firsts[p]
@@ -559,19 +556,17 @@ class GroupLasso:
         held: dict[str, Any] = {}
         coefficients: dict[str, Any] = {}
         steps = [0]  # optimizer steps taken on our parameters
-        where: dict[int, tuple[Any, list[int | None]]] = {}  # per optimizer: its groups' layout, each parameter's group
+        where: dict[int, tuple[Any, list[int | None] | None]] = {}  # per optimizer: its layout, ours()'s answer
 
-        def ours(optimizer: torch.optim.Optimizer) -> list[float] | None:
-            """Each parameter's learning rate in ``optimizer`` (0 for one it does not hold); None when it holds none."""
-            groups = optimizer.param_groups
-            layout = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        def ours(optimizer: torch.optim.Optimizer) -> list[int | None] | None:
+            """Each parameter's param group in ``optimizer`` (None for one it does not hold); None when it holds
+            none of them. Worked out again only when its groups change."""
+            layout = tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
             if id(optimizer) not in where or where[id(optimizer)][0] != layout:
-                at = {id(p): i for i, g in enumerate(groups) for p in g["params"] if id(p) in ids}
-                where[id(optimizer)] = (layout, [at.get(id(m.param)) for m in plan.firsts])
-            index = where[id(optimizer)][1]
-            if all(i is None for i in index):
-                return None
-            return [0.0 if i is None else float(groups[i]["lr"]) for i in index]
+                at = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"] if id(p) in ids}
+                index = [at.get(id(m.param)) for m in plan.firsts]
+                where[id(optimizer)] = (layout, None if all(i is None for i in index) else index)
+            return where[id(optimizer)][1]
 
         def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             t0 = time.perf_counter()
@@ -583,9 +578,11 @@ class GroupLasso:
 
         def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             t0 = time.perf_counter()
-            lrs = ours(optimizer)
-            if lrs is not None:
+            index = ours(optimizer)
+            if index is not None:
                 if steps[0] % self.every == 0:
+                    groups = optimizer.param_groups
+                    lrs = [0.0 if i is None else float(groups[i]["lr"]) for i in index]
                     self._step(plan, lrs, held, coefficients)
                 else:
                     self._hold(held)
