@@ -332,6 +332,32 @@ def test_subnormals_are_read_only_in_the_tensors_minimize_writes():
     assert small.get_parameter("4.weight")[0, 0] == net[4].weight[0, 0] != 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_the_one_pass_subnormal_test_agrees_with_the_definition(dtype):
+    """``_any_subnormal`` (one pass over the bits, before ``subnormals`` counts) says True exactly when a nonzero
+    entry is smaller in magnitude than the smallest normal number: zeros, signs, the smallest normal itself, NaN
+    and infinities around it, and non-contiguous tensors."""
+    from fxprune.passes.minimize import _any_subnormal
+
+    tiny = torch.finfo(dtype).tiny
+    g = torch.Generator().manual_seed(0)
+    for case in range(40):
+        t = torch.randn(7, 9, generator=g, dtype=torch.float64).to(dtype)
+        if case % 2:
+            t[:, ::3] = 0
+        if case % 5 == 1:
+            t[2, 4] = -tiny  # normal: the boundary
+        if case % 5 == 2:
+            t[1, 1] = float("nan")
+            t[3, 3] = float("-inf")
+        if case % 4 == 3:
+            t[int(case % 7), 5] = torch.tensor(tiny, dtype=torch.float64).div(2 ** (case % 6 + 1)).to(dtype) * (-1) ** case
+        t = t.t() if case % 3 == 0 else t
+        want = bool(((t != 0) & (t.abs() < tiny)).any())
+        assert _any_subnormal(t) == want, case
+    assert not _any_subnormal(torch.zeros(0, dtype=dtype))
+
+
 class _Heads(nn.Module):
     """Attention with 3 heads of 4, q/k/v apart, reshaped by sizes read off the input."""
 

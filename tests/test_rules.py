@@ -346,3 +346,22 @@ def test_tensor_split_pieces_lose_channels_an_empty_piece_included():
     for b in (1, 6):
         xb = torch.randn(b, 4, dtype=torch.float64)
         assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_linear_reads_settles_rows_on_a_few_columns_and_answers_as_a_full_read(seed):
+    """``_reads`` (which output units read an unknown input channel) reads a few columns for every row and the
+    rest for the rows still open: the same answer as reading every column, on dense, sparse, transposed
+    (Conv1D-style) and empty-row weights."""
+    from fxprune.analysis.rules import _reads
+
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(100):
+        r, c = torch.randint(1, 40, (2,), generator=g).tolist()
+        density = [1.0, 0.3, 0.02, 0.0][trial % 4]
+        W = torch.randn(r, c, generator=g) * (torch.rand(r, c, generator=g) < density)
+        W[torch.randint(0, r, (1,), generator=g)] = 0  # a unit that reads nothing
+        cols = torch.randperm(c, generator=g)[: torch.randint(0, c + 1, (1,), generator=g).item()]
+        want = (W[:, cols] != 0).any(dim=1) if cols.numel() else torch.zeros(r, dtype=torch.bool)
+        assert torch.equal(_reads(W, cols), want)
+        assert torch.equal(_reads(W.t().contiguous().t(), cols, first=2), want)

@@ -472,14 +472,16 @@ class Rule:
         pass
 
 
-def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None, sizes: bool = False) -> list[DimFacts] | None:
+def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None, sizes: bool = False,
+             confirm: bool = True) -> list[DimFacts] | None:
     """Run the op on materialized inputs (known constants, NaN elsewhere) and read off constant channels. Skipped
     when no operand has a known channel (NaN in, NaN out: nothing to read off).
 
     An op may map NaN to a number (``sign``, ``nan_to_num``, ``fmax``...) and so make an unknown channel look
     constant. Every constant read off is therefore confirmed by a second run with the unknown entries filled with
-    random values: a channel is known only where both runs give the same constant. ``sizes``: the op's int operands
-    are target sizes (a reshape's), so one that varies with the inputs is no reason to skip."""
+    random values: a channel is known only where both runs give the same constant; ``confirm=False`` skips that
+    run, for ops that map every NaN entry to NaN (a constant there read no unknown entry). ``sizes``: the op's int
+    operands are target sizes (a reshape's), so one that varies with the inputs is no reason to skip."""
     if not any(f is not None and any(bool(df.known.any()) for df in f) for f in map(fx.get, op.tensor_args())):
         return None
     if not sizes and any(is_dynamic_scalar(a) for a in (*op.node.args, *op.node.kwargs.values())):
@@ -493,7 +495,7 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None, sizes: boo
     with torch.no_grad():
         out = fn(*args, **kwargs)
     facts = extract(out) if isinstance(out, torch.Tensor) else None
-    if not facts or not any(bool(f.known.any()) for f in facts):
+    if not facts or not any(bool(f.known.any()) for f in facts) or not confirm:
         return facts
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

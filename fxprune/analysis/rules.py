@@ -78,6 +78,9 @@ class Elementwise(Rule):
     nan_eval = True
     replayable = True
 
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        return nan_eval(op, fx, confirm=not _nan_to_nan(op))
+
     def couple(self, op: Op, sp: Spaces) -> None:
         out = _shape(sp, op.node)
         for a in op.tensor_args():
@@ -109,7 +112,7 @@ class Mul(Elementwise):
     """Elementwise product: a channel that is exactly zero in one factor is zero in the product."""
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        out = nan_eval(op, fx)
+        out = nan_eval(op, fx, confirm=False)  # NaN times anything is NaN
         shape = _shape(fx.sp, op.node)
         if not shape:
             return out
@@ -224,13 +227,22 @@ class Linear(Rule):
         rw.add_to_bias(op, b, 0 if op.target is aten.addmm.default else 2, "bias", delta, out_dim=-1)
 
 
-def _reads(W: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Per row of ``W``: whether any of its entries in columns ``cols`` is nonzero (read in row blocks, so the
-    gathered columns never take more than a block of memory)."""
-    if W.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool)
-    step = max(1, BLOCK_BYTES // max(1, cols.numel() * W.element_size()))
-    return torch.cat([(W[i:i + step].index_select(1, cols) != 0).any(dim=1) for i in range(0, W.shape[0], step)])
+def _reads(W: torch.Tensor, cols: torch.Tensor, first: int = 8) -> torch.Tensor:
+    """Per row of ``W``: whether any of its entries in columns ``cols`` is nonzero. The ``first`` columns are
+    read for every row (in a dense weight they settle almost every row), the rest only for the rows still open,
+    in row blocks, so the gathered columns never take more than a block of memory."""
+    out = torch.zeros(W.shape[0], dtype=torch.bool)
+    if W.shape[0] == 0 or cols.numel() == 0:
+        return out
+    out |= (W.index_select(1, cols[:first]) != 0).any(dim=1)
+    rest, open_rows = cols[first:], (~out).nonzero().flatten()
+    if not rest.numel() or not open_rows.numel():
+        return out
+    step = max(1, BLOCK_BYTES // max(1, rest.numel() * W.element_size()))
+    for i in range(0, open_rows.numel(), step):
+        rows = open_rows[i:i + step]
+        out[rows] = (W.index_select(0, rows).index_select(1, rest) != 0).any(dim=1)
+    return out
 
 
 class Conv(Rule):
@@ -1260,6 +1272,30 @@ def _aten(*names: str) -> list[Any]:
     return [getattr(aten, n) for n in names if hasattr(aten, n)]
 
 
+# Elementwise ops that map a NaN entry of any operand to NaN (IEEE arithmetic, and the activations and clamps
+# built on it): a channel their evaluation on NaN-filled operands finds constant read no unknown entry, so
+# ``nan_eval`` skips its confirming run for them. Not here: what can turn NaN into a number (``sign``, ``pow``
+# with exponent 0, ``where``, ``masked_fill``...). tests/test_soundness.py checks every elementwise op's facts on
+# random inputs.
+_NAN_TO_NAN_NAMES = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "exp", "sqrt", "rsqrt", "erf", "log",
+                     "sin", "cos", "square", "reciprocal", "elu", "leaky_relu", "hardswish", "hardsigmoid", "mish",
+                     "softplus", "relu6", "hardtanh", "clamp", "clamp_min", "clamp_max", "clone", "alias", "detach",
+                     "contiguous", "_to_copy", "lift_fresh_copy", "add", "sub", "div", "rsub", "maximum", "minimum",
+                     "relu_", "silu_", "gelu_", "hardtanh_", "add_"]
+_NAN_TO_NAN: set[Any] = {nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.ReLU6,
+                         nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Identity,
+                         operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd,
+                         *_NAN_TO_NAN_NAMES}
+
+
+def _nan_to_nan(op: Op) -> bool:
+    key = type(op.module) if op.module is not None else getattr(op.target, "overloadpacket", op.target)
+    try:
+        return key in _NAN_TO_NAN
+    except TypeError:  # an unhashable target
+        return False
+
+
 def _torch(*names: str) -> list[Any]:
     out = []
     for n in names:
@@ -1269,6 +1305,7 @@ def _torch(*names: str) -> list[Any]:
     return out
 
 
+_NAN_TO_NAN.update(_aten(*_NAN_TO_NAN_NAMES), _torch(*_NAN_TO_NAN_NAMES))
 register(Elementwise(), *_ELEMENTWISE_MODULES, *_aten(*_UNARY, *_BINARY), *_torch(*_UNARY, *_BINARY),
          *[m for m in _UNARY + _BINARY + ["float", "double", "half", "bfloat16"] if m not in ("mul",)],
          operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd, operator.pos, operator.pow)

@@ -404,7 +404,7 @@ def subnormals(m: nn.Module, flush: bool = False, names: set[str] | None = None)
     for name, t in tensors.items():
         if names is not None and name not in names:
             continue
-        if not t.is_floating_point() or t.is_meta:
+        if not t.is_floating_point() or t.is_meta or not _any_subnormal(t.detach()):
             continue
         tiny = torch.finfo(t.dtype).tiny
         sub = (t != 0) & (t.abs() < tiny)
@@ -415,6 +415,24 @@ def subnormals(m: nn.Module, flush: bool = False, names: set[str] | None = None)
                 with torch.no_grad():
                     t.masked_fill_(sub, 0.0)
     return out
+
+
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _any_subnormal(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds a subnormal value, in one pass over its bits: with ``m`` an entry's bits without the
+    sign, it is subnormal when ``0 < m < bits(tiny)``; ``(m - 1) & mask`` wraps 0 to the top, so the smallest of
+    those is below ``bits(tiny) - 1`` exactly then (a float8 or other dtype without an integer twin: True, and
+    the caller counts)."""
+    it = _BITS.get(t.dtype)
+    if it is None or t.numel() == 0:
+        return t.numel() > 0
+    mask = (1 << (torch.finfo(t.dtype).bits - 1)) - 1
+    tiny = int(torch.tensor(torch.finfo(t.dtype).tiny, dtype=t.dtype).view(it))
+    k = t.view(it) & mask
+    k.sub_(1).bitwise_and_(mask)
+    return bool(k.amin() < tiny - 1)
 
 
 def _widths(an: Analysis, removable: dict[int, torch.Tensor], keep: dict[int, torch.Tensor],
