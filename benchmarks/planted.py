@@ -2,6 +2,7 @@
 MLP layer names ``latency.py`` masks whole units of."""
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Any
 
@@ -42,6 +43,80 @@ def planted(name: str, size: str, frac: float = 0.25) -> tuple[nn.Module, tuple[
             w.index_fill_(out_dim(name), torch.tensor(idx), 0.0)
             dead[path] = idx
     return model, inputs, dead
+
+
+# The parts of fxprune's default path (capture + minimize) that ``Phases`` times, by where they are looked up:
+# (module, attribute, phase). Each phase's seconds are its own (exclusive): a part timed inside another (the
+# annotation inside the rewrite) counts for itself only.
+PHASES = (
+    ("fxprune.graph.capture", "_run", "reference forward"),
+    ("fxprune.graph.capture", "_export_batch", "torch.export"),
+    ("fxprune.graph.capture", "annotate", "annotate shapes"),
+    ("fxprune.passes.minimize", "annotate", "annotate shapes"),
+    ("fxprune.passes.minimize", "check_weights", "weight scan"),
+    ("fxprune.passes.minimize", "_prepare", "lowering"),
+    ("fxprune.analysis.groups", "Analysis.__init__", "analysis"),
+    ("fxprune.analysis.groups", "Analysis.removable", "analysis"),
+    ("fxprune.passes.minimize", "Rewriter.run", "rewrite"),
+    ("fxprune.passes.minimize", "_detach", "copies"),
+    ("fxprune.passes.minimize", "subnormals", "subnormal scan"),
+    ("fxprune.passes.minimize", "self_check", "check"),
+)
+
+
+class Phases:
+    """``with Phases() as ph: ...``: the seconds spent in each phase of :data:`PHASES` (``ph.seconds``, each
+    exclusive of the phases timed inside it) and how often each ran (``ph.calls``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._inner: list[float] = []  # per open phase: the seconds of the phases timed inside it so far
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def _timed(self, f: Any, phase: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._inner.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - t0
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + took - self._inner.pop()
+                self.calls[phase] = self.calls.get(phase, 0) + 1
+                if self._inner:
+                    self._inner[-1] += took
+        return timed
+
+    def __enter__(self) -> "Phases":
+        for module, attr, phase in PHASES:
+            owner: Any = importlib.import_module(module)
+            *path, name = attr.split(".")
+            for p in path:
+                owner = getattr(owner, p)
+            f = vars(owner)[name]
+            self._undo.append((owner, name, f))
+            setattr(owner, name, self._timed(f, phase))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, name, f in reversed(self._undo):
+            setattr(owner, name, f)
+        self._undo.clear()
+
+
+def above_floor(phases: dict[str, float], total: float, export: float, check_forwards: float,
+                forward: float) -> dict[str, float]:
+    """What of the default path's ``total`` seconds lies above its floor (torch.export as capture calls it, plus
+    the check's forwards), by phase, in forwards: each phase but torch.export and the check whole; the check's
+    own work beyond its forwards (comparisons, inputs); torch.export's run here against the floor's (noise, in
+    either direction); the rest of the two calls (``other``). The values sum to ``total`` less the floor."""
+    out = {k: v / forward for k, v in sorted(phases.items(), key=lambda kv: -kv[1])
+           if k not in ("torch.export", "check")}
+    out["check beyond its forwards"] = (phases.get("check", 0.0) - check_forwards) / forward
+    out["torch.export against the floor's"] = (phases.get("torch.export", 0.0) - export) / forward
+    out["other"] = (total - sum(phases.values())) / forward
+    return out
 
 
 def logits(out: Any) -> torch.Tensor:

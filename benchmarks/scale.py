@@ -108,7 +108,7 @@ def one(name: str, dtype_name: str) -> dict[str, Any]:
     import fxprune as fp
     from fxprune.graph.capture import _export_batch
     from fxprune.verify import count_params
-    from planted import check_forwards
+    from planted import Phases, above_floor, check_forwards
 
     base = rss_gb()
     meta = dtype_name == "meta"
@@ -137,22 +137,59 @@ def one(name: str, dtype_name: str) -> dict[str, Any]:
             model(ids)
         times.append(time.perf_counter() - t0)
     fwd = statistics.median(times)
-    t0 = time.perf_counter()
-    gm = fp.capture(model, (ids,))
-    cap = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    small = fp.minimize(gm)
-    mini = time.perf_counter() - t0
+    with Phases() as ph:
+        t0 = time.perf_counter()
+        gm = fp.capture(model, (ids,))
+        cap = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        small = fp.minimize(gm)
+        mini = time.perf_counter() - t0
     t0 = time.perf_counter()
     _export_batch(model, (ids,))  # the floor: torch.export as capture calls it, plus the check's forwards
     export = time.perf_counter() - t0
-    floor = export + check_forwards(model, small, (ids,))
+    check = check_forwards(model, small, (ids,))
+    floor = export + check
     row.update(weights_gb=weights, forward_s=fwd, capture_s=cap, minimize_s=mini, export_s=export, floor_s=floor,
-               floor_forwards=floor / fwd,
+               floor_forwards=floor / fwd, floor_x=(cap + mini) / floor,
+               above_floor_forwards=above_floor(ph.seconds, cap + mini, export, check, fwd),
                forwards=(cap + mini) / fwd, params_left=count_params(small),
                checks=[(c.shapes, c.max_rel) for c in small.meta["fxprune_checks"]], peak_rss_gb=rss_gb())
     row["rss_over_weights"] = row["peak_rss_gb"] / weights
+    del gm, small
+    tp = torch_pruning(model, ids)  # after the peak RSS is read: its copy of the model is its own
+    if isinstance(tp, str):
+        row["torch_pruning_error"] = tp
+    else:
+        row.update(torch_pruning_s=tp, torch_pruning_forwards=tp / fwd, over_torch_pruning=(cap + mini) / tp)
     return row
+
+
+def torch_pruning(model: Any, ids: Any) -> float | str:
+    """Seconds Torch-Pruning takes to remove the same dead MLP units (a copy of the model, as fxprune leaves the
+    user's untouched; its ``DependencyGraph``; one pruning group per layer), or why it could not."""
+    import copy
+
+    import torch
+
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return "torch_pruning is not installed"
+    t0 = time.perf_counter()
+    try:
+        m = copy.deepcopy(model)
+        dg = tp.DependencyGraph().build_dependency(m, example_inputs=ids, verbose=False)
+        for layer in m.model.layers:
+            dead = (layer.mlp.gate_proj.weight == 0).all(dim=1).nonzero().flatten().tolist()
+            group = dg.get_pruning_group(layer.mlp.gate_proj, tp.prune_linear_out_channels, idxs=dead)
+            if dg.check_pruning_group(group):
+                group.prune()
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    took = time.perf_counter() - t0
+    with torch.no_grad():
+        m(ids)  # the pruned model runs
+    return took
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -176,17 +213,23 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
         print(f"[scale] {c} {d}: done", file=sys.stderr, flush=True)
     print(f"{'config':<6} {'dtype':<9} {'params':>14} {'forward s':>10} {'capture s':>10} {'minimize s':>11} "
-          f"{'forwards':>9} {'floor':>6} {'params left':>14} {'peak RSS GB':>12} {'RSS/weights':>12}")
+          f"{'forwards':>9} {'floor':>6} {'/floor':>7} {'params left':>14} {'peak RSS GB':>12} {'RSS/weights':>12}")
     for r in rows:
         if "error" in r:
             print(f"{r['config']:<6} {r['dtype']:<9} failed: {r['error']}")
         elif r["dtype"] == "meta":
             print(f"{r['config']:<6} {r['dtype']:<9} {r['params']:>14,} {'-':>10} {r['capture_s']:>10.1f} "
-                  f"{'analyze ' + format(r['analyze_s'], '.1f'):>11} {'-':>9} {'-':>6} {'-':>14} {r['peak_rss_gb']:>12.2f} {'-':>12}")
+                  f"{'analyze ' + format(r['analyze_s'], '.1f'):>11} {'-':>9} {'-':>6} {'-':>7} {'-':>14} {r['peak_rss_gb']:>12.2f} {'-':>12}")
         else:
             print(f"{r['config']:<6} {r['dtype']:<9} {r['params']:>14,} {r['forward_s']:>10.2f} {r['capture_s']:>10.1f} "
-                  f"{r['minimize_s']:>11.1f} {r['forwards']:>9.1f} {r['floor_forwards']:>6.1f} {r['params_left']:>14,} {r['peak_rss_gb']:>12.2f} "
-                  f"{r['rss_over_weights']:>12.2f}")
+                  f"{r['minimize_s']:>11.1f} {r['forwards']:>9.1f} {r['floor_forwards']:>6.1f} {r['floor_x']:>6.2f}x "
+                  f"{r['params_left']:>14,} {r['peak_rss_gb']:>12.2f} {r['rss_over_weights']:>12.2f}")
+    for r in rows:
+        if "above_floor_forwards" in r:
+            tp = (f"Torch-Pruning {r['torch_pruning_forwards']:.1f} forwards, fxprune / TP {r['over_torch_pruning']:.2f}x"
+                  if "torch_pruning_s" in r else f"Torch-Pruning failed: {r.get('torch_pruning_error')}")
+            print(f"{r['config']} {r['dtype']}: fxprune / floor {r['floor_x']:.2f}x ({tp}); above the floor "
+                  "(forwards): " + ", ".join(f"{k} {v:.1f}" for k, v in r["above_floor_forwards"].items() if round(v, 1)))
     out = dict(benchmark="scale", seq=SEQ, rows=rows)
     print(json.dumps(out))
     return out

@@ -36,7 +36,7 @@ from torch.fx import GraphModule
 import fxprune as fp
 from fxprune.graph.capture import _export_batch
 from fxprune.verify import count_params
-from planted import MLP, check_forwards, logits, planted, rel_err
+from planted import MLP, Phases, above_floor, check_forwards, logits, planted, rel_err
 
 Parts = dict[str, float]
 
@@ -54,9 +54,13 @@ def _timed(parts: Parts, name: str, fn: Callable[[], Any]) -> Any:
 
 
 def run_fxprune(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]], parts: Parts) -> nn.Module:
-    """The default path: dynamic batch capture, minimize checked end to end at the example, batch 1 and the next."""
-    gm = _timed(parts, "capture", lambda: fp.capture(model, inputs))
-    return _timed(parts, "minimize", lambda: fp.minimize(gm))
+    """The default path: dynamic batch capture, minimize checked end to end at the example, batch 1 and the next;
+    its phases timed (:class:`planted.Phases`)."""
+    with Phases() as ph:
+        gm = _timed(parts, "capture", lambda: fp.capture(model, inputs))
+        out = _timed(parts, "minimize", lambda: fp.minimize(gm))
+    parts.update({f"phase:{k}": v for k, v in ph.seconds.items()})
+    return out
 
 
 def run_fxprune_unchecked(model: nn.Module, inputs: tuple[Any, ...], dead: dict[str, list[int]],
@@ -147,6 +151,10 @@ def measure(name: str, size: str, dtype: torch.dtype, repeats: int) -> dict[str,
         row["floor_parts_forwards"] = {"export": export / fwd, "check_forwards": check / fwd}
         if "torch_pruning_s" in row:
             row["floor_ratio"] = row["floor_s"] / row["torch_pruning_s"]
+    if "floor_s" in row and "fxprune_s" in row:
+        row["floor_x"] = row["fxprune_s"] / row["floor_s"]
+        phases = {k[len("phase:"):]: statistics.median(v) for k, v in parts["fxprune"].items() if k.startswith("phase:")}
+        row["above_floor_forwards"] = above_floor(phases, row["fxprune_s"], export, check, fwd)
     if "fxprune_s" in row and "fxprune_unchecked_s" in row:
         cap = statistics.median(parts["fxprune"]["capture"])
         rewrite = statistics.median(parts["fxprune-unchecked"]["minimize"])
@@ -188,6 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
             ratio = f"   = {r['floor_ratio']:.2f}x TP" if "floor_ratio" in r else ""
             print(f"{'':<31} {'floor, forwards':<18} torch.export {f['export']:.1f} + the check's forwards "
                   f"{f['check_forwards']:.1f} = {r['floor_s'] / r['forward_s']:.1f}{ratio}")
+        if "floor_x" in r:
+            print(f"{'':<31} {'fxprune / floor':<18} {r['floor_x']:>8.2f}x   (fxprune / TP "
+                  f"{r.get('ratio', float('nan')):.2f}x)")
+            print(f"{'':<31} {'above the floor':<18} " + ", ".join(
+                f"{k} {v:.1f}" for k, v in r["above_floor_forwards"].items() if round(v, 1)) + " (forwards)")
     out = dict(benchmark="speed", repeats=a.repeats, rows=rows)
     print(json.dumps(out))
     return out
