@@ -7,10 +7,12 @@ of the user's own model, its classes and all (``.train()``/``.eval()``, BatchNor
 is the user's class, smaller. A model that cannot be kept as its own class (torch.export cannot capture it, or its
 write-back is unsupported) goes the graph path instead, with a warning that says why; there the eval-mode
 BatchNorm and dropout calls of each minimized graph become modules again (:func:`~fxprune.passes.modes.trainable`), so
-that ``.train()`` trains them as it trains the user's model. Throughout every ``train``
-call, fxprune's group lasso (:class:`~fxprune.interop.lasso.GroupLasso`, built from the model's own channel groups)
-adds its gradient before each optimizer step and sets what has shrunk to exact zeros after it, so that whole groups
-become structure ``minimize`` removes.
+that ``.train()`` trains them as it trains the user's model. Throughout the ``train``
+call of every masking step (the squeeze), fxprune's group lasso (:class:`~fxprune.interop.lasso.GroupLasso`, built
+from the model's own channel groups) adds its gradient before each optimizer step and sets what has shrunk to exact
+zeros after it, so that whole groups become structure ``minimize`` removes. The fine-tune after release runs
+without it: there the released capacity is given back to the loss (measured: with the lasso on there too, the
+untuned ResNet's released fine-tunes lost accuracy the next cycle could not recover; ``docs/results.md``).
 
 Both the minimized model and the released, fine-tuned one (same size) are candidates; the better one is the cycle's
 model. With ``checkpoint_dir`` every complete cycle is written to disk (:mod:`fxprune.interop.checkpoint`) and
@@ -186,7 +188,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     one (both have the same parameters). ``release=False`` is the ablation: the zeros left stay held at zero
     during that fine-tune (same training, no released capacity). ``lasso`` is the strength of the group lasso over
     fxprune's channel groups (:class:`~fxprune.interop.lasso.GroupLasso`; it acts around every optimizer step
-    inside ``train``, with that step's learning rate; 0 turns it off); ``lasso_every=k`` reads the weights for it
+    inside the masking steps' ``train`` calls, with that step's learning rate, not in the fine-tune after release;
+    0 turns it off); ``lasso_every=k`` reads the weights for it
     every k optimizer steps (default 16; ``GroupLasso(every=k)``: zeros held in between, 1 reads at every step); ``exclude`` globs are
     neither masked nor regularized. ``structure="groups"`` masks whole channels of fxprune's groups instead of
     single weights (:func:`~fxprune.passes.mask.group_masks`: the mask step's sparsity is then the fraction of the
@@ -338,14 +341,13 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         params = count_params(small)
         acc_min = ranks.broadcast_float(float(evaluate(_rebuilt(struct, small_state, small_modes))))
         lasso_s += reg.seconds if reg is not None else 0.0
-        reg = lasso_for(struct, small, strength)
-        if release:
+        if release:  # the group lasso is off here: the released capacity goes back to the loss
             say(f"cycle {c + 1}/{cycles}: release and fine-tune")
-            work = _trained(train, release_zeros(small, release_scale, seed=seed + c), None, reg)
+            work = _trained(train, release_zeros(small, release_scale, seed=seed + c), None, None)
         else:
             say(f"cycle {c + 1}/{cycles}: fine-tune with the zeros held")
             zeros = {n: p.detach() != 0 for n, p in prunable(small, include, exclude).items()}
-            work = _trained(train, small, zeros, reg)
+            work = _trained(train, small, zeros, None)
         ranks.broadcast_module(work, f"cycle {c + 1}'s fine-tuned model")
         work_state, work_modes = _state(work), _modes(work)
         acc_rel = ranks.broadcast_float(float(evaluate(_rebuilt(struct, work_state, work_modes))))
@@ -353,7 +355,6 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         acc, kept_state, kept_modes = ((acc_rel, work_state, work_modes) if acc_rel > acc_min
                                        else (acc_min, small_state, small_modes))
         passed = acc >= dense["accuracy"] - tolerance
-        lasso_s += reg.seconds if reg is not None else 0.0
         seconds = time.perf_counter() - t0
         user_s = train.seconds + evaluate.seconds - user0 - lasso_s  # the lasso's hooks run inside train
         row = dict(cycle=c + 1, target=float(target(c)), sparsity=final, lasso=strength, step=level, params=params,
