@@ -188,10 +188,11 @@ def test_a_wrong_capture_is_blamed_on_the_capture():
         fp.capture(m, (x,), method="export", check=True)
 
 
-@pytest.mark.parametrize("name", ["convnext", "gpt2"])
+@pytest.mark.parametrize("name", ["convnext", "gpt2", "llama"])
 def test_meta_annotation_matches_fake_propagation(name):
     """annotate runs rewritten graphs on meta tensors (cheaper); the shapes and dtypes must be what fake
-    propagation gives, node for node."""
+    propagation gives, node for node. Every node stays on the meta path (no fallback to fake tensors): Llama's
+    rotary table is moved with ``aten.to.device(inv_freq, cpu, ...)``, a positional device kept on meta."""
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
     from torch._subclasses.fake_tensor import FakeTensorMode
     from fxprune.graph.shapes import annotate
@@ -200,7 +201,8 @@ def test_meta_annotation_matches_fake_propagation(name):
     gm = fp.capture(model, inputs, method="export")
     annotate(gm, inputs)
     meta = {n.name: node_spec(n) for n in gm.graph.nodes}
-    assert any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device.type == "meta" for n in gm.graph.nodes)
+    vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert vals and all(v.device.type == "meta" for v in vals)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(x) for x in inputs])
     fake = {n.name: node_spec(n) for n in gm.graph.nodes}

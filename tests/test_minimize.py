@@ -356,6 +356,12 @@ def test_the_one_pass_subnormal_test_agrees_with_the_definition(dtype):
         want = bool(((t != 0) & (t.abs() < tiny)).any())
         assert _any_subnormal(t) == want, case
     assert not _any_subnormal(torch.zeros(0, dtype=dtype))
+    from fxprune.graph.scan import BLOCK_BYTES
+
+    big = torch.ones(3 * BLOCK_BYTES * 8 // torch.finfo(dtype).bits + 5, dtype=dtype)  # in blocks, the last short
+    assert not _any_subnormal(big)
+    big[-1] = torch.tensor(tiny, dtype=torch.float64).div(4).to(dtype)
+    assert _any_subnormal(big)
 
 
 class _Heads(nn.Module):
@@ -422,3 +428,19 @@ def test_equal_heads_holds_when_one_head_is_left():
     assert [even.get_parameter(f"{n}.weight").shape[0] for n in "qkv"] == [3, 3, 3]
     for xi in (x, torch.randn(4, 7, 6, dtype=torch.float64)):
         assert float((even(xi) - net(xi)).abs().max()) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_slicing_a_large_weights_columns_takes_the_same_values_as_index_select(dtype):
+    """The rewrite slices a large tensor's last dim with a broadcast ``gather`` (faster there): the same values,
+    bit for bit, as ``index_select``, on contiguous and transposed tensors, and on small ones (index_select)."""
+    from fxprune.graph.lazy import _take
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1024, 1100), (3, 1 << 20), (7, 5), (4, 6, 3)]:
+        x = torch.randn(shape, generator=g).to(dtype)
+        for y in (x, x.transpose(0, -1)):
+            for d in range(y.dim()):
+                idx = torch.randperm(y.shape[d], generator=g)[: max(1, y.shape[d] * 2 // 3)].sort().values
+                got, want = _take(y, d, idx), y.index_select(d, idx)
+                assert got.shape == want.shape and torch.equal(got, want)

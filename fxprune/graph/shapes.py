@@ -132,6 +132,8 @@ class _MetaProp(Interpreter):
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if isinstance(kwargs.get("device"), (torch.device, str)):  # `.to(cpu)`, `arange(device=cpu)`: stay on meta
             kwargs = {**kwargs, "device": torch.device("meta")}
+        if any(isinstance(a, torch.device) for a in args):  # `aten.to.device(x, cpu, ...)` (Llama's rotary table)
+            args = tuple(torch.device("meta") if isinstance(a, torch.device) else a for a in args)
         shape_of = _SHAPE_RULES.get(target)
         if shape_of is not None and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
             return shape_of(*args, **kwargs)

@@ -26,6 +26,7 @@ from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_
 from fxprune.graph.origin import blame_capture, fresh_outputs, reference_outputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
 from fxprune.graph import lazy
+from fxprune.graph.scan import BLOCK_BYTES
 from fxprune.graph.rebuild import GraphCopy, get_attr, graph_module, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules
@@ -430,9 +431,16 @@ def _any_subnormal(t: torch.Tensor) -> bool:
         return t.numel() > 0
     mask = (1 << (torch.finfo(t.dtype).bits - 1)) - 1
     tiny = int(torch.tensor(torch.finfo(t.dtype).tiny, dtype=t.dtype).view(it))
-    k = t.view(it) & mask
-    k.sub_(1).bitwise_and_(mask)
-    return bool(k.amin() < tiny - 1)
+    bits = t.reshape(-1).view(it)
+    step = max(1, BLOCK_BYTES // t.element_size())  # in blocks that stay in cache: the tensor is read once
+    k = torch.empty(min(step, bits.numel()), dtype=it)
+    for i in range(0, bits.numel(), step):
+        b = bits[i:i + step]
+        torch.bitwise_and(b, mask, out=k[:b.numel()])
+        block = k[:b.numel()].sub_(1).bitwise_and_(mask)
+        if bool(block.amin() < tiny - 1):
+            return True
+    return False
 
 
 def _widths(an: Analysis, removable: dict[int, torch.Tensor], keep: dict[int, torch.Tensor],
