@@ -51,6 +51,7 @@ def planted(name: str, size: str, frac: float = 0.25) -> tuple[nn.Module, tuple[
 PHASES = (
     ("fxprune.graph.capture", "_run", "reference forward"),
     ("fxprune.graph.capture", "_export_batch", "torch.export"),
+    ("fxprune.graph.capture", "_program_module", "ep.module()"),
     ("fxprune.graph.capture", "annotate", "annotate shapes"),
     ("fxprune.passes.minimize", "annotate", "annotate shapes"),
     ("fxprune.passes.minimize", "check_weights", "weight scan"),
