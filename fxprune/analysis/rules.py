@@ -1272,6 +1272,15 @@ def _aten(*names: str) -> list[Any]:
     return [getattr(aten, n) for n in names if hasattr(aten, n)]
 
 
+def _torch(*names: str) -> list[Any]:
+    out = []
+    for n in names:
+        for ns in (torch, F):
+            if hasattr(ns, n) and callable(getattr(ns, n)):
+                out.append(getattr(ns, n))
+    return out
+
+
 # Elementwise ops that map a NaN entry of any operand to NaN (IEEE arithmetic, and the activations and clamps
 # built on it): a channel their evaluation on NaN-filled operands finds constant read no unknown entry, so
 # ``nan_eval`` skips its confirming run for them. Not here: what can turn NaN into a number (``sign``, ``pow``
@@ -1285,27 +1294,14 @@ _NAN_TO_NAN_NAMES = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "e
 _NAN_TO_NAN: set[Any] = {nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.ReLU6,
                          nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Identity,
                          operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd,
-                         *_NAN_TO_NAN_NAMES}
+                         *_NAN_TO_NAN_NAMES, *_aten(*_NAN_TO_NAN_NAMES), *_torch(*_NAN_TO_NAN_NAMES)}
 
 
 def _nan_to_nan(op: Op) -> bool:
     key = type(op.module) if op.module is not None else getattr(op.target, "overloadpacket", op.target)
-    try:
-        return key in _NAN_TO_NAN
-    except TypeError:  # an unhashable target
-        return False
+    return key in _NAN_TO_NAN
 
 
-def _torch(*names: str) -> list[Any]:
-    out = []
-    for n in names:
-        for ns in (torch, F):
-            if hasattr(ns, n) and callable(getattr(ns, n)):
-                out.append(getattr(ns, n))
-    return out
-
-
-_NAN_TO_NAN.update(_aten(*_NAN_TO_NAN_NAMES), _torch(*_NAN_TO_NAN_NAMES))
 register(Elementwise(), *_ELEMENTWISE_MODULES, *_aten(*_UNARY, *_BINARY), *_torch(*_UNARY, *_BINARY),
          *[m for m in _UNARY + _BINARY + ["float", "double", "half", "bfloat16"] if m not in ("mul",)],
          operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd, operator.pos, operator.pow)

@@ -436,8 +436,8 @@ def _any_subnormal(t: torch.Tensor) -> bool:
     k = torch.empty(min(step, bits.numel()), dtype=it)
     for i in range(0, bits.numel(), step):
         b = bits[i:i + step]
-        torch.bitwise_and(b, mask, out=k[:b.numel()])
-        block = k[:b.numel()].sub_(1).bitwise_and_(mask)
+        block = k[:b.numel()]
+        torch.bitwise_and(b, mask, out=block).sub_(1).bitwise_and_(mask)
         if bool(block.amin() < tiny - 1):
             return True
     return False
