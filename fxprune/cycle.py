@@ -23,6 +23,7 @@ so that both compute the same thing.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -39,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fxprune.errors import CaptureError, CheckpointError, InputError, UnsupportedError, require
 from fxprune.graph.capture import as_inputs, capture
+from fxprune.interop.batchnorm import BatchRecorder, batchnorms, recalibrate_batchnorm
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
 from fxprune.interop.distributed import Ranks
 from fxprune.interop.lasso import DEFAULT_EVERY, DEFAULT_STRENGTH, GroupLasso
@@ -142,15 +144,18 @@ def _rebuilt(struct: nn.Module, state: State, modes: dict[str, bool]) -> nn.Modu
 
 
 def _trained(train: Callable[[nn.Module], Any], m: nn.Module, masks: dict[str, torch.Tensor] | None,
-             lasso: GroupLasso | None) -> nn.Module:
+             lasso: GroupLasso | None, bn_batches: int) -> nn.Module:
     """``train`` on ``m`` with ``masks`` held as parametrizations and the group lasso attached to every optimizer
-    step; the trained model with plain parameters (masked entries exact zeros)."""
+    step, then BatchNorm's running statistics re-estimated from the last ``bn_batches`` batches it trained on;
+    the trained model with plain parameters (masked entries exact zeros)."""
     held = hold_masks_(m, masks) if masks else m
-    if lasso is None:
+    with contextlib.ExitStack() as stack:
+        rec = stack.enter_context(BatchRecorder(held, bn_batches)) if bn_batches and batchnorms(held) else None
+        if lasso is not None:
+            stack.enter_context(lasso.attach(held))
         out = _call_train(train, held)
-    else:
-        with lasso.attach(held):
-            out = _call_train(train, held)
+    if rec is not None:
+        recalibrate_batchnorm(out, rec.batches)
     return bake_masks_(out) if masks else out
 
 
@@ -173,7 +178,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                     exclude: Sequence[str] | None = None, structure: Literal["weights", "groups"] = "weights",
                     release_scale: float = 0.01, release: bool = True,
                     lasso: float = DEFAULT_STRENGTH, lasso_every: int = DEFAULT_EVERY, tolerance: float = 0.01, backoff: bool = True, seed: int = 0,
-                    verify: bool = True,
+                    bn_batches: int = 16, verify: bool = True,
                     progress: bool | Callable[[str], None] = True, checkpoint_dir: str | os.PathLike | None = None,
                     resume: bool = False) -> SqueezeReleaseResult:
     """Run ``cycles`` of mask -> fine-tune -> minimize -> release -> fine-tune on a copy of ``model``.
@@ -193,7 +198,10 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     every k optimizer steps (default 16; ``GroupLasso(every=k)``: zeros held in between, 1 reads at every step); ``exclude`` globs are
     neither masked nor regularized. ``structure="groups"`` masks whole channels of fxprune's groups instead of
     single weights (:func:`~fxprune.passes.mask.group_masks`: the mask step's sparsity is then the fraction of the
-    model's parameters that minimize removes). Returns the smallest cycle model whose accuracy
+    model's parameters that minimize removes). After every ``train`` call, the running statistics of the model's
+    BatchNorm modules are re-estimated from the last ``bn_batches`` batches that call fed the model in train mode,
+    with the weights it ended with (:func:`~fxprune.interop.batchnorm.recalibrate_batchnorm`: the running averages
+    lag behind weights that move fast, as after a mask step or a release; 0 keeps what training left). Returns the smallest cycle model whose accuracy
     is within ``tolerance`` of the dense model's (or the dense capture), and the per-cycle history.
 
     ``backoff=True``: a cycle whose model falls outside ``tolerance`` is not built on. The next cycle starts again
@@ -234,12 +242,13 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     target = sparsity if callable(sparsity) else (lambda c: sparsity[c]) if isinstance(sparsity, Sequence) else (lambda c: sparsity)
     require("lasso_every", lasso_every, "positive integer")
     require("lasso", lasso, "non-negative number", note=" (0 turns the group lasso off)")
+    require("bn_batches", bn_batches, "non-negative integer", note=" (0 keeps the running statistics training left)")
     base = unmasked(model)
     base = copy.deepcopy(base) if base is model else base
     graph_path = isinstance(base, GraphModule)
     settings = _settings(mask_steps=mask_steps, scope=scope, include=include, exclude=exclude,
                          release_scale=release_scale, release=release, tolerance=tolerance, seed=seed, lasso=lasso,
-                         backoff=backoff, **({"structure": structure} if structure != "weights" else {}),
+                         backoff=backoff, bn_batches=bn_batches, **({"structure": structure} if structure != "weights" else {}),
                          **({"lasso_every": lasso_every} if lasso_every != 1 else {}))
     ckpt = CycleCheckpoint(checkpoint_dir, ranks.rank, ranks.barrier) if checkpoint_dir is not None else None
     dense, done = None, []
@@ -329,7 +338,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             step_masks = (_group_masks(work, inputs, s, include, exclude) if structure == "groups" else
                           magnitude_masks(work, s, scope=scope, include=include, exclude=exclude, seed=seed + c))
             masks = apply_masks(work, step_masks, masks)
-            work = _trained(train, work, masks, reg)
+            work = _trained(train, work, masks, reg, bn_batches)
         say(f"cycle {c + 1}/{cycles}: minimize")
         ranks.broadcast_module(work, f"cycle {c + 1}'s masked model")
         pre_state, pre_modes = _state(work), _modes(work)
@@ -343,11 +352,11 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         lasso_s += reg.seconds if reg is not None else 0.0
         if release:  # the group lasso is off here: the released capacity goes back to the loss
             say(f"cycle {c + 1}/{cycles}: release and fine-tune")
-            work = _trained(train, release_zeros(small, release_scale, seed=seed + c), None, None)
+            work = _trained(train, release_zeros(small, release_scale, seed=seed + c), None, None, bn_batches)
         else:
             say(f"cycle {c + 1}/{cycles}: fine-tune with the zeros held")
             zeros = {n: p.detach() != 0 for n, p in prunable(small, include, exclude).items()}
-            work = _trained(train, small, zeros, None)
+            work = _trained(train, small, zeros, None, bn_batches)
         ranks.broadcast_module(work, f"cycle {c + 1}'s fine-tuned model")
         work_state, work_modes = _state(work), _modes(work)
         acc_rel = ranks.broadcast_float(float(evaluate(_rebuilt(struct, work_state, work_modes))))
