@@ -3,6 +3,7 @@ fp.squeeze_release doing so after every ``train`` call."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -179,3 +180,50 @@ def test_bad_bn_batches():
     with pytest.raises(InputError, match="bn_batches"):
         fp.squeeze_release(_net(), (torch.randn(2, 1, 8, 8),), train=lambda m: m, evaluate=lambda m: 1.0,
                            bn_batches=-1, progress=False)
+
+
+def test_trainer_batches_recalibrate_a_transformers_resnet(tmp_path, monkeypatch):
+    """transformers' Trainer calls the model with keywords (pixel_values, labels): the batches it trained on
+    re-estimate the BatchNorms of transformers' ResNet after each of its train calls, and evaluate sees them."""
+    transformers = pytest.importorskip("transformers", reason="the model and the Trainer come from transformers")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (dev dependency)")
+    import fxprune.cycle as cycle
+
+    cfg = transformers.ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                    layer_type="basic", num_labels=4)
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 16, 16, generator=g)
+    y = x.flatten(1)[:, :4].argmax(1)
+    rows = [{"pixel_values": xi, "labels": yi} for xi, yi in zip(x, y)]
+    used: list[tuple[int, bool]] = []
+    real = cycle.recalibrate_batchnorm
+
+    def spy(m, batches):
+        batches = list(batches)
+        used.append((real(m, batches), all("pixel_values" in kw and "labels" in kw for _, kw in batches)))
+        return used[-1][0]
+
+    monkeypatch.setattr(cycle, "recalibrate_batchnorm", spy)
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def train(m):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=8,
+                                              learning_rate=1e-2, lr_scheduler_type="constant", report_to=[],
+                                              save_strategy="no", use_cpu=True, logging_strategy="no", disable_tqdm=True)
+        transformers.Trainer(model=m, args=args, train_dataset=rows).train()
+
+    @torch.no_grad()
+    def evaluate(m):
+        seen.append({k: v.clone() for k, v in m.state_dict().items() if k.endswith("running_mean")})
+        m.eval()
+        return float((m(x).logits.argmax(-1) == y).float().mean())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fp.squeeze_release(model, (x[:4],), train=train, evaluate=evaluate, cycles=1, mask_steps=1,
+                                 sparsity=0.5, tolerance=1.0, progress=False)
+    assert used == [(16, True), (16, True)]  # 16 steps of 8 per call: each call's last 16 batches, keywords kept
+    assert type(res.module) is transformers.ResNetForImageClassification
+    assert len(seen) == 3 and seen[0].keys() == seen[2].keys()
