@@ -72,11 +72,12 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[tuple[Any, .
             for bn in bns}
     ok = False
     try:
-        model.eval()
+        for m in modes:  # set directly: the module torch.export returns refuses .eval()
+            m.training = False
         for bn in bns:
             bn.reset_running_stats()
             bn.momentum = None  # the cumulative average
-            bn.train()
+            bn.training = True
         for args, kwargs in batches:
             model(*args, **kwargs)
         ok = True
