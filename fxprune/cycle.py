@@ -248,7 +248,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     graph_path = isinstance(base, GraphModule)
     settings = _settings(mask_steps=mask_steps, scope=scope, include=include, exclude=exclude,
                          release_scale=release_scale, release=release, tolerance=tolerance, seed=seed, lasso=lasso,
-                         backoff=backoff, bn_batches=bn_batches, **({"structure": structure} if structure != "weights" else {}),
+                         backoff=backoff, **({"structure": structure} if structure != "weights" else {}),
+                         **({"bn_batches": bn_batches} if bn_batches else {}),  # (checkpoints from before it: 0)
                          **({"lasso_every": lasso_every} if lasso_every != 1 else {}))
     ckpt = CycleCheckpoint(checkpoint_dir, ranks.rank, ranks.barrier) if checkpoint_dir is not None else None
     dense, done = None, []

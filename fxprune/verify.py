@@ -122,10 +122,18 @@ def random_inputs(xs: Sequence[Any], g: torch.Generator) -> tuple[Any, ...]:
 
 def count_flops(m: nn.Module, xs: tuple[Any, ...]) -> int:
     """FLOPs of one forward of ``m`` on ``xs``, as ``torch.utils.flop_counter.FlopCounterMode`` counts them
-    (matmuls, convolutions, attention)."""
+    (matmuls, convolutions, attention). The forward runs in eval mode (modes set back after), so that it changes
+    nothing of ``m``: no BatchNorm running statistics move, no dropout draws from the RNG."""
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        m(*xs)
+    modes = {mod: mod.training for mod in m.modules()}
+    try:
+        for mod in modes:  # set directly: the module torch.export returns refuses .eval()
+            mod.training = False
+        with torch.no_grad(), counter:
+            m(*xs)
+    finally:
+        for mod, training in modes.items():
+            mod.training = training
     return int(counter.get_total_flops())
 
 

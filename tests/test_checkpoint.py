@@ -28,7 +28,7 @@ def _result(tmp: Path, out: str) -> tuple[dict, dict]:
     return load_file(str(tmp / out)), json.loads((tmp / f"{out}.json").read_text())
 
 
-@pytest.mark.parametrize("model", ["fc", "export"])
+@pytest.mark.parametrize("model", ["fc", "bn", "export"])
 def test_killed_run_resumes_to_the_same_model_bit_for_bit(tmp_path, model):
     whole = _run(tmp_path, "ck-whole", "whole.safetensors", "--model", model)
     assert whole.returncode == 0, whole.stderr
@@ -45,7 +45,7 @@ def test_killed_run_resumes_to_the_same_model_bit_for_bit(tmp_path, model):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert meta_a["history"] == meta_b["history"] and meta_a["best_cycle"] == meta_b["best_cycle"]
     assert meta_a["code"] == meta_b["code"]  # the same modules, the same sizes
-    assert meta_a["cls"] == meta_b["cls"] == {"fc": "Sequential", "export": "Flattening"}[model]  # the user's class
+    assert meta_a["cls"] == meta_b["cls"] == {"fc": "Sequential", "bn": "Sequential", "export": "Flattening"}[model]  # the user's class
     assert meta_a["rng"] == meta_b["rng"]  # the global RNG is where the uninterrupted run left it
     assert meta_b["calls"] == 2 * 3  # cycles 2 and 3 only: cycle 1 was not trained again
     assert meta_a["history"][-1]["params"] < meta_a["history"][0]["params"] or meta_a["history"][0]["compression"] > 1

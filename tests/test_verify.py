@@ -61,3 +61,21 @@ def test_the_checking_driver_skips_shapes_the_reference_refuses_and_yields_what_
         list(check(reference, candidate, points, required=2, skip=InputError))
     with pytest.raises(ZeroDivisionError):  # an error that is not `skip` is never swallowed
         list(check(lambda xs: 1 / 0, candidate, points, required=0, skip=InputError))
+
+
+def test_count_flops_changes_nothing_of_a_model_in_train_mode():
+    """FLOPs are counted on an eval-mode forward: BatchNorm's running statistics and the dropout RNG stay as they
+    were (the cycle counts the dense model's FLOPs before it fingerprints it for a checkpoint), modes come back."""
+    from fxprune.verify import count_flops
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+    m.train()
+    m[2].eval()
+    x = torch.randn(5, 3)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert count_flops(m, (x,)) == 2 * 5 * (3 * 4 + 4 * 2)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [mod.training for mod in m.modules()] == [True, True, True, False, True]

@@ -1,6 +1,6 @@
 """A small ``squeeze_release`` run with a checkpoint, for the kill-and-resume tests.
 
-    python tests/helpers/cycle_run.py CHECKPOINT_DIR OUT.safetensors [--resume] [--kill-at N] [--model fc|export]
+    python tests/helpers/cycle_run.py CHECKPOINT_DIR OUT.safetensors [--resume] [--kill-at N] [--model fc|bn|export]
 
 Training draws its batches and its noise from the global torch, Python and NumPy RNGs, so a resumed run is
 bit-exact only if every one of them is restored. The loop calls ``.train()`` and ``.eval()`` as users' loops do:
@@ -41,6 +41,9 @@ def build(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "fc":
         return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
+    if kind == "bn":  # BatchNorm: the cycle re-estimates its running statistics after every train call
+        return nn.Sequential(nn.Linear(12, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 16), nn.BatchNorm1d(16),
+                             nn.ReLU(), nn.Linear(16, 3))
     return Flattening()
 
 
