@@ -141,8 +141,11 @@ def test_vit_from_transformers_with_an_ordinary_loop():
     loop = Loop(x, y, logits=lambda out: out.logits, epochs=10, lr=3e-3)
     with warnings.catch_warnings():  # its attention reads head_dim: those channels stay (KeptChannelsWarning)
         warnings.simplefilter("ignore", fp.interop.module.KeptChannelsWarning)
-        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=2, mask_steps=1,
-                                 sparsity=0.6, tolerance=1.0, progress=False)  # the default group lasso
+        # the default group lasso: nothing goes in cycle 1, its strength doubles after each cycle that removed
+        # nothing (backoff), and with these batches structure goes in cycle 3 (in cycle 2 only while the cycle's
+        # FLOP count drew dropout masks from the global RNG, which moved the loop's batches)
+        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=3, mask_steps=1,
+                                 sparsity=0.6, tolerance=1.0, progress=False)
     assert all(issubclass(t, transformers.ViTForImageClassification) for t in loop.seen)
     assert type(res.module) is transformers.ViTForImageClassification
     assert count_params(res.module) < res.dense["params"]
