@@ -9,6 +9,7 @@ float64 end to end is held to 1e-9; a graph that casts to float32 inside (transf
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -33,6 +34,20 @@ def stored_rtol(dtype: torch.dtype) -> float:
     """Relative tolerance for a float64 run of a model whose values are stored in ``dtype``: the computation is
     exact to 1e-9, the constants folded into ``dtype`` parameters are rounded to it (8 ulps: 1e-6 for float32)."""
     return EXACT_RTOL if dtype == torch.float64 else 8 * torch.finfo(dtype).eps
+
+
+@contextlib.contextmanager
+def eval_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """While open, every module of ``model`` is in eval mode (set directly: the module torch.export returns refuses
+    ``.eval()``); each module's own mode comes back after."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        for m in modes:
+            m.training = False
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def precision_of(m: nn.Module) -> torch.dtype:

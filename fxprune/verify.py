@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxprune.compare import EXACT_RTOL, check, rtol_for, stored_rtol, tensors
+from fxprune.compare import EXACT_RTOL, check, eval_modes, rtol_for, stored_rtol, tensors
 from fxprune.errors import InputError, require
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, InputDims, batch_dims, from_graph, shape_str, shaped_inputs
@@ -125,15 +125,8 @@ def count_flops(m: nn.Module, xs: tuple[Any, ...]) -> int:
     (matmuls, convolutions, attention). The forward runs in eval mode (modes set back after), so that it changes
     nothing of ``m``: no BatchNorm running statistics move, no dropout draws from the RNG."""
     counter = FlopCounterMode(display=False)
-    modes = {mod: mod.training for mod in m.modules()}
-    try:
-        for mod in modes:  # set directly: the module torch.export returns refuses .eval()
-            mod.training = False
-        with torch.no_grad(), counter:
-            m(*xs)
-    finally:
-        for mod, training in modes.items():
-            mod.training = training
+    with eval_modes(m), torch.no_grad(), counter:
+        m(*xs)
     return int(counter.get_total_flops())
 
 

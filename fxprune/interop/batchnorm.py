@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from fxprune.compare import eval_modes
 from fxprune.errors import require
 
 __all__ = ["BatchRecorder", "recalibrate_batchnorm", "batchnorms"]
@@ -67,19 +68,17 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[tuple[Any, .
     bns, batches = batchnorms(model), list(batches)
     if not bns or not batches:
         return 0
-    modes = {m: m.training for m in model.modules()}
     kept = {bn: (bn.momentum, bn.num_batches_tracked.clone(), bn.running_mean.clone(), bn.running_var.clone())
             for bn in bns}
     ok = False
     try:
-        for m in modes:  # set directly: the module torch.export returns refuses .eval()
-            m.training = False
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # the cumulative average
-            bn.training = True
-        for args, kwargs in batches:
-            model(*args, **kwargs)
+        with eval_modes(model):
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None  # the cumulative average
+                bn.training = True
+            for args, kwargs in batches:
+                model(*args, **kwargs)
         ok = True
     finally:
         for bn, (momentum, tracked, mean, var) in kept.items():
@@ -88,6 +87,4 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[tuple[Any, .
             if not ok:
                 bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)
-        for m, training in modes.items():
-            m.training = training
     return len(batches)

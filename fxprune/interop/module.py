@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from fxprune.compare import eval_modes
 from fxprune.errors import CaptureError, EquivalenceError, InputError, UnsupportedError
 from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
@@ -171,15 +172,8 @@ def eval_capture(model: nn.Module, example_inputs: Sequence[Any]) -> torch.fx.Gr
     """A static-shape capture of ``model`` as deployed: every module in eval mode (set directly: the module
     torch.export returns refuses ``.eval()``) and the KV cache off, drawing no randomness from the global RNGs;
     ``model``'s modes are restored afterwards. What the group lasso and the structured masks read groups off."""
-    modes = {name: m.training for name, m in model.named_modules()}
-    try:
-        for m in model.modules():
-            m.training = False
-        with torch.random.fork_rng(devices=[]), cache_off(model):
-            return capture(model, as_inputs(example_inputs), dynamic_shapes=None)
-    finally:
-        for name, m in model.named_modules():
-            m.training = modes[name]
+    with eval_modes(model), torch.random.fork_rng(devices=[]), cache_off(model):
+        return capture(model, as_inputs(example_inputs), dynamic_shapes=None)
 
 
 def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "every",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxprune.compare import check, rtol_for
+from fxprune.compare import check, eval_modes, rtol_for
 from fxprune.errors import EquivalenceError
 from fxprune.graph.rebuild import attr_owner, get_attr, has_attr
 
@@ -156,14 +156,8 @@ def trainable(gm: GraphModule, example_inputs: Sequence[Any] | None = None) -> t
 
 
 def _check(gm: GraphModule, out: GraphModule, example_inputs: Sequence[Any]) -> None:
-    modes = {name: m.training for name, m in out.named_modules()}
-    for m in out.modules():
-        m.training = False
-    try:
+    with eval_modes(out):
         p = next(check(lambda xs: gm(*xs), lambda xs: out(*xs), [tuple(example_inputs)]))
-    finally:
-        for name, m in out.named_modules():
-            m.training = modes.get(name, False)
     if p.error is not None:
         raise p.error
     dtype = next((t.dtype for t in out.state_dict().values() if t.is_floating_point()), torch.float32)
