@@ -2,6 +2,7 @@
 
     pip install --no-deps timm              # not a dependency of fxprune; its models need only torch here
     python benchmarks/timm_forwards.py gemma4_vit_167m deepseek_vit_412m
+    python benchmarks/timm_forwards.py gemma4_vit_167m deepseek_vit_412m --device cuda   # on a GPU
 
 Each model is built with random weights at its default input size, in float64, batch 2, with a quarter of every
 MLP's hidden units dead (zero rows and biases of the layer that makes them: ``mlp.fc1`` or the gated MLP's
@@ -46,19 +47,30 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, int]:
     return model, torch.randn(2, *size, dtype=torch.float64, generator=g), dead
 
 
-def run(name: str) -> dict:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(name: str, device: str = "cpu") -> dict:
     model, x, dead = build(name)
-    t0 = time.perf_counter()
-    with torch.no_grad():
+    model, x = model.to(device), x.to(device)
+    with torch.no_grad():  # (a warm-up on a GPU: its first forward pays for kernel selection)
+        if device != "cpu":
+            model(x)
+        sync(device)
+        t0 = time.perf_counter()
         ref = model(x)
+        sync(device)
     forward = time.perf_counter() - t0
     t0 = time.perf_counter()
     with Phases() as ph:
         small = fp.minimize(fp.capture(model, (x,)))
+    sync(device)
     total = time.perf_counter() - t0
     with torch.no_grad():
         err = float(((small(x) - ref).abs().max() / ref.abs().max()))
-    row = dict(model=name, input=list(x.shape), params=count_params(model), params_after=count_params(small),
+    row = dict(model=name, device=device, input=list(x.shape), params=count_params(model), params_after=count_params(small),
                dead_units=dead, forward_s=round(forward, 2), total_s=round(total, 2),
                total_forwards=round(total / forward, 2), rel_err=err,
                phases={k: round(v / forward, 3) for k, v in sorted(ph.seconds.items(), key=lambda kv: -kv[1])})
@@ -75,10 +87,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="timm model names")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="where the model and input live (cuda: on a GPU)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    rows = [run(n) for n in a.models]
+    rows = [run(n, a.device) for n in a.models]
     print(json.dumps(dict(benchmark="timm_forwards", threads=torch.get_num_threads(), rows=rows)))
 
 

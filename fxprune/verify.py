@@ -107,14 +107,15 @@ def _cast(xs: Sequence[Any], dtype: torch.dtype) -> tuple[Any, ...]:
 
 
 def random_inputs(xs: Sequence[Any], g: torch.Generator) -> tuple[Any, ...]:
-    """Inputs like ``xs`` drawn from ``g``: floats standard normal, integers within ``xs``' range."""
+    """Inputs like ``xs`` drawn from ``g``: floats standard normal, integers within ``xs``' range; each on its
+    ``x``'s device (drawn on ``g``'s, so the same on every device)."""
     out = []
     for x in xs:
         if isinstance(x, torch.Tensor) and x.is_floating_point():
-            out.append(torch.randn(x.shape, generator=g, dtype=x.dtype))
+            out.append(torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
         elif isinstance(x, torch.Tensor) and x.dtype != torch.bool and x.numel():
             lo, hi = int(x.min()), int(x.max())
-            out.append(torch.randint(lo, hi + 1, x.shape, generator=g, dtype=x.dtype))
+            out.append(torch.randint(lo, hi + 1, x.shape, generator=g, dtype=x.dtype).to(x.device))
         else:
             out.append(x)
     return tuple(out)

@@ -290,6 +290,8 @@ def _net_and_graph():
     (lambda net, x, gm: fp.capture("model", x), "capture takes an nn.Module, GraphModule or ExportedProgram, got str"),
     (lambda net, x, gm: fp.minimize("model"), "minimize takes a GraphModule .* got str"),
     (lambda net, x, gm: fp.mask(None, 0.5), "mask takes a GraphModule .* got NoneType"),
+    (lambda net, x, gm: fp.mask(net, 0.5), "mask takes a GraphModule .* got the module Sequential: capture it first"),
+    (lambda net, x, gm: fp.minimize(net), "minimize got the module Sequential and no example_inputs: pass them"),
     (lambda net, x, gm: fp.release([gm]), "release takes a GraphModule .* got list"),
     (lambda net, x, gm: fp.compensate_layernorm("m"), "compensate_layernorm takes a GraphModule"),
     (lambda net, x, gm: fp.minimize_module(gm, x), "minimize_module takes the user's nn.Module, got a GraphModule"),

@@ -294,6 +294,24 @@ def test_entries_whose_squares_underflow_leave_the_pull_finite():
     assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
 
 
+def test_a_strong_pull_with_plain_sgd_takes_groups_to_zero_never_past_it():
+    """With plain SGD the pull shrinks a value by ``lr * coefficient`` per step, the coefficient held between
+    readings; once that passed 1 for a small group, the group flipped sign and grew at every step (strength 2, lr 0.05:
+    the weights overflowed to inf in 6 steps). The coefficient is capped at ``1 / lr``: to zero at most."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 5))
+    x = torch.randn(8, 12)
+    reg = fp.GroupLasso(net, (x,), strength=2.0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    with reg.attach(net):
+        for _ in range(20):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+            assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
+    assert int((reg.norms(net) == 0).sum()) == reg.channels  # this strong a pull empties every group
+
+
 class _PreNorm(nn.Module):
     """A residual stream of 8 channels written by ``inp``, read through a LayerNorm by a block and by the head."""
 

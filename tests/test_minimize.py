@@ -204,6 +204,21 @@ def test_idempotent_and_pure():
     assert snapshot(masked) == before_masked
 
 
+def test_minimize_takes_the_users_module_with_its_inputs_as_the_compile_time_transform():
+    """``fp.minimize(model, example_inputs)`` on the user's nn.Module captures it first (it raised AttributeError):
+    the same graph as through fp.capture, the model untouched."""
+    model, x = build("cnn")
+    _plant_cnn(model)
+    before = snapshot(model)
+    small = fp.minimize(model, x)
+    assert snapshot(model) == before
+    assert snapshot(small) == snapshot(fp.minimize(fp.capture(model, x)))
+    assert n_params(small) < n_params(model)
+    x3 = torch.randn(3, *x[0].shape[1:])
+    with torch.no_grad():
+        assert torch.allclose(model(x3), small(x3), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["symbolic", "export"])
 @pytest.mark.parametrize("dead", [True, False])
 def test_the_result_shares_no_storage_with_the_input(method, dead):

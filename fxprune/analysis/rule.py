@@ -216,6 +216,7 @@ class Facts:
         self._facts: dict[Any, list[DimFacts] | None] = {}
         self._ghost: dict[Any, list[torch.Tensor]] = {}
         self._finite: dict[Any, bool] = {}
+        self._host: dict[str, torch.Tensor] = {}  # CPU copies of the constants that live on an accelerator
 
     def value(self, v: Node) -> torch.Tensor | None:
         """The floating constant ``v`` stands for (:func:`is_constant`: a get_attr node, or a permute/transpose of
@@ -227,7 +228,13 @@ class Facts:
             src = self.value(v.args[0])
             return None if src is None else v.target(src, *v.args[1:], **v.kwargs)
         t = lazy.value(get_attr(self.gm, v.target))  # a weight left on disk (the streamed path): read now
-        return t.detach() if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta else None
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta:
+            return None
+        if t.device.type != "cpu":  # the analysis works on the CPU: a weight on an accelerator is copied once
+            if v.target not in self._host:
+                self._host[v.target] = t.detach().cpu()
+            return self._host[v.target]
+        return t.detach()
 
     def finite(self, v: Node) -> bool:
         """Whether the constant ``v`` holds finite values only (parameters were checked by the pass:
@@ -511,13 +518,14 @@ def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None, sizes: boo
 
 
 def _operands(op: Op, get: Callable[[Any], Any]) -> tuple[Any, Any]:
-    """The op's args and kwargs with nodes materialized by ``get`` and the meta device replaced by the CPU (a graph
-    captured on meta, its weights streamed in, moves values "to meta"; the materialized values live on the CPU).
+    """The op's args and kwargs with nodes materialized by ``get`` and any other device replaced by the CPU (a graph
+    captured on meta, its weights streamed in, moves values "to meta"; one on a GPU makes ``arange`` there; the
+    materialized values live on the CPU).
     Tensors an in-place op would write into are copies: a materialized weight is the weight itself."""
     writes = _writes(op)
 
     def fix(a: Any) -> Any:
-        if isinstance(a, torch.device) and a.type == "meta":
+        if isinstance(a, torch.device) and a.type != "cpu":  # meta, or an accelerator: the analysis runs on the CPU
             return torch.device("cpu")
         return a.clone() if writes and isinstance(a, torch.Tensor) else a
 

@@ -242,7 +242,7 @@ def resize(inputs: Sequence[Any], shapes: Sequence[tuple[int, ...] | None]) -> t
             continue
         for d, n in enumerate(shape):
             if x.shape[d] != n:
-                x = x.index_select(d, torch.arange(n) % x.shape[d])
+                x = x.index_select(d, torch.arange(n, device=x.device) % x.shape[d])
         out.append(x)
     return tuple(out)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import importlib.util
 import io
 import logging
@@ -234,16 +235,27 @@ def _unregistered_types(path: str) -> set[str]:
 
 def exported_io(pass_fn: F) -> F:
     """Let ``pass_fn(gm, ...)`` also take an ``ExportedProgram`` and return one; the ``fxprune_*`` meta entries
-    of the pass's result (its reports) go into the program's ``graph_module.meta``."""
+    of the pass's result (its reports) go into the program's ``graph_module.meta``. A pass that takes
+    ``example_inputs`` (``minimize``) also takes the user's ``nn.Module`` with them: captured first, a
+    GraphModule back."""
+
+    name = pass_fn.__name__.lstrip('_')
+    takes_inputs = "example_inputs" in inspect.signature(pass_fn).parameters
 
     @functools.wraps(pass_fn)
     def run(gm: Any, *args: Any, **kwargs: Any) -> Any:
+        from fxprune.graph.capture import CAPTURE_METHOD_KEY, EXAMPLE_INPUTS_KEY, capture
+
         if not isinstance(gm, (nn.Module, torch.export.ExportedProgram)):
-            raise InputError(f"{pass_fn.__name__.lstrip('_')} takes a GraphModule (from fp.capture) or an ExportedProgram, got "
-                             f"{type(gm).__name__}")
+            raise InputError(f"{name} takes a GraphModule (from fp.capture) or an ExportedProgram, got {type(gm).__name__}")
+        if takes_inputs and isinstance(gm, nn.Module) and not isinstance(gm, GraphModule):  # fp.minimize(model, inputs)
+            inputs = args[0] if args else kwargs.get("example_inputs")
+            if inputs is None:
+                raise InputError(f"{name} got the module {type(gm).__name__} and no example_inputs: pass them "
+                                 f"(fp.{name}(model, example_inputs)) or a GraphModule from fp.capture")
+            gm = capture(gm, inputs)
         if not isinstance(gm, torch.export.ExportedProgram):
             return pass_fn(gm, *args, **kwargs)
-        from fxprune.graph.capture import CAPTURE_METHOD_KEY, EXAMPLE_INPUTS_KEY, capture
         from fxprune.graph.dynamic import DYNAMIC_KEY
 
         inputs = program_inputs(gm)

@@ -95,11 +95,11 @@ def value(t: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(x: torch.Tensor, delta: torch.Tensor | None, idxs: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    if delta is not None:
-        x = (x.detach().to(torch.float64) + delta).to(x.dtype)
+    if delta is not None:  # (the analysis works on the CPU: its delta and indices go where the tensor is)
+        x = (x.detach().to(torch.float64) + delta.to(x.device)).to(x.dtype)
     for d, idx in enumerate(idxs):
         if idx is not None:
-            x = _take(x, d, idx)
+            x = _take(x, d, idx.to(x.device))
     return x
 
 

@@ -8,8 +8,22 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
-__all__ = ["rebuild", "get_attr", "has_attr", "attr_owner", "named_tensors", "tied_names", "new_graph_like",
+from fxprune.errors import UnsupportedError
+
+__all__ = ["rebuild", "accelerator", "get_attr", "has_attr", "attr_owner", "named_tensors", "tied_names", "new_graph_like",
            "GraphCopy", "graph_module"]
+
+
+def accelerator(m: nn.Module) -> torch.device | None:
+    """The one accelerator (a GPU) that ``m``'s parameters and buffers live on, or None for a model on the CPU (or
+    the meta device): where the tensors a rewrite creates go. Raises :class:`UnsupportedError` for a model spread
+    over several devices."""
+    devices = {t.device for t in [*m.parameters(), *m.buffers()] if t.device.type != "meta"}
+    if len(devices) > 1:
+        raise UnsupportedError(f"the model's tensors are on {len(devices)} devices ({', '.join(sorted(map(str, devices)))}): "
+                               "fxprune rewrites a model on one device; move it to one (model.to(device)) first")
+    d = next(iter(devices), None)
+    return d if d is not None and d.type != "cpu" else None
 
 
 def get_attr(gm: nn.Module, target: str) -> Any:

@@ -72,10 +72,10 @@ def scan(t: torch.Tensor, keep: bool = False) -> Scan:
             return hit[1]
     data = lazy.value(t).detach()  # a weight left on disk (the streamed path) is read here, once
     if data.dim() == 1:
-        v = data.to(torch.float64)
+        v = data.to("cpu", torch.float64)
         out = Scan((v,), (v,))
     else:
-        out = _blocks(data)
+        out = _blocks(data) if data.device.type == "cpu" else _whole(data)
     if version is not None:
         _CACHE[t] = (version, out)
     return out
@@ -107,3 +107,14 @@ def _blocks(t: torch.Tensor) -> Scan:
             hi[d] = bh if hi[d] is None else torch.maximum(hi[d], bh)
     lo[0], hi[0] = torch.cat(lo0), torch.cat(hi0)
     return Scan(tuple(x.to(torch.float64) for x in lo), tuple(x.to(torch.float64) for x in hi))
+
+
+def _whole(t: torch.Tensor) -> Scan:
+    """The scan of a tensor on an accelerator: one reduction per dim over the whole tensor there (blocks sized for
+    a CPU cache would only launch more kernels), the few numbers per slice brought to the CPU, where the analysis
+    works."""
+    n = t.dim()
+    rest = [tuple(j for j in range(n) if j != d) for d in range(n)]
+    lo = [t.amin(dim=r).to("cpu", torch.float64) for r in rest]
+    hi = [t.amax(dim=r).to("cpu", torch.float64) for r in rest]
+    return Scan(tuple(lo), tuple(hi))

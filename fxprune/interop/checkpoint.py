@@ -45,7 +45,7 @@ def fingerprint(state: Mapping[str, torch.Tensor], inputs: tuple[Any, ...]) -> s
     for name in sorted(state):
         t = state[name].detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     for x in inputs:
         h.update(f"in|{getattr(x, 'dtype', type(x).__name__)}|{tuple(getattr(x, 'shape', ()))}|".encode())
     return h.hexdigest()

@@ -433,10 +433,14 @@ class GroupLasso:
         if plan.members and self.strength != 0:
             self._pull_with(plan, self._coefficients(plan, _Reading(plan)))
 
-    def _coefficients(self, plan: _Plan, r: _Reading, keep: torch.Tensor | None = None) -> dict[str, Any]:
+    def _coefficients(self, plan: _Plan, r: _Reading, keep: torch.Tensor | None = None,
+                      rate: list[float] | None = None) -> dict[str, Any]:
         """The pull per unit of value, from the reading ``r``: per parameter a full-shape tensor (``strength / s_t``
         times the sum of its slices' ``sqrt(n_g) / ||u_g||``, its mask folded in), and which parameters feed a
-        BatchNorm. ``keep``: positions the exact-zero step has just zeroed (False) count as zero."""
+        BatchNorm. ``keep``: positions the exact-zero step has just zeroed (False) count as zero. ``rate``: each
+        parameter's learning rate; a coefficient is then at most ``1 / rate``, so that a plain gradient step's pull
+        takes a value to zero at most, never past it (past it, a group smaller than ``rate * strength`` flips sign
+        and grows at every step until the weights overflow)."""
         norm = r.sums(plan, relative=True, keep=keep)[:-1].sqrt()
         coef = torch.where(norm > 0, self._root[:-1] / norm.clamp_min(1e-300), torch.zeros_like(norm))
         at = torch.cat([coef, coef.new_zeros(1)])[plan.channel]  # each position's coefficient (0: no group)
@@ -449,6 +453,9 @@ class GroupLasso:
         for p, m in enumerate(plan.firsts):
             if m.mask is not None:  # (multiplied with the parameter itself, not its masked value)
                 full[p].mul_(m.mask.to(full[p].dtype))
+        capped = [p for p, lr in enumerate(rate or []) if lr > 0]
+        if capped:
+            torch._foreach_clamp_max_([full[p] for p in capped], [1.0 / rate[p] for p in capped])  # type: ignore[index]
         kept = [p for p, m in enumerate(plan.firsts) if m.slice.name in self.normalized]
         return {"full": full, "kept": kept, "plain": [p for p in range(len(full)) if p not in kept]}
 
@@ -530,7 +537,7 @@ class GroupLasso:
         if hold is not None:
             hold["writes"] = writes
         if coefficients is not None and self.strength != 0:
-            coefficients.update(self._coefficients(plan, r, keep))
+            coefficients.update(self._coefficients(plan, r, keep, rate))
 
     @staticmethod
     @torch.no_grad()
@@ -572,7 +579,9 @@ class GroupLasso:
             t0 = time.perf_counter()
             if ours(optimizer) is not None and plan.members:
                 if not coefficients:  # (the first step: nothing read yet)
-                    coefficients.update(self._coefficients(plan, _Reading(plan)))
+                    groups, index = optimizer.param_groups, ours(optimizer)
+                    rate = [0.0 if i is None else float(groups[i]["lr"]) for i in index]  # type: ignore[union-attr]
+                    coefficients.update(self._coefficients(plan, _Reading(plan), rate=rate))
                 self._pull_with(plan, coefficients)
             self.seconds += time.perf_counter() - t0
 

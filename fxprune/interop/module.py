@@ -477,7 +477,7 @@ def _removed_constants(model: nn.Module, path: str, idx: torch.Tensor, inputs: t
     float64. Raises :class:`UnsupportedError` where they are not constant there or no dim holds the channels."""
     orig = model.get_submodule(path)
     full = orig.weight.shape[0]
-    removed = torch.ones(full, dtype=torch.bool)
+    removed = torch.ones(full, dtype=torch.bool, device=orig.weight.device)
     removed[idx] = False
     seen: list[torch.Tensor] = []
     handle = orig.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
@@ -523,10 +523,10 @@ def _recompensate(model: nn.Module, out: nn.Module, path: str, kept: dict[str, l
 def _rms_offset(norm: nn.Module, eps: float | None) -> float:
     """What a hand-written RMSNorm scales by, read off the module itself on a probe: ``weight`` (offset 0, Llama's)
     or ``1 + weight`` (offset 1, Gemma's). Anything else raises :class:`UnsupportedError` (its channels stay)."""
-    w = norm.weight.detach().to(torch.float64)
+    w = norm.weight.detach().to("cpu", torch.float64)
     x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
-        got = norm(x.to(norm.weight.dtype)).to(torch.float64)
+        got = norm(x.to(norm.weight.device, norm.weight.dtype)).to("cpu", torch.float64)
     base = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + (eps if eps is not None else torch.finfo(x.dtype).eps))
     for offset in (0.0, 1.0):
         if torch.allclose(got, base * (offset + w), rtol=1e-4, atol=1e-6):

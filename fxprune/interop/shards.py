@@ -130,7 +130,7 @@ def write(path: str | os.PathLike, specs: Iterable[tuple[str, torch.dtype, tuple
             t = fetch(name)
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"'{name}': got {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}")
-            data = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             fh.write(data)
             h.update(data)
         fh.flush()

@@ -60,7 +60,7 @@ def _scores(params: Mapping[str, torch.Tensor], criterion: str, seed: int,
         return {n: (p.detach() * grads[n]).abs().float() for n, p in params.items()}  # type: ignore[index]
     if criterion == "random":
         g = torch.Generator().manual_seed(seed)
-        return {n: torch.rand(p.shape, generator=g) * (p.detach() != 0) for n, p in params.items()}
+        return {n: torch.rand(p.shape, generator=g).to(p.device) * (p.detach() != 0) for n, p in params.items()}
     raise AssertionError(criterion)  # pragma: no cover - _check_criterion ran first
 
 
@@ -163,6 +163,10 @@ def mask(gm: Program, sparsity: float | None = None, *, scope: Literal["global",
     >>> int((fp.mask(gm, 0.7).get_parameter("0.weight") == 0).sum())
     70
     """
+    if not isinstance(gm, GraphModule):
+        raise MaskError(f"mask takes a GraphModule (from fp.capture) or an ExportedProgram, got the module "
+                        f"{type(gm).__name__}: capture it first, fp.mask(fp.capture(model, example_inputs), ...); "
+                        "fp.squeeze_release prunes your own class")
     check_weights(gm, "mask")
     reached = None
     if masks is not None:
@@ -281,7 +285,7 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
             nz = w[w != 0].abs()
             scale = (nz.pow(2).mean().sqrt() if criterion != "l1" else nz.mean()) if nz.numel() else 1.0
             entry = (w / scale).pow(2) if criterion != "l1" else (w / scale).abs()
-        per = entry.sum(dims) if dims else entry
+        per = (entry.sum(dims) if dims else entry).cpu()  # (the channel bookkeeping is on the CPU)
         squares.index_add_(0, sl.channel[hit], per[hit])
         counts.index_add_(0, sl.channel[hit], torch.full((int(hit.sum()),), float(w.numel() // w.shape[sl.dim]),
                                                          dtype=torch.float64))
@@ -378,6 +382,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
     with torch.no_grad():
         for n, m in masks.items():
             p = model.get_parameter(n)
+            m = m.to(p.device)
             if n in out:
                 m = m & out[n]
             p.mul_(m.to(p.dtype))

@@ -27,7 +27,7 @@ from fxprune.graph.origin import blame_capture, fresh_outputs, reference_outputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
 from fxprune.graph import lazy
 from fxprune.graph.scan import BLOCK_BYTES
-from fxprune.graph.rebuild import GraphCopy, get_attr, graph_module, rebuild
+from fxprune.graph.rebuild import GraphCopy, accelerator, get_attr, graph_module, rebuild
 from fxprune.graph.shapes import annotate, is_annotated, placeholder_inputs
 from fxprune.passes.lower import lower_modules
 from fxprune.graph.exported import Program, exported_io
@@ -274,7 +274,8 @@ class Rewriter:
             if copy_.graph is self.graph and not copy_.users and copy_ not in erased:  # every site has its own now
                 self.graph.erase_node(copy_)
                 erased.add(copy_)
-        tensors: dict[str, torch.Tensor] = dict(self.created)
+        home = accelerator(self.gm)
+        tensors: dict[str, torch.Tensor] = {k: t if home is None else t.to(home) for k, t in self.created.items()}
         kept = {k: list(v) for k, v in self.gm.meta.get(KEPT_KEY, {}).items()}
         by_key: dict[str, torch.Tensor] = {}  # tied targets share one tensor
         for node in self.gm.graph.nodes:
@@ -347,6 +348,7 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
     require("round_to", opts.round_to, "positive integer")
     inputs = as_inputs(example_inputs) if example_inputs is not None else gm.meta.get(EXAMPLE_INPUTS_KEY)
     check_weights(gm, "minimize")
+    accelerator(gm)  # one device, or a typed error before any work
     work = work_ref = _prepare(gm, inputs)
     work.meta.pop(KEPT_KEY, None)  # (a previous minimize's: indices here are into this call's input)
     widths: list[dict[str, Any]] = []
@@ -433,7 +435,7 @@ def _any_subnormal(t: torch.Tensor) -> bool:
     tiny = int(torch.tensor(torch.finfo(t.dtype).tiny, dtype=t.dtype).view(it))
     bits = t.reshape(-1).view(it)
     step = max(1, BLOCK_BYTES // t.element_size())  # in blocks that stay in cache: the tensor is read once
-    k = torch.empty(min(step, bits.numel()), dtype=it)
+    k = torch.empty(min(step, bits.numel()), dtype=it, device=t.device)
     for i in range(0, bits.numel(), step):
         b = bits[i:i + step]
         block = k[:b.numel()]

@@ -142,7 +142,7 @@ def _release(gm: Program, scale: float = 0.01, *, seed: int = 0, calibration: Se
         if not zero.any() or alive.numel() < 2:
             continue
         spread = alive.double().std()
-        eps = torch.randn(p.shape, generator=g, dtype=torch.float64) * spread
+        eps = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device) * spread
         noise[name] = (p, zero, eps)
     report = ReleaseReport(released={n: int(z.sum()) for n, (_, z, _) in noise.items()})
     report.total = sum(report.released.values())

@@ -1,0 +1,172 @@
+"""fxprune on the device the model lives on: every public path takes a model on CUDA (or any device) as it is, runs
+there and gives back a model on that device, equal to the original. The ``cpu`` cases run everywhere; the ``cuda``
+cases skip where no CUDA device is present (CI has none): run this file on a GPU machine.
+"""
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune as fp
+from fxprune import zoo
+from fxprune.verify import count_params
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device (run on a GPU machine)"))]
+
+
+def on(m: nn.Module) -> set[str]:
+    """The device types that ``m``'s parameters and buffers are on."""
+    return {t.device.type for t in [*m.parameters(), *m.buffers()]}
+
+
+def rel(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def cnn_with_dead_channels(device: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    model, (x,) = zoo.build("cnn")
+    with torch.no_grad():  # channels 2 and 5 of the ReLU branch dead: zero filter, negative bias
+        model.b2.weight[[2, 5]] = 0
+        model.b2.bias[[2, 5]] = -1.0
+    return model.double().to(device), (x.double().to(device),)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_minimize_a_traced_cnn_on_its_device(device):
+    model, (x,) = cnn_with_dead_channels(device)
+    small = fp.minimize(model, (x,))
+    assert on(small) == {device}
+    assert count_params(small) < count_params(model)
+    for b in (2, 5):
+        xb = torch.randn(b, 3, 8, 8, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            assert rel(model(xb), small(xb)) <= 1e-9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_minimize_module_on_an_exported_transformer_on_its_device(device):
+    pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    model, (ids,) = zoo.build("bert", head=True)
+    zoo.plant_dead_stream(model, "bert", [3, 7])
+    model = model.double().to(device)
+    ids = ids.to(device)
+    small = fp.minimize_module(model, (ids,))
+    assert type(small) is type(model) and on(small) == {device}
+    assert count_params(small) < count_params(model)
+    for shape in ((1, 8), (3, 13), (2, 5)):
+        x = torch.randint(0, 100, shape, device=device)
+        with torch.no_grad():
+            assert rel(model(x).logits, small(x).logits) <= 1e-9, shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_causal_lm_as_loaded_on_its_device_generates_the_same(device):
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)  # use_cache on
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    with torch.no_grad():
+        for block in model.transformer.h:  # 6 dead MLP units per block
+            block.mlp.c_fc.weight[:, :6] = 0
+            block.mlp.c_fc.bias[:6] = 0
+    model = model.to(device)
+    small = fp.minimize_module(model, (torch.randint(3, 100, (2, 12), device=device),))
+    assert type(small) is type(model) and small.config.use_cache and on(small) == {device}
+    assert count_params(model) - count_params(small) >= 2 * 6 * (32 + 1 + 32)
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    for n in (5, 11):
+        prompt = torch.randint(3, 100, (1, n), device=device)
+        assert torch.equal(model.generate(prompt, **kw), small.generate(prompt, **kw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_release_and_compensated_norms_on_the_device(device):
+    pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    model, (x,) = zoo.build("vit", head=True)
+    model = model.double().to(device)
+    x = x.double().to(device)
+    gm = fp.capture(model, (x,))
+    masked = fp.mask(gm, 0.5)
+    small = fp.minimize(masked)
+    released = fp.release(small, 0.01, seed=0)
+    comp = fp.compensate_layernorm(small)
+    for m in (masked, small, released, comp):
+        assert on(m) == {device}
+    with torch.no_grad():
+        ref = masked(x).logits
+        for m in (small, comp):
+            assert rel(ref, m(x).logits) <= 1e-9
+    assert fp.ReleaseReport.of(released).total > 0
+    assert fp.verify(masked, small, (x,)).ok
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_group_lasso_on_the_device(device):
+    model = zoo.ResidualMLP().to(device)
+    x = torch.randn(8, 12, device=device)
+    reg = fp.GroupLasso(model, (x,), strength=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with reg.attach(model):
+        for _ in range(20):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    assert on(model) == {device} and reg.norms(model).device.type == device
+    assert int((reg.norms(model) == 0).sum()) > 0  # exact zeros, on the device
+    penalty = fp.group_lasso(model, (x,))
+    assert penalty.device.type == device and torch.isfinite(penalty)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_squeeze_release_with_batchnorm_and_a_checkpoint_on_the_device(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16), nn.BatchNorm1d(16),
+                          nn.ReLU(), nn.Linear(16, 3)).to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 12, generator=g)
+    y = ((x[:, :3].sum(1) > 0).long() + (x[:, 3] > 1).long())
+    x, y = x.to(device), y.to(device)
+    stats = []
+
+    def train(m: nn.Module) -> None:
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        m.train()
+        before = [b.running_mean.clone() for b in m.modules() if isinstance(b, nn.BatchNorm1d)]
+        for idx in torch.randperm(len(x), device=device).split(32):
+            opt.zero_grad()
+            F.cross_entropy(m(x[idx]), y[idx]).backward()
+            opt.step()
+        after = [b.running_mean for b in m.modules() if isinstance(b, nn.BatchNorm1d)]
+        stats.append(bool(before) and all(not torch.equal(a, b) for a, b in zip(before, after)))
+
+    def evaluate(m: nn.Module) -> float:
+        m.eval()
+        with torch.no_grad():
+            return float((m(x).argmax(1) == y).float().mean())
+
+    with tempfile.TemporaryDirectory() as d:
+        res = fp.squeeze_release(model, (x[:8],), train=train, evaluate=evaluate, cycles=2, sparsity=0.5,
+                                 progress=False, checkpoint_dir=d, tolerance=1.0)
+    assert stats and all(stats)  # BatchNorm trains in every call
+    assert type(res.module) is nn.Sequential and on(res.module) == {device}
+    assert count_params(res.module) < count_params(model)
+    res.module.eval()
+    with torch.no_grad():
+        assert res.module(x[:5]).shape == (5, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_saved_and_loaded_from_the_device(device):
+    model, (x,) = cnn_with_dead_channels(device)
+    small = fp.minimize_module(model, (x,))
+    with tempfile.TemporaryDirectory() as d:
+        fp.save(small, d + "/small")
+        back = fp.load(d + "/small", lambda: zoo.SmallCNN().double())
+    back = back.to(device).eval()
+    with torch.no_grad():
+        assert rel(small(x), back(x)) == 0.0
