@@ -116,8 +116,9 @@ def test_group_lasso_on_the_device(device):
             opt.zero_grad()
             model(x).square().mean().backward()
             opt.step()
-    assert on(model) == {device} and reg.norms(model).device.type == device
-    assert int((reg.norms(model) == 0).sum()) > 0  # exact zeros, on the device
+    assert on(model) == {device}
+    norms = reg.norms(model)  # bookkeeping: a few numbers per group channel, on the CPU
+    assert int((norms == 0).sum()) > 0 and torch.isfinite(norms).all()  # exact zeros
     penalty = fp.group_lasso(model, (x,))
     assert penalty.device.type == device and torch.isfinite(penalty)
 
