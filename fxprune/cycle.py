@@ -39,7 +39,7 @@ from torch.fx import GraphModule
 from torch.nn.parallel import DistributedDataParallel
 
 from fxprune.errors import CaptureError, CheckpointError, InputError, UnsupportedError, require
-from fxprune.graph.capture import as_inputs, capture
+from fxprune.graph.capture import as_inputs, capture, unwrapped
 from fxprune.interop.batchnorm import BatchRecorder, batchnorms, recalibrate_batchnorm
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
 from fxprune.interop.distributed import Ranks
@@ -243,6 +243,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     require("lasso_every", lasso_every, "positive integer")
     require("lasso", lasso, "non-negative number", note=" (0 turns the group lasso off)")
     require("bn_batches", bn_batches, "non-negative integer", note=" (0 keeps the running statistics training left)")
+    model = unwrapped(model)  # torch.compile, DataParallel, DDP: the cycle works on (a copy of) the module inside
     base = unmasked(model)
     base = copy.deepcopy(base) if base is model else base
     graph_path = isinstance(base, GraphModule)

@@ -96,6 +96,20 @@ def test_cnn_with_batchnorm_and_an_ordinary_loop():
     assert not torch.equal(kept.bn.running_mean, mean)
 
 
+def test_a_wrapped_model_cycles_as_the_module_inside():
+    """A model handed in inside nn.DataParallel (or torch.compile's wrapper): train/evaluate get the module inside's
+    class, the result is that class, and the user's model is untouched."""
+    torch.manual_seed(0)
+    model, (x, y) = SmallResNet(), _data()
+    loop = Loop(x, y, epochs=2, lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = fp.squeeze_release(nn.DataParallel(model), (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=1,
+                             mask_steps=1, sparsity=0.5, tolerance=1.0, progress=False)
+    assert loop.seen and all(issubclass(t, SmallResNet) for t in loop.seen)
+    assert type(res.module) is SmallResNet
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_history_splits_each_cycles_seconds_between_fxprune_and_the_users_code():
     import time
 

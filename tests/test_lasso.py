@@ -312,6 +312,17 @@ def test_a_strong_pull_with_plain_sgd_takes_groups_to_zero_never_past_it():
     assert int((reg.norms(net) == 0).sum()) == reg.channels  # this strong a pull empties every group
 
 
+def test_a_model_inside_data_parallel_is_regularized_by_its_own_parameters():
+    """nn.DataParallel names the parameters ``module.*``: the GroupLasso reads the module inside, built from or
+    given the wrapper alike."""
+    net, x = mlp(), torch.randn(4, 6)
+    dp = nn.DataParallel(net)
+    reg = fp.GroupLasso(dp, (x,))
+    assert reg.channels == fp.GroupLasso(net, (x,)).channels == 18
+    assert torch.equal(reg.norms(dp), reg.norms(net))
+    assert float(reg.penalty(dp)) == float(reg.penalty(net)) > 0
+
+
 class _PreNorm(nn.Module):
     """A residual stream of 8 channels written by ``inp``, read through a LayerNorm by a block and by the head."""
 

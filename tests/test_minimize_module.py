@@ -665,3 +665,23 @@ def test_a_channels_first_norm_compensated_before_gains_the_next_removed_constan
     for xi in (x, torch.randn(3, 2, 5, 4, dtype=torch.float64)):
         with torch.no_grad():
             assert float((twice(xi) - once(xi)).abs().max()) <= 1e-12
+
+
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel", "both"])
+def test_wrapped_models_come_back_as_the_module_inside_smaller(wrap):
+    """torch.compile's OptimizedModule and nn.DataParallel compute the module's own function: the module inside is
+    minimized and comes back (it was a CaptureError about the inputs' structure); wrap the result again."""
+    model, x = zoo.build("residual_mlp")
+    with torch.no_grad():
+        model.blocks[0][0].weight[:5] = 0
+        model.blocks[0][0].bias[:5] = -1.0  # 5 dead ReLU units
+    wrapped = {"compile": lambda m: torch.compile(m), "DataParallel": nn.DataParallel,
+               "both": lambda m: torch.compile(nn.DataParallel(m))}[wrap](model)
+    before = snapshot(model)
+    small = fp.minimize_module(wrapped, x)
+    assert type(small) is zoo.ResidualMLP and snapshot(model) == before
+    assert count_params(model) - count_params(small) == 5 * (24 + 1 + 24)
+    x3 = torch.randn(3, 12)
+    with torch.no_grad():
+        assert torch.allclose(model(x3), small(x3), rtol=1e-5, atol=1e-6)
+    assert snapshot(fp.capture(wrapped, x)) == snapshot(fp.capture(model, x))

@@ -30,7 +30,7 @@ from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, every_d
 from fxprune.graph.shapes import annotate, is_annotated, runs_at
 from fxprune.graph.masks import unmasked
 
-__all__ = ["capture", "as_inputs", "check_weights", "on_meta", "EXAMPLE_INPUTS_KEY"]
+__all__ = ["capture", "as_inputs", "check_weights", "on_meta", "unwrapped", "EXAMPLE_INPUTS_KEY"]
 
 EXAMPLE_INPUTS_KEY = "fxprune_example_inputs"
 CAPTURE_METHOD_KEY = "fxprune_capture_method"  # gm.meta: "symbolic_trace" or "export", the capture that worked
@@ -57,6 +57,19 @@ def on_meta(m: nn.Module, *extra: Any) -> bool:
     (not bound to a reader: :mod:`fxprune.graph.lazy`)."""
     tensors = list(m.parameters()) + list(m.buffers()) + [t for t in extra if isinstance(t, torch.Tensor)]
     return any(lazy.unbound(t) for t in tensors)
+
+
+def unwrapped(model: Any) -> Any:
+    """The module inside the wrappers that compute its function unchanged: ``torch.compile``'s ``OptimizedModule``
+    (``_orig_mod``), ``nn.DataParallel`` and ``DistributedDataParallel`` (``module``), however nested; anything
+    else as it is. fxprune rewrites (and hands back) the module inside: wrap the result again."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def check_weights(m: nn.Module, what: str) -> None:
@@ -314,7 +327,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
         gm.meta[EXAMPLE_INPUTS_KEY] = inputs
         return gm
     if isinstance(model, nn.Module):
-        model = unmasked(model)  # masks held by prune hooks or parametrizations: read as the zeros they are (a copy)
+        model = unmasked(unwrapped(model))  # masks held by prune hooks or parametrizations: read as the zeros they are (a copy)
     if isinstance(model, GraphModule):
         out = _run(model, inputs, "the GraphModule")
         _check_inplace(model, rewrite=False)

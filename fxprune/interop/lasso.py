@@ -344,6 +344,7 @@ class GroupLasso:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis, param_slices
+        from fxprune.graph.capture import unwrapped
         from fxprune.graph.masks import unmasked
         from fxprune.interop.module import eval_capture
         from fxprune.passes.lower import lower_modules
@@ -356,7 +357,7 @@ class GroupLasso:
         self.strength, self.threshold, self.relative = float(strength), float(threshold), float(relative)
         self.every, self.statistics_only = every, bool(statistics_only)
         self.seconds = 0.0  # spent in the optimizer-step hooks of attach() (the cycle's share of training time)
-        plain = unmasked(model)
+        plain = unmasked(unwrapped(model))  # (parameter names are the module's inside DDP, DataParallel, compile)
         gm = lower_modules(eval_capture(plain, example_inputs))  # the groups of the deployed function (dropout off)
         an = Analysis(gm)
         sp = an.spaces
@@ -387,6 +388,9 @@ class GroupLasso:
     # ---- reading ---------------------------------------------------------------------------------------------
     def _members(self, model: nn.Module) -> list[_Member]:
         """Every slice resolved on ``model`` (checked against what the GroupLasso was built for)."""
+        from fxprune.graph.capture import unwrapped
+
+        model = unwrapped(model)
         out = []
         for s in self.slices:
             m = _member(model, s)

@@ -21,7 +21,7 @@ from torch import nn
 
 from fxprune.compare import eval_modes
 from fxprune.errors import CaptureError, EquivalenceError, InputError, UnsupportedError
-from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture
+from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture, unwrapped
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
 from fxprune.graph.masks import unmasked
 from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
@@ -208,6 +208,7 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
       (2): Linear(in_features=3, out_features=2, bias=True)
     )
     """
+    model = unwrapped(model)  # torch.compile, DataParallel, DDP: the module inside comes back, smaller
     if not isinstance(model, nn.Module) or isinstance(model, torch.fx.GraphModule):
         got = "a GraphModule" if isinstance(model, torch.fx.GraphModule) else type(model).__name__
         raise InputError(f"minimize_module takes the user's nn.Module, got {got} (for graphs use fp.minimize)")
