@@ -4,6 +4,7 @@ and against ``torch.nn.utils.prune``, at 50/80/90/95% sparsity.
     python benchmarks/latency.py                          # FC, ConvNeXt-Tiny, GPT-2 small (default configs)
     python benchmarks/latency.py --models fc --repeats 50
     python benchmarks/latency.py --masks weights          # unstructured masks instead of whole units
+    python benchmarks/latency.py --device cuda --dtype bfloat16 --batch 64   # on a GPU
 
 Masks, on random (untrained) weights:
 - ``units`` (default): the given fraction of every MLP's hidden units, smallest L2 norm of their input weights,
@@ -71,9 +72,24 @@ def unit_masks(gm: nn.Module, name: str, sparsity: float) -> dict[str, torch.Ten
     return out
 
 
-def peak_bytes(f: Any, inputs: tuple[Any, ...]) -> int:
-    """Weight bytes + the most bytes one forward holds at once (torch profiler allocation and free events)."""
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_bytes(f: Any, inputs: tuple[Any, ...], device: str = "cpu") -> int:
+    """Weight bytes + the most bytes one forward holds at once (torch profiler allocation and free events; on a
+    GPU, CUDA's peak allocation above what was allocated before the forward)."""
     from torch.profiler import ProfilerActivity, profile
+
+    if device.startswith("cuda"):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            f(*inputs)
+        sync(device)
+        return weight_bytes(f) + torch.cuda.max_memory_allocated() - before
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         f(*inputs)
@@ -104,21 +120,24 @@ def torch_prune(model: nn.Module, name: str, sparsity: float, kind: str) -> nn.M
     return m
 
 
-def latency(fns: dict[str, Any], inputs: tuple[Any, ...], repeats: int, budget_s: float = 3.0) -> dict[str, float]:
+def latency(fns: dict[str, Any], inputs: tuple[Any, ...], repeats: int, budget_s: float = 3.0,
+            device: str = "cpu") -> dict[str, float]:
     """Median seconds per forward of each variant, alternating; at least ``repeats`` rounds, more for fast models
-    (as many as fit in ``budget_s``), after three warm-up calls each."""
+    (as many as fit in ``budget_s``), after three warm-up calls each (on a GPU, each forward waits for its kernels)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
         t0 = time.perf_counter()
         for f in fns.values():
             for _ in range(3):
                 f(*inputs)  # warm-up
+        sync(device)
         per_round = (time.perf_counter() - t0) / 3
         rounds = max(repeats, min(2000, int(budget_s / max(per_round, 1e-9))))
         for _ in range(rounds):
             for k, f in fns.items():
                 t0 = time.perf_counter()
                 f(*inputs)
+                sync(device)
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -129,23 +148,33 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--masks", choices=["units", "weights"], default="units")
+    ap.add_argument("--device", default="cpu", help="where the models run (cuda: a GPU)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    ap.add_argument("--batch", type=int, default=None, help="repeat the example inputs to this batch size")
     a = ap.parse_args(argv)
+    dtype = getattr(torch, a.dtype)
     rows = []
     for name in a.models:
         model, inputs = build(name)
+        if a.batch:
+            inputs = tuple(x.repeat(a.batch // x.shape[0], *[1] * (x.dim() - 1)) if isinstance(x, torch.Tensor) else x
+                           for x in inputs)
+        model = model.to(a.device, dtype)
+        inputs = tuple(x.to(a.device, dtype) if x.is_floating_point() else x.to(a.device) for x in inputs)
         gm = fp.capture(model, inputs)
         for s in a.sparsities:
             masked = fp.mask(gm, masks=unit_masks(gm, name, s)) if a.masks == "units" else fp.mask(gm, s, scope="layer")
             small = fp.minimize(masked)
             tnp = torch_prune(model, name, s, a.masks)
             variants = {"masked": masked, "minimized": small, "torch_prune": tnp}
-            lat = latency(variants, inputs, a.repeats)
+            lat = latency(variants, inputs, a.repeats, device=a.device)
             rows.append(dict(model=name, sparsity=s, masks=a.masks, **{f"{k}_ms": 1e3 * v for k, v in lat.items()},
                              **{f"{k}_bytes": weight_bytes(v) for k, v in variants.items()},
-                             **{f"{k}_peak_bytes": peak_bytes(v, inputs) for k, v in variants.items()},
+                             **{f"{k}_peak_bytes": peak_bytes(v, inputs, a.device) for k, v in variants.items()},
                              speedup=lat["masked"] / lat["minimized"]))
             print(f"[latency] {name} at {s:.0%}", file=sys.stderr, flush=True)
-    print(f"masks: {a.masks}; MB = weights / peak (weights + most bytes held during the forward)")
+    print(f"masks: {a.masks}; {a.device}, {a.dtype}, inputs {[tuple(x.shape) for x in inputs]}; "
+          "MB = weights / peak (weights + most bytes held during the forward)")
     print(f"{'model':<9} {'sparsity':>8} {'masked ms':>10} {'minimized ms':>13} {'prune ms':>9} {'speedup':>8} "
           f"{'masked MB':>14} {'minimized MB':>14} {'prune MB':>14}")
     for r in rows:
@@ -153,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['model']:<9} {r['sparsity']:>8.0%} {r['masked_ms']:>10.2f} {r['minimized_ms']:>13.2f} "
               f"{r['torch_prune_ms']:>9.2f} {r['speedup']:>7.2f}x {mb['masked']:>14} {mb['minimized']:>14} "
               f"{mb['torch_prune']:>14}")
-    out = dict(benchmark="latency", repeats=a.repeats, threads=torch.get_num_threads(), rows=rows)
+    out = dict(benchmark="latency", repeats=a.repeats, threads=torch.get_num_threads(), device=a.device,
+               dtype=a.dtype, batch=a.batch, rows=rows)
     print(json.dumps(out))
     return out
 
