@@ -5,6 +5,7 @@ and against ``torch.nn.utils.prune``, at 50/80/90/95% sparsity.
     python benchmarks/latency.py --models fc --repeats 50
     python benchmarks/latency.py --masks weights          # unstructured masks instead of whole units
     python benchmarks/latency.py --device cuda --dtype bfloat16 --batch 64   # on a GPU
+    python benchmarks/latency.py --level module           # the user's own class: fp.minimize_module
 
 Masks, on random (untrained) weights:
 - ``units`` (default): the given fraction of every MLP's hidden units, smallest L2 norm of their input weights,
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", help="where the models run (cuda: a GPU)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ap.add_argument("--batch", type=int, default=None, help="repeat the example inputs to this batch size")
+    ap.add_argument("--level", choices=["graph", "module"], default="graph",
+                    help="graph: fp.capture's graph, masked and minimized; module: the model's own class with the "
+                         "masks applied, and fp.minimize_module's result")
     a = ap.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     rows = []
@@ -165,6 +169,14 @@ def main(argv: list[str] | None = None) -> dict:
         for s in a.sparsities:
             masked = fp.mask(gm, masks=unit_masks(gm, name, s)) if a.masks == "units" else fp.mask(gm, s, scope="layer")
             small = fp.minimize(masked)
+            if a.level == "module":  # the same masks on the user's class (torch.export and FX keep parameter names)
+                held = masked.meta["fxprune_masks"]
+                masked = copy.deepcopy(model)
+                with torch.no_grad():
+                    for n, p in masked.named_parameters():
+                        if n in held:
+                            p.mul_(held[n].to(p.device, p.dtype))
+                small = fp.minimize_module(masked, inputs)
             tnp = torch_prune(model, name, s, a.masks)
             variants = {"masked": masked, "minimized": small, "torch_prune": tnp}
             lat = latency(variants, inputs, a.repeats, device=a.device)
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                              **{f"{k}_peak_bytes": peak_bytes(v, inputs, a.device) for k, v in variants.items()},
                              speedup=lat["masked"] / lat["minimized"]))
             print(f"[latency] {name} at {s:.0%}", file=sys.stderr, flush=True)
-    print(f"masks: {a.masks}; {a.device}, {a.dtype}, inputs {[tuple(x.shape) for x in inputs]}; "
+    print(f"masks: {a.masks}; level {a.level}; {a.device}, {a.dtype}, inputs {[tuple(x.shape) for x in inputs]}; "
           "MB = weights / peak (weights + most bytes held during the forward)")
     print(f"{'model':<9} {'sparsity':>8} {'masked ms':>10} {'minimized ms':>13} {'prune ms':>9} {'speedup':>8} "
           f"{'masked MB':>14} {'minimized MB':>14} {'prune MB':>14}")
@@ -183,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['torch_prune_ms']:>9.2f} {r['speedup']:>7.2f}x {mb['masked']:>14} {mb['minimized']:>14} "
               f"{mb['torch_prune']:>14}")
     out = dict(benchmark="latency", repeats=a.repeats, threads=torch.get_num_threads(), device=a.device,
-               dtype=a.dtype, batch=a.batch, rows=rows)
+               dtype=a.dtype, batch=a.batch, level=a.level, rows=rows)
     print(json.dumps(out))
     return out
 
