@@ -66,12 +66,16 @@ class ChannelGraph:
 class Analysis:
     """Spaces and facts of one graph, and the removal plan derived from them."""
 
-    def __init__(self, gm: GraphModule, keep: Mapping[str, str] | None = None) -> None:
+    def __init__(self, gm: GraphModule, keep: Mapping[str, str] | None = None, split_norms: bool = False) -> None:
         """``keep``: parameter/buffer names whose channels must all stay, with the reason (frozen); a key
-        ``"name:dim"`` freezes that dim only."""
+        ``"name:dim"`` freezes that dim only. ``split_norms``: a LayerNorm / RMSNorm's output channels (with its
+        weight and bias) form groups apart from its input's, so that an output channel nothing reads can go while
+        the statistics keep reading its input channel (the graph then selects the kept outputs after the norm;
+        a module of the user's class cannot, so ``minimize_module`` and the group lasso leave it off)."""
         self.gm = gm
         self.keep = dict(keep or {})
         self.spaces = Spaces(gm)
+        self.spaces.split_norms = split_norms
         self.rules: dict[str, Any] = {}
         self._couple()
         self.spaces.atoms.settle()
@@ -152,6 +156,31 @@ class Analysis:
                 rem[0] = False  # never remove a whole group: keep one channel
             if rem.any():
                 keep[id(leaf)] = ~rem
+        return self.implied(keep)
+
+    def implied(self, keep: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """``keep`` with every implication of the spaces held (:meth:`Spaces.implies`): a channel kept on the side
+        that must lose it first is kept on the other side too; until nothing changes. Leaves that then keep
+        everything drop out."""
+        atoms, sp = self.spaces.atoms, self.spaces
+        if not sp.implications:
+            return keep
+        keep = dict(keep)
+        changed = True
+        while changed:
+            changed = False
+            for a, da, b, db in sp.implications:
+                need = atoms.kept_mask(sp.of(b, db), keep) & ~atoms.kept_mask(sp.of(a, da), keep)
+                if not bool(need.any()):
+                    continue
+                ok: dict[int, torch.Tensor] = {}
+                atoms.pull_back(sp.of(a, da), ~need, ok)  # a leaf channel any needed index maps to stays
+                for leaf, m in ok.items():
+                    if leaf in keep:
+                        keep[leaf] = keep[leaf] | ~m
+                        if bool(keep[leaf].all()):
+                            del keep[leaf]
+                changed = True
         return keep
 
     def fold_free(self) -> dict[int, torch.Tensor]:

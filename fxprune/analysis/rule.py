@@ -102,6 +102,10 @@ class Spaces:
         self.touched: set[int] = set()  # atoms related by the rule being applied
         self.meta: set[str] = set()  # operands the rule being applied reads only for metadata
         self.exits: list[Exit] = []
+        # (a, da, b, db): a channel of (a, da) may go only with the same channel of (b, db) (a norm's input and
+        # output, split: its output's channels can go alone, read out of the full output by a selection)
+        self.implications: list[tuple[Node, int, Node, int]] = []
+        self.split_norms = False  # whether norms may keep channels of their input that their output loses
         self._specs: dict[Node, TensorSpec | None] = {}  # node_spec is read many times per node: once is enough
         self.param_key: dict[str, str] = {}
         seen: dict[int, str] = {}
@@ -195,6 +199,11 @@ class Spaces:
         a = self.of(v, d)
         self.touched.add(id(a))
         self.exits.append(Exit(v, d % self.rank(v), tolerates, by))
+
+    def implies(self, a: Node, da: int, b: Node, db: int) -> None:
+        """Channel k of ``(a, da)`` may be removed only if channel k of ``(b, db)`` is (same size)."""
+        self.touched.update((id(self.of(a, da)), id(self.of(b, db))))
+        self.implications.append((a, da % self.rank(a), b, db % self.rank(b)))
 
 
 @dataclass
@@ -458,6 +467,12 @@ class Rewrite(Protocol):
 
     def resize_sizes(self, op: Op, where: SizeArg) -> None:
         """Replace the int sizes at ``where`` by the kept counts of the output dims they size."""
+
+    def select_after(self, op: Op, target: Any, args: tuple, d: int, positions: torch.Tensor, weight: Any,
+                     bias: Any) -> None:
+        """Make the new node ``target(*args)``, then select ``positions`` along its dim ``d``, then multiply by
+        ``weight`` and add ``bias`` (nodes of the old graph, or None): a norm whose kept outputs are fewer than its
+        kept inputs."""
 
 
 class Rule:

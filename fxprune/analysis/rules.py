@@ -543,9 +543,26 @@ class Norm(Rule):
             return [u for u in op.node.users if u.target is operator.getitem and u.args[1] == 0]
         return [op.node]
 
+    def splits(self, op: Op, sp: Spaces) -> bool:
+        """Whether this norm's output channels form groups apart from its input's (``Spaces.split_norms``): a
+        layer / RMS norm over one dim, called as such (not a compensated one, whose later selection would need
+        its own sums), with one output."""
+        return (sp.split_norms and type(self) is Norm and op.target in self._LAYER + self._RMS
+                and len(self.operands(op)[1]) == 1 and self.outputs(op) == [op.node])
+
     def couple(self, op: Op, sp: Spaces) -> None:
         x, nd, w, b = self.operands(op)
         r = sp.rank(x)
+        if self.splits(op, sp):  # the output's channels (and the affine's) apart: an output channel may go alone
+            for d in range(r):
+                if d != nd[0]:
+                    sp.unify(x, d, op.node, d, f"by {op.describe()}")
+            for p in (w, b):
+                if isinstance(p, Node):
+                    sp.unify(op.node, nd[0], p, 0, f"by {op.describe()}")
+            sp.implies(x, nd[0], op.node, nd[0])  # an input channel goes (compensated) only with its output
+            sp.exit(x, nd[0], lambda fx: fx.dim(x, nd[0]).known, f"{op.describe()} (compensates constant channels)")
+            return
         for y in self.outputs(op):
             for d in range(r):
                 sp.unify(x, d, y, d, f"by {op.describe()}")
@@ -606,6 +623,16 @@ class Norm(Rule):
             if not bool(kept.all()):
                 rw.set_arg(op, 1, "num_groups", int(kept.reshape(G, -1).any(dim=1).sum()))
             return
+        x, nd, w, b = self.operands(op)
+        if self.splits(op, rw.facts.sp):
+            kin, kout = rw.kept(x, nd[0]), rw.kept(op.node, nd[0])
+            if not torch.equal(kin, kout):  # outputs that go alone: normalize what stays in, select, then affine
+                got = self.removed_constants(op, rw) or (0.0, 0.0, _shape(rw.facts.sp, x)[nd[0]])
+                target, args = self.compensated(op, rw.new, got[2], got[0], got[1], 1)
+                args = (args[0], None, *args[2:]) if target is compensated_rms_norm else (args[0], None, None, *args[3:])
+                positions = kout[kin].nonzero().flatten()  # the kept outputs among the normalized kept inputs
+                rw.select_after(op, target, args, nd[0] - len(_shape(rw.facts.sp, x)), positions, w, b)
+                return
         got = self.removed_constants(op, rw)
         if got is None:
             return
@@ -873,6 +900,29 @@ def _segments(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[in
                 return segs
         segs.append((si, sj))
     return segs
+
+
+class IndexSelect(Rule):
+    """index_select(x, d, index): the other dims pass through; dim d is read at the positions the index names
+    (whatever they are), so its channels stay. A split norm's selection of its kept outputs is one."""
+
+    nan_eval = True
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, index = op.node.args[0], op.node.args[2]
+        r = sp.rank(x)
+        d = op.node.args[1] % r
+        for i in range(r):
+            if i != d:
+                sp.unify(x, i, op.node, i, f"by {op.describe()}")
+        why = f"{op.describe()} reads dim {d} at the positions its index names"
+        sp.freeze(x, d, why)
+        sp.freeze(op.node, d, why)
+        if isinstance(index, Node):
+            sp.freeze_all(index, why)
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        return nan_eval(op, fx)
 
 
 class Permute(Rule):
@@ -1306,6 +1356,7 @@ register(Elementwise(), *_ELEMENTWISE_MODULES, *_aten(*_UNARY, *_BINARY), *_torc
          *[m for m in _UNARY + _BINARY + ["float", "double", "half", "bfloat16"] if m not in ("mul",)],
          operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd, operator.pos, operator.pow)
 register(Mul(), aten.mul, aten.mul_, torch.mul, "mul", "mul_", operator.mul, operator.imul)
+register(IndexSelect(), aten.index_select, torch.index_select, "index_select")
 register(Dropout(), nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, aten.dropout)
 register(Linear(), F.linear, aten.linear, aten.addmm.default)
 register(Conv(), F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution.default)

@@ -241,7 +241,7 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
     def attempt(frozen: dict[str, str]) -> tuple[nn.Module, list[str], list[str], Any, EquivalenceError | None]:
         # one end-to-end check: the copy against the model; the graph is checked only to say which step failed
         while True:  # a layer applied at several sites cannot hold a bias per site: keep its channels
-            opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), equal_heads=heads, **options)
+            opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), equal_heads=heads, split_norms=False, **options)
             small = minimize(gm, options=opts)
             shared = {f"{bias.rpartition('.')[0]}.weight" if bias.endswith(".bias") else bias: SHARED_REASON
                       for bias in small.meta.get(SITE_BIASES_KEY, {}).values()}

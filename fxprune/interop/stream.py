@@ -206,7 +206,7 @@ def minimize_checkpoint(build: Callable[[], nn.Module], checkpoint: str | Any, e
         for name, p in gm.named_parameters():  # export keeps the model's names; _build checked they are all stored
             lazy.bind(p, read, name)
         while True:
-            small = minimize(gm, options=MinimizeOptions(verify=False, keep=tuple(keep.items()), **options))
+            small = minimize(gm, options=MinimizeOptions(verify=False, keep=tuple(keep.items()), split_norms=False, **options))
             out, stale = _write_back(model, small, inputs)
             if not stale:
                 break

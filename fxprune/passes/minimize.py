@@ -40,6 +40,7 @@ CHECKS_KEY = "fxprune_checks"  # result meta: the self-check's ShapeChecks
 SITE_BIASES_KEY = "fxprune_site_biases"  # result meta: {bias minimize gave one call site of a shared layer: the shared bias}
 ROUNDED_KEY = "fxprune_rounded"  # result meta with round_to > 1: per group, its width and the widths kept before/after
 SUBNORMALS_KEY = "fxprune_subnormals"  # result meta: {tensor: subnormal floats in it} (and what flushing them moved)
+SELECT_PREFIX = "fxprune_select_"  # get_attr targets of the kept positions a split norm's output is read at
 KEPT_KEY = "fxprune_kept"  # result meta: {get_attr target: [None (all kept) or kept indices of the input's tensor, per dim]}
 HEADS_KEY = "fxprune_heads"  # result meta with equal_heads: {"tensor:dim": [(heads, head dim) per part] of the input}
 
@@ -64,6 +65,10 @@ class MinimizeOptions:
     # hold heads of that width (heads x head dim, or one head) keep one head width, the widest of them (a class
     # that reshapes q, k and v with one head width); dims of another width (an output projection) are left out
     equal_heads: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    # a LayerNorm / RMSNorm output channel nothing reads goes even where its input channel stays (read by the
+    # statistics): the graph selects the kept outputs after the norm (fxprune.analysis.groups.Analysis); off for
+    # modules of the user's class, which cannot
+    split_norms: bool = True
 
 
 class Rewriter:
@@ -190,6 +195,24 @@ class Rewriter:
                 total.meta[FULL_MEAN] = d
         self.env[op.node] = total
         self.graph.erase_node(n)
+
+    def select_after(self, op: Op, target: Any, args: tuple, d: int, positions: torch.Tensor, weight: Any,
+                     bias: Any) -> None:
+        n = self.env[op.node]
+        aten_level = isinstance(op.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+        select, mul, add = ((aten.index_select.default, aten.mul.Tensor, aten.add.Tensor) if aten_level
+                            else (torch.index_select, operator.mul, operator.add))
+        n.op, n.target, n.args, n.kwargs = "call_function", target, args, {}
+        out = n
+        with self.graph.inserting_after(n):
+            index = self.constant(SELECT_PREFIX, positions)
+        with self.graph.inserting_after(index):
+            out = self.graph.call_function(select, (n, d, index))
+        for operand, fn in ((weight, mul), (bias, add)):
+            if isinstance(operand, Node):
+                with self.graph.inserting_after(out):
+                    out = self.graph.call_function(fn, (out, self.new(operand)))
+        self.env[op.node] = out
 
     def _ghost(self, op: Op, x: Node, d: int, removed: torch.Tensor) -> tuple[Node | None, Node | None]:
         """Nodes computing the removed channels of ``x`` (dim ``d``), one per distinct tuple of constants they
@@ -359,7 +382,7 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
         raise InputError(f"equal_heads takes (head width, ('name:dim', ...)) per attention, got {bad[0]}")
     with torch.no_grad():
         for i in range(opts.max_iterations):
-            an = Analysis(work, dict(opts.keep))
+            an = Analysis(work, dict(opts.keep), split_norms=opts.split_norms)
             removable = an.removable()
             free = an.fold_free() if opts.round_to > 1 or opts.equal_heads else {}
             keep = rounded(removable, opts.round_to, free)
@@ -370,6 +393,7 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
                               for parts in [an.heads(*_tensor_dim(k), single=True) or []]
                               if parts and all(leaf.size == width for _, leaf in parts)}
                 keep = equal_heads(an, keep, [ks for _, ks in opts.equal_heads], free, set(layout))
+            keep = an.implied(keep)  # (rounding keeps more: a split norm's input keeps what its output keeps)
             if opts.round_to > 1:
                 widths += _widths(an, removable, keep, i == 0)
             if not keep:
