@@ -27,7 +27,7 @@ from fxprune.graph import lazy
 from fxprune.graph.rebuild import graph_module
 from fxprune.graph.origin import record, run
 from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, every_dims, from_graph, resize, static_dims
-from fxprune.graph.shapes import annotate, is_annotated, runs_at
+from fxprune.graph.shapes import TensorSpec, annotate, is_annotated, node_spec, runs_at
 from fxprune.graph.masks import unmasked
 
 __all__ = ["capture", "as_inputs", "check_weights", "on_meta", "unwrapped", "EXAMPLE_INPUTS_KEY"]
@@ -57,6 +57,32 @@ def on_meta(m: nn.Module, *extra: Any) -> bool:
     (not bound to a reader: :mod:`fxprune.graph.lazy`)."""
     tensors = list(m.parameters()) + list(m.buffers()) + [t for t in extra if isinstance(t, torch.Tensor)]
     return any(lazy.unbound(t) for t in tensors)
+
+
+def static_size_reads(gm: GraphModule) -> bool:
+    """Whether a symbolic trace reads the size of a dim that does not vary with the inputs off a tensor
+    (``B, N, C = x.shape``, ``x.size(-1)``): the analysis freezes such a dim (a size that changed would change what
+    the graph computes), where torch.export records the size as a number the rewrite resizes. Reads of dynamic
+    dims only (``x.view(x.size(0), -1)``) do not count."""
+    for n in gm.graph.nodes:
+        if n.op == "call_method" and n.target == "size":
+            x, dims = n.args[0], ({n.args[1]} if len(n.args) > 1 else {n.kwargs["dim"]} if "dim" in n.kwargs else None)
+        elif n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] == "shape":
+            x = n.args[0]
+            users = list(n.users)
+            ints = [u.args[1] for u in users if u.op == "call_function" and u.target is operator.getitem
+                    and isinstance(u.args[1], int)]
+            dims = set(ints) if len(ints) == len(users) else None
+        else:
+            continue
+        spec = node_spec(x) if isinstance(x, torch.fx.Node) else None
+        if not isinstance(spec, TensorSpec):
+            continue
+        r = len(spec.shape)
+        read = set(range(r)) if dims is None else {d % r for d in dims if isinstance(d, int) and r}
+        if read - set(spec.dynamic):
+            return True
+    return False
 
 
 def unwrapped(model: Any) -> Any:
@@ -346,6 +372,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
     explicit = not (_is_batch(dynamic_shapes) or _is_every(dynamic_shapes)) and dynamic_shapes is not None
     order = (["export"] if explicit else ["symbolic", "export"]) if method == "auto" else [method]
     failures: list[str] = []
+    held = None  # a symbolic trace that reads static sizes off tensors, while torch.export is tried
     for name in order:
         try:
             gm = tracers[name](model, inputs, reference, dynamic_shapes)
@@ -355,6 +382,14 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
             last = traceback.extract_tb(e.__traceback__)[-1]
             failures.append(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno})")
             continue
+        if name == "symbolic" and method == "auto" and "export" in order and static_size_reads(gm):
+            held = gm  # its channels read as sizes would freeze; torch.export records such sizes as numbers
+            continue
+        gm.meta[EXAMPLE_INPUTS_KEY] = inputs
+        gm.meta[CAPTURE_METHOD_KEY] = name
+        return gm
+    if held is not None:  # torch.export failed: the symbolic trace after all
+        gm, name = held, "symbolic"
         gm.meta[EXAMPLE_INPUTS_KEY] = inputs
         gm.meta[CAPTURE_METHOD_KEY] = name
         return gm
