@@ -236,3 +236,46 @@ def test_annotation_follows_a_layers_changed_attributes():
     net[0].stride = (2, 2)
     annotate(gm, (x,))
     assert node_spec(list(gm.graph.nodes)[1]).shape == (1, 4, 3, 3)
+
+
+class _ShapeReadingMLP(nn.Module):
+    """PVTv2's MLP as timm writes it: fc1, then ``B, N, C = x.shape`` to reshape the tokens into an image for a
+    depthwise conv, then fc2. A symbolic trace reads C off the tensor (the analysis freezes that dim)."""
+
+    def __init__(self, d: int = 8, h: int = 16, side: int = 4) -> None:
+        super().__init__()
+        self.fc1, self.dw, self.fc2, self.side = nn.Linear(d, h), nn.Conv2d(h, h, 3, padding=1, groups=h), nn.Linear(h, d), side
+
+    def forward(self, x):
+        x = self.fc1(x)
+        B, N, C = x.shape
+        x = self.dw(x.transpose(1, 2).reshape(B, C, self.side, self.side)).flatten(2).transpose(1, 2)
+        return self.fc2(torch.relu(x))
+
+
+class _BatchSizeRead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
+
+
+def test_a_symbolic_trace_that_reads_static_sizes_gives_way_to_export():
+    """``B, N, C = x.shape`` read C (a channel dim) off a tensor: capture takes torch.export's graph instead, in
+    which C is a number the rewrite resizes, so the MLP's dead units go (none did). Reading only the batch size
+    (``x.view(x.size(0), -1)``) keeps the symbolic trace and its module names."""
+    torch.manual_seed(0)
+    m = _ShapeReadingMLP().double().eval()
+    with torch.no_grad():
+        m.fc2.weight[:, :5] = 0  # 5 hidden units fc2 never reads
+    x = torch.randn(2, 16, 8, dtype=torch.float64)
+    gm = fp.capture(m, (x,))
+    assert gm.meta["fxprune_capture_method"] == "export"
+    small = fp.minimize(gm)
+    assert count_params(m) - count_params(small) == 5 * (8 + 1 + 9 + 1 + 8)
+    xb = torch.randn(3, 16, 8, dtype=torch.float64)
+    assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)
+    assert fp.capture(m, (x,), method="symbolic").meta["fxprune_capture_method"] == "symbolic"
+    assert fp.capture(_BatchSizeRead(), (torch.randn(2, 3, 8, 8),)).meta["fxprune_capture_method"] == "symbolic"
