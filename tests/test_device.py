@@ -171,3 +171,30 @@ def test_saved_and_loaded_from_the_device(device):
     back = back.to(device).eval()
     with torch.no_grad():
         assert rel(small(x), back(x)) == 0.0
+
+
+class _Gating(nn.Module):
+    """gMLP's gating unit: the LayerNorm's kept outputs are selected on the device (an index constant there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.proj, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(16), nn.Linear(8, 8), nn.Linear(16, 16)
+
+    def forward(self, x):
+        u, v = F.gelu(self.fc1(x)).chunk(2, dim=-1)
+        return x + self.fc2(u * self.proj(self.norm(v).transpose(-1, -2)).transpose(-1, -2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_split_norm_selects_on_the_device(device):
+    torch.manual_seed(0)
+    m = _Gating().double()
+    with torch.no_grad():
+        m.fc1.weight[[0, 1, 2, 16, 17]] = 0  # pairs 0, 1 dead; unit 2 dead in u only
+        m.fc1.bias[[0, 1, 2, 16, 17]] = 0
+    m = m.to(device)
+    small = fp.minimize(m, (torch.randn(2, 8, 16, dtype=torch.float64, device=device),))
+    assert on(small) == {device} and small.get_parameter("fc1.weight").shape == (27, 16)
+    x = torch.randn(3, 8, 16, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        assert rel(m(x), small(x)) <= 1e-9
