@@ -24,7 +24,22 @@ from fxprune.verify import count_params
 from planted import Phases
 from torchvision_zoo import stub_meta_registrations
 
-MLP_IN = ("mlp.fc1", "mlp.up_proj.linear", "mlp.up_proj")
+MLP_IN = ("mlp.fc1", "mlp.up_proj.linear", "mlp.up_proj", "mlp_channels.fc1", "mlp_tokens.fc1")
+
+
+def plant_dead_units(model: torch.nn.Module, g: torch.Generator) -> int:
+    """Zero a quarter of every MLP's hidden units (random rows of the layer that makes them, and its bias), drawn
+    from ``g``; returns how many."""
+    dead = 0
+    with torch.no_grad():
+        for path, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and path.endswith(MLP_IN):
+                idx = torch.randperm(mod.out_features, generator=g)[: mod.out_features // 4]
+                mod.weight[idx] = 0
+                if mod.bias is not None:
+                    mod.bias[idx] = 0
+                dead += len(idx)
+    return dead
 
 
 def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, int]:
@@ -34,15 +49,8 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, int]:
 
     torch.manual_seed(0)
     model = timm.create_model(name).double().eval()
-    g, dead = torch.Generator().manual_seed(0), 0
-    with torch.no_grad():
-        for path, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and path.endswith(MLP_IN):
-                idx = torch.randperm(mod.out_features, generator=g)[: mod.out_features // 4]
-                mod.weight[idx] = 0
-                if mod.bias is not None:
-                    mod.bias[idx] = 0
-                dead += len(idx)
+    g = torch.Generator().manual_seed(0)
+    dead = plant_dead_units(model, g)
     size = model.pretrained_cfg["input_size"]
     return model, torch.randn(2, *size, dtype=torch.float64, generator=g), dead
 

@@ -22,9 +22,9 @@ import torch
 
 import fxprune as fp
 from fxprune.verify import count_params
+from timm_forwards import plant_dead_units
 from torchvision_zoo import stub_meta_registrations
 
-MLP_IN = ("mlp.fc1", "mlp_channels.fc1", "mlp_tokens.fc1")
 SMALL_IMAGE = ("gmlp", "mixer", "vit_", "deit", "eva", "beit", "flexivit", "samvit", "gmixer")
 
 
@@ -37,15 +37,8 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, int]:
     model = timm.create_model(name, img_size=64) if small else timm.create_model(name)
     model.reset_classifier(0)
     model = model.double().eval()
-    g, dead = torch.Generator().manual_seed(0), 0
-    with torch.no_grad():
-        for path, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and path.endswith(MLP_IN):
-                idx = torch.randperm(mod.out_features, generator=g)[: mod.out_features // 4]
-                mod.weight[idx] = 0
-                if mod.bias is not None:
-                    mod.bias[idx] = 0
-                dead += len(idx)
+    g = torch.Generator().manual_seed(0)
+    dead = plant_dead_units(model, g)
     size = (3, 64, 64) if small else model.pretrained_cfg["input_size"]
     return model, torch.randn(2, *size, dtype=torch.float64, generator=g), dead
 
