@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import importlib.util
+import inspect
 import io
 import logging
 import json
