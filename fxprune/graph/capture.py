@@ -33,7 +33,7 @@ from fxprune.graph.masks import unmasked
 __all__ = ["capture", "as_inputs", "check_weights", "on_meta", "unwrapped", "EXAMPLE_INPUTS_KEY"]
 
 EXAMPLE_INPUTS_KEY = "fxprune_example_inputs"
-CAPTURE_METHOD_KEY = "fxprune_capture_method"  # gm.meta: "symbolic_trace" or "export", the capture that worked
+CAPTURE_METHOD_KEY = "fxprune_capture_method"  # gm.meta: "symbolic" or "export", the capture that worked
 Method = Literal["auto", "symbolic", "export"]
 BATCH = "batch"  # capture's default dynamic_shapes: the batch dim dynamic wherever the model allows it
 EVERY = "every"  # every dim of every tensor input dynamic wherever the model allows it (minimize_module's default)
