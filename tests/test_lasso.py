@@ -312,6 +312,24 @@ def test_a_strong_pull_with_plain_sgd_takes_groups_to_zero_never_past_it():
     assert int((reg.norms(net) == 0).sum()) == reg.channels  # this strong a pull empties every group
 
 
+def test_regularize_by_hand_takes_the_learning_rate_for_the_same_cap():
+    """The hand-written loop (``regularize`` before the step, ``step`` after it) with the step's ``lr``: finite, and
+    the groups emptied, as with ``attach``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 5))
+    x = torch.randn(8, 12)
+    reg = fp.GroupLasso(net, (x,), strength=2.0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(20):
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        reg.regularize(net, lr=0.05)
+        opt.step()
+        reg.step(net, 0.05)
+        assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
+    assert int((reg.norms(net) == 0).sum()) == reg.channels
+
+
 def test_a_model_inside_data_parallel_is_regularized_by_its_own_parameters():
     """nn.DataParallel names the parameters ``module.*``: the GroupLasso reads the module inside, built from or
     given the wrapper alike."""

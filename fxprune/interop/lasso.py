@@ -426,16 +426,18 @@ class GroupLasso:
         return (sq.add(1e-12).sqrt() * self.sizes.to(sq).sqrt()).sum()
 
     @torch.no_grad()
-    def regularize(self, model: nn.Module) -> None:
+    def regularize(self, model: nn.Module, lr: float | None = None) -> None:
         """Add ``strength * dR/du`` (``= strength * s_t * dR/dw``) to the parameters' gradients (after ``backward()``,
         before the optimizer step; a parameter without a gradient gets one). Shrinks groups; exact zeros come from
-        :meth:`step`."""
-        self._regularize(_Plan(self._members(model), self.channels))
+        :meth:`step`. ``lr`` (the step's learning rate, as :meth:`attach` reads it): each value's pull is capped so
+        that a plain gradient step takes it to zero at most, never past it."""
+        self._regularize(_Plan(self._members(model), self.channels), lr)
 
     @torch.no_grad()
-    def _regularize(self, plan: _Plan) -> None:
+    def _regularize(self, plan: _Plan, lr: float | None = None) -> None:
         if plan.members and self.strength != 0:
-            self._pull_with(plan, self._coefficients(plan, _Reading(plan)))
+            rate = None if lr is None else [float(lr)] * len(plan.firsts)
+            self._pull_with(plan, self._coefficients(plan, _Reading(plan), rate=rate))
 
     def _coefficients(self, plan: _Plan, r: _Reading, keep: torch.Tensor | None = None,
                       rate: list[float] | None = None) -> dict[str, Any]:
