@@ -529,14 +529,16 @@ class Norm(Rule):
         dynamic = node_spec(x).dynamic
         return not any(d in dynamic for d in nd[1:])
 
-    def compensated(self, op: Op, new: Callable[[Any], Any], full: int, s1: float, s2: float, ndim: int) -> tuple[Callable[..., Any], tuple]:
+    def compensated(self, op: Op, new: Callable[[Any], Any], full: int, s1: float, s2: float, ndim: int,
+                    affine: bool = True) -> tuple[Callable[..., Any], tuple]:
         """Target and args of the compensated call that replaces this norm once entries holding constants (sum
         ``s1``, sum of squares ``s2``) are gone from normalized dims of ``full`` entries in all (``new`` maps
-        operands to the new graph)."""
-        x, w = op.arg(0, "input"), op.arg(2, "weight")
+        operands to the new graph); ``affine=False``: without weight and bias."""
+        x, w = op.arg(0, "input"), op.arg(2, "weight") if affine else None
         if op.target in self._RMS:
             return compensated_rms_norm, (new(x), new(w), op.arg(3, "eps"), full, s2, ndim)
-        return compensated_layer_norm, (new(x), new(w), new(op.arg(3, "bias")), op.arg(4, "eps", 1e-5), full, s1, s2, ndim)
+        b = op.arg(3, "bias") if affine else None
+        return compensated_layer_norm, (new(x), new(w), new(b), op.arg(4, "eps", 1e-5), full, s1, s2, ndim)
 
     def outputs(self, op: Op) -> list[Node]:
         if op.target in (aten.native_layer_norm.default, aten.native_group_norm.default):
@@ -553,23 +555,17 @@ class Norm(Rule):
     def couple(self, op: Op, sp: Spaces) -> None:
         x, nd, w, b = self.operands(op)
         r = sp.rank(x)
-        if self.splits(op, sp):  # the output's channels (and the affine's) apart: an output channel may go alone
-            for d in range(r):
-                if d != nd[0]:
-                    sp.unify(x, d, op.node, d, f"by {op.describe()}")
-            for p in (w, b):
-                if isinstance(p, Node):
-                    sp.unify(op.node, nd[0], p, 0, f"by {op.describe()}")
-            sp.implies(x, nd[0], op.node, nd[0])  # an input channel goes (compensated) only with its output
-            sp.exit(x, nd[0], lambda fx: fx.dim(x, nd[0]).known, f"{op.describe()} (compensates constant channels)")
-            return
+        split = self.splits(op, sp)  # the output's channels (and the affine's) apart: an output channel may go alone
         for y in self.outputs(op):
             for d in range(r):
-                sp.unify(x, d, y, d, f"by {op.describe()}")
+                if not (split and d == nd[0]):
+                    sp.unify(x, d, y, d, f"by {op.describe()}")
         for p in (w, b):
             if isinstance(p, Node):
                 for i, d in enumerate(nd if len(nd) == sp.rank(p) else [1]):
-                    sp.unify(x, d, p, i, f"by {op.describe()}")
+                    sp.unify(op.node if split else x, d, p, i, f"by {op.describe()}")
+        if split:
+            sp.implies(x, nd[0], op.node, nd[0])  # an input channel goes (compensated) only with its output
         if op.target in self._GROUP:
             G, C = op.arg(1, "num_groups"), _shape(sp, x)[1]
             if isinstance(G, int) and G > 1 and C % G == 0:
@@ -628,8 +624,7 @@ class Norm(Rule):
             kin, kout = rw.kept(x, nd[0]), rw.kept(op.node, nd[0])
             if not torch.equal(kin, kout):  # outputs that go alone: normalize what stays in, select, then affine
                 got = self.removed_constants(op, rw) or (0.0, 0.0, _shape(rw.facts.sp, x)[nd[0]])
-                target, args = self.compensated(op, rw.new, got[2], got[0], got[1], 1)
-                args = (args[0], None, *args[2:]) if target is compensated_rms_norm else (args[0], None, None, *args[3:])
+                target, args = self.compensated(op, rw.new, got[2], got[0], got[1], 1, affine=False)
                 positions = kout[kin].nonzero().flatten()  # the kept outputs among the normalized kept inputs
                 rw.select_after(op, target, args, nd[0] - len(_shape(rw.facts.sp, x)), positions, w, b)
                 return

@@ -385,11 +385,10 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
         if name == "symbolic" and method == "auto" and "export" in order and static_size_reads(gm):
             held = gm  # its channels read as sizes would freeze; torch.export records such sizes as numbers
             continue
-        gm.meta[EXAMPLE_INPUTS_KEY] = inputs
-        gm.meta[CAPTURE_METHOD_KEY] = name
-        return gm
-    if held is not None:  # torch.export failed: the symbolic trace after all
-        gm, name = held, "symbolic"
+        break
+    else:
+        gm, name = held, "symbolic"  # torch.export failed: the symbolic trace after all (None: nothing worked)
+    if gm is not None:
         gm.meta[EXAMPLE_INPUTS_KEY] = inputs
         gm.meta[CAPTURE_METHOD_KEY] = name
         return gm

@@ -65,6 +65,7 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from fxprune.errors import InputError, require
+from fxprune.graph.capture import unwrapped
 from fxprune.graph.rebuild import attr_owner
 from fxprune.passes.mask import HeldMask
 
@@ -344,7 +345,6 @@ class GroupLasso:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis, param_slices
-        from fxprune.graph.capture import unwrapped
         from fxprune.graph.masks import unmasked
         from fxprune.interop.module import eval_capture
         from fxprune.passes.lower import lower_modules
@@ -388,8 +388,6 @@ class GroupLasso:
     # ---- reading ---------------------------------------------------------------------------------------------
     def _members(self, model: nn.Module) -> list[_Member]:
         """Every slice resolved on ``model`` (checked against what the GroupLasso was built for)."""
-        from fxprune.graph.capture import unwrapped
-
         model = unwrapped(model)
         out = []
         for s in self.slices:

@@ -203,7 +203,6 @@ class Rewriter:
         select, mul, add = ((aten.index_select.default, aten.mul.Tensor, aten.add.Tensor) if aten_level
                             else (torch.index_select, operator.mul, operator.add))
         n.op, n.target, n.args, n.kwargs = "call_function", target, args, {}
-        out = n
         with self.graph.inserting_after(n):
             index = self.constant(SELECT_PREFIX, positions)
         with self.graph.inserting_after(index):
