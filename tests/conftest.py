@@ -28,6 +28,13 @@ def snapshot(m: torch.nn.Module) -> dict[str, bytes]:
     return {k: v.detach().cpu().contiguous().numpy().tobytes() for k, v in m.state_dict().items()}
 
 
+def graph_state(gm) -> tuple[str, dict[str, str]]:
+    """The graph's code and every node's meta (values as their shapes and dtypes): what a pure pass leaves alone."""
+    def show(v):
+        return f"{tuple(v.shape)}:{v.dtype}" if isinstance(v, torch.Tensor) else repr(v)
+    return gm.code, {n.name: repr({k: show(v) for k, v in sorted(n.meta.items())}) for n in gm.graph.nodes}
+
+
 def n_params(m: torch.nn.Module) -> int:
     from fxprune.verify import count_params
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fxprune as fp
-from conftest import snapshot
+from conftest import graph_state, snapshot
 from fxprune.errors import MaskError
 from fxprune.passes.mask import REACHED_KEY, TargetNotReachedWarning
 from fxprune.verify import count_params
@@ -95,13 +95,6 @@ def _convnext() -> torch.fx.GraphModule:
     return fp.capture(sr.ConvNeXtStyle(2).double(), (torch.randn(4, 1, 8, 8, dtype=torch.float64),))
 
 
-def _graph_state(gm) -> tuple[str, dict[str, str]]:
-    """The graph's code and every node's meta (values as their shapes and dtypes): what a pure pass leaves alone."""
-    def show(v):
-        return f"{tuple(v.shape)}:{v.dtype}" if isinstance(v, torch.Tensor) else repr(v)
-    return gm.code, {n.name: repr({k: show(v) for k, v in sorted(n.meta.items())}) for n in gm.graph.nodes}
-
-
 def _widths(m) -> set[int]:
     return {n for p in m.parameters() for n in p.shape}
 
@@ -109,11 +102,11 @@ def _widths(m) -> set[int]:
 @pytest.mark.parametrize("k", [8, 16, 32])
 def test_round_to_keeps_multiples_of_k_in_every_group_that_shrinks(k):
     gm = _convnext()
-    before = _graph_state(gm), snapshot(gm)
+    before = graph_state(gm), snapshot(gm)
     masked = fp.mask(gm, 0.5, structure="groups")
-    pre = _graph_state(masked), snapshot(masked)
+    pre = graph_state(masked), snapshot(masked)
     plain, rounded = fp.minimize(masked), fp.minimize(masked, round_to=k)
-    assert (_graph_state(gm), snapshot(gm)) == before and (_graph_state(masked), snapshot(masked)) == pre
+    assert (graph_state(gm), snapshot(gm)) == before and (graph_state(masked), snapshot(masked)) == pre
     original = _widths(gm)
     assert any(w % k for w in _widths(plain) - original)  # without it, odd widths
     assert all(w % k == 0 for w in _widths(rounded) - original), _widths(rounded) - original

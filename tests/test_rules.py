@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune as fp
+from conftest import graph_state, snapshot
 from fxprune.passes.minimize import NothingRemovedWarning
 from fxprune.analysis.groups import Analysis
 from fxprune.passes.lower import lower_modules
@@ -316,7 +317,10 @@ def test_gating_unit_pairs_of_dead_units_go_and_a_lone_dead_u_unit_goes_through_
         m.fc1.weight[[0, 1, 2, 16, 17]] = 0
         m.fc1.bias[[0, 1, 2, 16, 17]] = 0
     x = torch.randn(2, 8, 16, dtype=torch.float64)
-    small = fp.minimize(fp.capture(m, (x,), method=method))
+    gm = fp.capture(m, (x,), method=method)
+    before = graph_state(gm), snapshot(gm)
+    small = fp.minimize(gm)
+    assert (graph_state(gm), snapshot(gm)) == before  # the input graph, its node.meta and tensors untouched
     assert small.get_parameter("fc1.weight").shape == (27, 16) and small.get_parameter("fc2.weight").shape == (16, 13)
     assert small.get_parameter("norm.weight").shape == (13,) and small.get_parameter("norm.bias").shape == (13,)
     assert sum(n.op == "call_function" and "index_select" in str(n.target) for n in small.graph.nodes) == 1
