@@ -74,6 +74,26 @@ def test_tuned_rows_reapply_the_rule_with_each_cycles_fine_tuned_model():
     assert sr.tuned_rows({k: [(run, dict(picked="cycle 1"))] for k in groups}) == []  # older files: no curves
 
 
+def test_frontier_is_the_best_test_accuracy_at_the_target_over_every_recorded_candidate(tmp_path, capsys):
+    import json
+
+    # FC's target is 39x: of 1000 dense parameters, candidates of 25 or fewer count
+    dense = dict(cand(1000, 0.60, 0.63), label="dense")
+    curve = [dense, dict(cand(20, 0.50, 0.61), label="cycle 1", minimized=[0.50, 0.61], tuned=[0.49, 0.625]),
+             dict(cand(30, 0.62, 0.63), label="cycle 2")]  # 33x: under the target, however accurate
+    gradual = [dense, dict(cand(25, 0.55, 0.60), label="step 1")]
+    run = dict(benchmark="squeeze_release", model="fc", dataset="mnist1d", seed=4, folds=1, params_dense=1000,
+               methods={"squeeze-release": dict(curves=[curve]), "gradual": dict(curves=[gradual])})
+    folded = dict(run, folds=4, methods={"gradual": dict(curves=[[dense, cand(10, 0.6, 0.64)]])})  # not fixed-split
+    for i, r in enumerate((run, folded)):
+        (tmp_path / f"r{i}.json").write_text("a table\n" + json.dumps(r) + "\n")
+    out = sr.frontier([str(tmp_path / "r0.json"), str(tmp_path / "r1.json")])
+    [row] = out["rows"]
+    assert (row["seed"], row["runs"], row["at_target"]) == (4, 1, 4)  # cycle 1's kept, minimized, tuned; step 1
+    assert row["drop"] == pytest.approx(0.5) and row["compression"] == pytest.approx(50.0)  # cycle 1's fine-tuned
+    assert "+0.50 | 50.0x" in capsys.readouterr().out
+
+
 def tiny(distill: float = 0.0, schedule: str = "constant") -> tuple[sr.Trainer, torch.nn.Module]:
     """A ConvNeXt-style MNIST-1D model and a trainer on 16 random samples (two batches of 8 per epoch)."""
     torch.manual_seed(0)
