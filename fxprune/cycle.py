@@ -233,7 +233,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     ranks = Ranks()
     say = _progress(progress) if ranks.rank == 0 else _progress(False)
     train, evaluate = _Clocked(train), _Clocked(evaluate)  # the seconds spent in the user's code, per cycle
-    inputs = as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs, model)
     given = [] if callable(sparsity) else list(sparsity) if isinstance(sparsity, Sequence) else [sparsity]
     for s in given:
         require("sparsity", s, "number in [0, 1)", note=" (or one per cycle, or a function of the cycle)")

@@ -165,7 +165,7 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
         if dtypes:
             notes.append(f"{', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))} parameters: float64 tolerance "
                          f"{rtol:g} (constants folded into them are rounded to their precision)")
-    inputs = as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs, a)
     if dims is None:
         dims = batch_dims(inputs)  # eager models: the batch dim, where the first model takes another batch size
     g = torch.Generator().manual_seed(seed)

@@ -41,8 +41,9 @@ def test_untraceable_model():
 @pytest.mark.parametrize("inputs, match", [
     ((torch.randn(2, 5),), r"failed on the example inputs \(\(2, 5\):torch.float32\)"),
     (None, "example_inputs is None"),
-    ({"x": torch.randn(2, 8)}, "example_inputs is a dict"),
-    ("abc", "must be a tensor or a tuple of tensors"),
+    ({"x": torch.randn(2, 8)}, r"Sequential.forward has no positional parameter 'x' \(it has input\)"),
+    ({}, "example_inputs is an empty dict"),
+    ("abc", "must be a tensor, a tuple of tensors or a dict of keyword inputs"),
 ])
 def test_inputs_that_do_not_fit(inputs, match):
     with pytest.raises(fp.InputError, match=match):

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import fxprune as fp
+from fxprune.graph.capture import as_inputs, keyword_inputs
 from fxprune.graph.shapes import TensorSpec, is_annotated, node_spec
 from fxprune.verify import count_params
 from fxprune.zoo import TRANSFORMERS, build
@@ -68,6 +69,47 @@ def test_inputs_that_do_not_fit_raise_input_error():
     with pytest.raises(fp.InputError):
         fp.capture(m, None)
     assert issubclass(fp.InputError, fp.FxPruneError)
+
+
+class Optional(nn.Module):
+    """A forward with optional inputs, as transformers models have (``attention_mask=None``, ``labels=None``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x, mask=None, scale: float = 2.0, y=None, *, flag: bool = False):
+        h = torch.relu(self.a(x)) * scale
+        if mask is not None:
+            h = h * mask
+        out = self.b(h)
+        return out if y is None else out + y
+
+
+def test_keyword_inputs_are_placed_as_forward_takes_them(capfd):
+    torch.manual_seed(0)
+    net, x, y = Optional(), torch.randn(5, 4), torch.randn(5, 3)
+    with torch.no_grad():
+        net.a.weight[:3], net.a.bias[:3] = 0.0, -1.0  # three dead units
+    placed = keyword_inputs(net, dict(y=y, x=x))
+    assert len(placed) == 4 and placed[0] is x and placed[1] is None and placed[2] == 2.0 and placed[3] is y
+    gm = fp.capture(net, dict(x=x, y=y))
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"][:4] == ["x", "mask", "scale", "y"]
+    assert torch.equal(gm(x, None, 2.0, y), net(x, y=y))
+    assert "Traceback" not in capfd.readouterr().err  # the symbolic trace's failed propagation prints nothing
+    small = fp.minimize_module(net, dict(x=x, y=y))
+    assert type(small) is Optional and small.a.out_features == 5
+    x7, y7 = torch.randn(7, 4), torch.randn(7, 3)
+    torch.testing.assert_close(small(x7, y=y7), net(x7, y=y7))
+    assert fp.verify(net, small, dict(x=x, y=y)).ok
+    graph = fp.minimize(net, dict(x=x, y=y))  # the compile-time form with keyword inputs
+    assert graph.get_parameter("a.weight").shape == (5, 4)
+    with pytest.raises(fp.InputError, match="has no positional parameter 'flag'"):
+        fp.capture(net, dict(x=x, flag=True))  # keyword-only: a graph takes its inputs positionally
+    with pytest.raises(fp.InputError, match="needs 'x' \\(it has no default\\) before 'y'"):
+        fp.capture(net, dict(y=y))
+    with pytest.raises(fp.InputError, match="there is no model here"):
+        as_inputs(dict(x=x))
 
 
 def test_exported_program_and_graphmodule_inputs():

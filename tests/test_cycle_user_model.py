@@ -293,3 +293,43 @@ def test_structured_masks_as_the_cycles_masking_step():
     with pytest.raises(fp.errors.InputError, match="structure"):
         fp.squeeze_release(SmallResNet(), (_data()[0][:8],), train=lambda m: None, evaluate=lambda m: 0.0,
                            structure="rows")
+
+
+def test_an_encoder_decoder_with_a_dict_batch_as_its_example_inputs():
+    """T5 needs decoder inputs (or labels) besides input_ids: the example inputs are the loop's own dict batch,
+    placed as forward takes them. Its feed-forward units with dead rows stay dead under training (ReLU at 0 has no
+    gradient) and leave the user's class; generate() works on what comes back."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.T5Config(vocab_size=16, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1,
+                                num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg)
+    ffns = [m for m in model.modules() if type(m).__name__ == "T5DenseActDense"]
+    with torch.no_grad():
+        for ffn in ffns:
+            ffn.wi.weight[:8] = 0.0  # 8 of 32 units dead in each feed-forward block
+    src = torch.randint(2, 16, (32, 6), generator=torch.Generator().manual_seed(0))
+    batch = dict(input_ids=src, labels=src.flip(1))
+
+    def train(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        m.train()
+        for idx in torch.randperm(len(src)).split(16):
+            opt.zero_grad()
+            m(input_ids=src[idx], labels=batch["labels"][idx]).loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def evaluate(m):
+        m.eval()
+        return float((m(**batch).logits.argmax(-1) == batch["labels"]).float().mean())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fp.squeeze_release(model, {k: v[:4] for k, v in batch.items()}, train=train, evaluate=evaluate,
+                                 cycles=1, mask_steps=1, sparsity=0.3, tolerance=1.0, lasso=0, progress=False)
+    kept = res.module
+    assert type(kept) is transformers.T5ForConditionalGeneration
+    assert res.dense["params"] - count_params(kept) >= len(ffns) * 8 * 2 * 16  # the dead units' wi rows, wo columns
+    assert all(ffn.wi.out_features <= 24 for ffn in kept.modules() if type(ffn).__name__ == "T5DenseActDense")
+    assert kept.generate(src[:2], max_new_tokens=4, do_sample=False).shape[0] == 2

@@ -8,8 +8,10 @@ through the result of the pass that uses it (:mod:`fxprune.graph.origin`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import io
 import operator
 import traceback
 from typing import Any, Literal
@@ -39,8 +41,11 @@ BATCH = "batch"  # capture's default dynamic_shapes: the batch dim dynamic where
 EVERY = "every"  # every dim of every tensor input dynamic wherever the model allows it (minimize_module's default)
 
 
-def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    """Normalize example inputs to a tuple (a lone tensor becomes a 1-tuple)."""
+def as_inputs(example_inputs: Any, model: Any = None) -> tuple[Any, ...]:
+    """Normalize example inputs to a tuple (a lone tensor becomes a 1-tuple). A dict holds keyword inputs, as a
+    transformers batch does (``dict(input_ids=..., labels=...)``): with ``model`` given they become its forward's
+    positional arguments in order, each parameter left out before the last given one at its default (the call
+    the model would make): :func:`keyword_inputs`."""
     if example_inputs is None:
         raise InputError("example_inputs is None: pass a tuple of tensors the model accepts, e.g. (torch.randn(1, 3, 32, 32),)")
     if isinstance(example_inputs, torch.Tensor):
@@ -48,8 +53,47 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
     if isinstance(example_inputs, dict):
-        raise InputError("example_inputs is a dict: pass positional inputs as a tuple (keyword inputs are not supported yet)")
-    raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+        if isinstance(model, nn.Module):
+            return keyword_inputs(model, example_inputs)
+        raise InputError("example_inputs is a dict of keyword inputs: they are bound to a model's forward, and there "
+                         "is no model here; pass them positionally, as a tuple in the order of forward's parameters")
+    raise InputError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword inputs, got "
+                     f"{type(example_inputs).__name__}")
+
+
+def keyword_inputs(model: nn.Module, named: dict[str, Any]) -> tuple[Any, ...]:
+    """``named`` (keyword inputs) as the positional arguments of ``model.forward`` that make the same call: in the
+    order of its parameters up to the last one named, each one left out at its default value. Captured graphs
+    take their inputs positionally, so a name forward takes only through ``**kwargs`` (or keyword-only) cannot be
+    placed, and neither can a left-out parameter without a default: both raise an :class:`InputError`."""
+    import inspect
+
+    if not named:
+        raise InputError("example_inputs is an empty dict: give the model's inputs, e.g. dict(input_ids=ids)")
+    owner = unwrapped(model)
+    try:
+        params = list(inspect.signature(owner.forward).parameters.values())
+    except (TypeError, ValueError) as e:
+        raise InputError(f"cannot read the parameters of {type(owner).__name__}.forward to place keyword inputs "
+                         f"({e}): pass the inputs positionally, as a tuple") from None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.kind in kinds]
+    where = f"{type(owner).__name__}.forward"
+    for key in named:
+        if key not in names:
+            raise InputError(f"{where} has no positional parameter {key!r} (it has {', '.join(names) or 'none'}): "
+                             "fxprune passes example inputs positionally; name only those parameters")
+    last = max(names.index(k) for k in named)
+    args = []
+    for p in params[:last + 1]:
+        if p.name in named:
+            args.append(named[p.name])
+        elif p.default is inspect.Parameter.empty:
+            raise InputError(f"{where} needs {p.name!r} (it has no default) before "
+                             f"{names[last]!r}: add it to example_inputs")
+        else:
+            args.append(p.default)
+    return tuple(args)
 
 
 def on_meta(m: nn.Module, *extra: Any) -> bool:
@@ -248,7 +292,8 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic
         from torch.fx.passes.shape_prop import ShapeProp
 
         dims = static_dims(inputs)
-        ShapeProp(gm).propagate(*inputs)
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback of what it then raises
+            ShapeProp(gm).propagate(*inputs)
     gm.meta[DYNAMIC_KEY] = dims
     _check_reproduces(gm, model, inputs, reference, "the symbolically traced graph",
                       "the symbolic trace does not reproduce the model's outputs (control flow baked in?)")
@@ -346,7 +391,7 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
     """
     if method not in ("auto", "symbolic", "export"):
         raise CaptureError(f"method must be 'auto', 'symbolic' or 'export', got {method!r}")
-    inputs = as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs, model)
     if isinstance(model, torch.export.ExportedProgram):
         gm = _program_module(model, inputs)
         record(gm, gm, inputs, _run(gm, inputs, "the exported program"), checked=True)

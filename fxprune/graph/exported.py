@@ -244,7 +244,7 @@ def exported_io(pass_fn: F) -> F:
 
     @functools.wraps(pass_fn)
     def run(gm: Any, *args: Any, **kwargs: Any) -> Any:
-        from fxprune.graph.capture import CAPTURE_METHOD_KEY, EXAMPLE_INPUTS_KEY, capture
+        from fxprune.graph.capture import CAPTURE_METHOD_KEY, EXAMPLE_INPUTS_KEY, as_inputs, capture
 
         if not isinstance(gm, (nn.Module, torch.export.ExportedProgram)):
             raise InputError(f"{name} takes a GraphModule (from fp.capture) or an ExportedProgram, got {type(gm).__name__}")
@@ -253,7 +253,9 @@ def exported_io(pass_fn: F) -> F:
             if inputs is None:
                 raise InputError(f"{name} got the module {type(gm).__name__} and no example_inputs: pass them "
                                  f"(fp.{name}(model, example_inputs)) or a GraphModule from fp.capture")
+            inputs = as_inputs(inputs, gm)  # keyword inputs placed by the module's forward, as the graph takes them
             gm = capture(gm, inputs)
+            args, kwargs = ((inputs, *args[1:]), kwargs) if args else (args, dict(kwargs, example_inputs=inputs))
         if not isinstance(gm, torch.export.ExportedProgram):
             return pass_fn(gm, *args, **kwargs)
         from fxprune.graph.dynamic import DYNAMIC_KEY

@@ -173,7 +173,7 @@ def eval_capture(model: nn.Module, example_inputs: Sequence[Any]) -> torch.fx.Gr
     torch.export returns refuses ``.eval()``) and the KV cache off, drawing no randomness from the global RNGs;
     ``model``'s modes are restored afterwards. What the group lasso and the structured masks read groups off."""
     with eval_modes(model), torch.random.fork_rng(devices=[]), cache_off(model):
-        return capture(model, as_inputs(example_inputs), dynamic_shapes=None)
+        return capture(model, as_inputs(example_inputs, model), dynamic_shapes=None)
 
 
 def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "every",
@@ -228,7 +228,7 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
     """The body of :func:`minimize_module`, with the cache already off."""
     from fxprune.passes.minimize import SITE_BIASES_KEY, MinimizeOptions, minimize, self_check
 
-    inputs = as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs, model)
     try:  # every dim the model's code lets vary stays dynamic: an index table sliced by a length is no channel
         gm = capture(model, inputs, dynamic_shapes=dynamic_shapes)  # (a symbolic trace first: cheaper than export)
     except CaptureError:

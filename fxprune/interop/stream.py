@@ -194,8 +194,8 @@ def minimize_checkpoint(build: Callable[[], nn.Module], checkpoint: str | Any, e
     out_dir = Path(directory)
     if (out_dir / MANIFEST).exists() or (out_dir.exists() and any(out_dir.iterdir())):
         raise UnsupportedError(f"{out_dir} is not empty: minimize_checkpoint writes a new directory")
-    inputs = as_inputs(example_inputs)
     model, read = _build(build, reader)
+    inputs = as_inputs(example_inputs, model)
     before = sum(p.numel() for p in model.parameters())
     gm = _capture_on_meta(model, inputs, dynamic_shapes)
     keep = {f"{path}.weight": f"'{path}' is an RMSNorm: its compensation needs the model's activations, which the "
@@ -277,7 +277,7 @@ def forward_streamed(build: Callable[[], nn.Module], checkpoint: str | Any, inpu
     ``checkpoint``, each module's read when it is called and dropped when it returns: the outputs of a model
     that does not fit in memory (for example to compare with a minimized one)."""
     model, read = _build(build, shards.Reader(checkpoint))
-    return _run(model, read, as_inputs(inputs), kwargs)[1]
+    return _run(model, read, as_inputs(inputs, model), kwargs)[1]
 
 
 def _run(model: nn.Module, read: Callable[[str], torch.Tensor], xs: tuple[Any, ...],

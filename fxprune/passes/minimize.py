@@ -368,7 +368,7 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
                          "drop options")
     opts = options or MinimizeOptions(verify=verify, round_to=round_to)
     require("round_to", opts.round_to, "positive integer")
-    inputs = as_inputs(example_inputs) if example_inputs is not None else gm.meta.get(EXAMPLE_INPUTS_KEY)
+    inputs = as_inputs(example_inputs, gm) if example_inputs is not None else gm.meta.get(EXAMPLE_INPUTS_KEY)
     check_weights(gm, "minimize")
     accelerator(gm)  # one device, or a typed error before any work
     work = work_ref = _prepare(gm, inputs)

@@ -153,7 +153,7 @@ def _release(gm: Program, scale: float = 0.01, *, seed: int = 0, calibration: Se
             for n, (p, zero, eps) in noise.items():
                 p.copy_(torch.where(zero, (s * eps).to(p.dtype), originals[n]))
 
-    inputs = as_inputs(calibration) if calibration is not None else getattr(gm, "meta", {}).get(EXAMPLE_INPUTS_KEY)
+    inputs = as_inputs(calibration, gm) if calibration is not None else getattr(gm, "meta", {}).get(EXAMPLE_INPUTS_KEY)
     base = _outputs(out, inputs) if inputs is not None and noise else None
 
     def deviation() -> float:
