@@ -97,6 +97,9 @@ def test_keyword_inputs_are_placed_as_forward_takes_them(capfd):
     assert [n.name for n in gm.graph.nodes if n.op == "placeholder"][:4] == ["x", "mask", "scale", "y"]
     assert torch.equal(gm(x, None, 2.0, y), net(x, y=y))
     assert "Traceback" not in capfd.readouterr().err  # the symbolic trace's failed propagation prints nothing
+    from collections import UserDict  # a mapping that is no dict, as a tokenizer's BatchEncoding is
+
+    assert torch.equal(fp.capture(net, UserDict(x=x, y=y))(x, None, 2.0, y), net(x, y=y))
     small = fp.minimize_module(net, dict(x=x, y=y))
     assert type(small) is Optional and small.a.out_features == 5
     x7, y7 = torch.randn(7, 4), torch.randn(7, 3)

@@ -14,6 +14,7 @@ import functools
 import io
 import operator
 import traceback
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -52,9 +53,9 @@ def as_inputs(example_inputs: Any, model: Any = None) -> tuple[Any, ...]:
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
-    if isinstance(example_inputs, dict):
+    if isinstance(example_inputs, Mapping):  # a dict, or a tokenizer's BatchEncoding
         if isinstance(model, nn.Module):
-            return keyword_inputs(model, example_inputs)
+            return keyword_inputs(model, dict(example_inputs))
         raise InputError("example_inputs is a dict of keyword inputs: they are bound to a model's forward, and there "
                          "is no model here; pass them positionally, as a tuple in the order of forward's parameters")
     raise InputError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword inputs, got "
