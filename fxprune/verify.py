@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.compare import EXACT_RTOL, check, eval_modes, rtol_for, stored_rtol, tensors
 from fxprune.errors import InputError, require
-from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs
+from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, program_module
 from fxprune.graph.dynamic import DYNAMIC_KEY, InputDims, batch_dims, from_graph, shape_str, shaped_inputs
 from fxprune.graph.exported import program_inputs
 
@@ -155,7 +155,7 @@ def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = No
     if example_inputs is None and isinstance(a, torch.export.ExportedProgram):
         example_inputs = program_inputs(a)
     dims = _dims(a, b)
-    a, b = (m.module() if isinstance(m, torch.export.ExportedProgram) else m for m in (a, b))
+    a, b = (program_module(m) if isinstance(m, torch.export.ExportedProgram) else m for m in (a, b))
     if example_inputs is None:
         example_inputs = getattr(a, "meta", {}).get(EXAMPLE_INPUTS_KEY)
     notes = []

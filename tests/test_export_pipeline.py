@@ -16,6 +16,7 @@ import fxprune as fp
 from conftest import snapshot
 from fxprune import zoo
 from fxprune.cli import main
+from fxprune.graph.exported import load_program
 from fxprune.passes import CompensateLayerNormPass, MaskPass, MinimizePass, ReleasePass
 from fxprune.verify import count_params
 
@@ -67,6 +68,44 @@ def test_release_on_a_program_returns_the_program_and_its_report():
     freed = fp.release(ep, 0.01, seed=0)
     report = fp.ReleaseReport.of(freed)
     assert isinstance(freed, torch.export.ExportedProgram) and report.total > 0
+
+
+def test_a_program_exported_with_keyword_inputs_comes_back_with_the_same_keywords(tmp_path):
+    """transformers programs are often exported with ``kwargs=batch``: the passes take them (the graph places the
+    keyword inputs positionally inside) and the result is called with the same keywords, at other shapes too."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).double().eval()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].intermediate.dense.weight[:8] = 0.0  # 8 of 32 units dead
+        model.bert.encoder.layer[0].intermediate.dense.bias[:8] = -5.0
+    batch = dict(attention_mask=torch.ones(2, 7, dtype=torch.long), input_ids=torch.randint(0, 50, (2, 7)))
+    B, S = torch.export.Dim("B", min=1, max=64), torch.export.Dim("S", min=2, max=32)
+    spec = dict(input_ids={0: B, 1: S}, attention_mask={0: B, 1: S})
+    ep = torch.export.export(model, (), kwargs=batch, dynamic_shapes=spec, strict=False)
+    before = snapshot(ep.module())
+    out = fp.minimize(ep)
+    assert snapshot(ep.module()) == before
+    assert set(out.example_inputs[1]) == set(batch) and out.example_inputs[0] == ()
+    assert count_params(out.module()) <= count_params(model) - 8 * 2 * 16
+    other = dict(input_ids=torch.randint(0, 50, (5, 11)), attention_mask=torch.ones(5, 11, dtype=torch.long))
+    torch.testing.assert_close(out.module()(**other).logits, model(**other).logits, rtol=1e-9, atol=1e-12)
+    assert fp.verify(ep, out).max_rel["float64"] <= 1e-9
+    torch.export.save(out, tmp_path / "out.pt2")
+    back = load_program(str(tmp_path / "out.pt2"))
+    torch.testing.assert_close(back.module()(**other).logits, model(**other).logits, rtol=1e-9, atol=1e-12)
+    result = PassManager([MinimizePass()])(fp.capture(ep, batch))  # the pipeline adapter on its graph
+    assert count_params(result.graph_module) == count_params(out.module())
+    with pytest.raises(fp.InputError, match="pass exactly its keywords"):
+        fp.capture(ep, dict(input_ids=batch["input_ids"]))
+    mixed = torch.export.export(model, (batch["input_ids"],), kwargs=dict(attention_mask=batch["attention_mask"]),
+                                strict=False)  # positional and keyword inputs at once
+    small = fp.minimize(mixed)
+    x = batch["input_ids"]
+    torch.testing.assert_close(small.module()(x, attention_mask=batch["attention_mask"]).logits,
+                               model(x, attention_mask=batch["attention_mask"]).logits, rtol=1e-9, atol=1e-12)
 
 
 def test_program_without_usable_example_inputs_is_refused():

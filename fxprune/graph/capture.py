@@ -56,6 +56,8 @@ def as_inputs(example_inputs: Any, model: Any = None) -> tuple[Any, ...]:
     if isinstance(example_inputs, Mapping):  # a dict, or a tokenizer's BatchEncoding
         if isinstance(model, nn.Module):
             return keyword_inputs(model, dict(example_inputs))
+        if isinstance(model, torch.export.ExportedProgram):
+            return _program_keyword_inputs(model, dict(example_inputs))
         raise InputError("example_inputs is a dict of keyword inputs: they are bound to a model's forward, and there "
                          "is no model here; pass them positionally, as a tuple in the order of forward's parameters")
     raise InputError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword inputs, got "
@@ -95,6 +97,17 @@ def keyword_inputs(model: nn.Module, named: dict[str, Any]) -> tuple[Any, ...]:
         else:
             args.append(p.default)
     return tuple(args)
+
+
+def _program_keyword_inputs(ep: torch.export.ExportedProgram, named: dict[str, Any]) -> tuple[Any, ...]:
+    """Keyword inputs for a program exported with keyword inputs only, in the order its graph takes them."""
+    from fxprune.graph.exported import keyword_names
+
+    args, kwargs = ep.example_inputs or ((), {})
+    if args or set(named) != set(kwargs):
+        raise InputError(f"the ExportedProgram takes {len(args)} positional inputs and the keyword inputs "
+                         f"{sorted(kwargs)}; got the keywords {sorted(named)}: pass exactly its keywords, or a tuple")
+    return tuple(named[k] for k in keyword_names(ep))
 
 
 def on_meta(m: nn.Module, *extra: Any) -> bool:
@@ -351,11 +364,31 @@ def _export_batch(model: nn.Module, inputs: tuple[Any, ...], every: bool = False
     return torch.export.export(model, inputs, dynamic_shapes=spec, strict=False)
 
 
+def program_module(ep: torch.export.ExportedProgram) -> GraphModule:
+    """``ep.module()``, taking its inputs positionally as every graph here does. A program exported with keyword
+    inputs takes them in the order of its flat inputs (:func:`fxprune.graph.exported.program_inputs`), with the
+    same outputs: its pytree code generation gets a positional input spec, and the hook that checks each call
+    against the keyword structure goes (the graph's own check of the inputs' shapes stays)."""
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+    gm = ep.module()
+    if ep.example_inputs is None or not ep.example_inputs[1]:
+        return gm
+    info = gm.graph._codegen.pytree_info
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    spec = pytree.tree_structure((tuple(range(len(names))), {}))
+    gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, spec, info.out_spec))
+    gm._in_spec = spec
+    gm.recompile()
+    gm._forward_pre_hooks.clear()
+    return gm
+
+
 def _program_module(ep: torch.export.ExportedProgram, inputs: tuple[Any, ...]) -> GraphModule:
     """``ep.module()`` annotated with plain example shapes, its inputs' dynamic dims in ``meta[DYNAMIC_KEY]``. The
     program's nodes are never touched: node metadata is copied before it is rewritten, and its symbolic sizes are
     read without guarding (reading a SymInt as an int would specialize the program's shape environment)."""
-    gm = ep.module()
+    gm = program_module(ep)
     for n in gm.graph.nodes:
         n.meta = dict(n.meta)
     dims = from_graph(gm, ep.range_constraints).at(inputs)

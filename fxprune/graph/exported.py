@@ -25,7 +25,7 @@ import torch
 from torch.fx import GraphModule
 from torch import nn
 
-from fxprune.errors import InputError, LoadError
+from fxprune.errors import InputError, LoadError, UnsupportedError
 
 __all__ = ["exported_io", "program_inputs", "to_program", "load_program", "check_archive", "Program"]
 
@@ -36,26 +36,45 @@ Program = TypeVar("Program", GraphModule, torch.export.ExportedProgram)
 
 
 def program_inputs(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:
-    """The positional example inputs an ExportedProgram was exported with."""
+    """The example inputs an ExportedProgram was exported with, positionally: its ``args``, then its keyword
+    inputs in the order its flat inputs hold them (how fxprune's graph of it takes them:
+    :func:`fxprune.graph.capture.program_module`)."""
     ex = getattr(ep, "example_inputs", None)
     if ex is None:
         raise InputError("the ExportedProgram carries no example inputs (it was built by hand or loaded from an old "
                          "file): capture it with fp.capture(ep, example_inputs) and pass the GraphModule instead")
     args, kwargs = ex
-    if kwargs:
-        raise InputError(f"the ExportedProgram was exported with keyword inputs ({', '.join(kwargs)}); fxprune takes "
-                         "positional inputs: export with args=(...) only")
-    return tuple(args)
+    return tuple(args) + tuple(kwargs[k] for k in keyword_names(ep))
 
 
-def to_program(module: nn.Module, inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
+def keyword_names(ep: torch.export.ExportedProgram) -> tuple[str, ...]:
+    """The names of the keyword inputs ``ep`` was exported with, in the order its flat inputs hold them (empty
+    when it takes positional inputs only)."""
+    spec = ep.call_spec.in_spec
+    if spec is None or spec.num_children != 2 or spec.child(1).type is not dict:
+        return ()
+    return tuple(spec.child(1).context)
+
+
+def to_program(module: nn.Module, inputs: tuple[Any, ...], keywords: tuple[str, ...] = ()) -> torch.export.ExportedProgram:
     """Export ``module`` (a pass's result) on ``inputs``, with the dynamic dims of the program it came from
-    (``module.meta["fxprune_input_dims"]``): the same symbols with the same ranges."""
+    (``module.meta["fxprune_input_dims"]``): the same symbols with the same ranges. ``keywords``: the names of the
+    last inputs, passed as keyword inputs as the source program was (its call structure stays)."""
     from fxprune.graph.dynamic import DYNAMIC_KEY
 
     dims = getattr(module, "meta", {}).get(DYNAMIC_KEY)
     spec = dims.export_spec() if dims is not None else None
-    return torch.export.export(module, inputs, dynamic_shapes=spec, strict=False)
+    if not keywords:
+        return torch.export.export(module, inputs, dynamic_shapes=spec, strict=False)
+    params = list(inspect.signature(module.forward).parameters)  # a graph's: its placeholders, as captured
+    n = len(inputs) - len(keywords)
+    if params[n:len(inputs)] != list(keywords):
+        raise UnsupportedError(f"the result's inputs are named {params[:len(inputs)]}, the program's keyword inputs "
+                               f"{list(keywords)}: it cannot be exported with the same keywords")
+    kwargs = dict(zip(keywords, inputs[n:]))
+    if spec is not None:
+        spec = dict(zip(params[:len(inputs)], spec))  # by name: torch.export matches keyword inputs so
+    return torch.export.export(module, tuple(inputs[:n]), kwargs=kwargs, dynamic_shapes=spec, strict=False)
 
 
 _SAFE = threading.local()
@@ -261,10 +280,11 @@ def exported_io(pass_fn: F) -> F:
         from fxprune.graph.dynamic import DYNAMIC_KEY
 
         inputs = program_inputs(gm)
+        keywords = keyword_names(gm)
         out = pass_fn(capture(gm, inputs), *args, **kwargs)
         if not isinstance(out, nn.Module):  # pragma: no cover
             raise TypeError(f"{pass_fn.__name__} returned {type(out).__name__}, not a module")
-        program = to_program(out, inputs)
+        program = to_program(out, inputs, keywords)
         capture_keys = (EXAMPLE_INPUTS_KEY, DYNAMIC_KEY, CAPTURE_METHOD_KEY)  # the graph's own, not reports
         program.graph_module.meta.update({k: v for k, v in getattr(out, "meta", {}).items()
                                           if k.startswith("fxprune_") and k not in capture_keys})
