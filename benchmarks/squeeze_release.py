@@ -639,8 +639,8 @@ TARGETS = {"fc": 39.0, "convnext": 14.8, "resnet": 10.0, "vit": 10.0}  # compres
 
 
 def frontier(paths: list[str]) -> dict:
-    """Per (model, dataset, seed), over every candidate the fixed-split runs recorded (each cycle's minimized and
-    fine-tuned model, the gradual steps; every method and recipe in ``paths``): the best test accuracy at or above
+    """Per (model, dataset, seed), over every model the fixed-split runs recorded (each cycle's minimized and
+    fine-tuned model, each gradual step; every method and recipe in ``paths``): the best test accuracy at or above
     the target compression, against the dense model's. Chosen on the test split, so it bounds what any selection
     rule could have kept from these candidates; it is not a result."""
     best: dict[tuple[str, str, int], dict] = {}
@@ -648,15 +648,16 @@ def frontier(paths: list[str]) -> dict:
         if r.get("folds", 1) != 1 or r["model"] not in TARGETS:
             continue
         key = (r["model"], r["dataset"], r["seed"])
-        row = best.setdefault(key, dict(model=r["model"], dataset=r["dataset"], seed=r["seed"], runs=0, candidates=0,
+        row = best.setdefault(key, dict(model=r["model"], dataset=r["dataset"], seed=r["seed"], runs=0, models=0,
                                         at_target=0, drop=None, compression=None))
         row["runs"] += 1
         for m in r["methods"].values():
             for curve in m.get("curves", []):
                 dense = curve[0]["test"]
                 for c in curve[1:]:
-                    for val, test in [(c["val"], c["test"])] + [tuple(c[k]) for k in ("minimized", "tuned") if k in c]:
-                        row["candidates"] += 1
+                    models = [tuple(c[k]) for k in ("minimized", "tuned") if k in c] or [(c["val"], c["test"])]
+                    for val, test in models:  # (a cycle's kept model is one of its two)
+                        row["models"] += 1
                         compression = r["params_dense"] / c["params"]
                         if compression < TARGETS[r["model"]]:
                             continue
@@ -664,13 +665,13 @@ def frontier(paths: list[str]) -> dict:
                         drop = 100 * (dense - test)
                         if row["drop"] is None or drop < row["drop"]:
                             row.update(drop=drop, compression=compression)
-    print("| model | data | seed | runs | candidates | at the target | best test drop there (pt) | its compression |")
+    print("| model | data | seed | runs | models | at the target | best test drop there (pt) | its compression |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     rows = [best[k] for k in sorted(best)]
     for w in rows:
         at = "none" if w["drop"] is None else f"{w['drop']:+.2f}"
         comp = "" if w["compression"] is None else f"{w['compression']:.1f}x"
-        print(f"| {w['model']} | {w['dataset']} | {w['seed']} | {w['runs']} | {w['candidates']} | {w['at_target']} | {at} | {comp} |")
+        print(f"| {w['model']} | {w['dataset']} | {w['seed']} | {w['runs']} | {w['models']} | {w['at_target']} | {at} | {comp} |")
     out = dict(benchmark="squeeze_release_frontier", targets=TARGETS, rows=rows)
     print(json.dumps(out))
     return out
