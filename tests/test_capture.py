@@ -115,6 +115,21 @@ def test_keyword_inputs_are_placed_as_forward_takes_them(capfd):
         as_inputs(dict(x=x))
 
 
+def test_a_causal_lm_with_its_cache_on_is_told_how_to_capture():
+    """A transformers LM as loaded returns its KV cache, which torch.export cannot return: the error says what to
+    do instead of blaming control flow, and the model's config is left as it was."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    model, x = transformers.GPT2LMHeadModel(cfg).eval(), torch.randint(0, 50, (2, 7))
+    assert model.config.use_cache
+    with pytest.raises(fp.CaptureError, match=r"What to try: the model returns transformers' KV cache .* "
+                                              r"model.config.use_cache = False .* fp.minimize_module"):
+        fp.capture(model, (x,))
+    assert model.config.use_cache
+    model.config.use_cache = False  # what the error says: the capture then works
+    assert torch.equal(fp.capture(model, (x,))(x).logits, model(x).logits)
+
+
 def test_exported_program_and_graphmodule_inputs():
     m, x = build("cnn")
     ep = torch.export.export(m, x, strict=False)

@@ -99,6 +99,11 @@ def keyword_inputs(model: nn.Module, named: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(args)
 
 
+def _caches(model: nn.Module) -> bool:
+    """Whether a module of ``model`` has a transformers config with the KV cache on."""
+    return any(getattr(getattr(m, "config", None), "use_cache", False) is True for m in model.modules())
+
+
 def _program_keyword_inputs(ep: torch.export.ExportedProgram, named: dict[str, Any]) -> tuple[Any, ...]:
     """Keyword inputs for a program exported with keyword inputs only, in the order its graph takes them."""
     from fxprune.graph.exported import keyword_names
@@ -477,4 +482,8 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
         else "make the model traceable: remove data-dependent Python control flow, or pass an ExportedProgram "
         "you exported yourself (torch.export.export(model, args, strict=False))"
     )
+    if any("cache_utils" in f or "Cache'>" in f for f in failures) and _caches(model):
+        hint = ("the model returns transformers' KV cache (config.use_cache is True), which torch.export cannot "
+                "return: set model.config.use_cache = False before capturing (the graph then returns no cache), or "
+                "use fp.minimize_module(model, inputs), which keeps your class and its cache")
     raise CaptureError(f"could not capture {type(model).__name__}:\n" + "\n".join(failures) + f"\nWhat to try: {hint}.")
