@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import io
 import operator
 import traceback
@@ -69,8 +70,6 @@ def keyword_inputs(model: nn.Module, named: dict[str, Any]) -> tuple[Any, ...]:
     order of its parameters up to the last one named, each one left out at its default value. Captured graphs
     take their inputs positionally, so a name forward takes only through ``**kwargs`` (or keyword-only) cannot be
     placed, and neither can a left-out parameter without a default: both raise an :class:`InputError`."""
-    import inspect
-
     if not named:
         raise InputError("example_inputs is an empty dict: give the model's inputs, e.g. dict(input_ids=ids)")
     owner = unwrapped(model)

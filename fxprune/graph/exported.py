@@ -73,7 +73,7 @@ def to_program(module: nn.Module, inputs: tuple[Any, ...], keywords: tuple[str, 
                                f"{list(keywords)}: it cannot be exported with the same keywords")
     kwargs = dict(zip(keywords, inputs[n:]))
     if spec is not None:
-        spec = dict(zip(params[:len(inputs)], spec))  # by name: torch.export matches keyword inputs so
+        spec = dict(zip(params[:len(inputs)], spec))  # keyed by name, as torch.export matches keyword inputs
     return torch.export.export(module, tuple(inputs[:n]), kwargs=kwargs, dynamic_shapes=spec, strict=False)
 
 
