@@ -333,3 +333,21 @@ def test_an_encoder_decoder_with_a_dict_batch_as_its_example_inputs():
     assert res.dense["params"] - count_params(kept) >= len(ffns) * 8 * 2 * 16  # the dead units' wi rows, wo columns
     assert all(ffn.wi.out_features <= 24 for ffn in kept.modules() if type(ffn).__name__ == "T5DenseActDense")
     assert kept.generate(src[:2], max_new_tokens=4, do_sample=False).shape[0] == 2
+
+
+def test_the_trainer_example_runs_and_reloads(tmp_path):
+    """examples/trainer_squeeze_release.py: the Trainer as ``train``, a collated batch (a dict with labels) as the
+    example inputs; the user's class comes back, and fp.load rebuilds it with the same logits."""
+    pytest.importorskip("transformers", reason="the model and the Trainer come from transformers")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (dev dependency)")
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "trainer_squeeze_release.py"
+    spec = importlib.util.spec_from_file_location("trainer_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--cycles", "1", "--epochs", "2", "--samples", "256", "--out", str(tmp_path / "small")])
+    assert out["cls"] == "BertForSequenceClassification" and out["reloaded_equal"]
+    assert out["params"] < out["params_dense"]
+    assert (tmp_path / "small" / "manifest.json").exists()
