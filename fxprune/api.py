@@ -1,6 +1,7 @@
 """The public entry points (``fxprune.capture``, ``analyze``, ``mask``, ``minimize``, ``verify``)."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -9,7 +10,7 @@ from torch.fx import GraphModule
 from fxprune.graph.scan import fresh
 from fxprune.analysis.groups import Analysis, ChannelGraph
 from fxprune.errors import InputError
-from fxprune.graph.capture import capture
+from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, capture, model_call
 from fxprune.graph.exported import program_inputs
 from fxprune.graph.shapes import is_annotated
 from fxprune.passes.lower import lower_modules
@@ -37,6 +38,7 @@ def compile(model: Any, example_inputs: Sequence[Any], *, sparsity: float | None
     """The compile-time entry: capture ``model``, mask it to ``sparsity`` (when given), minimize it (self-check
     included), and hand the smaller graph to ``torch.compile(..., backend=backend)``.
 
+    The result is called as ``model`` is: positional or keyword inputs (``fast(**batch)``), defaults left out.
     Limits: the rewrite happens once, here, for the shapes of ``example_inputs`` (torch.compile may still
     recompile the small model for other shapes, exactly as it would the original); a model that changes its
     weights later is not re-minimized. A ``torch.compile`` backend proper cannot do this job: Dynamo passes
@@ -53,4 +55,13 @@ def compile(model: Any, example_inputs: Sequence[Any], *, sparsity: float | None
     gm = capture(model, example_inputs)
     if sparsity is not None:
         gm = mask(gm, sparsity)
-    return torch.compile(minimize(gm), backend=backend, **compile_kwargs)
+    fast = torch.compile(minimize(gm), backend=backend, **compile_kwargs)
+    if not isinstance(model, torch.nn.Module) or isinstance(model, GraphModule):
+        return fast
+    place = model_call(model, gm.meta[EXAMPLE_INPUTS_KEY])  # the graph takes its inputs positionally
+
+    @functools.wraps(fast)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return fast(*place(*args, **kwargs))
+
+    return run

@@ -107,6 +107,13 @@ def test_keyword_inputs_are_placed_as_forward_takes_them(capfd):
     assert fp.verify(net, small, dict(x=x, y=y)).ok
     graph = fp.minimize(net, dict(x=x, y=y))  # the compile-time form with keyword inputs
     assert graph.get_parameter("a.weight").shape == (5, 4)
+    fast = fp.compile(net, dict(x=x, y=y), backend="eager")  # called as the model is, defaults left out
+    for call in (lambda: fast(x=x7, y=y7), lambda: fast(x7, y=y7), lambda: fast(x7, None, 2.0, y7)):
+        torch.testing.assert_close(call(), net(x7, y=y7))
+    with pytest.raises(fp.InputError, match=r"mask=a tensor of shape \(7, 8\): the graph was captured with mask=None"):
+        fast(x7, mask=torch.ones(7, 8), y=y7)  # a branch the capture did not take: refused, not run without it
+    with pytest.raises(fp.InputError, match="y=None: the graph was captured with y=a tensor"):
+        fast(x7)
     with pytest.raises(fp.InputError, match="has no positional parameter 'flag'"):
         fp.capture(net, dict(x=x, flag=True))  # keyword-only: a graph takes its inputs positionally
     with pytest.raises(fp.InputError, match="needs 'x' \\(it has no default\\) before 'y'"):

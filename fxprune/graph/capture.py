@@ -16,7 +16,7 @@ import io
 import operator
 import traceback
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,12 +65,13 @@ def as_inputs(example_inputs: Any, model: Any = None) -> tuple[Any, ...]:
                      f"{type(example_inputs).__name__}")
 
 
-def keyword_inputs(model: nn.Module, named: dict[str, Any]) -> tuple[Any, ...]:
+def keyword_inputs(model: nn.Module, named: dict[str, Any], length: int | None = None) -> tuple[Any, ...]:
     """``named`` (keyword inputs) as the positional arguments of ``model.forward`` that make the same call: in the
-    order of its parameters up to the last one named, each one left out at its default value. Captured graphs
+    order of its parameters up to the last one named (``length``: exactly the first ``length`` parameters, as a
+    graph captured with that many inputs takes them), each one left out at its default value. Captured graphs
     take their inputs positionally, so a name forward takes only through ``**kwargs`` (or keyword-only) cannot be
     placed, and neither can a left-out parameter without a default: both raise an :class:`InputError`."""
-    if not named:
+    if not named and length is None:
         raise InputError("example_inputs is an empty dict: give the model's inputs, e.g. dict(input_ids=ids)")
     owner = unwrapped(model)
     try:
@@ -85,7 +86,10 @@ def keyword_inputs(model: nn.Module, named: dict[str, Any]) -> tuple[Any, ...]:
         if key not in names:
             raise InputError(f"{where} has no positional parameter {key!r} (it has {', '.join(names) or 'none'}): "
                              "fxprune passes example inputs positionally; name only those parameters")
-    last = max(names.index(k) for k in named)
+        if length is not None and names.index(key) >= length:
+            raise InputError(f"{key!r} was not among the example inputs: the graph takes the first {length} "
+                             f"parameters of {where} ({', '.join(names[:length])}); capture with it to pass it")
+    last = max(names.index(k) for k in named) if length is None else length - 1
     args = []
     for p in params[:last + 1]:
         if p.name in named:
@@ -96,6 +100,37 @@ def keyword_inputs(model: nn.Module, named: dict[str, Any]) -> tuple[Any, ...]:
         else:
             args.append(p.default)
     return tuple(args)
+
+
+def model_call(model: nn.Module, example: tuple[Any, ...]) -> Callable[..., tuple[Any, ...]]:
+    """A function that turns a call of ``model`` (positional and keyword arguments, defaults left out) into the
+    positional inputs of a graph captured from it on ``example``. The graph holds what was not a tensor there
+    (``None``, a flag) as a constant, so a call must give the same value there, and a tensor where it had one:
+    anything else raises an :class:`InputError` instead of running a graph that does not compute it."""
+    names = [p.name for p in inspect.signature(unwrapped(model).forward).parameters.values()
+             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+
+    def place(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        if len(args) > len(names):
+            raise InputError(f"{len(args)} positional inputs, forward takes {len(names)}")
+        named = dict(zip(names, args))
+        twice = sorted(set(named) & set(kwargs))
+        if twice:
+            raise InputError(f"{', '.join(twice)} given both positionally and by name")
+        placed = args if not kwargs and len(args) == len(example) else keyword_inputs(model, {**named, **kwargs},
+                                                                                        len(example))
+        for name, got, want in zip(names, placed, example):
+            if isinstance(want, torch.Tensor) != isinstance(got, torch.Tensor) or (
+                    not isinstance(want, torch.Tensor) and not (got is want or got == want)):
+                raise InputError(f"{name}={_short(got)}: the graph was captured with {name}={_short(want)} and "
+                                 "computes only that; capture (compile) again with this input among the example inputs")
+        return placed
+
+    return place
+
+
+def _short(x: Any) -> str:
+    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
 
 
 def _caches(model: nn.Module) -> bool:
