@@ -73,15 +73,7 @@ def keyword_inputs(model: nn.Module, named: dict[str, Any], length: int | None =
     placed, and neither can a left-out parameter without a default: both raise an :class:`InputError`."""
     if not named and length is None:
         raise InputError("example_inputs is an empty dict: give the model's inputs, e.g. dict(input_ids=ids)")
-    owner = unwrapped(model)
-    try:
-        params = list(inspect.signature(owner.forward).parameters.values())
-    except (TypeError, ValueError) as e:
-        raise InputError(f"cannot read the parameters of {type(owner).__name__}.forward to place keyword inputs "
-                         f"({e}): pass the inputs positionally, as a tuple") from None
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = [p.name for p in params if p.kind in kinds]
-    where = f"{type(owner).__name__}.forward"
+    where, params, names = _forward_parameters(model)
     for key in named:
         if key not in names:
             raise InputError(f"{where} has no positional parameter {key!r} (it has {', '.join(names) or 'none'}): "
@@ -102,13 +94,25 @@ def keyword_inputs(model: nn.Module, named: dict[str, Any], length: int | None =
     return tuple(args)
 
 
+def _forward_parameters(model: nn.Module) -> tuple[str, list[inspect.Parameter], list[str]]:
+    """``model.forward`` (read through wrappers) as ``Class.forward``, its parameters, and the names of those a
+    positional call can fill."""
+    owner = unwrapped(model)
+    try:
+        params = list(inspect.signature(owner.forward).parameters.values())
+    except (TypeError, ValueError) as e:
+        raise InputError(f"cannot read the parameters of {type(owner).__name__}.forward to place keyword inputs "
+                         f"({e}): pass the inputs positionally, as a tuple") from None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return f"{type(owner).__name__}.forward", params, [p.name for p in params if p.kind in kinds]
+
+
 def model_call(model: nn.Module, example: tuple[Any, ...]) -> Callable[..., tuple[Any, ...]]:
     """A function that turns a call of ``model`` (positional and keyword arguments, defaults left out) into the
     positional inputs of a graph captured from it on ``example``. The graph holds what was not a tensor there
     (``None``, a flag) as a constant, so a call must give the same value there, and a tensor where it had one:
     anything else raises an :class:`InputError` instead of running a graph that does not compute it."""
-    names = [p.name for p in inspect.signature(unwrapped(model).forward).parameters.values()
-             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    names = _forward_parameters(model)[2]
 
     def place(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
         if len(args) > len(names):
