@@ -13,7 +13,7 @@ import torch
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import fxprune as fp
-from conftest import snapshot
+from conftest import graph_state, snapshot
 from fxprune import zoo
 from fxprune.cli import main
 from fxprune.graph.exported import load_program
@@ -85,9 +85,10 @@ def test_a_program_exported_with_keyword_inputs_comes_back_with_the_same_keyword
     B, S = torch.export.Dim("B", min=1, max=64), torch.export.Dim("S", min=2, max=32)
     spec = dict(input_ids={0: B, 1: S}, attention_mask={0: B, 1: S})
     ep = torch.export.export(model, (), kwargs=batch, dynamic_shapes=spec, strict=False)
-    before = snapshot(ep.module())
+    before, graph_before = snapshot(ep.module()), graph_state(ep.graph_module)
     out = fp.minimize(ep)
-    assert snapshot(ep.module()) == before
+    assert snapshot(ep.module()) == before and graph_state(ep.graph_module) == graph_before  # node.meta too
+    assert ep.module()(**batch).logits.shape == (2, 3)  # its own module still takes the keywords
     assert set(out.example_inputs[1]) == set(batch) and out.example_inputs[0] == ()
     assert count_params(out.module()) <= count_params(model) - 8 * 2 * 16
     other = dict(input_ids=torch.randint(0, 50, (5, 11)), attention_mask=torch.ones(5, 11, dtype=torch.long))
