@@ -6,6 +6,7 @@ Outputs are compared leaf by leaf (pytree); the error of one output is ``max |a 
 the reference is all zero), positions where both hold the same value (infinities included) or both NaN count as
 equal. The tolerance follows the lowest floating precision the reference computes in (:func:`precision_of`):
 float64 end to end is held to 1e-9; a graph that casts to float32 inside (transformers' RMSNorm does) to float32's.
+Both sides of a check compute float32 in IEEE float32 (:func:`ieee_float32`), never in the TF32 a GPU may use.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["Point", "check", "OutputDiff", "compare", "rtol_for", "stored_rtol", "precision_of", "first_failure", "worst", "tensors", "EXACT_RTOL"]
+__all__ = ["Point", "check", "ieee_float32", "OutputDiff", "compare", "rtol_for", "stored_rtol", "precision_of", "first_failure", "worst", "tensors", "EXACT_RTOL"]
 
 EXACT_RTOL = 1e-9  # float64 relative error that counts as exact
 _RTOL = {torch.float64: EXACT_RTOL, torch.float32: 1e-4}
@@ -34,6 +35,48 @@ def stored_rtol(dtype: torch.dtype) -> float:
     """Relative tolerance for a float64 run of a model whose values are stored in ``dtype``: the computation is
     exact to 1e-9, the constants folded into ``dtype`` parameters are rounded to it (8 ulps: 1e-6 for float32)."""
     return EXACT_RTOL if dtype == torch.float64 else 8 * torch.finfo(dtype).eps
+
+
+_FP32_SETTINGS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+_LEGACY_TF32 = ("cublas", "cudnn")  # torch._C._get_/_set_{name}_allow_tf32 (oneDNN's: Intel GPUs only)
+
+
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """While open, float32 matrix products, convolutions and RNNs compute in IEEE float32, whatever the process
+    set: cuDNN convolutions use TF32 on Ampere-or-later GPUs by default (10 bits of mantissa: relative errors near
+    1e-3), and ``torch.set_float32_matmul_precision("high")`` does the same for matrix products. A comparison held
+    to float32's tolerance would read that rounding as the rewrite's error, and a constant folded in TF32 would be
+    off by as much. Both of torch's interfaces are set, the flags it reads itself (``allow_tf32``) and the
+    per-op ``fp32_precision`` of torch >= 2.9, so that torch.export, which reads the former, sees a consistent
+    state; each comes back as it was."""
+    legacy: list[tuple[str, bool]] = []
+    for name in _LEGACY_TF32:
+        get = getattr(torch._C, f"_get_{name}_allow_tf32", None)
+        if get is None:
+            continue
+        try:
+            legacy.append((name, bool(get())))
+        except RuntimeError:  # a state mixed through both interfaces: torch cannot say; the per-op settings come back
+            legacy.append((name, None))  # type: ignore[arg-type]
+    leaves: list[tuple[Any, str]] = []
+    for name in _FP32_SETTINGS:
+        backend, op = name.split(".")
+        owner = getattr(getattr(torch.backends, backend, None), op, None)
+        if owner is not None and hasattr(owner, "fp32_precision"):
+            leaves.append((owner, owner.fp32_precision))
+    try:
+        for name, _ in legacy:
+            getattr(torch._C, f"_set_{name}_allow_tf32")(False)
+        for owner, _ in leaves:
+            owner.fp32_precision = "ieee"
+        yield
+    finally:
+        for name, value in legacy:
+            if value is not None:
+                getattr(torch._C, f"_set_{name}_allow_tf32")(value)
+        for owner, value in leaves:
+            owner.fp32_precision = value
 
 
 @contextlib.contextmanager
@@ -158,14 +201,14 @@ def check(reference: Callable[[tuple[Any, ...]], Any], candidate: Callable[[tupl
     (``Point.error``), never swallowed."""
     for k, xs in enumerate(points):
         try:
-            with torch.no_grad():
+            with torch.no_grad(), ieee_float32():
                 expected = reference(xs)
         except skip:
             if k < required:
                 raise
             continue
         try:
-            with torch.no_grad():
+            with torch.no_grad(), ieee_float32():
                 got = candidate(xs)
         except Exception as e:  # noqa: BLE001 (yielded to the caller, which decides)
             yield Point(k, xs, expected, error=e)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import os
 import sys
 import time
@@ -148,6 +149,7 @@ def _trained(train: Callable[[nn.Module], Any], m: nn.Module, masks: dict[str, t
     """``train`` on ``m`` with ``masks`` held as parametrizations and the group lasso attached to every optimizer
     step, then BatchNorm's running statistics re-estimated from the last ``bn_batches`` batches it trained on;
     the trained model with plain parameters (masked entries exact zeros)."""
+    home = _device_of(m)
     held = hold_masks_(m, masks) if masks else m
     with contextlib.ExitStack() as stack:
         rec = stack.enter_context(BatchRecorder(held, bn_batches)) if bn_batches and batchnorms(held) else None
@@ -156,7 +158,15 @@ def _trained(train: Callable[[nn.Module], Any], m: nn.Module, masks: dict[str, t
         out = _call_train(train, held)
     if rec is not None:
         recalibrate_batchnorm(out, rec.batches)
-    return bake_masks_(out) if masks else out
+    out = bake_masks_(out) if masks else out
+    if home is not None and _device_of(out) != home:  # train moved it (a Trainer puts what it trains on the GPU):
+        out.to(home)                                   # the cycle keeps the model where it came, as its inputs are
+    return out
+
+
+def _device_of(m: nn.Module) -> torch.device | None:
+    t = next(itertools.chain(m.parameters(), m.buffers()), None)
+    return None if t is None else t.device
 
 
 def _settings(**kw: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxprune.compare import EXACT_RTOL, check, eval_modes, rtol_for, stored_rtol, tensors
+from fxprune.compare import EXACT_RTOL, check, eval_modes, ieee_float32, rtol_for, stored_rtol, tensors
 from fxprune.errors import InputError, require
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, program_module
 from fxprune.graph.dynamic import DYNAMIC_KEY, InputDims, batch_dims, from_graph, shape_str, shaped_inputs
@@ -131,6 +131,7 @@ def count_flops(m: nn.Module, xs: tuple[Any, ...]) -> int:
     return int(counter.get_total_flops())
 
 
+@ieee_float32()
 def verify(a: nn.Module, b: nn.Module, example_inputs: Sequence[Any] | None = None, *, n_random: int = 2,
            seed: int = 0, rtol: float | None = None) -> EquivalenceReport:
     """Run ``a`` and ``b`` on the example inputs and ``n_random`` seeded random inputs of the same shapes and

@@ -198,3 +198,137 @@ def test_a_split_norm_selects_on_the_device(device):
     x = torch.randn(3, 8, 16, dtype=torch.float64, device=device)
     with torch.no_grad():
         assert rel(m(x), small(x)) <= 1e-9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_example_inputs_from_the_cpu_follow_a_model_on_the_device(device):
+    """A DataLoader's batch stays on the CPU while ``model.cuda()`` or a ``Trainer`` put the model on the GPU:
+    fxprune places such inputs on the model's device, as the Trainer does with each batch."""
+    model, (x,) = cnn_with_dead_channels(device)
+    xc = x.cpu()
+    small, graph = fp.minimize_module(model, (xc,)), fp.minimize(model, (xc,))
+    assert on(small) == {device} and on(graph) == {device}
+    assert fp.verify(model, small, (xc,)).ok
+    with torch.no_grad():
+        assert rel(model(x), small(x)) <= 1e-9 and rel(model(x), graph(x)) <= 1e-9
+    pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    bert, (ids,) = zoo.build("bert", head=True)
+    zoo.plant_dead_stream(bert, "bert", [3, 7])
+    bert = bert.double().to(device)
+    batch = dict(input_ids=ids.cpu(), attention_mask=torch.ones_like(ids).cpu())  # the collator's dict, on the CPU
+    slim = fp.minimize_module(bert, batch)
+    assert type(slim) is type(bert) and on(slim) == {device} and count_params(slim) < count_params(bert)
+    on_dev = {k: v.to(device) for k, v in batch.items()}
+    with torch.no_grad():
+        assert rel(bert(**on_dev).logits, slim(**on_dev).logits) <= 1e-9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_squeeze_release_when_train_moves_each_copy_to_the_device(device):
+    """The user's model on the CPU and a loop that puts the module it trains on the GPU (as a ``Trainer`` does with
+    every module it is given): each cycle trains there, and the model comes back on the CPU, as it came."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 12, generator=g)
+    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 1).long()
+    where = []
+
+    def train(m: nn.Module) -> None:
+        m.to(device)
+        where.append(on(m))
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        m.train()
+        xd, yd = x.to(device), y.to(device)
+        for idx in torch.randperm(len(x)).split(32):
+            opt.zero_grad()
+            F.cross_entropy(m(xd[idx]), yd[idx]).backward()
+            opt.step()
+
+    def evaluate(m: nn.Module) -> float:
+        m.eval()
+        d = next(m.parameters()).device
+        with torch.no_grad():
+            return float((m(x.to(d)).argmax(1).cpu() == y).float().mean())
+
+    res = fp.squeeze_release(model, (x[:8],), train=train, evaluate=evaluate, cycles=2, sparsity=0.5, progress=False,
+                             tolerance=1.0)
+    assert where and all(w == {device} for w in where)
+    assert type(res.module) is nn.Sequential and on(res.module) == {"cpu"}
+    assert count_params(res.module) < count_params(model)
+    assert res.best_cycle is not None and 0.0 <= evaluate(res.module) <= 1.0
+
+
+def _fp32_settings() -> dict[str, str]:
+    out = {}
+    for name in ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv"):
+        backend, op = name.split(".")
+        owner = getattr(getattr(torch.backends, backend, None), op, None)
+        if owner is not None and hasattr(owner, "fp32_precision"):
+            out[name] = owner.fp32_precision
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_checks_run_in_ieee_float32_whatever_the_process_set(device):
+    """cuDNN convolutions use TF32 by default on Ampere-or-later GPUs, and users turn it on for matrix products: the
+    float32 self-check of minimize and verify compare in IEEE float32 (TF32's rounding is no rewrite error), and the
+    process's settings come back as they were."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9 has no per-op fp32_precision settings")
+    model, (x,) = cnn_with_dead_channels(device)
+    model, x = model.float(), x.float()
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        before = _fp32_settings()
+        small = fp.minimize_module(model, (x,))  # raised EquivalenceError on an H200 before (cuDNN TF32)
+        assert fp.verify(model, small, (x,)).ok
+        assert _fp32_settings() == before
+        with torch.no_grad(), fp.compare.ieee_float32():
+            assert _fp32_settings()["cuda.matmul"] == "ieee"
+            assert rel(model(x), small(x)) <= 1e-5
+        assert _fp32_settings() == before
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def test_every_model_run_of_fxprune_computes_float32_in_ieee():
+    """What fxprune runs the model for (capture's reference, the constants a pass folds, the self-check, verify)
+    computes in IEEE float32 even when the process turned TF32 on; the user's own calls keep the setting. Read
+    from inside the model's forward on the CPU, so that this holds where no GPU is (the H200 run showed a capture
+    reference computed in TF32 failing minimize's check of a float32 CNN)."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9 has no per-op fp32_precision settings")
+    seen: list[str] = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if type(x) is torch.Tensor and not torch.compiler.is_compiling():  # a run, not a trace
+                seen.append(torch.backends.cuda.matmul.fp32_precision)
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = Probe()
+    with torch.no_grad():
+        model.fc1.weight[:3] = 0
+        model.fc1.bias[:3] = -1.0
+    x = torch.randn(3, 4)
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        graph = fp.minimize(model, (x,))
+        small = fp.minimize_module(model, (x,))
+        assert fp.verify(model, small, (x,)).ok and fp.verify(model, graph, (x,)).ok
+        n = len(seen)
+        model(x)  # the user's call: their setting
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+    assert n > 0 and set(seen[:n]) == {"ieee"}, seen
+    assert seen[n:] == ["tf32"]
+    assert small.fc1.weight.shape == (5, 4)

@@ -25,16 +25,16 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from fxprune.graph.scan import fresh, scan
-from fxprune.compare import check, precision_of, rtol_for
+from fxprune.compare import check, ieee_float32, precision_of, rtol_for
 from fxprune.errors import CaptureError, InputError, UnsupportedError
 from fxprune.graph import lazy
-from fxprune.graph.rebuild import graph_module
+from fxprune.graph.rebuild import accelerator, graph_module
 from fxprune.graph.origin import record, run
 from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, every_dims, from_graph, resize, static_dims
 from fxprune.graph.shapes import TensorSpec, annotate, is_annotated, node_spec, runs_at
 from fxprune.graph.masks import unmasked
 
-__all__ = ["capture", "as_inputs", "check_weights", "on_meta", "unwrapped", "EXAMPLE_INPUTS_KEY"]
+__all__ = ["capture", "as_inputs", "on_model_device", "check_weights", "on_meta", "unwrapped", "EXAMPLE_INPUTS_KEY"]
 
 EXAMPLE_INPUTS_KEY = "fxprune_example_inputs"
 CAPTURE_METHOD_KEY = "fxprune_capture_method"  # gm.meta: "symbolic" or "export", the capture that worked
@@ -47,7 +47,32 @@ def as_inputs(example_inputs: Any, model: Any = None) -> tuple[Any, ...]:
     """Normalize example inputs to a tuple (a lone tensor becomes a 1-tuple). A dict holds keyword inputs, as a
     transformers batch does (``dict(input_ids=..., labels=...)``): with ``model`` given they become its forward's
     positional arguments in order, each parameter left out before the last given one at its default (the call
-    the model would make): :func:`keyword_inputs`."""
+    the model would make): :func:`keyword_inputs`. Inputs all on the CPU for a model on a GPU go to the model's
+    device (:func:`on_model_device`)."""
+    return on_model_device(_as_tuple(example_inputs, model), model)
+
+
+def on_model_device(inputs: tuple[Any, ...], model: Any) -> tuple[Any, ...]:
+    """``inputs`` moved to the accelerator ``model``'s tensors live on, when every tensor among them is on the CPU
+    (a batch as a DataLoader gives it, for a model a ``Trainer`` or ``model.cuda()`` put on a GPU), as
+    transformers' ``Trainer`` and accelerate place a batch. Inputs with any tensor already off the CPU are the
+    user's placement and stay as given (an RNN's ``lengths`` stay on the CPU beside inputs on the GPU), and so do
+    the inputs of a model on the CPU or spread over several devices."""
+    if not isinstance(model, nn.Module):
+        return inputs
+    tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    if not tensors or any(t.device.type != "cpu" for t in tensors):
+        return inputs
+    try:
+        device = accelerator(model)
+    except UnsupportedError:  # several devices: minimize says so where it matters
+        return inputs
+    if device is None:
+        return inputs
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), inputs)
+
+
+def _as_tuple(example_inputs: Any, model: Any) -> tuple[Any, ...]:
     if example_inputs is None:
         raise InputError("example_inputs is None: pass a tuple of tensors the model accepts, e.g. (torch.randn(1, 3, 32, 32),)")
     if isinstance(example_inputs, torch.Tensor):
@@ -440,6 +465,7 @@ def _program_module(ep: torch.export.ExportedProgram, inputs: tuple[Any, ...]) -
     return gm
 
 
+@ieee_float32()  # (the model's outputs are the reference every check compares with)
 def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic_shapes: Any = BATCH,
             check: bool = False) -> GraphModule:
     """Capture ``model`` as a GraphModule whose every node carries its shape and dtype.

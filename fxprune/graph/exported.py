@@ -25,6 +25,7 @@ import torch
 from torch.fx import GraphModule
 from torch import nn
 
+from fxprune.compare import ieee_float32
 from fxprune.errors import InputError, LoadError, UnsupportedError
 
 __all__ = ["exported_io", "program_inputs", "to_program", "load_program", "check_archive", "Program"]
@@ -262,6 +263,7 @@ def exported_io(pass_fn: F) -> F:
     takes_inputs = "example_inputs" in inspect.signature(pass_fn).parameters
 
     @functools.wraps(pass_fn)
+    @ieee_float32()  # a pass folds and compares constants in IEEE float32, whatever TF32 setting the process has
     def run(gm: Any, *args: Any, **kwargs: Any) -> Any:
         from fxprune.graph.capture import CAPTURE_METHOD_KEY, EXAMPLE_INPUTS_KEY, as_inputs, capture
 

@@ -564,6 +564,7 @@ class GroupLasso:
             return
         plan = _Plan(self._members(model), self.channels)  # resolved once: the same parameters for the whole training
         ids = {id(m.param) for m in plan.members}
+        placed = [m.param.device for m in plan.firsts]
         held: dict[str, Any] = {}
         coefficients: dict[str, Any] = {}
         steps = [0]  # optimizer steps taken on our parameters
@@ -579,8 +580,24 @@ class GroupLasso:
                 where[id(optimizer)] = (layout, None if all(i is None for i in index) else index)
             return where[id(optimizer)][1]
 
+        def follow() -> None:
+            """The model moved to another device since the plan was made (``model.to(device)`` inside the loop, as
+            transformers' Trainer does): the masks there are new tensors and what the steps cached sits on the old
+            device. The members are resolved again, the pull is read again at the next step, and the held zeros'
+            factors follow their parameters."""
+            nonlocal plan, placed
+            if [m.param.device for m in plan.firsts] == placed:
+                return
+            plan = _Plan(self._members(model), self.channels)
+            placed = [m.param.device for m in plan.firsts]
+            coefficients.clear()
+            if "writes" in held:
+                params, keeps = held["writes"]
+                held["writes"] = (params, [k.to(p.device) for p, k in zip(params, keeps)])
+
         def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             t0 = time.perf_counter()
+            follow()
             if ours(optimizer) is not None and plan.members:
                 if not coefficients:  # (the first step: nothing read yet)
                     groups, index = optimizer.param_groups, ours(optimizer)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from fxprune.compare import eval_modes
+from fxprune.compare import eval_modes, ieee_float32
 from fxprune.errors import CaptureError, EquivalenceError, InputError, UnsupportedError
 from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture, unwrapped
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
@@ -176,6 +176,7 @@ def eval_capture(model: nn.Module, example_inputs: Sequence[Any]) -> torch.fx.Gr
         return capture(model, as_inputs(example_inputs, model), dynamic_shapes=None)
 
 
+@ieee_float32()  # (constants folded and compared in IEEE float32, whatever TF32 setting the process has)
 def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "every",
                     verify: bool = True, **options: Any) -> nn.Module:
     """A copy of ``model`` (same classes, ``generate()``, hooks and all) with every channel removed that
