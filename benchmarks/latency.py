@@ -6,6 +6,7 @@ and against ``torch.nn.utils.prune``, at 50/80/90/95% sparsity.
     python benchmarks/latency.py --masks weights          # unstructured masks instead of whole units
     python benchmarks/latency.py --device cuda --dtype bfloat16 --batch 64   # on a GPU
     python benchmarks/latency.py --level module           # the user's own class: fp.minimize_module
+    python benchmarks/latency.py --models vit gpt2 --stream 0.5   # half the residual stream dead too
 
 Masks, on random (untrained) weights:
 - ``units`` (default): the given fraction of every MLP's hidden units, smallest L2 norm of their input weights,
@@ -50,6 +51,17 @@ def build(name: str) -> tuple[nn.Module, tuple[Any, ...]]:
     if name == "fc":
         return fc_model()
     return zoo.build(name, "full")
+
+
+def plant_stream(model: nn.Module, name: str, fraction: float) -> int:
+    """Make the first ``fraction`` of a transformer's residual-stream channels dead (``zoo.plant_dead_stream``):
+    minimize then removes them and keeps the norms' statistics with compensated norms. Returns how many."""
+    if name not in ("vit", "gpt2"):
+        raise SystemExit(f"--stream needs a transformer with one stream width (vit, gpt2), not {name}")
+    width = getattr(model.config, "hidden_size", None) or model.config.n_embd
+    channels = list(range(round(fraction * width)))
+    zoo.plant_dead_stream(model, name, channels)
+    return len(channels)
 
 
 def _mlp_in(name: str) -> tuple[str, int]:
@@ -152,6 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", help="where the models run (cuda: a GPU)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ap.add_argument("--batch", type=int, default=None, help="repeat the example inputs to this batch size")
+    ap.add_argument("--stream", type=float, default=0.0,
+                    help="also make this fraction of the residual stream's channels dead (vit, gpt2): the minimized "
+                         "model's norms are then compensated ones")
     ap.add_argument("--level", choices=["graph", "module"], default="graph",
                     help="graph: fp.capture's graph, masked and minimized; module: the model's own class with the "
                          "masks applied, and fp.minimize_module's result")
@@ -160,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in a.models:
         model, inputs = build(name)
+        stream = plant_stream(model, name, a.stream) if a.stream else 0
         if a.batch:
             inputs = tuple(x.repeat(a.batch // x.shape[0], *[1] * (x.dim() - 1)) if isinstance(x, torch.Tensor) else x
                            for x in inputs)
@@ -180,12 +196,12 @@ def main(argv: list[str] | None = None) -> dict:
             tnp = torch_prune(model, name, s, a.masks)
             variants = {"masked": masked, "minimized": small, "torch_prune": tnp}
             lat = latency(variants, inputs, a.repeats, device=a.device)
-            rows.append(dict(model=name, sparsity=s, masks=a.masks, **{f"{k}_ms": 1e3 * v for k, v in lat.items()},
+            rows.append(dict(model=name, sparsity=s, masks=a.masks, stream_channels_removed=stream, **{f"{k}_ms": 1e3 * v for k, v in lat.items()},
                              **{f"{k}_bytes": weight_bytes(v) for k, v in variants.items()},
                              **{f"{k}_peak_bytes": peak_bytes(v, inputs, a.device) for k, v in variants.items()},
                              speedup=lat["masked"] / lat["minimized"]))
             print(f"[latency] {name} at {s:.0%}", file=sys.stderr, flush=True)
-    print(f"masks: {a.masks}; level {a.level}; {a.device}, {a.dtype}, inputs {[tuple(x.shape) for x in inputs]}; "
+    print(f"masks: {a.masks}; stream channels dead: {a.stream:.0%}; level {a.level}; {a.device}, {a.dtype}, inputs {[tuple(x.shape) for x in inputs]}; "
           "MB = weights / peak (weights + most bytes held during the forward)")
     print(f"{'model':<9} {'sparsity':>8} {'masked ms':>10} {'minimized ms':>13} {'prune ms':>9} {'speedup':>8} "
           f"{'masked MB':>14} {'minimized MB':>14} {'prune MB':>14}")
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['torch_prune_ms']:>9.2f} {r['speedup']:>7.2f}x {mb['masked']:>14} {mb['minimized']:>14} "
               f"{mb['torch_prune']:>14}")
     out = dict(benchmark="latency", repeats=a.repeats, threads=torch.get_num_threads(), device=a.device,
-               dtype=a.dtype, batch=a.batch, level=a.level, rows=rows)
+               dtype=a.dtype, batch=a.batch, level=a.level, stream=a.stream, rows=rows)
     print(json.dumps(out))
     return out
 
