@@ -229,7 +229,7 @@ def logits(out) -> torch.Tensor:
 class Recipe:
     epochs: int  # per `train` call (each mask step and each release fine-tune)
     dense_epochs: int
-    lr: float
+    lr: float  # the dense model's, and the fine-tuning's unless tune_lr is set
     lasso: float = fp.interop.lasso.DEFAULT_STRENGTH  # fp.squeeze_release's lasso (the dense model trains without it)
     batch: int = 64
     cycles: int = 6
@@ -238,6 +238,9 @@ class Recipe:
     distill: float = 0.0  # fine-tuning loss: (1 - distill) x cross-entropy + distill x KL to the dense model (T = 4)
     sparsity: float | None = 0.9  # fp.squeeze_release's sparsity per cycle (None: its default)
     mask_steps: int | None = 3  # fp.squeeze_release's mask_steps (None: its default)
+    tune_lr: float | None = None  # the fine-tuning calls' learning rate (None: lr); the dense model trains at lr
+    tune_batch: int | None = None  # the fine-tuning calls' batch size (None: batch)
+    weight_decay: float = 0.0  # the fine-tuning calls' decoupled weight decay (AdamW; 0: Adam)
 
 
 RECIPES = {
@@ -264,20 +267,29 @@ class Trainer:
         x = self.data[f"x_{split}"]
         return x.reshape(len(x), *self.sample)
 
-    def train(self, model: nn.Module, epochs: int | None = None, schedule: str | None = None) -> nn.Module:
+    def train(self, model: nn.Module, epochs: int | None = None, schedule: str | None = None,
+              dense: bool = False) -> nn.Module:
+        """One call of the user's loop: ``dense`` trains the reference model (the recipe's lr and batch, never the
+        fine-tuning's own)."""
         r = self.recipe
         self.calls += 1
         g = torch.Generator().manual_seed(self.seed * 1000 + self.calls)
         x, y = self.inputs("train"), self.data["y_train"]
+        lr = r.lr if dense or r.tune_lr is None else r.tune_lr
+        batch = r.batch if dense or r.tune_batch is None else r.tune_batch
+        params = [p for p in model.parameters() if p.requires_grad]
         # foreach: the same updates, bit for bit, with less per-tensor overhead
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=r.lr, foreach=True)
+        if r.weight_decay and not dense:
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=r.weight_decay, foreach=True)
+        else:
+            opt = torch.optim.Adam(params, lr=lr, foreach=True)
         epochs = epochs or r.epochs
-        steps = epochs * math.ceil(len(x) / r.batch)
+        steps = epochs * math.ceil(len(x) / batch)
         cosine = (schedule or r.schedule) == "cosine"
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
         model.train()
         for _ in range(epochs):
-            for idx in torch.randperm(len(x), generator=g).split(r.batch):
+            for idx in torch.randperm(len(x), generator=g).split(batch):
                 opt.zero_grad(set_to_none=True)
                 out = logits(model(x[idx]))
                 loss = F.cross_entropy(out, y[idx])
@@ -425,9 +437,9 @@ def run_split(a: argparse.Namespace, recipe: Recipe, cycles: int, sparsity: list
     # moves the reference the accuracy rule and the reported drop are measured against
     if a.dense_lasso:
         with fp.GroupLasso(model, (trainer.inputs("train")[:8],), strength=recipe.lasso).attach(model):
-            trainer.train(model, recipe.dense_epochs, schedule="constant")
+            trainer.train(model, recipe.dense_epochs, schedule="constant", dense=True)
     else:
-        trainer.train(model, recipe.dense_epochs, schedule="constant")
+        trainer.train(model, recipe.dense_epochs, schedule="constant", dense=True)
     if recipe.distill:
         with torch.no_grad():
             trainer.teacher = logits(model.eval()(trainer.inputs("train")))
@@ -469,6 +481,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="fp.squeeze_release(lasso_every=K): the group lasso reads the weights every K optimizer steps, "
                          "the cycle's and the gradual baseline's (default: the library's)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per fine-tune call (default: the recipe's)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="learning rate of the fine-tuning calls (default: the recipe's; the dense model keeps the recipe's)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size of the fine-tuning calls (default: the recipe's)")
+    ap.add_argument("--weight-decay", type=float, default=None,
+                    help="decoupled weight decay of the fine-tuning calls (AdamW; default: the recipe's, 0: Adam)")
     ap.add_argument("--release-scale", type=float, default=None, help="release noise scale (default: the recipe's)")
     ap.add_argument("--schedule", choices=["constant", "cosine"], default=None,
                     help="learning rate within each train call (default: the recipe's)")
@@ -512,7 +529,9 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = dataclasses.replace(recipe, epochs=a.epochs or recipe.epochs,
                                  lasso=recipe.lasso if a.lasso is None else a.lasso,
                                  schedule=a.schedule or recipe.schedule,
-                                 distill=recipe.distill if a.distill is None else a.distill)
+                                 distill=recipe.distill if a.distill is None else a.distill,
+                                 tune_lr=a.lr or recipe.tune_lr, tune_batch=a.batch or recipe.tune_batch,
+                                 weight_decay=recipe.weight_decay if a.weight_decay is None else a.weight_decay)
     cycles = a.cycles or (4 if a.quick else recipe.cycles)
     a.release_scale = recipe.release_scale if a.release_scale is None else a.release_scale
     a.mask_steps = a.mask_steps or recipe.mask_steps or CYCLE_DEFAULTS["mask_steps"]
