@@ -6,7 +6,7 @@ A BERT classifier (random weights from a config: nothing is downloaded) learns a
 frequent than token 6 in the sequence. ``train`` is the Trainer the user already has; the example inputs are one
 batch of the training data as the collator gives it (a dict with ``labels``); what comes back is a
 ``BertForSequenceClassification``, smaller, saved with ``fp.save`` and rebuilt with ``fp.load`` from the
-original config.
+original config. On a machine with a GPU the Trainer trains there; the example inputs stay a CPU batch.
 """
 from __future__ import annotations
 
@@ -50,14 +50,14 @@ def main(argv: list[str] | None = None) -> dict:
     def train(m: torch.nn.Module) -> None:  # the user's Trainer, unchanged
         args = transformers.TrainingArguments(output_dir=tempfile.mkdtemp(), num_train_epochs=a.epochs,
                                               per_device_train_batch_size=64, learning_rate=2e-3, report_to=[],
-                                              save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                                              use_cpu=True)
+                                              save_strategy="no", logging_strategy="no", disable_tqdm=True)
         transformers.Trainer(model=m, args=args, train_dataset=train_set).train()
 
     @torch.no_grad()
     def evaluate(m: torch.nn.Module) -> float:
         m.eval()
-        batch = val_set[:]  # (a dict of the whole split)
+        device = next(m.parameters()).device  # (the Trainer put it on the GPU, where there is one)
+        batch = {k: v.to(device) for k, v in val_set[:].items()}  # (a dict of the whole split)
         return float((m(**batch).logits.argmax(-1) == batch["labels"]).float().mean())
 
     train(model)
@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = a.out or tempfile.mkdtemp()
     fp.save(small, out)
     back = fp.load(out, lambda: transformers.BertForSequenceClassification(config))
-    probe = val_set[:5]
+    device = next(small.parameters()).device
+    back = back.to(device)
+    probe = {k: v.to(device) for k, v in val_set[:5].items()}
     same = torch.equal(back.eval()(**probe).logits, small.eval()(**probe).logits)
     summary = dict(cls=type(small).__name__, params_dense=count_params(model), params=count_params(small),
                    accuracy_dense=result.dense["accuracy"], accuracy=evaluate(small), reloaded_equal=same)
