@@ -130,21 +130,24 @@ def test_cosine_schedule_decays_within_a_call_and_never_for_the_dense_model():
     assert set(learning_rates(trainer, model)) == {1e-3}
 
 
-def test_fine_tuning_knobs_leave_the_dense_model_to_the_recipe(monkeypatch):
+def test_fine_tuning_knobs_leave_the_dense_model_to_the_recipe():
     """--lr, --batch and --weight-decay are the fine-tuning calls' (AdamW with the decay); the dense model, the
     reference every drop is measured from, trains at the recipe's learning rate and batch with plain Adam."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
     trainer, model = tiny()
     trainer.recipe = sr.dataclasses.replace(trainer.recipe, tune_lr=5e-3, tune_batch=16, weight_decay=0.01)
     seen = []
-    for cls in (c for c in (torch.optim.Adam, torch.optim.AdamW) if "step" in vars(c)):  # (AdamW may inherit it)
-        def step(self, *args, _real=cls.step, **kwargs):
-            seen.append((type(self).__name__, self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]))
-            return _real(self, *args, **kwargs)
-        monkeypatch.setattr(cls, "step", step)
-    trainer.train(model)
-    tuned = list(seen)
-    seen.clear()
-    trainer.train(model, 1, schedule="constant", dense=True)
+    handle = register_optimizer_step_pre_hook(  # (a global hook: no optimizer class is patched)
+        lambda opt, args, kwargs: seen.append((type(opt).__name__, opt.param_groups[0]["lr"],
+                                               opt.param_groups[0]["weight_decay"])))
+    try:
+        trainer.train(model)
+        tuned = list(seen)
+        seen.clear()
+        trainer.train(model, 1, schedule="constant", dense=True)
+    finally:
+        handle.remove()
     assert tuned == [("AdamW", 5e-3, 0.01)] * 2  # 2 epochs of one batch of 16
     assert seen == [("Adam", 1e-3, 0)] * 2  # 1 epoch of two batches of 8
 
