@@ -346,3 +346,26 @@ def test_a_symbolic_trace_that_reads_static_sizes_gives_way_to_export():
     assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)
     assert fp.capture(m, (x,), method="symbolic").meta["fxprune_capture_method"] == "symbolic"
     assert fp.capture(_BatchSizeRead(), (torch.randn(2, 3, 8, 8),)).meta["fxprune_capture_method"] == "symbolic"
+
+
+def test_export_of_every_dim_does_not_warn_about_the_dims_it_fixes():
+    """fxprune exports with every dim dynamic where the model allows it; an image's one channel is specialized, as
+    meant, and torch.export's "0/1 specialized" warning for it is not shown (the user asked for nothing)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("torch._export.non_strict_utils")
+    logger.addHandler(handler)
+    level = logger.level
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    try:
+        gm = fp.capture(model, (torch.randn(2, 1, 8, 8),), method="export", dynamic_shapes="every")
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "specialized" in r.getMessage()]
+    assert logger.level == level  # (the level comes back)
+    with torch.no_grad():
+        x = torch.randn(5, 1, 9, 7)  # (batch and spatial dims stay dynamic)
+        assert torch.allclose(gm(x), model(x))

@@ -13,6 +13,7 @@ import copy
 import functools
 import inspect
 import io
+import logging
 import operator
 import traceback
 from collections.abc import Mapping
@@ -422,14 +423,29 @@ def _export_batch(model: nn.Module, inputs: tuple[Any, ...], every: bool = False
     batch is traced."""
     spec = default_spec(inputs, every=every)
     tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
-    if tensors and all(int(x.shape[0]) == 1 for x in tensors):
-        doubled = resize(inputs, [(2, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-                                  for x in inputs])
-        try:
-            return torch.export.export(model, doubled, dynamic_shapes=spec, strict=False)
-        except Exception:  # the model cannot take a batch of 2: export at the example
-            pass
-    return torch.export.export(model, inputs, dynamic_shapes=spec, strict=False)
+    with _quiet_specialization():
+        if tensors and all(int(x.shape[0]) == 1 for x in tensors):
+            doubled = resize(inputs, [(2, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+                                      for x in inputs])
+            try:
+                return torch.export.export(model, doubled, dynamic_shapes=spec, strict=False)
+            except Exception:  # the model cannot take a batch of 2: export at the example
+                pass
+        return torch.export.export(model, inputs, dynamic_shapes=spec, strict=False)
+
+
+@contextlib.contextmanager
+def _quiet_specialization() -> Any:
+    """torch.export logs a warning for each ``Dim.AUTO`` dim it specializes (an image's one channel: "0/1
+    specialized"). fxprune asks for every dim, and those the model fixes are meant to be specialized: the
+    warnings say nothing to the user, who did not ask for them. Other warnings and errors still show."""
+    logger = logging.getLogger("torch._export.non_strict_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def program_module(ep: torch.export.ExportedProgram) -> GraphModule:
