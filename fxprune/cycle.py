@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fxprune.errors import CaptureError, CheckpointError, InputError, UnsupportedError, require
 from fxprune.graph.capture import as_inputs, capture, unwrapped
+from fxprune.graph.rebuild import accelerator
 from fxprune.interop.batchnorm import BatchRecorder, batchnorms, recalibrate_batchnorm
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
 from fxprune.interop.distributed import Ranks
@@ -149,7 +149,7 @@ def _trained(train: Callable[[nn.Module], Any], m: nn.Module, masks: dict[str, t
     """``train`` on ``m`` with ``masks`` held as parametrizations and the group lasso attached to every optimizer
     step, then BatchNorm's running statistics re-estimated from the last ``bn_batches`` batches it trained on;
     the trained model with plain parameters (masked entries exact zeros)."""
-    home = _device_of(m)
+    home = accelerator(m)  # (None: the CPU)
     held = hold_masks_(m, masks) if masks else m
     with contextlib.ExitStack() as stack:
         rec = stack.enter_context(BatchRecorder(held, bn_batches)) if bn_batches and batchnorms(held) else None
@@ -159,14 +159,9 @@ def _trained(train: Callable[[nn.Module], Any], m: nn.Module, masks: dict[str, t
     if rec is not None:
         recalibrate_batchnorm(out, rec.batches)
     out = bake_masks_(out) if masks else out
-    if home is not None and _device_of(out) != home:  # train moved it (a Trainer puts what it trains on the GPU):
-        out.to(home)                                   # the cycle keeps the model where it came, as its inputs are
+    if accelerator(out) != home:  # train moved it (a Trainer puts what it trains on the GPU): the cycle keeps
+        out.to(home or "cpu")      # the model where it came, as its inputs are
     return out
-
-
-def _device_of(m: nn.Module) -> torch.device | None:
-    t = next(itertools.chain(m.parameters(), m.buffers()), None)
-    return None if t is None else t.device
 
 
 def _settings(**kw: Any) -> dict[str, Any]:

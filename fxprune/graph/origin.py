@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxprune.compare import check, ieee_float32
+from fxprune.compare import check
 from fxprune.errors import CaptureError, InputError
 from fxprune.graph.rebuild import get_attr, named_tensors
 
@@ -42,10 +42,10 @@ _ORIGINS: "weakref.WeakKeyDictionary[GraphModule, Origin]" = weakref.WeakKeyDict
 
 
 def run(model: Any, inputs: tuple[Any, ...], what: str, where: str = "the inputs") -> Any:
-    """``model(*inputs)`` without gradients, float32 in IEEE float32 (a reference the checks compare with:
-    :func:`~fxprune.compare.ieee_float32`); a model that rejects the inputs raises :class:`InputError`."""
+    """``model(*inputs)`` without gradients; a model that rejects the inputs raises :class:`InputError`. (Its
+    callers, capture and minimize, run in IEEE float32: :func:`~fxprune.compare.ieee_float32`.)"""
     try:
-        with torch.no_grad(), ieee_float32():
+        with torch.no_grad():
             return model(*inputs)
     except Exception as e:
         shapes = ", ".join(f"{tuple(x.shape)}:{x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)

@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 __all__ = ["compensated_layer_norm", "compensated_rms_norm", "compensated_softmax", "CompensatedLayerNorm", "CompensatedRMSNorm"]
 
@@ -56,12 +58,8 @@ def compensated_layer_norm(input: torch.Tensor, weight: torch.Tensor | None, bia
 
 def _traced(x: torch.Tensor) -> bool:
     """Whether a tracer records this call (torch.compile, torch.export, make_fx, a symbolic or fake-tensor run)."""
-    if torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy) or x.device.type == "meta":
-        return True
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    return isinstance(x, FakeTensor) or get_proxy_mode() is not None
+    return (torch.compiler.is_compiling() or isinstance(x, (torch.fx.Proxy, FakeTensor)) or x.device.type == "meta"
+            or get_proxy_mode() is not None)
 
 
 def _layer_norm_eagerly(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
