@@ -1,4 +1,11 @@
 """fxprune: torch.fx passes that make pruned networks physically smaller, exactly."""
+import warnings as _warnings
+
+# torch >= 2.10 deprecates its own LeafSpec class and warns whenever copy or pickle rebuilds one (every deep copy
+# of an exported graph does: its code generator holds pytree specs). The warning names torch's code, not the
+# user's, and fxprune copies graphs in every pass: it is hidden where copyreg raises it, nowhere else.
+_warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+                         module="copyreg")
 from fxprune.api import analyze, capture, compile, mask, minimize, verify
 from fxprune.cycle import SqueezeReleaseResult, squeeze_release
 from fxprune.interop.lasso import GroupLasso, group_lasso

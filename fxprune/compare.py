@@ -11,6 +11,7 @@ Both sides of a check compute float32 in IEEE float32 (:func:`ieee_float32`), ne
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -18,11 +19,13 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["Point", "check", "ieee_float32", "OutputDiff", "compare", "rtol_for", "stored_rtol", "precision_of", "first_failure", "worst", "tensors", "EXACT_RTOL"]
+__all__ = ["Point", "check", "ieee_float32", "OutputDiff", "compare", "rtol_for", "stored_rtol", "float32_rtol",
+           "precision_of", "first_failure", "worst", "tensors", "to_dtype", "cast", "EXACT_RTOL", "NOISE_FACTOR"]
 
 EXACT_RTOL = 1e-9  # float64 relative error that counts as exact
 _RTOL = {torch.float64: EXACT_RTOL, torch.float32: 1e-4}
 _ORDER = [torch.float64, torch.float32, torch.bfloat16, torch.float16]  # wider first; half precisions last
+NOISE_FACTOR = 4  # a float32 difference up to this many times the model's own float32 error is its rounding
 
 
 def rtol_for(dtype: torch.dtype) -> float:
@@ -35,6 +38,40 @@ def stored_rtol(dtype: torch.dtype) -> float:
     """Relative tolerance for a float64 run of a model whose values are stored in ``dtype``: the computation is
     exact to 1e-9, the constants folded into ``dtype`` parameters are rounded to it (8 ulps: 1e-6 for float32)."""
     return EXACT_RTOL if dtype == torch.float64 else 8 * torch.finfo(dtype).eps
+
+
+def float32_rtol(noise: float) -> float:
+    """The tolerance of a float32 comparison with a model whose own float32 outputs are ``noise`` (relative error)
+    from its float64 ones: 1e-4, or ``NOISE_FACTOR`` times that noise where the model rounds more than that itself.
+    An ill-conditioned network (large activations that nearly cancel, as in an untrained MobileNetV2 with
+    BatchNorm: 9e-4) rounds above 1e-4 in float32, and a rewrite of it that sums in another order rounds
+    differently by as much. Both lie within the model's own rounding of the exact result, so the difference can
+    reach about twice it; where it does, the rewrite's exactness is what the float64 comparison shows."""
+    return max(_RTOL[torch.float32], NOISE_FACTOR * noise)
+
+
+def to_dtype(m: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``m`` in floating dtype ``dtype``, dtype constants inside its graphs included (``m`` itself
+    when it is float32 already and float32 is asked for)."""
+    from torch.fx import GraphModule
+
+    floats = {torch.float16, torch.bfloat16, torch.float32, torch.float64} - {dtype}
+    if all(t.dtype == dtype for t in m.state_dict().values() if t.is_floating_point()) and dtype is torch.float32:
+        return m
+    out = copy.deepcopy(m).to(dtype)
+    swap = lambda a: dtype if a in floats else a  # noqa: E731
+    for sub in out.modules():
+        if isinstance(sub, GraphModule):
+            for n in sub.graph.nodes:
+                n.args = pytree.tree_map(swap, n.args)
+                n.kwargs = pytree.tree_map(swap, n.kwargs)
+            sub.recompile()
+    return out
+
+
+def cast(xs: Any, dtype: torch.dtype) -> Any:
+    """``xs`` (inputs: a tuple, dicts and lists inside) with every floating tensor in ``dtype``."""
+    return pytree.tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, xs)
 
 
 _FP32_SETTINGS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -369,3 +371,27 @@ def test_export_of_every_dim_does_not_warn_about_the_dims_it_fixes():
     with torch.no_grad():
         x = torch.randn(5, 1, 9, 7)  # (batch and spatial dims stay dynamic)
         assert torch.allclose(gm(x), model(x))
+
+
+def test_minimize_of_an_exported_graph_shows_no_deprecation_warning_of_its_own():
+    """torch >= 2.10 deprecates ``ShapeEnv.var_to_val`` (fxprune read it for each dynamic dim's example value) and
+    its own ``LeafSpec``, which every deep copy of an exported graph rebuilds: neither is the user's concern, and a
+    cycle printed both. Run as a user runs it: a fresh interpreter with Python's default warning filters."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fxprune as fp\n"
+        "from torch import nn\n"
+        "m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n"
+        "with torch.no_grad(): m[0].weight[:2] = 0.0\n"
+        "gm = fp.capture(m, (torch.randn(2, 1, 8, 8),), method='export', dynamic_shapes='every')\n"
+        "small = fp.minimize(gm)\n"
+        "print(sum(p.numel() for p in small.parameters()))\n")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env.pop("PYTHONWARNINGS", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) < sum(p.numel() for p in nn.Conv2d(1, 4, 3).parameters()) + 4 * 3 + 3
+    assert "FutureWarning" not in r.stderr and "DeprecationWarning" not in r.stderr, r.stderr[-2000:]

@@ -182,7 +182,7 @@ def from_graph(gm: GraphModule, range_constraints: dict[Any, Any] | None = None)
                 hi = _finite(vr.upper) if vr is not None else None
                 lo = 0 if lo is None else lo
                 ranges[name] = (lo, hi)
-                hint = env.var_to_val.get(sym)
+                hint = (env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val).get(sym)
                 if hint is None:
                     raise ValueError(f"input dim {expr} of '{n.name}' has no example value (an unbacked size)")
                 hints[name] = int(hint)

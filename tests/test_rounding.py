@@ -1,0 +1,120 @@
+"""float32 checks of a model that rounds more than float32's tolerance by itself.
+
+An ill-conditioned network (large activations that nearly cancel: an untrained torchvision MobileNetV2 with
+BatchNorm computes its logits 9e-4 away from its own float64 result) is rewritten exactly, yet a rewrite that folds a
+constant or sums in another order rounds differently by as much. minimize's self-check and verify read such a
+difference as rounding only where the rewrite is exact in float64 and the float32 difference stays within 4x the
+model's own float32 error; an error of that size that float64 shows is still caught.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune as fp
+from fxprune.compare import NOISE_FACTOR, float32_rtol, to_dtype
+from fxprune.passes.minimize import MinimizeOptions, self_check
+from fxprune.verify import count_params
+
+
+def ill_conditioned(seed: int = 0) -> nn.Sequential:
+    """Pairs of equal hidden units of size 1e3 whose output weights cancel to 1e-4; 8 units constant (dead rows,
+    bias 5), which minimize folds into the output bias."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))
+    with torch.no_grad():
+        net[0].weight.copy_((torch.randn(32, 8, generator=g) * 1e3).repeat_interleave(2, 0))
+        net[0].bias.copy_((torch.rand(32, generator=g) * 1e3).repeat_interleave(2))
+        a = torch.randn(2, 32, generator=g)
+        net[2].weight.copy_(torch.stack([a, -a * (1 - 1e-4)], -1).reshape(2, 64))
+        net[2].bias.zero_()
+        net[0].weight[:8] = 0.0
+        net[0].bias[:8] = 5.0
+    return net
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.fixture
+def case():
+    net, x = ill_conditioned(), torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        own = rel(net(x), copy.deepcopy(net).double()(x.double()))
+    assert own > 1e-4  # the model itself rounds past float32's tolerance
+    return net, x, own
+
+
+def test_minimize_keeps_an_exact_rewrite_of_an_ill_conditioned_model(case):
+    net, x, own = case
+    before = copy.deepcopy(net.state_dict())
+    small = fp.minimize(net, (x,))  # raised EquivalenceError when the check held float32 to 1e-4
+    with torch.no_grad():
+        diff32 = rel(small(x), net(x))
+        exact = rel(to_dtype(small, torch.float64)(x.double()), copy.deepcopy(net).double()(x.double()))
+    assert 1e-4 < diff32 <= float32_rtol(own)  # a float32 difference the old check refused: rounding
+    assert exact < 1e-6  # the rewrite itself is exact (its folded bias rounded to float32)
+    assert count_params(small) == count_params(net) - 8 * (8 + 1) - 8 * 2
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the input is untouched
+    # other batch sizes than the example's
+    x2 = torch.randn(5, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel(to_dtype(small, torch.float64)(x2.double()), copy.deepcopy(net).double()(x2.double())) < 1e-6
+
+
+def test_minimize_module_keeps_it_too(case):
+    net, x, _ = case
+    small = fp.minimize_module(net, (x,))
+    assert type(small) is nn.Sequential and small[0].out_features == 56
+    assert fp.verify(net, small, (x,)).ok
+
+
+def test_verify_reads_the_first_models_own_rounding(case):
+    net, x, own = case
+    small = fp.minimize(net, (x,))
+    report = fp.verify(net, small, (x,))
+    assert report.ok, report
+    o = report.outputs[0]
+    assert o.max_rel["float32"] > 1e-4 and o.noise > 1e-4  # without the model's noise the verdict would be no
+    assert "own f32 rel" in str(report)
+
+
+def test_an_error_under_the_models_own_rounding_is_still_caught(case):
+    """A result off by 8e-4 of the output's scale: within 4x the model's float32 noise, so float32 alone could not
+    tell it from rounding; float64 does."""
+    net, x, own = case
+    gm = fp.capture(net, (x,))
+    small = fp.minimize(gm, options=MinimizeOptions(verify=False))
+    wrong = copy.deepcopy(small)
+    with torch.no_grad():
+        scale = float(net(x).abs().max())
+        for name, t in wrong.named_parameters():
+            if t.shape == (2,):  # the output bias
+                t += 8e-4 * scale
+        assert 1e-4 < rel(wrong(x), net(x)) <= NOISE_FACTOR * own
+    with pytest.raises(fp.EquivalenceError, match="relative error"):
+        self_check(gm, wrong, (x,))
+    assert not fp.verify(net, wrong, (x,)).ok
+
+
+def test_a_model_that_runs_in_float32_only_gets_no_allowance():
+    """A forward that casts its input to float32 does not run as a float64 copy: nothing confirms the rewrite
+    there, and its float32 difference stands (fail-closed), although the rewrite is right."""
+
+    class Casts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = ill_conditioned()
+
+        def forward(self, x):
+            return self.net(x.float())
+
+    m, x = Casts(), torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    gm = fp.capture(m, (x,))
+    small = fp.minimize(gm, options=MinimizeOptions(verify=False))
+    with torch.no_grad():
+        assert rel(small(x), m(x)) > 1e-4
+    with pytest.raises(fp.EquivalenceError, match="relative error"):
+        self_check(gm, small, (x,))
