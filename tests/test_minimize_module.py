@@ -224,6 +224,28 @@ def test_depthwise_groups_and_a_layer_norm_subclass_follow_a_removed_stream_chan
             assert float((small(xi) - model(xi)).abs().max()) <= 1e-12
 
 
+def test_a_grouped_conv_that_loses_channels_within_every_group_keeps_its_groups():
+    """minimize removes the same position from every group of a grouped conv (RegNet's blocks, 10 groups of 15
+    output channels, kept 10 groups of 9): the module's sizes alone read that as whole groups gone (groups 6 of 15),
+    and the copy did not run. ``groups`` comes from the graph's convolution."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1, groups=2), nn.ReLU(),
+                          nn.Conv2d(4, 4, 1)).double()
+    with torch.no_grad():
+        for k in (1, 5):  # input position 1 of both groups: dead
+            model[0].weight[k], model[0].bias[k] = 0.0, -1.0
+        for k in (0, 2):  # output position 0 of both groups: dead
+            model[2].weight[k], model[2].bias[k] = 0.0, -1.0
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    small = fp.minimize_module(model, (x,))
+    conv = small[2]
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (2, 6, 2)
+    assert conv.weight.shape == (2, 3, 3, 3) and small[0].out_channels == 6 and small[4].in_channels == 2
+    for xi in (x, torch.randn(5, 3, 11, 9, dtype=torch.float64)):  # another batch and image size too
+        with torch.no_grad():
+            assert float((small(xi) - model(xi)).abs().max()) <= 1e-12
+
+
 def test_vit_stream_channel_goes_and_narrower_heads_are_written_back():
     """transformers' ViTAttention reshapes q/k/v with its own ``head_dim`` and scales by a ``scaling`` it computed
     from it: where head_dim channels go from q/k and from v, q, k and v keep one width (the widest), ``head_dim``

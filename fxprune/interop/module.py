@@ -34,7 +34,9 @@ def _linear(m: nn.Linear) -> None:
 
 
 def _conv(m: nn.modules.conv._ConvNd) -> None:
-    """Grouped and depthwise convs lose whole groups: ``groups`` follows the kept output channels."""
+    """Grouped and depthwise convs: ``groups`` follows the kept output channels where whole groups went. minimize
+    also removes channels within every group alike; the write-back sets ``groups`` and ``out_channels`` from the
+    graph's convolution first (:func:`_graph_groups`), and this keeps them."""
     out = m.weight.shape[0]
     per_group = m.out_channels // m.groups  # the attributes still hold the old sizes
     if m.groups > 1 and out % per_group == 0:
@@ -410,6 +412,7 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     changed |= {p for p, m in out.named_modules() if type(m).__name__ in BY_CLASS_NAME and
                 any(c.startswith(p + ".") for c in changed)}
     stale = []
+    groups = _graph_groups(small)
     for path in sorted(changed, key=lambda p: -p.count(".")):
         if path in compensated:
             continue
@@ -419,6 +422,8 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
             if not _recompensate(model, out, path, small.meta.get(KEPT_KEY, {}), inputs):
                 stale.append(path)
         elif update is not None:
+            if path in groups and isinstance(m, nn.modules.conv._ConvNd):
+                m.groups, m.out_channels = groups[path], m.weight.shape[0]  # the graph's (_conv reads them)
             update(m)
         elif path in narrowed:
             pass
@@ -534,6 +539,24 @@ def _rms_offset(norm: nn.Module, eps: float | None) -> float:
         if torch.allclose(got, base * (offset + w), rtol=1e-4, atol=1e-6):
             return offset
     raise UnsupportedError(f"{type(norm).__name__} scales its normalized input by neither its weight nor 1 + weight")
+
+
+_CONVS = {torch.conv1d: 6, torch.conv2d: 6, torch.conv3d: 6, torch.ops.aten.convolution.default: 8}  # -> groups' position
+
+
+def _graph_groups(small: torch.fx.GraphModule) -> dict[str, int]:
+    """The ``groups`` of each convolution of ``small``, by the path of the module whose weight it reads: the sizes
+    of a module cannot tell 10 groups of 9 output channels from 6 groups of 15."""
+    out = {}
+    for n in small.graph.nodes:
+        pos = _CONVS.get(n.target) if n.op == "call_function" else None
+        if pos is None:
+            continue
+        groups = n.args[pos] if len(n.args) > pos else n.kwargs.get("groups", 1)
+        w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+        if isinstance(groups, int) and isinstance(w, torch.fx.Node) and w.op == "get_attr":
+            out[w.target.rpartition(".")[0]] = groups
+    return out
 
 
 def _module_path(node: torch.fx.Node) -> str | None:
