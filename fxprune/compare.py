@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 __all__ = ["Point", "check", "ieee_float32", "OutputDiff", "compare", "rtol_for", "stored_rtol", "float32_rtol",
-           "precision_of", "first_failure", "worst", "tensors", "to_dtype", "cast", "EXACT_RTOL", "NOISE_FACTOR"]
+           "precision_of", "first_failure", "worst", "tensors", "to_dtype", "cast", "rounding_only", "EXACT_RTOL", "NOISE_FACTOR"]
 
 EXACT_RTOL = 1e-9  # float64 relative error that counts as exact
 _RTOL = {torch.float64: EXACT_RTOL, torch.float32: 1e-4}
@@ -72,6 +72,25 @@ def to_dtype(m: nn.Module, dtype: torch.dtype) -> nn.Module:
 def cast(xs: Any, dtype: torch.dtype) -> Any:
     """``xs`` (inputs: a tuple, dicts and lists inside) with every floating tensor in ``dtype``."""
     return pytree.tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, xs)
+
+
+def rounding_only(model: nn.Module, candidate: nn.Module, inputs: Any, out: Any, got: Any) -> bool:
+    """Whether ``candidate``'s float32 outputs ``got`` differ from ``model``'s ``out`` on ``inputs`` by rounding
+    only: a float64 copy of ``candidate`` (its float32 constants as they are) is within :func:`stored_rtol` of a
+    float64 copy of ``model``, and each float32 output within :func:`float32_rtol` of ``model``'s own float32
+    error there. False when either copy does not run in float64 (nothing is confirmed then)."""
+    x64 = cast(inputs, torch.float64)
+    try:
+        with torch.no_grad():
+            want = to_dtype(model, torch.float64)(*x64)
+            exact = to_dtype(candidate, torch.float64)(*x64)
+    except Exception:  # noqa: BLE001 (a model that runs in float32 only: the float32 difference stands)
+        return False
+    if first_failure(compare(want, exact), stored_rtol(torch.float32)) is not None:
+        return False
+    own = compare(want, out)
+    diffs = compare(out, got)
+    return len(own) == len(diffs) and all(d.ok(float32_rtol(n.max_rel)) for d, n in zip(diffs, own))
 
 
 _FP32_SETTINGS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")

@@ -383,8 +383,9 @@ def test_minimize_of_an_exported_graph_shows_no_deprecation_warning_of_its_own()
     code = (
         "import torch, fxprune as fp\n"
         "from torch import nn\n"
+        "torch.manual_seed(0)\n"
         "m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n"
-        "with torch.no_grad(): m[0].weight[:2] = 0.0\n"
+        "with torch.no_grad(): m[0].weight[:2] = 0.0; m[0].bias[:2] = -1.0\n"
         "gm = fp.capture(m, (torch.randn(2, 1, 8, 8),), method='export', dynamic_shapes='every')\n"
         "small = fp.minimize(gm)\n"
         "print(sum(p.numel() for p in small.parameters()))\n")

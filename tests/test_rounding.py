@@ -118,3 +118,24 @@ def test_a_model_that_runs_in_float32_only_gets_no_allowance():
         assert rel(small(x), m(x)) > 1e-4
     with pytest.raises(fp.EquivalenceError, match="relative error"):
         self_check(gm, small, (x,))
+
+
+class _RoundsInEager(nn.Module):
+    """x plus a large value minus it again: eager float32 rounds x to the large value's ulps (about 5e-4 of x);
+    the traced graph (the branch a symbolic trace takes) adds the zero difference instead and keeps x exactly. The
+    same function, rounded differently."""
+
+    def forward(self, x):
+        big = 1e4 * torch.ones_like(x)
+        if torch.fx._symbolic_trace.is_fx_tracing():
+            return x + (big - big)
+        return (x + big) - big
+
+
+def test_capture_reads_the_models_own_rounding_too():
+    m, x = _RoundsInEager(), torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel(m(x), x) > 1e-4  # the model's own float32 rounding
+    gm = fp.capture(m, (x,), method="symbolic")  # raised CaptureError: "does not reproduce the model's outputs"
+    with torch.no_grad():
+        assert torch.equal(gm(x), x)

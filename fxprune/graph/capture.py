@@ -26,7 +26,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from fxprune.graph.scan import fresh, scan
-from fxprune.compare import check, ieee_float32, precision_of, rtol_for
+from fxprune.compare import check, ieee_float32, precision_of, rounding_only, rtol_for
 from fxprune.errors import CaptureError, InputError, UnsupportedError
 from fxprune.graph import lazy
 from fxprune.graph.rebuild import accelerator, graph_module
@@ -259,7 +259,10 @@ def _check_reproduces(gm: GraphModule, model: nn.Module, inputs: tuple[Any, ...]
     p = next(check(lambda xs: reference, lambda xs: _run(gm, xs, what), [inputs]))
     if p.error is not None:
         raise p.error
-    if p.failure(rtol_for(precision_of(gm))) is not None:
+    precision = precision_of(gm)
+    if p.failure(rtol_for(precision)) is not None and not (
+            precision == torch.float32 and p.failure(float("inf")) is None  # (no count, shape or integer mismatch)
+            and rounding_only(model, gm, inputs, reference, p.got)):  # an ill-conditioned model's own rounding
         raise RuntimeError(failure)
     record(gm, model, inputs, reference, checked=True)
 

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxprune.compare import cast, check, to_dtype
+from fxprune.compare import check
 from fxprune.errors import CaptureError, InputError
 from fxprune.graph.rebuild import get_attr, named_tensors
 
-__all__ = ["record", "reference_outputs", "fresh_outputs", "reference_in", "blame_capture", "run"]
+__all__ = ["record", "reference_outputs", "fresh_outputs", "origin_model", "blame_capture", "run"]
 
 
 @dataclass
@@ -118,15 +118,13 @@ def reference_outputs(gm: GraphModule, inputs: tuple[Any, ...]) -> Any:
 def fresh_outputs(gm: GraphModule, inputs: tuple[Any, ...]) -> Any:
     """:func:`reference_outputs` computed again (the model run now, never a recorded output): what a failed
     check confirms its reference with."""
-    o = _origin(gm)
-    return run(o.model if o is not None else gm, inputs, "the model")
+    return run(origin_model(gm), inputs, "the model")
 
 
-def reference_in(gm: GraphModule, inputs: tuple[Any, ...], dtype: torch.dtype) -> Any:
-    """:func:`fresh_outputs` with a copy of the model in ``dtype`` run on the inputs cast to it (floating tensors
-    only): what a float32 difference is confirmed against in float64."""
+def origin_model(gm: GraphModule) -> nn.Module:
+    """The model :func:`fresh_outputs` runs: the one ``gm`` was captured from, or ``gm`` itself."""
     o = _origin(gm)
-    return run(to_dtype(o.model if o is not None else gm, dtype), cast(inputs, dtype), f"the model in {dtype}")
+    return o.model if o is not None else gm
 
 
 def blame_capture(gm: GraphModule, inputs: tuple[Any, ...], expected: Any, same: Any) -> None:

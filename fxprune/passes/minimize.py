@@ -20,11 +20,10 @@ from torch.fx import GraphModule, Node
 
 from fxprune.analysis.groups import Analysis
 from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, SizeArg, aligned_dim
-from fxprune.compare import (cast, check, compare, first_failure, float32_rtol, precision_of, rtol_for, stored_rtol,
-                             to_dtype, worst)
+from fxprune.compare import check, compare, first_failure, precision_of, rounding_only, rtol_for, worst
 from fxprune.errors import EquivalenceError, InputError, require
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_weights
-from fxprune.graph.origin import blame_capture, fresh_outputs, reference_in, reference_outputs
+from fxprune.graph.origin import blame_capture, fresh_outputs, origin_model, reference_outputs
 from fxprune.graph.dynamic import DYNAMIC_KEY, shape_str, shaped_inputs
 from fxprune.graph import lazy
 from fxprune.graph.scan import BLOCK_BYTES
@@ -606,7 +605,7 @@ def self_check(ref: GraphModule, new: Any, inputs: tuple[Any, ...], opts: Minimi
             diffs = compare(out, p.got)
             bad = first_failure(diffs, rtol)
         if bad is not None and bad.problem is None and precision == torch.float32 and opts.rtol is None \
-                and _rounding_only(ref, new, xs, out, p.got):
+                and rounding_only(origin_model(ref), new, xs, out, p.got):
             bad = None  # exact in float64; in float32 within the model's own rounding (an ill-conditioned model)
         if bad is not None:
             blame_capture(ref, xs, out, same)
@@ -620,24 +619,6 @@ def self_check(ref: GraphModule, new: Any, inputs: tuple[Any, ...], opts: Minimi
                 "fp.analyze(gm) shows the groups involved.")
         checked.append(ShapeCheck(shape_str(xs), worst(diffs)))
     return checked
-
-
-def _rounding_only(ref: GraphModule, new: Any, xs: tuple[Any, ...], out: Any, got: Any) -> bool:
-    """Whether ``new``'s float32 outputs ``got`` differ from the model's ``out`` by rounding only: a float64 copy
-    of ``new`` (its float32 constants as they are) is within :func:`~fxprune.compare.stored_rtol` of a float64
-    copy of the model, and each float32 output within :func:`~fxprune.compare.float32_rtol` of the model's own
-    float32 error there. False when either copy does not run in float64 (nothing is confirmed then)."""
-    x64 = cast(xs, torch.float64)
-    try:
-        want = reference_in(ref, x64, torch.float64)
-        with torch.no_grad():
-            exact = to_dtype(new, torch.float64)(*x64)
-    except Exception:  # noqa: BLE001 (a model that runs in float32 only: the float32 failure stands)
-        return False
-    if first_failure(compare(want, exact), stored_rtol(torch.float32)) is not None:
-        return False
-    noise = compare(want, out)
-    return all(d.ok(float32_rtol(n.max_rel)) for d, n in zip(compare(out, got), noise))
 
 
 def _runs(gm: GraphModule, xs: tuple[Any, ...]) -> bool:
