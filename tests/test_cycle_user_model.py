@@ -4,7 +4,9 @@ BatchNorm's running statistics move in every fine-tuning call, the kept model is
 class that cannot be kept goes the graph path with a warning."""
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,3 +353,18 @@ def test_the_trainer_example_runs_and_reloads(tmp_path):
     assert out["cls"] == "BertForSequenceClassification" and out["reloaded_equal"]
     assert out["params"] < out["params_dense"]
     assert (tmp_path / "small" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("name", ["deit", "gemma"])
+def test_the_user_models_benchmark_gives_the_users_class_back_smaller(name):
+    """``benchmarks/user_models.py``: a model as loaded, a plain loop, the cycle's defaults (2 cycles)."""
+    pytest.importorskip("transformers", reason="the models come from transformers (dev dependency)")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import user_models
+
+    row = user_models.run(name)
+    assert row["own_class"] and row["kept_cls"] == row["cls"]
+    assert row["params"][1] < row["params"][0]
+    assert row["accuracy"][1] >= row["accuracy"][0] - 0.05  # the tolerance it ran with
+    if name == "gemma":
+        assert row["generate"] == [2, 7]

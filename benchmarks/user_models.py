@@ -1,0 +1,217 @@
+"""Models no recipe was tuned on, as a user brings them: ``fp.squeeze_release`` with a plain loop, its defaults.
+
+    python benchmarks/user_models.py                      # every model (one subprocess each)
+    python benchmarks/user_models.py llama mobilenet_v2   # some
+    python benchmarks/user_models.py --list               # the names
+
+Each model is built at a small size from its class (transformers' ``XConfig`` + ``XFor...``, torchvision's
+builders), random weights, as loaded (the KV cache on). Data is generated: images of 32x32 with a bright quadrant
+per class (4 classes), token sequences that count up by 1 or 2 (a causal LM predicts the next token; a sequence
+classifier tells the step). The loop: AdamW (lr 3e-3), batches of 32, ``.train()`` to train and ``.eval()`` to
+evaluate, 6 epochs dense and 3 per ``train`` call, 2 cycles with the cycle's defaults except ``tolerance=0.05``
+(the data is small). Accuracy is read on the first 128 examples (training data: this checks the flow, not
+generalization).
+
+Per model: the class that comes back (it must be the user's), parameters before and after, each cycle's
+compression, accuracy, fxprune's warnings, and, for a causal LM, that ``generate()`` runs on what comes back; a
+crash is printed with its error. The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name -> (kind, transformers config class, model class, config kwargs); kind: lm, cls (sequence classifier), img
+_LM = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+           max_position_embeddings=64)
+TRANSFORMERS = {
+    "llama": ("lm", "LlamaConfig", "LlamaForCausalLM", dict(_LM, num_key_value_heads=2)),
+    "qwen2": ("lm", "Qwen2Config", "Qwen2ForCausalLM", dict(_LM, num_key_value_heads=2)),
+    "mistral": ("lm", "MistralConfig", "MistralForCausalLM", dict(_LM, num_key_value_heads=2, sliding_window=8)),
+    "gemma": ("lm", "GemmaConfig", "GemmaForCausalLM", dict(_LM, num_key_value_heads=2, head_dim=8)),
+    "phi": ("lm", "PhiConfig", "PhiForCausalLM", _LM),
+    "gptneox": ("lm", "GPTNeoXConfig", "GPTNeoXForCausalLM", _LM),
+    "mixtral": ("lm", "MixtralConfig", "MixtralForCausalLM", dict(_LM, num_key_value_heads=2, num_local_experts=4,
+                                                                   num_experts_per_tok=2)),
+    "opt": ("lm", "OPTConfig", "OPTForCausalLM", dict(vocab_size=32, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                      num_attention_heads=4, max_position_embeddings=64,
+                                                      word_embed_proj_dim=32)),
+    "bloom": ("lm", "BloomConfig", "BloomForCausalLM", dict(vocab_size=32, hidden_size=32, n_layer=2, n_head=4)),
+    "falcon": ("lm", "FalconConfig", "FalconForCausalLM", dict(vocab_size=32, hidden_size=32, num_hidden_layers=2,
+                                                               num_attention_heads=4)),
+    "bart": ("lm", "BartConfig", "BartForConditionalGeneration",
+             dict(vocab_size=32, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+    "distilbert": ("cls", "DistilBertConfig", "DistilBertForSequenceClassification",
+                   dict(vocab_size=32, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64)),
+    "roberta": ("cls", "RobertaConfig", "RobertaForSequenceClassification", _LM),
+    "albert": ("cls", "AlbertConfig", "AlbertForSequenceClassification", dict(_LM, embedding_size=16)),
+    "electra": ("cls", "ElectraConfig", "ElectraForSequenceClassification", dict(_LM, embedding_size=16)),
+    "deberta": ("cls", "DebertaV2Config", "DebertaV2ForSequenceClassification", _LM),
+    "convnext_hf": ("img", "ConvNextConfig", "ConvNextForImageClassification",
+                    dict(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=32)),
+    "swin": ("img", "SwinConfig", "SwinForImageClassification",
+             dict(image_size=32, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                  window_size=4)),
+    "deit": ("img", "DeiTConfig", "DeiTForImageClassification",
+             dict(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, intermediate_size=64)),
+    "resnet_hf": ("img", "ResNetConfig", "ResNetForImageClassification",
+                  dict(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck")),
+    "mobilevit": ("img", "MobileViTConfig", "MobileViTForImageClassification",
+                  dict(image_size=32, num_channels=3, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64])),
+}
+TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf",
+               "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "densenet121", "resnext50_32x4d", "convnext_tiny",
+               "swin_t", "googlenet"]
+N, CLASSES = 256, 4
+
+
+def build(name: str):
+    import torch
+
+    torch.manual_seed(0)
+    if name in TRANSFORMERS:
+        import transformers
+
+        kind, cfg, cls, kw = TRANSFORMERS[name]
+        labels = {"cls": dict(num_labels=2), "img": dict(num_labels=CLASSES)}.get(kind, {})
+        return kind, getattr(transformers, cls)(getattr(transformers, cfg)(**kw, **labels))
+    sys.path.insert(0, HERE)
+    from torchvision_zoo import stub_meta_registrations
+
+    stub_meta_registrations()
+    import torchvision
+
+    extra = dict(aux_logits=False, init_weights=True) if name == "googlenet" else {}
+    return "img", getattr(torchvision.models, name)(num_classes=CLASSES, **extra)
+
+
+def data(kind: str):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "img":
+        y = torch.randint(0, CLASSES, (N,), generator=g)
+        x = torch.randn(N, 3, 32, 32, generator=g) * 0.5
+        for i in range(CLASSES):  # a bright quadrant per class
+            x[y == i, :, (i // 2) * 16:(i // 2 + 1) * 16, (i % 2) * 16:(i % 2 + 1) * 16] += 1.0
+        return x, y
+    step = torch.randint(1, 3, (N, 1), generator=g)
+    seqs = (torch.randint(0, 32, (N, 1), generator=g) + step * torch.arange(16)) % 32
+    return seqs, (step[:, 0] - 1)
+
+
+def run(name: str) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import fxprune as fp
+    from fxprune.verify import count_params
+
+    kind, model = build(name)
+    x, y = data(kind)
+
+    def loss(m, idx):
+        if kind == "img":
+            out = m(x[idx])
+            return F.cross_entropy(getattr(out, "logits", out), y[idx])
+        if kind == "lm":
+            return m(input_ids=x[idx], labels=x[idx]).loss
+        return m(input_ids=x[idx], labels=y[idx]).loss
+
+    def accuracy(m):
+        if kind == "img":
+            out = m(x[:128])
+            return float((getattr(out, "logits", out).argmax(-1) == y[:128]).float().mean())
+        if kind == "lm":
+            return float((m(input_ids=x[:128]).logits[:, :-1].argmax(-1) == x[:128, 1:]).float().mean())
+        return float((m(input_ids=x[:128]).logits.argmax(-1) == y[:128]).float().mean())
+
+    def train(m, epochs=3):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+        m.train()
+        for _ in range(epochs):
+            for idx in torch.randperm(N).split(32):
+                opt.zero_grad()
+                loss(m, idx).backward()
+                opt.step()
+
+    @torch.no_grad()
+    def evaluate(m):
+        m.eval()
+        return accuracy(m)
+
+    example = (x[:8],) if kind == "img" else {"input_ids": x[:8], "labels": (x if kind == "lm" else y)[:8]}
+    out = dict(model=name, cls=type(model).__name__)
+    train(model, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = fp.squeeze_release(model, example, train=train, evaluate=evaluate, cycles=2, tolerance=0.05,
+                                 progress=False)
+    kept = res.module
+    out.update(kept_cls=type(kept).__name__, own_class=type(kept) is type(model),
+               params=[count_params(model), count_params(kept)],
+               cycles=[round(h["compression"], 2) for h in res.history],
+               accuracy=[round(res.dense["accuracy"], 4), round(evaluate(kept), 4)],
+               warnings=sorted({f"{w.category.__name__}: {str(w.message)[:160]}" for w in caught
+                                if w.category.__module__.startswith("fxprune")}))
+    train(kept, 1)  # still trains and switches modes
+    if kind == "lm":
+        out["generate"] = list(kept.generate(x[:2, :4], max_new_tokens=3, do_sample=False).shape)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # (the subprocess of one model)
+    ap.add_argument("--timeout", type=float, default=900)
+    a = ap.parse_args()
+    everything = list(TRANSFORMERS) + TORCHVISION
+    if a.list:
+        print("\n".join(everything))
+        return
+    if a.one:
+        t0 = time.perf_counter()
+        try:
+            out = run(a.one)
+            out["ok"] = True
+        except Exception as e:  # noqa: BLE001 (reported)
+            out = dict(model=a.one, ok=False, error=f"{type(e).__name__}: {e}"[:1500], tb=traceback.format_exc()[-3000:])
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(out), flush=True)
+        return
+    rows = []
+    for name in a.models or everything:
+        try:
+            p = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
+                               timeout=a.timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                   filter(None, [os.path.join(HERE, os.pardir), os.environ.get("PYTHONPATH")]))})
+            line = next((s for s in reversed(p.stdout.splitlines()) if s.startswith("{")), None)
+            row = json.loads(line) if line else dict(model=name, ok=False, error=p.stderr[-1500:])
+        except subprocess.TimeoutExpired:
+            row = dict(model=name, ok=False, error=f"timed out after {a.timeout:.0f} s")
+        rows.append(row)
+        if row["ok"]:
+            (pa, pb), acc = row["params"], row["accuracy"]
+            print(f"{name:20} {row['kept_cls']:40} {pa:>10,} -> {pb:>10,} {pa / pb:>7.2f}x  acc {acc[0]:.3f} -> "
+                  f"{acc[1]:.3f}  own class: {row['own_class']}  {len(row['warnings'])} warning(s)", flush=True)
+            for w in row["warnings"]:
+                print(f"{'':20} {w}", flush=True)
+        else:
+            print(f"{name:20} FAILED: {row['error'][:300]}", flush=True)
+    print(json.dumps(dict(benchmark="user_models", rows=rows)))
+
+
+if __name__ == "__main__":
+    main()
