@@ -246,28 +246,36 @@ def test_a_grouped_conv_that_loses_channels_within_every_group_keeps_its_groups(
             assert float((small(xi) - model(xi)).abs().max()) <= 1e-12
 
 
-def test_vit_stream_channel_goes_and_narrower_heads_are_written_back():
-    """transformers' ViTAttention reshapes q/k/v with its own ``head_dim`` and scales by a ``scaling`` it computed
-    from it: where head_dim channels go from q/k and from v, q, k and v keep one width (the widest), ``head_dim``
-    becomes it and ``scaling`` stays; a dead residual-stream channel, which q/k/v read as input, goes too."""
+def vit_with_a_dead_stream_channel(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+    """transformers' ViT (2 layers, 2 heads of 16) whose widest residual-stream channel is exact zeros in every
+    tensor of its group, with head_dim channels 0-1 of both heads dead in layer 0's q and channel 2 in its v; an
+    example batch of 4."""
     transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
     cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=2, intermediate_size=64, num_labels=4)
     torch.manual_seed(0)
-    model = transformers.ViTForImageClassification(cfg).double().eval()
-    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    model = transformers.ViTForImageClassification(cfg).to(dtype).eval()
+    x = torch.randn(4, 1, 8, 8, dtype=dtype)
     reg = fp.GroupLasso(model, (x,))
     stream = max(range(reg.channels), key=lambda c: sum(int((s.channel == c).sum()) for s in reg.slices))
-    with torch.no_grad():  # that channel is exact zeros in every tensor of its group
+    with torch.no_grad():
         for m in reg._members(model):
             s, t = m.slice, m.param
             hit = (s.channel == stream).nonzero().flatten()
             if len(hit):
                 t.index_fill_(s.dim, hit, 0.0)
-        att = model.vit.layers[0].attention  # head_dim channels 0-1 of both heads dead in q, channel 2 in v
+        att = model.vit.layers[0].attention
         for lin, rows in ((att.q_proj, [0, 1, 16, 17]), (att.v_proj, [2, 18])):
             lin.weight[rows] = 0
             lin.bias[rows] = 0
+    return model, x
+
+
+def test_vit_stream_channel_goes_and_narrower_heads_are_written_back():
+    """transformers' ViTAttention reshapes q/k/v with its own ``head_dim`` and scales by a ``scaling`` it computed
+    from it: where head_dim channels go from q/k and from v, q, k and v keep one width (the widest), ``head_dim``
+    becomes it and ``scaling`` stays; a dead residual-stream channel, which q/k/v read as input, goes too."""
+    model, x = vit_with_a_dead_stream_channel(torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
         small = fp.minimize_module(model, (x,))
