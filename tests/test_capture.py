@@ -1,11 +1,12 @@
 import os
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import fxprune as fp
-from fxprune.graph.capture import as_inputs, keyword_inputs
+from fxprune.graph.capture import LabelsLeftOutWarning, as_inputs, keyword_inputs
 from fxprune.graph.shapes import TensorSpec, is_annotated, node_spec
 from fxprune.verify import count_params
 from fxprune.zoo import TRANSFORMERS, build
@@ -396,3 +397,56 @@ def test_minimize_of_an_exported_graph_shows_no_deprecation_warning_of_its_own()
     assert r.returncode == 0, r.stderr[-2000:]
     assert int(r.stdout.split()[-1]) < sum(p.numel() for p in nn.Conv2d(1, 4, 3).parameters()) + 4 * 3 + 3
     assert "FutureWarning" not in r.stderr and "DeprecationWarning" not in r.stderr, r.stderr[-2000:]
+
+
+class _LossWithDataDependentCode(nn.Module):
+    """A classifier whose loss, like DeBERTa's, keeps only the labelled rows through a data-dependent branch:
+    neither a symbolic trace nor torch.export takes it with labels, both take it without."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x, labels=None):
+        logits = self.body(x)
+        if labels is None:
+            return {"logits": logits}
+        keep = (labels >= 0).nonzero()[:, 0]
+        loss = nn.functional.cross_entropy(logits[keep], labels[keep]) if keep.size(0) > 0 else logits.sum() * 0
+        return {"loss": loss, "logits": logits}
+
+
+def test_a_model_whose_loss_cannot_be_captured_is_captured_without_its_labels(capfd):
+    torch.manual_seed(0)
+    model = _LossWithDataDependentCode()
+    with torch.no_grad():
+        model.body[0].weight[:4], model.body[0].bias[:4] = 0.0, -1.0  # 4 dead hidden units
+    batch = {"x": torch.randn(8, 6), "labels": torch.randint(0, 3, (8,))}
+    with pytest.warns(LabelsLeftOutWarning, match="captured without them"):
+        gm = fp.capture(model, batch)
+    assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == 1  # x only
+    err = capfd.readouterr().err
+    assert "def forward(self" not in err  # torch.export's partial graph of the failed attempt is not printed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LabelsLeftOutWarning)
+        small = fp.minimize_module(model, batch)  # the user's class, which computes the loss itself
+    assert type(small) is _LossWithDataDependentCode and small.body[0].out_features == 12
+    with torch.no_grad():
+        out, ref = small(**batch), model(**batch)
+        assert torch.allclose(out["loss"], ref["loss"]) and torch.allclose(out["logits"], ref["logits"], atol=1e-6)
+
+
+class _BranchesOnValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h[h[:, 0] > 0].sum(0) if h[:, 0].max() > 0 else h.sum(0)
+
+
+def test_a_failed_export_does_not_print_its_partial_graph(capfd):
+    with pytest.raises(fp.CaptureError, match="data-dependent"):
+        fp.capture(_BranchesOnValues(), (torch.randn(4, 6),), method="export")
+    assert "def forward(self" not in capfd.readouterr().err

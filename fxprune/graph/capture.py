@@ -15,7 +15,9 @@ import inspect
 import io
 import logging
 import operator
+import sys
 import traceback
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Literal
 
@@ -35,7 +37,8 @@ from fxprune.graph.dynamic import DYNAMIC_KEY, batch_dims, default_spec, every_d
 from fxprune.graph.shapes import TensorSpec, annotate, is_annotated, node_spec, runs_at
 from fxprune.graph.masks import unmasked
 
-__all__ = ["capture", "as_inputs", "on_model_device", "check_weights", "on_meta", "unwrapped", "EXAMPLE_INPUTS_KEY"]
+__all__ = ["capture", "as_inputs", "on_model_device", "check_weights", "on_meta", "unwrapped", "LabelsLeftOutWarning",
+           "EXAMPLE_INPUTS_KEY"]
 
 EXAMPLE_INPUTS_KEY = "fxprune_example_inputs"
 CAPTURE_METHOD_KEY = "fxprune_capture_method"  # gm.meta: "symbolic" or "export", the capture that worked
@@ -405,7 +408,7 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], reference: Any, dynamic_s
     if every or _is_batch(dynamic_shapes):
         ep = _export_batch(model, inputs, every=every)
     else:
-        ep = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        ep = _exported(model, inputs, dynamic_shapes)
     gm = _program_module(ep, inputs)
     if check:
         _check_reproduces(gm, model, inputs, reference, "the exported graph",
@@ -426,27 +429,46 @@ def _export_batch(model: nn.Module, inputs: tuple[Any, ...], every: bool = False
     batch is traced."""
     spec = default_spec(inputs, every=every)
     tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
-    with _quiet_specialization():
-        if tensors and all(int(x.shape[0]) == 1 for x in tensors):
-            doubled = resize(inputs, [(2, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-                                      for x in inputs])
-            try:
-                return torch.export.export(model, doubled, dynamic_shapes=spec, strict=False)
-            except Exception:  # the model cannot take a batch of 2: export at the example
-                pass
-        return torch.export.export(model, inputs, dynamic_shapes=spec, strict=False)
+    if tensors and all(int(x.shape[0]) == 1 for x in tensors):
+        doubled = resize(inputs, [(2, *x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+                                  for x in inputs])
+        try:
+            return _exported(model, doubled, spec)
+        except Exception:  # the model cannot take a batch of 2: export at the example
+            pass
+    return _exported(model, inputs, spec)
+
+
+def _exported(model: nn.Module, inputs: tuple[Any, ...], dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    """``torch.export.export(model, inputs, strict=False)`` without the output that says nothing to fxprune's
+    user (:func:`_quiet_export`)."""
+    with _quiet_export():
+        return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 @contextlib.contextmanager
-def _quiet_specialization() -> Any:
-    """torch.export logs a warning for each ``Dim.AUTO`` dim it specializes (an image's one channel: "0/1
-    specialized"). fxprune asks for every dim, and those the model fixes are meant to be specialized: the
-    warnings say nothing to the user, who did not ask for them. Other warnings and errors still show."""
+def _quiet_export() -> Any:
+    """Two things torch.export prints that say nothing to fxprune's user:
+
+    - a warning for each ``Dim.AUTO`` dim it specializes (an image's one channel: "0/1 specialized"). fxprune
+      asks for every dim, and those the model fixes are meant to be specialized;
+    - the partial graph of an export that failed, to stderr (hundreds of lines for a transformers model).
+      capture reports the failure in one line, and may go on with another method.
+
+    Everything else written to stderr meanwhile is passed on (after the export); other warnings and errors show."""
     logger = logging.getLogger("torch._export.non_strict_utils")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    buf = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stderr(buf):
+            yield
+    except Exception as e:
+        partial = getattr(e, "partial_fx_graph", None)
+        sys.stderr.write(buf.getvalue().replace(f"{partial}\n", "") if partial else buf.getvalue())  # (each wrapper prints it)
+        raise
+    else:
+        sys.stderr.write(buf.getvalue())
     finally:
         logger.setLevel(level)
 
@@ -482,6 +504,26 @@ def _program_module(ep: torch.export.ExportedProgram, inputs: tuple[Any, ...]) -
     annotate(gm, inputs, dims)
     gm.meta[DYNAMIC_KEY] = dims
     return gm
+
+
+class LabelsLeftOutWarning(UserWarning):
+    """A model that could not be captured with the ``labels`` it was given was captured without them."""
+
+
+def _without_labels(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """``inputs`` with the ``labels`` parameter of ``model.forward`` at its default (and the defaults after the
+    last input given left out), when a tensor was given there; None otherwise."""
+    try:
+        _, params, names = _forward_parameters(model)
+    except Exception:  # noqa: BLE001 (a forward fxprune cannot read: nothing to leave out)
+        return None
+    i = names.index("labels") if "labels" in names else len(inputs)
+    if i >= len(inputs) or not isinstance(inputs[i], torch.Tensor) or params[i].default is inspect.Parameter.empty:
+        return None
+    out = [*inputs[:i], params[i].default, *inputs[i + 1:]]
+    while len(out) > 1 and out[-1] is params[len(out) - 1].default:
+        out.pop()
+    return tuple(out)
 
 
 @ieee_float32()  # (the model's outputs are the reference every check compares with)
@@ -559,6 +601,17 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
         gm.meta[EXAMPLE_INPUTS_KEY] = inputs
         gm.meta[CAPTURE_METHOD_KEY] = name
         return gm
+    fewer = _without_labels(model, inputs)
+    if fewer is not None:  # a loss with data-dependent code (DeBERTa's): the outputs it is computed from
+        try:
+            gm = capture(model, fewer, method, dynamic_shapes=dynamic_shapes, check=check)
+        except CaptureError:
+            pass
+        else:
+            warnings.warn(f"{type(model).__name__} could not be captured with the labels it was given ("
+                          f"{failures[-1].strip()}); it was captured without them: the graph returns the outputs "
+                          "the loss is computed from, not the loss", LabelsLeftOutWarning, stacklevel=3)
+            return gm
     hint = (
         "try method='export' (torch.export handles control flow on shapes and HF models)"
         if method == "symbolic"
