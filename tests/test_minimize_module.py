@@ -1,6 +1,7 @@
 """``fp.minimize_module``: the user's own classes back, smaller, checked; generate() with the KV cache unchanged."""
 from __future__ import annotations
 
+import copy
 import sys
 import tempfile
 import warnings
@@ -715,3 +716,41 @@ def test_wrapped_models_come_back_as_the_module_inside_smaller(wrap):
     with torch.no_grad():
         assert torch.allclose(model(x3), small(x3), rtol=1e-5, atol=1e-6)
     assert snapshot(fp.capture(wrapped, x)) == snapshot(fp.capture(model, x))
+
+
+class _PadsToWindows(nn.Module):
+    """Pads its width to a multiple of 4 where it is not (as Swin does for its windows): torch.export with every
+    dim dynamic records the branch as a guard and the capture fails; with the batch dynamic it works."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 8, 1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.shape[-1] % 4 != 0:
+            x = nn.functional.pad(x, (0, 4 - x.shape[-1] % 4))
+        b, _, h, w = x.shape
+        return self.head(self.conv(x).reshape(b, -1, h // 4, 4, w // 4, 4).mean((2, 3, 4, 5)))
+
+
+def test_a_class_whose_every_dim_capture_failed_is_captured_with_the_batch_dynamic_next_time(monkeypatch):
+    """The cycle calls minimize_module on ever smaller copies of one model: a capture with every dim dynamic that
+    failed once (40-60 s of torch.export's shape reasoning on a small Swin) is not tried again."""
+    import fxprune.interop.module as module
+
+    torch.manual_seed(0)
+    model = _PadsToWindows()
+    with torch.no_grad():
+        model.conv.weight[:3], model.conv.bias[:3] = 0.0, 0.0
+    x = torch.randn(2, 1, 8, 8)
+    asked = []
+    capture = module.capture
+    monkeypatch.setattr(module, "capture", lambda *a, **k: asked.append(k.get("dynamic_shapes")) or capture(*a, **k))
+    first = fp.minimize_module(model, (x,))
+    second = fp.minimize_module(copy.deepcopy(model), (x,))
+    assert asked == ["every", "batch", "batch"]
+    for small in (first, second):
+        assert small.conv.out_channels == 5
+        with torch.no_grad():
+            xi = torch.randn(3, 1, 8, 8)
+            assert torch.allclose(small(xi), model(xi), atol=1e-6)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from fxprune.compare import eval_modes, ieee_float32
 from fxprune.errors import CaptureError, EquivalenceError, InputError, UnsupportedError
@@ -232,11 +233,15 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
     from fxprune.passes.minimize import SITE_BIASES_KEY, MinimizeOptions, minimize, self_check
 
     inputs = as_inputs(example_inputs, model)
+    key = _signature(model, inputs)
     try:  # every dim the model's code lets vary stays dynamic: an index table sliced by a length is no channel
+        if dynamic_shapes == EVERY and key in _EVERY_FAILED:
+            raise CaptureError("every dim dynamic failed before for this class and these input shapes")
         gm = capture(model, inputs, dynamic_shapes=dynamic_shapes)  # (a symbolic trace first: cheaper than export)
     except CaptureError:
         if dynamic_shapes != EVERY:
             raise
+        _EVERY_FAILED.add(key)
         gm = capture(model, inputs, method="export", dynamic_shapes=BATCH)
     keep: dict[str, str] = {}
     heads = _head_sets(model)
@@ -287,6 +292,17 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         warnings.warn(f"minimize_module kept {what}: {why} (fp.minimize on the graph removes them)",
                       KeptChannelsWarning, stacklevel=3)
     return out
+
+
+# (class, input shapes and dtypes) whose capture with every dim dynamic failed: later calls (the cycle's, on ever
+# smaller copies of the same model) capture with the batch dynamic straight away. torch.export spends 40-60 s in
+# symbolic shape reasoning before it refuses a small Swin's spatial dims (its windows must divide them).
+_EVERY_FAILED: set[tuple[Any, ...]] = set()
+
+
+def _signature(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (type(model), tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t)
+                               for t in pytree.tree_leaves(inputs)))
 
 
 def _thaw(attempt: Callable[[dict[str, str]], Any], out: nn.Module, keep: dict[str, str],
