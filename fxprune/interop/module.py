@@ -199,7 +199,8 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
     ``dynamic_shapes``: by default (``"every"``) every dim of every tensor input is captured dynamic where the
     model allows it, so that what the class accepts (other sequence lengths, image sizes) is analysed and checked,
     and a buffer indexed by a length (``position_ids``) is never cut to the example's; a model torch.export cannot
-    capture so is captured with the batch dynamic (``"batch"``) instead; or torch.export's spec.
+    capture so is captured with the batch dynamic (``"batch"``) instead, and so are later calls for its class and
+    input shapes (:data:`_EVERY_FAILED`); or torch.export's spec.
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
