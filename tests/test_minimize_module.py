@@ -6,6 +6,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -339,12 +340,92 @@ def test_rope_attention_keeps_its_heads_with_a_warning():
         for h in range(4):
             model.model.layers[0].self_attn.v_proj.weight[h * 8 + 4:h * 8 + 8] = 0
     ids = torch.randint(0, 50, (2, 9))
-    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="v_proj"):
+    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="inside the heads of model.layers.0.self_attn"):
         small = fp.minimize_module(model, (ids,))
     assert small.model.layers[0].self_attn.v_proj.out_features == 32 and small.model.layers[0].self_attn.head_dim == 8
     with torch.no_grad():
         x = torch.randint(0, 50, (3, 14))
         assert float((small(x).logits - model(x).logits).abs().max()) <= 1e-10
+
+
+def _gqa_llama(transformers: Any) -> nn.Module:
+    """A float64 Llama (4 query heads, 2 kv heads, head_dim 8) whose v has channel 3 of every head dead (within the
+    heads) and whose kv group 1 is dead (its v rows: what heads 2 and 3 add is zero)."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).double().eval()
+    v = model.model.layers[0].self_attn.v_proj.weight
+    with torch.no_grad():
+        v[[3, 11]] = 0
+        v[8:16] = 0
+    return model
+
+
+def test_rope_attention_loses_a_whole_kv_group_while_channels_inside_heads_stay():
+    """The class cannot take a narrower rotary head, but whole kv groups fit it: the channels inside the heads stay
+    (one warning says so) and kv group 1 goes with its two query heads, exact at other batch sizes and lengths, with
+    greedy generate() equal; the input model is unchanged."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    model = _gqa_llama(transformers)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="whole heads and kv groups still go"):
+        small = fp.minimize_module(model, (torch.randint(0, 50, (2, 9)),))
+    att = small.model.layers[0].self_attn
+    assert type(small) is type(model) and att.head_dim == 8
+    assert (att.q_proj.out_features, att.k_proj.out_features, att.v_proj.out_features, att.o_proj.in_features) == (16, 8, 8, 16)
+    assert count_params(small) == count_params(model) - 2 * 16 * 32 - 2 * 8 * 32  # q and o: 2 heads; k and v: 1
+    for b, n in ((3, 14), (1, 23)):
+        x = torch.randint(0, 50, (b, n))
+        with torch.no_grad():
+            assert float((small(x).logits - model(x).logits).abs().max()) <= 1e-10
+    x = torch.randint(0, 50, (1, 6))
+    assert torch.equal(model.generate(x, max_new_tokens=6, do_sample=False), small.generate(x, max_new_tokens=6, do_sample=False))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_fused_rotary_attention_loses_a_whole_head():
+    """GPT-NeoX's fused query_key_value (per head: q, k, v of ``head_size``; the head count read off the reshape)
+    with v channel 3 dead in every head and head 2's q, k and v zero: head 2 goes, the channels inside the others stay, exact at
+    other batch sizes and lengths."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)).double().eval()
+    qkv = model.gpt_neox.layers[0].attention.query_key_value
+    with torch.no_grad():
+        for h in range(4):
+            qkv.weight[h * 24 + 19] = 0
+            qkv.bias[h * 24 + 19] = 0
+        qkv.weight[2 * 24:3 * 24] = 0  # head 2's q, k and v (a head the group lasso zeroed whole)
+        qkv.bias[2 * 24:3 * 24] = 0
+    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="inside the heads of gpt_neox.layers.0.attention"):
+        small = fp.minimize_module(model, (torch.randint(0, 50, (2, 9)),))
+    att = small.gpt_neox.layers[0].attention
+    assert (att.query_key_value.out_features, att.dense.in_features, att.head_size) == (72, 24, 8)
+    for b, n in ((3, 14), (1, 5)):
+        x = torch.randint(0, 50, (b, n))
+        with torch.no_grad():
+            assert float((small(x).logits - model(x).logits).abs().max()) <= 1e-10
+
+
+def test_whole_heads_option_keeps_channels_inside_heads_in_the_graph():
+    """``MinimizeOptions(whole_heads=...)`` on the graph: without it v loses its dead channel inside the heads, with it
+    only kv group 1 goes (q, k, v and o's input by whole heads); both exact."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    from fxprune.passes.minimize import MinimizeOptions
+    model = _gqa_llama(transformers)
+    x = torch.randint(0, 50, (2, 9))
+    with fp.interop.module.cache_off(model):
+        gm = fp.capture(model, (x,), dynamic_shapes="every")
+    att = "model.layers.0.self_attn"
+    dims = tuple(f"{att}.{p}_proj.weight:0" for p in "qkvo")
+    sizes = lambda g: tuple(g.get_parameter(f"{att}.{p}_proj.weight").shape[0] for p in "qkv")  # noqa: E731
+    assert sizes(fp.minimize(gm)) == (16, 8, 7)
+    small = fp.minimize(gm, options=MinimizeOptions(whole_heads=dims))
+    assert sizes(small) == (16, 8, 8) and small.get_parameter(f"{att}.o_proj.weight").shape == (32, 16)
+    report = fp.verify(gm, small, (torch.randint(0, 50, (3, 13)),))
+    assert report.ok and report.max_rel["float64"] <= 1e-9
 
 
 def test_gpt2_as_loaded_with_the_cache_on_keeps_its_class_cache_and_generate():

@@ -216,6 +216,26 @@ class Analysis:
             out.append((part.size // last.size, last))
         return out
 
+    def head_dim_leaves(self, target: str, dim: int, single: bool = False) -> list[Atom] | None:
+        """The leaf groups inside the head dim of dim ``dim`` of tensor ``target``: per part (see :meth:`heads`) that
+        is heads x head dim, every leaf of its last factor (a rotary head dim is a sum of two halves that share a
+        leaf); a part without that product, all of its leaves (one head). None where the tensor or dim is not in
+        the graph, or no part is such a product (nothing tells its heads from a stream) and not ``single`` (a dim
+        known to hold heads, left with one)."""
+        atoms = self.spaces.atoms
+        a = self.spaces.spaces().get((("param", self.spaces.param_key.get(target, target)), dim))
+        if a is None:
+            return None
+        root = atoms.find(a)
+        parts = [atoms.find(c) for c in root.children] if root.kind == "sum" else [root]
+        if not single and not any(p.kind == "prod" and len(p.children) > 1 for p in parts):
+            return None
+        out: list[Atom] = []
+        for part in parts:
+            inner = part.children[-1] if part.kind == "prod" and len(part.children) > 1 else part
+            out.extend(x for x in atoms.leaves_of(inner) if all(x is not y for y in out))
+        return out
+
     # ---- report -------------------------------------------------------------------------
     def channel_graph(self) -> ChannelGraph:
         sp, atoms = self.spaces, self.spaces.atoms

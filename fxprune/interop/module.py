@@ -91,7 +91,7 @@ BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
 
 
 # an attention's head width and head count, as attention classes name them (ViT, BERT, GPT-2... in transformers)
-HEAD_WIDTH = ("head_dim", "attention_head_size")
+HEAD_WIDTH = ("head_dim", "attention_head_size", "head_size")
 HEAD_COUNT = ("num_heads", "num_attention_heads")
 
 
@@ -246,11 +246,13 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         gm = capture(model, inputs, method="export", dynamic_shapes=BATCH)
     keep: dict[str, str] = {}
     heads = _head_sets(model)
+    whole: list[str] = []  # head dims tried with whole heads only, before their projections are frozen
 
     def attempt(frozen: dict[str, str]) -> tuple[nn.Module, list[str], list[str], Any, EquivalenceError | None]:
         # one end-to-end check: the copy against the model; the graph is checked only to say which step failed
         while True:  # a layer applied at several sites cannot hold a bias per site: keep its channels
-            opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), equal_heads=heads, split_norms=False, **options)
+            opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), equal_heads=heads,
+                                   whole_heads=tuple(whole), split_norms=False, **options)
             small = minimize(gm, options=opts)
             shared = {f"{bias.rpartition('.')[0]}.weight" if bias.endswith(".bias") else bias: SHARED_REASON
                       for bias in small.meta.get(SITE_BIASES_KEY, {}).values()}
@@ -275,6 +277,10 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
             break
         small, opts = small
         more = _to_freeze(model, out, inputs, stale, suspects, keep)
+        headed = [k for _, dims in heads if more.keys() & set(dims) and not set(dims) <= set(whole) for k in dims]
+        if headed:  # first keep the channels inside those heads: whole heads and kv groups may still go
+            whole.extend(k for k in headed if k not in whole)
+            continue
         if not more:
             self_check(gm, small, inputs, opts)  # raises if the capture or the graph rewrite is at fault
             raise EquivalenceError(f"the minimized copy of {type(model).__name__} differs from it: {e} Modules whose "
@@ -291,6 +297,12 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         if any(r == SHARED_REASON for r in keep.values()):
             why = "; ".join(filter(None, [why, SHARED_REASON]))
         warnings.warn(f"minimize_module kept {what}: {why} (fp.minimize on the graph removes them)",
+                      KeptChannelsWarning, stacklevel=3)
+    inside = sorted({k.rpartition(".")[0].rpartition(".")[0] for k in whole if k not in keep} - {""})
+    if inside:
+        warnings.warn(f"minimize_module kept every channel inside the heads of {', '.join(inside)}: their class "
+                      "reads one head width in more places than fxprune updates (rotary tables, a reshape); whole "
+                      "heads and kv groups still go (fp.minimize on the graph removes the rest)",
                       KeptChannelsWarning, stacklevel=3)
     return out
 

@@ -65,6 +65,9 @@ class MinimizeOptions:
     # hold heads of that width (heads x head dim, or one head) keep one head width, the widest of them (a class
     # that reshapes q, k and v with one head width); dims of another width (an output projection) are left out
     equal_heads: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    # "tensor:dim"s whose heads stay whole: every channel inside a head stays and only whole heads (or kv groups)
+    # go (a class whose head width is also read elsewhere, as rotary tables are)
+    whole_heads: tuple[str, ...] = ()
     # a LayerNorm / RMSNorm output channel nothing reads goes even where its input channel stays (read by the
     # statistics): the graph selects the kept outputs after the norm (fxprune.analysis.groups.Analysis); off for
     # modules of the user's class, which cannot
@@ -392,6 +395,10 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
                               for parts in [an.heads(*_tensor_dim(k), single=True) or []]
                               if parts and all(leaf.size == width for _, leaf in parts)}
                 keep = equal_heads(an, keep, [ks for _, ks in opts.equal_heads], free, set(layout))
+            if opts.whole_heads:
+                if i == 0:  # the dims that hold heads (one head where a later round leaves one)
+                    whole = [k for k in opts.whole_heads if an.head_dim_leaves(*_tensor_dim(k)) is not None]
+                keep = whole_heads(an, keep, whole)
             keep = an.implied(keep)  # (rounding keeps more: a split norm's input keeps what its output keeps)
             if opts.round_to > 1:
                 widths += _widths(an, removable, keep, i == 0)
@@ -519,6 +526,17 @@ def equal_heads(an: Analysis, keep: dict[int, torch.Tensor], sets: Sequence[Sequ
                 del out[g]
             else:
                 out[g] = m
+    return out
+
+
+def whole_heads(an: Analysis, keep: dict[int, torch.Tensor], keys: Sequence[str]) -> dict[int, torch.Tensor]:
+    """``keep`` with every channel inside a head of the dims ``keys`` (``"tensor:dim"``, found to hold heads in the
+    first round; :attr:`MinimizeOptions.whole_heads`, :meth:`Analysis.head_dim_leaves`) kept: only whole heads go.
+    Keeping a removable channel is always exact."""
+    out = dict(keep)
+    for k in keys:
+        for leaf in an.head_dim_leaves(*_tensor_dim(k), single=True) or ():
+            out.pop(id(leaf), None)
     return out
 
 
