@@ -426,6 +426,9 @@ def test_whole_heads_option_keeps_channels_inside_heads_in_the_graph():
     assert sizes(small) == (16, 8, 8) and small.get_parameter(f"{att}.o_proj.weight").shape == (32, 16)
     report = fp.verify(gm, small, (torch.randint(0, 50, (3, 13)),))
     assert report.ok and report.max_rel["float64"] <= 1e-9
+    for bad in (("q_proj.weight",), (0,), f"{att}.q_proj.weight:0"):
+        with pytest.raises(fp.InputError, match="whole_heads takes a tuple of 'name:dim' strings"):
+            fp.minimize(gm, options=MinimizeOptions(whole_heads=bad))
 
 
 def test_gpt2_as_loaded_with_the_cache_on_keeps_its_class_cache_and_generate():

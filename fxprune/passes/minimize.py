@@ -382,6 +382,11 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
                                                     and all(k.rpartition(":")[2].isdigit() for k in e[1]))]
     if bad:
         raise InputError(f"equal_heads takes (head width, ('name:dim', ...)) per attention, got {bad[0]}")
+    bad = ([repr(opts.whole_heads)] if isinstance(opts.whole_heads, str) else
+           [repr(k) for k in opts.whole_heads if not (isinstance(k, str) and k.rpartition(":")[2].isdigit())])
+    if bad:
+        raise InputError(f"whole_heads takes a tuple of 'name:dim' strings (a tensor of the graph and the dim "
+                         f"that holds its heads), got {bad[0]}")
     with torch.no_grad():
         for i in range(opts.max_iterations):
             an = Analysis(work, dict(opts.keep), split_norms=opts.split_norms)
