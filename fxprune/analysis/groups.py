@@ -202,12 +202,11 @@ class Analysis:
         ``single``: a part without structure is one head (a reshape into one head is no product: its size-1 dim
         is skipped), for a dim known to hold heads."""
         atoms = self.spaces.atoms
-        a = self.spaces.spaces().get((("param", self.spaces.param_key.get(target, target)), dim))
-        if a is None:
+        parts = self._parts(target, dim)
+        if parts is None:
             return None
-        root = atoms.find(a)
         out = []
-        for part in [atoms.find(c) for c in root.children] if root.kind == "sum" else [root]:
+        for part in parts:
             last = atoms.find(part.children[-1]) if part.kind == "prod" and len(part.children) > 1 else None
             if last is None and single and part.kind is None:
                 last = part
@@ -223,18 +222,24 @@ class Analysis:
         the graph, or no part is such a product (nothing tells its heads from a stream) and not ``single`` (a dim
         known to hold heads, left with one)."""
         atoms = self.spaces.atoms
-        a = self.spaces.spaces().get((("param", self.spaces.param_key.get(target, target)), dim))
-        if a is None:
-            return None
-        root = atoms.find(a)
-        parts = [atoms.find(c) for c in root.children] if root.kind == "sum" else [root]
-        if not single and not any(p.kind == "prod" and len(p.children) > 1 for p in parts):
+        parts = self._parts(target, dim)
+        if parts is None or not single and not any(p.kind == "prod" and len(p.children) > 1 for p in parts):
             return None
         out: list[Atom] = []
         for part in parts:
             inner = part.children[-1] if part.kind == "prod" and len(part.children) > 1 else part
             out.extend(x for x in atoms.leaves_of(inner) if all(x is not y for y in out))
         return out
+
+    def _parts(self, target: str, dim: int) -> list[Atom] | None:
+        """Dim ``dim`` of tensor ``target``: the parts of its concatenation (or itself as one part); None where the
+        tensor or dim is not in the graph."""
+        atoms = self.spaces.atoms
+        a = self.spaces.spaces().get((("param", self.spaces.param_key.get(target, target)), dim))
+        if a is None:
+            return None
+        root = atoms.find(a)
+        return [atoms.find(c) for c in root.children] if root.kind == "sum" else [root]
 
     # ---- report -------------------------------------------------------------------------
     def channel_graph(self) -> ChannelGraph:
