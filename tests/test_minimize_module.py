@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fxprune as fp
-from conftest import snapshot, torchvision
+from conftest import graph_state, snapshot, torchvision
 from fxprune import zoo
 from fxprune.verify import count_params
 
@@ -422,7 +422,9 @@ def test_whole_heads_option_keeps_channels_inside_heads_in_the_graph():
     dims = tuple(f"{att}.{p}_proj.weight:0" for p in "qkvo")
     sizes = lambda g: tuple(g.get_parameter(f"{att}.{p}_proj.weight").shape[0] for p in "qkv")  # noqa: E731
     assert sizes(fp.minimize(gm)) == (16, 8, 7)
+    state, graph = snapshot(gm), graph_state(gm)
     small = fp.minimize(gm, options=MinimizeOptions(whole_heads=dims))
+    assert snapshot(gm) == state and graph_state(gm) == graph  # the input graph, its node.meta included
     assert sizes(small) == (16, 8, 8) and small.get_parameter(f"{att}.o_proj.weight").shape == (32, 16)
     report = fp.verify(gm, small, (torch.randint(0, 50, (3, 13)),))
     assert report.ok and report.max_rel["float64"] <= 1e-9
