@@ -98,6 +98,58 @@ def test_torchvision_resnet_comes_back_as_itself():
             assert float((ref - small(xs)).abs().max() / ref.abs().max()) <= 1e-9
 
 
+def _convnext(torchvision: Any) -> nn.Module:
+    """A two-stage torchvision ConvNeXt (stochastic depth on, as convnext_tiny has it), float64, with stream channel 3
+    of stage 1 dead: zero out of the stem and in every block's layer scale, so it stays zero down the residual stream,
+    and zero in the weights and biases of the norms that read it."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    model = ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 1)], stochastic_depth_prob=0.1,
+                     num_classes=5).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # (layer scales start at 1e-6: the blocks would add next to nothing)
+            if p.dim() == 3:
+                p.fill_(0.5)
+        model.features[0][0].weight[3] = 0
+        model.features[0][0].bias[3] = 0
+        for norm in [model.features[0][1], *(b.block[2] for b in model.features[1]), model.features[2][0]]:
+            norm.weight[3] = 0  # what reads the stream: its norms (their statistics read the constant channel)
+            norm.bias[3] = 0
+        for block in model.features[1]:
+            block.layer_scale[3] = 0
+    return model
+
+
+def test_torchvision_convnext_streams_lose_channels_through_stochastic_depth():
+    """torchvision's blocks end in ``stochastic_depth`` (a function a symbolic trace keeps as one call): it has a
+    channel rule (identity in eval mode, one factor per sample in training), so the residual streams can lose
+    channels; and its ``LayerNorm2d``, which calls ``F.layer_norm`` itself, becomes a compensated norm over dim 1
+    and keeps its class. Before, the first froze every stream and the second kept every channel a LayerNorm2d
+    reads: convnext_tiny came back 1.02x smaller from a user's cycle. Exact at another batch size and image size;
+    the input model is unchanged."""
+    tv = torchvision()
+    model = _convnext(tv)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    groups = fp.analyze(fp.capture(model, (x,)))
+    assert not any(r.startswith("no channel rule") for g in groups.groups for r in g.reasons)
+    before = snapshot(model)
+    small = fp.minimize_module(model, (x,))
+    assert type(small) is type(model) and snapshot(model) == before
+    assert small.features[0][0].out_channels == 15 and small.features[1][0].layer_scale.shape[0] == 15
+    stem_norm = small.features[0][1]
+    assert isinstance(stem_norm, tv.models.convnext.LayerNorm2d) and stem_norm.full_size == 16
+    assert count_params(small) < count_params(model)
+    for xs in (x, torch.randn(3, 3, 40, 48, dtype=torch.float64)):
+        with torch.no_grad():
+            ref = model(xs)
+            assert float((ref - small(xs)).abs().max() / ref.abs().max()) <= 1e-9
+    small.train()  # stochastic depth draws again in training mode, on the narrower stream
+    torch.manual_seed(1)
+    out = small(x)
+    assert out.shape == (2, 5) and bool(torch.isfinite(out).all())
+
+
 class ReadsItsOwnSize(nn.Module):
     """A forward that reshapes with a size no tensor tells: eager code cannot follow the removal."""
 

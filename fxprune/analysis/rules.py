@@ -18,7 +18,7 @@ from torch.fx import Node
 
 from fxprune.graph.scan import BLOCK_BYTES
 from fxprune.analysis.rule import DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval
-from fxprune.analysis.table import RULES
+from fxprune.analysis.table import RULES, ByName
 from fxprune.graph.shapes import TensorSpec, node_spec
 from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm, compensated_softmax
 
@@ -106,6 +106,15 @@ class Dropout(Elementwise):
         else:
             train, p = op.arg(2, "training", True), op.arg(1, "p", 0.5)
         return super().facts(op, fx) if (not train or p == 0) else None
+
+
+class StochasticDepth(Dropout):
+    """torchvision's ``stochastic_depth(input, p, mode, training)``: identity in eval mode (or p == 0); in training
+    mode each sample (``"row"``) or the whole batch (``"batch"``) is zeroed or scaled, every channel alike."""
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        train, p = op.arg(3, "training", True), op.arg(1, "p")
+        return Elementwise.facts(self, op, fx) if (not train or p == 0) else None
 
 
 class Mul(Elementwise):
@@ -1353,6 +1362,7 @@ register(Elementwise(), *_ELEMENTWISE_MODULES, *_aten(*_UNARY, *_BINARY), *_torc
 register(Mul(), aten.mul, aten.mul_, torch.mul, "mul", "mul_", operator.mul, operator.imul)
 register(IndexSelect(), aten.index_select, torch.index_select, "index_select")
 register(Dropout(), nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, aten.dropout)
+register(StochasticDepth(), ByName("torchvision.ops.stochastic_depth.stochastic_depth"))
 register(Linear(), F.linear, aten.linear, aten.addmm.default)
 register(Conv(), F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution.default)
 register(Embedding(), F.embedding, aten.embedding)

@@ -2,18 +2,29 @@
 
 Keys are module types (looked up along the MRO, unless a subclass overrides ``forward``), torch functions,
 tensor method names (``"view"``), ATen overloads (``aten.relu.default``) or whole ATen packets
-(``aten.relu``: every overload). A target with no rule is *opaque*: the analysis freezes every channel space
-it touches. Registering the same key twice is an error.
+(``aten.relu``: every overload), or :class:`ByName` keys: the qualified name of a function from a library
+fxprune does not import (``ByName("torchvision.ops.stochastic_depth.stochastic_depth")``), which a symbolic trace
+keeps as one call. A target with no rule is *opaque*: the analysis freezes every channel space it touches.
+Registering the same key twice is an error.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-__all__ = ["RuleTable", "RULES", "target_name"]
+__all__ = ["ByName", "RuleTable", "RULES", "target_name"]
+
+
+@dataclass(frozen=True)
+class ByName:
+    """A rule key: a function's qualified name (``module.function``), for functions of libraries fxprune does not
+    import; a call_function node whose target has that :func:`target_name` takes the rule."""
+
+    name: str
 
 
 class RuleTable:
@@ -51,10 +62,14 @@ class RuleTable:
             packet = getattr(t, "overloadpacket", None)
             if packet is not None and packet in self._rules:
                 return self._rules[packet]
+            if callable(t) and not isinstance(t, torch._ops.OpOverload):
+                return self._rules.get(ByName(target_name(t)))
         return None
 
 
 def target_name(t: Any) -> str:
+    if isinstance(t, ByName):
+        return t.name
     if isinstance(t, str):
         return f"Tensor.{t}"
     if isinstance(t, type):

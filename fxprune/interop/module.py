@@ -627,19 +627,55 @@ class _CompensatedLayerNormBase(nn.LayerNorm):
 torch.fx.wrap("compensated_layer_norm")  # (one call in a symbolic trace of a model holding such a norm, as in
 #  fxprune.nn.norm: a symbolic trace cannot iterate over the input's shape)
 
-_COMPENSATED_SUBCLASSES: dict[type, type] = {}
+def _channels_first(self: nn.LayerNorm, input: torch.Tensor) -> torch.Tensor:
+    """The forward of a channels-first norm's compensated class: the norm over dim 1 (N, C, *spatial)."""
+    return _CompensatedLayerNormBase.forward(self, input.movedim(1, -1)).movedim(-1, 1)
 
 
-def _compensated_subclass(cls: type) -> type:
+_COMPENSATED_SUBCLASSES: dict[tuple[type, bool], type] = {}
+
+
+def _compensated_subclass(cls: type, channels_first: bool = False) -> type:
     """``cls`` (a LayerNorm subclass) with :class:`_CompensatedLayerNormBase` after it in the MRO: its own forward
     runs, and its ``super().forward`` is the compensated one. ``isinstance(m, cls)`` still holds. A class that is
-    one already (a norm an earlier call compensated, met again in a symbolic trace) is its own."""
+    one already (a norm an earlier call compensated, met again in a symbolic trace) is its own. ``channels_first``:
+    for a class whose forward normalizes dim 1 without reaching ``super().forward`` (torchvision's
+    ``LayerNorm2d`` calls ``F.layer_norm`` itself; :func:`_norm_form`), the forward is the compensated norm over
+    dim 1 instead."""
     if issubclass(cls, _CompensatedLayerNormBase):
         return cls
-    if cls not in _COMPENSATED_SUBCLASSES:
-        _COMPENSATED_SUBCLASSES[cls] = type(cls.__name__, (cls, _CompensatedLayerNormBase),
-                                            {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
-    return _COMPENSATED_SUBCLASSES[cls]
+    if (cls, channels_first) not in _COMPENSATED_SUBCLASSES:
+        body = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        _COMPENSATED_SUBCLASSES[cls, channels_first] = type(
+            cls.__name__, (cls, _CompensatedLayerNormBase), body | ({"forward": _channels_first} if channels_first else {}))
+    return _COMPENSATED_SUBCLASSES[cls, channels_first]
+
+
+@torch.no_grad()
+def _channels_first_only(norm: nn.LayerNorm) -> bool:
+    """Whether ``norm`` (a LayerNorm subclass with a forward of its own) never reaches
+    ``super().forward`` and is a norm over dim 1: probed on random input, once as it is and once with its class
+    made compensated and statistics that differ (a forward that reached them would change)."""
+    w = norm.weight
+    size = w.shape[0] if w is not None else norm.normalized_shape[0]
+    x = torch.randn(2, size, 3, 3, generator=torch.Generator().manual_seed(0)).to(w.dtype if w is not None else torch.float32)
+    norm = copy.deepcopy(norm)  # (its weight may be the kept one already: its sizes follow)
+    norm.normalized_shape = (size,)
+    probe = copy.deepcopy(norm)
+    probe.__class__ = _compensated_subclass(type(norm))
+    probe.full_size, probe.removed_sum, probe.removed_sq_sum = size + 1, 1.0, 4.0
+    for form in (x, x.movedim(1, -1)):
+        try:
+            if not torch.equal(probe(form), norm(form)):
+                return False  # it reaches super().forward
+        except Exception:  # noqa: BLE001 (a layout this norm does not take)
+            continue
+    try:
+        out = norm(x)
+    except Exception:  # noqa: BLE001
+        return False
+    ref = torch.nn.functional.layer_norm(x.movedim(1, -1), (size,), w, norm.bias, norm.eps).movedim(-1, 1)
+    return out.shape == ref.shape and bool(torch.allclose(out, ref, rtol=1e-5, atol=1e-6))
 
 
 def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
@@ -663,8 +699,9 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
                 and type(old).forward is not nn.LayerNorm.forward):
             # a LayerNorm subclass with a forward of its own (channels-first norms call super().forward on a moved
             # view): the module keeps its class, and the LayerNorm its forward reaches becomes the compensated one
+            # (or, for a norm over dim 1 that calls F.layer_norm itself, its forward the compensated norm over dim 1)
             b = get_attr(small, args[2].target) if args[2] is not None else None
-            old.__class__ = _compensated_subclass(type(old))
+            old.__class__ = _compensated_subclass(type(old), _channels_first_only(old))
             old.full_size, old.removed_sum, old.removed_sq_sum = int(args[4]), float(args[5]), float(args[6])
             old.eps, old.normalized_shape = float(args[3]), tuple(w.shape)
             old.weight = nn.Parameter(w.detach().clone(), requires_grad=old.weight.requires_grad)
