@@ -413,3 +413,38 @@ def test_norms_whose_zero_weight_does_not_drop_the_channel_turn_the_statistics_r
     assert not reg.statistics_only and not any(s.gate for s in reg.slices)
     reg.step(net, lr=1e-3)  # (Gemma's weights start at zero: the rule would have zeroed every channel)
     assert torch.equal(net.a.weight, written)
+
+
+class _Attention(nn.Module):
+    """Self-attention of 4 heads of width 4 over 16 channels (q, k, v, o Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (f(x).view(b, n, 4, 4).transpose(1, 2) for f in (self.q, self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 16))
+
+
+def test_a_dim_of_heads_is_regularized_over_its_head_dim_channels():
+    """What the guide says the lasso covers in an attention: each head-dim channel across every head (row j of each
+    head of q and k, one group; of v and o's columns, another), one slice per dim; whole heads are no group of their
+    own (results.md, stop 49: tried, kept less)."""
+    net = _Attention()
+    reg = fp.GroupLasso(net, (torch.randn(2, 5, 16),))
+    by = {}
+    for s in reg.slices:
+        assert (s.name, s.dim) not in by  # one slice per dim
+        by[s.name, s.dim] = s.channel
+    for name in ("q.weight", "k.weight", "v.weight"):
+        rows = by[name, 0]
+        assert all(len(set(rows[4 * h:4 * h + 4].tolist())) == 4 for h in range(4))  # a head's rows: 4 groups
+        assert torch.equal(rows[:4], rows[4:8]) and torch.equal(rows[:4], rows[12:])  # row j of every head: one
+    assert torch.equal(by["q.weight", 0], by["k.weight", 0]) and torch.equal(by["v.weight", 0], by["o.weight", 1])
+    assert not (set(by["q.weight", 0].tolist()) & set(by["v.weight", 0].tolist()))
+    # (the stream is the model's input and output: frozen) q/k's and v/o's head-dim channels, and the heads: a free
+    # group that no slice holds, so nothing pulls on it
+    assert reg.channels == 4 + 4 + 4 and int((reg.sizes == 0).sum()) == 4

@@ -2,8 +2,10 @@
 
 ``minimize`` removes a channel only when it is exactly dead or unread in *every* member of its group (producer rows
 and biases, consumer columns, per-channel parameters such as norm weights and layer scales, every tensor of a
-residual stream, whole heads). The regularizer is built from those groups (:func:`fxprune.analyze` on a capture of
-the model), so that what it pushes to zero is what ``minimize`` can take out; nothing is listed by hand.
+residual stream, whole heads). The regularizer is built from those groups (:func:`fxprune.analyze` on a capture
+of the model), so that what it pushes to zero is what ``minimize`` can take out; nothing is listed by hand. It
+covers the groups one slice per dim can hold (:func:`~fxprune.analysis.groups.param_slices`): of a dim of heads x
+head dim, the head-dim channels, not whole heads; a rotary q/k dim (two halves of one group) not at all.
 
 For channel ``g`` of a free group, ``w_g`` is the vector of every parameter entry that channel ``g`` owns, ``n_g``
 its length. A group mixes tensors of very different scales (a BatchNorm or LayerNorm weight near 1 beside conv
