@@ -436,6 +436,30 @@ def test_rope_attention_loses_a_whole_kv_group_while_channels_inside_heads_stay(
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_rope_attention_left_with_one_kv_head_keeps_it_whole_the_next_time():
+    """The cycle minimizes its own result again: a Llama left with one kv head (whose v still has a dead channel
+    inside it) is one head of its attention's width, not a stream. Before, the second call narrowed that head
+    (head_dim 1, the check failed) and then froze v_proj's output channels with a warning naming them; now it keeps
+    the channels inside the head at once, exact at other batch sizes and lengths."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    ids = (torch.randint(0, 50, (2, 9)),)
+    with pytest.warns(fp.interop.module.KeptChannelsWarning):
+        once = fp.minimize_module(_gqa_llama(transformers), ids)
+    assert once.model.layers[0].self_attn.v_proj.out_features == 8  # one kv head, its channel 3 still zero
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        twice = fp.minimize_module(once, ids)
+    kept = [str(w.message) for w in caught if issubclass(w.category, fp.interop.module.KeptChannelsWarning)]
+    assert any("inside the heads of model.layers.0.self_attn" in m for m in kept), kept
+    assert not any("output channels" in m for m in kept), kept
+    att = twice.model.layers[0].self_attn
+    assert att.head_dim == 8 and (att.q_proj.out_features, att.k_proj.out_features, att.v_proj.out_features) == (16, 8, 8)
+    for b, n in ((3, 14), (1, 23)):
+        x = torch.randint(0, 50, (b, n))
+        with torch.no_grad():
+            assert float((twice(x).logits - once(x).logits).abs().max()) <= 1e-10
+
+
 def test_fused_rotary_attention_loses_a_whole_head():
     """GPT-NeoX's fused query_key_value (per head: q, k, v of ``head_size``; the head count read off the reshape)
     with v channel 3 dead in every head and head 2's q, k and v zero: head 2 goes, the channels inside the others stay, exact at

@@ -401,8 +401,10 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
                               if parts and all(leaf.size == width for _, leaf in parts)}
                 keep = equal_heads(an, keep, [ks for _, ks in opts.equal_heads], free, set(layout))
             if opts.whole_heads:
-                if i == 0:  # the dims that hold heads (one head where a later round leaves one)
-                    whole = [k for k in opts.whole_heads if an.head_dim_leaves(*_tensor_dim(k)) is not None]
+                if i == 0:  # the dims that hold heads (one head where a later round leaves one), and those that
+                    # hold one head of their attention's width already (a kv projection an earlier call left one)
+                    whole = [k for k in opts.whole_heads if an.head_dim_leaves(*_tensor_dim(k)) is not None
+                             or k in layout]
                 keep = whole_heads(an, keep, whole)
             keep = an.implied(keep)  # (rounding keeps more: a split norm's input keeps what its output keeps)
             if opts.round_to > 1:
