@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 __all__ = ["Point", "check", "ieee_float32", "OutputDiff", "compare", "rtol_for", "stored_rtol", "float32_rtol",
-           "precision_of", "first_failure", "worst", "tensors", "to_dtype", "cast", "rounding_only", "EXACT_RTOL", "NOISE_FACTOR"]
+           "precision_of", "first_failure", "worst", "tensors", "to_dtype", "cast", "rounding_only", "own_rounding",
+           "EXACT_RTOL", "NOISE_FACTOR"]
 
 EXACT_RTOL = 1e-9  # float64 relative error that counts as exact
 _RTOL = {torch.float64: EXACT_RTOL, torch.float32: 1e-4}
@@ -74,11 +75,15 @@ def cast(xs: Any, dtype: torch.dtype) -> Any:
     return pytree.tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, xs)
 
 
-def rounding_only(model: nn.Module, candidate: nn.Module, inputs: Any, out: Any, got: Any) -> bool:
+def rounding_only(model: nn.Module, candidate: nn.Module, inputs: Any, out: Any, got: Any,
+                  noise: list[float] | None = None) -> bool:
     """Whether ``candidate``'s float32 outputs ``got`` differ from ``model``'s ``out`` on ``inputs`` by rounding
     only: a float64 copy of ``candidate`` (its float32 constants as they are) is within :func:`stored_rtol` of a
     float64 copy of ``model``, and each float32 output within :func:`float32_rtol` of ``model``'s own float32
-    error there. False when either copy does not run in float64 (nothing is confirmed then)."""
+    error. False when either copy does not run in float64 (nothing is confirmed then). ``noise`` (a list the caller
+    keeps across the inputs it checks, :func:`own_rounding` of them): per output, the largest own error measured
+    so far, updated here; the own error used is the larger of it and this input's (one input, a single example,
+    may happen to round little where the model rounds much)."""
     diffs = compare(out, got)
     if any(d.problem is not None for d in diffs):  # a count, shape or integer mismatch is never rounding
         return False
@@ -91,8 +96,22 @@ def rounding_only(model: nn.Module, candidate: nn.Module, inputs: Any, out: Any,
         return False
     if first_failure(compare(want, exact), stored_rtol(torch.float32)) is not None:
         return False
-    own = compare(want, out)
-    return len(own) == len(diffs) and all(d.ok(float32_rtol(n.max_rel)) for d, n in zip(diffs, own))
+    own = [n.max_rel if n.problem is None else 0.0 for n in compare(want, out)]
+    if noise is not None:
+        own = [max(e, noise[i] if i < len(noise) else 0.0) for i, e in enumerate(own)]
+        noise[:] = own + noise[len(own):]
+    return len(own) == len(diffs) and all(d.ok(float32_rtol(e)) for d, e in zip(diffs, own))
+
+
+def own_rounding(model: nn.Module, inputs: Any, out: Any) -> list[float]:
+    """``model``'s own float32 relative error per output on ``inputs`` (``out``: its float32 outputs there) against
+    a float64 copy of it; empty when that copy does not run."""
+    try:
+        with torch.no_grad():
+            want = to_dtype(model, torch.float64)(*cast(inputs, torch.float64))
+    except Exception:  # noqa: BLE001 (a model that runs in float32 only)
+        return []
+    return [n.max_rel if n.problem is None else 0.0 for n in compare(want, out)]
 
 
 _FP32_SETTINGS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")

@@ -139,3 +139,30 @@ def test_capture_reads_the_models_own_rounding_too():
     gm = fp.capture(m, (x,), method="symbolic")  # raised CaptureError: "does not reproduce the model's outputs"
     with torch.no_grad():
         assert torch.equal(gm(x), x)
+
+
+def test_the_models_own_rounding_is_the_largest_measured_not_one_inputs():
+    """One input can happen to round little where the model rounds much (a batch of one: this model's own float32
+    error there was 6.5e-5 on one CPU, 2.5e-4 on the 16 examples), and minimize refused its exact rewrite at that
+    check shape. The own error is now the largest measured over the points checked, the example's included."""
+    from fxprune.compare import own_rounding, rounding_only
+
+    net = ill_conditioned()
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        example = own_rounding(net, (x,), net(x))
+        one = x[:1]
+        out = net(one)
+    assert len(example) == 1 and example[0] > 1e-4  # measured on the example: the model rounds past 1e-4
+    here = own_rounding(net, (one,), out)[0]
+    measured = max(10 * here, 1e-3)  # what an earlier point measured, well above this input's own error
+    got = out + 0.5 * (float32_rtol(here) + float32_rtol(measured)) * out.abs().max()  # exact in float64 (the
+    # candidate is the model), its float32 difference past 4x this input's own error and within 4x the measured
+    assert not rounding_only(net, net, (one,), out, got)  # this input alone: refused
+    noise = [measured]
+    assert rounding_only(net, net, (one,), out, got, noise) and noise == [measured]
+    far = out + 2 * float32_rtol(measured) * out.abs().max()  # past the largest own error: still refused
+    assert not rounding_only(net, net, (one,), out, far, [measured])
+    noise = [0.0]
+    rounding_only(net, net, (one,), out, out, noise)
+    assert noise == [here]  # the list keeps the largest own error measured
