@@ -3,6 +3,7 @@
     python benchmarks/user_models.py                      # every model (one subprocess each)
     python benchmarks/user_models.py llama mobilenet_v2   # some
     python benchmarks/user_models.py --list               # the names
+    python benchmarks/user_models.py roberta --structure groups   # the cycle masking whole channels
 
 Each model is built at a small size from its class (transformers' ``XConfig`` + ``XFor...``, torchvision's
 builders), random weights, as loaded (the KV cache on). Data is generated: images of 32x32 with a bright quadrant
@@ -111,7 +112,7 @@ def data(kind: str):
     return seqs, (step[:, 0] - 1)
 
 
-def run(name: str) -> dict:
+def run(name: str, structure: str | None = None) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -157,7 +158,7 @@ def run(name: str) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = fp.squeeze_release(model, example, train=train, evaluate=evaluate, cycles=2, tolerance=0.05,
-                                 progress=False)
+                                 progress=False, **({"structure": structure} if structure else {}))
     kept = res.module
     out.update(kept_cls=type(kept).__name__, own_class=type(kept) is type(model),
                params=[count_params(model), count_params(kept)],
@@ -195,6 +196,8 @@ def main() -> None:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # (the subprocess of one model)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--structure", choices=["weights", "groups"],
+                    help="fp.squeeze_release's structure (default: its own default, weights)")
     a = ap.parse_args()
     everything = list(TRANSFORMERS) + TORCHVISION
     if a.list:
@@ -203,7 +206,7 @@ def main() -> None:
     if a.one:
         t0 = time.perf_counter()
         try:
-            out = run(a.one)
+            out = run(a.one, a.structure)
             out["ok"] = True
         except Exception as e:  # noqa: BLE001 (reported)
             out = dict(model=a.one, ok=False, error=f"{type(e).__name__}: {e}"[:1500], tb=traceback.format_exc()[-3000:])
@@ -213,7 +216,8 @@ def main() -> None:
     rows = []
     for name in a.models or everything:
         try:
-            p = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
+            extra = ["--structure", a.structure] if a.structure else []
+            p = subprocess.run([sys.executable, __file__, "--one", name, *extra], capture_output=True, text=True,
                                timeout=a.timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                    filter(None, [os.path.join(HERE, os.pardir), os.environ.get("PYTHONPATH")]))})
             line = next((s for s in reversed(p.stdout.splitlines()) if s.startswith("{")), None)
