@@ -54,11 +54,20 @@ from fxprune.passes.modes import trainable
 from fxprune.passes.release import release as release_zeros
 from fxprune.verify import count_flops, count_params
 
-__all__ = ["squeeze_release", "SqueezeReleaseResult", "GraphPathWarning"]
+__all__ = ["squeeze_release", "SqueezeReleaseResult", "GraphPathWarning", "LittleRemovedWarning"]
 
 
 class GraphPathWarning(UserWarning):
     """``squeeze_release`` could not keep the model as its own class and went on with its graph."""
+
+
+class LittleRemovedWarning(UserWarning):
+    """``squeeze_release`` with weight masks passed its cycles yet removed little: the group lasso made few whole
+    channels zero (a loss that defends no channel, on a solved task or in a short fine-tune, lets it shrink every
+    group alike); ``structure="groups"`` masks whole channels."""
+
+
+LITTLE = 1.25  # a kept model at most this many times smaller than the dense one, after passing cycles: little
 
 
 @dataclass
@@ -396,7 +405,13 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             ckpt.write(c + 1, tensors, dict(row=row, pre_modes=pre_modes, work_modes=work_modes,
                                             best_modes=kept_modes if improved else None,
                                             shapes={k: list(v.shape) for k, v in small_state.items()}))
-    return SqueezeReleaseResult(best, history, dense, best_cycle)
+    result = SqueezeReleaseResult(best, history, dense, best_cycle)
+    if structure == "weights" and any(row["passed"] for row in history) and result.compression <= LITTLE:
+        warnings.warn(f"squeeze_release kept a model only {result.compression:.2f}x smaller although its cycles "
+                      "passed: the weight masks left few whole channels, and the group lasso zeroed few (a loss "
+                      "that defends no channel lets it shrink all alike). structure='groups' masks whole channels "
+                      "of fxprune's groups instead (guide, the cycle)", LittleRemovedWarning, stacklevel=2)
+    return result
 
 
 def _next_level(level: int, row: dict[str, Any], backoff: bool) -> int:

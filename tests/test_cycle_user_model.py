@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune as fp
-from fxprune.cycle import GraphPathWarning
+from fxprune.cycle import GraphPathWarning, LittleRemovedWarning
 from fxprune.verify import count_params
 
 
@@ -280,18 +280,24 @@ def test_gpt2_as_loaded_with_the_cache_on_and_an_ordinary_loop():
 
 def test_structured_masks_as_the_cycles_masking_step():
     """``structure="groups"``: each mask step zeroes whole channels, so the minimized model is smaller by about the
-    mask's sparsity even with the group lasso off (single-weight masks on this net leave almost nothing whole)."""
+    mask's sparsity even with the group lasso off (single-weight masks on this net leave almost nothing whole, and
+    the cycle warns that it passed yet removed little, naming the option)."""
     def run(structure):
         torch.manual_seed(0)
         model, (x, y) = SmallResNet(), _data()
         loop = Loop(x, y, epochs=2, lr=1e-2)
         return fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=1, mask_steps=2,
                                   sparsity=0.5, lasso=0.0, tolerance=1.0, structure=structure, progress=False)
-    weights, groups = run("weights"), run("groups")
+    with pytest.warns(LittleRemovedWarning, match="structure='groups'"):  # passed, yet hardly smaller: says so
+        weights = run("weights")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = run("groups")
+    assert not [w for w in caught if w.category is LittleRemovedWarning]
     dense = groups.dense["params"]
     assert type(groups.module) is SmallResNet
     assert abs(groups.history[0]["params"] / dense - 0.5) <= 0.05, groups.history[0]["params"] / dense
-    assert weights.history[0]["params"] > 0.9 * dense
+    assert weights.history[0]["params"] > 0.9 * dense and weights.history[0]["passed"]
     with pytest.raises(fp.errors.InputError, match="structure"):
         fp.squeeze_release(SmallResNet(), (_data()[0][:8],), train=lambda m: None, evaluate=lambda m: 0.0,
                            structure="rows")
