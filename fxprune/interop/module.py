@@ -640,25 +640,27 @@ def _compensated_subclass(cls: type, channels_first: bool = False) -> type:
     runs, and its ``super().forward`` is the compensated one. ``isinstance(m, cls)`` still holds. A class that is
     one already (a norm an earlier call compensated, met again in a symbolic trace) is its own. ``channels_first``:
     for a class whose forward normalizes dim 1 without reaching ``super().forward`` (torchvision's
-    ``LayerNorm2d`` calls ``F.layer_norm`` itself; :func:`_norm_form`), the forward is the compensated norm over
-    dim 1 instead."""
+    ``LayerNorm2d`` calls ``F.layer_norm`` itself; :func:`_channels_first_only`), the forward is the compensated
+    norm over dim 1 instead."""
     if issubclass(cls, _CompensatedLayerNormBase):
         return cls
     if (cls, channels_first) not in _COMPENSATED_SUBCLASSES:
         body = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-        _COMPENSATED_SUBCLASSES[cls, channels_first] = type(
-            cls.__name__, (cls, _CompensatedLayerNormBase), body | ({"forward": _channels_first} if channels_first else {}))
+        forward = {"forward": _channels_first} if channels_first else {}
+        _COMPENSATED_SUBCLASSES[cls, channels_first] = type(cls.__name__, (cls, _CompensatedLayerNormBase),
+                                                            body | forward)
     return _COMPENSATED_SUBCLASSES[cls, channels_first]
 
 
 @torch.no_grad()
 def _channels_first_only(norm: nn.LayerNorm) -> bool:
-    """Whether ``norm`` (a LayerNorm subclass with a forward of its own) never reaches
-    ``super().forward`` and is a norm over dim 1: probed on random input, once as it is and once with its class
-    made compensated and statistics that differ (a forward that reached them would change)."""
+    """Whether ``norm`` (a LayerNorm subclass with a forward of its own) never reaches ``super().forward`` and is a
+    norm over dim 1: probed on random input, once as it is and once with its class made compensated and statistics
+    that differ (a forward that reached them would change)."""
     w = norm.weight
     size = w.shape[0] if w is not None else norm.normalized_shape[0]
-    x = torch.randn(2, size, 3, 3, generator=torch.Generator().manual_seed(0)).to(w.dtype if w is not None else torch.float32)
+    dtype = w.dtype if w is not None else torch.float32
+    x = torch.randn(2, size, 3, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
     norm = copy.deepcopy(norm)  # (its weight may be the kept one already: its sizes follow)
     norm.normalized_shape = (size,)
     probe = copy.deepcopy(norm)
