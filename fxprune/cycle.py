@@ -407,10 +407,11 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                                             shapes={k: list(v.shape) for k, v in small_state.items()}))
     result = SqueezeReleaseResult(best, history, dense, best_cycle)
     if structure == "weights" and any(row["passed"] for row in history) and result.compression <= LITTLE:
+        why = ("the group lasso zeroed few (a loss that defends no channel lets it shrink all alike)" if lasso
+               else "the group lasso is off (lasso=0)")
         warnings.warn(f"squeeze_release kept a model only {result.compression:.2f}x smaller although its cycles "
-                      "passed: the weight masks left few whole channels, and the group lasso zeroed few (a loss "
-                      "that defends no channel lets it shrink all alike). structure='groups' masks whole channels "
-                      "of fxprune's groups instead (guide, the cycle)", LittleRemovedWarning, stacklevel=2)
+                      f"passed: the weight masks left few whole channels, and {why}. structure='groups' masks whole "
+                      "channels of fxprune's groups instead (guide, the cycle)", LittleRemovedWarning, stacklevel=2)
     return result
 
 

@@ -288,12 +288,16 @@ def test_structured_masks_as_the_cycles_masking_step():
         loop = Loop(x, y, epochs=2, lr=1e-2)
         return fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=1, mask_steps=2,
                                   sparsity=0.5, lasso=0.0, tolerance=1.0, structure=structure, progress=False)
-    with pytest.warns(LittleRemovedWarning, match="structure='groups'"):  # passed, yet hardly smaller: says so
+    with pytest.warns(LittleRemovedWarning, match=r"lasso is off \(lasso=0\)\. structure='groups'"):  # passed, yet
+        # hardly smaller: says so, and why
         weights = run("weights")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         groups = run("groups")
     assert not [w for w in caught if w.category is LittleRemovedWarning]
+    with pytest.warns(LittleRemovedWarning, match="the group lasso zeroed few"):  # lasso on, a loop that never steps
+        fp.squeeze_release(SmallResNet(), (_data()[0][:8],), train=lambda m: None, evaluate=lambda m: 1.0, cycles=1,
+                           progress=False)
     dense = groups.dense["params"]
     assert type(groups.module) is SmallResNet
     assert abs(groups.history[0]["params"] / dense - 0.5) <= 0.05, groups.history[0]["params"] / dense
