@@ -96,7 +96,7 @@ def rounding_only(model: nn.Module, candidate: nn.Module, inputs: Any, out: Any,
         return False
     if first_failure(compare(want, exact), stored_rtol(torch.float32)) is not None:
         return False
-    own = [n.max_rel if n.problem is None else 0.0 for n in compare(want, out)]
+    own = _errors(want, out)
     if noise is not None:
         own = [max(e, noise[i] if i < len(noise) else 0.0) for i, e in enumerate(own)]
         noise[:] = own + noise[len(own):]
@@ -111,6 +111,11 @@ def own_rounding(model: nn.Module, inputs: Any, out: Any) -> list[float]:
             want = to_dtype(model, torch.float64)(*cast(inputs, torch.float64))
     except Exception:  # noqa: BLE001 (a model that runs in float32 only)
         return []
+    return _errors(want, out)
+
+
+def _errors(want: Any, out: Any) -> list[float]:
+    """Per output, the relative error of ``out`` against ``want`` (0 where they do not compare as numbers)."""
     return [n.max_rel if n.problem is None else 0.0 for n in compare(want, out)]
 
 

@@ -446,9 +446,11 @@ def test_rope_attention_left_with_one_kv_head_keeps_it_whole_the_next_time():
     with pytest.warns(fp.interop.module.KeptChannelsWarning):
         once = fp.minimize_module(_gqa_llama(transformers), ids)
     assert once.model.layers[0].self_attn.v_proj.out_features == 8  # one kv head, its channel 3 still zero
+    before = snapshot(once)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         twice = fp.minimize_module(once, ids)
+    assert snapshot(once) == before  # the input is untouched
     kept = [str(w.message) for w in caught if issubclass(w.category, fp.interop.module.KeptChannelsWarning)]
     assert any("inside the heads of model.layers.0.self_attn" in m for m in kept), kept
     assert not any("output channels" in m for m in kept), kept
