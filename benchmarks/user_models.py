@@ -196,8 +196,8 @@ def main() -> None:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # (the subprocess of one model)
     ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--structure", choices=["weights", "groups"],
-                    help="fp.squeeze_release's structure (default: its own default, weights)")
+    ap.add_argument("--structure", choices=["auto", "weights", "groups"],
+                    help="fp.squeeze_release's structure (default: its own default, auto)")
     a = ap.parse_args()
     everything = list(TRANSFORMERS) + TORCHVISION
     if a.list:

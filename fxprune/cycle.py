@@ -54,7 +54,7 @@ from fxprune.passes.modes import trainable
 from fxprune.passes.release import release as release_zeros
 from fxprune.verify import count_flops, count_params
 
-__all__ = ["squeeze_release", "SqueezeReleaseResult", "GraphPathWarning", "LittleRemovedWarning"]
+__all__ = ["squeeze_release", "SqueezeReleaseResult", "GraphPathWarning", "LittleRemovedWarning", "masks_groups"]
 
 
 class GraphPathWarning(UserWarning):
@@ -62,12 +62,24 @@ class GraphPathWarning(UserWarning):
 
 
 class LittleRemovedWarning(UserWarning):
-    """``squeeze_release`` with weight masks passed its cycles yet removed little: the group lasso made few whole
-    channels zero (a loss that defends no channel, on a solved task or in a short fine-tune, lets it shrink every
-    group alike); ``structure="groups"`` masks whole channels."""
+    """``squeeze_release`` passed cycles yet kept a model at most ``LITTLE`` times smaller: its weight masks left
+    few whole channels (the group lasso zeroes few where the loss defends no channel, on a solved task or in a short
+    fine-tune, since it then shrinks every group alike), and no cycle masked whole channels, or those that did fell
+    outside the tolerance."""
 
 
-LITTLE = 1.25  # a kept model at most this many times smaller than the dense one, after passing cycles: little
+LITTLE = 1.5  # a kept model at most this many times smaller than the dense one, after passing cycles: little
+
+
+def masks_groups(structure: str, history: Sequence[dict[str, Any]]) -> bool:
+    """Whether the next cycle masks whole channels (``squeeze_release``'s ``structure``): always with ``"groups"``,
+    never with ``"weights"``; with ``"auto"`` once a cycle did, or once cycles have passed and the best of them kept a
+    model at most ``LITTLE`` times smaller (the weight masks stalled). A function of the recorded history only, so a
+    resumed run decides as the uninterrupted one."""
+    if structure != "auto":
+        return structure == "groups"
+    passed = [row["compression"] for row in history if row["passed"]]
+    return any(row.get("structure") == "groups" for row in history) or (bool(passed) and max(passed) <= LITTLE)
 
 
 @dataclass
@@ -173,6 +185,10 @@ def _trained(train: Callable[[nn.Module], Any], m: nn.Module, masks: dict[str, t
     return out
 
 
+OMITTED = {"structure": "weights", "bn_batches": 0, "lasso_every": 1}  # settings a checkpoint records only when
+# they differ from these (the values of the versions before them)
+
+
 def _settings(**kw: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kw.items()}
 
@@ -189,7 +205,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                     evaluate: Callable[[nn.Module], float], cycles: int = 3,
                     sparsity: float | Sequence[float] | Callable[[int], float] = 0.8, mask_steps: int = 4,
                     scope: Literal["global", "layer"] = "global", include: Sequence[str] | None = None,
-                    exclude: Sequence[str] | None = None, structure: Literal["weights", "groups"] = "weights",
+                    exclude: Sequence[str] | None = None, structure: Literal["auto", "weights", "groups"] = "auto",
                     release_scale: float = 0.01, release: bool = True,
                     lasso: float = DEFAULT_STRENGTH, lasso_every: int = DEFAULT_EVERY, tolerance: float = 0.01, backoff: bool = True, seed: int = 0,
                     bn_batches: int = 16, verify: bool = True,
@@ -210,9 +226,12 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     inside the masking steps' ``train`` calls, with that step's learning rate, not in the fine-tune after release;
     0 turns it off); ``lasso_every=k`` reads the weights for it
     every k optimizer steps (default 16; ``GroupLasso(every=k)``: zeros held in between, 1 reads at every step); ``exclude`` globs are
-    neither masked nor regularized. ``structure="groups"`` masks whole channels of fxprune's groups instead of
-    single weights (:func:`~fxprune.passes.mask.group_masks`: the mask step's sparsity is then the fraction of the
-    model's parameters that minimize removes). After every ``train`` call, the running statistics of the model's
+    neither masked nor regularized. ``structure="weights"`` masks single weights (magnitude), leaving it to the
+    group lasso to make whole channels zero; ``structure="groups"`` masks whole channels of fxprune's groups
+    (:func:`~fxprune.passes.mask.group_masks`: the mask step's sparsity is then the fraction of the model's
+    parameters that minimize removes); ``structure="auto"`` (the default) masks weights until cycles have passed
+    with the best of them at most ``LITTLE`` (1.5) times smaller, and whole channels from the next cycle on
+    (:func:`masks_groups`; the history's ``structure`` says which each cycle used). After every ``train`` call, the running statistics of the model's
     BatchNorm modules are re-estimated from the last ``bn_batches`` batches that call fed the model in train mode,
     with the weights it ended with (:func:`~fxprune.interop.batchnorm.recalibrate_batchnorm`: the running averages
     lag behind weights that move fast, as after a mask step or a release; 0 keeps what training left). Returns the smallest cycle model whose accuracy
@@ -240,8 +259,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     require("mask_steps", mask_steps, "positive integer")
     if not callable(train) or not callable(evaluate):
         raise InputError("train and evaluate must be callables taking the module")
-    if structure not in ("weights", "groups"):
-        raise InputError(f"structure must be 'weights' or 'groups', got {structure!r}")
+    if structure not in ("auto", "weights", "groups"):
+        raise InputError(f"structure must be 'auto', 'weights' or 'groups', got {structure!r}")
     if resume and checkpoint_dir is None:
         raise InputError("resume=True needs checkpoint_dir: the directory an earlier run wrote its cycles to")
     ranks = Ranks()
@@ -263,9 +282,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     graph_path = isinstance(base, GraphModule)
     settings = _settings(mask_steps=mask_steps, scope=scope, include=include, exclude=exclude,
                          release_scale=release_scale, release=release, tolerance=tolerance, seed=seed, lasso=lasso,
-                         backoff=backoff, **({"structure": structure} if structure != "weights" else {}),
-                         **({"bn_batches": bn_batches} if bn_batches else {}),  # (checkpoints from before it: 0)
-                         **({"lasso_every": lasso_every} if lasso_every != 1 else {}))
+                         backoff=backoff, **{k: v for k, v in dict(structure=structure, bn_batches=bn_batches,
+                                                                  lasso_every=lasso_every).items() if v != OMITTED[k]})
     ckpt = CycleCheckpoint(checkpoint_dir, ranks.rank, ranks.barrier) if checkpoint_dir is not None else None
     dense, done = None, []
     if ckpt is not None:
@@ -327,15 +345,16 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         set_rng_state(rng)
     lassos: dict[int, tuple[Any, GroupLasso]] = {}  # per structure (its module, weakly): its groups, read once
 
-    def lasso_for(structure: nn.Module, m: nn.Module, strength: float) -> GroupLasso | None:
-        """The group lasso for ``m`` (a model of ``structure``) at ``strength``: the groups are the structure's
-        (what its graph couples; the weights do not enter), so a structure's is built once, at its first use."""
+    def lasso_for(shape: nn.Module, m: nn.Module, strength: float) -> GroupLasso | None:
+        """The group lasso for ``m`` (a model of structure ``shape``) at ``strength``: the groups are the
+        structure's (what its graph couples; the weights do not enter), so a structure's is built once, at its first
+        use."""
         if not strength:
             return None
-        ref, reg = lassos.get(id(structure), (None, None))
-        if reg is None or ref() is not structure:
+        ref, reg = lassos.get(id(shape), (None, None))
+        if reg is None or ref() is not shape:
             reg = GroupLasso(m, inputs, strength=strength, exclude=exclude, every=lasso_every)
-            lassos[id(structure)] = (weakref.ref(structure), reg)
+            lassos[id(shape)] = (weakref.ref(shape), reg)
         reg = copy.copy(reg)
         reg.strength, reg.seconds = strength, 0.0
         return reg
@@ -346,12 +365,16 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         final, strength = stepped(float(target(c)), lasso, level)
         reg = lasso_for(struct, work, strength)
         lasso_s = 0.0
+        groups_now = masks_groups(structure, history)
+        if groups_now and structure == "auto" and not masks_groups(structure, history[:-1]):
+            say(f"cycle {c + 1}/{cycles}: the weight masks kept a model at most {LITTLE}x smaller in cycles that "
+                "passed; whole channels are masked from here on (structure='auto')")
         masks: dict[str, torch.Tensor] = {}
         for step in range(1, mask_steps + 1):
             s = sparsity_schedule(step, mask_steps, final)
             say(f"cycle {c + 1}/{cycles}: mask step {step}/{mask_steps} at sparsity {s:.3f}, fine-tuning")
             work = _rebuilt(work, _state(work), _modes(work))
-            step_masks = (_group_masks(work, inputs, s, include, exclude) if structure == "groups" else
+            step_masks = (_group_masks(work, inputs, s, include, exclude) if groups_now else
                           magnitude_masks(work, s, scope=scope, include=include, exclude=exclude, seed=seed + c))
             masks = apply_masks(work, step_masks, masks)
             work = _trained(train, work, masks, reg, bn_batches)
@@ -382,7 +405,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         passed = acc >= dense["accuracy"] - tolerance
         seconds = time.perf_counter() - t0
         user_s = train.seconds + evaluate.seconds - user0 - lasso_s  # the lasso's hooks run inside train
-        row = dict(cycle=c + 1, target=float(target(c)), sparsity=final, lasso=strength, step=level, params=params,
+        row = dict(cycle=c + 1, target=float(target(c)), sparsity=final, lasso=strength, step=level,
+                   structure="groups" if groups_now else "weights", params=params,
                    flops=count_flops(small, inputs), accuracy=acc, accuracy_minimized=acc_min, accuracy_released=acc_rel,
                    compression=dense["params"] / params, passed=passed, start_params=start_params,
                    seconds=seconds, user_seconds=user_s, fxprune_seconds=seconds - user_s, lasso_seconds=lasso_s)
@@ -406,13 +430,28 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                                             best_modes=kept_modes if improved else None,
                                             shapes={k: list(v.shape) for k, v in small_state.items()}))
     result = SqueezeReleaseResult(best, history, dense, best_cycle)
-    if structure == "weights" and any(row["passed"] for row in history) and result.compression <= LITTLE:
+    if any(row["passed"] for row in history) and result.compression <= LITTLE:
+        _warn_little(result, structure, lasso)
+    return result
+
+
+def _warn_little(result: SqueezeReleaseResult, structure: str, lasso: float) -> None:
+    start = f"squeeze_release kept a model only {result.compression:.2f}x smaller although cycles passed: "
+    rows = [row for row in result.history if row.get("structure") == "groups"]
+    if any(row["passed"] for row in rows):
+        msg = ("masking whole channels removed little as well: the sparsity asks little, or most channels are in "
+               "frozen groups (fp.analyze says why) or excluded")
+    elif rows:
+        msg = ("the cycles that masked whole channels fell outside the tolerance; a smaller sparsity, more cycles "
+               "(backoff halves the step after each failure) or a larger tolerance let them pass")
+    else:
         why = ("the group lasso zeroed few (a loss that defends no channel lets it shrink all alike)" if lasso
                else "the group lasso is off (lasso=0)")
-        warnings.warn(f"squeeze_release kept a model only {result.compression:.2f}x smaller although its cycles "
-                      f"passed: the weight masks left few whole channels, and {why}. structure='groups' masks whole "
-                      "channels of fxprune's groups instead (guide, the cycle)", LittleRemovedWarning, stacklevel=2)
-    return result
+        then = ("With structure='auto' a cycle after this one would mask whole channels: give more cycles, or "
+                "structure='groups'" if structure == "auto" else "structure='groups' masks whole channels of "
+                "fxprune's groups instead")
+        msg = f"the weight masks left few whole channels, and {why}. {then} (guide, the cycle)"
+    warnings.warn(start + msg, LittleRemovedWarning, stacklevel=3)
 
 
 def _next_level(level: int, row: dict[str, Any], backoff: bool) -> int:
@@ -457,9 +496,11 @@ def _open(ckpt: CycleCheckpoint, gm: nn.Module, inputs: tuple[Any, ...], setting
     if info.get("fingerprint") != fingerprint(gm.state_dict(), inputs):
         raise CheckpointError(f"{ckpt.dir} was written for another model (its weights or example input shapes "
                               "differ): pass the model and inputs of that run, or a new checkpoint_dir")
-    changed = sorted(k for k in settings if info.get("settings", {}).get(k) != settings[k])
+    wrote = info.get("settings", {})
+    changed = sorted(k for k in set(settings) | set(wrote)
+                     if wrote.get(k, OMITTED.get(k)) != settings.get(k, OMITTED.get(k)))
     if changed:
-        was = ", ".join(f"{k}={info.get('settings', {}).get(k)!r}" for k in changed)
+        was = ", ".join(f"{k}={wrote.get(k, OMITTED.get(k))!r}" for k in changed)
         raise CheckpointError(f"{ckpt.dir} was written with other settings ({was}): "
                               "resume with the same settings (only cycles may grow)")
     if info.get("world") != world:

@@ -104,6 +104,23 @@ def test_resume_on_an_empty_directory_starts_and_a_finished_run_returns_at_once(
     assert again.history == first.history
 
 
+def test_a_run_that_switches_to_whole_channels_resumes_past_the_switch(tmp_path):
+    """``structure="auto"`` decides each cycle's masks from the recorded history, so a run resumed after its stalled
+    cycle 1 switches as the uninterrupted one did, to the same model; a resume under other ``structure`` is refused,
+    and so is one that leaves out a setting the checkpoint recorded (the default it stands for differs)."""
+    whole = _small_run(tmp_path / "whole", cycles=3, lasso=0.0)
+    assert [h["structure"] for h in whole.history][:2] == ["weights", "groups"]  # cycle 1 stalled (weight masks)
+    _small_run(tmp_path / "ck", cycles=1, lasso=0.0)
+    resumed = _small_run(tmp_path / "ck", cycles=3, resume=True, lasso=0.0)
+    rows = lambda r: [{k: v for k, v in h.items() if not k.endswith("seconds")} for h in r.history]  # noqa: E731
+    assert _equal(whole, resumed) and rows(resumed) == rows(whole)
+    with pytest.raises(fp.CheckpointError, match="other settings.*structure='auto'"):
+        _small_run(tmp_path / "ck", cycles=4, resume=True, lasso=0.0, structure="weights")
+    _small_run(tmp_path / "groups", cycles=1, lasso=0.0, structure="groups")
+    with pytest.raises(fp.CheckpointError, match="other settings.*structure='groups'"):
+        _small_run(tmp_path / "groups", cycles=2, resume=True, lasso=0.0, structure="weights")
+
+
 def test_damaged_or_foreign_checkpoints_are_typed_errors(tmp_path):
     _small_run(tmp_path / "ck", cycles=2)
     with pytest.raises(fp.CheckpointError, match="resume=True"):  # never overwritten silently

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune as fp
-from fxprune.cycle import GraphPathWarning, LittleRemovedWarning
+from fxprune.cycle import LITTLE, GraphPathWarning, LittleRemovedWarning
 from fxprune.verify import count_params
 
 
@@ -136,14 +136,16 @@ def test_history_splits_each_cycles_seconds_between_fxprune_and_the_users_code()
     assert "fxprune share" in res.table()
 
 
-def test_group_lasso_makes_the_default_cycle_remove_structure():
-    """The same loop and defaults with the group lasso off removes (almost) nothing; on, whole channels go."""
+def test_group_lasso_makes_the_weight_masked_cycle_remove_structure():
+    """With weight masks the same loop and defaults with the group lasso off removes (almost) nothing; on, whole
+    channels go. (``structure="weights"``: the default, ``"auto"``, would mask whole channels in cycle 2 of the run
+    without the lasso, after its cycle 1 stalled.)"""
     def run(lasso):
         torch.manual_seed(0)
         model, (x, y) = SmallResNet(), _data()
         loop = Loop(x, y, epochs=10, lr=1e-2)
         return fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=2, mask_steps=2,
-                                  tolerance=1.0, lasso=lasso, progress=False)
+                                  tolerance=1.0, lasso=lasso, structure="weights", progress=False)
     off, on = run(0.0), run(fp.interop.lasso.DEFAULT_STRENGTH)
     assert on.history[-1]["params"] < 0.9 * off.history[-1]["params"]
 
@@ -157,11 +159,11 @@ def test_vit_from_transformers_with_an_ordinary_loop():
     loop = Loop(x, y, logits=lambda out: out.logits, epochs=10, lr=3e-3)
     with warnings.catch_warnings():  # its attention reads head_dim: those channels stay (KeptChannelsWarning)
         warnings.simplefilter("ignore", fp.interop.module.KeptChannelsWarning)
-        # the default group lasso: nothing goes in cycle 1, its strength doubles after each cycle that removed
-        # nothing (backoff), and with these batches structure goes in cycle 3 (in cycle 2 only while the cycle's
-        # FLOP count drew dropout masks from the global RNG, which moved the loop's batches)
+        # the defaults: cycle 1's weight masks leave no whole channel (the group lasso zeroes none in 10 epochs),
+        # so cycles 2 and 3 mask whole channels (structure="auto")
         res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=3, mask_steps=1,
                                  sparsity=0.6, tolerance=1.0, progress=False)
+    assert [h["structure"] for h in res.history] == ["weights", "groups", "groups"]
     assert all(issubclass(t, transformers.ViTForImageClassification) for t in loop.seen)
     assert type(res.module) is transformers.ViTForImageClassification
     assert count_params(res.module) < res.dense["params"]
@@ -305,6 +307,37 @@ def test_structured_masks_as_the_cycles_masking_step():
     with pytest.raises(fp.errors.InputError, match="structure"):
         fp.squeeze_release(SmallResNet(), (_data()[0][:8],), train=lambda m: None, evaluate=lambda m: 0.0,
                            structure="rows")
+
+
+def test_the_default_masks_whole_channels_after_a_cycle_whose_weight_masks_removed_little():
+    """``structure="auto"`` (the default): cycle 1 masks single weights; with the group lasso off they leave this net
+    hardly smaller although the cycle passed, so cycle 2 masks whole channels, and the model comes back smaller by
+    about that cycle's sparsity, as its own class, without a warning. ``"weights"`` never switches; one cycle has no
+    next to switch in, and says so."""
+    def run(cycles, **kw):
+        torch.manual_seed(0)
+        model, (x, y) = SmallResNet(), _data()
+        loop = Loop(x, y, epochs=2, lr=1e-2)
+        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=cycles,
+                                 mask_steps=2, sparsity=0.5, lasso=0.0, tolerance=1.0, progress=False, **kw)
+        return res, model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto, model = run(2)
+    assert not [w for w in caught if w.category is LittleRemovedWarning]
+    assert [h["structure"] for h in auto.history] == ["weights", "groups"]
+    first, second = auto.history
+    assert first["passed"] and first["compression"] <= LITTLE
+    assert abs(second["params"] / first["params"] - 0.5) <= 0.05, second["params"] / first["params"]
+    assert type(auto.module) is SmallResNet and auto.best_cycle == 2
+    assert count_params(model) == auto.dense["params"]  # the input is left alone
+    with pytest.warns(LittleRemovedWarning, match="With structure='auto' a cycle after this one would mask whole"):
+        one, _ = run(1)
+    assert one.history[0]["structure"] == "weights"
+    with pytest.warns(LittleRemovedWarning, match="structure='groups' masks whole channels"):
+        weights, _ = run(2, structure="weights")
+    assert [h["structure"] for h in weights.history] == ["weights", "weights"]
+    assert weights.history[0] == {**first, **{k: weights.history[0][k] for k in first if k.endswith("seconds")}}
 
 
 def test_an_encoder_decoder_with_a_dict_batch_as_its_example_inputs():
