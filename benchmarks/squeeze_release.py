@@ -36,6 +36,7 @@ import dataclasses
 import json
 import inspect
 import math
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -430,6 +431,14 @@ def run_cycles(model: nn.Module, example: tuple[torch.Tensor, ...], trainer: Tra
 GRID = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]  # the one-shot baseline's sparsities
 
 
+def machine() -> dict:
+    """What the figures depend on besides the code: the CPU kernels torch picks (AVX2, AVX512...) round float32
+    differently, and a training trajectory that hits a different rounding diverges (stop 50: FC digits seed 0,
+    the same code, 39.8x on one machine and 43.3x on another)."""
+    return dict(torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
+                processor=platform.processor() or platform.machine())
+
+
 def run_split(a: argparse.Namespace, recipe: Recipe, cycles: int, sparsity: list[float], methods: list[str],
               data: dict[str, torch.Tensor]) -> dict:
     """Train the dense model on one split and run every method and the one-shot grid from it: their candidates."""
@@ -605,7 +614,7 @@ def main(argv: list[str] | None = None) -> dict:
                params_dense=params_dense, accuracy_dense=dense_test, val_accuracy_dense=dense_val,
                one_shot_compression=shot["compression"], one_shot_accuracy=shot["accuracy"],
                one_shot_sparsity=([0.0] + GRID)[picks["one-shot"]], methods=rows,
-               seconds=round(seconds, 1))
+               seconds=round(seconds, 1), machine=machine())
     if "squeeze-release" in rows:  # the headline fields, as before
         c = rows["squeeze-release"]
         out.update(compression=c["compression"], accuracy_final=c["accuracy"], params_final=c["params"],
