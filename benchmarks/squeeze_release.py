@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "pooled and cut into K folds; every method runs K times (one fold for validation each), the "
                          "accuracy rule reads the mean validation curve, and the K models it picks are reported "
                          "(mean). 1: the seed's fixed split")
-    ap.add_argument("--quick", action="store_true", help="fewer cycles and epochs (make demo)")
+    ap.add_argument("--quick", action="store_true", help="fewer cycles and epochs (a smoke run)")
     ap.add_argument("--lasso", type=float, default=None, help="strength of fxprune's group lasso, fp.squeeze_release(lasso=...) (default: the recipe's; 0: off)")
     ap.add_argument("--lasso-every", type=int, default=None, metavar="K",
                     help="fp.squeeze_release(lasso_every=K): the group lasso reads the weights every K optimizer steps, "
