@@ -206,6 +206,28 @@ def test_a_class_that_cannot_be_kept_goes_the_graph_path_with_a_warning(monkeypa
     assert not torch.equal(bn.running_mean, mean)
 
 
+def test_the_graph_path_switches_to_whole_channels_too(monkeypatch):
+    """``structure="auto"`` on the graph path: the whole-channel masks are read off the trainable GraphModule, and
+    BatchNorm still trains in every call."""
+    import fxprune.cycle as cycle
+
+    def refuse(*args, **kwargs):
+        raise fp.UnsupportedError("refused for this test")
+
+    monkeypatch.setattr(cycle, "minimize_module", refuse)
+    torch.manual_seed(0)
+    model, (x, y) = SmallResNet(), _data()
+    loop = Loop(x, y, epochs=2, lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphPathWarning)
+        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=2, mask_steps=2,
+                                 sparsity=0.5, lasso=0.0, tolerance=1.0, progress=False)
+    assert [h["structure"] for h in res.history] == ["weights", "groups"] and res.history[1]["passed"]
+    assert isinstance(res.module, torch.fx.GraphModule)
+    assert count_params(res.module) < 0.6 * res.history[0]["params"]
+    assert len(loop.bn_moved) == 2 * (2 + 1) and all(loop.bn_moved)
+
+
 def test_bad_lasso_strength():
     model = nn.Sequential(nn.Linear(4, 2))
     with pytest.raises(fp.InputError, match="lasso"):
