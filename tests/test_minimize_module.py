@@ -918,3 +918,56 @@ def test_a_class_whose_every_dim_capture_failed_is_captured_with_the_batch_dynam
         with torch.no_grad():
             xi = torch.randn(3, 1, 8, 8)
             assert torch.allclose(small(xi), model(xi), atol=1e-6)
+
+
+def test_mixtral_experts_lose_channels_dead_in_every_expert_and_the_stream_loses_its_dead_channels():
+    """A mixture of experts as loaded (Mixtral, the cache on): tokens reach their experts through data-dependent
+    gathers and transformers' grouped matmul over stacked expert weights. Intermediate channels dead in every
+    expert go from both stacked weights, and residual-stream channels dead everywhere go from them, the router and
+    the rest, in its own class. The kept widths are multiples of 4 (torch's grouped_mm, which the class calls, needs
+    rows of 16 bytes: 6 dead stream channels lose 4). Exact at other batch sizes and lengths; generate() agrees; the
+    input is left alone. The graph (minimize checks it itself) loses at least as much, and agrees at another
+    batch size."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    assert model.config.use_cache
+    stream, inner = [3, 7, 11, 20, 25, 30], torch.arange(0, 64, 3)  # 6 stream channels, 22 inner channels
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, stream] = 0
+        model.model.norm.weight[stream] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[stream] = 0
+            experts = layer.mlp.experts
+            experts.down_proj[:, stream] = 0
+            experts.gate_up_proj[:, inner] = 0  # gate rows: silu(0) * up = 0 in every expert
+            experts.down_proj[:, :, inner] = 0
+            layer.input_layernorm.weight[stream] = 0
+            layer.post_attention_layernorm.weight[stream] = 0
+    before = snapshot(model)
+    ids = torch.randint(0, 64, (2, 12))
+    small = fp.minimize_module(model, (ids,))
+    assert type(small) is type(model) and snapshot(model) == before and small.config.use_cache
+    for layer in small.model.layers:
+        assert layer.mlp.experts.gate_up_proj.shape == (4, 2 * 44, 28)  # 42 inner kept, rounded up to 44
+        assert layer.mlp.experts.down_proj.shape == (4, 28, 44)
+        assert layer.mlp.gate.weight.shape == (4, 28)
+    for x in (ids, torch.randint(0, 64, (3, 7)), torch.randint(0, 64, (1, 20))):
+        with torch.no_grad():
+            ref, got = model(x).logits, small(x).logits
+        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids[:1], **kw), small.generate(ids[:1], **kw))
+
+    lean = copy.deepcopy(model)
+    lean.config.use_cache = False  # (a graph cannot return the cache)
+    gm = fp.capture(lean, (ids,))
+    graph = fp.minimize(gm, (ids,))
+    assert count_params(graph) <= count_params(small)  # the graph needs no alignment
+    x = torch.randint(0, 64, (3, 12))  # (the capture's batch is dynamic, its length not)
+    with torch.no_grad():
+        ref, got = model(x).logits, graph(x).logits
+    assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5

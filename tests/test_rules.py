@@ -383,3 +383,45 @@ def test_linear_reads_settles_rows_on_a_few_columns_and_answers_as_a_full_read(s
         want = (W[:, cols] != 0).any(dim=1) if cols.numel() else torch.zeros(r, dtype=torch.bool)
         assert torch.equal(_reads(W, cols), want)
         assert torch.equal(_reads(W.t().contiguous().t(), cols, first=2), want)
+
+
+class _Routed(nn.Module):
+    """Rows gathered by a data-dependent order and put back (a mixture of experts routes its tokens so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        order = h.sum(1).argsort()
+        return self.b(h[order])[order.argsort()]
+
+
+def test_channels_pass_through_a_gather_of_rows():
+    """``x[idx]`` with one 1-D index (aten.index.Tensor) keeps every column's constants: dead units before it go,
+    exactly, at other batch sizes; an index of two dims still freezes what it touches."""
+    torch.manual_seed(0)
+    m = _Routed().double()
+    with torch.no_grad():
+        m.a.weight[[1, 4]] = 0
+        m.a.bias[[1, 4]] = -1.0  # relu(-1) = 0: units 1 and 4 dead
+    x = torch.randn(5, 4, dtype=torch.float64)
+    gm = fp.capture(m, (x,), method="export")
+    before = graph_state(gm), snapshot(gm)
+    small = fp.minimize(gm)
+    assert (graph_state(gm), snapshot(gm)) == before
+    assert sum(p.numel() for p in gm.parameters()) - sum(p.numel() for p in small.parameters()) == 2 * (4 + 1 + 3)
+    for b in (1, 7):
+        xb = torch.randn(b, 4, dtype=torch.float64)
+        assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)
+
+    class Columns(_Routed):
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h[h.sum(1).argsort().view(-1, 1)]).squeeze(1)
+
+    two = Columns().double()
+    two.load_state_dict(m.state_dict())
+    out = fp.minimize(fp.capture(two, (x,), method="export"))
+    assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in two.parameters())

@@ -231,6 +231,13 @@ class Analysis:
             out.extend(x for x in atoms.leaves_of(inner) if all(x is not y for y in out))
         return out
 
+    def leaves(self, target: str, dim: int) -> list[Atom]:
+        """Every leaf group of dim ``dim`` of tensor ``target`` (none where it is not in the graph)."""
+        out: list[Atom] = []
+        for part in self._parts(target, dim) or []:
+            out.extend(x for x in self.spaces.atoms.leaves_of(part) if all(x is not y for y in out))
+        return out
+
     def _parts(self, target: str, dim: int) -> list[Atom] | None:
         """Dim ``dim`` of tensor ``target``: the parts of its concatenation (or itself as one part); None where the
         tensor or dim is not in the graph."""

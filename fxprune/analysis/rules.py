@@ -929,6 +929,73 @@ class IndexSelect(Rule):
         return nan_eval(op, fx)
 
 
+class IndexRows(Rule):
+    """``x[idx]`` (``aten.index.Tensor`` with one index tensor): a gather of whole rows of dim 0, as a mixture of
+    experts routes its tokens. The other dims pass through, with their constant channels (every row gathered is
+    a row of ``x``); dim 0 is read at the positions the index names, so it stays. Other index forms are left to
+    the driver (frozen)."""
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        if not self._rows(op):
+            return
+        x, (index,) = op.node.args[0], op.node.args[1]
+        r = sp.rank(x)
+        for i in range(1, r):
+            sp.unify(x, i, op.node, i, f"by {op.describe()}")
+        why = f"{op.describe()} reads dim 0 at the rows its index names"
+        sp.freeze(x, 0, why)
+        sp.freeze(op.node, 0, why)
+        sp.freeze_all(index, why)
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        x = op.node.args[0]
+        if fx.get(x) is None or not self._rows(op):
+            return None
+        return _out_facts(op, fx.sp, {i: fx.dim(x, i) for i in range(1, fx.sp.rank(x))})
+
+    @staticmethod
+    def _rows(op: Op) -> bool:
+        """One 1-D integer index (a bool mask, or an index of more dims, gives another shape of output)."""
+        indices = op.node.args[1]
+        if not (isinstance(indices, (list, tuple)) and len(indices) == 1 and isinstance(indices[0], Node)):
+            return False
+        spec = node_spec(indices[0])
+        return spec is not None and spec.dtype not in (torch.bool, torch.uint8) and len(spec.shape) == 1
+
+
+class GroupedMM(Rule):
+    """transformers' ``grouped_mm_fallback(input [S, K], weight [E, K, N], offs [E])``: the rows of ``input`` are
+    tokens sorted by expert (``offs``, the cumulative counts), and row s of the output is row s times the weight
+    of its expert (rows past the last offset stay zero). Input channel k is weight dim 1, output channel n weight
+    dim 2, whatever the expert: a channel goes only if it goes in every expert. No bias, so nothing is folded: an
+    input channel leaves only where it is zero or every expert's weights on it are."""
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, w = op.node.args[0], op.node.args[1]
+        y = op.node
+        if sp.rank(x) != 2 or sp.rank(w) != 3:
+            return
+        sp.unify(x, 0, y, 0, f"by {op.describe()}")
+        sp.unify(x, 1, w, 1, f"by {op.describe()}")
+        sp.unify(y, 1, w, 2, f"by {op.describe()}")
+
+        def tolerates(fx: Facts) -> torch.Tensor:
+            return fx.dim(x, 1).zero() | fx.dim(w, 1).zero()
+
+        sp.exit(x, 1, tolerates, op.describe() + " (no bias: folds only zeros)")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        """Output channel n is zero when every expert's weights on n are zero over the input channels not known
+        to be zero."""
+        x, w = op.node.args[0], op.node.args[1]
+        W = fx.value(w)
+        if W is None or W.dim() != 3 or not fx.finite(w):
+            return None
+        live = ~fx.dim(x, 1).zero()
+        const = ~(W[:, live, :] != 0).any(1).any(0)
+        return _out_facts(op, fx.sp, {1: DimFacts(const, torch.zeros(const.shape, dtype=torch.float64))})
+
+
 class Permute(Rule):
     """permute/transpose/t/.T/movedim: output dim i is input dim perm[i]."""
 
@@ -1361,6 +1428,8 @@ register(Elementwise(), *_ELEMENTWISE_MODULES, *_aten(*_UNARY, *_BINARY), *_torc
          operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd, operator.pos, operator.pow)
 register(Mul(), aten.mul, aten.mul_, torch.mul, "mul", "mul_", operator.mul, operator.imul)
 register(IndexSelect(), aten.index_select, torch.index_select, "index_select")
+register(IndexRows(), aten.index.Tensor)
+register(GroupedMM(), ByName("transformers.grouped_mm_fallback.default"))
 register(Dropout(), nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, aten.dropout)
 register(StochasticDepth(), ByName("torchvision.ops.stochastic_depth.stochastic_depth"))
 register(Linear(), F.linear, aten.linear, aten.addmm.default)

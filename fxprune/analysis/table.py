@@ -62,7 +62,7 @@ class RuleTable:
             packet = getattr(t, "overloadpacket", None)
             if packet is not None and packet in self._rules:
                 return self._rules[packet]
-            if callable(t) and not isinstance(t, torch._ops.OpOverload):
+            if callable(t):  # (an OpOverload's name: a custom op of a library, ``lib.op.overload``)
                 return self._rules.get(ByName(target_name(t)))
         return None
 

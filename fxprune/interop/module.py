@@ -87,6 +87,11 @@ BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     # transformers' Mamba mixers: the inner width their depthwise convolution carries
     "MambaMixer": lambda m: setattr(m, "intermediate_size", m.conv1d.out_channels),
     "FalconMambaMixer": lambda m: setattr(m, "intermediate_size", m.conv1d.out_channels),
+    # Mixtral's experts, stacked (experts, 2 x intermediate, hidden) and (experts, hidden, intermediate), and the
+    # router that reshapes its input to (-1, hidden_dim)
+    "MixtralExperts": lambda m: (setattr(m, "hidden_dim", m.down_proj.shape[1]),
+                                 setattr(m, "intermediate_dim", m.down_proj.shape[2])),
+    "MixtralTopKRouter": lambda m: setattr(m, "hidden_dim", m.weight.shape[1]),
 }
 
 
@@ -246,12 +251,15 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         gm = capture(model, inputs, method="export", dynamic_shapes=BATCH)
     keep: dict[str, str] = {}
     heads = _head_sets(model)
+    # stacked expert weights (3-D parameters): kept widths of a multiple of 16 bytes, as torch's grouped_mm needs
+    stacked = tuple((f"{n}:{d}", max(1, 16 // p.element_size())) for n, p in model.named_parameters()
+                    if p.dim() == 3 for d in (1, 2))
     whole: list[str] = []  # head dims tried with whole heads only, before their projections are frozen
 
     def attempt(frozen: dict[str, str]) -> tuple[nn.Module, list[str], list[str], Any, EquivalenceError | None]:
         # one end-to-end check: the copy against the model; the graph is checked only to say which step failed
         while True:  # a layer applied at several sites cannot hold a bias per site: keep its channels
-            opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), equal_heads=heads,
+            opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), equal_heads=heads, aligned=stacked,
                                    whole_heads=tuple(whole), split_norms=False, **options)
             small = minimize(gm, options=opts)
             shared = {f"{bias.rpartition('.')[0]}.weight" if bias.endswith(".bias") else bias: SHARED_REASON

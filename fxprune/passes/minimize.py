@@ -68,6 +68,10 @@ class MinimizeOptions:
     # "tensor:dim"s whose heads stay whole: every channel inside a head stays and only whole heads (or kv groups)
     # go (a class whose head width is also read elsewhere, as rotary tables are)
     whole_heads: tuple[str, ...] = ()
+    # ("tensor:dim", k): every group of that dim keeps a multiple of k channels (or all of them), as ``round_to``
+    # does for every group; minimize_module aligns stacked expert weights so (torch's grouped_mm, which a mixture
+    # of experts calls in eager code, needs rows of a multiple of 16 bytes)
+    aligned: tuple[tuple[str, int], ...] = ()
     # a LayerNorm / RMSNorm output channel nothing reads goes even where its input channel stays (read by the
     # statistics): the graph selects the kept outputs after the norm (fxprune.analysis.groups.Analysis); off for
     # modules of the user's class, which cannot
@@ -391,8 +395,10 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
         for i in range(opts.max_iterations):
             an = Analysis(work, dict(opts.keep), split_norms=opts.split_norms)
             removable = an.removable()
-            free = an.fold_free() if opts.round_to > 1 or opts.equal_heads else {}
+            free = an.fold_free() if opts.round_to > 1 or opts.equal_heads or opts.aligned else {}
             keep = rounded(removable, opts.round_to, free)
+            if opts.aligned:
+                keep = aligned(an, keep, opts.aligned, free)
             if opts.equal_heads:
                 if i == 0:  # the dims that hold heads of their attention's width (one head: no product)
                     layout = {k: [(h, leaf.size) for h, leaf in parts]
@@ -511,6 +517,24 @@ def rounded(keep: dict[int, torch.Tensor], k: int, fold_free: dict[int, torch.Te
         m = _widened(m, min(-(-int(m.sum()) // k) * k, m.numel()), (fold_free or {}).get(key))
         if not bool(m.all()):
             out[key] = m
+    return out
+
+
+def aligned(an: Analysis, keep: dict[int, torch.Tensor], keys: Sequence[tuple[str, int]],
+            fold_free: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``keep`` with every group of each ``"tensor:dim"`` of ``keys`` keeping a multiple of its ``k`` channels (or
+    all of them), by keeping removable channels as :func:`rounded` does: the dim's width is then a multiple of
+    ``k`` too (a sum of such groups, or of parts that share one)."""
+    out = dict(keep)
+    for key, k in keys:
+        for leaf in an.leaves(*_tensor_dim(key)):
+            g = id(leaf)
+            if g in out:
+                m = _widened(out[g], min(-(-int(out[g].sum()) // k) * k, out[g].numel()), fold_free.get(g))
+                if bool(m.all()):
+                    del out[g]
+                else:
+                    out[g] = m
     return out
 
 
