@@ -971,3 +971,49 @@ def test_mixtral_experts_lose_channels_dead_in_every_expert_and_the_stream_loses
     with torch.no_grad():
         ref, got = model(x).logits, graph(x).logits
     assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5
+
+
+_MOE = {  # config, model, fields: transformers' other stacked-expert mixtures (Mixtral above)
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=4, moe_intermediate_size=64, shared_expert_intermediate_size=32)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, moe_intermediate_size=64)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, eos_token_id=1, pad_token_id=0)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(num_local_experts=4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MOE))
+def test_other_mixtures_of_experts_lose_dead_expert_and_stream_channels_in_their_class(name):
+    """Their experts and routers are named like Mixtral's (``...Experts``, ``...TopKRouter``) and hold the same
+    stacked tensors: the sizes their forward reads follow, the widths stay multiples of 4, and the copy is exact
+    at another batch size and length."""
+    transformers = pytest.importorskip("transformers", reason="the models come from transformers (dev dependency)")
+    cfg_name, model_name, fields = _MOE[name]
+    cfg = getattr(transformers, cfg_name)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+                                          max_position_embeddings=64, **fields)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(cfg).eval()
+    stream, inner = [3, 7, 11, 20, 25, 30], torch.arange(0, 64, 3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("embed_tokens.weight"):
+                p[:, stream] = 0
+            elif n.endswith(("o_proj.weight", "shared_expert.down_proj.weight")):
+                p[stream] = 0
+            elif n.endswith("experts.down_proj"):
+                p[:, stream] = 0
+                p[:, :, inner] = 0
+            elif n.endswith("experts.gate_up_proj"):
+                p[:, inner] = 0
+            elif "norm" in n and p.dim() == 1 and p.shape[0] == 32:
+                p[stream] = 0
+    before = snapshot(model)
+    small = fp.minimize_module(model, (torch.randint(0, 64, (2, 12)),))
+    assert type(small) is type(model) and snapshot(model) == before
+    assert small.model.embed_tokens.weight.shape == (64, 28)
+    assert all(layer.mlp.experts.down_proj.shape == (4, 28, 44) for layer in small.model.layers)
+    x = torch.randint(0, 64, (3, 7))
+    with torch.no_grad():
+        ref, got = model(x).logits, small(x).logits
+    assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5

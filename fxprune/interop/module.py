@@ -27,7 +27,8 @@ from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
 from fxprune.graph.masks import unmasked
 from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
 
-__all__ = ["minimize_module", "cache_off", "eval_capture", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME"]
+__all__ = ["minimize_module", "cache_off", "eval_capture", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME",
+           "BY_NAME_SUFFIX"]
 
 
 def _linear(m: nn.Linear) -> None:
@@ -87,11 +88,29 @@ BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     # transformers' Mamba mixers: the inner width their depthwise convolution carries
     "MambaMixer": lambda m: setattr(m, "intermediate_size", m.conv1d.out_channels),
     "FalconMambaMixer": lambda m: setattr(m, "intermediate_size", m.conv1d.out_channels),
-    # Mixtral's experts, stacked (experts, 2 x intermediate, hidden) and (experts, hidden, intermediate), and the
-    # router that reshapes its input to (-1, hidden_dim)
-    "MixtralExperts": lambda m: (setattr(m, "hidden_dim", m.down_proj.shape[1]),
-                                 setattr(m, "intermediate_dim", m.down_proj.shape[2])),
-    "MixtralTopKRouter": lambda m: setattr(m, "hidden_dim", m.weight.shape[1]),
+}
+
+
+def _stacked_experts(m: nn.Module) -> None:
+    """transformers' experts stacked in 3-D weights, (experts, hidden, intermediate) for ``down_proj``."""
+    if isinstance(getattr(m, "hidden_dim", None), int):
+        m.hidden_dim = m.down_proj.shape[1]
+    if isinstance(getattr(m, "intermediate_dim", None), int):
+        m.intermediate_dim = m.down_proj.shape[2]
+
+
+def _router(m: nn.Module) -> None:
+    """transformers' top-k router, which reshapes its input to (-1, hidden_dim)."""
+    if isinstance(getattr(m, "hidden_dim", None), int):
+        m.hidden_dim = m.weight.shape[1]
+
+
+# transformers classes by the end of their name (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, PhiMoE... name theirs so),
+# for a module that holds the tensors the updater reads
+BY_NAME_SUFFIX: dict[str, tuple[Callable[[Any], bool], Callable[[Any], None]]] = {
+    "Experts": (lambda m: isinstance(getattr(m, "down_proj", None), torch.Tensor) and m.down_proj.dim() == 3,
+                _stacked_experts),
+    "TopKRouter": (lambda m: isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2, _router),
 }
 
 
@@ -154,7 +173,11 @@ def _updater(m: nn.Module) -> Callable[[Any], None] | None:
     for cls in type(m).__mro__:
         if cls in SIZE_ATTRIBUTES:
             return SIZE_ATTRIBUTES[cls]
-    return BY_CLASS_NAME.get(type(m).__name__)
+    name = type(m).__name__
+    if name in BY_CLASS_NAME:
+        return BY_CLASS_NAME[name]
+    return next((update for suffix, (fits, update) in BY_NAME_SUFFIX.items() if name.endswith(suffix) and fits(m)),
+                None)
 
 
 @contextlib.contextmanager
