@@ -511,6 +511,31 @@ def test_whole_heads_option_keeps_channels_inside_heads_in_the_graph():
             fp.minimize(gm, options=MinimizeOptions(whole_heads=bad))
 
 
+def test_aligned_option_keeps_a_multiple_of_k_channels_in_the_groups_of_a_dim():
+    """``MinimizeOptions(aligned=(("name:dim", k),))``: 6 dead units of 16 leave 10, kept up to 12; exact; the
+    input graph untouched; malformed entries are typed errors."""
+    from fxprune.passes.minimize import MinimizeOptions
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).double()
+    with torch.no_grad():
+        model[0].weight[:6] = 0
+        model[0].bias[:6] = -1.0
+    x = torch.randn(5, 8, dtype=torch.float64)
+    gm = fp.capture(model, (x,))
+    assert fp.minimize(gm).get_parameter("0.weight").shape == (10, 8)
+    state, graph = snapshot(gm), graph_state(gm)
+    small = fp.minimize(gm, options=MinimizeOptions(aligned=(("0.weight:0", 4),)))
+    assert snapshot(gm) == state and graph_state(gm) == graph
+    assert small.get_parameter("0.weight").shape == (12, 8) and small.get_parameter("2.weight").shape == (4, 12)
+    assert fp.minimize(gm, options=MinimizeOptions(aligned=(("0.weight:0", 16),))).get_parameter(
+        "0.weight").shape == (16, 8)  # rounded up to all of them: the group stays whole
+    report = fp.verify(gm, small, (torch.randn(3, 8, dtype=torch.float64),))
+    assert report.ok and report.max_rel["float64"] <= 1e-9
+    for bad in ((("0.weight", 4),), (("0.weight:0", 0),), ("0.weight:0",)):
+        with pytest.raises(fp.InputError, match="aligned takes"):
+            fp.minimize(gm, options=MinimizeOptions(aligned=bad))
+
+
 def test_gpt2_as_loaded_with_the_cache_on_keeps_its_class_cache_and_generate():
     """A causal LM as from_pretrained gives it (use_cache=True): captured with the cache off, dead MLP units and a
     head_dim channel dead in q and v go (GPT2Attention's fused c_attn narrows, ``head_dim`` follows, ``scaling``

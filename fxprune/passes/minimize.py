@@ -391,6 +391,12 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
     if bad:
         raise InputError(f"whole_heads takes a tuple of 'name:dim' strings (a tensor of the graph and the dim "
                          f"that holds its heads), got {bad[0]}")
+    bad = [repr(e) for e in opts.aligned if not (isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str)
+                                                 and e[0].rpartition(":")[2].isdigit() and type(e[1]) is int
+                                                 and e[1] > 0)]
+    if bad:
+        raise InputError(f"aligned takes ('name:dim', k) pairs (a tensor of the graph, one of its dims, a positive "
+                         f"integer), got {bad[0]}")
     with torch.no_grad():
         for i in range(opts.max_iterations):
             an = Analysis(work, dict(opts.keep), split_norms=opts.split_norms)
