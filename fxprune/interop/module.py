@@ -108,8 +108,9 @@ def _router(m: nn.Module) -> None:
 # transformers classes by the end of their name (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, PhiMoE... name theirs so),
 # for a module that holds the tensors the updater reads
 BY_NAME_SUFFIX: dict[str, tuple[Callable[[Any], bool], Callable[[Any], None]]] = {
-    "Experts": (lambda m: isinstance(getattr(m, "down_proj", None), torch.Tensor) and m.down_proj.dim() == 3,
-                _stacked_experts),
+    "Experts": (lambda m: all(isinstance(getattr(m, t, None), torch.Tensor) and getattr(m, t).dim() == 3
+                              for t in ("gate_up_proj", "down_proj"))
+                and m.gate_up_proj.shape[2] == m.down_proj.shape[1], _stacked_experts),  # Mixtral's layout
     "TopKRouter": (lambda m: isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2, _router),
 }
 
