@@ -534,6 +534,11 @@ def test_aligned_option_keeps_a_multiple_of_k_channels_in_the_groups_of_a_dim():
     for bad in ((("0.weight", 4),), (("0.weight:0", 0),), ("0.weight:0",)):
         with pytest.raises(fp.InputError, match="aligned takes"):
             fp.minimize(gm, options=MinimizeOptions(aligned=bad))
+    conv = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU(), nn.Conv1d(16, 8, 3)).double()  # 3-D weights, no experts:
+    with torch.no_grad():                                                                 # minimize_module aligns
+        conv[0].weight[:5] = 0                                                            # nothing
+        conv[0].bias[:5] = -1.0
+    assert fp.minimize_module(conv, (torch.randn(2, 3, 20, dtype=torch.float64),))[0].weight.shape == (11, 3, 3)
 
 
 def test_gpt2_as_loaded_with_the_cache_on_keeps_its_class_cache_and_generate():

@@ -275,9 +275,11 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         gm = capture(model, inputs, method="export", dynamic_shapes=BATCH)
     keep: dict[str, str] = {}
     heads = _head_sets(model)
-    # stacked expert weights (3-D parameters): kept widths of a multiple of 16 bytes, as torch's grouped_mm needs
-    stacked = tuple((f"{n}:{d}", max(1, 16 // p.element_size())) for n, p in model.named_parameters()
-                    if p.dim() == 3 for d in (1, 2))
+    # stacked expert weights (the 3-D tensors of a transformers ...Experts module): kept widths of a multiple of 16
+    # bytes, as torch's grouped_mm needs (a convolution's 3-D weight is no such tensor)
+    stacked = tuple((f"{path}.{n}".lstrip(".") + f":{d}", max(1, 16 // p.element_size()))
+                    for path, m in model.named_modules() if type(m).__name__.endswith("Experts")
+                    for n, p in m.named_parameters(recurse=False) if p.dim() == 3 for d in (1, 2))
     whole: list[str] = []  # head dims tried with whole heads only, before their projections are frozen
 
     def attempt(frozen: dict[str, str]) -> tuple[nn.Module, list[str], list[str], Any, EquivalenceError | None]:
