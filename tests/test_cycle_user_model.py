@@ -175,14 +175,19 @@ def test_vit_from_transformers_with_an_ordinary_loop():
     kept.train()  # mode switches work on what comes back
 
 
-def test_a_class_that_cannot_be_kept_goes_the_graph_path_with_a_warning(monkeypatch):
-    """The graph path keeps training semantics: BatchNorm and dropout are modules in every graph the cycle trains."""
+def _refuse_the_class(monkeypatch, why: str) -> None:
+    """The cycle's minimize_module refuses (as for a model it cannot keep as its own class): the graph path."""
     import fxprune.cycle as cycle
 
     def refuse(*args, **kwargs):
-        raise fp.UnsupportedError("minimize folded a constant into a bias that no module of the model holds")
+        raise fp.UnsupportedError(why)
 
     monkeypatch.setattr(cycle, "minimize_module", refuse)
+
+
+def test_a_class_that_cannot_be_kept_goes_the_graph_path_with_a_warning(monkeypatch):
+    """The graph path keeps training semantics: BatchNorm and dropout are modules in every graph the cycle trains."""
+    _refuse_the_class(monkeypatch, "minimize folded a constant into a bias that no module of the model holds")
     torch.manual_seed(0)
     model, (x, y) = SmallResNet(), _data()
     loop = Loop(x, y, epochs=10, lr=1e-2)
@@ -209,12 +214,7 @@ def test_a_class_that_cannot_be_kept_goes_the_graph_path_with_a_warning(monkeypa
 def test_the_graph_path_switches_to_whole_channels_too(monkeypatch):
     """``structure="auto"`` on the graph path: the whole-channel masks are read off the trainable GraphModule, and
     BatchNorm still trains in every call."""
-    import fxprune.cycle as cycle
-
-    def refuse(*args, **kwargs):
-        raise fp.UnsupportedError("refused for this test")
-
-    monkeypatch.setattr(cycle, "minimize_module", refuse)
+    _refuse_the_class(monkeypatch, "refused for this test")
     torch.manual_seed(0)
     model, (x, y) = SmallResNet(), _data()
     loop = Loop(x, y, epochs=2, lr=1e-2)
