@@ -215,7 +215,7 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
     :func:`fxprune.minimize` removes from its graph and eager code can follow, checked against ``model``.
 
     A module whose tensors would change but whose size attributes fxprune does not know how to update (a class
-    without an entry in ``SIZE_ATTRIBUTES`` / ``BY_CLASS_NAME``) keeps its channels when the check fails: the
+    without an entry in ``SIZE_ATTRIBUTES`` / ``BY_CLASS_NAME`` / ``BY_NAME_SUFFIX``) keeps its channels when the check fails: the
     rewrite runs again with them frozen, and a warning names the modules. So do the output channels of a layer
     whose caller keeps a divisor of their old count as an attribute and reads it in a way fxprune cannot follow,
     frozen first where the copy raised (that module's class), then given back group by group where the check
