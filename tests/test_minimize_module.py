@@ -534,6 +534,8 @@ def test_aligned_option_keeps_a_multiple_of_k_channels_in_the_groups_of_a_dim():
     for bad in ((("0.weight", 4),), (("0.weight:0", 0),), ("0.weight:0",)):
         with pytest.raises(fp.InputError, match="aligned takes"):
             fp.minimize(gm, options=MinimizeOptions(aligned=bad))
+    mine = fp.minimize_module(model, (x,), aligned=(("0.weight:0", 4),))  # the option through minimize_module
+    assert type(mine) is nn.Sequential and mine[0].weight.shape == (12, 8)
     conv = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU(), nn.Conv1d(16, 8, 3)).double()  # 3-D weights, no experts:
     with torch.no_grad():                                                                 # minimize_module aligns
         conv[0].weight[:5] = 0                                                            # nothing

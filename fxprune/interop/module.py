@@ -280,6 +280,7 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
     stacked = tuple((f"{path}.{n}".lstrip(".") + f":{d}", max(1, 16 // p.element_size()))
                     for path, m in model.named_modules() if type(m).__name__.endswith("Experts")
                     for n, p in m.named_parameters(recurse=False) if p.dim() == 3 for d in (1, 2))
+    stacked += tuple(options.pop("aligned", ()))  # and the caller's own
     whole: list[str] = []  # head dims tried with whole heads only, before their projections are frozen
 
     def attempt(frozen: dict[str, str]) -> tuple[nn.Module, list[str], list[str], Any, EquivalenceError | None]:
