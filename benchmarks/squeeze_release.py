@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--structure", choices=["auto", "weights", "groups"], default="auto",
                     help="the cycle's masks (fp.squeeze_release's structure): single weights, whole channels of "
                          "fxprune's groups, or auto (default: weights, whole channels after cycles that passed "
-                         "kept at most 1.5x)")
+                         f"kept at most {fp.cycle.LITTLE}x)")
     ap.add_argument("--no-backoff", action="store_true",
                     help="fp.squeeze_release(backoff=False): every cycle builds on the one before, even one outside the tolerance")
     ap.add_argument("--dense-lasso", action="store_true", help="train the dense model with the group lasso too")

@@ -952,6 +952,26 @@ def test_a_class_whose_every_dim_capture_failed_is_captured_with_the_batch_dynam
             assert torch.allclose(small(xi), model(xi), atol=1e-6)
 
 
+def _dead_stream_and_expert_channels(model: nn.Module) -> None:
+    """Stream channels 3, 7, 11, 20, 25, 30 dead everywhere (embedding columns, the rows written into the stream,
+    the norms' weights) and every third of the 64 intermediate channels dead in every expert (gate rows: silu(0) *
+    up = 0, and down_proj's columns)."""
+    stream, inner = [3, 7, 11, 20, 25, 30], torch.arange(0, 64, 3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("embed_tokens.weight"):
+                p[:, stream] = 0
+            elif n.endswith(("o_proj.weight", "shared_expert.down_proj.weight")):
+                p[stream] = 0
+            elif n.endswith("experts.down_proj"):
+                p[:, stream] = 0
+                p[:, :, inner] = 0
+            elif n.endswith("experts.gate_up_proj"):
+                p[:, inner] = 0
+            elif "norm" in n and p.dim() == 1 and p.shape[0] == 32:
+                p[stream] = 0
+
+
 def test_mixtral_experts_lose_channels_dead_in_every_expert_and_the_stream_loses_its_dead_channels():
     """A mixture of experts as loaded (Mixtral, the cache on): tokens reach their experts through data-dependent
     gathers and transformers' grouped matmul over stacked expert weights. Intermediate channels dead in every
@@ -967,18 +987,7 @@ def test_mixtral_experts_lose_channels_dead_in_every_expert_and_the_stream_loses
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(cfg).eval()
     assert model.config.use_cache
-    stream, inner = [3, 7, 11, 20, 25, 30], torch.arange(0, 64, 3)  # 6 stream channels, 22 inner channels
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, stream] = 0
-        model.model.norm.weight[stream] = 0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[stream] = 0
-            experts = layer.mlp.experts
-            experts.down_proj[:, stream] = 0
-            experts.gate_up_proj[:, inner] = 0  # gate rows: silu(0) * up = 0 in every expert
-            experts.down_proj[:, :, inner] = 0
-            layer.input_layernorm.weight[stream] = 0
-            layer.post_attention_layernorm.weight[stream] = 0
+    _dead_stream_and_expert_channels(model)
     before = snapshot(model)
     ids = torch.randint(0, 64, (2, 12))
     small = fp.minimize_module(model, (ids,))
@@ -1026,20 +1035,7 @@ def test_other_mixtures_of_experts_lose_dead_expert_and_stream_channels_in_their
                                           max_position_embeddings=64, **fields)
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(cfg).eval()
-    stream, inner = [3, 7, 11, 20, 25, 30], torch.arange(0, 64, 3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("embed_tokens.weight"):
-                p[:, stream] = 0
-            elif n.endswith(("o_proj.weight", "shared_expert.down_proj.weight")):
-                p[stream] = 0
-            elif n.endswith("experts.down_proj"):
-                p[:, stream] = 0
-                p[:, :, inner] = 0
-            elif n.endswith("experts.gate_up_proj"):
-                p[:, inner] = 0
-            elif "norm" in n and p.dim() == 1 and p.shape[0] == 32:
-                p[stream] = 0
+    _dead_stream_and_expert_channels(model)
     before = snapshot(model)
     small = fp.minimize_module(model, (torch.randint(0, 64, (2, 12)),))
     assert type(small) is type(model) and snapshot(model) == before

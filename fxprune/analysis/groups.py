@@ -221,20 +221,19 @@ class Analysis:
         leaf); a part without that product, all of its leaves (one head). None where the tensor or dim is not in
         the graph, or no part is such a product (nothing tells its heads from a stream) and not ``single`` (a dim
         known to hold heads, left with one)."""
-        atoms = self.spaces.atoms
         parts = self._parts(target, dim)
         if parts is None or not single and not any(p.kind == "prod" and len(p.children) > 1 for p in parts):
             return None
-        out: list[Atom] = []
-        for part in parts:
-            inner = part.children[-1] if part.kind == "prod" and len(part.children) > 1 else part
-            out.extend(x for x in atoms.leaves_of(inner) if all(x is not y for y in out))
-        return out
+        return self._leaves_of([p.children[-1] if p.kind == "prod" and len(p.children) > 1 else p for p in parts])
 
     def leaves(self, target: str, dim: int) -> list[Atom]:
         """Every leaf group of dim ``dim`` of tensor ``target`` (none where it is not in the graph)."""
+        return self._leaves_of(self._parts(target, dim) or [])
+
+    def _leaves_of(self, parts: list[Atom]) -> list[Atom]:
+        """The leaves of ``parts``, each once (parts may share one: a rotary head dim's two halves)."""
         out: list[Atom] = []
-        for part in self._parts(target, dim) or []:
+        for part in parts:
             out.extend(x for x in self.spaces.atoms.leaves_of(part) if all(x is not y for y in out))
         return out
 

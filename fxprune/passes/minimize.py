@@ -520,10 +520,15 @@ def rounded(keep: dict[int, torch.Tensor], k: int, fold_free: dict[int, torch.Te
         return keep
     out = {}
     for key, m in keep.items():
-        m = _widened(m, min(-(-int(m.sum()) // k) * k, m.numel()), (fold_free or {}).get(key))
+        m = _multiple(m, k, (fold_free or {}).get(key))
         if not bool(m.all()):
             out[key] = m
     return out
+
+
+def _multiple(m: torch.Tensor, k: int, free: torch.Tensor | None) -> torch.Tensor:
+    """Kept-mask ``m`` widened (:func:`_widened`) to a multiple of ``k`` kept channels, or to all of them."""
+    return _widened(m, min(-(-int(m.sum()) // k) * k, m.numel()), free)
 
 
 def aligned(an: Analysis, keep: dict[int, torch.Tensor], keys: Sequence[tuple[str, int]],
@@ -536,7 +541,7 @@ def aligned(an: Analysis, keep: dict[int, torch.Tensor], keys: Sequence[tuple[st
         for leaf in an.leaves(*_tensor_dim(key)):
             g = id(leaf)
             if g in out:
-                m = _widened(out[g], min(-(-int(out[g].sum()) // k) * k, out[g].numel()), fold_free.get(g))
+                m = _multiple(out[g], k, fold_free.get(g))
                 if bool(m.all()):
                     del out[g]
                 else:
