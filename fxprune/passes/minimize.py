@@ -541,11 +541,7 @@ def aligned(an: Analysis, keep: dict[int, torch.Tensor], keys: Sequence[tuple[st
         for leaf in an.leaves(*_tensor_dim(key)):
             g = id(leaf)
             if g in out:
-                m = _multiple(out[g], k, fold_free.get(g))
-                if bool(m.all()):
-                    del out[g]
-                else:
-                    out[g] = m
+                _put(out, g, _multiple(out[g], k, fold_free.get(g)))
     return out
 
 
@@ -563,12 +559,16 @@ def equal_heads(an: Analysis, keep: dict[int, torch.Tensor], sets: Sequence[Sequ
             continue
         width = max(int(out[g].sum()) if g in out else leaf.size for g, leaf in leaves.items())
         for g in leaves.keys() & out.keys():
-            m = _widened(out[g], width, fold_free.get(g))
-            if bool(m.all()):
-                del out[g]
-            else:
-                out[g] = m
+            _put(out, g, _widened(out[g], width, fold_free.get(g)))
     return out
+
+
+def _put(keep: dict[int, torch.Tensor], g: int, m: torch.Tensor) -> None:
+    """Group ``g`` keeps ``m``; a group that keeps every channel leaves ``keep`` (nothing of it goes)."""
+    if bool(m.all()):
+        keep.pop(g, None)
+    else:
+        keep[g] = m
 
 
 def whole_heads(an: Analysis, keep: dict[int, torch.Tensor], keys: Sequence[str]) -> dict[int, torch.Tensor]:
