@@ -166,3 +166,101 @@ def test_the_models_own_rounding_is_the_largest_measured_not_one_inputs():
     noise = [0.0]
     rounding_only(net, net, (one,), out, out, noise)
     assert noise == [here]  # the list keeps the largest own error measured
+
+
+def sensitive(seed: int = 0) -> nn.Sequential:
+    """ill_conditioned's cancelling pairs (units of about 1e3, output weights cancelling to 1e-4), fed by a layer
+    with 4 dead units (constants 1-2) that the two units of a pair read through different weights, their biases
+    making up the difference. minimize folds the constants into those biases, and each rounds to float32 on its
+    own: a change of half an ulp of 1e3 in a unit moves the output by about 3e-4 of its scale, so the model in
+    float64 moves past stored_rtol (1e-6) with its folded biases rounded, however exactly they were computed."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.randn(12, 8, generator=g))
+        net[0].bias.copy_(torch.rand(12, generator=g))
+        net[0].weight[:4] = 0.0
+        net[0].bias[:4] = 1 + torch.rand(4, generator=g)
+        c = net[0].bias[:4].double()
+        w = (torch.randn(32, 12, generator=g, dtype=torch.float64) * 1e2).repeat_interleave(2, 0)
+        w[:, :4] = torch.randn(64, 4, generator=g, dtype=torch.float64) * 1e2
+        w = w.float().double()
+        b = (torch.rand(32, generator=g, dtype=torch.float64) * 1e3 + 500).repeat_interleave(2)
+        net[2].weight.copy_(w)
+        net[2].bias.copy_(b + (w[0::2, :4] @ c).repeat_interleave(2) - w[:, :4] @ c)
+        a = torch.randn(2, 32, generator=g)
+        net[4].weight.copy_(torch.stack([a, -a * (1 - 1e-4)], -1).reshape(2, 64))
+        net[4].bias.zero_()
+    return net
+
+
+@pytest.fixture
+def touchy():
+    net, x = sensitive(), torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        own = rel(net(x), copy.deepcopy(net).double()(x.double()))
+    assert own > 1e-4
+    return net, x
+
+
+def test_a_rewrite_too_sensitive_for_float32_constants_is_proved_by_its_float64_twin(touchy):
+    """The float32 rewrite's float64 copy is 1e-4 from the model, past stored_rtol, and was refused although the
+    rewrite is exact: now minimize makes the same rewrite on a float64 copy (float64_twin), holds it to 1e-9, and
+    returns its float32 copy."""
+    from fxprune.compare import EXACT_RTOL, stored_rtol
+    from fxprune.passes.minimize import float64_twin
+
+    net, x = touchy
+    before = copy.deepcopy(net.state_dict())
+    gm = fp.capture(net, (x,))
+    first = fp.minimize(gm, options=MinimizeOptions(verify=False))
+    n64 = copy.deepcopy(net).double()
+    with torch.no_grad():
+        assert rel(to_dtype(first, torch.float64)(x.double()), n64(x.double())) > 100 * stored_rtol(torch.float32)
+    with pytest.raises(fp.EquivalenceError, match="relative error"):
+        self_check(gm, first, (x,))  # the float64 half of the rule refuses it: what minimize raised before
+    small = fp.minimize(gm)
+    twin = float64_twin(gm, (x,), MinimizeOptions())
+    assert all(t.dtype == torch.float32 for t in small.state_dict().values())
+    assert all(torch.equal(t, twin.state_dict()[k].float()) for k, t in small.state_dict().items())
+    assert count_params(small) == count_params(net) - 4 * (8 + 1) - 4 * 64
+    for n in (16, 5, 1):  # the example's batch and others: the twin is exact, the float32 copy within own rounding
+        xs = torch.randn(n, 8, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            assert rel(twin(xs.double()), n64(xs.double())) <= EXACT_RTOL
+            own = rel(net(xs), n64(xs.double()))
+            assert rel(small(xs), net(xs)) <= float32_rtol(own)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the input is untouched
+
+
+def test_minimize_module_proves_it_the_same_way(touchy):
+    net, x = touchy
+    small = fp.minimize_module(net, (x,))
+    assert type(small) is nn.Sequential and small[0].out_features == 8 and small[2].in_features == 8
+    report = fp.verify(net, small, (x,))
+    assert not report.ok and report.outputs[0].float32_ok  # float64 with rounded constants: past 1e-6
+    assert any("ill-conditioned" in n for n in report.notes)  # the report says why and how to check the rewrite
+    n64, x64 = copy.deepcopy(net).double(), x.double()
+    assert fp.verify(n64, fp.minimize_module(n64, (x64,)), (x64,)).ok  # which is exact
+
+
+def test_the_twin_does_not_let_a_wrong_rewrite_through(touchy):
+    """With the twin, what is checked is the twin (to 1e-9) and that the candidate is its rounded copy: a candidate
+    off the twin, or a twin off the model, is refused."""
+    from fxprune.passes.minimize import float64_twin
+
+    net, x = touchy
+    gm = fp.capture(net, (x,))
+    twin = float64_twin(gm, (x,), MinimizeOptions())
+    good = to_dtype(twin, torch.float32)
+    self_check(gm, good, (x,), exact=twin)  # passes
+    wrong = copy.deepcopy(good)
+    with torch.no_grad():
+        wrong.get_parameter("2.bias")[0] += 1e-3  # 16 ulps of a unit: inside 4x the model's own float32 error
+        own = rel(net(x), copy.deepcopy(net).double()(x.double()))
+        assert 1e-4 < rel(wrong(x), net(x)) <= float32_rtol(own)  # float32 alone cannot tell it from rounding
+    with pytest.raises(fp.EquivalenceError, match="relative error"):
+        self_check(gm, wrong, (x,), exact=twin)
+    wrong64 = to_dtype(wrong, torch.float64)
+    with pytest.raises(fp.EquivalenceError, match="relative error"):
+        self_check(gm, wrong, (x,), exact=wrong64)

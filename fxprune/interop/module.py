@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fxprune.compare import eval_modes, ieee_float32
+from fxprune.compare import cast, eval_modes, ieee_float32, to_dtype
 from fxprune.errors import CaptureError, EquivalenceError, InputError, UnsupportedError
 from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture, unwrapped
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
@@ -260,7 +260,7 @@ SHARED_REASON = ("a layer applied at several call sites folds other constants at
 def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "every",
                      verify: bool = True, **options: Any) -> nn.Module:
     """The body of :func:`minimize_module`, with the cache already off."""
-    from fxprune.passes.minimize import SITE_BIASES_KEY, MinimizeOptions, minimize, self_check
+    from fxprune.passes.minimize import SITE_BIASES_KEY, MinimizeOptions, float64_twin, minimize, self_check
 
     inputs = as_inputs(example_inputs, model)
     key = _signature(model, inputs)
@@ -301,6 +301,17 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         try:
             self_check(gm, out, inputs, opts)
         except EquivalenceError as e:
+            graph = float64_twin(gm, inputs, opts) if e.__cause__ is None else None  # (a copy that raised: no rounding)
+            if graph is not None:  # the same rewrite in float64, its float32 copy checked against it
+                twin_suspects: list[str] = []
+                exact, twin_stale = _write_back(to_dtype(model, torch.float64), graph, cast(inputs, torch.float64),
+                                                twin_suspects)
+                twin = to_dtype(exact, torch.float32)
+                try:
+                    self_check(gm, twin, inputs, opts, exact=exact)
+                    return twin, twin_stale, twin_suspects, graph, None
+                except EquivalenceError:
+                    pass
             return out, stale, suspects, (small, opts), e
         return out, stale, suspects, small, None
 
