@@ -1047,3 +1047,27 @@ def test_other_mixtures_of_experts_lose_dead_expert_and_stream_channels_in_their
     with torch.no_grad():
         ref, got = model(x).logits, small(x).logits
     assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def test_options_add_to_its_own_and_bad_ones_are_refused():
+    """``keep``, ``equal_heads`` and ``whole_heads`` from the caller used to collide with the ones minimize_module
+    sets (a TypeError: multiple values for a keyword); now they add to them. A graph-only or unknown option is an
+    InputError that says what it takes."""
+    from fxprune.interop.module import KeptChannelsWarning
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        net[0].weight[:3] = 0
+        net[0].bias[:3] = -1.0  # 3 dead units in each hidden layer
+        net[2].weight[:3] = 0
+        net[2].bias[:3] = -1.0
+    x = torch.randn(5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KeptChannelsWarning)  # the caller's keep is not fxprune's to report
+        small = fp.minimize_module(net, (x,), keep=(("2.weight:0", "mine"),), equal_heads=(), whole_heads=())
+    assert (small[0].out_features, small[2].out_features) == (5, 8)  # layer 2's channels stay, as asked
+    assert fp.verify(net, small, (x,)).ok
+    with pytest.raises(fp.InputError, match="unknown option.*round_too.*round_to"):
+        fp.minimize_module(net, (x,), round_too=8)
+    with pytest.raises(fp.InputError, match="split_norms"):
+        fp.minimize_module(net, (x,), split_norms=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
@@ -221,10 +222,12 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
     frozen first where the copy raised (that module's class), then given back group by group where the check
     passes without them. An attention that keeps its head width as an attribute (``head_dim``,
     ``attention_head_size``) gets one width for q, k and v (the widest they keep) and its new width and head count
-    written back; its ``scaling`` stays. If the check still fails (a forward
-    that reads a size no module exposes), :class:`EquivalenceError` and nothing is returned. ``options`` are
-    :class:`~fxprune.passes.minimize.MinimizeOptions` fields (``max_iterations``, ``rtol``). The analysis, the
-    rewrite and the check run with the KV cache off (:func:`cache_off`); the copy keeps the user's ``use_cache``.
+    written back; its ``scaling`` stays. If the check still fails (a forward that reads a size no module exposes),
+    :class:`EquivalenceError` and nothing is returned. ``options`` are
+    :class:`~fxprune.passes.minimize.MinimizeOptions` fields (``round_to``, ``rtol``...); ``keep``,
+    ``equal_heads``, ``whole_heads`` and ``aligned`` add to those it sets itself, and ``split_norms`` (which the
+    user's class cannot express) and unknown names raise :class:`InputError`. The analysis, the rewrite and the
+    check run with the KV cache off (:func:`cache_off`); the copy keeps the user's ``use_cache``.
     ``dynamic_shapes``: by default (``"every"``) every dim of every tensor input is captured dynamic where the
     model allows it, so that what the class accepts (other sequence lengths, image sizes) is analysed and checked,
     and a buffer indexed by a length (``position_ids``) is never cut to the example's; a model torch.export cannot
@@ -262,6 +265,16 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
     """The body of :func:`minimize_module`, with the cache already off."""
     from fxprune.passes.minimize import SITE_BIASES_KEY, MinimizeOptions, float64_twin, minimize, self_check
 
+    names = {f.name for f in dataclasses.fields(MinimizeOptions)} - {"verify"}
+    unknown = sorted(options.keys() - names)
+    if unknown:
+        raise InputError(f"minimize_module got unknown option(s) {', '.join(unknown)}: it takes verify and the fields "
+                         f"of MinimizeOptions ({', '.join(sorted(names - {'split_norms'}))})")
+    if options.pop("split_norms", False):
+        raise InputError("split_norms=True selects a norm's kept outputs inside the graph, which the user's class "
+                         "cannot express: use fp.minimize on the graph for it")
+    theirs = dict(keep=tuple(options.pop("keep", ())), equal_heads=tuple(options.pop("equal_heads", ())),
+                  whole_heads=tuple(options.pop("whole_heads", ())))  # added to those minimize_module sets
     inputs = as_inputs(example_inputs, model)
     key = _signature(model, inputs)
     try:  # every dim the model's code lets vary stays dynamic: an index table sliced by a length is no channel
@@ -286,8 +299,9 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
     def attempt(frozen: dict[str, str]) -> tuple[nn.Module, list[str], list[str], Any, EquivalenceError | None]:
         # one end-to-end check: the copy against the model; the graph is checked only to say which step failed
         while True:  # a layer applied at several sites cannot hold a bias per site: keep its channels
-            opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()), equal_heads=heads, aligned=stacked,
-                                   whole_heads=tuple(whole), split_norms=False, **options)
+            opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()) + theirs["keep"],
+                                   equal_heads=heads + theirs["equal_heads"], aligned=stacked,
+                                   whole_heads=tuple(whole) + theirs["whole_heads"], split_norms=False, **options)
             small = minimize(gm, options=opts)
             shared = {f"{bias.rpartition('.')[0]}.weight" if bias.endswith(".bias") else bias: SHARED_REASON
                       for bias in small.meta.get(SITE_BIASES_KEY, {}).values()}
