@@ -38,12 +38,12 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.nn.parallel import DistributedDataParallel
 
-from fxprune.errors import CaptureError, CheckpointError, InputError, UnsupportedError, require
+from fxprune.errors import CaptureError, CheckpointError, EquivalenceError, InputError, UnsupportedError, require
 from fxprune.graph.capture import as_inputs, capture, unwrapped
 from fxprune.graph.rebuild import accelerator
 from fxprune.interop.batchnorm import BatchRecorder, batchnorms, recalibrate_batchnorm
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
-from fxprune.interop.distributed import Ranks
+from fxprune.interop.distributed import PeerFailedError, Ranks
 from fxprune.interop.lasso import DEFAULT_EVERY, DEFAULT_STRENGTH, GroupLasso
 from fxprune.graph.masks import unmasked
 from fxprune.interop.module import eval_capture, minimize_module
@@ -306,7 +306,9 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             try:
                 # every rank checks here: what the check freezes decides the shapes, which the ranks must share
                 return ranks.run_all(lambda: minimize_module(pre, inputs, verify=verify), "minimize")
-            except (CaptureError, UnsupportedError) as e:
+            except (CaptureError, UnsupportedError, EquivalenceError) as e:  # (a copy of the class that differs:
+                if isinstance(e, PeerFailedError):  # the graph is checked on its own below, and raises where it is
+                    raise                           # at fault)
                 graph_path = True
                 warnings.warn(f"squeeze_release could not keep {type(pre).__name__} as its own class "
                               f"({str(e).splitlines()[0]}); it goes on with the captured graph, and train/evaluate "

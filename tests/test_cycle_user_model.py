@@ -211,6 +211,34 @@ def test_a_class_that_cannot_be_kept_goes_the_graph_path_with_a_warning(monkeypa
     assert not torch.equal(bn.running_mean, mean)
 
 
+class _ReadsItsWidth(nn.Module):
+    """Adds the mean of its hidden units: eager code divides by the kept width, the graph by the full one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(h) + h.mean(-1, keepdim=True)
+
+
+def test_a_class_whose_copy_differs_goes_the_graph_path_with_a_warning():
+    """minimize_module raises EquivalenceError where the class's own code cannot follow a removal and no channel it
+    could keep is suspect (the graph is right): the cycle stopped there; it now goes on with the graph."""
+    torch.manual_seed(0)
+    model, (x, y) = _ReadsItsWidth(), _data()
+    loop = Loop(x, y, epochs=2, lr=1e-2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=1, mask_steps=1,
+                                 sparsity=0.5, structure="groups", tolerance=1.0, progress=False)
+    msgs = [str(w.message) for w in seen if issubclass(w.category, GraphPathWarning)]
+    assert len(msgs) == 1 and "could not keep _ReadsItsWidth" in msgs[0] and "differs from it" in msgs[0]
+    assert isinstance(res.module, torch.fx.GraphModule) and issubclass(loop.seen[-1], torch.fx.GraphModule)
+    assert count_params(res.module) < 0.6 * res.dense["params"]
+
+
 def test_the_graph_path_switches_to_whole_channels_too(monkeypatch):
     """``structure="auto"`` on the graph path: the whole-channel masks are read off the trainable GraphModule, and
     BatchNorm still trains in every call."""

@@ -278,10 +278,12 @@ def test_depthwise_groups_and_a_layer_norm_subclass_follow_a_removed_stream_chan
             assert float((small(xi) - model(xi)).abs().max()) <= 1e-12
 
 
-def test_a_grouped_conv_that_loses_channels_within_every_group_keeps_its_groups():
+@pytest.mark.parametrize("dynamic", ["every", ({0: torch.export.Dim.AUTO},)], ids=["symbolic", "export"])
+def test_a_grouped_conv_that_loses_channels_within_every_group_keeps_its_groups(dynamic):
     """minimize removes the same position from every group of a grouped conv (RegNet's blocks, 10 groups of 15
     output channels, kept 10 groups of 9): the module's sizes alone read that as whole groups gone (groups 6 of 15),
-    and the copy did not run. ``groups`` comes from the graph's convolution."""
+    and the copy did not run. ``groups`` comes from the graph's convolution, whichever tracer made it: an exported
+    graph's aten.conv2d was not read (transformers' RegNet did not run after its second cycle)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1, groups=2), nn.ReLU(),
                           nn.Conv2d(4, 4, 1)).double()
@@ -291,7 +293,7 @@ def test_a_grouped_conv_that_loses_channels_within_every_group_keeps_its_groups(
         for k in (0, 2):  # output position 0 of both groups: dead
             model[2].weight[k], model[2].bias[k] = 0.0, -1.0
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    small = fp.minimize_module(model, (x,))
+    small = fp.minimize_module(model, (x,), dynamic_shapes=dynamic)
     conv = small[2]
     assert (conv.groups, conv.in_channels, conv.out_channels) == (2, 6, 2)
     assert conv.weight.shape == (2, 3, 3, 3) and small[0].out_channels == 6 and small[4].in_channels == 2
@@ -1071,3 +1073,58 @@ def test_options_add_to_its_own_and_bad_ones_are_refused():
         fp.minimize_module(net, (x,), round_too=8)
     with pytest.raises(fp.InputError, match="split_norms"):
         fp.minimize_module(net, (x,), split_norms=True)
+
+
+class _Modulation(nn.Module):
+    """Splits its input projection's output at its own input width, read off the input (FocalNet's modulation):
+    the class cannot take q channels the graph removes while the stream keeps its width."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(d, 2 * d + 2)
+        self.proj_out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[-1]
+        q, ctx, gates = torch.split(self.proj_in(x), (c, c, 2), -1)
+        return self.proj_out(q * torch.tanh(ctx) * gates[..., :1])
+
+
+class _SplitBlocks(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.mods = nn.ModuleList(_Modulation(d) for _ in range(2))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, d)) for _ in range(2))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for mod, mlp in zip(self.mods, self.mlps):
+            x = x + mod(x)
+            x = x + mlp(x)
+        return self.head(x)
+
+
+def test_a_forward_that_raises_on_a_size_of_another_tensor_keeps_those_channels():
+    """The copy raised (split sizes) and no module or caller attribute was suspect: minimize_module raised
+    EquivalenceError, and the cycle with it (transformers' FocalNet; SegFormer's sequence reduction reshapes its
+    convolution's output to its input width alike). Now the dims that changed in the module whose forward raised
+    (every module of its class) are kept, and the rest still goes."""
+    from fxprune.interop.module import KeptChannelsWarning
+
+    torch.manual_seed(0)
+    net = _SplitBlocks().double()
+    with torch.no_grad():
+        for mod, mlp in zip(net.mods, net.mlps):
+            mod.proj_in.weight[:3], mod.proj_in.bias[:3] = 0.0, 0.0  # 3 q channels always zero
+            mlp[0].weight[:5], mlp[0].bias[:5] = 0.0, -1.0  # 5 dead hidden units
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.warns(KeptChannelsWarning, match=r"mods\.0\.proj_\w+\.\w+:\d"):
+        small = fp.minimize_module(net, (x,))
+    assert type(small) is _SplitBlocks
+    assert all(m.proj_in.out_features == 18 for m in small.mods)  # the class splits at the stream's width
+    assert all(m[0].out_features == 11 for m in small.mlps)  # the MLPs still lose their dead units
+    for xi in (x, torch.randn(2, 9, 8, dtype=torch.float64)):  # another batch and length
+        with torch.no_grad():
+            assert float((small(xi) - net(xi)).abs().max() / net(xi).abs().max()) <= 1e-12
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

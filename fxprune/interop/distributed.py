@@ -17,9 +17,14 @@ from torch import nn
 
 from fxprune.errors import EquivalenceError
 
-__all__ = ["Ranks"]
+__all__ = ["Ranks", "PeerFailedError"]
 
 T = TypeVar("T")
+
+
+class PeerFailedError(EquivalenceError):
+    """Raised on the ranks whose own run passed when another rank's failed (:meth:`Ranks.run_all`): they stop too,
+    rather than wait in a collective the failed rank never reaches."""
 
 
 class Ranks:
@@ -82,7 +87,7 @@ class Ranks:
             flag = torch.tensor([1 if err is not None else 0], dtype=torch.int64, device=self._device())
             self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
             if flag.item() and err is None:
-                raise EquivalenceError(f"rank {self.rank}: another rank failed at {what}; see its error")
+                raise PeerFailedError(f"rank {self.rank}: another rank failed at {what}; see its error")
         if err is not None:
             raise err
         return out

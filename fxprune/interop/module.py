@@ -349,9 +349,9 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         keep.update(more)
     if keep:
         whole = sorted({k.rpartition('.')[0] for k in keep if ":" not in k})
-        outputs = sorted({k.rpartition('.')[0] for k in keep if ":" in k} - set(whole))
+        dims = sorted(k for k in keep if ":" in k and k.rpartition('.')[0] not in whole)  # "layer.weight:0"
         what = ", ".join(([f"every channel of {', '.join(whole)}"] if whole else [])
-                         + ([f"the output channels of {', '.join(outputs)}"] if outputs else []))
+                         + ([f"the channels of {', '.join(dims)} (tensor:dim) and those tied to them"] if dims else []))
         why = ("their forward (or their caller's) reads sizes fxprune cannot update in eager code"
                if any(r != SHARED_REASON for r in keep.values()) else "")
         if any(r == SHARED_REASON for r in keep.values()):
@@ -406,7 +406,11 @@ def _to_freeze(model: nn.Module, out: nn.Module, inputs: tuple[Any, ...], stale:
                keep: dict[str, str]) -> dict[str, str]:
     """What to freeze after a failed check, as few as it can: when the copy raises, the suspects and stale modules
     under the module that was running (or its caller) and every module of the same class (each layer of a model
-    fails alike); otherwise, or when that names nothing new, every suspect first, then every stale module."""
+    fails alike); otherwise, or when that names nothing new, every suspect first, then every stale module; when
+    there are none, the dims that changed in the module that was running and in every module of its class, or
+    else in its caller's (a forward that reads a size from another tensor: FocalNet's modulation splits its input
+    projection's output at its own input width, SegFormer's sequence reduction reshapes its convolution's output
+    to its input width)."""
     def stale_tensors(paths: list[str]) -> dict[str, str]:
         found = {}
         for path in paths:  # every tensor of the modules it could not update
@@ -427,7 +431,34 @@ def _to_freeze(model: nn.Module, out: nn.Module, inputs: tuple[Any, ...], stale:
         if near:
             return near
     first = {k: why for k in suspects if k not in keep}
-    return first or stale_tensors(stale)
+    if first or stale:
+        return first or stale_tensors(stale)
+    for m in reversed(running):
+        found = _changed_dims(model, out, type(m), keep)
+        if found:
+            return found
+    return {}
+
+
+def _changed_dims(model: nn.Module, out: nn.Module, cls: type, keep: dict[str, str]) -> dict[str, str]:
+    """``"name:dim"`` of every dim that changed size in the tensors of the modules of class ``cls`` in ``out``
+    (their children's included) and is not in ``keep``."""
+    found: dict[str, str] = {}
+    for path, m in out.named_modules():
+        if type(m) is not cls:
+            continue
+        why = f"the forward of '{path}' ({cls.__name__}) raised with them changed: it reads a size fxprune cannot see"
+        for name, t in [*m.named_parameters(), *m.named_buffers()]:
+            full = f"{path}.{name}".lstrip(".")
+            try:
+                owner, leaf = attr_owner(model, full)
+            except AttributeError:  # (a module the write-back added)
+                continue
+            old = getattr(owner, leaf, None)
+            if isinstance(old, torch.Tensor) and old.dim() == t.dim():
+                found.update({f"{full}:{d}": why for d, (a, b) in enumerate(zip(old.shape, t.shape))
+                              if a != b and f"{full}:{d}" not in keep})
+    return found
 
 
 def _raising_modules(out: nn.Module, inputs: tuple[Any, ...]) -> list[nn.Module]:
@@ -630,7 +661,11 @@ def _rms_offset(norm: nn.Module, eps: float | None) -> float:
     raise UnsupportedError(f"{type(norm).__name__} scales its normalized input by neither its weight nor 1 + weight")
 
 
-_CONVS = {torch.conv1d: 6, torch.conv2d: 6, torch.conv3d: 6, torch.ops.aten.convolution.default: 8}  # -> groups' position
+# convolution ops -> the position of their groups argument: a symbolic trace calls torch.convNd, torch.export keeps
+# aten.convNd, a decomposed graph has aten.convolution
+_CONVS = {torch.conv1d: 6, torch.conv2d: 6, torch.conv3d: 6, torch.ops.aten.convolution.default: 8,
+          **{getattr(getattr(torch.ops.aten, f"conv{d}d"), overload): 6 for d in (1, 2, 3)
+             for overload in ("default", "padding")}}
 
 
 def _graph_groups(small: torch.fx.GraphModule) -> dict[str, int]:
