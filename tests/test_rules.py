@@ -425,3 +425,44 @@ def test_channels_pass_through_a_gather_of_rows():
     two.load_state_dict(m.state_dict())
     out = fp.minimize(fp.capture(two, (x,), method="export"))
     assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in two.parameters())
+
+
+class _BatchNormTokens(nn.Module):
+    """LeViT's MLP: tokens flattened into the batch for a BatchNorm1d, put back with ``reshape_as`` (then a gate
+    ``expand_as`` another tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+        self.gate = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = self.bn(h.flatten(0, 1)).reshape_as(h)
+        g = torch.sigmoid(self.gate(x)).expand_as(h)
+        return self.b(torch.relu(h) * g)
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_channels_pass_through_reshape_as_and_expand_as(method):
+    """aten.reshape_as had no rule (LeViT: 1.05x in the user flow, every MLP and attention frozen). Its output and
+    the tensor whose shape it reads are one channel space: dead units before it go, exactly, at other batch sizes
+    and lengths, the input untouched."""
+    torch.manual_seed(0)
+    m = _BatchNormTokens().double().eval()
+    with torch.no_grad():
+        m.a.weight[[1, 4]] = 0
+        m.a.bias[[1, 4]] = -1.0  # relu(-1) = 0: units 1 and 4 dead
+        m.bn.running_mean[[1, 4]] = 0.0
+        m.bn.bias[[1, 4]] = -2.0  # relu(bn(0)) = 0: still dead after the norm
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    gm = fp.capture(m, (x,), method=method, dynamic_shapes="every")
+    before = graph_state(gm), snapshot(gm)
+    groups = fp.analyze(gm)
+    assert not any("no channel rule" in r for g in groups.groups for r in g.reasons)
+    small = fp.minimize(gm)
+    assert (graph_state(gm), snapshot(gm)) == before
+    assert sum(p.numel() for p in gm.parameters()) - sum(p.numel() for p in small.parameters()) == 2 * (4 + 1 + 2 + 3)
+    for shape in ((1, 5, 4), (2, 9, 4)):
+        xb = torch.randn(*shape, dtype=torch.float64)
+        assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)

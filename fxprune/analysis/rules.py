@@ -869,6 +869,30 @@ class Reshape(Rule):
             rw.resize_sizes(op, where)
 
 
+class ReshapeAs(Reshape):
+    """reshape_as/view_as(x, other): a reshape of ``x`` to ``other``'s shape, which the op reads at run time, so
+    each dim of the output and of ``other`` is one channel space (LeViT reshapes a BatchNorm's flattened output back
+    to its input's shape)."""
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        super().couple(op, sp)
+        _same_shape(op, sp, op.node.args[1])
+
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
+        pass  # (no sizes of its own: ``other`` loses what the output loses)
+
+
+def _same_shape(op: Op, sp: Spaces, other: Node) -> None:
+    """Unify each dim of ``op``'s output with that dim of ``other``, whose shape the op reads (a size-1 dim is read
+    for its size only); its values are not read."""
+    for d, n in enumerate(_shape(sp, other)):
+        if n == 1:
+            sp.meta_dim(other, d)
+        else:
+            sp.unify(other, d, op.node, d, f"by {op.describe()} (the shape it reads)")
+    sp.meta_only(other)
+
+
 _UNFLATTEN = {aten.unflatten, torch.unflatten, "unflatten"}
 _SIZED = {aten.view, aten.reshape, aten._unsafe_view, aten.expand, torch.reshape, "view", "reshape", "expand"}
 
@@ -1049,8 +1073,8 @@ class Expand(Rule):
                 sp.unify(x, j, op.node, i, f"by {op.describe()}")
             else:
                 sp.meta_dim(x, j)
-        if op.target == "expand_as":
-            sp.meta_only(op.node.args[1])
+        if getattr(op.target, "overloadpacket", op.target) in (aten.expand_as, "expand_as"):
+            _same_shape(op, sp, op.node.args[1])
 
     def rewrite(self, op: Op, rw: Rewrite) -> None:
         where = _size_arg(op, rw.facts.sp)
@@ -1459,7 +1483,8 @@ register(Reshape(), aten.view, aten.reshape, aten._unsafe_view, aten.flatten, at
          "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze")
 register(Permute(), aten.permute, aten.transpose, aten.t, aten.numpy_T, aten.movedim, aten.moveaxis, torch.permute, torch.transpose, torch.t,
          torch.swapaxes, torch.movedim, torch.moveaxis, "permute", "transpose", "t", "swapaxes", "movedim", "moveaxis")
-register(Expand(), aten.expand, "expand", "expand_as")
+register(Expand(), aten.expand, aten.expand_as, "expand", "expand_as")
+register(ReshapeAs(), aten.reshape_as, aten.view_as, "reshape_as", "view_as")
 register(Cat(), aten.cat, torch.cat, torch.concat, torch.concatenate)
 register(Stack(), aten.stack, torch.stack)
 register(Split(), aten.split.Tensor, aten.split_with_sizes, aten.chunk, aten.tensor_split.indices, torch.split, torch.chunk,

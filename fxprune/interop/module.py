@@ -117,8 +117,9 @@ BY_NAME_SUFFIX: dict[str, tuple[Callable[[Any], bool], Callable[[Any], None]]] =
 
 
 # an attention's head width and head count, as attention classes name them (ViT, BERT, GPT-2... in transformers)
-HEAD_WIDTH = ("head_dim", "attention_head_size", "head_size")
-HEAD_COUNT = ("num_heads", "num_attention_heads")
+HEAD_WIDTH = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")  # (the last: T5's)
+HEAD_COUNT = ("num_heads", "num_attention_heads", "n_heads")
+HEAD_TOTAL = ("all_head_size", "inner_dim")  # heads x head width
 
 
 def _head_sets(model: nn.Module) -> tuple[tuple[int, tuple[str, ...]], ...]:
@@ -166,8 +167,9 @@ def _set_heads(m: nn.Module, path: str, kept: dict[str, list[Any]], layout: dict
     for a in HEAD_COUNT:
         if type(getattr(m, a, None)) is int:
             setattr(m, a, heads)
-    if type(getattr(m, "all_head_size", None)) is int:
-        m.all_head_size = heads * width
+    for a in HEAD_TOTAL:
+        if type(getattr(m, a, None)) is int:
+            setattr(m, a, heads * width)
     return True
 
 
