@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -185,17 +186,22 @@ def _refuse_the_class(monkeypatch, why: str) -> None:
     monkeypatch.setattr(cycle, "minimize_module", refuse)
 
 
+def _graph_path_run(model: nn.Module, x: torch.Tensor, loop: Loop, **kw: Any) -> tuple[Any, list[str]]:
+    """The cycle on ``model`` with ``loop`` (tolerance 1.0), and the GraphPathWarnings it gave."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, tolerance=1.0,
+                                 progress=False, **kw)
+    return res, [str(w.message) for w in seen if issubclass(w.category, GraphPathWarning)]
+
+
 def test_a_class_that_cannot_be_kept_goes_the_graph_path_with_a_warning(monkeypatch):
     """The graph path keeps training semantics: BatchNorm and dropout are modules in every graph the cycle trains."""
     _refuse_the_class(monkeypatch, "minimize folded a constant into a bias that no module of the model holds")
     torch.manual_seed(0)
     model, (x, y) = SmallResNet(), _data()
     loop = Loop(x, y, epochs=10, lr=1e-2)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=2, mask_steps=2,
-                                 sparsity=0.7, tolerance=1.0, progress=False)
-    msgs = [str(w.message) for w in seen if issubclass(w.category, GraphPathWarning)]
+    res, msgs = _graph_path_run(model, x, loop, cycles=2, mask_steps=2, sparsity=0.7)
     assert len(msgs) == 1 and "no module of the model holds" in msgs[0]
     graphs = [t for t in loop.seen if issubclass(t, torch.fx.GraphModule)]
     assert graphs and len(loop.bn_moved) == 2 * (2 + 1) and all(loop.bn_moved)  # BatchNorm trained on every call
@@ -229,11 +235,7 @@ def test_a_class_whose_copy_differs_goes_the_graph_path_with_a_warning():
     torch.manual_seed(0)
     model, (x, y) = _ReadsItsWidth(), _data()
     loop = Loop(x, y, epochs=2, lr=1e-2)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=1, mask_steps=1,
-                                 sparsity=0.5, structure="groups", tolerance=1.0, progress=False)
-    msgs = [str(w.message) for w in seen if issubclass(w.category, GraphPathWarning)]
+    res, msgs = _graph_path_run(model, x, loop, cycles=1, mask_steps=1, sparsity=0.5, structure="groups")
     assert len(msgs) == 1 and "could not keep _ReadsItsWidth" in msgs[0] and "differs from it" in msgs[0]
     assert isinstance(res.module, torch.fx.GraphModule) and issubclass(loop.seen[-1], torch.fx.GraphModule)
     assert count_params(res.module) < 0.6 * res.dense["params"]
