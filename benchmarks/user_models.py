@@ -55,7 +55,7 @@ TRANSFORMERS = {
     "bloom": ("lm", "BloomConfig", "BloomForCausalLM", dict(vocab_size=32, hidden_size=32, n_layer=2, n_head=4)),
     "falcon": ("lm", "FalconConfig", "FalconForCausalLM", dict(vocab_size=32, hidden_size=32, num_hidden_layers=2,
                                                                num_attention_heads=4)),
-    "bart": ("lm", "BartConfig", "BartForConditionalGeneration",
+    "bart": ("s2s", "BartConfig", "BartForConditionalGeneration",
              dict(vocab_size=32, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
     "distilbert": ("cls", "DistilBertConfig", "DistilBertForSequenceClassification",

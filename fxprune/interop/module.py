@@ -319,14 +319,14 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         except EquivalenceError as e:
             graph = float64_twin(gm, inputs, opts) if e.__cause__ is None else None  # (a copy that raised: no rounding)
             if graph is not None:  # the same rewrite in float64, its float32 copy checked against it
-                twin_suspects: list[str] = []
-                exact, twin_stale = _write_back(to_dtype(model, torch.float64), graph, cast(inputs, torch.float64),
-                                                twin_suspects)
-                twin = to_dtype(exact, torch.float32)
                 try:
+                    twin_suspects: list[str] = []
+                    exact, twin_stale = _write_back(to_dtype(model, torch.float64), graph,
+                                                    cast(inputs, torch.float64), twin_suspects)
+                    twin = to_dtype(exact, torch.float32)
                     self_check(gm, twin, inputs, opts, exact=exact)
                     return twin, twin_stale, twin_suspects, graph, None
-                except EquivalenceError:
+                except Exception:  # noqa: BLE001 (the twin does not pass either: the copy's error stands)
                     pass
             return out, stale, suspects, (small, opts), e
         return out, stale, suspects, small, None
@@ -410,9 +410,9 @@ def _to_freeze(model: nn.Module, out: nn.Module, inputs: tuple[Any, ...], stale:
     under the module that was running (or its caller) and every module of the same class (each layer of a model
     fails alike); otherwise, or when that names nothing new, every suspect first, then every stale module; when
     there are none, the dims that changed in the module that was running and in every module of its class, or
-    else in its caller's (a forward that reads a size from another tensor: FocalNet's modulation splits its input
-    projection's output at its own input width, SegFormer's sequence reduction reshapes its convolution's output
-    to its input width)."""
+    else in its caller's, unless that is the model itself (a forward that reads a size from another tensor:
+    FocalNet's modulation splits its input projection's output at its own input width, SegFormer's sequence
+    reduction reshapes its convolution's output to its input width)."""
     def stale_tensors(paths: list[str]) -> dict[str, str]:
         found = {}
         for path in paths:  # every tensor of the modules it could not update
@@ -435,8 +435,8 @@ def _to_freeze(model: nn.Module, out: nn.Module, inputs: tuple[Any, ...], stale:
     first = {k: why for k in suspects if k not in keep}
     if first or stale:
         return first or stale_tensors(stale)
-    for m in reversed(running):
-        found = _changed_dims(model, out, type(m), keep)
+    for m in reversed(running):  # (not the model itself: freezing all it changed is no finding)
+        found = _changed_dims(model, out, type(m), keep) if m is not out else {}
         if found:
             return found
     return {}
