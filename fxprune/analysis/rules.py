@@ -1403,12 +1403,16 @@ class Filled(Passive):
 
 
 # ---------------------------------------------------------------------------------------------
+# in-place activations an exported graph keeps (timm's ``act_layer(inplace=True)``: aten.leaky_relu_); the op's result
+# is what later nodes read (torch.export re-points a mutated tensor at it); a symbolic trace's are checked at capture
+_IN_PLACE_ACTIVATIONS = ["leaky_relu_", "elu_", "hardswish_", "hardsigmoid_", "mish_", "sigmoid_", "tanh_", "clamp_",
+                         "clamp_min_", "clamp_max_"]
 _ELEMENTWISE_MODULES = [nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.ReLU6,
                         nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.SELU, nn.CELU, nn.Tanhshrink]
 _UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "exp", "sqrt", "rsqrt", "erf", "clamp", "hardtanh",
           "leaky_relu", "elu", "hardswish", "hardsigmoid", "mish", "softplus", "clone", "alias", "detach", "detach_", "relu6",
           "log", "sin", "cos", "square", "reciprocal", "sign", "_to_copy", "lift_fresh_copy", "contiguous", "clamp_min",
-          "clamp_max", "pow", "to", "relu_", "silu_", "gelu_", "hardtanh_", "type_as"]
+          "clamp_max", "pow", "to", "relu_", "silu_", "gelu_", "hardtanh_", "type_as", *_IN_PLACE_ACTIVATIONS]
 _BINARY = ["add", "sub", "div", "maximum", "minimum", "where", "rsub", "eq", "ne", "le", "lt", "ge", "gt",
            "__and__", "__or__", "logical_and", "logical_or", "logical_not", "bitwise_not", "add_", "masked_fill"]
 
@@ -1435,7 +1439,7 @@ _NAN_TO_NAN_NAMES = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "e
                      "sin", "cos", "square", "reciprocal", "elu", "leaky_relu", "hardswish", "hardsigmoid", "mish",
                      "softplus", "relu6", "hardtanh", "clamp", "clamp_min", "clamp_max", "clone", "alias", "detach",
                      "contiguous", "_to_copy", "lift_fresh_copy", "add", "sub", "div", "rsub", "maximum", "minimum",
-                     "relu_", "silu_", "gelu_", "hardtanh_", "add_"]
+                     "relu_", "silu_", "gelu_", "hardtanh_", "add_", *_IN_PLACE_ACTIVATIONS]
 _NAN_TO_NAN: set[Any] = {nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.ReLU6,
                          nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Identity,
                          operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd,
