@@ -1,13 +1,14 @@
 """timm models (none of them in a test or a rule) through ``fp.minimize_module``: does the user's class come back,
 smaller, and right? Random weights, eval mode; the first quarter of the output rows of every Linear and Conv2d
-with at least 8 of them is zeroed (with its bias), which leaves whatever that makes removable; batch 2 at 64x64,
-checked at batch 3. Prints per model the parameters before and after, whether the class came back, the float32
+with at least 8 of them is zeroed (with its bias), which leaves whatever that makes removable; batch 2 at 64x64
+(``--native``: at the model's own input size, for those that take no other), checked at batch 3. Prints per model the parameters before and after, whether the class came back, the float32
 relative error of the copy at the other batch, and the seconds, or the error it raised.
 
 timm is not a dependency (``pip install --no-deps --target DIR timm``, then ``PYTHONPATH=DIR``); torchvision's
 stub is set up as in the zoo benchmarks.
 
     OMP_NUM_THREADS=1 python benchmarks/results/timm_minimize/timm_minimize.py resnet18 efficientnet_b0 ...
+    OMP_NUM_THREADS=1 python benchmarks/results/timm_minimize/timm_minimize.py --native vit_tiny_patch16_224 ...
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from fxprune.verify import count_params  # noqa: E402
 
 def main(names: list[str]) -> None:
     warnings.simplefilter("ignore")
-    for name in names:
+    native = "--native" in names
+    for name in (n for n in names if n != "--native"):
         t0 = time.time()
         try:
             torch.manual_seed(0)
@@ -43,8 +45,9 @@ def main(names: list[str]) -> None:
                         mod.weight[:k] = 0
                         if mod.bias is not None:
                             mod.bias[:k] = 0
-            small = fp.minimize_module(m, (torch.randn(2, 3, 64, 64),))
-            x = torch.randn(3, 3, 64, 64)
+            size = tuple(m.pretrained_cfg["input_size"][1:]) if native else (64, 64)
+            small = fp.minimize_module(m, (torch.randn(2, 3, *size),))
+            x = torch.randn(3, 3, *size)
             with torch.no_grad():
                 a, b = m(x), small(x)
             err = float((a - b).abs().max() / a.abs().max())
