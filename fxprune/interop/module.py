@@ -383,16 +383,17 @@ def _signature(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
 def _thaw(attempt: Callable[[dict[str, str]], Any], out: nn.Module, keep: dict[str, str],
           model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
     """After a passing check with suspects frozen, give back what the copy does not need frozen: the suspects are
-    grouped by the child's name, tensor and dim under its caller's class (``ViTAttention.o_proj.weight:0``: every
-    layer alike), and each group is tried unfrozen once (at most 8 more rewrites); a group whose check passes stays
-    unfrozen."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    grouped by the child's name and dim under its caller's class (``ViTAttention.o_proj:0``, its weight and bias:
+    every layer alike), and each group is tried unfrozen once (at most 8 more rewrites); a group whose check passes
+    stays unfrozen."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
     for k in keep:
         if ":" in k:
             child = k.rpartition(":")[0].rpartition(".")[0]
             parent = child.rpartition(".")[0]
-            tensor = k.rpartition(".")[2]  # "weight:0": each tensor and dim of the child apart
-            groups.setdefault((type(model.get_submodule(parent)).__name__, child.rpartition(".")[2], tensor),
+            dim = k.rpartition(":")[2]  # each dim of the child apart, its tensors together (a weight's dim 0 and
+            # its bias hold one output channel: one of them still frozen would hold it, and its check pass unfrozen)
+            groups.setdefault((type(model.get_submodule(parent)).__name__, child.rpartition(".")[2], dim),
                               []).append(k)
     if len(groups) < 2:
         return out, keep
