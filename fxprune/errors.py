@@ -35,7 +35,11 @@ class MaskError(InputError):
 
 
 class EquivalenceError(FxPruneError):
-    """A rewrite failed its own equivalence check; no model is returned."""
+    """A rewrite failed its own equivalence check; no model is returned. ``rounding``: only the float64 half of the
+    rounding rule failed (the float32 outputs lie within the model's own rounding), where the float64 twin of the
+    rewrite may prove it (:func:`fxprune.passes.minimize.float64_twin`)."""
+
+    rounding: bool = False
 
 
 class UnsupportedError(FxPruneError):

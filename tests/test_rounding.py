@@ -217,8 +217,9 @@ def test_a_rewrite_too_sensitive_for_float32_constants_is_proved_by_its_float64_
     n64 = copy.deepcopy(net).double()
     with torch.no_grad():
         assert rel(to_dtype(first, torch.float64)(x.double()), n64(x.double())) > 100 * stored_rtol(torch.float32)
-    with pytest.raises(fp.EquivalenceError, match="relative error"):
+    with pytest.raises(fp.EquivalenceError, match="relative error") as info:
         self_check(gm, first, (x,))  # the float64 half of the rule refuses it: what minimize raised before
+    assert info.value.rounding  # ... alone: the float32 outputs lie within the model's own rounding
     small = fp.minimize(gm)
     twin = float64_twin(gm, (x,), MinimizeOptions())
     assert all(t.dtype == torch.float32 for t in small.state_dict().values())
@@ -264,3 +265,32 @@ def test_the_twin_does_not_let_a_wrong_rewrite_through(touchy):
     wrong64 = to_dtype(wrong, torch.float64)
     with pytest.raises(fp.EquivalenceError, match="relative error"):
         self_check(gm, wrong, (x,), exact=wrong64)
+
+
+def test_no_twin_is_built_for_a_result_off_by_more_than_the_models_rounding(monkeypatch):
+    """The twin costs float64 copies of the model and its graph: it is built only where the float32 outputs lie
+    within the model's own rounding and the float64 half alone failed (``EquivalenceError.rounding``), not for a
+    rewrite that is plainly wrong."""
+    from fxprune.passes import minimize as mz
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        net[0].weight[:4], net[0].bias[:4] = 0.0, -1.0  # 4 dead units
+    x = torch.randn(6, 8)
+    real = mz.Rewriter.run
+
+    def shifted(self):  # a wrong rewrite: its output moved by 0.5 at every batch size
+        out = real(self)
+        node = next(n for n in out.graph.nodes if n.op == "output")
+        with out.graph.inserting_before(node):
+            node.args = (out.graph.call_function(torch.add, (node.args[0], 0.5)),)
+        out.recompile()
+        return out
+
+    built = []
+    monkeypatch.setattr(mz.Rewriter, "run", shifted)
+    monkeypatch.setattr(mz, "float64_twin", lambda *a, **k: built.append(a))
+    with pytest.raises(fp.EquivalenceError, match="relative error") as info:
+        fp.minimize(net, (x,))
+    assert not info.value.rounding and built == []

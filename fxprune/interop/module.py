@@ -317,7 +317,8 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         try:
             self_check(gm, out, inputs, opts)
         except EquivalenceError as e:
-            graph = float64_twin(gm, inputs, opts) if e.__cause__ is None else None  # (a copy that raised: no rounding)
+            graph = float64_twin(gm, inputs, opts) if e.rounding else None  # (only where the float32 half passed:
+            # a copy off by more than the model's own rounding is no rounding, and the twin costs float64 copies)
             if graph is not None:  # the same rewrite in float64, its float32 copy checked against it
                 try:
                     twin_suspects: list[str] = []

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from fxprune.analysis.groups import Analysis
 from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, SizeArg, aligned_dim
 from fxprune.compare import (cast, check, compare, first_failure, own_rounding, precision_of, rounding_only, rtol_for,
-                             to_dtype, worst)
+                             to_dtype, within_own_rounding, worst)
 from fxprune.errors import EquivalenceError, InputError, require
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, as_inputs, capture, check_weights
 from fxprune.graph.origin import blame_capture, fresh_outputs, origin_model, reference_outputs
@@ -455,7 +455,7 @@ def _proved_by_twin(gm: GraphModule, work: GraphModule, inputs: tuple[Any, ...],
                     written: set[str], error: EquivalenceError) -> tuple[GraphModule, list[ShapeCheck]]:
     """The float32 copy of :func:`float64_twin` of ``work`` (``gm`` prepared) and its checks against the twin, where
     they pass; else ``error`` (the float32 result's) is raised."""
-    exact = float64_twin(work, inputs, opts) if error.__cause__ is None else None  # (a result that raised: no rounding)
+    exact = float64_twin(work, inputs, opts) if error.rounding else None
     if exact is not None:
         dims = work.meta.get(DYNAMIC_KEY)
         try:
@@ -719,22 +719,27 @@ def self_check(ref: GraphModule, new: Any, inputs: tuple[Any, ...], opts: Minimi
             out = fresh_outputs(ref, xs)
             diffs = compare(out, p.got)
             bad = first_failure(diffs, rtol)
+        rounding = False  # only the float64 half of the rounding rule failed (see float64_twin)
         if bad is not None and precision == torch.float32 and opts.rtol is None:
             model = origin_model(ref)
             if not noise and example[0] is not xs:  # the model's own rounding on the example too
                 noise[:] = own_rounding(model, *example)
             if rounding_only(model, new, xs, out, p.got, noise, exact):
                 bad = None  # exact in float64; in float32 within the model's own rounding (an ill-conditioned model)
+            else:
+                rounding = bad.problem is None and within_own_rounding(diffs, noise)
         if bad is not None:
             blame_capture(ref, xs, out, same)
         if bad is not None and bad.problem is not None:
             raise EquivalenceError(f"minimize changed output {bad.index} {where} ({bad.problem}); nothing returned")
         if bad is not None:
-            raise EquivalenceError(
+            err = EquivalenceError(
                 f"minimize's self-check failed on output {bad.index} {where}: relative error {bad.max_rel:.3e} "
                 f"(max abs {bad.max_abs:.3e}; allowed {rtol:g}, the tolerance of {precision}, the lowest precision the "
                 "graph computes in). The rewrite is wrong; nothing was returned. Please report this model; "
                 "fp.analyze(gm) shows the groups involved.")
+            err.rounding = rounding
+            raise err
         checked.append(ShapeCheck(shape_str(xs), worst(diffs)))
     return checked
 
