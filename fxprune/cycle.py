@@ -306,9 +306,11 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             try:
                 # every rank checks here: what the check freezes decides the shapes, which the ranks must share
                 return ranks.run_all(lambda: minimize_module(pre, inputs, verify=verify), "minimize")
-            except (CaptureError, UnsupportedError, EquivalenceError) as e:  # (a copy of the class that differs:
-                if isinstance(e, PeerFailedError):  # the graph is checked on its own below, and raises where it is
-                    raise                           # at fault)
+            except (CaptureError, UnsupportedError, EquivalenceError) as e:
+                # an EquivalenceError: a copy of the class that differs (the graph is checked on its own below, and
+                # raises where it is at fault); never another rank's failure, which stops this rank too
+                if isinstance(e, PeerFailedError):
+                    raise
                 graph_path = True
                 warnings.warn(f"squeeze_release could not keep {type(pre).__name__} as its own class "
                               f"({str(e).splitlines()[0]}); it goes on with the captured graph, and train/evaluate "

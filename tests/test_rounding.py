@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import fxprune as fp
+from conftest import graph_state, snapshot
 from fxprune.compare import NOISE_FACTOR, float32_rtol, to_dtype
 from fxprune.passes.minimize import MinimizeOptions, self_check
 from fxprune.verify import count_params
@@ -220,7 +221,9 @@ def test_a_rewrite_too_sensitive_for_float32_constants_is_proved_by_its_float64_
     with pytest.raises(fp.EquivalenceError, match="relative error") as info:
         self_check(gm, first, (x,))  # the float64 half of the rule refuses it: what minimize raised before
     assert info.value.rounding  # ... alone: the float32 outputs lie within the model's own rounding
+    graph_before = graph_state(gm), snapshot(gm)
     small = fp.minimize(gm)
+    assert (graph_state(gm), snapshot(gm)) == graph_before  # the captured graph too, its node.meta included
     twin = float64_twin(gm, (x,), MinimizeOptions())
     assert all(t.dtype == torch.float32 for t in small.state_dict().values())
     assert all(torch.equal(t, twin.state_dict()[k].float()) for k, t in small.state_dict().items())

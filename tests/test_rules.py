@@ -494,7 +494,9 @@ def test_channels_pass_through_in_place_activations_of_an_exported_graph():
     assert {"leaky_relu_", "hardswish_", "sigmoid_"} <= {getattr(n.target, "__name__", "").split(".")[0]
                                                           for n in gm.graph.nodes}
     assert not any("no channel rule" in r for g in fp.analyze(gm).groups for r in g.reasons)
+    before = graph_state(gm), snapshot(gm)
     small = fp.minimize(gm)
+    assert (graph_state(gm), snapshot(gm)) == before
     assert sum(p.numel() for p in gm.parameters()) - sum(p.numel() for p in small.parameters()) == 2 * (4 + 1 + 6 + 6)
     for b in (1, 7):
         xb = torch.randn(b, 4, dtype=torch.float64)

@@ -446,18 +446,17 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
         try:
             checks = self_check(gm, result, inputs, opts, dims)
         except EquivalenceError as e:
-            result, checks = _proved_by_twin(gm, work_ref, inputs, opts, written, e)
+            result, checks = _proved_by_twin(gm, work_ref, inputs, opts, dims, written, e)
         result.meta[CHECKS_KEY] = checks
     return result
 
 
-def _proved_by_twin(gm: GraphModule, work: GraphModule, inputs: tuple[Any, ...], opts: MinimizeOptions,
+def _proved_by_twin(gm: GraphModule, work: GraphModule, inputs: tuple[Any, ...], opts: MinimizeOptions, dims: Any,
                     written: set[str], error: EquivalenceError) -> tuple[GraphModule, list[ShapeCheck]]:
-    """The float32 copy of :func:`float64_twin` of ``work`` (``gm`` prepared) and its checks against the twin, where
-    they pass; else ``error`` (the float32 result's) is raised."""
+    """The float32 copy of :func:`float64_twin` of ``work`` (``gm`` prepared, its input dims ``dims``) and its
+    checks against the twin, where they pass; else ``error`` (the float32 result's) is raised."""
     exact = float64_twin(work, inputs, opts) if error.rounding else None
     if exact is not None:
-        dims = work.meta.get(DYNAMIC_KEY)
         try:
             result = to_dtype(exact, torch.float32)
             annotate(result, cast(placeholder_inputs(exact), torch.float32), dims)
@@ -727,7 +726,7 @@ def self_check(ref: GraphModule, new: Any, inputs: tuple[Any, ...], opts: Minimi
             if rounding_only(model, new, xs, out, p.got, noise, exact):
                 bad = None  # exact in float64; in float32 within the model's own rounding (an ill-conditioned model)
             else:
-                rounding = bad.problem is None and within_own_rounding(diffs, noise)
+                rounding = within_own_rounding(diffs, noise)  # (False for a count or shape problem)
         if bad is not None:
             blame_capture(ref, xs, out, same)
         if bad is not None and bad.problem is not None:
