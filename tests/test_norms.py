@@ -315,3 +315,168 @@ def test_compensated_layer_norm_eagerly_launches_three_kernels_not_seventeen():
     ep = torch.export.export(ln, (x,), strict=False)
     ops = {n.target.__name__.split(".")[0] for n in ep.graph.nodes if n.op == "call_function"}
     assert "rsqrt" in ops and "native_layer_norm" not in ops and "constant_pad_nd" not in ops
+
+
+# ------------------------------------------------------------------------------------- one-group GroupNorm
+class _GNBlock(nn.Module):
+    def __init__(self, c: int, norm: type[nn.Module]) -> None:
+        super().__init__()
+        self.norm, self.mix = norm(c), nn.Conv2d(c, c, 1)
+        self.norm2, self.mlp = norm(c), nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.GELU(), nn.Conv2d(2 * c, c, 1))
+
+    def forward(self, x):
+        x = x + self.mix(self.norm(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GroupNormStream(nn.Module):
+    """A PoolFormer-like residual stream of 8 channels, each block normalizing it with ``GroupNorm(1, 8)``
+    (statistics over the channels and every position). Channels ``dead`` hold the nonzero constants the stem's bias
+    writes, and no block reads or writes them."""
+
+    def __init__(self, norm: type[nn.Module] = lambda c: nn.GroupNorm(1, c), dead: tuple[int, ...] = (1, 4, 6)):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.blocks = nn.Sequential(_GNBlock(8, norm), _GNBlock(8, norm))
+        with torch.no_grad():
+            for b in self.blocks:
+                b.norm.weight.uniform_(0.5, 2), b.norm.bias.uniform_(-1, 1)
+                b.norm2.weight.uniform_(0.5, 2), b.norm2.bias.uniform_(-1, 1)
+        self.kill(list(dead))
+
+    @torch.no_grad()
+    def kill(self, dead: list[int], value: float = 0.5) -> None:
+        self.stem.weight[dead] = 0.0
+        self.stem.bias[dead] = torch.linspace(-value, 2 * value, len(dead)).to(self.stem.bias)
+        for b in self.blocks:
+            for norm in (b.norm, b.norm2):  # the normalized dead channels are their norm's bias: constants
+                norm.weight[dead] = 0.0
+            for layer in (b.mix, b.mlp[2]):
+                layer.weight[dead] = 0.0
+                layer.bias[dead] = 0.0
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x))).mean((2, 3))
+
+
+def _exact_at_other_shapes(model: nn.Module, small: nn.Module, shapes=((2, 3, 6, 6), (5, 3, 6, 6), (3, 3, 9, 5))):
+    for shape in shapes:
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            a, b = model(x), small(x)
+        assert float((a - b).abs().max() / a.abs().max()) <= 1e-9, shape
+
+
+def _stream_params(width: int) -> int:
+    """GroupNormStream's parameters with a stream ``width`` wide (its MLPs keep their 16 hidden units)."""
+    block = 2 * 2 * width + (width * width + width) + (16 * width + 16) + (width * 16 + width)
+    return (width * 27 + width) + 2 * block + (4 * width + 4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_group_group_norm_stream_loses_constant_channels_exactly(method):
+    from conftest import graph_state
+
+    model = GroupNormStream().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    dims = {"x": {0: Dim("b", min=1, max=64), 2: Dim("h", min=2, max=64), 3: Dim("w", min=2, max=64)}}
+    gm = fp.capture(model, (x,), method=method, **({"dynamic_shapes": dims} if method == "export" else {}))
+    before, state = snapshot(model), graph_state(gm)
+    small = fp.minimize(gm)
+    assert snapshot(model) == before and graph_state(gm) == state
+    assert count_params(model) == _stream_params(8) and count_params(small) == _stream_params(5)
+    _exact_at_other_shapes(model, small)  # another batch, and another image size: the positions are counted at run time
+
+
+@pytest.mark.parametrize("removed", [[0.0, 0.0], [1.5, 1.5], [0.3, -2.0, 1.1], [2.0]])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("spatial", [(), (7,), (4, 5), (2, 3, 2)])
+def test_compensated_group_norm_eagerly_and_traced_is_the_full_norm(removed, affine, spatial, monkeypatch):
+    from fxprune.nn import norm as N
+
+    C = 6
+    x = torch.randn(3, C, *spatial, dtype=torch.float64)
+    gone = torch.tensor([0, 2, 5][: len(removed)])
+    x[:, gone] = torch.tensor(removed, dtype=torch.float64).reshape(-1, *(1,) * len(spatial))
+    w, b = (torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64)) if affine else (None, None)
+    keep = torch.ones(C, dtype=torch.bool)
+    keep[gone] = False
+    ref = F.group_norm(x, 1, w, b, 1e-5)[:, keep]
+    c = torch.tensor(removed, dtype=torch.float64)
+    args = (x[:, keep], w[keep] if affine else None, b[keep] if affine else None, 1e-5, C, float(c.sum()), float((c * c).sum()))
+    assert torch.allclose(N.compensated_group_norm(*args), ref, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(N, "_traced", lambda t: True)  # the written-out statistics torch.export and compile see
+    assert torch.allclose(N.compensated_group_norm(*args), ref, rtol=1e-12, atol=1e-12)
+
+
+class _ShapeBranch(GroupNormStream):
+    """The same model with a forward a symbolic trace cannot follow: minimize_module captures it with torch.export,
+    which traces through a compensated norm's forward."""
+
+    def forward(self, x):
+        if x.shape[-1] > 1:
+            x = x * 1.0
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [GroupNormStream, _ShapeBranch])
+def test_minimize_module_compensates_group_norms_and_again_in_a_second_call(cls):
+    model = cls().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    small = fp.minimize_module(model, (x,))
+    assert type(small) is cls and small.stem.weight.shape[0] == 5
+    norm = small.blocks[0].norm
+    assert isinstance(norm, fp.nn.CompensatedGroupNorm) and (norm.kept, norm.full_channels) == (5, 8)
+    _exact_at_other_shapes(model, small)
+    small.kill([0], value=0.3)  # the cycle's next round: one more stream channel dead in the kept model
+    again = fp.minimize_module(small, (x,))
+    assert again.stem.weight.shape[0] == 4 and again.blocks[1].norm2.full_channels == 8
+    _exact_at_other_shapes(small, again)
+
+
+class _OwnGroupNorm(nn.GroupNorm):
+    """timm's ``GroupNorm1``: a one-group norm whose forward calls ``F.group_norm`` itself."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(1, c)
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def test_a_group_norm_class_with_a_forward_of_its_own_keeps_its_channels():
+    from fxprune.interop.module import KeptChannelsWarning
+
+    model = GroupNormStream(norm=_OwnGroupNorm).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with pytest.warns(KeptChannelsWarning, match="blocks.0.norm"):
+        small = fp.minimize_module(model, (x,))
+    assert isinstance(small.blocks[0].norm, _OwnGroupNorm) and small.stem.weight.shape[0] == 8
+    _exact_at_other_shapes(model, small)
+
+
+def test_poolformer_stream_loses_channels_as_its_own_class():
+    """transformers' PoolFormer normalizes its stream with ``PoolFormerGroupNorm`` (``nn.GroupNorm(1, C)``)."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.PoolFormerConfig(num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_encoder_blocks=2, num_labels=4)
+    model = tf.PoolFormerForImageClassification(cfg).double().eval()
+    dead = torch.tensor([2, 9])  # stage 0's stream: zero (the next stage's strided, padded conv reads it)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("poolformer.encoder.patch_embeddings.0.", "poolformer.encoder.block.0.0.output.conv2")) \
+                    or name.startswith("poolformer.encoder.block.0.0.") and name.endswith("norm.weight"):
+                p.index_fill_(0, dead, 0.0)
+    before = snapshot(model)
+    small = fp.minimize_module(model, (torch.randn(2, 3, 32, 32, dtype=torch.float64),))
+    assert snapshot(model) == before and type(small) is type(model)
+    # per dead channel: its stem row (3x7x7 + bias), 2 layer scales, 2 norms' weight and bias, the MLP's conv1
+    # column (64) and conv2 row (64 + bias), the next stage's patch embedding column (32x3x3)
+    assert count_params(model) - count_params(small) == 2 * (3 * 49 + 1 + 2 + 4 + 64 + 65 + 32 * 9)
+    assert isinstance(small.poolformer.encoder.block[0][0].before_norm, fp.nn.CompensatedGroupNorm)
+    for shape in ((2, 3, 32, 32), (3, 3, 40, 24)):
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            a, b = model(x).logits, small(x).logits
+        assert float((a - b).abs().max() / a.abs().max()) <= 1e-9

@@ -189,3 +189,107 @@ def test_a_compensated_rms_norm_keeps_its_offset_and_older_manifests_without_it_
     del manifest["modules"]["norm"]["replacement"]["args"]["offset"]
     (d / "manifest.json").write_text(json.dumps(manifest))
     assert fp.load(d, lambda: _Normed(nn.RMSNorm(6))).norm.offset == 0.0
+
+
+class _OwnForwardNorm(nn.LayerNorm):
+    """A LayerNorm subclass with a forward of its own that reaches ``super().forward``."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class _ChannelsFirstNorm(nn.LayerNorm):
+    """A channels-first norm that calls ``F.layer_norm`` itself (torchvision's ``LayerNorm2d``)."""
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias,
+                                        self.eps).movedim(-1, 1)
+
+
+class _Streams(nn.Module):
+    """Two norms of the user's classes over streams with dead channels: minimize_module keeps their classes and
+    makes them compensated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm, self.mid = nn.Linear(4, 8), _OwnForwardNorm(8), nn.Conv1d(8, 6, 1)
+        self.cf, self.out = _ChannelsFirstNorm(6), nn.Conv1d(6, 3, 1)
+
+    def forward(self, x):  # x: (N, L, 4)
+        h = self.norm(self.inp(x)).transpose(1, 2)
+        return self.out(self.cf(self.mid(h)))
+
+
+def _dead_streams() -> nn.Module:
+    torch.manual_seed(0)
+    net = _Streams().double().eval()
+    with torch.no_grad():
+        for m in (net.norm, net.cf):
+            m.weight.normal_(), m.bias.normal_()
+        net.inp.weight[:3] = 0.0  # the first norm's channels 0-2 hold the constants inp.bias[:3]
+        net.mid.weight[:2] = 0.0  # the second's channels 0-1 hold mid.bias[:2]
+        net.norm.weight[:3] = net.cf.weight[:2] = 0.0  # ...and nothing downstream reads them
+    return net
+
+
+@pytest.fixture(scope="module")
+def compensated_own_classes():
+    net = _dead_streams()
+    small = fp.minimize_module(net, (torch.randn(2, 5, 4, dtype=torch.float64),))
+    assert small.norm.weight.shape == (5,) and small.cf.weight.shape == (4,)  # both norms lost channels
+    assert type(small.norm).__name__ == "_OwnForwardNorm" and isinstance(small.cf, _ChannelsFirstNorm)
+    return net, small
+
+
+def _same_function(a: nn.Module, b: nn.Module) -> None:
+    for shape in ((2, 5, 4), (3, 9, 4)):  # the example's shape and another batch and length
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            ref = a(x)
+            assert float((b(x) - ref).abs().max() / ref.abs().max()) <= 1e-9
+
+
+def test_norms_of_the_users_classes_made_compensated_save_and_load_exactly(compensated_own_classes, tmp_path):
+    net, small = compensated_own_classes
+    d = fp.save(small, tmp_path / "m")
+    back = fp.load(d, lambda: _Streams().double())
+    assert isinstance(back.norm, _OwnForwardNorm) and isinstance(back.cf, _ChannelsFirstNorm)
+    assert (back.norm.full_size, back.cf.full_size) == (8, 6)
+    _same_function(net, back.eval())
+
+
+def test_norms_of_the_users_classes_made_compensated_pickle_and_deepcopy(compensated_own_classes, tmp_path):
+    import copy
+
+    net, small = compensated_own_classes
+    torch.save(small, tmp_path / "m.pt")  # (their class is made at run time: pickle finds the user's by name)
+    for back in (torch.load(tmp_path / "m.pt", weights_only=False), copy.deepcopy(small)):
+        assert type(back.norm) is type(small.norm) and back.cf.removed_sq_sum == small.cf.removed_sq_sum
+        _same_function(net, back)
+
+
+def test_a_manifest_without_a_shrunk_norms_statistics_is_refused(compensated_own_classes, tmp_path):
+    _, small = compensated_own_classes
+    d = fp.save(small, tmp_path / "m")
+    manifest = json.loads((d / "manifest.json").read_text())
+    good = manifest["modules"]["cf"]["compensated"]
+    del manifest["modules"]["cf"]["compensated"]  # as an older fxprune wrote it: loading would change the function
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(fp.LoadError, match="'cf'.*lacks the statistics"):
+        fp.load(d, lambda: _Streams().double())
+    manifest["modules"]["cf"]["compensated"] = good | {"full_size": "6"}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(fp.LoadError, match="'cf'.*compensated norm record"):
+        fp.load(d, lambda: _Streams().double())
+
+
+def test_compensated_group_norms_save_and_load_exactly(tmp_path):
+    from test_norms import GroupNormStream
+
+    model = GroupNormStream().double().eval()
+    small = fp.minimize_module(model, (torch.randn(2, 3, 6, 6, dtype=torch.float64),))
+    back = fp.load(fp.save(small, tmp_path / "m"), lambda: GroupNormStream().double())
+    assert isinstance(back.blocks[1].norm2, fp.nn.CompensatedGroupNorm) and back.stem.weight.shape[0] == 5
+    x = torch.randn(3, 3, 9, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), small(x))

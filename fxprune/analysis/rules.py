@@ -20,7 +20,7 @@ from fxprune.graph.scan import BLOCK_BYTES
 from fxprune.analysis.rule import DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval
 from fxprune.analysis.table import RULES, ByName
 from fxprune.graph.shapes import TensorSpec, node_spec
-from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm, compensated_softmax
+from fxprune.nn.norm import compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_softmax
 
 aten = torch.ops.aten
 
@@ -509,8 +509,10 @@ class Norm(Rule):
 
     A layer_norm or rms_norm tolerates removing channels of its first normalized dim that hold known constants:
     its rewrite turns it into :func:`~fxprune.nn.compensated_layer_norm` (or the RMS one), which keeps the
-    statistics of everything it normalized. group_norm tolerates removing whole groups (a group's statistics are
-    its own). native_group_norm tolerates nothing."""
+    statistics of everything it normalized. A group_norm with one group does too (constant channels, the same at
+    every position: :func:`~fxprune.nn.compensated_group_norm`, which counts the positions at run time); one with
+    several groups tolerates removing whole groups (a group's statistics are its own). native_group_norm
+    tolerates nothing."""
 
     _LAYER = (aten.layer_norm.default, F.layer_norm)
     _RMS = (aten.rms_norm.default, getattr(F, "rms_norm", None))
@@ -531,7 +533,9 @@ class Norm(Rule):
 
     def compensable(self, op: Op) -> bool:
         """A layer/RMS norm whose first normalized dim holds the channels; any further normalized dims (LayerNorm
-        over ``[C, L]``) are static and kept whole."""
+        over ``[C, L]``) are static and kept whole. A group norm with one group (over dim 1 and every position)."""
+        if op.target in self._GROUP:
+            return op.arg(1, "num_groups") == 1
         if op.target not in self._LAYER + self._RMS:
             return False
         x, nd, _, _ = self.operands(op)
@@ -544,6 +548,9 @@ class Norm(Rule):
         ``s1``, sum of squares ``s2``) are gone from normalized dims of ``full`` entries in all (``new`` maps
         operands to the new graph); ``affine=False``: without weight and bias."""
         x, w = op.arg(0, "input"), op.arg(2, "weight") if affine else None
+        if op.target in self._GROUP:  # (full: the channels; s1, s2: the removed constants at one position)
+            b = op.arg(3, "bias") if affine else None
+            return compensated_group_norm, (new(x), new(w), new(b), op.arg(4, "eps", 1e-5), full, s1, s2)
         if op.target in self._RMS:
             return compensated_rms_norm, (new(x), new(w), op.arg(3, "eps"), full, s2, ndim)
         b = op.arg(3, "bias") if affine else None
@@ -595,7 +602,7 @@ class Norm(Rule):
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         x, nd, w, b = self.operands(op)
-        if op.target in self._GROUP:
+        if op.target in self._GROUP and not self.compensable(op):
             return nan_eval(op, fx)  # a group whose inputs are all constant normalizes to constants
         if op.target in (aten.native_layer_norm.default, aten.native_group_norm.default) or len(nd) != 1:
             return None
@@ -622,7 +629,7 @@ class Norm(Rule):
         return rest * float(c.sum()), rest * float((c * c).sum()), math.prod(shape[d] for d in nd)
 
     def rewrite(self, op: Op, rw: Rewrite) -> None:
-        if op.target in self._GROUP:
+        if op.target in self._GROUP and not self.compensable(op):
             G = op.arg(1, "num_groups")
             kept = rw.kept(op.arg(0, "input"), 1)
             if not bool(kept.all()):
@@ -645,11 +652,13 @@ class Norm(Rule):
 
 
 class CompensatedNorm(Norm):
-    """:func:`~fxprune.nn.compensated_layer_norm` / ``compensated_rms_norm``: removing more constant channels
-    adds their constants to the removed sums; the full width stays."""
+    """:func:`~fxprune.nn.compensated_layer_norm` / ``compensated_group_norm`` / ``compensated_rms_norm``: removing
+    more constant channels adds their constants to the removed sums; the full width stays."""
 
     def operands(self, op: Op) -> tuple[Node, list[int], Any, Any]:
         x = op.arg(0, "input")
+        if op.target is compensated_group_norm:
+            return x, [1], op.arg(1, "weight"), op.arg(2, "bias")
         r = len(node_spec(x).shape)
         nd = list(range(r - op.arg(5 if op.target is compensated_rms_norm else 7, "ndim", 1), r))
         if op.target is compensated_rms_norm:
@@ -1464,7 +1473,7 @@ register(Linear(), F.linear, aten.linear, aten.addmm.default)
 register(Conv(), F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution.default)
 register(Embedding(), F.embedding, aten.embedding)
 register(BatchNorm(), F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
-register(CompensatedNorm(), compensated_layer_norm, compensated_rms_norm)
+register(CompensatedNorm(), compensated_layer_norm, compensated_group_norm, compensated_rms_norm)
 register(Norm(), F.layer_norm, F.group_norm, aten.layer_norm, aten.native_layer_norm, aten.group_norm,
          aten.native_group_norm, aten.rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
 register(TupleGetItem(), operator.getitem)

@@ -26,7 +26,7 @@ from fxprune.errors import CaptureError, EquivalenceError, InputError, Unsupport
 from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture, unwrapped
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
 from fxprune.graph.masks import unmasked
-from fxprune.nn.norm import compensated_layer_norm, compensated_rms_norm
+from fxprune.nn.norm import compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_subclass
 
 __all__ = ["minimize_module", "cache_off", "eval_capture", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME",
            "BY_NAME_SUFFIX"]
@@ -526,7 +526,9 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
                 shrunk.setdefault(n.rpartition(".")[0], []).extend(
                     (names, d, int(a)) for d, (a, b) in enumerate(zip(old.shape, new.shape)) if a != b and a > 1)
     changed |= _created_biases(small, out)
-    compensated = _compensated_norms(small, out)  # norms made compensated now, from the graph's arguments
+    # norms made compensated now, from the graph's arguments (group norms of a class that calls the norm itself:
+    # stale, their channels stay)
+    compensated, own_forward = _compensated_norms(small, out)
     changed |= compensated
     # attention modules whose heads narrowed get their head width and count first (GPT-2's updater reads them)
     narrowed = {p for p, m in out.named_modules() if any(c.startswith(p + ".") for c in changed)
@@ -535,14 +537,15 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     # containers whose forward reads their children's sizes (attention head counts) are updated after them
     changed |= {p for p, m in out.named_modules() if type(m).__name__ in BY_CLASS_NAME and
                 any(c.startswith(p + ".") for c in changed)}
-    stale = []
+    stale = sorted(own_forward)
     groups = _graph_groups(small)
     for path in sorted(changed, key=lambda p: -p.count(".")):
-        if path in compensated:
+        if path in compensated or path in own_forward:
             continue
         m = out.get_submodule(path)
         update = _updater(m)
-        if hasattr(m, "full_size") and hasattr(m, "removed_sq_sum"):  # a norm fxprune compensated before
+        if hasattr(m, "removed_sq_sum") and (hasattr(m, "full_size") or hasattr(m, "full_channels")):
+            # a norm fxprune compensated before
             if not _recompensate(model, out, path, small.meta.get(KEPT_KEY, {}), inputs):
                 stale.append(path)
         elif update is not None:
@@ -618,7 +621,10 @@ def _removed_constants(model: nn.Module, path: str, idx: torch.Tensor, inputs: t
     finally:
         handle.remove()
     x = seen[0]
-    dim = -1 if x.shape[-1] == full else 1 if x.dim() > 2 and x.shape[1] == full else None
+    if hasattr(orig, "full_channels"):  # a compensated group norm: its channels are dim 1
+        dim = 1 if x.dim() > 1 and x.shape[1] == full else None
+    else:
+        dim = -1 if x.shape[-1] == full else 1 if x.dim() > 2 and x.shape[1] == full else None
     if dim is None:
         raise UnsupportedError(f"no dim of the input of '{path}' ({tuple(x.shape)}) holds its {full} channels")
     values = x.movedim(dim, -1).reshape(-1, full)[:, removed].to(torch.float64)
@@ -710,47 +716,6 @@ def _created_biases(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
     return done
 
 
-class _CompensatedLayerNormBase(nn.LayerNorm):
-    """``nn.LayerNorm`` whose forward is :func:`~fxprune.nn.norm.compensated_layer_norm` (statistics of the full
-    stream): the base a LayerNorm subclass with its own forward reaches through ``super().forward``."""
-
-    full_size: int
-    removed_sum: float
-    removed_sq_sum: float
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return compensated_layer_norm(input, self.weight, self.bias, self.eps, self.full_size, self.removed_sum,
-                                      self.removed_sq_sum)
-
-
-torch.fx.wrap("compensated_layer_norm")  # (one call in a symbolic trace of a model holding such a norm, as in
-#  fxprune.nn.norm: a symbolic trace cannot iterate over the input's shape)
-
-def _channels_first(self: nn.LayerNorm, input: torch.Tensor) -> torch.Tensor:
-    """The forward of a channels-first norm's compensated class: the norm over dim 1 (N, C, *spatial)."""
-    return _CompensatedLayerNormBase.forward(self, input.movedim(1, -1)).movedim(-1, 1)
-
-
-_COMPENSATED_SUBCLASSES: dict[tuple[type, bool], type] = {}
-
-
-def _compensated_subclass(cls: type, channels_first: bool = False) -> type:
-    """``cls`` (a LayerNorm subclass) with :class:`_CompensatedLayerNormBase` after it in the MRO: its own forward
-    runs, and its ``super().forward`` is the compensated one. ``isinstance(m, cls)`` still holds. A class that is
-    one already (a norm an earlier call compensated, met again in a symbolic trace) is its own. ``channels_first``:
-    for a class whose forward normalizes dim 1 without reaching ``super().forward`` (torchvision's
-    ``LayerNorm2d`` calls ``F.layer_norm`` itself; :func:`_channels_first_only`), the forward is the compensated
-    norm over dim 1 instead."""
-    if issubclass(cls, _CompensatedLayerNormBase):
-        return cls
-    if (cls, channels_first) not in _COMPENSATED_SUBCLASSES:
-        body = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-        forward = {"forward": _channels_first} if channels_first else {}
-        _COMPENSATED_SUBCLASSES[cls, channels_first] = type(cls.__name__, (cls, _CompensatedLayerNormBase),
-                                                            body | forward)
-    return _COMPENSATED_SUBCLASSES[cls, channels_first]
-
-
 @torch.no_grad()
 def _channels_first_only(norm: nn.LayerNorm) -> bool:
     """Whether ``norm`` (a LayerNorm subclass with a forward of its own) never reaches ``super().forward`` and is a
@@ -763,7 +728,7 @@ def _channels_first_only(norm: nn.LayerNorm) -> bool:
     norm = copy.deepcopy(norm)  # (its weight may be the kept one already: its sizes follow)
     norm.normalized_shape = (size,)
     probe = copy.deepcopy(norm)
-    probe.__class__ = _compensated_subclass(type(norm))
+    probe.__class__ = compensated_subclass(type(norm))
     probe.full_size, probe.removed_sum, probe.removed_sq_sum = size + 1, 1.0, 4.0
     for form in (x, x.movedim(1, -1)):
         try:
@@ -779,18 +744,35 @@ def _channels_first_only(norm: nn.LayerNorm) -> bool:
     return out.shape == ref.shape and bool(torch.allclose(out, ref, rtol=1e-5, atol=1e-6))
 
 
-def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
-    """Norms minimize turned into compensated ones (stream channels removed): replaced by the modules."""
-    from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm
+def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set[str], set[str]]:
+    """Norms minimize turned into compensated ones (stream channels removed): replaced by the modules. Returns
+    those, and the group norms whose class has a forward of its own (it calls the norm itself: their channels
+    must stay)."""
+    from fxprune.nn.norm import CompensatedGroupNorm, CompensatedLayerNorm, CompensatedRMSNorm
 
-    done = set()
+    done, own_forward = set(), set()
     for n in small.graph.nodes:
-        if n.target not in (compensated_layer_norm, compensated_rms_norm):
+        if n.target not in (compensated_layer_norm, compensated_rms_norm, compensated_group_norm):
             continue
         path = _module_path(n)
         if path is None:
             raise UnsupportedError(f"minimize compensated a norm ({n.name}) that no module of the model is")
         args = list(n.args)
+        if n.target is compensated_group_norm:
+            old = out.get_submodule(path)
+            if not (type(old) is CompensatedGroupNorm  # (one made by an earlier call: a symbolic trace keeps its call)
+                    or isinstance(old, nn.GroupNorm) and type(old).forward is nn.GroupNorm.forward):
+                own_forward.add(path)
+                continue
+            w, b = (get_attr(small, a.target) if a is not None else None for a in args[1:3])
+            new = CompensatedGroupNorm(n.meta["val"].shape[1], args[4], args[3], args[5], args[6], affine=w is not None,
+                                       dtype=w.dtype if w is not None else None)
+            for name, t, src in (("weight", w, old.weight), ("bias", b, old.bias)):
+                if t is not None:
+                    setattr(new, name, nn.Parameter(t.detach().clone(), requires_grad=src.requires_grad))
+            setattr(*attr_owner(out, path), new)
+            done.add(path)
+            continue
         ndim = args[7 if n.target is compensated_layer_norm else 5] if len(args) > (7 if n.target is compensated_layer_norm else 5) else 1
         if ndim != 1:
             raise UnsupportedError(f"the norm at '{path}' normalizes over {ndim} dims: no module form of its compensation yet")
@@ -802,7 +784,7 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
             # view): the module keeps its class, and the LayerNorm its forward reaches becomes the compensated one
             # (or, for a norm over dim 1 that calls F.layer_norm itself, its forward the compensated norm over dim 1)
             b = get_attr(small, args[2].target) if args[2] is not None else None
-            old.__class__ = _compensated_subclass(type(old), _channels_first_only(old))
+            old.__class__ = compensated_subclass(type(old), _channels_first_only(old))
             old.full_size, old.removed_sum, old.removed_sq_sum = int(args[4]), float(args[5]), float(args[6])
             old.eps, old.normalized_shape = float(args[3]), tuple(w.shape)
             old.weight = nn.Parameter(w.detach().clone(), requires_grad=old.weight.requires_grad)
@@ -824,4 +806,4 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
         parent, leaf = attr_owner(out, path)
         setattr(parent, leaf, new)
         done.add(path)
-    return done
+    return done, own_forward

@@ -2,7 +2,9 @@
 
 ``save(module, directory)`` writes ``model.safetensors`` (every parameter and buffer; tied tensors once) and
 ``manifest.json``: per module its class, the shapes of its tensors, the size attributes its forward reads and,
-where fxprune replaced a norm, the replacement and its arguments; the SHA-256 of the weights file.
+where fxprune replaced a norm, the replacement and its arguments, and where it made a norm of the user's own class
+compensated (a LayerNorm subclass with a forward of its own), the statistics that class now carries; the SHA-256 of
+the weights file.
 ``load(directory, build)`` calls ``build()`` (the original architecture, e.g. ``lambda: GPT2LMHeadModel(config)``),
 makes its modules the recorded shapes, and loads the weights. Nothing is unpickled: safetensors holds raw tensors,
 the manifest is JSON, and only fxprune's own norm classes can be instantiated from it.
@@ -24,7 +26,7 @@ from torch import nn
 
 from fxprune.errors import InputError, LoadError
 from fxprune.interop import shards
-from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm
+from fxprune.nn.norm import CompensatedGroupNorm, CompensatedLayerNorm, CompensatedRMSNorm, compensated_subclass
 from fxprune.graph.rebuild import attr_owner, named_tensors
 
 __all__ = ["save", "load", "write_module", "file_sha256", "FORMAT", "SHARD_BYTES"]
@@ -37,7 +39,10 @@ WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
 _REPLACEMENTS: dict[str, tuple[type, tuple[str, ...]]] = {
     "CompensatedLayerNorm": (CompensatedLayerNorm, ("kept", "full_size", "eps", "removed_sum", "removed_sq_sum")),
     "CompensatedRMSNorm": (CompensatedRMSNorm, ("kept", "full_size", "eps", "removed_sq_sum", "offset")),
+    "CompensatedGroupNorm": (CompensatedGroupNorm, ("kept", "full_channels", "eps", "removed_sum", "removed_sq_sum")),
 }
+# what a LayerNorm subclass of the user's that fxprune made compensated carries (its class stays the user's)
+_COMPENSATED = ("full_size", "removed_sum", "removed_sq_sum")
 _OPTIONAL = {"offset"}  # replacement arguments a manifest may lack (added since format 2 was written)
 _SIZES = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "num_embeddings",
           "embedding_dim", "normalized_shape", "num_channels", "nf", "split_size", "embed_dim", "num_heads",
@@ -105,6 +110,9 @@ def write_module(module: nn.Module, directory: str | os.PathLike, fetch: Callabl
         if type(m).__name__ in _REPLACEMENTS and type(m).__module__.startswith("fxprune."):
             _, fields = _REPLACEMENTS[type(m).__name__]
             entry["replacement"] = {"class": type(m).__name__, "args": {f: getattr(m, f) for f in fields}}
+        if hasattr(type(m), "_fxprune_compensates"):  # the user's norm class, made compensated (keeps its name)
+            entry["compensated"] = {"channels_first": type(m)._fxprune_compensates[1]} | {
+                f: getattr(m, f) for f in _COMPENSATED}
         modules[path] = entry
     groups: list[list[str]] = [[]]
     size = 0
@@ -128,6 +136,29 @@ def write_module(module: nn.Module, directory: str | os.PathLike, fetch: Callabl
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
     return out
+
+
+def _compensate(m: nn.Module, path: str, entry: dict[str, Any]) -> None:
+    """Make ``m`` (built by the user's code) the compensated norm the manifest records for it. A LayerNorm whose
+    normalized width shrank without that record (a file written before fxprune recorded it) cannot be rebuilt
+    exactly: :class:`LoadError`."""
+    rec = entry.get("compensated")
+    if rec is None:
+        shape = entry["sizes"].get("normalized_shape")
+        if isinstance(m, nn.LayerNorm) and shape is not None and tuple(shape) != tuple(m.normalized_shape):
+            raise LoadError(f"module '{path}' is a LayerNorm whose width shrank from {tuple(m.normalized_shape)} to "
+                            f"{tuple(shape)} but the manifest lacks the statistics of its removed channels (a file "
+                            "written before fxprune recorded them): loading it would change what the model computes; save the "
+                            "minimized model again with this fxprune")
+        return
+    ok = (isinstance(m, nn.LayerNorm) and isinstance(rec, dict) and set(rec) == {"channels_first", *_COMPENSATED}
+          and isinstance(rec["channels_first"], bool) and type(rec["full_size"]) is int
+          and all(isinstance(rec[f], (int, float)) and not isinstance(rec[f], bool) for f in _COMPENSATED[1:]))
+    if not ok:
+        raise LoadError(f"module '{path}': the manifest's compensated norm record {rec!r} does not fit a "
+                        f"{type(m).__name__} (a LayerNorm with full_size, removed_sum, removed_sq_sum)")
+    m.__class__ = compensated_subclass(type(m), rec["channels_first"])
+    m.full_size, m.removed_sum, m.removed_sq_sum = rec["full_size"], float(rec["removed_sum"]), float(rec["removed_sq_sum"])
 
 
 def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Module:
@@ -175,6 +206,8 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
         elif _qualname(m) != entry["class"]:
             raise LoadError(f"module '{path}' is a {_qualname(m)} in build()'s model, a {entry['class']} in the "
                             "manifest: a different architecture")
+        else:
+            _compensate(m, path, entry)
         for name, spec in entry["tensors"].items():
             if name not in m._parameters and name not in m._buffers and not (name == "bias" and hasattr(m, "bias")):
                 raise LoadError(f"module '{path}' has no tensor '{name}' in build()'s model: a different architecture")

@@ -1,4 +1,5 @@
-"""LayerNorm and RMSNorm over the kept channels of a stream, with the statistics of the whole original stream.
+"""LayerNorm, RMSNorm and one-group GroupNorm over the kept channels of a stream, with the statistics of the whole
+original stream.
 
 When channels of a normalized stream are removed, plain slicing is wrong: the mean and variance are then
 taken over fewer channels. If the removed channels held known constants ``c`` (zero, usually), the full
@@ -8,7 +9,9 @@ statistics are still computable from the kept channels ``x_K``::
     var  = (sum_K (x - mean)^2 + sum_R (c - mean)^2) / D
          = (sum_K (x - mean)^2 + S2 - 2 mean S1 + n_R mean^2) / D        (S1 = sum_R c, S2 = sum_R c^2)
 
-with ``D`` the original width and ``n_R = D - |K|``. The functions are plain torch code, so torch.export
+with ``D`` the original width and ``n_R = D - |K|``. A GroupNorm with one group normalizes over the channels and
+every position; a removed channel holds its constant at every position, so the same sums per position, times the
+number of positions (read off the input at run time), give its statistics. The functions are plain torch code, so torch.export
 traces them into ATen ops; :func:`torch.fx.wrap` keeps them one call under symbolic tracing.
 
 Run eagerly (no tracer recording), :func:`compensated_layer_norm` computes the same function as the norm
@@ -29,7 +32,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-__all__ = ["compensated_layer_norm", "compensated_rms_norm", "compensated_softmax", "CompensatedLayerNorm", "CompensatedRMSNorm"]
+__all__ = ["compensated_layer_norm", "compensated_group_norm", "compensated_rms_norm", "compensated_softmax",
+           "CompensatedLayerNorm", "CompensatedGroupNorm", "CompensatedRMSNorm"]
 
 
 def compensated_layer_norm(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -70,16 +74,10 @@ def _layer_norm_eagerly(input: torch.Tensor, weight: torch.Tensor | None, bias: 
     n = full_size - kept
     if n == 0:
         return F.layer_norm(input, input.shape[-ndim:], weight, bias, eps)
-    mean = removed_sum / n
-    spread = math.sqrt(max(removed_sq_sum / n - mean * mean, 0.0))
-    if spread == 0.0 or n == 1:  # all alike (zeros, usually): one value
-        full = F.pad(flat, (0, n), value=mean)
-    else:  # n values with that sum and sum of squares: the mean (n odd), then pairs mean + d, mean - d
-        odd = n % 2
-        d = spread * math.sqrt(n / (n - odd))
-        values = flat.new_full((n,), mean)
-        values[odd::2] += d
-        values[odd + 1::2] -= d
+    values = _removed_values(n, removed_sum, removed_sq_sum, flat)
+    if isinstance(values, float):  # all alike: one value
+        full = F.pad(flat, (0, n), value=values)
+    else:
         full = torch.cat([flat, values.expand(*flat.shape[:-1], n)], -1)
     normed = F.layer_norm(full, (full_size,), None, None, eps)[..., :kept]
     if ndim != 1:
@@ -89,6 +87,64 @@ def _layer_norm_eagerly(input: torch.Tensor, weight: torch.Tensor | None, bias: 
     if weight is not None:
         return normed * weight
     return normed + bias if bias is not None else normed.contiguous()
+
+
+def compensated_group_norm(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                           full_channels: int, removed_sum: float = 0.0, removed_sq_sum: float = 0.0) -> torch.Tensor:
+    """GroupNorm with one group (``nn.GroupNorm(1, C)``: statistics over the channels and every position of
+    ``input``, shaped (N, C, *spatial)) as if ``full_channels`` minus C removed channels were still there, each
+    holding one constant at every position; per position their constants sum to ``removed_sum``, their squares to
+    ``removed_sq_sum``. The number of positions is read off ``input``, so any spatial size gives the original's
+    statistics. The affine is per channel, as GroupNorm's."""
+    kept = input.shape[1]
+    shape = (kept,) + (1,) * (input.dim() - 2)
+    if not _traced(input):  # one F.group_norm over the channels put back (as _layer_norm_eagerly does)
+        n = full_channels - kept
+        full = input
+        if n:
+            values = _removed_values(n, removed_sum, removed_sq_sum, input)
+            values = input.new_full((n,), values) if isinstance(values, float) else values
+            full = torch.cat([input, values.reshape(1, n, *(1,) * (input.dim() - 2)).expand(
+                input.shape[0], n, *input.shape[2:])], 1)
+        normed = F.group_norm(full, 1, None, None, eps)[:, :kept]
+        if weight is not None and bias is not None:
+            return torch.addcmul(bias.reshape(shape), normed, weight.reshape(shape))
+        if weight is not None:
+            return normed * weight.reshape(shape)
+        return normed + bias.reshape(shape) if bias is not None else normed.contiguous()
+    # per channel its mean and variance over the positions, then over the channels (the law of total variance:
+    # within the channels plus between them). A removed channel's mean over any number of positions is its
+    # constant and its variance zero, so fxprune's analysis can remove more channels from this form too.
+    spatial = tuple(range(2, input.dim()))
+    per_channel = (lambda t: t.mean(spatial, keepdim=True)) if spatial else (lambda t: t)
+    mu = per_channel(input)
+    mean = (mu.sum(1, keepdim=True) + removed_sum) / full_channels
+    within = per_channel((input - mu) * (input - mu))
+    removed_var = removed_sq_sum - 2.0 * removed_sum * mean + (full_channels - kept) * mean * mean
+    var = ((within + (mu - mean) * (mu - mean)).sum(1, keepdim=True) + removed_var) / full_channels
+    centered = input - mean
+    out = centered * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+def _removed_values(n: int, removed_sum: float, removed_sq_sum: float, like: torch.Tensor) -> float | torch.Tensor:
+    """``n > 0`` values with sum ``removed_sum`` and sum of squares ``removed_sq_sum`` (their statistics are all a
+    norm reads of the removed entries): their one value where all are alike (zeros, usually), else a tensor like
+    ``like`` of the mean (``n`` odd), then pairs mean + d, mean - d."""
+    mean = removed_sum / n
+    spread = math.sqrt(max(removed_sq_sum / n - mean * mean, 0.0))
+    if spread == 0.0 or n == 1:
+        return mean
+    odd = n % 2
+    d = spread * math.sqrt(n / (n - odd))
+    values = like.new_full((n,), mean)
+    values[odd::2] += d
+    values[odd + 1::2] -= d
+    return values
 
 
 def compensated_rms_norm(input: torch.Tensor, weight: torch.Tensor | None, eps: float | None, full_size: int,
@@ -117,6 +173,7 @@ def compensated_softmax(input: torch.Tensor, dim: int, removed_lse: float, log: 
 
 torch.fx.wrap("compensated_layer_norm")
 torch.fx.wrap("compensated_rms_norm")
+torch.fx.wrap("compensated_group_norm")
 torch.fx.wrap("compensated_softmax")
 
 
@@ -194,6 +251,70 @@ class CompensatedLayerNorm(nn.Module):
                 f"removed_sq_sum={self.removed_sq_sum!r}, eps={self.eps!r}")
 
 
+class CompensatedGroupNorm(nn.Module):
+    """``nn.GroupNorm(1, C)`` over the kept channels of a stream whose other ``full_channels - kept`` channels
+    were removed while holding known constants (one per channel, the same at every position). With nothing
+    removed it is ``nn.GroupNorm(1, kept)``.
+
+    >>> import torch
+    >>> gn = torch.nn.GroupNorm(1, 6).double()
+    >>> x = torch.randn(2, 6, 5, 5, dtype=torch.float64); x[:, 4:] = 0.0      # channels 4, 5 are always zero
+    >>> keep = torch.tensor([True] * 4 + [False] * 2)
+    >>> small = CompensatedGroupNorm.from_group_norm(gn).shrink(keep)
+    >>> small
+    CompensatedGroupNorm(4, full_channels=6, removed_sum=0.0, removed_sq_sum=0.0, eps=1e-05)
+    >>> torch.allclose(small(x[:, :4, :3]), gn(x[:, :, :3])[:, :4], rtol=1e-12, atol=1e-12)   # at any size
+    True
+    """
+
+    def __init__(self, kept: int, full_channels: int | None = None, eps: float = 1e-5, removed_sum: float = 0.0,
+                 removed_sq_sum: float = 0.0, affine: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        full_channels = kept if full_channels is None else full_channels
+        if not 0 < kept <= full_channels:
+            raise ValueError(f"need 0 < kept <= full_channels, got kept={kept}, full_channels={full_channels}")
+        self.kept, self.full_channels, self.eps = int(kept), int(full_channels), float(eps)
+        self.removed_sum, self.removed_sq_sum = float(removed_sum), float(removed_sq_sum)
+        self.weight = nn.Parameter(torch.ones(kept, device=device, dtype=dtype)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(kept, device=device, dtype=dtype)) if affine else None
+
+    @classmethod
+    def from_group_norm(cls, gn: nn.GroupNorm) -> "CompensatedGroupNorm":
+        """The equivalent module of an ``nn.GroupNorm`` with one group (parameters copied)."""
+        if gn.num_groups != 1:
+            raise ValueError(f"only GroupNorm with one group can be compensated, got num_groups={gn.num_groups}")
+        return cls._copy(gn, gn.num_channels, gn.num_channels, gn.eps, 0.0, 0.0)
+
+    @classmethod
+    def _copy(cls, src: nn.Module, kept: int, full: int, eps: float, s1: float, s2: float,
+              keep: torch.Tensor | None = None) -> "CompensatedGroupNorm":
+        w, b = getattr(src, "weight", None), getattr(src, "bias", None)
+        out = cls(kept, full, eps, s1, s2, affine=w is not None)
+        with torch.no_grad():
+            for name, p in (("weight", w), ("bias", b)):
+                if p is not None:
+                    setattr(out, name, nn.Parameter(p.detach()[keep].clone() if keep is not None else p.detach().clone(),
+                                                    requires_grad=p.requires_grad))
+        return out
+
+    def shrink(self, keep: torch.Tensor, removed_values: torch.Tensor | None = None) -> "CompensatedGroupNorm":
+        """A new module over the channels where ``keep`` is True; the others are known to hold
+        ``removed_values`` (zeros by default) at every position of every input."""
+        c = _constants(keep, self.kept, removed_values)
+        return self._copy(self, int(torch.as_tensor(keep).sum()), self.full_channels, self.eps,
+                          self.removed_sum + float(c.sum()), self.removed_sq_sum + float((c * c).sum()),
+                          torch.as_tensor(keep, dtype=torch.bool))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return compensated_group_norm(input, self.weight, self.bias, self.eps, self.full_channels, self.removed_sum,
+                                      self.removed_sq_sum)
+
+    def extra_repr(self) -> str:
+        return (f"{self.kept}, full_channels={self.full_channels}, removed_sum={self.removed_sum!r}, "
+                f"removed_sq_sum={self.removed_sq_sum!r}, eps={self.eps!r}")
+
+
 class CompensatedRMSNorm(nn.Module):
     """RMSNorm of the kept channels with the mean square of the full original stream (see
     :class:`CompensatedLayerNorm`)."""
@@ -238,3 +359,54 @@ class CompensatedRMSNorm(nn.Module):
     def extra_repr(self) -> str:
         offset = f", offset={self.offset!r}" if self.offset else ""
         return f"{self.kept}, full_size={self.full_size}, removed_sq_sum={self.removed_sq_sum!r}, eps={self.eps!r}{offset}"
+
+
+class _CompensatedLayerNormBase(nn.LayerNorm):
+    """``nn.LayerNorm`` whose forward is :func:`compensated_layer_norm` (statistics of the full stream): the base a
+    LayerNorm subclass with its own forward reaches through ``super().forward`` (:func:`compensated_subclass`)."""
+
+    full_size: int
+    removed_sum: float
+    removed_sq_sum: float
+    _fxprune_compensates: tuple[type, bool]  # (the user's class, channels_first), set on each subclass
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return compensated_layer_norm(input, self.weight, self.bias, self.eps, self.full_size, self.removed_sum,
+                                      self.removed_sq_sum)
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # the subclass is made at run time and named as the user's class, so pickle cannot find it by name: it
+        # pickles as the user's class (found by name) and is made compensated again when unpickled
+        return _compensated_instance, type(self)._fxprune_compensates, self.__getstate__()
+
+
+def _channels_first(self: nn.LayerNorm, input: torch.Tensor) -> torch.Tensor:
+    """The forward of a channels-first norm's compensated class: the norm over dim 1 (N, C, *spatial)."""
+    return _CompensatedLayerNormBase.forward(self, input.movedim(1, -1)).movedim(-1, 1)
+
+
+_COMPENSATED_SUBCLASSES: dict[tuple[type, bool], type] = {}
+
+
+def compensated_subclass(cls: type, channels_first: bool = False) -> type:
+    """``cls`` (a LayerNorm subclass with a forward of its own) with :class:`_CompensatedLayerNormBase` after it in
+    the MRO: its own forward runs, and its ``super().forward`` is the compensated one. ``isinstance(m, cls)`` still
+    holds; an instance needs ``full_size``, ``removed_sum`` and ``removed_sq_sum``. A class that is one already (a
+    norm an earlier call compensated, met again) is its own. ``channels_first``: for a class whose forward
+    normalizes dim 1 without reaching ``super().forward`` (torchvision's ``LayerNorm2d`` calls ``F.layer_norm``
+    itself), the forward is the compensated norm over dim 1 instead. Instances pickle, deep-copy, and go through
+    ``fp.save``/``fp.load`` as compensated norms."""
+    if issubclass(cls, _CompensatedLayerNormBase):
+        return cls
+    if (cls, channels_first) not in _COMPENSATED_SUBCLASSES:
+        body = {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                "_fxprune_compensates": (cls, channels_first)}
+        forward = {"forward": _channels_first} if channels_first else {}
+        _COMPENSATED_SUBCLASSES[cls, channels_first] = type(cls.__name__, (cls, _CompensatedLayerNormBase),
+                                                            body | forward)
+    return _COMPENSATED_SUBCLASSES[cls, channels_first]
+
+
+def _compensated_instance(cls: type, channels_first: bool) -> nn.Module:
+    """An empty instance of ``cls``'s compensated subclass, for pickle to fill (:meth:`_CompensatedLayerNormBase.__reduce_ex__`)."""
+    return object.__new__(compensated_subclass(cls, channels_first))

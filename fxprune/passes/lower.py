@@ -19,7 +19,8 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxprune.analysis.rules import legacy_softmax_dim
 from fxprune.graph.rebuild import GraphCopy, graph_module
-from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
+from fxprune.nn.norm import (CompensatedGroupNorm, CompensatedLayerNorm, CompensatedRMSNorm, compensated_group_norm,
+                             compensated_layer_norm, compensated_rms_norm)
 
 __all__ = ["lower_modules", "LOWERINGS"]
 
@@ -116,6 +117,11 @@ if hasattr(nn, "RMSNorm"):
 @lowering(CompensatedLayerNorm, fn=compensated_layer_norm)
 def _cln(m: CompensatedLayerNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
     return (x, p("weight"), p("bias"), m.eps, m.full_size, m.removed_sum, m.removed_sq_sum), {}
+
+
+@lowering(CompensatedGroupNorm, fn=compensated_group_norm)
+def _cgn(m: CompensatedGroupNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x, p("weight"), p("bias"), m.eps, m.full_channels, m.removed_sum, m.removed_sq_sum), {}
 
 
 @lowering(CompensatedRMSNorm, fn=compensated_rms_norm)
