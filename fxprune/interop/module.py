@@ -351,9 +351,9 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
                                    "the graph, which is right") from e
         keep.update(more)
     if keep:
-        whole = sorted({k.rpartition('.')[0] for k in keep if ":" not in k})
-        dims = sorted(k for k in keep if ":" in k and k.rpartition('.')[0] not in whole)  # "layer.weight:0"
-        what = ", ".join(([f"every channel of {', '.join(whole)}"] if whole else [])
+        modules = sorted({k.rpartition('.')[0] for k in keep if ":" not in k})  # (whole: the head dims, below)
+        dims = sorted(k for k in keep if ":" in k and k.rpartition('.')[0] not in modules)  # "layer.weight:0"
+        what = ", ".join(([f"every channel of {', '.join(modules)}"] if modules else [])
                          + ([f"the channels of {', '.join(dims)} (tensor:dim) and those tied to them"] if dims else []))
         why = ("their forward (or their caller's) reads sizes fxprune cannot update in eager code"
                if any(r != SHARED_REASON for r in keep.values()) else "")
