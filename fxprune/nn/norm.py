@@ -190,6 +190,17 @@ def _constants(keep: torch.Tensor, size: int, removed_values: torch.Tensor | Non
     return values
 
 
+def _take_affine(out: nn.Module, src: nn.Module, keep: torch.Tensor | None) -> nn.Module:
+    """``out`` with copies of ``src``'s weight and bias (those it has): the entries ``keep`` selects, or all."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            p = getattr(src, name, None)
+            if p is not None:
+                setattr(out, name, nn.Parameter(p.detach()[keep].clone() if keep is not None else p.detach().clone(),
+                                                requires_grad=p.requires_grad))
+    return out
+
+
 class CompensatedLayerNorm(nn.Module):
     """LayerNorm of the kept channels of a stream whose other ``full_size - kept`` channels were removed while
     holding known constants. With nothing removed it is ``nn.LayerNorm(kept)``.
@@ -228,13 +239,7 @@ class CompensatedLayerNorm(nn.Module):
     def _copy(cls, src: nn.Module, kept: int, full: int, eps: float, s1: float, s2: float,
               keep: torch.Tensor | None = None) -> "CompensatedLayerNorm":
         w, b = getattr(src, "weight", None), getattr(src, "bias", None)
-        out = cls(kept, full, eps, s1, s2, elementwise_affine=w is not None, bias=b is not None)
-        with torch.no_grad():
-            for name, p in (("weight", w), ("bias", b)):
-                if p is not None:
-                    setattr(out, name, nn.Parameter(p.detach()[keep].clone() if keep is not None else p.detach().clone(),
-                                                    requires_grad=p.requires_grad))
-        return out
+        return _take_affine(cls(kept, full, eps, s1, s2, elementwise_affine=w is not None, bias=b is not None), src, keep)
 
     def shrink(self, keep: torch.Tensor, removed_values: torch.Tensor | None = None) -> "CompensatedLayerNorm":
         """A new module over the channels where ``keep`` is True; the others are known to hold
@@ -289,14 +294,7 @@ class CompensatedGroupNorm(nn.Module):
     @classmethod
     def _copy(cls, src: nn.Module, kept: int, full: int, eps: float, s1: float, s2: float,
               keep: torch.Tensor | None = None) -> "CompensatedGroupNorm":
-        w, b = getattr(src, "weight", None), getattr(src, "bias", None)
-        out = cls(kept, full, eps, s1, s2, affine=w is not None)
-        with torch.no_grad():
-            for name, p in (("weight", w), ("bias", b)):
-                if p is not None:
-                    setattr(out, name, nn.Parameter(p.detach()[keep].clone() if keep is not None else p.detach().clone(),
-                                                    requires_grad=p.requires_grad))
-        return out
+        return _take_affine(cls(kept, full, eps, s1, s2, affine=getattr(src, "weight", None) is not None), src, keep)
 
     def shrink(self, keep: torch.Tensor, removed_values: torch.Tensor | None = None) -> "CompensatedGroupNorm":
         """A new module over the channels where ``keep`` is True; the others are known to hold
