@@ -481,3 +481,34 @@ def test_poolformer_stream_loses_channels_as_its_own_class():
         with torch.no_grad():
             a, b = model(x).logits, small(x).logits
         assert float((a - b).abs().max() / a.abs().max()) <= 1e-9
+
+
+class _GroupNorms(nn.Module):
+    """A one-group GroupNorm as a module and as a call, and one with two groups (left as it is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.one, self.two = nn.Conv2d(3, 4, 1), nn.GroupNorm(1, 4), nn.GroupNorm(2, 4)
+
+    def forward(self, x):
+        return self.two(F.group_norm(self.one(self.conv(x)), 1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compensate_layernorm_makes_one_group_group_norms_compensated(method):
+    from conftest import graph_state
+    from fxprune.nn import compensated_group_norm
+
+    model = _GroupNorms().double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    gm = fp.capture(model, (x,), method=method)
+    state = graph_state(gm)
+    comp = fp.compensate_layernorm(gm)
+    assert graph_state(gm) == state
+    calls = [n for n in comp.graph.nodes if n.target is compensated_group_norm]
+    modules = [m for m in comp.modules() if isinstance(m, fp.nn.CompensatedGroupNorm)]
+    assert len(calls) + len(modules) == 2  # (symbolic: the module stays one; export: both are calls)
+    assert any("group_norm" in str(n.target) and n.target is not compensated_group_norm for n in comp.graph.nodes) \
+        or any(type(m) is nn.GroupNorm for m in comp.modules())  # the two-group norm is left
+    with torch.no_grad():
+        assert torch.allclose(comp(x), model(x), rtol=1e-12, atol=1e-12)

@@ -1,11 +1,14 @@
-"""``compensate_layernorm``: LayerNorm / RMSNorm -> their compensated form, computing the same function.
+"""``compensate_layernorm``: LayerNorm / RMSNorm / one-group GroupNorm -> their compensated form, computing the same
+function.
 
 Every one-dim ``nn.LayerNorm`` / ``nn.RMSNorm`` module becomes a :class:`~fxprune.nn.CompensatedLayerNorm` /
-:class:`~fxprune.nn.CompensatedRMSNorm`, and every one-dim ``F.layer_norm`` / ``aten.layer_norm`` (``rms_norm``)
-call becomes :func:`~fxprune.nn.compensated_layer_norm` (``compensated_rms_norm``) with nothing removed yet.
+:class:`~fxprune.nn.CompensatedRMSNorm` (``nn.GroupNorm(1, C)``: :class:`~fxprune.nn.CompensatedGroupNorm`), and
+every one-dim ``F.layer_norm`` / ``aten.layer_norm`` (``rms_norm``, one-group ``group_norm``) call becomes
+:func:`~fxprune.nn.compensated_layer_norm` (``compensated_rms_norm``, ``compensated_group_norm``) with nothing
+removed yet.
 ``minimize`` does this by itself for the norms whose channels it removes; this pass is for pipelines that want
 every norm in the compensated form up front (to fine-tune it, or to hand it to later passes).
-Multi-dim norms and GroupNorm are left as they are.
+Multi-dim norms and GroupNorm with several groups are left as they are.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from fxprune.analysis.table import RULES
 from fxprune.errors import InputError
 from fxprune.graph.capture import EXAMPLE_INPUTS_KEY
 from fxprune.graph.rebuild import GraphCopy, rebuild
-from fxprune.nn.norm import CompensatedLayerNorm, CompensatedRMSNorm, compensated_layer_norm, compensated_rms_norm
+from fxprune.graph.shapes import node_spec
+from fxprune.nn.norm import (CompensatedGroupNorm, CompensatedLayerNorm, CompensatedRMSNorm, compensated_group_norm,
+                             compensated_layer_norm, compensated_rms_norm)
 from fxprune.graph.exported import Program, exported_io
 from fxprune.graph.rebuild import attr_owner
 
@@ -27,6 +32,8 @@ __all__ = ["compensate_layernorm", "uncompensate"]
 def _module_replacement(m: nn.Module) -> nn.Module | None:
     if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1:
         return CompensatedLayerNorm.from_layer_norm(m)
+    if type(m) is nn.GroupNorm and m.num_groups == 1:
+        return CompensatedGroupNorm.from_group_norm(m)
     if hasattr(nn, "RMSNorm") and type(m) is nn.RMSNorm and len(m.normalized_shape) == 1:
         return CompensatedRMSNorm.from_rms_norm(m)
     return None
@@ -34,7 +41,8 @@ def _module_replacement(m: nn.Module) -> nn.Module | None:
 
 @exported_io
 def compensate_layernorm(gm: Program, *, verify: bool = True) -> Program:
-    """A new GraphModule in which every one-dim LayerNorm / RMSNorm is in compensated form (same function).
+    """A new GraphModule in which every one-dim LayerNorm / RMSNorm (one-group GroupNorm) is in compensated form
+    (same function).
 
     With ``verify`` (the default) the result is checked as ``minimize``'s is, against the model ``gm`` was
     captured from, at the example inputs ``fp.capture`` recorded and the other check points of their dynamic
@@ -60,16 +68,24 @@ def compensate_layernorm(gm: Program, *, verify: bool = True) -> Program:
                 swaps[n.target] = repl
             continue
         rule, op = RULES.lookup(n, gm), Op(n, gm)
-        if n.op == "call_function" and type(rule) is Norm and rule.compensable(op) and len(op.arg(1, "normalized_shape")) == 1:
-            new.target, new.args = rule.compensated(op, copy_.arg, op.arg(1, "normalized_shape")[0], 0.0, 0.0, 1)
-            new.kwargs = {}
+        if n.op != "call_function" or type(rule) is not Norm or not rule.compensable(op):
+            continue
+        if op.target in Norm._GROUP:  # one group: the norm over its channels (and every position)
+            full = node_spec(op.arg(0, "input")).shape[1]
+        elif len(op.arg(1, "normalized_shape")) == 1:
+            full = op.arg(1, "normalized_shape")[0]
+        else:
+            continue
+        new.target, new.args = rule.compensated(op, copy_.arg, full, 0.0, 0.0, 1)
+        new.kwargs = {}
     out = rebuild(gm, graph, {})
     for target, module in swaps.items():
         owner, name = attr_owner(out, target)
         owner.add_module(name, module)
     out.recompile()
     inputs = gm.meta.get(EXAMPLE_INPUTS_KEY)
-    if verify and (swaps or any(n.target in (compensated_layer_norm, compensated_rms_norm) for n in graph.nodes)) \
+    if verify and (swaps or any(n.target in (compensated_layer_norm, compensated_group_norm, compensated_rms_norm)
+                                for n in graph.nodes)) \
             and inputs is not None:
         from fxprune.passes.minimize import self_check  # the one end-to-end check every rewrite runs
 
@@ -94,6 +110,9 @@ def uncompensate(gm: GraphModule) -> GraphModule:
         elif n.target is compensated_layer_norm:
             x, w, b, eps = new.args[:4]
             new.args = (x, w, b, eps, n.meta["val"].shape[-1], 0.0, 0.0)
+        elif n.target is compensated_group_norm:
+            x, w, b, eps = new.args[:4]
+            new.args = (x, w, b, eps, n.meta["val"].shape[1], 0.0, 0.0)
         elif n.target is compensated_rms_norm:
             x, w, eps = new.args[:3]
             new.args = (x, w, eps, n.meta["val"].shape[-1], 0.0)
