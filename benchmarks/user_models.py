@@ -8,7 +8,8 @@
 Each model is built at a small size from its class (transformers' ``XConfig`` + ``XFor...``, torchvision's
 builders), random weights, as loaded (the KV cache on). Data is generated: images of 32x32 with a bright quadrant
 per class (4 classes), token sequences that count up by 1 or 2 (a causal LM predicts the next token; T5 writes the
-sequence out again; a sequence classifier tells the step). The loop: AdamW (lr 3e-3), batches of 32, ``.train()``
+sequence out again; a sequence classifier tells the step), 400 samples of a tone per class in noise (Wav2Vec2,
+HuBERT), 16 log-mel bins by 100 frames with a bright band per class (Whisper's encoder). The loop: AdamW (lr 3e-3), batches of 32, ``.train()``
 to train and ``.eval()`` to evaluate, 6 epochs dense and 3 per ``train`` call, 2 cycles with the cycle's defaults
 except ``tolerance=0.05`` (the data is small). Accuracy is read on the first 128 examples (training data: this
 checks the flow, not generalization).
@@ -32,9 +33,13 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> (kind, transformers config class, model class, config kwargs); kind: lm, s2s (an encoder-decoder that
-# writes its input out), cls (sequence classifier), img
+# writes its input out), cls (sequence classifier), img, wav (a waveform classifier), mel (a classifier of
+# log-mel features: Whisper's encoder)
 _LM = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
            max_position_embeddings=64)
+# speech encoders: 400 samples of waveform through two strided convolutions (about 40 frames)
+_AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+              conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
 TRANSFORMERS = {
     "llama": ("lm", "LlamaConfig", "LlamaForCausalLM", dict(_LM, num_key_value_heads=2)),
     "qwen2": ("lm", "Qwen2Config", "Qwen2ForCausalLM", dict(_LM, num_key_value_heads=2)),
@@ -117,6 +122,11 @@ TRANSFORMERS = {
                       focal_windows=[3, 3])),
     "poolformer": ("img", "PoolFormerConfig", "PoolFormerForImageClassification",
                    dict(num_channels=3, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1])),
+    "wav2vec2": ("wav", "Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", dict(_AUDIO)),
+    "hubert": ("wav", "HubertConfig", "HubertForSequenceClassification", dict(_AUDIO)),
+    "whisper": ("mel", "WhisperConfig", "WhisperForAudioClassification",
+                dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                     encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=50)),
     "levit": ("img", "LevitConfig", "LevitForImageClassification",
               dict(image_size=32, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4], depths=[1, 1, 1],
                    key_dim=[8, 8, 8], mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2])),
@@ -135,7 +145,8 @@ def build(name: str):
         import transformers
 
         kind, cfg, cls, kw = TRANSFORMERS[name]
-        labels = {"cls": dict(num_labels=2), "img": dict(num_labels=CLASSES)}.get(kind, {})
+        labels = {"cls": dict(num_labels=2), "img": dict(num_labels=CLASSES), "wav": dict(num_labels=CLASSES),
+                  "mel": dict(num_labels=CLASSES)}.get(kind, {})
         return kind, getattr(transformers, cls)(getattr(transformers, cfg)(**kw, **labels))
     sys.path.insert(0, HERE)
     from torchvision_zoo import stub_meta_registrations
@@ -157,6 +168,17 @@ def data(kind: str):
         for i in range(CLASSES):  # a bright quadrant per class
             x[y == i, :, (i // 2) * 16:(i // 2 + 1) * 16, (i % 2) * 16:(i % 2 + 1) * 16] += 1.0
         return x, y
+    if kind == "wav":  # a tone per class, random phase, in noise
+        y = torch.randint(0, CLASSES, (N,), generator=g)
+        t = torch.arange(400)
+        phase = 6.283 * torch.rand(N, 1, generator=g)
+        return torch.sin(0.05 * 6.283 * (y[:, None] + 1) * t + phase) + 0.5 * torch.randn(N, 400, generator=g), y
+    if kind == "mel":  # a bright band of 4 mel bins per class
+        y = torch.randint(0, CLASSES, (N,), generator=g)
+        x = 0.5 * torch.randn(N, 16, 100, generator=g)
+        for i in range(CLASSES):
+            x[y == i, 4 * i:4 * i + 4] += 1.0
+        return x, y
     step = torch.randint(1, 3, (N, 1), generator=g)
     seqs = (torch.randint(0, 32, (N, 1), generator=g) + step * torch.arange(16)) % 32
     return seqs, (step[:, 0] - 1)
@@ -172,13 +194,15 @@ def run(name: str, structure: str | None = None) -> dict:
     kind, model = build(name)
     x, y = data(kind)
 
+    key = {"wav": "input_values", "mel": "input_features"}.get(kind, "input_ids")  # a classifier's input
+
     def loss(m, idx):
         if kind == "img":
             out = m(x[idx])
             return F.cross_entropy(getattr(out, "logits", out), y[idx])
         if kind in ("lm", "s2s"):
             return m(input_ids=x[idx], labels=x[idx]).loss
-        return m(input_ids=x[idx], labels=y[idx]).loss
+        return m(**{key: x[idx]}, labels=y[idx]).loss
 
     def accuracy(m):
         if kind == "img":
@@ -188,7 +212,7 @@ def run(name: str, structure: str | None = None) -> dict:
             return float((m(input_ids=x[:128]).logits[:, :-1].argmax(-1) == x[:128, 1:]).float().mean())
         if kind == "s2s":  # the decoder, fed the input shifted right, writes the input out
             return float((m(input_ids=x[:128], labels=x[:128]).logits.argmax(-1) == x[:128]).float().mean())
-        return float((m(input_ids=x[:128]).logits.argmax(-1) == y[:128]).float().mean())
+        return float((m(**{key: x[:128]}).logits.argmax(-1) == y[:128]).float().mean())
 
     def train(m, epochs=3):
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
@@ -204,7 +228,7 @@ def run(name: str, structure: str | None = None) -> dict:
         m.eval()
         return accuracy(m)
 
-    example = (x[:8],) if kind == "img" else {"input_ids": x[:8], "labels": (y if kind == "cls" else x)[:8]}
+    example = (x[:8],) if kind == "img" else {key: x[:8], "labels": (x if kind in ("lm", "s2s") else y)[:8]}
     out = dict(model=name, cls=type(model).__name__)
     train(model, 6)
     with warnings.catch_warnings(record=True) as caught:
