@@ -46,6 +46,10 @@ CASES = {
     "batchnorm": (Op(lambda s, x: s.mods[0](x), _bn()), (2, 4, 3, 3), [(1, 1)]),
     "depthwise_conv": (Op(lambda s, x: s.mods[0](x), nn.Conv2d(4, 4, 3, padding=1, groups=4)), (2, 4, 5, 5), [(1, 1)]),
     "maxpool": (Op(lambda s, x: F.max_pool2d(x, 2)), (2, 4, 4, 4), [(1, 1)]),
+    "pad_spatial": (Op(lambda s, x: F.pad(x, (1, 2, 0, 1))), (2, 4, 3, 3), [(0, 0), (1, 1)]),
+    "pad_channels_last": (Op(lambda s, x: F.pad(x, (0, 0, 1, 1))), (2, 3, 5), [(0, 0), (2, 2)]),
+    "pad_reflect": (Op(lambda s, x: F.pad(x, (1, 1, 1, 1), mode="reflect")), (2, 4, 3, 3), [(1, 1)]),
+    "pad_replicate": (Op(lambda s, x: F.pad(x, (2, 0), mode="replicate")), (2, 4, 5), [(1, 1)]),
     "adaptive_avgpool": (Op(lambda s, x: F.adaptive_avg_pool2d(x, 1)), (2, 4, 4, 4), [(1, 1)]),
     "permute": (Op(lambda s, x: x.permute(0, 2, 1)), (2, 3, 5), [(1, 2), (2, 1)]),
     "transpose": (Op(lambda s, x: x.transpose(1, 2)), (2, 3, 5), [(1, 2), (2, 1)]),
@@ -501,3 +505,76 @@ def test_channels_pass_through_in_place_activations_of_an_exported_graph():
     for b in (1, 7):
         xb = torch.randn(b, 4, dtype=torch.float64)
         assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ padding
+class _PaddedConv(nn.Module):
+    """Conv(3 -> 8) -> pad -> Conv(8 -> 4, 3x3): channel 2 is zero, channel 6 the constant 0.7."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode, self.a, self.b = mode, nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 3)
+        with torch.no_grad():
+            self.a.weight[[2, 6]] = 0.0
+            self.a.bias[2], self.a.bias[6] = 0.0, 0.7
+
+    def forward(self, x):
+        return self.b(F.pad(self.a(x), (1, 1, 1, 1), mode=self.mode))
+
+
+def _exact(model, small, shapes):
+    for shape in shapes:
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            a, b = model(x), small(x)
+        assert float((a - b).abs().max() / a.abs().max()) <= 1e-9, shape
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])
+def test_padding_passes_channels_and_keeps_only_the_constants_it_keeps(mode, method):
+    from torch.export import Dim
+
+    model = _PaddedConv(mode).double().eval()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    dims = {"x": {0: Dim("b", max=64), 2: Dim("h", min=3, max=64), 3: Dim("w", min=3, max=64)}}
+    gm = fp.capture(model, (x,), method=method, **({"dynamic_shapes": dims} if method == "export" else {}))
+    before, state = snapshot(model), graph_state(gm)
+    small = fp.minimize(gm)
+    assert snapshot(model) == before and graph_state(gm) == state
+    # a zero fill makes the 0.7 channel hold two values: it stays; reflecting or replicating keeps it constant
+    gone = 1 if mode == "constant" else 2
+    assert sum(p.numel() for p in small.parameters()) == 324 - gone * (4 + 4 * 9)
+    _exact(model, small, [(2, 3, 7, 7), (3, 3, 10, 9)])
+
+
+class _Windows(nn.Module):
+    """Swin's padding: an (N, H, W, C) stream padded in H and W to a multiple of 4, then cut back to H x W by
+    slices whose bounds are read off the input. Stream channels 1 and 5 are dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        with torch.no_grad():
+            for layer in (self.a, self.b):
+                layer.weight[[1, 5]] = 0.0
+                layer.bias[[1, 5]] = 0.0
+
+    def forward(self, x):
+        h = self.a(x)
+        H, W = h.shape[1], h.shape[2]
+        h = F.pad(h, (0, 0, 0, (4 - W % 4) % 4, 0, (4 - H % 4) % 4))
+        h = h + self.b(h)
+        return self.c(h[:, :H, :W]).mean((1, 2))
+
+
+def test_padded_windows_with_dynamic_sizes_keep_their_stream_channels():
+    from torch.export import Dim
+
+    model = _Windows().double().eval()
+    x = torch.randn(2, 5, 6, 3, dtype=torch.float64)
+    gm = fp.capture(model, (x,), method="export", dynamic_shapes={"x": {0: Dim("b", max=64), 1: Dim.AUTO, 2: Dim.AUTO}})
+    small = fp.minimize(gm)
+    # channels 1 and 5: a's rows and bias, b's rows, columns and bias, c's columns
+    assert sum(p.numel() for p in small.parameters()) == 122 - 2 * (3 + 1 + 8 + 6 + 1 + 2)
+    _exact(model, small, [(2, 5, 6, 3), (3, 9, 7, 3), (1, 6, 10, 3)])  # other heights and widths: other pads

@@ -19,7 +19,7 @@ from torch.fx import Node
 from fxprune.graph.scan import BLOCK_BYTES
 from fxprune.analysis.rule import DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval
 from fxprune.analysis.table import RULES, ByName
-from fxprune.graph.shapes import TensorSpec, node_spec
+from fxprune.graph.shapes import TensorSpec, is_dynamic_scalar, node_spec
 from fxprune.nn.norm import compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_softmax
 
 aten = torch.ops.aten
@@ -845,6 +845,49 @@ class Pool(Rule):
         return _zeros_only(out) if _varies(fx.sp, x, range(-self.n, 0)) else out
 
 
+class Pad(Rule):
+    """Padding (``F.pad``, ``aten.pad``, ``constant_pad_nd``, reflection / replication pads): the dims it pads change
+    size and are left unrelated (frozen); a dim it does not pad (a ``(0, 0)`` pair, or no pair) passes through, so
+    the channels of a ``(N, H, W, C)`` tensor padded in H and W (Swin's windows) or of an ``(N, C, H, W)`` one (a
+    "same" convolution's input) are still channels."""
+
+    _CONSTANT = {"constant_pad_nd": 2, "pad": 3}  # the position of the fill value, where there is one
+
+    def pads(self, op: Op) -> list[Any]:
+        """(before, after) per dim from the last backwards, flattened: ints, or the nodes of sizes that vary."""
+        return list(op.arg(1, "padding" if self._name(op).startswith(("reflection", "replication")) else "pad"))
+
+    @staticmethod
+    def _name(op: Op) -> str:
+        t = op.target
+        name = getattr(t, "__name__", str(t))
+        return str(getattr(getattr(t, "overloadpacket", None), "__name__", name))
+
+    def padded(self, op: Op, rank: int) -> set[int]:
+        pads = self.pads(op)
+        return {rank - 1 - i for i in range(len(pads) // 2)
+                if not (type(pads[2 * i]) is int and type(pads[2 * i + 1]) is int and pads[2 * i] == pads[2 * i + 1] == 0)}
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x = op.arg(0, "input")
+        padded = self.padded(op, sp.rank(x))
+        for d in range(sp.rank(x)):
+            if d not in padded:
+                sp.unify(x, d, op.node, d, f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        """A reflection or replication copies a constant channel's constant; a constant fill of 0 keeps only zero
+        channels constant (a channel of another constant then holds two values); another fill, nothing."""
+        mode = op.arg(2, "mode", "constant") if self._name(op) == "pad" else \
+            "constant" if self._name(op) == "constant_pad_nd" else "copies"
+        if mode == "constant":
+            pos = self._CONSTANT[self._name(op)]
+            if (op.arg(pos, "value", None) or 0) != 0:
+                return None
+            return _zeros_only(nan_eval(op, fx, sizes=True))
+        return nan_eval(op, fx, sizes=True)
+
+
 # ---------------------------------------------------------------------------------------------
 class Reshape(Rule):
     """view/reshape/flatten/unflatten/(un)squeeze: dims are matched by products of sizes; a dim split into
@@ -1225,6 +1268,18 @@ class Slice(Rule):
             parts = ([sp.fresh(lo)] if lo else []) + [sp.of(op.node, d)] + ([sp.fresh(n - hi)] if hi < n else [])
             sp.structure_atoms(sp.of(x, d), "sum", parts, why)
 
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        """With a bound read off a dynamic size (Swin's ``x[:, :H, :W]`` after padding): the other dims' facts, as
+        they are (a channel constant at every position is that constant at any of them); none of the sliced dim
+        (which positions it keeps depends on the size)."""
+        if not any(is_dynamic_scalar(a) for a in (*op.node.args, *op.node.kwargs.values())):
+            return super().facts(op, fx)
+        xf = fx.get(op.node.args[0])
+        if xf is None or op.target is aten.select.int:
+            return None
+        d = op.arg(1, "dim", 0) % len(xf)
+        return [_unknown(_shape(fx.sp, op.node)[d]) if e == d else f for e, f in enumerate(xf)]
+
     def rewrite(self, op: Op, rw: Rewrite) -> None:
         if op.target is aten.select.int:
             return
@@ -1491,6 +1546,8 @@ register(Pool(2), F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_
          nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 register(Pool(3), F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, aten.max_pool3d, aten.avg_pool3d,
          aten.adaptive_avg_pool3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d)
+register(Pad(), F.pad, aten.pad, aten.constant_pad_nd, aten.reflection_pad1d, aten.reflection_pad2d,
+         aten.reflection_pad3d, aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d)
 register(Reshape(), aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
          aten.unsqueeze, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
          "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze")
