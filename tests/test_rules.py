@@ -46,6 +46,10 @@ CASES = {
     "batchnorm": (Op(lambda s, x: s.mods[0](x), _bn()), (2, 4, 3, 3), [(1, 1)]),
     "depthwise_conv": (Op(lambda s, x: s.mods[0](x), nn.Conv2d(4, 4, 3, padding=1, groups=4)), (2, 4, 5, 5), [(1, 1)]),
     "maxpool": (Op(lambda s, x: F.max_pool2d(x, 2)), (2, 4, 4, 4), [(1, 1)]),
+    "interpolate_nearest": (Op(lambda s, x: F.interpolate(x, scale_factor=2)), (2, 4, 3, 3), [(0, 0), (1, 1)]),
+    "interpolate_bilinear": (Op(lambda s, x: F.interpolate(x, size=(5, 7), mode="bilinear")), (2, 4, 3, 3), [(1, 1)]),
+    "interpolate_linear": (Op(lambda s, x: F.interpolate(x, size=9, mode="linear")), (2, 4, 5), [(1, 1)]),
+    "dropout_in_place": (Op(lambda s, x: F.dropout(x * 2.0, 0.5, training=False, inplace=True)), (2, 5), [(1, 1)]),
     "pad_spatial": (Op(lambda s, x: F.pad(x, (1, 2, 0, 1))), (2, 4, 3, 3), [(0, 0), (1, 1)]),
     "pad_channels_last": (Op(lambda s, x: F.pad(x, (0, 0, 1, 1))), (2, 3, 5), [(0, 0), (2, 2)]),
     "pad_reflect": (Op(lambda s, x: F.pad(x, (1, 1, 1, 1), mode="reflect")), (2, 4, 3, 3), [(1, 1)]),
@@ -546,6 +550,36 @@ def test_padding_passes_channels_and_keeps_only_the_constants_it_keeps(mode, met
     gone = 1 if mode == "constant" else 2
     assert sum(p.numel() for p in small.parameters()) == 324 - gone * (4 + 4 * 9)
     _exact(model, small, [(2, 3, 7, 7), (3, 3, 10, 9)])
+
+
+class _Upsampled(nn.Module):
+    """Conv(3 -> 8) -> interpolate -> Conv(8 -> 4): channel 2 is zero, channel 6 the constant 0.7."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode, self.a, self.b = mode, nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.a.weight[[2, 6]] = 0.0
+            self.a.bias[2], self.a.bias[6] = 0.0, 0.7
+
+    def forward(self, x):
+        return self.b(F.interpolate(self.a(x), scale_factor=2, mode=self.mode))
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_interpolation_passes_channels_and_their_constants(mode, method):
+    from torch.export import Dim
+
+    model = _Upsampled(mode).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    dims = {"x": {0: Dim("b", max=64), 2: Dim("h", min=2, max=64), 3: Dim("w", min=2, max=64)}}
+    gm = fp.capture(model, (x,), method=method, **({"dynamic_shapes": dims} if method == "export" else {}))
+    small = fp.minimize(gm)
+    # nearest copies the 0.7 channel at any size; bilinear at a size that varies (export) keeps only the zero one
+    gone = 1 if mode == "bilinear" and method == "export" else 2
+    assert sum(p.numel() for p in small.parameters()) == 68 - gone * (3 + 1 + 4)  # a row and bias, b column
+    _exact(model, small, [(2, 3, 5, 5), (3, 3, 8, 6)])
 
 
 class _Windows(nn.Module):

@@ -845,6 +845,27 @@ class Pool(Rule):
         return _zeros_only(out) if _varies(fx.sp, x, range(-self.n, 0)) else out
 
 
+class Resize(Rule):
+    """Interpolation (``F.interpolate``, ``aten.upsample_*``) over the spatial dims after (N, C): batch and channel
+    pass through. Nearest modes copy a constant channel's constant to any size; the interpolating ones weigh it by
+    weights that sum to one, so at sizes that vary only a zero channel is known."""
+
+    nan_eval = True
+    sizes = True  # (the output size may be read off the input)
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x = op.arg(0, "input")
+        for d in range(min(2, sp.rank(x))):
+            sp.unify(x, d, op.node, d, f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        out = nan_eval(op, fx, sizes=True)
+        x = op.arg(0, "input")
+        name = str(getattr(op.target, "__name__", op.target))
+        nearest = "nearest" in name or (name == "interpolate" and op.arg(3, "mode", "nearest") in ("nearest", "nearest-exact"))
+        return out if nearest or not _varies(fx.sp, x, range(2, fx.sp.rank(x))) else _zeros_only(out)
+
+
 class Pad(Rule):
     """Padding (``F.pad``, ``aten.pad``, ``constant_pad_nd``, reflection / replication pads): the dims it pads change
     size and are left unrelated (frozen); a dim it does not pad (a ``(0, 0)`` pair, or no pair) passes through, so
@@ -1522,7 +1543,7 @@ register(Mul(), aten.mul, aten.mul_, torch.mul, "mul", "mul_", operator.mul, ope
 register(IndexSelect(), aten.index_select, torch.index_select, "index_select")
 register(IndexRows(), aten.index.Tensor)
 register(GroupedMM(), ByName("transformers.grouped_mm_fallback.default"))
-register(Dropout(), nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, aten.dropout)
+register(Dropout(), nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, aten.dropout, aten.dropout_)
 register(StochasticDepth(), ByName("torchvision.ops.stochastic_depth.stochastic_depth"))
 register(Linear(), F.linear, aten.linear, aten.addmm.default)
 register(Conv(), F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution.default)
@@ -1546,6 +1567,10 @@ register(Pool(2), F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_
          nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 register(Pool(3), F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, aten.max_pool3d, aten.avg_pool3d,
          aten.adaptive_avg_pool3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d)
+register(Resize(), F.interpolate, aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
+         aten._upsample_nearest_exact1d, aten._upsample_nearest_exact2d, aten._upsample_nearest_exact3d,
+         aten.upsample_linear1d, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d,
+         aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa)
 register(Pad(), F.pad, aten.pad, aten.constant_pad_nd, aten.reflection_pad1d, aten.reflection_pad2d,
          aten.reflection_pad3d, aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d)
 register(Reshape(), aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
