@@ -445,15 +445,26 @@ class _OwnGroupNorm(nn.GroupNorm):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def test_a_group_norm_class_with_a_forward_of_its_own_keeps_its_channels():
+class _ScaledGroupNorm(_OwnGroupNorm):
+    """A forward of its own that is not GroupNorm's function."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_a_group_norm_class_with_a_forward_of_its_own_is_compensated_where_it_computes_group_norm():
     from fxprune.interop.module import KeptChannelsWarning
 
-    model = GroupNormStream(norm=_OwnGroupNorm).double().eval()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    model = GroupNormStream(norm=_OwnGroupNorm).double().eval()
+    small = fp.minimize_module(model, (x,))  # its forward is GroupNorm's function (a probe says so)
+    assert isinstance(small.blocks[0].norm, fp.nn.CompensatedGroupNorm) and small.stem.weight.shape[0] == 5
+    _exact_at_other_shapes(model, small)
+    model = GroupNormStream(norm=_ScaledGroupNorm).double().eval()
     with pytest.warns(KeptChannelsWarning, match="blocks.0.norm") as got:
         small = fp.minimize_module(model, (x,))
     assert not any("heads" in str(w.message) for w in got)  # (it has none: no warning about them)
-    assert isinstance(small.blocks[0].norm, _OwnGroupNorm) and small.stem.weight.shape[0] == 8
+    assert isinstance(small.blocks[0].norm, _ScaledGroupNorm) and small.stem.weight.shape[0] == 8
     _exact_at_other_shapes(model, small)
 
 

@@ -744,10 +744,29 @@ def _channels_first_only(norm: nn.LayerNorm) -> bool:
     return out.shape == ref.shape and bool(torch.allclose(out, ref, rtol=1e-5, atol=1e-6))
 
 
+@torch.no_grad()
+def _a_group_norm(norm: nn.GroupNorm) -> bool:
+    """Whether ``norm`` computes ``nn.GroupNorm``'s function: its forward is GroupNorm's, or one of its own (timm's
+    ``GroupNorm1`` calls ``F.group_norm`` itself) gives the same on a probe. Then a ``CompensatedGroupNorm`` can
+    stand in for it."""
+    if type(norm).forward is nn.GroupNorm.forward:
+        return True
+    w = norm.weight
+    if w is None:
+        return False
+    x = torch.randn(2, w.shape[0], 3, 4, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    try:
+        got = norm(x)
+    except Exception:  # noqa: BLE001 (a layout this norm does not take)
+        return False
+    ref = torch.nn.functional.group_norm(x, norm.num_groups, w, norm.bias, norm.eps)
+    return isinstance(got, torch.Tensor) and got.shape == ref.shape and bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6))
+
+
 def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set[str], set[str]]:
     """Norms minimize turned into compensated ones (stream channels removed): replaced by the modules. Returns
-    those, and the group norms whose class has a forward of its own (it calls the norm itself: their channels
-    must stay)."""
+    those, and the group norms whose class has a forward of its own that computes something else than GroupNorm
+    (their channels must stay)."""
     from fxprune.nn.norm import CompensatedGroupNorm, CompensatedLayerNorm, CompensatedRMSNorm
 
     done, own_forward = set(), set()
@@ -761,7 +780,7 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set
         if n.target is compensated_group_norm:
             old = out.get_submodule(path)
             if not (type(old) is CompensatedGroupNorm  # (one made by an earlier call: a symbolic trace keeps its call)
-                    or isinstance(old, nn.GroupNorm) and type(old).forward is nn.GroupNorm.forward):
+                    or isinstance(old, nn.GroupNorm) and _a_group_norm(old)):
                 own_forward.add(path)
                 continue
             w, b = (get_attr(small, a.target) if a is not None else None for a in args[1:3])
