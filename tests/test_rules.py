@@ -512,18 +512,22 @@ def test_channels_pass_through_in_place_activations_of_an_exported_graph():
 
 
 # ------------------------------------------------------------------------------------------------ padding
-class _PaddedConv(nn.Module):
-    """Conv(3 -> 8) -> pad -> Conv(8 -> 4, 3x3): channel 2 is zero, channel 6 the constant 0.7."""
+class _Around(nn.Module):
+    """Conv(3 -> 8) -> ``between`` -> Conv(8 -> 4, ``k`` x ``k``): channel 2 is zero, channel 6 the constant 0.7."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, between, k: int) -> None:
         super().__init__()
-        self.mode, self.a, self.b = mode, nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 3)
+        self.between, self.a, self.b = between, nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, k)
         with torch.no_grad():
             self.a.weight[[2, 6]] = 0.0
             self.a.bias[2], self.a.bias[6] = 0.0, 0.7
 
     def forward(self, x):
-        return self.b(F.pad(self.a(x), (1, 1, 1, 1), mode=self.mode))
+        return self.b(self.between(self.a(x)))
+
+
+def _padded(mode: str) -> nn.Module:
+    return _Around(lambda h: F.pad(h, (1, 1, 1, 1), mode=mode), 3)
 
 
 def _exact(model, small, shapes):
@@ -539,7 +543,7 @@ def _exact(model, small, shapes):
 def test_padding_passes_channels_and_keeps_only_the_constants_it_keeps(mode, method):
     from torch.export import Dim
 
-    model = _PaddedConv(mode).double().eval()
+    model = _padded(mode).double().eval()
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
     dims = {"x": {0: Dim("b", max=64), 2: Dim("h", min=3, max=64), 3: Dim("w", min=3, max=64)}}
     gm = fp.capture(model, (x,), method=method, **({"dynamic_shapes": dims} if method == "export" else {}))
@@ -552,18 +556,8 @@ def test_padding_passes_channels_and_keeps_only_the_constants_it_keeps(mode, met
     _exact(model, small, [(2, 3, 7, 7), (3, 3, 10, 9)])
 
 
-class _Upsampled(nn.Module):
-    """Conv(3 -> 8) -> interpolate -> Conv(8 -> 4): channel 2 is zero, channel 6 the constant 0.7."""
-
-    def __init__(self, mode: str) -> None:
-        super().__init__()
-        self.mode, self.a, self.b = mode, nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
-        with torch.no_grad():
-            self.a.weight[[2, 6]] = 0.0
-            self.a.bias[2], self.a.bias[6] = 0.0, 0.7
-
-    def forward(self, x):
-        return self.b(F.interpolate(self.a(x), scale_factor=2, mode=self.mode))
+def _upsampled(mode: str) -> nn.Module:
+    return _Around(lambda h: F.interpolate(h, scale_factor=2, mode=mode), 1)
 
 
 @pytest.mark.parametrize("method", ["symbolic", "export"])
@@ -571,7 +565,7 @@ class _Upsampled(nn.Module):
 def test_interpolation_passes_channels_and_their_constants(mode, method):
     from torch.export import Dim
 
-    model = _Upsampled(mode).double().eval()
+    model = _upsampled(mode).double().eval()
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     dims = {"x": {0: Dim("b", max=64), 2: Dim("h", min=2, max=64), 3: Dim("w", min=2, max=64)}}
     gm = fp.capture(model, (x,), method=method, **({"dynamic_shapes": dims} if method == "export" else {}))
