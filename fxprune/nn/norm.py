@@ -11,8 +11,8 @@ statistics are still computable from the kept channels ``x_K``::
 
 with ``D`` the original width and ``n_R = D - |K|``. A GroupNorm with one group normalizes over the channels and
 every position; a removed channel holds its constant at every position, so the same sums per position, times the
-number of positions (read off the input at run time), give its statistics. The functions are plain torch code, so torch.export
-traces them into ATen ops; :func:`torch.fx.wrap` keeps them one call under symbolic tracing.
+number of positions (read off the input at run time), give its statistics. The functions are plain torch code, so
+torch.export traces them into ATen ops; :func:`torch.fx.wrap` keeps them one call under symbolic tracing.
 
 Run eagerly (no tracer recording), :func:`compensated_layer_norm` computes the same function as the norm
 itself: the removed entries are put back as ``n_R`` values with sum ``S1`` and sum of squares ``S2`` (the
