@@ -9,6 +9,7 @@ from torch.export import Dim
 import fxprune as fp
 from test_dynamic import at, logits, planted
 from test_minimize_module import vit_with_a_dead_stream_channel
+from test_norms import poolformer_with_dead_stream_channels
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
@@ -71,22 +72,7 @@ def test_onnx_runtime_runs_the_minimized_program_with_dynamic_axes(tmp_path):
         assert close(model, xi, out), (b, t)
 
 
-def test_the_users_class_minimize_module_returns_exports_to_executorch_and_onnx(tmp_path):
-    """What a user deploys after the cycle: their own class, smaller (a ViT with CompensatedLayerNorm modules and
-    narrower heads), exported by themselves with a dynamic batch, lowered to ExecuTorch with XNNPACK and to ONNX."""
-    pytest.importorskip("executorch", reason="executorch is in the dev extra")
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev extra")
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-    from executorch.runtime import Runtime
-
-    from fxprune.nn.norm import CompensatedLayerNorm
-
-    model, x = vit_with_a_dead_stream_channel(torch.float32)
-    small = fp.minimize_module(model, (x,))
-    assert any(isinstance(m, CompensatedLayerNorm) for m in small.modules())
-    assert small.vit.layers[0].attention.head_dim == 15
-
+def _logits_module(m: torch.nn.Module) -> torch.nn.Module:
     class Logits(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
@@ -95,15 +81,48 @@ def test_the_users_class_minimize_module_returns_exports_to_executorch_and_onnx(
         def forward(self, pixel_values):
             return self.m(pixel_values=pixel_values).logits
 
+    return Logits(m).eval()
+
+
+def _executorch_and_onnx(model: torch.nn.Module, small: torch.nn.Module, x: torch.Tensor, tmp_path) -> None:
+    """``small`` exported with a dynamic batch, lowered to ExecuTorch with XNNPACK and to ONNX: both at batch 1 and
+    7 against the eager ``model``."""
+    pytest.importorskip("executorch", reason="executorch is in the dev extra")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev extra")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
     ds = ({0: Dim("batch", min=1, max=16)},)
-    ep = torch.export.export(Logits(small).eval(), (x,), dynamic_shapes=ds, strict=False)
+    ep = torch.export.export(_logits_module(small), (x,), dynamic_shapes=ds, strict=False)
     prog = Runtime.get().load_program(to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
                                       .to_executorch().buffer)
     method = prog.load_method("forward")
-    onnx_program = torch.onnx.export(Logits(small).eval(), (x,), dynamic_shapes=ds, dynamo=True)
+    onnx_program = torch.onnx.export(_logits_module(small), (x,), dynamic_shapes=ds, dynamo=True)
     onnx_program.save(str(tmp_path / "small.onnx"))
     sess = ort.InferenceSession(str(tmp_path / "small.onnx"))
     for b in (1, 7):
         xi = at(x, b)
         assert close(model, xi, method.execute([xi])[0]), b
         assert close(model, xi, torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: xi.numpy()})[0])), b
+
+
+def test_the_users_class_minimize_module_returns_exports_to_executorch_and_onnx(tmp_path):
+    """What a user deploys after the cycle: their own class, smaller (a ViT with CompensatedLayerNorm modules and
+    narrower heads), exported by themselves with a dynamic batch, lowered to ExecuTorch with XNNPACK and to ONNX."""
+    from fxprune.nn.norm import CompensatedLayerNorm
+
+    model, x = vit_with_a_dead_stream_channel(torch.float32)
+    small = fp.minimize_module(model, (x,))
+    assert any(isinstance(m, CompensatedLayerNorm) for m in small.modules())
+    assert small.vit.layers[0].attention.head_dim == 15
+    _executorch_and_onnx(model, small, x, tmp_path)
+
+
+def test_a_poolformer_with_compensated_group_norms_exports_to_executorch_and_onnx(tmp_path):
+    pytest.importorskip("transformers")
+    model = poolformer_with_dead_stream_channels(torch.float32)
+    x = torch.randn(2, 3, 32, 32)
+    small = fp.minimize_module(model, (x,))
+    assert any(isinstance(m, fp.nn.CompensatedGroupNorm) for m in small.modules())
+    _executorch_and_onnx(model, small, x, tmp_path)

@@ -468,18 +468,25 @@ def test_a_group_norm_class_with_a_forward_of_its_own_is_compensated_where_it_co
     _exact_at_other_shapes(model, small)
 
 
-def test_poolformer_stream_loses_channels_as_its_own_class():
-    """transformers' PoolFormer normalizes its stream with ``PoolFormerGroupNorm`` (``nn.GroupNorm(1, C)``)."""
-    tf = pytest.importorskip("transformers")
+def poolformer_with_dead_stream_channels(dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A tiny transformers PoolFormer (its stream normalized by ``PoolFormerGroupNorm``, ``nn.GroupNorm(1, C)``) whose
+    stage-0 stream channels 2 and 9 are zero (the next stage's strided, padded conv reads them)."""
+    import transformers as tf
+
     torch.manual_seed(0)
     cfg = tf.PoolFormerConfig(num_channels=3, hidden_sizes=[16, 32], depths=[1, 1], num_encoder_blocks=2, num_labels=4)
-    model = tf.PoolFormerForImageClassification(cfg).double().eval()
-    dead = torch.tensor([2, 9])  # stage 0's stream: zero (the next stage's strided, padded conv reads it)
+    model = tf.PoolFormerForImageClassification(cfg).to(dtype).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(("poolformer.encoder.patch_embeddings.0.", "poolformer.encoder.block.0.0.output.conv2")) \
                     or name.startswith("poolformer.encoder.block.0.0.") and name.endswith("norm.weight"):
-                p.index_fill_(0, dead, 0.0)
+                p.index_fill_(0, torch.tensor([2, 9]), 0.0)
+    return model
+
+
+def test_poolformer_stream_loses_channels_as_its_own_class():
+    pytest.importorskip("transformers")
+    model = poolformer_with_dead_stream_channels()
     before = snapshot(model)
     small = fp.minimize_module(model, (torch.randn(2, 3, 32, 32, dtype=torch.float64),))
     assert snapshot(model) == before and type(small) is type(model)
