@@ -68,6 +68,13 @@ class Op:
             return self.node.args[i]
         return self.node.kwargs.get(name, default)
 
+    @property
+    def name(self) -> str:
+        """The op's name without its overload or namespace: ``pad`` for ``F.pad`` and ``aten.pad.default``, a tensor
+        method's own name."""
+        t = getattr(self.target, "overloadpacket", self.target)
+        return t if isinstance(t, str) else str(getattr(t, "__name__", t))
+
     def has_arg(self, i: int, name: str) -> bool:
         return i < len(self.node.args) or name in self.node.kwargs
 
@@ -549,8 +556,7 @@ def _operands(op: Op, get: Callable[[Any], Any]) -> tuple[Any, Any]:
 
 def _writes(op: Op) -> bool:
     """Whether the op writes into an operand (``relu_``, ``aten.mul_``, ``inplace=True``, ``ReLU(inplace=True)``)."""
-    t = getattr(op.target, "overloadpacket", op.target)
-    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    name = op.name
     return ((name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv")
             or op.node.kwargs.get("inplace") is True
             or getattr(op.module, "inplace", False) is True)

@@ -706,8 +706,7 @@ class Reduce(Rule):
         out = nan_eval(op, fx)
         if out is None or not _varies(fx.sp, x, red):
             return out
-        name = str(getattr(op.target, "__name__", op.target))
-        if self.mode == "mean" or any(k in name for k in ("amax", "amin")):
+        if self.mode == "mean" or any(k in op.name for k in ("amax", "amin")):
             return out
         return _zeros_only(out) if self.mode in ("sum", "norm") else None
 
@@ -861,8 +860,8 @@ class Resize(Rule):
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         out = nan_eval(op, fx, sizes=True)
         x = op.arg(0, "input")
-        name = str(getattr(op.target, "__name__", op.target))
-        nearest = "nearest" in name or (name == "interpolate" and op.arg(3, "mode", "nearest") in ("nearest", "nearest-exact"))
+        nearest = "nearest" in op.name or (op.name == "interpolate"
+                                           and op.arg(3, "mode", "nearest") in ("nearest", "nearest-exact"))
         return out if nearest or not _varies(fx.sp, x, range(2, fx.sp.rank(x))) else _zeros_only(out)
 
 
@@ -876,13 +875,7 @@ class Pad(Rule):
 
     def pads(self, op: Op) -> list[Any]:
         """(before, after) per dim from the last backwards, flattened: ints, or the nodes of sizes that vary."""
-        return list(op.arg(1, "padding" if self._name(op).startswith(("reflection", "replication")) else "pad"))
-
-    @staticmethod
-    def _name(op: Op) -> str:
-        t = op.target
-        name = getattr(t, "__name__", str(t))
-        return str(getattr(getattr(t, "overloadpacket", None), "__name__", name))
+        return list(op.arg(1, "padding" if op.name.startswith(("reflection", "replication")) else "pad"))
 
     def padded(self, op: Op, rank: int) -> set[int]:
         pads = self.pads(op)
@@ -899,10 +892,10 @@ class Pad(Rule):
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         """A reflection or replication copies a constant channel's constant; a constant fill of 0 keeps only zero
         channels constant (a channel of another constant then holds two values); another fill, nothing."""
-        mode = op.arg(2, "mode", "constant") if self._name(op) == "pad" else \
-            "constant" if self._name(op) == "constant_pad_nd" else "copies"
+        mode = op.arg(2, "mode", "constant") if op.name == "pad" else \
+            "constant" if op.name == "constant_pad_nd" else "copies"
         if mode == "constant":
-            pos = self._CONSTANT[self._name(op)]
+            pos = self._CONSTANT[op.name]
             if (op.arg(pos, "value", None) or 0) != 0:
                 return None
             return _zeros_only(nan_eval(op, fx, sizes=True))
@@ -1099,8 +1092,7 @@ class Permute(Rule):
     nan_eval = True
 
     def perm(self, op: Op, r: int) -> list[int]:
-        name = op.target if isinstance(op.target, str) else getattr(op.target, "__name__", str(op.target))
-        base = str(name).split(".")[0]
+        base = op.name
         args = op.node.args[1:]
         if base in ("transpose", "swapaxes"):
             d0, d1 = args[0] % r, args[1] % r

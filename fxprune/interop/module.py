@@ -526,8 +526,8 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
                 shrunk.setdefault(n.rpartition(".")[0], []).extend(
                     (names, d, int(a)) for d, (a, b) in enumerate(zip(old.shape, new.shape)) if a != b and a > 1)
     changed |= _created_biases(small, out)
-    # norms made compensated now, from the graph's arguments (group norms of a class that calls the norm itself:
-    # stale, their channels stay)
+    # norms made compensated now, from the graph's arguments (group norms of a class whose own forward computes
+    # something else: stale, their channels stay)
     compensated, own_forward = _compensated_norms(small, out)
     changed |= compensated
     # attention modules whose heads narrowed get their head width and count first (GPT-2's updater reads them)
