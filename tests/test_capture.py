@@ -450,3 +450,30 @@ def test_a_failed_export_does_not_print_its_partial_graph(capfd):
     with pytest.raises(fp.CaptureError, match="data-dependent"):
         fp.capture(_BranchesOnValues(), (torch.randn(4, 6),), method="export")
     assert "def forward(self" not in capfd.readouterr().err
+
+
+class _TokenMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(20, 8), nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, ids):
+        return self.fc2(torch.relu(self.fc1(self.emb(ids))))
+
+
+@pytest.mark.parametrize("dynamic_shapes", ["batch", "every"])
+def test_a_sliced_example_input_is_exported_for_other_sizes(dynamic_shapes):
+    """``ids[:, :-1]`` (the inputs of a next-token loss) is not contiguous: torch.export guarded on its strides and
+    the program refused every other size, so capture failed (and a model that needs export could not be
+    captured at all). Capture exports contiguous copies: the model's function does not depend on strides."""
+    model = _TokenMLP().double().eval()
+    with torch.no_grad():
+        model.fc1.weight[:5] = 0
+        model.fc1.bias[:5] = 0  # 5 dead hidden units
+    ids = torch.randint(0, 20, (4, 11))[:, :-1]
+    assert not ids.is_contiguous()
+    gm = fp.capture(model, (ids,), method="export", dynamic_shapes=dynamic_shapes)
+    small = fp.minimize(gm)
+    assert count_params(model) - count_params(small) == 5 * (8 + 1 + 3)
+    other = torch.randint(0, 20, (3, 10))
+    assert torch.allclose(small(other), model(other), rtol=1e-12, atol=1e-12)

@@ -215,6 +215,26 @@ def static_size_reads(gm: GraphModule) -> bool:
     return False
 
 
+# torch.nn modules that a symbolic trace keeps as one call (torch.nn's modules are its leaves) and torch.export
+# records as the ATen ops they compute: attention's projections, heads and SDPA, the layers' feed-forward units and
+# norms, each of which has channel rules; and convolutions that pad other than with zeros (a pad, then the conv)
+EXPORT_INTO_OPS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                   nn.TransformerDecoder, nn.Transformer)
+
+
+def _export_into_ops(m: nn.Module) -> bool:
+    return isinstance(m, EXPORT_INTO_OPS) or (isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros")
+
+
+def opaque_layers(gm: GraphModule) -> list[str]:
+    """The calls of a symbolic trace to modules of :data:`EXPORT_INTO_OPS` (``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer``...) or to a convolution with ``padding_mode="reflect"`` (or another mode than
+    zeros): one opaque call to the analysis, which would freeze every channel it touches, where torch.export writes
+    out what the module computes."""
+    return [str(n.target) for n in gm.graph.nodes
+            if n.op == "call_module" and _export_into_ops(gm.get_submodule(n.target))]
+
+
 def unwrapped(model: Any) -> Any:
     """The module inside the wrappers that compute its function unchanged: ``torch.compile``'s ``OptimizedModule``
     (``_orig_mod``), ``nn.DataParallel`` and ``DistributedDataParallel`` (``module``), however nested; anything
@@ -440,7 +460,10 @@ def _export_batch(model: nn.Module, inputs: tuple[Any, ...], every: bool = False
 
 def _exported(model: nn.Module, inputs: tuple[Any, ...], dynamic_shapes: Any) -> torch.export.ExportedProgram:
     """``torch.export.export(model, inputs, strict=False)`` without the output that says nothing to fxprune's
-    user (:func:`_quiet_export`)."""
+    user (:func:`_quiet_export`), on contiguous copies of the inputs: torch.export guards on the strides of an
+    example that is not contiguous (a slice such as ``ids[:, :-1]``), and its program then refuses every other
+    size, where the model's function does not depend on strides."""
+    inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.contiguous(), inputs)
     with _quiet_export():
         return torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes, strict=False)
 
@@ -590,9 +613,9 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
             last = traceback.extract_tb(e.__traceback__)[-1]
             failures.append(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno})")
             continue
-        if name == "symbolic" and method == "auto" and "export" in order and static_size_reads(gm):
-            held = gm  # its channels read as sizes would freeze; torch.export records such sizes as numbers
-            continue
+        if name == "symbolic" and method == "auto" and "export" in order and (static_size_reads(gm) or opaque_layers(gm)):
+            held = gm  # its channels read as sizes, or its opaque layers, would freeze; torch.export records such
+            continue  # sizes as numbers and writes those layers out as ATen ops
         break
     else:
         gm, name = held, "symbolic"  # torch.export failed: the symbolic trace after all (None: nothing worked)
