@@ -1163,3 +1163,33 @@ def test_t5_attention_loses_whole_heads_and_head_dims_in_its_class():
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-9
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(t5.generate(ids[:1], **kw), small.generate(ids[:1], **kw))
+
+
+class _RootToken(nn.Module):
+    """A class token held by the model itself, and a forward that reshapes with its own width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.width = 8
+        self.emb, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.token = nn.Parameter(torch.randn(1, 1, 8))
+
+    def forward(self, x):
+        h = torch.cat([self.token.expand(x.shape[0], -1, -1), self.emb(x)], 1)
+        return self.head(h.reshape(-1, self.width)).reshape(x.shape[0], -1, 2)
+
+
+def test_a_kept_tensor_of_the_model_itself_is_named_by_its_class():
+    """The warning named the model's own tensors by their module path, which is empty: "every channel of , emb"
+    (torchvision's ViT: its class token and `hidden_dim`)."""
+    model = _RootToken().double().eval()
+    with torch.no_grad():
+        model.emb.weight[3] = 0
+        model.emb.bias[3] = 0
+        model.token[..., 3] = 0
+    with pytest.warns(fp.interop.module.KeptChannelsWarning) as caught:
+        small = fp.minimize_module(model, (torch.randn(2, 5, 4, dtype=torch.float64),))
+    message = str(caught[0].message)
+    assert "every channel of _RootToken (its own tensors)" in message and " , " not in message and "of ," not in message
+    x = torch.randn(3, 7, 4, dtype=torch.float64)
+    assert torch.allclose(small(x), model(x), rtol=1e-12, atol=1e-12)

@@ -7,6 +7,7 @@
 Both capture levels (symbolic -> functional, export -> ATen) are checked.
 """
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -606,3 +607,174 @@ def test_padded_windows_with_dynamic_sizes_keep_their_stream_channels():
     # channels 1 and 5: a's rows and bias, b's rows, columns and bias, c's columns
     assert sum(p.numel() for p in small.parameters()) == 122 - 2 * (3 + 1 + 8 + 6 + 1 + 2)
     _exact(model, small, [(2, 5, 6, 3), (3, 9, 7, 3), (1, 6, 10, 3)])  # other heights and widths: other pads
+
+
+# ------------------------------------------------------------------------------- per-channel ops, padded convs
+def _per_channel(kind: str) -> nn.Module:
+    """``_Around``'s zero channel 2 and 0.7 channel 6 through a per-channel op, then a 1x1 conv."""
+    between = {"prelu": nn.PReLU(8), "prelu_one": nn.PReLU(), "instance": nn.InstanceNorm2d(8, affine=True),
+               "instance_stats": nn.InstanceNorm2d(8, track_running_stats=True),
+               "instance_bare": nn.InstanceNorm2d(8)}[kind]
+    with torch.no_grad():
+        for t in (between.weight, getattr(between, "bias", None), getattr(between, "running_mean", None)):
+            if t is not None:
+                t.uniform_(-1.0, 1.0)
+        if getattr(between, "running_var", None) is not None:
+            between.running_var.uniform_(0.5, 2.0)
+    return _Around(between, 1)
+
+
+# parameters kept: 76, 69, 84, 68 (+16 running statistics), 68 less each removed channel's a row and bias, b column
+# and its own per-channel entries
+_PER_CHANNEL = {"prelu": (76, 1), "prelu_one": (69, 0), "instance": (84, 2), "instance_stats": (68, 0),
+                "instance_bare": (68, 0)}
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("kind", list(_PER_CHANNEL))
+def test_per_channel_ops_pass_channels_and_their_constants(kind, method):
+    """PReLU's slopes and instance norm's affine follow their channel; a constant channel comes out of instance
+    norm as its bias. A symbolic trace kept those modules as one opaque call (nothing removed)."""
+    from torch.export import Dim
+
+    model = _per_channel(kind).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    dims = {"x": {0: Dim("b", max=64), 2: Dim("h", min=2, max=64), 3: Dim("w", min=2, max=64)}}
+    gm = fp.capture(model, (x,), method=method, **({"dynamic_shapes": dims} if method == "export" else {}))
+    assert not any("no channel rule" in r for g in fp.analyze(gm).groups for r in g.reasons)
+    before, state = snapshot(model), graph_state(gm)
+    small = fp.minimize(gm)
+    assert snapshot(model) == before and graph_state(gm) == state
+    total, own = _PER_CHANNEL[kind]
+    assert sum(p.numel() for p in small.parameters()) == total - 2 * (3 + 1 + 4 + own)
+    _exact(model, small, [(2, 3, 6, 6), (3, 3, 9, 7)] if method == "export" else [(2, 3, 6, 6), (5, 3, 6, 6)])
+
+
+@pytest.mark.parametrize("kind", list(_PER_CHANNEL))
+def test_per_channel_modules_keep_their_class_with_their_new_sizes(kind):
+    model = _per_channel(kind).double().eval()
+    small = fp.minimize_module(model, (torch.randn(2, 3, 6, 6, dtype=torch.float64),))
+    m = small.between
+    assert type(m) is type(model.between)
+    assert (m.num_parameters if kind.startswith("prelu") else m.num_features) == (1 if kind == "prelu_one" else 6)
+    total, own = _PER_CHANNEL[kind]
+    assert sum(p.numel() for p in small.parameters()) == total - 2 * (3 + 1 + 4 + own)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # instance norm warns where num_features differs from its input's channels
+        _exact(model, small, [(2, 3, 6, 6), (3, 3, 9, 7)])
+
+
+def test_a_reflect_padded_convolution_is_exported_and_passes_its_channels():
+    """``padding_mode="reflect"``: a symbolic trace keeps the conv as one opaque call; capture takes torch.export's
+    graph (a reflection pad, then the conv), in which both constant channels go."""
+    model = _Around(nn.Identity(), 3).double().eval()
+    model.b = nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect").double()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    gm = fp.capture(model, (x,))
+    assert gm.meta["fxprune_capture_method"] == "export"
+    small = fp.minimize(gm)
+    assert sum(p.numel() for p in small.parameters()) == 324 - 2 * (4 + 4 * 9)
+    _exact(model, small, [(2, 3, 7, 7), (5, 3, 7, 7)])
+    kept = fp.minimize_module(model, (x,))
+    assert kept.b.in_channels == 6 and kept.b.padding_mode == "reflect"
+    _exact(model, kept, [(2, 3, 7, 7), (3, 3, 10, 9)])
+
+
+class _Upsampler(nn.Module):
+    """conv -> transposed conv -> 1x1 conv: the transposed conv's inputs 0-2 are zero and input 5 reaches nothing;
+    its outputs 0 and 1 are its bias alone."""
+
+    def __init__(self, **geometry: Any) -> None:
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(6, 2, 1)
+        self.up = nn.ConvTranspose2d(8, 6, geometry.pop("kernel_size", 4), **geometry)
+        with torch.no_grad():
+            self.a.weight[:3] = 0
+            self.a.bias[:3] = 0
+            self.up.weight[:, :2] = 0
+            self.up.weight[5] = 0
+
+    def forward(self, x):
+        return self.c(torch.relu(self.up(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("geometry", [dict(stride=2, padding=1), dict(kernel_size=3, stride=2, padding=1, output_padding=1),
+                                      dict(kernel_size=3, dilation=2)], ids=["k4s2", "output_padding", "dilated"])
+def test_a_transposed_conv_loses_inputs_it_never_reads_and_outputs_that_are_its_bias(geometry, method):
+    """A transposed conv was opaque: nothing around it went. Its input channels go where they are zero or its
+    weight slice is; an output channel that only its bias writes is a constant the next conv folds."""
+    model = _Upsampler(**geometry).double().eval()
+    up = model.up
+    k = up.weight[0, 0].numel()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gm = fp.capture(model, (x,), method=method, **({"dynamic_shapes": "every"} if method == "export" else {}))
+    before, state = snapshot(model), graph_state(gm)
+    small = fp.minimize(gm)
+    assert snapshot(model) == before and graph_state(gm) == state
+    # inputs 0, 1, 2, 5 (a's rows and biases, up's weight rows), outputs 0, 1 (up's columns and biases, c's columns)
+    removed = 4 * (27 + 1 + 6 * k) + 2 * (4 * k + 1 + 2)
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in small.parameters()) == removed
+    _exact(model, small, [(2, 3, 8, 8), (3, 3, 11, 7)] if method == "export" else [(2, 3, 8, 8), (5, 3, 8, 8)])
+    kept = fp.minimize_module(model, (x,))
+    assert (kept.up.in_channels, kept.up.out_channels) == (4, 4) and kept.up.output_padding == up.output_padding
+    _exact(model, kept, [(2, 3, 8, 8), (3, 3, 11, 7)])
+
+
+# --------------------------------------------------------------- torch.nn modules a symbolic trace keeps whole
+_PAD_MODULES = {"zero": (nn.ZeroPad2d(1), 1), "constant_0.5": (nn.ConstantPad2d(1, 0.5), 0),
+                "reflect": (nn.ReflectionPad2d(1), 2), "replicate": (nn.ReplicationPad2d(1), 2),
+                "circular": (nn.CircularPad2d(1), 2)}
+
+
+@pytest.mark.parametrize("name", list(_PAD_MODULES))
+def test_padding_modules_pass_channels_like_their_function(name):
+    """``nn.ZeroPad2d``, ``nn.ReflectionPad2d``...: one opaque call in a symbolic trace (nothing around them went);
+    lowered to ``F.pad``, whose rule keeps the constants the mode keeps (a 0.5 fill keeps none)."""
+    module, gone = _PAD_MODULES[name]
+    model = _Around(module, 3).double().eval()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    gm = fp.capture(model, (x,))
+    assert gm.meta["fxprune_capture_method"] == "symbolic"
+    assert not any("no channel rule" in r for g in fp.analyze(gm).groups for r in g.reasons)
+    small = fp.minimize(gm) if gone else gm
+    assert sum(p.numel() for p in small.parameters()) == 324 - gone * (4 + 4 * 9)
+    _exact(model, small, [(2, 3, 7, 7), (5, 3, 7, 7)])
+    kept = fp.minimize_module(model, (x,)) if gone else model
+    assert kept.b.in_channels == 8 - gone
+    _exact(model, kept, [(2, 3, 7, 7), (3, 3, 10, 9)])
+
+
+_UNIT_MODULES = {"upsample_nearest": (nn.Upsample(scale_factor=2), 2, 0),
+                 # (align_corners=True rounds the 0.7 channel to three values: only the zero channel is constant)
+                 "upsample_bilinear": (nn.UpsamplingBilinear2d(scale_factor=2), 1, 0),
+                 "sync_batch_norm": (nn.SyncBatchNorm(8), 2, 2), "log_sigmoid": (nn.LogSigmoid(), 2, 0),
+                 "softsign": (nn.Softsign(), 2, 0), "threshold": (nn.Threshold(0.5, -1.0), 2, 0),
+                 "feature_alpha_dropout": (nn.FeatureAlphaDropout(0.2), 2, 0)}
+
+
+@pytest.mark.parametrize("name", list(_UNIT_MODULES))
+def test_modules_with_a_functional_rule_pass_channels_and_constants(name):
+    """``nn.Upsample``, ``nn.SyncBatchNorm`` in eval mode (a BatchNorm: DDP users convert to it), and elementwise
+    modules that had no rule: each was one opaque call that froze its channels."""
+    module, gone, own = _UNIT_MODULES[name]
+    if isinstance(module, nn.SyncBatchNorm):
+        with torch.no_grad():
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.uniform_(-1.0, 1.0)
+            module.running_mean.uniform_(-1.0, 1.0)
+            module.running_var.uniform_(0.5, 2.0)
+    model = _Around(module, 1).double().eval()
+    total = 68 + 8 * own
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for method in ("symbolic", "export"):
+        gm = fp.capture(model, (x,), method=method)
+        assert not any("no channel rule" in r for g in fp.analyze(gm).groups for r in g.reasons)
+        small = fp.minimize(gm)
+        assert sum(p.numel() for p in small.parameters()) == total - gone * (3 + 1 + 4 + own)
+        _exact(model, small, [(2, 3, 5, 5), (5, 3, 5, 5)])
+    kept = fp.minimize_module(model, (x,))
+    assert sum(p.numel() for p in kept.parameters()) == total - gone * (3 + 1 + 4 + own)
+    if own:
+        assert kept.between.num_features == 8 - gone
+    _exact(model, kept, [(2, 3, 5, 5), (3, 3, 8, 6)])

@@ -376,6 +376,59 @@ class Conv(Rule):
         rw.add_to_bias(op, b, 2, "bias", delta, out_dim=1)
 
 
+class ConvTranspose(Rule):
+    """N-d transposed convolution of one group: the weight is (in, out, *kernel), so input channel i is the
+    weight's dim 0 and output channel o its dim 1 (with the bias). Every input scatters its taps over the output,
+    overlapping and cut at the borders, so a constant input makes no constant output: an input channel goes
+    where its weight slice is zero or it is zero itself, and an output channel is constant (its bias) where every
+    input that reaches it is zero. Grouped ones are frozen."""
+
+    def operands(self, op: Op) -> tuple[Any, Any, Any, Any]:
+        groups = op.arg(6, "groups", 1)
+        return op.arg(0, "input"), op.arg(1, "weight"), op.arg(2, "bias", None), groups
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, w, b, groups = self.operands(op)
+        if groups != 1 or sp.rank(x) != sp.rank(w):
+            return  # grouped or unbatched: frozen by the driver
+        if not _is_param(w):
+            sp.freeze_all(w, f"the weight of {op.describe()} is computed in the forward, not a parameter: cannot slice it")
+            sp.freeze_all(x, f"reads {op.describe()}, whose weight is computed in the forward")
+            sp.freeze_all(op.node, f"written by {op.describe()}, whose weight is computed in the forward")
+            return
+        y = op.node
+        sp.unify(x, 0, y, 0, f"by {op.describe()}")
+        sp.unify(x, 1, w, 0, f"by {op.describe()}")
+        sp.unify(y, 1, w, 1, f"by {op.describe()}")
+        if b is not None:
+            sp.unify(y, 1, b, 0, f"by {op.describe()}")
+
+        def tolerates(fx: Facts) -> torch.Tensor:
+            W = fx.tensor(w)
+            zero_row = (W.reshape(W.shape[0], -1) == 0).all(dim=1)
+            xf = fx.dim(x, 1)
+            return zero_row | (xf.known & (xf.value == 0))
+
+        sp.exit(x, 1, tolerates, op.describe())
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        x, w, b, groups = self.operands(op)
+        W = fx.tensor(w)
+        if W is None or groups != 1 or len(_shape(fx.sp, x)) != W.dim():
+            return None
+        xf = fx.dim(x, 1)
+        silent = xf.known & (xf.value == 0)  # inputs that add nothing anywhere
+        reaches = (W.transpose(0, 1).reshape(W.shape[1], W.shape[0], -1) != 0).any(dim=2)  # [out, in]
+        constant = ~(reaches & ~silent).any(dim=1)
+        value = torch.zeros(W.shape[1], dtype=torch.float64)
+        if b is not None:
+            B = fx.tensor(b)
+            if B is None or B.dim() != 1:
+                return None
+            value = B.to(torch.float64)
+        return _out_facts(op, fx.sp, {1: DimFacts(constant, torch.where(constant, value, 0.0))})
+
+
 def _is_param(v: Any) -> bool:
     """Whether ``v`` is a tensor the rewrite can slice and add to: a parameter or buffer (get_attr), possibly
     permuted (:func:`~fxprune.analysis.rule.is_constant`)."""
@@ -479,6 +532,34 @@ class BatchNorm(Rule):
         _, _, training = self.operands(op)
         if training or op.target is aten._native_batch_norm_legit_no_training.default:
             return None  # (tuple output: the getitem user computes its facts)
+        return nan_eval(op, fx)
+
+
+class PerChannel(Rule):
+    """An op over each channel of dim 1 on its own (dim 0 of a 1-D input), with per-channel parameters at
+    ``params`` (name -> position): ``prelu``'s slopes, instance norm's affine and running statistics. Every dim
+    passes through; a parameter of one entry (one slope for all channels) is read whole. Facts by evaluation:
+    instance norm takes a constant channel of each sample to its bias."""
+
+    def __init__(self, **params: int) -> None:
+        self.params = params
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x = op.arg(0, "input")
+        rank = sp.rank(x)
+        for d in range(rank):
+            sp.unify(x, d, op.node, d, f"by {op.describe()}")
+        c = 1 if rank > 1 else 0
+        for name, i in self.params.items():
+            p = op.arg(i, name)
+            if not isinstance(p, Node):
+                continue
+            if _shape(sp, p)[:1] == _shape(sp, x)[c:c + 1]:
+                sp.unify(x, c, p, 0, f"by {op.describe()}")
+            else:
+                sp.meta_dim(p, 0)
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         return nan_eval(op, fx)
 
 
@@ -1485,11 +1566,13 @@ class Filled(Passive):
 _IN_PLACE_ACTIVATIONS = ["leaky_relu_", "elu_", "hardswish_", "hardsigmoid_", "mish_", "sigmoid_", "tanh_", "clamp_",
                          "clamp_min_", "clamp_max_"]
 _ELEMENTWISE_MODULES = [nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.ReLU6,
-                        nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.SELU, nn.CELU, nn.Tanhshrink]
+                        nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.SELU, nn.CELU, nn.Tanhshrink,
+                        nn.LogSigmoid, nn.Softsign, nn.Threshold]
 _UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "exp", "sqrt", "rsqrt", "erf", "clamp", "hardtanh",
           "leaky_relu", "elu", "hardswish", "hardsigmoid", "mish", "softplus", "clone", "alias", "detach", "detach_", "relu6",
           "log", "sin", "cos", "square", "reciprocal", "sign", "_to_copy", "lift_fresh_copy", "contiguous", "clamp_min",
-          "clamp_max", "pow", "to", "relu_", "silu_", "gelu_", "hardtanh_", "type_as", *_IN_PLACE_ACTIVATIONS]
+          "clamp_max", "pow", "to", "relu_", "silu_", "gelu_", "hardtanh_", "type_as", "selu", "celu", "log_sigmoid",
+          "logsigmoid", "softsign", "threshold", *_IN_PLACE_ACTIVATIONS]
 _BINARY = ["add", "sub", "div", "maximum", "minimum", "where", "rsub", "eq", "ne", "le", "lt", "ge", "gt",
            "__and__", "__or__", "logical_and", "logical_or", "logical_not", "bitwise_not", "add_", "masked_fill"]
 
@@ -1535,15 +1618,21 @@ register(Mul(), aten.mul, aten.mul_, torch.mul, "mul", "mul_", operator.mul, ope
 register(IndexSelect(), aten.index_select, torch.index_select, "index_select")
 register(IndexRows(), aten.index.Tensor)
 register(GroupedMM(), ByName("transformers.grouped_mm_fallback.default"))
-register(Dropout(), nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, aten.dropout, aten.dropout_)
+register(Dropout(), nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+         F.dropout, aten.dropout, aten.dropout_, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout)
 register(StochasticDepth(), ByName("torchvision.ops.stochastic_depth.stochastic_depth"))
 register(Linear(), F.linear, aten.linear, aten.addmm.default)
 register(Conv(), F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution.default)
+register(ConvTranspose(), F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, aten.conv_transpose1d,
+         aten.conv_transpose2d, aten.conv_transpose3d)
 register(Embedding(), F.embedding, aten.embedding)
 register(BatchNorm(), F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 register(CompensatedNorm(), compensated_layer_norm, compensated_group_norm, compensated_rms_norm)
 register(Norm(), F.layer_norm, F.group_norm, aten.layer_norm, aten.native_layer_norm, aten.group_norm,
          aten.native_group_norm, aten.rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
+register(PerChannel(weight=1), aten.prelu, F.prelu, torch.prelu)
+register(PerChannel(weight=1, bias=2, running_mean=3, running_var=4), aten.instance_norm)
+register(PerChannel(running_mean=1, running_var=2, weight=3, bias=4), F.instance_norm)
 register(TupleGetItem(), operator.getitem)
 register(Reduce(), aten.amax, aten.amin, aten.var, aten.std, aten.logsumexp,
          torch.amax, torch.amin, torch.var, torch.std, torch.logsumexp, "amax", "amin", "var", "std")

@@ -48,12 +48,17 @@ def _conv(m: nn.modules.conv._ConvNd) -> None:
     m.in_channels = m.weight.shape[1] * m.groups
 
 
+def _conv_transpose(m: nn.modules.conv._ConvTransposeNd) -> None:
+    """The weight is (in, out / groups, *kernel); only convs of one group lose channels."""
+    m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+
+
 def _norm(m: nn.Module) -> None:
     if getattr(m, "weight", None) is not None:
         m.normalized_shape = tuple(m.weight.shape)
 
 
-def _batch_norm(m: nn.modules.batchnorm._BatchNorm) -> None:
+def _batch_norm(m: nn.Module) -> None:  # (and instance norm: the same attributes)
     m.num_features = (m.weight if m.weight is not None else m.running_mean).shape[0]
 
 
@@ -69,8 +74,11 @@ def _group_norm(m: nn.GroupNorm) -> None:
 # module type -> updates the attributes its forward reads from its (new) tensors
 SIZE_ATTRIBUTES: dict[type, Callable[[Any], None]] = {
     nn.Linear: _linear, nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv, nn.LayerNorm: _norm,
-    nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm, nn.Embedding: _embedding,
-    nn.GroupNorm: _group_norm,
+    nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm, nn.SyncBatchNorm: _batch_norm,
+    nn.Embedding: _embedding,
+    nn.ConvTranspose1d: _conv_transpose, nn.ConvTranspose2d: _conv_transpose, nn.ConvTranspose3d: _conv_transpose,
+    nn.GroupNorm: _group_norm, nn.PReLU: lambda m: setattr(m, "num_parameters", m.weight.shape[0]),
+    **dict.fromkeys((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _batch_norm),
 }
 if hasattr(nn, "RMSNorm"):
     SIZE_ATTRIBUTES[nn.RMSNorm] = _norm
@@ -352,8 +360,9 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         keep.update(more)
     if keep:
         modules = sorted({k.rpartition('.')[0] for k in keep if ":" not in k})  # (whole: the head dims, below)
+        shown = [m or f"{type(model).__name__} (its own tensors)" for m in modules]  # "": the model's parameters
         dims = sorted(k for k in keep if ":" in k and k.rpartition('.')[0] not in modules)  # "layer.weight:0"
-        what = ", ".join(([f"every channel of {', '.join(modules)}"] if modules else [])
+        what = ", ".join(([f"every channel of {', '.join(shown)}"] if modules else [])
                          + ([f"the channels of {', '.join(dims)} (tensor:dim) and those tied to them"] if dims else []))
         why = ("their forward (or their caller's) reads sizes fxprune cannot update in eager code"
                if any(r != SHARED_REASON for r in keep.values()) else "")
@@ -561,6 +570,7 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
                 stale.append(path)
         elif type(m).__module__.split(".")[0] != "fxprune":
             stale.append(path)
+    _count_bare_instance_norms(out, inputs)
     # the module that calls a changed one and keeps an integer attribute that divides the old size of the child's
     # output channels (an attention's ``head_dim`` or ``all_head_size``) may reshape that output with it: those
     # output dims are suspects ("name:dim"), frozen only if the check fails. Input dims are the caller's own input.
@@ -575,6 +585,33 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
             if output and any(size % v == 0 for v in sizes):
                 suspects.extend(f"{n}:{d}" for n in names)
     return out, stale
+
+
+def _count_bare_instance_norms(out: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """``num_features`` of the instance norms that hold no tensor (no affine, no running statistics), whose channels
+    no tensor shows: read off their inputs in one forward of ``out`` at the example (in eval mode, drawing no
+    randomness). Their forward does not use it, but warns at every call where it differs from the input's
+    channels."""
+    bare = {m: p for p, m in out.named_modules() if isinstance(m, nn.modules.instancenorm._InstanceNorm)
+            and m.weight is None and m.running_mean is None}
+    if not bare:
+        return
+    seen: dict[nn.Module, int] = {}
+
+    def enter(m: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        seen.setdefault(m, x.shape[x.dim() - m._get_no_batch_dim()])
+
+    handles = [m.register_forward_pre_hook(enter) for m in bare]
+    try:
+        with torch.no_grad(), eval_modes(out), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the warning this is to silence)
+            out(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for m, channels in seen.items():
+        m.num_features = channels
 
 
 def _is_rms_norm(m: nn.Module) -> bool:

@@ -56,10 +56,63 @@ for _t, _f in ((nn.Conv1d, F.conv1d), (nn.Conv2d, F.conv2d), (nn.Conv3d, F.conv3
     lowering(_t, fn=_f)(_conv)
 
 
+def _conv_transpose(m: nn.modules.conv._ConvTransposeNd, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    # (a call with output_size, which picks the output padding, has two arguments: it is not lowered)
+    return (x, p("weight"), p("bias"), m.stride, m.padding, m.output_padding, m.groups, m.dilation), {}
+
+
+for _t, _f in ((nn.ConvTranspose1d, F.conv_transpose1d), (nn.ConvTranspose2d, F.conv_transpose2d),
+               (nn.ConvTranspose3d, F.conv_transpose3d)):
+    lowering(_t, fn=_f)(_conv_transpose)
+
+
 @lowering(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, fn=F.batch_norm)
 def _bn(m: nn.modules.batchnorm._BatchNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
     training = m.training or m.running_mean is None
     return (x, p("running_mean"), p("running_var"), p("weight"), p("bias"), training, m.momentum or 0.0, m.eps), {}
+
+
+@lowering(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, fn=F.instance_norm)
+def _in(m: nn.modules.instancenorm._InstanceNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict] | None:
+    val = x.meta.get("val")
+    if getattr(val, "ndim", None) != m._get_no_batch_dim() + 1:
+        return None  # an input without a batch dim: the module adds one around the call
+    return (x, p("running_mean"), p("running_var"), p("weight"), p("bias"), m.training or not m.track_running_stats,
+            m.momentum if m.momentum is not None else 0.0, m.eps), {}
+
+
+@lowering(nn.PReLU, fn=F.prelu)
+def _prelu(m: nn.PReLU, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x, p("weight")), {}
+
+
+@lowering(nn.SyncBatchNorm, fn=F.batch_norm)
+def _sync_bn(m: nn.SyncBatchNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict] | None:
+    # in eval mode (running statistics) a BatchNorm; in training mode its statistics are synchronized across the
+    # processes, which no single-process call computes
+    return None if m.training or m.running_mean is None else _bn(m, x, p)
+
+
+@lowering(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, fn=F.interpolate)
+def _upsample(m: nn.Upsample, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    return (x,), dict(size=m.size, scale_factor=m.scale_factor, mode=m.mode, align_corners=m.align_corners,
+                      recompute_scale_factor=m.recompute_scale_factor)
+
+
+_PAD_MODES = {nn.modules.padding._ConstantPadNd: "constant", nn.modules.padding._ReflectionPadNd: "reflect",
+              nn.modules.padding._ReplicationPadNd: "replicate"}
+if hasattr(nn.modules.padding, "_CircularPadNd"):
+    _PAD_MODES[nn.modules.padding._CircularPadNd] = "circular"
+
+
+def _pad(m: nn.Module, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
+    mode = next(v for k, v in _PAD_MODES.items() if isinstance(m, k))
+    return (x, tuple(m.padding), mode, *([m.value] if mode == "constant" else [])), {}
+
+
+for _base in _PAD_MODES:  # every padding module of torch.nn (ZeroPad2d, ReflectionPad1d, ReplicationPad3d...)
+    lowering(*(t for t in vars(nn).values() if isinstance(t, type) and issubclass(t, _base) and t is not _base),
+             fn=F.pad)(_pad)
 
 
 @lowering(nn.LayerNorm, fn=F.layer_norm)
