@@ -8,7 +8,8 @@
 Each model is built at a small size from its class (transformers' ``XConfig`` + ``XFor...``, torchvision's
 builders), random weights, as loaded (the KV cache on). Data is generated: images of 32x32 with a bright quadrant
 per class (4 classes), token sequences that count up by 1 or 2 (a causal LM predicts the next token; T5 writes the
-sequence out again; a sequence classifier tells the step), 400 samples of a tone per class in noise (Wav2Vec2,
+sequence out again; a sequence classifier tells the step; ``torch_lm``, a causal LM of PyTorch's own
+``nn.TransformerEncoder``, is trained by the loop's own next-token loss on ``ids[:, :-1]``), 400 samples of a tone per class in noise (Wav2Vec2,
 HuBERT), 16 log-mel bins by 100 frames with a bright band per class (Whisper's encoder). The loop: AdamW (lr 3e-3), batches of 32, ``.train()``
 to train and ``.eval()`` to evaluate, 6 epochs dense and 3 per ``train`` call, 2 cycles with the cycle's defaults
 except ``tolerance=0.05`` (the data is small). Accuracy is read on the first 128 examples (training data: this
@@ -131,9 +132,12 @@ TRANSFORMERS = {
               dict(image_size=32, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4], depths=[1, 1, 1],
                    key_dim=[8, 8, 8], mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2])),
 }
+# plain PyTorch: a causal LM built on nn.TransformerEncoder (layers of nn.MultiheadAttention) with a causal mask,
+# trained on the token sequences with a next-token loss of the loop's own
+PLAIN = {"torch_lm": "plain_lm"}
 TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf",
                "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "densenet121", "resnext50_32x4d", "convnext_tiny",
-               "swin_t", "googlenet"]
+               "swin_t", "googlenet", "vit_b_16"]
 N, CLASSES = 256, 4
 
 
@@ -141,6 +145,8 @@ def build(name: str):
     import torch
 
     torch.manual_seed(0)
+    if name in PLAIN:
+        return PLAIN[name], torch_lm()
     if name in TRANSFORMERS:
         import transformers
 
@@ -154,8 +160,28 @@ def build(name: str):
     stub_meta_registrations()
     import torchvision
 
-    extra = dict(aux_logits=False, init_weights=True) if name == "googlenet" else {}
+    extra = (dict(aux_logits=False, init_weights=True) if name == "googlenet" else dict(image_size=32)
+             if name.startswith("vit_") else {})
     return "img", getattr(torchvision.models, name)(num_classes=CLASSES, **extra)
+
+
+def torch_lm(d: int = 32, vocab: int = 32):
+    """A causal LM of PyTorch's own modules: ``nn.TransformerEncoder`` (norms first), the mask made in forward."""
+    from torch import nn
+
+    class TorchLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 4, 2 * d, batch_first=True, norm_first=True),
+                                             2, enable_nested_tensor=False)
+            self.head = nn.Linear(d, vocab)
+
+        def forward(self, ids):
+            mask = nn.Transformer.generate_square_subsequent_mask(ids.size(1))
+            return self.head(self.enc(self.emb(ids), mask=mask, is_causal=True))
+
+    return TorchLM()
 
 
 def data(kind: str):
@@ -200,6 +226,8 @@ def run(name: str, structure: str | None = None) -> dict:
         if kind == "img":
             out = m(x[idx])
             return F.cross_entropy(getattr(out, "logits", out), y[idx])
+        if kind == "plain_lm":
+            return F.cross_entropy(m(x[idx, :-1]).flatten(0, 1), x[idx, 1:].flatten())
         if kind in ("lm", "s2s"):
             return m(input_ids=x[idx], labels=x[idx]).loss
         return m(**{key: x[idx]}, labels=y[idx]).loss
@@ -208,6 +236,8 @@ def run(name: str, structure: str | None = None) -> dict:
         if kind == "img":
             out = m(x[:128])
             return float((getattr(out, "logits", out).argmax(-1) == y[:128]).float().mean())
+        if kind == "plain_lm":
+            return float((m(x[:128, :-1]).argmax(-1) == x[:128, 1:]).float().mean())
         if kind == "lm":
             return float((m(input_ids=x[:128]).logits[:, :-1].argmax(-1) == x[:128, 1:]).float().mean())
         if kind == "s2s":  # the decoder, fed the input shifted right, writes the input out
@@ -228,7 +258,8 @@ def run(name: str, structure: str | None = None) -> dict:
         m.eval()
         return accuracy(m)
 
-    example = (x[:8],) if kind == "img" else {key: x[:8], "labels": (x if kind in ("lm", "s2s") else y)[:8]}
+    example = ((x[:8],) if kind == "img" else (x[:8, :-1],) if kind == "plain_lm"
+               else {key: x[:8], "labels": (x if kind in ("lm", "s2s") else y)[:8]})
     out = dict(model=name, cls=type(model).__name__)
     train(model, 6)
     with warnings.catch_warnings(record=True) as caught:
@@ -277,7 +308,7 @@ def main() -> None:
     ap.add_argument("--structure", choices=["auto", "weights", "groups"],
                     help="fp.squeeze_release's structure (default: its own default, auto)")
     a = ap.parse_args()
-    everything = list(TRANSFORMERS) + TORCHVISION
+    everything = list(TRANSFORMERS) + list(PLAIN) + TORCHVISION
     if a.list:
         print("\n".join(everything))
         return
