@@ -778,3 +778,90 @@ def test_modules_with_a_functional_rule_pass_channels_and_constants(name):
     if own:
         assert kept.between.num_features == 8 - gone
     _exact(model, kept, [(2, 3, 5, 5), (3, 3, 8, 6)])
+
+
+# ------------------------------------------------------------------------------------------------ recurrent layers
+class _Recurrent(nn.Module):
+    """Linear(5 -> 8) -> ``cls``(8 -> 6 hidden, batch first) -> Linear(6 -> 3) at every step. Input feature 1 is
+    zero; hidden unit 4 is dead (its candidate gate's rows and biases zero, its state starting at zero); unit 2 is
+    read by nothing (its columns zero in the head, the recurrences and the deeper layers' inputs)."""
+
+    GATES = {nn.LSTM: (4, 2), nn.GRU: (3, 2), nn.RNN: (1, 0)}  # gates, the candidate gate's index
+
+    def __init__(self, cls, layers: int = 1, bidirectional: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Linear(5, 8)
+        self.rnn = cls(8, 6, num_layers=layers, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(6 * (2 if bidirectional else 1), 3)
+        _, c = self.GATES[cls]
+        with torch.no_grad():
+            self.emb.weight[1] = 0
+            self.emb.bias[1] = 0
+            for name, t in self.rnn.named_parameters():
+                t[c * 6 + 4] = 0  # every layer's (and direction's) candidate row of unit 4
+                if name.startswith("weight_hh") or (name.startswith("weight_ih") and not name.startswith("weight_ih_l0")):
+                    t[:, 2] = 0
+            self.head.weight[:, 2] = 0
+
+    def forward(self, x):
+        out, _ = self.rnn(self.emb(x))
+        return self.head(out)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+def test_recurrent_layers_lose_unread_inputs_and_dead_or_unread_hidden_units(cls, layers):
+    """nn.LSTM/GRU/RNN were one opaque call (symbolic) or op (export): nothing around them went. The input feature
+    and both hidden units go, from every layer, in the graph and in the class (``hidden_size``, ``input_size``
+    and the forward's flat weight list updated)."""
+    model = _Recurrent(cls, layers).double().eval()
+    x = torch.randn(2, 7, 5, dtype=torch.float64)
+    before = snapshot(model)
+    gm = fp.capture(model, (x,), dynamic_shapes="every")
+    state = graph_state(gm)
+    small = fp.minimize(gm)
+    assert snapshot(model) == before and graph_state(gm) == state
+    G, _ = _Recurrent.GATES[cls]
+    first = G * 4 * 7 + G * 4 * 4 + 2 * G * 4  # hidden 6 -> 4, input 8 -> 7
+    expected = (5 * 7 + 7) + first + (layers - 1) * (G * 4 * 4 * 2 + 2 * G * 4) + (3 * 4 + 3)
+    assert sum(p.numel() for p in small.parameters()) == expected
+    _exact(model, small, [(2, 7, 5), (5, 7, 5)])  # (torch.export fixes the length of a recurrent layer's input)
+    kept = fp.minimize_module(model, (x,))
+    assert type(kept.rnn) is cls and (kept.rnn.input_size, kept.rnn.hidden_size) == (7, 4)
+    assert sum(p.numel() for p in kept.parameters()) == expected
+    _exact(model, kept, [(2, 7, 5), (3, 11, 5), (1, 2, 5)])
+    kept.train()
+    out = kept(torch.randn(2, 7, 5, dtype=torch.float64))
+    out.sum().backward()  # still trains
+    assert kept.rnn.weight_hh_l0.grad is not None
+
+
+def test_a_bidirectional_layer_keeps_its_hidden_units():
+    """Two directions write one output dim: not covered; the hidden units stay, the unread input feature too."""
+    model = _Recurrent(nn.LSTM, bidirectional=True).double().eval()
+    x = torch.randn(2, 7, 5, dtype=torch.float64)
+    small = fp.minimize(fp.capture(model, (x,)))
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in model.parameters())
+    _exact(model, small, [(2, 7, 5)])
+
+
+class _GivenState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(4, 6, batch_first=True), nn.Linear(6, 2)
+        with torch.no_grad():
+            for t in self.rnn.parameters():
+                t[2 * 6 + 4] = 0  # unit 4's candidate rows: dead only where its state starts at zero
+
+    def forward(self, x, h0):
+        return self.head(self.rnn(x, h0)[0])
+
+
+def test_a_unit_whose_state_the_caller_gives_is_not_dead():
+    model = _GivenState().double().eval()
+    x, h0 = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(1, 2, 6, dtype=torch.float64)
+    gm = fp.capture(model, (x, h0))
+    small = fp.minimize(gm)
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in model.parameters())
+    y = model(x, h0)
+    assert torch.allclose(small(x, h0), y, rtol=1e-12, atol=1e-12) and bool(y.abs().sum() > 0)

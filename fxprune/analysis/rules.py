@@ -535,6 +535,124 @@ class BatchNorm(Rule):
         return nan_eval(op, fx)
 
 
+class Recurrent(Rule):
+    """``aten.lstm`` / ``gru`` / ``rnn_tanh`` / ``rnn_relu`` (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` in an exported graph),
+    one direction, no projection. Each layer's weights are (gates x hidden, in) and (gates x hidden, hidden), its
+    biases (gates x hidden): their rows are a product of the gates (never removed) and the hidden units. The class
+    holds one ``hidden_size`` for every layer, so the hidden units of all layers are one group, with the initial
+    states' last dim and the output's. The input features are each first-layer weight's dim 1 (an exit: a feature
+    goes where it is zero or its column is); a layer's units are read by its own recurrence and the next layer's
+    input weights (exits: a unit goes where those columns are zero or the unit is dead). A unit is dead, its output
+    zero at every step, where the candidate gate's rows and biases are zero and its initial cell (LSTM) or hidden
+    (GRU) state is: the state then stays zero."""
+
+    GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+    CANDIDATE = {"lstm": 2, "gru": 2, "rnn_tanh": 0, "rnn_relu": 0}  # the gate whose zero keeps the state at zero
+
+    def operands(self, op: Op) -> dict[str, Any] | None:
+        kind = op.name
+        x, hx, params = op.arg(0, "input"), op.arg(1, "hx"), op.arg(2, "params")
+        biases, layers, bidirectional, batch_first = op.arg(3, "has_biases"), op.arg(4, "num_layers"), op.arg(7, "bidirectional"), op.arg(8, "batch_first")
+        per = 4 if biases else 2
+        if bidirectional or not isinstance(params, (list, tuple)) or len(params) != per * layers:
+            return None  # two directions, or a projection (weight_hr): frozen by the driver
+        hx = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+        layer = [dict(w_ih=params[per * i], w_hh=params[per * i + 1], b=list(params[per * i + 2:per * i + per]))
+                 for i in range(layers)]
+        return dict(kind=kind, x=x, hx=hx, layers=layer, batch_first=bool(batch_first))
+
+    def outputs(self, op: Op) -> dict[int, Node]:
+        return {u.args[1]: u for u in op.node.users if u.target is operator.getitem}
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        o = self.operands(op)
+        if o is None or not all(_is_param(p) for layer in o["layers"] for p in (layer["w_ih"], layer["w_hh"], *layer["b"])):
+            return
+        x, G = o["x"], self.GATES[o["kind"]]
+        out = self.outputs(op)
+        h = sp.of(o["layers"][0]["w_hh"], 1)
+        batch, time = (0, 1) if o["batch_first"] else (1, 0)
+        for i, layer in enumerate(o["layers"]):
+            sp.unify(layer["w_hh"], 1, o["layers"][0]["w_hh"], 1, f"hidden units of {op.describe()}")
+            gates = sp.fresh(G)
+            sp.atoms.freeze(gates, f"the gates of {op.describe()}")
+            for p in (layer["w_ih"], layer["w_hh"], *layer["b"]):
+                sp.structure_atoms(sp.of(p, 0), "prod", [gates, h], f"gates x hidden units of {op.describe()}")
+            if i == 0:
+                sp.unify(x, -1, layer["w_ih"], 1, f"by {op.describe()}")
+            else:
+                sp.unify(layer["w_ih"], 1, o["layers"][0]["w_hh"], 1, f"hidden units of {op.describe()}")
+        for state in o["hx"]:
+            if isinstance(state, Node):
+                sp.unify(state, 2, o["layers"][0]["w_hh"], 1, f"hidden units of {op.describe()}")
+                sp.unify(state, 1, x, batch, f"by {op.describe()}")
+        if 0 in out:
+            for d in (batch, time):
+                sp.unify(out[0], d, x, d, f"by {op.describe()}")
+            sp.unify(out[0], 2, o["layers"][0]["w_hh"], 1, f"hidden units of {op.describe()}")
+        for k, node in out.items():
+            if k > 0:  # the final states: (layers, batch, hidden)
+                sp.unify(node, 1, x, batch, f"by {op.describe()}")
+                sp.unify(node, 2, o["layers"][0]["w_hh"], 1, f"hidden units of {op.describe()}")
+        dead = self.dead
+
+        def reads(w: Node, first: bool) -> Callable[[Facts], torch.Tensor]:
+            def tolerates(fx: Facts) -> torch.Tensor:
+                W = fx.tensor(w)
+                unread = (W == 0).all(dim=0)
+                if first:
+                    xf = fx.dim(x, -1)
+                    return unread | (xf.known & (xf.value == 0))
+                return unread | dead(op, fx, o)
+            return tolerates
+
+        sp.exit(x, -1, reads(o["layers"][0]["w_ih"], True), op.describe())
+        anchor = o["layers"][0]["w_hh"]  # (the recurrences and the deeper layers' inputs read the hidden units)
+        for i, layer in enumerate(o["layers"]):
+            sp.exit(anchor, 1, reads(layer["w_hh"], False), op.describe())
+            if i > 0:
+                sp.exit(anchor, 1, reads(layer["w_ih"], False), op.describe())
+
+    def dead(self, op: Op, fx: Facts, o: dict[str, Any]) -> torch.Tensor:
+        """Units whose output is zero at every step, in every layer."""
+        c = self.CANDIDATE[o["kind"]]
+        state = o["hx"][1] if o["kind"] == "lstm" else o["hx"][0]  # the state a zero candidate keeps at zero
+        hidden = _shape(fx.sp, o["layers"][0]["w_hh"])[1]
+        if not isinstance(state, Node):
+            return torch.zeros(hidden, dtype=torch.bool)
+        sf = fx.dim(state, 2)
+        out = sf.known & (sf.value == 0)
+        for layer in o["layers"]:
+            Wi, Wh = fx.tensor(layer["w_ih"]), fx.tensor(layer["w_hh"])
+            if Wi is None or Wh is None:
+                return torch.zeros_like(out)
+            H = Wh.shape[1]
+            rows = slice(c * H, (c + 1) * H)
+            zero = (Wi[rows] == 0).all(dim=1) & (Wh[rows] == 0).all(dim=1)
+            bs = [fx.tensor(b) for b in layer["b"]]
+            if any(b is None for b in bs):
+                return torch.zeros_like(out)
+            if bs and o["kind"] == "gru":  # r gates the recurrent bias: each must be zero
+                zero = zero & (bs[0][rows] == 0) & (bs[1][rows] == 0)
+            elif bs:
+                zero = zero & ((bs[0][rows] + bs[1][rows]) == 0)
+            out = out & zero
+        return out
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        o = self.operands(op)
+        out = self.outputs(op)
+        if o is None or 0 not in out:
+            return None
+        dead = self.dead(op, fx, o)
+        shape = _shape(fx.sp, out[0])
+        if not shape or dead.numel() != shape[2]:
+            return None
+        fx.set(out[0], [_unknown(shape[0]), _unknown(shape[1]),
+                        DimFacts(dead, torch.zeros(shape[2], dtype=torch.float64))])
+        return None
+
+
 class PerChannel(Rule):
     """An op over each channel of dim 1 on its own (dim 0 of a 1-D input), with per-channel parameters at
     ``params`` (name -> position): ``prelu``'s slopes, instance norm's affine and running statistics. Every dim
@@ -1630,6 +1748,7 @@ register(BatchNorm(), F.batch_norm, aten.batch_norm.default, aten._native_batch_
 register(CompensatedNorm(), compensated_layer_norm, compensated_group_norm, compensated_rms_norm)
 register(Norm(), F.layer_norm, F.group_norm, aten.layer_norm, aten.native_layer_norm, aten.group_norm,
          aten.native_group_norm, aten.rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
+register(Recurrent(), aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input)
 register(PerChannel(weight=1), aten.prelu, F.prelu, torch.prelu)
 register(PerChannel(weight=1, bias=2, running_mean=3, running_var=4), aten.instance_norm)
 register(PerChannel(running_mean=1, running_var=2, weight=3, bias=4), F.instance_norm)

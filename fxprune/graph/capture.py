@@ -217,9 +217,10 @@ def static_size_reads(gm: GraphModule) -> bool:
 
 # torch.nn modules that a symbolic trace keeps as one call (torch.nn's modules are its leaves) and torch.export
 # records as the ATen ops they compute: attention's projections, heads and SDPA, the layers' feed-forward units and
-# norms, each of which has channel rules; and convolutions that pad other than with zeros (a pad, then the conv)
+# norms, each of which has channel rules; recurrent layers (one op with a rule, where a trace has one call); and
+# convolutions that pad other than with zeros (a pad, then the conv)
 EXPORT_INTO_OPS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
-                   nn.TransformerDecoder, nn.Transformer)
+                   nn.TransformerDecoder, nn.Transformer, nn.LSTM, nn.GRU, nn.RNN)
 
 
 def _export_into_ops(m: nn.Module) -> bool:
@@ -470,12 +471,14 @@ def _exported(model: nn.Module, inputs: tuple[Any, ...], dynamic_shapes: Any) ->
 
 @contextlib.contextmanager
 def _quiet_export() -> Any:
-    """Two things torch.export prints that say nothing to fxprune's user:
+    """Three things torch.export prints that say nothing to fxprune's user:
 
     - a warning for each ``Dim.AUTO`` dim it specializes (an image's one channel: "0/1 specialized"). fxprune
       asks for every dim, and those the model fixes are meant to be specialized;
     - the partial graph of an export that failed, to stderr (hundreds of lines for a transformers model).
-      capture reports the failure in one line, and may go on with another method.
+      capture reports the failure in one line, and may go on with another method;
+    - that ``nn.LSTM``/``GRU``/``RNN`` set their ``_flat_weights`` list during the export (torch's own modules do it
+      on every call; their weights are parameters, which the program holds).
 
     Everything else written to stderr meanwhile is passed on (after the export); other warnings and errors show."""
     logger = logging.getLogger("torch._export.non_strict_utils")
@@ -483,7 +486,8 @@ def _quiet_export() -> Any:
     logger.setLevel(logging.ERROR)
     buf = io.StringIO()
     try:
-        with contextlib.redirect_stderr(buf):
+        with contextlib.redirect_stderr(buf), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights\[")
             yield
     except Exception as e:
         partial = getattr(e, "partial_fx_graph", None)

@@ -53,6 +53,13 @@ def _conv_transpose(m: nn.modules.conv._ConvTransposeNd) -> None:
     m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
 
 
+def _recurrent(m: nn.RNNBase) -> None:
+    """``nn.LSTM``/``GRU``/``RNN``: sizes from the first layer's weights; the forward reads the weights through
+    ``_flat_weights``, a list made when the module was built, which must hold the new tensors."""
+    m.hidden_size, m.input_size = m.weight_hh_l0.shape[1], m.weight_ih_l0.shape[1]
+    m._init_flat_weights()
+
+
 def _norm(m: nn.Module) -> None:
     if getattr(m, "weight", None) is not None:
         m.normalized_shape = tuple(m.weight.shape)
@@ -76,6 +83,7 @@ SIZE_ATTRIBUTES: dict[type, Callable[[Any], None]] = {
     nn.Linear: _linear, nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv, nn.LayerNorm: _norm,
     nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm, nn.SyncBatchNorm: _batch_norm,
     nn.Embedding: _embedding,
+    nn.LSTM: _recurrent, nn.GRU: _recurrent, nn.RNN: _recurrent,
     nn.ConvTranspose1d: _conv_transpose, nn.ConvTranspose2d: _conv_transpose, nn.ConvTranspose3d: _conv_transpose,
     nn.GroupNorm: _group_norm, nn.PReLU: lambda m: setattr(m, "num_parameters", m.weight.shape[0]),
     **dict.fromkeys((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _batch_norm),
