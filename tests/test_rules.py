@@ -811,7 +811,7 @@ class _Recurrent(nn.Module):
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
 def test_recurrent_layers_lose_unread_inputs_and_dead_or_unread_hidden_units(cls, layers):
-    """nn.LSTM/GRU/RNN were one opaque call (symbolic) or op (export): nothing around them went. The input feature
+    """nn.LSTM/GRU/RNN were one opaque call (symbolic) or had no rule (export): nothing around them went. The input feature
     and both hidden units go, from every layer, in the graph and in the class (``hidden_size``, ``input_size``
     and the forward's flat weight list updated)."""
     model = _Recurrent(cls, layers).double().eval()
@@ -836,13 +836,20 @@ def test_recurrent_layers_lose_unread_inputs_and_dead_or_unread_hidden_units(cls
     assert kept.rnn.weight_hh_l0.grad is not None
 
 
-def test_a_bidirectional_layer_keeps_its_hidden_units():
-    """Two directions write one output dim: not covered; the hidden units stay, the unread input feature too."""
-    model = _Recurrent(nn.LSTM, bidirectional=True).double().eval()
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_bidirectional_layer_loses_units_dead_in_both_directions(layers):
+    """The output holds both directions' units one after the other: unit 4 (dead in both) goes; unit 2 stays,
+    since the head (and a second layer) still read its backward half."""
+    model = _Recurrent(nn.LSTM, layers, bidirectional=True).double().eval()
     x = torch.randn(2, 7, 5, dtype=torch.float64)
     small = fp.minimize(fp.capture(model, (x,)))
-    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in model.parameters())
-    _exact(model, small, [(2, 7, 5)])
+    kept = fp.minimize_module(model, (x,))
+    assert (kept.rnn.input_size, kept.rnn.hidden_size, kept.rnn.bidirectional) == (7, 5, True)
+    per = 4 * 5 * (5 + 2)  # (4 gates x 5 units) x (hidden 5 + two biases), per layer and direction, besides inputs
+    expected = (5 * 7 + 7) + 2 * (per + 4 * 5 * 7) + (layers - 1) * 2 * (per + 4 * 5 * 10) + (3 * 10 + 3)
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in kept.parameters()) == expected
+    _exact(model, small, [(2, 7, 5), (4, 7, 5)])
+    _exact(model, kept, [(2, 7, 5), (3, 12, 5)])
 
 
 class _GivenState(nn.Module):

@@ -537,106 +537,124 @@ class BatchNorm(Rule):
 
 class Recurrent(Rule):
     """``aten.lstm`` / ``gru`` / ``rnn_tanh`` / ``rnn_relu`` (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` in an exported graph),
-    one direction, no projection. Each layer's weights are (gates x hidden, in) and (gates x hidden, hidden), its
-    biases (gates x hidden): their rows are a product of the gates (never removed) and the hidden units. The class
-    holds one ``hidden_size`` for every layer, so the hidden units of all layers are one group, with the initial
-    states' last dim and the output's. The input features are each first-layer weight's dim 1 (an exit: a feature
-    goes where it is zero or its column is); a layer's units are read by its own recurrence and the next layer's
-    input weights (exits: a unit goes where those columns are zero or the unit is dead). A unit is dead, its output
-    zero at every step, where the candidate gate's rows and biases are zero and its initial cell (LSTM) or hidden
-    (GRU) state is: the state then stays zero."""
+    one or two directions, no projection. Each layer's (and direction's) weights are (gates x hidden, in) and
+    (gates x hidden, hidden), its biases (gates x hidden): their rows are a product of the gates (never removed)
+    and the hidden units. The class holds one ``hidden_size`` for every layer and direction, so their hidden units
+    are one group, with the states' last dim and the output's (both directions' units, one after the other, where
+    there are two). The input features are each first-layer weight's dim 1 (an exit: a feature goes where it is
+    zero or its columns are); a layer's units are read by its own recurrence and the next layer's input weights
+    (exits: a unit goes where those columns are zero or the unit is dead, in every direction). A unit is dead, its
+    output zero at every step, where the candidate gate's rows and biases are zero and its initial cell (LSTM) or
+    hidden (GRU, RNN) state is: the state then stays zero."""
 
     GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
     CANDIDATE = {"lstm": 2, "gru": 2, "rnn_tanh": 0, "rnn_relu": 0}  # the gate whose zero keeps the state at zero
 
     def operands(self, op: Op) -> dict[str, Any] | None:
-        kind = op.name
         x, hx, params = op.arg(0, "input"), op.arg(1, "hx"), op.arg(2, "params")
-        biases, layers, bidirectional, batch_first = op.arg(3, "has_biases"), op.arg(4, "num_layers"), op.arg(7, "bidirectional"), op.arg(8, "batch_first")
+        biases, layers, dirs = op.arg(3, "has_biases"), op.arg(4, "num_layers"), 2 if op.arg(7, "bidirectional") else 1
         per = 4 if biases else 2
-        if bidirectional or not isinstance(params, (list, tuple)) or len(params) != per * layers:
-            return None  # two directions, or a projection (weight_hr): frozen by the driver
+        if not isinstance(params, (list, tuple)) or len(params) != per * layers * dirs:
+            return None  # a projection (weight_hr): frozen by the driver
         hx = list(hx) if isinstance(hx, (list, tuple)) else [hx]
-        layer = [dict(w_ih=params[per * i], w_hh=params[per * i + 1], b=list(params[per * i + 2:per * i + per]))
+        cells = [[dict(w_ih=params[per * (i * dirs + d)], w_hh=params[per * (i * dirs + d) + 1],
+                       b=list(params[per * (i * dirs + d) + 2:per * (i * dirs + d) + per])) for d in range(dirs)]
                  for i in range(layers)]
-        return dict(kind=kind, x=x, hx=hx, layers=layer, batch_first=bool(batch_first))
+        return dict(kind=op.name, x=x, hx=hx, layers=cells, dirs=dirs, batch_first=bool(op.arg(8, "batch_first")))
 
     def outputs(self, op: Op) -> dict[int, Node]:
         return {u.args[1]: u for u in op.node.users if u.target is operator.getitem}
 
     def couple(self, op: Op, sp: Spaces) -> None:
         o = self.operands(op)
-        if o is None or not all(_is_param(p) for layer in o["layers"] for p in (layer["w_ih"], layer["w_hh"], *layer["b"])):
+        if o is None or not all(_is_param(p) for layer in o["layers"] for cell in layer
+                                for p in (cell["w_ih"], cell["w_hh"], *cell["b"])):
             return
-        x, G = o["x"], self.GATES[o["kind"]]
+        x, dirs, why = o["x"], o["dirs"], f"hidden units of {op.describe()}"
+        anchor = o["layers"][0][0]["w_hh"]  # (its dim 1: the hidden units)
+        h = sp.of(anchor, 1)
         out = self.outputs(op)
-        h = sp.of(o["layers"][0]["w_hh"], 1)
         batch, time = (0, 1) if o["batch_first"] else (1, 0)
-        for i, layer in enumerate(o["layers"]):
-            sp.unify(layer["w_hh"], 1, o["layers"][0]["w_hh"], 1, f"hidden units of {op.describe()}")
-            gates = sp.fresh(G)
-            sp.atoms.freeze(gates, f"the gates of {op.describe()}")
-            for p in (layer["w_ih"], layer["w_hh"], *layer["b"]):
-                sp.structure_atoms(sp.of(p, 0), "prod", [gates, h], f"gates x hidden units of {op.describe()}")
-            if i == 0:
-                sp.unify(x, -1, layer["w_ih"], 1, f"by {op.describe()}")
+
+        def units(v: Node, d: int) -> None:  # a dim of the hidden units, of each direction one after the other
+            if dirs == 1:
+                sp.unify(v, d, anchor, 1, why)
             else:
-                sp.unify(layer["w_ih"], 1, o["layers"][0]["w_hh"], 1, f"hidden units of {op.describe()}")
+                sp.structure_atoms(sp.of(v, d), "sum", [h] * dirs, why)
+
+        for i, layer in enumerate(o["layers"]):
+            for cell in layer:
+                sp.unify(cell["w_hh"], 1, anchor, 1, why)
+                gates = sp.fresh(self.GATES[o["kind"]])
+                sp.atoms.freeze(gates, f"the gates of {op.describe()}")
+                for p in (cell["w_ih"], cell["w_hh"], *cell["b"]):
+                    sp.structure_atoms(sp.of(p, 0), "prod", [gates, h], f"gates x hidden units of {op.describe()}")
+                if i == 0:
+                    sp.unify(x, -1, cell["w_ih"], 1, f"by {op.describe()}")
+                else:
+                    units(cell["w_ih"], 1)
         for state in o["hx"]:
             if isinstance(state, Node):
-                sp.unify(state, 2, o["layers"][0]["w_hh"], 1, f"hidden units of {op.describe()}")
+                sp.unify(state, 2, anchor, 1, why)
                 sp.unify(state, 1, x, batch, f"by {op.describe()}")
-        if 0 in out:
-            for d in (batch, time):
-                sp.unify(out[0], d, x, d, f"by {op.describe()}")
-            sp.unify(out[0], 2, o["layers"][0]["w_hh"], 1, f"hidden units of {op.describe()}")
         for k, node in out.items():
-            if k > 0:  # the final states: (layers, batch, hidden)
+            if k == 0:
+                for d in (batch, time):
+                    sp.unify(node, d, x, d, f"by {op.describe()}")
+                units(node, 2)
+            else:  # the final states: (layers x directions, batch, hidden)
                 sp.unify(node, 1, x, batch, f"by {op.describe()}")
-                sp.unify(node, 2, o["layers"][0]["w_hh"], 1, f"hidden units of {op.describe()}")
-        dead = self.dead
+                sp.unify(node, 2, anchor, 1, why)
 
-        def reads(w: Node, first: bool) -> Callable[[Facts], torch.Tensor]:
+        def first(fx: Facts) -> torch.Tensor:
+            xf = fx.dim(x, -1)
+            unread = torch.stack([(fx.tensor(c["w_ih"]) == 0).all(dim=0) for c in o["layers"][0]]).all(dim=0)
+            return unread | (xf.known & (xf.value == 0))
+
+        def reads(layer: int, key: str) -> Callable[[Facts], torch.Tensor]:
             def tolerates(fx: Facts) -> torch.Tensor:
-                W = fx.tensor(w)
-                unread = (W == 0).all(dim=0)
-                if first:
-                    xf = fx.dim(x, -1)
-                    return unread | (xf.known & (xf.value == 0))
-                return unread | dead(op, fx, o)
+                src = layer if key == "w_hh" else layer - 1  # the layer whose units these columns read
+                dead = self.dead(fx, o)[src]  # [directions, hidden]
+                ok = torch.ones(dead.shape[1], dtype=torch.bool)
+                for d, cell in enumerate(o["layers"][layer]):
+                    cols = (fx.tensor(cell[key]) == 0).all(dim=0).reshape(-1, dead.shape[1])  # [directions read, hidden]
+                    if key == "w_hh":
+                        ok &= cols[0] | dead[d]
+                    else:
+                        ok &= (cols | dead).all(dim=0)
+                return ok
             return tolerates
 
-        sp.exit(x, -1, reads(o["layers"][0]["w_ih"], True), op.describe())
-        anchor = o["layers"][0]["w_hh"]  # (the recurrences and the deeper layers' inputs read the hidden units)
-        for i, layer in enumerate(o["layers"]):
-            sp.exit(anchor, 1, reads(layer["w_hh"], False), op.describe())
+        sp.exit(x, -1, first, op.describe())
+        for i in range(len(o["layers"])):
+            sp.exit(anchor, 1, reads(i, "w_hh"), op.describe())
             if i > 0:
-                sp.exit(anchor, 1, reads(layer["w_ih"], False), op.describe())
+                sp.exit(anchor, 1, reads(i, "w_ih"), op.describe())
 
-    def dead(self, op: Op, fx: Facts, o: dict[str, Any]) -> torch.Tensor:
-        """Units whose output is zero at every step, in every layer."""
+    def dead(self, fx: Facts, o: dict[str, Any]) -> torch.Tensor:
+        """[layer, direction, hidden]: the units whose output is zero at every step."""
         c = self.CANDIDATE[o["kind"]]
+        layers, dirs = len(o["layers"]), o["dirs"]
+        hidden = _shape(fx.sp, o["layers"][0][0]["w_hh"])[1]
+        out = torch.zeros(layers, dirs, hidden, dtype=torch.bool)
         state = o["hx"][1] if o["kind"] == "lstm" else o["hx"][0]  # the state a zero candidate keeps at zero
-        hidden = _shape(fx.sp, o["layers"][0]["w_hh"])[1]
-        if not isinstance(state, Node):
-            return torch.zeros(hidden, dtype=torch.bool)
-        sf = fx.dim(state, 2)
-        out = sf.known & (sf.value == 0)
-        for layer in o["layers"]:
-            Wi, Wh = fx.tensor(layer["w_ih"]), fx.tensor(layer["w_hh"])
-            if Wi is None or Wh is None:
-                return torch.zeros_like(out)
-            H = Wh.shape[1]
-            rows = slice(c * H, (c + 1) * H)
-            zero = (Wi[rows] == 0).all(dim=1) & (Wh[rows] == 0).all(dim=1)
-            bs = [fx.tensor(b) for b in layer["b"]]
-            if any(b is None for b in bs):
-                return torch.zeros_like(out)
-            if bs and o["kind"] == "gru":  # r gates the recurrent bias: each must be zero
-                zero = zero & (bs[0][rows] == 0) & (bs[1][rows] == 0)
-            elif bs:
-                zero = zero & ((bs[0][rows] + bs[1][rows]) == 0)
-            out = out & zero
+        if not isinstance(state, Node) or fx.get(state) is None:
+            return out
+        start = fx.dim(state, 2)
+        zero_start = start.known & (start.value == 0)  # (every layer and direction alike: a fact of the dim)
+        rows = slice(c * hidden, (c + 1) * hidden)
+        for i, layer in enumerate(o["layers"]):
+            for d, cell in enumerate(layer):
+                Wi, Wh = fx.tensor(cell["w_ih"]), fx.tensor(cell["w_hh"])
+                bs = [fx.tensor(b) for b in cell["b"]]
+                if Wi is None or Wh is None or any(b is None for b in bs):
+                    continue
+                zero = (Wi[rows] == 0).all(dim=1) & (Wh[rows] == 0).all(dim=1) & zero_start
+                if bs and o["kind"] == "gru":  # r gates the recurrent bias: each must be zero
+                    zero &= (bs[0][rows] == 0) & (bs[1][rows] == 0)
+                elif bs:
+                    zero &= (bs[0][rows] + bs[1][rows]) == 0
+                out[i, d] = zero
         return out
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
@@ -644,7 +662,7 @@ class Recurrent(Rule):
         out = self.outputs(op)
         if o is None or 0 not in out:
             return None
-        dead = self.dead(op, fx, o)
+        dead = self.dead(fx, o)[-1].reshape(-1)  # the last layer's, direction after direction
         shape = _shape(fx.sp, out[0])
         if not shape or dead.numel() != shape[2]:
             return None
