@@ -872,3 +872,40 @@ def test_a_unit_whose_state_the_caller_gives_is_not_dead():
     assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in model.parameters())
     y = model(x, h0)
     assert torch.allclose(small(x, h0), y, rtol=1e-12, atol=1e-12) and bool(y.abs().sum() > 0)
+
+
+# ------------------------------------------------------------------------- channel rearrangements and gates
+# module, conv channels before it, channels after it, the conv's dead rows, parameters removed
+_REARRANGE = {"pixel_shuffle": (nn.PixelShuffle(2), 8, 2, [0, 1, 2, 3], 4 * 4 + 2),  # output channel 0 reads rows 0-3
+              "pixel_unshuffle": (nn.PixelUnshuffle(2), 8, 32, [1, 6], 2 * 4 + 8 * 2),  # 4 outputs per input
+              "channel_shuffle": (nn.ChannelShuffle(2), 8, 8, [1, 5], 2 * 4 + 2 * 2),  # channel 1 of both groups
+              "channel_shuffle_one_group": (nn.ChannelShuffle(2), 8, 8, [1, 6], 0),  # only dead in one group: stays
+              # output 1 = 0 * sigmoid(row 5), whatever row 5 holds: rows 1 and 5 and output 1's column go
+              "glu": (nn.GLU(1), 8, 4, [1], 2 * 4 + 2)}
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("name", list(_REARRANGE))
+def test_channel_rearrangements_and_gates_pass_their_channels(name, method):
+    """pixel (un)shuffle, channel shuffle and GLU had no rule: every channel they touched froze (a super-resolution
+    head, ShuffleNet-style blocks written with nn.ChannelShuffle, gated convolutions)."""
+    module, c, out_c, dead, removed = _REARRANGE[name]
+    model = nn.Sequential(nn.Conv2d(3, c, 1), module, nn.Conv2d(out_c, 2, 1)).double().eval()
+    with torch.no_grad():
+        model[0].weight[dead] = 0
+        model[0].bias[dead] = 0
+        if name == "glu":
+            model[0].bias[5] = 0.3  # (the gate's channel: anything)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gm = fp.capture(model, (x,), method=method)
+    assert not any("no channel rule" in r for g in fp.analyze(gm).groups for r in g.reasons)
+    state = graph_state(gm)
+    small = fp.minimize(gm) if removed else gm
+    assert graph_state(gm) == state or not removed
+    total = sum(p.numel() for p in model.parameters())
+    assert total - sum(p.numel() for p in small.parameters()) == removed
+    _exact(model, small, [(2, 3, 8, 8), (5, 3, 8, 8)])
+    if removed:
+        kept = fp.minimize_module(model, (x,))
+        assert total - sum(p.numel() for p in kept.parameters()) == removed
+        _exact(model, kept, [(2, 3, 8, 8), (3, 3, 6, 10)])

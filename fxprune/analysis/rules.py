@@ -671,6 +671,87 @@ class Recurrent(Rule):
         return None
 
 
+class PixelShuffle(Rule):
+    """``pixel_shuffle(x, r)``: (..., C r r, H, W) -> (..., C, H r, W r), input channel (c r + i) r + j to output
+    channel c at sub-position (i, j). The input's channel dim is the product of the output's channels and two
+    factors of r that become positions (frozen); ``pixel_unshuffle`` is the inverse."""
+
+    def __init__(self, inverse: bool = False) -> None:
+        self.inverse = inverse
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, y = op.arg(0, "input"), op.node
+        r = (getattr(op.module, "downscale_factor" if self.inverse else "upscale_factor", None) if op.module is not None
+             else op.arg(1, "downscale_factor" if self.inverse else "upscale_factor"))
+        rank = sp.rank(x)
+        if not isinstance(r, int) or rank < 3 or sp.rank(y) != rank:
+            return
+        for d in range(rank - 3):
+            sp.unify(x, d, y, d, f"by {op.describe()}")
+        few, many = (x, y) if self.inverse else (y, x)
+        subs = [sp.fresh(r), sp.fresh(r)]
+        for a in subs:
+            sp.atoms.freeze(a, f"sub-positions of {op.describe()}")
+        sp.structure_atoms(sp.of(many, rank - 3), "prod", [sp.of(few, rank - 3), *subs], f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        return nan_eval(op, fx)
+
+
+class ChannelShuffle(Rule):
+    """``channel_shuffle(x, g)``: channel i k + j (group i of g, k channels each) goes to j g + i; the input's dim 1
+    is the product (groups, k), the output's (k, groups). The groups stay (their count is the op's argument)."""
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, y = op.arg(0, "input"), op.node
+        g = op.module.groups if op.module is not None else op.arg(1, "groups")
+        rank = sp.rank(x)
+        if not isinstance(g, int) or rank < 2 or _shape(sp, x)[1] % g:
+            return
+        for d in range(rank):
+            if d != 1:
+                sp.unify(x, d, y, d, f"by {op.describe()}")
+        groups, per = sp.fresh(g), sp.fresh(_shape(sp, x)[1] // g)
+        sp.atoms.freeze(groups, f"the groups of {op.describe()}")
+        sp.structure_atoms(sp.of(x, 1), "prod", [groups, per], f"by {op.describe()}")
+        sp.structure_atoms(sp.of(y, 1), "prod", [per, groups], f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        return nan_eval(op, fx)
+
+
+class GLU(Rule):
+    """``glu(x, dim)``: the first half of ``dim`` times the sigmoid of the second; output channel k reads input
+    channels k and k + half, so the input's dim is the output's twice over."""
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, y = op.arg(0, "input"), op.node
+        dim = op.module.dim if op.module is not None else op.arg(1, "dim", -1)
+        rank = sp.rank(x)
+        if not isinstance(dim, int) or rank < 1 or sp.rank(y) != rank:
+            return
+        dim %= rank
+        for d in range(rank):
+            if d != dim:
+                sp.unify(x, d, y, d, f"by {op.describe()}")
+        out = sp.of(y, dim)
+        sp.structure_atoms(sp.of(x, dim), "sum", [out, out], f"halves of {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        """By evaluation; and, as for a product, a zero channel of the first half is zero whatever its gate."""
+        out = nan_eval(op, fx)
+        x, shape = op.arg(0, "input"), _shape(fx.sp, op.node)
+        dim = op.module.dim if op.module is not None else op.arg(1, "dim", -1)
+        if not shape or not isinstance(dim, int) or fx.get(x) is None:
+            return out
+        dim %= len(shape)
+        out = out or [_unknown(n) for n in shape]
+        f = fx.dim(x, dim)
+        zero = f.known[:shape[dim]] & (f.value[:shape[dim]] == 0)
+        out[dim] = DimFacts(out[dim].known | zero, torch.where(zero, torch.zeros_like(out[dim].value), out[dim].value))
+        return out
+
+
 class PerChannel(Rule):
     """An op over each channel of dim 1 on its own (dim 0 of a 1-D input), with per-channel parameters at
     ``params`` (name -> position): ``prelu``'s slopes, instance norm's affine and running statistics. Every dim
@@ -1767,6 +1848,11 @@ register(CompensatedNorm(), compensated_layer_norm, compensated_group_norm, comp
 register(Norm(), F.layer_norm, F.group_norm, aten.layer_norm, aten.native_layer_norm, aten.group_norm,
          aten.native_group_norm, aten.rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
 register(Recurrent(), aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input)
+register(PixelShuffle(), aten.pixel_shuffle, F.pixel_shuffle, nn.PixelShuffle)
+register(PixelShuffle(inverse=True), aten.pixel_unshuffle, F.pixel_unshuffle, nn.PixelUnshuffle)
+register(ChannelShuffle(), aten.channel_shuffle, aten.native_channel_shuffle, nn.ChannelShuffle,
+         *([F.channel_shuffle] if hasattr(F, "channel_shuffle") else []))
+register(GLU(), aten.glu, F.glu, nn.GLU)
 register(PerChannel(weight=1), aten.prelu, F.prelu, torch.prelu)
 register(PerChannel(weight=1, bias=2, running_mean=3, running_var=4), aten.instance_norm)
 register(PerChannel(running_mean=1, running_var=2, weight=3, bias=4), F.instance_norm)
