@@ -35,6 +35,16 @@ def graph_state(gm) -> tuple[str, dict[str, str]]:
     return gm.code, {n.name: repr({k: show(v) for k, v in sorted(n.meta.items())}) for n in gm.graph.nodes}
 
 
+def exact_at(model, small, shapes, rtol: float = 1e-9) -> None:
+    """``small`` computes ``model``'s function in float64 on a random input of each shape: relative error at most
+    ``rtol`` (exact)."""
+    for shape in shapes:
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            a, b = model(x), small(x)
+        assert float((a - b).abs().max() / a.abs().max()) <= rtol, shape
+
+
 def n_params(m: torch.nn.Module) -> int:
     from fxprune.verify import count_params
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune as fp
-from conftest import graph_state, snapshot
+from conftest import exact_at as _exact, graph_state, snapshot
 from fxprune.passes.minimize import NothingRemovedWarning
 from fxprune.analysis.groups import Analysis
 from fxprune.passes.lower import lower_modules
@@ -529,14 +529,6 @@ class _Around(nn.Module):
 
 def _padded(mode: str) -> nn.Module:
     return _Around(lambda h: F.pad(h, (1, 1, 1, 1), mode=mode), 3)
-
-
-def _exact(model, small, shapes):
-    for shape in shapes:
-        x = torch.randn(*shape, dtype=torch.float64)
-        with torch.no_grad():
-            a, b = model(x), small(x)
-        assert float((a - b).abs().max() / a.abs().max()) <= 1e-9, shape
 
 
 @pytest.mark.parametrize("method", ["symbolic", "export"])
