@@ -4,12 +4,14 @@
     python benchmarks/user_models.py llama mobilenet_v2   # some
     python benchmarks/user_models.py --list               # the names
     python benchmarks/user_models.py roberta --structure groups   # the cycle masking whole channels
+    python benchmarks/user_models.py torch_lstm --cycles 3        # more cycles than the flow's 2
 
 Each model is built at a small size from its class (transformers' ``XConfig`` + ``XFor...``, torchvision's
 builders), random weights, as loaded (the KV cache on). Data is generated: images of 32x32 with a bright quadrant
 per class (4 classes), token sequences that count up by 1 or 2 (a causal LM predicts the next token; T5 writes the
 sequence out again; a sequence classifier tells the step; ``torch_lm``, a causal LM of PyTorch's own
-``nn.TransformerEncoder``, is trained by the loop's own next-token loss on ``ids[:, :-1]``), 400 samples of a tone per class in noise (Wav2Vec2,
+``nn.TransformerEncoder``, and ``torch_lstm``, a two-layer ``nn.LSTM`` tagger, are trained by the loop's own
+next-token loss on ``ids[:, :-1]``), 400 samples of a tone per class in noise (Wav2Vec2,
 HuBERT), 16 log-mel bins by 100 frames with a bright band per class (Whisper's encoder). The loop: AdamW (lr 3e-3), batches of 32, ``.train()``
 to train and ``.eval()`` to evaluate, 6 epochs dense and 3 per ``train`` call, 2 cycles with the cycle's defaults
 except ``tolerance=0.05`` (the data is small). Accuracy is read on the first 128 examples (training data: this
@@ -132,9 +134,9 @@ TRANSFORMERS = {
               dict(image_size=32, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4], depths=[1, 1, 1],
                    key_dim=[8, 8, 8], mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2])),
 }
-# plain PyTorch: a causal LM built on nn.TransformerEncoder (layers of nn.MultiheadAttention) with a causal mask,
-# trained on the token sequences with a next-token loss of the loop's own
-PLAIN = {"torch_lm": "plain_lm"}
+# plain PyTorch, trained on the token sequences with a next-token loss of the loop's own: a causal LM built on
+# nn.TransformerEncoder (layers of nn.MultiheadAttention) with a causal mask, and a two-layer nn.LSTM tagger
+PLAIN = {"torch_lm": "plain_lm", "torch_lstm": "plain_lm"}
 TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf",
                "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "densenet121", "resnext50_32x4d", "convnext_tiny",
                "swin_t", "googlenet", "vit_b_16"]
@@ -142,11 +144,16 @@ N, CLASSES = 256, 4
 
 
 def build(name: str):
+    import random
+
+    import numpy as np
     import torch
 
     torch.manual_seed(0)
+    np.random.seed(0)  # (Wav2Vec2 and HuBERT draw their training-time masks from NumPy's global generator)
+    random.seed(0)
     if name in PLAIN:
-        return PLAIN[name], torch_lm()
+        return PLAIN[name], torch_lm() if name == "torch_lm" else torch_lstm()
     if name in TRANSFORMERS:
         import transformers
 
@@ -184,6 +191,23 @@ def torch_lm(d: int = 32, vocab: int = 32):
     return TorchLM()
 
 
+def torch_lstm(d: int = 32, vocab: int = 32):
+    """A next-token tagger of PyTorch's own modules: an embedding, a two-layer ``nn.LSTM``, a linear head."""
+    from torch import nn
+
+    class TorchLSTM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            self.rnn = nn.LSTM(d, 2 * d, num_layers=2, batch_first=True, dropout=0.1)
+            self.head = nn.Linear(2 * d, vocab)
+
+        def forward(self, ids):
+            return self.head(self.rnn(self.emb(ids))[0])
+
+    return TorchLSTM()
+
+
 def data(kind: str):
     import torch
 
@@ -210,7 +234,7 @@ def data(kind: str):
     return seqs, (step[:, 0] - 1)
 
 
-def run(name: str, structure: str | None = None) -> dict:
+def run(name: str, structure: str | None = None, cycles: int = 2) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -264,7 +288,7 @@ def run(name: str, structure: str | None = None) -> dict:
     train(model, 6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = fp.squeeze_release(model, example, train=train, evaluate=evaluate, cycles=2, tolerance=0.05,
+        res = fp.squeeze_release(model, example, train=train, evaluate=evaluate, cycles=cycles, tolerance=0.05,
                                  progress=False, **({"structure": structure} if structure else {}))
     kept = res.module
     out.update(kept_cls=type(kept).__name__, own_class=type(kept) is type(model),
@@ -305,6 +329,7 @@ def main() -> None:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # (the subprocess of one model)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--cycles", type=int, default=2, help="fp.squeeze_release's cycles (default 2)")
     ap.add_argument("--structure", choices=["auto", "weights", "groups"],
                     help="fp.squeeze_release's structure (default: its own default, auto)")
     a = ap.parse_args()
@@ -315,7 +340,7 @@ def main() -> None:
     if a.one:
         t0 = time.perf_counter()
         try:
-            out = run(a.one, a.structure)
+            out = run(a.one, a.structure, a.cycles)
             out["ok"] = True
         except Exception as e:  # noqa: BLE001 (reported)
             out = dict(model=a.one, ok=False, error=f"{type(e).__name__}: {e}"[:1500], tb=traceback.format_exc()[-3000:])
@@ -325,7 +350,7 @@ def main() -> None:
     rows = []
     for name in a.models or everything:
         try:
-            extra = ["--structure", a.structure] if a.structure else []
+            extra = (["--structure", a.structure] if a.structure else []) + ["--cycles", str(a.cycles)]
             p = subprocess.run([sys.executable, __file__, "--one", name, *extra], capture_output=True, text=True,
                                timeout=a.timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                    filter(None, [os.path.join(HERE, os.pardir), os.environ.get("PYTHONPATH")]))})
