@@ -901,3 +901,47 @@ def test_channel_rearrangements_and_gates_pass_their_channels(name, method):
         kept = fp.minimize_module(model, (x,))
         assert total - sum(p.numel() for p in kept.parameters()) == removed
         _exact(model, kept, [(2, 3, 8, 8), (3, 3, 6, 10)])
+
+
+# ------------------------------------------------------------------------------------------ scans and masks
+class _Scanned(nn.Module):
+    """Linear(4 -> 8) over (batch, time, 4), then ``op`` along time (or channels), then Linear(8 -> 2): channel 1
+    is zero, channel 5 the constant 0.4."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.a, self.b, self.op = nn.Linear(4, 8), nn.Linear(8, 2), op
+        with torch.no_grad():
+            self.a.weight[[1, 5]] = 0
+            self.a.bias[1], self.a.bias[5] = 0.0, 0.4
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.op == "cumsum":
+            h = torch.cumsum(h, 1)
+        elif self.op == "cumsum_channels":
+            h = h.cumsum(-1)
+        elif self.op == "diff":
+            h = torch.diff(h, dim=1)
+        elif self.op == "tril":
+            h = torch.tril(h.transpose(1, 2) @ h).sum(-1)  # (batch, 8, 8): channels by channels
+        return self.b(h)
+
+
+# removed channels: a cumsum over time keeps the zero channel only (0.4 becomes 0.4 t); a difference over time makes
+# both zero; a cumsum over the channels mixes them; tril is position-dependent in its last two dims
+_SCANS = {"cumsum": 1, "cumsum_channels": 0, "diff": 2, "tril": 0}
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("op", list(_SCANS))
+def test_scans_and_triangles_pass_the_dims_they_do_not_scan(op, method):
+    """cumsum/diff (attention masks, position ids, a running sum over time) and triu/tril had no rule: every dim they
+    touched froze, and the warning named them when nothing was removed."""
+    model = _Scanned(op).double().eval()
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    gm = fp.capture(model, (x,), method=method, dynamic_shapes="every")
+    assert not any("no channel rule" in r for g in fp.analyze(gm).groups for r in g.reasons)
+    small = fp.minimize(gm) if _SCANS[op] else gm
+    assert sum(p.numel() for p in small.parameters()) == 58 - _SCANS[op] * (4 + 1 + 2)
+    _exact(model, small, [(2, 6, 4), (3, 9, 4)])

@@ -671,6 +671,45 @@ class Recurrent(Rule):
         return None
 
 
+class Scan(Rule):
+    """``cumsum`` / ``cumprod`` / ``logcumsumexp`` / ``diff`` along one dim: each slice is scanned on its own, so the
+    other dims pass through; the scanned dim is positions (left unrelated: frozen). Facts by evaluation (a constant
+    channel stays constant only where the scan keeps it: zeros under a sum, anything under a difference); along a
+    dim of varying size only zeros, which hold at every size."""
+
+    def dim(self, op: Op, sp: Spaces) -> int | None:
+        d = op.arg(2, "dim", -1) if op.name == "diff" else op.arg(1, "dim")
+        r = sp.rank(op.node)
+        return d % r if isinstance(d, int) and r > 0 else None
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        dim, rank = self.dim(op, sp), sp.rank(op.node)
+        if dim is None:
+            return
+        for a in op.tensor_args():
+            if sp.rank(a) == rank:  # the input, and diff's prepend/append
+                for d in range(rank):
+                    if d != dim:
+                        sp.unify(a, d, op.node, d, f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        dim, out = self.dim(op, fx.sp), nan_eval(op, fx)
+        return _zeros_only(out) if dim is not None and _varies(fx.sp, op.node.args[0], [dim]) else out
+
+
+class Triangle(Rule):
+    """``triu`` / ``tril``: which entries of the last two dims stay depends on their positions (frozen); the dims
+    before them pass through (a batch of masks, of heads)."""
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, rank = op.arg(0, "input"), sp.rank(op.node)
+        for d in range(rank - 2):
+            sp.unify(x, d, op.node, d, f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        return nan_eval(op, fx)
+
+
 class PixelShuffle(Rule):
     """``pixel_shuffle(x, r)``: (..., C r r, H, W) -> (..., C, H r, W r), input channel (c r + i) r + j to output
     channel c at sub-position (i, j). The input's channel dim is the product of the output's channels and two
@@ -1791,7 +1830,8 @@ _UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "exp", "sqrt"
           "clamp_max", "pow", "to", "relu_", "silu_", "gelu_", "hardtanh_", "type_as", "selu", "celu", "log_sigmoid",
           "logsigmoid", "softsign", "threshold", *_IN_PLACE_ACTIVATIONS]
 _BINARY = ["add", "sub", "div", "maximum", "minimum", "where", "rsub", "eq", "ne", "le", "lt", "ge", "gt",
-           "__and__", "__or__", "logical_and", "logical_or", "logical_not", "bitwise_not", "add_", "masked_fill"]
+           "__and__", "__or__", "logical_and", "logical_or", "logical_not", "bitwise_not", "add_", "masked_fill",
+           "floor_divide", "remainder"]
 
 
 def _aten(*names: str) -> list[Any]:
@@ -1848,6 +1888,9 @@ register(CompensatedNorm(), compensated_layer_norm, compensated_group_norm, comp
 register(Norm(), F.layer_norm, F.group_norm, aten.layer_norm, aten.native_layer_norm, aten.group_norm,
          aten.native_group_norm, aten.rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
 register(Recurrent(), aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input)
+register(Scan(), aten.cumsum, aten.cumprod, aten.logcumsumexp, aten.diff, torch.cumsum, torch.cumprod,
+         torch.logcumsumexp, torch.diff, "cumsum", "cumprod", "logcumsumexp", "diff")
+register(Triangle(), aten.triu, aten.tril, torch.triu, torch.tril, "triu", "tril")
 register(PixelShuffle(), aten.pixel_shuffle, F.pixel_shuffle, nn.PixelShuffle)
 register(PixelShuffle(inverse=True), aten.pixel_unshuffle, F.pixel_unshuffle, nn.PixelUnshuffle)
 register(ChannelShuffle(), aten.channel_shuffle, aten.native_channel_shuffle, nn.ChannelShuffle,
