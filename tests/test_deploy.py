@@ -84,9 +84,10 @@ def _logits_module(m: torch.nn.Module) -> torch.nn.Module:
     return Logits(m).eval()
 
 
-def _executorch_and_onnx(model: torch.nn.Module, small: torch.nn.Module, x: torch.Tensor, tmp_path) -> None:
-    """``small`` exported with a dynamic batch, lowered to ExecuTorch with XNNPACK and to ONNX: both at batch 1 and
-    7 against the eager ``model``."""
+def _executorch_and_onnx(model: torch.nn.Module, small: torch.nn.Module, x: torch.Tensor, tmp_path,
+                         wrap=_logits_module) -> None:
+    """``small`` (read through ``wrap``: a transformers model's logits) exported with a dynamic batch, lowered to
+    ExecuTorch with XNNPACK and to ONNX: both at batch 1 and 7 against the eager ``model``."""
     pytest.importorskip("executorch", reason="executorch is in the dev extra")
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev extra")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -94,11 +95,11 @@ def _executorch_and_onnx(model: torch.nn.Module, small: torch.nn.Module, x: torc
     from executorch.runtime import Runtime
 
     ds = ({0: Dim("batch", min=1, max=16)},)
-    ep = torch.export.export(_logits_module(small), (x,), dynamic_shapes=ds, strict=False)
+    ep = torch.export.export(wrap(small), (x,), dynamic_shapes=ds, strict=False)
     prog = Runtime.get().load_program(to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
                                       .to_executorch().buffer)
     method = prog.load_method("forward")
-    onnx_program = torch.onnx.export(_logits_module(small), (x,), dynamic_shapes=ds, dynamo=True)
+    onnx_program = torch.onnx.export(wrap(small), (x,), dynamic_shapes=ds, dynamo=True)
     onnx_program.save(str(tmp_path / "small.onnx"))
     sess = ort.InferenceSession(str(tmp_path / "small.onnx"))
     for b in (1, 7):
@@ -126,3 +127,16 @@ def test_a_poolformer_with_compensated_group_norms_exports_to_executorch_and_onn
     small = fp.minimize_module(model, (x,))
     assert any(isinstance(m, fp.nn.CompensatedGroupNorm) for m in small.modules())
     _executorch_and_onnx(model, small, x, tmp_path)
+
+@pytest.mark.parametrize("name", ["generator", "lstm"])
+def test_plain_pytorch_models_minimized_in_their_class_export_to_executorch_and_onnx(name, tmp_path):
+    """CycleGAN's generator (reflection pads, instance norms, a transposed conv) and a two-layer LSTM tagger, each
+    minimized as its own class, run in ExecuTorch and ONNX Runtime at batch 1 and 7."""
+    from test_plain_models import Generator, plant
+    from test_rules import _Recurrent
+
+    model, x = ((plant(Generator()).eval(), torch.randn(2, 3, 32, 32)) if name == "generator" else
+                (_Recurrent(torch.nn.LSTM, 2).eval(), torch.randn(2, 7, 5)))
+    small = fp.minimize_module(model, (x,))
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    _executorch_and_onnx(model, small, x, tmp_path, wrap=lambda m: m.eval())
