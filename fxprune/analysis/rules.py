@@ -608,7 +608,10 @@ class Recurrent(Rule):
 
         def first(fx: Facts) -> torch.Tensor:
             xf = fx.dim(x, -1)
-            unread = torch.stack([(fx.tensor(c["w_ih"]) == 0).all(dim=0) for c in o["layers"][0]]).all(dim=0)
+            Ws = [fx.tensor(c["w_ih"]) for c in o["layers"][0]]
+            if any(W is None for W in Ws):  # (not finite: nothing is known of its columns)
+                return xf.known & (xf.value == 0)
+            unread = torch.stack([(W == 0).all(dim=0) for W in Ws]).all(dim=0)
             return unread | (xf.known & (xf.value == 0))
 
         def reads(layer: int, key: str) -> Callable[[Facts], torch.Tensor]:
@@ -617,7 +620,10 @@ class Recurrent(Rule):
                 dead = self.dead(fx, o)[src]  # [directions, hidden]
                 ok = torch.ones(dead.shape[1], dtype=torch.bool)
                 for d, cell in enumerate(o["layers"][layer]):
-                    cols = (fx.tensor(cell[key]) == 0).all(dim=0).reshape(-1, dead.shape[1])  # [directions read, hidden]
+                    W = fx.tensor(cell[key])
+                    if W is None:
+                        return dead.all(dim=0)
+                    cols = (W == 0).all(dim=0).reshape(-1, dead.shape[1])  # [directions read, hidden]
                     if key == "w_hh":
                         ok &= cols[0] | dead[d]
                     else:
