@@ -430,3 +430,31 @@ def test_the_float64_copy_of_a_module_follows_writes_to_its_tensors():
     with torch.no_grad():
         net[0].weight.fill_(0.75)  # moves the version counter: seen within the generation
     assert torch.equal(rule._callable(op)(x), x * 0.75)
+
+
+@pytest.mark.parametrize("conv", ["conv", "conv_transpose"])
+def test_a_conv_weight_buffer_with_an_infinity_keeps_its_input_channels(conv):
+    """A conv whose weight is a buffer holding an infinity (fxprune reads no finite value from it): its input
+    channels stay, even zero ones (0 * inf is NaN), where the rule used to fail with AttributeError."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            w = torch.randn(2, 4, 1, 1) if conv == "conv" else torch.randn(4, 2, 1, 1)  # (out, in) / (in, out)
+            w[0, 0] = float("inf")
+            self.register_buffer("w", w)
+            with torch.no_grad():
+                self.a.weight[1:3] = 0
+                self.a.bias[1:3] = 0
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return F.conv2d(h, self.w) if conv == "conv" else F.conv_transpose2d(h, self.w)
+
+    model = M().double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    small = fp.minimize(fp.capture(model, (x,), method="symbolic"))
+    assert count_params(small) == count_params(model)
+    xb = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    assert torch.allclose(small(xb), model(xb), equal_nan=True)

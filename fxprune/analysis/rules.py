@@ -296,6 +296,8 @@ class Conv(Rule):
 
         def tolerates(fx: Facts) -> torch.Tensor:
             W = fx.tensor(w)
+            if W is None:  # a weight fxprune cannot read as finite numbers: even a zero input may meet NaN there
+                return torch.zeros(_shape(fx.sp, x)[1], dtype=torch.bool)
             cout, cin_g = W.shape[:2]
             zero_col = (W.reshape(G, cout // G, cin_g, -1) == 0).all(dim=3).all(dim=1).reshape(-1)
             xf = fx.dim(x, 1)
@@ -405,6 +407,8 @@ class ConvTranspose(Rule):
 
         def tolerates(fx: Facts) -> torch.Tensor:
             W = fx.tensor(w)
+            if W is None:  # (not finite: see Conv)
+                return torch.zeros(_shape(fx.sp, x)[1], dtype=torch.bool)
             zero_row = (W.reshape(W.shape[0], -1) == 0).all(dim=1)
             xf = fx.dim(x, 1)
             return zero_row | (xf.known & (xf.value == 0))
@@ -609,8 +613,8 @@ class Recurrent(Rule):
         def first(fx: Facts) -> torch.Tensor:
             xf = fx.dim(x, -1)
             Ws = [fx.tensor(c["w_ih"]) for c in o["layers"][0]]
-            if any(W is None for W in Ws):  # (not finite: nothing is known of its columns)
-                return xf.known & (xf.value == 0)
+            if any(W is None for W in Ws):  # (not finite: even a zero input may meet NaN there)
+                return torch.zeros(xf.known.shape, dtype=torch.bool)
             unread = torch.stack([(W == 0).all(dim=0) for W in Ws]).all(dim=0)
             return unread | (xf.known & (xf.value == 0))
 
@@ -621,8 +625,8 @@ class Recurrent(Rule):
                 ok = torch.ones(dead.shape[1], dtype=torch.bool)
                 for d, cell in enumerate(o["layers"][layer]):
                     W = fx.tensor(cell[key])
-                    if W is None:
-                        return dead.all(dim=0)
+                    if W is None:  # (not finite: even a dead unit's zero may meet NaN there)
+                        return torch.zeros(dead.shape[1], dtype=torch.bool)
                     cols = (W == 0).all(dim=0).reshape(-1, dead.shape[1])  # [directions read, hidden]
                     if key == "w_hh":
                         ok &= cols[0] | dead[d]
