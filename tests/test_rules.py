@@ -945,3 +945,39 @@ def test_scans_and_triangles_pass_the_dims_they_do_not_scan(op, method):
     small = fp.minimize(gm) if _SCANS[op] else gm
     assert sum(p.numel() for p in small.parameters()) == 58 - _SCANS[op] * (4 + 1 + 2)
     _exact(model, small, [(2, 6, 4), (3, 9, 4)])
+
+
+class _Blocks(nn.Module):
+    """Conv(3 -> 4, channel 1 dead) -> nn.Unfold(2, stride 2) -> a Linear over each block (T2T-ViT's soft split), or
+    -> nn.Fold back to the image -> Conv(4 -> 2)."""
+
+    def __init__(self, fold: bool) -> None:
+        super().__init__()
+        self.a, self.fold = nn.Conv2d(3, 4, 1), fold
+        self.unfold, self.back = nn.Unfold(2, stride=2), nn.Fold((8, 8), 2, stride=2)
+        self.lin, self.c = nn.Linear(16, 5), nn.Conv2d(4, 2, 1)
+        with torch.no_grad():
+            self.a.weight[1] = 0
+            self.a.bias[1] = 0
+
+    def forward(self, x):
+        blocks = self.unfold(self.a(x))
+        return self.c(self.back(blocks)) if self.fold else self.lin(blocks.transpose(1, 2)).mean(1)
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("fold", [False, True], ids=["unfold", "fold"])
+def test_unfold_and_fold_pass_the_image_channels_within_their_blocks(fold, method):
+    """im2col / col2im had no rule: the channels they touched froze. Channel 1's four block entries go (the
+    Linear's columns 4-7), or its folded channel (the conv's column)."""
+    model = _Blocks(fold).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gm = fp.capture(model, (x,), method=method)
+    assert not any("no channel rule" in r for g in fp.analyze(gm).groups for r in g.reasons)
+    small = fp.minimize(gm)
+    removed = (3 + 1) + (2 if fold else 5 * 4)
+    assert sum(p.numel() for p in gm.parameters()) - sum(p.numel() for p in small.parameters()) == removed
+    _exact(model, small, [(2, 3, 8, 8), (5, 3, 8, 8)])
+    kept = fp.minimize_module(model, (x,))
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in kept.parameters()) == removed
+    _exact(model, kept, [(2, 3, 8, 8), (3, 3, 8, 8)])

@@ -747,6 +747,31 @@ class PixelShuffle(Rule):
         return nan_eval(op, fx)
 
 
+class Unfold(Rule):
+    """``unfold`` (im2col): (N, C, H, W) -> (N, C kh kw, positions), input channel c to output channels
+    (c kh + i) kw + j; ``fold`` (col2im) is the inverse (overlapping blocks summed). The blocks' side is a product
+    of the image side's channels and the kernel's two sizes (frozen); positions are left unrelated."""
+
+    def __init__(self, fold: bool = False) -> None:
+        self.fold = fold
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, y = op.arg(0, "input"), op.node
+        ks = op.module.kernel_size if op.module is not None else op.arg(2 if self.fold else 1, "kernel_size")
+        ks = (ks, ks) if isinstance(ks, int) else tuple(ks)
+        blocks, image = (x, y) if self.fold else (y, x)
+        if len(ks) != 2 or not all(isinstance(k, int) for k in ks) or sp.rank(image) != 4 or sp.rank(blocks) != 3:
+            return  # an unbatched call: frozen by the driver
+        sp.unify(x, 0, y, 0, f"by {op.describe()}")
+        sizes = [sp.fresh(k) for k in ks]
+        for a in sizes:
+            sp.atoms.freeze(a, f"kernel positions of {op.describe()}")
+        sp.structure_atoms(sp.of(blocks, 1), "prod", [sp.of(image, 1), *sizes], f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        return nan_eval(op, fx)
+
+
 class ChannelShuffle(Rule):
     """``channel_shuffle(x, g)``: channel i k + j (group i of g, k channels each) goes to j g + i; the input's dim 1
     is the product (groups, k), the output's (k, groups). The groups stay (their count is the op's argument)."""
@@ -1903,6 +1928,8 @@ register(Scan(), aten.cumsum, aten.cumprod, aten.logcumsumexp, aten.diff, torch.
 register(Triangle(), aten.triu, aten.tril, torch.triu, torch.tril, "triu", "tril")
 register(PixelShuffle(), aten.pixel_shuffle, F.pixel_shuffle, nn.PixelShuffle)
 register(PixelShuffle(inverse=True), aten.pixel_unshuffle, F.pixel_unshuffle, nn.PixelUnshuffle)
+register(Unfold(), aten.im2col, F.unfold, nn.Unfold)
+register(Unfold(fold=True), aten.col2im, F.fold, nn.Fold)
 register(ChannelShuffle(), aten.channel_shuffle, aten.native_channel_shuffle, nn.ChannelShuffle,
          *([F.channel_shuffle] if hasattr(F, "channel_shuffle") else []))
 register(GLU(), aten.glu, F.glu, nn.GLU)
