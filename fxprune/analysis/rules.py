@@ -271,10 +271,7 @@ class Conv(Rule):
         x, w, b, y, G = o["x"], o["w"], o["b"], op.node, o["groups"]
         if o["transposed"] or not isinstance(G, int) or sp.rank(x) != sp.rank(w):
             return  # transposed or unbatched conv: frozen by the driver
-        if not _is_param(w):  # weight standardization (StdConv), weight norm...: nothing to slice
-            sp.freeze_all(w, f"the weight of {op.describe()} is computed in the forward, not a parameter: cannot slice it")
-            sp.freeze_all(x, f"reads {op.describe()}, whose weight is computed in the forward")
-            sp.freeze_all(op.node, f"written by {op.describe()}, whose weight is computed in the forward")
+        if _computed_weight(op, sp, x, w):  # weight standardization (StdConv), weight norm...: nothing to slice
             return
         sp.unify(x, 0, y, 0, f"by {op.describe()}")
         if b is not None:
@@ -393,10 +390,7 @@ class ConvTranspose(Rule):
         x, w, b, groups = self.operands(op)
         if groups != 1 or sp.rank(x) != sp.rank(w):
             return  # grouped or unbatched: frozen by the driver
-        if not _is_param(w):
-            sp.freeze_all(w, f"the weight of {op.describe()} is computed in the forward, not a parameter: cannot slice it")
-            sp.freeze_all(x, f"reads {op.describe()}, whose weight is computed in the forward")
-            sp.freeze_all(op.node, f"written by {op.describe()}, whose weight is computed in the forward")
+        if _computed_weight(op, sp, x, w):
             return
         y = op.node
         sp.unify(x, 0, y, 0, f"by {op.describe()}")
@@ -431,6 +425,17 @@ class ConvTranspose(Rule):
                 return None
             value = B.to(torch.float64)
         return _out_facts(op, fx.sp, {1: DimFacts(constant, torch.where(constant, value, 0.0))})
+
+
+def _computed_weight(op: Op, sp: Spaces, x: Node, w: Any) -> bool:
+    """Whether the weight of a (transposed) convolution is computed in the forward rather than a parameter; if so,
+    its input, weight and output are frozen (nothing to slice)."""
+    if _is_param(w):
+        return False
+    sp.freeze_all(w, f"the weight of {op.describe()} is computed in the forward, not a parameter: cannot slice it")
+    sp.freeze_all(x, f"reads {op.describe()}, whose weight is computed in the forward")
+    sp.freeze_all(op.node, f"written by {op.describe()}, whose weight is computed in the forward")
+    return True
 
 
 def _is_param(v: Any) -> bool:
@@ -711,19 +716,20 @@ class Triangle(Rule):
     """``triu`` / ``tril``: which entries of the last two dims stay depends on their positions (frozen); the dims
     before them pass through (a batch of masks, of heads)."""
 
+    nan_eval = True
+
     def couple(self, op: Op, sp: Spaces) -> None:
         x, rank = op.arg(0, "input"), sp.rank(op.node)
         for d in range(rank - 2):
             sp.unify(x, d, op.node, d, f"by {op.describe()}")
-
-    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        return nan_eval(op, fx)
 
 
 class PixelShuffle(Rule):
     """``pixel_shuffle(x, r)``: (..., C r r, H, W) -> (..., C, H r, W r), input channel (c r + i) r + j to output
     channel c at sub-position (i, j). The input's channel dim is the product of the output's channels and two
     factors of r that become positions (frozen); ``pixel_unshuffle`` is the inverse."""
+
+    nan_eval = True
 
     def __init__(self, inverse: bool = False) -> None:
         self.inverse = inverse
@@ -743,14 +749,13 @@ class PixelShuffle(Rule):
             sp.atoms.freeze(a, f"sub-positions of {op.describe()}")
         sp.structure_atoms(sp.of(many, rank - 3), "prod", [sp.of(few, rank - 3), *subs], f"by {op.describe()}")
 
-    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        return nan_eval(op, fx)
-
 
 class Unfold(Rule):
     """``unfold`` (im2col): (N, C, H, W) -> (N, C kh kw, positions), input channel c to output channels
     (c kh + i) kw + j; ``fold`` (col2im) is the inverse (overlapping blocks summed). The blocks' side is a product
     of the image side's channels and the kernel's two sizes (frozen); positions are left unrelated."""
+
+    nan_eval = True
 
     def __init__(self, fold: bool = False) -> None:
         self.fold = fold
@@ -768,13 +773,12 @@ class Unfold(Rule):
             sp.atoms.freeze(a, f"kernel positions of {op.describe()}")
         sp.structure_atoms(sp.of(blocks, 1), "prod", [sp.of(image, 1), *sizes], f"by {op.describe()}")
 
-    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        return nan_eval(op, fx)
-
 
 class ChannelShuffle(Rule):
     """``channel_shuffle(x, g)``: channel i k + j (group i of g, k channels each) goes to j g + i; the input's dim 1
     is the product (groups, k), the output's (k, groups). The groups stay (their count is the op's argument)."""
+
+    nan_eval = True
 
     def couple(self, op: Op, sp: Spaces) -> None:
         x, y = op.arg(0, "input"), op.node
@@ -789,9 +793,6 @@ class ChannelShuffle(Rule):
         sp.atoms.freeze(groups, f"the groups of {op.describe()}")
         sp.structure_atoms(sp.of(x, 1), "prod", [groups, per], f"by {op.describe()}")
         sp.structure_atoms(sp.of(y, 1), "prod", [per, groups], f"by {op.describe()}")
-
-    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        return nan_eval(op, fx)
 
 
 class GLU(Rule):
@@ -832,6 +833,8 @@ class PerChannel(Rule):
     passes through; a parameter of one entry (one slope for all channels) is read whole. Facts by evaluation:
     instance norm takes a constant channel of each sample to its bias."""
 
+    nan_eval = True
+
     def __init__(self, **params: int) -> None:
         self.params = params
 
@@ -849,9 +852,6 @@ class PerChannel(Rule):
                 sp.unify(x, c, p, 0, f"by {op.describe()}")
             else:
                 sp.meta_dim(p, 0)
-
-    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        return nan_eval(op, fx)
 
 
 class TupleGetItem(Rule):
@@ -1386,9 +1386,6 @@ class IndexSelect(Rule):
         sp.freeze(op.node, d, why)
         if isinstance(index, Node):
             sp.freeze_all(index, why)
-
-    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        return nan_eval(op, fx)
 
 
 class IndexRows(Rule):

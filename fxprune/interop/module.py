@@ -600,8 +600,8 @@ def _count_bare_instance_norms(out: nn.Module, inputs: tuple[Any, ...]) -> None:
     no tensor shows: read off their inputs in one forward of ``out`` at the example (in eval mode, drawing no
     randomness). Their forward does not use it, but warns at every call where it differs from the input's
     channels."""
-    bare = {m: p for p, m in out.named_modules() if isinstance(m, nn.modules.instancenorm._InstanceNorm)
-            and m.weight is None and m.running_mean is None}
+    bare = [m for m in out.modules() if isinstance(m, nn.modules.instancenorm._InstanceNorm)
+            and m.weight is None and m.running_mean is None]
     if not bare:
         return
     seen: dict[nn.Module, int] = {}
