@@ -128,15 +128,19 @@ def test_a_poolformer_with_compensated_group_norms_exports_to_executorch_and_onn
     assert any(isinstance(m, fp.nn.CompensatedGroupNorm) for m in small.modules())
     _executorch_and_onnx(model, small, x, tmp_path)
 
-@pytest.mark.parametrize("name", ["generator", "lstm"])
+@pytest.mark.parametrize("name", ["generator", "lstm", "autoencoder"])
 def test_plain_pytorch_models_minimized_in_their_class_export_to_executorch_and_onnx(name, tmp_path):
-    """CycleGAN's generator (reflection pads, instance norms, a transposed conv) and a two-layer LSTM tagger, each
-    minimized as its own class, run in ExecuTorch and ONNX Runtime at batch 1 and 7."""
-    from test_plain_models import Generator, plant
+    """CycleGAN's generator (reflection pads, instance norms, a transposed conv), a two-layer LSTM tagger and a
+    Stable-Diffusion-style autoencoder (group norms of two groups, compensated), each minimized as its own class,
+    run in ExecuTorch and ONNX Runtime at batch 1 and 7."""
+    from test_plain_models import Autoencoder, Generator, plant, plant_in_groups
     from test_rules import _Recurrent
 
-    model, x = ((plant(Generator()).eval(), torch.randn(2, 3, 32, 32)) if name == "generator" else
-                (_Recurrent(torch.nn.LSTM, 2).eval(), torch.randn(2, 7, 5)))
+    model, x = {"generator": lambda: (plant(Generator()).eval(), torch.randn(2, 3, 32, 32)),
+                "lstm": lambda: (_Recurrent(torch.nn.LSTM, 2).eval(), torch.randn(2, 7, 5)),
+                "autoencoder": lambda: (plant_in_groups(Autoencoder()).eval(), torch.randn(2, 3, 16, 16))}[name]()
     small = fp.minimize_module(model, (x,))
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    if name == "autoencoder":
+        assert any(isinstance(m, fp.nn.CompensatedGroupNorm) and m.kept_per_group for m in small.modules())
     _executorch_and_onnx(model, small, x, tmp_path, wrap=lambda m: m.eval())

@@ -174,13 +174,25 @@ class Grouped(nn.Module):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_group_norm_removes_whole_groups_only(method):
+def test_group_norm_loses_a_constant_group_whole_and_keeps_a_channel_only_unread(method):
+    """Group 1 holds constants: it goes whole, and the norm is a group norm with 3 groups. Channel 5 is unread but
+    not constant: its values enter group 2's statistics, so it stays."""
     model = Grouped()
-    small, reasons = check(model, torch.randn(2, 3, 5, 5), method)
+    small, _ = check(model, torch.randn(2, 3, 5, 5), method)
     assert count_params(small) == count_params(model) - 2 * (3 + 1 + 2 + 2)  # conv rows + bias, GN affine, columns
     gn_weight = [p for n, p in small.named_parameters() if n.startswith("gn")][0]
     assert gn_weight.shape == (6,)
-    assert any("only whole groups go" in r for r in reasons)
+    calls = [n for n in small.graph.nodes if "group_norm" in str(n.target)]
+    assert [n.args[1] for n in calls] == [3] or [small.get_submodule(n.target).num_groups
+                                                 for n in small.graph.nodes if n.op == "call_module"] == [3]
+
+
+def test_a_group_norm_that_loses_whole_groups_in_its_class_has_fewer_groups():
+    """(minimize_module updated the channels and not the groups: its own check failed with an EquivalenceError.)"""
+    model = Grouped().double().eval()
+    small = fp.minimize_module(model, (torch.randn(2, 3, 5, 5, dtype=torch.float64),))
+    assert type(small.gn) is nn.GroupNorm and (small.gn.num_groups, small.gn.num_channels) == (3, 6)
+    _exact_at_other_shapes(model, small, ((2, 3, 5, 5), (4, 3, 7, 3)))
 
 
 # ---------------------------------------------------------------------------------------------------- rotary
@@ -374,11 +386,16 @@ def _stream_params(width: int) -> int:
     return (width * 27 + width) + 2 * block + (4 * width + 4)
 
 
+def _groups(n: int) -> type[nn.Module]:
+    return (lambda c: nn.GroupNorm(n, c)) if n > 1 else (lambda c: nn.GroupNorm(1, c))
+
+
+@pytest.mark.parametrize("groups", [1, 4])  # 4: groups of 2, each of 3 loses one of its two channels
 @pytest.mark.parametrize("method", METHODS)
-def test_one_group_group_norm_stream_loses_constant_channels_exactly(method):
+def test_group_norm_stream_loses_constant_channels_exactly(method, groups):
     from conftest import graph_state
 
-    model = GroupNormStream().double().eval()
+    model = GroupNormStream(norm=_groups(groups)).double().eval()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     dims = {"x": {0: Dim("b", min=1, max=64), 2: Dim("h", min=2, max=64), 3: Dim("w", min=2, max=64)}}
     gm = fp.capture(model, (x,), method=method, **({"dynamic_shapes": dims} if method == "export" else {}))
@@ -410,6 +427,52 @@ def test_compensated_group_norm_eagerly_and_traced_is_the_full_norm(removed, aff
     assert torch.allclose(N.compensated_group_norm(*args), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("gone", [[1], [0, 1, 2], [3, 4, 5, 6, 7, 8], [0, 5, 7, 10, 11], [2, 3, 4, 9, 10, 11]])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("spatial", [(), (7,), (4, 5)])
+def test_compensated_group_norm_with_groups_eagerly_and_traced_is_the_full_norm(gone, affine, spatial, monkeypatch):
+    """Four groups of three; the removed channels hold constants (alike in a group, or not; a group may lose all
+    of its channels and stay in the call)."""
+    from fxprune.nn import norm as N
+
+    G, C = 4, 12
+    x = torch.randn(3, C, *spatial, dtype=torch.float64)
+    values = torch.linspace(-1.5, 2.0, len(gone), dtype=torch.float64)
+    x[:, gone] = values.reshape(-1, *(1,) * len(spatial))
+    w, b = (torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64)) if affine else (None, None)
+    keep = torch.ones(C, dtype=torch.bool)
+    keep[gone] = False
+    ref = F.group_norm(x, G, w, b, 1e-5)[:, keep]
+    of = [torch.tensor([c // 3 == g for c in gone]) for g in range(G)]  # the removed constants of each group
+    s1, s2 = tuple(float(values[m].sum()) for m in of), tuple(float((values[m] ** 2).sum()) for m in of)
+    kept = tuple(int(k) for k in keep.reshape(G, 3).sum(1))
+    args = (x[:, keep], w[keep] if affine else None, b[keep] if affine else None, 1e-5, C, s1, s2, kept)
+    assert torch.allclose(N.compensated_group_norm(*args), ref, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(N, "_traced", lambda t: True)  # the split and cat form torch.export sees
+    assert torch.allclose(N.compensated_group_norm(*args), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_compensated_group_norm_module_shrinks_group_by_group_and_refuses_a_layout_that_does_not_fit():
+    gn = nn.GroupNorm(3, 6).double()
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 2), gn.bias.uniform_(-1, 1)
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    x[:, [0, 1, 4]] = torch.tensor([0.5, -0.25, 2.0], dtype=torch.float64).reshape(3, 1)
+    small = fp.nn.CompensatedGroupNorm.from_group_norm(gn).shrink(torch.tensor([0, 0, 1, 1, 0, 1], dtype=torch.bool),
+                                                                   torch.tensor([0.5, -0.25, 2.0]))
+    assert (small.kept_per_group, small.full_channels) == ((2, 1), 4)  # group 0 lost both channels: it went
+    keep = [2, 3, 5]
+    assert torch.allclose(small(x[:, keep]), gn(x)[:, keep], rtol=1e-12, atol=1e-12)
+    once_more = small.shrink(torch.tensor([1, 0, 1], dtype=torch.bool), torch.tensor([0.0]))
+    x[:, 3] = 0.0
+    assert once_more.kept_per_group == (1, 1)
+    assert torch.allclose(once_more(x[:, [2, 5]]), gn(x)[:, [2, 5]], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="kept_per_group"):
+        fp.nn.CompensatedGroupNorm(3, 6, kept_per_group=(2, 2, 2))  # 6 channels in the groups, 3 kept
+    with pytest.raises(ValueError, match="does not fit"):
+        fp.nn.compensated_group_norm(x[:, :3], None, None, 1e-5, 6, (0.0, 0.0), (0.0, 0.0), (1, 1))
+
+
 class _ShapeBranch(GroupNormStream):
     """The same model with a forward a symbolic trace cannot follow: minimize_module captures it with torch.export,
     which traces through a compensated norm's forward."""
@@ -420,18 +483,27 @@ class _ShapeBranch(GroupNormStream):
         return super().forward(x)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
 @pytest.mark.parametrize("cls", [GroupNormStream, _ShapeBranch])
-def test_minimize_module_compensates_group_norms_and_again_in_a_second_call(cls):
-    model = cls().double().eval()
+def test_minimize_module_compensates_group_norms_and_again_in_a_second_call(cls, groups):
+    """Four groups: channels 1, 4 and 6 go from groups 0, 2 and 3; then channels 0 and 2 die. Channel 2 goes from
+    group 1, and channel 0 empties group 0, which goes, except through torch.export (``_ShapeBranch``): the traced
+    norm splits its input by group, and fxprune keeps one channel of every part it splits."""
+    model = cls(norm=_groups(groups)).double().eval()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     small = fp.minimize_module(model, (x,))
     assert type(small) is cls and small.stem.weight.shape[0] == 5
     norm = small.blocks[0].norm
     assert isinstance(norm, fp.nn.CompensatedGroupNorm) and (norm.kept, norm.full_channels) == (5, 8)
+    assert norm.kept_per_group == ((1, 2, 1, 1) if groups == 4 else None)
     _exact_at_other_shapes(model, small)
-    small.kill([0], value=0.3)  # the cycle's next round: one more stream channel dead in the kept model
+    small.kill([0, 1], value=0.3)  # the cycle's next round: two more stream channels dead in the kept model
     again = fp.minimize_module(small, (x,))
-    assert again.stem.weight.shape[0] == 4 and again.blocks[1].norm2.full_channels == 8
+    norm = again.blocks[1].norm2
+    whole = groups == 4 and cls is GroupNormStream  # (group 0 goes)
+    assert again.stem.weight.shape[0] == (3 if groups == 1 or whole else 4)
+    assert norm.full_channels == (6 if whole else 8)
+    assert norm.kept_per_group == (None if groups == 1 else (1, 1, 1) if whole else (1, 1, 1, 1))
     _exact_at_other_shapes(small, again)
 
 
@@ -502,7 +574,7 @@ def test_poolformer_stream_loses_channels_as_its_own_class():
 
 
 class _GroupNorms(nn.Module):
-    """A one-group GroupNorm as a module and as a call, and one with two groups (left as it is)."""
+    """A one-group GroupNorm as a module and as a call, and one with two groups."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -513,7 +585,7 @@ class _GroupNorms(nn.Module):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_compensate_layernorm_makes_one_group_group_norms_compensated(method):
+def test_compensate_layernorm_makes_group_norms_compensated(method):
     from conftest import graph_state
     from fxprune.nn import compensated_group_norm
 
@@ -525,8 +597,8 @@ def test_compensate_layernorm_makes_one_group_group_norms_compensated(method):
     assert graph_state(gm) == state
     calls = [n for n in comp.graph.nodes if n.target is compensated_group_norm]
     modules = [m for m in comp.modules() if isinstance(m, fp.nn.CompensatedGroupNorm)]
-    assert len(calls) + len(modules) == 2  # (symbolic: the module stays one; export: both are calls)
-    assert any("group_norm" in str(n.target) and n.target is not compensated_group_norm for n in comp.graph.nodes) \
-        or any(type(m) is nn.GroupNorm for m in comp.modules())  # the two-group norm is left
+    assert len(calls) + len(modules) == 3  # (symbolic: the modules stay modules; export: all are calls)
+    groups = [n.args[7] for n in calls if len(n.args) > 7] + [m.kept_per_group for m in modules if m.kept_per_group]
+    assert groups == [(2, 2)]  # the two-group norm, nothing removed yet
     with torch.no_grad():
         assert torch.allclose(comp(x), model(x), rtol=1e-12, atol=1e-12)

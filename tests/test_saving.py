@@ -283,13 +283,16 @@ def test_a_manifest_without_a_shrunk_norms_statistics_is_refused(compensated_own
         fp.load(d, lambda: _Streams().double())
 
 
-def test_compensated_group_norms_save_and_load_exactly(tmp_path):
-    from test_norms import GroupNormStream
+@pytest.mark.parametrize("groups", [1, 4])
+def test_compensated_group_norms_save_and_load_exactly(tmp_path, groups):
+    from test_norms import GroupNormStream, _groups
 
-    model = GroupNormStream().double().eval()
+    model = GroupNormStream(norm=_groups(groups)).double().eval()
     small = fp.minimize_module(model, (torch.randn(2, 3, 6, 6, dtype=torch.float64),))
-    back = fp.load(fp.save(small, tmp_path / "m"), lambda: GroupNormStream().double())
-    assert isinstance(back.blocks[1].norm2, fp.nn.CompensatedGroupNorm) and back.stem.weight.shape[0] == 5
+    back = fp.load(fp.save(small, tmp_path / "m"), lambda: GroupNormStream(norm=_groups(groups)).double())
+    norm = back.blocks[1].norm2
+    assert isinstance(norm, fp.nn.CompensatedGroupNorm) and back.stem.weight.shape[0] == 5
+    assert (norm.kept_per_group, norm.removed_sum) == (small.blocks[1].norm2.kept_per_group, small.blocks[1].norm2.removed_sum)
     x = torch.randn(3, 3, 9, 5, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(back.eval()(x), small(x))

@@ -7,7 +7,8 @@ Every channel space (one dim of one value) is an *atom* of a fixed size. Rules r
 - ``structure(a, "prod", [h, d])``: ``a`` is ``h`` x ``d`` row-major (reshape into heads, grouped convs).
 
 The *leaves* (root atoms without structure) are the channel groups: removing channel k of a leaf removes
-every index that maps to it in every space that contains it. Incompatible structures freeze instead of
+every index that maps to it in every space that contains it. Two sums over one space with different cuts (slices
+at different offsets) are both cut at every boundary of either; other incompatible structures freeze instead of
 guessing.
 """
 from __future__ import annotations
@@ -90,10 +91,41 @@ class AtomSet:
             for c, p in zip(list(r.children), parts):
                 self.unify(c, p, why)
             return
+        if r.kind == kind == "sum":  # two cuts of one concatenation (slices at different offsets): cut both finer
+            ours, theirs = self._refined(r.children, parts, why), self._refined(parts, r.children, why)
+            if ours is not None and theirs is not None:
+                for c, p in zip(ours, theirs):
+                    self.unify(c, p, why)
+                return
         reason = (f"incompatible channel structures ({r.kind} {[self.find(c).size for c in r.children]} "
                   f"vs {kind} {[self.find(p).size for p in parts]}) {why}").strip()
         for a in (r, *parts):
             self.freeze(a, reason)
+
+    def _refined(self, parts: list[Atom], other: list[Atom], why: str) -> list[Atom] | None:
+        """``parts`` (a concatenation) cut at every boundary of ``other`` (another cut of the same whole) too: the
+        finest parts, in order, each part that a boundary falls inside declared the sum of its new pieces. None
+        where such a part cannot take that structure (it is already a product: heads)."""
+        bounds, at = set(), 0
+        for p in other:
+            at += self.find(p).size
+            bounds.add(at)
+        out: list[Atom] = []
+        start = 0
+        for p in parts:
+            size = self.find(p).size
+            cuts = sorted(b - start for b in bounds if start < b < start + size)
+            start += size
+            if not cuts:
+                out.append(p)
+                continue
+            edges = [0, *cuts, size]
+            pieces = [self.new(b - a) for a, b in zip(edges, edges[1:])]
+            self.structure(p, "sum", pieces, why)
+            if self.find(p).kind != "sum":
+                return None
+            out.extend(pieces)
+        return out
 
     # ---- resolution -------------------------------------------------------------------------
     def settle(self) -> None:

@@ -20,7 +20,8 @@ from fxprune.graph.scan import BLOCK_BYTES
 from fxprune.analysis.rule import DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval
 from fxprune.analysis.table import RULES, ByName
 from fxprune.graph.shapes import TensorSpec, is_dynamic_scalar, node_spec
-from fxprune.nn.norm import compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_softmax
+from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_softmax,
+                             shrunk_groups)
 
 aten = torch.ops.aten
 
@@ -881,10 +882,10 @@ class Norm(Rule):
 
     A layer_norm or rms_norm tolerates removing channels of its first normalized dim that hold known constants:
     its rewrite turns it into :func:`~fxprune.nn.compensated_layer_norm` (or the RMS one), which keeps the
-    statistics of everything it normalized. A group_norm with one group does too (constant channels, the same at
-    every position: :func:`~fxprune.nn.compensated_group_norm`, which counts the positions at run time); one with
-    several groups tolerates removing whole groups (a group's statistics are its own). native_group_norm
-    tolerates nothing."""
+    statistics of everything it normalized. A group_norm does too (constant channels, the same at every position:
+    :func:`~fxprune.nn.compensated_group_norm`, which counts the positions at run time); with several groups, each
+    group keeps its own statistics, and a group that loses every channel goes whole (its statistics are its
+    own: the norm is a group_norm with fewer groups again). native_group_norm tolerates nothing."""
 
     _LAYER = (aten.layer_norm.default, F.layer_norm)
     _RMS = (aten.rms_norm.default, getattr(F, "rms_norm", None))
@@ -905,24 +906,28 @@ class Norm(Rule):
 
     def compensable(self, op: Op) -> bool:
         """A layer/RMS norm whose first normalized dim holds the channels; any further normalized dims (LayerNorm
-        over ``[C, L]``) are static and kept whole. A group norm with one group (over dim 1 and every position)."""
+        over ``[C, L]``) are static and kept whole. A group norm (over dim 1 and every position; with several
+        groups, each group's), whose channels divide into its groups."""
         if op.target in self._GROUP:
-            return op.arg(1, "num_groups") == 1
+            G, C = op.arg(1, "num_groups"), node_spec(op.arg(0, "input")).shape[1]
+            return G == 1 or isinstance(G, int) and isinstance(C, int) and G > 1 and C % G == 0
         if op.target not in self._LAYER + self._RMS:
             return False
         x, nd, _, _ = self.operands(op)
         dynamic = node_spec(x).dynamic
         return not any(d in dynamic for d in nd[1:])
 
-    def compensated(self, op: Op, new: Callable[[Any], Any], full: int, s1: float, s2: float, ndim: int,
-                    affine: bool = True) -> tuple[Callable[..., Any], tuple]:
+    def compensated(self, op: Op, new: Callable[[Any], Any], full: int, s1: Any, s2: Any, ndim: int,
+                    affine: bool = True, groups: tuple[int, ...] | None = None) -> tuple[Callable[..., Any], tuple]:
         """Target and args of the compensated call that replaces this norm once entries holding constants (sum
         ``s1``, sum of squares ``s2``) are gone from normalized dims of ``full`` entries in all (``new`` maps
-        operands to the new graph); ``affine=False``: without weight and bias."""
+        operands to the new graph); ``affine=False``: without weight and bias. ``groups``: a group norm's kept
+        channels per group (``s1``, ``s2`` per group)."""
         x, w = op.arg(0, "input"), op.arg(2, "weight") if affine else None
         if op.target in self._GROUP:  # (full: the channels; s1, s2: the removed constants at one position)
             b = op.arg(3, "bias") if affine else None
-            return compensated_group_norm, (new(x), new(w), new(b), op.arg(4, "eps", 1e-5), full, s1, s2)
+            extra = (tuple(groups),) if groups is not None else ()
+            return compensated_group_norm, (new(x), new(w), new(b), op.arg(4, "eps", 1e-5), full, s1, s2, *extra)
         if op.target in self._RMS:
             return compensated_rms_norm, (new(x), new(w), op.arg(3, "eps"), full, s2, ndim)
         b = op.arg(3, "bias") if affine else None
@@ -954,15 +959,6 @@ class Norm(Rule):
                     sp.unify(op.node if split else x, d, p, i, f"by {op.describe()}")
         if split:
             sp.implies(x, nd[0], op.node, nd[0])  # an input channel goes (compensated) only with its output
-        if op.target in self._GROUP:
-            G, C = op.arg(1, "num_groups"), _shape(sp, x)[1]
-            if isinstance(G, int) and G > 1 and C % G == 0:
-                per = sp.fresh(C // G)
-                sp.atoms.freeze(per, f"{op.describe()} normalizes each group over its channels: only whole groups go")
-                sp.structure_atoms(sp.of(x, 1), "prod", [sp.fresh(G), per], f"groups of {op.describe()}")
-                # a group's statistics read only its own channels: removing whole groups leaves the others exact
-                sp.exit(x, 1, lambda fx, n=C: torch.ones(n, dtype=torch.bool), f"{op.describe()} (whole groups)")
-                return
         if self.compensable(op):
             sp.exit(x, nd[0], lambda fx: fx.dim(x, nd[0]).known, f"{op.describe()} (compensates constant channels)")
             for d in nd[1:]:
@@ -1000,12 +996,29 @@ class Norm(Rule):
         c = rw.facts.dim(x, nd[0]).value[removed]
         return rest * float(c.sum()), rest * float((c * c).sum()), math.prod(shape[d] for d in nd)
 
+    def group_removal(self, op: Op, rw: Rewrite, groups: tuple[int, ...], s1: tuple[float, ...],
+                      s2: tuple[float, ...]) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]] | None:
+        """A group norm's kept channels per group and its removed constants' sums per group (at one position) once
+        this rewrite's channels are gone, from ``groups`` kept channels per group before it; groups that lose every
+        channel are dropped. None when nothing is removed."""
+        x = op.arg(0, "input")
+        kept = rw.kept(x, 1)
+        if bool(kept.all()):
+            return None
+        return shrunk_groups(groups, s1, s2, kept, rw.facts.dim(x, 1).value[~kept])
+
     def rewrite(self, op: Op, rw: Rewrite) -> None:
-        if op.target in self._GROUP and not self.compensable(op):
+        if op.target in self._GROUP and op.arg(1, "num_groups") != 1:
             G = op.arg(1, "num_groups")
-            kept = rw.kept(op.arg(0, "input"), 1)
-            if not bool(kept.all()):
-                rw.set_arg(op, 1, "num_groups", int(kept.reshape(G, -1).any(dim=1).sum()))
+            C = _shape(rw.facts.sp, op.arg(0, "input"))[1]
+            got = self.group_removal(op, rw, (C // G,) * G, (0.0,) * G, (0.0,) * G)
+            if got is None:
+                return
+            groups, s1, s2 = got
+            if all(k == C // G for k in groups):  # whole groups only: a group norm with fewer groups
+                rw.set_arg(op, 1, "num_groups", len(groups))
+            else:
+                rw.retarget(op, *self.compensated(op, rw.new, C // G * len(groups), s1, s2, 1, groups=groups), {})
             return
         x, nd, w, b = self.operands(op)
         if self.splits(op, rw.facts.sp):
@@ -1041,6 +1054,15 @@ class CompensatedNorm(Norm):
         return True
 
     def rewrite(self, op: Op, rw: Rewrite) -> None:
+        groups = op.arg(7, "kept_per_group") if op.target is compensated_group_norm else None
+        if groups is not None:
+            full = op.arg(4, "full_channels")
+            got = self.group_removal(op, rw, groups, op.arg(5, "removed_sum"), op.arg(6, "removed_sq_sum"))
+            if got is not None:
+                rw.set_arg(op, 4, "full_channels", full // len(groups) * len(got[0]))
+                for i, name, v in ((5, "removed_sum", got[1]), (6, "removed_sq_sum", got[2]), (7, "kept_per_group", got[0])):
+                    rw.set_arg(op, i, name, v)
+            return
         got = self.removed_constants(op, rw)
         if got is None:
             return

@@ -23,10 +23,11 @@ from torch.utils import _pytree as pytree
 
 from fxprune.compare import cast, eval_modes, ieee_float32, to_dtype
 from fxprune.errors import CaptureError, EquivalenceError, InputError, UnsupportedError
-from fxprune.graph.capture import BATCH, EVERY, as_inputs, capture, unwrapped
+from fxprune.graph.capture import BATCH, CAPTURE_METHOD_KEY, EVERY, as_inputs, capture, unwrapped
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
 from fxprune.graph.masks import unmasked
-from fxprune.nn.norm import compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_subclass
+from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_subclass,
+                             shrunk_groups)
 
 __all__ = ["minimize_module", "cache_off", "eval_capture", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME",
            "BY_NAME_SUFFIX"]
@@ -74,8 +75,10 @@ def _embedding(m: nn.Embedding) -> None:
 
 
 def _group_norm(m: nn.GroupNorm) -> None:
-    if m.weight is not None:
+    if m.weight is not None:  # (whole groups removed: as many fewer groups, each of the same width)
+        per = m.num_channels // m.num_groups
         m.num_channels = m.weight.shape[0]
+        m.num_groups = m.num_channels // per
 
 
 # module type -> updates the attributes its forward reads from its (new) tensors
@@ -694,6 +697,14 @@ def _recompensate(model: nn.Module, out: nn.Module, path: str, kept: dict[str, l
     except UnsupportedError:
         return False
     norm = out.get_submodule(path)
+    if getattr(norm, "kept_per_group", None) is not None:  # a group norm: the sums per group
+        keep = torch.zeros(norm.kept, dtype=torch.bool)
+        keep[idx.cpu()] = True
+        per = norm.full_channels // len(norm.kept_per_group)
+        norm.kept_per_group, norm.removed_sum, norm.removed_sq_sum = shrunk_groups(
+            norm.kept_per_group, norm.removed_sum, norm.removed_sq_sum, keep, values.cpu())
+        norm.kept, norm.full_channels = int(idx.numel()), per * len(norm.kept_per_group)
+        return True
     norm.removed_sq_sum = float(norm.removed_sq_sum) + float((values ** 2).sum())
     if hasattr(norm, "removed_sum"):
         norm.removed_sum = float(norm.removed_sum) + float(values.sum())
@@ -826,13 +837,16 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set
         args = list(n.args)
         if n.target is compensated_group_norm:
             old = out.get_submodule(path)
+            if type(old) is CompensatedGroupNorm and small.meta.get(CAPTURE_METHOD_KEY) == "export":
+                continue  # the group norm inside a grouped one's forward, traced through: _recompensate's to update
             if not (type(old) is CompensatedGroupNorm  # (one made by an earlier call: a symbolic trace keeps its call)
                     or isinstance(old, nn.GroupNorm) and _a_group_norm(old)):
                 own_forward.add(path)
                 continue
             w, b = (get_attr(small, a.target) if a is not None else None for a in args[1:3])
             new = CompensatedGroupNorm(n.meta["val"].shape[1], args[4], args[3], args[5], args[6], affine=w is not None,
-                                       dtype=w.dtype if w is not None else None)
+                                       dtype=w.dtype if w is not None else None,
+                                       kept_per_group=args[7] if len(args) > 7 else None)
             for name, t, src in (("weight", w, old.weight), ("bias", b, old.bias)):
                 if t is not None:
                     setattr(new, name, nn.Parameter(t.detach().clone(), requires_grad=src.requires_grad))

@@ -39,13 +39,14 @@ WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
 _REPLACEMENTS: dict[str, tuple[type, tuple[str, ...]]] = {
     "CompensatedLayerNorm": (CompensatedLayerNorm, ("kept", "full_size", "eps", "removed_sum", "removed_sq_sum")),
     "CompensatedRMSNorm": (CompensatedRMSNorm, ("kept", "full_size", "eps", "removed_sq_sum", "offset")),
-    "CompensatedGroupNorm": (CompensatedGroupNorm, ("kept", "full_channels", "eps", "removed_sum", "removed_sq_sum")),
+    "CompensatedGroupNorm": (CompensatedGroupNorm, ("kept", "full_channels", "eps", "removed_sum", "removed_sq_sum",
+                                                    "kept_per_group")),
 }
 # what a LayerNorm subclass of the user's that fxprune made compensated carries (its class stays the user's)
 _COMPENSATED = ("full_size", "removed_sum", "removed_sq_sum")
-_OPTIONAL = {"offset"}  # replacement arguments a manifest may lack (added since format 2 was written)
+_OPTIONAL = {"offset", "kept_per_group"}  # replacement arguments a manifest may lack (added since format 2 was written)
 _SIZES = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "num_embeddings",
-          "embedding_dim", "normalized_shape", "num_channels", "nf", "split_size", "embed_dim", "num_heads",
+          "embedding_dim", "normalized_shape", "num_channels", "num_groups", "nf", "split_size", "embed_dim", "num_heads",
           "head_dim", "attention_head_size", "all_head_size", "num_attention_heads")
 
 

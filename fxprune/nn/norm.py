@@ -1,4 +1,4 @@
-"""LayerNorm, RMSNorm and one-group GroupNorm over the kept channels of a stream, with the statistics of the whole
+"""LayerNorm, RMSNorm and GroupNorm over the kept channels of a stream, with the statistics of the whole
 original stream.
 
 When channels of a normalized stream are removed, plain slicing is wrong: the mean and variance are then
@@ -11,7 +11,9 @@ statistics are still computable from the kept channels ``x_K``::
 
 with ``D`` the original width and ``n_R = D - |K|``. A GroupNorm with one group normalizes over the channels and
 every position; a removed channel holds its constant at every position, so the same sums per position, times the
-number of positions (read off the input at run time), give its statistics. The functions are plain torch code, so
+number of positions (read off the input at run time), give its statistics. A GroupNorm with several groups does
+the same per group (each group's statistics are its own): the kept channels of the groups are what is left of
+them, and the removed ones are put back as constants with each group's sums. The functions are plain torch code, so
 torch.export traces them into ATen ops; :func:`torch.fx.wrap` keeps them one call under symbolic tracing.
 
 Run eagerly (no tracer recording), :func:`compensated_layer_norm` computes the same function as the norm
@@ -25,6 +27,7 @@ analysis reads them.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,12 +93,20 @@ def _layer_norm_eagerly(input: torch.Tensor, weight: torch.Tensor | None, bias: 
 
 
 def compensated_group_norm(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                           full_channels: int, removed_sum: float = 0.0, removed_sq_sum: float = 0.0) -> torch.Tensor:
+                           full_channels: int, removed_sum: float | tuple[float, ...] = 0.0,
+                           removed_sq_sum: float | tuple[float, ...] = 0.0,
+                           kept_per_group: tuple[int, ...] | None = None) -> torch.Tensor:
     """GroupNorm with one group (``nn.GroupNorm(1, C)``: statistics over the channels and every position of
     ``input``, shaped (N, C, *spatial)) as if ``full_channels`` minus C removed channels were still there, each
     holding one constant at every position; per position their constants sum to ``removed_sum``, their squares to
     ``removed_sq_sum``. The number of positions is read off ``input``, so any spatial size gives the original's
-    statistics. The affine is per channel, as GroupNorm's."""
+    statistics. The affine is per channel, as GroupNorm's.
+
+    ``kept_per_group``: GroupNorm with ``len(kept_per_group)`` groups of ``full_channels / G`` channels each, of
+    which ``input`` holds the first ``kept_per_group[0]`` channels for group 0, then group 1's, and so on;
+    ``removed_sum`` and ``removed_sq_sum`` are then per group (:func:`_grouped_norm`)."""
+    if kept_per_group is not None:
+        return _grouped_norm(input, weight, bias, eps, full_channels, removed_sum, removed_sq_sum, kept_per_group)
     kept = input.shape[1]
     shape = (kept,) + (1,) * (input.dim() - 2)
     if not _traced(input):  # one F.group_norm over the channels put back (as _layer_norm_eagerly does)
@@ -131,20 +142,101 @@ def compensated_group_norm(input: torch.Tensor, weight: torch.Tensor | None, bia
     return out
 
 
-def _removed_values(n: int, removed_sum: float, removed_sq_sum: float, like: torch.Tensor) -> float | torch.Tensor:
-    """``n > 0`` values with sum ``removed_sum`` and sum of squares ``removed_sq_sum`` (their statistics are all a
-    norm reads of the removed entries): their one value where all are alike (zeros, usually), else a tensor like
-    ``like`` of the mean (``n`` odd), then pairs mean + d, mean - d."""
+def _grouped_norm(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                  full_channels: int, removed_sum: tuple[float, ...], removed_sq_sum: tuple[float, ...],
+                  kept_per_group: tuple[int, ...]) -> torch.Tensor:
+    """:func:`compensated_group_norm` with several groups. A group's statistics are its own, and they read its
+    removed channels only through the sum and the sum of squares of their constants; the order of a group's
+    channels does not enter. So each group's removed channels are put back after its kept ones, as at most three
+    runs of constants with those sums (:func:`_removed_runs`), one ``F.group_norm`` with G groups normalizes the
+    whole, and each group's kept channels are taken back out.
+
+    Eagerly that is one gather in, the norm, one gather out. Traced (torch.export), the same is written as slices
+    of the input, filled constants, a cat, the norm, slices and a cat: ops whose channels fxprune's analysis
+    follows, so a second ``minimize`` of the exported model removes more of them (a gather's index it cannot)."""
+    G = len(kept_per_group)
+    per, kept = full_channels // G, input.shape[1]
+    if per * G != full_channels or sum(kept_per_group) != kept or not all(0 <= k <= per for k in kept_per_group):
+        raise ValueError(f"kept_per_group={tuple(kept_per_group)} does not fit {kept} input channels in {G} groups of "
+                         f"{full_channels} channels")
+    runs = [_removed_runs(per - k, float(removed_sum[g]), float(removed_sq_sum[g])) if k < per else []
+            for g, k in enumerate(kept_per_group)]
+    traced = _traced(input)
+    if not any(runs):
+        normed = F.group_norm(input, G, None, None, eps)
+    elif traced:  # slices and a cat (ExecuTorch runs a split only at the batch size it was exported at)
+        pieces, start = [], 0
+        for k, group in zip(kept_per_group, runs):
+            if k:
+                pieces.append(input[:, start:start + k])
+                start += k
+            pieces += [input.new_full((input.shape[0], n, *input.shape[2:]), v) for n, v in group]
+        normed = F.group_norm(torch.cat(pieces, 1), G, None, None, eps)
+        normed = torch.cat([normed[:, g * per:g * per + k] for g, k in enumerate(kept_per_group) if k], 1)
+    else:
+        order, positions, values = [], [], []
+        start, extra = 0, kept
+        for g, (k, group) in enumerate(zip(kept_per_group, runs)):
+            order += range(start, start + k)
+            positions += range(g * per, g * per + k)
+            start += k
+            order += range(extra, extra + per - k)
+            extra += per - k
+            values += [float(v) for n, v in group for _ in range(n)]
+        const = torch.tensor(values, dtype=input.dtype, device=input.device)
+        const = const.reshape(1, -1, *(1,) * (input.dim() - 2)).expand(input.shape[0], -1, *input.shape[2:])
+        full = torch.cat([input, const], 1).index_select(1, torch.tensor(order, device=input.device))
+        normed = F.group_norm(full, G, None, None, eps).index_select(1, torch.tensor(positions, device=input.device))
+    shape = (kept,) + (1,) * (input.dim() - 2)
+    if weight is not None and bias is not None and not traced:
+        return torch.addcmul(bias.reshape(shape), normed, weight.reshape(shape))
+    if weight is not None:
+        normed = normed * weight.reshape(shape)
+    return normed + bias.reshape(shape) if bias is not None else normed
+
+
+def shrunk_groups(kept_per_group: tuple[int, ...], removed_sum: tuple[float, ...], removed_sq_sum: tuple[float, ...],
+                  keep: torch.Tensor, removed_values: torch.Tensor) -> tuple[tuple[int, ...], tuple[float, ...],
+                                                                         tuple[float, ...]]:
+    """A grouped compensated norm's ``kept_per_group`` and removed sums per group once the channels where ``keep``
+    (over its kept channels, group after group) is False are gone too, holding ``removed_values`` (one each, in
+    channel order). A group that keeps no channel is dropped: its statistics are its own."""
+    groups: list[int] = []
+    s1: list[float] = []
+    s2: list[float] = []
+    at = 0
+    values = torch.as_tensor(removed_values, dtype=torch.float64).flatten()
+    for g, mask in enumerate(torch.as_tensor(keep, dtype=torch.bool).split(list(kept_per_group))):
+        gone = values[at:at + int((~mask).sum())]
+        at += len(gone)
+        if bool(mask.any()):
+            groups.append(int(mask.sum()))
+            s1.append(float(removed_sum[g]) + float(gone.sum()))
+            s2.append(float(removed_sq_sum[g]) + float((gone * gone).sum()))
+    return tuple(groups), tuple(s1), tuple(s2)
+
+
+def _removed_runs(n: int, removed_sum: float, removed_sq_sum: float) -> list[tuple[int, float]]:
+    """``n > 0`` values with sum ``removed_sum`` and sum of squares ``removed_sq_sum``, as runs (count, value): one
+    run where all are alike (zeros, usually), else the mean (``n`` odd), then as many of mean + d as of mean - d."""
     mean = removed_sum / n
     spread = math.sqrt(max(removed_sq_sum / n - mean * mean, 0.0))
     if spread == 0.0 or n == 1:
-        return mean
+        return [(n, mean)]
     odd = n % 2
     d = spread * math.sqrt(n / (n - odd))
-    values = like.new_full((n,), mean)
-    values[odd::2] += d
-    values[odd + 1::2] -= d
-    return values
+    pairs = (n - odd) // 2
+    return [r for r in ((odd, mean), (pairs, mean + d), (pairs, mean - d)) if r[0]]
+
+
+def _removed_values(n: int, removed_sum: float, removed_sq_sum: float, like: torch.Tensor) -> float | torch.Tensor:
+    """``n > 0`` values with sum ``removed_sum`` and sum of squares ``removed_sq_sum`` (their statistics are all a
+    norm reads of the removed entries): their one value where all are alike (zeros, usually), else a tensor like
+    ``like`` of :func:`_removed_runs`'s runs."""
+    runs = _removed_runs(n, removed_sum, removed_sq_sum)
+    if len(runs) == 1:
+        return runs[0][1]
+    return torch.cat([like.new_full((count,), v) for count, v in runs])
 
 
 def compensated_rms_norm(input: torch.Tensor, weight: torch.Tensor | None, eps: float | None, full_size: int,
@@ -257,9 +349,10 @@ class CompensatedLayerNorm(nn.Module):
 
 
 class CompensatedGroupNorm(nn.Module):
-    """``nn.GroupNorm(1, C)`` over the kept channels of a stream whose other ``full_channels - kept`` channels
-    were removed while holding known constants (one per channel, the same at every position). With nothing
-    removed it is ``nn.GroupNorm(1, kept)``.
+    """``nn.GroupNorm`` over the kept channels of a stream whose other ``full_channels - kept`` channels were
+    removed while holding known constants (one per channel, the same at every position). With nothing removed it
+    is ``nn.GroupNorm(1, kept)``, or with ``kept_per_group`` (G groups, see :func:`compensated_group_norm`)
+    ``nn.GroupNorm(G, kept)``.
 
     >>> import torch
     >>> gn = torch.nn.GroupNorm(1, 6).double()
@@ -270,47 +363,77 @@ class CompensatedGroupNorm(nn.Module):
     CompensatedGroupNorm(4, full_channels=6, removed_sum=0.0, removed_sq_sum=0.0, eps=1e-05)
     >>> torch.allclose(small(x[:, :4, :3]), gn(x[:, :, :3])[:, :4], rtol=1e-12, atol=1e-12)   # at any size
     True
+    >>> gn3 = torch.nn.GroupNorm(3, 6).double()                      # three groups of two: (0, 1), (2, 3), (4, 5)
+    >>> x[:, 1] = 0.5                                                # channel 1 holds 0.5 everywhere
+    >>> keep = torch.tensor([True, False, True, True, True, False])
+    >>> small = CompensatedGroupNorm.from_group_norm(gn3).shrink(keep, torch.tensor([0.5, 0.0]))
+    >>> small.kept_per_group, small.removed_sum
+    ((1, 2, 1), (0.5, 0.0, 0.0))
+    >>> torch.allclose(small(x[:, keep]), gn3(x)[:, keep], rtol=1e-12, atol=1e-12)
+    True
     """
 
-    def __init__(self, kept: int, full_channels: int | None = None, eps: float = 1e-5, removed_sum: float = 0.0,
-                 removed_sq_sum: float = 0.0, affine: bool = True, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, kept: int, full_channels: int | None = None, eps: float = 1e-5,
+                 removed_sum: float | tuple[float, ...] = 0.0, removed_sq_sum: float | tuple[float, ...] = 0.0,
+                 affine: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 kept_per_group: tuple[int, ...] | None = None) -> None:
         super().__init__()
         full_channels = kept if full_channels is None else full_channels
         if not 0 < kept <= full_channels:
             raise ValueError(f"need 0 < kept <= full_channels, got kept={kept}, full_channels={full_channels}")
         self.kept, self.full_channels, self.eps = int(kept), int(full_channels), float(eps)
-        self.removed_sum, self.removed_sq_sum = float(removed_sum), float(removed_sq_sum)
+        if kept_per_group is None:
+            self.kept_per_group = None
+            self.removed_sum, self.removed_sq_sum = float(removed_sum), float(removed_sq_sum)  # type: ignore[arg-type]
+        else:
+            G = len(kept_per_group)
+            self.kept_per_group = tuple(int(k) for k in kept_per_group)
+            self.removed_sum, self.removed_sq_sum = (
+                tuple(float(v) for v in s) if isinstance(s, (tuple, list)) else (float(s),) * G
+                for s in (removed_sum, removed_sq_sum))
+            if (G == 0 or full_channels % G or sum(self.kept_per_group) != kept
+                    or not all(0 <= k <= full_channels // G for k in self.kept_per_group)
+                    or len(self.removed_sum) != G or len(self.removed_sq_sum) != G):
+                raise ValueError(f"kept_per_group={self.kept_per_group} (and one removed sum per group) does not "
+                                 f"fit kept={kept} channels in groups of a full width of {full_channels}")
         self.weight = nn.Parameter(torch.ones(kept, device=device, dtype=dtype)) if affine else None
         self.bias = nn.Parameter(torch.zeros(kept, device=device, dtype=dtype)) if affine else None
 
     @classmethod
     def from_group_norm(cls, gn: nn.GroupNorm) -> "CompensatedGroupNorm":
-        """The equivalent module of an ``nn.GroupNorm`` with one group (parameters copied)."""
-        if gn.num_groups != 1:
-            raise ValueError(f"only GroupNorm with one group can be compensated, got num_groups={gn.num_groups}")
-        return cls._copy(gn, gn.num_channels, gn.num_channels, gn.eps, 0.0, 0.0)
+        """The equivalent module of an ``nn.GroupNorm`` (parameters copied)."""
+        G, C = gn.num_groups, gn.num_channels
+        if G == 1:
+            return cls._copy(gn, C, C, gn.eps, 0.0, 0.0)
+        return cls._copy(gn, C, C, gn.eps, (0.0,) * G, (0.0,) * G, groups=(C // G,) * G)
 
     @classmethod
-    def _copy(cls, src: nn.Module, kept: int, full: int, eps: float, s1: float, s2: float,
-              keep: torch.Tensor | None = None) -> "CompensatedGroupNorm":
-        return _take_affine(cls(kept, full, eps, s1, s2, affine=getattr(src, "weight", None) is not None), src, keep)
+    def _copy(cls, src: nn.Module, kept: int, full: int, eps: float, s1: Any, s2: Any,
+              keep: torch.Tensor | None = None, groups: tuple[int, ...] | None = None) -> "CompensatedGroupNorm":
+        return _take_affine(cls(kept, full, eps, s1, s2, affine=getattr(src, "weight", None) is not None,
+                                kept_per_group=groups), src, keep)
 
     def shrink(self, keep: torch.Tensor, removed_values: torch.Tensor | None = None) -> "CompensatedGroupNorm":
         """A new module over the channels where ``keep`` is True; the others are known to hold
-        ``removed_values`` (zeros by default) at every position of every input."""
+        ``removed_values`` (zeros by default) at every position of every input. A group that keeps no channel
+        goes whole (its statistics are its own)."""
         c = _constants(keep, self.kept, removed_values)
-        return self._copy(self, int(torch.as_tensor(keep).sum()), self.full_channels, self.eps,
-                          self.removed_sum + float(c.sum()), self.removed_sq_sum + float((c * c).sum()),
-                          torch.as_tensor(keep, dtype=torch.bool))
+        keep = torch.as_tensor(keep, dtype=torch.bool)
+        if self.kept_per_group is None:
+            return self._copy(self, int(keep.sum()), self.full_channels, self.eps,
+                              self.removed_sum + float(c.sum()), self.removed_sq_sum + float((c * c).sum()), keep)
+        per = self.full_channels // len(self.kept_per_group)
+        groups, s1, s2 = shrunk_groups(self.kept_per_group, self.removed_sum, self.removed_sq_sum, keep, c)
+        return self._copy(self, int(keep.sum()), per * len(groups), self.eps, s1, s2, keep, groups)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return compensated_group_norm(input, self.weight, self.bias, self.eps, self.full_channels, self.removed_sum,
-                                      self.removed_sq_sum)
+                                      self.removed_sq_sum, self.kept_per_group)
 
     def extra_repr(self) -> str:
+        groups = f", kept_per_group={self.kept_per_group}" if self.kept_per_group is not None else ""
         return (f"{self.kept}, full_channels={self.full_channels}, removed_sum={self.removed_sum!r}, "
-                f"removed_sq_sum={self.removed_sq_sum!r}, eps={self.eps!r}")
+                f"removed_sq_sum={self.removed_sq_sum!r}, eps={self.eps!r}{groups}")
 
 
 class CompensatedRMSNorm(nn.Module):

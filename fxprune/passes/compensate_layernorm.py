@@ -1,14 +1,13 @@
-"""``compensate_layernorm``: LayerNorm / RMSNorm / one-group GroupNorm -> their compensated form, computing the same
-function.
+"""``compensate_layernorm``: LayerNorm / RMSNorm / GroupNorm -> their compensated form, computing the same function.
 
 Every one-dim ``nn.LayerNorm`` / ``nn.RMSNorm`` module becomes a :class:`~fxprune.nn.CompensatedLayerNorm` /
 :class:`~fxprune.nn.CompensatedRMSNorm` (``nn.GroupNorm(1, C)``: :class:`~fxprune.nn.CompensatedGroupNorm`), and
-every one-dim ``F.layer_norm`` / ``aten.layer_norm`` (``rms_norm``, one-group ``group_norm``) call becomes
+every one-dim ``F.layer_norm`` / ``aten.layer_norm`` (``rms_norm``, ``group_norm``) call becomes
 :func:`~fxprune.nn.compensated_layer_norm` (``compensated_rms_norm``, ``compensated_group_norm``) with nothing
 removed yet.
 ``minimize`` does this by itself for the norms whose channels it removes; this pass is for pipelines that want
 every norm in the compensated form up front (to fine-tune it, or to hand it to later passes).
-Multi-dim norms and GroupNorm with several groups are left as they are.
+Multi-dim norms are left as they are.
 """
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ __all__ = ["compensate_layernorm", "uncompensate"]
 def _module_replacement(m: nn.Module) -> nn.Module | None:
     if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1:
         return CompensatedLayerNorm.from_layer_norm(m)
-    if type(m) is nn.GroupNorm and m.num_groups == 1:
+    if type(m) is nn.GroupNorm:
         return CompensatedGroupNorm.from_group_norm(m)
     if hasattr(nn, "RMSNorm") and type(m) is nn.RMSNorm and len(m.normalized_shape) == 1:
         return CompensatedRMSNorm.from_rms_norm(m)
@@ -41,7 +40,7 @@ def _module_replacement(m: nn.Module) -> nn.Module | None:
 
 @exported_io
 def compensate_layernorm(gm: Program, *, verify: bool = True) -> Program:
-    """A new GraphModule in which every one-dim LayerNorm / RMSNorm (one-group GroupNorm) is in compensated form
+    """A new GraphModule in which every one-dim LayerNorm / RMSNorm (and GroupNorm) is in compensated form
     (same function).
 
     With ``verify`` (the default) the result is checked as ``minimize``'s is, against the model ``gm`` was
@@ -70,13 +69,17 @@ def compensate_layernorm(gm: Program, *, verify: bool = True) -> Program:
         rule, op = RULES.lookup(n, gm), Op(n, gm)
         if n.op != "call_function" or type(rule) is not Norm or not rule.compensable(op):
             continue
-        if op.target in Norm._GROUP:  # one group: the norm over its channels (and every position)
-            full = node_spec(op.arg(0, "input")).shape[1]
+        groups = None
+        if op.target in Norm._GROUP:  # the norm over each group's channels (and every position)
+            full, G = node_spec(op.arg(0, "input")).shape[1], op.arg(1, "num_groups")
+            if G != 1:
+                groups = (full // G,) * G
         elif len(op.arg(1, "normalized_shape")) == 1:
             full = op.arg(1, "normalized_shape")[0]
         else:
             continue
-        new.target, new.args = rule.compensated(op, copy_.arg, full, 0.0, 0.0, 1)
+        none = (0.0,) * len(groups) if groups else 0.0
+        new.target, new.args = rule.compensated(op, copy_.arg, full, none, none, 1, groups=groups)
         new.kwargs = {}
     out = rebuild(gm, graph, {})
     for target, module in swaps.items():
@@ -110,8 +113,8 @@ def uncompensate(gm: GraphModule) -> GraphModule:
         elif n.target is compensated_layer_norm:
             x, w, b, eps = new.args[:4]
             new.args = (x, w, b, eps, n.meta["val"].shape[-1], 0.0, 0.0)
-        elif n.target is compensated_group_norm:
-            x, w, b, eps = new.args[:4]
+        elif n.target is compensated_group_norm and (len(n.args) < 8 or n.args[7] is None):  # (one group; several
+            x, w, b, eps = new.args[:4]                     # groups of unequal widths have no uncompensated form)
             new.args = (x, w, b, eps, n.meta["val"].shape[1], 0.0, 0.0)
         elif n.target is compensated_rms_norm:
             x, w, eps = new.args[:3]

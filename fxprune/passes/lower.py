@@ -174,7 +174,8 @@ def _cln(m: CompensatedLayerNorm, x: Node, p: Callable[[str], Node | None]) -> t
 
 @lowering(CompensatedGroupNorm, fn=compensated_group_norm)
 def _cgn(m: CompensatedGroupNorm, x: Node, p: Callable[[str], Node | None]) -> tuple[tuple, dict]:
-    return (x, p("weight"), p("bias"), m.eps, m.full_channels, m.removed_sum, m.removed_sq_sum), {}
+    groups = (m.kept_per_group,) if getattr(m, "kept_per_group", None) is not None else ()
+    return (x, p("weight"), p("bias"), m.eps, m.full_channels, m.removed_sum, m.removed_sq_sum, *groups), {}
 
 
 @lowering(CompensatedRMSNorm, fn=compensated_rms_norm)
