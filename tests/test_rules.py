@@ -375,6 +375,41 @@ def test_tensor_split_pieces_lose_channels_an_empty_piece_included():
         assert torch.allclose(small(xb), m(xb), rtol=1e-12, atol=1e-12)
 
 
+class _Slices(nn.Module):
+    """One hidden layer read as three slices at different offsets (``h[:, :4]``, ``h[:, 4:7]``, ``h[:, 7:]``) and a
+    fourth overlapping two of them (``h[:, 2:6]``): each cut makes the hidden dim a sum of other sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.a, self.b, self.c, self.d = (nn.Linear(3, 10), nn.Linear(4, 2), nn.Linear(3, 2), nn.Linear(3, 2),
+                                                    nn.Linear(4, 2))
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.a(h[:, :4]) + self.b(h[:, 4:7]) * self.c(h[:, 7:]) + self.d(h[:, 2:6])
+
+
+@pytest.mark.parametrize("method", ["auto", "export"])
+def test_slices_at_different_offsets_cut_a_dim_finer_and_their_dead_units_go(method):
+    """(The analysis froze such a dim: "incompatible channel structures (sum [4, 6] vs sum [4, 3, 3])"; and a
+    symbolic trace, which ``auto`` took, keeps ``h[:, :4]`` as one opaque getitem: ``auto`` now exports such a
+    model.)"""
+    torch.manual_seed(0)
+    m = _Slices().double()
+    with torch.no_grad():
+        m.inp.weight[[1, 5, 8]] = 0  # units 1, 5 and 8 dead: read by a; by b and d; by c
+        m.inp.bias[[1, 5, 8]] = 0
+    x = torch.randn(3, 3, dtype=torch.float64)
+    gm = fp.capture(m, (x,), method=method, dynamic_shapes="batch")
+    assert gm.meta["fxprune_capture_method"] == "export"
+    state = graph_state(gm)
+    small = fp.minimize(gm)
+    assert graph_state(gm) == state
+    # per dead unit: its row and bias in inp, its column (2 outputs) in each slice that reads it (unit 5: two)
+    assert sum(p.numel() for p in gm.parameters()) - sum(p.numel() for p in small.parameters()) == 3 * 4 + 2 * 4
+    _exact(m, small, [(3, 3), (7, 3), (1, 3)])
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_linear_reads_settles_rows_on_a_few_columns_and_answers_as_a_full_read(seed):
     """``_reads`` (which output units read an unknown input channel) reads a few columns for every row and the

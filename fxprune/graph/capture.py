@@ -218,22 +218,30 @@ def static_size_reads(gm: GraphModule) -> bool:
 # torch.nn modules that a symbolic trace keeps as one call (torch.nn's modules are its leaves) and torch.export
 # records as the ATen ops they compute: attention's projections, heads and SDPA, the layers' feed-forward units and
 # norms, each of which has channel rules; recurrent layers (one op with a rule, where a trace has one call); and
-# convolutions that pad other than with zeros (a pad, then the conv)
+# convolutions that pad other than with zeros (a pad, then the conv); and any module whose weight is computed from
+# parameters (torch.nn.utils.parametrize: weight norm, as aten._weight_norm; the legacy weight_norm hook)
 EXPORT_INTO_OPS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
                    nn.TransformerDecoder, nn.Transformer, nn.LSTM, nn.GRU, nn.RNN)
 
 
 def _export_into_ops(m: nn.Module) -> bool:
-    return isinstance(m, EXPORT_INTO_OPS) or (isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros")
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return (isinstance(m, EXPORT_INTO_OPS) or (isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros")
+            or parametrize.is_parametrized(m) or any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()))
 
 
 def opaque_layers(gm: GraphModule) -> list[str]:
     """The calls of a symbolic trace to modules of :data:`EXPORT_INTO_OPS` (``nn.MultiheadAttention``,
     ``nn.TransformerEncoderLayer``...) or to a convolution with ``padding_mode="reflect"`` (or another mode than
-    zeros): one opaque call to the analysis, which would freeze every channel it touches, where torch.export writes
-    out what the module computes."""
-    return [str(n.target) for n in gm.graph.nodes
-            if n.op == "call_module" and _export_into_ops(gm.get_submodule(n.target))]
+    zeros), and its indexing of tensors (``h[:, :4]``): one opaque call to the analysis, which would freeze every
+    channel it touches, where torch.export writes out what the module computes (and an index as slices, selects
+    and unsqueezes, which have channel rules)."""
+    return [str(n.target) if n.op == "call_module" else n.name for n in gm.graph.nodes
+            if n.op == "call_module" and _export_into_ops(gm.get_submodule(n.target))
+            or n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node)
+            and isinstance(n.args[0].meta.get("val"), torch.Tensor)]
 
 
 def unwrapped(model: Any) -> Any:
