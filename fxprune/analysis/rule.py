@@ -240,6 +240,9 @@ class Facts:
         parameter: never write to it), infinities included; or None."""
         if not is_constant(v):
             return None
+        if v.op == "call_function" and v.target in WEIGHT_NORMS:
+            v_, g = self.value(v.args[0]), self.value(v.args[1])
+            return None if v_ is None or g is None else v.target(v_, g, *v.args[2:], **v.kwargs)
         if v.op != "get_attr":
             src = self.value(v.args[0])
             return None if src is None else v.target(src, *v.args[1:], **v.kwargs)
@@ -256,6 +259,9 @@ class Facts:
         """Whether the constant ``v`` holds finite values only (parameters were checked by the pass:
         ``check_weights``; buffers may hold infinities)."""
         k = self.sp.key(v)
+        if k not in self._finite and v.op == "call_function" and v.target in WEIGHT_NORMS:  # (a zero v slice: 0/0)
+            t = self.value(v)
+            self._finite[k] = t is not None and bool(torch.isfinite(t).all())
         if k not in self._finite:  # rules ask about the same weight several times: answer once
             base = v
             while base.op != "get_attr":
@@ -369,13 +375,21 @@ _VIEWS = {torch.ops.aten.permute.default, torch.ops.aten.t.default, torch.ops.at
           torch.ops.aten.squeeze.dim, torch.ops.aten.unsqueeze.default}
 
 
+# a weight computed from parameters alone, whose slices are slices of them: weight norm, w = g * v / ||v|| (the
+# norm over every dim but ``dim``), as torch.nn.utils.parametrizations.weight_norm and the legacy hook compute it
+WEIGHT_NORMS = {torch.ops.aten._weight_norm.default}
+
+
 def is_constant(v: Any) -> bool:
     """Whether ``v`` is a tensor the rewrite slices and adds to through parameters: a get_attr node, or a
-    permute/transpose/alias of one (``aten.addmm(b, x, permute(W))`` after decomposition)."""
+    permute/transpose/alias of one (``aten.addmm(b, x, permute(W))`` after decomposition), or a weight norm of
+    two (:data:`WEIGHT_NORMS`: its rule lets only the slices go that leave the norms as they are)."""
     if not isinstance(v, Node):
         return False
     if v.op == "get_attr":
         return True
+    if v.op == "call_function" and v.target in WEIGHT_NORMS:
+        return all(is_constant(a) for a in v.args[:2]) and len(v.users) == 1
     return v.op == "call_function" and v.target in _VIEWS and is_constant(v.args[0]) and len(v.users) == 1
 
 

@@ -1390,6 +1390,66 @@ def _segments(ins: tuple[int, ...], outs: tuple[int, ...]) -> list[tuple[list[in
     return segs
 
 
+class WeightNorm(Rule):
+    """``aten._weight_norm(v, g, dim)``: ``w = g * v / ||v||``, the norm over every dim of ``v`` but ``dim`` (a conv
+    or linear under ``torch.nn.utils.parametrizations.weight_norm``, or the legacy hook). Every dim of ``w`` is
+    ``v``'s, and dim ``dim`` is ``g``'s too: ``w`` is sliced by slicing ``v`` and ``g``. A slice along ``dim`` has
+    a norm of its own. A slice along any other dim enters the norm of every slice across it: where such slices go,
+    ``g`` is scaled by the kept part's norm over the whole's (``||v'|| / ||v||``), so each kept entry of ``w`` is
+    what it was; a row left with zeros only gets ``g = 0`` and a 1 in ``v`` (its ``w`` is zero either way, and
+    ``0 / 0`` would be NaN). ``dim=-1``: one norm over the whole tensor."""
+
+    nan_eval = True
+
+    @staticmethod
+    def _dims(op: Op, r: int) -> tuple[int | None, list[int]]:
+        dim = op.arg(2, "dim", 0)
+        own = None if dim == -1 else dim % r
+        return own, [d for d in range(r) if d != own]
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        v, g = op.node.args[:2]
+        r = sp.rank(v)
+        own, _ = self._dims(op, r)
+        why = f"by {op.describe()}"
+        for d in range(r):
+            sp.unify(v, d, op.node, d, why)
+        for d in range(sp.rank(g)):
+            if d == own and sp.rank(g) == r:
+                sp.unify(g, d, op.node, d, why)
+            else:
+                sp.meta_dim(g, d)
+        targets = {getattr(v, "target", None), getattr(g, "target", None)}
+        if any(n.op == "get_attr" and n.target in targets and set(n.users) - {op.node} for n in op.node.graph.nodes):
+            for d in self._dims(op, r)[1]:  # (g and v read elsewhere too: one scaling cannot serve both)
+                sp.freeze(op.node, d, f"{op.describe()}'s v and g are read elsewhere too: their norms stay")
+
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
+        v, g = op.node.args[:2]
+        V, G = rw.facts.value(v), rw.facts.value(g)
+        own, others = self._dims(op, V.dim())
+        kept = {d: rw.kept(v, d) for d in others}
+        if all(bool(k.all()) for k in kept.values()) or not others:
+            return
+        V = V.to("cpu", torch.float64)
+        part = V
+        for d, k in kept.items():
+            part = part.index_select(d, k.nonzero().flatten())
+        whole = V.pow(2).sum(others, keepdim=True).sqrt()
+        left = part.pow(2).sum(others, keepdim=True).sqrt()
+        ratio = torch.where(whole > 0, left / whole, torch.ones_like(whole))
+        G = G.to("cpu", torch.float64)
+        rw.add_to_bias(op, g, 1, "g", (G * ratio.reshape(G.shape) - G).to(G.device), own or 0)  # (a tensor only it reads)
+        empty = (left == 0).expand_as(V)
+        if bool(empty.any()):  # a 1 at the first kept entry of each such row, so that its norm is not 0
+            first = torch.zeros_like(V, dtype=torch.bool)
+            index = [slice(None)] * V.dim()
+            for d, k in kept.items():
+                index[d] = int(k.nonzero()[0])
+            first[tuple(index)] = True
+            rw.add_to_bias(op, v, 0, "v", torch.where(empty & first, torch.ones_like(V), torch.zeros_like(V)), own or 0)
+
+
 class IndexSelect(Rule):
     """index_select(x, d, index): the other dims pass through; dim d is read at the positions the index names
     (whatever they are), so its channels stay. A split norm's selection of its kept outputs is one."""
@@ -1995,6 +2055,7 @@ register(Creation(), aten.zeros_like, aten.ones_like, aten.full_like, aten.empty
 register(Filled(), aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty, aten.zeros, aten.ones, aten.full,
          aten.empty)
 register(AssertMetadata(), aten._assert_tensor_metadata.default)
+register(WeightNorm(), aten._weight_norm.default)
 register(SymSize(), aten.sym_size.int)
 register(Attribute(), getattr, "size")
 register(InputGuards(), GuardsFn)

@@ -347,6 +347,7 @@ class GroupLasso:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis, param_slices
+        from fxprune.analysis.rule import WEIGHT_NORMS
         from fxprune.graph.masks import unmasked
         from fxprune.interop.module import eval_capture
         from fxprune.passes.lower import lower_modules
@@ -365,6 +366,10 @@ class GroupLasso:
         sp = an.spaces
         names = {n for n, _ in plain.named_parameters()
                  if not any(fnmatch.fnmatch(n, pat) for pat in (exclude or []))}
+        # a weight norm's direction v: w does not shrink with it (g * v / ||v||), and a zero row of v is 0 / 0 = NaN;
+        # its scale g is pulled (a zero entry of g zeroes that row of w)
+        names -= {n.args[0].target for n in gm.graph.nodes
+                  if n.op == "call_function" and n.target in WEIGHT_NORMS and getattr(n.args[0], "op", None) == "get_attr"}
         found, leaves = param_slices(an, names)
         total = sum(size for _, size in leaves)
         gates = _gates(plain, gm)

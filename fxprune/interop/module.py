@@ -513,6 +513,26 @@ class KeptChannelsWarning(UserWarning):
     """``minimize_module`` left channels of modules whose size attributes it cannot update."""
 
 
+def _recompute_weight_norms(out: nn.Module, changed: set[str]) -> None:
+    """The weight a legacy ``torch.nn.utils.weight_norm`` hook keeps as a plain attribute (recomputed before each
+    forward), recomputed now from its sliced ``weight_g``/``weight_v``: the size updaters read its shape."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for path in changed:
+        m = out.get_submodule(path)
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                with torch.no_grad():
+                    setattr(m, hook.name, hook.compute_weight(m))
+
+
+def _owner(name: str) -> str:
+    """The path of the module whose forward reads the tensor ``name``: its parent's, or for a parametrized
+    tensor (``conv.parametrizations.weight.original0``: weight norm's g) the parametrized module's."""
+    parts = name.split(".")[:-1]
+    return ".".join(parts[:parts.index("parametrizations")] if "parametrizations" in parts else parts)
+
+
 def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any, ...],
                 suspects: list[str] | None = None) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` holding ``small``'s tensors and sizes; the paths of modules whose tensors changed but
@@ -542,10 +562,11 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
             else:
                 owner._buffers[leaf] = value
             if new.shape != old.shape:
-                changed.add(n.rpartition(".")[0])
-                shrunk.setdefault(n.rpartition(".")[0], []).extend(
+                changed.add(_owner(n))
+                shrunk.setdefault(_owner(n), []).extend(
                     (names, d, int(a)) for d, (a, b) in enumerate(zip(old.shape, new.shape)) if a != b and a > 1)
     changed |= _created_biases(small, out)
+    _recompute_weight_norms(out, changed)
     # norms made compensated now, from the graph's arguments (group norms of a class whose own forward computes
     # something else: stale, their channels stay)
     compensated, own_forward = _compensated_norms(small, out)
