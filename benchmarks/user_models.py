@@ -135,11 +135,12 @@ TRANSFORMERS = {
                    key_dim=[8, 8, 8], mlp_ratio=[2, 2, 2], attention_ratio=[2, 2, 2])),
 }
 # plain PyTorch, trained on the token sequences with a next-token loss of the loop's own: a causal LM built on
-# nn.TransformerEncoder (layers of nn.MultiheadAttention) with a causal mask, and a two-layer nn.LSTM tagger
-PLAIN = {"torch_lm": "plain_lm", "torch_lstm": "plain_lm"}
+# nn.TransformerEncoder (layers of nn.MultiheadAttention) with a causal mask, and a two-layer nn.LSTM tagger; and a
+# temporal convolutional network of weight-normed dilated convs (Bai et al.'s TCN) on the tones, a classifier
+PLAIN = {"torch_lm": "plain_lm", "torch_lstm": "plain_lm", "torch_tcn": "plain_wav"}
 TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf",
                "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "densenet121", "resnext50_32x4d", "convnext_tiny",
-               "swin_t", "googlenet", "vit_b_16"]
+               "swin_t", "googlenet", "vit_b_16", "resnet18_gn"]  # resnet18_gn: resnet18 with GroupNorm(8, C) (norm_layer)
 N, CLASSES = 256, 4
 
 
@@ -153,7 +154,7 @@ def build(name: str):
     np.random.seed(0)  # (Wav2Vec2 and HuBERT draw their training-time masks from NumPy's global generator)
     random.seed(0)
     if name in PLAIN:
-        return PLAIN[name], torch_lm() if name == "torch_lm" else torch_lstm()
+        return PLAIN[name], {"torch_lm": torch_lm, "torch_lstm": torch_lstm, "torch_tcn": torch_tcn}[name]()
     if name in TRANSFORMERS:
         import transformers
 
@@ -169,6 +170,10 @@ def build(name: str):
 
     extra = (dict(aux_logits=False, init_weights=True) if name == "googlenet" else dict(image_size=32)
              if name.startswith("vit_") else {})
+    if name == "resnet18_gn":  # small batches, federated training: GroupNorm where BatchNorm was
+        from functools import partial
+
+        name, extra = "resnet18", dict(norm_layer=partial(torch.nn.GroupNorm, 8))
     return "img", getattr(torchvision.models, name)(num_classes=CLASSES, **extra)
 
 
@@ -208,6 +213,37 @@ def torch_lstm(d: int = 32, vocab: int = 32):
     return TorchLSTM()
 
 
+def torch_tcn(c: int = 16):
+    """A TCN of PyTorch's own modules: three blocks of weight-normed dilated convs (``parametrizations.weight_norm``),
+    ReLU and dropout with a 1x1 residual where widths differ, a mean over time, a linear head."""
+    import torch
+    from torch import nn
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, dilation: int) -> None:
+            super().__init__()
+            self.net = nn.Sequential(weight_norm(nn.Conv1d(cin, cout, 3, padding=dilation, dilation=dilation)),
+                                     nn.ReLU(), nn.Dropout(0.1),
+                                     weight_norm(nn.Conv1d(cout, cout, 3, padding=dilation, dilation=dilation)),
+                                     nn.ReLU(), nn.Dropout(0.1))
+            self.skip = nn.Conv1d(cin, cout, 1) if cin != cout else nn.Identity()
+
+        def forward(self, x):
+            return torch.relu(self.net(x) + self.skip(x))
+
+    class TorchTCN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(Block(1, c, 1), Block(c, c, 2), Block(c, c, 4))
+            self.head = nn.Linear(c, CLASSES)
+
+        def forward(self, x):
+            return self.head(self.blocks(x.unsqueeze(1)).mean(-1))
+
+    return TorchTCN()
+
+
 def data(kind: str):
     import torch
 
@@ -218,7 +254,7 @@ def data(kind: str):
         for i in range(CLASSES):  # a bright quadrant per class
             x[y == i, :, (i // 2) * 16:(i // 2 + 1) * 16, (i % 2) * 16:(i % 2 + 1) * 16] += 1.0
         return x, y
-    if kind == "wav":  # a tone per class, random phase, in noise
+    if kind in ("wav", "plain_wav"):  # a tone per class, random phase, in noise
         y = torch.randint(0, CLASSES, (N,), generator=g)
         t = torch.arange(400)
         phase = 6.283 * torch.rand(N, 1, generator=g)
@@ -247,7 +283,7 @@ def run(name: str, structure: str | None = None, cycles: int = 2) -> dict:
     key = {"wav": "input_values", "mel": "input_features"}.get(kind, "input_ids")  # a classifier's input
 
     def loss(m, idx):
-        if kind == "img":
+        if kind in ("img", "plain_wav"):
             out = m(x[idx])
             return F.cross_entropy(getattr(out, "logits", out), y[idx])
         if kind == "plain_lm":
@@ -257,7 +293,7 @@ def run(name: str, structure: str | None = None, cycles: int = 2) -> dict:
         return m(**{key: x[idx]}, labels=y[idx]).loss
 
     def accuracy(m):
-        if kind == "img":
+        if kind in ("img", "plain_wav"):
             out = m(x[:128])
             return float((getattr(out, "logits", out).argmax(-1) == y[:128]).float().mean())
         if kind == "plain_lm":
@@ -282,7 +318,7 @@ def run(name: str, structure: str | None = None, cycles: int = 2) -> dict:
         m.eval()
         return accuracy(m)
 
-    example = ((x[:8],) if kind == "img" else (x[:8, :-1],) if kind == "plain_lm"
+    example = ((x[:8],) if kind in ("img", "plain_wav") else (x[:8, :-1],) if kind == "plain_lm"
                else {key: x[:8], "labels": (x if kind in ("lm", "s2s") else y)[:8]})
     out = dict(model=name, cls=type(model).__name__)
     train(model, 6)

@@ -293,6 +293,9 @@ class Facts:
 
     def _constant_facts(self, v: Node) -> list[DimFacts] | None:
         """Facts of a constant from the scan of its tensor (:mod:`fxprune.graph.scan`), permuted like ``v``."""
+        if v.op == "call_function" and v.target in WEIGHT_NORMS:  # (computed: its own values)
+            t = self.value(v)
+            return None if t is None else extract(t.to(torch.float64))
         if v.op != "get_attr":
             src = self.get(v.args[0])
             if src is None:

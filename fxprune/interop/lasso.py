@@ -347,7 +347,7 @@ class GroupLasso:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis, param_slices
-        from fxprune.analysis.rule import WEIGHT_NORMS
+        from fxprune.passes.mask import weight_sources
         from fxprune.graph.masks import unmasked
         from fxprune.interop.module import eval_capture
         from fxprune.passes.lower import lower_modules
@@ -368,8 +368,7 @@ class GroupLasso:
                  if not any(fnmatch.fnmatch(n, pat) for pat in (exclude or []))}
         # a weight norm's direction v: w does not shrink with it (g * v / ||v||), and a zero row of v is 0 / 0 = NaN;
         # its scale g is pulled (a zero entry of g zeroes that row of w)
-        names -= {n.args[0].target for n in gm.graph.nodes
-                  if n.op == "call_function" and n.target in WEIGHT_NORMS and getattr(n.args[0], "op", None) == "get_attr"}
+        names -= {n for n, role in (weight_sources(plain) | weight_sources(gm)).items() if role != "scale"}
         found, leaves = param_slices(an, names)
         total = sum(size for _, size in leaves)
         gates = _gates(plain, gm)

@@ -29,12 +29,50 @@ MASKS_KEY = "fxprune_masks"
 REACHED_KEY = "fxprune_mask_reached"  # structure="groups": the fraction of the parameters minimize will remove
 
 
+def weight_sources(model: nn.Module) -> dict[str, str]:
+    """The parameters a weight is computed from, by name: weight norm's direction ``v`` (``"direction"``) and scale
+    ``g`` (``"scale"``), as ``torch.nn.utils.parametrizations.weight_norm`` holds them (``original1``,
+    ``original0``), as the legacy hook does (``weight_v``, ``weight_g``) or as an exported graph reads them
+    (``aten._weight_norm``); the originals of any other parametrization of the user's (``"original"``: orthogonal,
+    spectral norm; fxprune's own masks aside). A mask on one of them is no mask on the weight; and a zero row of
+    ``v`` is a row of NaN (0 / 0)."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    from fxprune.analysis.rule import WEIGHT_NORMS
+
+    out: dict[str, str] = {}
+    for path, mod in model.named_modules():
+        pre = f"{path}." if path else ""
+        for hook in mod._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                out |= {f"{pre}{hook.name}_v": "direction", f"{pre}{hook.name}_g": "scale"}
+        if not parametrize.is_parametrized(mod):
+            continue
+        for leaf, plist in mod.parametrizations.items():
+            if all(isinstance(p, HeldMask) for p in plist):
+                continue
+            for name, _ in plist.named_parameters(recurse=False):
+                role = ("scale" if name == "original0" else "direction" if name == "original1" else "original") \
+                    if len(plist) == 1 and isinstance(plist[0], _WeightNorm) else "original"
+                out[f"{pre}parametrizations.{leaf}.{name}"] = role
+    if isinstance(model, GraphModule):
+        for n in model.graph.nodes:
+            if n.op == "call_function" and n.target in WEIGHT_NORMS:
+                for a, role in zip(n.args[:2], ("direction", "scale")):
+                    if getattr(a, "op", None) == "get_attr":
+                        out[a.target] = role
+    return out
+
+
 def prunable(gm: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """The parameters ``mask`` may prune: floating, ndim >= 2, matching ``include`` and no ``exclude`` glob."""
+    """The parameters ``mask`` may prune: floating, ndim >= 2, matching ``include`` and no ``exclude`` glob, and no
+    source of a computed weight (:func:`weight_sources`: weight norm's g and v)."""
     inc, exc = list(include or ["*"]), list(exclude or [])
     out = {}
+    sources = weight_sources(gm)
     for name, p in gm.named_parameters():
-        if p.dim() < 2 or not p.is_floating_point():
+        if p.dim() < 2 or not p.is_floating_point() or name in sources:
             continue
         if any(fnmatch.fnmatch(name, pat) for pat in inc) and not any(fnmatch.fnmatch(name, pat) for pat in exc):
             out[name] = p
@@ -265,7 +303,8 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
     require("max_fraction", max_fraction, "number in [0, 1]", error=MaskError)
     require("round_to", round_to, "positive integer", error=MaskError)
     _check_criterion(criterion, grads)
-    params = dict(gm.named_parameters())
+    sources = weight_sources(gm)  # (whole channels: weight norm's g, never its direction v, whose zero row is NaN)
+    params = {n: p for n, p in gm.named_parameters() if sources.get(n, "scale") == "scale"}
     slices, leaves = param_slices(Analysis(lower_modules(gm)), set(params))
     total = sum(size for _, size in leaves)
     inc, exc = list(include or ["*"]), list(exclude or [])
