@@ -45,6 +45,19 @@ def exact_at(model, small, shapes, rtol: float = 1e-9) -> None:
         assert float((a - b).abs().max() / a.abs().max()) <= rtol, shape
 
 
+def minimized_purely(model, inputs, **capture):
+    """``fp.minimize`` of ``model`` captured at ``inputs`` (``capture``: ``fp.capture``'s options), asserting that
+    neither the model (its tensors) nor the captured graph (its code and node meta) changed; returns the result."""
+    import fxprune as fp
+
+    before = snapshot(model)
+    gm = fp.capture(model, inputs, **capture)
+    state = graph_state(gm)
+    small = fp.minimize(gm)
+    assert snapshot(model) == before and graph_state(gm) == state
+    return small
+
+
 def n_params(m: torch.nn.Module) -> int:
     from fxprune.verify import count_params
 

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils import weight_norm as legacy_weight_norm
 
 import fxprune as fp
-from conftest import graph_state, snapshot
+from conftest import exact_at as _exact, minimized_purely, snapshot
 from fxprune.interop.module import KeptChannelsWarning
 from fxprune.verify import count_params
 
@@ -45,14 +45,6 @@ def planted_tcn() -> TCN:
     return m
 
 
-def _exact(model, small, shapes) -> None:
-    for shape in shapes:
-        x = torch.randn(*shape, dtype=torch.float64)
-        with torch.no_grad():
-            a, b = model(x), small(x)
-        assert float((a - b).abs().max() / a.abs().max()) <= 1e-9, shape
-
-
 # a's units 1, 3, 5 (v rows 4x3, g, bias) and b's columns for them (6 rows x 3 taps); b's unit 2 (v row, now of 5
 # columns x 3 taps, g, bias) and c's column for it (2)
 TCN_GONE = 3 * (12 + 1 + 1) + 3 * 18 + (5 * 3 + 1 + 1) + 2
@@ -60,12 +52,7 @@ TCN_GONE = 3 * (12 + 1 + 1) + 3 * 18 + (5 * 3 + 1 + 1) + 2
 
 def test_weight_normed_convs_lose_dead_units_in_the_graph():
     model = planted_tcn()
-    x = torch.randn(2, 4, 10, dtype=torch.float64)
-    before = snapshot(model)
-    gm = fp.capture(model, (x,), dynamic_shapes="every")
-    state = graph_state(gm)
-    small = fp.minimize(gm)
-    assert snapshot(model) == before and graph_state(gm) == state
+    small = minimized_purely(model, (torch.randn(2, 4, 10, dtype=torch.float64),), dynamic_shapes="every")
     assert count_params(model) - count_params(small) == TCN_GONE
     _exact(model, small, [(2, 4, 10), (5, 4, 10), (1, 4, 23)])
 
