@@ -382,6 +382,35 @@ def test_a_stream_channel_only_the_norms_statistics_read_goes_whole(statistics_o
         assert torch.allclose(small(xs), net(xs), rtol=0, atol=1e-12)  # the zeroed channels are constant zeros
 
 
+class _GroupNormed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gn, self.b = nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.gn(self.a(x))))
+
+
+def test_a_group_norm_channel_whose_weights_are_zero_goes_whole():
+    """A group norm's channels go one by one now (its groups are compensated): a zero weight entry gates its
+    channel as a LayerNorm's does, so the exact-zero step zeroes the channel's writers too, and it goes (it was
+    off for any model with a group norm). The CompensatedGroupNorm left after minimize gates as well."""
+    torch.manual_seed(0)
+    net, x = _GroupNormed().double(), torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        net.gn.weight[[1, 6]] = 0  # one channel in each group
+        net.gn.bias[[1, 6]] = 0
+    reg = fp.GroupLasso(net, (x,), threshold=0.0)  # (no slice is small)
+    assert reg.statistics_only and [s.name for s in reg.slices if s.gate] == ["gn.weight"]
+    assert reg.step(net, lr=1e-3) == 2
+    assert bool((net.a.weight[[1, 6]] == 0).all()) and bool((net.b.weight[:, [1, 6]] == 0).all())
+    small = fp.minimize_module(net, (x,))
+    assert isinstance(small.gn, fp.nn.CompensatedGroupNorm) and small.gn.kept_per_group == (3, 3)
+    for xs in (x, torch.randn(4, 3, 7, 6, dtype=torch.float64)):
+        assert torch.allclose(small(xs), net(xs), rtol=0, atol=1e-12)
+    assert fp.GroupLasso(small, (x,)).statistics_only
+
+
 class _OffsetRMSNorm(nn.Module):
     """Gemma's form: ``x / rms(x) * (1 + weight)``, weight initialized to zero (a zero weight keeps the channel)."""
 

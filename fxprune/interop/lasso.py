@@ -266,19 +266,21 @@ _NORM_CALLS: set[Any] = {F.layer_norm, F.group_norm, F.rms_norm} | _targets(
 
 def _gates(model: nn.Module, gm: Any) -> set[str] | None:
     """The names of the norm weights whose zero entry leaves that channel out of the norm's output (its "gates"):
-    every ``nn.LayerNorm`` / ``nn.RMSNorm``, and the classes models write for them (``LlamaRMSNorm``,
-    ``ConvNextLayerNorm``...: by name) when a probe shows their output is zero with a zero weight (not Gemma's
-    ``1 + weight``). None when some normalization of the model is none of those (a norm without a weight, a group
-    norm, a class the probe rejects, one called on a tensor not held as a recognized weight): a channel's norm
-    weights being zero then does not say that no norm output carries it."""
+    every ``nn.LayerNorm`` / ``nn.RMSNorm`` / ``nn.GroupNorm`` (each channel of a group norm goes alone since its
+    groups are compensated), and the classes models write for them (``LlamaRMSNorm``, ``ConvNextLayerNorm``,
+    ``CompensatedGroupNorm``...: by name) when a probe shows their output is zero with a zero weight (not Gemma's
+    ``1 + weight``). None when some normalization of the model is none of those (a norm without a weight, a class
+    the probe rejects, one called on a tensor not held as a recognized weight): a channel's norm weights being
+    zero then does not say that no norm output carries it."""
     gates: set[str] = set()
     for path, m in model.named_modules():
         named = type(m).__name__.endswith(("LayerNorm", "RMSNorm", "GroupNorm"))
         if not (isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or named):
             continue
         w = getattr(m, "weight", None)
-        direct = isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or (named and not isinstance(m, nn.GroupNorm)
-                                                               and _zero_weight_zero_output(m))
+        group = isinstance(m, nn.GroupNorm) or type(m).__name__.endswith("GroupNorm")
+        direct = (isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).forward is nn.GroupNorm.forward
+                  or named and _zero_weight_zero_output(m, channels_first=group))
         if not direct or not isinstance(w, torch.Tensor) or w.dim() != 1:
             return None
         gates.add(f"{path}.weight" if path else "weight")
@@ -290,8 +292,9 @@ def _gates(model: nn.Module, gm: Any) -> set[str] | None:
     return gates
 
 
-def _zero_weight_zero_output(m: nn.Module) -> bool:
-    """Whether a copy of the norm ``m`` with its weight (and bias) zeroed gives zeros on a probe of its width."""
+def _zero_weight_zero_output(m: nn.Module, channels_first: bool = False) -> bool:
+    """Whether a copy of the norm ``m`` with its weight (and bias) zeroed gives zeros on a probe of its width
+    (``channels_first``: a group norm's, channels at dim 1)."""
     probe = copy.deepcopy(m)
     w = getattr(probe, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 1:
@@ -301,7 +304,8 @@ def _zero_weight_zero_output(m: nn.Module) -> bool:
         if isinstance(getattr(probe, "bias", None), torch.Tensor):
             probe.bias.zero_()
         try:
-            out = probe(torch.randn(2, 3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.dtype))
+            shape = (2, w.shape[0], 3) if channels_first else (2, 3, w.shape[0])
+            out = probe(torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(w.dtype))
         except Exception:  # (a norm over another layout: not recognized)
             return False
     return isinstance(out, torch.Tensor) and bool((out == 0).all())
