@@ -128,17 +128,19 @@ def test_a_poolformer_with_compensated_group_norms_exports_to_executorch_and_onn
     assert any(isinstance(m, fp.nn.CompensatedGroupNorm) for m in small.modules())
     _executorch_and_onnx(model, small, x, tmp_path)
 
-@pytest.mark.parametrize("name", ["generator", "lstm", "autoencoder"])
+@pytest.mark.parametrize("name", ["generator", "lstm", "autoencoder", "tcn"])
 def test_plain_pytorch_models_minimized_in_their_class_export_to_executorch_and_onnx(name, tmp_path):
-    """CycleGAN's generator (reflection pads, instance norms, a transposed conv), a two-layer LSTM tagger and a
-    Stable-Diffusion-style autoencoder (group norms of two groups, compensated), each minimized as its own class,
-    run in ExecuTorch and ONNX Runtime at batch 1 and 7."""
+    """CycleGAN's generator (reflection pads, instance norms, a transposed conv), a two-layer LSTM tagger, a
+    Stable-Diffusion-style autoencoder (group norms of two groups, compensated) and a TCN of weight-normed convs
+    (still weight norm), each minimized as its own class, run in ExecuTorch and ONNX Runtime at batch 1 and 7."""
     from test_plain_models import Autoencoder, Generator, plant, plant_in_groups
     from test_rules import _Recurrent
+    from test_weight_norm import planted_tcn
 
     model, x = {"generator": lambda: (plant(Generator()).eval(), torch.randn(2, 3, 32, 32)),
                 "lstm": lambda: (_Recurrent(torch.nn.LSTM, 2).eval(), torch.randn(2, 7, 5)),
-                "autoencoder": lambda: (plant_in_groups(Autoencoder()).eval(), torch.randn(2, 3, 16, 16))}[name]()
+                "autoencoder": lambda: (plant_in_groups(Autoencoder()).eval(), torch.randn(2, 3, 16, 16)),
+                "tcn": lambda: (planted_tcn().float(), torch.randn(2, 4, 10))}[name]()
     small = fp.minimize_module(model, (x,))
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     if name == "autoencoder":
