@@ -398,7 +398,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             work = _trained(train, release_zeros(small, release_scale, seed=seed + c), None, None, bn_batches)
         else:
             say(f"cycle {c + 1}/{cycles}: fine-tune with the zeros held")
-            zeros = {n: p.detach() != 0 for n, p in prunable(small, include, exclude).items()}
+            zeros = {n: p.detach() != 0 for n, p in prunable(small, include, exclude, computed=True).items()}
             work = _trained(train, small, zeros, None, bn_batches)
         ranks.broadcast_module(work, f"cycle {c + 1}'s fine-tuned model")
         work_state, work_modes = _state(work), _modes(work)

@@ -199,3 +199,42 @@ def test_squeeze_release_on_a_weight_normed_tcn_stays_finite():
     with torch.no_grad():
         assert bool(torch.isfinite(res.module(x)).all())
     assert count_params(res.module) < count_params(model)
+
+
+def test_weight_masks_mask_the_weight_a_weight_norm_computes():
+    """A mask on ``a.weight`` of a weight-normed layer zeroes those entries of the weight itself, in g and v's terms:
+    v masked, g scaled by the masked row's norm over the whole's, so the kept entries stay. Held while training
+    (after the weight norm), baked back into g and v (the weight norm stays), read by minimize as zeros, held or
+    baked."""
+    from fxprune.passes.mask import apply_masks, bake_masks_, hold_masks_, magnitude_masks
+
+    torch.manual_seed(0)
+    model = TCN().double()
+    x = torch.randn(3, 4, 10, dtype=torch.float64)
+    masks = magnitude_masks(model, 0.7)
+    assert set(masks) == {"a.weight", "b.weight", "c.weight"}  # (not g and v)
+    before = {k: getattr(model, k[0]).weight.detach().clone() for k in ("a.weight", "b.weight")}
+    apply_masks(model, masks)
+    for k, w in before.items():
+        now = getattr(model, k[0]).weight
+        assert torch.allclose(now[masks[k]], w[masks[k]], rtol=1e-12, atol=0) and bool((now[~masks[k]] == 0).all())
+    hold_masks_(model, masks)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+    assert bool((model.b.weight[~masks["b.weight"]] == 0).all()) and bool(torch.isfinite(model(x)).all())
+    held = copy.deepcopy(model)
+    small_held = fp.minimize(fp.capture(held, (x,), dynamic_shapes="every"))  # (held masks read as zeros)
+    _exact(held, small_held, [(3, 4, 10), (2, 4, 13)])
+    with torch.no_grad():
+        out = model(x)
+    bake_masks_(model)
+    assert len(model.a.parametrizations.weight) == 1  # the weight norm alone again
+    assert bool((model.b.weight[~masks["b.weight"]] == 0).all())
+    with torch.no_grad():
+        assert torch.allclose(model(x), out, rtol=1e-12, atol=1e-12)
+    small = fp.minimize_module(model, (x,))
+    assert count_params(small) == count_params(small_held) < count_params(model)
+    _exact(model, small, [(3, 4, 10), (2, 4, 13)])

@@ -6,7 +6,8 @@ own :func:`~fxprune.passes.mask.hold_masks_` as parametrizations whose forward i
 analysis reads parameters, so :func:`unmasked` gives it a copy of the model in which each such weight is a plain
 parameter holding ``weight * mask``: the same function, the zeros visible, trainable as before. The user's model
 is never touched. A parametrization that is not a mask (weight norm, orthogonal...) stays: it is traced as the
-function it is, and the weight it computes is not sliced.
+function it is. Masks held after a weight norm (``parametrizations.weight_norm`` then a mask on ``weight``) are
+written into its g and v (:func:`mask_weight_norm_`): the weight norm stays, and its weight holds the zeros.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch.nn.utils import parametrize, prune
 
 from fxprune.errors import UnsupportedError
 
-__all__ = ["held_masks", "unmasked"]
+__all__ = ["held_masks", "unmasked", "weight_normed", "mask_weight_norm_", "bake_weight_norm_masks_"]
 
 
 def _prune_hooks(m: nn.Module) -> list[prune.BasePruningMethod]:
@@ -64,6 +65,69 @@ def _apply_parametrizations(m: nn.Module, names: list[str]) -> None:
         m.register_parameter(name, value)
 
 
+def weight_normed(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """The weights ``torch.nn.utils.parametrizations.weight_norm`` computes (``conv.weight``), by name: their
+    module and tensor name, with any masks held after the weight norm. A mask on one masks the weight itself
+    (:func:`mask_weight_norm_`)."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+
+    out = {}
+    for path, mod in model.named_modules():
+        if parametrize.is_parametrized(mod):
+            for leaf, plist in mod.parametrizations.items():
+                if isinstance(plist[0], _WeightNorm) and all(_a_mask(p) for p in list(plist)[1:]):
+                    out[f"{path}.{leaf}" if path else leaf] = (mod, leaf)
+    return out
+
+
+@torch.no_grad()
+def mask_weight_norm_(mod: nn.Module, leaf: str, keep: torch.Tensor) -> None:
+    """Zero the entries of ``mod``'s weight-normed ``leaf`` where ``keep`` is False, **in place**, in its own terms:
+    ``v`` is masked, and ``g`` scaled by the masked row's norm over the whole's (``w = g * v / ||v||``), so every
+    kept entry of the weight stays as it was. A row masked whole gets ``g = 0`` and a 1 at its first entry of
+    ``v`` (its weight is zero either way; ``0 / 0`` would be NaN)."""
+    plist = mod.parametrizations[leaf]
+    g, v, dim = plist.original0, plist.original1, plist[0].dim
+    keep = keep.to(v.device)
+    own = None if dim == -1 else dim % v.dim()
+    others = [d for d in range(v.dim()) if d != own]
+    v64 = v.detach().to(torch.float64)
+    kept = v64 * keep
+    whole = v64.pow(2).sum(others, keepdim=True).sqrt()
+    left = kept.pow(2).sum(others, keepdim=True).sqrt()
+    g.copy_((g.to(torch.float64) * torch.where(whole > 0, left / whole, torch.ones_like(whole)).reshape(g.shape)).to(g.dtype))
+    empty = (left == 0).expand_as(kept)
+    if bool(empty.any()):
+        first = torch.zeros_like(keep, dtype=torch.bool)
+        first[tuple(slice(None) if d == own else 0 for d in range(v.dim()))] = True
+        kept = torch.where(empty & first, torch.ones_like(kept), kept)
+    v.copy_(kept.to(v.dtype))
+
+
+def _a_mask(p: nn.Module) -> bool:
+    """Whether the parametrization ``p`` holds a 0/1 ``mask`` (fxprune's ``HeldMask``, a sparsifier's)."""
+    mask = getattr(p, "mask", None)
+    return isinstance(mask, torch.Tensor) and bool(((mask == 0) | (mask == 1)).all())
+
+
+def bake_weight_norm_masks_(model: nn.Module) -> list[str]:
+    """Every mask held after a weight norm (:func:`weight_normed`) written into its g and v
+    (:func:`mask_weight_norm_`) and removed, **in place**: the weight norm stays. Returns the weights' names."""
+    done = []
+    for name, (mod, leaf) in weight_normed(model).items():
+        plist = mod.parametrizations[leaf]
+        masks = [plist[i].mask.bool() for i in range(1, len(plist))]
+        if masks:
+            for i in reversed(range(1, len(plist))):
+                del plist[i]
+            keep = masks[0]
+            for m in masks[1:]:
+                keep = keep & m
+            mask_weight_norm_(mod, leaf, keep)
+            done.append(name)
+    return done
+
+
 def held_masks(model: nn.Module) -> list[str]:
     """Qualified names of the weights of ``model`` whose masks are held by prune hooks or mask parametrizations."""
     out = []
@@ -71,6 +135,7 @@ def held_masks(model: nn.Module) -> list[str]:
         prefix = f"{path}." if path else ""
         out += [prefix + h._tensor_name for h in _prune_hooks(m)]
         out += [prefix + name for name in _mask_parametrizations(m)]
+    out += [name for name, (mod, leaf) in weight_normed(model).items() if len(mod.parametrizations[leaf]) > 1]
     return out
 
 
@@ -84,6 +149,7 @@ def unmasked(model: nn.Module) -> nn.Module:
     memo = {id(t): t.detach().clone() for m in model.modules() for h in _prune_hooks(m)
             if isinstance(t := getattr(m, h._tensor_name, None), torch.Tensor)}
     out = copy.deepcopy(model, memo)
+    bake_weight_norm_masks_(out)  # masks held after a weight norm: into its g and v
     for path, m in out.named_modules():
         for hook in _prune_hooks(m):
             try:

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from fxprune.errors import MaskError, require
 from fxprune.graph.capture import check_weights
 from fxprune.graph.exported import Program, exported_io
+from fxprune.graph.masks import bake_weight_norm_masks_, mask_weight_norm_, weight_normed
 from fxprune.graph.rebuild import attr_owner
 
 __all__ = ["mask", "magnitude_masks", "group_masks", "taylor_gradients", "flop_costs", "TargetNotReachedWarning", "apply_masks", "prunable", "hold_masks_", "bake_masks_", "hold_masks", "bake_masks", "sparsity_schedule", "MASKS_KEY"]
@@ -65,12 +66,19 @@ def weight_sources(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def prunable(gm: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+def prunable(gm: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+             computed: bool = False) -> dict[str, torch.Tensor]:
     """The parameters ``mask`` may prune: floating, ndim >= 2, matching ``include`` and no ``exclude`` glob, and no
-    source of a computed weight (:func:`weight_sources`: weight norm's g and v)."""
+    source of a computed weight (:func:`weight_sources`: weight norm's g and v). ``computed``: the weights
+    ``parametrizations.weight_norm`` computes as well (values, detached), which masks mask in g and v's terms
+    (:func:`mask_weight_norm_`)."""
     inc, exc = list(include or ["*"]), list(exclude or [])
     out = {}
     sources = weight_sources(gm)
+    if computed:
+        for name, (mod, leaf) in weight_normed(gm).items():
+            if any(fnmatch.fnmatch(name, pat) for pat in inc) and not any(fnmatch.fnmatch(name, pat) for pat in exc):
+                out[name] = getattr(mod, leaf).detach()
     for name, p in gm.named_parameters():
         if p.dim() < 2 or not p.is_floating_point() or name in sources:
             continue
@@ -161,7 +169,7 @@ def flop_costs(gm: nn.Module, inputs: tuple[object, ...]) -> dict[str, float]:
 
 
 def _check_masks(gm: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    params = dict(gm.named_parameters())
+    params = dict(gm.named_parameters()) | {n: getattr(*held) for n, held in weight_normed(gm).items()}
     out = {}
     for name, m in masks.items():
         if name not in params:
@@ -402,7 +410,7 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, scope: Literal["global
     require("sparsity", sparsity, "number in [0, 1)", error=MaskError)
     if scope not in ("global", "layer"):
         raise MaskError(f"scope must be 'global' or 'layer', got {scope!r}")
-    params = prunable(model, include, exclude)
+    params = prunable(model, include, exclude, computed=True)
     if not params:
         raise MaskError("no parameter matches: mask selects floating parameters with ndim >= 2 matching include/exclude")
     _check_criterion(criterion, grads)
@@ -418,8 +426,14 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
                 previous: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Zero ``model``'s parameters where ``masks`` (ANDed with ``previous``) say so, in place; the combined masks."""
     out = dict(previous or {})
+    normed = weight_normed(model)
     with torch.no_grad():
         for n, m in masks.items():
+            if n in normed:  # a weight norm computes it: masked in g and v's terms
+                m = m & out[n].to(m.device) if n in out else m
+                mask_weight_norm_(*normed[n], m)
+                out[n] = m
+                continue
             p = model.get_parameter(n)
             m = m.to(p.device)
             if n in out:
@@ -454,7 +468,8 @@ def hold_masks_(gm: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) 
     masks = masks if masks is not None else getattr(gm, "meta", {}).get(MASKS_KEY, {})
     for name, m in _check_masks(gm, masks).items():
         owner, leaf = attr_owner(gm, name)
-        if not parametrize.is_parametrized(owner, leaf):
+        if not parametrize.is_parametrized(owner, leaf) or not any(  # (a weight norm: the mask goes after it)
+                isinstance(p, HeldMask) for p in owner.parametrizations[leaf]):
             parametrize.register_parametrization(owner, leaf, HeldMask(m.to(getattr(owner, leaf).device)))
     return gm
 
@@ -467,6 +482,7 @@ def bake_masks_(gm: nn.Module) -> nn.Module:
             for leaf in list(mod.parametrizations.keys()):
                 if all(isinstance(p, HeldMask) for p in mod.parametrizations[leaf]):
                     parametrize.remove_parametrizations(mod, leaf, leave_parametrized=True)
+    bake_weight_norm_masks_(gm)  # masks after a weight norm: into g and v, the weight norm stays
     return gm
 
 
