@@ -238,3 +238,12 @@ def test_weight_masks_mask_the_weight_a_weight_norm_computes():
     small = fp.minimize_module(model, (x,))
     assert count_params(small) == count_params(small_held) < count_params(model)
     _exact(model, small, [(3, 4, 10), (2, 4, 13)])
+
+
+def test_weight_norm_sources_keep_their_roles_while_a_mask_is_held():
+    from fxprune.passes.mask import hold_masks_, weight_sources
+
+    model = planted_tcn()
+    roles = weight_sources(model)
+    hold_masks_(model, {"a.weight": torch.ones(8, 4, 3, dtype=torch.bool)})
+    assert len(model.a.parametrizations.weight) == 2 and weight_sources(model) == roles

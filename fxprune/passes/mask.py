@@ -53,9 +53,9 @@ def weight_sources(model: nn.Module) -> dict[str, str]:
         for leaf, plist in mod.parametrizations.items():
             if all(isinstance(p, HeldMask) for p in plist):
                 continue
+            normed = isinstance(plist[0], _WeightNorm) and all(isinstance(p, HeldMask) for p in list(plist)[1:])
             for name, _ in plist.named_parameters(recurse=False):
-                role = ("scale" if name == "original0" else "direction" if name == "original1" else "original") \
-                    if len(plist) == 1 and isinstance(plist[0], _WeightNorm) else "original"
+                role = {"original0": "scale", "original1": "direction"}.get(name, "original") if normed else "original"
                 out[f"{pre}parametrizations.{leaf}.{name}"] = role
     if isinstance(model, GraphModule):
         for n in model.graph.nodes:
