@@ -14,7 +14,8 @@ Vector layers (input ``(B, width)``):
 Conv layers (input ``(B, C, S, S)``), followed by ("flatten",) or ("gap",) before vector layers:
   ("conv", out, k, depthwise) | ("act", name) | ("bn2d",) | ("rescv", hidden) | ("catcv", a, b) | ("pool", kind)
   ("cnlast", out)   movedim to channels-last, LayerNorm, Linear, movedim back
-  ("gn", groups)    GroupNorm (affine) over the channels: 1 group, or 0 for one group per channel
+  ("gn", groups)    GroupNorm (affine) over the channels: 1 group, 0 for one group per channel, or 2 for two
+                    groups (one where the channel count is odd)
 Mask specs, one per weight (ndim >= 2), in order of ``named_parameters``:
   ("none",) | ("unstructured", p) | ("rows", frac) | ("cols", frac) | ("rows+cols", frac)
 and for BatchNorm weights ("bnzero", frac): a zero scale makes a constant channel (its shift).
@@ -162,7 +163,8 @@ def _layer(spec: tuple, d: int, side: int) -> tuple[nn.Module, int, int]:
     if kind == "inplace":
         return InPlace(d, spec[1]), spec[1], side
     if kind == "gn":
-        return nn.GroupNorm(spec[1] or d, d), d, side
+        groups = d if spec[1] == 0 else 2 if spec[1] == 2 and d % 2 == 0 else 1
+        return nn.GroupNorm(groups, d), d, side
     if kind == "conv":
         out, k, depthwise = spec[1:]
         out = d if depthwise else out
@@ -291,7 +293,7 @@ def conv_layers(draw: Any, n: int, side: int) -> list[tuple]:
         elif kind == "cnlast":
             out.append(("cnlast", draw(widths)))
         elif kind == "gn":
-            out.append(("gn", draw(st.sampled_from([0, 1]))))  # groups that divide any channel count
+            out.append(("gn", draw(st.sampled_from([0, 1, 2]))))  # (2: where it divides the channel count)
         elif side >= 2:
             out.append(("pool", draw(st.sampled_from(["max", "avg"]))))
             side //= 2

@@ -107,6 +107,7 @@ def test_strategies_cover_every_layer_and_mask_kind() -> None:
                            "rescv", "catcv", "cnlast", "pool", "flatten", "gap", "gn"}
     norms = {spec[1] for case in _sample(400) for spec in case.layers if spec[0] == "stream"}
     assert norms == {"layernorm", "layernorm_noaffine", "layernorm_nobias", "rmsnorm"}
+    assert {spec[1] for case in _sample(400) for spec in case.layers if spec[0] == "gn"} == {0, 1, 2}
     assert seen_masks >= {"none", "unstructured", "rows", "cols", "rows+cols", "bnzero"}
 
 
