@@ -19,6 +19,7 @@ from torch.fx import Node
 from fxprune.graph.scan import BLOCK_BYTES
 from fxprune.analysis.rule import DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval
 from fxprune.analysis.table import RULES, ByName
+from fxprune.graph.masks import weight_norm_kept
 from fxprune.graph.shapes import TensorSpec, is_dynamic_scalar, node_spec
 from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_softmax,
                              shrunk_groups)
@@ -1426,28 +1427,18 @@ class WeightNorm(Rule):
 
     def rewrite(self, op: Op, rw: Rewrite) -> None:
         v, g = op.node.args[:2]
-        V, G = rw.facts.value(v), rw.facts.value(g)
+        V, G = rw.facts.value(v).to("cpu", torch.float64), rw.facts.value(g).to("cpu", torch.float64)
         own, others = self._dims(op, V.dim())
-        kept = {d: rw.kept(v, d) for d in others}
-        if all(bool(k.all()) for k in kept.values()) or not others:
+        keep = torch.ones(V.shape, dtype=torch.bool)
+        for d in others:
+            keep &= rw.kept(v, d).reshape([-1 if e == d else 1 for e in range(V.dim())])
+        if bool(keep.all()):
             return
-        V = V.to("cpu", torch.float64)
-        part = V
-        for d, k in kept.items():
-            part = part.index_select(d, k.nonzero().flatten())
-        whole = V.pow(2).sum(others, keepdim=True).sqrt()
-        left = part.pow(2).sum(others, keepdim=True).sqrt()
-        ratio = torch.where(whole > 0, left / whole, torch.ones_like(whole))
-        G = G.to("cpu", torch.float64)
-        rw.add_to_bias(op, g, 1, "g", (G * ratio.reshape(G.shape) - G).to(G.device), own or 0)  # (a tensor only it reads)
-        empty = (left == 0).expand_as(V)
-        if bool(empty.any()):  # a 1 at the first kept entry of each such row, so that its norm is not 0
-            first = torch.zeros_like(V, dtype=torch.bool)
-            index = [slice(None)] * V.dim()
-            for d, k in kept.items():
-                index[d] = int(k.nonzero()[0])
-            first[tuple(index)] = True
-            rw.add_to_bias(op, v, 0, "v", torch.where(empty & first, torch.ones_like(V), torch.zeros_like(V)), own or 0)
+        G2, V2 = weight_norm_kept(V, G, op.arg(2, "dim", 0), keep)
+        rw.add_to_bias(op, g, 1, "g", G2 - G, own or 0)  # (a delta to a tensor only this op reads)
+        fix = torch.where(keep, V2 - V, torch.zeros_like(V))  # (the 1 of a row left with zeros)
+        if bool(fix.any()):
+            rw.add_to_bias(op, v, 0, "v", fix, own or 0)
 
 
 class IndexSelect(Rule):

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize, prune
 
 from fxprune.errors import UnsupportedError
 
-__all__ = ["held_masks", "unmasked", "weight_normed", "mask_weight_norm_", "bake_weight_norm_masks_"]
+__all__ = ["held_masks", "unmasked", "weight_normed", "weight_norm_kept", "mask_weight_norm_", "bake_weight_norm_masks_"]
 
 
 def _prune_hooks(m: nn.Module) -> list[prune.BasePruningMethod]:
@@ -81,27 +81,40 @@ def weight_normed(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 
 @torch.no_grad()
-def mask_weight_norm_(mod: nn.Module, leaf: str, keep: torch.Tensor) -> None:
-    """Zero the entries of ``mod``'s weight-normed ``leaf`` where ``keep`` is False, **in place**, in its own terms:
-    ``v`` is masked, and ``g`` scaled by the masked row's norm over the whole's (``w = g * v / ||v||``), so every
-    kept entry of the weight stays as it was. A row masked whole gets ``g = 0`` and a 1 at its first entry of
-    ``v`` (its weight is zero either way; ``0 / 0`` would be NaN)."""
-    plist = mod.parametrizations[leaf]
-    g, v, dim = plist.original0, plist.original1, plist[0].dim
-    keep = keep.to(v.device)
+def weight_norm_kept(v: torch.Tensor, g: torch.Tensor, dim: int, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g', v')`` in float64 whose weight norm ``g' * v' / ||v'||`` is ``g * v / ||v||`` where ``keep`` (bool,
+    broadcast to ``v``'s shape) is True and zero elsewhere: ``v`` zeroed where ``keep`` is False, and ``g`` scaled
+    by each row's kept norm over its whole (a row: a slice along ``dim``; ``-1``: the whole tensor). A row whose kept
+    part is zero gets ``g = 0`` and a 1 in ``v`` at its first kept entry (at its first where it keeps none): its
+    weight is zero either way, and ``0 / 0`` would be NaN. Masks (:func:`mask_weight_norm_`) and minimize's
+    slicing of ``v`` and ``g`` both use it."""
+    v = v.detach().to(torch.float64)
+    keep = keep.to(v.device).expand(v.shape)
     own = None if dim == -1 else dim % v.dim()
     others = [d for d in range(v.dim()) if d != own]
-    v64 = v.detach().to(torch.float64)
-    kept = v64 * keep
-    whole = v64.pow(2).sum(others, keepdim=True).sqrt()
+    kept = v * keep
+    whole = v.pow(2).sum(others, keepdim=True).sqrt()
     left = kept.pow(2).sum(others, keepdim=True).sqrt()
-    g.copy_((g.to(torch.float64) * torch.where(whole > 0, left / whole, torch.ones_like(whole)).reshape(g.shape)).to(g.dtype))
-    empty = (left == 0).expand_as(kept)
-    if bool(empty.any()):
-        first = torch.zeros_like(keep, dtype=torch.bool)
-        first[tuple(slice(None) if d == own else 0 for d in range(v.dim()))] = True
-        kept = torch.where(empty & first, torch.ones_like(kept), kept)
-    v.copy_(kept.to(v.dtype))
+    g = g.detach().to(v.device, torch.float64) * torch.where(whole > 0, left / whole, torch.ones_like(whole)).reshape(g.shape)
+    if bool((left == 0).any()):
+        rows = (keep if own is None else keep.movedim(own, 0)).reshape(1 if own is None else v.shape[own], -1)
+        first = torch.zeros_like(rows)
+        first[torch.arange(len(rows)), rows.to(torch.uint8).argmax(dim=1)] = True  # (argmax: the first True, or 0)
+        first = first.reshape(v.shape if own is None else v.movedim(own, 0).shape)
+        first = first if own is None else first.movedim(0, own)
+        kept = torch.where((left == 0) & first, torch.ones_like(kept), kept)
+    return g, kept
+
+
+@torch.no_grad()
+def mask_weight_norm_(mod: nn.Module, leaf: str, keep: torch.Tensor) -> None:
+    """Zero the entries of ``mod``'s weight-normed ``leaf`` where ``keep`` is False, **in place**, in its own terms
+    (:func:`weight_norm_kept`): ``v`` is masked, and ``g`` scaled by the masked row's norm over the whole's, so every
+    kept entry of the weight stays as it was."""
+    plist = mod.parametrizations[leaf]
+    g, v = weight_norm_kept(plist.original1, plist.original0, plist[0].dim, keep)
+    plist.original0.copy_(g.to(plist.original0.dtype))
+    plist.original1.copy_(v.to(plist.original1.dtype))
 
 
 def _a_mask(p: nn.Module) -> bool:

@@ -372,7 +372,7 @@ class GroupLasso:
                  if not any(fnmatch.fnmatch(n, pat) for pat in (exclude or []))}
         # a weight norm's direction v: w does not shrink with it (g * v / ||v||), and a zero row of v is 0 / 0 = NaN;
         # its scale g is pulled (a zero entry of g zeroes that row of w)
-        names -= {n for n, role in (weight_sources(plain) | weight_sources(gm)).items() if role != "scale"}
+        names -= {n for n, role in weight_sources(plain).items() if role != "scale"}
         found, leaves = param_slices(an, names)
         total = sum(size for _, size in leaves)
         gates = _gates(plain, gm)

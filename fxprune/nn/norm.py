@@ -85,10 +85,21 @@ def _layer_norm_eagerly(input: torch.Tensor, weight: torch.Tensor | None, bias: 
     normed = F.layer_norm(full, (full_size,), None, None, eps)[..., :kept]
     if ndim != 1:
         normed = normed.unflatten(-1, input.shape[-ndim:])
-    if weight is not None and bias is not None:
+    return _affine(normed, weight, bias)
+
+
+def _affine(normed: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            shape: tuple[int, ...] | None = None, fused: bool = True) -> torch.Tensor:
+    """``normed * weight + bias`` (either may be None; reshaped to ``shape`` where given: a group norm's channels at
+    dim 1), contiguous. ``fused``: one ``addcmul`` (eager); otherwise a mul and an add, which fxprune's analysis
+    follows where a trace records them."""
+    if shape is not None:
+        weight = weight.reshape(shape) if weight is not None else None
+        bias = bias.reshape(shape) if bias is not None else None
+    if weight is not None and bias is not None and fused:
         return torch.addcmul(bias, normed, weight)
     if weight is not None:
-        return normed * weight
+        normed = normed * weight
     return normed + bias if bias is not None else normed.contiguous()
 
 
@@ -117,12 +128,7 @@ def compensated_group_norm(input: torch.Tensor, weight: torch.Tensor | None, bia
             values = input.new_full((n,), values) if isinstance(values, float) else values
             full = torch.cat([input, values.reshape(1, n, *(1,) * (input.dim() - 2)).expand(
                 input.shape[0], n, *input.shape[2:])], 1)
-        normed = F.group_norm(full, 1, None, None, eps)[:, :kept]
-        if weight is not None and bias is not None:
-            return torch.addcmul(bias.reshape(shape), normed, weight.reshape(shape))
-        if weight is not None:
-            return normed * weight.reshape(shape)
-        return normed + bias.reshape(shape) if bias is not None else normed.contiguous()
+        return _affine(F.group_norm(full, 1, None, None, eps)[:, :kept], weight, bias, shape)
     # per channel its mean and variance over the positions, then over the channels (the law of total variance:
     # within the channels plus between them). A removed channel's mean over any number of positions is its
     # constant and its variance zero, so fxprune's analysis can remove more channels from this form too.
@@ -187,12 +193,7 @@ def _grouped_norm(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.
         const = const.reshape(1, -1, *(1,) * (input.dim() - 2)).expand(input.shape[0], -1, *input.shape[2:])
         full = torch.cat([input, const], 1).index_select(1, torch.tensor(order, device=input.device))
         normed = F.group_norm(full, G, None, None, eps).index_select(1, torch.tensor(positions, device=input.device))
-    shape = (kept,) + (1,) * (input.dim() - 2)
-    if weight is not None and bias is not None and not traced:
-        return torch.addcmul(bias.reshape(shape), normed, weight.reshape(shape))
-    if weight is not None:
-        normed = normed * weight.reshape(shape)
-    return normed + bias.reshape(shape) if bias is not None else normed
+    return _affine(normed, weight, bias, (kept,) + (1,) * (input.dim() - 2), fused=not traced)
 
 
 def shrunk_groups(kept_per_group: tuple[int, ...], removed_sum: tuple[float, ...], removed_sq_sum: tuple[float, ...],

@@ -37,11 +37,11 @@ def weight_sources(model: nn.Module) -> dict[str, str]:
     (``aten._weight_norm``); the originals of any other parametrization of the user's (``"original"``: orthogonal,
     spectral norm; fxprune's own masks aside). A mask on one of them is no mask on the weight; and a zero row of
     ``v`` is a row of NaN (0 / 0)."""
-    from torch.nn.utils.parametrizations import _WeightNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     from fxprune.analysis.rule import WEIGHT_NORMS
 
+    normed = {id(mod.parametrizations[leaf]) for mod, leaf in weight_normed(model).values()}
     out: dict[str, str] = {}
     for path, mod in model.named_modules():
         pre = f"{path}." if path else ""
@@ -53,10 +53,9 @@ def weight_sources(model: nn.Module) -> dict[str, str]:
         for leaf, plist in mod.parametrizations.items():
             if all(isinstance(p, HeldMask) for p in plist):
                 continue
-            normed = isinstance(plist[0], _WeightNorm) and all(isinstance(p, HeldMask) for p in list(plist)[1:])
             for name, _ in plist.named_parameters(recurse=False):
-                role = {"original0": "scale", "original1": "direction"}.get(name, "original") if normed else "original"
-                out[f"{pre}parametrizations.{leaf}.{name}"] = role
+                role = {"original0": "scale", "original1": "direction"}.get(name) if id(plist) in normed else None
+                out[f"{pre}parametrizations.{leaf}.{name}"] = role or "original"
     if isinstance(model, GraphModule):
         for n in model.graph.nodes:
             if n.op == "call_function" and n.target in WEIGHT_NORMS:
