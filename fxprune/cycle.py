@@ -39,14 +39,14 @@ from torch.fx import GraphModule
 from torch.nn.parallel import DistributedDataParallel
 
 from fxprune.errors import CaptureError, CheckpointError, EquivalenceError, InputError, UnsupportedError, require
-from fxprune.graph.capture import as_inputs, capture, unwrapped
+from fxprune.graph.capture import as_inputs, capture, model_call, unwrapped
 from fxprune.graph.rebuild import accelerator
 from fxprune.interop.batchnorm import BatchRecorder, batchnorms, recalibrate_batchnorm
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
 from fxprune.interop.distributed import PeerFailedError, Ranks
 from fxprune.interop.lasso import DEFAULT_EVERY, DEFAULT_STRENGTH, GroupLasso
 from fxprune.graph.masks import unmasked
-from fxprune.interop.module import eval_capture, minimize_module
+from fxprune.interop.module import cache_off, eval_capture, minimize_module
 from fxprune.passes.mask import (TargetNotReachedWarning, apply_masks, bake_masks_, group_masks, hold_masks_,
                                  magnitude_masks, prunable, sparsity_schedule)
 from fxprune.passes.minimize import minimize
@@ -296,8 +296,10 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                             world=ranks.world))
     say(f"dense: {dense['params']:,} params, accuracy {dense['accuracy']:.4f}")
 
+    place = None  # on the graph path from the user's class: its call turned into the graph's positional inputs
+
     def minimized(pre: nn.Module) -> nn.Module:  # a failure on one rank stops every rank
-        nonlocal graph_path
+        nonlocal graph_path, place
         check = verify and ranks.rank == 0
         pre = copy.deepcopy(pre)
         for m in pre.modules():  # the deployed function: dropout off, BatchNorm on its running statistics (set
@@ -312,11 +314,15 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                 if isinstance(e, PeerFailedError):
                     raise
                 graph_path = True
+                place = model_call(pre, inputs)  # (read off the user's class, before its graph stands in for it)
                 warnings.warn(f"squeeze_release could not keep {type(pre).__name__} as its own class "
                               f"({str(e).splitlines()[0]}); it goes on with the captured graph, and train/evaluate "
                               "receive GraphModules from here on", GraphPathWarning, stacklevel=3)
-        gm = ranks.run_all(lambda: minimize(capture(pre, inputs), inputs, verify=check), "minimize")
+        with cache_off(pre):  # (torch.export cannot return transformers' KV cache: the graph returns none)
+            gm = ranks.run_all(lambda: minimize(capture(pre, inputs), inputs, verify=check), "minimize")
         out, baked = trainable(gm, inputs if check else None)  # BatchNorm and dropout switch with .train() again
+        if place is not None:  # called as the model is: by keyword, defaults left out (transformers' Trainer)
+            out.register_forward_pre_hook(lambda m, args, kwargs: (place(*args, **kwargs), {}), with_kwargs=True)
         if baked:
             warnings.warn(f"squeeze_release: {len(baked)} BatchNorm/dropout call(s) of the graph keep the eval mode "
                           f"they were captured in ({', '.join(baked[:4])}): train/evaluate run them as in eval mode",

@@ -108,10 +108,19 @@ def random_inputs(xs: Sequence[Any], g: torch.Generator) -> tuple[Any, ...]:
 def count_flops(m: nn.Module, xs: tuple[Any, ...]) -> int:
     """FLOPs of one forward of ``m`` on ``xs``, as ``torch.utils.flop_counter.FlopCounterMode`` counts them
     (matmuls, convolutions, attention). The forward runs in eval mode (modes set back after), so that it changes
-    nothing of ``m``: no BatchNorm running statistics move, no dropout draws from the RNG."""
+    nothing of ``m``: no BatchNorm running statistics move, no dropout draws from the RNG. Its parameters stop
+    requiring grad meanwhile: the counter's module tracker fails on a view of one made under ``no_grad`` and passed
+    to a submodule (Mamba's ``conv1d.weight.view(...)``)."""
     counter = FlopCounterMode(display=False)
-    with eval_modes(m), torch.no_grad(), counter:
-        m(*xs)
+    grads = [p for p in m.parameters() if p.requires_grad]
+    try:
+        for p in grads:
+            p.requires_grad_(False)
+        with eval_modes(m), torch.no_grad(), counter:
+            m(*xs)
+    finally:
+        for p in grads:
+            p.requires_grad_(True)
     return int(counter.get_total_flops())
 
 

@@ -450,9 +450,11 @@ def test_the_trainer_example_runs_and_reloads(tmp_path):
     assert (tmp_path / "small" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("name", ["deit", "gemma"])
+@pytest.mark.parametrize("name", ["deit", "gemma", "squeezebert", "funnel"])
 def test_the_user_models_benchmark_gives_the_users_class_back_smaller(name):
-    """``benchmarks/user_models.py``: a model as loaded, a plain loop, the cycle's defaults (2 cycles)."""
+    """``benchmarks/user_models.py``: a model as loaded, a plain loop, the cycle's defaults (2 cycles). SqueezeBERT
+    (channels-first norms that call ``nn.LayerNorm.forward`` by name) and Funnel (``mask.type_as(hidden)``) raised
+    before stop 55."""
     pytest.importorskip("transformers", reason="the models come from transformers (dev dependency)")
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     import user_models
@@ -463,3 +465,42 @@ def test_the_user_models_benchmark_gives_the_users_class_back_smaller(name):
     assert row["accuracy"][1] >= row["accuracy"][0] - 0.05  # the tolerance it ran with
     if name == "gemma":
         assert row["generate"] == [2, 7]
+
+
+def test_the_graph_path_of_a_causal_lm_as_loaded_captures_with_the_cache_off(monkeypatch):
+    """Where the cycle cannot keep a transformers LM as its class (XGLM did not, before), its graph path captured
+    the model as loaded, with ``use_cache`` on: torch.export cannot return the KV cache, and the cycle raised
+    CaptureError. The graph is captured with the cache off; the user's model keeps its flag. And the graphs that
+    train/evaluate receive are called as the model is, by keyword with defaults left out (SqueezeBERT's loop
+    raised TypeError: the graph's forward wanted every input positionally)."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    _refuse_the_class(monkeypatch, "refused for this test")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                                                  n_positions=32))
+    assert model.config.use_cache
+    ids = torch.randint(0, 64, (16, 12))
+
+    def loss(m):  # (by keyword, as Trainer calls: the graph takes its inputs positionally, defaults and all)
+        return F.cross_entropy(m(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    def train(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        m.train()
+        for _ in range(3):
+            opt.zero_grad()
+            loss(m).backward()
+            opt.step()
+
+    @torch.no_grad()
+    def evaluate(m):
+        m.eval()
+        return -float(loss(m))
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = fp.squeeze_release(model, (ids[:2],), train=train, evaluate=evaluate, cycles=1, mask_steps=1,
+                                 tolerance=10.0, progress=False)
+    assert any(issubclass(w.category, GraphPathWarning) for w in seen)
+    assert isinstance(res.module, torch.fx.GraphModule) and count_params(res.module) < res.dense["params"]
+    assert model.config.use_cache and res.module(input_ids=ids[:3]).logits.shape == (3, 12, 64)

@@ -459,3 +459,66 @@ def test_slicing_a_large_weights_columns_takes_the_same_values_as_index_select(d
                 idx = torch.randperm(y.shape[d], generator=g)[: max(1, y.shape[d] * 2 // 3)].sort().values
                 got, want = _take(y, d, idx), y.index_select(d, idx)
                 assert got.shape == want.shape and torch.equal(got, want)
+
+
+class _MaskedByTypeAs(nn.Module):
+    """Hidden units weighted by a token mask cast with ``mask.type_as(h)`` (Funnel's encoder): the cast reads ``h``
+    for its dtype only, and ``h`` has a dim more than the mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h * mask.type_as(h)[..., None])
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_type_as_reads_its_other_operand_for_the_dtype_only(method):
+    """The analysis aligned ``type_as``'s second operand with its output as if it broadcast, and raised a size
+    mismatch (every transformers Funnel model)."""
+    torch.manual_seed(0)
+    net = _MaskedByTypeAs().double().eval()
+    with torch.no_grad():
+        net.a.weight[[1, 6]] = 0
+        net.a.bias[[1, 6]] = -1.0
+    x, mask = torch.randn(2, 5, 4, dtype=torch.float64), torch.ones(2, 5, dtype=torch.long)
+    small = fp.minimize(fp.capture(net, (x, mask), method=method, dynamic_shapes="every"))
+    assert n_params(small) == n_params(net) - 2 * (4 + 1 + 3)
+    for xi, mi in ((x, mask), (torch.randn(3, 7, 4, dtype=torch.float64), torch.randint(0, 2, (3, 7)))):
+        with torch.no_grad():
+            assert float((small(xi, mi) - net(xi, mi)).abs().max()) <= 1e-12
+
+
+class _SeparateProjections(nn.Module):
+    """``F.multi_head_attention_forward`` with separate q/k/v weights and ``torch.empty([0])`` as the packed one
+    (WavLM's attention): the exported graph holds an empty tensor that nothing reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.transpose(0, 1)
+        out, _ = torch.nn.functional.multi_head_attention_forward(
+            h, h, h, 8, 2, torch.empty([0]), torch.cat((self.q.bias, self.k.bias, self.v.bias)), None, None, False, 0.0,
+            self.o.weight, self.o.bias, training=False, need_weights=False, use_separate_proj_weight=True,
+            q_proj_weight=self.q.weight, k_proj_weight=self.k.weight, v_proj_weight=self.v.weight)
+        return self.head(out.transpose(0, 1))
+
+
+def test_an_empty_tensor_in_the_graph_is_no_group_to_remove_from():
+    """A dim of size 0 was a free group of no channels, and the plan to keep one of its channels raised IndexError
+    (every transformers WavLM)."""
+    torch.manual_seed(0)
+    net = _SeparateProjections().double().eval()
+    with torch.no_grad():
+        net.head.weight[:, :3] = 0  # the attention's output channels 0-2 are unread
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    small = fp.minimize(fp.capture(net, (x,), method="export", dynamic_shapes="every"))
+    assert n_params(small) == n_params(net) - 3 * (8 + 1 + 2)
+    for xi in (x, torch.randn(2, 7, 8, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((small(xi) - net(xi)).abs().max()) <= 1e-12

@@ -15,6 +15,7 @@ from torch import nn
 import fxprune as fp
 from conftest import graph_state, snapshot, torchvision
 from fxprune import zoo
+from fxprune.graph.capture import LabelsLeftOutWarning
 from fxprune.verify import count_params
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -1193,3 +1194,106 @@ def test_a_kept_tensor_of_the_model_itself_is_named_by_its_class():
     assert "every channel of _RootToken (its own tensors)" in message and " , " not in message and "of ," not in message
     x = torch.randn(3, 7, 4, dtype=torch.float64)
     assert torch.allclose(small(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_layer_norm_without_weights_is_compensated_in_the_class():
+    """A stream channel holding a constant goes through ``nn.LayerNorm(elementwise_affine=False)`` (Data2VecAudio's
+    positional conv): the compensated norm's kept width was read off its weight, which it has none of, and
+    minimize_module raised AttributeError."""
+    torch.manual_seed(0)
+    net = _PreNorm(lambda n: nn.LayerNorm(n, elementwise_affine=False)).double().eval()
+    with torch.no_grad():
+        net.inp.weight[2] = 0
+        net.inp.bias[2] = 0.75
+        net.out.weight[:, 2] = 0  # the norm's output there is unread
+    x = torch.randn(5, 4, dtype=torch.float64)
+    small = fp.minimize_module(net, (x,))
+    norm = small.norm
+    assert type(norm).__name__ == "CompensatedLayerNorm" and norm.weight is None and (norm.kept, norm.full_size) == (7, 8)
+    for xi in (x, torch.randn(9, 4, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((small(xi) - net(xi)).abs().max()) <= 1e-12
+
+
+class PermutingNorm(nn.LayerNorm):
+    """SqueezeBERT's norm of (N, C, W) activations: it calls ``nn.LayerNorm.forward`` by name, not ``super()``."""
+
+    def forward(self, x):
+        return nn.LayerNorm.forward(self, x.permute(0, 2, 1)).permute(0, 2, 1)
+
+
+class ScaledNorm(nn.LayerNorm):
+    """A norm whose forward calls ``nn.LayerNorm.forward`` by name and does more: no form fxprune can compensate."""
+
+    def forward(self, x):
+        return 2.0 * nn.LayerNorm.forward(self, x)
+
+
+class _ConvStream(nn.Module):
+    def __init__(self, norm: type) -> None:
+        super().__init__()
+        self.inp, self.norm, self.out = nn.Conv1d(2, 8, 1), norm(8), nn.Conv1d(8, 3, 1)
+
+    def forward(self, x):
+        return self.out(self.norm(self.inp(x)))
+
+
+def _dead_stream_channel(net: nn.Module) -> None:
+    with torch.no_grad():
+        net.inp.weight[2] = 0
+        net.inp.bias[2] = 1.5
+        net.norm.weight[2] = 0
+
+
+def test_a_norm_subclass_calling_layer_norm_forward_by_name_is_compensated_over_dim_1():
+    """SqueezeBERT: the compensated subclass reached no compensated norm (its forward names ``nn.LayerNorm.forward``),
+    so the copy was wrong, and minimize_module raised EquivalenceError with nothing to freeze. Its forward is a
+    norm over dim 1: it becomes the compensated one, in its own class."""
+    torch.manual_seed(0)
+    net = _ConvStream(PermutingNorm).double().eval()
+    _dead_stream_channel(net)
+    x = torch.randn(3, 2, 5, dtype=torch.float64)
+    small = fp.minimize_module(net, (x,))
+    assert isinstance(small.norm, PermutingNorm) and small.norm.weight.shape == (7,) and small.norm.full_size == 8
+    for xi in (x, torch.randn(4, 2, 9, dtype=torch.float64)):  # another batch and length
+        with torch.no_grad():
+            assert float((small(xi) - net(xi)).abs().max()) <= 1e-12
+
+
+def test_a_norm_subclass_with_no_compensable_form_keeps_its_channels():
+    """A LayerNorm subclass whose forward neither reaches ``super().forward`` nor is a norm over dim 1: its stream
+    keeps its channels, with a warning (was: EquivalenceError)."""
+    torch.manual_seed(0)
+    net = _PreNorm(ScaledNorm).double().eval()
+    _constant_stream_channel(net, 2, 1.5)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.warns(fp.interop.module.KeptChannelsWarning, match="norm"):
+        small = fp.minimize_module(net, (x,))
+    assert type(small.norm) is ScaledNorm and small.norm.weight.shape == (8,)
+    for xi in (x, torch.randn(9, 4, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((small(xi) - net(xi)).abs().max()) <= 1e-12
+
+
+def test_a_causal_lm_whose_loss_ties_its_inputs_sizes_is_minimized_with_its_labels():
+    """XGLM's loss ties the numel of ``input_ids`` and ``labels``: torch.export refuses every dim dynamic, and the
+    capture went on without the labels, a graph the check then could not call with them (CaptureError). Every dim
+    failing, minimize_module captures with the batch dynamic, labels and all (it had warned that the labels were
+    left out; in the user flow it then raised CaptureError: its check called that graph with the labels)."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    torch.manual_seed(0)
+    model = transformers.XGLMForCausalLM(transformers.XGLMConfig(
+        vocab_size=32, d_model=32, num_layers=1, attention_heads=4, ffn_dim=64, max_position_embeddings=64)).eval()
+    fc1 = model.model.layers[0].fc1
+    with torch.no_grad():
+        fc1.weight[:5] = 0
+        fc1.bias[:5] = -1.0  # (GELU(-1) is no zero: the constant goes into fc2's bias)
+    ids = torch.randint(0, 32, (8, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LabelsLeftOutWarning)
+        small = fp.minimize_module(model, {"input_ids": ids, "labels": ids.clone()})  # (one tensor twice ties them)
+    assert type(small) is type(model) and small.model.layers[0].fc1.out_features == 59 and small.config.use_cache
+    for batch in (ids, torch.randint(0, 32, (3, 7))):  # another batch and length
+        with torch.no_grad():
+            a, b = model(input_ids=batch, labels=batch), small(input_ids=batch, labels=batch)
+        assert float((a.logits - b.logits).abs().max()) <= 1e-4 and float((a.loss - b.loss).abs()) <= 1e-4

@@ -1,4 +1,5 @@
 import torch
+from torch import nn
 
 import fxprune as fp
 from fxprune.zoo import build
@@ -79,3 +80,26 @@ def test_count_flops_changes_nothing_of_a_model_in_train_mode():
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
     assert [mod.training for mod in m.modules()] == [True, True, True, False, True]
+
+
+def test_count_flops_of_a_model_passing_a_view_of_its_weight_to_a_submodule():
+    """Mamba hands ``conv1d.weight.view(...)`` to a kernel module: under ``no_grad`` that view requires grad with no
+    grad_fn, and FlopCounterMode's module tracker raised AssertionError on it (the cycle's first step, on every
+    Mamba). The parameters still require grad afterwards."""
+    from fxprune.verify import count_flops
+
+    class MatMul(nn.Module):
+        def forward(self, x, w):
+            return x @ w
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w, self.mm = nn.Parameter(torch.randn(4, 3)), MatMul()
+
+        def forward(self, x):
+            return self.mm(x, self.w.view(4, 3))
+
+    net = Net()
+    assert count_flops(net, (torch.randn(2, 4),)) == 2 * 2 * 4 * 3
+    assert net.w.requires_grad

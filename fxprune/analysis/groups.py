@@ -148,7 +148,7 @@ class Analysis:
             atoms.pull_back(self.spaces.of(e.value, e.dim), e.tolerates(self.facts).to(torch.bool), ok)
         keep: dict[int, torch.Tensor] = {}
         for leaf in atoms.leaves():
-            if leaf.frozen:
+            if leaf.frozen or leaf.size == 0:  # (an empty dim: nothing to remove)
                 continue
             rem = ok.get(id(leaf), torch.ones(leaf.size, dtype=torch.bool))
             if bool(rem.all()):

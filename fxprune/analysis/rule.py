@@ -398,12 +398,13 @@ def is_constant(v: Any) -> bool:
 
 def aligned_dim(sp: Spaces, a: Node, out: Node, d: int) -> int | None:
     """The dim of operand ``a`` that broadcasting aligns with dim ``d`` of ``out`` (None when ``a`` is not a
-    tensor, has no such dim, or is broadcast along it)."""
+    tensor, has no such dim, is broadcast along it, or is read for its dtype only: ``x.type_as(other)``'s ``other``,
+    whose sizes need not broadcast)."""
     sa, so = sp.spec(a), sp.spec(out)
     if sa is None or so is None:
         return None
     j = d - (len(so.shape) - len(sa.shape))
-    if j < 0 or (sa.shape[j] == 1 and so.shape[d] != 1):
+    if j < 0 or sa.shape[j] != so.shape[d]:
         return None
     return j
 

@@ -138,6 +138,19 @@ class Mul(Elementwise):
         return out
 
 
+class TypeAs(Elementwise):
+    """``x.type_as(other)``: elementwise in ``x``; ``other`` is read for its dtype only (Funnel casts a token mask to
+    its hidden states' dtype: their sizes need not broadcast)."""
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, other = op.arg(0, "self"), op.arg(1, "other")
+        if isinstance(other, Node) and other is not x:
+            sp.meta_only(other)
+        if isinstance(x, Node):
+            for d in range(sp.rank(op.node)):
+                sp.unify(x, d, op.node, d, f"by {op.describe()}")
+
+
 class Passive(Rule):
     """Reads only dtype/device of its tensor operands (creation ops like new_ones, metadata asserts)."""
 
@@ -1932,7 +1945,7 @@ _ELEMENTWISE_MODULES = [nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Leaky
 _UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "exp", "sqrt", "rsqrt", "erf", "clamp", "hardtanh",
           "leaky_relu", "elu", "hardswish", "hardsigmoid", "mish", "softplus", "clone", "alias", "detach", "detach_", "relu6",
           "log", "sin", "cos", "square", "reciprocal", "sign", "_to_copy", "lift_fresh_copy", "contiguous", "clamp_min",
-          "clamp_max", "pow", "to", "relu_", "silu_", "gelu_", "hardtanh_", "type_as", "selu", "celu", "log_sigmoid",
+          "clamp_max", "pow", "to", "relu_", "silu_", "gelu_", "hardtanh_", "selu", "celu", "log_sigmoid",
           "logsigmoid", "softsign", "threshold", *_IN_PLACE_ACTIVATIONS]
 _BINARY = ["add", "sub", "div", "maximum", "minimum", "where", "rsub", "eq", "ne", "le", "lt", "ge", "gt",
            "__and__", "__or__", "logical_and", "logical_or", "logical_not", "bitwise_not", "add_", "masked_fill",
@@ -1976,6 +1989,7 @@ def _nan_to_nan(op: Op) -> bool:
 register(Elementwise(), *_ELEMENTWISE_MODULES, *_aten(*_UNARY, *_BINARY), *_torch(*_UNARY, *_BINARY),
          *[m for m in _UNARY + _BINARY + ["float", "double", "half", "bfloat16"] if m not in ("mul",)],
          operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd, operator.pos, operator.pow)
+register(TypeAs(), aten.type_as, "type_as")
 register(Mul(), aten.mul, aten.mul_, torch.mul, "mul", "mul_", operator.mul, operator.imul)
 register(IndexSelect(), aten.index_select, torch.index_select, "index_select")
 register(IndexRows(), aten.index.Tensor)

@@ -635,7 +635,9 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
         gm.meta[EXAMPLE_INPUTS_KEY] = inputs
         gm.meta[CAPTURE_METHOD_KEY] = name
         return gm
-    fewer = _without_labels(model, inputs)
+    # (not with every dim dynamic: a caller asking that goes on to the batch alone, with the labels, when it fails;
+    # XGLM's loss ties the numel of its inputs, which torch.export cannot keep as independent sizes)
+    fewer = None if _is_every(dynamic_shapes) else _without_labels(model, inputs)
     if fewer is not None:  # a loss with data-dependent code (DeBERTa's): the outputs it is computed from
         try:
             gm = capture(model, fewer, method, dynamic_shapes=dynamic_shapes, check=check)

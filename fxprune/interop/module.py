@@ -796,31 +796,36 @@ def _created_biases(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
 
 
 @torch.no_grad()
-def _channels_first_only(norm: nn.LayerNorm) -> bool:
-    """Whether ``norm`` (a LayerNorm subclass with a forward of its own) never reaches ``super().forward`` and is a
-    norm over dim 1: probed on random input, once as it is and once with its class made compensated and statistics
-    that differ (a forward that reached them would change)."""
+def _subclass_form(norm: nn.LayerNorm) -> bool | None:
+    """How a LayerNorm subclass with a forward of its own can be compensated, probed on random inputs (channels in
+    dim 1 and last, of 3 and 4 dims): ``False`` where its forward reaches ``super().forward`` (made compensated, the
+    output changes with statistics that differ); ``True`` where it never does and is a norm over dim 1 (torchvision's
+    ``LayerNorm2d``, SqueezeBERT's ``nn.LayerNorm.forward(self, x.permute(0, 2, 1))``); ``None`` where it is neither
+    (its channels must stay)."""
     w = norm.weight
     size = w.shape[0] if w is not None else norm.normalized_shape[0]
     dtype = w.dtype if w is not None else torch.float32
-    x = torch.randn(2, size, 3, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, size, 3, 3, generator=g).to(dtype), torch.randn(2, size, 3, generator=g).to(dtype)]
     norm = copy.deepcopy(norm)  # (its weight may be the kept one already: its sizes follow)
     norm.normalized_shape = (size,)
     probe = copy.deepcopy(norm)
     probe.__class__ = compensated_subclass(type(norm))
     probe.full_size, probe.removed_sum, probe.removed_sq_sum = size + 1, 1.0, 4.0
-    for form in (x, x.movedim(1, -1)):
+    for form in [f for x in xs for f in (x, x.movedim(1, -1))]:
         try:
             if not torch.equal(probe(form), norm(form)):
                 return False  # it reaches super().forward
         except Exception:  # noqa: BLE001 (a layout this norm does not take)
             continue
-    try:
-        out = norm(x)
-    except Exception:  # noqa: BLE001
-        return False
-    ref = torch.nn.functional.layer_norm(x.movedim(1, -1), (size,), w, norm.bias, norm.eps).movedim(-1, 1)
-    return out.shape == ref.shape and bool(torch.allclose(out, ref, rtol=1e-5, atol=1e-6))
+    for x in xs:
+        try:
+            out = norm(x)
+        except Exception:  # noqa: BLE001
+            continue
+        ref = torch.nn.functional.layer_norm(x.movedim(1, -1), (size,), w, norm.bias, norm.eps).movedim(-1, 1)
+        return True if out.shape == ref.shape and bool(torch.allclose(out, ref, rtol=1e-5, atol=1e-6)) else None
+    return None
 
 
 @torch.no_grad()
@@ -879,28 +884,34 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set
             raise UnsupportedError(f"the norm at '{path}' normalizes over {ndim} dims: no module form of its compensation yet")
         old = out.get_submodule(path)
         w = get_attr(small, args[1].target) if args[1] is not None else None
-        if (n.target is compensated_layer_norm and isinstance(old, nn.LayerNorm) and w is not None
+        kept = int(n.meta["val"].shape[-1])  # (a norm without weight has no tensor that says it)
+        if (n.target is compensated_layer_norm and isinstance(old, nn.LayerNorm)
                 and type(old).forward is not nn.LayerNorm.forward):
             # a LayerNorm subclass with a forward of its own (channels-first norms call super().forward on a moved
             # view): the module keeps its class, and the LayerNorm its forward reaches becomes the compensated one
             # (or, for a norm over dim 1 that calls F.layer_norm itself, its forward the compensated norm over dim 1)
             b = get_attr(small, args[2].target) if args[2] is not None else None
-            old.__class__ = compensated_subclass(type(old), _channels_first_only(old))
+            form = _subclass_form(old)
+            if form is None:
+                own_forward.add(path)
+                continue
+            old.__class__ = compensated_subclass(type(old), form)
             old.full_size, old.removed_sum, old.removed_sq_sum = int(args[4]), float(args[5]), float(args[6])
-            old.eps, old.normalized_shape = float(args[3]), tuple(w.shape)
-            old.weight = nn.Parameter(w.detach().clone(), requires_grad=old.weight.requires_grad)
+            old.eps, old.normalized_shape = float(args[3]), (kept,)
+            if w is not None:
+                old.weight = nn.Parameter(w.detach().clone(), requires_grad=old.weight.requires_grad)
             if b is not None:
                 old.bias = nn.Parameter(b.detach().clone(), requires_grad=old.bias.requires_grad)
             done.add(path)
             continue
         if n.target is compensated_layer_norm:
             b = get_attr(small, args[2].target) if args[2] is not None else None
-            new = CompensatedLayerNorm(w.shape[0], args[4], args[3], args[5], args[6], elementwise_affine=w is not None,
+            new = CompensatedLayerNorm(kept, args[4], args[3], args[5], args[6], elementwise_affine=w is not None,
                                        bias=b is not None, dtype=w.dtype if w is not None else None)
             if b is not None:
                 new.bias = nn.Parameter(b.detach().clone())
         else:
-            new = CompensatedRMSNorm(w.shape[0], args[3], args[2], args[4], elementwise_affine=w is not None,
+            new = CompensatedRMSNorm(kept, args[3], args[2], args[4], elementwise_affine=w is not None,
                                      dtype=w.dtype if w is not None else None)
         if w is not None:
             new.weight = nn.Parameter(w.detach().clone())
