@@ -39,7 +39,7 @@ from torch.fx import GraphModule
 from torch.nn.parallel import DistributedDataParallel
 
 from fxprune.errors import CaptureError, CheckpointError, EquivalenceError, InputError, UnsupportedError, require
-from fxprune.graph.capture import as_inputs, capture, model_call, unwrapped
+from fxprune.graph.capture import ModelCall, as_inputs, capture, model_call, unwrapped
 from fxprune.graph.rebuild import accelerator
 from fxprune.interop.batchnorm import BatchRecorder, batchnorms, recalibrate_batchnorm
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
@@ -123,13 +123,25 @@ class _Clocked:
 
     def __init__(self, f: Callable[[nn.Module], Any]) -> None:
         self.f, self.seconds = f, 0.0
+        self.place: ModelCall | None = None  # on the graph path: how the user's class is called (keyword inputs)
 
     def __call__(self, m: nn.Module) -> Any:
+        if self.place is not None:
+            _called_as_model(m, self.place)
         t0 = time.perf_counter()
         try:
             return self.f(m)
         finally:
             self.seconds += time.perf_counter() - t0
+
+
+def _called_as_model(m: nn.Module, place: ModelCall) -> nn.Module:
+    """``m`` (a GraphModule that stands in for the user's class) called as that class is: by keyword, inputs with
+    defaults left out (transformers' ``Trainer`` calls ``model(**batch)``); a forward pre-hook places them. Set again
+    on each graph handed over: a GraphModule's deep copy drops forward hooks."""
+    if isinstance(m, GraphModule) and not any(h == place.hook for h in m._forward_pre_hooks.values()):
+        m.register_forward_pre_hook(place.hook, with_kwargs=True)
+    return m
 
 
 def _call_train(train: Callable[[nn.Module], Any], m: nn.Module) -> nn.Module:
@@ -296,10 +308,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                             world=ranks.world))
     say(f"dense: {dense['params']:,} params, accuracy {dense['accuracy']:.4f}")
 
-    place = None  # on the graph path from the user's class: its call turned into the graph's positional inputs
-
     def minimized(pre: nn.Module) -> nn.Module:  # a failure on one rank stops every rank
-        nonlocal graph_path, place
+        nonlocal graph_path
         check = verify and ranks.rank == 0
         pre = copy.deepcopy(pre)
         for m in pre.modules():  # the deployed function: dropout off, BatchNorm on its running statistics (set
@@ -314,15 +324,14 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                 if isinstance(e, PeerFailedError):
                     raise
                 graph_path = True
-                place = model_call(pre, inputs)  # (read off the user's class, before its graph stands in for it)
+                train.place = evaluate.place = model_call(pre, inputs)  # (the user's class, read before its
+                # graph stands in for it)
                 warnings.warn(f"squeeze_release could not keep {type(pre).__name__} as its own class "
                               f"({str(e).splitlines()[0]}); it goes on with the captured graph, and train/evaluate "
                               "receive GraphModules from here on", GraphPathWarning, stacklevel=3)
         with cache_off(pre):  # (torch.export cannot return transformers' KV cache: the graph returns none)
             gm = ranks.run_all(lambda: minimize(capture(pre, inputs), inputs, verify=check), "minimize")
         out, baked = trainable(gm, inputs if check else None)  # BatchNorm and dropout switch with .train() again
-        if place is not None:  # called as the model is: by keyword, defaults left out (transformers' Trainer)
-            out.register_forward_pre_hook(lambda m, args, kwargs: (place(*args, **kwargs), {}), with_kwargs=True)
         if baked:
             warnings.warn(f"squeeze_release: {len(baked)} BatchNorm/dropout call(s) of the graph keep the eval mode "
                           f"they were captured in ({', '.join(baked[:4])}): train/evaluate run them as in eval mode",
@@ -439,7 +448,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             ckpt.write(c + 1, tensors, dict(row=row, pre_modes=pre_modes, work_modes=work_modes,
                                             best_modes=kept_modes if improved else None,
                                             shapes={k: list(v.shape) for k, v in small_state.items()}))
-    result = SqueezeReleaseResult(best, history, dense, best_cycle)
+    result = SqueezeReleaseResult(best if train.place is None else _called_as_model(best, train.place), history,
+                                  dense, best_cycle)
     if any(row["passed"] for row in history) and result.compression <= LITTLE:
         _warn_little(result, structure, lasso)
     return result

@@ -241,6 +241,50 @@ def test_a_class_whose_copy_differs_goes_the_graph_path_with_a_warning():
     assert count_params(res.module) < 0.6 * res.dense["params"]
 
 
+class _KeywordNet(nn.Module):
+    """Called by keyword, with an optional input left out: ``net(x=..., target=...)`` gives logits and the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x, scale=None, target=None):
+        out = self.body(x) if scale is None else self.body(x) * scale
+        return out, (None if target is None else F.cross_entropy(out, target))
+
+
+def test_the_graph_path_is_called_as_the_model_is(monkeypatch):
+    """A loop that calls the model by keyword with an optional input left out (SqueezeBERT's, transformers'
+    ``Trainer``: ``model(**batch)``), on the graph path: the graph's forward took every input positionally
+    (``forward(x, scale, target)``), and the loop raised TypeError. Every graph handed to train/evaluate, and the
+    one that comes back, is called as the model is."""
+    _refuse_the_class(monkeypatch, "refused for this test")
+    torch.manual_seed(0)
+    model, (x, y) = _KeywordNet(), _data()
+
+    def train(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        m.train()
+        for idx in torch.randperm(len(x)).split(32):
+            opt.zero_grad()
+            m(x=x[idx], target=y[idx])[1].backward()
+            opt.step()
+
+    @torch.no_grad()
+    def evaluate(m):
+        m.eval()
+        return float((m(x=x, target=y)[0].argmax(-1) == y).float().mean())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphPathWarning)
+        res = fp.squeeze_release(model, {"x": x[:8], "target": y[:8]}, train=train, evaluate=evaluate, cycles=2,
+                                 mask_steps=1, sparsity=0.5, tolerance=1.0, progress=False)
+    kept = res.module
+    assert isinstance(kept, torch.fx.GraphModule) and count_params(kept) < res.dense["params"]
+    logits, loss = kept(x=x[:5], target=y[:5])
+    assert logits.shape == (5, 4) and loss.dim() == 0
+
+
 def test_the_graph_path_switches_to_whole_channels_too(monkeypatch):
     """``structure="auto"`` on the graph path: the whole-channel masks are read off the trainable GraphModule, and
     BatchNorm still trains in every call."""
@@ -470,9 +514,7 @@ def test_the_user_models_benchmark_gives_the_users_class_back_smaller(name):
 def test_the_graph_path_of_a_causal_lm_as_loaded_captures_with_the_cache_off(monkeypatch):
     """Where the cycle cannot keep a transformers LM as its class (XGLM did not, before), its graph path captured
     the model as loaded, with ``use_cache`` on: torch.export cannot return the KV cache, and the cycle raised
-    CaptureError. The graph is captured with the cache off; the user's model keeps its flag. And the graphs that
-    train/evaluate receive are called as the model is, by keyword with defaults left out (SqueezeBERT's loop
-    raised TypeError: the graph's forward wanted every input positionally)."""
+    CaptureError. The graph is captured with the cache off; the user's model keeps its flag."""
     transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
     _refuse_the_class(monkeypatch, "refused for this test")
     torch.manual_seed(0)
@@ -481,7 +523,7 @@ def test_the_graph_path_of_a_causal_lm_as_loaded_captures_with_the_cache_off(mon
     assert model.config.use_cache
     ids = torch.randint(0, 64, (16, 12))
 
-    def loss(m):  # (by keyword, as Trainer calls: the graph takes its inputs positionally, defaults and all)
+    def loss(m):
         return F.cross_entropy(m(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
     def train(m):

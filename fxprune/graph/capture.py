@@ -102,7 +102,12 @@ def keyword_inputs(model: nn.Module, named: dict[str, Any], length: int | None =
     placed, and neither can a left-out parameter without a default: both raise an :class:`InputError`."""
     if not named and length is None:
         raise InputError("example_inputs is an empty dict: give the model's inputs, e.g. dict(input_ids=ids)")
-    where, params, names = _forward_parameters(model)
+    return _placed(_forward_parameters(model), named, length)
+
+
+def _placed(signature: tuple[str, list[inspect.Parameter], list[str]], named: dict[str, Any],
+            length: int | None) -> tuple[Any, ...]:
+    where, params, names = signature
     for key in named:
         if key not in names:
             raise InputError(f"{where} has no positional parameter {key!r} (it has {', '.join(names) or 'none'}): "
@@ -136,22 +141,31 @@ def _forward_parameters(model: nn.Module) -> tuple[str, list[inspect.Parameter],
     return f"{type(owner).__name__}.forward", params, [p.name for p in params if p.kind in kinds]
 
 
-def model_call(model: nn.Module, example: tuple[Any, ...]) -> Callable[..., tuple[Any, ...]]:
+def model_call(model: nn.Module, example: tuple[Any, ...]) -> "ModelCall":
     """A function that turns a call of ``model`` (positional and keyword arguments, defaults left out) into the
     positional inputs of a graph captured from it on ``example``. The graph holds what was not a tensor there
     (``None``, a flag) as a constant, so a call must give the same value there, and a tensor where it had one:
     anything else raises an :class:`InputError` instead of running a graph that does not compute it."""
-    names = _forward_parameters(model)[2]
+    return ModelCall(_forward_parameters(model), tuple(example))
 
-    def place(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+
+class ModelCall:
+    """:func:`model_call`'s function, picklable: its :meth:`hook`, a forward pre-hook (``with_kwargs=True``), lets
+    the graph itself be called as the model is, and the graph still saves with ``torch.save``."""
+
+    def __init__(self, signature: tuple[str, list[inspect.Parameter], list[str]], example: tuple[Any, ...]) -> None:
+        self.signature, self.example = signature, example
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        names, example = self.signature[2], self.example
         if len(args) > len(names):
             raise InputError(f"{len(args)} positional inputs, forward takes {len(names)}")
         named = dict(zip(names, args))
         twice = sorted(set(named) & set(kwargs))
         if twice:
             raise InputError(f"{', '.join(twice)} given both positionally and by name")
-        placed = args if not kwargs and len(args) == len(example) else keyword_inputs(model, {**named, **kwargs},
-                                                                                        len(example))
+        placed = args if not kwargs and len(args) == len(example) else _placed(self.signature, {**named, **kwargs},
+                                                                              len(example))
         for name, got, want in zip(names, placed, example):
             if isinstance(want, torch.Tensor) != isinstance(got, torch.Tensor) or (
                     not isinstance(want, torch.Tensor) and not (got is want or got == want)):
@@ -159,7 +173,8 @@ def model_call(model: nn.Module, example: tuple[Any, ...]) -> Callable[..., tupl
                                  "computes only that; capture (compile) again with this input among the example inputs")
         return placed
 
-    return place
+    def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict]:
+        return self(*args, **kwargs), {}
 
 
 def _short(x: Any) -> str:
