@@ -760,6 +760,31 @@ def test_mamba_as_loaded_loses_its_unread_inner_channels_in_the_graph_and_in_its
     assert count_params(gm) - count_params(fp.minimize(gm)) == 2 * 5 * per_channel
 
 
+@pytest.mark.slow
+def test_mamba_loses_time_step_rank_and_state_channels_in_its_class():
+    """A time-step channel ``dt_proj`` does not read and a state channel B never writes go in the graph; the class
+    kept them (``x_proj``'s output is split at ``time_step_rank`` and ``ssm_state_size``, which it did not update:
+    the flow's Mamba warned "kept the channels of ...x_proj"). The mixer's sizes now follow, exact at another
+    length, generate() unchanged."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=100, expand=2,
+                                   conv_kernel=4)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(cfg).double().eval()
+    rank = model.backbone.layers[0].mixer.time_step_rank
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.dt_proj.weight[:, 0] = 0  # time-step channel 0: unread
+            layer.mixer.x_proj.weight[rank + 3] = 0  # B's state channel 3: zero, so C's and A's channel 3 are unread
+    ids = torch.randint(3, 100, (2, 12))
+    small = fp.minimize_module(model, (ids,))
+    for layer in small.backbone.layers:
+        mixer = layer.mixer
+        assert (mixer.time_step_rank, mixer.ssm_state_size) == (rank - 1, 7)
+        assert mixer.x_proj.out_features == rank - 1 + 2 * 7 and mixer.A_log.shape == (64, 7)
+    assert_same_lm(model, small)
+
+
 def test_pvt_v2_mlp_units_nothing_reads_go_through_its_depthwise_conv():
     """PVTv2's MLP is fc1 -> reshape to an image -> depthwise conv -> fc2: hidden units fc2 never reads go although
     fc1 still writes them (the depthwise conv maps channel k to channel k only; it kept them before), in the class,

@@ -102,12 +102,19 @@ def _gpt2_attention(m: nn.Module) -> None:
 
 
 # transformers classes, by name (transformers is not imported here): class name -> attribute update
+def _mamba_mixer(m: nn.Module) -> None:
+    """transformers' Mamba mixers: the inner width their depthwise convolution carries, and the widths they split
+    ``x_proj``'s output at (the time-step rank ``dt_proj`` reads, then B and C, each as wide as the state)."""
+    m.intermediate_size = m.conv1d.out_channels
+    m.time_step_rank = m.dt_proj.in_features
+    m.ssm_state_size = m.A_log.shape[1]
+
+
 BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     "Conv1D": lambda c: setattr(c, "nf", c.weight.shape[1]),  # GPT-2's Conv1D: weight is (in, out)
     "GPT2Attention": _gpt2_attention,
-    # transformers' Mamba mixers: the inner width their depthwise convolution carries
-    "MambaMixer": lambda m: setattr(m, "intermediate_size", m.conv1d.out_channels),
-    "FalconMambaMixer": lambda m: setattr(m, "intermediate_size", m.conv1d.out_channels),
+    "MambaMixer": _mamba_mixer,
+    "FalconMambaMixer": _mamba_mixer,
 }
 
 
