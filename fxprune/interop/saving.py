@@ -203,6 +203,8 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
             if cls is None or not args <= set(fields) or set(fields) - args - _OPTIONAL:
                 raise LoadError(f"module '{path}': unknown replacement {repl.get('class')!r} in the manifest")
             m = cls(**repl["args"])
+            for name in [n for n in m._parameters if n not in entry["tensors"]]:  # a norm without weights (or bias)
+                m._parameters[name] = None
             setattr(*attr_owner(model, path), m)
         elif _qualname(m) != entry["class"]:
             raise LoadError(f"module '{path}' is a {_qualname(m)} in build()'s model, a {entry['class']} in the "
