@@ -315,9 +315,8 @@ class _PlainNormStream(nn.Module):
         return self.out(self.cf(self.mid(self.norm(self.inp(x)).transpose(1, 2))))
 
 
-def test_a_norm_without_weights_and_a_permuting_norm_save_and_load_exactly(tmp_path):
-    """A compensated norm without weights was rebuilt with them (``CompensatedLayerNorm``'s defaults), and load
-    refused the files: "the weights do not fit build()'s model (missing ['norm.bias', 'norm.weight'])"."""
+def planted_norm_stream() -> nn.Module:
+    """A :class:`_PlainNormStream` (float64, eval mode) whose norms' streams both hold removable constants."""
     torch.manual_seed(0)
     net = _PlainNormStream().double().eval()
     with torch.no_grad():
@@ -325,6 +324,13 @@ def test_a_norm_without_weights_and_a_permuting_norm_save_and_load_exactly(tmp_p
         net.mid.weight[:, :2] = 0.0  # ...which nothing reads after it
         net.mid.weight[:3] = 0.0  # the second's channels 0-2 hold mid.bias[:3]...
         net.cf.weight[:3] = 0.0  # ...and it writes its bias there, which out reads
+    return net
+
+
+def test_a_norm_without_weights_and_a_permuting_norm_save_and_load_exactly(tmp_path):
+    """A compensated norm without weights was rebuilt with them (``CompensatedLayerNorm``'s defaults), and load
+    refused the files: "the weights do not fit build()'s model (missing ['norm.bias', 'norm.weight'])"."""
+    net = planted_norm_stream()
     small = fp.minimize_module(net, (torch.randn(2, 5, 4, dtype=torch.float64),))
     assert type(small.norm).__name__ == "CompensatedLayerNorm" and small.norm.weight is None
     assert isinstance(small.cf, _PlainNormStream._Permuting) and small.cf.weight.shape == (3,)
