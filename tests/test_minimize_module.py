@@ -1322,3 +1322,34 @@ def test_a_causal_lm_whose_loss_ties_its_inputs_sizes_is_minimized_with_its_labe
         with torch.no_grad():
             a, b = model(input_ids=batch, labels=batch), small(input_ids=batch, labels=batch)
         assert float((a.logits - b.logits).abs().max()) <= 1e-4 and float((a.loss - b.loss).abs()) <= 1e-4
+
+
+def test_a_bfloat16_llama_as_loaded_compensates_its_rms_norms_in_the_class():
+    """An LLM loaded in bfloat16: the probe that reads what a hand-written RMSNorm scales by (weight or 1 + weight)
+    compared its bfloat16 output with float64 at 1e-4, failed, and the class kept its whole stream (the cycle's
+    Llama in bfloat16 kept 2.2x where float32 keeps 3.0x). The probe runs on a float64 copy of the norm."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    from fxprune.compare import rtol_for
+
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    with torch.no_grad():  # stream channel 5 holds 0.5 everywhere, and no norm passes it on
+        model.model.embed_tokens.weight[:, 5] = 0.5
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[5] = 0
+            layer.mlp.down_proj.weight[5] = 0
+            layer.input_layernorm.weight[5] = layer.post_attention_layernorm.weight[5] = 0
+        model.model.norm.weight[5] = 0
+    ids = torch.randint(0, 32, (4, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
+        small = fp.minimize_module(model, (ids,))
+    assert small.model.embed_tokens.weight.shape == (32, 31) and small.dtype == torch.bfloat16
+    norms = [m for m in small.modules() if isinstance(m, fp.nn.CompensatedRMSNorm)]
+    assert len(norms) == 5 and all(m.removed_sq_sum == 0.25 for m in norms)
+    for x in (ids, torch.randint(0, 32, (3, 7))):  # another batch and length
+        with torch.no_grad():
+            ref, got = model(x).logits.double(), small(x).logits.double()
+        assert float((ref - got).abs().max() / ref.abs().max()) <= rtol_for(torch.bfloat16)
