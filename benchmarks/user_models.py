@@ -5,6 +5,7 @@
     python benchmarks/user_models.py --list               # the names
     python benchmarks/user_models.py roberta --structure groups   # the cycle masking whole channels
     python benchmarks/user_models.py torch_lstm --cycles 3        # more cycles than the flow's 2
+    python benchmarks/user_models.py llama --dtype bfloat16       # as loaded in bfloat16
 
 Each model is built at a small size from its class (transformers' ``XConfig`` + ``XFor...``, torchvision's
 builders), random weights, as loaded (the KV cache on). Data is generated: images of 32x32 with a bright quadrant
@@ -298,7 +299,7 @@ def data(kind: str):
     return seqs, (step[:, 0] - 1)
 
 
-def run(name: str, structure: str | None = None, cycles: int = 2) -> dict:
+def run(name: str, structure: str | None = None, cycles: int = 2, dtype: str | None = None) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -307,6 +308,9 @@ def run(name: str, structure: str | None = None, cycles: int = 2) -> dict:
 
     kind, model = build(name)
     x, y = data(kind)
+    if dtype is not None:  # as loaded in half precision (``torch_dtype=torch.bfloat16``): weights and float inputs
+        model = model.to(getattr(torch, dtype))
+        x = x.to(getattr(torch, dtype)) if x.is_floating_point() else x
 
     key = {"wav": "input_values", "mel": "input_features"}.get(kind, "input_ids")  # a classifier's input
 
@@ -396,6 +400,8 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=2, help="fp.squeeze_release's cycles (default 2)")
     ap.add_argument("--structure", choices=["auto", "weights", "groups"],
                     help="fp.squeeze_release's structure (default: its own default, auto)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16"],
+                    help="the model and its float inputs in this dtype, as loaded in half precision (default: float32)")
     a = ap.parse_args()
     everything = list(TRANSFORMERS) + list(PLAIN) + TORCHVISION
     if a.list:
@@ -404,7 +410,7 @@ def main() -> None:
     if a.one:
         t0 = time.perf_counter()
         try:
-            out = run(a.one, a.structure, a.cycles)
+            out = run(a.one, a.structure, a.cycles, a.dtype)
             out["ok"] = True
         except Exception as e:  # noqa: BLE001 (reported)
             out = dict(model=a.one, ok=False, error=f"{type(e).__name__}: {e}"[:1500], tb=traceback.format_exc()[-3000:])
@@ -414,7 +420,8 @@ def main() -> None:
     rows = []
     for name in a.models or everything:
         try:
-            extra = (["--structure", a.structure] if a.structure else []) + ["--cycles", str(a.cycles)]
+            extra = ((["--structure", a.structure] if a.structure else []) + ["--cycles", str(a.cycles)]
+                     + (["--dtype", a.dtype] if a.dtype else []))
             p = subprocess.run([sys.executable, __file__, "--one", name, *extra], capture_output=True, text=True,
                                timeout=a.timeout, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                    filter(None, [os.path.join(HERE, os.pardir), os.environ.get("PYTHONPATH")]))})

@@ -1044,6 +1044,33 @@ def test_mixtral_experts_lose_channels_dead_in_every_expert_and_the_stream_loses
         assert report.ok and report.max_rel["float64"] <= 1e-9, report
 
 
+def test_a_bfloat16_mixtral_loses_its_dead_expert_channels_through_torchs_grouped_mm():
+    """In bfloat16 transformers calls torch's own ``aten._grouped_mm`` where float32 takes its fallback (and so on a
+    GPU): that op had no rule, froze every channel it touched, and a Mixtral as loaded in bfloat16 lost nothing
+    (the flow: 1.00x, "13 op(s) without a channel rule")."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    from fxprune.compare import rtol_for
+
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).to(torch.bfloat16).eval()
+    _dead_stream_and_expert_channels(model)
+    ids = torch.randint(0, 64, (2, 12))
+    with fp.interop.module.cache_off(model):
+        assert any(n.target is torch.ops.aten._grouped_mm.default for n in fp.capture(model, (ids,)).graph.nodes)
+    small = fp.minimize_module(model, (ids,))
+    for layer in small.model.layers:
+        # kept widths of 16 bytes, 8 bfloat16s: 42 inner channels kept become 48; the stream's 26 would be 32
+        assert layer.mlp.experts.gate_up_proj.shape == (4, 2 * 48, 32)
+        assert layer.mlp.experts.down_proj.shape == (4, 32, 48)
+    for x in (ids, torch.randint(0, 64, (3, 7))):  # another batch and length
+        with torch.no_grad():
+            ref, got = model(x).logits.double(), small(x).logits.double()
+        assert float((ref - got).abs().max() / ref.abs().max()) <= rtol_for(torch.bfloat16)
+
+
 _MOE = {  # config, model, fields: transformers' other stacked-expert mixtures (Mixtral above)
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                   dict(num_experts=4, moe_intermediate_size=64, shared_expert_intermediate_size=32)),

@@ -1509,16 +1509,18 @@ class IndexRows(Rule):
 
 
 class GroupedMM(Rule):
-    """transformers' ``grouped_mm_fallback(input [S, K], weight [E, K, N], offs [E])``: the rows of ``input`` are
-    tokens sorted by expert (``offs``, the cumulative counts), and row s of the output is row s times the weight
-    of its expert (rows past the last offset stay zero). Input channel k is weight dim 1, output channel n weight
-    dim 2, whatever the expert: a channel goes only if it goes in every expert. No bias, so nothing is folded: an
-    input channel leaves only where it is zero or every expert's weights on it are."""
+    """transformers' ``grouped_mm_fallback(input [S, K], weight [E, K, N], offs [E])``, and torch's own
+    ``aten._grouped_mm`` in that layout without a bias (what transformers calls for a bfloat16 model, and on a GPU):
+    the rows of ``input`` are tokens sorted by expert (``offs``, the cumulative counts), and row s of the output is
+    row s times the weight of its expert (rows past the last offset stay zero). Input channel k is weight dim 1,
+    output channel n weight dim 2, whatever the expert: a channel goes only if it goes in every expert. No bias, so
+    nothing is folded: an input channel leaves only where it is zero or every expert's weights on it are. Other
+    layouts (batched 3-D inputs, a bias) have no rule: their channels freeze."""
 
     def couple(self, op: Op, sp: Spaces) -> None:
         x, w = op.node.args[0], op.node.args[1]
         y = op.node
-        if sp.rank(x) != 2 or sp.rank(w) != 3:
+        if sp.rank(x) != 2 or sp.rank(w) != 3 or op.arg(3, "bias") is not None:
             return
         sp.unify(x, 0, y, 0, f"by {op.describe()}")
         sp.unify(x, 1, w, 1, f"by {op.describe()}")
@@ -1534,7 +1536,7 @@ class GroupedMM(Rule):
         to be zero."""
         x, w = op.node.args[0], op.node.args[1]
         W = fx.value(w)
-        if W is None or W.dim() != 3 or not fx.finite(w):
+        if W is None or W.dim() != 3 or not fx.finite(w) or op.arg(3, "bias") is not None:
             return None
         live = ~fx.dim(x, 1).zero()
         const = ~(W[:, live, :] != 0).any(1).any(0)
@@ -1993,7 +1995,7 @@ register(TypeAs(), aten.type_as, "type_as")
 register(Mul(), aten.mul, aten.mul_, torch.mul, "mul", "mul_", operator.mul, operator.imul)
 register(IndexSelect(), aten.index_select, torch.index_select, "index_select")
 register(IndexRows(), aten.index.Tensor)
-register(GroupedMM(), ByName("transformers.grouped_mm_fallback.default"))
+register(GroupedMM(), ByName("transformers.grouped_mm_fallback.default"), *_aten("_grouped_mm"))
 register(Dropout(), nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
          F.dropout, aten.dropout, aten.dropout_, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout)
 register(StochasticDepth(), ByName("torchvision.ops.stochastic_depth.stochastic_depth"))
