@@ -302,14 +302,12 @@ class _PlainNormStream(nn.Module):
     """A stream through ``nn.LayerNorm(elementwise_affine=False)`` and a norm of SqueezeBERT's kind (it calls
     ``nn.LayerNorm.forward`` by name on its permuted (N, C, L) input)."""
 
-    class _Permuting(nn.LayerNorm):
-        def forward(self, x):
-            return nn.LayerNorm.forward(self, x.permute(0, 2, 1)).permute(0, 2, 1)
-
     def __init__(self) -> None:
+        from test_minimize_module import PermutingNorm
+
         super().__init__()
         self.inp, self.norm = nn.Linear(4, 8), nn.LayerNorm(8, elementwise_affine=False)
-        self.mid, self.cf, self.out = nn.Conv1d(8, 6, 1), self._Permuting(6), nn.Conv1d(6, 3, 1)
+        self.mid, self.cf, self.out = nn.Conv1d(8, 6, 1), PermutingNorm(6), nn.Conv1d(6, 3, 1)
 
     def forward(self, x):  # x: (N, L, 4)
         return self.out(self.cf(self.mid(self.norm(self.inp(x)).transpose(1, 2))))
@@ -333,7 +331,9 @@ def test_a_norm_without_weights_and_a_permuting_norm_save_and_load_exactly(tmp_p
     net = planted_norm_stream()
     small = fp.minimize_module(net, (torch.randn(2, 5, 4, dtype=torch.float64),))
     assert type(small.norm).__name__ == "CompensatedLayerNorm" and small.norm.weight is None
-    assert isinstance(small.cf, _PlainNormStream._Permuting) and small.cf.weight.shape == (3,)
+    from test_minimize_module import PermutingNorm
+
+    assert isinstance(small.cf, PermutingNorm) and small.cf.weight.shape == (3,)
     back = fp.load(fp.save(small, tmp_path / "m"), lambda: _PlainNormStream().double())
     assert back.norm.weight is None and back.norm.bias is None and back.norm.kept == 6
     _same_function(net, back.eval())

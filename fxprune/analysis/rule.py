@@ -398,8 +398,8 @@ def is_constant(v: Any) -> bool:
 
 def aligned_dim(sp: Spaces, a: Node, out: Node, d: int) -> int | None:
     """The dim of operand ``a`` that broadcasting aligns with dim ``d`` of ``out`` (None when ``a`` is not a
-    tensor, has no such dim, is broadcast along it, or is read for its dtype only: ``x.type_as(other)``'s ``other``,
-    whose sizes need not broadcast)."""
+    tensor, has no such dim, or its size there is not ``out``'s: broadcast along it, or an operand that does not
+    broadcast with the output at all, as ``x.type_as(other)``'s ``other``, read for its dtype only)."""
     sa, so = sp.spec(a), sp.spec(out)
     if sa is None or so is None:
         return None

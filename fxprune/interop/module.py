@@ -748,9 +748,9 @@ def _rms_offset(norm: nn.Module, eps: float | None) -> float:
     or ``1 + weight`` (offset 1, Gemma's). Anything else raises :class:`UnsupportedError` (its channels stay)."""
     w = norm.weight.detach().to("cpu", torch.float64)
     x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    probe = copy.deepcopy(norm).to(torch.float64)  # (a bfloat16 norm rounds past the tolerance: Llama as loaded)
+    probe = copy.deepcopy(norm).to("cpu", torch.float64)  # (a bfloat16 norm rounds past the tolerance)
     with torch.no_grad():
-        got = probe(x.to(norm.weight.device)).to("cpu", torch.float64)
+        got = probe(x)
     base = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + (eps if eps is not None else torch.finfo(x.dtype).eps))
     for offset in (0.0, 1.0):
         if torch.allclose(got, base * (offset + w), rtol=1e-4, atol=1e-6):
