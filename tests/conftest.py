@@ -24,8 +24,9 @@ def torchvision():
 
 
 def snapshot(m: torch.nn.Module) -> dict[str, bytes]:
-    """Bytes of every parameter and buffer (to prove a pass left its input alone)."""
-    return {k: v.detach().cpu().contiguous().numpy().tobytes() for k, v in m.state_dict().items()}
+    """Bytes of every parameter and buffer (to prove a pass left its input alone), of any dtype (bfloat16 too)."""
+    return {k: v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            for k, v in m.state_dict().items()}
 
 
 def graph_state(gm) -> tuple[str, dict[str, str]]:

@@ -4,7 +4,7 @@ from torch import nn
 
 import fxprune as fp
 from fxprune.analysis import rules as R
-from conftest import n_params, snapshot
+from conftest import minimized_purely, n_params, snapshot
 from fxprune.graph.rebuild import get_attr
 from fxprune.zoo import build
 
@@ -484,7 +484,7 @@ def test_type_as_reads_its_other_operand_for_the_dtype_only(method):
         net.a.weight[[1, 6]] = 0
         net.a.bias[[1, 6]] = -1.0
     x, mask = torch.randn(2, 5, 4, dtype=torch.float64), torch.ones(2, 5, dtype=torch.long)
-    small = fp.minimize(fp.capture(net, (x, mask), method=method, dynamic_shapes="every"))
+    small = minimized_purely(net, (x, mask), method=method, dynamic_shapes="every")  # (its input left alone)
     assert n_params(small) == n_params(net) - 2 * (4 + 1 + 3)
     for xi, mi in ((x, mask), (torch.randn(3, 7, 4, dtype=torch.float64), torch.randint(0, 2, (3, 7)))):
         with torch.no_grad():
@@ -517,7 +517,7 @@ def test_an_empty_tensor_in_the_graph_is_no_group_to_remove_from():
     with torch.no_grad():
         net.head.weight[:, :3] = 0  # the attention's output channels 0-2 are unread
     x = torch.randn(3, 5, 8, dtype=torch.float64)
-    small = fp.minimize(fp.capture(net, (x,), method="export", dynamic_shapes="every"))
+    small = minimized_purely(net, (x,), method="export", dynamic_shapes="every")  # (its input left alone)
     assert n_params(small) == n_params(net) - 3 * (8 + 1 + 2)
     for xi in (x, torch.randn(2, 7, 8, dtype=torch.float64)):
         with torch.no_grad():

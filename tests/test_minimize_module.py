@@ -1060,7 +1060,9 @@ def test_a_bfloat16_mixtral_loses_its_dead_expert_channels_through_torchs_groupe
     ids = torch.randint(0, 64, (2, 12))
     with fp.interop.module.cache_off(model):
         assert any(n.target is torch.ops.aten._grouped_mm.default for n in fp.capture(model, (ids,)).graph.nodes)
+    before = snapshot(model)
     small = fp.minimize_module(model, (ids,))
+    assert snapshot(model) == before
     for layer in small.model.layers:
         # kept widths of 16 bytes, 8 bfloat16s: 42 inner channels kept become 48; the stream's 26 would be 32
         assert layer.mlp.experts.gate_up_proj.shape == (4, 2 * 48, 32)
@@ -1259,7 +1261,9 @@ def test_a_layer_norm_without_weights_is_compensated_in_the_class():
         net.inp.bias[2] = 0.75
         net.out.weight[:, 2] = 0  # the norm's output there is unread
     x = torch.randn(5, 4, dtype=torch.float64)
+    before = snapshot(net)
     small = fp.minimize_module(net, (x,))
+    assert snapshot(net) == before
     norm = small.norm
     assert type(norm).__name__ == "CompensatedLayerNorm" and norm.weight is None and (norm.kept, norm.full_size) == (7, 8)
     for xi in (x, torch.randn(9, 4, dtype=torch.float64)):
@@ -1305,7 +1309,9 @@ def test_a_norm_subclass_calling_layer_norm_forward_by_name_is_compensated_over_
     net = _ConvStream(PermutingNorm).double().eval()
     _dead_stream_channel(net)
     x = torch.randn(3, 2, 5, dtype=torch.float64)
+    before = snapshot(net)
     small = fp.minimize_module(net, (x,))
+    assert snapshot(net) == before and type(net.norm) is PermutingNorm  # (its class is not made compensated)
     assert isinstance(small.norm, PermutingNorm) and small.norm.weight.shape == (7,) and small.norm.full_size == 8
     for xi in (x, torch.randn(4, 2, 9, dtype=torch.float64)):  # another batch and length
         with torch.no_grad():
@@ -1370,10 +1376,11 @@ def test_a_bfloat16_llama_as_loaded_compensates_its_rms_norms_in_the_class():
             layer.input_layernorm.weight[5] = layer.post_attention_layernorm.weight[5] = 0
         model.model.norm.weight[5] = 0
     ids = torch.randint(0, 32, (4, 12))
+    before = snapshot(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
         small = fp.minimize_module(model, (ids,))
-    assert small.model.embed_tokens.weight.shape == (32, 31) and small.dtype == torch.bfloat16
+    assert snapshot(model) == before and small.model.embed_tokens.weight.shape == (32, 31) and small.dtype == torch.bfloat16
     norms = [m for m in small.modules() if isinstance(m, fp.nn.CompensatedRMSNorm)]
     assert len(norms) == 5 and all(m.removed_sq_sum == 0.25 for m in norms)
     for x in (ids, torch.randint(0, 32, (3, 7))):  # another batch and length
