@@ -4,7 +4,7 @@ work out which channels can be removed exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 from torch.fx import GraphModule, Node
@@ -16,9 +16,9 @@ from fxprune.analysis.table import RULES, target_name
 from fxprune.graph.capture import on_meta
 from fxprune.graph.shapes import TensorSpec, node_spec
 
-import fxprune.analysis.rules  # noqa: F401  (registers the rule table)
+from fxprune.analysis.rules import Passive  # (importing it registers the rule table)
 
-__all__ = ["Analysis", "ChannelGraph", "ChannelGroup", "ParamSlice", "param_slices"]
+__all__ = ["Analysis", "ChannelGraph", "ChannelGroup", "ParamSlice", "param_slices", "input_channels"]
 
 
 @dataclass
@@ -66,15 +66,21 @@ class ChannelGraph:
 class Analysis:
     """Spaces and facts of one graph, and the removal plan derived from them."""
 
-    def __init__(self, gm: GraphModule, keep: Mapping[str, str] | None = None, split_norms: bool = False) -> None:
+    def __init__(self, gm: GraphModule, keep: Mapping[str, str] | None = None, split_norms: bool = False,
+                 inputs: bool | Collection[str] = True) -> None:
         """``keep``: parameter/buffer names whose channels must all stay, with the reason (frozen); a key
         ``"name:dim"`` freezes that dim only. ``split_norms``: a LayerNorm / RMSNorm's output channels (with its
         weight and bias) form groups apart from its input's, so that an output channel nothing reads can go while
         the statistics keep reading its input channel (the graph then selects the kept outputs after the norm;
-        a module of the user's class cannot, so ``minimize_module`` and the group lasso leave it off)."""
+        a module of the user's class cannot, so ``minimize_module`` and the group lasso leave it off).
+        ``inputs``: the model inputs (placeholder names; True: all of them) whose channels may go where
+        :func:`input_channels` allows it: a channel no layer's weight reads is then cut at the input (the graph
+        selects the others); every other dim of a model input, and every dim of the other inputs, is frozen."""
         self.gm = gm
         self.keep = dict(keep or {})
         self.spaces = Spaces(gm)
+        self.inputs = {k: d for k, d in input_channels(gm, self.spaces).items()
+                       if inputs is True or inputs and k in inputs}
         self.spaces.split_norms = split_norms
         self.rules: dict[str, Any] = {}
         self._couple()
@@ -91,7 +97,9 @@ class Analysis:
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 if isinstance(node_spec(node), TensorSpec):
-                    sp.freeze_all(node, f"model input '{node.name}'")
+                    for d in range(sp.rank(node)):
+                        if d != self.inputs.get(node.name):
+                            sp.freeze(node, d, f"model input '{node.name}'")
                 continue
             if node.op == "get_attr":
                 if str(node.target).startswith(GHOST_PREFIX):
@@ -263,6 +271,32 @@ class Analysis:
             if id(leaf) in members:
                 groups.append(ChannelGroup(i, leaf.size, members[id(leaf)], bool(leaf.frozen), list(leaf.frozen)))
         return ChannelGraph(groups)
+
+
+def input_channels(gm: GraphModule, sp: Spaces | None = None) -> dict[str, int]:
+    """Per model input (placeholder name) whose channels a cut can select: the dim that holds them. An input
+    qualifies when every op that reads it is a layer that reads it only through a weight parameter (a linear layer
+    or an ungrouped convolution, :meth:`~fxprune.analysis.rule.Rule.input_dim`), all at the same dim, of a fixed
+    size above 1; ops that read only its metadata (export's shape guards) may read it too, and keep reading it
+    whole."""
+    sp = sp or Spaces(gm)
+    out: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        spec = node_spec(node)
+        if not isinstance(spec, TensorSpec) or not spec.is_float:
+            continue
+        dims = set()
+        for user in node.users:
+            rule = RULES.lookup(user, gm) if user.op in ("call_function", "call_method", "call_module") else None
+            if isinstance(rule, Passive):
+                continue
+            dims.add(rule.input_dim(Op(user, gm), node, sp) if rule is not None else None)
+        d = dims.pop() if len(dims) == 1 else None
+        if d is not None and d not in spec.dynamic and spec.shape[d] > 1:
+            out[node.name] = d
+    return out
 
 
 # ---- parameters by group channel ----------------------------------------------------------------------------------

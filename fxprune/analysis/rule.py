@@ -518,6 +518,12 @@ class Rule:
     def rewrite(self, op: Op, rw: Rewrite) -> None:
         pass
 
+    def input_dim(self, op: Op, v: Node, sp: Spaces) -> int | None:
+        """The dim of ``v`` (a model input the op reads) whose channels the op reads through a weight parameter
+        alone, so that a channel the weight ignores can be cut from the input (``Analysis``'s ``inputs``); None:
+        the op reads every channel of ``v`` some other way, or is no such layer."""
+        return None
+
 
 def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None, sizes: bool = False,
              confirm: bool = True) -> list[DimFacts] | None:

@@ -208,6 +208,11 @@ class Linear(Rule):
 
         sp.exit(x, r - 1, tolerates, op.describe() + ("" if foldable else " (computed weight or bias: folds only zeros)"))
 
+    def input_dim(self, op: Op, v: Node, sp: Spaces) -> int | None:
+        x, w, b, _ = self.operands(op)
+        scaled = op.target is aten.addmm.default and (op.arg(3, "beta", 1) != 1 or op.arg(4, "alpha", 1) != 1)
+        return sp.rank(v) - 1 if x is v and v is not w and v is not b and _is_param(w) and not scaled else None
+
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         """Output unit o is constant when its weights on every unknown input channel are zero; its value is the
         bias plus its weights on the known channels times their constants. The weight is read in its own dtype,
@@ -317,6 +322,11 @@ class Conv(Rule):
             return zero_col | foldable
 
         sp.exit(x, 1, tolerates, op.describe())
+
+    def input_dim(self, op: Op, v: Node, sp: Spaces) -> int | None:
+        o = self.operands(op)
+        plain = not o["transposed"] and o["groups"] == 1 and sp.rank(v) == sp.rank(o["w"]) and _is_param(o["w"])
+        return 1 if plain and o["x"] is v and v is not o["w"] and v is not o["b"] else None
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         """Output channel o is constant when no tap that ever lands on real input (not padding) weighs an unknown
@@ -1455,8 +1465,10 @@ class WeightNorm(Rule):
 
 
 class IndexSelect(Rule):
-    """index_select(x, d, index): the other dims pass through; dim d is read at the positions the index names
-    (whatever they are), so its channels stay. A split norm's selection of its kept outputs is one."""
+    """index_select(x, d, index): the other dims pass through; dim d of ``x`` is read at the positions the index
+    names (whatever they are), so its channels stay. Output channel k is ``x``'s channel ``index[k]``: with an
+    index held as a tensor of the graph (a split norm's selection of its kept outputs, the kept channels of a model
+    input), an output channel nothing reads goes with its entry of the index; a computed index freezes them."""
 
     nan_eval = True
 
@@ -1469,6 +1481,9 @@ class IndexSelect(Rule):
                 sp.unify(x, i, op.node, i, f"by {op.describe()}")
         why = f"{op.describe()} reads dim {d} at the positions its index names"
         sp.freeze(x, d, why)
+        if _is_attr(index) and sp.rank(index) == 1:
+            sp.unify(op.node, d, index, 0, f"by {op.describe()}")
+            return
         sp.freeze(op.node, d, why)
         if isinstance(index, Node):
             sp.freeze_all(index, why)

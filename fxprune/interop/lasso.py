@@ -353,7 +353,7 @@ class GroupLasso:
         from fxprune.analysis.groups import Analysis, param_slices
         from fxprune.passes.mask import weight_sources
         from fxprune.graph.masks import unmasked
-        from fxprune.interop.module import eval_capture
+        from fxprune.interop.module import eval_capture, selectable_inputs
         from fxprune.passes.lower import lower_modules
 
         if not isinstance(model, nn.Module):
@@ -366,7 +366,7 @@ class GroupLasso:
         self.seconds = 0.0  # spent in the optimizer-step hooks of attach() (the cycle's share of training time)
         plain = unmasked(unwrapped(model))  # (parameter names are the module's inside DDP, DataParallel, compile)
         gm = lower_modules(eval_capture(plain, example_inputs))  # the groups of the deployed function (dropout off)
-        an = Analysis(gm)
+        an = Analysis(gm, inputs=selectable_inputs(plain, gm))  # (model inputs: where the class can cut them)
         sp = an.spaces
         names = {n for n, _ in plain.named_parameters()
                  if not any(fnmatch.fnmatch(n, pat) for pat in (exclude or []))}

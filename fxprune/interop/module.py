@@ -26,10 +26,11 @@ from fxprune.errors import CaptureError, EquivalenceError, InputError, Unsupport
 from fxprune.graph.capture import BATCH, CAPTURE_METHOD_KEY, EVERY, as_inputs, capture, unwrapped
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
 from fxprune.graph.masks import unmasked
+from fxprune.nn.inputs import SELECTED_DIMS, selected_subclass
 from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_subclass,
                              shrunk_groups)
 
-__all__ = ["minimize_module", "cache_off", "eval_capture", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME",
+__all__ = ["minimize_module", "cache_off", "eval_capture", "selectable_inputs", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME",
            "BY_NAME_SUFFIX"]
 
 
@@ -315,6 +316,8 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         _EVERY_FAILED.add(key)
         gm = capture(model, inputs, method="export", dynamic_shapes=BATCH)
     keep: dict[str, str] = {}
+    asked = options.pop("inputs", True)  # the caller's, within those the class can cut
+    selectable = tuple(n for n in selectable_inputs(model, gm) if asked is True or asked and n in asked)
     heads = _head_sets(model)
     # stacked expert weights (the 3-D tensors of a transformers ...Experts module): kept widths of a multiple of 16
     # bytes, as torch's grouped_mm needs (a convolution's 3-D weight is no such tensor)
@@ -329,7 +332,8 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         while True:  # a layer applied at several sites cannot hold a bias per site: keep its channels
             opts = MinimizeOptions(verify=False, keep=tuple(frozen.items()) + theirs["keep"],
                                    equal_heads=heads + theirs["equal_heads"], aligned=stacked,
-                                   whole_heads=tuple(whole) + theirs["whole_heads"], split_norms=False, **options)
+                                   whole_heads=tuple(whole) + theirs["whole_heads"], split_norms=False,
+                                   inputs=selectable, **options)
             small = minimize(gm, options=opts)
             shared = {f"{bias.rpartition('.')[0]}.weight" if bias.endswith(".bias") else bias: SHARED_REASON
                       for bias in small.meta.get(SITE_BIASES_KEY, {}).values()}
@@ -533,6 +537,58 @@ def _recompute_weight_norms(out: nn.Module, changed: set[str]) -> None:
                     setattr(m, hook.name, hook.compute_weight(m))
 
 
+def selectable_inputs(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[str, ...] | bool:
+    """The inputs of ``gm`` (a capture of ``model``; placeholder names) whose channels a copy of ``model``'s class
+    can cut (:func:`fxprune.analysis.groups.input_channels`): every layer reading the input is an ``nn.Linear`` or
+    ``nn.Conv1d/2d/3d`` of exactly that class (or one that reads a selection already), called as itself, and the
+    copy's layer then reads the input's kept channels (:class:`~fxprune.nn.inputs.SelectedInputs`). True for a
+    GraphModule (the graph selects them itself)."""
+    from fxprune.analysis.groups import input_channels
+    from fxprune.passes.lower import lower_modules
+
+    if isinstance(model, torch.fx.GraphModule):
+        return True
+    lowered = lower_modules(gm)
+    found = input_channels(lowered)
+    out = []
+    for n in lowered.graph.nodes:
+        if n.op != "placeholder" or n.name not in found:
+            continue
+        layers = [(u, _layer_path(u)) for u in n.users if u.op == "call_function"]
+        if all(path is not None and _module_path(u) == path and type(model.get_submodule(path)) in SELECTED_DIMS
+               for u, path in layers):
+            out.append(n.name)
+    return tuple(out)
+
+
+def _layer_path(n: torch.fx.Node) -> str | None:
+    """The path of the module whose weight parameter the linear or convolution ``n`` reads (None: a computed one)."""
+    w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+    return _owner(w.target) if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None
+
+
+def _select_inputs(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set[str], list[str]]:
+    """The layers of ``out`` that read a model input ``small`` cut channels from, made to read its kept channels
+    (:func:`~fxprune.nn.inputs.selected_subclass`, ``kept_inputs``). Returns their paths, and those of the layers
+    that cannot (stale: their channels stay)."""
+    from fxprune.passes.minimize import INPUT_PREFIX
+
+    done, stale = set(), []
+    for n in small.graph.nodes:
+        if n.op != "get_attr" or not str(n.target).startswith(INPUT_PREFIX):
+            continue
+        for u in (u for sel in n.users for u in sel.users):
+            path = _layer_path(u)
+            m = out.get_submodule(path) if path is not None else None
+            if m is None or type(m) not in SELECTED_DIMS or _module_path(u) != path:  # (selectable_inputs: never)
+                stale.append(path if path is not None else _module_path(u) or "")
+                continue
+            m.__class__ = selected_subclass(type(m))
+            m.register_buffer("kept_inputs", get_attr(small, n.target).detach().clone().to(m.weight.device))
+            done.add(path)
+    return done, stale
+
+
 def _owner(name: str) -> str:
     """The path of the module whose forward reads the tensor ``name``: its parent's, or for a parametrized
     tensor (``conv.parametrizations.weight.original0``: weight norm's g) the parametrized module's."""
@@ -573,6 +629,8 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
                 shrunk.setdefault(_owner(n), []).extend(
                     (names, d, int(a)) for d, (a, b) in enumerate(zip(old.shape, new.shape)) if a != b and a > 1)
     changed |= _created_biases(small, out)
+    selected, cannot = _select_inputs(small, out)
+    changed |= selected
     _recompute_weight_norms(out, changed)
     # norms made compensated now, from the graph's arguments (group norms of a class whose own forward computes
     # something else: stale, their channels stay)
@@ -585,7 +643,7 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     # containers whose forward reads their children's sizes (attention head counts) are updated after them
     changed |= {p for p, m in out.named_modules() if type(m).__name__ in BY_CLASS_NAME and
                 any(c.startswith(p + ".") for c in changed)}
-    stale = sorted(own_forward)
+    stale = sorted(own_forward | set(cannot))
     groups = _graph_groups(small)
     for path in sorted(changed, key=lambda p: -p.count(".")):
         if path in compensated or path in own_forward:

@@ -7,7 +7,9 @@ compensated (a LayerNorm subclass with a forward of its own), the statistics tha
 the weights file.
 ``load(directory, build)`` calls ``build()`` (the original architecture, e.g. ``lambda: GPT2LMHeadModel(config)``),
 makes its modules the recorded shapes, and loads the weights. Nothing is unpickled: safetensors holds raw tensors,
-the manifest is JSON, and only fxprune's own norm classes can be instantiated from it.
+the manifest is JSON, and only fxprune's own norm classes can be instantiated from it (a layer that reads a
+selection of the model's input, :class:`~fxprune.nn.inputs.SelectedInputs`, is the user's own layer, made to read
+the positions its ``kept_inputs`` buffer holds).
 
 transformers' ``save_pretrained``/``from_pretrained`` keep one size per config field for all layers (one
 ``intermediate_size``, one head count), so a model whose layers lost different numbers of units does not fit a
@@ -26,6 +28,7 @@ from torch import nn
 
 from fxprune.errors import InputError, LoadError
 from fxprune.interop import shards
+from fxprune.nn.inputs import SELECTED_DIMS, SelectedInputs, selected_subclass
 from fxprune.nn.norm import CompensatedGroupNorm, CompensatedLayerNorm, CompensatedRMSNorm, compensated_subclass
 from fxprune.graph.rebuild import attr_owner, named_tensors
 
@@ -111,6 +114,8 @@ def write_module(module: nn.Module, directory: str | os.PathLike, fetch: Callabl
         if type(m).__name__ in _REPLACEMENTS and type(m).__module__.startswith("fxprune."):
             _, fields = _REPLACEMENTS[type(m).__name__]
             entry["replacement"] = {"class": type(m).__name__, "args": {f: getattr(m, f) for f in fields}}
+        if isinstance(m, SelectedInputs):  # a layer of the user's class that reads the model input's kept channels
+            entry["selected"] = True
         if hasattr(type(m), "_fxprune_compensates"):  # the user's norm class, made compensated (keeps its name)
             entry["compensated"] = {"channels_first": type(m)._fxprune_compensates[1]} | {
                 f: getattr(m, f) for f in _COMPENSATED}
@@ -162,6 +167,33 @@ def _compensate(m: nn.Module, path: str, entry: dict[str, Any]) -> None:
     m.full_size, m.removed_sum, m.removed_sq_sum = rec["full_size"], float(rec["removed_sum"]), float(rec["removed_sq_sum"])
 
 
+def _select(m: nn.Module, path: str, entry: dict[str, Any]) -> None:
+    """Make ``m`` (built by the user's code) read the model input's kept channels, as the manifest records for it
+    (:class:`~fxprune.nn.inputs.SelectedInputs`; the positions are loaded with the weights)."""
+    if "selected" not in entry:
+        return
+    spec = entry["tensors"].get("kept_inputs")
+    if entry["selected"] is not True or type(m) not in SELECTED_DIMS or not isinstance(spec, dict) \
+            or spec.get("parameter") is not False or len(spec.get("shape", ())) != 1:
+        raise LoadError(f"module '{path}': the manifest's input selection does not fit a {type(m).__name__} (an "
+                        f"nn.Linear or nn.Conv1d/2d/3d with a 1-D buffer kept_inputs)")
+    m.__class__ = selected_subclass(type(m))
+    m.register_buffer("kept_inputs", torch.empty(0, dtype=torch.long))
+
+
+def _check_selections(model: nn.Module) -> None:
+    """The positions a loaded layer reads its input at (``kept_inputs``): distinct, increasing, non-negative
+    integers, one per input channel of its weight, as ``minimize`` writes them."""
+    for path, m in model.named_modules():
+        if isinstance(m, SelectedInputs):
+            k = m.kept_inputs
+            ok = (k.dtype == torch.long and k.numel() == m.weight.shape[1 if isinstance(m, nn.Linear) else 1]
+                  and (k.numel() == 0 or bool((k[0] >= 0) & (k[1:] > k[:-1]).all())))
+            if not ok:
+                raise LoadError(f"module '{path}': kept_inputs is not a list of increasing input positions, one per "
+                                "input channel of its weight: the file was not written by fp.save")
+
+
 def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Module:
     """The module :func:`save` wrote: ``build()`` makes the original architecture, its modules take the recorded
     shapes (fxprune's norm replacements included), then the weights are loaded, one tensor at a time. Raises
@@ -211,6 +243,7 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
                             "manifest: a different architecture")
         else:
             _compensate(m, path, entry)
+            _select(m, path, entry)
         for name, spec in entry["tensors"].items():
             if name not in m._parameters and name not in m._buffers and not (name == "bias" and hasattr(m, "bias")):
                 raise LoadError(f"module '{path}' has no tensor '{name}' in build()'s model: a different architecture")
@@ -244,4 +277,5 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
             if tuple(t.shape) != shape:
                 raise LoadError(f"'{name}' has shape {shape} in the file, {tuple(t.shape)} in the model")
             t.copy_(reader.read(name))
+    _check_selections(model)
     return model

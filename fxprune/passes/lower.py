@@ -19,6 +19,8 @@ from torch.fx import Graph, GraphModule, Node
 
 from fxprune.analysis.rules import legacy_softmax_dim
 from fxprune.graph.rebuild import GraphCopy, graph_module
+from fxprune.graph.shapes import DYNAMIC_DIMS
+from fxprune.nn.inputs import SELECTED_DIMS, SelectedInputs
 from fxprune.nn.norm import (CompensatedGroupNorm, CompensatedLayerNorm, CompensatedRMSNorm, compensated_group_norm,
                              compensated_layer_norm, compensated_rms_norm)
 
@@ -184,14 +186,34 @@ def _crms(m: CompensatedRMSNorm, x: Node, p: Callable[[str], Node | None]) -> tu
 
 
 def _applies(m: nn.Module) -> tuple[Callable[..., Any], Lowering] | None:
-    entry = LOWERINGS.get(type(m))
+    selects = isinstance(m, SelectedInputs)
+    entry = LOWERINGS.get(m._fxprune_selects if selects else type(m))
     if entry is None:
         return None
     if isinstance(m, nn.modules.conv._ConvNd) and m.padding_mode != "zeros":
         return None
     if isinstance(m, nn.Embedding) and (m.max_norm is not None):
         return None
-    return entry
+    return (entry[0], _selected(entry[1])) if selects else entry
+
+
+def _selected(build: Lowering) -> Lowering:
+    """The lowering of a layer that reads its input at ``kept_inputs`` (:class:`~fxprune.nn.inputs.SelectedInputs`):
+    ``index_select`` of its kept channels, then the layer's own."""
+    def lowered(m: Any, x: Node, p: Callable[[str], Node | None]) -> "tuple[tuple, dict] | None":
+        d = SELECTED_DIMS[m._fxprune_selects]
+        val = x.meta.get("val")
+        sel = x.graph.create_node("call_function", torch.index_select, (x, d, p("kept_inputs")))
+        if isinstance(val, torch.Tensor):  # (the input's shape, with the kept channels: never a dynamic dim)
+            shape = list(val.shape)
+            shape[d] = m.kept_inputs.numel()
+            sel.meta["val"] = val.new_empty(shape)
+            dynamic = x.meta.get(DYNAMIC_DIMS)
+            if isinstance(dynamic, frozenset) and dynamic - {d % val.dim()}:
+                sel.meta[DYNAMIC_DIMS] = dynamic - {d % val.dim()}
+        return build(m, sel, p)
+
+    return lowered
 
 
 _GRAD_HOP = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)

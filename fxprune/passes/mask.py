@@ -285,7 +285,8 @@ def _warn_short(reached: float, sparsity: float, max_fraction: object, stackleve
 def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | None = None,
                 exclude: Iterable[str] | None = None, max_fraction: float = 0.9, round_to: int = 1,
                 criterion: Criterion = "magnitude", grads: Mapping[str, torch.Tensor] | None = None,
-                costs: Mapping[str, float] | None = None, seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
+                costs: Mapping[str, float] | None = None, seed: int = 0,
+                inputs: bool | Iterable[str] = True) -> tuple[dict[str, torch.Tensor], float]:
     """Masks that zero whole channels of ``gm``'s free channel groups, so that ``minimize`` removes ``sparsity`` of
     its parameters; returns them and the fraction they remove.
 
@@ -299,8 +300,10 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
     stays under the target: parameters (counted exactly: a weight loses rows and columns of several groups at once),
     or with ``costs`` (:func:`flop_costs`) each entry weighed by its FLOPs; the one that would cross the target is
     taken when that lands closer to it than stopping short. At most ``max_fraction`` of a group's channels
-    (and never all of them) go. Frozen groups (model inputs and outputs, ops without a rule) and groups with a
-    member outside ``include`` / in ``exclude`` are never touched. ``round_to=k``: every group that loses channels
+    (and never all of them) go. Frozen groups (model outputs, ops without a rule, model inputs other than the
+    channels of those ``inputs`` names that layers read through their weights alone,
+    :func:`~fxprune.analysis.groups.input_channels`) and groups with a member outside ``include`` / in ``exclude``
+    are never touched. ``round_to=k``: every group that loses channels
     keeps a multiple of ``k`` of them (its channels are masked ``k`` at a time, the least important of those chosen),
     so that ``minimize`` leaves widths the kernels' blocks divide."""
     from fxprune.analysis.groups import Analysis, param_slices
@@ -312,7 +315,8 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
     _check_criterion(criterion, grads)
     sources = weight_sources(gm)  # (whole channels: weight norm's g, never its direction v, whose zero row is NaN)
     params = {n: p for n, p in gm.named_parameters() if sources.get(n, "scale") == "scale"}
-    slices, leaves = param_slices(Analysis(lower_modules(gm)), set(params))
+    slices, leaves = param_slices(Analysis(lower_modules(gm), inputs=inputs if isinstance(inputs, bool) else set(inputs)),
+                                  set(params))
     total = sum(size for _, size in leaves)
     inc, exc = list(include or ["*"]), list(exclude or [])
     allowed = torch.ones(total, dtype=torch.bool)

@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from fxprune.analysis.groups import Analysis
+from fxprune.analysis.rules import Passive
 from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, SizeArg, aligned_dim
 from fxprune.compare import (cast, check, compare, first_failure, own_rounding, precision_of, rounding_only, rtol_for,
                              to_dtype, within_own_rounding, worst)
@@ -43,6 +44,7 @@ SITE_BIASES_KEY = "fxprune_site_biases"  # result meta: {bias minimize gave one 
 ROUNDED_KEY = "fxprune_rounded"  # result meta with round_to > 1: per group, its width and the widths kept before/after
 SUBNORMALS_KEY = "fxprune_subnormals"  # result meta: {tensor: subnormal floats in it} (and what flushing them moved)
 SELECT_PREFIX = "fxprune_select_"  # get_attr targets of the kept positions a split norm's output is read at
+INPUT_PREFIX = "fxprune_input_"  # get_attr targets of the kept channels of a model input (read through index_select)
 KEPT_KEY = "fxprune_kept"  # result meta: {get_attr target: [None (all kept) or kept indices of the input's tensor, per dim]}
 HEADS_KEY = "fxprune_heads"  # result meta with equal_heads: {"tensor:dim": [(heads, head dim) per part] of the input}
 
@@ -78,6 +80,9 @@ class MinimizeOptions:
     # statistics): the graph selects the kept outputs after the norm (fxprune.analysis.groups.Analysis); off for
     # modules of the user's class, which cannot
     split_norms: bool = True
+    # model inputs (placeholder names; True: every one) a channel may go from where no layer's weight reads it: the
+    # graph reads the rest through index_select (fxprune.analysis.groups.input_channels says which inputs can)
+    inputs: bool | tuple[str, ...] = True
 
 
 class Rewriter:
@@ -222,6 +227,22 @@ class Rewriter:
                     out = self.graph.call_function(fn, (out, self.new(operand)))
         self.env[op.node] = out
 
+    def select_inputs(self) -> dict[Node, Node]:
+        """Each model input that loses channels (``Analysis.inputs``) is read from here on through
+        ``index_select`` of its kept channels, held as a constant (``INPUT_PREFIX``). Returns {input: its copy}."""
+        out: dict[Node, Node] = {}
+        for node, d in ((n, self.an.inputs[n.name]) for n in self.gm.graph.nodes
+                        if n.op == "placeholder" and n.name in self.an.inputs):
+            kept = self.kept(node, d)
+            if bool(kept.all()):
+                continue
+            aten_level = any(isinstance(u.target, torch._ops.OpOverload) for u in node.users)
+            index = self.constant(INPUT_PREFIX, kept.nonzero().flatten())
+            out[node] = self.env[node]
+            self.env[node] = self.graph.call_function(aten.index_select.default if aten_level else torch.index_select,
+                                                      (out[node], d, index))
+        return out
+
     def _ghost(self, op: Op, x: Node, d: int, removed: torch.Tensor) -> tuple[Node | None, Node | None]:
         """Nodes computing the removed channels of ``x`` (dim ``d``), one per distinct tuple of constants they
         depend on, and the multiplicity of each (None when all are 1). (None, None) when they are all zero."""
@@ -292,11 +313,19 @@ class Rewriter:
             self.set_arg(op, where.pos, where.name, new)
 
     def run(self) -> GraphModule:
+        cut: dict[Node, Node] = {}  # model inputs that lose channels: their copies, read through a selection
+        last = [n for n in self.gm.graph.nodes if n.op == "placeholder"][-1:]
         for node in self.gm.graph.nodes:
             self.copy.copy(node)
+            if [node] == last:
+                cut = self.select_inputs()  # (after every placeholder, before what reads them)
             rule = self.an.rules.get(node.name)
             if rule is not None:
                 rule.rewrite(Op(node, self.gm), self)
+        for node, raw in cut.items():  # what reads only the input's metadata (export's shape guards) reads it whole
+            for user in node.users:
+                if isinstance(self.an.rules.get(user.name), Passive):
+                    self.env[user].replace_input_with(self.env[node], raw)
         erased: set[Node] = set()
         for site, (bias, delta) in self.sites.items():
             t = get_attr(self.gm, bias.target)
@@ -401,7 +430,7 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
                          f"integer), got {bad[0]}")
     with torch.no_grad():
         for i in range(opts.max_iterations):
-            an = Analysis(work, dict(opts.keep), split_norms=opts.split_norms)
+            an = Analysis(work, dict(opts.keep), split_norms=opts.split_norms, inputs=opts.inputs)
             removable = an.removable()
             free = an.fold_free() if opts.round_to > 1 or opts.equal_heads or opts.aligned else {}
             keep = rounded(removable, opts.round_to, free)
