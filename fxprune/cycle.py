@@ -46,7 +46,7 @@ from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_sta
 from fxprune.interop.distributed import PeerFailedError, Ranks
 from fxprune.interop.lasso import DEFAULT_EVERY, DEFAULT_STRENGTH, GroupLasso
 from fxprune.graph.masks import unmasked
-from fxprune.interop.module import cache_off, eval_capture, minimize_module, selectable_inputs
+from fxprune.interop.module import cache_off, eval_capture, minimize_module
 from fxprune.passes.mask import (TargetNotReachedWarning, apply_masks, bake_masks_, group_masks, hold_masks_,
                                  magnitude_masks, prunable, sparsity_schedule)
 from fxprune.passes.minimize import minimize
@@ -210,8 +210,7 @@ def _group_masks(work: nn.Module, inputs: tuple[Any, ...], sparsity: float, incl
     """Structured masks of ``work`` (whole channels of its groups), read off a capture of it in eval mode."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TargetNotReachedWarning)  # the cycle reports what it reached
-        gm = eval_capture(work, inputs)
-        return group_masks(gm, sparsity, include=include, exclude=exclude, inputs=selectable_inputs(work, gm))[0]
+        return group_masks(eval_capture(work, inputs), sparsity, include=include, exclude=exclude)[0]
 
 
 def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: Callable[[nn.Module], Any],

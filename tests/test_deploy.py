@@ -128,26 +128,30 @@ def test_a_poolformer_with_compensated_group_norms_exports_to_executorch_and_onn
     assert any(isinstance(m, fp.nn.CompensatedGroupNorm) for m in small.modules())
     _executorch_and_onnx(model, small, x, tmp_path)
 
-@pytest.mark.parametrize("name", ["generator", "lstm", "autoencoder", "tcn", "norms"])
+@pytest.mark.parametrize("name", ["generator", "lstm", "autoencoder", "tcn", "norms", "inputs"])
 def test_plain_pytorch_models_minimized_in_their_class_export_to_executorch_and_onnx(name, tmp_path):
     """CycleGAN's generator (reflection pads, instance norms, a transposed conv), a two-layer LSTM tagger, a
     Stable-Diffusion-style autoencoder (group norms of two groups, compensated) and a TCN of weight-normed convs
-    (still weight norm), and a stream through a LayerNorm without weights and a SqueezeBERT-style permuting norm
-    (both compensated), each minimized as its own class, run in ExecuTorch and ONNX Runtime at batch 1 and 7."""
+    (still weight norm), a stream through a LayerNorm without weights and a SqueezeBERT-style permuting norm
+    (both compensated), and an MLP whose first layer reads 6 of its 10 input features, each minimized as its own class, run in ExecuTorch and ONNX Runtime at batch 1 and 7."""
     from test_plain_models import Autoencoder, Generator, plant, plant_in_groups
     from test_rules import _Recurrent
     from test_saving import planted_norm_stream
+    from test_inputs import mlp
     from test_weight_norm import planted_tcn
 
     model, x = {"generator": lambda: (plant(Generator()).eval(), torch.randn(2, 3, 32, 32)),
                 "lstm": lambda: (_Recurrent(torch.nn.LSTM, 2).eval(), torch.randn(2, 7, 5)),
                 "autoencoder": lambda: (plant_in_groups(Autoencoder()).eval(), torch.randn(2, 3, 16, 16)),
                 "tcn": lambda: (planted_tcn().float(), torch.randn(2, 4, 10)),
-                "norms": lambda: (planted_norm_stream().float(), torch.randn(2, 5, 4))}[name]()
+                "norms": lambda: (planted_norm_stream().float(), torch.randn(2, 5, 4)),
+                "inputs": lambda: (mlp().float(), torch.randn(2, 10))}[name]()
     small = fp.minimize_module(model, (x,))
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     if name == "autoencoder":
         assert any(isinstance(m, fp.nn.CompensatedGroupNorm) and m.kept_per_group for m in small.modules())
     if name == "norms":
         assert small.norm.weight is None and small.cf.weight.shape == (3,)
+    if name == "inputs":
+        assert small[0].kept_inputs.numel() == 6
     _executorch_and_onnx(model, small, x, tmp_path, wrap=lambda m: m.eval())

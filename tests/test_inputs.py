@@ -1,7 +1,7 @@
 """Model inputs whose channels no weight reads: ``minimize`` cuts them (the graph reads the kept ones through
 ``index_select``; the model still takes its whole input), ``minimize_module`` makes the layer that reads the input
 read its kept channels (:class:`fxprune.nn.SelectedInputs`, the user's layer class still), and the group lasso and
-the structured masks reach those channels where the class can cut them."""
+the structured masks (when asked) reach those channels where the class can cut them."""
 from __future__ import annotations
 
 import copy
@@ -179,9 +179,9 @@ def test_the_group_lasso_and_group_masks_reach_input_columns():
     with torch.no_grad():
         net[0].weight[:, :2] *= 1e-5
     assert reg.step(net, lr=1e-3) >= 2 and bool((net[0].weight[:, :2] == 0).all())
-    masks, _ = group_masks(fp.capture(net, (x,)), 0.2)
+    masks, _ = group_masks(fp.capture(net, (x,)), 0.2, inputs=True)
     assert bool((masks["0.weight"] == 0).all(0).any())  # whole input columns among what it masks
-    masks, _ = group_masks(fp.capture(net, (x,)), 0.2, inputs=False)
+    masks, _ = group_masks(fp.capture(net, (x,)), 0.2)  # (by default: the data's features are the user's)
     assert not bool((masks.get("0.weight", torch.ones(1)) == 0).all(0).any())
 
 
@@ -197,8 +197,8 @@ class _Features(nn.Module):
 
 
 def test_the_cycle_cuts_features_the_labels_never_need():
-    """An ordinary loop; the cycle's group lasso and whole-channel masks take the noise features, and the kept
-    model is the user's class reading fewer inputs."""
+    """An ordinary loop; the cycle's group lasso takes the noise features (the loss defends the two it needs), and
+    the kept model is the user's class reading fewer inputs."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 8, generator=g)
     y = (x[:, 0] + x[:, 1] > 0).long()

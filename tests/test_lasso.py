@@ -24,14 +24,18 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
-def test_groups_are_the_hidden_units_and_the_model_io_is_frozen():
+def test_groups_are_the_hidden_units_and_the_input_features_and_the_output_is_frozen():
     net, x = mlp(), torch.randn(4, 6)
-    reg = fp.GroupLasso(net, (x,))
+    reg = fp.GroupLasso(net, (x,), inputs=False)
     assert reg.channels == 10 + 8
     dims = {(s.name, s.dim) for s in reg.slices}
     assert dims == {("0.weight", 0), ("0.bias", 0), ("2.weight", 1), ("2.weight", 0), ("2.bias", 0), ("4.weight", 1)}
     # entries per group: unit k of layer 0 owns its row (6) and bias (1) and column k of layer 2 (8)
-    assert reg.sizes[:10].tolist() == [15.0] * 10 and reg.sizes[10:].tolist() == [14.0] * 8
+    assert sorted(reg.sizes.tolist()) == [14.0] * 8 + [15.0] * 10
+    # by default the 6 input features too: feature j owns column j of layer 0 (10 entries)
+    reg = fp.GroupLasso(net, (x,))
+    assert reg.channels == 6 + 10 + 8 and ("0.weight", 1) in {(s.name, s.dim) for s in reg.slices}
+    assert sorted(reg.sizes.tolist()) == [10.0] * 6 + [14.0] * 8 + [15.0] * 10
 
 
 def _stream_slices(model: sr.ConvNeXtStyle) -> list[list[tuple[str, int]]]:
@@ -109,7 +113,7 @@ def test_attach_acts_on_the_models_optimizer_only_holds_what_it_zeroed_and_detac
 
 def test_held_masks_and_penalty_and_regularize():
     net, x = mlp(), torch.randn(5, 6)
-    reg = fp.GroupLasso(net, (x,), strength=0.5)
+    reg = fp.GroupLasso(net, (x,), strength=0.5, inputs=False)  # (the hidden units: R written out below)
     masked = fp.hold_masks_(net, {"0.weight": torch.rand(10, 6) > 0.5})  # read through the parametrization
     p = reg.penalty(masked)
     assert p.requires_grad and float(p) > 0
@@ -153,7 +157,7 @@ def test_bad_arguments():
     reg = fp.GroupLasso(net, (x,))
     with pytest.raises(InputError, match="built"):
         reg.norms(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
-    assert fp.GroupLasso(net, (x,), exclude=["2.*"]).channels == 18  # excluded slices: fewer members, same groups
+    assert fp.GroupLasso(net, (x,), exclude=["2.*"]).channels == 6 + 18  # excluded slices: fewer members, same groups
     assert {s.name for s in fp.GroupLasso(net, (x,), exclude=["2.*"]).slices} == {"0.weight", "0.bias", "4.weight"}
 
 
@@ -336,7 +340,7 @@ def test_a_model_inside_data_parallel_is_regularized_by_its_own_parameters():
     net, x = mlp(), torch.randn(4, 6)
     dp = nn.DataParallel(net)
     reg = fp.GroupLasso(dp, (x,))
-    assert reg.channels == fp.GroupLasso(net, (x,)).channels == 18
+    assert reg.channels == fp.GroupLasso(net, (x,)).channels == 6 + 18
     assert torch.equal(reg.norms(dp), reg.norms(net))
     assert float(reg.penalty(dp)) == float(reg.penalty(net)) > 0
 
@@ -474,6 +478,7 @@ def test_a_dim_of_heads_is_regularized_over_its_head_dim_channels():
         assert torch.equal(rows[:4], rows[4:8]) and torch.equal(rows[:4], rows[12:])  # row j of every head: one
     assert torch.equal(by["q.weight", 0], by["k.weight", 0]) and torch.equal(by["v.weight", 0], by["o.weight", 1])
     assert not (set(by["q.weight", 0].tolist()) & set(by["v.weight", 0].tolist()))
-    # (the stream is the model's input and output: frozen) q/k's and v/o's head-dim channels, and the heads: a free
-    # group that no slice holds, so nothing pulls on it
-    assert reg.channels == 4 + 4 + 4 and int((reg.sizes == 0).sum()) == 4
+    # the input's 16 features (q, k and v read it through their weights alone; the output is frozen), q/k's and v/o's
+    # head-dim channels, and the heads: a free group that no slice holds, so nothing pulls on it
+    assert reg.channels == 16 + 4 + 4 + 4 and int((reg.sizes == 0).sum()) == 4
+    assert fp.GroupLasso(net, (torch.randn(2, 5, 16),), inputs=False).channels == 4 + 4 + 4

@@ -23,7 +23,8 @@ def mlp(act: str) -> nn.Sequential:
 
 def oracle_params(model: nn.Sequential) -> int:
     """Hand-computed parameter count of the minimal MLP: drop hidden units whose row (over live inputs) is zero
-    (constant output, folded downstream) or whose column (over live outputs) is zero, to a fixed point."""
+    (constant output, folded downstream) or whose column (over live outputs) is zero, to a fixed point; then the
+    input features no live unit reads."""
     lins = [m for m in model if isinstance(m, nn.Linear)]
     alive = [torch.ones(lin.out_features, dtype=torch.bool) for lin in lins[:-1]]
     changed = True
@@ -41,7 +42,8 @@ def oracle_params(model: nn.Sequential) -> int:
                 new[0] = True
             if not torch.equal(new, a):
                 alive[i], changed = new, True
-    sizes = [WIDTHS[0]] + [int(a.sum()) for a in alive] + [WIDTHS[-1]]
+    read = (lins[0].weight[alive[0]] != 0).any(dim=0)  # input features no live unit reads go (the graph selects)
+    sizes = [max(1, int(read.sum()))] + [int(a.sum()) for a in alive] + [WIDTHS[-1]]
     return sum(sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(sizes) - 1))
 
 

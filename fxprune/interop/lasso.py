@@ -328,8 +328,10 @@ def _member(model: nn.Module, s: _Slice) -> _Member | None:
 class GroupLasso:
     """The group lasso over the free channel groups fxprune finds in ``model`` (see the module docstring).
 
-    ``exclude``: parameter-name globs whose slices are left out (never shrunk). Frozen groups (model inputs and
-    outputs, ops without a rule) are never regularized. ``every``: inside :meth:`attach`, read the weights (group
+    ``exclude``: parameter-name globs whose slices are left out (never shrunk). Frozen groups (model outputs, ops
+    without a rule) are never regularized, nor model inputs but for one case: the features of an input that layers
+    of ``model``'s class read through their weights alone (:func:`~fxprune.interop.module.selectable_inputs`), whose
+    columns the loss defends as it defends any channel, form groups too (``inputs=False``: not them). ``every``: inside :meth:`attach`, read the weights (group
     norms, scales, the exact-zero decisions) every ``every`` optimizer steps (default 16; 1: every step); new zeros
     come up to ``every - 1`` steps later. ``statistics_only``: zero every slice of
     a group channel once all its LayerNorm / RMSNorm weight entries are zero (see the module docstring); ``False``
@@ -338,8 +340,8 @@ class GroupLasso:
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> reg = fp.GroupLasso(net, (torch.randn(3, 4),))
-    >>> reg.channels   # the 8 hidden units: row and bias of layer 0, column of layer 2
-    8
+    >>> reg.channels   # the 8 hidden units (row and bias of layer 0, column of layer 2), the 4 input features
+    12
     >>> with torch.no_grad(): net[0].weight[:3] *= 1e-4; net[0].bias[:3] = 0; net[2].weight[:, :3] *= 1e-4
     >>> reg.step(net, lr=1e-3)     # the three units at the scale of a step become exact zeros
     3
@@ -347,7 +349,7 @@ class GroupLasso:
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, strength: float = DEFAULT_STRENGTH,
                  threshold: float = 2.0, relative: float = RELATIVE, exclude: Sequence[str] | None = None,
-                 every: int = DEFAULT_EVERY, statistics_only: bool = True) -> None:
+                 every: int = DEFAULT_EVERY, statistics_only: bool = True, inputs: bool = True) -> None:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis, param_slices
@@ -366,7 +368,7 @@ class GroupLasso:
         self.seconds = 0.0  # spent in the optimizer-step hooks of attach() (the cycle's share of training time)
         plain = unmasked(unwrapped(model))  # (parameter names are the module's inside DDP, DataParallel, compile)
         gm = lower_modules(eval_capture(plain, example_inputs))  # the groups of the deployed function (dropout off)
-        an = Analysis(gm, inputs=selectable_inputs(plain, gm))  # (model inputs: where the class can cut them)
+        an = Analysis(gm, inputs=bool(inputs) and selectable_inputs(plain, gm))  # (where the class can cut them)
         sp = an.spaces
         names = {n for n, _ in plain.named_parameters()
                  if not any(fnmatch.fnmatch(n, pat) for pat in (exclude or []))}

@@ -286,7 +286,7 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
                 exclude: Iterable[str] | None = None, max_fraction: float = 0.9, round_to: int = 1,
                 criterion: Criterion = "magnitude", grads: Mapping[str, torch.Tensor] | None = None,
                 costs: Mapping[str, float] | None = None, seed: int = 0,
-                inputs: bool | Iterable[str] = True) -> tuple[dict[str, torch.Tensor], float]:
+                inputs: bool | Iterable[str] = False) -> tuple[dict[str, torch.Tensor], float]:
     """Masks that zero whole channels of ``gm``'s free channel groups, so that ``minimize`` removes ``sparsity`` of
     its parameters; returns them and the fraction they remove.
 
@@ -300,10 +300,12 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
     stays under the target: parameters (counted exactly: a weight loses rows and columns of several groups at once),
     or with ``costs`` (:func:`flop_costs`) each entry weighed by its FLOPs; the one that would cross the target is
     taken when that lands closer to it than stopping short. At most ``max_fraction`` of a group's channels
-    (and never all of them) go. Frozen groups (model outputs, ops without a rule, model inputs other than the
-    channels of those ``inputs`` names that layers read through their weights alone,
-    :func:`~fxprune.analysis.groups.input_channels`) and groups with a member outside ``include`` / in ``exclude``
-    are never touched. ``round_to=k``: every group that loses channels
+    (and never all of them) go. Frozen groups (model inputs and outputs, ops without a rule) and groups with a
+    member outside ``include`` / in ``exclude`` are never touched. A model input's channels (the pixels' colors, a
+    table's features) are masked only with ``inputs`` (True, or input names: those that layers read through
+    their weights alone, :func:`~fxprune.analysis.groups.input_channels`): what the data holds is the user's to
+    drop, and the weight magnitude of a feature says little of it (the group lasso, which the loss pulls against,
+    and zero weight columns still cut them in ``minimize``). ``round_to=k``: every group that loses channels
     keeps a multiple of ``k`` of them (its channels are masked ``k`` at a time, the least important of those chosen),
     so that ``minimize`` leaves widths the kernels' blocks divide."""
     from fxprune.analysis.groups import Analysis, param_slices
