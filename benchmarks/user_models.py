@@ -13,7 +13,9 @@ per class (4 classes), token sequences that count up by 1 or 2 (a causal LM pred
 sequence out again; a sequence classifier tells the step; ``torch_lm``, a causal LM of PyTorch's own
 ``nn.TransformerEncoder``, and ``torch_lstm``, a two-layer ``nn.LSTM`` tagger, are trained by the loop's own
 next-token loss on ``ids[:, :-1]``), 400 samples of a tone per class in noise (Wav2Vec2,
-HuBERT), 16 log-mel bins by 100 frames with a bright band per class (Whisper's encoder). The loop: AdamW (lr 3e-3), batches of 32, ``.train()``
+HuBERT), 16 log-mel bins by 100 frames with a bright band per class (Whisper's encoder), a table of 24 features
+whose class is the largest of four random mixes of the first 6 (``torch_tabular``, an MLP of PyTorch's own
+modules with BatchNorm and dropout). The loop: AdamW (lr 3e-3), batches of 32, ``.train()``
 to train and ``.eval()`` to evaluate, 6 epochs dense and 3 per ``train`` call, 2 cycles with the cycle's defaults
 except ``tolerance=0.05`` (the data is small). Accuracy is read on the first 128 examples (training data: this
 checks the flow, not generalization).
@@ -21,7 +23,9 @@ checks the flow, not generalization).
 Per model: the class that comes back (it must be the user's), parameters before and after, each cycle's
 compression, accuracy, the eager CPU forward time of the dense and the kept model on a batch of 32 (the median of
 20, side by side in one process), fxprune's warnings, and, for a causal LM and T5, that ``generate()`` runs on
-what comes back; a crash is printed with its error. The last line is one JSON object.
+what comes back; where a layer of the kept model reads only some channels of the model's input
+(``fxprune.nn.SelectedInputs``), how many of how many (``inputs_read``); a crash is printed with its error. The
+last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -164,9 +168,10 @@ TRANSFORMERS = {
                                    intermediate_size=64))),
 }
 # plain PyTorch, trained on the token sequences with a next-token loss of the loop's own: a causal LM built on
-# nn.TransformerEncoder (layers of nn.MultiheadAttention) with a causal mask, and a two-layer nn.LSTM tagger; and a
-# temporal convolutional network of weight-normed dilated convs (Bai et al.'s TCN) on the tones, a classifier
-PLAIN = {"torch_lm": "plain_lm", "torch_lstm": "plain_lm", "torch_tcn": "plain_wav"}
+# nn.TransformerEncoder (layers of nn.MultiheadAttention) with a causal mask, and a two-layer nn.LSTM tagger; a
+# temporal convolutional network of weight-normed dilated convs (Bai et al.'s TCN) on the tones, a classifier; and
+# an MLP with BatchNorm and dropout on a table of 24 features, of which the labels read 6
+PLAIN = {"torch_lm": "plain_lm", "torch_lstm": "plain_lm", "torch_tcn": "plain_wav", "torch_tabular": "tab"}
 TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf",
                "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "densenet121", "resnext50_32x4d", "convnext_tiny",
                "swin_t", "googlenet", "vit_b_16", "resnet18_gn"]  # resnet18_gn: resnet18 with GroupNorm(8, C) (norm_layer)
@@ -183,7 +188,8 @@ def build(name: str):
     np.random.seed(0)  # (Wav2Vec2 and HuBERT draw their training-time masks from NumPy's global generator)
     random.seed(0)
     if name in PLAIN:
-        return PLAIN[name], {"torch_lm": torch_lm, "torch_lstm": torch_lstm, "torch_tcn": torch_tcn}[name]()
+        return PLAIN[name], {"torch_lm": torch_lm, "torch_lstm": torch_lstm, "torch_tcn": torch_tcn,
+                             "torch_tabular": torch_tabular}[name]()
     if name in TRANSFORMERS:
         import transformers
 
@@ -273,6 +279,24 @@ def torch_tcn(c: int = 16):
     return TorchTCN()
 
 
+def torch_tabular(features: int = 24, width: int = 64):
+    """An MLP for a table: linear, BatchNorm, ReLU and dropout, twice, then a linear head."""
+    from torch import nn
+
+    class TabularMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.bn1 = nn.Linear(features, width), nn.BatchNorm1d(width)
+            self.mid, self.bn2 = nn.Linear(width, width // 2), nn.BatchNorm1d(width // 2)
+            self.drop, self.head = nn.Dropout(0.1), nn.Linear(width // 2, CLASSES)
+
+        def forward(self, x):
+            x = self.drop(self.bn1(self.inp(x)).relu())
+            return self.head(self.drop(self.bn2(self.mid(x)).relu()))
+
+    return TabularMLP()
+
+
 def data(kind: str):
     import torch
 
@@ -294,6 +318,9 @@ def data(kind: str):
         for i in range(CLASSES):
             x[y == i, 4 * i:4 * i + 4] += 1.0
         return x, y
+    if kind == "tab":  # 24 features; the class is the largest of four random mixes of the first 6
+        x = torch.randn(N, 24, generator=g)
+        return x, (x[:, :6] @ torch.randn(6, CLASSES, generator=g)).argmax(-1)
     step = torch.randint(1, 3, (N, 1), generator=g)
     seqs = (torch.randint(0, 32, (N, 1), generator=g) + step * torch.arange(16)) % 32
     return seqs, (step[:, 0] - 1)
@@ -315,7 +342,7 @@ def run(name: str, structure: str | None = None, cycles: int = 2, dtype: str | N
     key = {"wav": "input_values", "mel": "input_features"}.get(kind, "input_ids")  # a classifier's input
 
     def loss(m, idx):
-        if kind in ("img", "plain_wav"):
+        if kind in ("img", "plain_wav", "tab"):
             out = m(x[idx])
             return F.cross_entropy(getattr(out, "logits", out), y[idx])
         if kind == "plain_lm":
@@ -325,7 +352,7 @@ def run(name: str, structure: str | None = None, cycles: int = 2, dtype: str | N
         return m(**{key: x[idx]}, labels=y[idx]).loss
 
     def accuracy(m):
-        if kind in ("img", "plain_wav"):
+        if kind in ("img", "plain_wav", "tab"):
             out = m(x[:128])
             return float((getattr(out, "logits", out).argmax(-1) == y[:128]).float().mean())
         if kind == "plain_lm":
@@ -350,7 +377,7 @@ def run(name: str, structure: str | None = None, cycles: int = 2, dtype: str | N
         m.eval()
         return accuracy(m)
 
-    example = ((x[:8],) if kind in ("img", "plain_wav") else (x[:8, :-1],) if kind == "plain_lm"
+    example = ((x[:8],) if kind in ("img", "plain_wav", "tab") else (x[:8, :-1],) if kind == "plain_lm"
                else {key: x[:8], "labels": (x if kind in ("lm", "s2s") else y)[:8]})
     out = dict(model=name, cls=type(model).__name__)
     train(model, 6)
@@ -365,6 +392,12 @@ def run(name: str, structure: str | None = None, cycles: int = 2, dtype: str | N
                accuracy=[round(res.dense["accuracy"], 4), round(evaluate(kept), 4)],
                warnings=sorted({f"{w.category.__name__}: {str(w.message)[:160]}" for w in caught
                                 if w.category.__module__.startswith("fxprune")}))
+    from fxprune.nn import SelectedInputs
+
+    reads = {p: [m.kept_inputs.numel(), m.weight.shape[1]] for p, m in kept.named_modules() if isinstance(m, SelectedInputs)}
+    if reads:  # layers that read only some channels of the model's input: how many (of the input's)
+        out["inputs_read"] = {p: [k, int(getattr(model.get_submodule(p), "in_features", 0)
+                                         or model.get_submodule(p).in_channels)] for p, (k, _) in reads.items()}
     batch = dict(input_ids=x[:32], labels=x[:32]) if kind == "s2s" else dict()  # (T5's decoder needs its input)
     out["latency_ms"] = [latency(model, x[:32], **batch), latency(kept, x[:32], **batch)]
     train(kept, 1)  # still trains and switches modes
@@ -436,6 +469,8 @@ def main() -> None:
             print(f"{name:20} {row['kept_cls']:40} {pa:>10,} -> {pb:>10,} {pa / pb:>7.2f}x  acc {acc[0]:.3f} -> "
                   f"{acc[1]:.3f}  {ta / tb:>5.2f}x faster  own class: {row['own_class']}  "
                   f"{len(row['warnings'])} warning(s)", flush=True)
+            for path, (k, n) in row.get("inputs_read", {}).items():
+                print(f"{'':20} {path} reads {k} of the input's {n} channels", flush=True)
             for w in row["warnings"]:
                 print(f"{'':20} {w}", flush=True)
         else:

@@ -331,11 +331,11 @@ class GroupLasso:
     ``exclude``: parameter-name globs whose slices are left out (never shrunk). Frozen groups (model outputs, ops
     without a rule) are never regularized, nor model inputs but for one case: the features of an input that layers
     of ``model``'s class read through their weights alone (:func:`~fxprune.interop.module.selectable_inputs`), whose
-    columns the loss defends as it defends any channel, form groups too (``inputs=False``: not them). ``every``: inside :meth:`attach`, read the weights (group
-    norms, scales, the exact-zero decisions) every ``every`` optimizer steps (default 16; 1: every step); new zeros
-    come up to ``every - 1`` steps later. ``statistics_only``: zero every slice of
-    a group channel once all its LayerNorm / RMSNorm weight entries are zero (see the module docstring); ``False``
-    leaves such channels to the pull.
+    columns the loss defends as it defends any channel, form groups too (``inputs=False``: not them). ``every``:
+    inside :meth:`attach`, read the weights (group norms, scales, the exact-zero decisions) every ``every``
+    optimizer steps (default 16; 1: every step); new zeros come up to ``every - 1`` steps later.
+    ``statistics_only``: zero every slice of a group channel once all its LayerNorm / RMSNorm weight entries are
+    zero (see the module docstring); ``False`` leaves such channels to the pull.
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))

@@ -30,8 +30,8 @@ from fxprune.nn.inputs import SELECTED_DIMS, selected_subclass
 from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_subclass,
                              shrunk_groups)
 
-__all__ = ["minimize_module", "cache_off", "eval_capture", "selectable_inputs", "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME",
-           "BY_NAME_SUFFIX"]
+__all__ = ["minimize_module", "cache_off", "eval_capture", "selectable_inputs", "KeptChannelsWarning",
+           "SIZE_ATTRIBUTES", "BY_CLASS_NAME", "BY_NAME_SUFFIX"]
 
 
 def _linear(m: nn.Linear) -> None:
@@ -540,10 +540,11 @@ def _recompute_weight_norms(out: nn.Module, changed: set[str]) -> None:
 def selectable_inputs(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[str, ...] | bool:
     """The inputs of ``gm`` (a capture of ``model``; placeholder names) whose channels a copy of ``model``'s class
     can cut (:func:`fxprune.analysis.groups.input_channels`): every layer reading the input is an ``nn.Linear`` or
-    ``nn.Conv1d/2d/3d`` of exactly that class (or one that reads a selection already), called as itself, and the
-    copy's layer then reads the input's kept channels (:class:`~fxprune.nn.inputs.SelectedInputs`). True for a
-    GraphModule (the graph selects them itself)."""
+    ``nn.Conv1d/2d/3d`` of exactly that class, called as itself, and the copy's layer then reads the input's kept
+    channels (:class:`~fxprune.nn.inputs.SelectedInputs`). True for a GraphModule (the graph selects them itself)."""
     from fxprune.analysis.groups import input_channels
+    from fxprune.analysis.rules import Passive
+    from fxprune.analysis.table import RULES
     from fxprune.passes.lower import lower_modules
 
     if isinstance(model, torch.fx.GraphModule):
@@ -554,7 +555,8 @@ def selectable_inputs(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[str, 
     for n in lowered.graph.nodes:
         if n.op != "placeholder" or n.name not in found:
             continue
-        layers = [(u, _layer_path(u)) for u in n.users if u.op == "call_function"]
+        layers = [(u, _layer_path(u)) for u in n.users
+                  if u.op == "call_function" and not isinstance(RULES.lookup(u, lowered), Passive)]
         if all(path is not None and _module_path(u) == path and type(model.get_submodule(path)) in SELECTED_DIMS
                for u, path in layers):
             out.append(n.name)
