@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -171,6 +172,34 @@ def test_a_layer_its_parent_calls_functionally_keeps_its_inputs_in_the_class():
     # and neither the lasso nor the structured masks pull at channels the class keeps
     assert fp.GroupLasso(net, (x,)).channels == 5  # its hidden units only (an mlp(8): 8 inputs and 6 units)
     assert fp.GroupLasso(mlp(8), (x,)).channels == 8 + 6
+
+
+class _Shared(nn.Module):
+    """One layer applied to the input and to a hidden value: its class cannot select the input's features alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.fc, self.out = nn.Linear(6, 6), nn.Linear(6, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.fc(x) + self.fc(torch.relu(self.pre(x))))
+
+
+def test_a_layer_also_applied_to_another_tensor_keeps_its_inputs_in_the_class():
+    net = _Shared().double()
+    with torch.no_grad():  # features 0-1 of x, read by neither layer; units 0-1 of pre, which fc ignores
+        net.fc.weight[:, :2] = 0  # (x's features and pre's units meet in fc's columns: one group)
+        net.pre.weight[:, :2] = 0
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known before the rewrite: no failed check, no layer frozen after it
+        small = fp.minimize_module(net, (x,))
+    assert not isinstance(small.fc, SelectedInputs) and small.fc.weight.shape == (4, 6)
+    assert small.pre.weight.shape == (6, 6)
+    exact_at(net, small, [(2, 6), (5, 6)])
+    graph = fp.minimize(net, (x,))  # the graph selects x's kept features for the first call only
+    assert graph.get_parameter("fc.weight").shape == (4, 4) and graph.get_parameter("pre.weight").shape == (4, 4)
+    exact_at(net, graph, [(2, 6), (5, 6)])
 
 
 def test_the_group_lasso_and_group_masks_reach_input_columns():

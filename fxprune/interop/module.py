@@ -551,6 +551,10 @@ def selectable_inputs(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[str, 
         return True
     lowered = lower_modules(gm)
     found = input_channels(lowered)
+    readers: dict[str, list[torch.fx.Node]] = {}  # per layer, the nodes that read its weight
+    for w in lowered.graph.nodes:
+        if w.op == "get_attr" and str(w.target).endswith(".weight"):
+            readers.setdefault(_owner(w.target), []).extend(w.users)
     out = []
     for n in lowered.graph.nodes:
         if n.op != "placeholder" or n.name not in found:
@@ -558,8 +562,8 @@ def selectable_inputs(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[str, 
         layers = [(u, _layer_path(u)) for u in n.users
                   if u.op == "call_function" and not isinstance(RULES.lookup(u, lowered), Passive)]
         if all(path is not None and _module_path(u) == path and type(model.get_submodule(path)) in SELECTED_DIMS
-               for u, path in layers):
-            out.append(n.name)
+               and all(r.args[0] is n for r in readers.get(path, ())) for u, path in layers):
+            out.append(n.name)  # (a layer also applied to another tensor would select that one's channels too)
     return tuple(out)
 
 
