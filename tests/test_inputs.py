@@ -65,6 +65,38 @@ def test_convolution_input_channels_go_at_any_image_size():
     exact_at(net, small, [(2, 4, 6, 6), (5, 4, 9, 7), (1, 4, 3, 3)])
 
 
+class _ReadsSizes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).reshape(x.shape[0], -1) * x.shape[1]
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_a_forward_that_reads_the_inputs_sizes_reads_those_of_the_whole_input(method):
+    """``x.shape[0]`` (``sym_size`` with a dynamic batch) and ``x.shape[1]``: the channels still go, and every size
+    read is the input's as the model takes it (4 channels, not the 3 the layer reads), in the graph and the class."""
+    net = _ReadsSizes().double()
+    with torch.no_grad():
+        net.conv.weight[:, 1] = 0
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    gm = fp.capture(net, (x,), method=method)
+    assert input_channels(lower_modules(gm)) == {"x": 1}
+    small = fp.minimize(gm)
+    assert small.get_parameter("conv.weight").shape == (5, 3, 3, 3)
+
+    def first(t: torch.Tensor) -> torch.Tensor:
+        out = small(t)
+        return out[0] if isinstance(out, tuple) else out
+
+    exact_at(net, first, [(1, 4, 6, 6), (3, 4, 6, 6)])
+    mine = fp.minimize_module(net, (x,))
+    assert mine.conv.kept_inputs.tolist() == [0, 2, 3]
+    exact_at(net, mine, [(1, 4, 6, 6), (3, 4, 5, 9)])
+
+
 def test_an_exported_program_in_and_out_keeps_its_input_signature():
     """The program still takes 10 features; export's shape guards read the whole input, so other batch sizes run."""
     net = mlp()
@@ -215,6 +247,17 @@ def test_the_group_lasso_and_group_masks_reach_input_columns():
     assert bool((masks["0.weight"] == 0).all(0).any())  # whole input columns among what it masks
     masks, _ = group_masks(fp.capture(net, (x,)), 0.2)  # (by default: the data's features are the user's)
     assert not bool((masks.get("0.weight", torch.ones(1)) == 0).all(0).any())
+
+
+def test_the_group_lasso_pulls_at_an_images_colors_only_when_asked():
+    """Convolutions' input channels (an image's colors) form groups with ``inputs=True`` only; a bad value raises."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(2, 3, 6, 6)
+    net(x)
+    assert fp.GroupLasso(net, (x,)).channels == 8 == fp.GroupLasso(net, (x,), inputs=False).channels
+    assert fp.GroupLasso(net, (x,), inputs=True).channels == 8 + 3
+    with pytest.raises(fp.InputError, match="inputs must be"):
+        fp.GroupLasso(net, (x,), inputs="conv")
 
 
 class _Features(nn.Module):

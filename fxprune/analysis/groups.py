@@ -18,7 +18,7 @@ from fxprune.graph.shapes import TensorSpec, node_spec
 
 from fxprune.analysis.rules import Passive  # (importing it registers the rule table)
 
-__all__ = ["Analysis", "ChannelGraph", "ChannelGroup", "ParamSlice", "param_slices", "input_channels"]
+__all__ = ["Analysis", "ChannelGraph", "ChannelGroup", "ParamSlice", "param_slices", "input_channels", "reads_whole"]
 
 
 @dataclass
@@ -127,6 +127,11 @@ class Analysis:
                 continue
             self.rules[node.name] = rule
             sp.touched, sp.meta = set(), set()
+            whole = [a for a in operands if a.op == "placeholder" and a.name in self.inputs]
+            if whole and len(whole) == len(operands) and all(reads_whole(rule, op, a, sp) for a in whole):
+                for a in whole:  # sizes of the input as the model takes it: the rewrite keeps them reading it
+                    sp.meta_only(a)
+                continue
             rule.couple(op, sp)
             for v in operands + outputs:
                 if v.name in sp.meta:
@@ -277,8 +282,8 @@ def input_channels(gm: GraphModule, sp: Spaces | None = None) -> dict[str, int]:
     """Per model input (placeholder name) whose channels a cut can select: the dim that holds them. An input
     qualifies when every op that reads it is a layer that reads it only through a weight parameter (a linear layer
     or an ungrouped convolution, :meth:`~fxprune.analysis.rule.Rule.input_dim`), all at the same dim, of a fixed
-    size above 1; ops that read only its metadata (export's shape guards) may read it too, and keep reading it
-    whole."""
+    size above 1. Ops that read only its metadata (export's shape guards) or its sizes (``sym_size``,
+    ``x.shape[0]``) may read it too: they go on reading the whole input (:func:`reads_whole`)."""
     sp = sp or Spaces(gm)
     out: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -290,13 +295,19 @@ def input_channels(gm: GraphModule, sp: Spaces | None = None) -> dict[str, int]:
         dims = set()
         for user in node.users:
             rule = RULES.lookup(user, gm) if user.op in ("call_function", "call_method", "call_module") else None
-            if isinstance(rule, Passive):
+            if rule is not None and reads_whole(rule, Op(user, gm), node, sp):
                 continue
             dims.add(rule.input_dim(Op(user, gm), node, sp) if rule is not None else None)
         d = dims.pop() if len(dims) == 1 else None
         if d is not None and d not in spec.dynamic and spec.shape[d] > 1:
             out[node.name] = d
     return out
+
+
+def reads_whole(rule: Any, op: Op, v: Node, sp: Spaces) -> bool:
+    """Whether ``op`` reads only the metadata or the sizes of the model input ``v``: where ``v`` loses channels, it
+    goes on reading ``v`` as the model takes it (its sizes are those of the input, the cut ones included)."""
+    return isinstance(rule, Passive) or rule.sizes_read(op, v, sp) is not None
 
 
 # ---- parameters by group channel ----------------------------------------------------------------------------------

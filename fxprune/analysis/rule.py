@@ -524,6 +524,11 @@ class Rule:
         the op reads every channel of ``v`` some other way, or is no such layer."""
         return None
 
+    def sizes_read(self, op: Op, v: Node, sp: Spaces) -> set[int | None] | None:
+        """The dims of ``v`` whose size the op reads, when it reads nothing else of ``v`` (None in the set: every
+        dim); None: the op reads ``v`` otherwise."""
+        return None
+
 
 def nan_eval(op: Op, fx: Facts, fn: Callable[..., Any] | None = None, sizes: bool = False,
              confirm: bool = True) -> list[DimFacts] | None:

@@ -1868,11 +1868,15 @@ class SymSize(Rule):
     what it computes) and nothing else of ``x``."""
 
     def couple(self, op: Op, sp: Spaces) -> None:
+        x = op.node.args[0]
+        read = self.sizes_read(op, x, sp)
+        if read is not None:
+            _read_sizes(op, sp, x, sp.rank(x), read)
+
+    def sizes_read(self, op: Op, v: Node, sp: Spaces) -> set[int | None] | None:
         x, d = op.node.args[0], op.node.args[1]
         r = sp.rank(x)
-        if not isinstance(d, int) or r <= 0:
-            return
-        _read_sizes(op, sp, x, r, {d % r})
+        return {d % r} if x is v and isinstance(d, int) and r > 0 else None
 
 
 def _read_sizes(op: Op, sp: Spaces, x: Node, r: int, read: set[int | None]) -> None:
@@ -1904,15 +1908,22 @@ class Attribute(Rule):
             for i, j in enumerate(perm):
                 sp.unify(x, j, op.node, i, f"by {op.describe()}")
             return
+        read = self.sizes_read(op, x, sp)
+        if read is not None:
+            _read_sizes(op, sp, x, r, read)
+
+    def sizes_read(self, op: Op, v: Node, sp: Spaces) -> set[int | None] | None:
+        x = op.node.args[0] if op.node.args else None
+        r = sp.rank(x) if x is v else -1
+        if r <= 0:
+            return None
         if op.node.op == "call_function":
-            if attr != "shape":
-                return
-            read = {u.args[1] % r if u.target is operator.getitem and isinstance(u.args[1], int) else None
+            if len(op.node.args) != 2 or op.node.args[1] != "shape":
+                return None
+            return {u.args[1] % r if u.target is operator.getitem and isinstance(u.args[1], int) else None
                     for u in op.node.users}
-        else:  # x.size(d) / x.size()
-            d = op.arg(1, "dim")
-            read = {d % r if isinstance(d, int) else None}
-        _read_sizes(op, sp, x, r, read)
+        d = op.arg(1, "dim")  # x.size(d) / x.size()
+        return {d % r if isinstance(d, int) else None}
 
 
 class Filled(Passive):

@@ -58,7 +58,7 @@ import copy
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -329,9 +329,12 @@ class GroupLasso:
     """The group lasso over the free channel groups fxprune finds in ``model`` (see the module docstring).
 
     ``exclude``: parameter-name globs whose slices are left out (never shrunk). Frozen groups (model outputs, ops
-    without a rule) are never regularized, nor model inputs but for one case: the features of an input that layers
-    of ``model``'s class read through their weights alone (:func:`~fxprune.interop.module.selectable_inputs`), whose
-    columns the loss defends as it defends any channel, form groups too (``inputs=False``: not them). ``every``:
+    without a rule) are never regularized, nor model inputs but for one case: ``inputs="linear"`` (the default), the
+    features of an input that linear layers of ``model``'s class read through their weights alone (a table, a
+    flattened image: :func:`~fxprune.interop.module.selectable_inputs`), whose columns the loss defends as it
+    defends any channel; ``True``, also the channels convolutions read so (an image's colors); ``False``, none.
+    (Measured: on the image models of ``benchmarks/user_models.py``, pulling at the colors cost compression;
+    benchmarks.md, section 9, stop 56.) ``every``:
     inside :meth:`attach`, read the weights (group norms, scales, the exact-zero decisions) every ``every``
     optimizer steps (default 16; 1: every step); new zeros come up to ``every - 1`` steps later.
     ``statistics_only``: zero every slice of a group channel once all its LayerNorm / RMSNorm weight entries are
@@ -349,10 +352,12 @@ class GroupLasso:
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, strength: float = DEFAULT_STRENGTH,
                  threshold: float = 2.0, relative: float = RELATIVE, exclude: Sequence[str] | None = None,
-                 every: int = DEFAULT_EVERY, statistics_only: bool = True, inputs: bool = True) -> None:
+                 every: int = DEFAULT_EVERY, statistics_only: bool = True,
+                 inputs: bool | Literal["linear"] = "linear") -> None:
         import fnmatch
 
-        from fxprune.analysis.groups import Analysis, param_slices
+        from fxprune.analysis.groups import Analysis, input_channels, param_slices
+        from fxprune.graph.shapes import node_spec
         from fxprune.passes.mask import weight_sources
         from fxprune.graph.masks import unmasked
         from fxprune.interop.module import eval_capture, selectable_inputs
@@ -363,12 +368,20 @@ class GroupLasso:
         for name, v in (("strength", strength), ("threshold", threshold), ("relative", relative)):
             require(name, v, "non-negative number")
         require("every", every, "positive integer")
+        if inputs not in (True, False, "linear"):
+            raise InputError(f"inputs must be 'linear', True or False, got {inputs!r}")
         self.strength, self.threshold, self.relative = float(strength), float(threshold), float(relative)
         self.every, self.statistics_only = every, bool(statistics_only)
         self.seconds = 0.0  # spent in the optimizer-step hooks of attach() (the cycle's share of training time)
         plain = unmasked(unwrapped(model))  # (parameter names are the module's inside DDP, DataParallel, compile)
         gm = lower_modules(eval_capture(plain, example_inputs))  # the groups of the deployed function (dropout off)
-        an = Analysis(gm, inputs=bool(inputs) and selectable_inputs(plain, gm))  # (where the class can cut them)
+        found = input_channels(gm)  # per model input the class may cut, the dim its layers read
+        chosen = selectable_inputs(plain, gm) if inputs else ()
+        chosen = list(found) if chosen is True else list(chosen)
+        if inputs == "linear":  # a linear layer reads the last dim (a convolution reads dim 1 of 3 or more)
+            ranks = {n.name: len(node_spec(n).shape) for n in gm.graph.nodes if n.name in found}
+            chosen = [k for k in chosen if found[k] == ranks[k] - 1]
+        an = Analysis(gm, inputs=chosen)
         sp = an.spaces
         names = {n for n, _ in plain.named_parameters()
                  if not any(fnmatch.fnmatch(n, pat) for pat in (exclude or []))}

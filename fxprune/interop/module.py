@@ -543,7 +543,7 @@ def selectable_inputs(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[str, 
     ``nn.Conv1d/2d/3d`` of exactly that class, called as itself, and the copy's layer then reads the input's kept
     channels (:class:`~fxprune.nn.inputs.SelectedInputs`). True for a GraphModule (the graph selects them itself)."""
     from fxprune.analysis.groups import input_channels
-    from fxprune.analysis.rules import Passive
+    from fxprune.analysis.rules import Conv, Linear
     from fxprune.analysis.table import RULES
     from fxprune.passes.lower import lower_modules
 
@@ -559,8 +559,8 @@ def selectable_inputs(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[str, 
     for n in lowered.graph.nodes:
         if n.op != "placeholder" or n.name not in found:
             continue
-        layers = [(u, _layer_path(u)) for u in n.users
-                  if u.op == "call_function" and not isinstance(RULES.lookup(u, lowered), Passive)]
+        layers = [(u, _layer_path(u)) for u in n.users  # (input_channels: the others read metadata or sizes)
+                  if u.op == "call_function" and isinstance(RULES.lookup(u, lowered), (Linear, Conv))]
         if all(path is not None and _module_path(u) == path and type(model.get_submodule(path)) in SELECTED_DIMS
                and all(r.args[0] is n for r in readers.get(path, ())) for u, path in layers):
             out.append(n.name)  # (a layer also applied to another tensor would select that one's channels too)

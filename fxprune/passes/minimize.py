@@ -19,8 +19,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from fxprune.analysis.groups import Analysis
-from fxprune.analysis.rules import Passive
+from fxprune.analysis.groups import Analysis, reads_whole
 from fxprune.analysis.rule import FULL_MEAN, GHOST_PREFIX, GHOST_SUM, Facts, Op, SizeArg, aligned_dim
 from fxprune.compare import (cast, check, compare, first_failure, own_rounding, precision_of, rounding_only, rtol_for,
                              to_dtype, within_own_rounding, worst)
@@ -322,9 +321,10 @@ class Rewriter:
             rule = self.an.rules.get(node.name)
             if rule is not None:
                 rule.rewrite(Op(node, self.gm), self)
-        for node, raw in cut.items():  # what reads only the input's metadata (export's shape guards) reads it whole
-            for user in node.users:
-                if isinstance(self.an.rules.get(user.name), Passive):
+        for node, raw in cut.items():  # what reads only the input's metadata or sizes (export's shape guards,
+            for user in node.users:   # sym_size) reads the input as the model takes it
+                rule = self.an.rules.get(user.name)
+                if rule is not None and reads_whole(rule, Op(user, self.gm), node, self.an.spaces):
                     self.env[user].replace_input_with(self.env[node], raw)
         erased: set[Node] = set()
         for site, (bias, delta) in self.sites.items():
