@@ -271,9 +271,7 @@ class _Features(nn.Module):
         return self.body(x)
 
 
-def test_the_cycle_cuts_features_the_labels_never_need():
-    """An ordinary loop; the cycle's group lasso takes the noise features (the loss defends the two it needs), and
-    the kept model is the user's class reading fewer inputs."""
+def _tabular_cycle(cycles: int, **kw):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 8, generator=g)
     y = (x[:, 0] + x[:, 1] > 0).long()
@@ -281,7 +279,7 @@ def test_the_cycle_cuts_features_the_labels_never_need():
     def train(m: nn.Module) -> None:
         opt = torch.optim.Adam(m.parameters(), lr=1e-2)
         m.train()
-        for _ in range(20):
+        for _ in range(10):
             for idx in torch.arange(256).split(64):
                 opt.zero_grad()
                 F.cross_entropy(m(x[idx]), y[idx]).backward()
@@ -292,11 +290,24 @@ def test_the_cycle_cuts_features_the_labels_never_need():
         m.eval()
         return float((m(x).argmax(-1) == y).float().mean())
 
+    torch.manual_seed(0)
     model = _Features()
     train(model)
-    res = fp.squeeze_release(model, (x[:4],), train=train, evaluate=evaluate, cycles=3, structure="groups",
-                             sparsity=0.5, tolerance=0.05, lasso=1e-2, seed=0)
+    res = fp.squeeze_release(model, (x[:4],), train=train, evaluate=evaluate, cycles=cycles, structure="groups",
+                             sparsity=0.5, tolerance=0.05, lasso=1e-2, seed=0, progress=False, **kw)
+    return model, res, evaluate
+
+
+def test_the_cycle_cuts_features_the_labels_never_need(tmp_path):
+    """An ordinary loop; the cycle's group lasso takes the noise features (the loss defends the two it needs), and
+    the kept model is the user's class reading fewer inputs. A run stopped after a cycle resumes to the same model."""
+    model, res, evaluate = _tabular_cycle(3)
     first = res.module.body[0]
     assert isinstance(res.module, _Features) and isinstance(first, SelectedInputs)
     assert first.kept_inputs.numel() < 8 and {0, 1} <= set(first.kept_inputs.tolist())
     assert evaluate(res.module) >= evaluate(model) - 0.05
+    _tabular_cycle(2, checkpoint_dir=tmp_path / "ck")
+    _, resumed, _ = _tabular_cycle(3, checkpoint_dir=tmp_path / "ck", resume=True)
+    a, b = res.module.state_dict(), resumed.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert isinstance(resumed.module.body[0], SelectedInputs)
