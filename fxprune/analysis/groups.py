@@ -128,7 +128,8 @@ class Analysis:
             self.rules[node.name] = rule
             sp.touched, sp.meta = set(), set()
             whole = [a for a in operands if a.op == "placeholder" and a.name in self.inputs]
-            if whole and len(whole) == len(operands) and all(reads_whole(rule, op, a, sp) for a in whole):
+            if whole and len(whole) == len(operands) and not outputs \
+                    and all(rule.sizes_read(op, a, sp) is not None for a in whole):
                 for a in whole:  # sizes of the input as the model takes it: the rewrite keeps them reading it
                     sp.meta_only(a)
                 continue
