@@ -394,10 +394,10 @@ def run(name: str, structure: str | None = None, cycles: int = 2, dtype: str | N
                                 if w.category.__module__.startswith("fxprune")}))
     from fxprune.nn import SelectedInputs
 
-    reads = {p: [m.kept_inputs.numel(), m.weight.shape[1]] for p, m in kept.named_modules() if isinstance(m, SelectedInputs)}
+    reads = {p: m.kept_inputs.numel() for p, m in kept.named_modules() if isinstance(m, SelectedInputs)}
     if reads:  # layers that read only some channels of the model's input: how many (of the input's)
         out["inputs_read"] = {p: [k, int(getattr(model.get_submodule(p), "in_features", 0)
-                                         or model.get_submodule(p).in_channels)] for p, (k, _) in reads.items()}
+                                         or model.get_submodule(p).in_channels)] for p, k in reads.items()}
     batch = dict(input_ids=x[:32], labels=x[:32]) if kind == "s2s" else dict()  # (T5's decoder needs its input)
     out["latency_ms"] = [latency(model, x[:32], **batch), latency(kept, x[:32], **batch)]
     train(kept, 1)  # still trains and switches modes

@@ -296,9 +296,9 @@ def input_channels(gm: GraphModule, sp: Spaces | None = None) -> dict[str, int]:
         dims = set()
         for user in node.users:
             rule = RULES.lookup(user, gm) if user.op in ("call_function", "call_method", "call_module") else None
-            if rule is not None and reads_whole(rule, Op(user, gm), node, sp):
-                continue
-            dims.add(rule.input_dim(Op(user, gm), node, sp) if rule is not None else None)
+            op = Op(user, gm)
+            if rule is None or not reads_whole(rule, op, node, sp):
+                dims.add(rule.input_dim(op, node, sp) if rule is not None else None)
         d = dims.pop() if len(dims) == 1 else None
         if d is not None and d not in spec.dynamic and spec.shape[d] > 1:
             out[node.name] = d

@@ -356,7 +356,7 @@ class GroupLasso:
                  inputs: bool | Literal["linear"] = "linear") -> None:
         import fnmatch
 
-        from fxprune.analysis.groups import Analysis, input_channels, param_slices
+        from fxprune.analysis.groups import Analysis, param_slices
         from fxprune.graph.shapes import node_spec
         from fxprune.passes.mask import weight_sources
         from fxprune.graph.masks import unmasked
@@ -375,13 +375,11 @@ class GroupLasso:
         self.seconds = 0.0  # spent in the optimizer-step hooks of attach() (the cycle's share of training time)
         plain = unmasked(unwrapped(model))  # (parameter names are the module's inside DDP, DataParallel, compile)
         gm = lower_modules(eval_capture(plain, example_inputs))  # the groups of the deployed function (dropout off)
-        found = input_channels(gm)  # per model input the class may cut, the dim its layers read
-        chosen = selectable_inputs(plain, gm) if inputs else ()
-        chosen = list(found) if chosen is True else list(chosen)
+        chosen = selectable_inputs(plain, gm) if inputs else {}  # per input the class may cut, the dim its layers read
         if inputs == "linear":  # a linear layer reads the last dim (a convolution reads dim 1 of 3 or more)
-            ranks = {n.name: len(node_spec(n).shape) for n in gm.graph.nodes if n.name in found}
-            chosen = [k for k in chosen if found[k] == ranks[k] - 1]
-        an = Analysis(gm, inputs=chosen)
+            ranks = {n.name: len(node_spec(n).shape) for n in gm.graph.nodes if n.name in chosen}
+            chosen = {k: d for k, d in chosen.items() if d == ranks[k] - 1}
+        an = Analysis(gm, inputs=set(chosen))
         sp = an.spaces
         names = {n for n, _ in plain.named_parameters()
                  if not any(fnmatch.fnmatch(n, pat) for pat in (exclude or []))}

@@ -537,25 +537,26 @@ def _recompute_weight_norms(out: nn.Module, changed: set[str]) -> None:
                     setattr(m, hook.name, hook.compute_weight(m))
 
 
-def selectable_inputs(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[str, ...] | bool:
-    """The inputs of ``gm`` (a capture of ``model``; placeholder names) whose channels a copy of ``model``'s class
-    can cut (:func:`fxprune.analysis.groups.input_channels`): every layer reading the input is an ``nn.Linear`` or
-    ``nn.Conv1d/2d/3d`` of exactly that class, called as itself, and the copy's layer then reads the input's kept
-    channels (:class:`~fxprune.nn.inputs.SelectedInputs`). True for a GraphModule (the graph selects them itself)."""
+def selectable_inputs(model: nn.Module, gm: torch.fx.GraphModule) -> dict[str, int]:
+    """The inputs of ``gm`` (a capture of ``model``) whose channels a copy of ``model``'s class can cut, each with
+    the dim that holds them (:func:`fxprune.analysis.groups.input_channels`): every layer reading the input is an
+    ``nn.Linear`` or ``nn.Conv1d/2d/3d`` of exactly that class, called as itself, and the copy's layer then reads
+    the input's kept channels (:class:`~fxprune.nn.inputs.SelectedInputs`). For a GraphModule, every input
+    ``input_channels`` finds (the graph selects them itself)."""
     from fxprune.analysis.groups import input_channels
     from fxprune.analysis.rules import Conv, Linear
     from fxprune.analysis.table import RULES
     from fxprune.passes.lower import lower_modules
 
-    if isinstance(model, torch.fx.GraphModule):
-        return True
     lowered = lower_modules(gm)
     found = input_channels(lowered)
+    if isinstance(model, torch.fx.GraphModule):
+        return found
     readers: dict[str, list[torch.fx.Node]] = {}  # per layer, the nodes that read its weight
     for w in lowered.graph.nodes:
         if w.op == "get_attr" and str(w.target).endswith(".weight"):
             readers.setdefault(_owner(w.target), []).extend(w.users)
-    out = []
+    out = {}
     for n in lowered.graph.nodes:
         if n.op != "placeholder" or n.name not in found:
             continue
@@ -563,8 +564,8 @@ def selectable_inputs(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[str, 
                   if u.op == "call_function" and isinstance(RULES.lookup(u, lowered), (Linear, Conv))]
         if all(path is not None and _module_path(u) == path and type(model.get_submodule(path)) in SELECTED_DIMS
                and all(r.args[0] is n for r in readers.get(path, ())) for u, path in layers):
-            out.append(n.name)  # (a layer also applied to another tensor would select that one's channels too)
-    return tuple(out)
+            out[n.name] = found[n.name]  # (a layer also applied to another tensor would select that one's too)
+    return out
 
 
 def _layer_path(n: torch.fx.Node) -> str | None:

@@ -187,7 +187,7 @@ def _check_selections(model: nn.Module) -> None:
     for path, m in model.named_modules():
         if isinstance(m, SelectedInputs):
             k = m.kept_inputs
-            ok = (k.dtype == torch.long and k.numel() == m.weight.shape[1 if isinstance(m, nn.Linear) else 1]
+            ok = (k.dtype == torch.long and k.numel() == m.weight.shape[1]  # (a linear's or ungrouped conv's inputs)
                   and (k.numel() == 0 or bool((k[0] >= 0) & (k[1:] > k[:-1]).all())))
             if not ok:
                 raise LoadError(f"module '{path}': kept_inputs is not a list of increasing input positions, one per "

@@ -313,10 +313,10 @@ class Rewriter:
 
     def run(self) -> GraphModule:
         cut: dict[Node, Node] = {}  # model inputs that lose channels: their copies, read through a selection
-        last = [n for n in self.gm.graph.nodes if n.op == "placeholder"][-1:]
+        last = next((n for n in reversed(self.gm.graph.nodes) if n.op == "placeholder"), None)
         for node in self.gm.graph.nodes:
             self.copy.copy(node)
-            if [node] == last:
+            if node is last:
                 cut = self.select_inputs()  # (after every placeholder, before what reads them)
             rule = self.an.rules.get(node.name)
             if rule is not None:
