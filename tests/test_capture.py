@@ -1,3 +1,4 @@
+import copy
 import os
 import warnings
 
@@ -477,3 +478,49 @@ def test_a_sliced_example_input_is_exported_for_other_sizes(dynamic_shapes):
     assert count_params(model) - count_params(small) == 5 * (8 + 1 + 3)
     other = torch.randint(0, 20, (3, 10))
     assert torch.allclose(small(other), model(other), rtol=1e-12, atol=1e-12)
+
+
+class _CachingAttention(nn.Module):
+    """Keeps a value computed from its parameters in a dict per device in eval mode, as timm's LeViT does with its
+    attention biases, and records the last input's width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.bias = nn.Parameter(torch.randn(8))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def biases(self, x):
+        if self.training:
+            return self.bias * 2
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return self.cache[key]
+
+    def forward(self, x):
+        self.width = x.shape[-1]
+        return self.out(torch.relu(self.fc(x) + self.biases(x)))
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_capture_leaves_the_models_attributes_as_they_were(method):
+    """A forward that caches values in its module's attributes leaves nothing of the capture there: no Proxy of a
+    symbolic trace, no fake tensor of torch.export. The model then deep-copies, and minimize_module's copy of it
+    computes the model's function (before: a Proxy in the cache; a copy of the model broke)."""
+    m = nn.Sequential(_CachingAttention()).eval()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        m[0].fc.weight[:3] = 0
+        m[0].bias[:3] = 0
+    before = (dict(m[0].__dict__), dict(m[0].cache))
+    fp.capture(m, (x,), method=method)
+    assert dict(m[0].__dict__) == before[0] and m[0].cache == before[1] == {}
+    small = fp.minimize_module(copy.deepcopy(m), (x,))
+    assert count_params(small) < count_params(m) and m[0].cache == {}
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), m(x))
+    m(x)  # a cache the user's own run filled is theirs: kept through a capture
+    cached = m[0].cache["cpu"]
+    fp.capture(m, (x,), method=method)
+    assert set(m[0].cache) == {"cpu"} and m[0].cache["cpu"] is cached

@@ -1012,3 +1012,80 @@ def test_unfold_and_fold_pass_the_image_channels_within_their_blocks(fold, metho
     kept = fp.minimize_module(model, (x,))
     assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in kept.parameters()) == removed
     _exact(model, kept, [(2, 3, 8, 8), (3, 3, 8, 8)])
+
+
+class _FourierPositions(nn.Module):
+    """EdgeNeXt's positional encoding (timm): sines and cosines of a grid stacked on a new last dim and flattened,
+    so that features alternate sin, cos; a 1x1 projection reads them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[-1], dtype=x.dtype)[:, None] / torch.arange(1, 5, dtype=x.dtype)
+        pos = torch.stack([pos.sin(), pos.cos()], dim=-1).flatten(1)  # (W, 8): sin, cos, sin, cos...
+        return x + self.proj(pos.T[None, :, None, :].expand(x.shape[0], -1, x.shape[2], -1))
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_a_stacked_dim_stays_whole(method):
+    """The projection reads none of the cosines: the stacked dim's index 1 may not go, since the stack's inputs
+    would have to go with it (before, minimize cut the projection's columns and not the stack: the graph it made
+    did not run)."""
+    m = _FourierPositions().double()
+    with torch.no_grad():
+        m.proj.weight[:, 1::2] = 0
+    x = torch.randn(2, 5, 3, 6, dtype=torch.float64)
+    small = minimized_purely(m, (x,), method=method)
+    for shape in [(2, 5, 3, 6), (4, 5, 3, 6)]:
+        xb = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(small(xb), m(xb), rtol=1e-12, atol=1e-12)
+
+
+class _FusedHeads(nn.Module):
+    """timm's attention: one qkv projection reshaped to (B, N, 3, heads, head dim), permuted, ``unbind(0)`` into
+    q, k and v; the heads written back to ``attn_dim`` channels."""
+
+    def __init__(self, dim: int = 12, num_heads: int = 3) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.attn_dim, self.scale = num_heads * self.head_dim, self.head_dim ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, 3 * self.attn_dim), nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+def _dead_head(m: _FusedHeads, head: int) -> None:
+    with torch.no_grad():
+        for part in range(3):  # its q, k and v rows
+            rows = slice(part * m.attn_dim + head * m.head_dim, part * m.attn_dim + (head + 1) * m.head_dim)
+            m.qkv.weight[rows] = 0
+            m.qkv.bias[rows] = 0
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_heads_of_a_fused_qkv_unbound_go(method):
+    """A head whose q, k and v rows are zero goes, from the graph and from the class (``num_heads`` and
+    ``attn_dim`` follow); exact in float64 at other batch sizes and sequence lengths. (Before, ``aten.unbind`` had no
+    rule and froze every channel of the attention.)"""
+    torch.manual_seed(0)
+    m = _FusedHeads().double().eval()
+    _dead_head(m, 1)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    small = minimized_purely(m, (x,), method=method, dynamic_shapes="every")
+    removed = (3 * 4) * (12 + 1) + 4 * 12  # the head's q, k, v rows and biases; its proj columns
+    assert sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in small.parameters()) == removed
+    before = snapshot(m)
+    kept = fp.minimize_module(m, (x,))
+    assert snapshot(m) == before
+    assert type(kept) is _FusedHeads and (kept.num_heads, kept.head_dim, kept.attn_dim) == (2, 4, 8)
+    for shape in [(2, 5, 12), (3, 7, 12), (1, 2, 12)]:
+        xb = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(small(xb), m(xb), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(kept(xb), m(xb), rtol=1e-12, atol=1e-12)

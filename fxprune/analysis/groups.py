@@ -226,6 +226,11 @@ class Analysis:
                 last = part
             if last is None or last.kind is not None:
                 return None
+            lead = atoms.find(part.children[0]) if part.kind == "prod" and len(part.children) > 2 else None
+            if lead is not None and lead.frozen and lead.kind is None:  # copies x heads x head dim, the copies
+                # kept whole (timm's fused q/k/v: a reshape to (3, heads, head dim), unbound): one part per copy
+                out.extend([(part.size // lead.size // last.size, last)] * lead.size)
+                continue
             out.append((part.size // last.size, last))
         return out
 

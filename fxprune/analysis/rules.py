@@ -1636,8 +1636,8 @@ class Cat(Rule):
 
 
 class Stack(Rule):
-    """stack along a new dim d: every other dim of the output is that dim of each input; the new one is fresh (one
-    index per input)."""
+    """stack along a new dim d: every other dim of the output is that dim of each input; the new one (one index per
+    input) stays whole."""
 
     nan_eval = True
 
@@ -1650,7 +1650,7 @@ class Stack(Rule):
                 return  # frozen by the driver
             for e in range(r - 1):
                 sp.unify(p, e, op.node, e if e < d else e + 1, f"by {op.describe()}")
-        sp.meta_dim(op.node, d)
+        sp.freeze(op.node, d, f"stacked by {op.describe()}")  # (an index that went would take its input along)
 
 
 class Split(Rule):
@@ -1705,6 +1705,35 @@ class Split(Rule):
             rw.retarget(op, aten.split_with_sizes.default, (rw.new(x), new, d), {})
         else:
             rw.retarget(op, torch.split, (rw.new(x), new), {"dim": d})
+
+
+class Unbind(Rule):
+    """unbind along dim d into getitem outputs, one per index (timm's ``q, k, v = qkv.unbind(0)``): every other dim
+    of the input is that dim of each output; dim d stays whole, as a select's does."""
+
+    @staticmethod
+    def dim(op: Op, sp: Spaces) -> int:
+        return op.arg(1, "dim", 0) % sp.rank(op.node.args[0])
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, d = op.node.args[0], self.dim(op, sp)
+        if any(u.target is not operator.getitem for u in op.node.users):
+            return  # used as a whole: frozen by the driver
+        sp.freeze(x, d, f"unbound by {op.describe()}")
+        for u in op.node.users:
+            for e in range(sp.rank(x)):
+                if e != d:
+                    sp.unify(x, e, u, e - (e > d), f"by {op.describe()}")
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        x = op.node.args[0]
+        if not fx.get(x):
+            return None
+        parts = torch.unbind(fx.materialize(x), self.dim(op, fx.sp))
+        for u in op.node.users:
+            if u.target is operator.getitem:
+                fx.set(u, extract(parts[u.args[1]]))
+        return None
 
 
 class Slice(Rule):
@@ -2081,6 +2110,7 @@ register(Stack(), aten.stack, torch.stack)
 register(Split(), aten.split.Tensor, aten.split_with_sizes, aten.chunk, aten.tensor_split.indices, torch.split, torch.chunk,
          "split", "chunk")
 register(Slice(), aten.slice.Tensor, aten.select.int)
+register(Unbind(), aten.unbind.int, torch.unbind, "unbind")
 register(Matmul(), aten.matmul, aten.mm, aten.bmm, torch.matmul, torch.mm, torch.bmm, operator.matmul, "matmul", "bmm", "mm")
 register(SDPA(), aten.scaled_dot_product_attention, F.scaled_dot_product_attention)
 register(Creation(), aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.arange, aten.scalar_tensor,

@@ -622,10 +622,48 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
         return model
     if not isinstance(model, nn.Module):
         raise InputError(f"capture takes an nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
+    with attributes_kept(model) as restore:
+        return _capture_module(model, inputs, method, dynamic_shapes, check, restore)
 
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)  # (parameters, buffers, submodules, hooks, training)
+
+
+@contextlib.contextmanager
+def attributes_kept(model: nn.Module) -> Any:
+    """Every module of ``model`` with the plain attributes it had on entry, on exit and whenever the function it
+    yields is called: those added go, those replaced come back, and a dict, list or set among them holds again what
+    it held. A forward may cache values in its modules (timm's LeViT keeps its attention biases in a dict, per
+    device): the capture's reference run would leave real tensors there for the trace to read as constants, a
+    symbolic trace Proxies, torch.export fake tensors, and a copy of the model would carry them."""
+    saved = []
+    for m in model.modules():
+        mine = {k: v for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
+        held = {k: copy.copy(v) for k, v in mine.items() if isinstance(v, (dict, list, set))}
+        saved.append((m, mine, held))
+
+    def restore() -> None:
+        for m, mine, held in saved:
+            for k in [k for k in m.__dict__ if k not in _MODULE_INTERNALS and k not in mine]:
+                del m.__dict__[k]
+            m.__dict__.update(mine)
+            for k, was in held.items():
+                now = mine[k]
+                now.clear()
+                now.extend(was) if isinstance(now, list) else now.update(was)
+
+    try:
+        yield restore
+    finally:
+        restore()
+
+
+def _capture_module(model: nn.Module, inputs: tuple[Any, ...], method: Method, dynamic_shapes: Any,
+                    check: bool, restore: Callable[[], None]) -> GraphModule:
     # A model on the meta device has shapes but no values: it is traced (fake tensors) but not run; its graph is
     # good for analysis, and the passes that need weights say so.
     reference = None if on_meta(model, *inputs) else _run(model, inputs, "the model")
+    restore()  # (every run and trace starts from the model's own attributes)
     tracers = {"symbolic": _symbolic, "export": functools.partial(_export, check=check)}
     explicit = not (_is_batch(dynamic_shapes) or _is_every(dynamic_shapes)) and dynamic_shapes is not None
     order = (["export"] if explicit else ["symbolic", "export"]) if method == "auto" else [method]
@@ -637,9 +675,11 @@ def capture(model: Any, example_inputs: Any, method: Method = "auto", *, dynamic
         except InputError:
             raise
         except Exception as e:
+            restore()
             last = traceback.extract_tb(e.__traceback__)[-1]
             failures.append(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno})")
             continue
+        restore()
         if name == "symbolic" and method == "auto" and "export" in order and (static_size_reads(gm) or opaque_layers(gm)):
             held = gm  # its channels read as sizes, or its opaque layers, would freeze; torch.export records such
             continue  # sizes as numbers and writes those layers out as ATen ops

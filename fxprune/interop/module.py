@@ -146,7 +146,7 @@ BY_NAME_SUFFIX: dict[str, tuple[Callable[[Any], bool], Callable[[Any], None]]] =
 # an attention's head width and head count, as attention classes name them (ViT, BERT, GPT-2... in transformers)
 HEAD_WIDTH = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")  # (the last: T5's)
 HEAD_COUNT = ("num_heads", "num_attention_heads", "n_heads")
-HEAD_TOTAL = ("all_head_size", "inner_dim")  # heads x head width
+HEAD_TOTAL = ("all_head_size", "inner_dim", "attn_dim")  # heads x head width (the last: timm's)
 
 
 def _head_sets(model: nn.Module) -> tuple[tuple[int, tuple[str, ...]], ...]:
@@ -644,12 +644,12 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     compensated, own_forward = _compensated_norms(small, out)
     changed |= compensated
     # attention modules whose heads narrowed get their head width and count first (GPT-2's updater reads them)
-    narrowed = {p for p, m in out.named_modules() if any(c.startswith(p + ".") for c in changed)
+    narrowed = {p for p, m in out.named_modules() if any(_inside(c, p) for c in changed)
                 and _set_heads(m, p, small.meta.get(KEPT_KEY, {}), small.meta.get(HEADS_KEY, {}))}
     changed |= narrowed
     # containers whose forward reads their children's sizes (attention head counts) are updated after them
     changed |= {p for p, m in out.named_modules() if type(m).__name__ in BY_CLASS_NAME and
-                any(c.startswith(p + ".") for c in changed)}
+                any(_inside(c, p) for c in changed)}
     stale = sorted(own_forward | set(cannot))
     groups = _graph_groups(small)
     for path in sorted(changed, key=lambda p: -p.count(".")):
@@ -689,6 +689,11 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
             if output and any(size % v == 0 for v in sizes):
                 suspects.extend(f"{n}:{d}" for n in names)
     return out, stale
+
+
+def _inside(path: str, parent: str) -> bool:
+    """Whether module ``path`` is inside module ``parent`` ("" being the model itself)."""
+    return path.startswith(parent + ".") if parent else bool(path)
 
 
 def _count_bare_instance_norms(out: nn.Module, inputs: tuple[Any, ...]) -> None:
