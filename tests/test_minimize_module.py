@@ -241,6 +241,34 @@ def test_channels_of_a_module_it_cannot_update_stay_with_a_warning():
         assert float((model(x) - small(x)).abs().max() / model(x).abs().max()) <= 1e-9
 
 
+class TimmScale(nn.Module):
+    """timm's MetaFormer ``Scale`` (PoolFormer, ConvFormer, CAFormer): ``x * scale.view(shape)``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.shape, self.scale = (dim, 1, 1), nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        return x * self.scale.view(self.shape)
+
+
+def test_a_metaformer_scale_loses_channels_with_its_shape():
+    """(Before: ``shape`` stayed ``(8, 1, 1)``, the check failed and every channel of the scale stayed.)"""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), TimmScale(8), nn.ReLU(), nn.Conv2d(8, 2, 1)).double().eval()
+    with torch.no_grad():
+        model[0].weight[:3] = 0
+        model[0].bias[:3] = 0
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
+        small = fp.minimize_module(model, (x,))
+    assert type(small[1]) is TimmScale and small[1].shape == (5, 1, 1) and small[1].scale.shape == (5,)
+    for shape in [(2, 3, 6, 6), (5, 3, 9, 4)]:
+        xb = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(small(xb), model(xb), rtol=1e-12, atol=1e-12)
+
+
 class ChannelsFirstNorm(nn.LayerNorm):
     """A LayerNorm subclass with a forward of its own, as ConvNeXt-style models write them."""
 

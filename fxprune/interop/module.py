@@ -133,13 +133,21 @@ def _router(m: nn.Module) -> None:
         m.hidden_dim = m.weight.shape[1]
 
 
-# transformers classes by the end of their name (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, PhiMoE... name theirs so),
-# for a module that holds the tensors the updater reads
+def _channel_scale(m: nn.Module) -> None:
+    """timm's MetaFormer ``Scale`` (PoolFormer, ConvFormer, CAFormer): ``x * scale.view(shape)``, ``shape`` being
+    ``(dim, 1, 1)`` or ``(dim,)``."""
+    m.shape = (m.scale.shape[0], *m.shape[1:])
+
+
+# classes by the end of their name (transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, PhiMoE... name theirs so;
+# timm's MetaFormer), for a module that holds the tensors the updater reads
 BY_NAME_SUFFIX: dict[str, tuple[Callable[[Any], bool], Callable[[Any], None]]] = {
     "Experts": (lambda m: all(isinstance(getattr(m, t, None), torch.Tensor) and getattr(m, t).dim() == 3
                               for t in ("gate_up_proj", "down_proj"))
                 and m.gate_up_proj.shape[2] == m.down_proj.shape[1], _stacked_experts),  # Mixtral's layout
     "TopKRouter": (lambda m: isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2, _router),
+    "Scale": (lambda m: isinstance(getattr(m, "scale", None), torch.Tensor) and m.scale.dim() == 1
+              and isinstance(getattr(m, "shape", None), tuple) and len(m.shape) in (1, 3), _channel_scale),
 }
 
 
