@@ -1089,3 +1089,24 @@ def test_heads_of_a_fused_qkv_unbound_go(method):
         xb = torch.randn(*shape, dtype=torch.float64)
         torch.testing.assert_close(small(xb), m(xb), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(kept(xb), m(xb), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_a_batchnorm_channel_with_zero_scale_is_its_bias_and_goes(method):
+    """Network slimming's result: BatchNorm scales at exactly 0, the convolution before them untouched. Such a
+    channel is its bias at every position whatever its input; the bias folds into the next layer and the channel
+    goes, from the convolution before it too. (Before, NaN through the norm said nothing, and it stayed.)"""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).double().eval()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+        m[1].weight[[1, 4, 6]] = 0
+        m[1].bias[[1, 4, 6]] = torch.tensor([0.3, -0.2, 0.0], dtype=torch.float64)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    small = minimized_purely(m, (x,), method=method)
+    assert sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in small.parameters()) == 3 * (27 + 1 + 2 + 4)
+    _exact(m, small, [(2, 3, 5, 5), (4, 3, 5, 5)])
+    kept = fp.minimize_module(m, (x,))
+    assert kept[1].num_features == 5 and kept[0].out_channels == 5 and kept[3].in_channels == 5
+    _exact(m, kept, [(2, 3, 5, 5), (3, 3, 9, 7)])

@@ -546,7 +546,7 @@ class BatchNorm(Rule):
             return op.arg(0, "input"), [op.arg(i, n) for i, n in enumerate(["weight", "bias", "running_mean", "running_var"], 1)], False
         if t is aten.batch_norm.default:
             return op.arg(0, "input"), [op.arg(i, n) for i, n in enumerate(["weight", "bias", "running_mean", "running_var"], 1)], bool(op.arg(5, "training"))
-        return op.arg(0, "input"), [op.arg(1, "running_mean"), op.arg(2, "running_var"), op.arg(3, "weight"), op.arg(4, "bias")], bool(op.arg(5, "training", False))
+        return op.arg(0, "input"), [op.arg(3, "weight"), op.arg(4, "bias"), op.arg(1, "running_mean"), op.arg(2, "running_var")], bool(op.arg(5, "training", False))
 
     def outputs(self, op: Op) -> list[Node]:
         if op.target is aten._native_batch_norm_legit_no_training.default:
@@ -566,7 +566,25 @@ class BatchNorm(Rule):
         _, _, training = self.operands(op)
         if training or op.target is aten._native_batch_norm_legit_no_training.default:
             return None  # (tuple output: the getitem user computes its facts)
-        return nan_eval(op, fx)
+        return self.zero_scaled(op, fx, nan_eval(op, fx))
+
+    def zero_scaled(self, op: Op, fx: Facts, out: list[DimFacts] | None) -> list[DimFacts] | None:
+        """``out`` (eval mode) with every channel whose weight is exactly 0 known as its bias, whatever its input: a
+        finite input times a zero factor is zero, as :class:`Mul` holds (a BatchNorm the group lasso zeroed)."""
+        x, (w, b, mean, var), _ = self.operands(op)
+        if not isinstance(w, Node) or not isinstance(mean, Node) or not isinstance(var, Node):
+            return out
+        scale = fx.materialize(w)
+        bias = fx.materialize(b) if isinstance(b, Node) else torch.zeros_like(scale)
+        eps = op.arg(6 if op.target is aten._native_batch_norm_legit_no_training.default else 7, "eps", 1e-5)
+        var = fx.materialize(var)
+        dead = ((scale == 0) & bias.isfinite() & fx.materialize(mean).isfinite() & var.isfinite()
+                & (var + eps > 0))
+        if scale.dim() != 1 or not bool(dead.any()):
+            return out
+        out = list(out) if out else [_unknown(n) for n in _shape(fx.sp, x)]
+        out[1] = DimFacts(out[1].known | dead, torch.where(dead, bias.to(out[1].value.dtype), out[1].value))
+        return out
 
 
 class Recurrent(Rule):
@@ -890,14 +908,15 @@ class TupleGetItem(Rule):
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         src, i = op.node.args
         if isinstance(src, Node) and src.target is aten._native_batch_norm_legit_no_training.default and i == 0:
-            try:
-                args = torch.fx.node.map_arg(src.args, fx.materialize)
-            except Exception:
-                return None
-            if not fx.get(src.args[0]):
-                return None
-            with torch.no_grad():
-                return extract(src.target(*args)[0])
+            out = None
+            if fx.get(src.args[0]):
+                try:
+                    args = torch.fx.node.map_arg(src.args, fx.materialize)
+                except Exception:
+                    return None
+                with torch.no_grad():
+                    out = extract(src.target(*args)[0])
+            return BatchNorm().zero_scaled(Op(src, op.gm), fx, out)
         return fx.peek(op.node)
 
 
