@@ -882,12 +882,14 @@ def _created_biases(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
 
 
 @torch.no_grad()
-def _subclass_form(norm: nn.LayerNorm) -> bool | None:
+def _subclass_form(norm: nn.LayerNorm) -> bool | str | None:
     """How a LayerNorm subclass with a forward of its own can be compensated, probed on random inputs (channels in
     dim 1 and last, of 3 and 4 dims): ``False`` where its forward reaches ``super().forward`` (made compensated, the
     output changes with statistics that differ); ``True`` where it never does and is a norm over dim 1 (torchvision's
-    ``LayerNorm2d``, SqueezeBERT's ``nn.LayerNorm.forward(self, x.permute(0, 2, 1))``); ``None`` where it is neither
-    (its channels must stay)."""
+    ``LayerNorm2d``, SqueezeBERT's ``nn.LayerNorm.forward(self, x.permute(0, 2, 1))``); ``"replace"`` where it never
+    does and is ``nn.LayerNorm``'s own function, over the last dim (timm's ``LayerNorm`` calls ``F.layer_norm``
+    itself): a :class:`CompensatedLayerNorm` stands in for it; ``None`` where it is none of these (its channels must
+    stay)."""
     w = norm.weight
     size = w.shape[0] if w is not None else norm.normalized_shape[0]
     dtype = w.dtype if w is not None else torch.float32
@@ -904,13 +906,18 @@ def _subclass_form(norm: nn.LayerNorm) -> bool | None:
                 return False  # it reaches super().forward
         except Exception:  # noqa: BLE001 (a layout this norm does not take)
             continue
-    for x in xs:
-        try:
-            out = norm(x)
-        except Exception:  # noqa: BLE001
-            continue
-        ref = torch.nn.functional.layer_norm(x.movedim(1, -1), (size,), w, norm.bias, norm.eps).movedim(-1, 1)
-        return True if out.shape == ref.shape and bool(torch.allclose(out, ref, rtol=1e-5, atol=1e-6)) else None
+    for form, last in ((True, False), ("replace", True)):
+        for x in xs:
+            x = x.movedim(1, -1) if last else x
+            try:
+                out = norm(x)
+            except Exception:  # noqa: BLE001
+                continue
+            ref = torch.nn.functional.layer_norm(x if last else x.movedim(1, -1), (size,), w, norm.bias, norm.eps)
+            ref = ref if last else ref.movedim(-1, 1)
+            if out.shape == ref.shape and bool(torch.allclose(out, ref, rtol=1e-5, atol=1e-6)):
+                return form
+            break  # (the first layout it takes decides)
     return None
 
 
@@ -971,16 +978,17 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set
         old = out.get_submodule(path)
         w = get_attr(small, args[1].target) if args[1] is not None else None
         kept = int(n.meta["val"].shape[-1])  # (a norm without weight has no tensor that says it)
-        if (n.target is compensated_layer_norm and isinstance(old, nn.LayerNorm)
-                and type(old).forward is not nn.LayerNorm.forward):
+        own = (n.target is compensated_layer_norm and isinstance(old, nn.LayerNorm)
+               and type(old).forward is not nn.LayerNorm.forward)
+        form = _subclass_form(old) if own else "replace"
+        if form is None:
+            own_forward.add(path)
+            continue
+        if form != "replace":
             # a LayerNorm subclass with a forward of its own (channels-first norms call super().forward on a moved
             # view): the module keeps its class, and the LayerNorm its forward reaches becomes the compensated one
             # (or, for a norm over dim 1 that calls F.layer_norm itself, its forward the compensated norm over dim 1)
             b = get_attr(small, args[2].target) if args[2] is not None else None
-            form = _subclass_form(old)
-            if form is None:
-                own_forward.add(path)
-                continue
             old.__class__ = compensated_subclass(type(old), form)
             old.full_size, old.removed_sum, old.removed_sq_sum = int(args[4]), float(args[5]), float(args[6])
             old.eps, old.normalized_shape = float(args[3]), (kept,)
