@@ -1110,3 +1110,29 @@ def test_a_batchnorm_channel_with_zero_scale_is_its_bias_and_goes(method):
     kept = fp.minimize_module(m, (x,))
     assert kept[1].num_features == 5 and kept[0].out_channels == 5 and kept[3].in_channels == 5
     _exact(m, kept, [(2, 3, 5, 5), (3, 3, 9, 7)])
+
+
+class _Affine(nn.Module):
+    """ResMLP's affine layer (timm): ``torch.addcmul(beta, alpha, x)``, per channel."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.alpha, self.beta = nn.Parameter(torch.rand(dim) + 0.5), nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return torch.addcmul(self.beta, self.alpha, x)
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_addcmul_passes_channels_and_its_constants(method):
+    """(Before, ``addcmul`` had no rule: timm's ResMLP kept every channel of its stream, "minimize removed
+    nothing".) A dead unit before the affine becomes the constant beta there, which folds into the next layer."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), _Affine(8), nn.GELU(), nn.Linear(8, 3)).double().eval()
+    with torch.no_grad():
+        m[0].weight[[2, 5]] = 0
+        m[0].bias[[2, 5]] = 0
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    small = minimized_purely(m, (x,), method=method)
+    assert sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in small.parameters()) == 2 * (4 + 1 + 2 + 3)
+    _exact(m, small, [(3, 5, 4), (6, 5, 4)])
