@@ -8,7 +8,8 @@
     python benchmarks/user_models.py llama --dtype bfloat16       # as loaded in bfloat16
 
 Each model is built at a small size from its class (transformers' ``XConfig`` + ``XFor...``, torchvision's
-builders), random weights, as loaded (the KV cache on). Data is generated: images of 32x32 with a bright quadrant
+builders, timm's ``timm.create_model(name, num_classes=4)``: ``pip install --no-deps timm``, no dependency of
+fxprune), random weights, as loaded (the KV cache on). Data is generated: images of 32x32 with a bright quadrant
 per class (4 classes), token sequences that count up by 1 or 2 (a causal LM predicts the next token; T5 writes the
 sequence out again; a sequence classifier tells the step; ``torch_lm``, a causal LM of PyTorch's own
 ``nn.TransformerEncoder``, and ``torch_lstm``, a two-layer ``nn.LSTM`` tagger, are trained by the loop's own
@@ -175,6 +176,31 @@ PLAIN = {"torch_lm": "plain_lm", "torch_lstm": "plain_lm", "torch_tcn": "plain_w
 TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf",
                "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "densenet121", "resnext50_32x4d", "convnext_tiny",
                "swin_t", "googlenet", "vit_b_16", "resnet18_gn"]  # resnet18_gn: resnet18 with GroupNorm(8, C) (norm_layer)
+# timm's builders (``pip install --no-deps timm``), random weights, at 32x32 where a model takes an image size
+TIMM = {
+    "timm_resnet18": ("resnet18", {}), "timm_seresnext26d": ("seresnext26d_32x4d", {}),
+    "timm_efficientnet_b0": ("efficientnet_b0", {}), "timm_mobilenetv3": ("mobilenetv3_small_050", {}),
+    "timm_convnext_atto": ("convnext_atto", {}),
+    "timm_vit_tiny": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8)), "timm_regnetx": ("regnetx_002", {}),
+    "timm_ghostnet": ("ghostnet_050", {}), "timm_levit": ("levit_128s", dict(img_size=32)),
+    "timm_mixer": ("mixer_s16_224", dict(img_size=32)), "timm_poolformer": ("poolformer_s12", {}),
+    "timm_efficientvit": ("efficientvit_m0", dict(img_size=32)), "timm_fastvit": ("fastvit_t8", {}),
+    "timm_repvit": ("repvit_m0_9", {}), "timm_edgenext": ("edgenext_xx_small", {}),
+    "timm_cspdarknet": ("cspresnet50", {}), "timm_dla": ("dla34", {}),
+    "timm_dpn": ("dpn68", {}), "timm_rexnet": ("rexnet_100", {}),
+    "timm_nf_resnet": ("nf_resnet26", {}), "timm_bit": ("resnetv2_50x1_bit", {}),
+    "timm_vovnet": ("ese_vovnet19b_dw", {}), "timm_lcnet": ("lcnet_050", {}),
+    "timm_mobileone": ("mobileone_s0", {}), "timm_hgnetv2": ("hgnetv2_b0", {}),
+    "timm_pvt_v2": ("pvt_v2_b0", {}), "timm_tiny_vit": ("tiny_vit_5m_224", {}),
+    "timm_eva02": ("eva02_tiny_patch14_224", dict(img_size=32, patch_size=8)),
+    "timm_efficientformerv2": ("efficientformerv2_s0", dict(img_size=32)),
+    "timm_mobilevitv2": ("mobilevitv2_050", {}), "timm_starnet": ("starnet_s1", {}),
+    "timm_mambaout": ("mambaout_femto", {}), "timm_resmlp": ("resmlp_12_224", dict(img_size=32)),
+    "timm_xcit": ("xcit_nano_12_p8_224", dict(img_size=32)),
+    "timm_cait": ("cait_xxs24_224", dict(img_size=32, patch_size=8)),
+    "timm_coat": ("coat_lite_tiny", dict(img_size=32)), "timm_inception_next": ("inception_next_atto", {}),
+    "timm_hrnet": ("hrnet_w18_small", {}),
+}
 N, CLASSES = 256, 4
 
 
@@ -201,6 +227,11 @@ def build(name: str):
     from torchvision_zoo import stub_meta_registrations
 
     stub_meta_registrations()
+    if name in TIMM:
+        import timm
+
+        arch, kw = TIMM[name]
+        return "img", timm.create_model(arch, pretrained=False, num_classes=CLASSES, **kw)
     import torchvision
 
     extra = (dict(aux_logits=False, init_weights=True) if name == "googlenet" else dict(image_size=32)
@@ -436,7 +467,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float16"],
                     help="the model and its float inputs in this dtype, as loaded in half precision (default: float32)")
     a = ap.parse_args()
-    everything = list(TRANSFORMERS) + list(PLAIN) + TORCHVISION
+    everything = list(TRANSFORMERS) + list(PLAIN) + TORCHVISION + list(TIMM)
     if a.list:
         print("\n".join(everything))
         return
