@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize, prune
 
 from fxprune.errors import UnsupportedError
 
-__all__ = ["held_masks", "unmasked", "weight_normed", "weight_norm_kept", "mask_weight_norm_", "bake_weight_norm_masks_"]
+__all__ = ["held_masks", "unmasked", "plain_copy", "weight_normed", "weight_norm_kept", "mask_weight_norm_", "bake_weight_norm_masks_"]
 
 
 def _prune_hooks(m: nn.Module) -> list[prune.BasePruningMethod]:
@@ -152,16 +152,22 @@ def held_masks(model: nn.Module) -> list[str]:
     return out
 
 
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in which a tensor kept as a plain attribute that autograd computed is copied
+    detached, which deepcopy refuses to copy otherwise: the masked weight of a ``torch.nn.utils.prune`` hook, the
+    ``weight`` of the legacy ``torch.nn.utils.weight_norm`` hook (both recomputed before every forward)."""
+    memo = {id(t): t.detach().clone() for m in model.modules() for t in vars(m).values()
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    return copy.deepcopy(model, memo)
+
+
 def unmasked(model: nn.Module) -> nn.Module:
     """``model`` itself when it holds no masks; otherwise a copy in which every held mask is applied to its weight,
     which becomes a plain parameter (``prune.remove`` / ``remove_parametrizations(leave_parametrized=True)`` on
     the copy). Raises :class:`UnsupportedError` for masks it cannot apply."""
     if not held_masks(model):
         return model
-    # prune hooks keep the masked weight as a computed (non-leaf) attribute, which deepcopy refuses: copy it plain
-    memo = {id(t): t.detach().clone() for m in model.modules() for h in _prune_hooks(m)
-            if isinstance(t := getattr(m, h._tensor_name, None), torch.Tensor)}
-    out = copy.deepcopy(model, memo)
+    out = plain_copy(model)
     bake_weight_norm_masks_(out)  # masks held after a weight norm: into its g and v
     for path, m in out.named_modules():
         for hook in _prune_hooks(m):

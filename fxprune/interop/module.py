@@ -25,7 +25,7 @@ from fxprune.compare import cast, eval_modes, ieee_float32, to_dtype
 from fxprune.errors import CaptureError, EquivalenceError, InputError, UnsupportedError
 from fxprune.graph.capture import BATCH, CAPTURE_METHOD_KEY, EVERY, as_inputs, capture, unwrapped
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
-from fxprune.graph.masks import unmasked
+from fxprune.graph.masks import plain_copy, unmasked
 from fxprune.nn.inputs import SELECTED_DIMS, selected_subclass
 from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_subclass,
                              shrunk_groups)
@@ -619,7 +619,7 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     from fxprune.passes.minimize import HEADS_KEY, KEPT_KEY
 
     out = unmasked(model)
-    out = copy.deepcopy(out) if out is model else out
+    out = plain_copy(out) if out is model else out
     state = dict(small.named_parameters()) | dict(small.named_buffers())
     changed: set[str] = set()
     shrunk: dict[str, list[tuple[list[str], int, int]]] = {}  # module path -> (tensor names, dim, old size) changed
