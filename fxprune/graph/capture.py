@@ -675,11 +675,11 @@ def _capture_module(model: nn.Module, inputs: tuple[Any, ...], method: Method, d
         except InputError:
             raise
         except Exception as e:
-            restore()
             last = traceback.extract_tb(e.__traceback__)[-1]
             failures.append(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno})")
             continue
-        restore()
+        finally:
+            restore()  # (the next tracer, and the caller, see the model's own attributes)
         if name == "symbolic" and method == "auto" and "export" in order and (static_size_reads(gm) or opaque_layers(gm)):
             held = gm  # its channels read as sizes, or its opaque layers, would freeze; torch.export records such
             continue  # sizes as numbers and writes those layers out as ATen ops
