@@ -296,3 +296,29 @@ def test_every_dim_of_a_symbolic_trace_that_the_model_lets_vary_is_dynamic():
     assert type(small) is _PooledCNN and small.conv.out_channels == 5 and small.fc.in_features == 5
     for xi in (x, torch.randn(1, 3, 9, 4, dtype=torch.float64)):
         torch.testing.assert_close(small(xi), cnn(xi), rtol=1e-12, atol=1e-12)
+
+
+def test_sizes_that_vary_only_at_the_low_end_of_the_range_are_dynamic():
+    # An export whose range ends at the example (images of 2 to 8 pixels: three stride-2 convolutions end in a
+    # 1x1 map, which export pins): the high check point changes only the batch. The image sizes vary at the low
+    # end, which the analysis now reads too (before: every spatial size was the example's, a static size).
+    import math
+    from fxprune.graph.capture import capture
+    from fxprune.graph.shapes import DYNAMIC_DIMS
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.c3 = (torch.nn.Conv2d(c, 8, 3, 2, 1) for c in (3, 8, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.c3(self.c2(self.c1(x)))
+            return y.sum((2, 3)) / math.prod(x.shape[2:])  # (math.prod: no symbolic trace, torch.export's capture)
+
+    gm = capture(Net(), (torch.randn(2, 3, 8, 8),), dynamic_shapes="every")
+    dims = gm.meta[DYNAMIC_KEY]
+    high = dims.check_points()[-1]
+    assert {s for s in high if high[s] != dims.hints[s]} == {dims.dims[0][0]}  # only the batch
+    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert [n.meta.get(DYNAMIC_DIMS) for n in convs[:2]] == [frozenset({0, 2, 3})] * 2
+    assert convs[2].meta.get(DYNAMIC_DIMS) == frozenset({0})  # (1x1 at every size of the range)

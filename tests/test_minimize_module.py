@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import tempfile
 import warnings
@@ -1440,3 +1441,61 @@ def test_a_bfloat16_llama_as_loaded_compensates_its_rms_norms_in_the_class():
         with torch.no_grad():
             ref, got = model(x).logits.double(), small(x).logits.double()
         assert float((ref - got).abs().max() / ref.abs().max()) <= rtol_for(torch.bfloat16)
+
+
+class _PinnedMap(nn.Module):
+    """Three stride-2 convolutions take an 8x8 image to a 1x1 map, which torch.export pins (images up to 8 pixels)
+    while the class runs at any size; a depthwise convolution with padding then reads that map. ``math.prod`` of
+    the sizes makes the symbolic trace fail, so the capture is torch.export's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(c, 8, 3, 2, 1) for c in (3, 8, 8))
+        self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+        self.pw = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.pw(self.dw(x)).sum((2, 3)) / math.prod(x.shape[2:])
+
+
+def test_the_copy_is_exact_at_sizes_past_those_the_capture_pins():
+    # On a 1x1 map only the centre tap of a 3x3 convolution with padding meets real input: the channels whose
+    # centre taps are 0 are constants there. The captured range (images of 2 to 8 pixels) ends in a 1x1 map, but a
+    # 16-pixel image gives a 2x2 map, where the other taps count: the copy keeps those channels (before, it folded
+    # them and differed from the model by 5e-3 at 16x16, unchecked).
+    torch.manual_seed(0)
+    model = _PinnedMap().eval()
+    with torch.no_grad():
+        model.dw.weight[:4, :, 1, 1] = 0
+    ep = torch.export.export(model, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: torch.export.Dim.AUTO,
+                                                                                 2: torch.export.Dim.AUTO,
+                                                                                 3: torch.export.Dim.AUTO},),
+                             strict=False)
+    assert any(hi == 8 for hi in (r.upper for r in ep.range_constraints.values()))  # the pinned range
+    before = snapshot(model)
+    small = fp.minimize_module(model, (torch.randn(2, 3, 8, 8),))
+    assert snapshot(model) == before
+    assert type(small) is _PinnedMap
+    assert small.dw.out_channels == 8  # the taps that meet padding at 8 pixels meet input at 16
+    m64, s64 = copy.deepcopy(model).double(), copy.deepcopy(small).double()
+    for shape in [(2, 3, 8, 8), (1, 3, 16, 16), (3, 3, 5, 7), (2, 3, 32, 24)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            ref = m64(x)
+            assert ((s64(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-9, shape
+
+
+def test_a_copy_that_differs_past_the_captured_range_fails_closed(monkeypatch):
+    # The check runs the copy at twice the example's sizes too. With the analysis blind to every size but the
+    # example's and its batch (as before: no other check point propagates), the copy folds those channels, and the
+    # check refuses it at 16x16 rather than return it.
+    from fxprune.graph import shapes
+
+    monkeypatch.setattr(shapes, "runs_at", lambda *a, **k: False)
+    torch.manual_seed(0)
+    model = _PinnedMap().eval()
+    with torch.no_grad():
+        model.dw.weight[:4, :, 1, 1] = 0
+    with pytest.raises((fp.EquivalenceError, fp.CaptureError), match="16x16"):
+        fp.minimize_module(model, (torch.randn(2, 3, 8, 8),))

@@ -34,6 +34,9 @@ class InputDims:
     dims: tuple[tuple[Size, ...] | None, ...]
     ranges: dict[str, tuple[int, int | None]]
     hints: dict[str, int]
+    # the rewrite must hold past the range too, for a module that runs at any size (minimize_module's copy): the
+    # analysis also reads the sizes at twice the example's (fxprune.graph.shapes.annotate, doubled)
+    beyond: bool = False
 
     @property
     def dynamic(self) -> bool:
@@ -49,7 +52,7 @@ class InputDims:
             for d, n in zip(ds, x.shape):
                 if isinstance(d, str) and d in hints:
                     hints[d] = int(n)
-        return InputDims(self.dims, self.ranges, hints)
+        return InputDims(self.dims, self.ranges, hints, self.beyond)
 
     def only(self, symbols: Sequence[str]) -> "InputDims":
         """These dims with every symbol but ``symbols`` fixed at its example value."""
@@ -57,7 +60,12 @@ class InputDims:
         dims = tuple(None if ds is None else tuple(d if not isinstance(d, str) or d in keep else _eval(d, self.hints)
                                                    for d in ds) for ds in self.dims)
         return InputDims(dims, {s: r for s, r in self.ranges.items() if s in keep},
-                         {s: h for s, h in self.hints.items() if s in keep})
+                         {s: h for s, h in self.hints.items() if s in keep}, self.beyond)
+
+    def doubled(self) -> dict[str, int]:
+        """Every symbol at twice its example value, within its range or not: a point beyond the captured range
+        where that range ends at the example (sizes its guards pin show there)."""
+        return {s: 2 * h for s, h in self.hints.items()}
 
     def sizes(self, values: dict[str, int]) -> list[tuple[int, ...] | None]:
         """The input shapes at the symbol values ``values``."""
@@ -248,11 +256,15 @@ def resize(inputs: Sequence[Any], shapes: Sequence[tuple[int, ...] | None]) -> t
 
 
 def shaped_inputs(dims: "InputDims | None", inputs: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    """``inputs`` (the same object) followed by the inputs at every other check point of ``dims``."""
+    """``inputs`` (the same object) followed by the inputs at every other check point of ``dims``, and at twice
+    the example's sizes where ``dims.beyond``."""
     out = [inputs]
     if dims is None:
         return out
-    for p in dims.check_points()[1:]:
+    points = dims.check_points()[1:]
+    if dims.beyond and dims.dynamic and dims.doubled() not in points:
+        points.append(dims.doubled())
+    for p in points:
         out.append(resize(inputs, dims.sizes(p)))
     return out
 

@@ -137,8 +137,10 @@ def blame_capture(gm: GraphModule, inputs: tuple[Any, ...], expected: Any, same:
     p = next(check(lambda xs: expected, lambda xs: gm(*xs), [inputs], diff=same))
     if p.error is not None:
         e = p.error
-        raise CaptureError(f"the captured graph does not run on inputs the model takes: {type(e).__name__}: {e}; "
-                           "the capture is at fault, not the pass") from e
+        shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+        raise CaptureError(f"the captured graph does not run on inputs the model takes (shapes {shapes}), where the "
+                           f"result does not match the model: {type(e).__name__}: {e}; the capture is at fault, not "
+                           "the pass") from e
     if not p.diffs:
         raise CaptureError(f"the captured graph does not reproduce {type(o.model).__name__}'s outputs on these inputs: "
                            "the capture is at fault, not the pass (pass an ExportedProgram you exported yourself, or "

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["TensorSpec", "annotate", "runs_at", "node_spec", "is_annotated", "placeholder_inputs", "hint",
            "is_dynamic_scalar", "DYNAMIC_DIMS"]
 
+GUARDS = "_guards_fn"  # the call_module of ExportedProgram.module() that checks its inputs' shapes
 DYNAMIC_DIMS = "fxprune_dynamic"  # node meta: dims that vary with the inputs (True for an int that varies)
 
 
@@ -94,7 +95,7 @@ def is_annotated(gm: GraphModule) -> bool:
     return all(
         ("val" in n.meta or "tensor_meta" in n.meta)
         for n in gm.graph.nodes
-        if n.op not in ("output", "get_attr") and not (n.op == "call_module" and n.target == "_guards_fn")
+        if n.op not in ("output", "get_attr") and not (n.op == "call_module" and n.target == GUARDS)
     )
 
 
@@ -113,7 +114,12 @@ def placeholder_inputs(gm: GraphModule) -> list[Any]:
 class _MetaProp(Interpreter):
     """Runs the graph on meta tensors (shapes and dtypes, no values): tensors held by the graph move to the meta
     device without copying their data. Several times cheaper than fake propagation (ConvNeXt-Tiny's 363 ATen nodes:
-    0.26 s vs 1.0 s); an op without a meta kernel raises and :func:`annotate` falls back to fake tensors."""
+    0.26 s vs 1.0 s); an op without a meta kernel raises and :func:`annotate` falls back to fake tensors.
+    ``guards=False``: the input guards (``_guards_fn``) are not run."""
+
+    def __init__(self, gm: GraphModule, guards: bool = True) -> None:
+        super().__init__(gm)
+        self.guards = guards
 
     def run_node(self, n: Node) -> Any:
         out = super().run_node(n)
@@ -127,6 +133,8 @@ class _MetaProp(Interpreter):
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         """A module of a symbolic trace (a ``torch.nn`` leaf), run as a copy whose tensors are on the meta device
         (no data copied; the module itself is never run or changed)."""
+        if target == GUARDS and not self.guards:
+            return None
         return _on_meta(self.fetch_attr(target))(*args, **kwargs)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -176,43 +184,58 @@ def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | 
     or fake propagation where an op has no meta kernel.
 
     With ``dims`` (the inputs' dynamic dims, :class:`~fxprune.graph.dynamic.InputDims`), the graph is also
-    propagated at another point of their range, and every node records in ``meta[DYNAMIC_DIMS]`` the dims whose
-    size changed (True for an int that changed): those dims vary with the inputs and are never channels."""
+    propagated at the other check points of their range, and every node records in ``meta[DYNAMIC_DIMS]`` the dims
+    whose size changed at any of them (True for an int that changed): those dims vary with the inputs and are never
+    channels. The last check point must propagate (a graph with a size written in its code does not); the others
+    propagate past the input guards of ``ExportedProgram.module()``, whose range may end short of the one recorded
+    (an image whose first stride-2 map is 1 pixel high), and are skipped where they do not. ``dims.beyond``: also
+    where every dynamic size is doubled, outside the captured range (:meth:`InputDims.doubled`): a size that the
+    capture's guards pin (a feature map of 1x1 for every image up to 32 pixels) still varies for a module that runs
+    at any size (:func:`~fxprune.minimize_module`'s copy).
+    """
     for n in gm.graph.nodes:
         n.meta.pop(DYNAMIC_DIMS, None)
     _propagate(gm, example_inputs)
     if dims is None or not dims.dynamic:
         return gm
-    points = [p for p in dims.check_points() if p != dims.hints]
-    if not points:
+    others = [p for p in dims.check_points() if p != dims.hints]
+    optional = others[:-1] + ([dims.doubled()] if dims.beyond and dims.doubled() not in others else [])
+    if not others and not optional:
         return gm
     first = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
-    other = [torch.zeros(s, dtype=x.dtype) if isinstance(x, torch.Tensor) and s is not None else x
-             for x, s in zip(example_inputs, dims.sizes(points[-1]))]
+    changed: dict[Node, Any] = {}
     try:
-        _propagate(gm, other)
-        second = {n: n.meta.get("val") for n in gm.graph.nodes}
+        for p in others[-1:] + optional:  # (the last check point must propagate)
+            other = [torch.zeros(s, dtype=x.dtype) if isinstance(x, torch.Tensor) and s is not None else x
+                     for x, s in zip(example_inputs, dims.sizes(p))]
+            if p in optional:
+                if not runs_at(gm, other, guards=False):
+                    continue
+            else:
+                _propagate(gm, other)
+            for n, a in first.items():
+                dyn = _union(changed.get(n), _changed(a, n.meta.get("val")))
+                if dyn:
+                    changed[n] = dyn
     finally:
         for n in gm.graph.nodes:
             if n in first:
                 n.meta["val"] = first[n]
             else:
                 n.meta.pop("val", None)
-    for n, a in first.items():
-        dyn = _changed(a, second.get(n))
-        if dyn:
-            n.meta[DYNAMIC_DIMS] = dyn
+    for n, dyn in changed.items():
+        n.meta[DYNAMIC_DIMS] = dyn
     return gm
 
 
-def runs_at(gm: GraphModule, inputs: Sequence[Any]) -> bool:
-    """Whether the graph's shapes propagate at ``inputs`` (meta or fake tensors: no values). Leaves the nodes'
-    ``meta["val"]`` at whatever it reached: annotate afterwards."""
+def runs_at(gm: GraphModule, inputs: Sequence[Any], guards: bool = True) -> bool:
+    """Whether the graph's shapes propagate at ``inputs`` (meta or fake tensors: no values; ``guards=False``: past
+    its input guards). Leaves the nodes' ``meta["val"]`` at whatever it reached: annotate afterwards."""
     log = logging.getLogger("torch._subclasses.fake_tensor")  # logs the failing op's traceback as an error
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        _propagate(gm, inputs)
+        _propagate(gm, inputs, guards)
         return True
     except Exception:
         return False
@@ -236,13 +259,31 @@ def _changed(a: Any, b: Any) -> Any:
     return None
 
 
-def _propagate(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
+def _union(a: Any, b: Any) -> Any:
+    """Two :func:`_changed` results as one: the dims that changed in either."""
+    if a is None or b is None:
+        return a if b is None else b
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [x if y is None else y if x is None else x | y for x, y in zip(a, b)]
+    if isinstance(a, frozenset) and isinstance(b, frozenset):
+        return a | b
+    return a if a is True or isinstance(a, list) else b
+
+
+def _propagate(gm: GraphModule, example_inputs: Sequence[Any], guards: bool = True) -> None:
+    """Shapes at ``example_inputs``; ``guards=False``: past the input guards of ``ExportedProgram.module()``
+    (``_guards_fn``), to see which sizes vary beyond the range the program was captured for."""
     try:
         with torch.no_grad():
-            _MetaProp(gm).run(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs])
+            _MetaProp(gm, guards).run(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs])
         return
     except Exception:  # no meta kernel, a data-dependent op: fake tensors handle it
         pass
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-    FakeTensorProp(gm, mode).propagate(*fake_inputs)
+    (FakeTensorProp if guards else _UnguardedFakeProp)(gm, mode).propagate(*fake_inputs)
+
+
+class _UnguardedFakeProp(FakeTensorProp):
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return None if target == GUARDS else super().call_module(target, args, kwargs)

@@ -26,6 +26,8 @@ from fxprune.errors import CaptureError, EquivalenceError, InputError, Unsupport
 from fxprune.graph.capture import BATCH, CAPTURE_METHOD_KEY, EVERY, as_inputs, capture, unwrapped
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
 from fxprune.graph.masks import plain_copy, unmasked
+from fxprune.graph.shapes import annotate
+from fxprune.graph.dynamic import DYNAMIC_KEY
 from fxprune.nn.inputs import SELECTED_DIMS, selected_subclass
 from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_subclass,
                              shrunk_groups)
@@ -323,6 +325,11 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
             raise
         _EVERY_FAILED.add(key)
         gm = capture(model, inputs, method="export", dynamic_shapes=BATCH)
+    # the copy runs at any size the model takes, also where the capture's guards pin a size (every image up to 32
+    # pixels ends in a 1x1 map): a size that varies beyond the captured range is no fact to rewrite by
+    if DYNAMIC_KEY in gm.meta:
+        gm.meta[DYNAMIC_KEY] = dataclasses.replace(gm.meta[DYNAMIC_KEY], beyond=True)
+        annotate(gm, inputs, gm.meta[DYNAMIC_KEY])
     keep: dict[str, str] = {}
     asked = options.pop("inputs", True)  # the caller's, within those the class can cut
     selectable = tuple(n for n in selectable_inputs(model, gm) if asked is True or asked and n in asked)
