@@ -1136,3 +1136,39 @@ def test_addcmul_passes_channels_and_its_constants(method):
     small = minimized_purely(m, (x,), method=method)
     assert sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in small.parameters()) == 2 * (4 + 1 + 2 + 3)
     _exact(m, small, [(3, 5, 4), (6, 5, 4)])
+
+
+class _PooledConstant(nn.Module):
+    """Channels 0-3 of the first convolution are constants (zero weights, a bias): a pool over image sizes that
+    vary, then a 1x1 convolution reads them."""
+
+    def __init__(self, pool: Any) -> None:
+        super().__init__()
+        self.conv, self.pool, self.head = nn.Conv2d(3, 8, 3, padding=1), pool, nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.conv.weight[:4] = 0
+            self.conv.bias[:4] = torch.tensor([0.5, -1.0, 2.0, 0.25])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.conv(x)))
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("pool,goes", [
+    (nn.AdaptiveAvgPool2d(1), True), (nn.AdaptiveAvgPool2d(2), True), (nn.MaxPool2d(3, 2, padding=1), True),
+    (nn.AvgPool2d(2, ceil_mode=True), True), (nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), True),
+    (nn.AvgPool2d(3, 2, padding=1), False), (nn.AvgPool2d(2, divisor_override=3), False)])
+def test_a_pool_over_varying_sizes_keeps_a_constant_where_its_windows_count_only_input(method, pool, goes):
+    """A constant channel pools to its constant at any image size where every window counts only input entries
+    (adaptive and max pools, an average without padding or with count_include_pad=False), so it folds into the
+    next layer and goes; an average that counts its zero padding gives borders another value. (Before, a pool
+    over varying sizes kept only zero constants, and such channels stayed.)"""
+    torch.manual_seed(0)
+    m = _PooledConstant(pool).double().eval()
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    small = minimized_purely(m, (x,), method=method, dynamic_shapes="every")
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in m.parameters()) - (
+        4 * (27 + 1 + 4) if goes else 0)
+    for shape in [(2, 3, 9, 11), (1, 3, 16, 16), (3, 3, 5, 7)]:
+        xb = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(small(xb), m(xb), rtol=1e-12, atol=1e-12)

@@ -1257,6 +1257,7 @@ class Pool(Rule):
     """Pooling over the trailing ``n`` spatial dims: batch and channel dims pass through."""
 
     nan_eval = True
+    _AVG_ARGS = (("padding", 0), ("count_include_pad", True), ("divisor_override", None))
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -1278,7 +1279,24 @@ class Pool(Rule):
         out = nan_eval(op, fx)
         x = op.node.args[0]
         # spatial dims of varying size: where windows meet padding changes with the size; zero stays zero
-        return _zeros_only(out) if _varies(fx.sp, x, range(-self.n, 0)) else out
+        return out if self.keeps_constants(op) or not _varies(fx.sp, x, range(-self.n, 0)) else _zeros_only(out)
+
+    def keeps_constants(self, op: Op) -> bool:
+        """Whether every window holds only input entries, or counts only those, so that a constant channel pools
+        to its constant at any size: adaptive and max pools (a max ignores its -inf padding), an average with no
+        padding (``ceil_mode``'s partial windows divide by what they hold) or with ``count_include_pad=False``.
+        An average that counts its zero padding (the default), or divides by ``divisor_override``, does not."""
+        m = op.module
+        name = type(m).__name__.lower() if m is not None else op.name
+        if "adaptive" in name or "max" in name:
+            return True
+        if "avg" not in name:
+            return False
+        # (self, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override), or the module's
+        padding, include, divisor = ((getattr(m, k, d) for k, d in self._AVG_ARGS) if m is not None else
+                                     (op.arg(i, k, d) for i, (k, d) in zip((3, 5, 6), self._AVG_ARGS)))
+        pads = padding if isinstance(padding, (tuple, list)) else (padding,)
+        return divisor is None and (not include or all(p == 0 for p in pads))
 
 
 class Resize(Rule):
