@@ -67,6 +67,11 @@ class InputDims:
         where that range ends at the example (sizes its guards pin show there)."""
         return {s: 2 * h for s, h in self.hints.items()}
 
+    def beyond_points(self) -> list[dict[str, int]]:
+        """Where ``beyond``: :meth:`doubled`, unless it is a check point already; else none."""
+        p = self.doubled()
+        return [p] if self.beyond and self.dynamic and p not in self.check_points() else []
+
     def sizes(self, values: dict[str, int]) -> list[tuple[int, ...] | None]:
         """The input shapes at the symbol values ``values``."""
         return [None if ds is None else tuple(_eval(d, values) for d in ds) for ds in self.dims]
@@ -261,10 +266,7 @@ def shaped_inputs(dims: "InputDims | None", inputs: tuple[Any, ...]) -> list[tup
     out = [inputs]
     if dims is None:
         return out
-    points = dims.check_points()[1:]
-    if dims.beyond and dims.dynamic and dims.doubled() not in points:
-        points.append(dims.doubled())
-    for p in points:
+    for p in dims.check_points()[1:] + dims.beyond_points():
         out.append(resize(inputs, dims.sizes(p)))
     return out
 

@@ -22,6 +22,7 @@ from torch.fx import GraphModule
 
 from fxprune.compare import check
 from fxprune.errors import CaptureError, InputError
+from fxprune.graph.dynamic import shape_str
 from fxprune.graph.rebuild import get_attr, named_tensors
 
 __all__ = ["record", "reference_outputs", "fresh_outputs", "origin_model", "blame_capture", "run"]
@@ -137,10 +138,9 @@ def blame_capture(gm: GraphModule, inputs: tuple[Any, ...], expected: Any, same:
     p = next(check(lambda xs: expected, lambda xs: gm(*xs), [inputs], diff=same))
     if p.error is not None:
         e = p.error
-        shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
-        raise CaptureError(f"the captured graph does not run on inputs the model takes (shapes {shapes}), where the "
-                           f"result does not match the model: {type(e).__name__}: {e}; the capture is at fault, not "
-                           "the pass") from e
+        raise CaptureError(f"the captured graph does not run on inputs the model takes (shapes {shape_str(inputs)}), "
+                           f"where the result does not match the model: {type(e).__name__}: {e}; the capture is at "
+                           "fault, not the pass") from e
     if not p.diffs:
         raise CaptureError(f"the captured graph does not reproduce {type(o.model).__name__}'s outputs on these inputs: "
                            "the capture is at fault, not the pass (pass an ExportedProgram you exported yourself, or "

@@ -199,7 +199,7 @@ def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | 
     if dims is None or not dims.dynamic:
         return gm
     others = [p for p in dims.check_points() if p != dims.hints]
-    optional = others[:-1] + ([dims.doubled()] if dims.beyond and dims.doubled() not in others else [])
+    optional = others[:-1] + dims.beyond_points()
     if not others and not optional:
         return gm
     first = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
