@@ -8,7 +8,7 @@ from torch.export import Dim
 
 import fxprune as fp
 from fxprune import zoo
-from fxprune.graph.dynamic import DYNAMIC_KEY, InputDims, resize
+from fxprune.graph.dynamic import DYNAMIC_KEY, InputDims, free_shapes, resize, shaped_inputs
 from fxprune.passes.minimize import CHECKS_KEY
 from fxprune.verify import count_params
 
@@ -223,6 +223,29 @@ def test_input_dims_check_points_and_resize():
     assert xs[0].tolist() == [[0, 1, 2, 0, 1], [3, 4, 5, 3, 4], [0, 1, 2, 0, 1]] and xs[1].tolist() == [0, 1, 0]
     spec = dims.export_spec()
     assert spec[0][0] is spec[1][0] and spec[0][0].min == 1 and spec[0][0].max == 16
+
+
+def test_free_shapes_vary_the_dims_held_static_that_the_model_takes_other_sizes_of():
+    # ids and their mask share their length, so they vary together; the features' width (24) is no size the model
+    # takes at 48; the batch is already dynamic, so it is not tried; with nothing held static, nothing is tried.
+    ids, mask, feats = torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5), torch.zeros(2, 24)
+    dims = InputDims((("b", 5), ("b", 5), ("b", 24)), {"b": (1, None)}, {"b": 2})
+    tried = []
+
+    def takes(xs):
+        tried.append(tuple(tuple(x.shape) for x in xs))
+        return xs[0].shape == xs[1].shape and xs[2].shape[1] == 24
+
+    shapes = free_shapes(dims, (ids, mask, feats), takes)
+    assert shapes == (((2, 10), (2, 10), (2, 24)), ((2, 6), (2, 6), (2, 24)))
+    assert sorted(tried) == [((2, 5), (2, 5), (2, 48)), ((2, 10), (2, 10), (2, 24))]
+    held = InputDims(((2, 5), (2, 5), (2, 24)), {}, {}, free=shapes)
+    assert [tuple(x.shape) for x in shaped_inputs(held, (ids, mask, feats))[2]] == [(2, 6), (2, 6), (2, 24)]
+    tried.clear()
+    free = InputDims((("b", "s"), ("b", "s"), ("b", "f")), {"b": (1, None), "s": (1, None), "f": (1, None)},
+                     {"b": 2, "s": 5, "f": 24})
+    assert free_shapes(free, (ids, mask, feats), takes) == () and tried == []
+    assert free_shapes(None, (feats,), lambda xs: True) == (((4, 48),), ((3, 25),))  # None: every dim held
 
 
 def test_squeeze_release_trains_a_transformer_with_other_batch_sizes():

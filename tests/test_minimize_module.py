@@ -1486,6 +1486,47 @@ def test_the_copy_is_exact_at_sizes_past_those_the_capture_pins():
             assert ((s64(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-9, shape
 
 
+class _PadsToFour(nn.Module):
+    """Pads its map's width to a multiple of 4 (as Swin pads to its windows), an ``if`` on a size: torch.export
+    holds the image size static, the class takes any."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.shape[-1] % 4:
+            h = nn.functional.pad(h, (0, 4 - h.shape[-1] % 4))
+        return self.b(h)
+
+
+def test_a_copy_is_checked_at_sizes_the_capture_held_static_but_the_class_takes():
+    # Channel 2 of `a` is the constant 0.5. At the example's 16 pixels nothing is padded, and b folds it into its
+    # bias; at 17 the padded column holds 0 there, not 0.5, so that copy differs (relative error 0.14, returned
+    # unchecked before). The check now runs the copy where the model runs and the capture does not vary the size.
+    torch.manual_seed(0)
+    model = _PadsToFour().eval()
+    with torch.no_grad():
+        model.a.weight[2] = 0
+        model.a.bias[2] = 0.5
+    x = torch.randn(2, 3, 16, 16)
+    before = snapshot(model)
+    with pytest.raises(fp.CaptureError, match="17x17"):
+        fp.minimize_module(model, (x,))
+    assert snapshot(model) == before
+    with torch.no_grad():  # a channel that is 0 is 0 in the padding too: that copy is exact at every size
+        model.a.bias[2] = 0
+    small = fp.minimize_module(model, (x,))
+    assert type(small) is _PadsToFour and small.a.out_channels == 7
+    m64, s64 = copy.deepcopy(model).double(), copy.deepcopy(small).double()
+    for shape in [(2, 3, 16, 16), (1, 3, 17, 30), (3, 3, 9, 5)]:
+        y = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            ref = m64(y)
+            assert ((s64(y) - ref).abs().max() / ref.abs().max()).item() <= 1e-9, shape
+
+
 def test_a_copy_that_differs_past_the_captured_range_fails_closed(monkeypatch):
     # The check runs the copy at twice the example's sizes too. With the analysis blind to every size but the
     # example's and its batch (as before: no other check point propagates), the copy folds those channels, and the

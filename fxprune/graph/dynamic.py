@@ -12,14 +12,14 @@ environment is never specialized. Passes copy ``gm.meta``, so every pass's resul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import sympy
 import torch
 from torch.fx import GraphModule
 
 __all__ = ["InputDims", "DYNAMIC_KEY", "from_graph", "batch_dims", "every_dims", "static_dims", "resize", "default_spec",
-           "shape_str", "shaped_inputs"]
+           "shape_str", "shaped_inputs", "free_shapes"]
 
 DYNAMIC_KEY = "fxprune_input_dims"
 INT_OO = None  # no upper bound
@@ -37,6 +37,9 @@ class InputDims:
     # the rewrite must hold past the range too, for a module that runs at any size (minimize_module's copy): the
     # analysis also reads the sizes at twice the example's (fxprune.graph.shapes.annotate, doubled)
     beyond: bool = False
+    # input shapes at which dims held static here take other sizes in the model (a capture that could not let them
+    # vary: a window that must divide the image); a module that runs at any size is checked there too (free_shapes)
+    free: tuple[tuple[tuple[int, ...] | None, ...], ...] = ()
 
     @property
     def dynamic(self) -> bool:
@@ -52,7 +55,7 @@ class InputDims:
             for d, n in zip(ds, x.shape):
                 if isinstance(d, str) and d in hints:
                     hints[d] = int(n)
-        return InputDims(self.dims, self.ranges, hints, self.beyond)
+        return InputDims(self.dims, self.ranges, hints, self.beyond, self.free)
 
     def only(self, symbols: Sequence[str]) -> "InputDims":
         """These dims with every symbol but ``symbols`` fixed at its example value."""
@@ -60,7 +63,7 @@ class InputDims:
         dims = tuple(None if ds is None else tuple(d if not isinstance(d, str) or d in keep else _eval(d, self.hints)
                                                    for d in ds) for ds in self.dims)
         return InputDims(dims, {s: r for s, r in self.ranges.items() if s in keep},
-                         {s: h for s, h in self.hints.items() if s in keep}, self.beyond)
+                         {s: h for s, h in self.hints.items() if s in keep}, self.beyond, self.free)
 
     def doubled(self) -> dict[str, int]:
         """Every symbol at twice its example value, within its range or not: a point beyond the captured range
@@ -261,14 +264,38 @@ def resize(inputs: Sequence[Any], shapes: Sequence[tuple[int, ...] | None]) -> t
 
 
 def shaped_inputs(dims: "InputDims | None", inputs: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    """``inputs`` (the same object) followed by the inputs at every other check point of ``dims``, and at twice
-    the example's sizes where ``dims.beyond``."""
+    """``inputs`` (the same object) followed by the inputs at every other check point of ``dims``, at twice
+    the example's sizes where ``dims.beyond``, and at ``dims.free``."""
     out = [inputs]
     if dims is None:
         return out
     for p in dims.check_points()[1:] + dims.beyond_points():
         out.append(resize(inputs, dims.sizes(p)))
+    out.extend(resize(inputs, shapes) for shapes in dims.free)
     return out
+
+
+def free_shapes(dims: "InputDims | None", inputs: Sequence[Any],
+                takes: Callable[[tuple[Any, ...]], bool]) -> tuple[tuple[tuple[int, ...] | None, ...], ...]:
+    """Input shapes past those ``dims`` lets vary, where ``takes`` (the model run there) says the model runs: for a
+    module that runs at any size the model takes (``minimize_module``'s copy), where the capture held some dims
+    static. Each group of dims :func:`every_dims` varies together (one dim index, one example size) that ``dims``
+    holds static everywhere is tried alone at twice its size; those the model takes are then varied together, to
+    twice and to one more than their example sizes (a window that must divide the image, or pads it: the model
+    may take only one of the two; the check skips a shape the model rejects). ``dims`` None: every dim is static."""
+    every = every_dims(inputs)
+    dynamic = set()
+    for i, ds in enumerate(every.dims):
+        held = dims.dims[i] if dims is not None and i < len(dims.dims) else None
+        for d, s in enumerate(ds or ()):
+            if isinstance(s, str) and dims is not None and (held is None or not isinstance(held[d], int)):
+                dynamic.add(s)
+    free = [s for s, n in every.hints.items() if s not in dynamic and n > 0
+            and takes(resize(inputs, every.sizes({**every.hints, s: 2 * n})))]
+    if not free:
+        return ()
+    return tuple(tuple(every.sizes({**every.hints, **{s: grow(every.hints[s]) for s in free}}))
+                 for grow in (lambda n: 2 * n, lambda n: n + 1))
 
 
 def shape_str(inputs: Sequence[Any]) -> str:

@@ -27,7 +27,8 @@ from fxprune.graph.capture import BATCH, CAPTURE_METHOD_KEY, EVERY, as_inputs, c
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
 from fxprune.graph.masks import plain_copy, unmasked
 from fxprune.graph.shapes import annotate
-from fxprune.graph.dynamic import DYNAMIC_KEY
+from fxprune.graph.dynamic import DYNAMIC_KEY, free_shapes
+from fxprune.graph.origin import run
 from fxprune.nn.inputs import SELECTED_DIMS, selected_subclass
 from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_subclass,
                              shrunk_groups)
@@ -326,9 +327,13 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         _EVERY_FAILED.add(key)
         gm = capture(model, inputs, method="export", dynamic_shapes=BATCH)
     # the copy runs at any size the model takes, also where the capture's guards pin a size (every image up to 32
-    # pixels ends in a 1x1 map): a size that varies beyond the captured range is no fact to rewrite by
+    # pixels ends in a 1x1 map): a size that varies beyond the captured range is no fact to rewrite by; and where
+    # the capture held a dim static that the model takes at other sizes (a window that must divide the image), the
+    # copy is checked at such sizes too
     if DYNAMIC_KEY in gm.meta:
-        gm.meta[DYNAMIC_KEY] = dataclasses.replace(gm.meta[DYNAMIC_KEY], beyond=True)
+        dims = gm.meta[DYNAMIC_KEY]
+        free = free_shapes(dims, inputs, lambda xs: _takes(model, xs)) if verify else ()
+        gm.meta[DYNAMIC_KEY] = dataclasses.replace(dims, beyond=True, free=free)
         annotate(gm, inputs, gm.meta[DYNAMIC_KEY])
     keep: dict[str, str] = {}
     asked = options.pop("inputs", True)  # the caller's, within those the class can cut
@@ -414,6 +419,15 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
                       "heads and kv groups still go (fp.minimize on the graph removes the rest)",
                       KeptChannelsWarning, stacklevel=3)
     return out
+
+
+def _takes(model: nn.Module, inputs: tuple[Any, ...]) -> bool:
+    """Whether ``model`` runs on ``inputs`` (without gradients)."""
+    try:
+        run(model, inputs, "the model")
+    except InputError:
+        return False
+    return True
 
 
 # (class, input shapes and dtypes) whose capture with every dim dynamic failed: later calls (the cycle's, on ever

@@ -1,0 +1,49 @@
+"""Stop 59: which models of benchmarks/user_models.py have dims their capture holds static but the model takes at
+other sizes (``fxprune.graph.dynamic.free_shapes``), read from one ``fp.minimize_module`` call on the dense model
+(built as the flow builds it, its example batch). Prints "FREE name shapes" or "FREE name none", then how the copy
+compared there ("ok", or the error).
+
+    python benchmarks/results/user_models/free_scan.py NAME...
+"""
+import os
+import sys
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+import torch  # noqa: E402
+
+import fxprune as fp  # noqa: E402
+import fxprune.interop.module as mod  # noqa: E402
+import user_models  # noqa: E402
+
+seen = []
+orig = mod.free_shapes
+
+
+def recorded(*a, **k):
+    out = orig(*a, **k)
+    seen.append(out)
+    return out
+
+
+mod.free_shapes = recorded
+for name in sys.argv[1:]:
+    kind, model = user_models.build(name)
+    x, y = user_models.data(kind)
+    key = {"wav": "input_values", "mel": "input_features"}.get(kind, "input_ids")
+    example = ((x[:8],) if kind in ("img", "plain_wav", "tab") else (x[:8, :-1],) if kind == "plain_lm"
+               else {key: x[:8]})
+    model.eval()
+    seen.clear()
+    t = time.time()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fp.minimize_module(model, example)
+        how = "ok"
+    except Exception as e:  # noqa: BLE001
+        how = f"{type(e).__name__}: {str(e)[:200]}"
+    shapes = seen[0] if seen else None
+    print("FREE", name, shapes or "none", how, f"{time.time() - t:.1f}s", flush=True)
