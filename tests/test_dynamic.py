@@ -345,3 +345,18 @@ def test_sizes_that_vary_only_at_the_low_end_of_the_range_are_dynamic():
     convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default]
     assert [n.meta.get(DYNAMIC_DIMS) for n in convs[:2]] == [frozenset({0, 2, 3})] * 2
     assert convs[2].meta.get(DYNAMIC_DIMS) == frozenset({0})  # (1x1 at every size of the range)
+
+    # The same program captured at 16 pixels (annotate's ``like``): the third map's size differs there, so it varies
+    # past the range; a later annotate of the graph (minimize's next round) still reads it. A capture of another
+    # program matches no node for node and adds nothing.
+    from fxprune.graph.shapes import annotate
+
+    like = capture(Net(), (torch.randn(4, 3, 16, 16),), dynamic_shapes="every")
+    annotate(gm, (torch.randn(2, 3, 8, 8),), dims, like)
+    assert convs[2].meta.get(DYNAMIC_DIMS) == frozenset({0, 2, 3})
+    annotate(gm, (torch.randn(2, 3, 8, 8),), dims)
+    assert convs[2].meta.get(DYNAMIC_DIMS) == frozenset({0, 2, 3})
+    other = capture(torch.nn.Conv2d(3, 8, 3), (torch.randn(4, 3, 16, 16),), dynamic_shapes="every")
+    fresh = capture(Net(), (torch.randn(2, 3, 8, 8),), dynamic_shapes="every")
+    annotate(fresh, (torch.randn(2, 3, 8, 8),), dims, other)
+    assert [n.meta.get(DYNAMIC_DIMS) for n in fresh.graph.nodes if n.target is torch.ops.aten.conv2d.default][2] == frozenset({0})

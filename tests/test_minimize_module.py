@@ -1486,6 +1486,36 @@ def test_the_copy_is_exact_at_sizes_past_those_the_capture_pins():
             assert ((s64(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-9, shape
 
 
+def test_a_copy_whose_capture_pins_a_view_is_analysed_at_twice_the_size_by_a_second_capture():
+    # ShuffleNetV2's channel shuffle views its map with the sizes it reads; at 32 pixels stage 4's map is 1x1, and
+    # torch.export writes those 1s into the view, so the graph does not propagate at 64 pixels. The channels of
+    # stage4[1]'s depthwise convolution whose centre taps are 0 are constants on a 1x1 map only. Before, the copy
+    # folded them and the check refused it at 64x64 (CaptureError; the cycle went on with the graph). Now a second
+    # capture at 64 pixels says which sizes vary: the copy keeps them, and is the class.
+    tv = torchvision()
+    torch.manual_seed(0)
+    model = tv.models.ShuffleNetV2([1, 1, 2], [8, 16, 32, 64, 64], num_classes=4).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+        model.stage4[1].branch2[3].weight[:8, :, 1, 1] = 0
+        model.fc.weight[:, :6] = 0  # six of conv5's channels nothing reads: they go at any size
+    before = snapshot(model)
+    small = fp.minimize_module(model, (torch.randn(2, 3, 32, 32),))
+    assert snapshot(model) == before
+    assert type(small) is type(model)
+    assert small.stage4[1].branch2[3].out_channels == 32 and small.conv5[0].out_channels == 58
+    m64, s64 = copy.deepcopy(model).double(), copy.deepcopy(small).double()
+    for shape in [(2, 3, 32, 32), (1, 3, 64, 64), (3, 3, 48, 40), (2, 3, 17, 17)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            ref = m64(x)
+            assert ((s64(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-9, shape
+
+
 class _PadsToFour(nn.Module):
     """Pads its map's width to a multiple of 4 (as Swin pads to its windows), an ``if`` on a size: torch.export
     holds the image size static, the class takes any."""

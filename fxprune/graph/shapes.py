@@ -27,6 +27,9 @@ __all__ = ["TensorSpec", "annotate", "runs_at", "node_spec", "is_annotated", "pl
 
 GUARDS = "_guards_fn"  # the call_module of ExportedProgram.module() that checks its inputs' shapes
 DYNAMIC_DIMS = "fxprune_dynamic"  # node meta: dims that vary with the inputs (True for an int that varies)
+# node meta: dims read off a capture at other sizes (annotate's ``like``), which vary past the captured range; a
+# rewrite's nodes keep their meta, so the graph annotated again (minimize's next round) still knows them
+BEYOND_DIMS = "fxprune_beyond"
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,8 @@ _SHAPE_RULES: dict[Any, Callable[..., torch.Tensor]] = {
 }
 
 
-def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | None" = None) -> GraphModule:
+def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | None" = None,
+             like: GraphModule | None = None) -> GraphModule:
     """Set ``node.meta["val"]`` on every node (in place): meta-device propagation of ``example_inputs``' shapes,
     or fake propagation where an op has no meta kernel.
 
@@ -192,6 +196,12 @@ def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | 
     where every dynamic size is doubled, outside the captured range (:meth:`InputDims.doubled`): a size that the
     capture's guards pin (a feature map of 1x1 for every image up to 32 pixels) still varies for a module that runs
     at any size (:func:`~fxprune.minimize_module`'s copy).
+
+    ``like``: the same program captured (and annotated) at other sizes, for a graph that does not propagate at
+    twice its example's (a view with a size export pinned: ShuffleNet's channel shuffle of a 1x1 map). Where the
+    two graphs match node for node (name, op, target), the dims whose sizes differ between them vary too, and so do
+    those that vary in ``like``; where they do not match, ``like`` adds nothing. Nodes keep those dims in
+    ``meta[BEYOND_DIMS]``, which later calls read again (on the graph a rewrite of this one gives).
     """
     for n in gm.graph.nodes:
         n.meta.pop(DYNAMIC_DIMS, None)
@@ -200,10 +210,13 @@ def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | 
         return gm
     others = [p for p in dims.check_points() if p != dims.hints]
     optional = others[:-1] + dims.beyond_points()
-    if not others and not optional:
+    if not others and not optional and like is None:
         return gm
     first = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
-    changed: dict[Node, Any] = {}
+    if like is not None:
+        for n, dyn in _changed_in(first, gm, like).items():
+            n.meta[BEYOND_DIMS] = dyn
+    changed: dict[Node, Any] = {n: n.meta[BEYOND_DIMS] for n in first if BEYOND_DIMS in n.meta}
     try:
         for p in others[-1:] + optional:  # (the last check point must propagate)
             other = [torch.zeros(s, dtype=x.dtype) if isinstance(x, torch.Tensor) and s is not None else x
@@ -226,6 +239,28 @@ def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | 
     for n, dyn in changed.items():
         n.meta[DYNAMIC_DIMS] = dyn
     return gm
+
+
+def _changed_in(first: dict[Node, Any], gm: GraphModule, like: GraphModule) -> dict[Node, Any]:
+    """Per node of ``gm`` (shapes ``first``): the dims whose size differs in the matching node of ``like``, or that
+    vary there (``like``'s ``DYNAMIC_DIMS``); nothing where the graphs do not match node for node. Nodes of sizes
+    (``sym_size`` and arithmetic on it) are left out of the match: a size export pinned has none."""
+    def carried(g: GraphModule) -> list[Node]:
+        return [n for n in g.graph.nodes if not isinstance(n.meta.get("val"), (int, float, torch.SymInt, torch.SymFloat))]
+
+    mine, theirs = carried(gm), {n.name: n for n in carried(like)}
+    if len(mine) != len(theirs) or any(n.name not in theirs or (theirs[n.name].op, theirs[n.name].target) != (n.op, n.target)
+                                       for n in mine):
+        return {}
+    out = {}
+    for n, a in first.items():
+        m = theirs.get(n.name)
+        if m is None:
+            continue
+        dyn = _union(_changed(a, m.meta.get("val")), m.meta.get(DYNAMIC_DIMS))
+        if dyn:
+            out[n] = dyn
+    return out
 
 
 def runs_at(gm: GraphModule, inputs: Sequence[Any], guards: bool = True) -> bool:

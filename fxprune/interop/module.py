@@ -26,8 +26,8 @@ from fxprune.errors import CaptureError, EquivalenceError, InputError, Unsupport
 from fxprune.graph.capture import BATCH, CAPTURE_METHOD_KEY, EVERY, as_inputs, capture, unwrapped
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
 from fxprune.graph.masks import plain_copy, unmasked
-from fxprune.graph.shapes import annotate
-from fxprune.graph.dynamic import DYNAMIC_KEY, free_shapes
+from fxprune.graph.shapes import annotate, runs_at
+from fxprune.graph.dynamic import DYNAMIC_KEY, free_shapes, resize
 from fxprune.graph.origin import run
 from fxprune.nn.inputs import SELECTED_DIMS, selected_subclass
 from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_subclass,
@@ -317,6 +317,7 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
                   whole_heads=tuple(options.pop("whole_heads", ())))  # added to those minimize_module sets
     inputs = as_inputs(example_inputs, model)
     key = _signature(model, inputs)
+    spec = dynamic_shapes
     try:  # every dim the model's code lets vary stays dynamic: an index table sliced by a length is no channel
         if dynamic_shapes == EVERY and key in _EVERY_FAILED:
             raise CaptureError("every dim dynamic failed before for this class and these input shapes")
@@ -325,6 +326,7 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         if dynamic_shapes != EVERY:
             raise
         _EVERY_FAILED.add(key)
+        spec = BATCH
         gm = capture(model, inputs, method="export", dynamic_shapes=BATCH)
     # the copy runs at any size the model takes, also where the capture's guards pin a size (every image up to 32
     # pixels ends in a 1x1 map): a size that varies beyond the captured range is no fact to rewrite by; and where
@@ -333,8 +335,8 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
     if DYNAMIC_KEY in gm.meta:
         dims = gm.meta[DYNAMIC_KEY]
         free = free_shapes(dims, inputs, lambda xs: _takes(model, xs)) if verify else ()
-        gm.meta[DYNAMIC_KEY] = dataclasses.replace(dims, beyond=True, free=free)
-        annotate(gm, inputs, gm.meta[DYNAMIC_KEY])
+        gm.meta[DYNAMIC_KEY] = dims = dataclasses.replace(dims, beyond=True, free=free)
+        annotate(gm, inputs, dims, _captured_beyond(model, inputs, gm, dims, spec))
     keep: dict[str, str] = {}
     asked = options.pop("inputs", True)  # the caller's, within those the class can cut
     selectable = tuple(n for n in selectable_inputs(model, gm) if asked is True or asked and n in asked)
@@ -419,6 +421,24 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
                       "heads and kv groups still go (fp.minimize on the graph removes the rest)",
                       KeptChannelsWarning, stacklevel=3)
     return out
+
+
+def _captured_beyond(model: nn.Module, inputs: tuple[Any, ...], gm: torch.fx.GraphModule, dims: Any,
+                     spec: Any) -> torch.fx.GraphModule | None:
+    """The model exported again at twice the example's sizes, where ``gm`` (exported) does not propagate there: a
+    view with a size export pinned (ShuffleNet's channel shuffle of the 1x1 map every image up to 32 pixels ends
+    in). :func:`~fxprune.graph.shapes.annotate` reads which sizes vary off the two. None where it is not needed or
+    that capture fails."""
+    points = dims.beyond_points()
+    if not points or gm.meta.get(CAPTURE_METHOD_KEY) != "export":
+        return None
+    big = resize(inputs, dims.sizes(points[0]))
+    if runs_at(gm, big, guards=False) or not _takes(model, big):  # (a model that rejects them: no export to try)
+        return None
+    try:
+        return capture(model, big, method="export", dynamic_shapes=spec)
+    except (CaptureError, InputError, UnsupportedError):
+        return None
 
 
 def _takes(model: nn.Module, inputs: tuple[Any, ...]) -> bool:
