@@ -1486,6 +1486,29 @@ def test_the_copy_is_exact_at_sizes_past_those_the_capture_pins():
             assert ((s64(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-9, shape
 
 
+def test_a_copy_of_a_capture_that_holds_the_image_size_static_is_exact_at_other_sizes():
+    # With the batch alone dynamic (as where the every-dim capture fails or export specializes the image: timm's
+    # MobileViT-v2), the analysis saw only the 8-pixel image, whose third map is 1x1: the channels whose centre taps
+    # are 0 read as constants. Before, the copy folded them and was returned unchecked at 16 pixels (wrong there);
+    # now the analysis also reads the sizes where the model takes other image sizes (here the graph propagates
+    # there; where it does not, a second capture), and the copy keeps them.
+    torch.manual_seed(0)
+    model = _PinnedMap().eval()
+    with torch.no_grad():
+        model.dw.weight[:4, :, 1, 1] = 0
+        model.pw.weight[:, 6:] = 0  # two channels nothing reads: they go at any size
+    before = snapshot(model)
+    small = fp.minimize_module(model, (torch.randn(2, 3, 8, 8),), dynamic_shapes="batch")
+    assert snapshot(model) == before
+    assert type(small) is _PinnedMap and small.dw.out_channels == 6 and small.c3.out_channels == 6
+    m64, s64 = copy.deepcopy(model).double(), copy.deepcopy(small).double()
+    for shape in [(2, 3, 8, 8), (1, 3, 16, 16), (3, 3, 24, 8), (1, 3, 16, 13)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            ref = m64(x)
+            assert ((s64(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-9, shape
+
+
 def test_a_copy_whose_capture_pins_a_view_is_analysed_at_twice_the_size_by_a_second_capture():
     # ShuffleNetV2's channel shuffle views its map with the sizes it reads; at 32 pixels stage 4's map is 1x1, and
     # torch.export writes those 1s into the view, so the graph does not propagate at 64 pixels. The channels of

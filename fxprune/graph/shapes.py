@@ -7,6 +7,7 @@ as plain ``TensorSpec``\\ s so the analysis never touches fake tensors itself.
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import weakref
 from dataclasses import dataclass
@@ -183,7 +184,7 @@ _SHAPE_RULES: dict[Any, Callable[..., torch.Tensor]] = {
 
 
 def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | None" = None,
-             like: GraphModule | None = None) -> GraphModule:
+             like: GraphModule | Sequence[GraphModule] = ()) -> GraphModule:
     """Set ``node.meta["val"]`` on every node (in place): meta-device propagation of ``example_inputs``' shapes,
     or fake propagation where an op has no meta kernel.
 
@@ -195,33 +196,33 @@ def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | 
     (an image whose first stride-2 map is 1 pixel high), and are skipped where they do not. ``dims.beyond``: also
     where every dynamic size is doubled, outside the captured range (:meth:`InputDims.doubled`): a size that the
     capture's guards pin (a feature map of 1x1 for every image up to 32 pixels) still varies for a module that runs
-    at any size (:func:`~fxprune.minimize_module`'s copy).
+    at any size (:func:`~fxprune.minimize_module`'s copy); and at ``dims.free`` (sizes of dims the capture held
+    static that the model takes), where the graph propagates past its guards.
 
-    ``like``: the same program captured (and annotated) at other sizes, for a graph that does not propagate at
-    twice its example's (a view with a size export pinned: ShuffleNet's channel shuffle of a 1x1 map). Where the
-    two graphs match node for node (name, op, target), the dims whose sizes differ between them vary too, and so do
-    those that vary in ``like``; where they do not match, ``like`` adds nothing. Nodes keep those dims in
-    ``meta[BEYOND_DIMS]``, which later calls read again (on the graph a rewrite of this one gives).
+    ``like``: the same program captured (and annotated) at other sizes (one graph or several), for a graph that
+    does not propagate there (a view with a size export pinned: ShuffleNet's channel shuffle of a 1x1 map; a dim
+    the capture held static). The dims whose sizes differ between matching nodes of the two vary too, and so do
+    those that vary in ``like`` (:func:`_changed_in`). Nodes keep those dims in ``meta[BEYOND_DIMS]``, which later
+    calls read again (on the graph a rewrite of this one gives).
     """
     for n in gm.graph.nodes:
         n.meta.pop(DYNAMIC_DIMS, None)
     _propagate(gm, example_inputs)
-    if dims is None or not dims.dynamic:
-        return gm
-    others = [p for p in dims.check_points() if p != dims.hints]
-    optional = others[:-1] + dims.beyond_points()
-    if not others and not optional and like is None:
-        return gm
     first = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
-    if like is not None:
-        for n, dyn in _changed_in(first, gm, like).items():
-            n.meta[BEYOND_DIMS] = dyn
+    for other in [like] if isinstance(like, GraphModule) else like:
+        for n, dyn in _changed_in(first, gm, other).items():
+            n.meta[BEYOND_DIMS] = _union(n.meta.get(BEYOND_DIMS), dyn)
     changed: dict[Node, Any] = {n: n.meta[BEYOND_DIMS] for n in first if BEYOND_DIMS in n.meta}
+    dynamic = dims is not None and dims.dynamic
+    others = [p for p in dims.check_points() if p != dims.hints] if dynamic else []
+    required = [dims.sizes(p) for p in others[-1:]]  # (the last check point must propagate)
+    optional = ([dims.sizes(p) for p in others[:-1] + dims.beyond_points()] if dynamic else []) + list(
+        dims.free if dims is not None else ())
     try:
-        for p in others[-1:] + optional:  # (the last check point must propagate)
+        for i, shapes in enumerate(required + optional):
             other = [torch.zeros(s, dtype=x.dtype) if isinstance(x, torch.Tensor) and s is not None else x
-                     for x, s in zip(example_inputs, dims.sizes(p))]
-            if p in optional:
+                     for x, s in zip(example_inputs, shapes)]
+            if i >= len(required):
                 if not runs_at(gm, other, guards=False):
                     continue
             else:
@@ -231,11 +232,12 @@ def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | 
                 if dyn:
                     changed[n] = dyn
     finally:
-        for n in gm.graph.nodes:
-            if n in first:
-                n.meta["val"] = first[n]
-            else:
-                n.meta.pop("val", None)
+        if required or optional:
+            for n in gm.graph.nodes:
+                if n in first:
+                    n.meta["val"] = first[n]
+                else:
+                    n.meta.pop("val", None)
     for n, dyn in changed.items():
         n.meta[DYNAMIC_DIMS] = dyn
     return gm
@@ -243,24 +245,36 @@ def annotate(gm: GraphModule, example_inputs: Sequence[Any], dims: "InputDims | 
 
 def _changed_in(first: dict[Node, Any], gm: GraphModule, like: GraphModule) -> dict[Node, Any]:
     """Per node of ``gm`` (shapes ``first``): the dims whose size differs in the matching node of ``like``, or that
-    vary there (``like``'s ``DYNAMIC_DIMS``); nothing where the graphs do not match node for node. Nodes of sizes
-    (``sym_size`` and arithmetic on it) are left out of the match: a size export pinned has none."""
+    vary there (``like``'s ``DYNAMIC_DIMS``). Nodes match in order, by op and target (``difflib``'s longest
+    matching runs: a size-specific op one capture has and the other lacks, an extra ``mul``, leaves the rest
+    matched), a pair only where both values have the same number of dims; nodes of sizes (``sym_size`` and
+    arithmetic on it, of which a size export pinned has none) are left out. An unmatched node gets nothing: the
+    check of the result still runs at those sizes."""
     def carried(g: GraphModule) -> list[Node]:
         return [n for n in g.graph.nodes if not isinstance(n.meta.get("val"), (int, float, torch.SymInt, torch.SymFloat))]
 
-    mine, theirs = carried(gm), {n.name: n for n in carried(like)}
-    if len(mine) != len(theirs) or any(n.name not in theirs or (theirs[n.name].op, theirs[n.name].target) != (n.op, n.target)
-                                       for n in mine):
-        return {}
+    mine, theirs = carried(gm), carried(like)
+    key = lambda n: (n.op, str(n.target))  # noqa: E731
+    runs = difflib.SequenceMatcher(None, [key(n) for n in mine], [key(n) for n in theirs], autojunk=False)
     out = {}
-    for n, a in first.items():
-        m = theirs.get(n.name)
-        if m is None:
-            continue
-        dyn = _union(_changed(a, m.meta.get("val")), m.meta.get(DYNAMIC_DIMS))
-        if dyn:
-            out[n] = dyn
+    for i, j, size in runs.get_matching_blocks():
+        for n, m in zip(mine[i:i + size], theirs[j:j + size]):
+            a, b = first.get(n), m.meta.get("val")
+            if n not in first or _rank(a) != _rank(b):
+                continue
+            dyn = _union(_changed(a, b), m.meta.get(DYNAMIC_DIMS))
+            if dyn:
+                out[n] = dyn
     return out
+
+
+def _rank(v: Any) -> Any:
+    """The number of dims of a tensor value, or of each tensor of a tuple value (None for anything else)."""
+    if isinstance(v, torch.Tensor):
+        return v.dim()
+    if isinstance(v, (list, tuple)):
+        return tuple(_rank(x) for x in v)
+    return None
 
 
 def runs_at(gm: GraphModule, inputs: Sequence[Any], guards: bool = True) -> bool:

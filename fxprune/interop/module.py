@@ -424,21 +424,24 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
 
 
 def _captured_beyond(model: nn.Module, inputs: tuple[Any, ...], gm: torch.fx.GraphModule, dims: Any,
-                     spec: Any) -> torch.fx.GraphModule | None:
-    """The model exported again at twice the example's sizes, where ``gm`` (exported) does not propagate there: a
-    view with a size export pinned (ShuffleNet's channel shuffle of the 1x1 map every image up to 32 pixels ends
-    in). :func:`~fxprune.graph.shapes.annotate` reads which sizes vary off the two. None where it is not needed or
-    that capture fails."""
-    points = dims.beyond_points()
-    if not points or gm.meta.get(CAPTURE_METHOD_KEY) != "export":
-        return None
-    big = resize(inputs, dims.sizes(points[0]))
-    if runs_at(gm, big, guards=False) or not _takes(model, big):  # (a model that rejects them: no export to try)
-        return None
-    try:
-        return capture(model, big, method="export", dynamic_shapes=spec)
-    except (CaptureError, InputError, UnsupportedError):
-        return None
+                     spec: Any) -> list[torch.fx.GraphModule]:
+    """The model exported again at sizes the copy will run at but ``gm`` (exported) does not propagate at:
+    :func:`~fxprune.graph.shapes.annotate` reads which sizes vary off the graphs. At twice the example's dynamic
+    sizes (a view with a size export pinned: ShuffleNet's channel shuffle of the 1x1 map every image up to 32
+    pixels ends in); at ``dims.free``'s first shape (twice the sizes the capture held static: export specialized
+    the image size of timm's MobileViT-v2). A capture that fails is left out."""
+    if gm.meta.get(CAPTURE_METHOD_KEY) != "export":
+        return []
+    out = []
+    for shape in [dims.sizes(p) for p in dims.beyond_points()][:1] + list(dims.free[:1]):
+        big = resize(inputs, shape)
+        if runs_at(gm, big, guards=False) or not _takes(model, big):  # (a model that rejects them: no export)
+            continue
+        try:
+            out.append(capture(model, big, method="export", dynamic_shapes=spec))
+        except (CaptureError, InputError, UnsupportedError):
+            continue
+    return out
 
 
 def _takes(model: nn.Module, inputs: tuple[Any, ...]) -> bool:
