@@ -1,7 +1,8 @@
 """Stop 59: which models of benchmarks/user_models.py have dims their capture holds static but the model takes at
-other sizes (``fxprune.graph.dynamic.free_shapes``), read from one ``fp.minimize_module`` call on the dense model
-(built as the flow builds it, its example batch). Prints "FREE name shapes" or "FREE name none", then how the copy
-compared there ("ok", or the error).
+other sizes (``fxprune.graph.dynamic.free_shapes``), and how many second captures ``minimize_module`` made
+(``_captured_beyond``: where the graph does not propagate at such sizes), read from one ``fp.minimize_module``
+call on the dense model (built as the flow builds it, its example batch). Prints "FREE name shapes|none
+captures=N", how the call ended ("ok", or the error) and its time.
 
     python benchmarks/results/user_models/free_scan.py NAME...
 """
@@ -18,8 +19,8 @@ import fxprune as fp  # noqa: E402
 import fxprune.interop.module as mod  # noqa: E402
 import user_models  # noqa: E402
 
-seen = []
-orig = mod.free_shapes
+seen, second = [], []
+orig, orig_second = mod.free_shapes, getattr(mod, "_captured_beyond", None)
 
 
 def recorded(*a, **k):
@@ -28,7 +29,15 @@ def recorded(*a, **k):
     return out
 
 
+def captured(*a, **k):
+    out = orig_second(*a, **k)
+    second.extend(out)
+    return out
+
+
 mod.free_shapes = recorded
+if orig_second is not None:
+    mod._captured_beyond = captured
 for name in sys.argv[1:]:
     kind, model = user_models.build(name)
     x, y = user_models.data(kind)
@@ -37,6 +46,7 @@ for name in sys.argv[1:]:
                else {key: x[:8]})
     model.eval()
     seen.clear()
+    second.clear()
     t = time.time()
     try:
         with warnings.catch_warnings():
@@ -46,4 +56,4 @@ for name in sys.argv[1:]:
     except Exception as e:  # noqa: BLE001
         how = f"{type(e).__name__}: {str(e)[:200]}"
     shapes = seen[0] if seen else None
-    print("FREE", name, shapes or "none", how, f"{time.time() - t:.1f}s", flush=True)
+    print("FREE", name, shapes or "none", f"captures={len(second)}", how, f"{time.time() - t:.1f}s", flush=True)
