@@ -18,6 +18,9 @@ import torch  # noqa: E402
 import fxprune as fp  # noqa: E402
 import fxprune.interop.module as mod  # noqa: E402
 import user_models  # noqa: E402
+from torchvision_zoo import stub_meta_registrations  # noqa: E402
+
+stub_meta_registrations()  # (before transformers imports torchvision: PYTHONPATH=.venv/torchvision for its models)
 
 seen, second = [], []
 orig, orig_second = mod.free_shapes, getattr(mod, "_captured_beyond", None)
