@@ -331,10 +331,10 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
     # the copy runs at any size the model takes, also where the capture's guards pin a size (every image up to 32
     # pixels ends in a 1x1 map): a size that varies beyond the captured range is no fact to rewrite by; and where
     # the capture held a dim static that the model takes at other sizes (a window that must divide the image), the
-    # copy is checked at such sizes too
+    # copy is analysed (and checked) at such sizes too
     if DYNAMIC_KEY in gm.meta:
         dims = gm.meta[DYNAMIC_KEY]
-        free = free_shapes(dims, inputs, lambda xs: _takes(model, xs)) if verify else ()
+        free = free_shapes(dims, inputs, lambda xs: _takes(model, xs))
         gm.meta[DYNAMIC_KEY] = dims = dataclasses.replace(dims, beyond=True, free=free)
         annotate(gm, inputs, dims, _captured_beyond(model, inputs, gm, dims, spec))
     keep: dict[str, str] = {}
