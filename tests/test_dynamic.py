@@ -356,6 +356,7 @@ def test_sizes_that_vary_only_at_the_low_end_of_the_range_are_dynamic():
     assert convs[2].meta.get(DYNAMIC_DIMS) == frozenset({0, 2, 3})
     annotate(gm, (torch.randn(2, 3, 8, 8),), dims)
     assert convs[2].meta.get(DYNAMIC_DIMS) == frozenset({0, 2, 3})
+
     class Doubled(Net):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.c3(self.c2(self.c1(x) * 2))
