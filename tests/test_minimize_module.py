@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fxprune as fp
-from conftest import graph_state, snapshot, torchvision
+from conftest import exact_at, graph_state, snapshot, torchvision
 from fxprune import zoo
 from fxprune.graph.capture import LabelsLeftOutWarning
 from fxprune.verify import count_params
@@ -1445,16 +1445,6 @@ def test_a_bfloat16_llama_as_loaded_compensates_its_rms_norms_in_the_class():
         assert float((ref - got).abs().max() / ref.abs().max()) <= rtol_for(torch.bfloat16)
 
 
-def _exact_at(model: nn.Module, small: nn.Module, shapes: list[tuple[int, ...]]) -> None:
-    """``small`` computes ``model``'s function in float64 (relative error at most 1e-9) on images of ``shapes``."""
-    m64, s64 = copy.deepcopy(model).double(), copy.deepcopy(small).double()
-    for shape in shapes:
-        x = torch.randn(*shape, dtype=torch.float64)
-        with torch.no_grad():
-            ref = m64(x)
-            assert ((s64(x) - ref).abs().max() / ref.abs().max()).item() <= 1e-9, shape
-
-
 class _PinnedMap(nn.Module):
     """Three stride-2 convolutions take an 8x8 image to a 1x1 map, which torch.export pins (images up to 8 pixels)
     while the class runs at any size; a depthwise convolution with padding then reads that map. ``math.prod`` of
@@ -1490,7 +1480,8 @@ def test_the_copy_is_exact_at_sizes_past_those_the_capture_pins():
     assert snapshot(model) == before
     assert type(small) is _PinnedMap
     assert small.dw.out_channels == 8  # the taps that meet padding at 8 pixels meet input at 16
-    _exact_at(model, small, [(2, 3, 8, 8), (1, 3, 16, 16), (3, 3, 5, 7), (2, 3, 32, 24)])
+    exact_at(copy.deepcopy(model).double(), copy.deepcopy(small).double(),
+             [(2, 3, 8, 8), (1, 3, 16, 16), (3, 3, 5, 7), (2, 3, 32, 24)])
 
 
 def test_a_copy_of_a_capture_that_holds_the_image_size_static_is_exact_at_other_sizes():
@@ -1508,7 +1499,8 @@ def test_a_copy_of_a_capture_that_holds_the_image_size_static_is_exact_at_other_
     small = fp.minimize_module(model, (torch.randn(2, 3, 8, 8),), dynamic_shapes="batch")
     assert snapshot(model) == before
     assert type(small) is _PinnedMap and small.dw.out_channels == 6 and small.c3.out_channels == 6
-    _exact_at(model, small, [(2, 3, 8, 8), (1, 3, 16, 16), (3, 3, 24, 8), (1, 3, 16, 13)])
+    exact_at(copy.deepcopy(model).double(), copy.deepcopy(small).double(),
+             [(2, 3, 8, 8), (1, 3, 16, 16), (3, 3, 24, 8), (1, 3, 16, 13)])
 
 
 def test_a_copy_whose_capture_pins_a_view_is_analysed_at_twice_the_size_by_a_second_capture():
@@ -1533,7 +1525,8 @@ def test_a_copy_whose_capture_pins_a_view_is_analysed_at_twice_the_size_by_a_sec
     assert snapshot(model) == before
     assert type(small) is type(model)
     assert small.stage4[1].branch2[3].out_channels == 32 and small.conv5[0].out_channels == 58
-    _exact_at(model, small, [(2, 3, 32, 32), (1, 3, 64, 64), (3, 3, 48, 40), (2, 3, 17, 17)])
+    exact_at(copy.deepcopy(model).double(), copy.deepcopy(small).double(),
+             [(2, 3, 32, 32), (1, 3, 64, 64), (3, 3, 48, 40), (2, 3, 17, 17)])
 
 
 class _PadsToFour(nn.Module):
@@ -1569,7 +1562,8 @@ def test_a_copy_is_checked_at_sizes_the_capture_held_static_but_the_class_takes(
         model.a.bias[2] = 0
     small = fp.minimize_module(model, (x,))
     assert type(small) is _PadsToFour and small.a.out_channels == 7
-    _exact_at(model, small, [(2, 3, 16, 16), (1, 3, 17, 30), (3, 3, 9, 5)])
+    exact_at(copy.deepcopy(model).double(), copy.deepcopy(small).double(),
+             [(2, 3, 16, 16), (1, 3, 17, 30), (3, 3, 9, 5)])
 
 
 def test_a_copy_that_differs_past_the_captured_range_fails_closed(monkeypatch):

@@ -25,7 +25,7 @@ from fxprune.errors import CaptureError, InputError
 from fxprune.graph.dynamic import shape_str
 from fxprune.graph.rebuild import get_attr, named_tensors
 
-__all__ = ["record", "reference_outputs", "fresh_outputs", "origin_model", "blame_capture", "run"]
+__all__ = ["record", "reference_outputs", "fresh_outputs", "origin_model", "blame_capture", "run", "takes"]
 
 
 @dataclass
@@ -54,6 +54,15 @@ def run(model: Any, inputs: tuple[Any, ...], what: str, where: str = "the inputs
             f"{what} failed on {where} ({shapes}): {type(e).__name__}: {e}. "
             "Pass inputs of the shapes and dtypes the model's forward expects."
         ) from e
+
+
+def takes(model: Any, inputs: tuple[Any, ...]) -> bool:
+    """Whether ``model(*inputs)`` runs (:func:`run`, without gradients)."""
+    try:
+        run(model, inputs, "the model")
+    except InputError:
+        return False
+    return True
 
 
 def _state(m: nn.Module) -> tuple[Any, ...] | None:

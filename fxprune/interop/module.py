@@ -28,7 +28,7 @@ from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
 from fxprune.graph.masks import plain_copy, unmasked
 from fxprune.graph.shapes import annotate, runs_at
 from fxprune.graph.dynamic import DYNAMIC_KEY, free_shapes, resize
-from fxprune.graph.origin import run
+from fxprune.graph.origin import takes
 from fxprune.nn.inputs import SELECTED_DIMS, selected_subclass
 from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_subclass,
                              shrunk_groups)
@@ -334,7 +334,7 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
     # copy is analysed (and checked) at such sizes too
     if DYNAMIC_KEY in gm.meta:
         dims = gm.meta[DYNAMIC_KEY]
-        free = free_shapes(dims, inputs, lambda xs: _takes(model, xs))
+        free = free_shapes(dims, inputs, lambda xs: takes(model, xs))
         gm.meta[DYNAMIC_KEY] = dims = dataclasses.replace(dims, beyond=True, free=free)
         annotate(gm, inputs, dims, _captured_beyond(model, inputs, gm, dims, spec))
     keep: dict[str, str] = {}
@@ -435,22 +435,13 @@ def _captured_beyond(model: nn.Module, inputs: tuple[Any, ...], gm: torch.fx.Gra
     out = []
     for shape in [dims.sizes(p) for p in dims.beyond_points()][:1] + list(dims.free[:1]):
         big = resize(inputs, shape)
-        if runs_at(gm, big, guards=False) or not _takes(model, big):  # (a model that rejects them: no export)
+        if runs_at(gm, big, guards=False) or not takes(model, big):  # (a model that rejects them: no export)
             continue
         try:
             out.append(capture(model, big, method="export", dynamic_shapes=spec))
         except (CaptureError, InputError, UnsupportedError):
             continue
     return out
-
-
-def _takes(model: nn.Module, inputs: tuple[Any, ...]) -> bool:
-    """Whether ``model`` runs on ``inputs`` (without gradients)."""
-    try:
-        run(model, inputs, "the model")
-    except InputError:
-        return False
-    return True
 
 
 # (class, input shapes and dtypes) whose capture with every dim dynamic failed: later calls (the cycle's, on ever
