@@ -36,7 +36,6 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 from torch.fx import GraphModule
-from torch.nn.parallel import DistributedDataParallel
 
 from fxprune.errors import CaptureError, CheckpointError, EquivalenceError, InputError, UnsupportedError, require
 from fxprune.graph.capture import ModelCall, as_inputs, capture, model_call, unwrapped
@@ -54,7 +53,8 @@ from fxprune.passes.modes import trainable
 from fxprune.passes.release import release as release_zeros
 from fxprune.verify import count_flops, count_params
 
-__all__ = ["squeeze_release", "SqueezeReleaseResult", "GraphPathWarning", "LittleRemovedWarning", "masks_groups"]
+__all__ = ["squeeze_release", "SqueezeReleaseResult", "GraphPathWarning", "LittleRemovedWarning", "UntrainedWarning",
+           "masks_groups"]
 
 
 class GraphPathWarning(UserWarning):
@@ -66,6 +66,12 @@ class LittleRemovedWarning(UserWarning):
     few whole channels (the group lasso zeroes few where the loss defends no channel, on a solved task or in a short
     fine-tune, since it then shrinks every group alike), and no cycle masked whole channels, or those that did fell
     outside the tolerance."""
+
+
+class UntrainedWarning(UserWarning):
+    """A ``train`` call of ``squeeze_release`` changed no parameter of the module it was given. Each call gets a copy
+    (masks held), so an optimizer built outside ``train``, over the original model's parameters, steps tensors the
+    copy does not use: the cycle then masks, minimizes and releases with no fine-tuning in between."""
 
 
 LITTLE = 1.5  # a kept model at most this many times smaller than the dense one, after passing cycles: little
@@ -123,6 +129,7 @@ class _Clocked:
 
     def __init__(self, f: Callable[[nn.Module], Any]) -> None:
         self.f, self.seconds = f, 0.0
+        self.warned = False  # (train: an UntrainedWarning was given in this run)
         self.place: ModelCall | None = None  # on the graph path: how the user's class is called (keyword inputs)
 
     def __call__(self, m: nn.Module) -> Any:
@@ -145,10 +152,31 @@ def _called_as_model(m: nn.Module, place: ModelCall) -> nn.Module:
 
 
 def _call_train(train: Callable[[nn.Module], Any], m: nn.Module) -> nn.Module:
+    """``train(m)``; the module it returned, unwrapped (DistributedDataParallel, ``torch.compile``, DataParallel),
+    else ``m``."""
     out = train(m)
-    if isinstance(out, DistributedDataParallel):
-        out = out.module
-    return out if isinstance(out, nn.Module) else m
+    return unwrapped(out) if isinstance(out, nn.Module) else m
+
+
+def _sums(m: nn.Module) -> list[tuple[float, float]]:
+    """Per floating parameter of ``m``, the sum of its entries and of their squares (in float64): what
+    :func:`_trained` compares to tell whether ``train`` changed the model."""
+    with torch.no_grad():
+        return [(float(p.double().sum()), float(p.double().square().sum())) for p in m.parameters()
+                if p.is_floating_point()]
+
+
+def _score(value: Any) -> float:
+    """What ``evaluate`` returned, as a float: a number, or a tensor or NumPy scalar holding one."""
+    if isinstance(value, dict):
+        keys = ", ".join(repr(k) for k in list(value)[:6])
+        raise InputError(f"evaluate returned a dict ({keys}): it must return one number, higher is better. Pick one "
+                         "(evaluate=lambda m: trainer.evaluate()['eval_accuracy']); return a loss negated")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"evaluate must return one number (an accuracy: higher is better), got "
+                         f"{type(value).__name__}") from None
 
 
 State = dict[str, torch.Tensor]
@@ -188,7 +216,14 @@ def _trained(train: Callable[[nn.Module], Any], m: nn.Module, masks: dict[str, t
         rec = stack.enter_context(BatchRecorder(held, bn_batches)) if bn_batches and batchnorms(held) else None
         if lasso is not None:
             stack.enter_context(lasso.attach(held))
+        before = _sums(held)
         out = _call_train(train, held)
+    if isinstance(train, _Clocked) and not train.warned and _sums(out) == before:
+        train.warned = True
+        warnings.warn(f"squeeze_release: train changed no parameter of the {type(held).__name__} it was given. Each "
+                      "call gets a copy of your model (masks held as parametrizations): build the optimizer inside "
+                      "train, from the module it receives, not from your original model (an optimizer over those "
+                      "parameters steps tensors the copy does not use)", UntrainedWarning, stacklevel=3)
     if rec is not None:
         recalibrate_batchnorm(out, rec.batches)
     out = bake_masks_(out) if masks else out
@@ -302,7 +337,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         dense, done = _open(ckpt, base, inputs, settings, ranks.world, resume)
     if dense is None:
         dense = dict(params=count_params(base), flops=count_flops(base, inputs),
-                     accuracy=ranks.broadcast_float(float(evaluate(copy.deepcopy(base)))))
+                     accuracy=ranks.broadcast_float(_score(evaluate(copy.deepcopy(base)))))
         if ckpt is not None:
             ckpt.start(dict(fingerprint=fingerprint(base.state_dict(), inputs), settings=settings, dense=dense,
                             world=ranks.world))
@@ -406,7 +441,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         small_modes = {name: pre_modes.get(name, False) for name, _ in struct.named_modules()}
         small = _rebuilt(struct, small_state, small_modes)
         params = count_params(small)
-        acc_min = ranks.broadcast_float(float(evaluate(_rebuilt(struct, small_state, small_modes))))
+        acc_min = ranks.broadcast_float(_score(evaluate(_rebuilt(struct, small_state, small_modes))))
         lasso_s += reg.seconds if reg is not None else 0.0
         if release:  # the group lasso is off here: the released capacity goes back to the loss
             say(f"cycle {c + 1}/{cycles}: release and fine-tune")
@@ -417,7 +452,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             work = _trained(train, small, zeros, None, bn_batches)
         ranks.broadcast_module(work, f"cycle {c + 1}'s fine-tuned model")
         work_state, work_modes = _state(work), _modes(work)
-        acc_rel = ranks.broadcast_float(float(evaluate(_rebuilt(struct, work_state, work_modes))))
+        acc_rel = ranks.broadcast_float(_score(evaluate(_rebuilt(struct, work_state, work_modes))))
         work = _rebuilt(struct, work_state, work_modes)
         acc, kept_state, kept_modes = ((acc_rel, work_state, work_modes) if acc_rel > acc_min
                                        else (acc_min, small_state, small_modes))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune as fp
-from fxprune.cycle import LITTLE, GraphPathWarning, LittleRemovedWarning
+from fxprune.cycle import LITTLE, GraphPathWarning, LittleRemovedWarning, UntrainedWarning
 from fxprune.verify import count_params
 
 
@@ -111,6 +111,65 @@ def test_a_wrapped_model_cycles_as_the_module_inside():
     assert loop.seen and all(issubclass(t, SmallResNet) for t in loop.seen)
     assert type(res.module) is SmallResNet
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_a_train_that_returns_its_module_wrapped_goes_on_with_the_module_inside(wrap):
+    """A loop that wraps what it trains (``model = torch.compile(model)``, ``nn.DataParallel``) and returns it: the
+    cycle goes on with the module inside, which holds the masks."""
+    torch.manual_seed(0)
+    model, (x, y) = SmallResNet(), _data()
+    loop = Loop(x, y, epochs=2, lr=1e-2)
+
+    def train(m):
+        loop.train(m)
+        return torch.compile(m) if wrap == "compile" else nn.DataParallel(m)
+
+    res = fp.squeeze_release(model, (x[:8],), train=train, evaluate=loop.evaluate, cycles=1, mask_steps=2,
+                             sparsity=0.5, structure="groups", tolerance=1.0, progress=False)
+    assert type(res.module) is SmallResNet and res.best_cycle == 1
+    assert count_params(res.module) < res.dense["params"]
+
+
+def test_an_optimizer_built_over_the_original_model_warns_that_train_changed_nothing():
+    """The usual slip: the optimizer is built once, over the user's model, while each ``train`` call gets a copy;
+    the copy never moves. The cycle says so, once; a loop that builds its optimizer from the module it gets does not
+    warn."""
+    torch.manual_seed(0)
+    model, (x, y) = SmallResNet(), _data()
+    outside = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def train(m):
+        m.train()
+        for idx in torch.randperm(len(x)).split(32):
+            outside.zero_grad()
+            F.cross_entropy(m(x[idx]), y[idx]).backward()
+            outside.step()
+
+    loop = Loop(x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fp.squeeze_release(model, (x[:8],), train=train, evaluate=loop.evaluate, cycles=2, mask_steps=2,
+                           sparsity=0.5, tolerance=1.0, progress=False)
+    said = [w for w in caught if w.category is UntrainedWarning]
+    assert len(said) == 1 and "build the optimizer inside train" in str(said[0].message)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # (nor did the original move)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=1, mask_steps=1,
+                           sparsity=0.5, tolerance=1.0, progress=False)
+    assert not [w for w in caught if w.category is UntrainedWarning]
+
+
+@pytest.mark.parametrize("returned", [{"eval_loss": 0.3, "eval_accuracy": 0.9}, torch.tensor([0.5, 0.7]), "0.9x"])
+def test_evaluate_must_return_one_number(returned):
+    model, (x, y) = SmallResNet(), _data()
+    loop = Loop(x, y, epochs=1)
+    with pytest.raises(fp.InputError, match="evaluate .*one number") as e:
+        fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=lambda m: returned, cycles=1, progress=False)
+    if isinstance(returned, dict):
+        assert "'eval_accuracy'" in str(e.value) and "negated" in str(e.value)
 
 
 def test_history_splits_each_cycles_seconds_between_fxprune_and_the_users_code():

@@ -83,6 +83,37 @@ def test_encoders_come_back_as_themselves(name):
         assert float((ref - got).abs().max() / ref.abs().max()) <= TOL[name]
 
 
+class _ConvNet(nn.Module):
+    def __init__(self, rank: int = 2) -> None:
+        super().__init__()
+        conv = nn.Conv2d if rank == 2 else nn.Conv3d
+        self.a, self.b, self.c = conv(3, 8, 3, padding=1), conv(8, 8, 3, padding=1), conv(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x))))).flatten(2).mean(-1)
+
+
+@pytest.mark.parametrize("rank, fmt", [(2, torch.channels_last), (3, torch.channels_last_3d)])
+def test_a_channels_last_model_comes_back_channels_last(rank, fmt):
+    """A model moved with ``.to(memory_format=torch.channels_last)``, as one runs it for speed: its sliced weights
+    keep that layout (a slice comes out contiguous), with the same function."""
+    torch.manual_seed(0)
+    model = _ConvNet(rank).double()
+    with torch.no_grad():
+        model.a.weight[2:5] = 0
+        model.a.bias[2:5] = 0
+        model.b.weight[:, 6] = 0
+    model = model.to(memory_format=fmt)
+    x = torch.randn(2, 3, *(6,) * rank, dtype=torch.float64).contiguous(memory_format=fmt)
+    small = fp.minimize_module(model, (x,))
+    assert small.a.weight.shape[0] == small.b.weight.shape[1] == 4  # 2-4 dead, 6 unread
+    weights = [m.weight for m in small.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    assert all(w.is_contiguous(memory_format=fmt) for w in weights)
+    exact_at(model, small, [(3, 3, *(5,) * rank), (1, 3, *(9,) * rank)])
+    graph = fp.minimize(fp.capture(model, (x,)))  # the graph's weights too
+    assert all(p.is_contiguous(memory_format=fmt) for p in graph.parameters() if p.dim() == rank + 2)
+
+
 def test_torchvision_resnet_comes_back_as_itself():
     torchvision()
     from torchvision_zoo import bottlenecks, build, plant

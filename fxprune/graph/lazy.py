@@ -21,7 +21,7 @@ import torch
 
 from fxprune.errors import LoadError
 
-__all__ = ["binding", "bind", "is_lazy", "unbound", "value", "select"]
+__all__ = ["binding", "bind", "is_lazy", "unbound", "value", "select", "laid_out_as"]
 
 Step = tuple["torch.Tensor | None", tuple["torch.Tensor | None", ...]]  # (float64 delta or None, kept indices per dim)
 
@@ -95,11 +95,22 @@ def value(t: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(x: torch.Tensor, delta: torch.Tensor | None, idxs: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    src = x
     if delta is not None:  # (the analysis works on the CPU: its delta and indices go where the tensor is)
         x = (x.detach().to(torch.float64) + delta.to(x.device)).to(x.dtype)
     for d, idx in enumerate(idxs):
         if idx is not None:
             x = _take(x, d, idx.to(x.device))
+    return laid_out_as(x, src)
+
+
+def laid_out_as(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``x`` in ``src``'s memory format where that is channels-last (the weights of a model moved with
+    ``.to(memory_format=torch.channels_last)``, which its convolutions run fastest in): a slice comes out
+    contiguous, and a convolution whose weight and input disagree converts one of them at every call."""
+    for fmt, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == src.dim() == rank and not src.is_contiguous() and src.is_contiguous(memory_format=fmt):
+            return x.contiguous(memory_format=fmt)
     return x
 
 
