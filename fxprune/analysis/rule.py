@@ -27,6 +27,7 @@ from fxprune.graph.scan import Scan, generation, scan
 from fxprune.graph import lazy
 from fxprune.graph.rebuild import get_attr
 from fxprune.graph.shapes import TensorSpec, hint, is_dynamic_scalar, node_spec
+from fxprune.nn.stdconv import STANDARDIZATION_OP, compensated_standardization
 
 __all__ = ["Op", "Spaces", "Facts", "DimFacts", "Rule", "Exit", "Rewrite", "SizeArg", "GHOST_PREFIX", "GHOST_SUM",
            "FULL_MEAN", "aligned_dim", "is_constant"]
@@ -243,6 +244,10 @@ class Facts:
         if v.op == "call_function" and v.target in WEIGHT_NORMS:
             v_, g = self.value(v.args[0]), self.value(v.args[1])
             return None if v_ is None or g is None else v.target(v_, g, *v.args[2:], **v.kwargs)
+        p = standardized(v)
+        if p is not None:
+            P = self.value(p)
+            return None if P is None else standardize(v.args[0], P, self.value)
         if v.op != "get_attr":
             src = self.value(v.args[0])
             return None if src is None else v.target(src, *v.args[1:], **v.kwargs)
@@ -259,7 +264,8 @@ class Facts:
         """Whether the constant ``v`` holds finite values only (parameters were checked by the pass:
         ``check_weights``; buffers may hold infinities)."""
         k = self.sp.key(v)
-        if k not in self._finite and v.op == "call_function" and v.target in WEIGHT_NORMS:  # (a zero v slice: 0/0)
+        if k not in self._finite and (v.op == "call_function" and v.target in WEIGHT_NORMS  # (a zero v slice: 0/0)
+                                      or standardized(v) is not None):
             t = self.value(v)
             self._finite[k] = t is not None and bool(torch.isfinite(t).all())
         if k not in self._finite:  # rules ask about the same weight several times: answer once
@@ -293,7 +299,7 @@ class Facts:
 
     def _constant_facts(self, v: Node) -> list[DimFacts] | None:
         """Facts of a constant from the scan of its tensor (:mod:`fxprune.graph.scan`), permuted like ``v``."""
-        if v.op == "call_function" and v.target in WEIGHT_NORMS:  # (computed: its own values)
+        if v.op == "call_function" and v.target in WEIGHT_NORMS or standardized(v) is not None:  # (computed)
             t = self.value(v)
             return None if t is None else extract(t.to(torch.float64))
         if v.op != "get_attr":
@@ -383,13 +389,65 @@ _VIEWS = {torch.ops.aten.permute.default, torch.ops.aten.t.default, torch.ops.at
 WEIGHT_NORMS = {torch.ops.aten._weight_norm.default}
 
 
+def standardized(v: Any) -> Node | None:
+    """The parameter (a get_attr node) whose weight standardization ``v`` is, or None: ``v`` is
+    ``reshape_as(batch_norm(reshape(p, [1, out, -1]), None, None, None, None, training=True, ...), p)``, as a
+    weight-standardized convolution computes its weight (BiT's ``StdConv2d``), or the same with
+    :func:`~fxprune.nn.stdconv.compensated_standardization` (or its custom op, as a module minimized before is
+    captured) in place of the batch norm (a weight that lost entries of its rows), each step read by the next
+    alone."""
+    if not (isinstance(v, Node) and v.op == "call_function" and v.target in _AS and len(v.users) == 1):
+        return None
+    norm, p = v.args[:2]
+    if not (isinstance(p, Node) and p.op == "get_attr" and isinstance(norm, Node) and len(norm.users) == 1):
+        return None
+    if norm.target is torch.ops.aten.batch_norm.default:
+        if len(norm.args) < 8 or any(a is not None for a in norm.args[1:5]) or norm.args[5] is not True:
+            return None
+    elif norm.target is compensated_standardization or norm.target is STANDARDIZATION_OP:
+        if not all(isinstance(a, Node) and a.op == "get_attr" for a in norm.args[1:3]):
+            return None
+    else:
+        return None
+    flat = norm.args[0]
+    if not (isinstance(flat, Node) and flat.target in _FLAT and flat.args[0] is p and len(flat.users) == 1):
+        return None
+    shape = list(flat.args[1]) if isinstance(flat.args[1], (list, tuple)) else None
+    spec = node_spec(p)
+    if not isinstance(spec, TensorSpec) or shape is None or len(shape) != 3 or shape[0] != 1 \
+            or shape[1] != spec.shape[0] or len(spec.shape) < 2:
+        return None
+    return p
+
+
+_AS = {torch.ops.aten.reshape_as.default, torch.ops.aten.view_as.default}
+_FLAT = {torch.ops.aten.reshape.default, torch.ops.aten.view.default}
+
+
+def standardize(norm: Node, p: torch.Tensor, values: Callable[[Node], torch.Tensor | None]) -> torch.Tensor | None:
+    """The weight a chain of :func:`standardized` computes from the value ``p`` of its parameter (``norm``: its
+    batch norm or compensated standardization; ``values`` reads the latter's sums)."""
+    flat = p.reshape(1, p.shape[0], -1)
+    if norm.target is not torch.ops.aten.batch_norm.default:
+        s1, s2 = values(norm.args[1]), values(norm.args[2])
+        if s1 is None or s2 is None:
+            return None
+        out = compensated_standardization(flat, s1.to(p.dtype), s2.to(p.dtype), *norm.args[3:5])
+    else:
+        out = torch.nn.functional.batch_norm(flat, None, None, training=True, momentum=0.0, eps=norm.args[7])
+    return out.reshape(p.shape)
+
+
 def is_constant(v: Any) -> bool:
     """Whether ``v`` is a tensor the rewrite slices and adds to through parameters: a get_attr node, or a
     permute/transpose/alias of one (``aten.addmm(b, x, permute(W))`` after decomposition), or a weight norm of
-    two (:data:`WEIGHT_NORMS`: its rule lets only the slices go that leave the norms as they are)."""
+    two (:data:`WEIGHT_NORMS`: its rule lets only the slices go that leave the norms as they are), or a parameter's
+    weight standardization (:func:`standardized`: its batch norm's rule keeps the rows' statistics)."""
     if not isinstance(v, Node):
         return False
     if v.op == "get_attr":
+        return True
+    if standardized(v) is not None:
         return True
     if v.op == "call_function" and v.target in WEIGHT_NORMS:
         return all(is_constant(a) for a in v.args[:2]) and len(v.users) == 1
@@ -492,6 +550,9 @@ class Rewrite(Protocol):
 
     def resize_sizes(self, op: Op, where: SizeArg) -> None:
         """Replace the int sizes at ``where`` by the kept counts of the output dims they size."""
+
+    def buffer(self, op: Op, name: str, value: torch.Tensor) -> Node:
+        """A get_attr node of the new graph, before the op's, holding ``value`` (a new constant: not trainable)."""
 
     def select_after(self, op: Op, target: Any, args: tuple, d: int, positions: torch.Tensor, weight: Any,
                      bias: Any) -> None:

@@ -17,12 +17,14 @@ from torch.export._unlift import GuardsFn
 from torch.fx import Node
 
 from fxprune.graph.scan import BLOCK_BYTES
-from fxprune.analysis.rule import DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval
+from fxprune.analysis.rule import (DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval,
+                                   standardized)
 from fxprune.analysis.table import RULES, ByName
 from fxprune.graph.masks import weight_norm_kept
 from fxprune.graph.shapes import TensorSpec, is_dynamic_scalar, node_spec
 from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_softmax,
                              shrunk_groups)
+from fxprune.nn.stdconv import STANDARDIZATION_OP, compensated_standardization
 
 aten = torch.ops.aten
 
@@ -567,6 +569,56 @@ class BatchNorm(Rule):
         if training or op.target is aten._native_batch_norm_legit_no_training.default:
             return None  # (tuple output: the getitem user computes its facts)
         return self.zero_scaled(op, fx, nan_eval(op, fx))
+
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
+        """A weight standardization (:func:`~fxprune.analysis.rule.standardized`) whose rows lose entries (the input
+        channels its convolution no longer reads) becomes :func:`~fxprune.nn.stdconv.compensated_standardization`,
+        with each kept row's removed entries summed (the parameter's values) into two buffers."""
+        user = next(iter(op.node.users), None)
+        p = standardized(user) if len(op.node.users) == 1 else None
+        x = op.arg(0, "input")
+        if p is None or bool(rw.kept(x, 2).all()):
+            return
+        s1, s2 = _removed_row_sums(rw, x, p)
+        rw.retarget(op, compensated_standardization, (rw.new(x), rw.buffer(op, "removed_sum", s1),
+                                                      rw.buffer(op, "removed_sq_sum", s2), _shape(rw.facts.sp, x)[2],
+                                                      op.arg(7, "eps")), {})
+
+
+def _removed_row_sums(rw: Rewrite, flat: Node, p: Node) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per kept row of the standardized parameter ``p`` (``flat``: its reshape to (1, rows, entries)), the sum and
+    the sum of squares of its entries that go, in ``p``'s dtype (summed in float64)."""
+    P = rw.facts.value(p)
+    gone = ~rw.kept(flat, 2)
+    rows = P.to(torch.float64).reshape(P.shape[0], -1)[rw.kept(flat, 1)][:, gone]
+    return rows.sum(1).to(P.dtype), (rows * rows).sum(1).to(P.dtype)
+
+
+class CompensatedStandardization(Rule):
+    """:func:`~fxprune.nn.stdconv.compensated_standardization` (a weight standardization whose rows lost entries,
+    written by :meth:`BatchNorm.rewrite`; its custom op where a compensated module of the user's class was
+    captured): the rows are its channels, with its two buffers of sums; rows that lose more entries add them to the
+    sums."""
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, s1, s2 = op.node.args[:3]
+        for d in range(sp.rank(x)):
+            sp.unify(x, d, op.node, d, f"by {op.describe()}")
+        for v in (s1, s2):
+            sp.unify(v, 0, op.node, 1, f"by {op.describe()}")
+
+    def rewrite(self, op: Op, rw: Rewrite) -> None:
+        x, s1, s2, full, eps = op.node.args[:5]
+        if op.target is STANDARDIZATION_OP:  # (the custom op of a capture: the function in the result)
+            rw.retarget(op, compensated_standardization, (rw.new(x), rw.new(s1), rw.new(s2), full, eps), {})
+        user = next(iter(op.node.users), None)
+        p = standardized(user) if len(op.node.users) == 1 else None
+        if p is None or bool(rw.kept(x, 2).all()):
+            return
+        P = rw.facts.value(p).to(torch.float64).reshape(_shape(rw.facts.sp, p)[0], -1)
+        rows = P[:, ~rw.kept(x, 2)]
+        rw.add_to_bias(op, op.node.args[1], 1, "removed_sum", rows.sum(1), out_dim=1)
+        rw.add_to_bias(op, op.node.args[2], 2, "removed_sq_sum", (rows * rows).sum(1), out_dim=1)
 
     def zero_scaled(self, op: Op, fx: Facts, out: list[DimFacts] | None) -> list[DimFacts] | None:
         """``out`` (eval mode) with every channel whose weight is exactly 0 known as its bias, whatever its input: a
@@ -2099,6 +2151,7 @@ register(ConvTranspose(), F.conv_transpose1d, F.conv_transpose2d, F.conv_transpo
 register(Embedding(), F.embedding, aten.embedding)
 register(BatchNorm(), F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 register(CompensatedNorm(), compensated_layer_norm, compensated_group_norm, compensated_rms_norm)
+register(CompensatedStandardization(), compensated_standardization, STANDARDIZATION_OP)
 register(Norm(), F.layer_norm, F.group_norm, aten.layer_norm, aten.native_layer_norm, aten.group_norm,
          aten.native_group_norm, aten.rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
 register(Recurrent(), aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input)

@@ -32,6 +32,7 @@ from fxprune.graph.origin import takes
 from fxprune.nn.inputs import SELECTED_DIMS, selected_subclass
 from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, compensated_rms_norm, compensated_subclass,
                              shrunk_groups)
+from fxprune.nn.stdconv import compensate_std_conv_, compensated_standardization, one_op, standardizes
 
 __all__ = ["minimize_module", "cache_off", "eval_capture", "selectable_inputs", "KeptChannelsWarning",
            "SIZE_ATTRIBUTES", "BY_CLASS_NAME", "BY_NAME_SUFFIX"]
@@ -245,7 +246,7 @@ def eval_capture(model: nn.Module, example_inputs: Sequence[Any]) -> torch.fx.Gr
     """A static-shape capture of ``model`` as deployed: every module in eval mode (set directly: the module
     torch.export returns refuses ``.eval()``) and the KV cache off, drawing no randomness from the global RNGs;
     ``model``'s modes are restored afterwards. What the group lasso and the structured masks read groups off."""
-    with eval_modes(model), torch.random.fork_rng(devices=[]), cache_off(model):
+    with eval_modes(model), torch.random.fork_rng(devices=[]), cache_off(model), one_op():
         return capture(model, as_inputs(example_inputs, model), dynamic_shapes=None)
 
 
@@ -289,7 +290,7 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
     if not isinstance(model, nn.Module) or isinstance(model, torch.fx.GraphModule):
         got = "a GraphModule" if isinstance(model, torch.fx.GraphModule) else type(model).__name__
         raise InputError(f"minimize_module takes the user's nn.Module, got {got} (for graphs use fp.minimize)")
-    with cache_off(model) as changed:
+    with cache_off(model) as changed, one_op():  # (a compensated standardization captured as one op)
         out = _minimize_module(model, example_inputs, dynamic_shapes=dynamic_shapes, verify=verify, **options)
     for path in changed:
         out.get_submodule(path).config.use_cache = True
@@ -685,7 +686,9 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     # norms made compensated now, from the graph's arguments (group norms of a class whose own forward computes
     # something else: stale, their channels stay)
     compensated, own_forward = _compensated_norms(small, out)
-    changed |= compensated
+    standardized, unknown = _compensated_std_convs(small, out)
+    changed |= compensated | standardized
+    own_forward |= unknown
     # attention modules whose heads narrowed get their head width and count first (GPT-2's updater reads them)
     narrowed = {p for p, m in out.named_modules() if any(_inside(c, p) for c in changed)
                 and _set_heads(m, p, small.meta.get(KEPT_KEY, {}), small.meta.get(HEADS_KEY, {}))}
@@ -700,7 +703,8 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
             continue
         m = out.get_submodule(path)
         update = _updater(m)
-        if hasattr(m, "removed_sq_sum") and (hasattr(m, "full_size") or hasattr(m, "full_channels")):
+        if hasattr(m, "removed_sq_sum") and (hasattr(m, "full_size") or hasattr(m, "full_channels")) \
+                and not standardizes(m):
             # a norm fxprune compensated before
             if not _recompensate(model, out, path, small.meta.get(KEPT_KEY, {}), inputs):
                 stale.append(path)
@@ -898,6 +902,27 @@ def _module_path(node: torch.fx.Node) -> str | None:
     return list(stack.values())[-1][0] if stack else None
 
 
+def _compensated_std_convs(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set[str], set[str]]:
+    """Weight-standardized convolutions whose weight minimize compensated (input channels removed): made
+    :class:`~fxprune.nn.stdconv.CompensatedStdConv2d` subclasses of their class, with the removed entries' sums of
+    the graph. Returns those, and the modules of another class computing such a weight (their channels stay)."""
+    done, other = set(), set()
+    for n in small.graph.nodes:
+        if n.target is not compensated_standardization:
+            continue
+        path = _module_path(n)
+        old = out.get_submodule(path) if path is not None else None
+        if not standardizes(old):
+            if path is None:
+                raise UnsupportedError(f"minimize compensated a weight standardization ({n.name}) no module computes")
+            other.add(path)
+            continue
+        s1, s2 = (get_attr(small, a.target) for a in n.args[1:3])
+        compensate_std_conv_(old, n.args[3], s1, s2)
+        done.add(path)
+    return done, other
+
+
 def _created_biases(small: torch.fx.GraphModule, out: nn.Module) -> set[str]:
     """Biases minimize created to fold a constant into a layer that had none: registered on that layer."""
     done = set()
@@ -975,6 +1000,29 @@ def _a_group_norm(norm: nn.GroupNorm) -> bool:
     return isinstance(got, torch.Tensor) and got.shape == ref.shape and bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6))
 
 
+def _activation_after(norm: nn.Module) -> nn.Module | None:
+    """The child ``activation`` of a GroupNorm subclass whose forward is ``F.group_norm`` and then that activation
+    (transformers' ``BitGroupNormActivation``), as a probe shows; else None."""
+    act = norm._modules.get("activation")
+    w = getattr(norm, "weight", None)
+    if not isinstance(norm, nn.GroupNorm) or not isinstance(act, nn.Module) or w is None:
+        return None
+    probe = copy.copy(norm)  # (at the width its num_groups divides: its affine may be sliced already)
+    probe._parameters = dict(norm._parameters)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g).to(w.device, w.dtype)
+               for shape in ((2, norm.num_channels, 3, 4), (norm.num_channels,), (norm.num_channels,)))
+    probe.weight, probe.bias = nn.Parameter(w), nn.Parameter(b)
+    try:
+        with torch.no_grad():
+            got = probe(x)
+            ref = act(torch.nn.functional.group_norm(x, norm.num_groups, w, b, norm.eps))
+    except Exception:  # noqa: BLE001 (a layout this norm does not take)
+        return None
+    ok = isinstance(got, torch.Tensor) and got.shape == ref.shape and bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6))
+    return act if ok else None
+
+
 def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set[str], set[str]]:
     """Norms minimize turned into compensated ones (stream channels removed): replaced by the modules. Returns
     those, and the group norms whose class has a forward of its own that computes something else than GroupNorm
@@ -993,10 +1041,13 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set
             old = out.get_submodule(path)
             if type(old) is CompensatedGroupNorm and small.meta.get(CAPTURE_METHOD_KEY) == "export":
                 continue  # the group norm inside a grouped one's forward, traced through: _recompensate's to update
+            activation = None
             if not (type(old) is CompensatedGroupNorm  # (one made by an earlier call: a symbolic trace keeps its call)
                     or isinstance(old, nn.GroupNorm) and _a_group_norm(old)):
-                own_forward.add(path)
-                continue
+                activation = _activation_after(old)
+                if activation is None:
+                    own_forward.add(path)
+                    continue
             w, b = (get_attr(small, a.target) if a is not None else None for a in args[1:3])
             new = CompensatedGroupNorm(n.meta["val"].shape[1], args[4], args[3], args[5], args[6], affine=w is not None,
                                        dtype=w.dtype if w is not None else None,
@@ -1004,6 +1055,8 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set
             for name, t, src in (("weight", w, old.weight), ("bias", b, old.bias)):
                 if t is not None:
                     setattr(new, name, nn.Parameter(t.detach().clone(), requires_grad=src.requires_grad))
+            if activation is not None or type(old) is CompensatedGroupNorm and "activation" in old._modules:
+                new.activation = old.activation  # (BiT's norm applies its activation after the norm)
             setattr(*attr_owner(out, path), new)
             done.add(path)
             continue

@@ -30,6 +30,7 @@ from fxprune.errors import InputError, LoadError
 from fxprune.interop import shards
 from fxprune.nn.inputs import SELECTED_DIMS, SelectedInputs, selected_subclass
 from fxprune.nn.norm import CompensatedGroupNorm, CompensatedLayerNorm, CompensatedRMSNorm, compensated_subclass
+from fxprune.nn.stdconv import compensate_std_conv_, standardizes
 from fxprune.graph.rebuild import attr_owner, named_tensors
 
 __all__ = ["save", "load", "write_module", "file_sha256", "FORMAT", "SHARD_BYTES"]
@@ -114,8 +115,12 @@ def write_module(module: nn.Module, directory: str | os.PathLike, fetch: Callabl
         if type(m).__name__ in _REPLACEMENTS and type(m).__module__.startswith("fxprune."):
             _, fields = _REPLACEMENTS[type(m).__name__]
             entry["replacement"] = {"class": type(m).__name__, "args": {f: getattr(m, f) for f in fields}}
+            if isinstance(m, CompensatedGroupNorm) and "activation" in m._modules:  # (BiT's norm, activation after)
+                entry["replacement"]["activation"] = True
         if isinstance(m, SelectedInputs):  # a layer of the user's class that reads the model input's kept channels
             entry["selected"] = True
+        if hasattr(type(m), "_fxprune_standardizes"):  # the user's weight-standardized conv, made compensated
+            entry["standardized"] = {"full_size": m.full_size}
         if hasattr(type(m), "_fxprune_compensates"):  # the user's norm class, made compensated (keeps its name)
             entry["compensated"] = {"channels_first": type(m)._fxprune_compensates[1]} | {
                 f: getattr(m, f) for f in _COMPENSATED}
@@ -165,6 +170,20 @@ def _compensate(m: nn.Module, path: str, entry: dict[str, Any]) -> None:
                         f"{type(m).__name__} (a LayerNorm with full_size, removed_sum, removed_sq_sum)")
     m.__class__ = compensated_subclass(type(m), rec["channels_first"])
     m.full_size, m.removed_sum, m.removed_sq_sum = rec["full_size"], float(rec["removed_sum"]), float(rec["removed_sq_sum"])
+
+
+def _standardize(m: nn.Module, path: str, entry: dict[str, Any]) -> None:
+    """Make ``m`` (built by the user's code) the compensated weight-standardized convolution the manifest records
+    for it (:func:`~fxprune.nn.stdconv.std_conv_subclass`; its sums are loaded with the weights)."""
+    rec = entry.get("standardized")
+    if rec is None:
+        return
+    specs = [entry["tensors"].get(k) for k in ("removed_sum", "removed_sq_sum")]
+    if not standardizes(m) or not isinstance(rec, dict) or set(rec) != {"full_size"} or type(rec["full_size"]) is not int \
+            or not all(isinstance(t, dict) and t.get("parameter") is False and len(t.get("shape", ())) == 1 for t in specs):
+        raise LoadError(f"module '{path}': the manifest's standardized convolution record {rec!r} does not fit a "
+                        f"{type(m).__name__} (a weight-standardized Conv2d with full_size and two 1-D buffers of sums)")
+    compensate_std_conv_(m, rec["full_size"], torch.empty(0), torch.empty(0))
 
 
 def _select(m: nn.Module, path: str, entry: dict[str, Any]) -> None:
@@ -232,17 +251,24 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
         if repl is not None:
             cls, fields = _REPLACEMENTS.get(repl.get("class"), (None, ()))
             args = set(repl.get("args", {}))  # files written before "offset" existed lack it (its default: 0)
-            if cls is None or not args <= set(fields) or set(fields) - args - _OPTIONAL:
+            if cls is None or not args <= set(fields) or set(fields) - args - _OPTIONAL \
+                    or not set(repl) <= {"class", "args", "activation"}:
                 raise LoadError(f"module '{path}': unknown replacement {repl.get('class')!r} in the manifest")
-            m = cls(**repl["args"])
+            built, m = m, cls(**repl["args"])
             for name in [n for n in m._parameters if n not in entry["tensors"]]:  # a norm without weights (or bias)
                 m._parameters[name] = None
+            if repl.get("activation") is True:  # the activation the user's norm applied after it: build()'s
+                if not isinstance(built._modules.get("activation"), nn.Module):
+                    raise LoadError(f"module '{path}': the manifest's norm applies the activation of build()'s "
+                                    f"module, and build()'s {type(built).__name__} has none: a different architecture")
+                m.activation = built.activation
             setattr(*attr_owner(model, path), m)
         elif _qualname(m) != entry["class"]:
             raise LoadError(f"module '{path}' is a {_qualname(m)} in build()'s model, a {entry['class']} in the "
                             "manifest: a different architecture")
         else:
             _compensate(m, path, entry)
+            _standardize(m, path, entry)
             _select(m, path, entry)
         for name, spec in entry["tensors"].items():
             if name not in m._parameters and name not in m._buffers and not (name == "bias" and hasattr(m, "bias")):

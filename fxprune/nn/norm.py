@@ -428,8 +428,10 @@ class CompensatedGroupNorm(nn.Module):
         return self._copy(self, int(keep.sum()), per * len(groups), self.eps, s1, s2, keep, groups)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return compensated_group_norm(input, self.weight, self.bias, self.eps, self.full_channels, self.removed_sum,
-                                      self.removed_sq_sum, self.kept_per_group)
+        out = compensated_group_norm(input, self.weight, self.bias, self.eps, self.full_channels, self.removed_sum,
+                                     self.removed_sq_sum, self.kept_per_group)
+        act = self._modules.get("activation")  # (a norm whose class applies its activation too: BiT's)
+        return out if act is None else act(out)
 
     def extra_repr(self) -> str:
         groups = f", kept_per_group={self.kept_per_group}" if self.kept_per_group is not None else ""

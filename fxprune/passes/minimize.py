@@ -179,6 +179,10 @@ class Rewriter:
         self.buffers.add(f"{prefix}{i}")
         return self.graph.get_attr(f"{prefix}{i}")
 
+    def buffer(self, op: Op, name: str, value: torch.Tensor) -> Node:
+        with self.graph.inserting_before(self.env[op.node]):
+            return self.constant(f"{op.node.name}_{name}_", value)
+
     def compensate_sum(self, op: Op, x: Node, d: int, removed: torch.Tensor, keepdim: bool, mean: bool) -> None:
         """Replace ``sum``/``mean`` of ``x`` over dim ``d`` by the sum over the kept channels plus the removed
         channels' contribution, replayed from their constants (:meth:`Facts.ghost`); a mean divides by the
