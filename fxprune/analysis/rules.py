@@ -585,6 +585,25 @@ class BatchNorm(Rule):
                                                       op.arg(7, "eps")), {})
 
 
+    def zero_scaled(self, op: Op, fx: Facts, out: list[DimFacts] | None) -> list[DimFacts] | None:
+        """``out`` (eval mode) with every channel whose weight is exactly 0 known as its bias, whatever its input: a
+        finite input times a zero factor is zero, as :class:`Mul` holds (a BatchNorm the group lasso zeroed)."""
+        x, (w, b, mean, var), _ = self.operands(op)
+        if not isinstance(w, Node) or not isinstance(mean, Node) or not isinstance(var, Node):
+            return out
+        scale = fx.materialize(w)
+        bias = fx.materialize(b) if isinstance(b, Node) else torch.zeros_like(scale)
+        eps = op.arg(6 if op.target is aten._native_batch_norm_legit_no_training.default else 7, "eps", 1e-5)
+        var = fx.materialize(var)
+        dead = ((scale == 0) & bias.isfinite() & fx.materialize(mean).isfinite() & var.isfinite()
+                & (var + eps > 0))
+        if scale.dim() != 1 or not bool(dead.any()):
+            return out
+        out = list(out) if out else [_unknown(n) for n in _shape(fx.sp, x)]
+        out[1] = DimFacts(out[1].known | dead, torch.where(dead, bias.to(out[1].value.dtype), out[1].value))
+        return out
+
+
 def _removed_row_sums(rw: Rewrite, flat: Node, p: Node) -> tuple[torch.Tensor, torch.Tensor]:
     """Per kept row of the standardized parameter ``p`` (``flat``: its reshape to (1, rows, entries)), the sum and
     the sum of squares of its entries that go, in ``p``'s dtype (summed in float64)."""
@@ -619,24 +638,6 @@ class CompensatedStandardization(Rule):
         rows = P[:, ~rw.kept(x, 2)]
         rw.add_to_bias(op, op.node.args[1], 1, "removed_sum", rows.sum(1), out_dim=1)
         rw.add_to_bias(op, op.node.args[2], 2, "removed_sq_sum", (rows * rows).sum(1), out_dim=1)
-
-    def zero_scaled(self, op: Op, fx: Facts, out: list[DimFacts] | None) -> list[DimFacts] | None:
-        """``out`` (eval mode) with every channel whose weight is exactly 0 known as its bias, whatever its input: a
-        finite input times a zero factor is zero, as :class:`Mul` holds (a BatchNorm the group lasso zeroed)."""
-        x, (w, b, mean, var), _ = self.operands(op)
-        if not isinstance(w, Node) or not isinstance(mean, Node) or not isinstance(var, Node):
-            return out
-        scale = fx.materialize(w)
-        bias = fx.materialize(b) if isinstance(b, Node) else torch.zeros_like(scale)
-        eps = op.arg(6 if op.target is aten._native_batch_norm_legit_no_training.default else 7, "eps", 1e-5)
-        var = fx.materialize(var)
-        dead = ((scale == 0) & bias.isfinite() & fx.materialize(mean).isfinite() & var.isfinite()
-                & (var + eps > 0))
-        if scale.dim() != 1 or not bool(dead.any()):
-            return out
-        out = list(out) if out else [_unknown(n) for n in _shape(fx.sp, x)]
-        out[1] = DimFacts(out[1].known | dead, torch.where(dead, bias.to(out[1].value.dtype), out[1].value))
-        return out
 
 
 class Recurrent(Rule):
