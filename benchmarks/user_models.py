@@ -78,6 +78,8 @@ TRANSFORMERS = {
     "albert": ("cls", "AlbertConfig", "AlbertForSequenceClassification", dict(_LM, embedding_size=16)),
     "electra": ("cls", "ElectraConfig", "ElectraForSequenceClassification", dict(_LM, embedding_size=16)),
     "deberta": ("cls", "DebertaV2Config", "DebertaV2ForSequenceClassification", _LM),
+    "bit": ("img", "BitConfig", "BitForImageClassification",
+            dict(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_groups=4)),
     "convnext_hf": ("img", "ConvNextConfig", "ConvNextForImageClassification",
                     dict(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=32)),
     "swin": ("img", "SwinConfig", "SwinForImageClassification",

@@ -4,6 +4,7 @@ entries' sums kept (``fxprune.nn.stdconv``), in the graph and in the user's clas
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -65,12 +66,13 @@ def test_compensated_standardization_is_the_batch_norm_of_the_whole_row():
     assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_a_standardized_convs_channels_go_in_the_graph_exactly():
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_a_standardized_convs_channels_go_in_the_graph_exactly(method):
     torch.manual_seed(0)
     net = _planted(Net()).double().eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     before = snapshot(net)
-    gm = fp.capture(net, (x,), method="export", dynamic_shapes="every")
+    gm = fp.capture(net, (x,), method=method, dynamic_shapes="every")
     small = fp.minimize(gm)
     assert snapshot(net) == before
     shapes = {k: tuple(v.shape) for k, v in small.state_dict().items()}
@@ -136,6 +138,12 @@ def test_bit_comes_back_as_itself_with_compensated_standardized_convs(tmp_path):
     loaded = fp.load(tmp_path / "bit", lambda: _bit(transformers))
     _logits_exact(small, loaded, [(2, 3, 32, 32)])
     assert isinstance(loaded.bit.encoder.stages[0].layers[0].conv2, CompensatedStdConv2d)
+    manifest = tmp_path / "bit" / "manifest.json"  # a record that does not fit: refused, never loaded wrong
+    record = json.loads(manifest.read_text())
+    record["modules"]["bit.encoder.stages.0.layers.0.conv2"]["standardized"] = {"full_size": "72"}
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(fp.LoadError, match="standardized convolution record"):
+        fp.load(tmp_path / "bit", lambda: _bit(transformers))
     small.train()
     small(x).logits.sum().backward()
     assert conv2.weight.grad is not None and conv2.weight.grad.abs().sum() > 0
@@ -175,3 +183,48 @@ def test_a_std_conv_subclass_pickles_and_copies_as_the_users_class():
     assert torch.allclose(small(x[:, :3]), conv(x), rtol=1e-12, atol=1e-12)
     for again in (copy.deepcopy(small), pickle.loads(pickle.dumps(small))):
         assert type(again) is std_conv_subclass(StdConv2d) and torch.equal(again(x[:, :3]), small(x[:, :3]))
+
+
+class GroupNormAct(nn.GroupNorm):
+    """As timm writes it: the norm, then ``drop`` and ``act`` children."""
+
+    def __init__(self, groups: int, channels: int) -> None:
+        super().__init__(groups, channels)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.drop(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)))
+
+
+class ActNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gn = StdConv2d(3, 8, 3, padding=1, bias=False), GroupNormAct(2, 8)
+        self.b, self.gn2 = StdConv2d(8, 8, 1, bias=False), GroupNormAct(2, 8)
+        self.c = StdConv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(self.gn2(self.b(self.gn(self.a(x))))).mean((2, 3))
+
+
+def test_a_class_of_std_convs_and_norms_with_activations_comes_back_as_itself(monkeypatch, tmp_path):
+    """Norms whose forward applies children after the norm (timm's ``drop`` and ``act``) become compensated norms
+    that apply them; weight-standardized convolutions of a class fxprune knows become compensated subclasses of it;
+    both survive fp.save / fp.load. A class it does not know keeps those channels."""
+    from fxprune.interop.module import KeptChannelsWarning
+    from fxprune.nn import stdconv
+
+    torch.manual_seed(0)
+    net = _planted(ActNet()).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.warns(KeptChannelsWarning):
+        kept = fp.minimize_module(net, (x,))
+    assert kept.b.weight.shape[1] == 8  # (an unknown class of standardized convolution: its inputs stay)
+    monkeypatch.setattr(stdconv, "KNOWN", stdconv.KNOWN | {(StdConv2d.__module__, "StdConv2d")})
+    small = fp.minimize_module(net, (x,))
+    assert type(small) is ActNet and small.b.weight.shape == (6, 6, 1, 1) and isinstance(small.b, CompensatedStdConv2d)
+    assert isinstance(small.gn2.activation, nn.Sequential) and isinstance(small.gn2.activation[1], nn.ReLU)
+    exact_at(net, small, [(2, 3, 8, 8), (3, 3, 11, 13)])
+    fp.save(small, tmp_path / "net")
+    loaded = fp.load(tmp_path / "net", lambda: _planted(ActNet()).double())
+    exact_at(small, loaded, [(2, 3, 8, 8)])

@@ -392,17 +392,19 @@ WEIGHT_NORMS = {torch.ops.aten._weight_norm.default}
 def standardized(v: Any) -> Node | None:
     """The parameter (a get_attr node) whose weight standardization ``v`` is, or None: ``v`` is
     ``reshape_as(batch_norm(reshape(p, [1, out, -1]), None, None, None, None, training=True, ...), p)``, as a
-    weight-standardized convolution computes its weight (BiT's ``StdConv2d``), or the same with
+    weight-standardized convolution computes its weight (BiT's ``StdConv2d``), in aten ops (torch.export) or as a
+    symbolic trace records it (``F.batch_norm``, the tensor methods), or the same with
     :func:`~fxprune.nn.stdconv.compensated_standardization` (or its custom op, as a module minimized before is
     captured) in place of the batch norm (a weight that lost entries of its rows), each step read by the next
     alone."""
-    if not (isinstance(v, Node) and v.op == "call_function" and v.target in _AS and len(v.users) == 1):
+    if not (isinstance(v, Node) and v.op in ("call_function", "call_method") and v.target in _AS
+            and len(v.users) == 1):
         return None
     norm, p = v.args[:2]
     if not (isinstance(p, Node) and p.op == "get_attr" and isinstance(norm, Node) and len(norm.users) == 1):
         return None
-    if norm.target is torch.ops.aten.batch_norm.default:
-        if len(norm.args) < 8 or any(a is not None for a in norm.args[1:5]) or norm.args[5] is not True:
+    if norm.target in _BATCH_NORMS:
+        if _std_eps(norm) is None:
             return None
     elif norm.target is compensated_standardization or norm.target is STANDARDIZATION_OP:
         if not all(isinstance(a, Node) and a.op == "get_attr" for a in norm.args[1:3]):
@@ -412,29 +414,46 @@ def standardized(v: Any) -> Node | None:
     flat = norm.args[0]
     if not (isinstance(flat, Node) and flat.target in _FLAT and flat.args[0] is p and len(flat.users) == 1):
         return None
-    shape = list(flat.args[1]) if isinstance(flat.args[1], (list, tuple)) else None
+    shape = flat.args[1] if len(flat.args) == 2 else flat.args[1:]  # (x.reshape(1, out, -1): the sizes as args)
     spec = node_spec(p)
-    if not isinstance(spec, TensorSpec) or shape is None or len(shape) != 3 or shape[0] != 1 \
-            or shape[1] != spec.shape[0] or len(spec.shape) < 2:
+    if not isinstance(spec, TensorSpec) or not isinstance(shape, (list, tuple)) or len(shape) != 3 \
+            or shape[0] != 1 or shape[1] != spec.shape[0] or len(spec.shape) < 2:
         return None
     return p
 
 
-_AS = {torch.ops.aten.reshape_as.default, torch.ops.aten.view_as.default}
-_FLAT = {torch.ops.aten.reshape.default, torch.ops.aten.view.default}
+_AS = {torch.ops.aten.reshape_as.default, torch.ops.aten.view_as.default, "reshape_as", "view_as"}
+_FLAT = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, "reshape", "view"}
+_BATCH_NORMS = {torch.ops.aten.batch_norm.default, torch.nn.functional.batch_norm}
+
+
+def _std_eps(norm: Node) -> float | None:
+    """The eps of a batch norm that standardizes: training mode, no running statistics, no affine (aten's
+    ``batch_norm`` or ``F.batch_norm``); None for any other."""
+    if norm.target is torch.ops.aten.batch_norm.default:
+        names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+    else:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    given = dict(zip(names, norm.args)) | dict(norm.kwargs)
+    defaults = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
+    get = lambda k: given.get(k, defaults.get(k))  # noqa: E731
+    if any(get(k) is not None for k in ("weight", "bias", "running_mean", "running_var")) or get("training") is not True:
+        return None
+    eps = get("eps")
+    return float(eps) if isinstance(eps, (int, float)) else None
 
 
 def standardize(norm: Node, p: torch.Tensor, values: Callable[[Node], torch.Tensor | None]) -> torch.Tensor | None:
     """The weight a chain of :func:`standardized` computes from the value ``p`` of its parameter (``norm``: its
     batch norm or compensated standardization; ``values`` reads the latter's sums)."""
     flat = p.reshape(1, p.shape[0], -1)
-    if norm.target is not torch.ops.aten.batch_norm.default:
+    if norm.target not in _BATCH_NORMS:
         s1, s2 = values(norm.args[1]), values(norm.args[2])
         if s1 is None or s2 is None:
             return None
         out = compensated_standardization(flat, s1.to(p.dtype), s2.to(p.dtype), *norm.args[3:5])
     else:
-        out = torch.nn.functional.batch_norm(flat, None, None, training=True, momentum=0.0, eps=norm.args[7])
+        out = torch.nn.functional.batch_norm(flat, None, None, training=True, momentum=0.0, eps=_std_eps(norm))
     return out.reshape(p.shape)
 
 

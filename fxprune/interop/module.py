@@ -1000,27 +1000,38 @@ def _a_group_norm(norm: nn.GroupNorm) -> bool:
     return isinstance(got, torch.Tensor) and got.shape == ref.shape and bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6))
 
 
-def _activation_after(norm: nn.Module) -> nn.Module | None:
-    """The child ``activation`` of a GroupNorm subclass whose forward is ``F.group_norm`` and then that activation
-    (transformers' ``BitGroupNormActivation``), as a probe shows; else None."""
-    act = norm._modules.get("activation")
+# children a GroupNorm subclass applies after the norm, in order: transformers' BitGroupNormActivation, timm's
+# GroupNormAct / GroupNorm1Act
+AFTER_NORM = (("activation",), ("drop", "act"))
+
+
+def _after_norm(norm: nn.Module) -> tuple[str, ...] | None:
+    """The names of the children (:data:`AFTER_NORM`) a GroupNorm subclass applies after ``F.group_norm`` in its
+    forward, as a probe shows; else None."""
     w = getattr(norm, "weight", None)
-    if not isinstance(norm, nn.GroupNorm) or not isinstance(act, nn.Module) or w is None:
+    if not isinstance(norm, nn.GroupNorm) or w is None:
         return None
-    probe = copy.copy(norm)  # (at the width its num_groups divides: its affine may be sliced already)
-    probe._parameters = dict(norm._parameters)
-    g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*shape, generator=g).to(w.device, w.dtype)
-               for shape in ((2, norm.num_channels, 3, 4), (norm.num_channels,), (norm.num_channels,)))
-    probe.weight, probe.bias = nn.Parameter(w), nn.Parameter(b)
-    try:
-        with torch.no_grad():
-            got = probe(x)
-            ref = act(torch.nn.functional.group_norm(x, norm.num_groups, w, b, norm.eps))
-    except Exception:  # noqa: BLE001 (a layout this norm does not take)
-        return None
-    ok = isinstance(got, torch.Tensor) and got.shape == ref.shape and bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6))
-    return act if ok else None
+    for names in AFTER_NORM:
+        mods = [norm._modules.get(n) for n in names]
+        if not all(isinstance(m, nn.Module) for m in mods):
+            continue
+        probe = copy.copy(norm)  # (at the width its num_groups divides: its affine may be sliced already)
+        probe._parameters = dict(norm._parameters)
+        g = torch.Generator().manual_seed(0)
+        x, pw, pb = (torch.randn(*shape, generator=g).to(w.device, w.dtype)
+                     for shape in ((2, norm.num_channels, 3, 4), (norm.num_channels,), (norm.num_channels,)))
+        probe.weight, probe.bias = nn.Parameter(pw), nn.Parameter(pb)
+        try:
+            with torch.no_grad():
+                got = probe.eval()(x)
+                ref = torch.nn.functional.group_norm(x, norm.num_groups, pw, pb, norm.eps)
+                for m in mods:
+                    ref = m(ref)
+        except Exception:  # noqa: BLE001 (a layout this norm does not take)
+            return None
+        if isinstance(got, torch.Tensor) and got.shape == ref.shape and bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6)):
+            return names
+    return None
 
 
 def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set[str], set[str]]:
@@ -1041,11 +1052,11 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set
             old = out.get_submodule(path)
             if type(old) is CompensatedGroupNorm and small.meta.get(CAPTURE_METHOD_KEY) == "export":
                 continue  # the group norm inside a grouped one's forward, traced through: _recompensate's to update
-            activation = None
+            after = None
             if not (type(old) is CompensatedGroupNorm  # (one made by an earlier call: a symbolic trace keeps its call)
                     or isinstance(old, nn.GroupNorm) and _a_group_norm(old)):
-                activation = _activation_after(old)
-                if activation is None:
+                after = _after_norm(old)
+                if after is None:
                     own_forward.add(path)
                     continue
             w, b = (get_attr(small, a.target) if a is not None else None for a in args[1:3])
@@ -1055,8 +1066,12 @@ def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set
             for name, t, src in (("weight", w, old.weight), ("bias", b, old.bias)):
                 if t is not None:
                     setattr(new, name, nn.Parameter(t.detach().clone(), requires_grad=src.requires_grad))
-            if activation is not None or type(old) is CompensatedGroupNorm and "activation" in old._modules:
-                new.activation = old.activation  # (BiT's norm applies its activation after the norm)
+            if after is not None:  # (BiT's norm applies its activation after the norm: the new one does too)
+                new.activation = (old._modules[after[0]] if len(after) == 1
+                                  else nn.Sequential(*(old._modules[n] for n in after)))
+                new._fxprune_after = list(after)  # (the user's names, for fp.load to find them in build()'s module)
+            elif type(old) is CompensatedGroupNorm and "activation" in old._modules:
+                new.activation, new._fxprune_after = old.activation, getattr(old, "_fxprune_after", ["activation"])
             setattr(*attr_owner(out, path), new)
             done.add(path)
             continue

@@ -116,7 +116,7 @@ def write_module(module: nn.Module, directory: str | os.PathLike, fetch: Callabl
             _, fields = _REPLACEMENTS[type(m).__name__]
             entry["replacement"] = {"class": type(m).__name__, "args": {f: getattr(m, f) for f in fields}}
             if isinstance(m, CompensatedGroupNorm) and "activation" in m._modules:  # (BiT's norm, activation after)
-                entry["replacement"]["activation"] = True
+                entry["replacement"]["activation"] = getattr(m, "_fxprune_after", ["activation"])
         if isinstance(m, SelectedInputs):  # a layer of the user's class that reads the model input's kept channels
             entry["selected"] = True
         if hasattr(type(m), "_fxprune_standardizes"):  # the user's weight-standardized conv, made compensated
@@ -257,11 +257,14 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
             built, m = m, cls(**repl["args"])
             for name in [n for n in m._parameters if n not in entry["tensors"]]:  # a norm without weights (or bias)
                 m._parameters[name] = None
-            if repl.get("activation") is True:  # the activation the user's norm applied after it: build()'s
-                if not isinstance(built._modules.get("activation"), nn.Module):
-                    raise LoadError(f"module '{path}': the manifest's norm applies the activation of build()'s "
-                                    f"module, and build()'s {type(built).__name__} has none: a different architecture")
-                m.activation = built.activation
+            if "activation" in repl:  # the modules the user's norm applied after it (its activation): build()'s
+                names = repl["activation"]
+                if not isinstance(names, list) or not names or not all(
+                        isinstance(n, str) and isinstance(built._modules.get(n), nn.Module) for n in names):
+                    raise LoadError(f"module '{path}': the manifest's norm applies modules {names!r} of build()'s "
+                                    f"{type(built).__name__} after it, which it lacks: a different architecture")
+                m.activation = (built._modules[names[0]] if len(names) == 1
+                                else nn.Sequential(*(built._modules[n] for n in names)))
             setattr(*attr_owner(model, path), m)
         elif _qualname(m) != entry["class"]:
             raise LoadError(f"module '{path}' is a {_qualname(m)} in build()'s model, a {entry['class']} in the "
