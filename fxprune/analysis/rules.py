@@ -584,7 +584,6 @@ class BatchNorm(Rule):
                                                       rw.buffer(op, "removed_sq_sum", s2), _shape(rw.facts.sp, x)[2],
                                                       op.arg(7, "eps")), {})
 
-
     def zero_scaled(self, op: Op, fx: Facts, out: list[DimFacts] | None) -> list[DimFacts] | None:
         """``out`` (eval mode) with every channel whose weight is exactly 0 known as its bias, whatever its input: a
         finite input times a zero factor is zero, as :class:`Mul` holds (a BatchNorm the group lasso zeroed)."""

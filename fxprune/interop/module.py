@@ -1022,8 +1022,8 @@ def _after_norm(norm: nn.Module) -> tuple[str, ...] | None:
                      for shape in ((2, norm.num_channels, 3, 4), (norm.num_channels,), (norm.num_channels,)))
         probe.weight, probe.bias = nn.Parameter(pw), nn.Parameter(pb)
         try:
-            with torch.no_grad():
-                got = probe.eval()(x)
+            with torch.no_grad(), eval_modes(norm):  # (its children's modes restored after)
+                got = probe(x)
                 ref = torch.nn.functional.group_norm(x, norm.num_groups, pw, pb, norm.eps)
                 for m in mods:
                     ref = m(ref)
