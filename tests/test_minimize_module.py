@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxprune as fp
@@ -1610,3 +1611,28 @@ def test_a_copy_that_differs_past_the_captured_range_fails_closed(monkeypatch):
         model.dw.weight[:4, :, 1, 1] = 0
     with pytest.raises((fp.EquivalenceError, fp.CaptureError), match="16x16"):
         fp.minimize_module(model, (torch.randn(2, 3, 8, 8),))
+
+
+class OwnGroupNorm(nn.GroupNorm):
+    """A GroupNorm with a forward of its own that computes GroupNorm (timm's ``GroupNorm``)."""
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def test_a_group_norm_with_a_forward_of_its_own_loses_a_channel_its_groups_no_longer_divide():
+    """The probe that tells such a norm computes GroupNorm runs at the width its groups divide: the channels it
+    lost (here one of eight, in two groups) do not make it fail and keep them."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), OwnGroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1)).double().eval()
+    with torch.no_grad():
+        net[0].weight[5] = 0
+        net[0].bias[5] = 0.5  # channel 5 holds 0.5 everywhere: it goes, its constant kept in its group's sums
+        net[1].weight[5] = 0
+        net[1].bias[5] = 0
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no channel kept for want of a size update)
+        small = fp.minimize_module(net, (x,))
+    assert small[0].weight.shape[0] == 7 and small[3].weight.shape[1] == 7
+    exact_at(net, small, [(2, 3, 6, 6), (3, 3, 9, 7)])

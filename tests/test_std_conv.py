@@ -228,3 +228,4 @@ def test_a_class_of_std_convs_and_norms_with_activations_comes_back_as_itself(mo
     fp.save(small, tmp_path / "net")
     loaded = fp.load(tmp_path / "net", lambda: _planted(ActNet()).double())
     exact_at(small, loaded, [(2, 3, 8, 8)])
+

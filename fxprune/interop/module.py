@@ -986,18 +986,7 @@ def _a_group_norm(norm: nn.GroupNorm) -> bool:
     """Whether ``norm`` computes ``nn.GroupNorm``'s function: its forward is GroupNorm's, or one of its own (timm's
     ``GroupNorm1`` calls ``F.group_norm`` itself) gives the same on a probe. Then a ``CompensatedGroupNorm`` can
     stand in for it."""
-    if type(norm).forward is nn.GroupNorm.forward:
-        return True
-    w = norm.weight
-    if w is None:
-        return False
-    x = torch.randn(2, w.shape[0], 3, 4, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
-    try:
-        got = norm(x)
-    except Exception:  # noqa: BLE001 (a layout this norm does not take)
-        return False
-    ref = torch.nn.functional.group_norm(x, norm.num_groups, w, norm.bias, norm.eps)
-    return isinstance(got, torch.Tensor) and got.shape == ref.shape and bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6))
+    return type(norm).forward is nn.GroupNorm.forward or _computes_group_norm_then(norm, [])
 
 
 # children a GroupNorm subclass applies after the norm, in order: transformers' BitGroupNormActivation, timm's
@@ -1008,30 +997,35 @@ AFTER_NORM = (("activation",), ("drop", "act"))
 def _after_norm(norm: nn.Module) -> tuple[str, ...] | None:
     """The names of the children (:data:`AFTER_NORM`) a GroupNorm subclass applies after ``F.group_norm`` in its
     forward, as a probe shows; else None."""
-    w = getattr(norm, "weight", None)
-    if not isinstance(norm, nn.GroupNorm) or w is None:
-        return None
     for names in AFTER_NORM:
         mods = [norm._modules.get(n) for n in names]
-        if not all(isinstance(m, nn.Module) for m in mods):
-            continue
-        probe = copy.copy(norm)  # (at the width its num_groups divides: its affine may be sliced already)
-        probe._parameters = dict(norm._parameters)
-        g = torch.Generator().manual_seed(0)
-        x, pw, pb = (torch.randn(*shape, generator=g).to(w.device, w.dtype)
-                     for shape in ((2, norm.num_channels, 3, 4), (norm.num_channels,), (norm.num_channels,)))
-        probe.weight, probe.bias = nn.Parameter(pw), nn.Parameter(pb)
-        try:
-            with torch.no_grad(), eval_modes(norm):  # (its children's modes restored after)
-                got = probe(x)
-                ref = torch.nn.functional.group_norm(x, norm.num_groups, pw, pb, norm.eps)
-                for m in mods:
-                    ref = m(ref)
-        except Exception:  # noqa: BLE001 (a layout this norm does not take)
-            return None
-        if isinstance(got, torch.Tensor) and got.shape == ref.shape and bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6)):
+        if all(isinstance(m, nn.Module) for m in mods) and _computes_group_norm_then(norm, mods):
             return names
     return None
+
+
+def _computes_group_norm_then(norm: nn.Module, after: list[nn.Module]) -> bool:
+    """Whether ``norm`` (a GroupNorm subclass) computes ``F.group_norm`` and then each module of ``after``, on a
+    probe at the width its ``num_groups`` divides (its affine, possibly sliced already, stands aside; its children's
+    modes are restored after)."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(norm, nn.GroupNorm) or w is None:
+        return False
+    probe = copy.copy(norm)
+    probe._parameters = dict(norm._parameters)
+    g = torch.Generator().manual_seed(0)
+    x, pw, pb = (torch.randn(*shape, generator=g).to(w.device, w.dtype)
+                 for shape in ((2, norm.num_channels, 3, 4), (norm.num_channels,), (norm.num_channels,)))
+    probe.weight, probe.bias = nn.Parameter(pw), nn.Parameter(pb)
+    try:
+        with torch.no_grad(), eval_modes(norm):
+            got = probe(x)
+            ref = torch.nn.functional.group_norm(x, norm.num_groups, pw, pb, norm.eps)
+            for m in after:
+                ref = m(ref)
+    except Exception:  # noqa: BLE001 (a layout this norm does not take)
+        return False
+    return isinstance(got, torch.Tensor) and got.shape == ref.shape and bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6))
 
 
 def _compensated_norms(small: torch.fx.GraphModule, out: nn.Module) -> tuple[set[str], set[str]]:
