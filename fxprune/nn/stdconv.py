@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,7 @@ class CompensatedStdConv2d(nn.Conv2d):
         pad = getattr(self, "pad", None)
         if isinstance(pad, nn.Module):
             return pad(x)
-        base = type(self)._fxprune_standardizes
+        base = getattr(type(self), "_fxprune_standardizes", type(self))  # (the user's class)
         if getattr(self, "same_pad", False) or base.__name__ == "StdConv2dSame":
             pad_same = getattr(sys.modules[base.__module__], "pad_same")
             return pad_same(x, self.kernel_size, self.stride, self.dilation)
@@ -106,8 +106,10 @@ class CompensatedStdConv2d(nn.Conv2d):
         return F.conv2d(self.padded(x), self.standardized_weight(), self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
 
-    def __reduce_ex__(self, protocol: int) -> tuple:
+    def __reduce_ex__(self, protocol: int) -> Any:
         # made at run time and named as the user's class: pickled as the user's class, made compensated again
+        if "_fxprune_standardizes" not in type(self).__dict__:
+            return super().__reduce_ex__(protocol)  # (this class itself, built by hand)
         return _compensated_instance, (type(self)._fxprune_standardizes,), self.__getstate__()
 
 
