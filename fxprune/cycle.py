@@ -159,11 +159,11 @@ def _call_train(train: Callable[[nn.Module], Any], m: nn.Module) -> nn.Module:
 
 
 def _sums(m: nn.Module) -> list[tuple[float, float]]:
-    """Per floating parameter of ``m``, the sum of its entries and of their squares (in float64): what
-    :func:`_trained` compares to tell whether ``train`` changed the model."""
+    """Per floating parameter of ``m``, the sum of its entries and their norm (accumulated in float64, with no
+    float64 copy of the tensor): what :func:`_trained` compares to tell whether ``train`` changed the model."""
     with torch.no_grad():
-        return [(float(p.double().sum()), float(p.double().square().sum())) for p in m.parameters()
-                if p.is_floating_point()]
+        return [(float(torch.sum(p, dtype=torch.float64)), float(torch.linalg.vector_norm(p, dtype=torch.float64)))
+                for p in m.parameters() if p.is_floating_point()]
 
 
 def _score(value: Any) -> float:
