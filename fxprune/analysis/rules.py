@@ -574,15 +574,14 @@ class BatchNorm(Rule):
         """A weight standardization (:func:`~fxprune.analysis.rule.standardized`) whose rows lose entries (the input
         channels its convolution no longer reads) becomes :func:`~fxprune.nn.stdconv.compensated_standardization`,
         with each kept row's removed entries summed (the parameter's values) into two buffers."""
-        user = next(iter(op.node.users), None)
-        p = standardized(user) if len(op.node.users) == 1 else None
         x = op.arg(0, "input")
-        if p is None or bool(rw.kept(x, 2).all()):
+        sums = _removed_row_sums(rw, op.node, x)
+        if sums is None:
             return
-        s1, s2 = _removed_row_sums(rw, x, p)
-        rw.retarget(op, compensated_standardization, (rw.new(x), rw.buffer(op, "removed_sum", s1),
-                                                      rw.buffer(op, "removed_sq_sum", s2), _shape(rw.facts.sp, x)[2],
-                                                      op.arg(7, "eps")), {})
+        rows, dtype = rw.kept(x, 1), node_spec(x).dtype
+        s1, s2 = (rw.buffer(op, name, t[rows].to(dtype)) for name, t in zip(("removed_sum", "removed_sq_sum"), sums))
+        rw.retarget(op, compensated_standardization, (rw.new(x), s1, s2, _shape(rw.facts.sp, x)[2], op.arg(7, "eps")),
+                    {})
 
     def zero_scaled(self, op: Op, fx: Facts, out: list[DimFacts] | None) -> list[DimFacts] | None:
         """``out`` (eval mode) with every channel whose weight is exactly 0 known as its bias, whatever its input: a
@@ -603,13 +602,18 @@ class BatchNorm(Rule):
         return out
 
 
-def _removed_row_sums(rw: Rewrite, flat: Node, p: Node) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per kept row of the standardized parameter ``p`` (``flat``: its reshape to (1, rows, entries)), the sum and
-    the sum of squares of its entries that go, in ``p``'s dtype (summed in float64)."""
-    P = rw.facts.value(p)
-    gone = ~rw.kept(flat, 2)
-    rows = P.to(torch.float64).reshape(P.shape[0], -1)[rw.kept(flat, 1)][:, gone]
-    return rows.sum(1).to(P.dtype), (rows * rows).sum(1).to(P.dtype)
+def _removed_row_sums(rw: Rewrite, norm: Node, flat: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Where ``norm`` (a batch norm or compensated standardization of ``flat``, the reshape of a parameter to (1,
+    rows, entries)) is a weight standardization (:func:`~fxprune.analysis.rule.standardized`) whose rows lose
+    entries: per row (all of them), the sum and the sum of squares of the entries that go, in float64; else
+    None."""
+    user = next(iter(norm.users), None)
+    p = standardized(user) if len(norm.users) == 1 else None
+    if p is None or bool(rw.kept(flat, 2).all()):
+        return None
+    P = rw.facts.value(p).to(torch.float64)
+    rows = P.reshape(P.shape[0], -1)[:, ~rw.kept(flat, 2)]
+    return rows.sum(1), (rows * rows).sum(1)
 
 
 class CompensatedStandardization(Rule):
@@ -629,14 +633,10 @@ class CompensatedStandardization(Rule):
         x, s1, s2, full, eps = op.node.args[:5]
         if op.target is STANDARDIZATION_OP:  # (the custom op of a capture: the function in the result)
             rw.retarget(op, compensated_standardization, (rw.new(x), rw.new(s1), rw.new(s2), full, eps), {})
-        user = next(iter(op.node.users), None)
-        p = standardized(user) if len(op.node.users) == 1 else None
-        if p is None or bool(rw.kept(x, 2).all()):
-            return
-        P = rw.facts.value(p).to(torch.float64).reshape(_shape(rw.facts.sp, p)[0], -1)
-        rows = P[:, ~rw.kept(x, 2)]
-        rw.add_to_bias(op, op.node.args[1], 1, "removed_sum", rows.sum(1), out_dim=1)
-        rw.add_to_bias(op, op.node.args[2], 2, "removed_sq_sum", (rows * rows).sum(1), out_dim=1)
+        sums = _removed_row_sums(rw, op.node, x)
+        if sums is not None:  # (indexed like all the rows: add_to_bias slices them)
+            rw.add_to_bias(op, s1, 1, "removed_sum", sums[0], out_dim=1)
+            rw.add_to_bias(op, s2, 2, "removed_sq_sum", sums[1], out_dim=1)
 
 
 class Recurrent(Rule):

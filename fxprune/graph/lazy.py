@@ -21,7 +21,7 @@ import torch
 
 from fxprune.errors import LoadError
 
-__all__ = ["binding", "bind", "is_lazy", "unbound", "value", "select", "laid_out_as"]
+__all__ = ["binding", "bind", "is_lazy", "unbound", "value", "select"]
 
 Step = tuple["torch.Tensor | None", tuple["torch.Tensor | None", ...]]  # (float64 delta or None, kept indices per dim)
 
@@ -101,10 +101,10 @@ def _apply(x: torch.Tensor, delta: torch.Tensor | None, idxs: Sequence[torch.Ten
     for d, idx in enumerate(idxs):
         if idx is not None:
             x = _take(x, d, idx.to(x.device))
-    return laid_out_as(x, src)
+    return _laid_out_as(x, src)
 
 
-def laid_out_as(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+def _laid_out_as(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``x`` in ``src``'s memory format where that is channels-last (the weights of a model moved with
     ``.to(memory_format=torch.channels_last)``, which its convolutions run fastest in): a slice comes out
     contiguous, and a convolution whose weight and input disagree converts one of them at every call."""
