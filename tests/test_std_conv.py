@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune as fp
-from conftest import exact_at, snapshot
+from conftest import exact_at, minimized_purely, snapshot
 from fxprune.nn.stdconv import (CompensatedStdConv2d, compensate_std_conv_, compensated_standardization, one_op,
                                 std_conv_subclass)
 from fxprune.verify import count_params
@@ -71,10 +71,7 @@ def test_a_standardized_convs_channels_go_in_the_graph_exactly(method):
     torch.manual_seed(0)
     net = _planted(Net()).double().eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    before = snapshot(net)
-    gm = fp.capture(net, (x,), method=method, dynamic_shapes="every")
-    small = fp.minimize(gm)
-    assert snapshot(net) == before
+    small = minimized_purely(net, (x,), method=method, dynamic_shapes="every")  # (model and graph untouched)
     shapes = {k: tuple(v.shape) for k, v in small.state_dict().items()}
     assert shapes["a.weight"] == (6, 3, 3, 3) and shapes["b.weight"] == (6, 6, 1, 1) and shapes["c.weight"] == (4, 6, 3, 3)
     assert any(n.target is compensated_standardization for n in small.graph.nodes)  # b's and c's inputs went
