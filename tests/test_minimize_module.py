@@ -302,6 +302,93 @@ def test_a_metaformer_scale_loses_channels_with_its_shape():
             torch.testing.assert_close(small(xb), model(xb), rtol=1e-12, atol=1e-12)
 
 
+class ConvNormAct(nn.Module):
+    """timm's ``ConvNormAct``: a convolution, BatchNorm and an activation."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class CrossStage(nn.Module):
+    """timm's CSPNet stage: ``conv_exp``'s output split in two halves with ``expand_chs // 2``, one half through a
+    residual block, both into ``conv_transition``."""
+
+    def __init__(self, cin: int = 3, expand: int = 16) -> None:
+        super().__init__()
+        self.expand_chs = expand
+        self.conv_exp = ConvNormAct(cin, expand)
+        self.block = ConvNormAct(expand // 2, expand // 2)
+        self.conv_transition = ConvNormAct(expand, 4)
+
+    def forward(self, x):
+        xs, xb = self.conv_exp(x).split(self.expand_chs // 2, dim=1)
+        return self.conv_transition(torch.cat([xs, xb + self.block(xb)], dim=1))
+
+
+class Halves(nn.Module):
+    """A channel split with ``chunk(2)``, as CSP-style blocks write it (YOLO's C2f): nothing in the class holds
+    the halves' width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.branch, self.out = nn.Conv2d(3, 12, 1), nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        a, b = self.stem(x).relu().chunk(2, dim=1)
+        return self.out(torch.cat([a, self.branch(b).relu()], dim=1))
+
+
+def _kill(bn_or_conv: nn.Module, channels: list[int]) -> None:
+    with torch.no_grad():
+        bn_or_conv.weight[channels] = 0
+        bn_or_conv.bias[channels] = 0
+
+
+@pytest.mark.parametrize("cls", [CrossStage, Halves])
+def test_halves_of_an_equal_split_keep_one_width(cls):
+    """A tensor that eager code splits into parts of one size (``split(expand_chs // 2)``, ``chunk(2)``) loses
+    channels from its parts only as many from each: the part that loses fewer keeps some of its removable channels
+    (first half: 3 dead, second: 1), and timm's ``CrossStage`` gets its new ``expand_chs``. (Before: the parts
+    lost different counts, the class could not split them, and every channel of the split stayed with a
+    KeptChannelsWarning.)"""
+    model = cls().double().eval()
+    first = model.conv_exp.bn if cls is CrossStage else model.stem
+    _kill(first, [0, 2, 5] + [9] if cls is CrossStage else [0, 2, 5] + [7])
+    if cls is CrossStage:
+        _kill(model.block.bn, [1])  # (the second half is a residual stream: its channel 9 dead in both terms)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
+        small = fp.minimize_module(model, (x,))
+    assert snapshot(model) == before
+    assert type(small) is cls
+    full = 16 if cls is CrossStage else 12
+    width = (small.conv_exp.conv if cls is CrossStage else small.stem).out_channels
+    assert width == full - 2 * 1  # one channel from each half: the most both can lose
+    if cls is CrossStage:
+        assert small.expand_chs == width and small.block.conv.in_channels == width // 2
+    exact_at(model, small, [(2, 3, 6, 6), (5, 3, 9, 4)])
+
+
+def test_equal_splits_is_an_option_of_minimize():
+    """``fp.passes.minimize.MinimizeOptions(equal_splits=True)`` on the graph: the parts of a chunk keep one width; without it the
+    graph takes each part's own (its split sizes are the graph's)."""
+    model = Halves().double().eval()
+    _kill(model.stem, [0, 2, 5, 7])
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    gm = fp.capture(model, (x,))
+    own = fp.minimize(gm)
+    equal = fp.minimize(gm, options=fp.passes.minimize.MinimizeOptions(equal_splits=True))
+    assert own.get_parameter("stem.weight").shape[0] == 8 and equal.get_parameter("stem.weight").shape[0] == 10
+    for small in (own, equal):
+        exact_at(model, small, [(2, 3, 6, 6), (5, 3, 9, 4)])
+
+
 class ChannelsFirstNorm(nn.LayerNorm):
     """A LayerNorm subclass with a forward of its own, as ConvNeXt-style models write them."""
 

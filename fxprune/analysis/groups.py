@@ -20,6 +20,10 @@ from fxprune.analysis.rules import Passive  # (importing it registers the rule t
 
 __all__ = ["Analysis", "ChannelGraph", "ChannelGroup", "ParamSlice", "param_slices", "input_channels", "reads_whole"]
 
+# splits into parts of one size: by the parts' size (split(int)), or into a number of parts (chunk)
+_SPLIT_BY_SIZE = {torch.ops.aten.split.Tensor, torch.split, "split"}
+_EQUAL_SPLITS = _SPLIT_BY_SIZE | {torch.ops.aten.chunk.default, torch.chunk, "chunk"}
+
 
 @dataclass
 class ChannelGroup:
@@ -254,6 +258,35 @@ class Analysis:
         out: list[Atom] = []
         for part in parts:
             out.extend(x for x in self.spaces.atoms.leaves_of(part) if all(x is not y for y in out))
+        return out
+
+    def equal_splits(self) -> list[tuple[int, str]]:
+        """Per split of a tensor into parts of one size (``split(int)``, ``chunk``, as eager code writes a split
+        whose sizes it computes from one number): that size and a parameter dim (``"name:dim"``) whose channels
+        are the split tensor's, for :meth:`heads` to read the parts off. Splits whose tensor holds no parameter's
+        channels are left out."""
+        atoms = self.spaces.atoms
+        params: dict[int, str] = {}
+        for (key, d), a in self.spaces.spaces().items():
+            if isinstance(key, tuple) and key[0] == "param":
+                params.setdefault(id(atoms.find(a)), f"{key[1]}:{d}")
+        out = []
+        for n in self.gm.graph.nodes:
+            if n.target not in _EQUAL_SPLITS or n.op not in ("call_function", "call_method"):
+                continue
+            x = n.args[0]
+            by, dim = (list(n.args[1:3]) + [None, None])[:2]
+            by = next((n.kwargs[k] for k in ("split_size", "split_size_or_sections", "chunks") if k in n.kwargs), by)
+            dim = n.kwargs.get("dim", 0 if dim is None else dim)
+            spec = self.spaces.spec(x)
+            if type(by) is not int or by < 1 or type(dim) is not int or spec is None or not spec.shape \
+                    or not self.spaces.has(x, dim):
+                continue
+            size = spec.shape[dim]
+            width = by if n.target in _SPLIT_BY_SIZE else -(-size // by)  # (chunk: parts of ceil(size / chunks))
+            key = params.get(id(atoms.find(self.spaces.of(x, dim))))
+            if key is not None and size > width:
+                out.append((width, key))
         return out
 
     def _parts(self, target: str, dim: int) -> list[Atom] | None:

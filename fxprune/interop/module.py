@@ -115,11 +115,19 @@ def _mamba_mixer(m: nn.Module) -> None:
     m.ssm_state_size = m.A_log.shape[1]
 
 
+def _cross_stage(m: nn.Module) -> None:
+    """timm's CSPNet ``CrossStage`` / ``CrossStage3``: ``conv_exp``'s output is split with ``expand_chs // 2``."""
+    m.expand_chs = m.conv_exp.conv.weight.shape[0]
+
+
 BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     "Conv1D": lambda c: setattr(c, "nf", c.weight.shape[1]),  # GPT-2's Conv1D: weight is (in, out)
     "GPT2Attention": _gpt2_attention,
     "MambaMixer": _mamba_mixer,
     "FalconMambaMixer": _mamba_mixer,
+    # timm's CSPNet stages split their expansion in two halves of ``expand_chs // 2`` (kept equal: equal_splits)
+    "CrossStage": _cross_stage,
+    "CrossStage3": _cross_stage,
 }
 
 
@@ -349,6 +357,7 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
                     for n, p in m.named_parameters(recurse=False) if p.dim() == 3 for d in (1, 2))
     stacked += tuple(options.pop("aligned", ()))  # and the caller's own
     whole: list[str] = []  # head dims tried with whole heads only, before their projections are frozen
+    options.setdefault("equal_splits", True)  # (eager code splits into parts of one size: split(int), chunk)
 
     def attempt(frozen: dict[str, str]) -> tuple[nn.Module, list[str], list[str], Any, EquivalenceError | None]:
         # one end-to-end check: the copy against the model; the graph is checked only to say which step failed

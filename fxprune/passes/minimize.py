@@ -82,6 +82,9 @@ class MinimizeOptions:
     # model inputs (placeholder names; True: every one) a channel may go from where no layer's weight reads it: the
     # graph reads the rest through index_select (fxprune.analysis.groups.input_channels says which inputs can)
     inputs: bool | tuple[str, ...] = True
+    # every split of a tensor into parts of one size (``split(int)``, ``chunk``) keeps one width for its parts, the
+    # widest part's (eager code that computes the parts' size from one number: minimize_module sets it)
+    equal_splits: bool = False
 
 
 class Rewriter:
@@ -436,17 +439,22 @@ def minimize(gm: Program, example_inputs: Sequence[Any] | None = None, *, verify
         for i in range(opts.max_iterations):
             an = Analysis(work, dict(opts.keep), split_norms=opts.split_norms, inputs=opts.inputs)
             removable = an.removable()
-            free = an.fold_free() if opts.round_to > 1 or opts.equal_heads or opts.aligned else {}
+            free = an.fold_free() if opts.round_to > 1 or opts.equal_heads or opts.aligned or opts.equal_splits else {}
             keep = rounded(removable, opts.round_to, free)
             if opts.aligned:
                 keep = aligned(an, keep, opts.aligned, free)
-            if opts.equal_heads:
-                if i == 0:  # the dims that hold heads of their attention's width (one head: no product)
-                    layout = {k: [(h, leaf.size) for h, leaf in parts]
-                              for width, ks in opts.equal_heads for k in ks
+            if i == 0:  # the split parameter dims (named: a round renames the split nodes)
+                splits = tuple((width, (k,)) for width, k in an.equal_splits()) if opts.equal_splits else ()
+            if opts.equal_heads or splits:
+                if i == 0:  # the dims that hold heads of their attention's width (one head: no product), and the
+                    # parts of splits
+                    parted = {k: [(h, leaf.size) for h, leaf in parts]
+                              for width, ks in opts.equal_heads + splits for k in ks
                               for parts in [an.heads(*_tensor_dim(k), single=True) or []]
                               if parts and all(leaf.size == width for _, leaf in parts)}
-                keep = equal_heads(an, keep, [ks for _, ks in opts.equal_heads], free, set(layout))
+                    layout = {k: parts for k, parts in parted.items()
+                              if any(k in ks for _, ks in opts.equal_heads)}
+                keep = equal_heads(an, keep, [ks for _, ks in opts.equal_heads + splits], free, set(parted))
             if opts.whole_heads:
                 if i == 0:  # the dims that hold heads (one head where a later round leaves one), and those that
                     # hold one head of their attention's width already (a kv projection an earlier call left one)
