@@ -226,3 +226,78 @@ def test_a_class_of_std_convs_and_norms_with_activations_comes_back_as_itself(mo
     loaded = fp.load(tmp_path / "net", lambda: _planted(ActNet()).double())
     exact_at(small, loaded, [(2, 3, 8, 8)])
 
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """As timm writes it for NF-ResNets and NFNets: each standardized row times ``gain * scale`` (``scale``: a
+    number fixed from the full fan-in)."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale, self.eps = self.weight[0].numel() ** -0.5, eps
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                         eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class NFNet(nn.Module):
+    """Normalizer-free: scaled standardized convolutions and activations, no norm layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = ScaledStdConv2d(3, 8, 3, padding=1), ScaledStdConv2d(8, 8, 1)
+        self.c = ScaledStdConv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(F.gelu(self.b(F.gelu(self.a(x))) * 1.7)).mean((2, 3))
+
+
+def _nf_planted(net: NFNet) -> NFNet:
+    """Output channels 1 and 5 of ``a`` and 2 and 6 of ``b`` dead: their gain and bias zero (a zero gain zeroes a
+    row; the raw weights stay as they are)."""
+    with torch.no_grad():
+        for conv, dead in ((net.a, [1, 5]), (net.b, [2, 6])):
+            conv.gain[dead] = 0
+            conv.bias[dead] = 0
+    return net
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_a_scaled_standardized_convs_channels_go_in_the_graph_exactly(method):
+    """(Before: the batch norm's weight made the chain no standardization fxprune reads, and every channel of
+    the network stayed: timm's NF-ResNet-26, 1.00x.)"""
+    net = _nf_planted(NFNet()).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    small = minimized_purely(net, (x,), method=method, dynamic_shapes="every")
+    shapes = {k: tuple(v.shape) for k, v in small.state_dict().items()}
+    assert shapes["a.weight"] == (6, 3, 3, 3) and shapes["a.gain"] == (6, 1, 1, 1)
+    assert shapes["b.weight"] == (6, 6, 1, 1) and shapes["c.weight"] == (4, 6, 3, 3)
+    assert sum(n.target is compensated_standardization for n in small.graph.nodes) == 2  # b's and c's inputs
+    exact_at(net, small, [(2, 3, 8, 8), (3, 3, 11, 13), (1, 3, 5, 7)])
+
+
+def test_a_class_of_scaled_standardized_convs_comes_back_as_itself(monkeypatch, tmp_path):
+    from fxprune.nn import stdconv
+
+    monkeypatch.setattr(stdconv, "KNOWN", stdconv.KNOWN | {(ScaledStdConv2d.__module__, "ScaledStdConv2d")})
+    net = _nf_planted(NFNet()).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    before = snapshot(net)
+    small = fp.minimize_module(net, (x,))
+    assert snapshot(net) == before
+    assert type(small) is NFNet and isinstance(small.c, ScaledStdConv2d) and isinstance(small.c, CompensatedStdConv2d)
+    assert small.b.weight.shape == (6, 6, 1, 1) and small.b.gain.shape == (6, 1, 1, 1) and small.c.full_size == 72
+    assert small.c.scale == net.c.scale  # (the user's number, from the full fan-in)
+    exact_at(net, small, [(2, 3, 8, 8), (3, 3, 11, 13)])
+    with torch.no_grad():  # the next cycle: one more channel of b dead, read through the compensated module
+        small.b.gain[0] = 0
+        small.b.bias[0] = 0
+    smaller = fp.minimize_module(small, (x,))
+    assert smaller.c.weight.shape[1] == 5 and smaller.c.full_size == 72
+    exact_at(small, smaller, [(2, 3, 8, 8), (1, 3, 9, 6)])
+    fp.save(smaller, tmp_path / "nf")
+    exact_at(smaller, fp.load(tmp_path / "nf", lambda: NFNet().double()), [(2, 3, 8, 8)])

@@ -14,6 +14,7 @@ Any operand or output dim a rule leaves unrelated is frozen by the driver: never
 from __future__ import annotations
 
 import copy
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -392,7 +393,8 @@ WEIGHT_NORMS = {torch.ops.aten._weight_norm.default}
 def standardized(v: Any) -> Node | None:
     """The parameter (a get_attr node) whose weight standardization ``v`` is, or None: ``v`` is
     ``reshape_as(batch_norm(reshape(p, [1, out, -1]), None, None, None, None, training=True, ...), p)``, as a
-    weight-standardized convolution computes its weight (BiT's ``StdConv2d``), in aten ops (torch.export) or as a
+    weight-standardized convolution computes its weight (BiT's ``StdConv2d``; NF-Nets' ``ScaledStdConv2d`` with a
+    per-row scale of parameters as the batch norm's weight, :func:`row_scale`), in aten ops (torch.export) or as a
     symbolic trace records it (``F.batch_norm``, the tensor methods), or the same with
     :func:`~fxprune.nn.stdconv.compensated_standardization` (or its custom op, as a module minimized before is
     captured) in place of the batch norm (a weight that lost entries of its rows), each step read by the next
@@ -407,7 +409,8 @@ def standardized(v: Any) -> Node | None:
         if _std_eps(norm) is None:
             return None
     elif norm.target is compensated_standardization or norm.target is STANDARDIZATION_OP:
-        if not all(isinstance(a, Node) and a.op == "get_attr" for a in norm.args[1:3]):
+        if not all(isinstance(a, Node) and a.op == "get_attr" for a in norm.args[1:3]) \
+                or std_scale(norm) is not None and row_scale(std_scale(norm)) is None:
             return None
     else:
         return None
@@ -427,33 +430,83 @@ _FLAT = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, "reshape",
 _BATCH_NORMS = {torch.ops.aten.batch_norm.default, torch.nn.functional.batch_norm}
 
 
-def _std_eps(norm: Node) -> float | None:
-    """The eps of a batch norm that standardizes: training mode, no running statistics, no affine (aten's
-    ``batch_norm`` or ``F.batch_norm``); None for any other."""
+def _std_args(norm: Node) -> dict[str, Any]:
+    """A batch norm's arguments by name, defaults filled in (aten's ``batch_norm`` or ``F.batch_norm``)."""
     if norm.target is torch.ops.aten.batch_norm.default:
         names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
     else:
         names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-    given = dict(zip(names, norm.args)) | dict(norm.kwargs)
-    defaults = {"weight": None, "bias": None, "training": False, "eps": 1e-5}
-    get = lambda k: given.get(k, defaults.get(k))  # noqa: E731
-    if any(get(k) is not None for k in ("weight", "bias", "running_mean", "running_var")) or get("training") is not True:
+    return {"weight": None, "bias": None, "training": False, "eps": 1e-5} | dict(zip(names, norm.args)) \
+        | dict(norm.kwargs)
+
+
+def _std_eps(norm: Node) -> float | None:
+    """The eps of a batch norm that standardizes: training mode, no running statistics, no bias, and no weight or
+    a per-row scale of parameters (:func:`row_scale`: NF-Nets' ``gain * scale``); None for any other."""
+    given = _std_args(norm)
+    if any(given.get(k) is not None for k in ("bias", "running_mean", "running_var")) or given["training"] is not True \
+            or given["weight"] is not None and row_scale(given["weight"]) is None:
         return None
-    eps = get("eps")
+    eps = given["eps"]
     return float(eps) if isinstance(eps, (int, float)) else None
+
+
+def std_scale(norm: Node) -> Node | None:
+    """The per-row scale a standardization multiplies by (a batch norm's weight, a compensated standardization's
+    last argument), or None."""
+    if norm.target in _BATCH_NORMS:
+        return _std_args(norm)["weight"]
+    return norm.args[5] if len(norm.args) > 5 else norm.kwargs.get("weight")
+
+
+# how a per-row scale is computed from one parameter: times or over a number, flattened (timm's ScaledStdConv2d:
+# ``(self.gain * self.scale).view(-1)``, gain shaped (out, 1, 1, 1))
+_SCALE_OPS = {operator.mul, operator.truediv, torch.mul, torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar,
+              torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar, "mul", "div"}
+_FLATTEN_OPS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, "view", "reshape"}
+
+
+def row_scale(v: Any) -> Node | None:
+    """The parameter (a get_attr node) whose entries ``v`` scales by a number and flattens to one per row, read by
+    ``v`` alone at each step; or None."""
+    while isinstance(v, Node) and v.op in ("call_function", "call_method") and len(v.users) == 1:
+        if v.target in _SCALE_OPS and len(v.args) == 2 and not v.kwargs and isinstance(v.args[1], (int, float)):
+            v = v.args[0]
+        elif v.target in _FLATTEN_OPS and tuple(v.args[1:]) in (([-1],), (-1,), ((-1,),)):
+            v = v.args[0]
+        else:
+            return None
+    return v if isinstance(v, Node) and v.op == "get_attr" and len(v.users) == 1 else None
+
+
+def _scale_value(v: Node, values: Callable[[Node], torch.Tensor | None]) -> torch.Tensor | None:
+    """The value of a :func:`row_scale` chain, one entry per row."""
+    if v.op == "get_attr":
+        return values(v)
+    t = _scale_value(v.args[0], values)
+    if t is None:
+        return None
+    return t.reshape(-1) if v.target in _FLATTEN_OPS else (t * v.args[1] if v.target in (
+        operator.mul, torch.mul, torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar, "mul") else t / v.args[1])
 
 
 def standardize(norm: Node, p: torch.Tensor, values: Callable[[Node], torch.Tensor | None]) -> torch.Tensor | None:
     """The weight a chain of :func:`standardized` computes from the value ``p`` of its parameter (``norm``: its
-    batch norm or compensated standardization; ``values`` reads the latter's sums)."""
+    batch norm or compensated standardization; ``values`` reads the latter's sums and a per-row scale)."""
     flat = p.reshape(1, p.shape[0], -1)
+    scale = std_scale(norm)
+    weight = None if scale is None else _scale_value(scale, values)
+    if scale is not None and weight is None:
+        return None
+    weight = None if weight is None else weight.to(p.dtype)
     if norm.target not in _BATCH_NORMS:
         s1, s2 = values(norm.args[1]), values(norm.args[2])
         if s1 is None or s2 is None:
             return None
-        out = compensated_standardization(flat, s1.to(p.dtype), s2.to(p.dtype), *norm.args[3:5])
+        out = compensated_standardization(flat, s1.to(p.dtype), s2.to(p.dtype), *norm.args[3:5], weight)
     else:
-        out = torch.nn.functional.batch_norm(flat, None, None, training=True, momentum=0.0, eps=_std_eps(norm))
+        out = torch.nn.functional.batch_norm(flat, None, None, weight, training=True, momentum=0.0,
+                                             eps=_std_eps(norm))
     return out.reshape(p.shape)
 
 

@@ -18,7 +18,7 @@ from torch.fx import Node
 
 from fxprune.graph.scan import BLOCK_BYTES
 from fxprune.analysis.rule import (DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval,
-                                   standardized)
+                                   standardized, std_scale)
 from fxprune.analysis.table import RULES, ByName
 from fxprune.graph.masks import weight_norm_kept
 from fxprune.graph.shapes import TensorSpec, is_dynamic_scalar, node_spec
@@ -580,8 +580,9 @@ class BatchNorm(Rule):
             return
         rows, dtype = rw.kept(x, 1), node_spec(x).dtype
         s1, s2 = (rw.buffer(op, name, t[rows].to(dtype)) for name, t in zip(("removed_sum", "removed_sq_sum"), sums))
-        rw.retarget(op, compensated_standardization, (rw.new(x), s1, s2, _shape(rw.facts.sp, x)[2], op.arg(7, "eps")),
-                    {})
+        scale = std_scale(op.node)  # (each row times a scale: NF-Nets' gain)
+        rw.retarget(op, compensated_standardization, (rw.new(x), s1, s2, _shape(rw.facts.sp, x)[2], op.arg(7, "eps"))
+                    + (() if scale is None else (rw.new(scale),)), {})
 
     def zero_scaled(self, op: Op, fx: Facts, out: list[DimFacts] | None) -> list[DimFacts] | None:
         """``out`` (eval mode) with every channel whose weight is exactly 0 known as its bias, whatever its input: a
@@ -626,13 +627,16 @@ class CompensatedStandardization(Rule):
         x, s1, s2 = op.node.args[:3]
         for d in range(sp.rank(x)):
             sp.unify(x, d, op.node, d, f"by {op.describe()}")
-        for v in (s1, s2):
-            sp.unify(v, 0, op.node, 1, f"by {op.describe()}")
+        for v in (s1, s2, std_scale(op.node)):
+            if v is not None:
+                sp.unify(v, 0, op.node, 1, f"by {op.describe()}")
 
     def rewrite(self, op: Op, rw: Rewrite) -> None:
         x, s1, s2, full, eps = op.node.args[:5]
+        scale = std_scale(op.node)
         if op.target is STANDARDIZATION_OP:  # (the custom op of a capture: the function in the result)
-            rw.retarget(op, compensated_standardization, (rw.new(x), rw.new(s1), rw.new(s2), full, eps), {})
+            rw.retarget(op, compensated_standardization, (rw.new(x), rw.new(s1), rw.new(s2), full, eps)
+                        + (() if scale is None else (rw.new(scale),)), {})
         sums = _removed_row_sums(rw, op.node, x)
         if sums is not None:  # (indexed like all the rows: add_to_bias slices them)
             rw.add_to_bias(op, s1, 1, "removed_sum", sums[0], out_dim=1)

@@ -12,12 +12,14 @@ known constants, so their per-row sum ``S1`` and sum of squares ``S2`` keep the 
     var  = (sum_K (w - mean)^2 + S2 - 2 mean S1 + n_R mean^2) / D
 
 with ``D`` the row's original length and ``n_R = D - |K|``, as :mod:`fxprune.nn.norm` does for a stream's channels.
+timm's ``ScaledStdConv2d`` (NF-ResNets, NFNets) then multiplies each row by its ``gain`` times a number fixed from
+the full fan-in (``scale``), which stays as it is.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +30,18 @@ __all__ = ["compensated_standardization", "CompensatedStdConv2d", "std_conv_subc
 
 
 def compensated_standardization(input: torch.Tensor, removed_sum: torch.Tensor, removed_sq_sum: torch.Tensor,
-                                full_size: int, eps: float) -> torch.Tensor:
-    """``F.batch_norm(input, None, None, training=True, eps=eps)`` of ``input`` shaped (1, C, L): each channel's L
-    entries less their mean, over the square root of their (biased) variance plus ``eps``, as if ``full_size - L``
-    removed entries per channel were still there, whose sums per channel are ``removed_sum`` and sums of squares
-    ``removed_sq_sum`` (shape (C,))."""
+                                full_size: int, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.batch_norm(input, None, None, weight, training=True, eps=eps)`` of ``input`` shaped (1, C, L): each
+    channel's L entries less their mean, over the square root of their (biased) variance plus ``eps`` (times the
+    channel's ``weight`` where given: NF-Nets' gain), as if ``full_size - L`` removed entries per channel were still
+    there, whose sums per channel are ``removed_sum`` and sums of squares ``removed_sq_sum`` (shape (C,))."""
     n = full_size - input.shape[-1]
     s1, s2 = removed_sum.reshape(1, -1, 1), removed_sq_sum.reshape(1, -1, 1)
     mean = (input.sum(-1, keepdim=True) + s1) / full_size
     centered = input - mean
     var = ((centered * centered).sum(-1, keepdim=True) + s2 - 2.0 * mean * s1 + n * (mean * mean)) / full_size
-    return centered * torch.rsqrt(var + eps)
+    out = centered * torch.rsqrt(var + eps)
+    return out if weight is None else out * weight.reshape(1, -1, 1)
 
 
 torch.fx.wrap("compensated_standardization")
@@ -46,13 +49,13 @@ torch.fx.wrap("compensated_standardization")
 
 @torch.library.custom_op("fxprune::compensated_standardization", mutates_args=())
 def _standardization_op(input: torch.Tensor, removed_sum: torch.Tensor, removed_sq_sum: torch.Tensor,
-                        full_size: int, eps: float) -> torch.Tensor:
-    return compensated_standardization(input, removed_sum, removed_sq_sum, full_size, eps)
+                        full_size: int, eps: float, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return compensated_standardization(input, removed_sum, removed_sq_sum, full_size, eps, weight)
 
 
 @_standardization_op.register_fake
 def _(input: torch.Tensor, removed_sum: torch.Tensor, removed_sq_sum: torch.Tensor, full_size: int,
-      eps: float) -> torch.Tensor:
+      eps: float, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     return torch.empty_like(input)
 
 
@@ -86,8 +89,10 @@ class CompensatedStdConv2d(nn.Conv2d):
     def standardized_weight(self) -> torch.Tensor:
         w = self.weight
         f = _standardization_op if _ONE_OP[0] else compensated_standardization
+        gain = getattr(self, "gain", None)  # (timm's ScaledStdConv2d: each row times gain * scale)
+        scale = None if gain is None else (gain * self.scale).view(-1)
         return f(w.reshape(1, w.shape[0], -1), self.removed_sum, self.removed_sq_sum, self.full_size,
-                 float(self.eps)).reshape_as(w)
+                 float(self.eps), scale).reshape_as(w)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the user's class pads it before its convolution (its ``padding`` aside): transformers'
@@ -117,7 +122,8 @@ _SUBCLASSES: dict[type, type] = {}
 # the weight-standardized convolutions whose forward CompensatedStdConv2d's reproduces (module and class name):
 # transformers' BiT, timm's
 KNOWN = {("transformers.models.bit.modeling_bit", "WeightStandardizedConv2d"), ("timm.layers.std_conv", "StdConv2d"),
-         ("timm.layers.std_conv", "StdConv2dSame")}
+         ("timm.layers.std_conv", "StdConv2dSame"), ("timm.layers.std_conv", "ScaledStdConv2d"),
+         ("timm.layers.std_conv", "ScaledStdConv2dSame")}
 
 
 def standardizes(module: nn.Module) -> bool:
@@ -129,7 +135,7 @@ def standardizes(module: nn.Module) -> bool:
 
 def std_conv_subclass(cls: type) -> type:
     """``cls`` (a weight-standardized ``Conv2d`` class: transformers' ``WeightStandardizedConv2d``, timm's
-    ``StdConv2d``/``StdConv2dSame``) with :class:`CompensatedStdConv2d`'s forward; ``isinstance(m, cls)`` still
+    ``StdConv2d``/``StdConv2dSame``/``ScaledStdConv2d``/``ScaledStdConv2dSame``) with :class:`CompensatedStdConv2d`'s forward; ``isinstance(m, cls)`` still
     holds. An instance needs ``full_size`` and the buffers ``removed_sum`` and ``removed_sq_sum``."""
     if issubclass(cls, CompensatedStdConv2d):
         return cls
