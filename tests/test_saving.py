@@ -120,6 +120,34 @@ def test_created_bias_and_cnn_round_trip(tmp_path):
         assert torch.equal(back(x), small(x))
 
 
+def test_sizes_a_class_updater_set_are_saved_and_loaded(tmp_path):
+    """Sizes fxprune's class updaters set outside the standard names (timm's CSPNet ``expand_chs``, MetaFormer's
+    ``Scale.shape``) come back from the manifest. (Before, only a fixed list of names was saved: the loaded model
+    split and viewed with its old sizes and raised.) A size that does not fit build()'s module is refused."""
+    from test_minimize_module import CrossStage, TimmScale, _kill
+
+    def build():
+        return nn.Sequential(CrossStage(), TimmScale(4), nn.Conv2d(4, 2, 1)).double().eval()
+
+    model = build()
+    _kill(model[0].conv_exp.bn, [0, 2, 5, 9])
+    _kill(model[0].block.bn, [1])
+    _kill(model[0].conv_transition.bn, [3])
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    small = fp.minimize_module(model, (x,))
+    assert small[0].expand_chs == 14 and small[1].shape == (3, 1, 1)
+    d = fp.save(small, tmp_path / "m")
+    back = fp.load(d, build).eval()
+    assert back[0].expand_chs == 14 and back[1].shape == (3, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["modules"]["0"]["sizes"]["expand_chs"] = "14"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(fp.LoadError, match="expand_chs"):
+        fp.load(d, build)
+
+
 def test_shards_round_trip_and_are_plain_safetensors(saved_gpt2, tmp_path):
     """Weights above max_shard_bytes go to several files, each one safetensors can read; load reads them all."""
     import transformers as tf

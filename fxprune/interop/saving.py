@@ -1,7 +1,8 @@
 """``save`` / ``load``: a smaller model of the user's own classes, without pickle.
 
 ``save(module, directory)`` writes ``model.safetensors`` (every parameter and buffer; tied tensors once) and
-``manifest.json``: per module its class, the shapes of its tensors, the size attributes its forward reads and,
+``manifest.json``: per module its class, the shapes of its tensors, its size attributes (every integer or tuple of
+integers it holds: those its forward reads, fxprune's updaters' included) and,
 where fxprune replaced a norm, the replacement and its arguments, and where it made a norm of the user's own class
 compensated (a LayerNorm subclass with a forward of its own), the statistics that class now carries; the SHA-256 of
 the weights file.
@@ -52,6 +53,11 @@ _OPTIONAL = {"offset", "kept_per_group"}  # replacement arguments a manifest may
 _SIZES = ("in_features", "out_features", "in_channels", "out_channels", "num_features", "num_embeddings",
           "embedding_dim", "normalized_shape", "num_channels", "num_groups", "nf", "split_size", "embed_dim", "num_heads",
           "head_dim", "attention_head_size", "all_head_size", "num_attention_heads")
+
+
+def _is_size(v: Any) -> bool:
+    """An integer, or a tuple of them (a shape): what ``save`` records of a module's attributes."""
+    return type(v) is int or isinstance(v, tuple) and bool(v) and all(type(e) is int for e in v)
 
 
 def _qualname(obj: Any) -> str:
@@ -111,6 +117,10 @@ def write_module(module: nn.Module, directory: str | os.PathLike, fetch: Callabl
         for attr in _SIZES:
             v = getattr(m, attr, None)
             if isinstance(v, (int, tuple)) and not isinstance(v, bool):
+                entry["sizes"][attr] = list(v) if isinstance(v, tuple) else v
+        for attr, v in vars(m).items():  # and every other size its forward may read (an updater's: expand_chs,
+            # MetaFormer's shape, an attention's attn_dim...)
+            if not attr.startswith("_") and attr not in entry["sizes"] and _is_size(v):
                 entry["sizes"][attr] = list(v) if isinstance(v, tuple) else v
         if type(m).__name__ in _REPLACEMENTS and type(m).__module__.startswith("fxprune."):
             _, fields = _REPLACEMENTS[type(m).__name__]
@@ -286,7 +296,13 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
             else:
                 m._buffers[name] = empty
         for attr, v in entry["sizes"].items():
-            setattr(m, attr, tuple(v) if isinstance(v, list) else v)
+            v = tuple(v) if isinstance(v, list) else v
+            if not _is_size(v) or not hasattr(m, attr) or not _is_size(getattr(m, attr)) \
+                    or isinstance(v, tuple) != isinstance(getattr(m, attr), tuple):
+                raise LoadError(f"module '{path}': the manifest's size {attr}={v!r} does not fit build()'s "
+                                f"{type(m).__name__} (its {attr}: {getattr(m, attr, None)!r}): a different "
+                                "architecture, or a damaged manifest")
+            setattr(m, attr, v)
     for full, first in manifest["ties"].items():
         owner, _, leaf = full.rpartition(".")
         fo, _, fl = first.rpartition(".")
