@@ -389,6 +389,48 @@ def test_equal_splits_is_an_option_of_minimize():
         exact_at(model, small, [(2, 3, 6, 6), (5, 3, 9, 4)])
 
 
+class KeyValueAttention(nn.Module):
+    """timm's LeViT and TinyViT attention: one projection split per head into q, k (``key_dim`` each) and v
+    (``val_dim``), the widths and totals kept as attributes; scores scaled by the number computed at init."""
+
+    def __init__(self, dim: int = 16, key_dim: int = 4, val_dim: int = 6, num_heads: int = 3) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim, self.scale = num_heads, key_dim, val_dim, key_dim ** -0.5
+        self.key_attn_dim, self.val_attn_dim = key_dim * num_heads, val_dim * num_heads
+        self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + val_dim))
+        self.proj = nn.Linear(self.val_attn_dim, dim)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        attn = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1) * self.scale).softmax(-1)
+        return self.proj((attn @ v.transpose(1, 2)).transpose(1, 2).reshape(B, N, self.val_attn_dim))
+
+
+def test_an_attention_that_keeps_its_key_and_value_widths_gets_them():
+    """q/k channels 0 and 1 (q's 0 zero, so k's 0 is unread; k's 1 zero, so q's 1 is) and v channel 2 (the output
+    projection's columns zero) go in every head: the class gets ``key_dim`` 2, ``val_dim`` 5 and the totals.
+    (Before, nothing updated them: the check failed and every channel of the projection stayed with a
+    KeptChannelsWarning.)"""
+    model = KeyValueAttention().double().eval()
+    with torch.no_grad():
+        for h in range(3):
+            rows = [h * 14 + 0, h * 14 + 4 + 1]  # q channel 0, k channel 1
+            model.qkv.weight[rows] = 0
+            model.qkv.bias[rows] = 0
+            model.proj.weight[:, h * 6 + 2] = 0  # v channel 2 unread
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
+        small = fp.minimize_module(model, (x,))
+    assert snapshot(model) == before and type(small) is KeyValueAttention
+    assert (small.key_dim, small.val_dim, small.num_heads) == (2, 5, 3)
+    assert (small.key_attn_dim, small.val_attn_dim, small.scale) == (6, 15, 0.5)
+    assert small.qkv.out_features == 3 * 9 and small.proj.in_features == 15
+    exact_at(model, small, [(2, 5, 16), (3, 9, 16)])
+
+
 class ChannelsFirstNorm(nn.LayerNorm):
     """A LayerNorm subclass with a forward of its own, as ConvNeXt-style models write them."""
 

@@ -231,6 +231,52 @@ def _updater(m: nn.Module) -> Callable[[Any], None] | None:
                 None)
 
 
+# attentions that split their fused projection per head into parts of their own widths, kept as attributes with
+# the head count (``view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim], dim=3)``: timm's TinyViT and LeViT):
+# the child that projects, and its parts; totals they also keep, and the width they are products of
+KEY_VALUE_PARTS = {"qkv": ("key_dim", "key_dim", "val_dim"), "kv": ("key_dim", "val_dim")}
+KEY_VALUE_TOTALS = {"key_attn_dim": "key_dim", "nh_kd": "key_dim", "val_attn_dim": "val_dim", "out_dim": "val_dim",
+                    "dh": "val_dim"}
+
+
+def _set_key_value_dims(m: nn.Module, path: str, kept: dict[str, list[Any]]) -> bool:
+    """Give an attention of :data:`KEY_VALUE_PARTS`' form whose fused projection lost rows its new ``key_dim``,
+    ``val_dim``, head count and the totals it keeps, read off the kept rows (heads x parts); False where nothing
+    changed, or the heads kept different widths (then the check decides, and the channels stay if it fails). The
+    scaling the module computed from its old ``key_dim`` is left as it is: the scores must not change."""
+    if not all(type(getattr(m, a, None)) is int for a in ("key_dim", "val_dim", "num_heads")):
+        return False
+    child, parts = next(((c, p) for c, p in KEY_VALUE_PARTS.items() if isinstance(getattr(m, c, None), nn.Module)),
+                        (None, ()))
+    if child is None:
+        return False
+    name = next((f"{path}.{child}.{n}".lstrip(".") for n, p in getattr(m, child).named_parameters()
+                 if n.rpartition(".")[2] == "weight" and p.dim() >= 2), None)
+    rows = (kept.get(name) or [None])[0] if name else None
+    sizes = [getattr(m, a) for a in parts]
+    if rows is None:
+        return False
+    per, starts = sum(sizes), [sum(sizes[:i]) for i in range(len(sizes))]
+    heads = torch.unique(rows // per)
+    widths = {tuple(int(((r >= a) & (r < a + n)).sum()) for a, n in zip(starts, sizes))
+              for r in (rows[rows // per == h] % per for h in heads)}
+    if len(widths) != 1:
+        return False
+    found = dict.fromkeys(parts)
+    for a, w in zip(parts, next(iter(widths))):
+        if found[a] not in (None, w):
+            return False  # (q and k of one head: one width)
+        found[a] = w
+    old = {a: getattr(m, a) * m.num_heads for a in ("key_dim", "val_dim")}  # (the totals they were)
+    totals = [t for t, width in KEY_VALUE_TOTALS.items() if type(getattr(m, t, None)) is int and getattr(m, t) == old[width]]
+    for a, w in found.items():
+        setattr(m, a, w)
+    m.num_heads = len(heads)
+    for t in totals:
+        setattr(m, t, found[KEY_VALUE_TOTALS[t]] * len(heads))
+    return True
+
+
 @contextlib.contextmanager
 def cache_off(model: nn.Module) -> Iterator[dict[str, bool]]:
     """While open, every ``config.use_cache`` of ``model``'s modules (transformers' causal LMs as loaded) is False:
@@ -700,7 +746,8 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     own_forward |= unknown
     # attention modules whose heads narrowed get their head width and count first (GPT-2's updater reads them)
     narrowed = {p for p, m in out.named_modules() if any(_inside(c, p) for c in changed)
-                and _set_heads(m, p, small.meta.get(KEPT_KEY, {}), small.meta.get(HEADS_KEY, {}))}
+                and (_set_heads(m, p, small.meta.get(KEPT_KEY, {}), small.meta.get(HEADS_KEY, {}))
+                     or _set_key_value_dims(m, p, small.meta.get(KEPT_KEY, {})))}
     changed |= narrowed
     # containers whose forward reads their children's sizes (attention head counts) are updated after them
     changed |= {p for p, m in out.named_modules() if type(m).__name__ in BY_CLASS_NAME and
