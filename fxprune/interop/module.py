@@ -253,9 +253,9 @@ def _set_key_value_dims(m: nn.Module, path: str, kept: dict[str, list[Any]]) -> 
     name = next((f"{path}.{child}.{n}".lstrip(".") for n, p in getattr(m, child).named_parameters()
                  if n.rpartition(".")[2] == "weight" and p.dim() >= 2), None)
     rows = (kept.get(name) or [None])[0] if name else None
-    sizes = [getattr(m, a) for a in parts]
     if rows is None:
         return False
+    sizes = [getattr(m, a) for a in parts]
     per, starts = sum(sizes), [sum(sizes[:i]) for i in range(len(sizes))]
     heads = torch.unique(rows // per)
     widths = {tuple(int(((r >= a) & (r < a + n)).sum()) for a, n in zip(starts, sizes))
@@ -268,7 +268,8 @@ def _set_key_value_dims(m: nn.Module, path: str, kept: dict[str, list[Any]]) -> 
             return False  # (q and k of one head: one width)
         found[a] = w
     old = {a: getattr(m, a) * m.num_heads for a in ("key_dim", "val_dim")}  # (the totals they were)
-    totals = [t for t, width in KEY_VALUE_TOTALS.items() if type(getattr(m, t, None)) is int and getattr(m, t) == old[width]]
+    totals = [t for t, width in KEY_VALUE_TOTALS.items()
+              if type(getattr(m, t, None)) is int and getattr(m, t) == old[width]]
     for a, w in found.items():
         setattr(m, a, w)
     m.num_heads = len(heads)
