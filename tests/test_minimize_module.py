@@ -407,18 +407,21 @@ class KeyValueAttention(nn.Module):
         return self.proj((attn @ v.transpose(1, 2)).transpose(1, 2).reshape(B, N, self.val_attn_dim))
 
 
-def test_an_attention_that_keeps_its_key_and_value_widths_gets_them():
-    """q/k channels 0 and 1 (q's 0 zero, so k's 0 is unread; k's 1 zero, so q's 1 is) and v channel 2 (the output
-    projection's columns zero) go in every head: the class gets ``key_dim`` 2, ``val_dim`` 5 and the totals.
-    (Before, nothing updated them: the check failed and every channel of the projection stayed with a
-    KeptChannelsWarning.)"""
+@pytest.mark.parametrize("v_dead", ["unread", "zero"])
+def test_an_attention_that_keeps_its_key_and_value_widths_gets_them(v_dead):
+    """q/k channels 0 and 1 (q's 0 zero, so k's 0 is unread; k's 1 zero, so q's 1 is) and v channel 2 go in every
+    head: the class gets ``key_dim`` 2, ``val_dim`` 5 and the totals. (Before, nothing updated them: the check
+    failed and every channel of the projection stayed with a KeptChannelsWarning.) v's channel goes where the
+    output projection's columns are zero, and where its own rows are: the attention's output is then zero there
+    (before, the product of the unknown weights and the zero channel was not known: it stayed)."""
     model = KeyValueAttention().double().eval()
     with torch.no_grad():
         for h in range(3):
-            rows = [h * 14 + 0, h * 14 + 4 + 1]  # q channel 0, k channel 1
-            model.qkv.weight[rows] = 0
+            rows = [h * 14 + 0, h * 14 + 4 + 1] + ([h * 14 + 8 + 2] if v_dead == "zero" else [])
+            model.qkv.weight[rows] = 0  # q channel 0, k channel 1 (and v channel 2)
             model.qkv.bias[rows] = 0
-            model.proj.weight[:, h * 6 + 2] = 0  # v channel 2 unread
+            if v_dead == "unread":
+                model.proj.weight[:, h * 6 + 2] = 0
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     before = snapshot(model)
     with warnings.catch_warnings():

@@ -1923,6 +1923,24 @@ class Matmul(Rule):
                     sp.meta_dim(v, j)
         sp.exit(a, ra - 1, lambda fx: fx.dim(a, -1).zero() | fx.dim(b, -2).zero(), op.describe())
 
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        """As evaluated, and: a row of ``a`` that is zero gives a zero row of the product, a column of ``b`` that is
+        zero a zero column, whatever the other factor (a finite factor times zeros, as :class:`Mul` holds:
+        attention weights times a dead channel of v)."""
+        out = nan_eval(op, fx)
+        a, b = op.node.args[:2]
+        ra, rb, ro = fx.sp.rank(a), fx.sp.rank(b), fx.sp.rank(op.node)
+        if ra < 2 or rb < 2:
+            return out
+        for v, dv, do in ((a, -2, ro - 2), (b, -1, ro - 1)):
+            if not fx.get(v):
+                continue
+            z = fx.dim(v, dv).zero()
+            if bool(z.any()):
+                out = list(out) if out else [_unknown(n) for n in _shape(fx.sp, op.node)]
+                out[do] = DimFacts(out[do].known | z, torch.where(z, torch.zeros_like(out[do].value), out[do].value))
+        return out
+
 
 class SDPA(Rule):
     """scaled_dot_product_attention(q, k, v): q/k head_dim are contracted; v's head_dim is the output's."""
