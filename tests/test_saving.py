@@ -123,7 +123,7 @@ def test_created_bias_and_cnn_round_trip(tmp_path):
 def test_sizes_a_class_updater_set_are_saved_and_loaded(tmp_path):
     """Sizes fxprune's class updaters set outside the standard names (timm's CSPNet ``expand_chs``, MetaFormer's
     ``Scale.shape``) come back from the manifest. (Before, only a fixed list of names was saved: the loaded model
-    split and viewed with its old sizes and raised.) A size that does not fit build()'s module is refused."""
+    split and viewed with its old sizes and raised.) A recorded size that is no integer is refused."""
     from test_minimize_module import CrossStage, TimmScale, _kill
 
     def build():
@@ -144,7 +144,7 @@ def test_sizes_a_class_updater_set_are_saved_and_loaded(tmp_path):
     manifest = json.loads((d / "manifest.json").read_text())
     manifest["modules"]["0"]["sizes"]["expand_chs"] = "14"
     (d / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(fp.LoadError, match="expand_chs"):
+    with pytest.raises(fp.LoadError, match="expand_chs='14' is no integer"):
         fp.load(d, build)
 
 

@@ -297,12 +297,14 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
                 m._buffers[name] = empty
         for attr, v in entry["sizes"].items():
             v = tuple(v) if isinstance(v, list) else v
-            if not _is_size(v) or not hasattr(m, attr) or not _is_size(getattr(m, attr)) \
-                    or isinstance(v, tuple) != isinstance(getattr(m, attr), tuple):
-                raise LoadError(f"module '{path}': the manifest's size {attr}={v!r} does not fit build()'s "
-                                f"{type(m).__name__} (its {attr}: {getattr(m, attr, None)!r}): a different "
-                                "architecture, or a damaged manifest")
-            setattr(m, attr, v)
+            if not isinstance(attr, str) or not attr.isidentifier() or not _is_size(v):
+                raise LoadError(f"module '{path}': the manifest's size {attr}={v!r} is no integer or tuple of "
+                                "integers: a damaged manifest; save the model again")
+            built = getattr(m, attr, None)
+            # a size build()'s module holds as one (or a standard size attribute): set; another attribute (one a
+            # forward set, which build()'s module has not yet): left alone
+            if attr in _SIZES or _is_size(built) and isinstance(built, tuple) == isinstance(v, tuple):
+                setattr(m, attr, v)
     for full, first in manifest["ties"].items():
         owner, _, leaf = full.rpartition(".")
         fo, _, fl = first.rpartition(".")
