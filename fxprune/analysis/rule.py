@@ -225,6 +225,10 @@ class DimFacts:
     def zero(self) -> torch.Tensor:
         return self.known & (self.value == 0)
 
+    def with_zeros(self, zero: torch.Tensor) -> "DimFacts":
+        """These facts with the channels ``zero`` marks known to be 0 too."""
+        return DimFacts(self.known | zero, torch.where(zero, torch.zeros_like(self.value), self.value))
+
 
 class Facts:
     """Known-constant channels of every float value (None where nothing is known)."""
@@ -461,8 +465,8 @@ def std_scale(norm: Node) -> Node | None:
 
 # how a per-row scale is computed from one parameter: times or over a number, flattened (timm's ScaledStdConv2d:
 # ``(self.gain * self.scale).view(-1)``, gain shaped (out, 1, 1, 1))
-_SCALE_OPS = {operator.mul, operator.truediv, torch.mul, torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar,
-              torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar, "mul", "div"}
+_MUL_OPS = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar, "mul"}
+_SCALE_OPS = _MUL_OPS | {operator.truediv, torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar, "div"}
 _FLATTEN_OPS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, "view", "reshape"}
 
 
@@ -486,8 +490,9 @@ def _scale_value(v: Node, values: Callable[[Node], torch.Tensor | None]) -> torc
     t = _scale_value(v.args[0], values)
     if t is None:
         return None
-    return t.reshape(-1) if v.target in _FLATTEN_OPS else (t * v.args[1] if v.target in (
-        operator.mul, torch.mul, torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar, "mul") else t / v.args[1])
+    if v.target in _FLATTEN_OPS:
+        return t.reshape(-1)
+    return t * v.args[1] if v.target in _MUL_OPS else t / v.args[1]
 
 
 def standardize(norm: Node, p: torch.Tensor, values: Callable[[Node], torch.Tensor | None]) -> torch.Tensor | None:

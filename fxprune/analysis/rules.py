@@ -136,7 +136,7 @@ class Mul(Elementwise):
                 i = j + len(shape) - len(s)
                 if i >= 0 and n == shape[i] and fx.get(a):
                     z = fx.dim(a, j).zero()
-                    out[i] = DimFacts(out[i].known | z, torch.where(z, torch.zeros_like(out[i].value), out[i].value))
+                    out[i] = out[i].with_zeros(z)
         return out
 
 
@@ -922,7 +922,7 @@ class GLU(Rule):
         out = out or [_unknown(n) for n in shape]
         f = fx.dim(x, dim)
         zero = f.known[:shape[dim]] & (f.value[:shape[dim]] == 0)
-        out[dim] = DimFacts(out[dim].known | zero, torch.where(zero, torch.zeros_like(out[dim].value), out[dim].value))
+        out[dim] = out[dim].with_zeros(zero)
         return out
 
 
@@ -1938,7 +1938,7 @@ class Matmul(Rule):
             z = fx.dim(v, dv).zero()
             if bool(z.any()):
                 out = list(out) if out else [_unknown(n) for n in _shape(fx.sp, op.node)]
-                out[do] = DimFacts(out[do].known | z, torch.where(z, torch.zeros_like(out[do].value), out[do].value))
+                out[do] = out[do].with_zeros(z)
         return out
 
 
