@@ -382,8 +382,10 @@ def test_equal_splits_is_an_option_of_minimize():
     _kill(model.stem, [0, 2, 5, 7])
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     gm = fp.capture(model, (x,))
+    state = graph_state(gm)
     own = fp.minimize(gm)
     equal = fp.minimize(gm, options=fp.passes.minimize.MinimizeOptions(equal_splits=True))
+    assert graph_state(gm) == state  # (the captured graph, node meta included, untouched by both)
     assert own.get_parameter("stem.weight").shape[0] == 8 and equal.get_parameter("stem.weight").shape[0] == 10
     for small in (own, equal):
         exact_at(model, small, [(2, 3, 6, 6), (5, 3, 9, 4)])
