@@ -202,6 +202,12 @@ TIMM = {
     "timm_cait": ("cait_xxs24_224", dict(img_size=32, patch_size=8)),
     "timm_coat": ("coat_lite_tiny", dict(img_size=32)), "timm_inception_next": ("inception_next_atto", {}),
     "timm_hrnet": ("hrnet_w18_small", {}),
+    # stop 62: models no one had run through fxprune before (a user's pick from timm's list)
+    "timm_mobilenetv4": ("mobilenetv4_conv_small", {}), "timm_resnest": ("resnest14d", {}),
+    "timm_res2net": ("res2net50_14w_8s", {}), "timm_repghost": ("repghostnet_050", {}),
+    "timm_tinynet": ("tinynet_e", {}), "timm_efficientvit_mit": ("efficientvit_b0", {}),
+    "timm_regnety": ("regnety_002", {}), "timm_mixnet": ("mixnet_s", {}), "timm_selecsls": ("selecsls42b", {}),
+    "timm_gcvit": ("gcvit_xxtiny", dict(img_size=32)),
 }
 N, CLASSES = 256, 4
 

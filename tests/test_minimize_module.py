@@ -436,6 +436,57 @@ def test_an_attention_that_keeps_its_key_and_value_widths_gets_them(v_dead):
     exact_at(model, small, [(2, 5, 16), (3, 9, 16)])
 
 
+class MixedConv2d(nn.ModuleDict):
+    """timm's MixNet convolution: its input split with ``splits``, one child convolution of its own kernel size per
+    part (depthwise or not), the outputs concatenated."""
+
+    def __init__(self, splits: list[int], outs: list[int], depthwise: bool) -> None:
+        super().__init__()
+        for i, (cin, cout) in enumerate(zip(splits, outs)):
+            k = 3 + 2 * i
+            self.add_module(str(i), nn.Conv2d(cin, cout, k, padding=k // 2, groups=cin if depthwise else 1))
+        self.splits, self.in_channels, self.out_channels = list(splits), sum(splits), sum(outs)
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        return torch.cat([c(parts[i]) for i, c in enumerate(self.values())], 1)
+
+
+class MixBlock(nn.Module):
+    """A MixNet block: a mixed pointwise expansion, a mixed depthwise conv, a projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = MixedConv2d([2, 2], [6, 6], depthwise=False)
+        self.dw = MixedConv2d([4, 4, 4], [4, 4, 4], depthwise=True)
+        self.pwl = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.pwl(self.dw(self.pw(x).relu()).relu())
+
+
+def test_a_mixed_convolution_gets_its_new_splits():
+    """timm's ``MixedConv2d`` splits its input with a list of widths it keeps (``splits``). Its expansion's dead
+    channels fall unevenly on the depthwise conv's parts (3, 1 and 2 of 4): the splits follow them. (Before: the
+    split sizes stayed, the copy raised, and every channel stayed with a KeptChannelsWarning.)"""
+    torch.manual_seed(0)
+    model = MixBlock().double().eval()
+    with torch.no_grad():  # expansion channels 0, 1, 2 | 5 | 8, 11 dead: zero rows and biases
+        for c, rows in ((model.pw["0"], [0, 1, 2, 5]), (model.pw["1"], [2, 5])):
+            c.weight[rows] = 0
+            c.bias[rows] = 0
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
+        small = fp.minimize_module(model, (x,))
+    assert snapshot(model) == before and type(small.dw) is MixedConv2d
+    assert small.dw.splits == [1, 3, 2] and small.dw.in_channels == small.dw.out_channels == 6
+    assert [c.groups for c in small.dw.values()] == [1, 3, 2] and small.pw.out_channels == 6
+    assert small.pwl.in_channels == 6
+    exact_at(model, small, [(2, 4, 6, 6), (3, 4, 9, 7)])
+
+
 class ChannelsFirstNorm(nn.LayerNorm):
     """A LayerNorm subclass with a forward of its own, as ConvNeXt-style models write them."""
 

@@ -148,6 +148,27 @@ def test_sizes_a_class_updater_set_are_saved_and_loaded(tmp_path):
         fp.load(d, build)
 
 
+def test_split_widths_a_class_updater_set_are_saved_and_loaded(tmp_path):
+    """timm's ``MixedConv2d`` keeps its split widths as a list (``splits``): it comes back a list, with the widths
+    the updater set. (Before, lists were not saved: the loaded model split with its old widths and raised.)"""
+    from test_minimize_module import MixBlock
+
+    def build():
+        return MixBlock().double().eval()
+
+    model = build()
+    with torch.no_grad():
+        model.pw["0"].weight[[0, 1, 2, 5]] = 0
+        model.pw["0"].bias[[0, 1, 2, 5]] = 0
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    small = fp.minimize_module(model, (x,))
+    assert small.dw.splits == [1, 3, 4]
+    back = fp.load(fp.save(small, tmp_path / "m"), build).eval()
+    assert back.dw.splits == [1, 3, 4] and type(back.dw.splits) is list
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+
+
 def test_shards_round_trip_and_are_plain_safetensors(saved_gpt2, tmp_path):
     """Weights above max_shard_bytes go to several files, each one safetensors can read; load reads them all."""
     import transformers as tf

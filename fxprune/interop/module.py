@@ -120,6 +120,14 @@ def _cross_stage(m: nn.Module) -> None:
     m.expand_chs = m.conv_exp.conv.weight.shape[0]
 
 
+def _mixed_conv(m: nn.Module) -> None:
+    """timm's ``MixedConv2d`` (MixNet, MDConv): its input split with ``splits`` (one width per child convolution,
+    each with its own kernel size), the parts' outputs concatenated."""
+    convs = list(m.values())
+    m.splits = [c.in_channels for c in convs]
+    m.in_channels, m.out_channels = sum(m.splits), sum(c.out_channels for c in convs)
+
+
 BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     "Conv1D": lambda c: setattr(c, "nf", c.weight.shape[1]),  # GPT-2's Conv1D: weight is (in, out)
     "GPT2Attention": _gpt2_attention,
@@ -128,6 +136,7 @@ BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     # timm's CSPNet stages split their expansion in two halves of ``expand_chs // 2`` (kept equal: equal_splits)
     "CrossStage": _cross_stage,
     "CrossStage3": _cross_stage,
+    "MixedConv2d": _mixed_conv,
 }
 
 

@@ -56,8 +56,9 @@ _SIZES = ("in_features", "out_features", "in_channels", "out_channels", "num_fea
 
 
 def _is_size(v: Any) -> bool:
-    """An integer, or a tuple of them (a shape): what ``save`` records of a module's attributes."""
-    return type(v) is int or isinstance(v, tuple) and bool(v) and all(type(e) is int for e in v)
+    """An integer, or a tuple or list of them (a shape, split widths): what ``save`` records of a module's
+    attributes."""
+    return type(v) is int or isinstance(v, (tuple, list)) and bool(v) and all(type(e) is int for e in v)
 
 
 def _qualname(obj: Any) -> str:
@@ -121,7 +122,7 @@ def write_module(module: nn.Module, directory: str | os.PathLike, fetch: Callabl
         for attr, v in vars(m).items():  # and every other size its forward may read (an updater's: expand_chs,
             # MetaFormer's shape, an attention's attn_dim...)
             if not attr.startswith("_") and attr not in entry["sizes"] and _is_size(v):
-                entry["sizes"][attr] = list(v) if isinstance(v, tuple) else v
+                entry["sizes"][attr] = list(v) if isinstance(v, (tuple, list)) else v
         if type(m).__name__ in _REPLACEMENTS and type(m).__module__.startswith("fxprune."):
             _, fields = _REPLACEMENTS[type(m).__name__]
             entry["replacement"] = {"class": type(m).__name__, "args": {f: getattr(m, f) for f in fields}}
@@ -303,8 +304,8 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
             built = getattr(m, attr, None)
             # a size build()'s module holds as one (or a standard size attribute): set; another attribute (one a
             # forward set, which build()'s module has not yet): left alone
-            if attr in _SIZES or _is_size(built) and isinstance(built, tuple) == isinstance(v, tuple):
-                setattr(m, attr, v)
+            if attr in _SIZES or _is_size(built) and isinstance(built, (tuple, list)) == isinstance(v, tuple):
+                setattr(m, attr, list(v) if isinstance(built, list) else v)  # (as build() holds it: MixNet's splits)
     for full, first in manifest["ties"].items():
         owner, _, leaf = full.rpartition(".")
         fo, _, fl = first.rpartition(".")
