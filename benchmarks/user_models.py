@@ -207,7 +207,8 @@ TIMM = {
     "timm_res2net": ("res2net50_14w_8s", {}), "timm_repghost": ("repghostnet_050", {}),
     "timm_tinynet": ("tinynet_e", {}), "timm_efficientvit_mit": ("efficientvit_b0", {}),
     "timm_regnety": ("regnety_002", {}), "timm_mixnet": ("mixnet_s", {}), "timm_selecsls": ("selecsls42b", {}),
-    "timm_gcvit": ("gcvit_xxtiny", dict(img_size=32)),
+    "timm_gcvit": ("gcvit_xxtiny", dict(img_size=32)), "timm_sequencer": ("sequencer2d_s", {}),
+    "timm_cs3darknet": ("cs3darknet_focus_s", {}), "timm_fasternet": ("fasternet_t0", {}), "timm_hgnet": ("hgnet_tiny", {}),
 }
 N, CLASSES = 256, 4
 
