@@ -1,6 +1,7 @@
 """Stop 62: timm MixNet-S in float64 with half of each BatchNorm's channels dead (weight and bias zero), minimized
 as its own class; prints fxprune's warnings, the parameter counts, the relative difference against the model at
-three image sizes, and the first split widths its MixedConv2d modules got.
+three image sizes, the first split widths its MixedConv2d modules got, and whether fp.save then fp.load into a
+fresh MixNet-S gives outputs equal to the minimized model's.
 
     OMP_NUM_THREADS=2 python benchmarks/results/user_models/mixnet_float64_stop62.py
 """
@@ -31,3 +32,16 @@ with torch.no_grad():
         print(shape, float((a - b).abs().max() / a.abs().max()))
 splits = [mod.splits for mod in out.modules() if type(mod).__name__ == "MixedConv2d"]
 print(splits[:6])
+import tempfile  # noqa: E402
+
+
+def build():
+    return timm.create_model("mixnet_s", num_classes=4).double().eval()
+
+
+with tempfile.TemporaryDirectory() as d:  # saved and loaded into build()'s model: the splits come back
+    back = fp.load(fp.save(out, d + "/m"), build).eval()
+    with torch.no_grad():
+        y = torch.randn(2, 3, 40, 56, dtype=torch.float64)
+        print("loaded equal:", torch.equal(back(y), out(y)),
+              [mod.splits for mod in back.modules() if type(mod).__name__ == "MixedConv2d"][:3])
