@@ -487,6 +487,66 @@ def test_a_mixed_convolution_gets_its_new_splits():
     exact_at(model, small, [(2, 4, 6, 6), (3, 4, 9, 7)])
 
 
+class Partial_conv3(nn.Module):  # noqa: N801 (timm's name, which minimize_module reads)
+    """timm's FasterNet partial convolution: the first ``dim_conv3`` channels of the stream through a 3x3
+    convolution, the other ``dim_untouched`` passed on."""
+
+    def __init__(self, dim: int, n_div: int) -> None:
+        super().__init__()
+        self.dim_conv3 = dim // n_div
+        self.dim_untouched = dim - self.dim_conv3
+        self.partial_conv3 = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        x1, x2 = torch.split(x, [self.dim_conv3, self.dim_untouched], dim=1)
+        return torch.cat((self.partial_conv3(x1), x2), 1)
+
+
+class MLPBlock(nn.Module):
+    """timm's FasterNet block: the partial convolution, then a pointwise MLP, added to the stream."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv2d(dim, 2 * dim, 1, bias=False), nn.BatchNorm2d(2 * dim), nn.ReLU(),
+                                 nn.Conv2d(2 * dim, dim, 1, bias=False))
+        self.spatial_mixing = Partial_conv3(dim, 4)
+
+    def forward(self, x):
+        return x + self.mlp(self.spatial_mixing(x))
+
+
+class FasterNetLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.head = nn.Conv2d(3, 8, 1), MLPBlock(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def test_a_partial_convolution_gets_its_new_split():
+    """timm's FasterNet splits its stream into the channels its partial convolution reads (``dim_conv3``) and
+    those it passes on (``dim_untouched``), both kept as attributes. Stream channels 1 (read by the convolution)
+    and 6 (passed on) are dead: the split follows them. (Before: the split sizes stayed, the copy raised, and the
+    stream kept its channels with a KeptChannelsWarning.)"""
+    torch.manual_seed(0)
+    model = FasterNetLike().double().eval()
+    with torch.no_grad():  # every writer of stream channels 1 and 6 zero
+        for t in (model.stem.weight, model.stem.bias, model.block.mlp[3].weight):
+            t[[1, 6]] = 0
+        model.block.mlp[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
+        small = fp.minimize_module(model, (x,))
+    assert snapshot(model) == before and type(small.block.spatial_mixing) is Partial_conv3
+    pc = small.block.spatial_mixing
+    assert (pc.dim_conv3, pc.dim_untouched) == (1, 5) and small.stem.out_channels == 6
+    assert small.block.mlp[0].in_channels == pc.partial_conv3.out_channels + 5
+    exact_at(model, small, [(2, 3, 6, 6), (3, 3, 9, 7)])
+
+
 class ChannelsFirstNorm(nn.LayerNorm):
     """A LayerNorm subclass with a forward of its own, as ConvNeXt-style models write them."""
 

@@ -128,6 +128,16 @@ def _mixed_conv(m: nn.Module) -> None:
     m.in_channels, m.out_channels = sum(m.splits), sum(c.out_channels for c in convs)
 
 
+def _partial_conv_block(m: nn.Module) -> None:
+    """timm's FasterNet ``MLPBlock``: its ``spatial_mixing`` (``Partial_conv3``) splits the stream into the
+    ``dim_conv3`` channels its convolution reads and the ``dim_untouched`` it passes on, and ``mlp`` reads the
+    convolution's output beside the latter. (Any other ``MLPBlock``, torchvision's: nothing to update.)"""
+    pc = getattr(m, "spatial_mixing", None)
+    if type(pc).__name__ == "Partial_conv3" and isinstance(getattr(m, "mlp", None), nn.Sequential):
+        conv = pc.partial_conv3
+        pc.dim_conv3, pc.dim_untouched = conv.in_channels, m.mlp[0].in_channels - conv.out_channels
+
+
 BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     "Conv1D": lambda c: setattr(c, "nf", c.weight.shape[1]),  # GPT-2's Conv1D: weight is (in, out)
     "GPT2Attention": _gpt2_attention,
@@ -137,6 +147,7 @@ BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     "CrossStage": _cross_stage,
     "CrossStage3": _cross_stage,
     "MixedConv2d": _mixed_conv,
+    "MLPBlock": _partial_conv_block,
 }
 
 
