@@ -547,6 +547,47 @@ def test_a_partial_convolution_gets_its_new_split():
     exact_at(model, small, [(2, 3, 6, 6), (3, 3, 9, 7)])
 
 
+class LinearBottleneck(nn.Module):
+    """timm's ReXNet block: its output wider than its input, the first ``in_channels`` channels added to it."""
+
+    def __init__(self, cin: int = 6, cout: int = 10) -> None:
+        super().__init__()
+        self.use_shortcut, self.in_channels, self.out_channels = True, cin, cout
+        self.conv_exp, self.conv_dw, self.conv_pwl = ConvNormAct(cin, 12), ConvNormAct(12, 12), ConvNormAct(12, cout)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_pwl(self.conv_dw(self.conv_exp(x)))
+        return torch.cat([x[:, 0:self.in_channels] + shortcut, x[:, self.in_channels:]], dim=1)
+
+
+class ReXNetLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.head = ConvNormAct(3, 6), LinearBottleneck(), nn.Conv2d(10, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x))).mean((2, 3))
+
+
+def test_a_partial_residual_gets_its_new_widths():
+    """timm's ReXNet adds its input to the first ``in_channels`` channels of a wider output, kept as attributes.
+    Stream channel 2 (added to) and output channel 8 (passed on) are dead: ``in_channels`` and ``out_channels``
+    follow. (Before: the copy sliced at the old width, and the channels stayed with a KeptChannelsWarning.)"""
+    torch.manual_seed(0)
+    model = ReXNetLike().double().eval()
+    _kill(model.stem.bn, [2])
+    _kill(model.block.conv_pwl.bn, [2, 8])
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
+        small = fp.minimize_module(model, (x,))
+    assert snapshot(model) == before and type(small.block) is LinearBottleneck
+    assert (small.block.in_channels, small.block.out_channels) == (5, 8) and small.head.in_channels == 8
+    exact_at(model, small, [(2, 3, 6, 6), (3, 3, 9, 7)])
+
+
 class ChannelsFirstNorm(nn.LayerNorm):
     """A LayerNorm subclass with a forward of its own, as ConvNeXt-style models write them."""
 

@@ -148,6 +148,45 @@ def test_sizes_a_class_updater_set_are_saved_and_loaded(tmp_path):
         fp.load(d, build)
 
 
+class ConvNormActProperty(nn.Module):
+    """timm's ``ConvNormAct``: ``in_channels`` and ``out_channels`` are properties read off its convolution."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout)
+
+    @property
+    def in_channels(self):
+        return self.conv.in_channels
+
+    @property
+    def out_channels(self):
+        return self.conv.out_channels
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).relu()
+
+
+def test_a_size_that_is_a_read_only_property_is_not_set_on_load(tmp_path):
+    """A module whose ``in_channels`` / ``out_channels`` are properties without a setter (timm's ``ConvNormAct``,
+    in every ReXNet, RegNet... of timm's) loads: the property follows its convolution, which gets its recorded
+    size. (Before, ``fp.load`` set the recorded size on the property and raised AttributeError.)"""
+    def build():
+        return nn.Sequential(ConvNormActProperty(3, 8), ConvNormActProperty(8, 4)).double().eval()
+
+    model = build()
+    with torch.no_grad():
+        model[0].bn.weight[[1, 5]] = 0
+        model[0].bn.bias[[1, 5]] = 0
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    small = fp.minimize_module(model, (x,))
+    assert small[0].out_channels == small[1].in_channels == 6
+    back = fp.load(fp.save(small, tmp_path / "m"), build).eval()
+    assert back[0].out_channels == back[1].in_channels == 6
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+
+
 def test_split_widths_a_class_updater_set_are_saved_and_loaded(tmp_path):
     """timm's ``MixedConv2d`` keeps its split widths as a list (``splits``): it comes back a list, with the widths
     the updater set. (Before, lists were not saved: the loaded model split with its old widths and raised.)"""

@@ -138,6 +138,19 @@ def _partial_conv_block(m: nn.Module) -> None:
         pc.dim_conv3, pc.dim_untouched = conv.in_channels, m.mlp[0].in_channels - conv.out_channels
 
 
+def _partial_residual(m: nn.Module) -> None:
+    """timm's ReXNet ``LinearBottleneck``: the first ``in_channels`` channels of its output are added to its input
+    (``x[:, 0:self.in_channels] + shortcut``), the rest of its ``out_channels`` passed on. (Any other
+    ``LinearBottleneck``: nothing to update.)"""
+    if not (isinstance(getattr(m, "use_shortcut", None), bool) and isinstance(getattr(m, "conv_pwl", None), nn.Module)
+            and isinstance(getattr(m, "conv_dw", None), nn.Module)):
+        return
+    first = m.conv_exp if getattr(m, "conv_exp", None) is not None else m.conv_dw
+    first, last = getattr(first, "conv", first), getattr(m.conv_pwl, "conv", m.conv_pwl)
+    if isinstance(first, nn.Conv2d) and isinstance(last, nn.Conv2d):
+        m.in_channels, m.out_channels = first.in_channels, last.out_channels
+
+
 BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     "Conv1D": lambda c: setattr(c, "nf", c.weight.shape[1]),  # GPT-2's Conv1D: weight is (in, out)
     "GPT2Attention": _gpt2_attention,
@@ -148,6 +161,7 @@ BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     "CrossStage3": _cross_stage,
     "MixedConv2d": _mixed_conv,
     "MLPBlock": _partial_conv_block,
+    "LinearBottleneck": _partial_residual,
 }
 
 

@@ -61,6 +61,12 @@ def _is_size(v: Any) -> bool:
     return type(v) is int or isinstance(v, (tuple, list)) and bool(v) and all(type(e) is int for e in v)
 
 
+def _read_only(m: nn.Module, attr: str) -> bool:
+    """Whether ``attr`` is a property of ``m``'s class that cannot be set."""
+    prop = next((c.__dict__[attr] for c in type(m).__mro__ if attr in c.__dict__), None)
+    return isinstance(prop, property) and prop.fset is None
+
+
 def _qualname(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
@@ -303,7 +309,10 @@ def load(directory: str | os.PathLike, build: Callable[[], nn.Module]) -> nn.Mod
                                 "integers: a damaged manifest; save the model again")
             built = getattr(m, attr, None)
             # a size build()'s module holds as one (or a standard size attribute): set; another attribute (one a
-            # forward set, which build()'s module has not yet): left alone
+            # forward set, which build()'s module has not yet), or a property without a setter (timm's
+            # ConvNormAct.in_channels, read off its convolution, which gets its own): left alone
+            if _read_only(m, attr):
+                continue
             if attr in _SIZES or _is_size(built) and isinstance(built, (tuple, list)) == isinstance(v, tuple):
                 setattr(m, attr, list(v) if isinstance(built, list) else v)  # (as build() holds it: MixNet's splits)
     for full, first in manifest["ties"].items():
