@@ -1,8 +1,9 @@
 """Stop 62: a timm model (default ReXNet-1.0) in float64 with half of each BatchNorm's channels dead (weight and
 bias zero), minimized as its own class; prints fxprune's warnings, the parameter counts, the relative difference
-against the model at three image sizes, and whether fp.save then fp.load into a fresh model gives equal outputs.
+against the model at three image sizes, the first split widths of its MixedConv2d modules (MixNet), and whether
+fp.save then fp.load into a fresh model gives equal outputs.
 
-    OMP_NUM_THREADS=2 python benchmarks/results/user_models/bn_dead_float64_stop62.py [rexnet_100]
+    OMP_NUM_THREADS=2 python benchmarks/results/user_models/bn_dead_float64_stop62.py [rexnet_100 | mixnet_s | ...]
 """
 import sys, warnings, torch
 from torch import nn
@@ -30,6 +31,7 @@ with torch.no_grad():
         y = torch.randn(*shape, dtype=torch.float64)
         a, b = m(y), out(y)
         print(shape, float((a - b).abs().max() / a.abs().max()))
+print([mod.splits for mod in out.modules() if type(mod).__name__ == "MixedConv2d"][:6])
 import tempfile  # noqa: E402
 
 
