@@ -313,6 +313,17 @@ class ConvNormAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+def _minimized_without_kept_channels(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``fp.minimize_module(model, (x,))`` with a ``KeptChannelsWarning`` (a channel its class could not follow)
+    an error, and the model asserted untouched."""
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
+        small = fp.minimize_module(model, (x,))
+    assert snapshot(model) == before
+    return small
+
+
 class CrossStage(nn.Module):
     """timm's CSPNet stage: ``conv_exp``'s output split in two halves with ``expand_chs // 2``, one half through a
     residual block, both into ``conv_transition``."""
@@ -361,11 +372,7 @@ def test_halves_of_an_equal_split_keep_one_width(cls):
     if cls is CrossStage:
         _kill(model.block.bn, [1])  # (the second half is a residual stream: its channel 9 dead in both terms)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    before = snapshot(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
-        small = fp.minimize_module(model, (x,))
-    assert snapshot(model) == before
+    small = _minimized_without_kept_channels(model, x)
     assert type(small) is cls
     full = 16 if cls is CrossStage else 12
     width = (small.conv_exp.conv if cls is CrossStage else small.stem).out_channels
@@ -425,11 +432,8 @@ def test_an_attention_that_keeps_its_key_and_value_widths_gets_them(v_dead):
             if v_dead == "unread":
                 model.proj.weight[:, h * 6 + 2] = 0
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    before = snapshot(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
-        small = fp.minimize_module(model, (x,))
-    assert snapshot(model) == before and type(small) is KeyValueAttention
+    small = _minimized_without_kept_channels(model, x)
+    assert type(small) is KeyValueAttention
     assert (small.key_dim, small.val_dim, small.num_heads) == (2, 5, 3)
     assert (small.key_attn_dim, small.val_attn_dim, small.scale) == (6, 15, 0.5)
     assert small.qkv.out_features == 3 * 9 and small.proj.in_features == 15
@@ -476,11 +480,8 @@ def test_a_mixed_convolution_gets_its_new_splits():
             c.weight[rows] = 0
             c.bias[rows] = 0
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    before = snapshot(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
-        small = fp.minimize_module(model, (x,))
-    assert snapshot(model) == before and type(small.dw) is MixedConv2d
+    small = _minimized_without_kept_channels(model, x)
+    assert type(small.dw) is MixedConv2d
     assert small.dw.splits == [1, 3, 2] and small.dw.in_channels == small.dw.out_channels == 6
     assert [c.groups for c in small.dw.values()] == [1, 3, 2] and small.pw.out_channels == 6
     assert small.pwl.in_channels == 6
@@ -536,11 +537,8 @@ def test_a_partial_convolution_gets_its_new_split():
             t[[1, 6]] = 0
         model.block.mlp[1].running_mean.uniform_(-1, 1)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    before = snapshot(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
-        small = fp.minimize_module(model, (x,))
-    assert snapshot(model) == before and type(small.block.spatial_mixing) is Partial_conv3
+    small = _minimized_without_kept_channels(model, x)
+    assert type(small.block.spatial_mixing) is Partial_conv3
     pc = small.block.spatial_mixing
     assert (pc.dim_conv3, pc.dim_untouched) == (1, 5) and small.stem.out_channels == 6
     assert small.block.mlp[0].in_channels == pc.partial_conv3.out_channels + 5
@@ -579,11 +577,8 @@ def test_a_partial_residual_gets_its_new_widths():
     _kill(model.stem.bn, [2])
     _kill(model.block.conv_pwl.bn, [2, 8])
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    before = snapshot(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", fp.interop.module.KeptChannelsWarning)
-        small = fp.minimize_module(model, (x,))
-    assert snapshot(model) == before and type(small.block) is LinearBottleneck
+    small = _minimized_without_kept_channels(model, x)
+    assert type(small.block) is LinearBottleneck
     assert (small.block.in_channels, small.block.out_channels) == (5, 8) and small.head.in_channels == 8
     exact_at(model, small, [(2, 3, 6, 6), (3, 3, 9, 7)])
 
