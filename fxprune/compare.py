@@ -204,16 +204,35 @@ def eval_modes(model: nn.Module) -> Iterator[nn.Module]:
 
 def precision_of(m: nn.Module) -> torch.dtype:
     """The lowest floating precision ``m`` computes in: its floating parameters and buffers and, for a graph, every
-    floating value its nodes carry (``meta["val"]``). float64 when it holds nothing floating."""
+    floating value its nodes carry (``meta["val"]``) on the way to its outputs as floats: a value that reaches them
+    only through integers (T5's and MPNet's relative position buckets, a float32 log turned into indices) leaves
+    their precision alone. float64 when it holds nothing floating."""
     from torch.fx import GraphModule
 
     dtypes = {t.dtype for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()}
     if isinstance(m, GraphModule):
-        for n in m.graph.nodes:
+        for n in _floating_path(m):
             for v in pytree.tree_leaves(n.meta.get("val")):
                 if isinstance(v, torch.Tensor) and v.is_floating_point():
                     dtypes.add(v.dtype)
     return max(dtypes, key=lambda d: _ORDER.index(d) if d in _ORDER else len(_ORDER), default=torch.float64)
+
+
+def _floating_path(gm: Any) -> list[Any]:
+    """The nodes of ``gm`` from which a floating value reaches its output: back from the output, through every
+    node that carries a floating value or none it knows, not past one whose values are all integers or bools."""
+    def floating(n: Any) -> bool:
+        vals = [v for v in pytree.tree_leaves(n.meta.get("val")) if isinstance(v, torch.Tensor)]
+        return not vals or any(v.is_floating_point() or v.is_complex() for v in vals)
+
+    out = [n for n in gm.graph.nodes if n.op == "output"]
+    seen, todo = set(out), list(out)
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen and floating(a):
+                seen.add(a)
+                todo.append(a)
+    return [n for n in gm.graph.nodes if n in seen]
 
 
 @dataclass(frozen=True)

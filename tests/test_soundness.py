@@ -333,6 +333,28 @@ def test_precision_of_a_graph_that_casts_inside():
     assert rtol_for(torch.float64) == 1e-9 and rtol_for(torch.float32) == 1e-4
 
 
+def test_precision_of_a_graph_that_computes_indices_in_float32():
+    """A float32 computation whose result reaches the outputs only as integers (T5's and MPNet's relative position
+    buckets: a float32 log turned into indices of a float64 table) leaves float64's tolerance: before, the graph
+    counted as float32 and a float64 MPNet copy 1.6e-5 off passed the self-check."""
+
+    class Buckets(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Embedding(8, 3).double()
+
+        def forward(self, x):
+            pos = torch.arange(x.shape[1])
+            bucket = (torch.log(pos.float() + 1) * 2).to(torch.long).clamp(max=7)  # float32, then indices
+            return x + self.table(bucket)
+
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    gm = fp.capture(Buckets(), (x,))
+    assert any(v.dtype == torch.float32 for n in gm.graph.nodes for v in [n.meta.get("val")]
+               if isinstance(v, torch.Tensor))  # (the graph does compute in float32)
+    assert precision_of(gm) == torch.float64
+
+
 def test_one_comparator():
     a = torch.tensor([1.0, float("inf"), -float("inf"), 2.0], dtype=torch.float64)
     assert compare(a, a.clone())[0].max_rel == 0.0  # equal infinities are equal
