@@ -725,6 +725,84 @@ def test_whole_heads_and_head_dims_go_from_bert_and_vit_classes():
             assert float((back(x).last_hidden_state - want).abs().max()) <= 1e-10
 
 
+class ScaledAtForward(nn.Module):
+    """An attention that computes its scale from ``head_dim`` in its forward (transformers' MPNet, PVT-v2, Falcon
+    and some 40 more); ``fused``: one ``qkv`` projection and ``scaled_dot_product_attention``'s default scale, from
+    the width of q (timm's ``Attention``)."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 2, fused: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.fused = num_heads, dim // num_heads, fused
+        if fused:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        if self.fused:
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            q, k, v = (lin(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
+            out = (q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)).softmax(-1) @ v
+        return x + self.o(out.transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sqrt-in-forward", "fused-sdpa-default-scale"])
+def test_attention_scaled_from_its_head_width_in_forward_loses_channels_inside_heads(fused: bool) -> None:
+    """A class that computes its scale from ``head_dim`` at every forward would score with the new width: the
+    queries are multiplied by sqrt(new / old), so its scores stay, and head_dim channels go (before: the check
+    failed and every channel inside the heads stayed, with a ``KeptChannelsWarning``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledAtForward(fused=fused), nn.Linear(16, 3)).double().eval()
+    att = model[0]
+    q, k, v = (att.qkv.weight[i * 16:(i + 1) * 16] for i in range(3)) if fused else (att.q.weight, att.k.weight, att.v.weight)
+    with torch.no_grad():
+        for h in range(2):  # head_dim channel 1 of each head in k (and q: a fused qkv splits one head_dim dim
+            k[h * 8 + 1] = 0  # into q, k and v, so a channel goes from all three or none), channels 1 and 6 in v
+            v[[h * 8 + 1] + ([] if fused else [h * 8 + 6])] = 0
+            if fused:
+                q[h * 8 + 1] = 0
+        for b in [att.qkv.bias] if fused else [att.k.bias, att.v.bias]:
+            b.zero_()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    small = _minimized_without_kept_channels(model, x)
+    a = small[0]
+    assert a.head_dim == 7 and a.num_heads == 2 and a.o.in_features == 14  # (v's widest head keeps 7 of 8)
+    assert (a.qkv.out_features == 42) if fused else (a.q.out_features == a.k.out_features == a.v.out_features == 14)
+    for xi in (x, torch.randn(2, 9, 16, dtype=torch.float64)):  # another batch and length too
+        with torch.no_grad():
+            assert float((small(xi) - model(xi)).abs().max()) <= 1e-12
+
+
+def test_mpnet_loses_channels_inside_its_heads() -> None:
+    """transformers' MPNetSelfAttention divides by ``math.sqrt(self.attention_head_size)`` in its forward: its
+    narrower heads are written back (before: every channel inside them stayed, with a warning), exact in float64
+    at other batch sizes and lengths; the model is untouched."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    torch.manual_seed(0)
+    model = transformers.MPNetModel(transformers.MPNetConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64)).double().eval()
+    a = model.encoder.layer[0].attention.attn
+    with torch.no_grad():
+        for h in range(4):  # head_dim channel 2 of every head in k and in v
+            for lin in (a.k, a.v):
+                lin.weight[h * 8 + 2] = 0
+                lin.bias[h * 8 + 2] = 0
+    ids = torch.randint(0, 50, (2, 10))
+    small = _minimized_without_kept_channels(model, ids)
+    b = small.encoder.layer[0].attention.attn
+    assert (b.attention_head_size, b.num_attention_heads, b.all_head_size) == (7, 4, 28) and b.o.in_features == 28
+    assert a.attention_head_size == 8
+    for n in (10, 4, 17):
+        x = torch.randint(0, 50, (3, n))
+        with torch.no_grad():
+            assert float((small(x).last_hidden_state - model(x).last_hidden_state).abs().max()) <= 1e-10
+
+
 def test_rope_attention_keeps_its_heads_with_a_warning():
     """Llama's rotary embedding is built for the config's head_dim: narrower v heads cannot be written back (q/k
     keep theirs), so the check fails and v's head channels stay, with the warning."""
