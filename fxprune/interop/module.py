@@ -246,6 +246,23 @@ def _width(m: nn.Module) -> int | None:
     return next((getattr(m, a) for a in HEAD_WIDTH if type(getattr(m, a, None)) is int), None)
 
 
+def _rescale_queries(out: nn.Module, model: nn.Module, paths: set[str],
+                     layout: dict[str, list[tuple[int, int]]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Multiply the queries of ``out``'s attention modules at ``paths`` by ``sqrt(new / old)``, their head width in
+    ``out`` over the one in ``model``: a class that computes its scale from the width in its forward
+    (``/ math.sqrt(self.head_dim)``, ``scaled_dot_product_attention``'s default) then scores as with the old width.
+    Returns each tensor changed with its values before, to undo it."""
+    before = []
+    with torch.no_grad():
+        for p in sorted(paths):
+            m = out.get_submodule(p)
+            factor = math.sqrt(_width(m) / _width(model.get_submodule(p)))
+            for t in _query_rows(m, layout, p):
+                before.append((t, t.clone()))
+                t.mul_(factor)
+    return before
+
+
 def _narrowed_queries(model: nn.Module, out: nn.Module, small: torch.fx.GraphModule) -> set[str]:
     """The attention modules of ``out`` (written back from ``small``) whose head width is not ``model``'s and whose
     queries :func:`_query_rows` finds."""
@@ -265,15 +282,12 @@ def _error(want: Any, copy_: nn.Module, inputs: tuple[Any, ...]) -> float:
         return float("inf")
 
 
-def _set_heads(m: nn.Module, path: str, kept: dict[str, list[Any]], layout: dict[str, list[tuple[int, int]]],
-               rescale: bool = False) -> bool:
+def _set_heads(m: nn.Module, path: str, kept: dict[str, list[Any]], layout: dict[str, list[tuple[int, int]]]) -> bool:
     """Give an attention module whose q/k/v lost head-dim channels (or whole heads) its new head width and count,
     read off the kept indices of its children's head-structured dims (each part: heads x head dim); False where
     none changed or they disagree (then the check decides, and the channels stay if it fails). The scaling the
-    module computed from its old width is left as it is: the scores must not change. ``rescale``: the class
-    computes its scale from the width in its forward (``/ math.sqrt(self.head_dim)``, or
-    ``scaled_dot_product_attention``'s default): the queries are multiplied by ``sqrt(new / old)``, so that the
-    scores stay those of the old width."""
+    module computed from its old width is left as it is: the scores must not change (a class that computes its
+    scale from the width in its forward: :func:`_rescale_queries`)."""
     found = set()
     for key, parts in layout.items():
         name, _, dim = key.rpartition(":")
@@ -292,11 +306,6 @@ def _set_heads(m: nn.Module, path: str, kept: dict[str, list[Any]], layout: dict
     if len(found) != 1 or next(iter(found))[1] == 0:
         return False
     heads, width = next(iter(found))
-    old = _width(m)
-    if rescale and width != old:
-        with torch.no_grad():
-            for t in _query_rows(m, layout, path):
-                t.mul_(math.sqrt(width / old))
     for a in HEAD_WIDTH:
         if type(getattr(m, a, None)) is int:
             setattr(m, a, width)
@@ -515,12 +524,15 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         narrowed = _narrowed_queries(model, out, small)
         if narrowed:  # does the class compute its scale from the head width in its forward? The copy closer to the
             # model says (the other is off by the ratio of the widths' square roots in every score)
-            alt_suspects: list[str] = []
-            alt, alt_stale = _write_back(model, small, inputs, alt_suspects, narrowed)
             want = reference_outputs(gm, inputs)
-            if _error(want, alt, inputs) < _error(want, out, inputs):
-                out, stale, suspects = alt, alt_stale, alt_suspects
+            plain = _error(want, out, inputs)
+            undo = _rescale_queries(out, model, narrowed, small.meta.get(HEADS_KEY, {}))
+            if _error(want, out, inputs) < plain:
                 rescaled.update(narrowed)
+            else:
+                with torch.no_grad():
+                    for t, was in undo:
+                        t.copy_(was)
         if not verify:
             return out, stale, suspects, small, None
         try:
@@ -532,7 +544,8 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
                 try:
                     twin_suspects: list[str] = []
                     exact, twin_stale = _write_back(to_dtype(model, torch.float64), graph,
-                                                    cast(inputs, torch.float64), twin_suspects, rescaled)
+                                                    cast(inputs, torch.float64), twin_suspects)
+                    _rescale_queries(exact, model, rescaled, graph.meta.get(HEADS_KEY, {}))
                     twin = to_dtype(exact, torch.float32)
                     self_check(gm, twin, inputs, opts, exact=exact)
                     return twin, twin_stale, twin_suspects, graph, None
@@ -804,11 +817,10 @@ def _owner(name: str) -> str:
 
 
 def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any, ...],
-                suspects: list[str] | None = None, rescaled: set[str] = frozenset()) -> tuple[nn.Module, list[str]]:
+                suspects: list[str] | None = None) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` holding ``small``'s tensors and sizes; the paths of modules whose tensors changed but
     whose size attributes could not be updated. ``suspects`` (when given) gains the paths of changed modules whose
-    caller keeps one of their old sizes as an attribute (it may read it in its forward). The attention modules of
-    ``rescaled`` get their queries rescaled to a new head width (:func:`_set_heads`)."""
+    caller keeps one of their old sizes as an attribute (it may read it in its forward)."""
     from fxprune.passes.minimize import HEADS_KEY, KEPT_KEY
 
     out = unmasked(model)
@@ -848,7 +860,7 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
     own_forward |= unknown
     # attention modules whose heads narrowed get their head width and count first (GPT-2's updater reads them)
     narrowed = {p for p, m in out.named_modules() if any(_inside(c, p) for c in changed)
-                and (_set_heads(m, p, small.meta.get(KEPT_KEY, {}), small.meta.get(HEADS_KEY, {}), p in rescaled)
+                and (_set_heads(m, p, small.meta.get(KEPT_KEY, {}), small.meta.get(HEADS_KEY, {}))
                      or _set_key_value_dims(m, p, small.meta.get(KEPT_KEY, {})))}
     changed |= narrowed
     # containers whose forward reads their children's sizes (attention head counts) are updated after them
