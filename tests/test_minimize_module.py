@@ -324,6 +324,70 @@ def _minimized_without_kept_channels(model: nn.Module, x: torch.Tensor) -> nn.Mo
     return small
 
 
+class LayerScale2d(nn.Module):
+    """timm's ``LayerScale2d``: ``x * gamma.view(1, -1, 1, 1)``; besides ``gamma`` it keeps a float and a bool."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5, inplace: bool = False) -> None:
+        super().__init__()
+        self.init_values, self.inplace = init_values, inplace
+        self.gamma = nn.Parameter(torch.full((dim,), init_values))
+
+    def forward(self, x):
+        gamma = self.gamma.view(1, -1, 1, 1)
+        return x.mul_(gamma) if self.inplace else x * gamma
+
+
+class KeepsWidth(nn.Module):
+    """An MLP that reshapes its hidden activations with a width it keeps as an integer: fxprune cannot update it."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden, self.fc1, self.fc2 = hidden, nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        h = self.fc1(x).relu()
+        return self.fc2(h.reshape(x.shape[0], self.hidden, -1).reshape(x.shape[0], self.hidden, *x.shape[2:]))
+
+
+class ScaledBlock(nn.Module):
+    """``x + ls(mlp(x))``, as timm's EfficientFormerV2 blocks."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mlp, self.ls = KeepsWidth(dim, 2 * dim), LayerScale2d(dim)
+
+    def forward(self, x):
+        return x + self.ls(self.mlp(x))
+
+
+def test_a_module_that_keeps_no_size_loses_channels_in_its_class() -> None:
+    """A class fxprune has no updater for, whose module keeps nothing besides its tensors that a forward could read
+    a size from (timm's ``LayerScale2d``: ``gamma``, a float, a bool), is no suspect when a module beside it fails
+    the check: the residual stream's dead channels go through it. Before, it was frozen with the module that failed
+    (an MLP that reshapes with a width it keeps), and the stream kept every channel; that MLP still keeps its
+    hidden channels, with the warning, and the copy is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), ScaledBlock(8), nn.Conv2d(8, 3, 1)).double().eval()
+    with torch.no_grad():
+        model[0].weight[[2, 5]] = 0  # stream channels 2 and 5: zero out of the stem and out of the MLP
+        model[0].bias[[2, 5]] = 0
+        model[1].mlp.fc2.weight[[2, 5]] = 0
+        model[1].mlp.fc2.bias[[2, 5]] = 0
+        model[1].mlp.fc1.weight[3] = 0  # a dead hidden channel, which the MLP's reshape keeps
+        model[1].mlp.fc1.bias[3] = -1.0
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    before = snapshot(model)
+    with pytest.warns(fp.interop.module.KeptChannelsWarning) as caught:
+        small = fp.minimize_module(model, (x,))
+    assert snapshot(model) == before
+    assert all(".ls" not in str(w.message) for w in caught)
+    assert small[1].ls.gamma.shape == (6,) and small[0].out_channels == small[2].in_channels == 6
+    assert small[1].mlp.fc1.out_channels == 16  # (its reshape reads the width it keeps)
+    for xi in (x, torch.randn(5, 3, 9, 7, dtype=torch.float64)):  # another batch and image size too
+        with torch.no_grad():
+            assert float((small(xi) - model(xi)).abs().max()) <= 1e-12
+
+
 class CrossStage(nn.Module):
     """timm's CSPNet stage: ``conv_exp``'s output split in two halves with ``expand_chs // 2``, one half through a
     residual block, both into ``conv_transition``."""

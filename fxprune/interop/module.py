@@ -654,7 +654,8 @@ def _to_freeze(model: nn.Module, out: nn.Module, inputs: tuple[Any, ...], stale:
                keep: dict[str, str]) -> dict[str, str]:
     """What to freeze after a failed check, as few as it can: when the copy raises, the suspects and stale modules
     under the module that was running (or its caller) and every module of the same class (each layer of a model
-    fails alike); otherwise, or when that names nothing new, every suspect first, then every stale module; when
+    fails alike); otherwise, or when that names nothing new, every suspect first, then every stale module (where
+    the copy raised, those that keep a size: :func:`_keeps_sizes`); when
     there are none, the dims that changed in the module that was running and in every module of its class, or
     else in its caller's, unless that is the model itself (a forward that reads a size from another tensor:
     FocalNet's modulation splits its input projection's output at its own input width, SegFormer's sequence
@@ -675,6 +676,9 @@ def _to_freeze(model: nn.Module, out: nn.Module, inputs: tuple[Any, ...], stale:
         classes = {type(m) for m in running}
         of_class = lambda path: type(out.get_submodule(path)) in classes  # noqa: E731
         near = {k: why for k in suspects if k not in keep and of_class(k.rpartition(":")[0].rpartition(".")[0].rpartition(".")[0])}
+        # a stale module that keeps no size (timm's LayerScale2d) reads its sizes off its tensors: it made nothing
+        # else raise, so only one of the raising classes is frozen for it
+        stale = [p for p in stale if of_class(p) or _keeps_sizes(out.get_submodule(p))]
         near |= stale_tensors([p for p in stale if of_class(p) or of_class(p.rpartition(".")[0])])
         if near:
             return near
@@ -906,6 +910,21 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
             if output and any(size % v == 0 for v in sizes):
                 suspects.extend(f"{n}:{d}" for n in names)
     return out, stale
+
+
+def _keeps_sizes(m: nn.Module) -> bool:
+    """Whether a module keeps anything besides its tensors that its forward could read a size from: an integer (not
+    a bool), a container, or any other object (a config). Numbers, bools, strings and functions are no sizes: a
+    module holding only those (timm's ``LayerScale2d``: ``gamma``, ``init_values``, ``inplace``) reads its sizes
+    off its tensors, which are written; it may still compute something else over them (ConvNeXt-V2's global
+    response norm, a mean over channels), so it stays stale."""
+    for key, v in vars(m).items():
+        if key.startswith("_") or key == "training" or v is None or isinstance(v, (bool, float, str, torch.Tensor)):
+            continue
+        if callable(v) and not isinstance(v, (nn.Module, type)):  # (a function it calls: F.gelu)
+            continue
+        return True
+    return False
 
 
 def _inside(path: str, parent: str) -> bool:
