@@ -677,7 +677,7 @@ def _to_freeze(model: nn.Module, out: nn.Module, inputs: tuple[Any, ...], stale:
         of_class = lambda path: type(out.get_submodule(path)) in classes  # noqa: E731
         near = {k: why for k in suspects if k not in keep and of_class(k.rpartition(":")[0].rpartition(".")[0].rpartition(".")[0])}
         # a stale module that keeps no size (timm's LayerScale2d) reads its sizes off its tensors: it made nothing
-        # else raise, so only one of the raising classes is frozen for it
+        # else raise, so it is frozen only where its own class raised
         stale = [p for p in stale if of_class(p) or _keeps_sizes(out.get_submodule(p))]
         near |= stale_tensors([p for p in stale if of_class(p) or of_class(p.rpartition(".")[0])])
         if near:
