@@ -790,7 +790,7 @@ def test_whole_heads_and_head_dims_go_from_bert_and_vit_classes():
 
 
 class ScaledAtForward(nn.Module):
-    """An attention that computes its scale from ``head_dim`` in its forward (transformers' MPNet, PVT-v2, Falcon
+    """An attention that computes its scale from ``head_dim`` in its forward (transformers' MPNet, PVT-v2, ESM
     and some 40 more); ``fused``: one ``qkv`` projection and ``scaled_dot_product_attention``'s default scale, from
     the width of q (timm's ``Attention``)."""
 
