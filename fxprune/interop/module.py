@@ -263,12 +263,9 @@ def _rescale_queries(out: nn.Module, model: nn.Module, paths: set[str],
     return before
 
 
-def _narrowed_queries(model: nn.Module, out: nn.Module, small: torch.fx.GraphModule) -> set[str]:
-    """The attention modules of ``out`` (written back from ``small``) whose head width is not ``model``'s and whose
-    queries :func:`_query_rows` finds."""
-    from fxprune.passes.minimize import HEADS_KEY
-
-    layout = small.meta.get(HEADS_KEY, {})
+def _narrowed_queries(model: nn.Module, out: nn.Module, layout: dict[str, list[tuple[int, int]]]) -> set[str]:
+    """The attention modules of ``out`` whose head width is not ``model``'s and whose queries :func:`_query_rows`
+    finds (``layout``: the rewrite's head layout, ``HEADS_KEY``)."""
     return {p for p, m in out.named_modules() if _width(m) is not None
             and _width(m) != _width(model.get_submodule(p)) and _query_rows(m, layout, p)}
 
@@ -521,12 +518,13 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         suspects: list[str] = []
         out, stale = _write_back(model, small, inputs, suspects)
         rescaled.clear()
-        narrowed = _narrowed_queries(model, out, small)
+        layout = small.meta.get(HEADS_KEY, {})
+        narrowed = _narrowed_queries(model, out, layout)
         if narrowed:  # does the class compute its scale from the head width in its forward? The copy closer to the
             # model says (the other is off by the ratio of the widths' square roots in every score)
             want = reference_outputs(gm, inputs)
             plain = _error(want, out, inputs)
-            undo = _rescale_queries(out, model, narrowed, small.meta.get(HEADS_KEY, {}))
+            undo = _rescale_queries(out, model, narrowed, layout)
             if _error(want, out, inputs) < plain:
                 rescaled.update(narrowed)
             else:
