@@ -2059,3 +2059,48 @@ def test_a_group_norm_with_a_forward_of_its_own_loses_a_channel_its_groups_no_lo
         small = fp.minimize_module(net, (x,))
     assert small[0].weight.shape[0] == 7 and small[3].weight.shape[1] == 7
     exact_at(net, small, [(2, 3, 6, 6), (3, 3, 9, 7)])
+
+
+class _LossOnLabelledRowsWithWidth(nn.Module):
+    """A classifier whose loss keeps the labelled rows through a data-dependent branch (DeBERTa's: captured without
+    its labels) and whose forward reads its first hidden width from an attribute (a size fxprune cannot update)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.width = 16
+
+    def forward(self, x, labels=None):
+        h = torch.relu(self.fc1(x)).reshape(x.shape[0], self.width)
+        logits = self.fc3(torch.relu(self.fc2(h)))
+        if labels is None:
+            return {"logits": logits}
+        keep = (labels >= 0).nonzero()[:, 0]
+        loss = F.cross_entropy(logits[keep], labels[keep]) if keep.size(0) > 0 else logits.sum() * 0
+        return {"loss": loss, "logits": logits}
+
+
+def test_a_model_captured_without_its_labels_keeps_what_its_class_cannot_lose():
+    """A copy that fails its check is blamed on the capture only where the captured graph fails too. The graph of
+    a model captured without its labels was run with them (ValueError: the inputs' tree spec), so the check raised
+    CaptureError and minimize_module gave up: transformers' DeBERTa (v1) crashed the cycle that way. The checks
+    now call the graph and the copy with the inputs the graph was captured from."""
+    torch.manual_seed(0)
+    model = _LossOnLabelledRowsWithWidth().double()
+    with torch.no_grad():
+        model.fc1.weight[:4], model.fc1.bias[:4] = 0.0, -1.0  # 4 dead units the class cannot lose (self.width)
+        model.fc2.weight[:3], model.fc2.bias[:3] = 0.0, -1.0  # 3 it can
+    batch = {"x": torch.randn(8, 6, dtype=torch.float64), "labels": torch.randint(0, 3, (8,))}
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LabelsLeftOutWarning)
+        with pytest.warns(fp.interop.module.KeptChannelsWarning, match="fc1"):
+            small = fp.minimize_module(model, batch)
+    assert snapshot(model) == before
+    assert type(small) is type(model) and small.fc1.out_features == 16 and small.fc2.out_features == 13
+    for b in (8, 3):  # the example's batch and another
+        x, labels = torch.randn(b, 6, dtype=torch.float64), torch.randint(0, 3, (b,))
+        with torch.no_grad():
+            out, ref = small(x, labels), model(x, labels)
+        assert float((out["logits"] - ref["logits"]).abs().max()) <= 1e-12
+        assert float((out["loss"] - ref["loss"]).abs()) <= 1e-12

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from fxprune.compare import cast, compare, eval_modes, ieee_float32, to_dtype, worst
 from fxprune.errors import CaptureError, EquivalenceError, InputError, UnsupportedError
-from fxprune.graph.capture import BATCH, CAPTURE_METHOD_KEY, EVERY, as_inputs, capture, unwrapped
+from fxprune.graph.capture import BATCH, CAPTURE_METHOD_KEY, EVERY, EXAMPLE_INPUTS_KEY, as_inputs, capture, unwrapped
 from fxprune.graph.rebuild import attr_owner, get_attr, tied_names
 from fxprune.graph.masks import plain_copy, unmasked
 from fxprune.graph.shapes import annotate, runs_at
@@ -479,6 +479,9 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         _EVERY_FAILED.add(key)
         spec = BATCH
         gm = capture(model, inputs, method="export", dynamic_shapes=BATCH)
+    # every check runs the graph, the model and its copy on what the graph was captured from: a model whose loss
+    # could not be captured was captured without its labels (the logits the loss reads, which the copy must keep)
+    inputs = gm.meta[EXAMPLE_INPUTS_KEY]
     # the copy runs at any size the model takes, also where the capture's guards pin a size (every image up to 32
     # pixels ends in a 1x1 map): a size that varies beyond the captured range is no fact to rewrite by; and where
     # the capture held a dim static that the model takes at other sizes (a window that must divide the image), the
