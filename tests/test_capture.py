@@ -437,6 +437,25 @@ def test_a_model_whose_loss_cannot_be_captured_is_captured_without_its_labels(ca
         assert torch.allclose(out["loss"], ref["loss"]) and torch.allclose(out["logits"], ref["logits"], atol=1e-6)
 
 
+class _NeedsItsLabels(_LossWithDataDependentCode):
+    """An encoder-decoder's shape: the labels are its decoder's inputs, so it does not run without them."""
+
+    def forward(self, x, labels=None):
+        if labels is None:
+            raise ValueError("You have to specify either decoder_input_ids or decoder_inputs_embeds")
+        return super().forward(x, labels)
+
+
+def test_a_model_that_needs_the_labels_it_cannot_be_captured_with_says_why_it_was_not_captured():
+    """Captured again without its labels, a model that needs them (LongT5, SwitchTransformers: T5's decoder reads
+    them) raised InputError: "the model failed on the example inputs", the inputs fxprune had made, not the user's.
+    The capture's own failures are what it reports."""
+    batch = {"x": torch.randn(8, 6), "labels": torch.randint(0, 3, (8,))}
+    with pytest.raises(fp.CaptureError, match="could not capture _NeedsItsLabels") as e:
+        fp.capture(_NeedsItsLabels(), batch)
+    assert "export:" in str(e.value) and "decoder_input_ids" not in str(e.value)
+
+
 class _BranchesOnValues(nn.Module):
     def __init__(self):
         super().__init__()

@@ -696,7 +696,7 @@ def _capture_module(model: nn.Module, inputs: tuple[Any, ...], method: Method, d
     if fewer is not None:  # a loss with data-dependent code (DeBERTa's): the outputs it is computed from
         try:
             gm = capture(model, fewer, method, dynamic_shapes=dynamic_shapes, check=check)
-        except CaptureError:
+        except (CaptureError, InputError):  # (InputError: a model that needs them, as T5 needs decoder inputs)
             pass
         else:
             warnings.warn(f"{type(model).__name__} could not be captured with the labels it was given ("
