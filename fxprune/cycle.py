@@ -44,7 +44,7 @@ from fxprune.interop.batchnorm import BatchRecorder, batchnorms, recalibrate_bat
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
 from fxprune.interop.distributed import PeerFailedError, Ranks
 from fxprune.interop.lasso import DEFAULT_EVERY, DEFAULT_STRENGTH, GroupLasso
-from fxprune.graph.masks import unmasked
+from fxprune.graph.masks import plain_copy, unmasked
 from fxprune.interop.module import cache_off, eval_capture, minimize_module
 from fxprune.passes.mask import (TargetNotReachedWarning, apply_masks, bake_masks_, group_masks, hold_masks_,
                                  magnitude_masks, prunable, sparsity_schedule)
@@ -192,7 +192,7 @@ def _modes(m: nn.Module) -> dict[str, bool]:
 
 def _rebuilt(struct: nn.Module, state: State, modes: dict[str, bool]) -> nn.Module:
     """A copy of ``struct`` holding ``state``'s values, in ``modes`` (by module name; others in eval mode)."""
-    out = copy.deepcopy(struct)
+    out = plain_copy(struct)
     have = out.state_dict()
     if set(have) != set(state) or any(have[k].shape != state[k].shape for k in state):
         raise CheckpointError("the recorded tensors do not fit the rebuilt model (names or shapes differ): the "
@@ -325,7 +325,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     require("bn_batches", bn_batches, "non-negative integer", note=" (0 keeps the running statistics training left)")
     model = unwrapped(model)  # torch.compile, DataParallel, DDP: the cycle works on (a copy of) the module inside
     base = unmasked(model)
-    base = copy.deepcopy(base) if base is model else base
+    base = plain_copy(base) if base is model else base  # (plain: a state a forward left in the model is no weight)
     graph_path = isinstance(base, GraphModule)
     settings = _settings(mask_steps=mask_steps, scope=scope, include=include, exclude=exclude,
                          release_scale=release_scale, release=release, tolerance=tolerance, seed=seed, lasso=lasso,
@@ -337,7 +337,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         dense, done = _open(ckpt, base, inputs, settings, ranks.world, resume)
     if dense is None:
         dense = dict(params=count_params(base), flops=count_flops(base, inputs),
-                     accuracy=ranks.broadcast_float(_score(evaluate(copy.deepcopy(base)))))
+                     accuracy=ranks.broadcast_float(_score(evaluate(plain_copy(base)))))
         if ckpt is not None:
             ckpt.start(dict(fingerprint=fingerprint(base.state_dict(), inputs), settings=settings, dense=dense,
                             world=ranks.world))
@@ -346,7 +346,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
     def minimized(pre: nn.Module) -> nn.Module:  # a failure on one rank stops every rank
         nonlocal graph_path
         check = verify and ranks.rank == 0
-        pre = copy.deepcopy(pre)
+        pre = plain_copy(pre)
         for m in pre.modules():  # the deployed function: dropout off, BatchNorm on its running statistics (set
             m.training = False   # directly: the module torch.export returns refuses .eval())
         if not graph_path:

@@ -131,6 +131,29 @@ def test_a_train_that_returns_its_module_wrapped_goes_on_with_the_module_inside(
     assert count_params(res.module) < res.dense["params"]
 
 
+class RemembersItsLastOutput(SmallResNet):
+    """A forward that leaves a state in the model (transformers' RecurrentGemma keeps its recurrent state so):
+    after a training step it is a tensor autograd computed, which ``copy.deepcopy`` refuses."""
+
+    def forward(self, x):
+        self.last = super().forward(x)
+        return self.last
+
+
+def test_a_model_holding_a_state_its_last_forward_left_cycles():
+    """The cycle's copies of the user's model were deep copies, which raised RuntimeError ("Only Tensors created
+    explicitly by the user (graph leaves) support the deepcopy protocol") on a model trained before the call."""
+    torch.manual_seed(0)
+    model, (x, y) = RemembersItsLastOutput(), _data()
+    loop = Loop(x, y, epochs=2, lr=1e-2)
+    loop.train(model)  # the user's own training first: model.last now has a grad_fn
+    assert model.last.grad_fn is not None
+    res = fp.squeeze_release(model, (x[:8],), train=loop.train, evaluate=loop.evaluate, cycles=1, mask_steps=1,
+                             sparsity=0.5, structure="groups", tolerance=1.0, progress=False)
+    assert type(res.module) is RemembersItsLastOutput and count_params(res.module) < res.dense["params"]
+    assert model.last.grad_fn is not None  # (the user's model as it was)
+
+
 def test_an_optimizer_built_over_the_original_model_warns_that_train_changed_nothing():
     """The usual slip: the optimizer is built once, over the user's model, while each ``train`` call gets a copy;
     the copy never moves. The cycle says so, once; a loop that builds its optimizer from the module it gets does not
