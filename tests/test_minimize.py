@@ -524,3 +524,72 @@ def test_an_empty_tensor_in_the_graph_is_no_group_to_remove_from():
     for xi in (x, torch.randn(2, 7, 8, dtype=torch.float64)):
         with torch.no_grad():
             assert float((small(xi) - net(xi)).abs().max()) <= 1e-12
+
+
+class _ShapedLikeHidden(nn.Module):
+    """A tensor made in the shape of a hidden layer (``torch.zeros_like(h)``: MRA's attention without its CUDA
+    kernel returns ``zeros_like(query)``), reshaped with sizes the code fixes (``use="reshape"``) or added to the
+    layer (``"add"``)."""
+
+    def __init__(self, like: str, use: str) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.like, self.use = nn.Linear(6, 16), nn.Linear(16, 3), like, use
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        made = {"zeros": torch.zeros_like, "ones": torch.ones_like, "full": lambda t: torch.full_like(t, 0.5)}[self.like](h)
+        if self.use == "add":
+            return self.fc2(torch.relu(h + made))
+        return self.fc2(torch.relu(h)) + made.reshape(x.shape[0], 4, 4).sum(-1)[:, :3]
+
+
+@pytest.mark.parametrize("like", ["zeros", "ones", "full"])
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+@pytest.mark.parametrize("use", ["reshape", "add"])
+def test_a_tensor_made_like_a_hidden_layer_keeps_the_layers_shape(like, method, use):
+    """``zeros_like(h)`` (``ones_like``, ``full_like``) was read as taking only h's dtype: h lost its dead units, the
+    new tensor shrank with it, and a reshape to the sizes the code fixes raised RuntimeError inside minimize
+    (transformers' MRA). Its channels are now h's own: a unit goes from both (added to h), or from neither (the
+    reshape keeps them)."""
+    torch.manual_seed(0)
+    net = _ShapedLikeHidden(like, use).double().eval()
+    with torch.no_grad():
+        net.fc1.weight[:4], net.fc1.bias[:4] = 0.0, -2.0  # 4 dead units (-2 + 1 is still under ReLU's 0)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    small = minimized_purely(net, (x,), method=method)  # (its input left alone)
+    assert n_params(small) == n_params(net) - (4 * (6 + 1 + 3) if use == "add" else 0)
+    for xi in (x, torch.randn(2, 6, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((small(xi) - net(xi)).abs().max()) <= 1e-12
+
+
+class _XIELU(nn.Module):
+    """Apertus' xIELU activation as transformers writes it without its CUDA kernel: ``torch.min(x, eps)`` (the
+    binary overload) and ``torch.expm1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.register_buffer("eps", torch.tensor(-1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        act = torch.where(h > 0, 0.8 * h * h + 0.5 * h, (torch.expm1(torch.min(h, self.eps)) - h) * 0.8 + 0.5 * h)
+        return self.fc2(act + torch.log1p(h * h))
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_expm1_log1p_and_the_elementwise_min_have_rules(method):
+    """Without rules for ``expm1``, ``log1p`` and ``min.other``/``max.other`` (and, in a symbolic trace, the
+    comparison operators) every channel they touch froze: Apertus' MLP lost nothing. They are elementwise; the
+    reductions ``min.dim``/``max.dim`` are not among them."""
+    torch.manual_seed(0)
+    net = _XIELU().double().eval()
+    with torch.no_grad():
+        net.fc2.weight[:, :4] = 0.0  # 4 units nothing reads
+    x = torch.randn(5, 6, dtype=torch.float64)
+    small = minimized_purely(net, (x,), method=method)
+    assert n_params(small) == n_params(net) - 4 * (6 + 1 + 3)
+    for xi in (x, torch.randn(2, 6, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((small(xi) - net(xi)).abs().max()) <= 1e-12

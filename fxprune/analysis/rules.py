@@ -2003,6 +2003,31 @@ class Creation(Passive):
     """Tensor creation from sizes (new_ones, zeros, full...): fresh dims, frozen by the driver."""
 
 
+class Like(Elementwise):
+    """``zeros_like(x)``, ``ones_like``, ``full_like``, ``empty_like``: a tensor of ``x``'s shape whose channel k
+    sits where ``x``'s does (a channel goes from both, or from neither); its values read nothing of ``x``: the
+    constant it is filled with, or none for ``empty_like``'s unset memory."""
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        return None if "empty_like" in str(op.target) else super().facts(op, fx)
+
+
+class MinMax(Elementwise):
+    """``torch.min(a, b)`` / ``torch.max(a, b)`` (and the methods) as a symbolic trace records them: elementwise when
+    the second operand is a tensor; otherwise a reduction (``torch.min(x, dim)``), which relates nothing (frozen)."""
+
+    @staticmethod
+    def _binary(op: Op) -> bool:
+        return len(op.node.args) == 2 and isinstance(op.node.args[1], Node) and not op.node.kwargs
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        return super().facts(op, fx) if self._binary(op) else None
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        if self._binary(op):
+            super().couple(op, sp)
+
+
 class SymSize(Rule):
     """``aten.sym_size.int(x, d)``: reads the size of dim ``d`` of ``x`` (frozen: a size that changed would change
     what it computes) and nothing else of ``x``."""
@@ -2114,7 +2139,7 @@ _UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "exp", "sqrt"
           "leaky_relu", "elu", "hardswish", "hardsigmoid", "mish", "softplus", "clone", "alias", "detach", "detach_", "relu6",
           "log", "sin", "cos", "square", "reciprocal", "sign", "_to_copy", "lift_fresh_copy", "contiguous", "clamp_min",
           "clamp_max", "pow", "to", "relu_", "silu_", "gelu_", "hardtanh_", "selu", "celu", "log_sigmoid",
-          "logsigmoid", "softsign", "threshold", *_IN_PLACE_ACTIVATIONS]
+          "logsigmoid", "softsign", "threshold", "expm1", "log1p", *_IN_PLACE_ACTIVATIONS]
 _BINARY = ["add", "sub", "div", "maximum", "minimum", "where", "rsub", "eq", "ne", "le", "lt", "ge", "gt",
            "__and__", "__or__", "logical_and", "logical_or", "logical_not", "bitwise_not", "add_", "masked_fill",
            "floor_divide", "remainder", "addcmul", "addcdiv", "lerp"]  # (and three operands: ResMLP's affine is
@@ -2140,6 +2165,7 @@ def _torch(*names: str) -> list[Any]:
 # with exponent 0, ``where``, ``masked_fill``...). tests/test_soundness.py checks every elementwise op's facts on
 # random inputs.
 _NAN_TO_NAN_NAMES = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "exp", "sqrt", "rsqrt", "erf", "log",
+                     "expm1", "log1p",
                      "sin", "cos", "square", "reciprocal", "elu", "leaky_relu", "hardswish", "hardsigmoid", "mish",
                      "softplus", "relu6", "hardtanh", "clamp", "clamp_min", "clamp_max", "clone", "alias", "detach",
                      "contiguous", "_to_copy", "lift_fresh_copy", "add", "sub", "div", "rsub", "maximum", "minimum",
@@ -2157,7 +2183,10 @@ def _nan_to_nan(op: Op) -> bool:
 
 register(Elementwise(), *_ELEMENTWISE_MODULES, *_aten(*_UNARY, *_BINARY), *_torch(*_UNARY, *_BINARY),
          *[m for m in _UNARY + _BINARY + ["float", "double", "half", "bfloat16"] if m not in ("mul",)],
-         operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd, operator.pos, operator.pow)
+         operator.add, operator.sub, operator.truediv, operator.neg, operator.iadd, operator.pos, operator.pow,
+         operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,  # (a symbolic trace's ``h > 0``)
+         aten.min.other, aten.max.other)  # (``torch.min(a, b)``: Apertus' xIELU; not the reductions min.dim, max.dim)
+register(MinMax(), torch.min, torch.max, "min", "max")
 register(TypeAs(), aten.type_as, "type_as")
 register(Mul(), aten.mul, aten.mul_, torch.mul, "mul", "mul_", operator.mul, operator.imul)
 register(IndexSelect(), aten.index_select, torch.index_select, "index_select")
@@ -2226,8 +2255,9 @@ register(Slice(), aten.slice.Tensor, aten.select.int)
 register(Unbind(), aten.unbind.int, torch.unbind, "unbind")
 register(Matmul(), aten.matmul, aten.mm, aten.bmm, torch.matmul, torch.mm, torch.bmm, operator.matmul, "matmul", "bmm", "mm")
 register(SDPA(), aten.scaled_dot_product_attention, F.scaled_dot_product_attention)
-register(Creation(), aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.arange, aten.scalar_tensor,
-         torch.zeros_like, torch.ones_like, torch.arange, "new_ones", "new_zeros", "new_full", "new_empty")
+register(Creation(), aten.arange, aten.scalar_tensor, torch.arange, "new_ones", "new_zeros", "new_full", "new_empty")
+register(Like(), aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, torch.zeros_like, torch.ones_like,
+         torch.full_like, torch.empty_like)
 register(Filled(), aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty, aten.zeros, aten.ones, aten.full,
          aten.empty)
 register(AssertMetadata(), aten._assert_tensor_metadata.default)
