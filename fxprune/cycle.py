@@ -38,7 +38,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxprune.errors import CaptureError, CheckpointError, EquivalenceError, InputError, UnsupportedError, require
-from fxprune.graph.capture import ModelCall, as_inputs, capture, model_call, unwrapped
+from fxprune.graph.capture import EXAMPLE_INPUTS_KEY, ModelCall, as_inputs, capture, model_call, unwrapped
 from fxprune.graph.rebuild import accelerator
 from fxprune.interop.batchnorm import BatchRecorder, batchnorms, recalibrate_batchnorm
 from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_state
@@ -188,6 +188,17 @@ def _state(m: nn.Module) -> State:
 
 def _modes(m: nn.Module) -> dict[str, bool]:
     return {name: mod.training for name, mod in m.named_modules()}
+
+
+def _graph_of(model: nn.Module, inputs: tuple[Any, ...]) -> GraphModule:
+    """The graph path's capture of ``model``, which must take the inputs the user's loop passes."""
+    gm = capture(model, inputs)
+    if len(gm.meta[EXAMPLE_INPUTS_KEY]) != len(inputs):
+        raise UnsupportedError(f"squeeze_release cannot go on with the captured graph of {type(model).__name__}: it "
+                               "was captured without the labels it was given (LabelsLeftOutWarning), so it cannot "
+                               "stand in for the model in a loop that passes them (GraphPathWarning says why its "
+                               "class could not be kept)")
+    return gm
 
 
 def _rebuilt(struct: nn.Module, state: State, modes: dict[str, bool]) -> nn.Module:
@@ -365,7 +376,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                               f"({str(e).splitlines()[0]}); it goes on with the captured graph, and train/evaluate "
                               "receive GraphModules from here on", GraphPathWarning, stacklevel=3)
         with cache_off(pre):  # (torch.export cannot return transformers' KV cache: the graph returns none)
-            gm = ranks.run_all(lambda: minimize(capture(pre, inputs), inputs, verify=check), "minimize")
+            gm = ranks.run_all(lambda: minimize(_graph_of(pre, inputs), inputs, verify=check), "minimize")
         out, baked = trainable(gm, inputs if check else None)  # BatchNorm and dropout switch with .train() again
         if baked:
             warnings.warn(f"squeeze_release: {len(baked)} BatchNorm/dropout call(s) of the graph keep the eval mode "

@@ -311,6 +311,44 @@ class _ReadsItsWidth(nn.Module):
         return self.fc2(h) + h.mean(-1, keepdim=True)
 
 
+class LossOnLabelledRows(nn.Module):
+    """A classifier whose loss keeps the labelled rows through a data-dependent branch (DeBERTa's): captured
+    without its labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x, labels=None):
+        logits = self.body(x.flatten(1))
+        if labels is None:
+            return logits
+        keep = (labels >= 0).nonzero()[:, 0]
+        return F.cross_entropy(logits[keep], labels[keep]) if keep.size(0) > 0 else logits.sum() * 0
+
+
+def test_the_graph_path_of_a_model_captured_without_its_labels_says_it_cannot_stand_in(monkeypatch):
+    """Its graph takes no labels, the loop passes them: the graph path's check called it with them and raised a
+    CaptureError blaming the capture ("does not run on inputs the model takes"). It says what happened."""
+    _refuse_the_class(monkeypatch, "minimize folded a constant into a bias that no module of the model holds")
+    torch.manual_seed(0)
+    model, (x, y) = LossOnLabelledRows(), _data()
+
+    def train(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        m.train()
+        for idx in torch.randperm(len(x)).split(32):
+            opt.zero_grad()
+            m(x[idx], y[idx]).backward()
+            opt.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(fp.UnsupportedError, match="captured without the labels it was given"):
+            fp.squeeze_release(model, (x[:8], y[:8]), train=train, evaluate=lambda m: 1.0, cycles=1, mask_steps=1,
+                               sparsity=0.5, tolerance=1.0, progress=False)
+
+
 def test_a_class_whose_copy_differs_goes_the_graph_path_with_a_warning():
     """minimize_module raises EquivalenceError where the class's own code cannot follow a removal and no channel it
     could keep is suspect (the graph is right): the cycle stopped there; it now goes on with the graph."""
