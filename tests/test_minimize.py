@@ -593,3 +593,30 @@ def test_expm1_log1p_and_the_elementwise_min_have_rules(method):
     for xi in (x, torch.randn(2, 6, dtype=torch.float64)):
         with torch.no_grad():
             assert float((small(xi) - net(xi)).abs().max()) <= 1e-12
+
+
+class _CastsLikeItsHidden(nn.Module):
+    """Reads ``h.dtype`` and ``h.device`` in a symbolic trace (``getattr`` nodes), as models that make a constant
+    or cast a mask to their activations' dtype do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h.to(dtype=h.dtype, device=h.device) * (h.ndim - 1))
+
+
+def test_a_tensors_dtype_device_and_rank_read_in_a_symbolic_trace_leave_its_channels_free():
+    """``h.dtype`` (a ``getattr`` node of a symbolic trace) related nothing, so every channel of ``h`` froze."""
+    torch.manual_seed(0)
+    net = _CastsLikeItsHidden().double().eval()
+    with torch.no_grad():
+        net.fc2.weight[:, :4] = 0.0  # 4 units nothing reads
+    x = torch.randn(5, 6, dtype=torch.float64)
+    small = minimized_purely(net, (x,), method="symbolic")
+    assert n_params(small) == n_params(net) - 4 * (6 + 1 + 3)
+    for xi in (x, torch.randn(2, 6, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((small(xi) - net(xi)).abs().max()) <= 1e-12

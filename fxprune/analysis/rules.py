@@ -2058,9 +2058,11 @@ class Attribute(Rule):
     """A symbolic trace's tensor attributes and size reads. ``x.T`` / ``x.mT`` (``getattr``): every dim reversed /
     the last two swapped, as ``permute``. ``x.shape`` and ``x.size()`` / ``x.size(d)``: the dims whose size is
     read (``x.shape[d]``, ``x.size(d)``; every dim when the whole shape escapes) are frozen, like ``sym_size``;
-    nothing else of ``x`` is read. Any other attribute (``x.dtype``, ``x.real``) relates nothing (frozen)."""
+    nothing else of ``x`` is read. ``x.dtype``, ``x.device``, ``x.ndim`` and the like read its metadata only. Any
+    other attribute (``x.real``) relates nothing (frozen)."""
 
     nan_eval = True
+    METADATA = frozenset({"dtype", "device", "ndim", "layout", "is_cuda", "is_floating_point", "requires_grad"})
 
     def couple(self, op: Op, sp: Spaces) -> None:
         x = op.node.args[0] if op.node.args else None
@@ -2068,6 +2070,9 @@ class Attribute(Rule):
         if r <= 0:
             return
         attr = op.node.args[1] if op.node.op == "call_function" and len(op.node.args) == 2 else None
+        if attr in self.METADATA:  # (what removing channels never changes)
+            sp.meta_only(x)
+            return
         if attr in ("T", "mT") and (attr == "T" or r >= 2):
             perm = list(range(r))[::-1] if attr == "T" else [*range(r - 2), r - 1, r - 2]
             for i, j in enumerate(perm):
