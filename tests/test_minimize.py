@@ -620,3 +620,30 @@ def test_a_tensors_dtype_device_and_rank_read_in_a_symbolic_trace_leave_its_chan
     for xi in (x, torch.randn(2, 6, dtype=torch.float64)):
         with torch.no_grad():
             assert float((small(xi) - net(xi)).abs().max()) <= 1e-12
+
+
+class _MaxOverItsLastDim(nn.Module):
+    """``torch.max(h, h.ndim - 1)`` in a symbolic trace: a reduction whose dim is a node (an int), not a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) + torch.max(h, h.ndim - 1)[0][:, None]
+
+
+def test_a_reduction_max_over_a_computed_dim_is_no_elementwise_max():
+    """``torch.max`` is elementwise only where its second operand is a tensor: a reduction over every unit keeps
+    them all, exactly."""
+    torch.manual_seed(0)
+    net = _MaxOverItsLastDim().double().eval()
+    with torch.no_grad():
+        net.fc2.weight[:, :4] = 0.0  # 4 units fc2 does not read (the max over every unit does)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    small = minimized_purely(net, (x,), method="symbolic")
+    assert n_params(small) == n_params(net)  # the max reads every unit
+    for xi in (x, torch.randn(2, 6, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((small(xi) - net(xi)).abs().max()) <= 1e-12

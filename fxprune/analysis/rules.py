@@ -2018,7 +2018,8 @@ class MinMax(Elementwise):
 
     @staticmethod
     def _binary(op: Op) -> bool:
-        return len(op.node.args) == 2 and isinstance(op.node.args[1], Node) and not op.node.kwargs
+        other = op.node.args[1] if len(op.node.args) == 2 and not op.node.kwargs else None
+        return isinstance(other, Node) and isinstance(other.meta.get("val"), torch.Tensor)  # (not a dim computed)
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         return super().facts(op, fx) if self._binary(op) else None
