@@ -647,3 +647,34 @@ def test_a_reduction_max_over_a_computed_dim_is_no_elementwise_max():
     for xi in (x, torch.randn(2, 6, dtype=torch.float64)):
         with torch.no_grad():
             assert float((small(xi) - net(xi)).abs().max()) <= 1e-12
+
+
+class _InterleavedGLU(nn.Module):
+    """GPT-OSS's MLP: one projection whose even outputs are the gates and odd ones the values (``h[..., ::2]``,
+    ``h[..., 1::2]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 32), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(torch.sigmoid(h[..., ::2]) * h[..., 1::2])
+
+
+def test_an_interleaved_gate_and_value_lose_a_unit_together():
+    """A slice with a step froze its dim: GPT-OSS's experts kept every unit. Unit j is rows 2j and 2j + 1 of the
+    projection: both go, or neither. (Exported: a symbolic trace's tensor indexing, ``operator.getitem``, has no
+    rule; it freezes.)"""
+    method = "export"
+    torch.manual_seed(0)
+    net = _InterleavedGLU().double().eval()
+    with torch.no_grad():
+        net.fc2.weight[:, [1, 5, 6]] = 0.0  # 3 units nothing reads
+        net.fc1.weight[8], net.fc1.bias[8] = 0.0, -50.0  # unit 4's gate closed (sigmoid(-50) is no 0: it stays)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    small = minimized_purely(net, (x,), method=method)
+    assert n_params(small) == n_params(net) - 3 * (2 * (6 + 1) + 3)
+    for xi in (x, torch.randn(2, 6, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((small(xi) - net(xi)).abs().max()) <= 1e-12

@@ -1832,8 +1832,10 @@ class Unbind(Rule):
 class Slice(Rule):
     """aten.slice / aten.select: a full slice passes through; a contiguous one with known bounds makes the sliced
     dim the concatenation of what comes before, the slice and what comes after (so ``x[..., :d/2]`` and
-    ``x[..., d/2:]`` of rotary embeddings pair channel i with i + d/2); any other (a step, a bound read off a
-    dynamic size, select) freezes its dim."""
+    ``x[..., d/2:]`` of rotary embeddings pair channel i with i + d/2); one with a step ``k`` that starts in the
+    first ``k`` and runs to the end of a dim of a multiple of ``k`` (GPT-OSS's ``gate_up[..., ::2]`` and
+    ``[..., 1::2]``) makes the dim the product of its output's channels and ``k`` phases (frozen): channel j goes
+    with every position ``j * k + p``; any other (a bound read off a dynamic size, select) freezes its dim."""
 
     nan_eval = True
 
@@ -1847,6 +1849,17 @@ class Slice(Rule):
         hi = n if end is None else (end + n if end < 0 else end)
         lo, hi = min(max(lo, 0), n), min(max(hi, 0), n)
         return (lo, hi) if lo < hi else None
+
+    @staticmethod
+    def phase(op: Op, n: int) -> tuple[int, int] | None:
+        """(start, step) of a slice with a step > 1 that starts in ``[0, step)`` and runs to the end of a dim of
+        ``n``, a multiple of the step; None otherwise."""
+        start, end, step = op.arg(2, "start", None), op.arg(3, "end", None), op.arg(4, "step", 1)
+        start = 0 if start is None else start
+        if not (isinstance(step, int) and step > 1 and isinstance(start, int) and 0 <= start < step and n % step == 0
+                and (end is None or isinstance(end, int) and end >= n)):
+            return None
+        return start, step
 
     def couple(self, op: Op, sp: Spaces) -> None:
         x = op.node.args[0]
@@ -1865,8 +1878,13 @@ class Slice(Rule):
             if e != d:
                 sp.unify(x, e, op.node, e, f"by {op.describe()}")
         why = f"by {op.describe()}"
+        strided = self.phase(op, n) if d not in sp.spec(x).dynamic else None
         if span == (0, n):
             sp.unify(x, d, op.node, d, why)
+        elif strided is not None:
+            phases = sp.fresh(strided[1])
+            sp.atoms.freeze(phases, f"the phases of a strided slice, {op.describe()}")
+            sp.structure_atoms(sp.of(x, d), "prod", [sp.of(op.node, d), phases], why)
         elif span is None:
             sp.freeze(x, d, f"sliced by {op.describe()}")
             sp.freeze(op.node, d, f"sliced by {op.describe()}")
