@@ -1,12 +1,13 @@
 """Stop 64: the classes its fixes reached, on trained weights, in float64. Each model of
 ``benchmarks/user_models.py`` is built, cast to float64, trained by the flow's loop (6 epochs), and every
-``nn.Linear`` that narrows its input (an MLP's down projection) reads nothing of the first quarter of its input
-units (those columns zeroed, as a mask would); then ``fp.minimize_module`` at the flow's example (its labels
+``nn.Linear`` that narrows its input (an MLP's down projection), and every stacked experts' ``down_proj``
+(GPT-OSS's), reads nothing of the first quarter of its input units (zeroed, as a mask would); then ``fp.minimize_module`` at the flow's example (its labels
 included), and the copy's logits against the model's at the example and at two other batch sizes and lengths.
 Prints the class that came back, parameters before and after, fxprune's warnings, and the largest relative error
-per shape. (MRA is not here: its attention computes in float32 whatever the model's dtype.)
+per shape; ``--float32`` first: in float32. (MRA is not here: its attention computes in float32 whatever the model's dtype.)
 
     OMP_NUM_THREADS=1 python benchmarks/results/user_models/new_classes_float64_stop64.py deberta_v1 apertus recurrent_gemma
+    OMP_NUM_THREADS=1 python benchmarks/results/user_models/new_classes_float64_stop64.py --float32 gpt_oss
 """
 import sys
 import warnings
@@ -21,7 +22,11 @@ import fxprune as fp  # noqa: E402
 from fxprune.compare import compare, worst  # noqa: E402
 from fxprune.verify import count_params  # noqa: E402
 
-for name in sys.argv[1:]:
+names = sys.argv[1:]
+dtype = torch.float64
+if names[:1] == ["--float32"]:  # (models whose kernels take no float64: GPT-OSS's grouped_mm)
+    names, dtype = names[1:], torch.float32
+for name in names:
     kind, model = um.build(name)
     x, y = um.data(kind)
 
@@ -31,8 +36,8 @@ for name in sys.argv[1:]:
             out["labels"] = ids if kind in ("lm", "s2s") else y[:len(ids)]
         return out
 
-    torch.set_default_dtype(torch.float64)  # (DeBERTa makes tensors of the default dtype in its forward)
-    model = model.double()
+    torch.set_default_dtype(dtype)  # (DeBERTa makes tensors of the default dtype in its forward)
+    model = model.to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(6):
@@ -45,6 +50,9 @@ for name in sys.argv[1:]:
         for m in model.modules():
             if isinstance(m, torch.nn.Linear) and m.in_features > m.out_features:
                 m.weight[:, :m.in_features // 4] = 0
+            down = getattr(m, "down_proj", None)  # stacked experts (E, units, hidden): GPT-OSS's
+            if isinstance(down, torch.nn.Parameter) and down.dim() == 3:
+                down[:, :down.shape[1] // 4] = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         small = fp.minimize_module(model, batch(x[:8]))
