@@ -678,3 +678,59 @@ def test_an_interleaved_gate_and_value_lose_a_unit_together():
     for xi in (x, torch.randn(2, 6, dtype=torch.float64)):
         with torch.no_grad():
             assert float((small(xi) - net(xi)).abs().max()) <= 1e-12
+
+
+class _WritesIntoAZerosLike(nn.Module):
+    """A buffer made by ``zeros_like`` (or ``new_zeros`` with sizes) and written through a slice (RWKV's
+    ``output[:, t] = ...``): an exported graph keeps the write (``copy_`` into a view) and later nodes read the
+    buffer itself."""
+
+    def __init__(self, made: str = "zeros_like") -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(6, 8)
+        self.made = made
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        out = torch.zeros_like(h) if self.made == "zeros_like" else h.new_zeros(h.shape)
+        out[:, :4] = 2 * h[:, :4]
+        return self.fc2(self.fc3(x) * out.sum(1, keepdim=True).expand(-1, 8))
+
+
+@pytest.mark.parametrize("made", ["zeros_like", "new_zeros"])
+def test_a_tensor_made_like_another_and_then_written_is_no_constant(made):
+    """``zeros_like``'s zeros are facts only while nothing writes into the tensor: after the write (``copy_`` into a
+    slice of it), the sum over it was called a known 0, and so was the model's every output. Every fact the
+    analysis states holds on random inputs, and minimize's result is exact."""
+    from fxprune.analysis.groups import Analysis
+    from fxprune.passes.lower import lower_modules
+
+    torch.manual_seed(0)
+    net = _WritesIntoAZerosLike(made).double().eval()
+    with torch.no_grad():
+        net.fc1.weight[7], net.fc1.bias[7] = 0.0, 1.0  # a known channel of h: zeros_like's facts are evaluated
+    x = torch.randn(5, 6, dtype=torch.float64)
+    an = Analysis(lower_modules(fp.capture(net, (x,), method="export")))
+    values = {}
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = out = super().run_node(n)
+            return out
+
+    Record(an.gm).run(torch.randn(5, 6, dtype=torch.float64))
+    claimed = 0
+    for n in an.gm.graph.nodes:
+        v = values.get(n.name)
+        if n.op != "call_function" or not isinstance(v, torch.Tensor) or not v.is_floating_point() or not v.dim():
+            continue
+        for d in range(v.dim()):
+            f = an.facts.dim(n, d)
+            for k in f.known.nonzero().flatten().tolist():
+                claimed += 1
+                assert torch.equal(v.select(d, k), torch.full_like(v.select(d, k), f.value[k].item())), (n.name, d, k)
+    assert claimed > 0  # (fc1's constant channel, at least)
+    small = minimized_purely(net, (x,), method="export")
+    for xi in (x, torch.randn(2, 6, dtype=torch.float64)):
+        with torch.no_grad():
+            assert float((small(xi) - net(xi)).abs().max()) <= 1e-12

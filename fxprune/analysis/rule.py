@@ -721,6 +721,31 @@ def _operands(op: Op, get: Callable[[Any], Any]) -> tuple[Any, Any]:
     return tuple(torch.fx.node.map_aggregate(torch.fx.node.map_arg(x, get), fix) for x in (op.node.args, op.node.kwargs))
 
 
+# ops whose result shares its operand's storage: a write into the result is a write into the operand
+_ALIASING = frozenset({"slice", "select", "view", "_unsafe_view", "as_strided", "transpose", "permute", "t", "unsqueeze",
+                    "squeeze", "expand", "narrow", "diagonal", "alias", "unfold", "view_as", "reshape", "flatten",
+                    "movedim", "split", "split_with_sizes", "chunk", "unbind", "detach", "getitem"})
+
+
+def written_in_place(node: Node, gm: GraphModule) -> bool:
+    """Whether an op writes into ``node``'s storage, directly or through a view of it: an exported graph keeps
+    RWKV's ``output[:, t] = ...`` as ``copy_`` into a ``select`` of a ``slice`` of ``output``, and later nodes read
+    ``output`` itself. Its values then are not what made it: no facts may be read off those."""
+    todo, seen = [node], {node}
+    while todo:
+        v = todo.pop()
+        for u in v.users:
+            if u in seen or u.op not in ("call_function", "call_method") or not u.args or u.args[0] is not v:
+                continue
+            seen.add(u)
+            op = Op(u, gm)
+            if _writes(op):
+                return True
+            if op.name in _ALIASING:
+                todo.append(u)
+    return False
+
+
 def _writes(op: Op) -> bool:
     """Whether the op writes into an operand (``relu_``, ``aten.mul_``, ``inplace=True``, ``ReLU(inplace=True)``)."""
     name = op.name

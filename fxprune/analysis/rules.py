@@ -18,7 +18,7 @@ from torch.fx import Node
 
 from fxprune.graph.scan import BLOCK_BYTES
 from fxprune.analysis.rule import (DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval,
-                                   standardized, std_scale)
+                                   standardized, std_scale, written_in_place)
 from fxprune.analysis.table import RULES, ByName
 from fxprune.graph.masks import weight_norm_kept
 from fxprune.graph.shapes import TensorSpec, is_dynamic_scalar, node_spec
@@ -2027,7 +2027,9 @@ class Like(Elementwise):
     constant it is filled with, or none for ``empty_like``'s unset memory."""
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        return None if "empty_like" in str(op.target) else super().facts(op, fx)
+        if "empty_like" in str(op.target) or written_in_place(op.node, op.gm):  # (a buffer written later)
+            return None
+        return super().facts(op, fx)
 
 
 class MinMax(Elementwise):
@@ -2135,6 +2137,8 @@ class Filled(Passive):
                 sp.meta_dim(op.node, d)
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        if written_in_place(op.node, op.gm):  # a state that starts at zeros and is written as it goes
+            return None
         t = getattr(op.target, "overloadpacket", op.target)
         value = {aten.zeros: 0.0, aten.new_zeros: 0.0, aten.ones: 1.0, aten.new_ones: 1.0}.get(t)
         if t in (aten.full, aten.new_full):
