@@ -739,7 +739,7 @@ def written_in_place(node: Node, gm: GraphModule) -> bool:
                 continue
             seen.add(u)
             op = Op(u, gm)
-            if _writes(op):
+            if _writes(op) or op.name == "setitem":  # (a symbolic trace's ``out[:, t] = ...``)
                 return True
             if op.name in _ALIASING:
                 todo.append(u)
