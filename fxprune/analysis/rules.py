@@ -1851,15 +1851,15 @@ class Slice(Rule):
         return (lo, hi) if lo < hi else None
 
     @staticmethod
-    def phase(op: Op, n: int) -> tuple[int, int] | None:
-        """(start, step) of a slice with a step > 1 that starts in ``[0, step)`` and runs to the end of a dim of
-        ``n``, a multiple of the step; None otherwise."""
+    def stride(op: Op, n: int) -> int | None:
+        """The step of a slice with a step > 1 that starts in ``[0, step)`` and runs to the end of a dim of ``n``, a
+        multiple of the step (its rewrite changes nothing: the kept channels stay interleaved); None otherwise."""
         start, end, step = op.arg(2, "start", None), op.arg(3, "end", None), op.arg(4, "step", 1)
         start = 0 if start is None else start
         if not (isinstance(step, int) and step > 1 and isinstance(start, int) and 0 <= start < step and n % step == 0
                 and (end is None or isinstance(end, int) and end >= n)):
             return None
-        return start, step
+        return step
 
     def couple(self, op: Op, sp: Spaces) -> None:
         x = op.node.args[0]
@@ -1873,16 +1873,17 @@ class Slice(Rule):
             return
         n = _shape(sp, x)[d]
         # a bound read off a dynamic size (a Node) is not known to cover the dim: partial, the dim freezes
-        span = self.bounds(op, n) if d not in sp.spec(x).dynamic else None
+        static = d not in sp.spec(x).dynamic
+        span = self.bounds(op, n) if static else None
+        step = self.stride(op, n) if static else None
         for e in range(r):
             if e != d:
                 sp.unify(x, e, op.node, e, f"by {op.describe()}")
         why = f"by {op.describe()}"
-        strided = self.phase(op, n) if d not in sp.spec(x).dynamic else None
         if span == (0, n):
             sp.unify(x, d, op.node, d, why)
-        elif strided is not None:
-            phases = sp.fresh(strided[1])
+        elif step is not None:
+            phases = sp.fresh(step)
             sp.atoms.freeze(phases, f"the phases of a strided slice, {op.describe()}")
             sp.structure_atoms(sp.of(x, d), "prod", [sp.of(op.node, d), phases], why)
         elif span is None:
@@ -2027,7 +2028,7 @@ class Like(Elementwise):
     constant it is filled with, or none for ``empty_like``'s unset memory."""
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        if "empty_like" in str(op.target) or written_in_place(op.node, op.gm):  # (a buffer written later)
+        if op.name == "empty_like" or written_in_place(op.node, op.gm):  # (a buffer written later)
             return None
         return super().facts(op, fx)
 
