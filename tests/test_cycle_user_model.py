@@ -268,6 +268,21 @@ def _refuse_the_class(monkeypatch, why: str) -> None:
     monkeypatch.setattr(cycle, "minimize_module", refuse)
 
 
+def _training(n: int, loss: Any) -> Any:
+    """A ``train`` that calls ``.train()`` and runs AdamW (lr 1e-2) once over ``n`` examples in batches of 32,
+    minimizing ``loss(m, idx)``: for a model called its own way (keywords, labels passed to it)."""
+
+    def train(m: nn.Module) -> None:
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        m.train()
+        for idx in torch.randperm(n).split(32):
+            opt.zero_grad()
+            loss(m, idx).backward()
+            opt.step()
+
+    return train
+
+
 def _graph_path_run(model: nn.Module, x: torch.Tensor, loop: Loop, **kw: Any) -> tuple[Any, list[str]]:
     """The cycle on ``model`` with ``loop`` (tolerance 1.0), and the GraphPathWarnings it gave."""
     with warnings.catch_warnings(record=True) as seen:
@@ -334,14 +349,7 @@ def test_the_graph_path_of_a_model_captured_without_its_labels_says_it_cannot_st
     torch.manual_seed(0)
     model, (x, y) = LossOnLabelledRows(), _data()
 
-    def train(m):
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-        m.train()
-        for idx in torch.randperm(len(x)).split(32):
-            opt.zero_grad()
-            m(x[idx], y[idx]).backward()
-            opt.step()
-
+    train = _training(len(x), lambda m, idx: m(x[idx], y[idx]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(fp.UnsupportedError, match="captured without the labels it was given"):
@@ -382,13 +390,7 @@ def test_the_graph_path_is_called_as_the_model_is(monkeypatch):
     torch.manual_seed(0)
     model, (x, y) = _KeywordNet(), _data()
 
-    def train(m):
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-        m.train()
-        for idx in torch.randperm(len(x)).split(32):
-            opt.zero_grad()
-            m(x=x[idx], target=y[idx])[1].backward()
-            opt.step()
+    train = _training(len(x), lambda m, idx: m(x=x[idx], target=y[idx])[1])
 
     @torch.no_grad()
     def evaluate(m):
