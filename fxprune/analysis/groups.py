@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from fxprune.analysis.atoms import Atom
-from fxprune.analysis.rule import GHOST_PREFIX, Facts, Op, Spaces
+from fxprune.analysis.rule import GHOST_PREFIX, Facts, Op, Spaces, stale_reads
 from fxprune.analysis.table import RULES, target_name
 from fxprune.graph.capture import on_meta
 from fxprune.graph.shapes import TensorSpec, node_spec
@@ -87,9 +87,10 @@ class Analysis:
                        if inputs is True or inputs and k in inputs}
         self.spaces.split_norms = split_norms
         self.rules: dict[str, Any] = {}
+        self.stale = stale_reads(gm)  # values written into before a later read: no facts, constants frozen
         self._couple()
         self.spaces.atoms.settle()
-        self.facts = Facts(gm, self.spaces)
+        self.facts = Facts(gm, self.spaces, self.stale)
         # Facts read weight values; a model on the meta device has none, so its analysis is the coupling alone
         # (unless its weights are bound to a reader: the streamed path, fxprune.graph.lazy).
         if not on_meta(gm):
@@ -108,6 +109,8 @@ class Analysis:
             if node.op == "get_attr":
                 if str(node.target).startswith(GHOST_PREFIX):
                     sp.freeze_all(node, "constant standing in for removed channels")
+                elif node in self.stale and isinstance(sp.spec(node), TensorSpec):
+                    sp.freeze_all(node, f"'{node.target}' is written into by the graph before a later read")
                 elif node.target in self.keep and isinstance(sp.spec(node), TensorSpec):
                     sp.freeze_all(node, self.keep[node.target])
                 elif isinstance(sp.spec(node), TensorSpec):  # "name:dim": that dim only

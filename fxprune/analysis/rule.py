@@ -233,8 +233,10 @@ class DimFacts:
 class Facts:
     """Known-constant channels of every float value (None where nothing is known)."""
 
-    def __init__(self, gm: GraphModule, spaces: Spaces) -> None:
+    def __init__(self, gm: GraphModule, spaces: Spaces, stale: set[Node] = frozenset()) -> None:
+        """``stale``: values written into before a later read (:func:`stale_reads`): nothing is known of them."""
         self.gm, self.sp = gm, spaces
+        self._stale = {spaces.key(v) for v in stale}
         self._facts: dict[Any, list[DimFacts] | None] = {}
         self._ghost: dict[Any, list[torch.Tensor]] = {}
         self._finite: dict[Any, bool] = {}
@@ -243,8 +245,9 @@ class Facts:
     def value(self, v: Node) -> torch.Tensor | None:
         """The floating constant ``v`` stands for (:func:`is_constant`: a get_attr node, or a permute/transpose of
         one, as decomposed linears read their weights), in its own dtype and without a copy (a view of the
-        parameter: never write to it), infinities included; or None."""
-        if not is_constant(v):
+        parameter: never write to it), infinities included; or None (also where the graph writes into it before a
+        later read)."""
+        if not is_constant(v) or self.sp.key(v) in self._stale:
             return None
         if v.op == "call_function" and v.target in WEIGHT_NORMS:
             v_, g = self.value(v.args[0]), self.value(v.args[1])
@@ -298,6 +301,8 @@ class Facts:
         if not isinstance(v, Node):
             return None
         k = self.sp.key(v)
+        if k in self._stale:
+            return None
         if k not in self._facts:
             self._facts[k] = self._constant_facts(v) if is_constant(v) else None
         return self._facts[k]
@@ -335,13 +340,14 @@ class Facts:
         return self._facts.get(self.sp.key(v))
 
     def set(self, v: Node, facts: list[DimFacts] | None) -> None:
-        self._facts[self.sp.key(v)] = facts
+        k = self.sp.key(v)
+        self._facts[k] = None if k in self._stale else facts
 
     def ghost(self, v: Node, d: int) -> torch.Tensor:
         """Channels of ``v`` at dim ``d`` whose values a rewrite can recompute without the channel itself:
         known constants, or elementwise functions of ghost channels and of values broadcast along ``d``
         (``(c - mean)**2`` in a hand-written LayerNorm). Bool mask."""
-        g = self._ghost.get(self.sp.key(v))
+        g = self._ghost.get(self.sp.key(v)) if self.sp.key(v) not in self._stale else None
         return g[d % len(g)] if g is not None else self.dim(v, d).known
 
     def derive_ghost(self, node: Node) -> None:
@@ -721,29 +727,53 @@ def _operands(op: Op, get: Callable[[Any], Any]) -> tuple[Any, Any]:
     return tuple(torch.fx.node.map_aggregate(torch.fx.node.map_arg(x, get), fix) for x in (op.node.args, op.node.kwargs))
 
 
-# ops whose result shares its operand's storage: a write into the result is a write into the operand
+# ops whose result may share its operand's storage (``contiguous``, ``to`` and ``type_as`` return the operand itself
+# when nothing changes): a write into the result is a write into the operand
 _ALIASING = frozenset({"slice", "select", "view", "_unsafe_view", "as_strided", "transpose", "permute", "t", "unsqueeze",
-                    "squeeze", "expand", "narrow", "diagonal", "alias", "unfold", "view_as", "reshape", "flatten",
-                    "movedim", "split", "split_with_sizes", "chunk", "unbind", "detach", "getitem"})
+                    "squeeze", "expand", "expand_as", "narrow", "diagonal", "alias", "unfold", "view_as", "reshape",
+                    "flatten", "unflatten", "movedim", "swapaxes", "swapdims", "split", "split_with_sizes", "chunk",
+                    "unbind", "tensor_split", "detach", "getitem", "contiguous", "to", "type_as", "float", "double",
+                    "half", "bfloat16", "numpy_T", "_reshape_alias"})
 
 
-def written_in_place(node: Node, gm: GraphModule) -> bool:
-    """Whether an op writes into ``node``'s storage, directly or through a view of it: an exported graph keeps
-    RWKV's ``output[:, t] = ...`` as ``copy_`` into a ``select`` of a ``slice`` of ``output``, and later nodes read
-    ``output`` itself. Its values then are not what made it: no facts may be read off those."""
-    todo, seen = [node], {node}
-    while todo:
-        v = todo.pop()
-        for u in v.users:
-            if u in seen or u.op not in ("call_function", "call_method") or not u.args or u.args[0] is not v:
-                continue
-            seen.add(u)
-            op = Op(u, gm)
-            if _writes(op) or op.name == "setitem":  # (a symbolic trace's ``out[:, t] = ...``)
-                return True
-            if op.name in _ALIASING:
-                todo.append(u)
-    return False
+def stale_reads(gm: GraphModule) -> set[Node]:
+    """The values an op writes into, directly or through a view, before a later op reads them (or a view of them
+    made before the write). An exported graph keeps ``h[:, :2].add_(1)`` as ``add_`` into a ``slice`` of ``h`` and
+    RWKV's ``output[:, t] = ...`` as ``copy_`` into a view, and later nodes read ``h`` and ``output`` themselves: what
+    they read is not what made them, so no fact read off the op that made them holds there. A value whose only reader
+    after the write is the write's own result (an in-place activation, which torch.export and capture re-point
+    readers at) keeps its facts: they hold for every read."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def shares(u: Node) -> bool:  # u's result is (a view of) its first operand's storage
+        if u.op not in ("call_function", "call_method", "call_module") or not u.args \
+                or not isinstance(u.args[0], Node):
+            return False
+        op = Op(u, gm)
+        return (u.op != "call_module" and op.name in _ALIASING) or (_writes(op) and op.name != "setitem")
+
+    stale: set[Node] = set()
+    for w in gm.graph.nodes:
+        if w.op not in ("call_function", "call_method", "call_module") or not w.args \
+                or not isinstance(w.args[0], Node):
+            continue
+        op = Op(w, gm)
+        if not (_writes(op) or op.name == "setitem"):  # (a symbolic trace's ``out[:, t] = ...``)
+            continue
+        root = w.args[0]
+        while shares(root):
+            root = root.args[0]
+        family, todo = {root}, [root]
+        while todo:
+            v = todo.pop()
+            for u in v.users:
+                if u not in family and u.args and u.args[0] is v and shares(u):
+                    family.add(u)
+                    todo.append(u)
+        for v in family:
+            if order[v] < order[w] and any(order[u] > order[w] for u in v.users):
+                stale.add(v)
+    return stale
 
 
 def _writes(op: Op) -> bool:

@@ -18,7 +18,7 @@ from torch.fx import Node
 
 from fxprune.graph.scan import BLOCK_BYTES
 from fxprune.analysis.rule import (DimFacts, Facts, Op, Rewrite, Rule, SizeArg, Spaces, extract, is_constant, nan_eval,
-                                   standardized, std_scale, written_in_place)
+                                   standardized, std_scale)
 from fxprune.analysis.table import RULES, ByName
 from fxprune.graph.masks import weight_norm_kept
 from fxprune.graph.shapes import TensorSpec, is_dynamic_scalar, node_spec
@@ -2028,7 +2028,7 @@ class Like(Elementwise):
     constant it is filled with, or none for ``empty_like``'s unset memory."""
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        if op.name == "empty_like" or written_in_place(op.node, op.gm):  # (a buffer written later)
+        if op.name == "empty_like":
             return None
         return super().facts(op, fx)
 
@@ -2138,8 +2138,6 @@ class Filled(Passive):
                 sp.meta_dim(op.node, d)
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
-        if written_in_place(op.node, op.gm):  # a state that starts at zeros and is written as it goes
-            return None
         t = getattr(op.target, "overloadpacket", op.target)
         value = {aten.zeros: 0.0, aten.new_zeros: 0.0, aten.ones: 1.0, aten.new_ones: 1.0}.get(t)
         if t in (aten.full, aten.new_full):
