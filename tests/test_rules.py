@@ -6,6 +6,7 @@
 - facts: a channel the analysis calls constant is that constant on random inputs.
 Both capture levels (symbolic -> functional, export -> ATen) are checked.
 """
+import operator
 import warnings
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune as fp
-from conftest import exact_at as _exact, graph_state, minimized_purely, snapshot
+from conftest import exact_at as _exact, graph_state, minimized_purely, n_params, snapshot
 from fxprune.passes.minimize import NothingRemovedWarning
 from fxprune.analysis.groups import Analysis
 from fxprune.passes.lower import lower_modules
@@ -1172,3 +1173,69 @@ def test_a_pool_over_varying_sizes_keeps_a_constant_where_its_windows_count_only
     for shape in [(2, 3, 9, 11), (1, 3, 16, 16), (3, 3, 5, 7)]:
         xb = torch.randn(*shape, dtype=torch.float64)
         torch.testing.assert_close(small(xb), m(xb), rtol=1e-12, atol=1e-12)
+
+
+_INDEXING = {  # a symbolic trace's ``operator.getitem`` on a tensor (8 units of ``a``; ``b`` reads 4 of them)
+    "h[:, :4]": lambda h: h[:, :4],
+    "h[..., 4:]": lambda h: h[..., 4:],
+    "h[:, -4:]": lambda h: h[:, -4:],
+    "h[:, ::2]": lambda h: h[:, ::2],
+    "h[:, 1::2]": lambda h: h[:, 1::2],
+    "h[:, None, 2:6][:, 0]": lambda h: h[:, None, 2:6][:, 0],
+    "h[None][0, :, :4]": lambda h: h[None][0, :, :4],
+    "h[:, 2:3] * h[:, :4]": lambda h: h[:, 2:3] * h[:, :4],
+}
+
+
+class _Indexes(nn.Module):
+    def __init__(self, index: str) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 3)
+        self.index = _INDEXING[index]
+        with torch.no_grad():
+            self.b.weight[:, 1] = 0.0  # one column of b unread: the unit of a it reads goes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.index(self.a(x)))
+
+
+@pytest.mark.parametrize("index", list(_INDEXING))
+def test_a_symbolic_traces_basic_indexing_loses_channels_as_exports_slices_do(index):
+    """``h[:, :4]`` in a symbolic trace is one ``operator.getitem``, which had no rule and froze ``a``'s units; the
+    analysis now reads it as the slices, selects and unsqueezes torch.export writes for it: the same units go as
+    from the exported graph, exact at the example and at other batch sizes, the model and the trace untouched."""
+    net = _Indexes(index).double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    traced = fp.capture(net, (x,), method="symbolic")
+    assert any(n.target is operator.getitem for n in traced.graph.nodes)
+    small = minimized_purely(net, (x,), method="symbolic")
+    exported = minimized_purely(net, (x,), method="export")
+    assert n_params(small) == n_params(exported) < n_params(net)
+    _exact(net, small, [(5, 4), (2, 4), (9, 4)])
+    user = fp.minimize(torch.fx.symbolic_trace(net), (x,))  # a trace the user made
+    assert n_params(user) == n_params(small)
+    _exact(net, user, [(3, 4)])
+
+
+def test_indexing_a_dim_of_varying_size_or_by_a_tensor_stays_opaque():
+    """``h[1:]`` cuts the batch dim (its size varies) and ``h[:, idx]`` indexes by a tensor: neither is lowered, so
+    ``a``'s units stay (frozen), and the result is still exact at other batch sizes."""
+    class Cut(nn.Module):
+        def __init__(self, how: str) -> None:
+            super().__init__()
+            self.a, self.b, self.how = nn.Linear(4, 8), nn.Linear(4, 3), how
+            self.register_buffer("idx", torch.tensor([0, 1, 2, 3]))
+            with torch.no_grad():
+                self.b.weight[:, 1] = 0.0
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h[1:, :4] if self.how == "batch" else h[:, self.idx])
+
+    for how in ("batch", "tensor"):
+        net = Cut(how).double().eval()
+        x = torch.randn(5, 4, dtype=torch.float64)
+        small = minimized_purely(net, (x,), method="symbolic")
+        assert n_params(small) == n_params(net)
+        assert any(n.target is operator.getitem for n in small.graph.nodes)  # (kept as the trace wrote it)
+        _exact(net, small, [(5, 4), (3, 4)])

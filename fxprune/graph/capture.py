@@ -250,9 +250,11 @@ def _export_into_ops(m: nn.Module) -> bool:
 def opaque_layers(gm: GraphModule) -> list[str]:
     """The calls of a symbolic trace to modules of :data:`EXPORT_INTO_OPS` (``nn.MultiheadAttention``,
     ``nn.TransformerEncoderLayer``...) or to a convolution with ``padding_mode="reflect"`` (or another mode than
-    zeros), and its indexing of tensors (``h[:, :4]``): one opaque call to the analysis, which would freeze every
-    channel it touches, where torch.export writes out what the module computes (and an index as slices, selects
-    and unsqueezes, which have channel rules)."""
+    zeros), and its indexing of tensors (``h[:, :4]``). Such a module is one opaque call to the analysis, which
+    would freeze every channel it touches, where torch.export writes out what it computes; torch.export writes an
+    index as slices, selects and unsqueezes, which have channel rules. (``lower_modules`` lowers a symbolic trace's
+    basic indexing to those steps too, for a trace kept where torch.export fails and a GraphModule traced by the
+    user; advanced indexing stays opaque.)"""
     return [str(n.target) if n.op == "call_module" else n.name for n in gm.graph.nodes
             if n.op == "call_module" and _export_into_ops(gm.get_submodule(n.target))
             or n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node)

@@ -262,17 +262,61 @@ def _transposed_weight(n: Node) -> Node | None:
     return w if isinstance(w, Node) and w.op == "get_attr" and getattr(val, "ndim", None) == 2 else None
 
 
+_OPEN_END = 9223372036854775807  # the end torch.export writes for an open slice
+
+
+def _tensor_index(n: Node) -> list[tuple[Any, ...]] | None:
+    """A symbolic trace's basic indexing of a tensor (``x[:, :4]``, ``x[..., 1::2]``, ``x[0]``, ``x[:, None]``) as
+    the aten steps torch.export records for it (``slice``, ``select``, ``unsqueeze``: ``(op, dim, *args)``), which
+    have channel rules; or None: a tuple output's item, advanced indexing, bounds read off the graph, or a dim of
+    varying size cut (its size would then vary otherwise)."""
+    if not (n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], Node)
+            and isinstance(n.args[0].meta.get("val"), torch.Tensor) and isinstance(n.meta.get("val"), torch.Tensor)):
+        return None
+    index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    if sum(i is Ellipsis for i in index) > 1:
+        return None
+    rank = n.args[0].meta["val"].dim()
+    varying = [d in (n.args[0].meta.get(DYNAMIC_DIMS) or ()) for d in range(rank)]
+    consumed = sum(isinstance(i, (int, slice)) for i in index)
+    steps: list[tuple[Any, ...]] = []
+    d = 0
+    for i in index:
+        if i is Ellipsis:
+            d += rank - consumed
+        elif i is None:
+            steps.append((aten.unsqueeze.default, d))
+            varying.insert(d, False)
+            d += 1
+        elif isinstance(i, int) and not isinstance(i, bool):
+            steps.append((aten.select.int, d, i))
+            varying.pop(d)
+        elif isinstance(i, slice) and all(p is None or isinstance(p, int) and not isinstance(p, bool)
+                                          for p in (i.start, i.stop, i.step)):
+            start, stop, step = i.start or 0, _OPEN_END if i.stop is None else i.stop, i.step or 1
+            if (start, stop, step) != (0, _OPEN_END, 1):
+                if varying[d] or step < 1:
+                    return None
+                steps.append((aten.slice.Tensor, d, start, stop, step))
+            d += 1
+        else:
+            return None
+    return steps
+
+
 def _lowers(gm: GraphModule, n: Node) -> bool:
     if n.op == "call_module":
         return _applies(gm.get_submodule(n.target)) is not None
-    return _inlinable(n) or _native_layer_norm(n) or _transposed_weight(n) is not None
+    return (_inlinable(n) or _native_layer_norm(n) or _transposed_weight(n) is not None
+            or bool(_tensor_index(n)))
 
 
 def lower_modules(gm: GraphModule) -> GraphModule:
     """A new GraphModule computing the same function with parameterized layers as functional calls; ``no_grad``
     regions inlined (the values are the same; nothing in them needs a gradient: they read no parameter),
-    ``native_layer_norm`` read for its output as ``layer_norm`` and ``matmul(x, w.T)`` of a 2-D weight as
-    ``linear(x, w)``."""
+    ``native_layer_norm`` read for its output as ``layer_norm``, ``matmul(x, w.T)`` of a 2-D weight as
+    ``linear(x, w)`` and a symbolic trace's basic indexing of a tensor as torch.export's ``slice``/``select``/
+    ``unsqueeze`` steps (:func:`_tensor_index`)."""
     if not any(_lowers(gm, n) for n in gm.graph.nodes):
         return gm
     copy_ = GraphCopy(gm.graph)
@@ -283,6 +327,19 @@ def lower_modules(gm: GraphModule) -> GraphModule:
             continue
         if _inlinable(n):
             env[n] = _inline(gm, graph, n, env)
+            continue
+        steps = _tensor_index(n)
+        if steps:  # x[:, :4] -> aten.slice(x, 1, 0, 4): the last step is the node (its name and meta)
+            v, val = env[n.args[0]], n.args[0].meta["val"]
+            varying = set(n.args[0].meta.get(DYNAMIC_DIMS) or ())
+            for k, (fn, dim, *rest) in enumerate(steps):
+                val = fn(val, dim, *rest)
+                varying = {e + (e >= dim) for e in varying} if fn is aten.unsqueeze.default else \
+                    {e - (e > dim) for e in varying if e != dim} if fn is aten.select.int else varying
+                last = k == len(steps) - 1
+                v = graph.create_node("call_function", fn, (v, dim, *rest), name=n.name if last else f"{n.name}_{k}")
+                v.meta = dict(n.meta) if last else {**n.meta, "val": val, DYNAMIC_DIMS: frozenset(varying)}
+            env[n] = v
             continue
         if _native_layer_norm(n):
             new = graph.create_node("call_function", aten.layer_norm.default, copy_.arg(n.args), name=n.name)

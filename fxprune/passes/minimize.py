@@ -375,6 +375,8 @@ class Rewriter:
 
 
 def _prepare(gm: GraphModule, inputs: tuple[Any, ...] | None) -> GraphModule:
+    if DYNAMIC_KEY not in gm.meta and inputs is not None:  # a GraphModule the user traced: an annotated copy first
+        gm = capture(gm, inputs)  # (lowering reads shapes: a symbolic trace's indexing)
     work = lower_modules(gm)
     if work is gm:  # never annotate the caller's graph in place
         work = graph_module(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
