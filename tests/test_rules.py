@@ -1239,3 +1239,63 @@ def test_indexing_a_dim_of_varying_size_or_by_a_tensor_stays_opaque():
         assert n_params(small) == n_params(net)
         assert any(n.target is operator.getitem for n in small.graph.nodes)  # (kept as the trace wrote it)
         _exact(net, small, [(5, 4), (3, 4)])
+
+
+class _Einsums(nn.Module):
+    """Attention and a layer written with ``torch.einsum`` (which torch.export keeps whole, as ``aten.einsum``):
+    dead units of v (rows 0-4), of an MLP read by an einsum with a weight of its own (units 20-31 of f1), and w's
+    unread inputs (columns 0-2, read as ``"bsi,oi->bso"``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.f1 = nn.Linear(8, 32)
+        self.w = nn.Parameter(torch.randn(8, 32))
+        with torch.no_grad():
+            self.v.weight[:5], self.v.bias[:5] = 0.0, 0.0
+            self.f1.weight[20:], self.f1.bias[20:] = 0.0, 0.0
+            self.w[:, :3] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.einsum("bid,bjd->bij", self.q(x), self.k(x)).softmax(-1)
+        h = x + self.o(torch.einsum("bij,bjd->bid", a, self.v(x)))
+        return h + torch.einsum("bsi,oi->bso", torch.relu(self.f1(h)), self.w)
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_einsum_couples_its_letters_and_contracted_letters_leave_where_a_factor_is_zero(method):
+    """An einsum had no rule and froze everything it touched. Now the dims of one letter are one group, and a
+    contracted letter's channel goes where one factor is zero: v's dead units (zero in the product's factor),
+    f1's dead units and w's zero columns go, exact at other batch sizes and sequence lengths."""
+    net = _Einsums().double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    small = minimized_purely(net, (x,), method=method, dynamic_shapes="every")
+    gone = 5 * (8 + 1) + 5 * 8 + 15 * (8 + 1) + 15 * 8  # v rows, o columns; f1 rows and w columns (12 dead, 3 unread)
+    assert n_params(small) == n_params(net) - gone
+    _exact(net, small, [(2, 5, 8), (3, 7, 8), (1, 2, 8)])
+
+
+@pytest.mark.parametrize("equation", ["bi,oi", "bi,oi->bo", "...i,oi->...o", "bi,oi,oi->bo", "bi,bi->b"])
+def test_einsum_forms(equation):
+    """The implicit output (the letters that appear once, in alphabetical order) and three operands are read; an
+    ellipsis is not (its dims freeze). f1's dead units go wherever the rule reads the einsum, and the result is
+    exact at the example and another batch size."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f1, self.w = nn.Linear(6, 12), nn.Parameter(torch.randn(5, 12))
+            with torch.no_grad():
+                self.f1.weight[8:], self.f1.bias[8:] = 0.0, 0.0
+
+        def forward(self, x):
+            h = torch.relu(self.f1(x))
+            if equation == "bi,bi->b":
+                return torch.einsum(equation, h, h).unsqueeze(1) * self.w[:, 0]
+            return torch.einsum(equation, h, *[self.w] * equation.split("->")[0].count(","))
+
+    net = Net().double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for method in ("symbolic", "export"):
+        small = minimized_purely(net, (x,), method=method)
+        assert (n_params(small) == n_params(net)) is (equation == "...i,oi->...o"), (method, n_params(small))
+        _exact(net, small, [(4, 6), (9, 6)])

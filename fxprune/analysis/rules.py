@@ -1961,6 +1961,84 @@ class Matmul(Rule):
         return out
 
 
+class Einsum(Rule):
+    """``torch.einsum(equation, *operands)`` (``aten.einsum``: torch.export keeps it whole): the dims that carry one
+    letter are one space (a size-1 dim broadcast against a larger one is frozen); a letter absent from the output
+    is contracted, an exit that leaves the group only where a factor is 0 (a letter of one operand alone is summed:
+    that operand must be 0). A letter repeated within one operand (a diagonal) and an ellipsis are frozen. The
+    equation reads no size, so the call needs no change."""
+
+    @staticmethod
+    def terms(op: Op) -> tuple[list[Node], list[str], str] | None:
+        """The operands, their letters and the output's letters; None where the rule does not apply."""
+        eq, *rest = op.node.args
+        operands = list(rest[0]) if rest and isinstance(rest[0], (list, tuple)) else rest  # (aten: a list, a path)
+        if not isinstance(eq, str) or "." in eq or not operands or not all(isinstance(v, Node) for v in operands):
+            return None
+        eq = eq.replace(" ", "")
+        lhs, arrow, out = eq.partition("->")
+        ins = lhs.split(",")
+        if not arrow:  # implicit output: the letters that appear once, in alphabetical order
+            every = "".join(ins)
+            out = "".join(sorted(c for c in set(every) if every.count(c) == 1))
+        if len(ins) != len(operands) or not all(c.isalpha() for c in "".join(ins) + out):
+            return None
+        return operands, ins, out
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        t = self.terms(op)
+        if t is None:
+            return
+        operands, ins, out = t
+        why = f"by {op.describe()}"
+        if any(sp.rank(v) != len(s) for v, s in zip(operands, ins)) or sp.rank(op.node) != len(out):
+            return
+        for letter in dict.fromkeys("".join(ins)):
+            seen = [(v, s.index(letter)) for v, s in zip(operands, ins) if s.count(letter) == 1]
+            if any(s.count(letter) > 1 for s in ins):
+                continue  # a diagonal: frozen by the driver
+            if letter in out:
+                seen.append((op.node, out.index(letter)))
+            size = max(_shape(sp, v)[d] for v, d in seen)
+            whole = [(v, d) for v, d in seen if _shape(sp, v)[d] == size]
+            if len(whole) != len(seen) and size != 1:
+                continue  # a dim broadcast: its occurrences are frozen by the driver
+            for v, d in whole[1:]:
+                sp.unify(whole[0][0], whole[0][1], v, d, why)
+            if letter not in out and len(whole) == len(seen):
+                v0, d0 = whole[0]
+                sp.exit(v0, d0, lambda fx, w=tuple(whole): _any_zero(fx, w), op.describe())
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        """As evaluated, and: a channel of an output letter that is zero in any operand is zero in the output,
+        whatever the other factors (finite factors times zeros, as :class:`Matmul` holds)."""
+        out = nan_eval(op, fx)
+        t = self.terms(op)
+        if t is None:
+            return out
+        operands, ins, letters = t
+        if any(fx.sp.rank(v) != len(s) for v, s in zip(operands, ins)) or fx.sp.rank(op.node) != len(letters):
+            return out
+        shape = _shape(fx.sp, op.node)
+        for v, s in zip(operands, ins):
+            if not fx.get(v):
+                continue
+            for d, letter in enumerate(s):
+                if letter in letters and s.count(letter) == 1 and _shape(fx.sp, v)[d] == shape[letters.index(letter)]:
+                    z = fx.dim(v, d).zero()
+                    if bool(z.any()):
+                        out = list(out) if out else [_unknown(n) for n in shape]
+                        out[letters.index(letter)] = out[letters.index(letter)].with_zeros(z)
+        return out
+
+
+def _any_zero(fx: Facts, where: tuple[tuple[Node, int], ...]) -> torch.Tensor:
+    z = fx.dim(*where[0]).zero()
+    for v, d in where[1:]:
+        z = z | fx.dim(v, d).zero()
+    return z
+
+
 class SDPA(Rule):
     """scaled_dot_product_attention(q, k, v): q/k head_dim are contracted; v's head_dim is the output's."""
 
@@ -2280,6 +2358,7 @@ register(Split(), aten.split.Tensor, aten.split_with_sizes, aten.chunk, aten.ten
          "split", "chunk")
 register(Slice(), aten.slice.Tensor, aten.select.int)
 register(Unbind(), aten.unbind.int, torch.unbind, "unbind")
+register(Einsum(), aten.einsum, torch.einsum)
 register(Matmul(), aten.matmul, aten.mm, aten.bmm, torch.matmul, torch.mm, torch.bmm, operator.matmul, "matmul", "bmm", "mm")
 register(SDPA(), aten.scaled_dot_product_attention, F.scaled_dot_product_attention)
 register(Creation(), aten.arange, aten.scalar_tensor, torch.arange, "new_ones", "new_zeros", "new_full", "new_empty")
