@@ -45,7 +45,7 @@ from fxprune.interop.checkpoint import CycleCheckpoint, fingerprint, set_rng_sta
 from fxprune.interop.distributed import PeerFailedError, Ranks
 from fxprune.interop.lasso import DEFAULT_EVERY, DEFAULT_STRENGTH, GroupLasso
 from fxprune.graph.masks import plain_copy, unmasked
-from fxprune.interop.module import cache_off, eval_capture, minimize_module
+from fxprune.interop.module import ClassKept, cache_off, eval_capture, minimize_module_kept
 from fxprune.passes.mask import (TargetNotReachedWarning, apply_masks, bake_masks_, group_masks, hold_masks_,
                                  magnitude_masks, prunable, sparsity_schedule)
 from fxprune.passes.minimize import minimize
@@ -251,12 +251,44 @@ def _settings(**kw: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kw.items()}
 
 
+def _class_kept(model: nn.Module, inputs: tuple[Any, ...], verify: bool) -> ClassKept | None:
+    """What ``model``'s class cannot lose, before any cycle: a copy with the first channel of every free group
+    zeroed in every slice of every member (a dead channel of each group, a dead channel inside each head and a dead
+    head), minimized as the cycle minimizes (:func:`~fxprune.interop.module.minimize_module_kept`). The masks and
+    the group lasso then leave out what it kept: channels pulled to zero there would stay in the class, zeros.
+    None where that minimize fails (the cycle's own minimize step then goes its way); it draws no random numbers
+    from the caller's generators."""
+    from fxprune.analysis.groups import Analysis, param_slices
+    from fxprune.passes.lower import lower_modules
+
+    probe = plain_copy(model)
+    for m in probe.modules():
+        m.training = False
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the cycle's own minimize steps warn of what they keep)
+            an = Analysis(lower_modules(eval_capture(probe, inputs)))
+            slices, leaves = param_slices(an, {n for n, _ in probe.named_parameters()})
+            first = torch.tensor([offset for offset, _ in leaves], dtype=torch.long)
+            with torch.no_grad():
+                for sl in slices:
+                    at = torch.isin(sl.channel, first).nonzero().flatten()
+                    if at.numel():
+                        p = probe.get_parameter(sl.name)
+                        p.index_fill_(sl.dim, at.to(p.device), 0.0)
+            return minimize_module_kept(probe, inputs, verify=verify)[1]
+    except (CaptureError, UnsupportedError, EquivalenceError, InputError):
+        return None
+
+
 def _group_masks(work: nn.Module, inputs: tuple[Any, ...], sparsity: float, include: Sequence[str] | None,
-                 exclude: Sequence[str] | None) -> dict[str, torch.Tensor]:
-    """Structured masks of ``work`` (whole channels of its groups), read off a capture of it in eval mode."""
+                 exclude: Sequence[str] | None, keep: dict[str, str], whole_heads: set[str]) -> dict[str, torch.Tensor]:
+    """Structured masks of ``work`` (whole channels of its groups, but those its class keeps), read off a capture of
+    it in eval mode."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TargetNotReachedWarning)  # the cycle reports what it reached
-        return group_masks(eval_capture(work, inputs), sparsity, include=include, exclude=exclude)[0]
+        return group_masks(eval_capture(work, inputs), sparsity, include=include, exclude=exclude, keep=keep,
+                           whole_heads=sorted(whole_heads))[0]
 
 
 def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: Callable[[nn.Module], Any],
@@ -354,6 +386,15 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
                             world=ranks.world))
     say(f"dense: {dense['params']:,} params, accuracy {dense['accuracy']:.4f}")
 
+    held: dict[str, str] = {}  # tensors (or "name:dim") minimize_module kept because the class cannot lose them
+    inside: set[str] = set()  # head dims ("name:dim") whose channels inside the heads the class keeps
+    if not graph_path and (lasso or structure != "weights"):
+        say("probing which channel groups the model's class can lose")
+        kept = _class_kept(base, inputs, verify)
+        if kept is not None:
+            held.update(kept.keep)
+            inside.update(kept.whole_heads)
+
     def minimized(pre: nn.Module) -> nn.Module:  # a failure on one rank stops every rank
         nonlocal graph_path
         check = verify and ranks.rank == 0
@@ -363,7 +404,10 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
         if not graph_path:
             try:
                 # every rank checks here: what the check freezes decides the shapes, which the ranks must share
-                return ranks.run_all(lambda: minimize_module(pre, inputs, verify=verify), "minimize")
+                out, kept = ranks.run_all(lambda: minimize_module_kept(pre, inputs, verify=verify), "minimize")
+                held.update(kept.keep)  # what the class cannot lose: out of the later masks and group lasso
+                inside.update(kept.whole_heads)
+                return out
             except (CaptureError, UnsupportedError, EquivalenceError) as e:
                 # an EquivalenceError: a copy of the class that differs (the graph is checked on its own below, and
                 # raises where it is at fault); never another rank's failure, which stops this rank too
@@ -418,7 +462,8 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             return None
         ref, reg = lassos.get(id(shape), (None, None))
         if reg is None or ref() is not shape:
-            reg = GroupLasso(m, inputs, strength=strength, exclude=exclude, every=lasso_every)
+            reg = GroupLasso(m, inputs, strength=strength, exclude=exclude, every=lasso_every, keep=held,
+                             whole_heads=tuple(sorted(inside)))
             lassos[id(shape)] = (weakref.ref(shape), reg)
         reg = copy.copy(reg)
         reg.strength, reg.seconds = strength, 0.0
@@ -439,7 +484,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             s = sparsity_schedule(step, mask_steps, final)
             say(f"cycle {c + 1}/{cycles}: mask step {step}/{mask_steps} at sparsity {s:.3f}, fine-tuning")
             work = _rebuilt(work, _state(work), _modes(work))
-            step_masks = (_group_masks(work, inputs, s, include, exclude) if groups_now else
+            step_masks = (_group_masks(work, inputs, s, include, exclude, held, inside) if groups_now else
                           magnitude_masks(work, s, scope=scope, include=include, exclude=exclude, seed=seed + c))
             masks = apply_masks(work, step_masks, masks)
             work = _trained(train, work, masks, reg, bn_batches)

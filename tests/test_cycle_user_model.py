@@ -668,3 +668,50 @@ def test_the_graph_path_of_a_causal_lm_as_loaded_captures_with_the_cache_off(mon
     assert any(issubclass(w.category, GraphPathWarning) for w in seen)
     assert isinstance(res.module, torch.fx.GraphModule) and count_params(res.module) < res.dense["params"]
     assert model.config.use_cache and res.module(input_ids=ids[:3]).logits.shape == (3, 12, 64)
+
+
+class _KeepsAWidth(nn.Module):
+    """A hidden layer its forward reshapes by a size it keeps as an attribute (``half``), which fxprune cannot
+    update: the class keeps a's units (``KeptChannelsWarning``); b's 32 units it can lose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.half = nn.Linear(4, 8), nn.Linear(4, 32), nn.Linear(32, 4), 4
+        with torch.no_grad():  # the first half of a's units small: the magnitude masks would take it first
+            self.a.weight[:4] *= 0.01
+            self.a.bias[:4] *= 0.01
+
+    def forward(self, x):
+        h = torch.relu(self.a(x.flatten(1))).view(x.shape[0], 2, self.half)
+        return self.c(torch.relu(self.b(h))).sum(1)
+
+
+def test_groups_the_class_cannot_lose_are_left_out_of_the_masks_and_the_lasso():
+    """Before the first cycle, the cycle minimizes a copy with one channel of every group dead and reads what the
+    class kept: a's units. The whole-channel masks then take their share from b's units alone, and the group lasso
+    pulls on none of a's (channels pulled to zero there would stay in the class, zeros). On the commit before, the
+    masks zeroed a unit of a, which the class then kept."""
+    from fxprune.cycle import _class_kept
+    from fxprune.interop.lasso import GroupLasso
+
+    torch.manual_seed(0)
+    x, y = _data(shape=(1, 2, 2))
+    kept = _class_kept(_KeepsAWidth(), (x[:8],), verify=True)
+    assert kept is not None and any(k.startswith("a.") for k in kept.keep), kept
+    reg = GroupLasso(_KeepsAWidth(), (x[:8],), keep=kept.keep)
+    assert reg.slices and not any(s.name.startswith("a.") for s in reg.slices)
+    model = _KeepsAWidth()
+    loop = Loop(x, y, epochs=2, lr=1e-2)
+    masked_a: list[bool] = []  # per train call: whether a unit of a is masked whole
+
+    def train(m):
+        masked_a.append(bool((m.a.weight == 0).all(dim=1).any()))
+        loop.train(m)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fp.interop.module.KeptChannelsWarning)
+        res = fp.squeeze_release(model, (x[:8],), train=train, evaluate=loop.evaluate, cycles=1, mask_steps=2,
+                                 sparsity=0.4, tolerance=1.0, structure="groups", progress=False)
+    assert len(masked_a) == 3 and not any(masked_a)  # (two mask steps and the fine-tune after release)
+    assert type(res.module) is _KeepsAWidth and res.module.a.out_features == 8
+    assert abs(res.history[0]["params"] / res.dense["params"] - 0.6) <= 0.05, res.history[0]["params"]

@@ -4,7 +4,7 @@ work out which channels can be removed exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import torch
 from torch.fx import GraphModule, Node
@@ -251,6 +251,14 @@ class Analysis:
         if parts is None or not single and not any(p.kind == "prod" and len(p.children) > 1 for p in parts):
             return None
         return self._leaves_of([p.children[-1] if p.kind == "prod" and len(p.children) > 1 else p for p in parts])
+
+    def hold_inside_heads(self, keys: Iterable[str], reason: str) -> None:
+        """Freeze the channels inside the heads of the dims ``keys`` (``"tensor:dim"``, as
+        :attr:`~fxprune.passes.minimize.MinimizeOptions.whole_heads`): whole heads stay free."""
+        for k in keys:
+            name, _, d = k.rpartition(":")
+            for leaf in self.head_dim_leaves(name, int(d), single=True) or ():
+                self.spaces.atoms.freeze(leaf, reason)
 
     def leaves(self, target: str, dim: int) -> list[Atom]:
         """Every leaf group of dim ``dim`` of tensor ``target`` (none where it is not in the graph)."""

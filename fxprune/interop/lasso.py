@@ -58,7 +58,7 @@ import copy
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -338,7 +338,11 @@ class GroupLasso:
     inside :meth:`attach`, read the weights (group norms, scales, the exact-zero decisions) every ``every``
     optimizer steps (default 16; 1: every step); new zeros come up to ``every - 1`` steps later.
     ``statistics_only``: zero every slice of a group channel once all its LayerNorm / RMSNorm weight entries are
-    zero (see the module docstring); ``False`` leaves such channels to the pull.
+    zero (see the module docstring); ``False`` leaves such channels to the pull. ``keep`` (tensor name, or
+    ``"name:dim"`` -> reason) and ``whole_heads`` (``"name:dim"`` of head dims) leave out groups as
+    :class:`~fxprune.passes.minimize.MinimizeOptions` keeps them: those of ``keep`` wholly, the channels inside the
+    heads of ``whole_heads`` (whole heads are still pulled). ``fp.squeeze_release`` passes what
+    :func:`~fxprune.minimize_module` kept because the model's class cannot lose it.
 
     >>> import torch, fxprune as fp
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -353,7 +357,8 @@ class GroupLasso:
     def __init__(self, model: nn.Module, example_inputs: Sequence[Any], *, strength: float = DEFAULT_STRENGTH,
                  threshold: float = 2.0, relative: float = RELATIVE, exclude: Sequence[str] | None = None,
                  every: int = DEFAULT_EVERY, statistics_only: bool = True,
-                 inputs: bool | Literal["linear"] = "linear") -> None:
+                 inputs: bool | Literal["linear"] = "linear", keep: Mapping[str, str] | None = None,
+                 whole_heads: Sequence[str] = ()) -> None:
         import fnmatch
 
         from fxprune.analysis.groups import Analysis, param_slices
@@ -379,7 +384,8 @@ class GroupLasso:
         if inputs == "linear":  # a linear layer reads the last dim (a convolution reads dim 1 of 3 or more)
             ranks = {n.name: len(node_spec(n).shape) for n in gm.graph.nodes if n.name in chosen}
             chosen = {k: d for k, d in chosen.items() if d == ranks[k] - 1}
-        an = Analysis(gm, inputs=set(chosen))
+        an = Analysis(gm, dict(keep or {}), inputs=set(chosen))
+        an.hold_inside_heads(whole_heads, "its class keeps the channels inside these heads")
         sp = an.spaces
         names = {n for n, _ in plain.named_parameters()
                  if not any(fnmatch.fnmatch(n, pat) for pat in (exclude or []))}

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, com
                              shrunk_groups)
 from fxprune.nn.stdconv import compensate_std_conv_, compensated_standardization, one_op, standardizes
 
-__all__ = ["minimize_module", "cache_off", "eval_capture", "selectable_inputs", "KeptChannelsWarning",
+__all__ = ["minimize_module", "minimize_module_kept", "ClassKept", "cache_off", "eval_capture", "selectable_inputs", "KeptChannelsWarning",
            "SIZE_ATTRIBUTES", "BY_CLASS_NAME", "BY_NAME_SUFFIX"]
 
 
@@ -436,15 +436,37 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
       (2): Linear(in_features=3, out_features=2, bias=True)
     )
     """
+    return _in_class(model, example_inputs, dynamic_shapes=dynamic_shapes, verify=verify, **options)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassKept:
+    """What :func:`minimize_module` kept because the model's class cannot lose it (and warned of), in the terms of
+    :class:`~fxprune.passes.minimize.MinimizeOptions`: ``keep`` (a tensor's name, or ``"name:dim"`` -> why) and
+    ``whole_heads`` (``"name:dim"`` of head dims whose channels inside the heads stay; whole heads may go)."""
+
+    keep: Mapping[str, str]
+    whole_heads: tuple[str, ...]
+
+
+def minimize_module_kept(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "every",
+                         verify: bool = True, **options: Any) -> tuple[nn.Module, ClassKept]:
+    """:func:`minimize_module`, and what it kept because the class cannot lose it (:class:`ClassKept`):
+    ``fp.squeeze_release`` leaves those groups out of its later masks and group lasso."""
+    return _in_class(model, example_inputs, dynamic_shapes=dynamic_shapes, verify=verify, **options)
+
+
+def _in_class(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "every",
+              verify: bool = True, **options: Any) -> tuple[nn.Module, ClassKept]:
     model = unwrapped(model)  # torch.compile, DataParallel, DDP: the module inside comes back, smaller
     if not isinstance(model, nn.Module) or isinstance(model, torch.fx.GraphModule):
         got = "a GraphModule" if isinstance(model, torch.fx.GraphModule) else type(model).__name__
         raise InputError(f"minimize_module takes the user's nn.Module, got {got} (for graphs use fp.minimize)")
     with cache_off(model) as changed, one_op():  # (a compensated standardization captured as one op)
-        out = _minimize_module(model, example_inputs, dynamic_shapes=dynamic_shapes, verify=verify, **options)
+        out, kept = _minimize_module(model, example_inputs, dynamic_shapes=dynamic_shapes, verify=verify, **options)
     for path in changed:
         out.get_submodule(path).config.use_cache = True
-    return out
+    return out, kept
 
 
 SHARED_REASON = ("a layer applied at several call sites folds other constants at each, and its class holds one "
@@ -452,8 +474,8 @@ SHARED_REASON = ("a layer applied at several call sites folds other constants at
 
 
 def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "every",
-                     verify: bool = True, **options: Any) -> nn.Module:
-    """The body of :func:`minimize_module`, with the cache already off."""
+                     verify: bool = True, **options: Any) -> tuple[nn.Module, ClassKept]:
+    """The body of :func:`minimize_module_kept`, with the cache already off."""
     from fxprune.passes.minimize import HEADS_KEY, SITE_BIASES_KEY, MinimizeOptions, float64_twin, minimize, self_check
 
     names = {f.name for f in dataclasses.fields(MinimizeOptions)} - {"verify"}
@@ -584,14 +606,14 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
         if any(r == SHARED_REASON for r in keep.values()):
             why = "; ".join(filter(None, [why, SHARED_REASON]))
         warnings.warn(f"minimize_module kept {what}: {why} (fp.minimize on the graph removes them)",
-                      KeptChannelsWarning, stacklevel=3)
+                      KeptChannelsWarning, stacklevel=4)
     inside = sorted({k.rpartition(".")[0].rpartition(".")[0] for k in whole if k not in keep} - {""})
     if inside:
         warnings.warn(f"minimize_module kept every channel inside the heads of {', '.join(inside)}: their class "
                       "reads one head width in more places than fxprune updates (rotary tables, a reshape); whole "
                       "heads and kv groups still go (fp.minimize on the graph removes the rest)",
-                      KeptChannelsWarning, stacklevel=3)
-    return out
+                      KeptChannelsWarning, stacklevel=4)
+    return out, ClassKept(dict(keep), tuple(k for k in whole if k not in keep))
 
 
 def _captured_beyond(model: nn.Module, inputs: tuple[Any, ...], gm: torch.fx.GraphModule, dims: Any,

@@ -286,7 +286,8 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
                 exclude: Iterable[str] | None = None, max_fraction: float = 0.9, round_to: int = 1,
                 criterion: Criterion = "magnitude", grads: Mapping[str, torch.Tensor] | None = None,
                 costs: Mapping[str, float] | None = None, seed: int = 0,
-                inputs: bool | Iterable[str] = False) -> tuple[dict[str, torch.Tensor], float]:
+                inputs: bool | Iterable[str] = False, keep: Mapping[str, str] | None = None,
+                whole_heads: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], float]:
     """Masks that zero whole channels of ``gm``'s free channel groups, so that ``minimize`` removes ``sparsity`` of
     its parameters; returns them and the fraction they remove.
 
@@ -307,7 +308,9 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
     drop, and the weight magnitude of a feature says little of it (the group lasso, which the loss pulls against,
     and zero weight columns still cut them in ``minimize``). ``round_to=k``: every group that loses channels
     keeps a multiple of ``k`` of them (its channels are masked ``k`` at a time, the least important of those chosen),
-    so that ``minimize`` leaves widths the kernels' blocks divide."""
+    so that ``minimize`` leaves widths the kernels' blocks divide. ``keep`` and ``whole_heads`` leave groups out as
+    :class:`~fxprune.passes.minimize.MinimizeOptions` keeps them (``whole_heads``: the channels inside the heads;
+    whole heads may still be masked)."""
     from fxprune.analysis.groups import Analysis, param_slices
     from fxprune.passes.lower import lower_modules
 
@@ -317,8 +320,9 @@ def group_masks(gm: GraphModule, sparsity: float, *, include: Iterable[str] | No
     _check_criterion(criterion, grads)
     sources = weight_sources(gm)  # (whole channels: weight norm's g, never its direction v, whose zero row is NaN)
     params = {n: p for n, p in gm.named_parameters() if sources.get(n, "scale") == "scale"}
-    slices, leaves = param_slices(Analysis(lower_modules(gm), inputs=inputs if isinstance(inputs, bool) else set(inputs)),
-                                  set(params))
+    an = Analysis(lower_modules(gm), dict(keep or {}), inputs=inputs if isinstance(inputs, bool) else set(inputs))
+    an.hold_inside_heads(whole_heads, "the channels inside these heads are kept")
+    slices, leaves = param_slices(an, set(params))
     total = sum(size for _, size in leaves)
     inc, exc = list(include or ["*"]), list(exclude or [])
     allowed = torch.ones(total, dtype=torch.bool)
