@@ -1299,3 +1299,25 @@ def test_einsum_forms(equation):
         small = minimized_purely(net, (x,), method=method)
         assert (n_params(small) == n_params(net)) is (equation == "...i,oi->...o"), (method, n_params(small))
         _exact(net, small, [(4, 6), (9, 6)])
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_the_long_names_of_mul_sub_and_div_are_elementwise(method):
+    """``torch.multiply`` (ConvBERT's gate), ``torch.subtract`` and ``torch.divide`` are ``mul``, ``sub`` and
+    ``div`` under other names; they had no rule and froze the units they read. fc1's dead units now go."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f1, self.g, self.f2 = nn.Linear(4, 12), nn.Linear(4, 12), nn.Linear(12, 3)
+            with torch.no_grad():
+                self.f1.weight[8:], self.f1.bias[8:] = 0.0, 0.0
+
+        def forward(self, x):
+            h = torch.multiply(torch.relu(self.f1(x)), self.g(x))
+            return self.f2(torch.divide(torch.subtract(h, 1.0), 2.0))
+
+    net = Net().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    small = minimized_purely(net, (x,), method=method)
+    assert n_params(small) == n_params(net) - 4 * (4 + 1) * 2 - 4 * 3  # units 8-11 of f1 and g, f2's columns
+    _exact(net, small, [(5, 4), (2, 4)])

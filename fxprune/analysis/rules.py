@@ -2247,7 +2247,7 @@ _UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "exp", "sqrt"
           "logsigmoid", "softsign", "threshold", "expm1", "log1p", *_IN_PLACE_ACTIVATIONS]
 _BINARY = ["add", "sub", "div", "maximum", "minimum", "where", "rsub", "eq", "ne", "le", "lt", "ge", "gt",
            "__and__", "__or__", "logical_and", "logical_or", "logical_not", "bitwise_not", "add_", "masked_fill",
-           "floor_divide", "remainder", "addcmul", "addcdiv", "lerp"]  # (and three operands: ResMLP's affine is
+           "floor_divide", "remainder", "addcmul", "addcdiv", "lerp", "subtract", "divide", "true_divide"]  # (and three operands: ResMLP's affine is
 # torch.addcmul(beta, alpha, x))
 
 
@@ -2274,6 +2274,7 @@ _NAN_TO_NAN_NAMES = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "e
                      "sin", "cos", "square", "reciprocal", "elu", "leaky_relu", "hardswish", "hardsigmoid", "mish",
                      "softplus", "relu6", "hardtanh", "clamp", "clamp_min", "clamp_max", "clone", "alias", "detach",
                      "contiguous", "_to_copy", "lift_fresh_copy", "add", "sub", "div", "rsub", "maximum", "minimum",
+                     "subtract", "divide", "true_divide",
                      "relu_", "silu_", "gelu_", "hardtanh_", "add_", *_IN_PLACE_ACTIVATIONS]
 _NAN_TO_NAN: set[Any] = {nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.ReLU6,
                          nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Identity,
@@ -2293,7 +2294,8 @@ register(Elementwise(), *_ELEMENTWISE_MODULES, *_aten(*_UNARY, *_BINARY), *_torc
          aten.min.other, aten.max.other)  # (``torch.min(a, b)``: Apertus' xIELU; not the reductions min.dim, max.dim)
 register(MinMax(), torch.min, torch.max, "min", "max")
 register(TypeAs(), aten.type_as, "type_as")
-register(Mul(), aten.mul, aten.mul_, torch.mul, "mul", "mul_", operator.mul, operator.imul)
+register(Mul(), aten.mul, aten.mul_, torch.mul, "mul", "mul_", operator.mul, operator.imul,
+         aten.multiply, torch.multiply, "multiply")  # (ConvBERT's torch.multiply)
 register(IndexSelect(), aten.index_select, torch.index_select, "index_select")
 register(IndexRows(), aten.index.Tensor)
 register(GroupedMM(), ByName("transformers.grouped_mm_fallback.default"), *_aten("_grouped_mm"))
