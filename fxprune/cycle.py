@@ -265,7 +265,7 @@ def _class_kept(model: nn.Module, inputs: tuple[Any, ...], verify: bool) -> Clas
     for m in probe.modules():
         m.training = False
     try:
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng():  # (CPU and every CUDA device's generator)
             warnings.simplefilter("ignore")  # (the cycle's own minimize steps warn of what they keep)
             an = Analysis(lower_modules(eval_capture(probe, inputs)))
             slices, leaves = param_slices(an, {n for n, _ in probe.named_parameters()})

@@ -696,7 +696,10 @@ def test_groups_the_class_cannot_lose_are_left_out_of_the_masks_and_the_lasso():
 
     torch.manual_seed(0)
     x, y = _data(shape=(1, 2, 2))
-    kept = _class_kept(_KeepsAWidth(), (x[:8],), verify=True)
+    probed = _KeepsAWidth()
+    state = torch.get_rng_state()
+    kept = _class_kept(probed, (x[:8],), verify=True)
+    assert torch.equal(torch.get_rng_state(), state)  # (the user's loop draws the same numbers as without it)
     assert kept is not None and any(k.startswith("a.") for k in kept.keep), kept
     reg = GroupLasso(_KeepsAWidth(), (x[:8],), keep=kept.keep)
     assert reg.slices and not any(s.name.startswith("a.") for s in reg.slices)
