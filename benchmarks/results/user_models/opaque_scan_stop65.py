@@ -50,7 +50,7 @@ for name in sys.argv[1:] or EVERY:
         how = "ok"
     except Exception as e:  # noqa: BLE001
         how = f"{type(e).__name__}: {str(e)[:100]}"
-    models_with.update(seen)
+    models_with.update(list(seen))
     print("OPAQUE", name, " ".join(f"{k}:{len(v)}" for k, v in sorted(seen.items())) or "-", how.replace("\n", " "),
           flush=True)
 print("MODELS WITH", " ".join(f"{k}:{n}" for k, n in models_with.most_common()), flush=True)
