@@ -270,22 +270,15 @@ def _class_kept(model: nn.Module, inputs: tuple[Any, ...], verify: bool) -> Clas
             an = Analysis(lower_modules(eval_capture(probe, inputs)))
             slices, leaves = param_slices(an, {n for n, _ in probe.named_parameters()})
             first = torch.tensor([offset for offset, _ in leaves], dtype=torch.long)
-            dead = []
             with torch.no_grad():
                 for sl in slices:
                     at = torch.isin(sl.channel, first).nonzero().flatten()
                     if at.numel():
                         p = probe.get_parameter(sl.name)
                         p.index_fill_(sl.dim, at.to(p.device), 0.0)
-                        dead.append((sl.name, sl.dim, p.shape[sl.dim]))
-            small, kept = minimize_module_kept(probe, inputs, verify=verify)
+            return minimize_module_kept(probe, inputs, verify=verify)[1]
     except (CaptureError, UnsupportedError, EquivalenceError, InputError):
         return None
-    # a tensor dim that lost none of its dead channels: the groups the masks read are free there, but the analysis
-    # of the model as minimize_module captures it (every dim the class lets vary) keeps them, with no warning
-    stayed = {f"{name}:{d}": "its dead channel stayed in the probe" for name, d, n in dead
-              if small.get_parameter(name).shape[d] == n}
-    return ClassKept({**stayed, **kept.keep}, kept.whole_heads)
 
 
 def _group_masks(work: nn.Module, inputs: tuple[Any, ...], sparsity: float, include: Sequence[str] | None,

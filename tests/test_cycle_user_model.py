@@ -265,7 +265,7 @@ def _refuse_the_class(monkeypatch, why: str) -> None:
     def refuse(*args, **kwargs):
         raise fp.UnsupportedError(why)
 
-    monkeypatch.setattr(cycle, "minimize_module", refuse)
+    monkeypatch.setattr(cycle, "minimize_module_kept", refuse)
 
 
 def _training(n: int, loss: Any) -> Any:
