@@ -2247,8 +2247,8 @@ _UNARY = ["relu", "gelu", "silu", "sigmoid", "tanh", "neg", "abs", "exp", "sqrt"
           "logsigmoid", "softsign", "threshold", "expm1", "log1p", *_IN_PLACE_ACTIVATIONS]
 _BINARY = ["add", "sub", "div", "maximum", "minimum", "where", "rsub", "eq", "ne", "le", "lt", "ge", "gt",
            "__and__", "__or__", "logical_and", "logical_or", "logical_not", "bitwise_not", "add_", "masked_fill",
-           "floor_divide", "remainder", "addcmul", "addcdiv", "lerp", "subtract", "divide", "true_divide"]  # (and three operands: ResMLP's affine is
-# torch.addcmul(beta, alpha, x))
+           "floor_divide", "remainder", "addcmul", "addcdiv", "lerp", "subtract", "divide",
+           "true_divide"]  # (and three operands: ResMLP's affine is torch.addcmul(beta, alpha, x))
 
 
 def _aten(*names: str) -> list[Any]:
