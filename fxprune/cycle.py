@@ -388,12 +388,15 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
 
     held: dict[str, str] = {}  # tensors (or "name:dim") minimize_module kept because the class cannot lose them
     inside: set[str] = set()  # head dims ("name:dim") whose channels inside the heads the class keeps
-    if not graph_path and (lasso or structure != "weights"):
-        say("probing which channel groups the model's class can lose")
-        kept = _class_kept(base, inputs, verify)
+
+    def hold(kept: ClassKept | None) -> None:  # what the class cannot lose: out of the later masks and group lasso
         if kept is not None:
             held.update(kept.keep)
             inside.update(kept.whole_heads)
+
+    if not graph_path and (lasso or structure != "weights"):
+        say("probing which channel groups the model's class can lose")
+        hold(_class_kept(base, inputs, verify))
 
     def minimized(pre: nn.Module) -> nn.Module:  # a failure on one rank stops every rank
         nonlocal graph_path
@@ -405,8 +408,7 @@ def squeeze_release(model: nn.Module, example_inputs: Sequence[Any], *, train: C
             try:
                 # every rank checks here: what the check freezes decides the shapes, which the ranks must share
                 out, kept = ranks.run_all(lambda: minimize_module_kept(pre, inputs, verify=verify), "minimize")
-                held.update(kept.keep)  # what the class cannot lose: out of the later masks and group lasso
-                inside.update(kept.whole_heads)
+                hold(kept)
                 return out
             except (CaptureError, UnsupportedError, EquivalenceError) as e:
                 # an EquivalenceError: a copy of the class that differs (the graph is checked on its own below, and

@@ -745,24 +745,26 @@ def stale_reads(gm: GraphModule) -> set[Node]:
     readers at) keeps its facts: they hold for every read."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
 
-    def shares(u: Node) -> bool:  # u's result is (a view of) its first operand's storage
-        if u.op not in ("call_function", "call_method", "call_module") or not u.args \
-                or not isinstance(u.args[0], Node):
-            return False
-        op = Op(u, gm)
-        return (u.op != "call_module" and op.name in _ALIASING) or (_writes(op) and op.name != "setitem")
+    def op_on_operand(u: Node) -> Op | None:  # an op reading a value as its first argument
+        ok = u.op in ("call_function", "call_method", "call_module") and u.args and isinstance(u.args[0], Node)
+        return Op(u, gm) if ok else None
 
-    stale: set[Node] = set()
+    def shares(u: Node) -> bool:  # u's result is (a view of) its first operand's storage
+        op = op_on_operand(u)
+        return op is not None and ((u.op != "call_module" and op.name in _ALIASING)
+                                   or (_writes(op) and op.name != "setitem"))
+
+    writes: dict[Node, list[int]] = {}  # per storage (the value its views and writes start from): where it is written
     for w in gm.graph.nodes:
-        if w.op not in ("call_function", "call_method", "call_module") or not w.args \
-                or not isinstance(w.args[0], Node):
-            continue
-        op = Op(w, gm)
-        if not (_writes(op) or op.name == "setitem"):  # (a symbolic trace's ``out[:, t] = ...``)
+        op = op_on_operand(w)
+        if op is None or not (_writes(op) or op.name == "setitem"):  # (setitem: a symbolic trace's ``out[:, t] = ...``)
             continue
         root = w.args[0]
         while shares(root):
             root = root.args[0]
+        writes.setdefault(root, []).append(order[w])
+    stale: set[Node] = set()
+    for root, at in writes.items():
         family, todo = {root}, [root]
         while todo:
             v = todo.pop()
@@ -770,8 +772,9 @@ def stale_reads(gm: GraphModule) -> set[Node]:
                 if u not in family and u.args and u.args[0] is v and shares(u):
                     family.add(u)
                     todo.append(u)
-        for v in family:
-            if order[v] < order[w] and any(order[u] > order[w] for u in v.users):
+        for v in family:  # read after a write that came after it
+            last = max((order[u] for u in v.users), default=-1)
+            if any(order[v] < w < last for w in at):
                 stale.add(v)
     return stale
 

@@ -35,8 +35,8 @@ from fxprune.nn.norm import (compensated_group_norm, compensated_layer_norm, com
                              shrunk_groups)
 from fxprune.nn.stdconv import compensate_std_conv_, compensated_standardization, one_op, standardizes
 
-__all__ = ["minimize_module", "minimize_module_kept", "ClassKept", "cache_off", "eval_capture", "selectable_inputs", "KeptChannelsWarning",
-           "SIZE_ATTRIBUTES", "BY_CLASS_NAME", "BY_NAME_SUFFIX"]
+__all__ = ["minimize_module", "minimize_module_kept", "ClassKept", "cache_off", "eval_capture", "selectable_inputs",
+           "KeptChannelsWarning", "SIZE_ATTRIBUTES", "BY_CLASS_NAME", "BY_NAME_SUFFIX"]
 
 
 def _linear(m: nn.Linear) -> None:

@@ -265,11 +265,12 @@ def _transposed_weight(n: Node) -> Node | None:
 _OPEN_END = 9223372036854775807  # the end torch.export writes for an open slice
 
 
-def _tensor_index(n: Node) -> list[tuple[Any, ...]] | None:
+def _tensor_index(n: Node) -> list[tuple[Any, tuple[Any, ...], frozenset[int]]] | None:
     """A symbolic trace's basic indexing of a tensor (``x[:, :4]``, ``x[..., 1::2]``, ``x[0]``, ``x[:, None]``) as
-    the aten steps torch.export records for it (``slice``, ``select``, ``unsqueeze``: ``(op, dim, *args)``), which
-    have channel rules; or None: a tuple output's item, advanced indexing, bounds read off the graph, or a dim of
-    varying size cut (its size would then vary otherwise)."""
+    the aten steps torch.export records for it (``slice``, ``select``, ``unsqueeze``), which have channel rules: per
+    step the op, its arguments after the tensor (the dim first) and the dims of its result that vary with the
+    inputs; or None: a tuple output's item, advanced indexing, bounds read off the graph, or a dim of varying size
+    cut (its size would then vary otherwise)."""
     if not (n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], Node)
             and isinstance(n.args[0].meta.get("val"), torch.Tensor) and isinstance(n.meta.get("val"), torch.Tensor)):
         return None
@@ -279,25 +280,29 @@ def _tensor_index(n: Node) -> list[tuple[Any, ...]] | None:
     rank = n.args[0].meta["val"].dim()
     varying = [d in (n.args[0].meta.get(DYNAMIC_DIMS) or ()) for d in range(rank)]
     consumed = sum(isinstance(i, (int, slice)) for i in index)
-    steps: list[tuple[Any, ...]] = []
+    steps: list[tuple[Any, tuple[Any, ...], frozenset[int]]] = []
+
+    def step(fn: Any, *args: Any) -> None:
+        steps.append((fn, args, frozenset(j for j, v in enumerate(varying) if v)))
+
     d = 0
     for i in index:
         if i is Ellipsis:
             d += rank - consumed
         elif i is None:
-            steps.append((aten.unsqueeze.default, d))
             varying.insert(d, False)
+            step(aten.unsqueeze.default, d)
             d += 1
         elif isinstance(i, int) and not isinstance(i, bool):
-            steps.append((aten.select.int, d, i))
             varying.pop(d)
+            step(aten.select.int, d, i)
         elif isinstance(i, slice) and all(p is None or isinstance(p, int) and not isinstance(p, bool)
                                           for p in (i.start, i.stop, i.step)):
-            start, stop, step = i.start or 0, _OPEN_END if i.stop is None else i.stop, i.step or 1
-            if (start, stop, step) != (0, _OPEN_END, 1):
-                if varying[d] or step < 1:
+            start, stop, stride = i.start or 0, _OPEN_END if i.stop is None else i.stop, i.step or 1
+            if (start, stop, stride) != (0, _OPEN_END, 1):
+                if varying[d] or stride < 1:
                     return None
-                steps.append((aten.slice.Tensor, d, start, stop, step))
+                step(aten.slice.Tensor, d, start, stop, stride)
             d += 1
         else:
             return None
@@ -331,14 +336,11 @@ def lower_modules(gm: GraphModule) -> GraphModule:
         steps = _tensor_index(n)
         if steps:  # x[:, :4] -> aten.slice(x, 1, 0, 4): the last step is the node (its name and meta)
             v, val = env[n.args[0]], n.args[0].meta["val"]
-            varying = set(n.args[0].meta.get(DYNAMIC_DIMS) or ())
-            for k, (fn, dim, *rest) in enumerate(steps):
-                val = fn(val, dim, *rest)
-                varying = {e + (e >= dim) for e in varying} if fn is aten.unsqueeze.default else \
-                    {e - (e > dim) for e in varying if e != dim} if fn is aten.select.int else varying
+            for k, (fn, args, varying) in enumerate(steps):
+                val = fn(val, *args)
                 last = k == len(steps) - 1
-                v = graph.create_node("call_function", fn, (v, dim, *rest), name=n.name if last else f"{n.name}_{k}")
-                v.meta = dict(n.meta) if last else {**n.meta, "val": val, DYNAMIC_DIMS: frozenset(varying)}
+                v = graph.create_node("call_function", fn, (v, *args), name=n.name if last else f"{n.name}_{k}")
+                v.meta = dict(n.meta) if last else {**n.meta, "val": val, DYNAMIC_DIMS: varying}
             env[n] = v
             continue
         if _native_layer_norm(n):

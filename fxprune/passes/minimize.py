@@ -375,19 +375,17 @@ class Rewriter:
 
 
 def _prepare(gm: GraphModule, inputs: tuple[Any, ...] | None) -> GraphModule:
-    if DYNAMIC_KEY not in gm.meta and inputs is not None:  # a GraphModule the user traced: an annotated copy first
-        gm = capture(gm, inputs)  # (lowering reads shapes: a symbolic trace's indexing)
+    own = DYNAMIC_KEY not in gm.meta and inputs is not None
+    if own:  # a GraphModule the user traced: an annotated copy first (lowering reads shapes: a trace's indexing)
+        gm = capture(gm, inputs)
     work = lower_modules(gm)
-    if work is gm:  # never annotate the caller's graph in place
+    if work is gm and not own:  # never annotate the caller's graph in place
         work = graph_module(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
         work.meta.update(gm.meta)
     if not is_annotated(work) or DYNAMIC_KEY not in work.meta:
         if inputs is None:
             raise InputError("the graph has no shape annotations: pass example_inputs (or capture it with fp.capture)")
-        if DYNAMIC_KEY in work.meta:
-            annotate(work, inputs, work.meta[DYNAMIC_KEY])
-        else:
-            work = capture(work, inputs)
+        annotate(work, inputs, work.meta[DYNAMIC_KEY])
     return work
 
 
