@@ -499,6 +499,35 @@ def data(kind: str):
     return seqs, (step[:, 0] - 1)
 
 
+def example_inputs(kind: str, x, y):
+    """The flow's example batch (``fp.squeeze_release``'s ``example_inputs``): 8 examples, labels included."""
+    key = {"wav": "input_values", "mel": "input_features"}.get(kind, "input_ids")
+    return ((x[:8],) if kind in ("img", "plain_wav", "tab") else (x[:8, :-1],) if kind == "plain_lm"
+            else {key: x[:8], "labels": (x if kind in ("lm", "s2s") else y)[:8]})
+
+
+def minimize_dense(name: str) -> Exception | None:
+    """``fp.minimize_module`` once on model ``name`` as the flow builds it, untrained, in eval mode, at its example
+    batch, warnings off (for scans of what fxprune reads off the graphs); the error it raised, or None."""
+    import fxprune as fp
+
+    try:
+        kind, model = build(name)
+        x, y = data(kind)
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fp.minimize_module(model, example_inputs(kind, x, y))
+    except Exception as e:  # noqa: BLE001 (reported by the caller)
+        return e
+    return None
+
+
+def names() -> list[str]:
+    """Every model of the list, in its order."""
+    return list(TRANSFORMERS) + list(PLAIN) + TORCHVISION + list(TIMM)
+
+
 def run(name: str, structure: str | None = None, cycles: int = 2, dtype: str | None = None) -> dict:
     import torch
     import torch.nn.functional as F
@@ -550,8 +579,7 @@ def run(name: str, structure: str | None = None, cycles: int = 2, dtype: str | N
         m.eval()
         return accuracy(m)
 
-    example = ((x[:8],) if kind in ("img", "plain_wav", "tab") else (x[:8, :-1],) if kind == "plain_lm"
-               else {key: x[:8], "labels": (x if kind in ("lm", "s2s") else y)[:8]})
+    example = example_inputs(kind, x, y)
     out = dict(model=name, cls=type(model).__name__)
     train(model, 6)
     with warnings.catch_warnings(record=True) as caught:
@@ -609,7 +637,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float16"],
                     help="the model and its float inputs in this dtype, as loaded in half precision (default: float32)")
     a = ap.parse_args()
-    everything = list(TRANSFORMERS) + list(PLAIN) + TORCHVISION + list(TIMM)
+    everything = names()
     if a.list:
         print("\n".join(everything))
         return

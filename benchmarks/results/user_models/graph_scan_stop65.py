@@ -14,13 +14,11 @@ Prints "SCAN name stale=N index=N einsum=N" with the node names, and how the cal
 """
 import os
 import sys
-import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import torch  # noqa: E402,F401
 
-import fxprune as fp  # noqa: E402
 import fxprune.analysis.groups as groups  # noqa: E402
 import fxprune.passes.lower as lower  # noqa: E402
 import user_models  # noqa: E402
@@ -51,22 +49,10 @@ def recorded_einsum(self, op, sp):
 
 
 groups.stale_reads, lower._tensor_index, Einsum.couple = recorded_stale, recorded_index, recorded_einsum
-EVERY = list(user_models.TRANSFORMERS) + list(user_models.PLAIN) + user_models.TORCHVISION + list(user_models.TIMM)
-for name in sys.argv[1:] or EVERY:
+for name in sys.argv[1:] or user_models.names():
     for s in seen.values():
         s.clear()
-    try:
-        kind, model = user_models.build(name)
-        x, y = user_models.data(kind)
-        key = {"wav": "input_values", "mel": "input_features"}.get(kind, "input_ids")
-        example = ((x[:8],) if kind in ("img", "plain_wav", "tab") else (x[:8, :-1],) if kind == "plain_lm"
-                   else {key: x[:8], "labels": (x if kind in ("lm", "s2s") else y)[:8]})
-        model.eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fp.minimize_module(model, example)
-        how = "ok"
-    except Exception as e:  # noqa: BLE001
-        how = f"{type(e).__name__}: {str(e)[:150]}"
+    e = user_models.minimize_dense(name)
+    how = "ok" if e is None else f"{type(e).__name__}: {str(e)[:150]}"
     print("SCAN", name, " ".join(f"{k}={len(v)} {','.join(sorted(v)[:8]) or '-'}" for k, v in seen.items()),
           how.replace("\n", " "), flush=True)

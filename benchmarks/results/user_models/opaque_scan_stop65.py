@@ -8,13 +8,11 @@ each op appears in.
 import collections
 import os
 import sys
-import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import torch  # noqa: E402,F401
 
-import fxprune as fp  # noqa: E402
 import user_models  # noqa: E402
 from fxprune.analysis.table import RULES, target_name  # noqa: E402
 from torchvision_zoo import stub_meta_registrations  # noqa: E402
@@ -33,23 +31,11 @@ def recorded(node, gm):
 
 
 RULES.lookup = recorded
-EVERY = list(user_models.TRANSFORMERS) + list(user_models.PLAIN) + user_models.TORCHVISION + list(user_models.TIMM)
 models_with: collections.Counter = collections.Counter()
-for name in sys.argv[1:] or EVERY:
+for name in sys.argv[1:] or user_models.names():
     seen.clear()
-    try:
-        kind, model = user_models.build(name)
-        x, y = user_models.data(kind)
-        key = {"wav": "input_values", "mel": "input_features"}.get(kind, "input_ids")
-        example = ((x[:8],) if kind in ("img", "plain_wav", "tab") else (x[:8, :-1],) if kind == "plain_lm"
-                   else {key: x[:8], "labels": (x if kind in ("lm", "s2s") else y)[:8]})
-        model.eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fp.minimize_module(model, example)
-        how = "ok"
-    except Exception as e:  # noqa: BLE001
-        how = f"{type(e).__name__}: {str(e)[:100]}"
+    e = user_models.minimize_dense(name)
+    how = "ok" if e is None else f"{type(e).__name__}: {str(e)[:100]}"
     models_with.update(list(seen))
     print("OPAQUE", name, " ".join(f"{k}:{len(v)}" for k, v in sorted(seen.items())) or "-", how.replace("\n", " "),
           flush=True)
