@@ -1301,6 +1301,97 @@ def test_einsum_forms(equation):
         _exact(net, small, [(4, 6), (9, 6)])
 
 
+class _BiasedScores(nn.Module):
+    """Attention whose scores are ``baddbmm(bias, q, k^T, alpha=scale)`` (BLOOM's ALiBi): a bias made in the forward
+    from the positions, broadcast over the batch and the query positions. Dead channels of q (rows 0-3: the product
+    reads them nowhere) and of v (rows 0-4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        with torch.no_grad():
+            self.q.weight[:4], self.q.bias[:4] = 0.0, 0.0
+            self.v.weight[:5], self.v.bias[:5] = 0.0, 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = (-0.5 * torch.arange(x.shape[1], dtype=x.dtype))[None, None, :]
+        a = torch.baddbmm(bias, self.q(x), self.k(x).transpose(1, 2), alpha=0.25).softmax(-1)
+        return x + self.o(torch.bmm(a, self.v(x)))
+
+
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_baddbmm_is_a_product_plus_its_input(method):
+    """``baddbmm`` had no rule and froze q, k and the scores. Its product is a matmul's (a contracted channel that
+    one factor holds at zero goes from both: q's dead rows and k's rows beside them) and its input is added
+    elementwise: exact at other batch sizes and sequence lengths."""
+    net = _BiasedScores().double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    small = minimized_purely(net, (x,), method=method, dynamic_shapes="every")
+    gone = 4 * (8 + 1) * 2 + 5 * (8 + 1) + 5 * 8  # q's and k's rows 0-3; v's rows 0-4 and o's columns
+    assert n_params(small) == n_params(net) - gone
+    _exact(net, small, [(2, 5, 8), (3, 7, 8), (1, 2, 8)])
+
+
+_TILES = {
+    "repeat": lambda h: h.repeat(1, 2),  # (B, 24): two copies of the 12 units, one after the other
+    "repeat_lead": lambda h: h.repeat(2, 1, 1).permute(1, 0, 2).flatten(1),  # a new leading dim of copies
+    "repeat_size_1": lambda h: h.unsqueeze(1).repeat(1, 2, 1).flatten(1),  # copies of a size-1 dim
+    "interleave": lambda h: h.repeat_interleave(2, dim=1),  # (B, 24): each unit twice, side by side
+    "torch.repeat_interleave": lambda h: torch.repeat_interleave(h, 2, -1),
+    "broadcast_to": lambda h: torch.broadcast_to(h.unsqueeze(1), (h.shape[0], 2, 12)).flatten(1),
+}
+
+
+@pytest.mark.parametrize("tile", list(_TILES))
+@pytest.mark.parametrize("method", ["symbolic", "export"])
+def test_tiled_channels_go_from_every_copy(tile, method):
+    """``repeat``, ``repeat_interleave`` (rotary tables, BLOOM's bias per example) and ``broadcast_to`` (WavLM) had
+    no rule and froze the units they read. The copies are frozen and each copy loses the dead units (8-11 of f1):
+    f2 loses their columns in both copies, exact at other batch sizes."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f1, self.f2 = nn.Linear(4, 12), nn.Linear(24, 3)
+            with torch.no_grad():
+                self.f1.weight[8:], self.f1.bias[8:] = 0.0, 0.0
+
+        def forward(self, x):
+            return self.f2(_TILES[tile](torch.relu(self.f1(x))))
+
+    net = Net().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    small = minimized_purely(net, (x,), method=method, dynamic_shapes="every")
+    assert n_params(small) == n_params(net) - 4 * (4 + 1) - 2 * 4 * 3
+    _exact(net, small, [(5, 4), (2, 4), (9, 4)])
+
+
+def test_a_count_that_is_a_tensor_or_copies_that_would_go_leave_the_channels():
+    """What the rules cannot read stays whole: ``repeat_interleave`` by a tensor of counts (the output's size is
+    data; torch.export cannot capture it; the symbolic trace's annotation of that node, a ``tensor_meta`` alone,
+    was read as a list of outputs and the analysis crashed), and a unit f2 ignores in one copy only (column 0:
+    unit 0's first copy; it reads the second): no unit of h goes."""
+    class Net(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.f1, self.f2, self.how = nn.Linear(4, 3), nn.Linear(4, 3), how
+            self.register_buffer("counts", torch.tensor([1, 2, 1]))
+            with torch.no_grad():
+                self.f2.weight[:, 0] = 0.0  # column 0 reads copy 0 of unit 0 only
+
+        def forward(self, x):
+            h = torch.relu(self.f1(x))
+            if self.how == "tensor":
+                return self.f2(h.repeat_interleave(self.counts, dim=1))
+            return self.f2(h.repeat(1, 2)[:, :4])
+
+    for how in ("tensor", "copies"):
+        net = Net(how).double().eval()
+        x = torch.randn(5, 4, dtype=torch.float64)
+        small = minimized_purely(net, (x,), method="symbolic" if how == "tensor" else "export")
+        assert n_params(small) == n_params(net), how
+        _exact(net, small, [(5, 4), (2, 4)])
+
+
 @pytest.mark.parametrize("method", ["symbolic", "export"])
 def test_the_long_names_of_mul_sub_and_div_are_elementwise(method):
     """``torch.multiply`` (ConvBERT's gate), ``torch.subtract`` and ``torch.divide`` are ``mul``, ``sub`` and

@@ -1471,7 +1471,8 @@ def _same_shape(op: Op, sp: Spaces, other: Node) -> None:
 
 
 _UNFLATTEN = {aten.unflatten, torch.unflatten, "unflatten"}
-_SIZED = {aten.view, aten.reshape, aten._unsafe_view, aten.expand, torch.reshape, "view", "reshape", "expand"}
+_SIZED = {aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.broadcast_to, torch.reshape, torch.broadcast_to,
+          "view", "reshape", "expand", "broadcast_to"}
 
 
 def _size_arg(op: Op, sp: Spaces) -> SizeArg | None:
@@ -1924,8 +1925,10 @@ class Slice(Rule):
 class Matmul(Rule):
     """a @ b: the contracted dims of a and b are one space; it leaves the group only where a factor is 0."""
 
+    factors = (0, 1)  # the positions of a and b
+
     def couple(self, op: Op, sp: Spaces) -> None:
-        a, b = op.node.args[0], op.node.args[1]
+        a, b = (op.node.args[i] for i in self.factors)
         ra, rb, ro = sp.rank(a), sp.rank(b), sp.rank(op.node)
         if ra < 2 or rb < 2:
             return
@@ -1947,7 +1950,7 @@ class Matmul(Rule):
         zero a zero column, whatever the other factor (a finite factor times zeros, as :class:`Mul` holds:
         attention weights times a dead channel of v)."""
         out = nan_eval(op, fx)
-        a, b = op.node.args[:2]
+        a, b = (op.node.args[i] for i in self.factors)
         ra, rb, ro = fx.sp.rank(a), fx.sp.rank(b), fx.sp.rank(op.node)
         if ra < 2 or rb < 2:
             return out
@@ -1959,6 +1962,76 @@ class Matmul(Rule):
                 out = list(out) if out else [_unknown(n) for n in _shape(fx.sp, op.node)]
                 out[do] = out[do].with_zeros(z)
         return out
+
+
+class Baddbmm(Matmul):
+    """``baddbmm(input, batch1, batch2, beta=1, alpha=1)`` = beta * input + alpha * (batch1 @ batch2) (BLOOM adds
+    its ALiBi bias to the attention scores so, WavLM its relative position bias): the product as :class:`Matmul`,
+    ``input`` elementwise with the output (broadcast). A zero row of the product is no zero of the sum: its facts
+    are the evaluation's only."""
+
+    factors = (1, 2)
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        super().couple(op, sp)
+        x, out = op.node.args[0], _shape(sp, op.node)
+        if isinstance(x, Node):
+            s = _shape(sp, x)
+            for j, n in enumerate(s):
+                i = j + len(out) - len(s)
+                if i >= 0 and n == out[i]:
+                    sp.unify(x, j, op.node, i, f"by {op.describe()}")
+                elif n == 1:
+                    sp.meta_dim(x, j)
+
+    def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
+        return nan_eval(op, fx)  # (beta = 0 ignores a NaN input: the confirming run sees it)
+
+
+class Repeat(Rule):
+    """``x.repeat(*counts)`` tiles ``x``: output dim i is ``counts[i]`` copies of x's dim i, a product (copies,
+    channels); ``repeat_interleave(x, count, dim)`` repeats each entry: a product (channels, copies). The copies
+    are frozen (removing some would change a count the op holds); the channels inside each copy stay free, and the
+    counts need no rewrite. Leading dims the counts add are copies; a tensor of counts, an ``output_size``, or
+    ``repeat_interleave`` without a dim (it flattens) leave the op to the driver."""
+
+    nan_eval = True
+    sizes = True  # (a count may vary with the inputs: BLOOM repeats its ALiBi bias per example)
+
+    def __init__(self, interleave: bool = False) -> None:
+        self.interleave = interleave
+
+    def couple(self, op: Op, sp: Spaces) -> None:
+        x, out = op.node.args[0], _shape(sp, op.node)
+        s = _shape(sp, x)
+        if self.interleave:
+            count, dim = op.arg(1, "repeats"), op.arg(2, "dim")
+            if not isinstance(count, int) or dim is None or op.arg(3, "output_size") is not None:
+                return
+            counts = [1] * len(s)
+            counts[dim % len(s)] = count
+        else:
+            counts = list(op.node.args[1:])
+            if len(counts) == 1 and isinstance(counts[0], (list, tuple)):
+                counts = list(counts[0])
+            if len(counts) < len(s):
+                return
+        why = f"by {op.describe()}"
+        lead = len(out) - len(s)
+        for i in range(lead):
+            sp.freeze(op.node, i, f"copies made {why}")
+        for j, n in enumerate(s):
+            i, c = j + lead, counts[j + lead]
+            if isinstance(c, int) and c == 1:
+                sp.unify(x, j, op.node, i, why)
+            elif n == 1:
+                sp.meta_dim(x, j)
+                sp.freeze(op.node, i, f"copies made {why}")
+            else:
+                copies = sp.fresh(out[i] // n)
+                sp.atoms.freeze(copies, f"copies made {why}")
+                parts = [sp.of(x, j), copies] if self.interleave else [copies, sp.of(x, j)]
+                sp.structure_atoms(sp.of(op.node, i), "prod", parts, why)
 
 
 class Einsum(Rule):
@@ -2352,7 +2425,8 @@ register(Reshape(), aten.view, aten.reshape, aten._unsafe_view, aten.flatten, at
          "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze")
 register(Permute(), aten.permute, aten.transpose, aten.t, aten.numpy_T, aten.movedim, aten.moveaxis, torch.permute, torch.transpose, torch.t,
          torch.swapaxes, torch.movedim, torch.moveaxis, "permute", "transpose", "t", "swapaxes", "movedim", "moveaxis")
-register(Expand(), aten.expand, aten.expand_as, "expand", "expand_as")
+register(Expand(), aten.expand, aten.expand_as, aten.broadcast_to, torch.broadcast_to, "expand", "expand_as",
+         "broadcast_to")
 register(ReshapeAs(), aten.reshape_as, aten.view_as, "reshape_as", "view_as")
 register(Cat(), aten.cat, torch.cat, torch.concat, torch.concatenate)
 register(Stack(), aten.stack, torch.stack)
@@ -2361,6 +2435,9 @@ register(Split(), aten.split.Tensor, aten.split_with_sizes, aten.chunk, aten.ten
 register(Slice(), aten.slice.Tensor, aten.select.int)
 register(Unbind(), aten.unbind.int, torch.unbind, "unbind")
 register(Einsum(), aten.einsum, torch.einsum)
+register(Baddbmm(), aten.baddbmm, torch.baddbmm, "baddbmm")
+register(Repeat(), aten.repeat, "repeat")
+register(Repeat(interleave=True), aten.repeat_interleave.self_int, torch.repeat_interleave, "repeat_interleave")
 register(Matmul(), aten.matmul, aten.mm, aten.bmm, torch.matmul, torch.mm, torch.bmm, operator.matmul, "matmul", "bmm", "mm")
 register(SDPA(), aten.scaled_dot_product_attention, F.scaled_dot_product_attention)
 register(Creation(), aten.arange, aten.scalar_tensor, torch.arange, "new_ones", "new_zeros", "new_full", "new_empty")

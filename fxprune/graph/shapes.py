@@ -78,9 +78,11 @@ def node_spec(node: Node) -> TensorSpec | list[TensorSpec | None] | None:
     dyn = node.meta.get(DYNAMIC_DIMS)
     if val is None and "tensor_meta" in node.meta:
         tm = node.meta["tensor_meta"]
+        if hasattr(tm, "shape"):  # (one tensor's TensorMetadata: itself a NamedTuple)
+            return TensorSpec(tuple(tm.shape), tm.dtype)
         if isinstance(tm, (list, tuple)):
             return [TensorSpec(tuple(t.shape), t.dtype) if hasattr(t, "shape") else None for t in tm]
-        return TensorSpec(tuple(tm.shape), tm.dtype)
+        return None
     if isinstance(val, (list, tuple)):
         dyns = dyn if isinstance(dyn, (list, tuple)) else [None] * len(val)
         return [_spec(v, d) for v, d in zip(val, dyns)]
