@@ -568,13 +568,14 @@ def _warn_little(result: SqueezeReleaseResult, structure: str, lasso: float) -> 
 
 
 def _next_level(level: int, row: dict[str, Any], backoff: bool) -> int:
-    """The step's halvings for the cycle after ``row``'s: one more after a failed cycle; after a passing one, one
-    fewer when it removed nothing (down to ``-MAX_DOUBLINGS``: the strength doubled that often), else one fewer down to 0 (the
-    schedule's step)."""
+    """The step's halvings for the cycle after ``row``'s: one more after a failed cycle (counted from the schedule's
+    step: a cycle that failed with the strength doubled ran at the schedule's sparsity, so the next one halves it);
+    after a passing one, one fewer when it removed nothing (down to ``-MAX_DOUBLINGS``: the strength doubled that
+    often), else one fewer down to 0 (the schedule's step)."""
     if not backoff:
         return 0
     if not row["passed"]:
-        return level + 1
+        return max(level, 0) + 1
     if row["params"] >= row["start_params"]:
         return max(-MAX_DOUBLINGS, level - 1)
     return max(0, level - 1) if level > 0 else level

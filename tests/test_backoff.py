@@ -99,6 +99,20 @@ def test_a_passing_cycle_that_removed_nothing_doubles_the_lasso_strength():
     assert all(h["step"] >= -2 for h in res.history)
 
 
+def test_a_cycle_that_fails_after_a_stalled_one_is_followed_by_half_the_schedules_step():
+    """A passing cycle that removed nothing raises the lasso strength (step -1) but keeps the schedule's sparsity.
+    When the next cycle fails at that sparsity (here: the first to mask whole channels), the one after it must ask
+    less than the failed one: half the step (step 1), not the schedule's step again, which masked the same
+    channels and failed the same way (timm's BiT in the flow: cycles 2 and 3 both at 5.14x, both outside)."""
+    res, sizes, dense = _run(True, passes=lambda p: p == DENSE, sparsity=0.1)
+    assert [(h["params"] == dense, h["passed"]) for h in res.history] == [(True, True), (False, False), (False, False)]
+    assert [h["step"] for h in res.history] == [0, -1, 1]
+    assert res.history[2]["sparsity"] == pytest.approx(stepped(0.1, 0, 1)[0])
+    assert res.history[2]["sparsity"] < res.history[1]["sparsity"]
+    assert res.history[2]["lasso"] == pytest.approx(fp.interop.lasso.DEFAULT_STRENGTH / 2)
+    assert res.history[2]["params"] > res.history[1]["params"]  # fewer channels masked than in the failed cycle
+
+
 def test_resume_after_failed_cycles_gives_the_same_model(tmp_path):
     whole, _, _ = _run(True, passes=lambda p: p == DENSE, checkpoint_dir=tmp_path / "whole")
     _run(True, passes=lambda p: p == DENSE, cycles=2, checkpoint_dir=tmp_path / "ck")
