@@ -1592,6 +1592,55 @@ def test_other_mixtures_of_experts_lose_dead_expert_and_stream_channels_in_their
     assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5
 
 
+def test_deepseek_v3_loses_latent_attention_channels_and_dead_stream_channels_through_its_router():
+    """DeepSeek-V3 as loaded (the cache on): its router is spelled ``...TopkRouter`` and reshapes its input to
+    ``hidden_dim``, which was not updated, so dead residual-stream channels stayed (the flow: "kept the channels of
+    ...post_attention_layernorm.weight:0"); its multi-head latent attention splits ``kv_a_proj_with_mqa``'s output
+    at ``kv_lora_rank``, which no updater set, so a dead latent channel stayed. Now both go, in its own class: exact
+    at other batch sizes and lengths, generate() agrees, the input untouched."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                                        num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                                        n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+                                        qk_nope_head_dim=4, v_head_dim=8, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    assert model.config.use_cache
+    stream = [3, 7, 11, 20, 25, 30]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("embed_tokens.weight"):
+                p[:, stream] = 0
+            elif n.endswith(("o_proj.weight", "mlp.down_proj.weight", "shared_experts.down_proj.weight")):
+                p[stream] = 0
+            elif n.endswith("experts.down_proj"):
+                p[:, stream] = 0
+            elif "norm" in n and p.dim() == 1 and p.shape[0] == 32:
+                p[stream] = 0
+            elif n.endswith("kv_a_proj_with_mqa.weight"):
+                p[:3] = 0  # latent channels 0-2: zero before the latent's norm ...
+            elif n.endswith("kv_b_proj.weight"):
+                p[:, :3] = 0  # ... and unread after it
+    before = snapshot(model)
+    ids = torch.randint(0, 64, (2, 12))
+    small = fp.minimize_module(model, (ids,))
+    assert type(small) is type(model) and snapshot(model) == before and small.config.use_cache
+    assert small.model.embed_tokens.weight.shape == (64, 28)  # (widths of multiples of 4: grouped_mm)
+    layer = small.model.layers[1]
+    assert layer.mlp.gate.weight.shape == (4, 28) and layer.mlp.gate.hidden_dim == 28
+    for layer in small.model.layers:
+        attn = layer.self_attn
+        assert attn.kv_lora_rank == 13 and attn.kv_b_proj.weight.shape[1] == 13
+        assert attn.kv_a_proj_with_mqa.weight.shape[0] == 13 + 4  # the rotary key's 4 stay
+    for x in (ids, torch.randint(0, 64, (3, 7)), torch.randint(0, 64, (1, 20))):
+        with torch.no_grad():
+            ref, got = model(x).logits, small(x).logits
+        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids[:1], **kw), small.generate(ids[:1], **kw))
+
+
 def test_options_add_to_its_own_and_bad_ones_are_refused():
     """``keep``, ``equal_heads`` and ``whole_heads`` from the caller used to collide with the ones minimize_module
     sets (a TypeError: multiple values for a keyword); now they add to them. A graph-only or unknown option is an

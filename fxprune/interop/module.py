@@ -180,6 +180,13 @@ def _router(m: nn.Module) -> None:
         m.hidden_dim = m.weight.shape[1]
 
 
+def _latent_attention(m: nn.Module) -> None:
+    """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, Kimi...): splits ``kv_a_proj_with_mqa``'s output into
+    ``kv_lora_rank`` latent channels and the rotary key's ``qk_rope_head_dim`` (never narrowed: rotary), and views
+    the latent as ``kv_lora_rank`` wide; ``kv_b_proj`` reads the latent."""
+    m.kv_lora_rank = m.kv_b_proj.weight.shape[1]
+
+
 def _channel_scale(m: nn.Module) -> None:
     """timm's MetaFormer ``Scale`` (PoolFormer, ConvFormer, CAFormer): ``x * scale.view(shape)``, ``shape`` being
     ``(dim, 1, 1)`` or ``(dim,)``."""
@@ -193,6 +200,11 @@ BY_NAME_SUFFIX: dict[str, tuple[Callable[[Any], bool], Callable[[Any], None]]] =
                               for t in ("gate_up_proj", "down_proj"))
                 and m.gate_up_proj.shape[2] == m.down_proj.shape[1], _stacked_experts),  # Mixtral's layout
     "TopKRouter": (lambda m: isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2, _router),
+    "TopkRouter": (lambda m: isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2,
+                   _router),  # (DeepSeek-V2/V3, GLM-4-MoE, dots.llm1, EXAONE-MoE... spell it so)
+    "Attention": (lambda m: isinstance(getattr(m, "kv_lora_rank", None), int)
+                  and isinstance(getattr(getattr(m, "kv_b_proj", None), "weight", None), torch.Tensor),
+                  _latent_attention),
     "Scale": (lambda m: isinstance(getattr(m, "scale", None), torch.Tensor) and m.scale.dim() == 1
               and isinstance(getattr(m, "shape", None), tuple) and len(m.shape) in (1, 3), _channel_scale),
 }
@@ -319,6 +331,12 @@ def _updater(m: nn.Module) -> Callable[[Any], None] | None:
     for cls in type(m).__mro__:
         if cls in SIZE_ATTRIBUTES:
             return SIZE_ATTRIBUTES[cls]
+    return _by_name(m)
+
+
+def _by_name(m: nn.Module) -> Callable[[Any], None] | None:
+    """The updater of a class known by its name (:data:`BY_CLASS_NAME`) or the end of its name
+    (:data:`BY_NAME_SUFFIX`)."""
     name = type(m).__name__
     if name in BY_CLASS_NAME:
         return BY_CLASS_NAME[name]
@@ -890,9 +908,9 @@ def _write_back(model: nn.Module, small: torch.fx.GraphModule, inputs: tuple[Any
                 and (_set_heads(m, p, small.meta.get(KEPT_KEY, {}), small.meta.get(HEADS_KEY, {}))
                      or _set_key_value_dims(m, p, small.meta.get(KEPT_KEY, {})))}
     changed |= narrowed
-    # containers whose forward reads their children's sizes (attention head counts) are updated after them
-    changed |= {p for p, m in out.named_modules() if type(m).__name__ in BY_CLASS_NAME and
-                any(_inside(c, p) for c in changed)}
+    # containers whose forward reads their children's sizes (attention head counts, a latent attention's rank) are
+    # updated after them
+    changed |= {p for p, m in out.named_modules() if _by_name(m) is not None and any(_inside(c, p) for c in changed)}
     stale = sorted(own_forward | set(cannot))
     groups = _graph_groups(small)
     for path in sorted(changed, key=lambda p: -p.count(".")):
