@@ -2024,6 +2024,8 @@ class Repeat(Rule):
             i, c = j + lead, counts[j + lead]
             if isinstance(c, int) and c == 1:
                 sp.unify(x, j, op.node, i, why)
+            elif n == 0:  # (an empty dim: the driver freezes it)
+                continue
             elif n == 1:
                 sp.meta_dim(x, j)
                 sp.freeze(op.node, i, f"copies made {why}")
