@@ -1641,6 +1641,57 @@ def test_deepseek_v3_loses_latent_attention_channels_and_dead_stream_channels_th
     assert torch.equal(model.generate(ids[:1], **kw), small.generate(ids[:1], **kw))
 
 
+class _StateWidth(nn.Module):
+    """Adds a state it makes ``config.hidden_size`` wide when the cache is on, as RWKV's attention reads the state
+    its model made from the config."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config, self.b = config, nn.Linear(8, 3)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.config.use_cache:
+            h = h + torch.zeros(h.shape[0], self.config.hidden_size, dtype=h.dtype)
+        return self.b(h)
+
+
+class _Cached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        import types
+
+        self.config = types.SimpleNamespace(use_cache=True, hidden_size=8)
+        self.a, self.m = nn.Linear(4, 8), _StateWidth(self.config)
+        with torch.no_grad():
+            self.a.weight[:3], self.a.bias[:3] = 0.0, -1.0  # 3 dead units
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(torch.relu(self.a(x)))
+
+
+def test_a_copy_that_fails_with_its_cache_on_keeps_the_channels_it_fails_on():
+    """minimize_module captures and checks a model with ``config.use_cache`` off (torch.export cannot return a
+    cache), and gives the copy back with it on, as the model was loaded. A class that makes its cache from its
+    config (RWKV's state, ``config.hidden_size`` wide: the flow's RWKV raised at its third cycle) failed only then,
+    in the user's hands. The copy is now also run with the cache on: where it raises, the channels of the module
+    that raised stay (KeptChannelsWarning), and the copy runs and is exact as loaded. Without a cache the same dead
+    units go."""
+    from fxprune.interop.module import KeptChannelsWarning
+
+    net = _Cached().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    before = snapshot(net)
+    with pytest.warns(KeptChannelsWarning, match="m.b.weight:1"):
+        small = fp.minimize_module(net, (x,))
+    assert snapshot(net) == before and net.config.use_cache and small.config.use_cache
+    assert small.a.out_features == 8
+    exact_at(net, small, [(5, 4), (2, 4)])
+    net.config.use_cache = False  # no cache: the state is never made, and the dead units go
+    small = fp.minimize_module(net, (x,))
+    assert small.a.out_features == 5 and not small.config.use_cache
+    exact_at(net, small, [(5, 4), (2, 4)])
+
+
 def test_options_add_to_its_own_and_bad_ones_are_refused():
     """``keep``, ``equal_heads`` and ``whole_heads`` from the caller used to collide with the ones minimize_module
     sets (a TypeError: multiple values for a keyword); now they add to them. A graph-only or unknown option is an

@@ -410,6 +410,64 @@ def cache_off(model: nn.Module) -> Iterator[dict[str, bool]]:
             model.get_submodule(path).config.use_cache = True
 
 
+@contextlib.contextmanager
+def _cache_on(model: nn.Module, paths: Sequence[str]) -> Iterator[None]:
+    """While open, ``config.use_cache`` is True at ``paths`` (those :func:`cache_off` turned off), False again
+    after."""
+    for path in paths:
+        model.get_submodule(path).config.use_cache = True
+    try:
+        yield
+    finally:
+        for path in paths:
+            model.get_submodule(path).config.use_cache = False
+
+
+# outputs that hold a model's cache (a narrower copy's cache holds fewer channels): not compared
+CACHE_OUTPUTS = ("past_key_values", "cache", "state", "cache_params", "mems")
+
+
+def _uncached(out: Any) -> Any:
+    if isinstance(out, Mapping):  # (transformers' ModelOutput)
+        return {k: v for k, v in out.items() if k not in CACHE_OUTPUTS}
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return leaves[:1]  # (a tuple: its first tensor, the logits or the loss)
+
+
+def _cache_check(model: nn.Module, out: nn.Module, inputs: tuple[Any, ...], cached: Sequence[str]) -> None:
+    """The copy as the model is loaded, its cache on (the copy was checked with it off, as captured): it runs on the
+    example inputs, in eval mode, and its outputs but the caches are the model's, as close as they were with the
+    cache off (or within float32's tolerance). A class that makes its cache from its config (RWKV's state,
+    ``config.hidden_size`` wide) raises here when its stream narrowed. Raises :class:`EquivalenceError` (its
+    ``cache`` True) where the copy raises or differs."""
+    if not cached:
+        return
+    from fxprune.compare import first_failure, precision_of, rtol_for
+
+    with eval_modes(model), eval_modes(out), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        off = worst(compare(_uncached(model(*inputs)), _uncached(out(*inputs))))
+        with _cache_on(model, cached), _cache_on(out, cached):
+            try:
+                want = _uncached(model(*inputs))
+            except Exception:  # noqa: BLE001 (the model itself does not run so: nothing to hold the copy to)
+                return
+            try:
+                got = _uncached(out(*inputs))
+            except Exception as exc:  # noqa: BLE001 (reported as the check's failure)
+                err = EquivalenceError(f"the minimized copy of {type(model).__name__} raises with its cache on "
+                                       f"(config.use_cache, as loaded): {type(exc).__name__}: "
+                                       f"{str(exc).splitlines()[0] if str(exc) else ''}")
+                err.cache = True  # type: ignore[attr-defined]
+                raise err from exc
+    bad = first_failure(compare(want, got), max(2.0 * off, rtol_for(precision_of(model))))
+    if bad is not None:
+        err = EquivalenceError(f"the minimized copy of {type(model).__name__} differs from it with its cache on "
+                               f"(config.use_cache, as loaded): output {bad.index}, relative error {bad.max_rel:.3g}"
+                               + (f" ({bad.problem})" if bad.problem else ""))
+        err.cache = True  # type: ignore[attr-defined]
+        raise err
+
+
 def eval_capture(model: nn.Module, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
     """A static-shape capture of ``model`` as deployed: every module in eval mode (set directly: the module
     torch.export returns refuses ``.eval()``) and the KV cache off, drawing no randomness from the global RNGs;
@@ -481,7 +539,8 @@ def _in_class(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes
         got = "a GraphModule" if isinstance(model, torch.fx.GraphModule) else type(model).__name__
         raise InputError(f"minimize_module takes the user's nn.Module, got {got} (for graphs use fp.minimize)")
     with cache_off(model) as changed, one_op():  # (a compensated standardization captured as one op)
-        out, kept = _minimize_module(model, example_inputs, dynamic_shapes=dynamic_shapes, verify=verify, **options)
+        out, kept = _minimize_module(model, example_inputs, dynamic_shapes=dynamic_shapes, verify=verify,
+                                     cached=tuple(changed), **options)
     for path in changed:
         out.get_submodule(path).config.use_cache = True
     return out, kept
@@ -492,8 +551,9 @@ SHARED_REASON = ("a layer applied at several call sites folds other constants at
 
 
 def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_shapes: Any = "every",
-                     verify: bool = True, **options: Any) -> tuple[nn.Module, ClassKept]:
-    """The body of :func:`minimize_module_kept`, with the cache already off."""
+                     verify: bool = True, cached: tuple[str, ...] = (), **options: Any) -> tuple[nn.Module, ClassKept]:
+    """The body of :func:`minimize_module_kept`, with the cache already off (``cached``: the modules whose
+    ``config.use_cache`` it turned off, on again for :func:`_cache_check`)."""
     from fxprune.passes.minimize import HEADS_KEY, SITE_BIASES_KEY, MinimizeOptions, float64_twin, minimize, self_check
 
     names = {f.name for f in dataclasses.fields(MinimizeOptions)} - {"verify"}
@@ -589,9 +649,14 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
                     _rescale_queries(exact, model, rescaled, graph.meta.get(HEADS_KEY, {}))
                     twin = to_dtype(exact, torch.float32)
                     self_check(gm, twin, inputs, opts, exact=exact)
+                    _cache_check(model, twin, inputs, cached)
                     return twin, twin_stale, twin_suspects, graph, None
                 except Exception:  # noqa: BLE001 (the twin does not pass either: the copy's error stands)
                     pass
+            return out, stale, suspects, (small, opts), e
+        try:
+            _cache_check(model, out, inputs, cached)
+        except EquivalenceError as e:
             return out, stale, suspects, (small, opts), e
         return out, stale, suspects, small, None
 
@@ -602,7 +667,8 @@ def _minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic
                 out, keep = _thaw(attempt, out, keep, model)
             break
         small, opts = small
-        more = _to_freeze(model, out, inputs, stale, suspects, keep)
+        with _cache_on(out, cached if getattr(e, "cache", False) else ()):  # (where the copy fails as loaded)
+            more = _to_freeze(model, out, inputs, stale, suspects, keep)
         headed = [k for _, dims in heads if more.keys() & set(dims) and not set(dims) <= set(whole) for k in dims]
         if headed:  # first keep the channels inside those heads: whole heads and kv groups may still go
             whole.extend(k for k in headed if k not in whole)
