@@ -1486,6 +1486,17 @@ def _dead_stream_and_expert_channels(model: nn.Module) -> None:
                 p[stream] = 0
 
 
+def _agrees_as_a_causal_lm(model: nn.Module, small: nn.Module, ids: torch.Tensor) -> None:
+    """``small``'s logits are ``model``'s (float32) at ``ids`` and at other batch sizes and lengths, and greedy
+    ``generate()`` (the cache on) gives the same tokens."""
+    for x in (ids, torch.randint(0, 64, (3, 7)), torch.randint(0, 64, (1, 20))):
+        with torch.no_grad():
+            ref, got = model(x).logits, small(x).logits
+        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids[:1], **kw), small.generate(ids[:1], **kw))
+
+
 def test_mixtral_experts_lose_channels_dead_in_every_expert_and_the_stream_loses_its_dead_channels():
     """A mixture of experts as loaded (Mixtral, the cache on): tokens reach their experts through data-dependent
     gathers and transformers' grouped matmul over stacked expert weights. Intermediate channels dead in every
@@ -1511,12 +1522,7 @@ def test_mixtral_experts_lose_channels_dead_in_every_expert_and_the_stream_loses
         assert layer.mlp.experts.gate_up_proj.shape == (4, 2 * 44, 28)  # 42 inner kept, rounded up to 44
         assert layer.mlp.experts.down_proj.shape == (4, 28, 44)
         assert layer.mlp.gate.weight.shape == (4, 28)
-    for x in (ids, torch.randint(0, 64, (3, 7)), torch.randint(0, 64, (1, 20))):
-        with torch.no_grad():
-            ref, got = model(x).logits, small(x).logits
-        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5
-    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    assert torch.equal(model.generate(ids[:1], **kw), small.generate(ids[:1], **kw))
+    _agrees_as_a_causal_lm(model, small, ids)
 
     lean = copy.deepcopy(model)
     lean.config.use_cache = False  # (a graph cannot return the cache)
@@ -1633,12 +1639,7 @@ def test_deepseek_v3_loses_latent_attention_channels_and_dead_stream_channels_th
         attn = layer.self_attn
         assert attn.kv_lora_rank == 13 and attn.kv_b_proj.weight.shape[1] == 13
         assert attn.kv_a_proj_with_mqa.weight.shape[0] == 13 + 4  # the rotary key's 4 stay
-    for x in (ids, torch.randint(0, 64, (3, 7)), torch.randint(0, 64, (1, 20))):
-        with torch.no_grad():
-            ref, got = model(x).logits, small(x).logits
-        assert float((ref - got).abs().max() / ref.abs().max()) <= 1e-5
-    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    assert torch.equal(model.generate(ids[:1], **kw), small.generate(ids[:1], **kw))
+    _agrees_as_a_causal_lm(model, small, ids)
 
 
 class _StateWidth(nn.Module):

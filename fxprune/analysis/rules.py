@@ -86,15 +86,20 @@ class Elementwise(Rule):
         return nan_eval(op, fx, confirm=not _nan_to_nan(op))
 
     def couple(self, op: Op, sp: Spaces) -> None:
-        out = _shape(sp, op.node)
         for a in op.tensor_args():
-            s = _shape(sp, a)
-            for j, n in enumerate(s):
-                i = j + len(out) - len(s)
-                if i >= 0 and n == out[i]:
-                    sp.unify(a, j, op.node, i, f"by {op.describe()}")
-                elif n == 1:
-                    sp.meta_dim(a, j)
+            _broadcast(op, sp, a)
+
+
+def _broadcast(op: Op, sp: Spaces, a: Node) -> None:
+    """Unify each dim of ``a`` with the output's dim it meets under numpy broadcasting (a size-1 dim broadcast
+    against a larger one is read for its size only)."""
+    out, s = _shape(sp, op.node), _shape(sp, a)
+    for j, n in enumerate(s):
+        i = j + len(out) - len(s)
+        if i >= 0 and n == out[i]:
+            sp.unify(a, j, op.node, i, f"by {op.describe()}")
+        elif n == 1:
+            sp.meta_dim(a, j)
 
 
 class Dropout(Elementwise):
@@ -1974,15 +1979,8 @@ class Baddbmm(Matmul):
 
     def couple(self, op: Op, sp: Spaces) -> None:
         super().couple(op, sp)
-        x, out = op.node.args[0], _shape(sp, op.node)
-        if isinstance(x, Node):
-            s = _shape(sp, x)
-            for j, n in enumerate(s):
-                i = j + len(out) - len(s)
-                if i >= 0 and n == out[i]:
-                    sp.unify(x, j, op.node, i, f"by {op.describe()}")
-                elif n == 1:
-                    sp.meta_dim(x, j)
+        if isinstance(op.node.args[0], Node):
+            _broadcast(op, sp, op.node.args[0])
 
     def facts(self, op: Op, fx: Facts) -> list[DimFacts] | None:
         return nan_eval(op, fx)  # (beta = 0 ignores a NaN input: the confirming run sees it)
