@@ -1269,6 +1269,37 @@ def test_mamba_loses_time_step_rank_and_state_channels_in_its_class():
     assert_same_lm(model, small)
 
 
+def test_jambas_mamba_mixer_gets_its_sizes_as_mambas_does():
+    """Jamba's mixer (``JambaMambaMixer``: Mamba's layout, with RMS norms on the time step, B and C) splits
+    ``x_proj``'s output at ``time_step_rank`` and keeps ``intermediate_size``, as Mamba's does, but only Mamba's
+    and Falcon-Mamba's classes were known by name: a dead time-step channel made the check fail and the whole mixer
+    was kept (the flow's Jamba warned "kept every channel of model.layers.0.mamba"). Mixers are now known by the
+    end of their name and the sizes they keep: the inner channels nothing reads and the dead time-step channel go,
+    the sizes follow, exact at other batch sizes and lengths, generate() unchanged."""
+    transformers = pytest.importorskip("transformers", reason="the model comes from transformers (dev dependency)")
+    cfg = transformers.JambaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   num_experts=2, num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=1,
+                                   attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4,
+                                   use_mamba_kernels=False)
+    torch.manual_seed(0)
+    model = transformers.JambaForCausalLM(cfg).eval()  # (float32: its experts' grouped_mm takes no float64)
+    mixer = model.model.layers[0].mamba
+    with torch.no_grad():
+        mixer.out_proj.weight[:, :5] = 0  # inner channels 0-4: unread
+        mixer.x_proj.weight[:, :5] = 0
+        mixer.x_proj.weight[0] = 0  # time-step channel 0: zero before its norm, unread after it
+        mixer.dt_proj.weight[:, 0] = 0
+    ids = torch.randint(3, 64, (2, 12))
+    before = snapshot(model)
+    small = fp.minimize_module(model, (ids,))
+    assert type(small) is type(model) and snapshot(model) == before
+    kept = small.model.layers[0].mamba
+    assert (kept.intermediate_size, kept.time_step_rank, kept.ssm_state_size) == (59, 3, 8)
+    assert kept.x_proj.weight.shape == (3 + 2 * 8, 59) and kept.conv1d.out_channels == 59
+    _agrees_as_a_causal_lm(model, small, ids)
+
+
 def test_pvt_v2_mlp_units_nothing_reads_go_through_its_depthwise_conv():
     """PVTv2's MLP is fc1 -> reshape to an image -> depthwise conv -> fc2: hidden units fc2 never reads go although
     fc1 still writes them (the depthwise conv maps channel k to channel k only; it kept them before), in the class,

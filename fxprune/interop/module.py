@@ -155,8 +155,6 @@ def _partial_residual(m: nn.Module) -> None:
 BY_CLASS_NAME: dict[str, Callable[[Any], None]] = {
     "Conv1D": lambda c: setattr(c, "nf", c.weight.shape[1]),  # GPT-2's Conv1D: weight is (in, out)
     "GPT2Attention": _gpt2_attention,
-    "MambaMixer": _mamba_mixer,
-    "FalconMambaMixer": _mamba_mixer,
     # timm's CSPNet stages split their expansion in two halves of ``expand_chs // 2`` (kept equal: equal_splits)
     "CrossStage": _cross_stage,
     "CrossStage3": _cross_stage,
@@ -202,6 +200,10 @@ BY_NAME_SUFFIX: dict[str, tuple[Callable[[Any], bool], Callable[[Any], None]]] =
     "TopKRouter": (lambda m: isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2, _router),
     "TopkRouter": (lambda m: isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2,
                    _router),  # (DeepSeek-V2/V3, GLM-4-MoE, dots.llm1, EXAONE-MoE... spell it so)
+    # Mamba's, Falcon-Mamba's, Jamba's and Zamba's mixers (the selective scan's layout, by the sizes they keep)
+    "MambaMixer": (lambda m: all(isinstance(getattr(m, a, None), int)
+                                 for a in ("intermediate_size", "time_step_rank", "ssm_state_size"))
+                   and all(hasattr(m, c) for c in ("conv1d", "dt_proj", "A_log")), _mamba_mixer),
     "Attention": (lambda m: isinstance(getattr(m, "kv_lora_rank", None), int)
                   and isinstance(getattr(getattr(m, "kv_b_proj", None), "weight", None), torch.Tensor),
                   _latent_attention),
