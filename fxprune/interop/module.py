@@ -193,13 +193,12 @@ def _channel_scale(m: nn.Module) -> None:
 
 # classes by the end of their name (transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, PhiMoE... name theirs so;
 # timm's MetaFormer), for a module that holds the tensors the updater reads
-BY_NAME_SUFFIX: dict[str, tuple[Callable[[Any], bool], Callable[[Any], None]]] = {
+BY_NAME_SUFFIX: dict[str | tuple[str, ...], tuple[Callable[[Any], bool], Callable[[Any], None]]] = {
     "Experts": (lambda m: all(isinstance(getattr(m, t, None), torch.Tensor) and getattr(m, t).dim() == 3
                               for t in ("gate_up_proj", "down_proj"))
                 and m.gate_up_proj.shape[2] == m.down_proj.shape[1], _stacked_experts),  # Mixtral's layout
-    "TopKRouter": (lambda m: isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2, _router),
-    "TopkRouter": (lambda m: isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2,
-                   _router),  # (DeepSeek-V2/V3, GLM-4-MoE, dots.llm1, EXAONE-MoE... spell it so)
+    ("TopKRouter", "TopkRouter"): (lambda m: isinstance(getattr(m, "weight", None), torch.Tensor)
+                                   and m.weight.dim() == 2, _router),  # (DeepSeek-V2/V3, GLM-4-MoE... spell it Topk)
     # Mamba's, Falcon-Mamba's, Jamba's and Zamba's mixers (the selective scan's layout, by the sizes they keep)
     "MambaMixer": (lambda m: all(isinstance(getattr(m, a, None), int)
                                  for a in ("intermediate_size", "time_step_rank", "ssm_state_size"))
@@ -456,18 +455,20 @@ def _cache_check(model: nn.Module, out: nn.Module, inputs: tuple[Any, ...], cach
             try:
                 got = _uncached(out(*inputs))
             except Exception as exc:  # noqa: BLE001 (reported as the check's failure)
-                err = EquivalenceError(f"the minimized copy of {type(model).__name__} raises with its cache on "
-                                       f"(config.use_cache, as loaded): {type(exc).__name__}: "
-                                       f"{str(exc).splitlines()[0] if str(exc) else ''}")
-                err.cache = True  # type: ignore[attr-defined]
-                raise err from exc
+                raise _cached_error(model, f"raises with its cache on (config.use_cache, as loaded): "
+                                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     bad = first_failure(compare(want, got), max(2.0 * off, rtol_for(precision_of(model))))
     if bad is not None:
-        err = EquivalenceError(f"the minimized copy of {type(model).__name__} differs from it with its cache on "
-                               f"(config.use_cache, as loaded): output {bad.index}, relative error {bad.max_rel:.3g}"
-                               + (f" ({bad.problem})" if bad.problem else ""))
-        err.cache = True  # type: ignore[attr-defined]
-        raise err
+        raise _cached_error(model, f"differs from it with its cache on (config.use_cache, as loaded): output "
+                                   f"{bad.index}, relative error {bad.max_rel:.3g}"
+                                   + (f" ({bad.problem})" if bad.problem else ""))
+
+
+def _cached_error(model: nn.Module, what: str) -> EquivalenceError:
+    """The check's failure with the cache on: ``cache`` True, so that what to freeze is found with it on too."""
+    err = EquivalenceError(f"the minimized copy of {type(model).__name__} {what}")
+    err.cache = True  # type: ignore[attr-defined]
+    return err
 
 
 def eval_capture(model: nn.Module, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
@@ -496,7 +497,9 @@ def minimize_module(model: nn.Module, example_inputs: Sequence[Any], *, dynamic_
     :class:`~fxprune.passes.minimize.MinimizeOptions` fields (``round_to``, ``rtol``...); ``keep``,
     ``equal_heads``, ``whole_heads`` and ``aligned`` add to those it sets itself, and ``split_norms`` (which the
     user's class cannot express) and unknown names raise :class:`InputError`. The analysis, the rewrite and the
-    check run with the KV cache off (:func:`cache_off`); the copy keeps the user's ``use_cache``.
+    check run with the KV cache off (:func:`cache_off`); the copy keeps the user's ``use_cache``, and where the
+    cache was on it is checked once more with it on, at the example (:func:`_cache_check`): where it raises there,
+    the channels of the module that raised stay.
     ``dynamic_shapes``: by default (``"every"``) every dim of every tensor input is captured dynamic where the
     model allows it, so that what the class accepts (other sequence lengths, image sizes) is analysed and checked,
     and a buffer indexed by a length (``position_ids``) is never cut to the example's; a model torch.export cannot
