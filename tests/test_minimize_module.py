@@ -1298,6 +1298,7 @@ def test_jambas_mamba_mixer_gets_its_sizes_as_mambas_does():
     assert (kept.intermediate_size, kept.time_step_rank, kept.ssm_state_size) == (59, 3, 8)
     assert kept.x_proj.weight.shape == (3 + 2 * 8, 59) and kept.conv1d.out_channels == 59
     _agrees_as_a_causal_lm(model, small, ids)
+    _graph_exact_in_float64(model, small, ids, shapes=((3, 12), (1, 12)))  # (the capture holds its length)
 
 
 def test_pvt_v2_mlp_units_nothing_reads_go_through_its_depthwise_conv():
@@ -1517,6 +1518,24 @@ def _dead_stream_and_expert_channels(model: nn.Module) -> None:
                 p[stream] = 0
 
 
+def _graph_exact_in_float64(model: nn.Module, small: nn.Module, ids: torch.Tensor,
+                            shapes: tuple[tuple[int, int], ...] = ((3, 7), (1, 20))) -> None:
+    """``fp.minimize`` on ``model``'s graph (the cache off: a graph cannot return it) leaves its input graph alone,
+    node.meta included, loses at least what the class lost (the graph needs no alignment), and is exact in float64
+    at ``shapes``, other batch sizes and lengths (its grouped matmul is transformers' fallback, which runs in
+    float64; the class's eager one does not)."""
+    lean = copy.deepcopy(model)
+    lean.config.use_cache = False
+    gm = fp.capture(lean, (ids,), dynamic_shapes="every")
+    state, meta = snapshot(gm), graph_state(gm)
+    graph = fp.minimize(gm, (ids,))
+    assert snapshot(gm) == state and graph_state(gm) == meta
+    assert count_params(graph) <= count_params(small)
+    for shape in shapes:
+        report = fp.verify(gm, graph, (torch.randint(0, 64, shape),))
+        assert report.ok and report.max_rel["float64"] <= 1e-9, report
+
+
 def _agrees_as_a_causal_lm(model: nn.Module, small: nn.Module, ids: torch.Tensor) -> None:
     """``small``'s logits are ``model``'s (float32) at ``ids`` and at other batch sizes and lengths, and greedy
     ``generate()`` (the cache on) gives the same tokens."""
@@ -1554,17 +1573,7 @@ def test_mixtral_experts_lose_channels_dead_in_every_expert_and_the_stream_loses
         assert layer.mlp.experts.down_proj.shape == (4, 28, 44)
         assert layer.mlp.gate.weight.shape == (4, 28)
     _agrees_as_a_causal_lm(model, small, ids)
-
-    lean = copy.deepcopy(model)
-    lean.config.use_cache = False  # (a graph cannot return the cache)
-    gm = fp.capture(lean, (ids,), dynamic_shapes="every")
-    state, meta = snapshot(gm), graph_state(gm)
-    graph = fp.minimize(gm, (ids,))
-    assert snapshot(gm) == state and graph_state(gm) == meta  # the input graph, its node.meta included
-    assert count_params(graph) <= count_params(small)  # the graph needs no alignment
-    for x in (torch.randint(0, 64, (3, 7)), torch.randint(0, 64, (1, 20))):  # the graph's fallback matmul runs
-        report = fp.verify(gm, graph, (x,))                                   # in float64 too
-        assert report.ok and report.max_rel["float64"] <= 1e-9, report
+    _graph_exact_in_float64(model, small, ids)
 
 
 def test_a_bfloat16_mixtral_loses_its_dead_expert_channels_through_torchs_grouped_mm():
@@ -1671,6 +1680,7 @@ def test_deepseek_v3_loses_latent_attention_channels_and_dead_stream_channels_th
         assert attn.kv_lora_rank == 13 and attn.kv_b_proj.weight.shape[1] == 13
         assert attn.kv_a_proj_with_mqa.weight.shape[0] == 13 + 4  # the rotary key's 4 stay
     _agrees_as_a_causal_lm(model, small, ids)
+    _graph_exact_in_float64(model, small, ids)
 
 
 class _StateWidth(nn.Module):
